@@ -1,0 +1,1 @@
+"""The `swarm` command line (installed as the `swarm_cli` package)."""

@@ -1,0 +1,29 @@
+"""`swarm`: the command line. Each subcommand lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="swarm",
+    help="Run large language models across many independent GPUs, and check the peers.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """Run large language models across many independent GPUs, and check the peers."""
+
+
+@app.command()
+def version() -> None:
+    """Print the swarm version."""
+    import swarm
+
+    typer.echo(swarm.__version__)
+
+
+if __name__ == "__main__":
+    app()

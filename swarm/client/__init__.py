@@ -1,0 +1,1 @@
+"""swarm.client (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""swarm.dht (see DESIGN.md §2)."""

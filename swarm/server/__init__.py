@@ -1,0 +1,1 @@
+"""swarm.server (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""swarm.testing (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""swarm.verify (see DESIGN.md §2)."""
