@@ -1,0 +1,96 @@
+"""Route planning over block boundaries (pure function, no network)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from swarm.client.routing import ServerView, plan_route, route_cost
+from swarm.errors import RoutingError
+from swarm.net.identity import Identity, PeerId
+from swarm.shards.ranges import LayerRange
+
+
+def server(name: str, start: int, stop: int, **kw: object) -> ServerView:
+    peer = Identity.from_seed(name.encode()).peer_id
+    defaults: dict[str, object] = {"throughput": 100.0, "free_cache_tokens": 10_000}
+    defaults.update(kw)
+    return ServerView(peer, f"{name}:1", LayerRange(start, stop), **defaults)  # type: ignore[arg-type]
+
+
+def spans(route: list) -> list[tuple[str, int, int]]:  # type: ignore[type-arg]
+    return [(h.server.address.split(":")[0], h.layers.start, h.layers.stop) for h in route]
+
+
+def test_chain_of_three_covers_in_order() -> None:
+    servers = [server("c", 8, 12), server("a", 0, 4), server("b", 4, 8)]
+    route = plan_route(servers, LayerRange(0, 12), rng=random.Random(0))
+    assert spans(route) == [("a", 0, 4), ("b", 4, 8), ("c", 8, 12)]
+
+
+def test_prefers_one_fast_server_over_two_hops_when_network_dominates() -> None:
+    servers = [server("half1", 0, 6), server("full", 0, 12), server("half2", 6, 12)]
+    pings = {s.peer_id: 0.05 for s in servers}
+    route = plan_route(servers, LayerRange(0, 12), client_pings=pings, rng=random.Random(0))
+    assert spans(route) == [("full", 0, 12)]
+
+
+def test_avoids_a_slow_link() -> None:
+    a, b_slow, b_fast = server("a", 0, 6), server("bslow", 6, 12), server("bfast", 6, 12)
+    a = ServerView(**{**a.__dict__, "next_pings": {b_slow.peer_id: 0.4, b_fast.peer_id: 0.002}})
+    pings = {a.peer_id: 0.002, b_slow.peer_id: 0.002, b_fast.peer_id: 0.002}
+    for seed in range(20):
+        route = plan_route(
+            [a, b_slow, b_fast], LayerRange(0, 12), client_pings=pings, rng=random.Random(seed)
+        )
+        assert spans(route) == [("a", 0, 6), ("bfast", 6, 12)]
+
+
+def test_server_without_cache_is_not_an_edge() -> None:
+    servers = [server("full", 0, 12, free_cache_tokens=10), server("a", 0, 6), server("b", 6, 12)]
+    route = plan_route(servers, LayerRange(0, 12), cache_tokens_needed=128)
+    assert spans(route) == [("a", 0, 6), ("b", 6, 12)]
+
+
+def test_banned_draining_and_uncovered_blocks() -> None:
+    a, b = server("a", 0, 6), server("b", 6, 12)
+    with pytest.raises(RoutingError, match="block 6"):
+        plan_route([a, b], LayerRange(0, 12), banned={b.peer_id})
+    drained = ServerView(**{**b.__dict__, "state": "draining"})
+    with pytest.raises(RoutingError, match="block 6"):
+        plan_route([a, drained], LayerRange(0, 12))
+    with pytest.raises(RoutingError, match="block 0"):
+        plan_route([], LayerRange(0, 12))
+
+
+def test_starts_mid_span_and_trims_the_last_hop() -> None:
+    servers = [server("a", 0, 8), server("b", 4, 12)]
+    route = plan_route(servers, LayerRange(2, 10))
+    assert spans(route) == [("a", 2, 8), ("b", 8, 10)]
+
+
+def test_ties_are_broken_at_random() -> None:
+    twins = [server("x", 0, 12), server("y", 0, 12)]
+    picks = Counter(
+        spans(plan_route(twins, LayerRange(0, 12), rng=random.Random(seed)))[0][0]
+        for seed in range(200)
+    )
+    assert picks["x"] > 40 and picks["y"] > 40
+
+
+def test_load_spreads_to_idle_replica() -> None:
+    busy, idle = server("busy", 0, 12, active_sessions=4), server("idle", 0, 12)
+    for seed in range(20):
+        route = plan_route([busy, idle], LayerRange(0, 12), rng=random.Random(seed))
+        assert spans(route)[0][0] == "idle"
+
+
+def test_route_cost_adds_network_and_compute() -> None:
+    s = server("a", 0, 10, throughput=100.0)
+    pings = {s.peer_id: 0.02}
+    route = plan_route([s], LayerRange(0, 10), client_pings=pings)
+    # in: 10 ms, compute: 10 ms, back: 10 ms, plus the per-hop constant
+    assert route_cost(route, client_pings=pings) == pytest.approx(0.0305, abs=1e-6)
+    assert isinstance(route[0].server.peer_id, PeerId)
