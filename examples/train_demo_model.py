@@ -283,7 +283,7 @@ class Llama(nn.Module):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 8
     seq_len: int = 256
     peak_lr: float = 3e-3
@@ -302,7 +302,9 @@ def lr_at(step: int, ts: TrainSettings) -> float:
     return ts.min_lr + 0.5 * (ts.peak_lr - ts.min_lr) * (1 + math.cos(math.pi * frac))
 
 
-def batches(stream: torch.Tensor, ts: TrainSettings, gen: torch.Generator) -> Iterator[torch.Tensor]:
+def batches(
+    stream: torch.Tensor, ts: TrainSettings, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
     """Random windows of ``seq_len + 1`` tokens, forever."""
     high = stream.numel() - ts.seq_len - 1
     while True:
@@ -338,10 +340,14 @@ def train(model: Llama, stream: torch.Tensor, ts: TrainSettings, log: Path) -> f
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), ts.grad_clip)
             opt.step()
+            if step % 250 == 249:  # lets a cut-short run be evaluated with --eval-only
+                save_file(model.hf_state_dict(), str(log.with_suffix(".safetensors")))
             if step % 20 == 0 or step == ts.steps - 1:
                 elapsed = time.monotonic() - start
-                fh.write(f"step {step} loss {loss.item():.4f} lr {lr_at(step, ts):.2e} "
-                         f"t {elapsed:.0f}s\n")
+                fh.write(
+                    f"step {step} loss {loss.item():.4f} lr {lr_at(step, ts):.2e} "
+                    f"t {elapsed:.0f}s\n"
+                )
                 fh.flush()
     return time.monotonic() - start
 
@@ -450,8 +456,15 @@ def write_folder(out: Path, model: Llama, tok: Tokenizer) -> None:
         "model_max_length": model.cfg.max_position_embeddings,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    gen_cfg = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,
-               "do_sample": True, "temperature": 0.8, "top_k": 40, "max_new_tokens": 64}
+    gen_cfg = {
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_k": 40,
+        "max_new_tokens": 64,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
 
 
@@ -479,9 +492,13 @@ def run(args: argparse.Namespace, ts: TrainSettings) -> None:
     else:
         tok = train_tokenizer(train_docs, cfg.vocab_size)
     train_stream, held_stream = encode_stream(tok, train_docs), encode_stream(tok, held_docs)
-    info = {"documents": len(docs), "held_out_documents": len(held_docs),
-            "train_tokens": train_stream.numel(), "held_out_tokens": held_stream.numel(),
-            "train_bytes": sum(len(d.encode()) for d in train_docs)}
+    info = {
+        "documents": len(docs),
+        "held_out_documents": len(held_docs),
+        "train_tokens": train_stream.numel(),
+        "held_out_tokens": held_stream.numel(),
+        "train_bytes": sum(len(d.encode()) for d in train_docs),
+    }
     log(args.log, f"data {info}")
     model = Llama(cfg)
     if args.eval_only:
@@ -497,20 +514,38 @@ def run(args: argparse.Namespace, ts: TrainSettings) -> None:
     (args.out / "README.md").write_text(model_card(cfg, ts, report))
 
 
-def evaluate(model: Llama, tok: Tokenizer, train_stream: torch.Tensor,
-             held_stream: torch.Tensor, ts: TrainSettings) -> dict[str, object]:
+def evaluate(
+    model: Llama,
+    tok: Tokenizer,
+    train_stream: torch.Tensor,
+    held_stream: torch.Tensor,
+    ts: TrainSettings,
+) -> dict[str, object]:
     targets = predicted_targets(held_stream, ts.seq_len)
     nbytes = token_bytes(tok)
     model_nll = heldout_nll(model, held_stream, ts.seq_len)
     uni_nll = unigram_nll(train_stream, targets, tok.get_vocab_size())
     samples = []
     for i, prompt in enumerate(PROMPTS):
-        samples.append({"prompt": prompt, "mode": "greedy",
-                        "text": generate(model, tok, prompt, 48, 0.0, ts.seed)})
-        samples.append({"prompt": prompt, "mode": "sampled (T=0.8, top-k 40)",
-                        "text": generate(model, tok, prompt, 48, 0.8, ts.seed + i)})
-    return {"model": summarize(model_nll, targets, nbytes),
-            "unigram": summarize(uni_nll, targets, nbytes), "samples": samples}
+        samples.append(
+            {
+                "prompt": prompt,
+                "mode": "greedy",
+                "text": generate(model, tok, prompt, 48, 0.0, ts.seed),
+            }
+        )
+        samples.append(
+            {
+                "prompt": prompt,
+                "mode": "sampled (T=0.8, top-k 40)",
+                "text": generate(model, tok, prompt, 48, 0.8, ts.seed + i),
+            }
+        )
+    return {
+        "model": summarize(model_nll, targets, nbytes),
+        "unigram": summarize(uni_nll, targets, nbytes),
+        "samples": samples,
+    }
 
 
 def log(path: Path, line: str) -> None:
@@ -529,11 +564,21 @@ def model_card(cfg: Config, ts: TrainSettings, r: dict[str, object]) -> str:
         f"**{s['mode']}**, prompt `{s['prompt']}`:\n\n```text\n{s['text']}\n```" for s in samples
     )
     return CARD.format(
-        params=r["params"], cfg=json.dumps(asdict(cfg), indent=2), ts=ts,
-        tokens_seen=tokens_seen, minutes=float(r["seconds"]) / 60, info=info,
-        m_ppl=m["ppl"], m_bpb=m["bits_per_byte"], u_ppl=u["ppl"], u_bpb=u["bits_per_byte"],
-        eval_tokens=int(m["tokens"]), eval_bytes=int(m["bytes"]), samples=sample_md,
-        epochs=tokens_seen / info["train_tokens"], every=HELD_OUT_EVERY,
+        params=r["params"],
+        cfg=json.dumps(asdict(cfg), indent=2),
+        ts=ts,
+        tokens_seen=tokens_seen,
+        minutes=float(r["seconds"]) / 60,
+        info=info,
+        m_ppl=m["ppl"],
+        m_bpb=m["bits_per_byte"],
+        u_ppl=u["ppl"],
+        u_bpb=u["bits_per_byte"],
+        eval_tokens=int(m["tokens"]),
+        eval_bytes=int(m["bytes"]),
+        samples=sample_md,
+        epochs=tokens_seen / info["train_tokens"],
+        every=HELD_OUT_EVERY,
     )
 
 
