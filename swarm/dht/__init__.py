@@ -1,1 +1,8 @@
-"""swarm.dht (see DESIGN.md §2)."""
+"""swarm.dht: a Kademlia DHT with signed, expiring, multi-writer records (DESIGN.md §5)."""
+
+from swarm.dht.config import DHTConfig
+from swarm.dht.node import DHTNode
+from swarm.dht.records import DropReason, Record
+from swarm.dht.stats import DHTStatistics
+
+__all__ = ["DHTConfig", "DHTNode", "DHTStatistics", "DropReason", "Record"]

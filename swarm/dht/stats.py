@@ -1,0 +1,74 @@
+"""Counters a DHT node keeps, shared between its asyncio thread and trio."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from swarm.dht.records import DropReason
+
+__all__ = ["DHTStatistics", "StatsCounter"]
+
+
+@dataclass(frozen=True)
+class DHTStatistics:
+    """A snapshot of one node's counters.
+
+    ``dropped`` counts records dropped on store or on read, by `DropReason` value
+    (``"bad_signature"``, ``"expired"``, ...). ``datagrams_rejected`` counts datagrams that
+    failed authentication (private swarm) and ``datagrams_malformed`` ones that did not parse.
+    """
+
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    records_stored: int = 0
+    keys_stored: int = 0
+    routing_table_size: int = 0
+    datagrams_rejected: int = 0
+    datagrams_malformed: int = 0
+    replies_too_large: int = 0
+    contacts_evicted: int = 0
+    announces: int = 0
+    gets: int = 0
+
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+class StatsCounter:
+    """Thread-safe counters; written on the DHT loop thread, read from trio."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dropped: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
+        self._gauges: dict[str, int] = {}
+
+    def drop(self, reason: DropReason, n: int = 1) -> None:
+        with self._lock:
+            self._dropped[reason.value] += n
+
+    def event(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._events[name] += n
+
+    def gauge(self, name: str, value: int) -> None:
+        with self._lock:
+            self._gauges[name] = value
+
+    def snapshot(self) -> DHTStatistics:
+        with self._lock:
+            ev, g = self._events, self._gauges
+            return DHTStatistics(
+                dropped=dict(self._dropped),
+                records_stored=g.get("records_stored", 0),
+                keys_stored=g.get("keys_stored", 0),
+                routing_table_size=g.get("routing_table_size", 0),
+                datagrams_rejected=ev["datagrams_rejected"],
+                datagrams_malformed=ev["datagrams_malformed"],
+                replies_too_large=ev["replies_too_large"],
+                contacts_evicted=ev["contacts_evicted"],
+                announces=ev["announces"],
+                gets=ev["gets"],
+            )
