@@ -1,0 +1,62 @@
+"""Rotary position embeddings as free functions (``default``, ``linear``, ``llama3``).
+
+The arithmetic follows ``transformers``' Llama exactly (inverse frequencies and angles in
+float32, cos/sin cast to the activations' dtype, ``rotate_half`` convention), so that our
+logits match it to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from swarm.shards.config import ModelConfig
+
+__all__ = ["apply_rope", "inverse_frequencies", "rope_cos_sin"]
+
+
+def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies, scaled per ``config.rope_scaling``. Shape (head_dim // 2,)."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # (head_dim/2,)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    return _llama3_scale(inv_freq, config)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by ``factor``, a smooth blend in between."""
+    s = config.rope_scaling
+    assert s is not None  # our own invariant: only called for llama3 scaling
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # (head_dim/2,)
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for ``positions`` (batch, seq) int64; each (batch, 1, seq, head_dim)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (batch, seq, head_dim/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (batch, seq, head_dim)
+    cos = emb.cos().to(dtype)[:, None]  # (batch, 1, seq, head_dim)
+    sin = emb.sin().to(dtype)[:, None]  # (batch, 1, seq, head_dim)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by the angles in ``cos``/``sin``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (batch, heads, seq, head_dim)
+    return x * cos + rotated * sin

@@ -1,0 +1,171 @@
+"""`Span`: a contiguous range of decoder layers, loaded alone from a checkpoint.
+
+``load_span(path, LayerRange(a, b))`` reads only the tensors of layers ``a..b-1`` (see
+:mod:`swarm.shards.checkpoint`): the modules are built on the ``meta`` device and the read
+tensors are assigned in, so peak memory is about the size of the range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swarm.errors import ShardError
+from swarm.shards.blocks import Block, build_attention_mask
+from swarm.shards.cache import KVCache
+from swarm.shards.checkpoint import checkpoint_names, read_tensors
+from swarm.shards.config import ModelConfig
+from swarm.shards.ranges import LayerRange
+from swarm.shards.rope import inverse_frequencies, rope_cos_sin
+
+__all__ = ["Span", "load_span"]
+
+
+class Span(nn.Module):
+    """Decoder layers ``layers.start .. layers.stop-1`` of a model, in eval mode.
+
+    Holds parameters only; a session's :class:`~swarm.shards.cache.KVCache` is passed to
+    :meth:`forward`. Safe to call under ``torch.inference_mode()`` from a worker thread (one
+    call per cache at a time).
+    """
+
+    def __init__(self, config: ModelConfig, layers: LayerRange, blocks: Sequence[Block]) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = layers
+        self.blocks = nn.ModuleList(blocks)
+        self.inv_freq = inverse_frequencies(config)  # (head_dim/2,) float32; not a parameter
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (and of the hidden states forward expects)."""
+        return next(iter(self.parameters())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the weights live on."""
+        return next(iter(self.parameters())).device
+
+    def narrow(self, layers: LayerRange) -> Span:
+        """A span over a sub-range of ours, sharing our weights (no copy).
+
+        Raises:
+            ShardError: ``layers`` is not inside :attr:`layers`.
+        """
+        if layers.start < self.layers.start or layers.stop > self.layers.stop:
+            raise ShardError(f"layers {layers} are not inside this span's {self.layers}")
+        offset = self.layers.start
+        blocks = [self.blocks[i - offset] for i in layers]
+        span = Span(self.config, layers, blocks)  # type: ignore[arg-type]
+        return span.eval()
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``hidden`` (batch, seq, hidden_size) through the layers; same shape out.
+
+        ``positions`` (batch, seq) int64 are the RoPE positions of the new tokens.
+        ``attention_mask`` (batch, seq), 1/True for real tokens and 0/False for (left)
+        padding, covers the new tokens only; with a ``cache`` the flags of earlier tokens are
+        remembered there (see :mod:`swarm.shards.cache` for the batching rules). With a
+        ``cache`` the new keys/values are stored and ``cache.length`` advances by ``seq``.
+
+        Raises:
+            ShardError: shapes or dtype do not match the span, the cache belongs to other
+                layers or another batch size, or the cache has no room for ``seq`` tokens.
+        """
+        self._check_inputs(hidden, positions, cache, attention_mask)
+        seq = hidden.shape[1]
+        start, key_valid = 0, None
+        if cache is not None:
+            cache.check_room(seq)
+            start = cache.length
+            cache.write_mask(attention_mask, seq)
+            if cache.has_padding:
+                key_valid = cache.token_mask[:, : start + seq]  # (batch, start+seq)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask.to(torch.bool)  # (batch, seq)
+        mask = build_attention_mask(seq, start, key_valid, hidden.device)
+        inv_freq = self.inv_freq.to(hidden.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, hidden.dtype)  # (batch, 1, seq, head_dim)
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, cos, sin, mask, cache, index)  # (batch, seq, hidden)
+        if cache is not None:
+            cache.advance(seq)
+        return hidden
+
+    def _check_inputs(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
+        size = self.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != size or hidden.shape[1] == 0:
+            raise ShardError(
+                f"hidden states must be (batch, seq, {size}), got {list(hidden.shape)}"
+            )
+        if hidden.dtype != self.dtype:
+            raise ShardError(f"hidden states are {hidden.dtype}, this span runs {self.dtype}")
+        batch_seq = tuple(hidden.shape[:2])
+        if tuple(positions.shape) != batch_seq or positions.dtype != torch.int64:
+            raise ShardError(
+                f"positions must be int64 {list(batch_seq)}, got {positions.dtype} "
+                f"{list(positions.shape)}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != batch_seq:
+            raise ShardError(
+                f"attention_mask must be {list(batch_seq)}, got {list(attention_mask.shape)}"
+            )
+        if cache is not None and (cache.layers != self.layers or cache.batch_size != batch_seq[0]):
+            raise ShardError(
+                f"cache is for layers {cache.layers} and batch {cache.batch_size}, "
+                f"span has layers {self.layers} and the input batch {batch_seq[0]}"
+            )
+        if cache is not None and cache.dtype != self.dtype:
+            raise ShardError(f"cache holds {cache.dtype}, this span runs {self.dtype}")
+
+
+def load_span(
+    path: str | Path,
+    layers: LayerRange,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Span:
+    """Load layers ``layers.start .. layers.stop-1`` of the checkpoint in ``path``.
+
+    Reads only those layers' tensors, from ``model.safetensors`` or the shard files of
+    ``model.safetensors.index.json`` that hold them. Costs about the range's size in memory.
+
+    Raises:
+        ShardError: unsupported or unreadable config, ``layers`` outside the model, missing
+            files or tensors, or a tensor of the wrong shape.
+    """
+    config = ModelConfig.from_pretrained(path)
+    if layers.stop > config.num_hidden_layers:
+        raise ShardError(
+            f"layer range {layers} is outside the model: it has {config.num_hidden_layers} "
+            f"layers (0:{config.num_hidden_layers})"
+        )
+    with torch.device("meta"):
+        span = Span(config, layers, [Block(config) for _ in layers])
+    shapes = {key: tuple(t.shape) for key, t in span.state_dict().items()}
+    names = checkpoint_names(list(shapes), layers=layers)
+    tensors = read_tensors(
+        path,
+        {names[key]: shape for key, shape in shapes.items()},
+        lambda t: t.to(device=device, dtype=dtype),
+    )
+    span.load_state_dict({key: tensors[names[key]] for key in shapes}, assign=True)
+    span.inv_freq = inverse_frequencies(config).to(device)
+    span.requires_grad_(False)
+    return span.eval()

@@ -1,0 +1,197 @@
+"""Tiny random checkpoints for tests, demos and benchmarks.
+
+- :func:`write_random_llama` writes a Hugging Face-format Llama folder with our own writer
+  (``config.json`` + safetensors with HF tensor names), without ``transformers``. Optionally
+  sharded (``layers_per_file``) with a ``model.safetensors.index.json``.
+- :func:`make_tiny_checkpoint` builds a random model with ``transformers`` (Llama, Mistral or
+  Qwen2) and saves it with ``save_pretrained(safe_serialization=True)``; it needs the test
+  extra installed and is the numerical reference's own format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["make_tiny_checkpoint", "write_random_llama"]
+
+_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def write_random_llama(
+    path: str | Path,
+    *,
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    layers_per_file: int | None = None,
+    std: float = 0.02,
+) -> Path:
+    """Write a random ``LlamaForCausalLM`` checkpoint to ``path`` (created); return the path.
+
+    With ``layers_per_file``, the layers are split over several ``model-XXXXX-of-YYYYY``
+    files (embeddings in the first, final norm and lm_head in the last) plus an index.
+    Memory: one file's tensors at a time.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    gen = torch.Generator().manual_seed(seed)
+    per_file = layers_per_file or num_layers
+    groups = [list(range(i, min(i + per_file, num_layers))) for i in range(0, num_layers, per_file)]
+    weight_map: dict[str, str] = {}
+    for g, layers in enumerate(groups):
+        tensors: dict[str, torch.Tensor] = {}
+        if g == 0:
+            tensors["model.embed_tokens.weight"] = _randn(gen, (vocab, hidden), std, dtype)
+        for i in layers:
+            tensors.update(
+                _layer_tensors(gen, i, hidden, heads, kv_heads, intermediate, std, dtype)
+            )
+        if g == len(groups) - 1:
+            tensors["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
+            tensors["lm_head.weight"] = _randn(gen, (vocab, hidden), std, dtype)
+        name = (
+            "model.safetensors"
+            if layers_per_file is None
+            else f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if layers_per_file is not None:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _layer_tensors(
+    gen: torch.Generator,
+    i: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    std: float,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    head_dim = hidden // heads
+    p = f"model.layers.{i}."
+    shapes = {
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (intermediate, hidden),
+        "mlp.up_proj.weight": (intermediate, hidden),
+        "mlp.down_proj.weight": (hidden, intermediate),
+    }
+    out = {p + name: _randn(gen, shape, std, dtype) for name, shape in shapes.items()}
+    out[p + "input_layernorm.weight"] = 1 + _randn(gen, (hidden,), 0.1, dtype)
+    out[p + "post_attention_layernorm.weight"] = 1 + _randn(gen, (hidden,), 0.1, dtype)
+    return out
+
+
+def _randn(
+    gen: torch.Generator, shape: tuple[int, ...], std: float, dtype: torch.dtype
+) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 128,
+    seed: int = 0,
+    sharded: bool = False,
+    tie_word_embeddings: bool = False,
+    **config_overrides: Any,
+) -> Path:
+    """Save a random ``transformers`` model of ``arch`` ("llama", "mistral", "qwen2").
+
+    ``sharded=True`` saves with a small ``max_shard_size`` so that layers spread over several
+    files. ``config_overrides`` go to the transformers config (e.g. ``head_dim=32``,
+    ``rope_scaling={...}``, ``attention_bias=True``). Returns the folder.
+
+    Raises:
+        ImportError: ``transformers`` is not installed (it is in the ``test`` extra).
+        ValueError: unknown ``arch``.
+    """
+    import transformers
+
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; pick one of {sorted(_ARCHITECTURES)}")
+    config_name, model_name = _ARCHITECTURES[arch]
+    settings: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    if arch == "mistral":
+        settings["sliding_window"] = None
+    settings.update(config_overrides)
+    config = getattr(transformers, config_name)(**settings)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # norms at exactly 1 would hide a missing norm weight
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    folder = Path(path)
+    shard_size = _shard_size(model) if sharded else "5GB"
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard_size)
+    return folder
+
+
+def _shard_size(model: torch.nn.Module) -> int:
+    """About one decoder layer's bytes, so shards split between layers."""
+    layer: torch.nn.Module = model.model.layers[0]  # type: ignore[index, union-attr, assignment]
+    return sum(p.numel() * p.element_size() for p in layer.parameters()) + 1024
