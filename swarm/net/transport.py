@@ -1,0 +1,75 @@
+"""The network seam: how bytes streams are opened and served.
+
+Channel, RPC and pool code take a `Transport` instead of calling `trio.open_tcp_stream`, so
+tests can run a swarm in one process and the benchmark harness can wrap the transport to add
+per-link delay (`swarm.testing`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from swarm.errors import ConnectError
+
+__all__ = ["StreamHandler", "TCPTransport", "Transport"]
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """Opens outgoing byte streams and serves incoming ones."""
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        """A connected stream to ``host:port``. Raises `ConnectError` if unreachable."""
+        ...
+
+    async def serve(
+        self,
+        handler: StreamHandler,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept streams on ``host:port`` forever, running ``handler`` for each in its own
+        task; reports the bound port (useful with port 0) through ``task_status``. A
+        handler's exception is logged and closes only that stream."""
+        ...
+
+
+class TCPTransport:
+    """Plain TCP with `TCP_NODELAY` (trio's default for its TCP streams)."""
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+
+    async def serve(
+        self,
+        handler: StreamHandler,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound_port = int(listeners[0].socket.getsockname()[1])
+
+        async def guarded(stream: trio.SocketStream) -> None:
+            async with stream:
+                try:
+                    await handler(stream)
+                except Exception:  # one bad connection must not stop the server
+                    log.exception("connection handler failed")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, guarded, listeners)
+            task_status.started(bound_port)

@@ -1,0 +1,35 @@
+"""Helpers for the net tests: identities and in-memory channel pairs."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from swarm.net.channel import SecureChannel, secure_inbound, secure_outbound
+from swarm.net.config import NetConfig
+from swarm.net.identity import Identity
+
+ALICE = Identity.from_seed(b"alice")
+BOB = Identity.from_seed(b"bob")
+
+
+async def channel_pair(
+    a_stream: trio.abc.Stream | None = None,
+    b_stream: trio.abc.Stream | None = None,
+    *,
+    config: NetConfig | None = None,
+) -> tuple[SecureChannel, SecureChannel]:
+    """(alice's outbound channel to bob, bob's inbound channel from alice)."""
+    if a_stream is None or b_stream is None:
+        a_stream, b_stream = trio.testing.memory_stream_pair()
+    config = config or NetConfig()
+    result: dict[str, SecureChannel] = {}
+
+    async def inbound() -> None:
+        result["b"] = await secure_inbound(b_stream, BOB, config=config)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(inbound)
+            result["a"] = await secure_outbound(a_stream, ALICE, config=config)
+    return result["a"], result["b"]
