@@ -25,5 +25,9 @@ def version() -> None:
     typer.echo(swarm.__version__)
 
 
+from swarm_cli.dht import dht as _dht  # noqa: E402
+
+app.command(name="dht")(_dht)
+
 if __name__ == "__main__":
     app()

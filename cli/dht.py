@@ -1,0 +1,52 @@
+"""`swarm dht`: run a bootstrap-only DHT node until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from swarm.dht import DHTConfig, DHTNode
+from swarm.errors import SwarmError
+from swarm.net.identity import Identity
+from swarm.net.swarm_key import load_swarm_key
+
+
+def dht(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="UDP port (0 picks a free one).")] = 0,
+    initial_peers: Annotated[
+        list[str] | None,
+        typer.Option("--initial-peers", help="host:port of a DHT node to join (repeatable)."),
+    ] = None,
+    swarm_key: Annotated[
+        Path | None, typer.Option(help="Private-swarm key file (see `swarm key`).")
+    ] = None,
+    identity: Annotated[
+        Path | None, typer.Option(help="Identity key file (default ~/.config/swarm/...).")
+    ] = None,
+) -> None:
+    """Run a bootstrap-only DHT node: print its host:port, serve until Ctrl-C / SIGTERM."""
+    try:
+        config = DHTConfig(
+            host=host,
+            port=port,
+            initial_peers=tuple(initial_peers or ()),
+            swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+        )
+        ident = Identity.load_or_create(identity)
+        trio.run(_serve, ident, config)
+    except SwarmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+async def _serve(identity: Identity, config: DHTConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with DHTNode.open(identity, config) as node:
+            print(f"DHT node {identity.peer_id} listening on {node.address}", flush=True)
+            async for _ in signals:
+                break
