@@ -172,6 +172,8 @@ def make_tiny_checkpoint(
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
+        # larger than the usual 0.02, so attention is sharp and RoPE/masking errors show
+        "initializer_range": 0.1,
     }
     if arch == "mistral":
         settings["sliding_window"] = None

@@ -86,7 +86,7 @@ def test_prefill_then_steps_equals_one_pass(name: str, checkpoints: dict[str, Pa
 def _greedy(
     path: Path, prompt: torch.Tensor, new_tokens: int, chunks: list[LayerRange]
 ) -> list[int]:
-    """Greedy decoding through several spans, each with its own cache."""
+    """Greedy decoding through several spans, each with its own cache; EOS never chosen."""
     head = load_head(path)
     spans = [load_span(path, r) for r in chunks]
     caches = [KVCache.allocate(s.config, s.layers, 1, prompt.shape[1] + new_tokens) for s in spans]
@@ -96,7 +96,9 @@ def _greedy(
             hidden = head.embed(ids)
             for span, cache in zip(spans, caches, strict=True):
                 hidden = span(hidden, pos, cache)
-            token = int(head.logits(hidden)[0, -1].argmax())
+            logits = head.logits(hidden)[0, -1]  # (vocab,)
+            logits[list(head.config.eos_token_id)] = float("-inf")  # as min_new_tokens does
+            token = int(logits.argmax())
             out.append(token)
             ids, pos = torch.tensor([[token]]), pos[:, -1:] + 1
     return out
