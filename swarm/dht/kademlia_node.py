@@ -125,11 +125,12 @@ class KademliaNode(Server):  # type: ignore[misc]
         proto = self._proto()
         return [(n.ip, n.port) for b in proto.router.buckets for n in b.get_nodes()]
 
-    def stop(self) -> None:
-        if self.protocol is not None:
-            self.protocol.close()
+    async def aclose(self) -> None:
+        """Close the socket and cancel this node's background work."""
         if self.transport is not None:
             self.transport.close()
+        if self.protocol is not None:
+            await self.protocol.aclose()
 
     def contact_ids(self) -> list[Any]:
         return [n.id for b in self._proto().router.buckets for n in b.get_nodes()]

@@ -67,7 +67,7 @@ class DHTNode:
             finally:
                 with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
                     scope.shield = True
-                    await runner.run(_async(kad.stop))
+                    await runner.run(kad.aclose)
 
     async def _start(self) -> None:
         try:

@@ -238,15 +238,19 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         if not task.cancelled() and task.exception() is not None:
             log.warning("DHT background task failed", exc_info=task.exception())
 
-    def close(self) -> None:
-        """Cancel background tasks and pending calls (their callers see a timeout)."""
-        for task in list(self._tasks):
-            task.cancel()
+    async def aclose(self) -> None:
+        """Cancel background tasks (waiting up to a second for them to unwind) and pending
+        calls (their callers see a timeout)."""
         for msg_id in list(self._outstanding):
             future, timeout = self._outstanding.pop(msg_id)
             timeout.cancel()
             if not future.done():
                 future.set_result((False, None))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
 
 
 def key_digest(key: str) -> bytes:

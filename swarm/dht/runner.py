@@ -28,7 +28,7 @@ _CANCEL_GRACE_S = 2.0
 _STOP_TIMEOUT_S = 5.0
 # Stores in flight at once across every node of the process: hundreds of concurrent writers
 # overflow UDP receive buffers and lose datagrams.
-PROCESS_STORE_LIMIT = 64
+PROCESS_STORE_LIMIT = 16
 
 
 class AsyncioRunner:

@@ -1,0 +1,145 @@
+"""One test per kademlia 2.2.3 flaw we guard against (see swarm.dht.protocol's docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from typing import Any
+
+import trio
+from kademlia.node import Node
+
+from swarm.dht import DHTConfig, DHTNode
+from swarm.dht.protocol import SwarmProtocol
+from swarm.dht.records import make_record
+from swarm.dht.stats import StatsCounter
+from swarm.dht.storage import RecordStorage
+from swarm.net.identity import Identity
+from swarm.testing.dht import open_dht_cluster
+
+FAST = DHTConfig(rpc_timeout=0.3, bootstrap_timeout=5.0)
+
+
+def _protocol(config: DHTConfig, node_id: bytes) -> tuple[SwarmProtocol, list[Any]]:
+    stats = StatsCounter()
+    proto = SwarmProtocol(Node(node_id), RecordStorage(config, stats), config, stats)
+    handed: list[Any] = []
+
+    async def store_records(node: Node, dkey: bytes, blobs: list[bytes]) -> bool:
+        return True
+
+    def spawn(coro: Any) -> None:
+        coro.close()
+
+    def record_store(node: Node, dkey: bytes, blobs: list[bytes]) -> Any:
+        handed.append((node.port, dkey))
+        return store_records(node, dkey, blobs)
+
+    proto.spawn = spawn  # type: ignore[method-assign]
+    proto.store_records = record_store  # type: ignore[method-assign]
+    return proto, handed
+
+
+def _xor(a: bytes, bit: int) -> bytes:
+    return (int.from_bytes(a, "big") ^ (1 << bit)).to_bytes(20, "big")
+
+
+def test_welcome_if_new_hands_over_the_stored_digest_not_its_hash() -> None:
+    key = "model/block/1"
+    dkey = hashlib.sha1(key.encode()).digest()
+    proto, spawned = _protocol(FAST, _xor(dkey, 0))  # we are the closest node to the key
+    record = make_record(Identity.from_seed(b"w"), key, {}, time.time() + 60, 1, 1200)
+    proto.storage.merge(dkey, [record.encoded])
+    proto.router.add_contact(Node(_xor(dkey, 150), "127.0.0.1", 1))  # a far neighbor
+    proto.welcome_if_new(Node(_xor(dkey, 100), "127.0.0.1", 2))  # closer than it: gets the key
+    assert spawned == [(2, dkey)]
+    spawned.clear()
+    proto.welcome_if_new(Node(_xor(dkey, 155), "127.0.0.1", 3))  # farther: does not
+    assert spawned == []
+
+
+def test_a_contact_survives_one_timeout() -> None:
+    proto, _ = _protocol(FAST, bytes(20))
+    peer = Node(_xor(bytes(20), 10), "127.0.0.1", 9)
+    proto.router.add_contact(peer)
+    proto.handle_call_response((False, None), peer)
+    assert not proto.router.is_new_node(peer)
+    proto.handle_call_response((True, peer.id), peer)  # an answer resets the count
+    proto.handle_call_response((False, None), peer)
+    assert not proto.router.is_new_node(peer)
+    proto.handle_call_response((False, None), peer)
+    assert proto.router.is_new_node(peer)
+    assert proto._stats.snapshot().contacts_evicted == 1
+
+
+async def test_rpc_timeout_is_the_configured_one() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        async with DHTNode.open(Identity.from_seed(b"t"), FAST) as node:
+            addr = silent.getsockname()
+
+            async def ping(kad: Any) -> Any:
+                return await kad.protocol.ping(addr, kad.node.id)
+
+            with trio.fail_after(3):  # stock rpcudp would wait 5 s
+                result = await node._runner.run(lambda: ping(node._kad))
+            assert result == (False, None)
+    finally:
+        silent.close()
+
+
+async def test_a_lone_node_stores_and_finds_instead_of_raising() -> None:
+    async with DHTNode.open(Identity.from_seed(b"lone"), FAST) as node:
+        assert await node.announce("k", {"a": 1}, 10.0) == 0
+        assert set(await node.get("k")) == {node.peer_id}
+        assert await node.get("nobody/has/this") == {}
+
+
+async def test_a_dict_valued_multi_writer_key_merges_instead_of_voting() -> None:
+    async with open_dht_cluster(5, FAST) as cluster:
+        for i, node in enumerate(cluster.nodes):
+            await node.announce("k", {"i": i, "nested": {"x": [i]}}, 10.0)
+        found = await cluster.nodes[0].get("k")
+        assert sorted(r.value["i"] for r in found.values() if r.value) == list(range(5))
+
+
+async def test_malformed_datagrams_are_counted_and_harmless() -> None:
+    async with open_dht_cluster(3, FAST) as cluster:
+        target = cluster.nodes[1]
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            for junk in [
+                b"x",
+                b"\x00" + bytes(20) + b"\xc1",
+                b"\x00" + bytes(20) + b"\x92\xa4ping\x90",
+                b"\x00" + bytes(20) + b"\x92\xa5store\x93\x01\x02\x03",
+                b"\x07" + bytes(30),
+            ]:
+                await sock.sendto(junk, ("127.0.0.1", target.port))
+        with trio.fail_after(5):
+            while target.statistics().datagrams_malformed < 5:
+                await trio.sleep(0.01)
+        await cluster.nodes[2].announce("k", {}, 10.0)
+        assert set(await target.get("k")) == {cluster.nodes[2].peer_id}
+
+
+async def test_hundreds_of_concurrent_announces_all_land() -> None:
+    keys = [f"m/block/{i}" for i in range(20)]
+    with trio.fail_after(90):
+        async with open_dht_cluster(20, DHTConfig(rpc_timeout=1.0)) as cluster:
+            async with trio.open_nursery() as nursery:  # 400 announces at once
+                for node in cluster.nodes:
+                    for key in keys:
+                        nursery.start_soon(node.announce, key, {"p": node.port}, 30.0)
+            found = await cluster.nodes[7].get_many(keys)
+            expected = {n.peer_id for n in cluster.nodes}
+            assert {k: len(found[k]) for k in keys} == {k: 20 for k in keys}
+            assert all(set(found[k]) == expected for k in keys)
+
+
+async def test_initial_peers_may_be_hostnames() -> None:
+    async with open_dht_cluster(1, FAST) as cluster:
+        config = DHTConfig(initial_peers=(f"localhost:{cluster.nodes[0].port}",), rpc_timeout=0.3)
+        async with DHTNode.open(Identity.from_seed(b"h"), config) as node:
+            assert await node.routing_addresses() == [("127.0.0.1", cluster.nodes[0].port)]
