@@ -1,0 +1,171 @@
+"""The server's session table: who holds which KV cache, and the limits on them.
+
+A session is opened by a client's ``inference`` stream and owns one `KVCache` for its
+layer sub-range, allocated for ``max_length × batch_size`` tokens. The table enforces the
+server's limits (sessions, tokens per session, the cache budget) when a session opens, and
+closes sessions that have been idle past the timeout. Inputs for a step can arrive from the
+client or be pushed by the previous server; whichever arrives first is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from swarm.errors import LimitExceeded, SessionError
+from swarm.net.identity import PeerId
+from swarm.shards.cache import KVCache
+from swarm.shards.ranges import LayerRange
+
+__all__ = ["Session", "SessionLimits", "SessionTable", "StepInput"]
+
+
+def limit_error(message: str) -> LimitExceeded:
+    """A limit answer the client can act on (pick another server, wait, shorten)."""
+    return LimitExceeded("LimitExceeded", message)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Limits on sessions; see `ServerConfig` for the documented defaults."""
+
+    max_sessions: int = 64
+    max_length: int = 8192  # tokens per session
+    cache_tokens: int = 65536  # token slots (max_length × batch) over all sessions
+    max_batch: int = 8
+    idle_timeout: float = 600.0  # seconds without a step before the session is closed
+    max_pending_steps: int = 4  # pushed inputs held ahead of the client's step message
+
+
+@dataclass
+class StepInput:
+    """Hidden states (batch, seq, hidden) and positions (batch, seq) for one step."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class Session:
+    session_id: bytes
+    client: PeerId | None
+    layers: LayerRange
+    cache: KVCache
+    max_length: int
+    batch_size: int
+    last_step: int = -1
+    last_active: float = field(default_factory=time.monotonic)
+    _inputs: dict[int, StepInput] = field(default_factory=dict)
+    _arrived: dict[int, trio.Event] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        """Cache token slots this session holds."""
+        return self.max_length * self.batch_size
+
+    def deliver(self, step: int, item: StepInput, *, limit: int) -> bool:
+        """Offer the input of `step`; False if it came too late or is a duplicate."""
+        if step <= self.last_step or step in self._inputs:
+            return False
+        if len(self._inputs) >= limit:
+            raise limit_error(f"session holds {limit} pending inputs already")
+        self._inputs[step] = item
+        self._arrived.setdefault(step, trio.Event()).set()
+        return True
+
+    async def wait_input(self, step: int, timeout: float) -> StepInput:
+        """The input of `step`, from the client or a push, waiting up to `timeout` s.
+
+        Raises `SessionError` if it does not arrive in time.
+        """
+        event = self._arrived.setdefault(step, trio.Event())
+        with trio.move_on_after(timeout):
+            await event.wait()
+        self._arrived.pop(step, None)
+        if step not in self._inputs:
+            raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
+        return self._inputs.pop(step)
+
+    def begin_step(self, step: int) -> None:
+        if step <= self.last_step:
+            raise SessionError(f"step {step} is not after the last step {self.last_step}")
+        self.last_step = step
+        self.last_active = time.monotonic()
+
+
+class SessionTable:
+    """Open sessions by id, within the server's limits."""
+
+    def __init__(
+        self, limits: SessionLimits, allocate: Callable[[LayerRange, int, int], KVCache]
+    ) -> None:
+        self.limits = limits
+        self._allocate = allocate
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def tokens_used(self) -> int:
+        return sum(s.tokens for s in self._sessions.values())
+
+    @property
+    def free_tokens(self) -> int:
+        return max(self.limits.cache_tokens - self.tokens_used, 0)
+
+    def open(
+        self,
+        session_id: bytes,
+        client: PeerId | None,
+        layers: LayerRange,
+        max_length: int,
+        batch_size: int,
+    ) -> Session:
+        """Allocate a session's cache, or raise `LimitExceeded` saying which limit."""
+        lim = self.limits
+        self.close_idle()
+        if session_id in self._sessions:
+            raise SessionError(f"session {session_id.hex()} is already open")
+        if len(self._sessions) >= lim.max_sessions:
+            raise limit_error(f"server is at its limit of {lim.max_sessions} sessions")
+        if not 0 < max_length <= lim.max_length:
+            raise limit_error(f"max_length {max_length} is outside 1..{lim.max_length}")
+        if not 0 < batch_size <= lim.max_batch:
+            raise limit_error(f"batch size {batch_size} is outside 1..{lim.max_batch}")
+        need = max_length * batch_size
+        if need > self.free_tokens:
+            raise limit_error(
+                f"not enough cache: session needs {need} tokens, {self.free_tokens} free "
+                f"of {lim.cache_tokens}"
+            )
+        cache = self._allocate(layers, batch_size, max_length)
+        session = Session(session_id, client, layers, cache, max_length, batch_size)
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: bytes) -> Session:
+        """The open session, or `SessionError` if it is unknown, closed or expired."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"unknown or expired session {session_id.hex()}")
+        return session
+
+    def close(self, session_id: bytes) -> None:
+        self._sessions.pop(session_id, None)
+
+    def close_idle(self, now: float | None = None) -> int:
+        """Close sessions idle past the timeout; returns how many were closed."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            sid
+            for sid, s in self._sessions.items()
+            if now - s.last_active > self.limits.idle_timeout
+        ]
+        for sid in idle:
+            del self._sessions[sid]
+        return len(idle)
