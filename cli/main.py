@@ -29,5 +29,9 @@ from swarm_cli.dht import dht as _dht  # noqa: E402
 
 app.command(name="dht")(_dht)
 
+from swarm_cli.selfcheck import selfcheck as _selfcheck  # noqa: E402
+
+app.command(name="selfcheck")(_selfcheck)
+
 if __name__ == "__main__":
     app()
