@@ -22,7 +22,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 import msgpack
 import torch
@@ -90,6 +90,7 @@ class Message:
 _REGISTRY: dict[str, type[Message]] = {}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, bounded))
 def message(tag: str) -> Callable[[type[M]], type[M]]:
     """Class decorator: make a frozen dataclass and register it under ``tag``."""
 

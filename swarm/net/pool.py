@@ -1,0 +1,154 @@
+"""`ConnectionPool`: one RPC channel per peer, reused across calls, dropped when broken."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import trio
+
+from swarm.net.channel import open_channel
+from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.identity import Identity, PeerId
+from swarm.net.messages import Message
+from swarm.net.rpc import RpcConnection
+from swarm.net.transport import TCPTransport, Transport
+
+__all__ = ["ConnectionPool", "open_connection_pool"]
+
+M = TypeVar("M", bound=Message)
+PoolKey = PeerId | tuple[str, int]
+
+
+class ConnectionPool:
+    """Channels keyed by the expected `PeerId` (or by ``(host, port)`` when none is given).
+
+    Concurrent `get`s for one key share a single dial. A channel that closed or broke is
+    removed and the next `get` dials again. Past ``config.max_pool_connections`` the least
+    recently used channel is closed. Make one with `open_connection_pool`.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        identity: Identity,
+        transport: Transport,
+        swarm_key: bytes | None,
+        handlers: object | None,
+        config: NetConfig,
+    ) -> None:
+        self._nursery = nursery
+        self.identity = identity
+        self.transport = transport
+        self.swarm_key = swarm_key
+        self.handlers = handlers
+        self.config = config
+        self._conns: OrderedDict[PoolKey, RpcConnection] = OrderedDict()
+        self._dialing: dict[PoolKey, trio.Lock] = {}
+        self.dials = 0
+
+    async def get(self, host: str, port: int, expected_peer: PeerId | None = None) -> RpcConnection:
+        """A live connection to the peer, dialing it if needed.
+
+        Raises what `open_channel` raises (`ConnectError`, `PeerIdMismatch`,
+        `SwarmKeyMismatch`, `HandshakeError`, `DeadlineExceeded`).
+        """
+        key: PoolKey = expected_peer if expected_peer is not None else (host, port)
+        conn = self._live(key)
+        if conn is not None:
+            return conn
+        lock = self._dialing.setdefault(key, trio.Lock())
+        async with lock:
+            conn = self._live(key)
+            if conn is not None:
+                return conn
+            self.dials += 1
+            channel = await open_channel(
+                self.transport,
+                host,
+                port,
+                self.identity,
+                expected_peer=expected_peer,
+                swarm_key=self.swarm_key,
+                config=self.config,
+            )
+            conn = RpcConnection(channel, self.handlers, self.config)
+            await self._nursery.start(self._run, key, conn)
+            self._conns[key] = conn
+        self._dialing.pop(key, None)
+        await self._evict()
+        return conn
+
+    async def call(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        request: Message,
+        expect: type[M],
+        *,
+        expected_peer: PeerId | None = None,
+        timeout: float | None = None,
+    ) -> M:
+        """`get` then `RpcConnection.call`; see both for what is raised."""
+        conn = await self.get(host, port, expected_peer)
+        return await conn.call(method, request, expect, timeout=timeout)
+
+    def statistics(self) -> dict[str, int]:
+        return {"connections": len(self._conns), "dials": self.dials}
+
+    async def aclose(self) -> None:
+        """Close every pooled channel."""
+        for conn in list(self._conns.values()):
+            await conn.aclose()
+        self._conns.clear()
+
+    def _live(self, key: PoolKey) -> RpcConnection | None:
+        conn = self._conns.get(key)
+        if conn is None:
+            return None
+        if conn.is_closed:
+            del self._conns[key]
+            return None
+        self._conns.move_to_end(key)
+        return conn
+
+    async def _run(
+        self, key: PoolKey, conn: RpcConnection, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            await conn.run(task_status=task_status)
+        finally:
+            if self._conns.get(key) is conn:
+                del self._conns[key]
+
+    async def _evict(self) -> None:
+        while len(self._conns) > self.config.max_pool_connections:
+            _key, oldest = self._conns.popitem(last=False)
+            await oldest.aclose()
+
+
+@asynccontextmanager
+async def open_connection_pool(
+    identity: Identity,
+    *,
+    transport: Transport | None = None,
+    swarm_key: bytes | None = None,
+    handlers: object | None = None,
+    config: NetConfig = DEFAULT_NET_CONFIG,
+) -> AsyncIterator[ConnectionPool]:
+    """A pool whose channels live as long as the ``async with`` block.
+
+    ``handlers`` (optional) serves calls the remote side makes back over our channels.
+    """
+    async with trio.open_nursery() as nursery:
+        pool = ConnectionPool(
+            nursery, identity, transport or TCPTransport(), swarm_key, handlers, config
+        )
+        try:
+            yield pool
+        finally:
+            await pool.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,488 @@
+"""RPC over one `SecureChannel`: request/response calls and bidirectional streams.
+
+Both ends of a channel are symmetric: each may call the other. Every message on the channel
+is a msgpack array ``[kind, call_id, method, body]``; ``call_id`` is chosen by the caller and
+names the call in both directions (caller and callee kinds differ, so the two id spaces never
+mix). ``body`` is a `Message` map (see `swarm.net.messages`) or nil.
+
+Handlers are methods named ``rpc_<method>`` on a handler object. A plain one takes
+``(request, ctx)`` and returns a response message; one marked with `@stream_handler` takes
+``(stream, ctx)`` and talks through an `RpcStream`. Exceptions raised by a handler reach the
+caller as `RemoteError` (remote type name and message; `LimitExceeded` for a remote
+``LimitExceeded``).
+
+Every call has a deadline (``NetConfig.call_timeout`` unless given): `DeadlineExceeded`. A
+caller that is cancelled or times out sends a cancel to the callee and leaves the channel
+usable: sends are shielded, so a message is never cut in half.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import math
+import re
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+
+from swarm.errors import (
+    ConnectionClosed,
+    DeadlineExceeded,
+    LimitExceeded,
+    ProtocolError,
+    RemoteError,
+    SwarmError,
+)
+from swarm.net.channel import SecureChannel
+from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.identity import PeerId
+from swarm.net.messages import ErrorResponse, Message, message_from_wire, unpack
+
+__all__ = ["CallContext", "RpcConnection", "RpcStream", "stream_handler"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+_METHOD = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class Kind(enum.IntEnum):
+    # caller -> callee
+    CALL = 0
+    OPEN = 1
+    C_DATA = 2
+    C_END = 3
+    CANCEL = 4
+    # callee -> caller
+    RESULT = 5
+    S_DATA = 6
+    S_END = 7
+    ERROR = 8
+
+
+_FROM_CALLER = {Kind.CALL, Kind.OPEN, Kind.C_DATA, Kind.C_END, Kind.CANCEL}
+_KINDS = {k.value: k for k in Kind}
+
+
+def stream_handler(fn: F) -> F:
+    """Mark an ``rpc_<method>`` handler as a stream handler ``(stream, ctx) -> None``."""
+    fn._rpc_stream = True  # type: ignore[attr-defined]
+    return fn
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a handler knows about the call: the authenticated caller and the method."""
+
+    peer_id: PeerId
+    method: str
+
+
+def _parse_envelope(data: bytes) -> tuple[Kind, int, str | None, Any]:
+    """Check the ``[kind, call_id, method, body]`` array. Raises `ProtocolError`."""
+    env = unpack(data)
+    if not isinstance(env, list) or len(env) != 4:
+        raise ProtocolError("envelope: expected [kind, call_id, method, body]")
+    kind, call_id, method, body = env
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _KINDS:
+        raise ProtocolError(f"envelope.kind: {kind!r:.20} is not a known kind")
+    if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id < 2**63:
+        raise ProtocolError(f"envelope.call_id: {call_id!r:.20} is not a call id")
+    if method is not None and (not isinstance(method, str) or not _METHOD.match(method)):
+        raise ProtocolError(f"envelope.method: {method!r:.70} is not a method name")
+    if body is not None and not isinstance(body, dict):
+        raise ProtocolError("envelope.body: expected a message map or nil")
+    return _KINDS[kind], call_id, method, body
+
+
+def _remote_error(body: Any) -> RemoteError:
+    try:
+        err = message_from_wire(body, "error", expect=ErrorResponse)
+    except ProtocolError as exc:
+        return RemoteError("ProtocolError", f"malformed error reply: {exc}")
+    cls = LimitExceeded if err.remote_type == "LimitExceeded" else RemoteError
+    return cls(err.remote_type, err.message)
+
+
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    remote_type = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
+    text = exc.message if isinstance(exc, RemoteError) else str(exc)
+    return ErrorResponse(remote_type[:128], text[:8192]).to_wire()
+
+
+class _Pending:
+    """A caller's unary call waiting for its answer."""
+
+    __slots__ = ("body", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.body: Any = None
+        self.error: BaseException | None = None
+
+
+class RpcStream:
+    """One side of a bidirectional message stream.
+
+    `receive` raises `trio.EndOfChannel` once the other side ended the stream cleanly,
+    `RemoteError` if the remote handler failed, `DeadlineExceeded` after ``timeout``
+    (default: the stream's). Iterate with ``async for``.
+    """
+
+    def __init__(
+        self, conn: RpcConnection, call_id: int, caller: bool, timeout: float, buffer: int
+    ) -> None:
+        self._conn = conn
+        self.call_id = call_id
+        self._caller = caller
+        self.timeout = timeout
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, Any]](buffer)
+        self.finished = False  # the remote side ended, failed, or we cancelled
+
+    async def send(self, msg: Message) -> None:
+        """Send one message. Raises `ConnectionClosed` if the channel is gone."""
+        kind = Kind.C_DATA if self._caller else Kind.S_DATA
+        await self._conn._send([kind, self.call_id, None, msg.to_wire()])
+
+    async def send_end(self) -> None:
+        """Tell the other side we will send nothing more (it sees `trio.EndOfChannel`)."""
+        kind = Kind.C_END if self._caller else Kind.S_END
+        await self._conn._send([kind, self.call_id, None, None])
+
+    async def receive(self, expect: type[M] | None = None, timeout: float | None = None) -> Any:
+        """The next message from the other side (checked against ``expect`` if given)."""
+        with trio.move_on_after(self.timeout if timeout is None else timeout) as scope:
+            try:
+                what, body = await self._inbox.receive()
+            except trio.EndOfChannel:
+                self.finished = True
+                raise
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"stream {self.call_id}: no message within the deadline")
+        if what == "error":
+            self.finished = True
+            raise body
+        return message_from_wire(body, "stream.body", expect=expect)
+
+    def __aiter__(self) -> RpcStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def _deliver(self, what: str, body: Any) -> bool:
+        try:
+            self._inbox_send.send_nowait((what, body))
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return True
+
+    def _end(self) -> None:
+        self._inbox_send.close()
+
+
+class RpcConnection:
+    """Calls in both directions over one channel. Run it with ``await nursery.start(conn.run)``;
+    it stops when the channel closes, failing waiting calls with `ConnectionClosed`."""
+
+    def __init__(
+        self,
+        channel: SecureChannel,
+        handlers: object | None = None,
+        config: NetConfig = DEFAULT_NET_CONFIG,
+    ) -> None:
+        self.channel = channel
+        self.remote_peer_id = channel.remote_peer_id
+        self._handlers = handlers
+        self._config = config
+        self._next_id = 0
+        self._pending: dict[int, _Pending] = {}
+        self._streams: dict[int, RpcStream] = {}  # our outgoing streams
+        self._serving: dict[int, tuple[trio.CancelScope, RpcStream | None]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._request_types: dict[object, type[Message] | None] = {}
+        self._closed = False
+        self.calls_made = 0
+        self.calls_served = 0
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or self.channel.is_closed
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "pending_calls": len(self._pending),
+            "open_streams": len(self._streams),
+            "serving": len(self._serving),
+            "calls_made": self.calls_made,
+            "calls_served": self.calls_served,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and dispatch until the channel closes. Runs handler tasks in its own nursery."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown(ConnectionClosed(f"channel to {self.remote_peer_id} closed"))
+            with trio.CancelScope(shield=True):
+                await self.channel.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channel; `run` returns and waiting calls fail with `ConnectionClosed`."""
+        self._closed = True
+        await self.channel.aclose()
+
+    # ---- caller side ----
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def call(
+        self, method: str, request: Message, expect: type[M], *, timeout: float | None = None
+    ) -> M:
+        """Call ``rpc_<method>`` on the peer and return its response, checked to be ``expect``.
+
+        Raises `DeadlineExceeded` after ``timeout`` (default ``config.call_timeout``),
+        `RemoteError` / `LimitExceeded` if the handler failed, `ProtocolError` for a malformed
+        answer, `ConnectionClosed` if the channel closes first.
+        """
+        self._check_open()
+        call_id = self._new_id()
+        pending = _Pending()
+        self._pending[call_id] = pending
+        self.calls_made += 1
+        deadline = self._config.call_timeout if timeout is None else timeout
+        try:
+            with trio.move_on_after(deadline) as scope:
+                await self._send([Kind.CALL, call_id, method, request.to_wire()])
+                await pending.event.wait()
+        finally:
+            del self._pending[call_id]
+            if not pending.event.is_set():
+                self._cancel_remote(call_id)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"{method} to {self.remote_peer_id} took over {deadline} s")
+        if pending.error is not None:
+            raise pending.error
+        result: M = message_from_wire(pending.body, "response", expect=expect)
+        return result
+
+    @asynccontextmanager
+    async def open_stream(
+        self, method: str, *, timeout: float | None = None
+    ) -> AsyncIterator[RpcStream]:
+        """Open a stream to ``rpc_<method>`` (a `stream_handler`) on the peer.
+
+        ``timeout`` (default ``config.call_timeout``) bounds each `RpcStream.receive`.
+        Leaving the block ends our side; if the peer has not finished, it is cancelled.
+        """
+        self._check_open()
+        call_id = self._new_id()
+        per_receive = self._config.call_timeout if timeout is None else timeout
+        stream = RpcStream(self, call_id, True, per_receive, self._config.stream_buffer)
+        self._streams[call_id] = stream
+        self.calls_made += 1
+        try:
+            await self._send([Kind.OPEN, call_id, method, None])
+            yield stream
+        finally:
+            del self._streams[call_id]
+            if not stream.finished:
+                self._cancel_remote(call_id)
+
+    def _cancel_remote(self, call_id: int) -> None:
+        if self._nursery is not None and not self.is_closed:
+            self._nursery.start_soon(self._send_quietly, [Kind.CANCEL, call_id, None, None])
+
+    async def _send_quietly(self, envelope: list[Any]) -> None:
+        try:
+            await self._send(envelope)
+        except ConnectionClosed:
+            pass
+
+    async def _send(self, envelope: list[Any]) -> None:
+        """Send one envelope whole: shielded from cancellation, bounded by send_timeout."""
+        self._check_open()
+        data = msgpack.packb(envelope, use_bin_type=True)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._config.send_timeout) as scope:
+                await self.channel.send(data)
+        if scope.cancelled_caught:
+            await self.aclose()
+            raise ConnectionClosed(f"send to {self.remote_peer_id} exceeded send_timeout")
+
+    def _check_open(self) -> None:
+        if self.is_closed:
+            raise ConnectionClosed(f"channel to {self.remote_peer_id} is closed")
+
+    # ---- dispatch ----
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.channel.receive()
+            except ConnectionClosed:
+                return
+            except ProtocolError as exc:
+                log.warning("closing channel to %s: %s", self.remote_peer_id, exc)
+                return
+            try:
+                kind, call_id, method, body = _parse_envelope(data)
+            except ProtocolError as exc:
+                log.warning("closing channel to %s: %s", self.remote_peer_id, exc)
+                return
+            if kind in _FROM_CALLER:
+                self._dispatch_incoming(kind, call_id, method, body)
+            else:
+                self._dispatch_reply(kind, call_id, body)
+
+    def _dispatch_reply(self, kind: Kind, call_id: int, body: Any) -> None:
+        pending = self._pending.get(call_id)
+        if pending is not None and kind in (Kind.RESULT, Kind.ERROR):
+            if kind == Kind.ERROR:
+                pending.error = _remote_error(body)
+            pending.body = body
+            pending.event.set()
+            return
+        stream = self._streams.get(call_id)
+        if stream is None:
+            return  # a late answer to a call we gave up on
+        if kind == Kind.S_DATA:
+            if not stream._deliver("data", body):
+                stream._end()
+                stream.finished = True
+                self._cancel_remote(call_id)
+        elif kind == Kind.S_END:
+            stream.finished = True
+            stream._end()
+        elif kind == Kind.ERROR:
+            stream._deliver("error", _remote_error(body))
+            stream._end()
+
+    def _dispatch_incoming(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
+        if kind in (Kind.CALL, Kind.OPEN):
+            self._start_handler(kind, call_id, method, body)
+            return
+        serving = self._serving.get(call_id)
+        if serving is None:
+            return  # finished already, or never existed
+        scope, stream = serving
+        if kind == Kind.CANCEL:
+            scope.cancel()
+        elif stream is not None and kind == Kind.C_END:
+            stream._end()
+        elif stream is not None and kind == Kind.C_DATA and not stream._deliver("data", body):
+            scope.cancel()
+            full = LimitExceeded("LimitExceeded", "stream buffer full; the stream was cancelled")
+            self._reply_error(call_id, full)
+
+    def _start_handler(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
+        assert self._nursery is not None  # local invariant: dispatch runs inside run()
+        error: SwarmError | None = None
+        handler = self._lookup(method)
+        is_stream = bool(getattr(handler, "_rpc_stream", False))
+        if handler is None:
+            error = ProtocolError(f"unknown method {method!r}")
+        elif is_stream != (kind == Kind.OPEN):
+            error = ProtocolError(f"method {method!r} is {'' if is_stream else 'not '}a stream")
+        elif len(self._serving) >= self._config.max_concurrent_calls:
+            error = LimitExceeded("LimitExceeded", "too many concurrent calls on this channel")
+        elif call_id in self._serving:
+            error = ProtocolError(f"call id {call_id} is already in use")
+        if error is not None or handler is None or method is None:
+            self._reply_error(call_id, error or ProtocolError("no method"))
+            return
+        scope = trio.CancelScope()
+        stream = (
+            RpcStream(self, call_id, False, math.inf, self._config.stream_buffer)
+            if is_stream
+            else None
+        )
+        self._serving[call_id] = (scope, stream)
+        self.calls_served += 1
+        ctx = CallContext(self.remote_peer_id, method)
+        self._nursery.start_soon(self._run_handler, handler, call_id, scope, stream, body, ctx)
+
+    def _reply_error(self, call_id: int, exc: SwarmError) -> None:
+        if self._nursery is not None:
+            envelope = [Kind.ERROR, call_id, None, _error_body(exc)]
+            self._nursery.start_soon(self._send_quietly, envelope)
+
+    def _lookup(self, method: str | None) -> Callable[..., Awaitable[Any]] | None:
+        if self._handlers is None or method is None:
+            return None
+        fn = getattr(self._handlers, f"rpc_{method}", None)
+        return fn if callable(fn) else None
+
+    def _request_type(self, handler: Callable[..., Any]) -> type[Message] | None:
+        """The `Message` type a unary handler's first parameter is annotated with, if any."""
+        func = getattr(handler, "__func__", handler)
+        if func not in self._request_types:
+            try:
+                hints = typing.get_type_hints(func)
+            except Exception:  # unresolvable annotations: accept any message
+                hints = {}
+            params = [p for p in inspect.signature(handler).parameters if p in hints]
+            first = hints.get(params[0]) if params else None
+            ok = isinstance(first, type) and issubclass(first, Message)
+            self._request_types[func] = first if ok else None
+        return self._request_types[func]
+
+    async def _run_handler(
+        self,
+        handler: Callable[..., Awaitable[Any]],
+        call_id: int,
+        scope: trio.CancelScope,
+        stream: RpcStream | None,
+        body: Any,
+        ctx: CallContext,
+    ) -> None:
+        reply: list[Any] | None = None
+        with scope:
+            try:
+                if stream is not None:
+                    await handler(stream, ctx)
+                    reply = [Kind.S_END, call_id, None, None]
+                else:
+                    expect = self._request_type(handler)
+                    request = message_from_wire(body, "request", expect=expect)
+                    response = await handler(request, ctx)
+                    if not isinstance(response, Message):
+                        raise TypeError(
+                            f"handler rpc_{ctx.method} returned {type(response).__name__}"
+                        )
+                    reply = [Kind.RESULT, call_id, None, response.to_wire()]
+            except Exception as exc:
+                if not isinstance(exc, SwarmError):
+                    log.exception("handler rpc_%s failed", ctx.method)
+                reply = [Kind.ERROR, call_id, None, _error_body(exc)]
+        self._serving.pop(call_id, None)
+        if reply is not None and not scope.cancelled_caught:
+            await self._send_quietly(reply)
+
+    def _shutdown(self, exc: ConnectionClosed) -> None:
+        self._closed = True
+        for pending in self._pending.values():
+            pending.error = exc
+            pending.event.set()
+        for stream in self._streams.values():
+            stream._deliver("error", exc)
+            stream._end()

@@ -1,0 +1,310 @@
+"""RPC: calls, streams, deadlines, remote errors, cancellation, concurrency, the pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+import trio
+
+from swarm.errors import (
+    ConnectionClosed,
+    DeadlineExceeded,
+    LimitExceeded,
+    PeerIdMismatch,
+    RemoteError,
+    ShardError,
+)
+from swarm.net.config import NetConfig
+from swarm.net.messages import (
+    ErrorResponse,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+)
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
+from swarm.net.rpc_server import RpcServer
+from swarm.shards.ranges import LayerRange
+
+from .conftest import ALICE, BOB, channel_pair
+
+INFO = InfoResponse(LayerRange(0, 4), "online", 0.0, 100, "test", 1.0)
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+        self.gate = trio.Event()
+
+    async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        assert ctx.peer_id == ALICE.peer_id
+        return INFO
+
+    async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+        await trio.sleep(0)
+        return ForwardResponse(request.hidden_states * 2)
+
+    async def rpc_fail(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        raise ShardError("layer 7 is not loaded")
+
+    async def rpc_busy(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        raise LimitExceeded("LimitExceeded", "too many sessions")
+
+    async def rpc_crash(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        raise KeyError("oops")
+
+    async def rpc_wrong(self, request: InfoRequest, ctx: CallContext) -> ErrorResponse:
+        return ErrorResponse("x", "y")
+
+    async def rpc_hang(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        self.started += 1
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cancelled += 1
+
+    async def rpc_wait(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        await self.gate.wait()
+        return INFO
+
+    @stream_handler
+    async def rpc_steps(self, stream: RpcStream, ctx: CallContext) -> None:
+        async for step in stream:
+            assert isinstance(step, InferenceStep)
+            await stream.send(InferenceStepResult(step.step, step.hidden_states + 1))
+
+    @stream_handler
+    async def rpc_bad_stream(self, stream: RpcStream, ctx: CallContext) -> None:
+        await stream.receive()
+        raise ShardError("cache lost")
+
+
+@pytest.fixture
+async def rpc_pair() -> AsyncIterator[tuple[RpcConnection, Handlers]]:
+    handlers = Handlers()
+    a, b = await channel_pair()
+    client, server = RpcConnection(a), RpcConnection(b, handlers)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await nursery.start(server.run)
+        with trio.fail_after(20):
+            yield client, handlers
+        nursery.cancel_scope.cancel()
+
+
+async def test_call_and_tensor_round_trip(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, _ = rpc_pair
+    assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+    h = torch.randn(1, 3, 8).to(torch.bfloat16)
+    out = await client.call(
+        "forward", ForwardRequest(h, torch.arange(3).view(1, 3), LayerRange(0, 1)), ForwardResponse
+    )
+    assert torch.equal(out.hidden_states, h * 2)
+
+
+async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, _ = rpc_pair
+    with pytest.raises(RemoteError) as info:
+        await client.call("fail", InfoRequest(), InfoResponse)
+    assert (info.value.remote_type, info.value.message) == ("ShardError", "layer 7 is not loaded")
+    with pytest.raises(LimitExceeded, match="too many sessions"):
+        await client.call("busy", InfoRequest(), InfoResponse)
+    with pytest.raises(RemoteError, match="KeyError"):
+        await client.call("crash", InfoRequest(), InfoResponse)
+    with pytest.raises(RemoteError, match="unknown method"):
+        await client.call("nope", InfoRequest(), InfoResponse)
+    with pytest.raises(RemoteError, match="ProtocolError"):
+        await client.call("info", INFO, InfoResponse)  # wrong request type is fine, but...
+    assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+
+
+async def test_wrong_response_type_is_protocol_error(
+    rpc_pair: tuple[RpcConnection, Handlers],
+) -> None:
+    from swarm.errors import ProtocolError
+
+    client, _ = rpc_pair
+    with pytest.raises(ProtocolError, match="expected 'info_response'"):
+        await client.call("wrong", InfoRequest(), InfoResponse)
+
+
+async def test_deadline_cancels_remote_and_channel_stays_usable(
+    rpc_pair: tuple[RpcConnection, Handlers],
+) -> None:
+    client, handlers = rpc_pair
+    with pytest.raises(DeadlineExceeded):
+        await client.call("hang", InfoRequest(), InfoResponse, timeout=0.05)
+    with trio.fail_after(5):
+        while handlers.cancelled < 1:  # the callee got our cancel
+            await trio.sleep(0.01)
+    assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+
+
+async def test_caller_cancelled_mid_call_leaves_channel_usable(
+    rpc_pair: tuple[RpcConnection, Handlers],
+) -> None:
+    client, handlers = rpc_pair
+    big = torch.randn(256, 1024)  # 1 MiB: the send is in flight when we cancel
+    req = ForwardRequest(big, torch.zeros(1, 1, dtype=torch.int64), LayerRange(0, 1))
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.call, "forward", req, ForwardResponse)
+            nursery.start_soon(client.call, "hang", InfoRequest(), InfoResponse)
+            await trio.sleep(0)
+            nursery.cancel_scope.cancel()
+    assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+    out = await client.call("forward", req, ForwardResponse)
+    assert torch.equal(out.hidden_states, big * 2)
+    assert client.statistics()["pending_calls"] == 0
+
+
+async def test_hundred_concurrent_calls(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, handlers = rpc_pair
+    results: list[torch.Tensor] = []
+
+    async def one(i: int) -> None:
+        if i % 2:
+            assert await client.call("wait", InfoRequest(), InfoResponse) == INFO
+        else:
+            h = torch.full((1, 1, 4), float(i))
+            req = ForwardRequest(h, torch.zeros(1, 1, dtype=torch.int64), LayerRange(0, 1))
+            out = await client.call("forward", req, ForwardResponse)
+            assert torch.equal(out.hidden_states, h * 2)
+            results.append(out.hidden_states)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(one, i)
+        with trio.fail_after(10):
+            while len(results) < 50:  # the even calls finish while the odd ones still wait
+                await trio.sleep(0.01)
+        assert client.statistics()["pending_calls"] == 50
+        handlers.gate.set()
+    assert client.statistics()["pending_calls"] == 0
+
+
+async def test_bidirectional_stream(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, _ = rpc_pair
+    pos = torch.zeros(1, 1, dtype=torch.int64)
+    async with client.open_stream("steps", timeout=5) as stream:
+        for i in range(5):
+            await stream.send(InferenceStep(i, torch.full((1, 1, 4), float(i)), pos))
+            result = await stream.receive(InferenceStepResult)
+            assert result.step == i
+            assert torch.equal(result.hidden_states, torch.full((1, 1, 4), i + 1.0))
+        await stream.send_end()
+        with pytest.raises(trio.EndOfChannel):
+            await stream.receive()
+
+
+async def test_stream_remote_error_and_deadline(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, _ = rpc_pair
+    async with client.open_stream("bad_stream", timeout=5) as stream:
+        await stream.send(InfoRequest())
+        with pytest.raises(RemoteError, match="cache lost"):
+            await stream.receive()
+    async with client.open_stream("steps", timeout=0.05) as stream:
+        with pytest.raises(DeadlineExceeded):
+            await stream.receive()
+    assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+
+
+async def test_closed_channel_fails_waiting_calls(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
+    client, _ = rpc_pair
+    async with trio.open_nursery() as nursery:
+
+        async def waiter() -> None:
+            with pytest.raises(ConnectionClosed):
+                await client.call("hang", InfoRequest(), InfoResponse)
+
+        nursery.start_soon(waiter)
+        await trio.sleep(0.01)
+        await client.aclose()
+    with pytest.raises(ConnectionClosed):
+        await client.call("info", InfoRequest(), InfoResponse)
+
+
+async def _serve(nursery: trio.Nursery, swarm_key: bytes | None = None) -> tuple[RpcServer, int]:
+    server = RpcServer(BOB, Handlers(), swarm_key=swarm_key)
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    return server, port
+
+
+async def test_pool_reuses_and_redials_broken_channels() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server, port = await _serve(nursery)
+            async with open_connection_pool(ALICE) as pool:
+                for _ in range(3):
+                    info = await pool.call(
+                        "127.0.0.1",
+                        port,
+                        "info",
+                        InfoRequest(),
+                        InfoResponse,
+                        expected_peer=BOB.peer_id,
+                    )
+                    assert info == INFO
+                assert pool.statistics() == {"connections": 1, "dials": 1}
+                conn = await pool.get("127.0.0.1", port, BOB.peer_id)
+                await conn.aclose()  # break it
+                assert (
+                    await pool.call(
+                        "127.0.0.1",
+                        port,
+                        "info",
+                        InfoRequest(),
+                        InfoResponse,
+                        expected_peer=BOB.peer_id,
+                    )
+                    == INFO
+                )
+                assert pool.statistics()["dials"] == 2
+                assert pool.statistics()["connections"] == 1
+                await _concurrent_gets_share_one_dial(pool, port)
+                with pytest.raises(PeerIdMismatch):
+                    await pool.get("127.0.0.1", port, ALICE.peer_id)
+            nursery.cancel_scope.cancel()
+
+
+async def _concurrent_gets_share_one_dial(pool: ConnectionPool, port: int) -> None:
+    before = pool.dials
+    conns: list[RpcConnection] = []
+
+    async def get() -> None:
+        conns.append(await pool.get("127.0.0.1", port))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(get)
+    assert pool.dials == before + 1
+    assert len({id(c) for c in conns}) == 1
+
+
+async def test_pool_with_swarm_key() -> None:
+    key = b"K" * 32
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server, port = await _serve(nursery, swarm_key=key)
+            async with open_connection_pool(ALICE, swarm_key=key) as pool:
+                assert (
+                    await pool.call("127.0.0.1", port, "info", InfoRequest(), InfoResponse) == INFO
+                )
+            from swarm.errors import SwarmKeyMismatch
+
+            async with open_connection_pool(ALICE, config=NetConfig()) as pool:
+                with pytest.raises(SwarmKeyMismatch):
+                    await pool.get("127.0.0.1", port)
+            async with open_connection_pool(ALICE, swarm_key=b"X" * 32) as pool:
+                with pytest.raises(SwarmKeyMismatch):
+                    await pool.get("127.0.0.1", port)
+            with trio.fail_after(5):
+                while server.handshake_failures < 2:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
