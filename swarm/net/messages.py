@@ -38,13 +38,17 @@ __all__ = [
     "ForwardRequest",
     "ForwardResponse",
     "InferenceOpen",
+    "InferenceReady",
     "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",
     "InfoResponse",
     "Message",
+    "PingEntry",
     "PushRequest",
+    "PushResponse",
     "PushTarget",
+    "ServerAnnouncement",
     "bounded",
     "decode_message",
     "encode_message",
@@ -325,6 +329,9 @@ class InfoResponse(Message):
     free_cache_tokens: int = bounded(ge=0)
     version: str = bounded(max_len=64)
     throughput: float = bounded(ge=0.0)  # tokens per second for the whole span
+    model_id: str = bounded(max_len=128, default="")
+    dtype: str = bounded(max_len=16, default="")
+    active_sessions: int = bounded(ge=0, default=0)
 
 
 @message("forward_request")
@@ -353,20 +360,43 @@ class PushTarget(Message):
 
 @message("inference_open")
 class InferenceOpen(Message):
+    """First message of an ``inference`` stream: allocate a KV cache for a session.
+
+    Steps are numbered from ``first_step`` (a replacement hop opened during recovery starts
+    at the step its replayed history is sent as) and must then come one after another.
+    ``dtype`` is the dtype the client sends hidden states in.
+    """
+
     session_id: bytes = bounded(max_len=_SESSION_ID)
     max_length: int = bounded(ge=1, le=1 << 20)
     batch_size: int = bounded(ge=1, le=1024)
     dtype: Literal["float32", "float16", "bfloat16"]
     layer_range: LayerRange
     push_to: PushTarget | None = None
+    first_step: int = bounded(ge=0, default=0)
+
+
+@message("inference_ready")
+class InferenceReady(Message):
+    """The server's answer to `InferenceOpen`: the cache is allocated."""
+
+    session_id: bytes = bounded(max_len=_SESSION_ID)
+    free_cache_tokens: int = bounded(ge=0)
 
 
 @message("inference_step")
 class InferenceStep(Message):
+    """Client to server, on the ``inference`` stream.
+
+    With ``hidden_states`` and ``positions``: the input of ``step`` (the server uses it
+    unless a push delivered the same step first). Without them: only news, e.g. a new
+    ``push_to``. ``push_to`` replaces the session's push target from this step on.
+    """
+
     step: int = bounded(ge=0)
-    hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
-    positions: torch.Tensor  # (batch, new_tokens) int64
-    history: torch.Tensor | None = None  # replayed earlier inputs, to rebuild a lost cache
+    hidden_states: torch.Tensor | None = None  # (batch, new_tokens, hidden)
+    positions: torch.Tensor | None = None  # (batch, new_tokens) int64
+    push_to: PushTarget | None = None
 
 
 @message("inference_step_result")
@@ -383,3 +413,35 @@ class PushRequest(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
     positions: torch.Tensor  # (batch, new_tokens) int64
+
+
+@message("push_response")
+class PushResponse(Message):
+    """Whether the pushed input was taken (False: a duplicate or too late)."""
+
+    accepted: bool
+
+
+@message("ping")
+class PingEntry(Message):
+    """A measured round-trip time to another server."""
+
+    peer_id: PeerId
+    rtt: float = bounded(ge=0.0, le=3600.0)
+
+
+@message("server_announcement")
+class ServerAnnouncement(Message):
+    """What a server announces in the DHT under ``"<model_id>/block/<i>"`` for each block
+    it serves (the record's subkey is its `PeerId`, so the peer id is not repeated here)."""
+
+    host: str = bounded(max_len=255)
+    port: int = bounded(ge=1, le=65535)
+    layer_range: LayerRange
+    state: Literal["joining", "online", "draining"]
+    dtype: str = bounded(max_len=16)
+    throughput: float = bounded(ge=0.0)  # tokens per second for the whole span
+    free_cache_tokens: int = bounded(ge=0)
+    active_sessions: int = bounded(ge=0)
+    version: str = bounded(max_len=32)
+    next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())

@@ -87,7 +87,8 @@ def _sample_messages() -> list[object]:
             LayerRange(0, 8),
             PushTarget(PeerId(b"p" * 32), "127.0.0.1", 4000, b"t" * 16),
         ),
-        InferenceStep(5, h, pos, history=h),
+        InferenceStep(5, h, pos, push_to=PushTarget(PeerId(b"q" * 32), "::1", 1, b"u")),
+        InferenceStep(6),
         ErrorResponse("ShardError", "boom"),
     ]
 
