@@ -62,6 +62,9 @@ class _Reader:
         self.stream = stream
         self._buf = bytearray()
 
+    def has_buffered(self) -> bool:
+        return bool(self._buf)
+
     async def read(self, n: int) -> bytes | None:
         while len(self._buf) < n:
             try:
@@ -111,6 +114,7 @@ class SecureChannel:
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self._broken: str | None = None
+        self._mid_message = False
 
     @property
     def is_closed(self) -> bool:
@@ -131,16 +135,18 @@ class SecureChannel:
                 f"message of {len(view)} bytes exceeds max_message_size "
                 f"({self._config.max_message_size})"
             )
-        async with self._send_lock:
+        await _acquire(self._send_lock)
+        try:
             self._check_open()
-            try:
-                await self._send_frames(view)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._broken = f"connection lost while sending: {exc}"
-                raise ConnectionClosed(self._broken) from exc
-            except BaseException:
-                self._broken = self._broken or "a send was interrupted; the stream is unusable"
-                raise
+            await self._send_frames(view)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broken = f"connection lost while sending: {exc}"
+            raise ConnectionClosed(self._broken) from exc
+        except trio.Cancelled:
+            self._broken = self._broken or "a send was interrupted; the stream is unusable"
+            raise
+        finally:
+            self._send_lock.release()
 
     async def _send_frames(self, view: memoryview) -> None:
         step = self._config.max_frame_size
@@ -163,23 +169,31 @@ class SecureChannel:
         authentication (tampered, replayed or reordered); after a `ProtocolError` the channel
         is closed.
         """
-        async with self._recv_lock:
+        await _acquire(self._recv_lock)
+        try:
             self._check_open()
-            try:
-                return await self._receive_message()
-            except ProtocolError as exc:
-                self._broken = f"protocol error: {exc}"
-                await trio.aclose_forcefully(self._stream)
-                raise
-            except ConnectionClosed as exc:
-                self._broken = str(exc)
-                raise
+            return await self._receive_message()
+        except ProtocolError as exc:
+            self._broken = f"protocol error: {exc}"
+            await trio.aclose_forcefully(self._stream)
+            raise
+        except ConnectionClosed as exc:
+            self._broken = str(exc)
+            raise
+        except trio.Cancelled:
+            if self._mid_message:  # part of a message is consumed: framing is lost
+                self._broken = "a receive was interrupted mid-message; the stream is unusable"
+            raise
+        finally:
+            self._recv_lock.release()
 
     async def _receive_message(self) -> bytes:
         parts: list[bytes] = []
         total = 0
+        self._mid_message = self._reader.has_buffered()
         while True:
             header = await self._reader.read(_HEADER.size)
+            self._mid_message = True
             if header is None:
                 if parts:
                     raise ProtocolError("connection closed inside a multi-frame message")
@@ -203,6 +217,7 @@ class SecureChannel:
                     "frame failed authentication (tampered, replayed or reordered)"
                 ) from exc
             if not word & _MORE:
+                self._mid_message = False
                 return plain if not parts else b"".join([*parts, plain])
             parts.append(plain)
 
@@ -224,6 +239,15 @@ class SecureChannel:
 
     def __repr__(self) -> str:
         return f"SecureChannel({self.remote_peer_id!r})"
+
+
+async def _acquire(lock: trio.Lock) -> None:
+    """Take a lock without a scheduling round when it is free (the I/O that follows
+    checkpoints anyway); this is on the per-message path."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 def _hello(private: bool) -> bytes:

@@ -322,9 +322,9 @@ class RpcConnection:
         """Send one envelope whole: shielded from cancellation, bounded by send_timeout."""
         self._check_open()
         data = msgpack.packb(envelope, use_bin_type=True)
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._config.send_timeout) as scope:
-                await self.channel.send(data)
+        deadline = trio.current_time() + self._config.send_timeout
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            await self.channel.send(data)
         if scope.cancelled_caught:
             await self.aclose()
             raise ConnectionClosed(f"send to {self.remote_peer_id} exceeded send_timeout")
