@@ -193,3 +193,17 @@ def test_arbitrary_values_into_tensor_decoder(value: object) -> None:
         decode_tensor(value, "t")
     except ProtocolError:
         pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(msgpack_values, max_size=5)
+    | st.tuples(st.integers(-2, 10), st.integers(-1, 2**64 - 1), msgpack_values, msgpack_values)
+)
+def test_arbitrary_values_into_rpc_envelope_decoder(value: object) -> None:
+    from swarm.net.rpc import _parse_envelope
+
+    try:
+        _parse_envelope(msgpack.packb(list(value), use_bin_type=True))  # type: ignore[call-overload]
+    except ProtocolError:
+        pass

@@ -149,7 +149,7 @@ async def test_deadline_cancels_remote_and_channel_stays_usable(
 async def test_caller_cancelled_mid_call_leaves_channel_usable(
     rpc_pair: tuple[RpcConnection, Handlers],
 ) -> None:
-    client, handlers = rpc_pair
+    client, _handlers = rpc_pair
     big = torch.randn(256, 1024)  # 1 MiB: the send is in flight when we cancel
     req = ForwardRequest(big, torch.zeros(1, 1, dtype=torch.int64), LayerRange(0, 1))
     for _ in range(3):
@@ -239,7 +239,7 @@ async def _serve(nursery: trio.Nursery, swarm_key: bytes | None = None) -> tuple
 async def test_pool_reuses_and_redials_broken_channels() -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            server, port = await _serve(nursery)
+            _server, port = await _serve(nursery)
             async with open_connection_pool(ALICE) as pool:
                 for _ in range(3):
                     info = await pool.call(
@@ -308,3 +308,16 @@ async def test_pool_with_swarm_key() -> None:
                 while server.handshake_failures < 2:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+
+async def test_garbage_envelope_closes_only_that_channel() -> None:
+    handlers = Handlers()
+    a, b = await channel_pair()
+    server = RpcConnection(b, handlers)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        await a.send(b"\xc1 not msgpack")
+        with trio.fail_after(5), pytest.raises(ConnectionClosed):
+            await a.receive()
+        nursery.cancel_scope.cancel()
+    assert server.is_closed
