@@ -56,6 +56,7 @@ class ComputeQueue:
         self._max_queued = max_queued
         self._busy_seconds = 0.0
         self._done = 0
+        self.running = False  # a task is on the worker thread now
         self._started = time.monotonic()
 
     async def submit(self, fn: Callable[[], T], priority: Priority) -> T:
@@ -89,11 +90,13 @@ class ComputeQueue:
             if task.cancelled:
                 continue
             started = time.perf_counter()
+            self.running = True
             try:
                 task.result = await trio.to_thread.run_sync(task.fn)
             except Exception as exc:  # delivered to the submitter, who decides
                 task.error = exc
             finally:
+                self.running = False
                 self._busy_seconds += time.perf_counter() - started
                 self._done += 1
                 task.done.set()

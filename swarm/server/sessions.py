@@ -18,8 +18,10 @@ import trio
 
 from swarm.errors import LimitExceeded, SessionError
 from swarm.net.identity import PeerId
+from swarm.net.messages import PushTarget
 from swarm.shards.cache import KVCache
 from swarm.shards.ranges import LayerRange
+from swarm.shards.span import Span
 
 __all__ = ["Session", "SessionLimits", "SessionTable", "StepInput"]
 
@@ -57,6 +59,9 @@ class Session:
     cache: KVCache
     max_length: int
     batch_size: int
+    span: Span
+    push_to: PushTarget | None = None
+    next_step: int = 0
     last_step: int = -1
     last_active: float = field(default_factory=time.monotonic)
     _inputs: dict[int, StepInput] = field(default_factory=dict)
@@ -69,7 +74,7 @@ class Session:
 
     def deliver(self, step: int, item: StepInput, *, limit: int) -> bool:
         """Offer the input of `step`; False if it came too late or is a duplicate."""
-        if step <= self.last_step or step in self._inputs:
+        if step < self.next_step or step in self._inputs:
             return False
         if len(self._inputs) >= limit:
             raise limit_error(f"session holds {limit} pending inputs already")
@@ -94,6 +99,7 @@ class Session:
         if step <= self.last_step:
             raise SessionError(f"step {step} is not after the last step {self.last_step}")
         self.last_step = step
+        self.next_step = step + 1
         self.last_active = time.monotonic()
 
 
@@ -101,10 +107,14 @@ class SessionTable:
     """Open sessions by id, within the server's limits."""
 
     def __init__(
-        self, limits: SessionLimits, allocate: Callable[[LayerRange, int, int], KVCache]
+        self,
+        limits: SessionLimits,
+        allocate: Callable[[LayerRange, int, int], KVCache],
+        narrow: Callable[[LayerRange], Span],
     ) -> None:
         self.limits = limits
         self._allocate = allocate
+        self._narrow = narrow
         self._sessions: dict[bytes, Session] = {}
 
     def __len__(self) -> int:
@@ -144,7 +154,9 @@ class SessionTable:
                 f"of {lim.cache_tokens}"
             )
         cache = self._allocate(layers, batch_size, max_length)
-        session = Session(session_id, client, layers, cache, max_length, batch_size)
+        session = Session(
+            session_id, client, layers, cache, max_length, batch_size, self._narrow(layers)
+        )
         self._sessions[session_id] = session
         return session
 

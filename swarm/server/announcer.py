@@ -1,0 +1,183 @@
+"""Telling the swarm about this server: DHT announcements, next-hop pings, throughput.
+
+A server announces one record per block it serves, under ``"<model_id>/block/<i>"``, with
+a TTL of `ServerConfig.announce_ttl`, and re-announces every half TTL, so a server that
+dies vanishes from the DHT within one TTL. Each record carries the round-trip times to up
+to `MAX_PINGS` servers of the block right after our range, which the client's route
+planner uses as the cost of the server-to-server link.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import trio
+
+from swarm.dht import DHTNode
+from swarm.errors import ProtocolError, SwarmError
+from swarm.net.identity import PeerId
+from swarm.net.messages import (
+    InfoRequest,
+    InfoResponse,
+    PingEntry,
+    ServerAnnouncement,
+    message_from_wire,
+)
+from swarm.net.pool import ConnectionPool
+from swarm.shards.cache import KVCache
+from swarm.shards.ranges import LayerRange
+from swarm.shards.span import Span
+
+__all__ = [
+    "MAX_PINGS",
+    "Announcer",
+    "block_key",
+    "choose_layers",
+    "decode_announcements",
+    "measure_throughput",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_PINGS = 5
+
+
+def block_key(model_id: str, block: int) -> str:
+    """The DHT key under which the servers of one block announce themselves."""
+    return f"{model_id}/block/{block}"
+
+
+def decode_announcements(
+    records: Mapping[PeerId, object],
+) -> dict[PeerId, ServerAnnouncement]:
+    """Strictly decode record values; malformed ones are dropped (and logged)."""
+    out: dict[PeerId, ServerAnnouncement] = {}
+    for peer, value in records.items():
+        try:
+            out[peer] = message_from_wire(value, "announcement", expect=ServerAnnouncement)
+        except ProtocolError as exc:
+            log.info("dropping malformed announcement from %s: %s", peer, exc)
+    return out
+
+
+def measure_throughput(span: Span, *, steps: int = 8, prefix: int = 32) -> float:
+    """Tokens per second of one-token decode steps through the whole span (median of
+    `steps` after a warm-up), with `prefix` tokens already in the cache."""
+    config = span.config
+    cache = KVCache.allocate(config, span.layers, 1, prefix + steps + 2, span.dtype, span.device)
+    hidden = torch.randn(1, prefix, config.hidden_size).to(span.device, span.dtype)
+    with torch.no_grad():
+        span(hidden, torch.arange(prefix).view(1, prefix).to(span.device), cache)
+        timings = []
+        for i in range(steps + 1):
+            one = hidden[:, :1]
+            position = torch.tensor([[prefix + i]], device=span.device)
+            started = time.perf_counter()
+            span(one, position, cache)
+            if span.device.type == "cuda":
+                torch.cuda.synchronize(span.device)
+            timings.append(time.perf_counter() - started)
+    return 1.0 / max(statistics.median(timings[1:]), 1e-9)
+
+
+async def choose_layers(
+    dht: DHTNode, model_id: str, num_layers: int, num_blocks: int
+) -> LayerRange:
+    """The window of `num_blocks` consecutive blocks with the least announced throughput
+    (online and joining servers count; ties go to the earliest window)."""
+    keys = [block_key(model_id, i) for i in range(num_layers)]
+    found = await dht.get_many(keys)
+    per_block = []
+    for key in keys:
+        values = {peer: record.value for peer, record in found.get(key, {}).items()}
+        announced = decode_announcements(values).values()
+        per_block.append(sum(a.throughput for a in announced if a.state != "draining"))
+    num_blocks = min(num_blocks, num_layers)
+    windows = [sum(per_block[s : s + num_blocks]) for s in range(num_layers - num_blocks + 1)]
+    start = min(range(len(windows)), key=lambda s: (windows[s], s))
+    return LayerRange(start, start + num_blocks)
+
+
+class Announcer:
+    """Builds and publishes this server's records, and measures pings to the next hop."""
+
+    def __init__(
+        self,
+        dht: DHTNode,
+        pool: ConnectionPool,
+        model_id: str,
+        layers: LayerRange,
+        num_layers: int,
+        ttl: float,
+        ping_timeout: float,
+        make_announcement: Callable[[tuple[PingEntry, ...]], ServerAnnouncement],
+    ) -> None:
+        self.dht = dht
+        self.pool = pool
+        self.model_id = model_id
+        self.layers = layers
+        self.num_layers = num_layers
+        self.ttl = ttl
+        self.ping_timeout = ping_timeout
+        self._make = make_announcement
+        self.pings: dict[PeerId, float] = {}
+        self.announces = 0
+
+    async def announce(self) -> None:
+        """Publish the current record under every block key we serve (concurrently)."""
+        pings = tuple(PingEntry(peer, rtt) for peer, rtt in list(self.pings.items())[:MAX_PINGS])
+        value = self._make(pings).to_wire()
+
+        async def one(block: int) -> None:
+            try:
+                await self.dht.announce(block_key(self.model_id, block), value, self.ttl)
+            except SwarmError as exc:
+                log.warning("announcing block %d failed: %s", block, exc)
+
+        async with trio.open_nursery() as nursery:
+            for block in self.layers:
+                nursery.start_soon(one, block)
+        self.announces += 1
+
+    async def measure_next_pings(self) -> None:
+        """RTTs (EMA, alpha 0.2) to up to `MAX_PINGS` servers of the block after our range."""
+        if self.layers.stop >= self.num_layers:
+            return
+        records = await self.dht.get(block_key(self.model_id, self.layers.stop))
+        values = {peer: record.value for peer, record in records.items()}
+        targets = [
+            (peer, a)
+            for peer, a in decode_announcements(values).items()
+            if a.state == "online" and peer != self.dht.peer_id
+        ][:MAX_PINGS]
+
+        async def ping(peer: PeerId, announcement: ServerAnnouncement) -> None:
+            with trio.move_on_after(self.ping_timeout):
+                try:
+                    conn = await self.pool.get(announcement.host, announcement.port, peer)
+                    started = trio.current_time()  # the RTT of a call, not of the handshake
+                    await conn.call("info", InfoRequest(), InfoResponse, timeout=self.ping_timeout)
+                except SwarmError:
+                    return
+                rtt = trio.current_time() - started
+                old = self.pings.get(peer)
+                self.pings[peer] = rtt if old is None else 0.8 * old + 0.2 * rtt
+
+        async with trio.open_nursery() as nursery:
+            for peer, announcement in targets:
+                nursery.start_soon(ping, peer, announcement)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-announce every half TTL (refreshing pings first) until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.ttl / 2)
+            try:
+                await self.measure_next_pings()
+            except SwarmError as exc:
+                log.info("measuring next-hop pings failed: %s", exc)
+            await self.announce()

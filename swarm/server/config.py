@@ -1,0 +1,59 @@
+"""`ServerConfig`: everything a serving peer is told, in one frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarm.dht import DHTConfig
+from swarm.errors import ConfigError
+from swarm.net.config import NetConfig
+from swarm.server.sessions import SessionLimits
+from swarm.shards.ranges import LayerRange
+
+__all__ = ["ServerConfig"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a server serves.
+
+    ``layers`` None means "auto": pick the range with the least announced throughput.
+    ``public_host`` is the address announced to others (default: ``host``).
+    ``announce_ttl`` is the life of each DHT record; the server re-announces every half of
+    it. ``step_timeout`` bounds the wait for one step's input (from the client or a push);
+    ``push_timeout`` bounds delivering our output to the next server.
+    """
+
+    model: Path
+    layers: LayerRange | None = None
+    num_blocks: int | None = None  # with layers=None: how many blocks to serve (default all)
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_host: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    num_threads: int = 1
+    identity_path: Path | None = None
+    swarm_key_path: Path | None = None
+    dht: DHTConfig = field(default_factory=DHTConfig)
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    announce_ttl: float = 60.0
+    step_timeout: float = 300.0
+    push_timeout: float = 5.0
+    ping_timeout: float = 2.0
+    net: NetConfig = field(default_factory=NetConfig)
+    measure_throughput: bool = True
+    adversary: str | None = None  # testing only: see swarm.testing.adversaries
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.announce_ttl <= 0:
+            raise ConfigError(f"announce_ttl must be positive, got {self.announce_ttl}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")

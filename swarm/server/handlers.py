@@ -1,0 +1,250 @@
+"""The server's RPC handlers: ``info``, ``forward``, ``inference`` (a stream) and ``push``.
+
+Model work goes through the `ComputeQueue` (inference steps before bulk forwards). An
+``inference`` stream owns one session: a reader task takes the client's step messages
+(inputs and push-target changes) while the processor runs steps strictly in order, each as
+soon as its input arrived from the client or from the previous server's ``push``. After a
+step, its output goes back on the stream and, concurrently, to the next server (best
+effort: a failed push is logged, and the client sends that input itself).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from swarm.errors import LimitExceeded, ProtocolError, ShardError, SwarmError
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceReady,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    PushRequest,
+    PushResponse,
+    PushTarget,
+)
+from swarm.net.pool import ConnectionPool
+from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.server.compute import ComputeQueue, Priority
+from swarm.server.config import ServerConfig
+from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
+from swarm.shards.cache import KVCache
+from swarm.shards.ranges import LayerRange
+from swarm.shards.span import Span
+
+__all__ = ["ServerState", "ServingHandlers"]
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ServerState:
+    """What the handlers and the announcer share; mutated only from the trio thread."""
+
+    model_id: str
+    version: str
+    throughput: float = 0.0
+    state: str = "joining"  # joining -> online -> draining
+    steps_done: int = 0
+    forwards_done: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+
+def _run_span(
+    span: Span, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
+) -> torch.Tensor:
+    """Worker-thread body: cast the input to the span's dtype and run it."""
+    with torch.no_grad():
+        out: torch.Tensor = span(
+            hidden.to(span.device, span.dtype), positions.to(span.device), cache
+        )
+    return out.cpu()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error in a nursery's group (the caller sees one clear error)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
+    if hidden.dim() != 3:
+        raise ShardError(f"hidden states must be (batch, seq, hidden), got {list(hidden.shape)}")
+    if positions.dtype != torch.int64 or tuple(positions.shape) != tuple(hidden.shape[:2]):
+        raise ShardError(
+            f"positions must be int64 {list(hidden.shape[:2])}, got {positions.dtype} "
+            f"{list(positions.shape)}"
+        )
+    if not hidden.dtype.is_floating_point:
+        raise ShardError(f"hidden states must be floating point, got {hidden.dtype}")
+
+
+class ServingHandlers:
+    """``rpc_<verb>`` handlers of one server (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        span: Span,
+        state: ServerState,
+        sessions: SessionTable,
+        queue: ComputeQueue,
+        pool: ConnectionPool,
+    ) -> None:
+        self.config = config
+        self.span = span
+        self.state = state
+        self.sessions = sessions
+        self.queue = queue
+        self.pool = pool
+
+    # ---- info and stateless forward ----
+
+    async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        return InfoResponse(
+            layer_range=self.span.layers,
+            state=self.state.state,  # type: ignore[arg-type]
+            load=len(self.sessions) / self.sessions.limits.max_sessions,
+            free_cache_tokens=self.sessions.free_tokens,
+            version=self.state.version,
+            throughput=self.state.throughput,
+            model_id=self.state.model_id,
+            dtype=str(self.span.dtype).removeprefix("torch."),
+            active_sessions=len(self.sessions),
+        )
+
+    async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+        """Stateless forward of whole sequences through a sub-range of our span."""
+        span = self._narrow(request.layer_range)
+        hidden, positions = request.hidden_states, request.positions
+        _check_positions(hidden, positions)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        limits = self.sessions.limits
+        if tokens > limits.max_length * limits.max_batch:
+            raise limit_error(
+                f"forward of {tokens} tokens is over the limit of "
+                f"{limits.max_length * limits.max_batch}"
+            )
+        work = functools.partial(_run_span, span, hidden, positions, None)
+        out = await self.queue.submit(work, Priority.FORWARD)
+        self.state.forwards_done += 1
+        return ForwardResponse(out)
+
+    # ---- inference sessions ----
+
+    @stream_handler
+    async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+        """One session: open, then steps until the client ends the stream."""
+        opened = await stream.receive(InferenceOpen, timeout=self.config.step_timeout)
+        if self.state.state == "draining":
+            raise limit_error("server is draining and takes no new sessions")
+        self._narrow(opened.layer_range)  # refuse ranges we do not serve before allocating
+        session = self.sessions.open(
+            opened.session_id,
+            ctx.peer_id,
+            opened.layer_range,
+            opened.max_length,
+            opened.batch_size,
+        )
+        session.push_to = opened.push_to
+        session.next_step = opened.first_step
+        try:
+            await stream.send(InferenceReady(session.session_id, self.sessions.free_tokens))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_steps, stream, session, nursery.cancel_scope)
+                    await self._process_steps(stream, session, nursery)
+            except BaseExceptionGroup as group:
+                raise _first_error(group) from None
+        except SwarmError as exc:
+            self.state.count_error(exc)
+            log.info("session %s failed: %s", session.session_id.hex()[:8], exc)
+            raise
+        finally:
+            self.sessions.close(session.session_id)
+
+    async def _read_steps(
+        self, stream: RpcStream, session: Session, done: trio.CancelScope
+    ) -> None:
+        """Take the client's step messages until it ends the stream (which ends the session)."""
+        limit = self.sessions.limits.max_pending_steps
+        while True:
+            try:
+                msg = await stream.receive(InferenceStep)
+            except trio.EndOfChannel:
+                done.cancel()
+                return
+            if msg.push_to is not None:
+                session.push_to = msg.push_to
+            if (msg.hidden_states is None) != (msg.positions is None):
+                raise ProtocolError("inference_step: hidden_states and positions come together")
+            if msg.hidden_states is not None and msg.positions is not None:
+                _check_positions(msg.hidden_states, msg.positions)
+                session.deliver(msg.step, StepInput(msg.hidden_states, msg.positions), limit=limit)
+
+    async def _process_steps(
+        self, stream: RpcStream, session: Session, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            step = session.next_step
+            item = await session.wait_input(step, self.config.step_timeout)
+            session.begin_step(step)
+            work = functools.partial(
+                _run_span, session.span, item.hidden, item.positions, session.cache
+            )
+            out = await self.queue.submit(work, Priority.INFERENCE)
+            self.state.steps_done += 1
+            if session.push_to is not None:
+                nursery.start_soon(self._push, session.push_to, step, out, item.positions)
+            await stream.send(InferenceStepResult(step, out))
+
+    async def _push(
+        self, target: PushTarget, step: int, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        request = PushRequest(target.session_id, step, hidden, positions)
+        with trio.move_on_after(self.config.push_timeout):
+            try:
+                conn = await self.pool.get(target.host, target.port, target.peer_id)
+                await conn.call("push", request, PushResponse, timeout=self.config.push_timeout)
+                return
+            except SwarmError as exc:
+                log.info("push of step %d to %s failed: %s", step, target.peer_id, exc)
+                return
+        log.info("push of step %d to %s timed out", step, target.peer_id)
+
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
+        """The previous server's output for one step of a session of ours."""
+        session = self.sessions.get(request.session_id)
+        _check_positions(request.hidden_states, request.positions)
+        item = StepInput(request.hidden_states, request.positions)
+        limit = self.sessions.limits.max_pending_steps
+        try:
+            accepted = session.deliver(request.step, item, limit=limit)
+        except LimitExceeded:
+            accepted = False
+        return PushResponse(accepted)
+
+    def _narrow(self, layers: LayerRange) -> Span:
+        if layers == self.span.layers:
+            return self.span
+        if layers.start < self.span.layers.start or layers.stop > self.span.layers.stop:
+            raise ShardError(f"layers {layers} are not inside this server's {self.span.layers}")
+        return self.span.narrow(layers)

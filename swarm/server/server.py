@@ -1,0 +1,239 @@
+"""`Server`: one serving peer, from loading its layers to draining on shutdown.
+
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        ready = await nursery.start(server.run)    # a `ServerReady` once it is online
+        ...
+        server.request_stop()                       # announce draining, finish steps, exit
+
+Start-up order: load the layer range (in a worker thread; only those layers are read), join
+the DHT, listen for RPC, announce ``joining``, measure throughput, announce ``online`` and
+report ready. Stop: announce ``draining`` (clients stop routing here), refuse new
+sessions, wait (up to ``drain_timeout``) for running steps, then close everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import trio
+
+import swarm
+from swarm.dht import DHTNode
+from swarm.errors import ConfigError
+from swarm.net.identity import Identity, PeerId
+from swarm.net.messages import PingEntry, ServerAnnouncement
+from swarm.net.pool import open_connection_pool
+from swarm.net.rpc_server import RpcServer
+from swarm.net.swarm_key import load_swarm_key
+from swarm.net.transport import TCPTransport, Transport
+from swarm.server.announcer import Announcer, choose_layers, measure_throughput
+from swarm.server.compute import ComputeQueue, Priority
+from swarm.server.config import ServerConfig
+from swarm.server.handlers import ServerState, ServingHandlers
+from swarm.server.sessions import SessionTable
+from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
+from swarm.shards.ranges import LayerRange
+
+__all__ = ["Server", "ServerReady", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerReady:
+    """What `Server.run` reports once the server is online."""
+
+    peer_id: PeerId
+    host: str
+    port: int
+    dht_address: str
+    layers: LayerRange
+    model_id: str
+    throughput: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:n]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on a GPU; float32 on the CPU (half precision
+    matmuls are slow there)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name != "auto":
+        return table[name]
+    if device.type == "cpu":
+        return torch.float32
+    return table.get(model.torch_dtype, torch.float16)
+
+
+class Server:
+    """A serving peer. Construct, then ``await nursery.start(server.run)``.
+
+    ``identity`` defaults to the key at ``config.identity_path`` (created if missing);
+    ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
+    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        identity: Identity | None = None,
+        transport: Transport | None = None,
+        on_progress: Callable[[str], None] | None = None,
+        drain_timeout: float = 30.0,
+        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity or Identity.load_or_create(config.identity_path)
+        self.transport = transport or TCPTransport()
+        self.swarm_key = load_swarm_key(config.swarm_key_path) if config.swarm_key_path else None
+        self._progress = on_progress or (lambda message: log.info("%s", message))
+        self.drain_timeout = drain_timeout
+        self._wrap_handlers = wrap_handlers  # testing: adversaries wrap the honest handlers
+        self._stop = trio.Event()
+        self.handlers: ServingHandlers | None = None
+        self.announcer: Announcer | None = None
+
+    def request_stop(self) -> None:
+        """Begin a clean stop: `run` drains and returns."""
+        self._stop.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ServerReady] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until `request_stop` (or cancellation). Raises `ShardError` / `ConfigError`
+        for a model or option that cannot be served, `DHTError` if the DHT cannot start."""
+        cfg = self.config
+        torch.set_num_threads(cfg.num_threads)
+        model = ModelConfig.from_pretrained(cfg.model)
+        the_model_id = await trio.to_thread.run_sync(model_id, cfg.model)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, model, device)
+        dht_config = cfg.dht
+        if self.swarm_key is not None:
+            dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
+        async with DHTNode.open(self.identity, dht_config) as dht:
+            layers = cfg.layers
+            if layers is None:
+                blocks = cfg.num_blocks or model.num_hidden_layers
+                layers = await choose_layers(dht, the_model_id, model.num_hidden_layers, blocks)
+            self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
+            span = await trio.to_thread.run_sync(
+                lambda: load_span(cfg.model, layers, dtype=dtype, device=device)
+            )
+            await self._serve(span, dht, the_model_id, task_status)
+
+    async def _serve(
+        self,
+        span: Span,
+        dht: DHTNode,
+        the_model_id: str,
+        task_status: trio.TaskStatus[ServerReady],
+    ) -> None:
+        cfg = self.config
+        state = ServerState(model_id=the_model_id, version=swarm.__version__)
+        sessions = SessionTable(
+            cfg.limits,
+            lambda layers, batch, length: KVCache.allocate(
+                span.config, layers, batch, length, span.dtype, span.device
+            ),
+            span.narrow,
+        )
+        queue = ComputeQueue()
+        async with (
+            open_connection_pool(
+                self.identity,
+                transport=self.transport,
+                swarm_key=self.swarm_key,
+                config=cfg.net,
+            ) as pool,
+            trio.open_nursery() as nursery,
+        ):
+            handlers = ServingHandlers(cfg, span, state, sessions, queue, pool)
+            self.handlers = handlers
+            rpc = RpcServer(
+                self.identity,
+                handlers,
+                transport=self.transport,
+                swarm_key=self.swarm_key,
+                config=cfg.net,
+            )
+            await nursery.start(queue.run)
+            port = await nursery.start(rpc.serve, cfg.host, cfg.port)
+            host = cfg.public_host or cfg.host
+
+            def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
+                return ServerAnnouncement(
+                    host=host,
+                    port=port,
+                    layer_range=span.layers,
+                    state=state.state,  # type: ignore[arg-type]
+                    dtype=str(span.dtype).removeprefix("torch."),
+                    throughput=state.throughput,
+                    free_cache_tokens=sessions.free_tokens,
+                    active_sessions=len(sessions),
+                    version=state.version,
+                    next_pings=pings,
+                )
+
+            announcer = Announcer(
+                dht,
+                pool,
+                the_model_id,
+                span.layers,
+                span.config.num_hidden_layers,
+                cfg.announce_ttl,
+                cfg.ping_timeout,
+                make,
+            )
+            self.announcer = announcer
+            await announcer.announce()  # joining
+            if cfg.measure_throughput:
+                self._progress("measuring throughput")
+                state.throughput = await queue.submit(
+                    lambda: measure_throughput(span), Priority.FORWARD
+                )
+            else:
+                state.throughput = 1.0
+            await announcer.measure_next_pings()
+            state.state = "online"
+            await announcer.announce()
+            await nursery.start(announcer.run)
+            task_status.started(
+                ServerReady(
+                    self.identity.peer_id,
+                    host,
+                    port,
+                    dht.address,
+                    span.layers,
+                    the_model_id,
+                    state.throughput,
+                )
+            )
+            await self._stop.wait()
+            await self._drain(state, announcer, queue)
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self, state: ServerState, announcer: Announcer, queue: ComputeQueue) -> None:
+        state.state = "draining"
+        with trio.move_on_after(self.drain_timeout) as scope:
+            scope.shield = True
+            await announcer.announce()
+            while queue.statistics()["queued"] > 0 or queue.running:
+                await trio.sleep(0.01)

@@ -1,0 +1,154 @@
+"""Servers in one process, driven over raw RPC: steps, push between servers, limits, errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm.errors import LimitExceeded, RemoteError
+from swarm.net.identity import Identity
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceReady,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    PushTarget,
+)
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.server.sessions import SessionLimits
+from swarm.shards import LayerRange, load_span
+from swarm.testing.checkpoints import write_random_llama
+from swarm.testing.swarm import LocalSwarm, open_local_swarm
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serving") / "tiny"
+    write_random_llama(path, num_layers=6, hidden=HIDDEN, seed=3, std=0.1)
+    return path
+
+
+@pytest.fixture
+async def swarm2(model_path: Path) -> AsyncIterator[LocalSwarm]:
+    async with open_local_swarm(model_path, [LayerRange(0, 3), LayerRange(3, 6)]) as local:
+        yield local
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ConnectionPool]:
+    async with open_connection_pool(Identity.generate()) as p:
+        yield p
+
+
+def reference(model_path: Path, hidden: torch.Tensor) -> torch.Tensor:
+    span = load_span(model_path, LayerRange(0, 6))
+    positions = torch.arange(hidden.shape[1]).view(1, -1)
+    with torch.no_grad():
+        return span(hidden, positions)
+
+
+async def test_info_and_forward(swarm2: LocalSwarm, pool: ConnectionPool, model_path: Path) -> None:
+    s0, s1 = swarm2.servers
+    info = await pool.call(
+        s0.ready.host,
+        s0.ready.port,
+        "info",
+        InfoRequest(),
+        InfoResponse,
+        expected_peer=s0.ready.peer_id,
+    )
+    assert info.layer_range == LayerRange(0, 3) and info.state == "online"
+    assert info.throughput > 0 and info.model_id == s0.ready.model_id
+    hidden = torch.randn(1, 5, HIDDEN)
+    positions = torch.arange(5).view(1, 5)
+    out = hidden
+    for s, layers in ((s0, LayerRange(0, 3)), (s1, LayerRange(3, 6))):
+        reply = await pool.call(
+            s.ready.host,
+            s.ready.port,
+            "forward",
+            ForwardRequest(out, positions, layers),
+            ForwardResponse,
+        )
+        out = reply.hidden_states
+    torch.testing.assert_close(out, reference(model_path, hidden))
+
+
+async def test_inference_with_push_matches_one_pass(
+    swarm2: LocalSwarm, pool: ConnectionPool, model_path: Path
+) -> None:
+    s0, s1 = swarm2.servers
+    tokens = torch.randn(1, 9, HIDDEN)
+    sid0, sid1 = os.urandom(16), os.urandom(16)
+    c0 = await pool.get(s0.ready.host, s0.ready.port, s0.ready.peer_id)
+    c1 = await pool.get(s1.ready.host, s1.ready.port, s1.ready.peer_id)
+    target = PushTarget(s1.ready.peer_id, s1.ready.host, s1.ready.port, sid1)
+    outputs = []
+    with trio.fail_after(30):
+        async with c0.open_stream("inference") as h0, c1.open_stream("inference") as h1:
+            await h0.send(InferenceOpen(sid0, 16, 1, "float32", LayerRange(0, 3), push_to=target))
+            await h1.send(InferenceOpen(sid1, 16, 1, "float32", LayerRange(3, 6)))
+            await h0.receive(InferenceReady)
+            await h1.receive(InferenceReady)
+            chunks = [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]  # prefill, then one token a step
+            for step, (a, b) in enumerate(chunks):
+                positions = torch.arange(a, b).view(1, -1)
+                await h0.send(InferenceStep(step, tokens[:, a:b], positions))
+                first = await h0.receive(InferenceStepResult)
+                second = await h1.receive(InferenceStepResult)  # its input came by push only
+                assert first.step == second.step == step
+                outputs.append(second.hidden_states)
+            await h0.send_end()
+            await h1.send_end()
+    torch.testing.assert_close(torch.cat(outputs, dim=1), reference(model_path, tokens))
+
+
+async def test_limits_and_bad_input_are_clear_errors(
+    model_path: Path, pool: ConnectionPool
+) -> None:
+    async with open_local_swarm(model_path) as local:
+        limits = SessionLimits(max_sessions=2, max_length=32, cache_tokens=48)
+        s = await local.add_server(LayerRange(0, 6), limits=limits)
+        conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
+
+        async def open_session(length: int, layers: LayerRange = LayerRange(0, 6)) -> object:
+            stream_cm = conn.open_stream("inference", timeout=10)
+            stream = await stream_cm.__aenter__()
+            await stream.send(InferenceOpen(os.urandom(16), length, 1, "float32", layers))
+            try:
+                await stream.receive(InferenceReady)
+            except BaseException:
+                await stream_cm.__aexit__(None, None, None)
+                raise
+            return stream_cm, stream
+
+        with pytest.raises(LimitExceeded, match="max_length 64"):
+            await open_session(64)
+        with pytest.raises(RemoteError, match="not inside"):
+            await open_session(8, LayerRange(2, 8))
+        cm1, st1 = await open_session(32)  # type: ignore[misc]
+        with pytest.raises(LimitExceeded, match="not enough cache"):
+            await open_session(32)
+        # wrong hidden size, a step past max_length, an unknown session: errors, server lives on
+        await st1.send(InferenceStep(0, torch.randn(1, 2, HIDDEN + 1), torch.zeros(1, 2).long()))
+        with pytest.raises(RemoteError, match="hidden states must be"):
+            await st1.receive(InferenceStepResult)
+        await cm1.__aexit__(None, None, None)
+        cm2, st2 = await open_session(4)  # type: ignore[misc]
+        await st2.send(InferenceStep(0, torch.randn(1, 5, HIDDEN), torch.arange(5).view(1, 5)))
+        with pytest.raises(RemoteError, match="KV cache is full"):
+            await st2.receive(InferenceStepResult)
+        await cm2.__aexit__(None, None, None)
+        info = await conn.call("info", InfoRequest(), InfoResponse)
+        assert info.state == "online" and info.active_sessions == 0
