@@ -82,6 +82,7 @@ class Message:
 
     TAG: ClassVar[str]
     _FIELDS: ClassVar[tuple[tuple[str, Decoder, Encoder, bool], ...]]
+    _KNOWN: ClassVar[frozenset[str]]
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack-ready map of this message (tensors as zero-copy views)."""
@@ -110,6 +111,7 @@ def message(tag: str) -> Callable[[type[M]], type[M]]:
             specs.append((f.name, decode, encode, required))
         data_cls.TAG = tag
         data_cls._FIELDS = tuple(specs)
+        data_cls._KNOWN = frozenset([*(name for name, *_ in specs), "t", "v"])
         _REGISTRY[tag] = data_cls
         return data_cls
 
@@ -130,9 +132,9 @@ def message_from_wire(obj: object, field: str = "message", expect: type[M] | Non
         raise ProtocolError(
             f"{field}.v: protocol version {obj.get('v')!r}, we speak {PROTOCOL_VERSION}"
         )
-    known = {name for name, *_ in cls._FIELDS}
+    known = cls._KNOWN
     for key in obj:
-        if key not in known and key not in ("t", "v"):
+        if key not in known:
             raise ProtocolError(f"{field}.{key!s:.40}: unknown field for {tag!r}")
     kwargs = {}
     for name, decode, _encode, required in cls._FIELDS:

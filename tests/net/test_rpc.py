@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import torch
@@ -29,6 +29,7 @@ from swarm.net.messages import (
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
+from swarm.net.transport import TCPTransport
 from swarm.shards.ranges import LayerRange
 
 from .conftest import ALICE, BOB, channel_pair
@@ -321,3 +322,43 @@ async def test_garbage_envelope_closes_only_that_channel() -> None:
             await a.receive()
         nursery.cancel_scope.cancel()
     assert server.is_closed
+
+
+class CountingTransport:
+    """A transport wrapper, as the link emulator in swarm.testing will be."""
+
+    def __init__(self) -> None:
+        self.inner = TCPTransport()
+        self.connects = 0
+        self.accepted = 0
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        self.connects += 1
+        return await self.inner.connect(host, port)
+
+    async def serve(
+        self,
+        handler: Callable[[trio.abc.Stream], Awaitable[None]],
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async def counted(stream: trio.abc.Stream) -> None:
+            self.accepted += 1
+            await handler(stream)
+
+        await self.inner.serve(counted, host, port, task_status=task_status)
+
+
+async def test_transport_seam_is_used_by_server_and_pool() -> None:
+    transport = CountingTransport()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = RpcServer(BOB, Handlers(), transport=transport)
+            port = await nursery.start(server.serve, "127.0.0.1", 0)
+            async with open_connection_pool(ALICE, transport=transport) as pool:
+                info = await pool.call("127.0.0.1", port, "info", InfoRequest(), InfoResponse)
+                assert info == INFO
+            assert (transport.connects, transport.accepted) == (1, 1)
+            nursery.cancel_scope.cancel()
