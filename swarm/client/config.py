@@ -1,0 +1,110 @@
+"""`ClientConfig`: every knob of the client, one frozen value built by the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from swarm.dht.config import parse_host_port
+from swarm.errors import ConfigError
+from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.identity import Identity
+
+__all__ = ["ClientConfig", "WireDtype"]
+
+WireDtype = Literal["float32", "float16", "bfloat16"]
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `InferenceSession`).
+
+    Peers and keys:
+
+    - ``initial_peers``: ``"host:port"`` of any DHT nodes of the swarm.
+    - ``swarm_key``: 32-byte private-swarm key (DHT datagrams and channels), or None.
+    - ``identity``: the client's key pair; a fresh in-memory one by default.
+    - ``net``: limits of the wire layer (`NetConfig`).
+
+    Deadlines (seconds):
+
+    - ``connect_timeout`` (10): dialing and handshaking one server.
+    - ``request_timeout`` (10): a DHT lookup, an ``info`` call, opening a session.
+    - ``step_timeout`` (30): one hop's answer to one step; past it the hop counts as failed.
+
+    Failures:
+
+    - ``ban_base_s`` (5), ``ban_backoff`` (2), ``ban_max_s`` (300): a failed server is left out
+      of routes for ``min(base * backoff ** (failures - 1), max)`` seconds.
+    - ``max_open_retries`` (4): servers that may fail while a session's route is opened.
+    - ``max_recoveries`` (8): hop failures one session survives; beyond, `SessionError`.
+
+    Pipeline:
+
+    - ``use_push`` (True): servers push each hop's output to the next hop; off, the client
+      relays every hop's input itself (one more client round trip per hop).
+    - ``push_grace`` (1.0): with push on, how long after hop k's result arrives the client
+      waits for hop k+1's result before it sends hop k+1's input itself (a duplicate input is
+      ignored by the server, so this only bounds the delay when a push got lost).
+    - ``wire_dtype`` ("float32"): dtype of the hidden states the client sends.
+
+    Pings: ``ping_timeout`` (2), ``ping_concurrency`` (8 servers at once), ``ping_max_servers``
+    (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample).
+    """
+
+    initial_peers: tuple[str, ...] = ()
+    swarm_key: bytes | None = None
+    identity: Identity = field(default_factory=Identity.generate, repr=False, compare=False)
+    net: NetConfig = DEFAULT_NET_CONFIG
+    connect_timeout: float = 10.0
+    request_timeout: float = 10.0
+    step_timeout: float = 30.0
+    ban_base_s: float = 5.0
+    ban_backoff: float = 2.0
+    ban_max_s: float = 300.0
+    max_open_retries: int = 4
+    max_recoveries: int = 8
+    use_push: bool = True
+    push_grace: float = 1.0
+    wire_dtype: WireDtype = "float32"
+    ping_timeout: float = 2.0
+    ping_concurrency: int = 8
+    ping_max_servers: int = 32
+    ping_ema: float = 0.5
+
+    def __post_init__(self) -> None:
+        for peer in self.initial_peers:
+            parse_host_port(peer)
+        if self.swarm_key is not None and len(self.swarm_key) != 32:
+            raise ConfigError(f"swarm key holds {len(self.swarm_key)} bytes; expected 32")
+        for name in (
+            "connect_timeout",
+            "request_timeout",
+            "step_timeout",
+            "ban_base_s",
+            "ban_max_s",
+            "push_grace",
+            "ping_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                value = getattr(self, name)
+                raise ConfigError(f"ClientConfig.{name} must be positive, got {value}")
+        if self.ban_backoff < 1:
+            raise ConfigError(f"ClientConfig.ban_backoff must be >= 1, got {self.ban_backoff}")
+        for name in ("max_open_retries", "max_recoveries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ClientConfig.{name} must be >= 0")
+        if self.ping_concurrency < 1 or self.ping_max_servers < 0:
+            raise ConfigError("ping_concurrency must be >= 1 and ping_max_servers >= 0")
+        if not 0 < self.ping_ema <= 1:
+            raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
+        if self.wire_dtype not in _TORCH_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(_TORCH_DTYPES)}")
+
+    @property
+    def torch_wire_dtype(self) -> torch.dtype:
+        """``wire_dtype`` as a torch dtype."""
+        return _TORCH_DTYPES[self.wire_dtype]

@@ -1,0 +1,438 @@
+"""`InferenceSession`: one generation's pipeline through a chain of servers, with recovery.
+
+The session plans a route, opens one ``inference`` stream per hop and wires each hop's push
+target to the next hop. A step sends its input to the first hop; with push on, the servers
+pass the hidden states along themselves and the client only collects every hop's output
+(sending hop k+1's input itself when its result is ``push_grace`` late); with push off, the
+client relays every hop's input. Each hop's inputs are kept (its history).
+
+When a hop fails (its stream errors or closes, or it misses ``step_timeout``), the session
+bans the server, re-plans that hop's layers without banned servers, opens replacement
+sessions starting at the last finished step, replays the history there as one multi-token
+step, points the previous hop's pushes at the replacement and redoes the current step. The
+caller sees the same hidden states as if nothing had failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from swarm.client.bans import BanList
+from swarm.client.config import ClientConfig
+from swarm.client.discovery import ServerDirectory
+from swarm.client.routing import Hop, plan_route
+from swarm.dht.config import parse_host_port
+from swarm.errors import (
+    DeadlineExceeded,
+    ProtocolError,
+    RemoteError,
+    RoutingError,
+    SessionError,
+    TransportError,
+)
+from swarm.net.messages import (
+    InferenceOpen,
+    InferenceReady,
+    InferenceStep,
+    InferenceStepResult,
+    PushTarget,
+)
+from swarm.net.pool import ConnectionPool
+from swarm.net.rpc import RpcStream
+from swarm.shards.ranges import LayerRange
+
+__all__ = ["HopFailure", "InferenceSession"]
+
+log = logging.getLogger(__name__)
+
+# Remote errors that mean *our* request was wrong: another server would refuse it too.
+_CLIENT_BUGS = frozenset({"ProtocolError", "ShardError", "ConfigError"})
+
+
+class HopFailure(Exception):
+    """Internal: one hop failed in a way another server may not (carries the cause)."""
+
+    def __init__(self, hop: Hop, cause: BaseException) -> None:
+        super().__init__(f"{hop.server.peer_id} ({hop.server.address}, layers {hop.layers}): "
+                         f"{type(cause).__name__}: {cause}")  # fmt: skip
+        self.hop = hop
+        self.cause = cause
+
+
+@dataclass
+class _HopState:
+    """One open sub-session: its stream, the step it started at and its input history."""
+
+    hop: Hop
+    session_id: bytes
+    stream: RpcStream
+    stack: AsyncExitStack
+    first_step: int
+    push_to: PushTarget | None = None
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def target(self) -> PushTarget:
+        host, port = parse_host_port(self.hop.server.address)
+        return PushTarget(self.hop.server.peer_id, host, port, self.session_id)
+
+
+class InferenceSession:
+    """A pipeline through servers covering ``layers``; make one with `InferenceSession.open`.
+
+    `step` takes hidden states ``(batch, new_tokens, hidden)`` and positions ``(batch,
+    new_tokens)`` and returns the last hop's output as float32. Not safe for concurrent
+    `step` calls (steps are ordered by nature).
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        directory: ServerDirectory,
+        config: ClientConfig,
+        layers: LayerRange,
+        max_length: int,
+        batch_size: int,
+        bans: BanList,
+        rng: random.Random,
+    ) -> None:
+        self.pool = pool
+        self.directory = directory
+        self.config = config
+        self.layers = layers
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.bans = bans
+        self.rng = rng
+        self.hops: list[_HopState] = []
+        self.step_count = 0
+        self.recoveries = 0
+        self.failures: list[str] = []
+        self.routes: list[list[Hop]] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        pool: ConnectionPool,
+        directory: ServerDirectory,
+        config: ClientConfig,
+        *,
+        layers: LayerRange,
+        max_length: int,
+        batch_size: int = 1,
+        bans: BanList | None = None,
+        rng: random.Random | None = None,
+    ) -> AsyncIterator[InferenceSession]:
+        """Plan a route and open every hop; end every hop's stream on exit.
+
+        Raises `RoutingError` if no route covers ``layers``, `SessionError` if more than
+        ``config.max_open_retries`` servers failed while opening.
+        """
+        bans = bans or BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        session = cls(
+            pool, directory, config, layers, max_length, batch_size, bans, rng or random.Random()
+        )
+        try:
+            session.hops = await session._open_range(layers, 0, None)
+            session.routes.append(session.route)
+            yield session
+        finally:
+            with trio.CancelScope(shield=True):
+                await session.aclose()
+
+    @property
+    def route(self) -> list[Hop]:
+        """The hops in use now."""
+        return [state.hop for state in self.hops]
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "steps": self.step_count,
+            "recoveries": self.recoveries,
+            "failures": list(self.failures),
+            "hop_seconds": [list(state.seconds) for state in self.hops],
+        }
+
+    async def aclose(self) -> None:
+        """End every hop's stream (quietly: a dead hop has nothing left to close)."""
+        hops, self.hops = self.hops, []
+        for state in hops:
+            await _close_hop(state)
+
+    # ---- steps ----
+
+    async def step(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run one step through every hop; returns ``(batch, new_tokens, hidden)`` float32.
+
+        Raises `SessionError` when a hop failed and could not be replaced (or refused our
+        input as malformed), `RoutingError` when no servers are left for a failed hop's layers.
+        """
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
+            raise SessionError(f"hidden states must be ({self.batch_size}, seq, hidden)")
+        step = self.step_count
+        x = hidden.to(self.config.torch_wire_dtype)  # (batch, seq, hidden)
+        k, explicit = 0, True
+        while k < len(self.hops):
+            state = self.hops[k]
+            send_now = explicit or not self.config.use_push
+            try:
+                out = await self._hop_step(state, step, x, positions, send_now)
+            except HopFailure as failure:
+                await self._recover(k, step, failure)
+                explicit = True
+                continue
+            state.inputs.append((x, positions))
+            x = out.to(self.config.torch_wire_dtype)
+            k, explicit = k + 1, False
+        self.step_count += 1
+        return x.float()
+
+    async def _hop_step(
+        self, state: _HopState, step: int, x: torch.Tensor, pos: torch.Tensor, send_now: bool
+    ) -> torch.Tensor:
+        """One hop's output for ``step``. Raises `HopFailure` or `SessionError`."""
+        started = trio.current_time()
+        try:
+            if send_now:
+                await state.stream.send(InferenceStep(step, x, pos))
+            else:
+                try:
+                    result = await state.stream.receive(
+                        InferenceStepResult, timeout=self.config.push_grace
+                    )
+                    return self._check_result(state, step, x, result, started)
+                except DeadlineExceeded:
+                    log.info("no pushed result from %s in %.3f s; sending the input",
+                             state.hop.server.peer_id, self.config.push_grace)  # fmt: skip
+                    await state.stream.send(InferenceStep(step, x, pos))
+            result = await state.stream.receive(
+                InferenceStepResult, timeout=self.config.step_timeout
+            )
+            return self._check_result(state, step, x, result, started)
+        except trio.EndOfChannel as exc:
+            raise HopFailure(state.hop, ProtocolError("the server ended the stream")) from exc
+        except RemoteError as exc:
+            if exc.remote_type in _CLIENT_BUGS:
+                raise SessionError(
+                    f"{state.hop.server.address} refused step {step}: {exc}"
+                ) from exc
+            raise HopFailure(state.hop, exc) from exc
+        except (TransportError, ProtocolError) as exc:
+            raise HopFailure(state.hop, exc) from exc
+
+    def _check_result(
+        self,
+        state: _HopState,
+        step: int,
+        x: torch.Tensor,
+        result: InferenceStepResult,
+        started: float,
+    ) -> torch.Tensor:
+        if result.step != step:
+            raise ProtocolError(f"result for step {result.step}, expected step {step}")
+        out = result.hidden_states  # (batch, seq, hidden)
+        if tuple(out.shape) != tuple(x.shape) or not out.is_floating_point():
+            raise ProtocolError(
+                f"result of shape {list(out.shape)} {out.dtype}, expected {list(x.shape)}"
+            )
+        state.seconds.append(trio.current_time() - started)
+        return out
+
+    # ---- opening hops ----
+
+    async def _plan(self, layers: LayerRange) -> list[Hop]:
+        """A route for ``layers`` without banned servers (asks the directory again once)."""
+        for refresh in (False, True):
+            servers = await self.directory.servers(refresh=refresh)
+            try:
+                return plan_route(
+                    servers,
+                    layers,
+                    client_pings=self.directory.pings,
+                    cache_tokens_needed=self.max_length * self.batch_size,
+                    banned=self.bans.banned(),
+                    rng=self.rng,
+                )
+            except RoutingError as exc:
+                error = exc
+        banned = len(self.bans.banned())
+        raise RoutingError(f"{error} ({banned} servers banned after failures)") from error
+
+    async def _open_range(
+        self, layers: LayerRange, first_step: int, next_target: PushTarget | None
+    ) -> list[_HopState]:
+        """Open sub-sessions covering ``layers``, pushing on to ``next_target``.
+
+        A server that fails to open is banned and the rest of the range re-planned, up to
+        ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
+        """
+        opened: list[_HopState] = []
+        start, failures = layers.start, 0
+        try:
+            while start < layers.stop:
+                plan = await self._plan(LayerRange(start, layers.stop))
+                ids = [os.urandom(16) for _ in plan]
+                for i, hop in enumerate(plan):
+                    push_to = _target(plan[i + 1], ids[i + 1]) if i + 1 < len(plan) else next_target
+                    try:
+                        state = await self._open_hop(hop, ids[i], push_to, first_step)
+                    except HopFailure as failure:
+                        failures += 1
+                        self._ban(failure)
+                        if failures > self.config.max_open_retries:
+                            raise SessionError(
+                                f"{failures} servers failed while opening layers {layers}; "
+                                f"last: {failure}"
+                            ) from failure.cause
+                        break
+                    opened.append(state)
+                    start = hop.layers.stop
+            await self._wire_pushes(opened, next_target, first_step)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for state in opened:
+                    await _close_hop(state)
+            raise
+        return opened
+
+    async def _open_hop(
+        self, hop: Hop, session_id: bytes, push_to: PushTarget | None, first_step: int
+    ) -> _HopState:
+        """Dial, open the stream, wait for `InferenceReady`. Raises `HopFailure`."""
+        cfg = self.config
+        host, port = parse_host_port(hop.server.address)
+        stack = AsyncExitStack()
+        try:
+            with trio.move_on_after(cfg.connect_timeout) as scope:
+                conn = await self.pool.get(host, port, hop.server.peer_id)
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"connecting took over {cfg.connect_timeout} s")
+            stream = await stack.enter_async_context(
+                conn.open_stream("inference", timeout=cfg.step_timeout)
+            )
+            await stream.send(
+                InferenceOpen(
+                    session_id=session_id,
+                    max_length=self.max_length,
+                    batch_size=self.batch_size,
+                    dtype=cfg.wire_dtype,
+                    layer_range=hop.layers,
+                    push_to=push_to if cfg.use_push else None,
+                    first_step=first_step,
+                )
+            )
+            ready = await stream.receive(InferenceReady, timeout=cfg.request_timeout)
+            if ready.session_id != session_id:
+                raise ProtocolError("InferenceReady names another session")
+        except trio.EndOfChannel as exc:
+            await stack.aclose()
+            raise HopFailure(hop, ProtocolError("the server ended the stream")) from exc
+        except (TransportError, ProtocolError, RemoteError) as exc:
+            await stack.aclose()
+            raise HopFailure(hop, exc) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        state = _HopState(hop, session_id, stream, stack, first_step)
+        state.push_to = push_to if cfg.use_push else None
+        return state
+
+    async def _wire_pushes(
+        self, states: Sequence[_HopState], next_target: PushTarget | None, step: int
+    ) -> None:
+        """Point each hop's pushes at the hop after it, where they point elsewhere."""
+        if not self.config.use_push:
+            return
+        for i, state in enumerate(states):
+            want = states[i + 1].target if i + 1 < len(states) else next_target
+            if want is not None and state.push_to != want:
+                await self._set_push(state, want, step)
+
+    async def _set_push(self, state: _HopState, target: PushTarget, step: int) -> None:
+        """Best effort: a hop that cannot take the news fails its next step instead."""
+        try:
+            await state.stream.send(InferenceStep(step, push_to=target))
+            state.push_to = target
+        except TransportError as exc:
+            log.info("could not update the push target of %s: %s", state.hop.server.peer_id, exc)
+
+    def _ban(self, failure: HopFailure) -> None:
+        seconds = self.bans.ban(failure.hop.server.peer_id)
+        self.failures.append(str(failure))
+        log.warning("banning %s for %.0f s: %s", failure.hop.server.peer_id, seconds, failure)
+
+    # ---- recovery ----
+
+    async def _recover(self, k: int, step: int, failure: HopFailure) -> None:
+        """Replace hop ``k`` (failed at ``step``) by new hops that hold the same cache.
+
+        Raises `SessionError` past ``max_recoveries``, `RoutingError` with no servers left.
+        """
+        while True:
+            self._ban(failure)
+            self.recoveries += 1
+            if self.recoveries > self.config.max_recoveries:
+                raise SessionError(
+                    f"gave up after {self.recoveries - 1} recoveries; last failure: {failure}"
+                ) from failure.cause
+            try:
+                await self._replace(k, step)
+                return
+            except HopFailure as again:
+                failure = again
+
+    async def _replace(self, k: int, step: int) -> None:
+        """Open replacements for hop ``k``, replay its history, splice them in."""
+        failed = self.hops[k]
+        next_target = self.hops[k + 1].target if k + 1 < len(self.hops) else None
+        replay_step = step - 1 if failed.inputs else step
+        new = await self._open_range(failed.hop.layers, replay_step, next_target)
+        try:
+            if failed.inputs:
+                x = torch.cat([h for h, _ in failed.inputs], dim=1)  # (batch, history, hidden)
+                pos = torch.cat([p for _, p in failed.inputs], dim=1)  # (batch, history)
+                for state in new:
+                    out = await self._hop_step(state, replay_step, x, pos, send_now=True)
+                    state.inputs.append((x, pos))
+                    x = out.to(self.config.torch_wire_dtype)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for state in new:
+                    await _close_hop(state)
+            raise
+        self.hops[k : k + 1] = new
+        await _close_hop(failed)
+        if k > 0:
+            await self._set_push(self.hops[k - 1], new[0].target, step)
+        self.routes.append(self.route)
+        log.info("replaced %s with %d hop(s) at step %d", failed.hop.server.peer_id, len(new), step)
+
+
+def _target(hop: Hop, session_id: bytes) -> PushTarget:
+    host, port = parse_host_port(hop.server.address)
+    return PushTarget(hop.server.peer_id, host, port, session_id)
+
+
+async def _close_hop(state: _HopState) -> None:
+    """End the hop's stream; never raises for a hop that is already gone."""
+    with trio.move_on_after(1.0, shield=True):
+        try:
+            if not state.stream.finished:
+                await state.stream.send_end()
+        except TransportError:
+            pass
+        try:
+            await state.stack.aclose()
+        except TransportError:
+            pass
