@@ -33,5 +33,9 @@ from swarm_cli.selfcheck import selfcheck as _selfcheck  # noqa: E402
 
 app.command(name="selfcheck")(_selfcheck)
 
+from swarm_cli.serve import serve as _serve  # noqa: E402
+
+app.command(name="serve")(_serve)
+
 if __name__ == "__main__":
     app()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,8 @@ class ServingHandlers:
         self.sessions = sessions
         self.queue = queue
         self.pool = pool
+        # Testing only (swarm.testing.adversaries): rewrites outputs to make this peer lie.
+        self.corrupt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # ---- info and stateless forward ----
 
@@ -145,6 +148,8 @@ class ServingHandlers:
             )
         work = functools.partial(_run_span, span, hidden, positions, None)
         out = await self.queue.submit(work, Priority.FORWARD)
+        if self.corrupt is not None:
+            out = self.corrupt(hidden, out)
         self.state.forwards_done += 1
         return ForwardResponse(out)
 
@@ -211,6 +216,8 @@ class ServingHandlers:
                 _run_span, session.span, item.hidden, item.positions, session.cache
             )
             out = await self.queue.submit(work, Priority.INFERENCE)
+            if self.corrupt is not None:
+                out = self.corrupt(item.hidden, out)
             self.state.steps_done += 1
             if session.push_to is not None:
                 nursery.start_soon(self._push, session.push_to, step, out, item.positions)
