@@ -65,19 +65,31 @@ class _Reader:
     def has_buffered(self) -> bool:
         return bool(self._buf)
 
-    async def read(self, n: int) -> bytes | None:
+    async def read(self, n: int) -> bytes | bytearray | None:
+        """Exactly ``n`` bytes. Large reads fill one preallocated buffer (one copy)."""
+        if len(self._buf) >= n:
+            out = bytes(self._buf[:n]) if n < len(self._buf) else bytes(self._buf)
+            del self._buf[:n]
+            return out
+        if n <= _RECV_CHUNK:
+            return await self._read_small(n)
+        out_buf = bytearray(n)
+        view = memoryview(out_buf)
+        filled = len(self._buf)
+        view[:filled] = self._buf
+        self._buf.clear()
+        while filled < n:
+            chunk = await self._receive(min(n - filled, _RECV_CHUNK), filled, n)
+            if chunk is None:
+                return None
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return out_buf
+
+    async def _read_small(self, n: int) -> bytes | None:
         while len(self._buf) < n:
-            try:
-                chunk = await self.stream.receive_some(
-                    min(max(n - len(self._buf), 4096), _RECV_CHUNK)
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(f"connection lost: {exc}") from exc
-            if not chunk:
-                if self._buf:
-                    raise ProtocolError(
-                        f"connection closed inside a frame ({len(self._buf)} of {n} bytes)"
-                    )
+            chunk = await self._receive(max(n - len(self._buf), 4096), len(self._buf), n)
+            if chunk is None:
                 return None
             if not self._buf and len(chunk) == n:
                 return bytes(chunk)  # common case: no copy (chunk is bytes already)
@@ -85,6 +97,17 @@ class _Reader:
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
+
+    async def _receive(self, max_bytes: int, have: int, want: int) -> bytes | bytearray | None:
+        try:
+            chunk = await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        if not chunk:
+            if have:
+                raise ProtocolError(f"connection closed inside a frame ({have} of {want} bytes)")
+            return None
+        return chunk
 
 
 class SecureChannel:
@@ -156,8 +179,10 @@ class SecureChannel:
             offset += len(chunk)
             more = offset < len(view)
             header = _HEADER.pack((len(chunk) + TAGLEN) | (_MORE if more else 0))
-            sealed = self._send_cipher.encrypt_with_ad(header, chunk)
-            await self._stream.send_all(header + sealed)
+            frame = bytearray(_HEADER.size + len(chunk) + TAGLEN)
+            frame[: _HEADER.size] = header
+            self._send_cipher.encrypt_into(header, chunk, memoryview(frame)[_HEADER.size :])
+            await self._stream.send_all(frame)
             if not more:
                 return
 
@@ -307,7 +332,7 @@ async def _read_hs(reader: _Reader, n: int, what: str) -> bytes:
         raise HandshakeError(f"connection lost during the handshake ({what})") from exc
     if data is None:
         raise HandshakeError(f"the peer closed the connection during the handshake ({what})")
-    return data
+    return bytes(data)
 
 
 async def _read_hs_message(reader: _Reader, index: int, psk: bool) -> bytes:

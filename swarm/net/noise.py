@@ -121,7 +121,15 @@ class CipherState:
         self.n += 1
         return out
 
-    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    def encrypt_into(self, ad: bytes, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """Like `encrypt_with_ad` (a key must be set) but writes ciphertext + tag into
+        ``out``, which is exactly ``len(plaintext) + TAGLEN`` bytes: no extra copy."""
+        if self._aead is None:
+            raise ValueError("encrypt_into needs a key")
+        self._aead.encrypt_into(self._nonce(), plaintext, ad, out)
+        self.n += 1
+
+    def decrypt_with_ad(self, ad: bytes | bytearray, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypt and advance the nonce. Raises `HandshakeError` if authentication fails
         (the nonce does not advance then, as the spec requires)."""
         if self._aead is None:

@@ -48,6 +48,25 @@ async def test_large_message_is_split_and_reassembled() -> None:
         assert await b.receive() == payload
 
 
+@pytest.mark.parametrize("size", [1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 5])
+async def test_large_frames_over_tcp(size: int) -> None:
+    transport = TCPTransport()
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        channel = await secure_inbound(stream, BOB)
+        await channel.send(await channel.receive())
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(transport.serve, handler, "127.0.0.1", 0)
+            channel = await open_channel(transport, "127.0.0.1", port, ALICE)
+            await channel.send(payload)
+            assert await channel.receive() == payload
+            await channel.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_clean_close_both_directions() -> None:
     a, b = await channel_pair()
     await a.aclose()
