@@ -69,13 +69,19 @@ async def _session(
     directory = StaticDirectory([s.view(t) for s, t in zip(servers, tps, strict=True)])
     async with open_connection_pool(config.identity) as pool:
         async with InferenceSession.open(
-            pool, directory, config, layers=LayerRange(0, LAYERS), max_length=32,
+            pool,
+            directory,
+            config,
+            layers=LayerRange(0, LAYERS),
+            max_length=32,
             rng=random.Random(0),
-        ) as session:  # fmt: skip
+        ) as session:
             yield session
 
 
-async def _run_all(session: InferenceSession, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:  # fmt: skip
+async def _run_all(
+    session: InferenceSession, steps: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
     with trio.fail_after(30):
         return [await session.step(h, p) for h, p in steps]
 
@@ -87,12 +93,18 @@ def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("use_push", [True, False])
-async def test_three_hops_match_one_process(checkpoint: Path, full_span: Span, use_push: bool) -> None:  # fmt: skip
+async def test_three_hops_match_one_process(
+    checkpoint: Path, full_span: Span, use_push: bool
+) -> None:
     steps = _inputs()
     servers = _servers(checkpoint, [(0, 2), (2, 4), (4, 6)])
     config = ClientConfig(use_push=use_push, push_grace=5.0)
     async with run_servers(servers), _session(servers, config) as session:
-        assert [h.layers for h in session.route] == [LayerRange(0, 2), LayerRange(2, 4), LayerRange(4, 6)]  # fmt: skip
+        assert [h.layers for h in session.route] == [
+            LayerRange(0, 2),
+            LayerRange(2, 4),
+            LayerRange(4, 6),
+        ]
         got = await _run_all(session, steps)
     _assert_same(got, _reference(full_span, steps))
     if use_push:  # hops 2 and 3 got every input by push, none from the client
@@ -116,7 +128,10 @@ async def test_failed_hop_is_replaced_with_the_same_outputs(
     else:
         servers[1].hang_at_step = 3
     config = ClientConfig(use_push=use_push, step_timeout=1.0, push_grace=0.3)
-    async with run_servers(servers), _session(servers, config, [100.0, 100.0, 100.0, 1.0]) as session:  # fmt: skip
+    async with (
+        run_servers(servers),
+        _session(servers, config, [100.0, 100.0, 100.0, 1.0]) as session,
+    ):
         assert servers[1].identity.peer_id in {h.server.peer_id for h in session.route}
         got = await _run_all(session, steps)
         route = session.route

@@ -1,0 +1,276 @@
+"""`AsyncRemoteModel`: generation through the swarm, for trio programs.
+
+::
+
+    async with AsyncRemoteModel.open(path, ClientConfig(initial_peers=("10.0.0.1:31337",))) as m:
+        text = await m.generate("The capital of France is", max_new_tokens=16)
+        async with contextlib.aclosing(m.stream("Once upon a time")) as pieces:
+            async for token in pieces:
+                print(token.text, end="")
+
+The head (embeddings, final norm, lm_head) and the tokenizer run locally; the decoder layers
+run on the servers of an `InferenceSession`. Generation is one prefill step with the whole
+prompt, then one step per new token (positions ``0, 1, 2, ...``); it stops at
+``max_new_tokens``, at an end-of-sequence id (which is included in the ids) or at a stop
+string (not included in the text).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import trio
+from tokenizers import Tokenizer
+
+from swarm.client.bans import BanList
+from swarm.client.config import ClientConfig
+from swarm.client.discovery import Discovery, ServerDirectory
+from swarm.client.routing import Hop
+from swarm.client.sampling import Sampler, SamplingConfig
+from swarm.client.session import InferenceSession
+from swarm.client.text import StopText, load_tokenizer
+from swarm.dht import DHTConfig, DHTNode
+from swarm.errors import ConfigError
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.transport import Transport
+from swarm.shards import Head, LayerRange, ModelConfig, load_head, model_id
+
+__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "unwrap_group"]
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: its id and the text it adds ("" when held back or no tokenizer)."""
+
+    id: int
+    text: str
+    seconds: float  # since the step's input was ready (the first: since generation began)
+
+
+@dataclass
+class GenerationResult:
+    """Everything about one generation (what ``swarm generate --json`` prints)."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    route: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[float] = field(default_factory=list)
+    ttft: float = 0.0
+    recoveries: int = 0
+    stop_reason: str = "length"
+
+
+def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
+    """``[{peer, host, port, start, stop}]`` of a route."""
+    out = []
+    for hop in hops:
+        host, _, port = hop.server.address.rpartition(":")
+        out.append(
+            {
+                "peer": str(hop.server.peer_id),
+                "host": host.removeprefix("[").removesuffix("]"),
+                "port": int(port),
+                "start": hop.layers.start,
+                "stop": hop.layers.stop,
+            }
+        )
+    return out
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) one-member exception groups, else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    inner = unwrap_group(exc)
+    if inner is exc:
+        raise exc
+    raise inner from None
+
+
+class AsyncRemoteModel:
+    """A model whose layers run on the swarm. Build it with `AsyncRemoteModel.open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: ClientConfig,
+        model_config: ModelConfig,
+        head: Head,
+        tokenizer: Tokenizer | None,
+        pool: ConnectionPool,
+        directory: ServerDirectory,
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.model_config = model_config
+        self.head = head
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.directory = directory
+        self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        self.rng = random.Random()
+        self.last_result: GenerationResult | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | Path,
+        config: ClientConfig,
+        *,
+        transport: Transport | None = None,
+        directory: ServerDirectory | None = None,
+    ) -> AsyncIterator[AsyncRemoteModel]:
+        """Load the head and tokenizer, join the DHT through ``config.initial_peers`` (unless a
+        ``directory`` of servers is given) and open a connection pool on ``transport``.
+
+        Raises `ShardError` for an unusable checkpoint, `ConfigError` without initial peers,
+        `DHTError` if the DHT cannot be joined.
+        """
+        folder = Path(path)
+        try:
+            model_config = ModelConfig.from_pretrained(folder)
+            head = await trio.to_thread.run_sync(load_head, folder)
+            tokenizer = load_tokenizer(folder)
+            mid = model_id(folder)
+            async with open_connection_pool(
+                config.identity, transport=transport, swarm_key=config.swarm_key, config=config.net
+            ) as pool:
+                if directory is not None:
+                    yield cls(folder, config, model_config, head, tokenizer, pool, directory)
+                    return
+                if not config.initial_peers:
+                    raise ConfigError("no initial peers: give the host:port of a DHT node")
+                dht_config = DHTConfig(
+                    initial_peers=config.initial_peers, swarm_key=config.swarm_key
+                )
+                async with DHTNode.open(config.identity, dht_config) as dht:
+                    found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
+                    yield cls(folder, config, model_config, head, tokenizer, pool, found)
+        except BaseExceptionGroup as group:
+            _reraise(group)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt. Raises `ConfigError` for text without a tokenizer, or ids
+        outside the vocabulary, or an empty prompt."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.path} has no tokenizer.json: give token ids, not text")
+            ids = list(self.tokenizer.encode(prompt).ids)
+        else:
+            ids = [int(i) for i in prompt]
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        if any(not 0 <= i < vocab for i in ids):
+            raise ConfigError(f"token ids must be in [0, {vocab})")
+        return ids
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncGenerator[Token, None]:
+        """Generate token by token (wrap in `contextlib.aclosing` if you may stop early).
+
+        Fills `last_result`. Raises `ConfigError` for bad arguments, `RoutingError` /
+        `SessionError` when the swarm cannot run the layers.
+        """
+        ids = self.encode(prompt)
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; this checkpoint has none")
+        sampler = Sampler(sampling or SamplingConfig())
+        text = StopText(self.tokenizer, stop) if self.tokenizer is not None else None
+        result = GenerationResult(text="" if text is not None else None)
+        self.last_result = result
+        eos = set(self.model_config.eos_token_id)
+        layers = LayerRange(0, self.model_config.num_hidden_layers)
+        started = trio.current_time()
+        async with InferenceSession.open(
+            self.pool, self.directory, self.config, layers=layers,
+            max_length=len(ids) + max_new_tokens, bans=self.bans, rng=self.rng,
+        ) as session:  # fmt: skip
+            result.route = route_dicts(session.route)
+            new_ids = torch.tensor([ids])  # (1, prompt_len)
+            position = 0
+            for _ in range(max_new_tokens):
+                t0 = trio.current_time() if result.ids else started
+                n = new_ids.shape[1]
+                positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
+                hidden = self.head.embed(new_ids)  # (1, n, hidden)
+                out = await session.step(hidden, positions)  # (1, n, hidden)
+                logits = self.head.logits(out[:, -1:])[:, -1]  # (1, vocab)
+                token = int(sampler(logits)[0])
+                position += n
+                seconds = trio.current_time() - t0
+                result.ids.append(token)
+                result.timings.append(seconds)
+                if len(result.ids) == 1:
+                    result.ttft = seconds
+                piece, stopped = text.push(token) if text is not None else ("", False)
+                if text is not None:
+                    result.text = text.text
+                result.route = route_dicts(session.route)
+                result.recoveries = session.recoveries
+                if stopped:
+                    result.stop_reason = "stop"
+                    if piece:
+                        yield Token(token, piece, seconds)
+                    return
+                if token in eos:
+                    result.stop_reason = "eos"
+                    yield Token(token, piece + (text.flush() if text else ""), seconds)
+                    return
+                if len(result.ids) == max_new_tokens and text is not None:
+                    piece += text.flush()
+                yield Token(token, piece, seconds)
+                new_ids = torch.tensor([[token]])  # (1, 1)
+
+    async def generate_detailed(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerationResult:
+        """Generate and return ids, text, route and timings. Raises what `stream` raises."""
+        async with aclosing(self.stream(prompt, max_new_tokens, sampling, stop)) as tokens:
+            async for _ in tokens:
+                pass
+        assert self.last_result is not None  # set by stream before its first step
+        return self.last_result
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        *,
+        return_text: bool | None = None,
+    ) -> str | list[int]:
+        """The new text (``return_text`` True; default when the prompt is text) or new ids.
+
+        Raises `ConfigError` if text is asked of a checkpoint without tokenizer, and what
+        `stream` raises.
+        """
+        if return_text is None:
+            return_text = isinstance(prompt, str)
+        if return_text and self.tokenizer is None:
+            raise ConfigError(f"{self.path} has no tokenizer.json: ask for ids")
+        result = await self.generate_detailed(prompt, max_new_tokens, sampling, stop)
+        return (result.text or "") if return_text else list(result.ids)
