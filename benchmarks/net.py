@@ -61,18 +61,32 @@ def tensor_request(nbytes: int) -> ForwardRequest:
 # ---- plain TCP baseline ----
 
 
-async def _read_exactly(stream: trio.SocketStream, buf: bytearray, n: int) -> bytes:
+async def _read_exactly(stream: trio.SocketStream, buf: bytearray, n: int) -> bytes | bytearray:
+    """Exactly n bytes; like swarm.net's reader, large reads fill one preallocated buffer."""
+    if n > 256 * 1024:
+        out = bytearray(n)
+        view = memoryview(out)
+        filled = len(buf)
+        view[:filled] = buf
+        buf.clear()
+        while filled < n:
+            chunk = await stream.receive_some(min(n - filled, 256 * 1024))
+            if not chunk:
+                raise EOFError
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return out
     while len(buf) < n:
-        chunk = await stream.receive_some(min(max(n - len(buf), 4096), 256 * 1024))  # as swarm.net
+        chunk = await stream.receive_some(max(n - len(buf), 4096))
         if not chunk:
             raise EOFError
         buf += chunk
-    out = bytes(buf[:n])
+    small = bytes(buf[:n])
     del buf[:n]
-    return out
+    return small
 
 
-async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes:
+async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> bytes | bytearray:
     (size,) = struct.unpack(">I", await _read_exactly(stream, buf, 4))
     return await _read_exactly(stream, buf, size)
 
