@@ -129,7 +129,9 @@ class CipherState:
         self._aead.encrypt_into(self._nonce(), plaintext, ad, out)
         self.n += 1
 
-    def decrypt_with_ad(self, ad: bytes | bytearray, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    def decrypt_with_ad(
+        self, ad: bytes | bytearray, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes:
         """Decrypt and advance the nonce. Raises `HandshakeError` if authentication fails
         (the nonce does not advance then, as the spec requires)."""
         if self._aead is None:
