@@ -37,5 +37,9 @@ from swarm_cli.serve import serve as _serve  # noqa: E402
 
 app.command(name="serve")(_serve)
 
+from swarm_cli.generate import generate as _generate  # noqa: E402
+
+app.command(name="generate")(_generate)
+
 if __name__ == "__main__":
     app()
