@@ -11,6 +11,7 @@ import trio.testing
 
 from swarm.errors import (
     ConnectionClosed,
+    DeadlineExceeded,
     HandshakeError,
     PeerIdMismatch,
     ProtocolError,
@@ -287,3 +288,10 @@ async def test_wrong_peer_identity_key_is_reported() -> None:
             with pytest.raises(PeerIdMismatch, match="expected peer"):
                 await secure_outbound(a_stream, ALICE, expected_peer=BOB.peer_id)
             nursery.cancel_scope.cancel()
+
+
+async def test_silent_peer_hits_the_handshake_deadline() -> None:
+    a_stream, _silent = trio.testing.memory_stream_pair()
+    config = NetConfig(handshake_timeout=0.2)
+    with trio.fail_after(5), pytest.raises(DeadlineExceeded, match="handshake"):
+        await secure_outbound(a_stream, ALICE, config=config)
