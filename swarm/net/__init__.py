@@ -1,7 +1,8 @@
 """Peer identity, the Noise handshake, encrypted frames, message schemas, tensor codec, RPC."""
 
-from swarm.net.channel import SecureChannel, open_channel, secure_inbound, secure_outbound
+from swarm.net.channel import SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
 from swarm.net.identity import Identity, PeerId
 from swarm.net.messages import (
     PROTOCOL_VERSION,

@@ -4,7 +4,7 @@
 ``Noise_XXpsk3_25519_ChaChaPoly_SHA256`` for private swarms (the swarm key is the PSK), built
 on `cryptography`'s X25519, ChaCha20-Poly1305 and SHA-256/HMAC. The objects here follow the
 specification's names (`CipherState`, `SymmetricState`, `HandshakeState`) so the code can be
-read beside it; they know nothing about sockets. `swarm.net.channel` drives them over a stream.
+read beside it; they know nothing about sockets. `swarm.net.handshake` drives them over a stream.
 
 Every method raises `HandshakeError` for anything a peer can cause (a message too short, a
 failed authentication tag, a low-order public key) and `ValueError` for local misuse.

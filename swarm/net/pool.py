@@ -9,8 +9,8 @@ from typing import TypeVar
 
 import trio
 
-from swarm.net.channel import open_channel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.handshake import open_channel
 from swarm.net.identity import Identity, PeerId
 from swarm.net.messages import Message
 from swarm.net.rpc import RpcConnection

@@ -18,8 +18,9 @@ from swarm.errors import (
     SwarmError,
     SwarmKeyMismatch,
 )
-from swarm.net.channel import SecureChannel, open_channel, secure_inbound, secure_outbound
+from swarm.net.channel import SecureChannel
 from swarm.net.config import NetConfig
+from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
 from swarm.net.identity import Identity
 from swarm.net.transport import TCPTransport
 
