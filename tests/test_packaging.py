@@ -30,3 +30,10 @@ def test_errors_share_one_root() -> None:
 
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.SwarmError), name
+
+
+def test_public_names_resolve() -> None:
+    import swarm
+
+    for name in swarm.__all__:
+        assert getattr(swarm, name) is not None, name
