@@ -1,0 +1,88 @@
+"""DHT benchmark: bootstrap time, announce/get latency and recall vs swarm size, on loopback.
+
+    python benchmarks/dht.py [--sizes 30 100 300] [--gets 200] [--rpc-timeout 2.0]
+
+All nodes run in this process on one shared DHT loop thread. For each size: open N nodes
+(each joins through node 0), let W = max(10, N/10) writers announce 12 keys each, time `get`
+from random nodes; then stop a random third of the nodes (writers included; their records
+stay until expiry, so every writer's record is still expected) and time `get` again from the
+survivors. Recall = records returned / records expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import time
+
+import trio
+
+from swarm.dht import DHTConfig
+from swarm.testing.dht import DHTCluster, open_dht_cluster
+
+KEYS = [f"bench-model/block/{i}" for i in range(12)]
+
+
+def _summary(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return f"median {statistics.median(ordered) * 1e3:7.2f} ms  p95 {p95 * 1e3:7.2f} ms"
+
+
+async def _gets(cluster: DHTCluster, writers: set[object], count: int) -> tuple[list[float], float]:
+    rng = random.Random(1)
+    live = cluster.live
+    latencies, found, expected = [], 0, 0
+    for _ in range(count):
+        reader, key = rng.choice(live), rng.choice(KEYS)
+        start = time.perf_counter()
+        records = await reader.get(key)
+        latencies.append(time.perf_counter() - start)
+        found += len(writers & set(records))
+        expected += len(writers)
+    return latencies, found / expected
+
+
+async def bench(size: int, gets: int, config: DHTConfig) -> None:
+    start = time.perf_counter()
+    async with open_dht_cluster(size, config, seed=f"bench{size}") as cluster:
+        boot = time.perf_counter() - start
+        writers = cluster.nodes[: max(10, size // 10)]
+        announce = []
+        for w in writers:
+            for key in KEYS:
+                t = time.perf_counter()
+                await w.announce(key, {"addr": w.address, "layers": [0, 8]}, 300.0)
+                announce.append(time.perf_counter() - t)
+        ids = {w.peer_id for w in writers}
+        latencies, recall = await _gets(cluster, ids, gets)
+        print(f"N={size:4d} bootstrap {boot / size * 1e3:6.2f} ms/node ({boot:.1f} s total)")
+        print(f"       announce {_summary(announce)}  ({len(announce)} announces)")
+        print(f"       get      {_summary(latencies)}  recall {recall:.2%}  ({gets} gets)")
+        for index in random.Random(2).sample(range(1, size), size // 3):
+            await cluster.stop(index)
+        latencies, recall = await _gets(cluster, ids, gets)
+        print(f"       get, a third stopped: {_summary(latencies)}  recall {recall:.2%}")
+        latencies, recall = await _gets(cluster, ids, gets)
+        print(f"       again (dead contacts evicted): {_summary(latencies)}  recall {recall:.2%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[30, 100, 300])
+    parser.add_argument("--gets", type=int, default=200)
+    parser.add_argument("--rpc-timeout", type=float, default=DHTConfig().rpc_timeout)
+    args = parser.parse_args()
+    config = dataclasses.replace(DHTConfig(), rpc_timeout=args.rpc_timeout)
+    print(
+        f"DHTConfig: rpc_timeout {config.rpc_timeout} s, k={config.ksize}, "
+        f"alpha={config.alpha}, get_quorum={config.get_quorum}"
+    )
+    for size in args.sizes:
+        trio.run(bench, size, args.gets, config)
+
+
+if __name__ == "__main__":
+    main()
