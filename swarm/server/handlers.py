@@ -175,6 +175,7 @@ class ServingHandlers:
             await stream.send(InferenceReady(session.session_id, self.sessions.free_tokens))
             try:
                 async with trio.open_nursery() as nursery:
+                    session.scope = nursery.cancel_scope
                     nursery.start_soon(self._read_steps, stream, session, nursery.cancel_scope)
                     await self._process_steps(stream, session, nursery)
             except BaseExceptionGroup as group:

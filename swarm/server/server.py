@@ -167,9 +167,10 @@ class Server:
         ):
             handlers = ServingHandlers(cfg, span, state, sessions, queue, pool)
             self.handlers = handlers
+            served = handlers if self._wrap_handlers is None else self._wrap_handlers(handlers)
             rpc = RpcServer(
                 self.identity,
-                handlers,
+                served,
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,

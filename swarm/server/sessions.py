@@ -62,6 +62,7 @@ class Session:
     span: Span
     push_to: PushTarget | None = None
     next_step: int = 0
+    scope: trio.CancelScope | None = None  # the handler serving it; cancelled on close
     last_step: int = -1
     last_active: float = field(default_factory=time.monotonic)
     _inputs: dict[int, StepInput] = field(default_factory=dict)
@@ -168,7 +169,10 @@ class SessionTable:
         return session
 
     def close(self, session_id: bytes) -> None:
-        self._sessions.pop(session_id, None)
+        """Forget the session and stop the handler serving it (its cache is freed)."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None and session.scope is not None:
+            session.scope.cancel()
 
     def close_idle(self, now: float | None = None) -> int:
         """Close sessions idle past the timeout; returns how many were closed."""
@@ -179,5 +183,5 @@ class SessionTable:
             if now - s.last_active > self.limits.idle_timeout
         ]
         for sid in idle:
-            del self._sessions[sid]
+            self.close(sid)
         return len(idle)

@@ -2,7 +2,7 @@
 
 A spec string names how a server lies (or fails):
 
-- ``hang``: accepts inference sessions and steps, never answers them;
+- ``hang``: opens inference sessions, then never answers a step (nor forward nor push);
 - ``noise:R``: adds Gaussian noise of relative size R to every output;
 - ``skip``: returns the input unchanged (does not run its layers);
 - ``zeros``: returns zeros.
@@ -18,6 +18,7 @@ import torch
 import trio
 
 from swarm.errors import ConfigError
+from swarm.net.messages import InferenceOpen, InferenceReady
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.server.handlers import ServingHandlers
 
@@ -61,6 +62,8 @@ class HangingHandlers:
 
     @stream_handler
     async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+        opened = await stream.receive(InferenceOpen)
+        await stream.send(InferenceReady(opened.session_id, self._honest.sessions.free_tokens))
         await trio.sleep_forever()
 
     async def rpc_forward(self, request: object, ctx: CallContext) -> object:

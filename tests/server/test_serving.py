@@ -152,3 +152,36 @@ async def test_limits_and_bad_input_are_clear_errors(
         await cm2.__aexit__(None, None, None)
         info = await conn.call("info", InfoRequest(), InfoResponse)
         assert info.state == "online" and info.active_sessions == 0
+
+
+async def test_unknown_session_and_wrong_dtype(swarm2: LocalSwarm, pool: ConnectionPool) -> None:
+    from swarm.net.messages import PushRequest, PushResponse
+
+    s0 = swarm2.servers[0]
+    conn = await pool.get(s0.ready.host, s0.ready.port, s0.ready.peer_id)
+    push = PushRequest(os.urandom(16), 0, torch.randn(1, 1, HIDDEN), torch.zeros(1, 1).long())
+    with pytest.raises(RemoteError, match="unknown or expired session"):
+        await conn.call("push", push, PushResponse)
+    ints = ForwardRequest(
+        torch.zeros(1, 2, HIDDEN, dtype=torch.int64), torch.arange(2).view(1, 2), LayerRange(0, 3)
+    )
+    with pytest.raises(RemoteError, match="floating point"):
+        await conn.call("forward", ints, ForwardResponse)
+    info = await conn.call("info", InfoRequest(), InfoResponse)
+    assert info.state == "online"
+
+
+async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> None:
+    async with open_local_swarm(model_path) as local:
+        s = await local.add_server(LayerRange(0, 6), limits=SessionLimits(idle_timeout=0.0))
+        handlers = s.server.handlers
+        assert handlers is not None
+        conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
+        async with conn.open_stream("inference", timeout=10) as stream:
+            await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 6)))
+            await stream.receive(InferenceReady)
+            assert len(handlers.sessions) == 1
+            assert handlers.sessions.close_idle() == 1
+            assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
+            with pytest.raises(trio.EndOfChannel):  # the server ended the expired session
+                await stream.receive(InferenceStepResult, timeout=10)
