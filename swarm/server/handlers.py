@@ -222,6 +222,7 @@ class ServingHandlers:
             self.state.steps_done += 1
             if session.push_to is not None:
                 nursery.start_soon(self._push, session.push_to, step, out, item.positions)
+                await trio.sleep(0)  # the push leaves before our reply: it is on the critical path
             await stream.send(InferenceStepResult(step, out))
 
     async def _push(
