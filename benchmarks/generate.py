@@ -28,16 +28,16 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import trio  # noqa: E402
+import torch
+import trio
 
-from swarm.client.config import ClientConfig  # noqa: E402
-from swarm.client.model import AsyncRemoteModel  # noqa: E402
-from swarm.shards import KVCache, LayerRange, load_head, load_span  # noqa: E402
-from swarm.testing.checkpoints import write_random_llama  # noqa: E402
-from swarm.testing.links import LinkEmulator, LinkSpec  # noqa: E402
-from swarm.testing.processes import ProcessGroup  # noqa: E402
-from swarm.testing.swarm import open_local_swarm  # noqa: E402
+from swarm.client.config import ClientConfig
+from swarm.client.model import AsyncRemoteModel
+from swarm.shards import KVCache, LayerRange, load_head, load_span
+from swarm.testing.checkpoints import write_random_llama
+from swarm.testing.links import LinkEmulator, LinkSpec
+from swarm.testing.processes import ProcessGroup
+from swarm.testing.swarm import open_local_swarm
 
 PROMPT = list(range(100, 116))  # 16 tokens
 NEW_TOKENS = 32
