@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/swarm selfcheck
+	$(BIN)/swarm demo
 
 lint: setup
 	$(BIN)/ruff check swarm cli tests benchmarks examples

@@ -41,5 +41,9 @@ from swarm_cli.generate import generate as _generate  # noqa: E402
 
 app.command(name="generate")(_generate)
 
+from swarm_cli.demo import demo as _demo  # noqa: E402
+
+app.command(name="demo")(_demo)
+
 if __name__ == "__main__":
     app()

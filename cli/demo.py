@@ -1,0 +1,205 @@
+"""`swarm demo`: a local swarm of real processes generating text with the bundled model."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from swarm.errors import SwarmError
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_PROMPT = "The built-in function"
+
+
+def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal ranges covering ``0..num_layers``."""
+    cuts = [round(i * num_layers / parts) for i in range(parts + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(parts)]
+
+
+def demo(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")] = DEFAULT_PROMPT,
+    servers: Annotated[int, typer.Option(help="Server processes to split the model over.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="0 = no top-k cut.")] = 40,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    verify: Annotated[
+        str | None, typer.Option(help="Verification policy, e.g. spot-check:0.5.")
+    ] = None,
+    liar: Annotated[
+        str | None,
+        typer.Option(help="Make the last server lie (e.g. noise:0.05) to watch verification."),
+    ] = None,
+) -> None:
+    """Start a DHT node and SERVERS servers as processes, generate, compare to one process."""
+    from swarm.shards import ModelConfig
+    from swarm.shards.bundled import demo_model_path
+
+    try:
+        model = demo_model_path()
+        layers = ModelConfig.from_pretrained(model).num_hidden_layers
+        if not 1 <= servers <= layers:
+            raise typer.BadParameter(f"--servers must be between 1 and {layers}")
+        with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
+            _run(model, Path(tmp), split_layers(layers, servers), prompt, max_new_tokens,
+                 temperature, top_k, seed, verify, liar)  # fmt: skip
+    except KeyboardInterrupt:
+        err.print("interrupted: every process the demo started has been stopped")
+    except (SwarmError, RuntimeError, TimeoutError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def _start_swarm(group: object, model: Path, tmp: Path, ranges: list[tuple[int, int]],
+                 liar: str | None) -> str:  # fmt: skip
+    from swarm.testing.processes import ProcessGroup, swarm_command
+
+    assert isinstance(group, ProcessGroup)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("DHT node: starting", total=1)
+        _, dht = group.start_dht()
+        progress.update(task, description=f"DHT node: listening on {dht}", completed=1)
+        procs, tasks = [], []
+        for i, (start, stop) in enumerate(ranges):
+            extra = ["--identity", str(tmp / f"server{i}.key")]
+            if liar and i == len(ranges) - 1:
+                extra += ["--testing-adversary", liar]
+            argv = swarm_command(
+                "serve",
+                str(model),
+                "--layers",
+                f"{start}:{stop}",
+                "--initial-peers",
+                dht,
+                "--announce-ttl",
+                "30",
+                *extra,
+            )
+            procs.append(group.start(f"server{i}", argv))
+            lying = f" [red](lying: {liar})[/red]" if liar and i == len(ranges) - 1 else ""
+            description = f"server {i} layers {start}:{stop}{lying}: loading"
+            tasks.append(progress.add_task(description, total=1))
+        for proc, task_id, (start, stop) in zip(procs, tasks, ranges, strict=True):
+            match = proc.wait_for_line(r"ready: peer (\S+) at (\S+)", 120)
+            progress.update(
+                task_id,
+                completed=1,
+                description=f"server layers {start}:{stop}: ready, peer {match.group(1)[:10]} "
+                f"at {match.group(2)}",
+            )
+    return dht
+
+
+def _run(
+    model: Path,
+    tmp: Path,
+    ranges: list[tuple[int, int]],
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    verify: str | None,
+    liar: str | None,
+) -> None:
+    import trio
+
+    from swarm.client.sampling import SamplingConfig
+    from swarm.testing.processes import ProcessGroup
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=seed)
+    with ProcessGroup() as group:
+        dht = _start_swarm(group, model, tmp, ranges, liar)
+        timings, ttft = trio.run(_generate, model, dht, prompt, max_new_tokens, sampling, verify)
+    single = _single_process(model, prompt, len(timings), sampling)
+    table = Table(title="latency (median per token after the first)")
+    table.add_column("")
+    table.add_column("per token", justify="right")
+    table.add_column("time to first token", justify="right")
+    per_token = statistics.median(timings[1:]) if len(timings) > 1 else timings[0]
+    table.add_row(f"swarm, {len(ranges)} hops", f"{per_token * 1e3:.1f} ms", f"{ttft * 1e3:.0f} ms")
+    table.add_row("one process", f"{single[0] * 1e3:.1f} ms", f"{single[1] * 1e3:.0f} ms")
+    console.print(table)
+    console.print("all demo processes stopped")
+
+
+async def _generate(
+    model: Path, dht: str, prompt: str, max_new_tokens: int, sampling: object, verify: str | None
+) -> tuple[list[float], float]:
+    from contextlib import aclosing
+
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.client.sampling import SamplingConfig
+
+    assert isinstance(sampling, SamplingConfig)
+    extra = {"verify": verify} if verify else {}
+    config = ClientConfig(initial_peers=(dht,), **extra)  # type: ignore[arg-type]
+    async with AsyncRemoteModel.open(model, config) as remote:
+        async with aclosing(remote.stream(prompt, max_new_tokens, sampling)) as tokens:
+            first = True
+            async for token in tokens:
+                if first:
+                    assert remote.last_result is not None
+                    route = " -> ".join(
+                        f"{hop['peer'][:8]}@{hop['port']} [{hop['start']}:{hop['stop']})"
+                        for hop in remote.last_result.route
+                    )
+                    console.print(f"[bold]route:[/bold] client -> {route} -> client")
+                    console.print(prompt, style="bold", end="")
+                    first = False
+                console.print(token.text, end="", highlight=False, markup=False)
+        console.print()
+        result = remote.last_result
+        assert result is not None
+        if result.recoveries:
+            console.print(f"[yellow]recovered from {result.recoveries} failed hop(s)[/yellow]")
+    return result.timings, result.ttft
+
+
+def _single_process(model: Path, prompt: str, tokens: int, sampling: object) -> tuple[float, float]:
+    """Median per-token seconds and time to first token of the same model in this process."""
+    import torch
+
+    from swarm.client.sampling import Sampler, SamplingConfig
+    from swarm.client.text import load_tokenizer
+    from swarm.shards import KVCache, LayerRange, ModelConfig, load_head, load_span
+
+    assert isinstance(sampling, SamplingConfig)
+    torch.set_num_threads(1)
+    config = ModelConfig.from_pretrained(model)
+    head = load_head(model)
+    span = load_span(model, LayerRange(0, config.num_hidden_layers))
+    tokenizer = load_tokenizer(model)
+    assert tokenizer is not None
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    cache = KVCache.allocate(config, span.layers, 1, ids.shape[1] + tokens)
+    sampler, position, timings = Sampler(sampling), 0, []
+    with torch.no_grad():
+        for _ in range(tokens):
+            started = time.perf_counter()
+            n = ids.shape[1]
+            hidden = span(head.embed(ids), torch.arange(position, position + n).view(1, n), cache)
+            token = int(sampler(head.logits(hidden[:, -1:])[:, -1])[0])
+            position += n
+            ids = torch.tensor([[token]])
+            timings.append(time.perf_counter() - started)
+    rest = timings[1:] or timings
+    return statistics.median(rest), timings[0]
