@@ -11,6 +11,7 @@ from swarm.dht.config import parse_host_port
 from swarm.errors import ConfigError
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.identity import Identity
+from swarm.verify.policy import parse_policy
 
 __all__ = ["ClientConfig", "WireDtype"]
 
@@ -53,6 +54,15 @@ class ClientConfig:
 
     Pings: ``ping_timeout`` (2), ``ping_concurrency`` (8 servers at once), ``ping_max_servers``
     (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample).
+
+    Verification (`swarm.verify`):
+
+    - ``verify`` ("none"): the policy, ``none``, ``spot-check:P``, ``redundant:K`` or
+      ``optimistic``.
+    - ``reputation_path`` ("~/.cache/swarm/reputation.json"): where audits and bans persist
+      (read and written only when ``verify`` is not ``none``; None keeps them in memory).
+    - ``verify_seed`` (None): seed of the audit coin flips (tests and benchmarks).
+    - ``evidence_dir`` (None): folder for full evidence (input histories of proven lies).
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -74,6 +84,10 @@ class ClientConfig:
     ping_concurrency: int = 8
     ping_max_servers: int = 32
     ping_ema: float = 0.5
+    verify: str = "none"
+    reputation_path: str | None = "~/.cache/swarm/reputation.json"
+    verify_seed: int | None = None
+    evidence_dir: str | None = None
 
     def __post_init__(self) -> None:
         for peer in self.initial_peers:
@@ -101,6 +115,7 @@ class ClientConfig:
             raise ConfigError("ping_concurrency must be >= 1 and ping_max_servers >= 0")
         if not 0 < self.ping_ema <= 1:
             raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
+        parse_policy(self.verify)
         if self.wire_dtype not in _TORCH_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {', '.join(_TORCH_DTYPES)}")
 

@@ -17,9 +17,10 @@ string (not included in the text).
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,17 +32,26 @@ from tokenizers import Tokenizer
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory
-from swarm.client.routing import Hop
+from swarm.client.routing import Hop, ServerView
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.session import InferenceSession
 from swarm.client.text import StopText, load_tokenizer
 from swarm.dht import DHTConfig, DHTNode
-from swarm.errors import ConfigError
+from swarm.dht.config import parse_host_port
+from swarm.errors import ConfigError, SwarmError
+from swarm.net.identity import PeerId
+from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
 from swarm.shards import Head, LayerRange, ModelConfig, load_head, model_id
+from swarm.verify.audit import Candidate, HopRecord
+from swarm.verify.policy import parse_policy
+from swarm.verify.reputation import Reputation
+from swarm.verify.verifier import HopObservation, Verifier
 
 __all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "unwrap_group"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class GenerationResult:
     ttft: float = 0.0
     recoveries: int = 0
     stop_reason: str = "length"
+    rollbacks: int = 0  # times verification proved a lie and generation went back
+    verification: dict[str, Any] = field(default_factory=dict)
 
 
 def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
@@ -120,6 +132,9 @@ class AsyncRemoteModel:
         self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         self.rng = random.Random()
         self.last_result: GenerationResult | None = None
+        self.verifier = _make_verifier(config)
+        self._dtypes: dict[PeerId, str] = {}
+        self._views: dict[PeerId, ServerView] = {}
 
     @classmethod
     @asynccontextmanager
@@ -160,6 +175,87 @@ class AsyncRemoteModel:
         except BaseExceptionGroup as group:
             _reraise(group)
 
+    # ---- verification glue (the policy logic is in swarm.verify) ----
+
+    def _save_reputation(self) -> None:
+        assert self.verifier is not None
+        try:
+            self.verifier.reputation.save()
+        except OSError as exc:
+            log.warning("could not save reputation: %s", exc)
+
+    async def _dtype(self, view: ServerView) -> str:
+        """The dtype a server computes in (asked once with ``info``; "" if it does not say)."""
+        if view.peer_id not in self._dtypes:
+            host, port = parse_host_port(view.address)
+            try:
+                info = await self.pool.call(
+                    host, port, "info", InfoRequest(), InfoResponse,
+                    expected_peer=view.peer_id, timeout=self.config.request_timeout,
+                )  # fmt: skip
+                self._dtypes[view.peer_id] = info.dtype
+            except SwarmError as exc:
+                log.info("info from %s failed: %s", view.peer_id, exc)
+                return ""
+        return self._dtypes[view.peer_id]
+
+    async def _candidates(self, layers: LayerRange) -> list[Candidate]:
+        """Online, unbanned servers whose span holds ``layers``."""
+        banned = self.bans.banned()
+        out = []
+        for view in await self.directory.servers():
+            self._views[view.peer_id] = view
+            inside = view.layers.start <= layers.start and layers.stop <= view.layers.stop
+            if inside and view.state == "online" and view.peer_id not in banned:
+                out.append(Candidate(view.peer_id, await self._dtype(view)))
+        return out
+
+    async def _forward(
+        self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """A stateless forward on ``peer``. Raises `SwarmError` subclasses."""
+        host, port = parse_host_port(self._views[peer].address)
+        request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
+        response = await self.pool.call(
+            host, port, "forward", request, ForwardResponse,
+            expected_peer=peer, timeout=self.config.step_timeout,
+        )  # fmt: skip
+        return response.hidden_states.float()  # (batch, seq, hidden)
+
+    async def _hop_records(self, session: InferenceSession) -> list[HopRecord]:
+        records = []
+        for k, hop in enumerate(session.route):
+            x, pos, out = session.hop_history(k)
+            dtype = await self._dtype(hop.server)
+            records.append(HopRecord(hop.server.peer_id, dtype, hop.layers, x, pos, out))
+        return records
+
+    async def _check_step(
+        self, session: InferenceSession, new_tokens: int, step: int
+    ) -> int | None:
+        """Spot-check / redundant after one step; the position to roll back to, if any."""
+        verifier = self.verifier
+        if verifier is None or not verifier.policy.checks_steps:
+            return None
+        observed = []
+        for k, record in enumerate(await self._hop_records(session)):
+            seconds = session.hops[k].seconds
+            throughput = session.route[k].server.throughput
+            observed.append(
+                HopObservation(record, new_tokens, seconds[-1] if seconds else 1.0, throughput)
+            )
+        verdict = await verifier.check_step(observed, step, self._candidates, self._forward)
+        return verdict.rollback_position
+
+    async def _challenge(self, session: InferenceSession, step: int) -> int | None:
+        """Optimistic: challenge every hop over its whole history before returning."""
+        verifier = self.verifier
+        if verifier is None or verifier.policy.kind != "optimistic":
+            return None
+        records = await self._hop_records(session)
+        verdict = await verifier.check_session(records, step, self._candidates, self._forward)
+        return verdict.rollback_position
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Raises `ConfigError` for text without a tokenizer, or ids
         outside the vocabulary, or an empty prompt."""
@@ -193,52 +289,30 @@ class AsyncRemoteModel:
             raise ConfigError("max_new_tokens must be at least 1")
         if stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this checkpoint has none")
-        sampler = Sampler(sampling or SamplingConfig())
-        text = StopText(self.tokenizer, stop) if self.tokenizer is not None else None
-        result = GenerationResult(text="" if text is not None else None)
+        result = GenerationResult(text="" if self.tokenizer is not None else None)
         self.last_result = result
-        eos = set(self.model_config.eos_token_id)
-        layers = LayerRange(0, self.model_config.num_hidden_layers)
         started = trio.current_time()
-        async with InferenceSession.open(
-            self.pool, self.directory, self.config, layers=layers,
-            max_length=len(ids) + max_new_tokens, bans=self.bans, rng=self.rng,
-        ) as session:  # fmt: skip
-            result.route = route_dicts(session.route)
-            new_ids = torch.tensor([ids])  # (1, prompt_len)
-            position = 0
-            for _ in range(max_new_tokens):
-                t0 = trio.current_time() if result.ids else started
-                n = new_ids.shape[1]
-                positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
-                hidden = self.head.embed(new_ids)  # (1, n, hidden)
-                out = await session.step(hidden, positions)  # (1, n, hidden)
-                logits = self.head.logits(out[:, -1:])[:, -1]  # (1, vocab)
-                token = int(sampler(logits)[0])
-                position += n
-                seconds = trio.current_time() - t0
-                result.ids.append(token)
-                result.timings.append(seconds)
-                if len(result.ids) == 1:
-                    result.ttft = seconds
-                piece, stopped = text.push(token) if text is not None else ("", False)
-                if text is not None:
-                    result.text = text.text
-                result.route = route_dicts(session.route)
-                result.recoveries = session.recoveries
-                if stopped:
-                    result.stop_reason = "stop"
-                    if piece:
-                        yield Token(token, piece, seconds)
-                    return
-                if token in eos:
-                    result.stop_reason = "eos"
-                    yield Token(token, piece + (text.flush() if text else ""), seconds)
-                    return
-                if len(result.ids) == max_new_tokens and text is not None:
-                    piece += text.flush()
-                yield Token(token, piece, seconds)
-                new_ids = torch.tensor([[token]])  # (1, 1)
+        gen = _Generation(self, ids, max_new_tokens, sampling, stop, result)
+        while True:
+            async with self._open_session(len(ids) + max_new_tokens) as session:
+                async for token in gen.run(session, started):
+                    yield token
+                if gen.rollback is None and self.verifier is not None:
+                    await gen.challenge(session)
+            if gen.rollback is None:
+                break
+            gen.roll_back()
+        if self.verifier is not None:
+            result.verification = self.verifier.statistics()
+            self._save_reputation()
+
+    def _open_session(self, max_length: int) -> AbstractAsyncContextManager[InferenceSession]:
+        layers = LayerRange(0, self.model_config.num_hidden_layers)
+        excluded = self.verifier.reputation.banned() if self.verifier is not None else set()
+        return InferenceSession.open(
+            self.pool, self.directory, self.config, layers=layers, max_length=max_length,
+            bans=self.bans, rng=self.rng, excluded=excluded,
+        )  # fmt: skip
 
     async def generate_detailed(
         self,
@@ -274,3 +348,96 @@ class AsyncRemoteModel:
             raise ConfigError(f"{self.path} has no tokenizer.json: ask for ids")
         result = await self.generate_detailed(prompt, max_new_tokens, sampling, stop)
         return (result.text or "") if return_text else list(result.ids)
+
+
+def _make_verifier(config: ClientConfig) -> Verifier | None:
+    policy = parse_policy(config.verify)
+    if policy.kind == "none":
+        return None
+    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
+    reputation = Reputation.load(path) if path is not None else Reputation()
+    return Verifier(policy, reputation, rng=random.Random(config.verify_seed))
+
+
+class _Generation:
+    """One generation's token loop, restartable after a verification rollback."""
+
+    def __init__(
+        self,
+        model: AsyncRemoteModel,
+        prompt: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None,
+        stop: Sequence[str],
+        result: GenerationResult,
+    ) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(sampling or SamplingConfig())
+        self.stop = stop
+        self.result = result
+        self.text = StopText(model.tokenizer, stop) if model.tokenizer is not None else None
+        self.eos = set(model.model_config.eos_token_id)
+        self.done = False
+        self.rollback: int | None = None  # token position where a proven lie began
+        self.steps = 0
+
+    async def run(self, session: InferenceSession, started: float) -> AsyncIterator[Token]:
+        """Steps until done, or until a check proves a lie (then ``rollback`` is set)."""
+        result, head = self.result, self.model.head
+        self.rollback = None
+        new_ids = torch.tensor([self.prompt + result.ids])  # (1, n)
+        position = 0
+        while not self.done and len(result.ids) < self.max_new_tokens:
+            t0 = trio.current_time() if result.ids else started
+            n = new_ids.shape[1]
+            positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
+            out = await session.step(head.embed(new_ids), positions)  # (1, n, hidden)
+            position += n
+            self.rollback = await self.model._check_step(session, n, self.steps)
+            self.steps += 1
+            if self.rollback is not None:
+                return
+            token = int(self.sampler(head.logits(out[:, -1:])[:, -1])[0])
+            yield self._accept(token, trio.current_time() - t0, session)
+            new_ids = torch.tensor([[token]])  # (1, 1)
+
+    def _accept(self, token: int, seconds: float, session: InferenceSession) -> Token:
+        result, text = self.result, self.text
+        result.ids.append(token)
+        result.timings.append(seconds)
+        if len(result.ids) == 1:
+            result.ttft = seconds
+        piece, stopped = text.push(token) if text is not None else ("", False)
+        if text is not None:
+            result.text = text.text
+        result.route = route_dicts(session.route)
+        result.recoveries = max(result.recoveries, session.recoveries)
+        if stopped:
+            result.stop_reason, self.done = "stop", True
+        elif token in self.eos:
+            result.stop_reason, self.done = "eos", True
+            piece += text.flush() if text is not None else ""
+        elif len(result.ids) == self.max_new_tokens and text is not None:
+            piece += text.flush()
+        return Token(token, piece, seconds)
+
+    async def challenge(self, session: InferenceSession) -> None:
+        """Optimistic policy: the dispute window before the result is final."""
+        self.rollback = await self.model._challenge(session, self.steps)
+
+    def roll_back(self) -> None:
+        """Drop every token computed from the lie (positions >= ``rollback``)."""
+        assert self.rollback is not None
+        keep = max(0, self.rollback - len(self.prompt) + 1)
+        result = self.result
+        del result.ids[keep:]
+        del result.timings[keep:]
+        result.rollbacks += 1
+        result.stop_reason, self.done = "length", False
+        if self.model.tokenizer is not None:
+            self.text = StopText(self.model.tokenizer, self.stop)
+            for token in result.ids:
+                self.text.push(token)
+            result.text = self.text.text

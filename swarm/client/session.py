@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,7 @@ from swarm.errors import (
     SessionError,
     TransportError,
 )
+from swarm.net.identity import PeerId
 from swarm.net.messages import (
     InferenceOpen,
     InferenceReady,
@@ -79,6 +80,7 @@ class _HopState:
     first_step: int
     push_to: PushTarget | None = None
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # what the hop returned, per entry
     seconds: list[float] = field(default_factory=list)
 
     @property
@@ -119,6 +121,7 @@ class InferenceSession:
         self.recoveries = 0
         self.failures: list[str] = []
         self.routes: list[list[Hop]] = []
+        self.excluded: set[PeerId] = set()  # never routed to (verification bans)
 
     @classmethod
     @asynccontextmanager
@@ -133,9 +136,11 @@ class InferenceSession:
         batch_size: int = 1,
         bans: BanList | None = None,
         rng: random.Random | None = None,
+        excluded: Collection[PeerId] = (),
     ) -> AsyncIterator[InferenceSession]:
         """Plan a route and open every hop; end every hop's stream on exit.
 
+        ``excluded`` peers are never routed to (peers banned by verification).
         Raises `RoutingError` if no route covers ``layers``, `SessionError` if more than
         ``config.max_open_retries`` servers failed while opening.
         """
@@ -143,6 +148,7 @@ class InferenceSession:
         session = cls(
             pool, directory, config, layers, max_length, batch_size, bans, rng or random.Random()
         )
+        session.excluded = set(excluded)
         try:
             session.hops = await session._open_range(layers, 0, None)
             session.routes.append(session.route)
@@ -155,6 +161,15 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         """The hops in use now."""
         return [state.hop for state in self.hops]
+
+    def hop_history(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hop ``k``'s whole history: inputs ``(batch, T, hidden)``, positions ``(batch, T)``
+        and the outputs it returned ``(batch, T, hidden)``, in the order they were sent."""
+        state = self.hops[k]
+        x = torch.cat([h.float() for h, _ in state.inputs], dim=1)  # (batch, T, hidden)
+        pos = torch.cat([p for _, p in state.inputs], dim=1)  # (batch, T)
+        out = torch.cat([o.float() for o in state.outputs], dim=1)  # (batch, T, hidden)
+        return x, pos, out
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -193,6 +208,7 @@ class InferenceSession:
                 explicit = True
                 continue
             state.inputs.append((x, positions))
+            state.outputs.append(out)
             x = out.to(self.config.torch_wire_dtype)
             k, explicit = k + 1, False
         self.step_count += 1
@@ -261,7 +277,7 @@ class InferenceSession:
                     layers,
                     client_pings=self.directory.pings,
                     cache_tokens_needed=self.max_length * self.batch_size,
-                    banned=self.bans.banned(),
+                    banned=self.bans.banned() | self.excluded,
                     rng=self.rng,
                 )
             except RoutingError as exc:
@@ -405,6 +421,7 @@ class InferenceSession:
                 for state in new:
                     out = await self._hop_step(state, replay_step, x, pos, send_now=True)
                     state.inputs.append((x, pos))
+                    state.outputs.append(out)
                     x = out.to(self.config.torch_wire_dtype)
         except BaseException:
             with trio.CancelScope(shield=True):

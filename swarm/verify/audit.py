@@ -1,0 +1,160 @@
+"""Re-running a hop on other peers and voting: the core of every policy, network-agnostic.
+
+The caller gives a `HopRecord` (the checked peer's whole input history for this hop and the
+outputs it returned for it), the peers that could re-run it (`Candidate`), and a ``forward``
+function that runs a stateless forward on one of them. `audit_hop` asks ``checkers`` peers
+(same dtype first), compares every answer with every other at the checked positions, and
+adds referees one at a time while no answer holds a strict majority. Everyone outside the
+majority lied; for the checked peer it also finds the first position where its outputs leave
+the majority's (the generation rolls back there).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.errors import SwarmError
+from swarm.net.identity import PeerId
+from swarm.shards.ranges import LayerRange
+from swarm.verify.compare import compare, first_mismatch, thresholds_for
+
+__all__ = ["AuditResult", "Candidate", "ForwardFn", "HopRecord", "audit_hop"]
+
+log = logging.getLogger(__name__)
+
+ForwardFn = Callable[[PeerId, LayerRange, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: PeerId
+    dtype: str
+
+
+@dataclass(frozen=True)
+class HopRecord:
+    """One hop as the client saw it: who ran it, on what, and what came back."""
+
+    peer_id: PeerId
+    dtype: str
+    layers: LayerRange
+    inputs: torch.Tensor  # (batch, history, hidden): every input the peer was given
+    positions: torch.Tensor  # (batch, history) int64
+    outputs: torch.Tensor  # (batch, history, hidden): what the peer returned
+
+
+@dataclass
+class AuditResult:
+    """``verdict``: "passed" (the peer is in the majority), "lied", "inconclusive" (no
+    majority with the peers available) or "unchecked" (no other peer could re-run it)."""
+
+    verdict: str
+    liars: list[PeerId] = field(default_factory=list)
+    honest: list[PeerId] = field(default_factory=list)
+    first_bad_position: int | None = None  # token position where the checked peer first lied
+    reference: torch.Tensor | None = None  # (batch, history, hidden) the majority's output
+    reruns: int = 0  # forwards asked of other peers
+
+
+def _pick(cands: list[Candidate], dtype: str, rng: random.Random) -> Candidate:
+    same = [c for c in cands if c.dtype == dtype]
+    choice = rng.choice(same or cands)
+    cands.remove(choice)
+    return choice
+
+
+def _majority(
+    answers: dict[PeerId, tuple[torch.Tensor, str]], checked: slice
+) -> tuple[list[PeerId], list[PeerId]] | None:
+    """(agreeing, others) for the largest group of agreeing answers, if it is a strict majority."""
+    peers = list(answers)
+    best: list[PeerId] = []
+    for a in peers:
+        ta, da = answers[a]
+        group = [
+            b
+            for b in peers
+            if compare(
+                ta[:, checked], answers[b][0][:, checked], thresholds_for(da, answers[b][1])
+            ).ok
+        ]
+        if len(group) > len(best):
+            best = group
+    if 2 * len(best) <= len(peers):
+        return None
+    return best, [p for p in peers if p not in best]
+
+
+async def audit_hop(
+    record: HopRecord,
+    candidates: Sequence[Candidate],
+    forward: ForwardFn,
+    *,
+    checked: slice = slice(None),
+    checkers: int = 1,
+    max_referees: int = 2,
+    rng: random.Random | None = None,
+) -> AuditResult:
+    """Re-run ``record`` on ``checkers`` candidates (plus referees on a tie) and vote.
+
+    ``checked`` selects the positions compared (the current step's, or all). A candidate whose
+    forward fails is skipped. Never raises for a peer's misbehaviour; lets `trio.Cancelled` out.
+    """
+    rng = rng or random.Random()
+    pool = [c for c in candidates if c.peer_id != record.peer_id]
+    answers: dict[PeerId, tuple[torch.Tensor, str]] = {
+        record.peer_id: (record.outputs, record.dtype)
+    }
+    result = AuditResult("unchecked")
+    wanted = checkers
+    while pool:
+        cand = _pick(pool, record.dtype, rng)
+        result.reruns += 1
+        try:
+            ref = await forward(cand.peer_id, record.layers, record.inputs, record.positions)
+        except SwarmError as exc:
+            log.info("checker %s failed: %s", cand.peer_id, exc)
+            continue
+        if ref.shape != record.outputs.shape:
+            log.info("checker %s answered shape %s", cand.peer_id, list(ref.shape))
+            continue
+        answers[cand.peer_id] = (ref.float(), cand.dtype)
+        if len(answers) - 1 < wanted:
+            continue
+        vote = _majority(answers, checked)
+        if vote is None:
+            if wanted >= checkers + max_referees:
+                break
+            wanted += 1
+            continue
+        return _verdict(record, answers, vote, result)
+    if len(answers) > 1:
+        result.verdict = "inconclusive"
+    return result
+
+
+def _verdict(
+    record: HopRecord,
+    answers: dict[PeerId, tuple[torch.Tensor, str]],
+    vote: tuple[list[PeerId], list[PeerId]],
+    result: AuditResult,
+) -> AuditResult:
+    agreeing, liars = vote
+    result.honest, result.liars = agreeing, liars
+    ref_peer = next((p for p in agreeing if p != record.peer_id), agreeing[0])
+    ref, ref_dtype = answers[ref_peer]
+    result.reference = ref
+    if record.peer_id in agreeing:
+        result.verdict = "passed"
+        return result
+    result.verdict = "lied"
+    index = first_mismatch(ref, record.outputs.float(), thresholds_for(ref_dtype, record.dtype))
+    if index is None:  # it lied only at positions outside `checked`? use the checked start
+        index = 0
+    result.first_bad_position = int(record.positions[0, index])
+    return result

@@ -1,0 +1,53 @@
+"""Real in-process swarms: every policy against a lying peer ends with the honest tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from swarm.client.config import ClientConfig
+from swarm.client.model import AsyncRemoteModel
+from swarm.shards import LayerRange
+from swarm.testing.adversaries import adversary_wrapper
+from swarm.testing.swarm import open_local_swarm
+
+from .conftest import NEW_TOKENS, PROMPT
+
+WHOLE = LayerRange(0, 4)
+
+
+async def run_with_liar(
+    model4: Path, tmp_path: Path, spec: str, policy: str, honest: int = 2, seed: int = 1
+) -> tuple[list[int], AsyncRemoteModel, object]:
+    """A liar (measured throughput: routes prefer it) and ``honest`` slow-announcing peers."""
+    async with open_local_swarm(model4) as local:
+        liar = await local.add_server(WHOLE, wrap_handlers=adversary_wrapper(spec))
+        for _ in range(honest):
+            await local.add_server(WHOLE, measure_throughput=False)
+        config = ClientConfig(
+            initial_peers=(local.dht_address,),
+            verify=policy,
+            verify_seed=seed,
+            reputation_path=str(tmp_path / "reputation.json"),
+        )
+        async with AsyncRemoteModel.open(model4, config) as model:
+            ids = await model.generate(PROMPT, NEW_TOKENS)
+            assert isinstance(ids, list)
+            return ids, model, liar.server.identity.peer_id
+
+
+@pytest.mark.parametrize("spec", ["noise:0.01", "skip", "zeros"])
+async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
+    model4: Path, reference: list[int], tmp_path: Path, spec: str
+) -> None:
+    with trio.fail_after(120):
+        ids, model, liar = await run_with_liar(model4, tmp_path, spec, "spot-check:0.2")
+    assert ids == reference
+    result = model.last_result
+    assert result is not None and result.rollbacks >= 1
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert all(hop["peer"] != str(liar) for hop in result.route)
+    first = model.verifier.detections[0][1]
+    assert first < 30
