@@ -45,5 +45,11 @@ from swarm_cli.demo import demo as _demo  # noqa: E402
 
 app.command(name="demo")(_demo)
 
+from swarm_cli.health import monitor as _monitor  # noqa: E402
+from swarm_cli.health import status as _status  # noqa: E402
+
+app.command(name="status")(_status)
+app.command(name="monitor")(_monitor)
+
 if __name__ == "__main__":
     app()

@@ -124,6 +124,7 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         active_sessions=ann.active_sessions,
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
+        dtype=ann.dtype,
     )
 
 

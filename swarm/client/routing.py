@@ -46,6 +46,7 @@ class ServerView:
     active_sessions: int = 0
     state: str = "online"
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
+    dtype: str = "float32"  # what the server computes in
 
 
 @dataclass(frozen=True)

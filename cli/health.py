@@ -1,0 +1,188 @@
+"""`swarm status` (who serves what, how well) and `swarm monitor` (canary accuracy)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import trio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from swarm.errors import SwarmError
+
+if TYPE_CHECKING:
+    from swarm.client.discovery import Discovery
+    from swarm.client.routing import ServerView
+    from swarm.net.pool import ConnectionPool
+
+# piped output keeps whole table rows on one line (rich would wrap at 80 columns)
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True)
+
+PeersOption = Annotated[
+    list[str] | None,
+    typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
+]
+KeyOption = Annotated[Path | None, typer.Option(help="Private-swarm key file.")]
+
+
+@asynccontextmanager
+async def _discovery(
+    model: Path, initial_peers: Sequence[str], swarm_key: Path | None
+) -> AsyncIterator[tuple[Discovery, ConnectionPool, int]]:
+    from swarm.client.config import ClientConfig
+    from swarm.client.discovery import Discovery
+    from swarm.dht import DHTConfig, DHTNode
+    from swarm.errors import ConfigError
+    from swarm.net.pool import open_connection_pool
+    from swarm.net.swarm_key import load_swarm_key
+    from swarm.shards import ModelConfig, model_id
+
+    if not initial_peers:
+        raise ConfigError("no --initial-peers: give the host:port of a DHT node")
+    key = load_swarm_key(swarm_key) if swarm_key else None
+    config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=key)
+    layers = ModelConfig.from_pretrained(model).num_hidden_layers
+    async with (
+        open_connection_pool(config.identity, swarm_key=key, config=config.net) as pool,
+        DHTNode.open(
+            config.identity, DHTConfig(initial_peers=config.initial_peers, swarm_key=key)
+        ) as dht,  # fmt: skip
+    ):
+        yield Discovery(dht, pool, model_id(model), layers, config), pool, layers
+
+
+def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
+    table = Table(title="block coverage (online servers per block)")
+    table.add_column("blocks")
+    table.add_column("servers", justify="right")
+    counts = [
+        sum(1 for s in servers if s.state == "online" and block in s.layers)
+        for block in range(layers)
+    ]
+    start = 0
+    for block in range(1, layers + 1):
+        if block == layers or counts[block] != counts[start]:
+            style = "red" if counts[start] == 0 else ""
+            table.add_row(f"{start}:{block}", f"[{style}]{counts[start]}[/{style}]" if style
+                          else str(counts[start]))  # fmt: skip
+            start = block
+    return table
+
+
+def status(
+    model: Annotated[Path, typer.Argument(help="Model folder (identifies the model).")],
+    initial_peers: PeersOption = None,
+    swarm_key: KeyOption = None,
+    reputation: Annotated[
+        Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/...).")
+    ] = None,
+) -> None:
+    """Block coverage, and per server: range, state, latency, throughput, load, audits."""
+    try:
+        trio.run(_status, model, initial_peers or [], swarm_key, reputation)
+    except SwarmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+async def _status(
+    model: Path, initial_peers: list[str], swarm_key: Path | None, reputation: Path | None
+) -> None:
+    from swarm.verify.reputation import Reputation
+
+    rep = Reputation.load(reputation)
+    async with _discovery(model, initial_peers, swarm_key) as (found, _pool, layers):
+        servers = await found.refresh()
+        await found.measure_pings()
+        pings = found.pings
+    console.print(_coverage(servers, layers))
+    table = Table(title=f"{len(servers)} servers")
+    for column in ("peer", "address", "layers", "state", "ping", "tok/s", "sessions",
+                   "free cache", "audits ok/failed", "reputation"):  # fmt: skip
+        table.add_column(column, justify="right" if column not in ("peer", "address") else "left")
+    for s in sorted(servers, key=lambda s: (s.layers.start, s.layers.stop, str(s.peer_id))):
+        record = rep.records().get(s.peer_id)
+        rtt = pings.get(s.peer_id, math.nan)
+        standing = "banned" if rep.is_banned(s.peer_id) else ("new" if record is None else "ok")
+        audits = f"{record.passed}/{record.failed}" if record else "-"
+        table.add_row(
+            s.peer_id.short(), s.address, str(s.layers), s.state,
+            "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms", f"{s.throughput:.0f}",
+            str(s.active_sessions), str(s.free_cache_tokens), audits, standing,
+        )  # fmt: skip
+    console.print(table)
+
+
+def monitor(
+    model: Annotated[Path, typer.Argument(help="Local reference copy of the model.")],
+    initial_peers: PeersOption = None,
+    swarm_key: KeyOption = None,
+    rounds: Annotated[int, typer.Option(help="Canary rounds (0 = until Ctrl-C).")] = 3,
+    interval: Annotated[float, typer.Option(help="Seconds between rounds.")] = 5.0,
+    timeout: Annotated[float, typer.Option(help="Seconds a server may take per canary.")] = 10.0,
+) -> None:
+    """Send canary inputs with known answers to every server; report accuracy and uptime."""
+    try:
+        trio.run(_monitor, model, initial_peers or [], swarm_key, rounds, interval, timeout)
+    except KeyboardInterrupt:
+        err.print("stopped")
+    except SwarmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+async def _monitor(
+    model: Path,
+    initial_peers: list[str],
+    swarm_key: Path | None,
+    rounds: int,
+    interval: float,
+    timeout: float,
+) -> None:
+    from swarm.dht.config import parse_host_port
+    from swarm.net.identity import PeerId
+    from swarm.shards import LayerRange
+    from swarm.verify.health import Canary, ServerHealth, make_canaries, probe_safely
+
+    health: dict[PeerId, ServerHealth] = {}
+    canaries: dict[LayerRange, Canary] = {}
+    async with _discovery(model, initial_peers, swarm_key) as (found, pool, _layers):
+        round_no = 0
+        while rounds == 0 or round_no < rounds:
+            servers = [s for s in await found.refresh() if s.state == "online"]
+            missing = [s.layers for s in servers if s.layers not in canaries]
+            if missing:
+                canaries |= await trio.to_thread.run_sync(make_canaries, model, missing)
+            for s in servers:
+                host, port = parse_host_port(s.address)
+
+                async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
+                    return await pool.get(host, port, s.peer_id)
+
+                result = await probe_safely(connect, canaries[s.layers], s.dtype, timeout)
+                entry = health.setdefault(s.peer_id, ServerHealth(s.peer_id, s.layers))
+                entry.add(result)
+            round_no += 1
+            console.print(f"round {round_no}: probed {len(servers)} servers")
+            if rounds == 0 or round_no < rounds:
+                await trio.sleep(interval)
+    table = Table(title="canary results")
+    for column in ("peer", "layers", "accuracy", "uptime", "median latency", "last"):
+        table.add_column(column)
+    for entry in sorted(health.values(), key=lambda e: (e.layers.start, str(e.peer_id))):
+        style = "red" if entry.accuracy < 1.0 else "green"
+        table.add_row(
+            entry.peer_id.short(), str(entry.layers),
+            f"[{style}]{entry.correct}/{entry.reachable} ({entry.accuracy:.0%})[/{style}]",
+            f"{entry.reachable}/{entry.probes}",
+            "-" if not entry.latencies else f"{entry.median_latency * 1e3:.1f} ms",
+            entry.last_detail,
+        )  # fmt: skip
+    console.print(table)
