@@ -59,6 +59,13 @@ def generate(
         bool, typer.Option("--no-push", help="Relay every hop through the client.")
     ] = False,
     step_timeout: Annotated[float, typer.Option(help="Seconds one hop may take per step.")] = 30.0,
+    verify: Annotated[
+        str,
+        typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic."),
+    ] = "none",
+    reputation: Annotated[
+        Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
+    ] = None,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
     try:
@@ -71,6 +78,8 @@ def generate(
             swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
             use_push=not no_push,
             step_timeout=step_timeout,
+            verify=verify,
+            **({"reputation_path": str(reputation)} if reputation else {}),
         )
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
         request = prompt if prompt is not None else _parse_ids(ids or "")

@@ -81,11 +81,13 @@ class RemoteModel:
         """Open ``path``'s model on the swarm reached through ``initial_peers``.
 
         ``config`` holds `ClientConfig` fields (``use_push=False``, ``step_timeout=5``...).
-        ``verify`` must be None for now (verification policies are not implemented yet).
-        Raises `ConfigError` for unknown options, and what `AsyncRemoteModel.open` raises.
+        ``verify`` is a policy (``"none"``, ``"spot-check:0.1"``, ``"redundant:3"``,
+        ``"optimistic"``; see `swarm.verify.policy`); None means ``"none"``.
+        Raises `ConfigError` for unknown options or policies, and what
+        `AsyncRemoteModel.open` raises.
         """
         if verify is not None:
-            raise ConfigError(f"verification policy {verify!r} is not available yet")
+            config["verify"] = verify
         try:
             client_config = ClientConfig(initial_peers=tuple(initial_peers), **config)
         except TypeError as exc:

@@ -51,3 +51,51 @@ async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
     assert all(hop["peer"] != str(liar) for hop in result.route)
     first = model.verifier.detections[0][1]
     assert first < 30
+
+
+async def test_redundant_three_with_one_liar_gives_honest_tokens(
+    model4: Path, reference: list[int], tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        ids, model, liar = await run_with_liar(model4, tmp_path, "noise:0.01", "redundant:3")
+    assert ids == reference
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert model.verifier.detections[0][1] == 0  # every step is checked: caught at once
+
+
+async def test_optimistic_rolls_back_and_redoes_on_honest_peers(
+    model4: Path, reference: list[int], tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        ids, model, liar = await run_with_liar(model4, tmp_path, "skip", "optimistic")
+    assert ids == reference
+    result = model.last_result
+    assert result is not None and result.rollbacks == 1
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert all(hop["peer"] != str(liar) for hop in result.route)
+
+
+async def test_honest_swarm_is_never_flagged_and_reputation_persists(
+    model4: Path, reference: list[int], tmp_path: Path
+) -> None:
+    """float32 and bfloat16 peers, every hop of every step checked (redundant:3)."""
+    with trio.fail_after(120):
+        async with open_local_swarm(model4) as local:
+            await local.add_server(WHOLE)
+            await local.add_server(WHOLE, dtype="bfloat16")
+            await local.add_server(WHOLE, dtype="bfloat16")
+            config = ClientConfig(
+                initial_peers=(local.dht_address,),
+                verify="redundant:3",
+                reputation_path=str(tmp_path / "rep.json"),
+            )
+            async with AsyncRemoteModel.open(model4, config) as model:
+                await model.generate(PROMPT, NEW_TOKENS)
+                assert model.verifier is not None
+                assert model.verifier.detections == []
+                assert model.last_result is not None and model.last_result.rollbacks == 0
+    from swarm.verify.reputation import Reputation
+
+    saved = Reputation.load(tmp_path / "rep.json")
+    assert len(saved.records()) == 3
+    assert all(r.failed == 0 and r.passed > 0 for r in saved.records().values())
