@@ -40,12 +40,20 @@ from swarm.dht import DHTConfig, DHTNode
 from swarm.dht.config import parse_host_port
 from swarm.errors import ConfigError, SwarmError
 from swarm.net.identity import PeerId
-from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
+from swarm.net.messages import (
+    Evidence,
+    ForwardRequest,
+    ForwardResponse,
+    InfoRequest,
+    InfoResponse,
+    encode_message,
+)
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
 from swarm.shards import Head, LayerRange, ModelConfig, load_head, model_id
-from swarm.verify.audit import Candidate, HopRecord
+from swarm.verify.audit import AuditResult, Candidate, HopRecord
 from swarm.verify.policy import parse_policy
+from swarm.verify.receipts import EvidenceFile, evidence_digest, make_evidence
 from swarm.verify.reputation import Reputation
 from swarm.verify.verifier import HopObservation, Verifier
 
@@ -135,6 +143,9 @@ class AsyncRemoteModel:
         self.verifier = _make_verifier(config)
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
+        self.published_evidence: list[Evidence] = []
+        if self.verifier is not None:
+            self.verifier.on_evidence = self._evidence
 
     @classmethod
     @asynccontextmanager
@@ -227,8 +238,47 @@ class AsyncRemoteModel:
         for k, hop in enumerate(session.route):
             x, pos, out = session.hop_history(k)
             dtype = await self._dtype(hop.server)
-            records.append(HopRecord(hop.server.peer_id, dtype, hop.layers, x, pos, out))
+            state = session.hops[k]
+            step_tokens = state.inputs[-1][0].shape[1] if state.inputs else 0
+            receipt = state.receipts[-1] if state.receipts else None
+            records.append(
+                HopRecord(hop.server.peer_id, dtype, hop.layers, x, pos, out, receipt, step_tokens)
+            )
         return records
+
+    async def _evidence(self, record: HopRecord, result: AuditResult) -> str | None:
+        """Sign evidence against the liar's last receipt, keep its material, publish it.
+
+        Returns the evidence digest (None without a receipt). Publishing is best effort.
+        """
+        if record.receipt is None or result.reference is None or record.step_tokens == 0:
+            return None
+        tail = slice(record.inputs.shape[1] - record.step_tokens, None)
+        evidence = make_evidence(
+            self.config.identity,
+            record.receipt,
+            record.inputs,
+            record.positions,
+            result.first_bad_position or 0,
+            result.reference[:, tail],
+            len(result.honest),
+        )
+        digest = evidence_digest(evidence)
+        if self.config.evidence_dir is not None:
+            material = EvidenceFile(
+                record.inputs, record.positions, record.inputs[:, tail], record.outputs[:, tail]
+            )
+            material.save(Path(self.config.evidence_dir).expanduser(), evidence)
+        dht = getattr(self.directory, "dht", None)
+        if isinstance(dht, DHTNode):
+            key = f"{record.receipt.model_id}/evidence"
+            try:
+                with trio.move_on_after(self.config.request_timeout):
+                    await dht.announce(key, {"evidence": encode_message(evidence)}, ttl=3600.0)
+            except SwarmError as exc:
+                log.info("could not publish evidence: %s", exc)
+        self.published_evidence.append(evidence)
+        return digest
 
     async def _check_step(
         self, session: InferenceSession, new_tokens: int, step: int

@@ -38,6 +38,7 @@ from swarm.errors import (
     RoutingError,
     SessionError,
     TransportError,
+    VerificationError,
 )
 from swarm.net.identity import PeerId
 from swarm.net.messages import (
@@ -46,10 +47,12 @@ from swarm.net.messages import (
     InferenceStep,
     InferenceStepResult,
     PushTarget,
+    Receipt,
 )
 from swarm.net.pool import ConnectionPool
 from swarm.net.rpc import RpcStream
 from swarm.shards.ranges import LayerRange
+from swarm.verify.receipts import check_receipt
 
 __all__ = ["HopFailure", "InferenceSession"]
 
@@ -79,8 +82,10 @@ class _HopState:
     stack: AsyncExitStack
     first_step: int
     push_to: PushTarget | None = None
+    last_receipt: Receipt | None = None
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)  # what the hop returned, per entry
+    receipts: list[Receipt | None] = field(default_factory=list)  # the hop's signed receipts
     seconds: list[float] = field(default_factory=list)
 
     @property
@@ -209,6 +214,7 @@ class InferenceSession:
                 continue
             state.inputs.append((x, positions))
             state.outputs.append(out)
+            state.receipts.append(state.last_receipt)
             x = out.to(self.config.torch_wire_dtype)
             k, explicit = k + 1, False
         self.step_count += 1
@@ -262,6 +268,13 @@ class InferenceSession:
             raise ProtocolError(
                 f"result of shape {list(out.shape)} {out.dtype}, expected {list(x.shape)}"
             )
+        if self.config.verify != "none":  # receipts cost a hash and a signature check
+            try:
+                check_receipt(result.receipt, state.hop.server.peer_id, layers=state.hop.layers,
+                              step=step, outputs=out)  # fmt: skip
+            except VerificationError as exc:
+                raise ProtocolError(f"bad receipt: {exc}") from exc
+        state.last_receipt = result.receipt
         state.seconds.append(trio.current_time() - started)
         return out
 
@@ -422,6 +435,7 @@ class InferenceSession:
                     out = await self._hop_step(state, replay_step, x, pos, send_now=True)
                     state.inputs.append((x, pos))
                     state.outputs.append(out)
+                    state.receipts.append(state.last_receipt)
                     x = out.to(self.config.torch_wire_dtype)
         except BaseException:
             with trio.CancelScope(shield=True):

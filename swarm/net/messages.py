@@ -35,6 +35,7 @@ from swarm.shards.ranges import LayerRange
 __all__ = [
     "PROTOCOL_VERSION",
     "ErrorResponse",
+    "Evidence",
     "ForwardRequest",
     "ForwardResponse",
     "InferenceOpen",
@@ -48,6 +49,7 @@ __all__ = [
     "PushRequest",
     "PushResponse",
     "PushTarget",
+    "Receipt",
     "ServerAnnouncement",
     "bounded",
     "decode_message",
@@ -336,6 +338,33 @@ class InfoResponse(Message):
     active_sessions: int = bounded(ge=0, default=0)
 
 
+@message("receipt")
+class Receipt(Message):
+    """A server's signed statement of one computation (see `swarm.verify.receipts`)."""
+
+    model_id: str = bounded(max_len=128)
+    layer_range: LayerRange
+    session_id: bytes = bounded(max_len=_SESSION_ID)  # b"" for a stateless forward
+    step: int = bounded(ge=0)
+    input_sha256: bytes = bounded(max_len=32)
+    output_sha256: bytes = bounded(max_len=32)
+    public_key: bytes = bounded(max_len=32)  # Ed25519; its SHA-256 is the server's PeerId
+    signature: bytes = bounded(max_len=64)
+
+
+@message("evidence")
+class Evidence(Message):
+    """A reporter's signed claim that ``receipt`` was contradicted by a majority of re-runs."""
+
+    receipt: Receipt
+    history_sha256: bytes = bounded(max_len=32)  # inputs then positions of the whole history
+    first_bad_position: int = bounded(ge=0)
+    reference_sha256: bytes = bounded(max_len=32)  # the majority's output at the receipt's step
+    checkers: int = bounded(ge=0, le=64)  # how many re-runs agreed against the receipt
+    reporter_key: bytes = bounded(max_len=32)
+    signature: bytes = bounded(max_len=64)
+
+
 @message("forward_request")
 class ForwardRequest(Message):
     """Stateless: hidden states of whole sequences through a sub-span of the server's range."""
@@ -348,6 +377,7 @@ class ForwardRequest(Message):
 @message("forward_response")
 class ForwardResponse(Message):
     hidden_states: torch.Tensor  # (batch, seq, hidden)
+    receipt: Receipt | None = None
 
 
 @message("push_target")
@@ -405,6 +435,7 @@ class InferenceStep(Message):
 class InferenceStepResult(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
+    receipt: Receipt | None = None
 
 
 @message("push_request")

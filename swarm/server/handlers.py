@@ -31,6 +31,7 @@ from swarm.net.messages import (
     PushRequest,
     PushResponse,
     PushTarget,
+    Receipt,
 )
 from swarm.net.pool import ConnectionPool
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
@@ -40,6 +41,7 @@ from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
 from swarm.shards.cache import KVCache
 from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span
+from swarm.verify.receipts import make_receipt
 
 __all__ = ["ServerState", "ServingHandlers"]
 
@@ -151,7 +153,8 @@ class ServingHandlers:
         if self.corrupt is not None:
             out = self.corrupt(hidden, out)
         self.state.forwards_done += 1
-        return ForwardResponse(out)
+        receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
+        return ForwardResponse(out, receipt)
 
     # ---- inference sessions ----
 
@@ -220,10 +223,11 @@ class ServingHandlers:
             if self.corrupt is not None:
                 out = self.corrupt(item.hidden, out)
             self.state.steps_done += 1
+            receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             if session.push_to is not None:
                 nursery.start_soon(self._push, session.push_to, step, out, item.positions)
                 await trio.sleep(0)  # the push leaves before our reply: it is on the critical path
-            await stream.send(InferenceStepResult(step, out))
+            await stream.send(InferenceStepResult(step, out, receipt))
 
     async def _push(
         self, target: PushTarget, step: int, hidden: torch.Tensor, positions: torch.Tensor
@@ -250,6 +254,14 @@ class ServingHandlers:
         except LimitExceeded:
             accepted = False
         return PushResponse(accepted)
+
+    def _receipt(
+        self, layers: LayerRange, session_id: bytes, step: int, x: torch.Tensor, out: torch.Tensor
+    ) -> Receipt:
+        """Our signed statement of this computation (`swarm.verify.receipts`)."""
+        return make_receipt(
+            self.pool.identity, self.state.model_id, layers, session_id, step, x, out
+        )
 
     def _narrow(self, layers: LayerRange) -> Span:
         if layers == self.span.layers:

@@ -20,6 +20,7 @@ import torch
 
 from swarm.errors import SwarmError
 from swarm.net.identity import PeerId
+from swarm.net.messages import Receipt
 from swarm.shards.ranges import LayerRange
 from swarm.verify.compare import compare, first_mismatch, thresholds_for
 
@@ -46,6 +47,8 @@ class HopRecord:
     inputs: torch.Tensor  # (batch, history, hidden): every input the peer was given
     positions: torch.Tensor  # (batch, history) int64
     outputs: torch.Tensor  # (batch, history, hidden): what the peer returned
+    receipt: Receipt | None = None  # the peer's receipt for its last step
+    step_tokens: int = 0  # positions of that last step (the tail of the history)
 
 
 @dataclass

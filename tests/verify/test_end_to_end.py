@@ -9,9 +9,10 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.shards import LayerRange
+from swarm.shards import LayerRange, model_id
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
+from swarm.verify.receipts import decode_evidence, verify_evidence_signature
 
 from .conftest import NEW_TOKENS, PROMPT
 
@@ -35,6 +36,12 @@ async def run_with_liar(
         async with AsyncRemoteModel.open(model4, config) as model:
             ids = await model.generate(PROMPT, NEW_TOKENS)
             assert isinstance(ids, list)
+            published = await local.dht.get(f"{model_id(model4)}/evidence")
+            for record in published.values():  # what anyone reading the DHT sees
+                assert record.value is not None
+                evidence = decode_evidence(record.value["evidence"])
+                assert verify_evidence_signature(evidence) == liar.server.identity.peer_id
+            assert len(published) == (1 if model.published_evidence else 0)
             return ids, model, liar.server.identity.peer_id
 
 
@@ -51,6 +58,7 @@ async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
     assert all(hop["peer"] != str(liar) for hop in result.route)
     first = model.verifier.detections[0][1]
     assert first < 30
+    assert [verify_evidence_signature(e) for e in model.published_evidence] == [liar]
 
 
 async def test_redundant_three_with_one_liar_gives_honest_tokens(
