@@ -5,13 +5,21 @@ A spec string names how a server lies (or fails):
 - ``hang``: opens inference sessions, then never answers a step (nor forward nor push);
 - ``noise:R``: adds Gaussian noise of relative size R to every output;
 - ``skip``: returns the input unchanged (does not run its layers);
-- ``zeros``: returns zeros.
+- ``zeros``: returns zeros;
+- ``cheat:Q[:KIND]``: lies as KIND (default ``noise:0.01``) on each answer with probability Q;
+- ``after:N[:KIND]``: answers honestly N times (steps and forwards), then lies as KIND;
+- ``other-weights:SEED``: serves weights perturbed (relative size 5e-2, seeded) after loading,
+  under the same model id;
+- ``collude:SEED``: adds noise (relative 5e-2) drawn from SEED and each position's input
+  bytes, so two colluders with the same SEED return the same wrong answer, whether a
+  position comes in a step or in a forward of the whole history.
 
 Never use these outside tests: they exist so verification and recovery can be shown to work.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -22,13 +30,14 @@ from swarm.net.messages import InferenceOpen, InferenceReady
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.server.handlers import ServingHandlers
 
-__all__ = ["HangingHandlers", "adversary_wrapper", "corruptor"]
+__all__ = ["HangingHandlers", "adversary_wrapper", "corruptor", "perturb_weights"]
 
 Corrupt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def corruptor(spec: str, *, seed: int = 0) -> Corrupt:
-    """The output rewrite for a lying spec (``noise:R``, ``skip``, ``zeros``)."""
+    """The output rewrite for a lying spec (every spec above except ``hang`` and
+    ``other-weights``). Raises `ConfigError` for an unknown or malformed spec."""
     kind, _, arg = spec.partition(":")
     gen = torch.Generator().manual_seed(seed)
     if kind == "skip":
@@ -36,21 +45,78 @@ def corruptor(spec: str, *, seed: int = 0) -> Corrupt:
     if kind == "zeros":
         return lambda hidden, out: torch.zeros_like(out)
     if kind == "noise":
-        try:
-            scale = float(arg)
-        except ValueError as exc:
-            raise ConfigError(
-                f"noise adversary needs a size, e.g. noise:0.01; got {spec!r}"
-            ) from exc
+        return _noise(_number(spec, arg, float), gen)
+    if kind == "cheat":
+        q, _, inner = arg.partition(":")
+        return _sometimes(_number(spec, q, float), corruptor(inner or "noise:0.01", seed=seed), gen)
+    if kind == "after":
+        n, _, inner = arg.partition(":")
+        return _after(_number(spec, n, int), corruptor(inner or "noise:0.01", seed=seed))
+    if kind == "collude":
+        return _collude(_number(spec, arg, int))
+    raise ConfigError(
+        f"unknown adversary {spec!r}; use hang, noise:R, skip, zeros, cheat:Q[:KIND], "
+        "after:N[:KIND], other-weights:SEED or collude:SEED"
+    )
 
-        def noise(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            delta = torch.randn(out.shape, generator=gen).to(out.dtype)
-            size = (scale * out.float().norm() / delta.float().norm()).to(out.dtype)
-            noisy: torch.Tensor = out + delta * size
-            return noisy
 
-        return noise
-    raise ConfigError(f"unknown adversary {spec!r}; use hang, noise:R, skip or zeros")
+def _number(spec: str, text: str, kind: type[float] | type[int]) -> float:
+    try:
+        return kind(text)
+    except ValueError as exc:
+        raise ConfigError(f"adversary {spec!r} needs a number after its name") from exc
+
+
+def _noise(scale: float, gen: torch.Generator) -> Corrupt:
+    def noise(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        delta = torch.randn(out.shape, generator=gen).to(out.dtype)
+        size = (scale * out.float().norm() / delta.float().norm()).to(out.dtype)
+        noisy: torch.Tensor = out + delta * size
+        return noisy
+
+    return noise
+
+
+def _sometimes(q: float, inner: Corrupt, gen: torch.Generator) -> Corrupt:
+    def maybe(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return inner(hidden, out) if float(torch.rand((), generator=gen)) < q else out
+
+    return maybe
+
+
+def _after(n: float, inner: Corrupt) -> Corrupt:
+    calls = [0]
+
+    def later(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return out if calls[0] <= n else inner(hidden, out)
+
+    return later
+
+
+def _collude(seed: float) -> Corrupt:
+    def shared(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        rows = hidden.float().contiguous().view(-1, hidden.shape[-1])  # (batch*seq, hidden)
+        deltas = []
+        for row in rows:
+            digest = hashlib.sha256(f"{seed}".encode() + row.numpy().tobytes()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            deltas.append(torch.randn(hidden.shape[-1], generator=g))
+        delta = torch.stack(deltas).view(out.shape)  # (batch, seq, hidden)
+        scale = 5e-2 * out.float().norm(dim=-1, keepdim=True) / delta.norm(dim=-1, keepdim=True)
+        lied: torch.Tensor = (out.float() + delta * scale).to(out.dtype)
+        return lied
+
+    return shared
+
+
+def perturb_weights(span: torch.nn.Module, seed: int, scale: float = 5e-2) -> None:
+    """Add seeded noise of relative size ``scale`` to every weight of ``span`` (in place)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in span.parameters():
+            delta = torch.randn(param.shape, generator=gen).to(param.dtype)
+            param.add_(delta * scale * param.float().std().to(param.dtype))
 
 
 class HangingHandlers:
@@ -77,6 +143,15 @@ def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], object]:
     """A ``wrap_handlers`` function for `Server` that makes it behave as ``spec`` says."""
     if spec == "hang":
         return HangingHandlers
+    kind, _, arg = spec.partition(":")
+    if kind == "other-weights":
+        seed = int(_number(spec, arg, int))
+
+        def other(handlers: ServingHandlers) -> object:
+            perturb_weights(handlers.span, seed)
+            return handlers
+
+        return other
     corrupt = corruptor(spec)  # validates the spec now, not at the first step
 
     def wrap(handlers: ServingHandlers) -> object:

@@ -45,7 +45,7 @@ async def run_with_liar(
             return ids, model, liar.server.identity.peer_id
 
 
-@pytest.mark.parametrize("spec", ["noise:0.01", "skip", "zeros"])
+@pytest.mark.parametrize("spec", ["noise:0.01", "skip", "zeros", "other-weights:7"])
 async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
     model4: Path, reference: list[int], tmp_path: Path, spec: str
 ) -> None:
