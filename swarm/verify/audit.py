@@ -11,6 +11,7 @@ the majority's (the generation rolls back there).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -74,23 +75,37 @@ def _pick(cands: list[Candidate], dtype: str, rng: random.Random) -> Candidate:
 def _majority(
     answers: dict[PeerId, tuple[torch.Tensor, str]], checked: slice
 ) -> tuple[list[PeerId], list[PeerId]] | None:
-    """(agreeing, others) for the largest group of agreeing answers, if it is a strict majority."""
+    """(majority, liars): the largest set of pairwise-agreeing answers, if it is a strict
+    majority and no other set of that size exists; liars are the peers that disagree with
+    most of it. Agreement is not transitive across dtypes (a bfloat16 answer can be within
+    tolerance of two float32 answers that disagree), hence cliques, not neighbourhoods."""
     peers = list(answers)
-    best: list[PeerId] = []
-    for a in peers:
-        ta, da = answers[a]
-        group = [
-            b
-            for b in peers
-            if compare(
-                ta[:, checked], answers[b][0][:, checked], thresholds_for(da, answers[b][1])
-            ).ok
-        ]
-        if len(group) > len(best):
-            best = group
-    if 2 * len(best) <= len(peers):
+    agree = {
+        (a, b): compare(
+            answers[a][0][:, checked],
+            answers[b][0][:, checked],
+            thresholds_for(answers[a][1], answers[b][1]),
+        ).ok
+        for i, a in enumerate(peers)
+        for b in peers[i + 1 :]
+    }
+
+    def ok(a: PeerId, b: PeerId) -> bool:
+        return a == b or agree.get((a, b), agree.get((b, a), False))
+
+    cliques = [
+        group
+        for size in range(len(peers), 0, -1)
+        for group in itertools.combinations(peers, size)
+        if all(ok(a, b) for a, b in itertools.combinations(group, 2))
+    ]
+    best = len(cliques[0])
+    top = [g for g in cliques if len(g) == best]
+    if 2 * best <= len(peers) or len(top) > 1:
         return None
-    return best, [p for p in peers if p not in best]
+    winner = list(top[0])
+    liars = [p for p in peers if p not in winner and 2 * sum(ok(p, w) for w in winner) < best]
+    return winner, liars
 
 
 async def audit_hop(
@@ -154,6 +169,9 @@ def _verdict(
     result.reference = ref
     if record.peer_id in agreeing:
         result.verdict = "passed"
+        return result
+    if record.peer_id not in liars:  # outside the majority, but close to half of it
+        result.verdict = "inconclusive"
         return result
     result.verdict = "lied"
     index = first_mismatch(ref, record.outputs.float(), thresholds_for(ref_dtype, record.dtype))
