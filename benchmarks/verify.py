@@ -7,9 +7,11 @@
 1. cost (end to end): an in-process swarm of a tiny model (hidden 256, 8 layers, vocab 32000)
    with three honest float32 servers each serving all 8 layers; a client generates 32 greedy
    tokens after a 16-token prompt under each policy (a warm-up generation first, so peers are
-   no longer "new"). Extra compute = tokens the servers ran (generation + re-runs) over the
-   tokens of the generation under ``none``; latency = median per-token seconds of the decoded
-   tokens (accepted steps) over ``none``'s; "final" = time until ``generate`` returned.
+   no longer "new"), 3 rounds over the policies in turn, medians. Extra compute = the
+   servers' compute-worker busy seconds during the generation over ``none``'s (inflated when
+   replicas compute at the same time on a 2-core machine); latency = median per-token seconds
+   of the decoded tokens (accepted steps) over ``none``'s; "final" = until ``generate``
+   returned (optimistic includes its challenge).
 2. detection (simulated): 100 seeded trials per (policy, liar kind) through the real
    `Verifier`, answers from real recorded outputs of a 4-layer model (float32 checkers, one
    bfloat16), 30 steps: detection probability within 30 steps and median steps to detection.
@@ -29,6 +31,7 @@ import logging
 import os
 import statistics
 import tempfile
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,6 +41,7 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.server.handlers import ServingHandlers
 from swarm.shards import LayerRange, load_head, load_span
 from swarm.testing.adversaries import corruptor, perturb_weights
 from swarm.testing.checkpoints import make_tiny_checkpoint, write_random_llama
@@ -53,34 +57,49 @@ POLICIES = ["none", "spot-check:0.1", "spot-check:0.2", "redundant:3", "optimist
 KINDS = ["noise:0.01", "skip", "zeros", "other-weights", "cheat:0.1", "after:10"]
 STEPS = 30
 TRIALS = 100
+LAST_FRAMED = 0  # trials of the last `detect` in which an honest peer was outvoted
 
 
 # ---- 1. cost and latency, end to end ----
 
 
-async def cost(path: Path) -> dict[str, dict[str, float]]:
-    rows: dict[str, dict[str, float]] = {}
+def busy(handlers: list[ServingHandlers]) -> float:
+    """Seconds the servers' compute workers spent computing (benchmark-only peek)."""
+    return sum(h.queue._busy_seconds for h in handlers)
+
+
+async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
+    handlers: list[ServingHandlers] = []
+
+    def keep(h: ServingHandlers) -> ServingHandlers:
+        handlers.append(h)
+        return h
+
     async with open_local_swarm(path) as local:
         for _ in range(3):
-            await local.add_server(LayerRange(0, 8))
-        for policy in POLICIES:
-            config = ClientConfig(
-                initial_peers=(local.dht_address,), verify=policy, verify_seed=1,
-                reputation_path=None,
-            )  # fmt: skip
-            async with AsyncRemoteModel.open(path, config) as model:
+            await local.add_server(LayerRange(0, 8), wrap_handlers=keep)
+        models = {}
+        async with AsyncExitStack() as stack:
+            for policy in POLICIES:
+                config = ClientConfig(
+                    initial_peers=(local.dht_address,), verify=policy, verify_seed=1,
+                    reputation_path=None,
+                )  # fmt: skip
+                model = await stack.enter_async_context(AsyncRemoteModel.open(path, config))
                 await model.generate(PROMPT, NEW_TOKENS)  # warm-up; peers pass first audits
-                before = model.verifier.rerun_tokens if model.verifier else 0
-                t0 = trio.current_time()
-                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
-                final = trio.current_time() - t0
-                reruns = (model.verifier.rerun_tokens if model.verifier else 0) - before
-            tokens = len(PROMPT) + NEW_TOKENS - 1
-            rows[policy] = {
-                "compute": (tokens + reruns) / tokens,
-                "token_s": statistics.median(result.timings[1:]),
-                "final_s": final,
-            }
+                models[policy] = model
+            for _ in range(rounds):
+                for policy, model in models.items():
+                    b0, t0 = busy(handlers), trio.current_time()
+                    result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                    row = samples[policy]
+                    row.setdefault("final_s", []).append(trio.current_time() - t0)
+                    row.setdefault("busy_s", []).append(busy(handlers) - b0)
+                    row.setdefault("token_s", []).append(statistics.median(result.timings[1:]))
+    rows = {p: {k: statistics.median(v) for k, v in row.items()} for p, row in samples.items()}
+    for row in rows.values():
+        row["compute"] = row["busy_s"] / rows["none"]["busy_s"]
     base = rows["none"]
     for row in rows.values():
         row["latency"] = row["token_s"] / base["token_s"]
@@ -114,12 +133,14 @@ def recordings(path: Path) -> tuple[torch.Tensor, dict[str, Recording]]:
 async def detect(
     x: torch.Tensor, recs: dict[str, Recording], policy: str, liar_of: object, checkers: object
 ) -> tuple[float, float | None]:
-    steps = []
+    global LAST_FRAMED
+    steps, LAST_FRAMED = [], 0
     for trial in range(TRIALS):
         liar = liar_of(trial)  # type: ignore[operator]
         result = await simulate_hop(x, liar, checkers(trial), parse_policy(policy), seed=trial)  # type: ignore[operator]
         if result.detected_at is not None:
             steps.append(result.detected_at + 1)
+        LAST_FRAMED += result.flagged_honest > 0
     median = statistics.median(steps) if steps else None
     return len(steps) / TRIALS, median
 
@@ -156,7 +177,8 @@ async def colluders(
 ) -> dict[tuple[str, str], tuple[float, float | None]]:
     """Six replicas of the hop; 2 (1/3) or 3 (1/2) of them collude, the checked one included."""
     out = {}
-    print(f"{'policy':16} {'1/3 colluding':>16} {'1/2 colluding':>16}   (P(det) median steps)")
+    print(f"{'policy':16} {'1/3 colluding':>22} {'1/2 colluding':>22}")
+    print(f"{'':16} " + " ".join(f"{'P(det) median framed':>22}" for _ in range(2)))
     for policy in ("spot-check:0.2", "redundant:3", "optimistic"):
         cells = []
         for share, count in (("1/3", 2), ("1/2", 3)):
@@ -172,8 +194,9 @@ async def colluders(
 
             p, med = await detect(x, recs, policy, liar, checkers)
             out[(policy, share)] = (p, med)
-            cells.append(f"{p:6.2f} {('-' if med is None else f'{med:g}'):>9}")
-        print(f"{policy:16} " + " ".join(f"{c:>16}" for c in cells))
+            framed = LAST_FRAMED / TRIALS
+            cells.append(f"{p:6.2f} {('-' if med is None else f'{med:g}'):>6} {framed:8.2f}")
+        print(f"{policy:16} " + " ".join(f"{c:>22}" for c in cells))
     return out
 
 

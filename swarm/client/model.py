@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory
+from swarm.client.replicas import Replicas
 from swarm.client.routing import Hop, ServerView
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.session import InferenceSession
@@ -144,6 +145,7 @@ class AsyncRemoteModel:
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
         self.published_evidence: list[Evidence] = []
+        self._replicas: Replicas | None = None
         if self.verifier is not None:
             self.verifier.on_evidence = self._evidence
 
@@ -224,7 +226,12 @@ class AsyncRemoteModel:
     async def _forward(
         self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """A stateless forward on ``peer``. Raises `SwarmError` subclasses."""
+        """A stateless forward on ``peer`` (or a replica's recorded answer, which holds the
+        same computation). Raises `SwarmError` subclasses."""
+        if self._replicas is not None:
+            answer = self._replicas.answer(peer, layers, hidden.shape[1])
+            if answer is not None:
+                return answer  # (batch, T, hidden)
         host, port = parse_host_port(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
         response = await self.pool.call(
@@ -241,8 +248,19 @@ class AsyncRemoteModel:
             state = session.hops[k]
             step_tokens = state.inputs[-1][0].shape[1] if state.inputs else 0
             receipt = state.receipts[-1] if state.receipts else None
+            replicas = tuple(self._replicas.peers(hop.layers)) if self._replicas else ()
             records.append(
-                HopRecord(hop.server.peer_id, dtype, hop.layers, x, pos, out, receipt, step_tokens)
+                HopRecord(
+                    hop.server.peer_id,
+                    dtype,
+                    hop.layers,
+                    x,
+                    pos,
+                    out,
+                    receipt,
+                    step_tokens,
+                    replicas,
+                )
             )
         return records
 
@@ -287,6 +305,8 @@ class AsyncRemoteModel:
         verifier = self.verifier
         if verifier is None or not verifier.policy.checks_steps:
             return None
+        if self._replicas is not None:
+            await self._replicas.step(session)
         observed = []
         for k, record in enumerate(await self._hop_records(session)):
             seconds = session.hops[k].seconds
@@ -356,13 +376,29 @@ class AsyncRemoteModel:
             result.verification = self.verifier.statistics()
             self._save_reputation()
 
-    def _open_session(self, max_length: int) -> AbstractAsyncContextManager[InferenceSession]:
+    @asynccontextmanager
+    async def _open_session(self, max_length: int) -> AsyncIterator[InferenceSession]:
+        """The main session, and under ``redundant:K`` its hops' K-1 replicas."""
         layers = LayerRange(0, self.model_config.num_hidden_layers)
         excluded = self.verifier.reputation.banned() if self.verifier is not None else set()
-        return InferenceSession.open(
-            self.pool, self.directory, self.config, layers=layers, max_length=max_length,
-            bans=self.bans, rng=self.rng, excluded=excluded,
-        )  # fmt: skip
+
+        def open_range(
+            span: LayerRange, avoid: Collection[PeerId]
+        ) -> AbstractAsyncContextManager[InferenceSession]:
+            return InferenceSession.open(
+                self.pool, self.directory, self.config, layers=span, max_length=max_length,
+                bans=self.bans, rng=self.rng, excluded=excluded | set(avoid),
+            )  # fmt: skip
+
+        async with AsyncExitStack() as stack:
+            session = await stack.enter_async_context(open_range(layers, ()))
+            if self.verifier is not None and self.verifier.policy.kind == "redundant":
+                self._replicas = Replicas(open_range, stack)
+                await self._replicas.open_for(session, self.verifier.policy.replicas - 1)
+            try:
+                yield session
+            finally:
+                self._replicas = None
 
     async def generate_detailed(
         self,

@@ -50,6 +50,7 @@ class HopRecord:
     outputs: torch.Tensor  # (batch, history, hidden): what the peer returned
     receipt: Receipt | None = None  # the peer's receipt for its last step
     step_tokens: int = 0  # positions of that last step (the tail of the history)
+    replicas: tuple[PeerId, ...] = ()  # peers that replicate this hop: asked first
 
 
 @dataclass
@@ -65,9 +66,12 @@ class AuditResult:
     reruns: int = 0  # forwards asked of other peers
 
 
-def _pick(cands: list[Candidate], dtype: str, rng: random.Random) -> Candidate:
+def _pick(
+    cands: list[Candidate], dtype: str, rng: random.Random, first: tuple[PeerId, ...]
+) -> Candidate:
+    preferred = [c for c in cands if c.peer_id in first]
     same = [c for c in cands if c.dtype == dtype]
-    choice = rng.choice(same or cands)
+    choice = rng.choice(preferred or same or cands)
     cands.remove(choice)
     return choice
 
@@ -131,7 +135,7 @@ async def audit_hop(
     result = AuditResult("unchecked")
     wanted = checkers
     while pool:
-        cand = _pick(pool, record.dtype, rng)
+        cand = _pick(pool, record.dtype, rng, record.replicas)
         result.reruns += 1
         try:
             ref = await forward(cand.peer_id, record.layers, record.inputs, record.positions)

@@ -1,0 +1,89 @@
+"""Stateful replicas of a session's hops, for the ``redundant:K`` policy.
+
+For each hop of the main session, K-1 more one-hop `InferenceSession` s run the same layers
+on other servers (the client relays the hop's input to them every step: "relay mode"), so
+each keeps its own KV cache and a step costs each replica one token of compute, not a
+forward of the whole history. Their outputs are the votes the `Verifier` counts. A replica
+that fails is dropped (that hop then has fewer votes; referees fill in with stateless
+forwards). Replicas belong to one main session; a rollback opens a new set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+
+import torch
+import trio
+
+from swarm.client.session import InferenceSession
+from swarm.errors import RoutingError, SessionError
+from swarm.net.identity import PeerId
+from swarm.shards.ranges import LayerRange
+
+__all__ = ["Replicas"]
+
+log = logging.getLogger(__name__)
+
+OpenFn = Callable[[LayerRange, Collection[PeerId]], AbstractAsyncContextManager[InferenceSession]]
+
+
+class Replicas:
+    """Replica sessions per hop index of one main session; use inside an `AsyncExitStack`."""
+
+    def __init__(self, open_session: OpenFn, stack: AsyncExitStack) -> None:
+        self._open = open_session
+        self._stack = stack
+        self.by_hop: dict[int, list[tuple[LayerRange, InferenceSession]]] = {}
+
+    async def open_for(self, main: InferenceSession, count: int) -> None:
+        """Open up to ``count`` one-hop replicas of each hop (fewer if servers are short)."""
+        for k, hop in enumerate(main.route):
+            used = {hop.server.peer_id}
+            for _ in range(count):
+                try:
+                    replica = await self._stack.enter_async_context(self._open(hop.layers, used))
+                except (RoutingError, SessionError) as exc:
+                    log.info("no replica for layers %s: %s", hop.layers, exc)
+                    break
+                if len(replica.route) != 1:  # split over servers: no single peer to vote
+                    await replica.aclose()
+                    break
+                used.add(replica.route[0].server.peer_id)
+                self.by_hop.setdefault(k, []).append((hop.layers, replica))
+
+    async def step(self, main: InferenceSession) -> None:
+        """Relay each hop's last input to its replicas, all at once."""
+
+        async def one(k: int, i: int, replica: InferenceSession) -> None:
+            x, pos = main.hops[k].inputs[-1]
+            try:
+                await replica.step(x, pos)
+            except (RoutingError, SessionError) as exc:
+                log.info("replica of hop %d dropped: %s", k, exc)
+                self.by_hop[k][i] = (LayerRange(0, 0), replica)  # never matches again
+
+        async with trio.open_nursery() as nursery:
+            for k, replicas in self.by_hop.items():
+                if k >= len(main.hops) or main.route[k].layers != replicas[0][0]:
+                    continue  # the main route changed under this hop: replicas no longer match
+                for i, (_, replica) in enumerate(replicas):
+                    nursery.start_soon(one, k, i, replica)
+
+    def answer(self, peer: PeerId, layers: LayerRange, length: int) -> torch.Tensor | None:
+        """A replica's outputs over the whole history, if ``peer`` replicates ``layers``."""
+        for replicas in self.by_hop.values():
+            for replica_layers, replica in replicas:
+                if replica_layers == layers and replica.route[0].server.peer_id == peer:
+                    _, _, out = replica.hop_history(0)  # (batch, T, hidden)
+                    return out if out.shape[1] == length else None
+        return None
+
+    def peers(self, layers: LayerRange) -> list[PeerId]:
+        return [
+            replica.route[0].server.peer_id
+            for replicas in self.by_hop.values()
+            for replica_layers, replica in replicas
+            if replica_layers == layers
+        ]
