@@ -63,6 +63,8 @@ class ClientConfig:
       (read and written only when ``verify`` is not ``none``; None keeps them in memory).
     - ``verify_seed`` (None): seed of the audit coin flips (tests and benchmarks).
     - ``evidence_dir`` (None): folder for full evidence (input histories of proven lies).
+    - ``ledger_path`` (None): a `FileLedger` of stakes (private swarms): stake lowers a peer's
+      audit rate, a proven lie slashes it.
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -88,6 +90,7 @@ class ClientConfig:
     reputation_path: str | None = "~/.cache/swarm/reputation.json"
     verify_seed: int | None = None
     evidence_dir: str | None = None
+    ledger_path: str | None = None
 
     def __post_init__(self) -> None:
         for peer in self.initial_peers:

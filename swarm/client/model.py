@@ -53,6 +53,7 @@ from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
 from swarm.shards import Head, LayerRange, ModelConfig, load_head, model_id
 from swarm.verify.audit import AuditResult, Candidate, HopRecord
+from swarm.verify.ledger import FileLedger
 from swarm.verify.policy import parse_policy
 from swarm.verify.receipts import EvidenceFile, evidence_digest, make_evidence
 from swarm.verify.reputation import Reputation
@@ -442,7 +443,8 @@ def _make_verifier(config: ClientConfig) -> Verifier | None:
         return None
     path = Path(config.reputation_path).expanduser() if config.reputation_path else None
     reputation = Reputation.load(path) if path is not None else Reputation()
-    return Verifier(policy, reputation, rng=random.Random(config.verify_seed))
+    ledger = FileLedger(config.ledger_path) if config.ledger_path else None
+    return Verifier(policy, reputation, ledger, rng=random.Random(config.verify_seed))
 
 
 class _Generation:

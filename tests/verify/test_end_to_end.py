@@ -9,9 +9,11 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.net.identity import PeerId
 from swarm.shards import LayerRange, model_id
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
+from swarm.verify.ledger import FileLedger
 from swarm.verify.receipts import decode_evidence, verify_evidence_signature
 
 from .conftest import NEW_TOKENS, PROMPT
@@ -21,13 +23,15 @@ WHOLE = LayerRange(0, 4)
 
 async def run_with_liar(
     model4: Path, tmp_path: Path, spec: str, policy: str, honest: int = 2, seed: int = 1
-) -> tuple[list[int], AsyncRemoteModel, object]:
+) -> tuple[list[int], AsyncRemoteModel, PeerId]:
     """A liar (measured throughput: routes prefer it) and ``honest`` slow-announcing peers."""
     async with open_local_swarm(model4) as local:
         liar = await local.add_server(WHOLE, wrap_handlers=adversary_wrapper(spec))
         for _ in range(honest):
             await local.add_server(WHOLE, measure_throughput=False)
+        FileLedger(tmp_path / "ledger.json").deposit(liar.server.identity.peer_id, 100.0)
         config = ClientConfig(
+            ledger_path=str(tmp_path / "ledger.json"),
             initial_peers=(local.dht_address,),
             verify=policy,
             verify_seed=seed,
@@ -54,11 +58,12 @@ async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
     assert ids == reference
     result = model.last_result
     assert result is not None and result.rollbacks >= 1
-    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert all(hop["peer"] != str(liar) for hop in result.route)
     first = model.verifier.detections[0][1]
     assert first < 30
     assert [verify_evidence_signature(e) for e in model.published_evidence] == [liar]
+    assert FileLedger(tmp_path / "ledger.json").stake_of(liar) == 0.0
 
 
 async def test_redundant_three_with_one_liar_gives_honest_tokens(
@@ -67,7 +72,7 @@ async def test_redundant_three_with_one_liar_gives_honest_tokens(
     with trio.fail_after(120):
         ids, model, liar = await run_with_liar(model4, tmp_path, "noise:0.01", "redundant:3")
     assert ids == reference
-    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert model.verifier.detections[0][1] == 0  # every step is checked: caught at once
 
 
@@ -79,7 +84,7 @@ async def test_optimistic_rolls_back_and_redoes_on_honest_peers(
     assert ids == reference
     result = model.last_result
     assert result is not None and result.rollbacks == 1
-    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)  # type: ignore[arg-type]
+    assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert all(hop["peer"] != str(liar) for hop in result.route)
 
 
