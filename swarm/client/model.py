@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,32 +32,20 @@ from tokenizers import Tokenizer
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory
-from swarm.client.replicas import Replicas
-from swarm.client.routing import Hop, ServerView
+from swarm.client.routing import Hop
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.session import InferenceSession
 from swarm.client.text import StopText, load_tokenizer
+from swarm.client.verifying import VerifiedSessions
 from swarm.dht import DHTConfig, DHTNode
-from swarm.dht.config import parse_host_port
-from swarm.errors import ConfigError, SwarmError
-from swarm.net.identity import PeerId
+from swarm.errors import ConfigError
 from swarm.net.messages import (
     Evidence,
-    ForwardRequest,
-    ForwardResponse,
-    InfoRequest,
-    InfoResponse,
-    encode_message,
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
-from swarm.shards import Head, LayerRange, ModelConfig, load_head, model_id
-from swarm.verify.audit import AuditResult, Candidate, HopRecord
-from swarm.verify.ledger import FileLedger
-from swarm.verify.policy import parse_policy
-from swarm.verify.receipts import EvidenceFile, evidence_digest, make_evidence
-from swarm.verify.reputation import Reputation
-from swarm.verify.verifier import HopObservation, Verifier
+from swarm.shards import Head, ModelConfig, load_head, model_id
+from swarm.verify.verifier import Verifier
 
 __all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "unwrap_group"]
 
@@ -142,13 +130,19 @@ class AsyncRemoteModel:
         self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         self.rng = random.Random()
         self.last_result: GenerationResult | None = None
-        self.verifier = _make_verifier(config)
-        self._dtypes: dict[PeerId, str] = {}
-        self._views: dict[PeerId, ServerView] = {}
-        self.published_evidence: list[Evidence] = []
-        self._replicas: Replicas | None = None
-        if self.verifier is not None:
-            self.verifier.on_evidence = self._evidence
+        self.sessions = VerifiedSessions(
+            config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers
+        )
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """The verification policy's state (audits, reputation), None under ``none``."""
+        return self.sessions.verifier
+
+    @property
+    def published_evidence(self) -> list[Evidence]:
+        """Evidence this client signed against proven liars."""
+        return self.sessions.published_evidence
 
     @classmethod
     @asynccontextmanager
@@ -189,144 +183,6 @@ class AsyncRemoteModel:
         except BaseExceptionGroup as group:
             _reraise(group)
 
-    # ---- verification glue (the policy logic is in swarm.verify) ----
-
-    def _save_reputation(self) -> None:
-        assert self.verifier is not None
-        try:
-            self.verifier.reputation.save()
-        except OSError as exc:
-            log.warning("could not save reputation: %s", exc)
-
-    async def _dtype(self, view: ServerView) -> str:
-        """The dtype a server computes in (asked once with ``info``; "" if it does not say)."""
-        if view.peer_id not in self._dtypes:
-            host, port = parse_host_port(view.address)
-            try:
-                info = await self.pool.call(
-                    host, port, "info", InfoRequest(), InfoResponse,
-                    expected_peer=view.peer_id, timeout=self.config.request_timeout,
-                )  # fmt: skip
-                self._dtypes[view.peer_id] = info.dtype
-            except SwarmError as exc:
-                log.info("info from %s failed: %s", view.peer_id, exc)
-                return ""
-        return self._dtypes[view.peer_id]
-
-    async def _candidates(self, layers: LayerRange) -> list[Candidate]:
-        """Online, unbanned servers whose span holds ``layers``."""
-        banned = self.bans.banned()
-        out = []
-        for view in await self.directory.servers():
-            self._views[view.peer_id] = view
-            inside = view.layers.start <= layers.start and layers.stop <= view.layers.stop
-            if inside and view.state == "online" and view.peer_id not in banned:
-                out.append(Candidate(view.peer_id, await self._dtype(view)))
-        return out
-
-    async def _forward(
-        self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """A stateless forward on ``peer`` (or a replica's recorded answer, which holds the
-        same computation). Raises `SwarmError` subclasses."""
-        if self._replicas is not None:
-            answer = self._replicas.answer(peer, layers, hidden.shape[1])
-            if answer is not None:
-                return answer  # (batch, T, hidden)
-        host, port = parse_host_port(self._views[peer].address)
-        request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
-        response = await self.pool.call(
-            host, port, "forward", request, ForwardResponse,
-            expected_peer=peer, timeout=self.config.step_timeout,
-        )  # fmt: skip
-        return response.hidden_states.float()  # (batch, seq, hidden)
-
-    async def _hop_records(self, session: InferenceSession) -> list[HopRecord]:
-        records = []
-        for k, hop in enumerate(session.route):
-            x, pos, out = session.hop_history(k)
-            dtype = await self._dtype(hop.server)
-            state = session.hops[k]
-            step_tokens = state.inputs[-1][0].shape[1] if state.inputs else 0
-            receipt = state.receipts[-1] if state.receipts else None
-            replicas = tuple(self._replicas.peers(hop.layers)) if self._replicas else ()
-            records.append(
-                HopRecord(
-                    hop.server.peer_id,
-                    dtype,
-                    hop.layers,
-                    x,
-                    pos,
-                    out,
-                    receipt,
-                    step_tokens,
-                    replicas,
-                )
-            )
-        return records
-
-    async def _evidence(self, record: HopRecord, result: AuditResult) -> str | None:
-        """Sign evidence against the liar's last receipt, keep its material, publish it.
-
-        Returns the evidence digest (None without a receipt). Publishing is best effort.
-        """
-        if record.receipt is None or result.reference is None or record.step_tokens == 0:
-            return None
-        tail = slice(record.inputs.shape[1] - record.step_tokens, None)
-        evidence = make_evidence(
-            self.config.identity,
-            record.receipt,
-            record.inputs,
-            record.positions,
-            result.first_bad_position or 0,
-            result.reference[:, tail],
-            len(result.honest),
-        )
-        digest = evidence_digest(evidence)
-        if self.config.evidence_dir is not None:
-            material = EvidenceFile(
-                record.inputs, record.positions, record.inputs[:, tail], record.outputs[:, tail]
-            )
-            material.save(Path(self.config.evidence_dir).expanduser(), evidence)
-        dht = getattr(self.directory, "dht", None)
-        if isinstance(dht, DHTNode):
-            key = f"{record.receipt.model_id}/evidence"
-            try:
-                with trio.move_on_after(self.config.request_timeout):
-                    await dht.announce(key, {"evidence": encode_message(evidence)}, ttl=3600.0)
-            except SwarmError as exc:
-                log.info("could not publish evidence: %s", exc)
-        self.published_evidence.append(evidence)
-        return digest
-
-    async def _check_step(
-        self, session: InferenceSession, new_tokens: int, step: int
-    ) -> int | None:
-        """Spot-check / redundant after one step; the position to roll back to, if any."""
-        verifier = self.verifier
-        if verifier is None or not verifier.policy.checks_steps:
-            return None
-        if self._replicas is not None:
-            await self._replicas.step(session)
-        observed = []
-        for k, record in enumerate(await self._hop_records(session)):
-            seconds = session.hops[k].seconds
-            throughput = session.route[k].server.throughput
-            observed.append(
-                HopObservation(record, new_tokens, seconds[-1] if seconds else 1.0, throughput)
-            )
-        verdict = await verifier.check_step(observed, step, self._candidates, self._forward)
-        return verdict.rollback_position
-
-    async def _challenge(self, session: InferenceSession, step: int) -> int | None:
-        """Optimistic: challenge every hop over its whole history before returning."""
-        verifier = self.verifier
-        if verifier is None or verifier.policy.kind != "optimistic":
-            return None
-        records = await self._hop_records(session)
-        verdict = await verifier.check_session(records, step, self._candidates, self._forward)
-        return verdict.rollback_position
-
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Raises `ConfigError` for text without a tokenizer, or ids
         outside the vocabulary, or an empty prompt."""
@@ -365,7 +221,7 @@ class AsyncRemoteModel:
         started = trio.current_time()
         gen = _Generation(self, ids, max_new_tokens, sampling, stop, result)
         while True:
-            async with self._open_session(len(ids) + max_new_tokens) as session:
+            async with self.sessions.open(len(ids) + max_new_tokens) as session:
                 async for token in gen.run(session, started):
                     yield token
                 if gen.rollback is None and self.verifier is not None:
@@ -375,31 +231,7 @@ class AsyncRemoteModel:
             gen.roll_back()
         if self.verifier is not None:
             result.verification = self.verifier.statistics()
-            self._save_reputation()
-
-    @asynccontextmanager
-    async def _open_session(self, max_length: int) -> AsyncIterator[InferenceSession]:
-        """The main session, and under ``redundant:K`` its hops' K-1 replicas."""
-        layers = LayerRange(0, self.model_config.num_hidden_layers)
-        excluded = self.verifier.reputation.banned() if self.verifier is not None else set()
-
-        def open_range(
-            span: LayerRange, avoid: Collection[PeerId]
-        ) -> AbstractAsyncContextManager[InferenceSession]:
-            return InferenceSession.open(
-                self.pool, self.directory, self.config, layers=span, max_length=max_length,
-                bans=self.bans, rng=self.rng, excluded=excluded | set(avoid),
-            )  # fmt: skip
-
-        async with AsyncExitStack() as stack:
-            session = await stack.enter_async_context(open_range(layers, ()))
-            if self.verifier is not None and self.verifier.policy.kind == "redundant":
-                self._replicas = Replicas(open_range, stack)
-                await self._replicas.open_for(session, self.verifier.policy.replicas - 1)
-            try:
-                yield session
-            finally:
-                self._replicas = None
+            self.sessions.save_reputation()
 
     async def generate_detailed(
         self,
@@ -435,16 +267,6 @@ class AsyncRemoteModel:
             raise ConfigError(f"{self.path} has no tokenizer.json: ask for ids")
         result = await self.generate_detailed(prompt, max_new_tokens, sampling, stop)
         return (result.text or "") if return_text else list(result.ids)
-
-
-def _make_verifier(config: ClientConfig) -> Verifier | None:
-    policy = parse_policy(config.verify)
-    if policy.kind == "none":
-        return None
-    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
-    reputation = Reputation.load(path) if path is not None else Reputation()
-    ledger = FileLedger(config.ledger_path) if config.ledger_path else None
-    return Verifier(policy, reputation, ledger, rng=random.Random(config.verify_seed))
 
 
 class _Generation:
@@ -483,7 +305,7 @@ class _Generation:
             positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
             out = await session.step(head.embed(new_ids), positions)  # (1, n, hidden)
             position += n
-            self.rollback = await self.model._check_step(session, n, self.steps)
+            self.rollback = await self.model.sessions.check_step(session, n, self.steps)
             self.steps += 1
             if self.rollback is not None:
                 return
@@ -513,7 +335,7 @@ class _Generation:
 
     async def challenge(self, session: InferenceSession) -> None:
         """Optimistic policy: the dispute window before the result is final."""
-        self.rollback = await self.model._challenge(session, self.steps)
+        self.rollback = await self.model.sessions.challenge(session, self.steps)
 
     def roll_back(self) -> None:
         """Drop every token computed from the lie (positions >= ``rollback``)."""
