@@ -119,10 +119,13 @@ async def audit_hop(
     *,
     checked: slice = slice(None),
     checkers: int = 1,
-    max_referees: int = 2,
+    max_referees: int = 3,
     rng: random.Random | None = None,
 ) -> AuditResult:
     """Re-run ``record`` on ``checkers`` candidates (plus referees on a tie) and vote.
+
+    A verdict needs a strict majority of pairwise-agreeing answers; while it is won by one
+    vote and candidates remain, up to ``max_referees`` more are asked.
 
     ``checked`` selects the positions compared (the current step's, or all). A candidate whose
     forward fails is skipped. Never raises for a peer's misbehaviour; lets `trio.Cancelled` out.
@@ -149,7 +152,10 @@ async def audit_hop(
         if len(answers) - 1 < wanted:
             continue
         vote = _majority(answers, checked)
-        if vote is None:
+        narrow = vote is not None and len(vote[0]) - len(vote[1]) < 2 and bool(pool)
+        if vote is None or (narrow and wanted < checkers + max_referees):
+            # a tie, or a one-vote majority that another referee may overturn (two
+            # colluders must not ban an honest peer just by being two of three answers)
             if wanted >= checkers + max_referees:
                 break
             wanted += 1
