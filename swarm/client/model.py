@@ -210,6 +210,12 @@ class AsyncRemoteModel:
 
         Fills `last_result`. Raises `ConfigError` for bad arguments, `RoutingError` /
         `SessionError` when the swarm cannot run the layers.
+
+        Under a verification policy a proven lie rolls the generation back to the liar's first
+        bad position and goes on from a fresh session without it: tokens already yielded after
+        that position are then yielded again (recomputed); `last_result.ids` and
+        ``last_result.rollbacks`` hold the final tokens and how often that happened. Under
+        ``optimistic`` the check runs after the last token, before the generator ends.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
