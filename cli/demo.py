@@ -61,50 +61,44 @@ def demo(
         raise typer.Exit(1) from exc
 
 
-def _start_swarm(group: object, model: Path, tmp: Path, ranges: list[tuple[int, int]],
-                 liar: str | None) -> str:  # fmt: skip
+def _start_swarm(
+    group: object, model: Path, tmp: Path, specs: list[tuple[int, int, str | None]]
+) -> tuple[str, dict[str, str]]:
+    """Start the DHT node and one server per (start, stop, adversary) spec; returns the DHT
+    address and each lying server's peer id (base58) -> its adversary spec."""
     from swarm.testing.processes import ProcessGroup, swarm_command
 
     assert isinstance(group, ProcessGroup)
+    liars: dict[str, str] = {}
     with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err
     ) as progress:
         task = progress.add_task("DHT node: starting", total=1)
         _, dht = group.start_dht()
         progress.update(task, description=f"DHT node: listening on {dht}", completed=1)
         procs, tasks = [], []
-        for i, (start, stop) in enumerate(ranges):
+        for i, (start, stop, adversary) in enumerate(specs):
             extra = ["--identity", str(tmp / f"server{i}.key")]
-            if liar and i == len(ranges) - 1:
-                extra += ["--testing-adversary", liar]
+            if adversary:
+                extra += ["--testing-adversary", adversary]
             argv = swarm_command(
-                "serve",
-                str(model),
-                "--layers",
-                f"{start}:{stop}",
-                "--initial-peers",
-                dht,
-                "--announce-ttl",
-                "30",
-                *extra,
-            )
+                "serve", str(model), "--layers", f"{start}:{stop}", "--initial-peers", dht,
+                "--announce-ttl", "30", *extra,
+            )  # fmt: skip
             procs.append(group.start(f"server{i}", argv))
-            lying = f" [red](lying: {liar})[/red]" if liar and i == len(ranges) - 1 else ""
-            description = f"server {i} layers {start}:{stop}{lying}: loading"
-            tasks.append(progress.add_task(description, total=1))
-        for proc, task_id, (start, stop) in zip(procs, tasks, ranges, strict=True):
+            lying = f" [red](lying: {adversary})[/red]" if adversary else ""
+            tasks.append(progress.add_task(f"server {i} layers {start}:{stop}{lying}", total=1))
+        for proc, task_id, (start, stop, adversary) in zip(procs, tasks, specs, strict=True):
             match = proc.wait_for_line(r"ready: peer (\S+) at (\S+)", 120)
+            if adversary:
+                liars[match.group(1)] = adversary
+            lying = f" [red](lying: {adversary})[/red]" if adversary else ""
             progress.update(
-                task_id,
-                completed=1,
-                description=f"server layers {start}:{stop}: ready, peer {match.group(1)[:10]} "
-                f"at {match.group(2)}",
-            )
-    return dht
+                task_id, completed=1,
+                description=f"server layers {start}:{stop}{lying}: ready, peer "
+                f"{match.group(1)[:8]} at {match.group(2)}",
+            )  # fmt: skip
+    return dht, liars
 
 
 def _run(
@@ -125,9 +119,21 @@ def _run(
     from swarm.testing.processes import ProcessGroup
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=seed)
+    specs: list[tuple[int, int, str | None]] = [(a, b, None) for a, b in ranges]
+    if liar:
+        # The last range gets a lying server beside the honest one and a second honest
+        # replica: an audit re-runs the liar's hop on one of them and, as they disagree,
+        # the other breaks the tie. The liar starts last, so it measures its throughput on
+        # a calmer machine, looks fastest, and the client routes through it.
+        specs += [(*ranges[-1], None), (*ranges[-1], liar)]
+        if not verify:
+            err.print("[yellow]--liar without --verify: nobody checks, so the lie goes "
+                      "unnoticed (try --verify spot-check:0.5)[/yellow]")  # fmt: skip
     with ProcessGroup() as group:
-        dht = _start_swarm(group, model, tmp, ranges, liar)
-        timings, ttft = trio.run(_generate, model, dht, prompt, max_new_tokens, sampling, verify)
+        dht, liars = _start_swarm(group, model, tmp, specs)
+        timings, ttft = trio.run(
+            _generate, model, dht, prompt, max_new_tokens, sampling, verify, liars, tmp
+        )
     single = _single_process(model, prompt, len(timings), sampling)
     table = Table(title="latency (median per token after the first)")
     table.add_column("")
@@ -141,7 +147,14 @@ def _run(
 
 
 async def _generate(
-    model: Path, dht: str, prompt: str, max_new_tokens: int, sampling: object, verify: str | None
+    model: Path,
+    dht: str,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: object,
+    verify: str | None,
+    liars: dict[str, str],
+    tmp: Path,
 ) -> tuple[list[float], float]:
     from contextlib import aclosing
 
@@ -150,8 +163,12 @@ async def _generate(
     from swarm.client.sampling import SamplingConfig
 
     assert isinstance(sampling, SamplingConfig)
-    extra = {"verify": verify} if verify else {}
-    config = ClientConfig(initial_peers=(dht,), **extra)  # type: ignore[arg-type]
+    config = ClientConfig(
+        initial_peers=(dht,),
+        verify=verify or "none",
+        reputation_path=str(tmp / "reputation.json"),
+        evidence_dir=str(tmp / "evidence"),
+    )
     async with AsyncRemoteModel.open(model, config) as remote:
         async with aclosing(remote.stream(prompt, max_new_tokens, sampling)) as tokens:
             first = True
@@ -171,7 +188,29 @@ async def _generate(
         assert result is not None
         if result.recoveries:
             console.print(f"[yellow]recovered from {result.recoveries} failed hop(s)[/yellow]")
+        _report_verification(result.verification, result.rollbacks, liars)
     return result.timings, result.ttft
+
+
+def _report_verification(stats: dict[str, object], rollbacks: int, liars: dict[str, str]) -> None:
+    if not stats:
+        return
+    caught = [peer for peer, _step in stats.get("detections", [])]  # type: ignore[attr-defined]
+    console.print(
+        f"[bold]verification[/bold] {stats.get('policy')}: {stats.get('audits', 0)} audits, "
+        f"{stats.get('reruns', 0)} re-runs on other peers, {rollbacks} rollback(s)"
+    )
+    for peer in caught:
+        kind = f" (it was the {liars[peer]} liar)" if peer in liars else ""
+        console.print(f"[red]caught peer {peer[:8]} lying{kind}: banned[/red]")
+    if rollbacks:
+        console.print("tokens after the first proven lie were redone on honest peers")
+    for peer, kind in liars.items():
+        if peer not in caught:
+            console.print(
+                f"[yellow]the {kind} liar {peer[:8]} was not caught: it was not on the route, "
+                "or no audit hit it (routes are chosen at random among equal servers)[/yellow]"
+            )
 
 
 def _single_process(model: Path, prompt: str, tokens: int, sampling: object) -> tuple[float, float]:
