@@ -35,3 +35,28 @@ def test_demo_generates_and_stops_everything() -> None:
     assert "ready" in done.stderr  # start-up progress
     leftovers = swarm_processes() - before
     assert leftovers == set()
+
+
+def test_demo_liar_is_caught_under_verification() -> None:
+    # spot-check:1.0 audits every hop at every step: the liar is caught either on the route
+    # or as a checker (missed only if never picked among two checkers in 12 steps: 2^-12)
+    done = subprocess.run(
+        swarm_command(
+            "demo",
+            "The list",
+            "--max-new-tokens",
+            "12",
+            "--servers",
+            "2",
+            "--verify",
+            "spot-check:1.0",
+            "--liar",
+            "zeros",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(lying: zeros)" in done.stderr
+    assert "(it was the zeros liar): banned" in done.stdout
