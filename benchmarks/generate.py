@@ -33,10 +33,11 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.shards import KVCache, LayerRange, load_head, load_span
+from swarm.shards import LayerRange
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.processes import ProcessGroup
+from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 
 PROMPT = list(range(100, 116))  # 16 tokens
@@ -49,26 +50,11 @@ MODELS = {
 
 def single_process(path: Path, rounds: int) -> tuple[float, float]:
     """(median per-token seconds after the first, median time to first token)."""
-    head, span = load_head(path), None
-    config_layers = int(
-        __import__("json").loads((path / "config.json").read_text())["num_hidden_layers"]
-    )
-    span = load_span(path, LayerRange(0, config_layers))
     per_token, ttfts = [], []
     for _ in range(rounds):
-        cache = KVCache.allocate(span.config, span.layers, 1, len(PROMPT) + NEW_TOKENS)
-        ids, position = torch.tensor([PROMPT]), 0
-        with torch.no_grad():
-            for i in range(NEW_TOKENS):
-                started = time.perf_counter()
-                n = ids.shape[1]
-                hidden = span(
-                    head.embed(ids), torch.arange(position, position + n).view(1, n), cache
-                )
-                token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
-                position += n
-                ids = torch.tensor([[token]])
-                (ttfts if i == 0 else per_token).append(time.perf_counter() - started)
+        timings = generate_locally(path, PROMPT, NEW_TOKENS).timings
+        ttfts.append(timings[0])
+        per_token.extend(timings[1:])
     return statistics.median(per_token), statistics.median(ttfts)
 
 

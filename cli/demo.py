@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -217,28 +216,14 @@ def _single_process(model: Path, prompt: str, tokens: int, sampling: object) -> 
     """Median per-token seconds and time to first token of the same model in this process."""
     import torch
 
-    from swarm.client.sampling import Sampler, SamplingConfig
+    from swarm.client.sampling import SamplingConfig
     from swarm.client.text import load_tokenizer
-    from swarm.shards import KVCache, LayerRange, ModelConfig, load_head, load_span
+    from swarm.testing.reference import generate_locally
 
     assert isinstance(sampling, SamplingConfig)
     torch.set_num_threads(1)
-    config = ModelConfig.from_pretrained(model)
-    head = load_head(model)
-    span = load_span(model, LayerRange(0, config.num_hidden_layers))
     tokenizer = load_tokenizer(model)
-    assert tokenizer is not None
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
-    cache = KVCache.allocate(config, span.layers, 1, ids.shape[1] + tokens)
-    sampler, position, timings = Sampler(sampling), 0, []
-    with torch.no_grad():
-        for _ in range(tokens):
-            started = time.perf_counter()
-            n = ids.shape[1]
-            hidden = span(head.embed(ids), torch.arange(position, position + n).view(1, n), cache)
-            token = int(sampler(head.logits(hidden[:, -1:])[:, -1])[0])
-            position += n
-            ids = torch.tensor([[token]])
-            timings.append(time.perf_counter() - started)
+    assert tokenizer is not None  # the bundled model has one
+    timings = generate_locally(model, tokenizer.encode(prompt).ids, tokens, sampling).timings
     rest = timings[1:] or timings
     return statistics.median(rest), timings[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.shards import KVCache, LayerRange, load_head, load_span
 from swarm.testing.checkpoints import make_tiny_checkpoint
+from swarm.testing.reference import generate_locally
 
 PROMPT = [5, 17, 30, 99, 42, 7, 64, 3]
 NEW_TOKENS = 32
@@ -16,21 +16,7 @@ NEW_TOKENS = 32
 
 def local_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy generation with our shards in this process (the single-node baseline)."""
-    head = load_head(path)
-    span = load_span(path, LayerRange(0, span_layers(path)))
-    cache = KVCache.allocate(span.config, span.layers, 1, len(prompt) + new_tokens)
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    position = 0
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            n = ids.shape[1]
-            hidden = span(head.embed(ids), torch.arange(position, position + n).view(1, n), cache)
-            position += n
-            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-    return out
+    return generate_locally(path, prompt, new_tokens).ids
 
 
 def transformers_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
@@ -46,12 +32,6 @@ def transformers_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[
             pad_token_id=0,
         )
     return [int(t) for t in out[0, len(prompt) :]]
-
-
-def span_layers(path: Path) -> int:
-    import json
-
-    return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
 
 
 @pytest.fixture(scope="session")

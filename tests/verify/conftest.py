@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from swarm.shards import KVCache, LayerRange, load_head, load_span
 from swarm.testing.checkpoints import make_tiny_checkpoint
+from swarm.testing.reference import generate_locally
 
 PROMPT = [5, 17, 30, 99, 42, 7, 64, 3]
 NEW_TOKENS = 30
@@ -17,21 +16,7 @@ LAYERS = 4
 
 def local_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy generation with our shards in this process (what honest peers produce)."""
-    head = load_head(path)
-    span = load_span(path, LayerRange(0, LAYERS))
-    cache = KVCache.allocate(span.config, span.layers, 1, len(prompt) + new_tokens)
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    position = 0
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            n = ids.shape[1]
-            hidden = span(head.embed(ids), torch.arange(position, position + n).view(1, n), cache)
-            position += n
-            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-    return out
+    return generate_locally(path, prompt, new_tokens).ids
 
 
 @pytest.fixture(scope="session")
