@@ -66,9 +66,11 @@ class Kind(enum.IntEnum):
     S_DATA = 6
     S_END = 7
     ERROR = 8
+    # caller -> callee, no answer
+    NOTIFY = 9
 
 
-_FROM_CALLER = {Kind.CALL, Kind.OPEN, Kind.C_DATA, Kind.C_END, Kind.CANCEL}
+_FROM_CALLER = {Kind.CALL, Kind.OPEN, Kind.C_DATA, Kind.C_END, Kind.CANCEL, Kind.NOTIFY}
 _KINDS = {k.value: k for k in Kind}
 
 
@@ -285,6 +287,17 @@ class RpcConnection:
         result: M = message_from_wire(pending.body, "response", expect=expect)
         return result
 
+    async def notify(self, method: str, request: Message) -> None:
+        """Run ``rpc_<method>`` on the peer without waiting for (or getting) an answer.
+
+        For messages on a latency-critical path whose delivery the sender does not need to
+        confirm; the handler's response and errors are dropped on the peer (errors logged).
+        Raises `ConnectionClosed` if the channel is gone.
+        """
+        self._check_open()
+        self.calls_made += 1
+        await self._send([Kind.NOTIFY, self._new_id(), method, request.to_wire()])
+
     @asynccontextmanager
     async def open_stream(
         self, method: str, *, timeout: float | None = None
@@ -378,7 +391,7 @@ class RpcConnection:
             stream._end()
 
     def _dispatch_incoming(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
-        if kind in (Kind.CALL, Kind.OPEN):
+        if kind in (Kind.CALL, Kind.OPEN, Kind.NOTIFY):
             self._start_handler(kind, call_id, method, body)
             return
         serving = self._serving.get(call_id)
@@ -407,8 +420,12 @@ class RpcConnection:
             error = LimitExceeded("LimitExceeded", "too many concurrent calls on this channel")
         elif call_id in self._serving:
             error = ProtocolError(f"call id {call_id} is already in use")
+        one_way = kind == Kind.NOTIFY
         if error is not None or handler is None or method is None:
-            self._reply_error(call_id, error or ProtocolError("no method"))
+            if one_way:
+                log.info("dropping notify %r from %s: %s", method, self.remote_peer_id, error)
+            else:
+                self._reply_error(call_id, error or ProtocolError("no method"))
             return
         scope = trio.CancelScope()
         stream = (
@@ -419,7 +436,9 @@ class RpcConnection:
         self._serving[call_id] = (scope, stream)
         self.calls_served += 1
         ctx = CallContext(self.remote_peer_id, method)
-        self._nursery.start_soon(self._run_handler, handler, call_id, scope, stream, body, ctx)
+        self._nursery.start_soon(
+            self._run_handler, handler, call_id, scope, stream, body, ctx, one_way
+        )
 
     def _reply_error(self, call_id: int, exc: SwarmError) -> None:
         if self._nursery is not None:
@@ -454,6 +473,7 @@ class RpcConnection:
         stream: RpcStream | None,
         body: Any,
         ctx: CallContext,
+        one_way: bool = False,
     ) -> None:
         reply: list[Any] | None = None
         with scope:
@@ -475,6 +495,10 @@ class RpcConnection:
                     log.exception("handler rpc_%s failed", ctx.method)
                 reply = [Kind.ERROR, call_id, None, _error_body(exc)]
         self._serving.pop(call_id, None)
+        if one_way:
+            if reply is not None and reply[0] == Kind.ERROR:
+                log.info("notify rpc_%s from %s failed: %s", ctx.method, ctx.peer_id, reply[3])
+            return
         if reply is not None and not scope.cancelled_caught:
             await self._send_quietly(reply)
 

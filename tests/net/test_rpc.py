@@ -54,6 +54,11 @@ class Handlers:
     async def rpc_fail(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         raise ShardError("layer 7 is not loaded")
 
+    async def rpc_note(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        self.noted = getattr(self, "noted", 0) + 1
+        self.gate.set()
+        return INFO
+
     async def rpc_busy(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         raise LimitExceeded("LimitExceeded", "too many sessions")
 
@@ -107,6 +112,21 @@ async def test_call_and_tensor_round_trip(rpc_pair: tuple[RpcConnection, Handler
         "forward", ForwardRequest(h, torch.arange(3).view(1, 3), LayerRange(0, 1)), ForwardResponse
     )
     assert torch.equal(out.hidden_states, h * 2)
+
+
+async def test_notify_runs_the_handler_and_nothing_answers(
+    rpc_pair: tuple[RpcConnection, Handlers],
+) -> None:
+    client, handlers = rpc_pair
+    with trio.fail_after(5):
+        await client.notify("note", InfoRequest())
+        await handlers.gate.wait()
+        # failing, unknown and stream methods as notifies: dropped on the peer, channel fine
+        await client.notify("fail", InfoRequest())
+        await client.notify("nope", InfoRequest())
+        assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+    assert handlers.noted == 1
+    assert client.statistics()["pending_calls"] == 0
 
 
 async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
