@@ -311,22 +311,17 @@ class InferenceSession:
         try:
             while start < layers.stop:
                 plan = await self._plan(LayerRange(start, layers.stop))
-                ids = [os.urandom(16) for _ in plan]
-                for i, hop in enumerate(plan):
-                    push_to = _target(plan[i + 1], ids[i + 1]) if i + 1 < len(plan) else next_target
-                    try:
-                        state = await self._open_hop(hop, ids[i], push_to, first_step)
-                    except HopFailure as failure:
-                        failures += 1
-                        self._ban(failure)
-                        if failures > self.config.max_open_retries:
-                            raise SessionError(
-                                f"{failures} servers failed while opening layers {layers}; "
-                                f"last: {failure}"
-                            ) from failure.cause
-                        break
-                    opened.append(state)
-                    start = hop.layers.stop
+                states, failure = await self._open_plan(plan, first_step, next_target)
+                opened += states
+                start = states[-1].hop.layers.stop if states else start
+                if failure is not None:
+                    failures += 1
+                    self._ban(failure)
+                    if failures > self.config.max_open_retries:
+                        raise SessionError(
+                            f"{failures} servers failed while opening layers {layers}; "
+                            f"last: {failure}"
+                        ) from failure.cause
             await self._wire_pushes(opened, next_target, first_step)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -334,6 +329,46 @@ class InferenceSession:
                     await _close_hop(state)
             raise
         return opened
+
+    async def _open_plan(
+        self, plan: list[Hop], first_step: int, next_target: PushTarget | None
+    ) -> tuple[list[_HopState], HopFailure | None]:
+        """Open every hop of ``plan`` at once (one round trip, not one per hop).
+
+        Returns the opened prefix of the plan and the first failure, if any; hops opened
+        after a failed one are closed again (the rest of the range is planned anew).
+        """
+        ids = [os.urandom(16) for _ in plan]
+        results: list[_HopState | HopFailure | None] = [None] * len(plan)
+
+        async def one(i: int) -> None:
+            push_to = _target(plan[i + 1], ids[i + 1]) if i + 1 < len(plan) else next_target
+            try:
+                results[i] = await self._open_hop(plan[i], ids[i], push_to, first_step)
+            except HopFailure as failure:
+                results[i] = failure
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(plan)):
+                    nursery.start_soon(one, i)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for result in results:
+                    if isinstance(result, _HopState):
+                        await _close_hop(result)
+            raise
+        opened: list[_HopState] = []
+        failure: HopFailure | None = None
+        for result in results:
+            if failure is None and isinstance(result, _HopState):
+                opened.append(result)
+            elif failure is None and isinstance(result, HopFailure):
+                failure = result
+            elif isinstance(result, _HopState):
+                with trio.CancelScope(shield=True):
+                    await _close_hop(result)
+        return opened, failure
 
     async def _open_hop(
         self, hop: Hop, session_id: bytes, push_to: PushTarget | None, first_step: int
