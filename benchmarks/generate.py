@@ -37,7 +37,7 @@ from swarm.shards import LayerRange
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.processes import ProcessGroup
-from swarm.testing.reference import generate_locally
+from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 
 PROMPT = list(range(100, 116))  # 16 tokens
@@ -48,27 +48,28 @@ MODELS = {
 }
 
 
-def single_process(path: Path, rounds: int) -> tuple[float, float]:
-    """(median per-token seconds after the first, median time to first token)."""
-    per_token, ttfts = [], []
-    for _ in range(rounds):
-        timings = generate_locally(path, PROMPT, NEW_TOKENS).timings
-        ttfts.append(timings[0])
-        per_token.extend(timings[1:])
-    return statistics.median(per_token), statistics.median(ttfts)
-
-
-async def swarm_tokens(
-    path: Path, config: ClientConfig, rounds: int, transport: object = None
-) -> tuple[float, float]:
-    per_token, ttfts = [], []
+async def measure(
+    path: Path,
+    config: ClientConfig,
+    rounds: int,
+    transport: object = None,
+    baseline: LocalModel | None = None,
+) -> dict[str, float]:
+    """Median per-token seconds (after the first token) and time to first token of the
+    swarm, and of `baseline` in this process, alternating round by round so that drift in
+    the machine's load hits both alike."""
+    times: dict[str, list[float]] = {"swarm": [], "swarm_ttft": [], "one": [], "one_ttft": []}
     async with AsyncRemoteModel.open(path, config, transport=transport) as model:  # type: ignore[arg-type]
         await model.generate(PROMPT, 4)  # warm up: connections, pings
         for _ in range(rounds):
+            if baseline is not None:
+                local = baseline.generate(PROMPT, NEW_TOKENS)
+                times["one_ttft"].append(local.timings[0])
+                times["one"].extend(local.timings[1:])
             result = await model.generate_detailed(PROMPT, NEW_TOKENS)
-            ttfts.append(result.ttft)
-            per_token.extend(result.timings[1:])
-    return statistics.median(per_token), statistics.median(ttfts)
+            times["swarm_ttft"].append(result.ttft)
+            times["swarm"].extend(result.timings[1:])
+    return {key: statistics.median(values) for key, values in times.items() if values}
 
 
 def chain(name: str, workdir: Path, rounds: int) -> None:
@@ -77,28 +78,24 @@ def chain(name: str, workdir: Path, rounds: int) -> None:
         write_random_llama(path, seed=0, std=0.02, vocab=32000, **MODELS[name])
     layers = int(MODELS[name]["num_layers"])
     cuts = [0, layers // 3, 2 * layers // 3, layers]
-    single, single_ttft = single_process(path, rounds)
+    baseline = LocalModel(path)
     with ProcessGroup() as group:
         _, dht = group.start_dht()
         startups = []
         for i in range(3):
             started = time.perf_counter()
             group.start_server(
-                f"s{i}",
-                str(path),
-                f"{cuts[i]}:{cuts[i + 1]}",
-                dht,
-                "--identity",
-                str(workdir / f"id-{name}-{i}"),
-            )
+                f"s{i}", str(path), f"{cuts[i]}:{cuts[i + 1]}", dht,
+                "--identity", str(workdir / f"id-{name}-{i}"),
+            )  # fmt: skip
             startups.append(time.perf_counter() - started)
         config = ClientConfig(initial_peers=(dht,))
-        swarm, swarm_ttft = trio.run(swarm_tokens, path, config, rounds)
+        m = trio.run(measure, path, config, rounds, None, baseline)
     print(
-        f"[chain {name}] single {single * 1e3:.2f} ms/token, 3-hop swarm {swarm * 1e3:.2f} "
-        f"ms/token, ratio {swarm / single:.3f}, per-hop overhead "
-        f"{(swarm - single) / 3 * 1e3:.2f} ms; ttft single {single_ttft * 1e3:.1f} ms, swarm "
-        f"{swarm_ttft * 1e3:.1f} ms; server start-up to ready "
+        f"[chain {name}] single {m['one'] * 1e3:.2f} ms/token, 3-hop swarm "
+        f"{m['swarm'] * 1e3:.2f} ms/token, ratio {m['swarm'] / m['one']:.3f}, per-hop overhead "
+        f"{(m['swarm'] - m['one']) / 3 * 1e3:.2f} ms; ttft single {m['one_ttft'] * 1e3:.1f} ms, "
+        f"swarm {m['swarm_ttft'] * 1e3:.1f} ms; server start-up to ready "
         f"{statistics.median(startups):.2f} s (median of 3)",
         flush=True,
     )
@@ -119,7 +116,8 @@ async def links(workdir: Path, rounds: int) -> None:
         results = {}
         for push in (True, False):
             config = ClientConfig(initial_peers=(local.dht_address,), use_push=push)
-            results[push] = await swarm_tokens(path, config, rounds, emulator.transport("client"))
+            m = await measure(path, config, rounds, emulator.transport("client"))
+            results[push] = (m["swarm"], m["swarm_ttft"])
     (p, p_ttft), (r, r_ttft) = results[True], results[False]
     print(
         f"[links 25 ms client<->servers, 2 ms between servers] push {p * 1e3:.1f} ms/token, "
