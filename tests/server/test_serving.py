@@ -185,3 +185,11 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
             with pytest.raises(trio.EndOfChannel):  # the server ended the expired session
                 await stream.receive(InferenceStepResult, timeout=10)
+
+
+async def test_layers_auto_takes_the_least_served_blocks(model_path: Path) -> None:
+    async with open_local_swarm(model_path, [LayerRange(0, 3)]) as local:
+        auto = await local.add_server(None, num_blocks=3)
+        assert auto.ready.layers == LayerRange(3, 6)
+        everything = await local.add_server(None)  # num_blocks defaults to the whole model
+        assert everything.ready.layers == LayerRange(0, 6)
