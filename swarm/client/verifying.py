@@ -40,6 +40,7 @@ from swarm.net.pool import ConnectionPool
 from swarm.shards import LayerRange
 from swarm.verify.audit import AuditResult, Candidate, HopRecord
 from swarm.verify.ledger import FileLedger
+from swarm.verify.material import publish_material
 from swarm.verify.policy import parse_policy
 from swarm.verify.receipts import EvidenceFile, evidence_digest, make_evidence
 from swarm.verify.reputation import Reputation
@@ -185,10 +186,16 @@ class VerifiedSessions:
             material.save(Path(self.config.evidence_dir).expanduser(), evidence)
         dht = getattr(self.directory, "dht", None)
         if isinstance(dht, DHTNode):
-            key = f"{record.receipt.model_id}/evidence"
+            model = record.receipt.model_id
+            material = EvidenceFile(
+                record.inputs, record.positions, record.inputs[:, tail], record.outputs[:, tail]
+            )
             try:
                 with trio.move_on_after(self.config.request_timeout):
-                    await dht.announce(key, {"evidence": encode_message(evidence)}, ttl=3600.0)
+                    await dht.announce(
+                        f"{model}/evidence", {"evidence": encode_message(evidence)}, ttl=3600.0
+                    )
+                    await publish_material(dht, model, digest, material, ttl=3600.0)
             except SwarmError as exc:
                 log.info("could not publish evidence: %s", exc)
         self.published_evidence.append(evidence)

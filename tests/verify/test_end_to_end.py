@@ -5,16 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.net.identity import PeerId
-from swarm.shards import LayerRange, model_id
+from swarm.shards import LayerRange, Span, load_span, model_id
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
+from swarm.verify.compare import thresholds_for
 from swarm.verify.ledger import FileLedger
-from swarm.verify.receipts import decode_evidence, verify_evidence_signature
+from swarm.verify.material import fetch_material
+from swarm.verify.receipts import (
+    confirm_evidence,
+    decode_evidence,
+    evidence_digest,
+    verify_evidence_signature,
+)
 
 from .conftest import NEW_TOKENS, PROMPT
 
@@ -41,10 +49,26 @@ async def run_with_liar(
             ids = await model.generate(PROMPT, NEW_TOKENS)
             assert isinstance(ids, list)
             published = await local.dht.get(f"{model_id(model4)}/evidence")
-            for record in published.values():  # what anyone reading the DHT sees
+            for reporter, record in published.items():  # what anyone reading the DHT sees
                 assert record.value is not None
                 evidence = decode_evidence(record.value["evidence"])
                 assert verify_evidence_signature(evidence) == liar.server.identity.peer_id
+                # ... and anyone can fetch the material and re-run it on honest weights
+                material = await fetch_material(
+                    local.dht, model_id(model4), evidence_digest(evidence), reporter
+                )
+                span = load_span(model4, evidence.receipt.layer_range)
+
+                def rerun(
+                    inputs: torch.Tensor, positions: torch.Tensor, span: Span = span
+                ) -> torch.Tensor:
+                    with torch.no_grad():
+                        return span(inputs.float(), positions)  # type: ignore[no-any-return]
+
+                proven = confirm_evidence(
+                    evidence, material, rerun, thresholds_for("float32", "float32")
+                )
+                assert proven == liar.server.identity.peer_id
             assert len(published) == (1 if model.published_evidence else 0)
             return ids, model, liar.server.identity.peer_id
 
