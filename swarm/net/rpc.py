@@ -18,11 +18,9 @@ usable: sends are shielded, so a message is never cut in half.
 
 from __future__ import annotations
 
-import enum
 import inspect
 import logging
 import math
-import re
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -37,13 +35,13 @@ from swarm.errors import (
     DeadlineExceeded,
     LimitExceeded,
     ProtocolError,
-    RemoteError,
     SwarmError,
 )
 from swarm.net.channel import SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.envelope import FROM_CALLER, Kind, error_body, parse_envelope, remote_error
 from swarm.net.identity import PeerId
-from swarm.net.messages import ErrorResponse, Message, message_from_wire, unpack
+from swarm.net.messages import Message, message_from_wire
 
 __all__ = ["CallContext", "RpcConnection", "RpcStream", "stream_handler"]
 
@@ -51,27 +49,6 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
-_METHOD = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-
-
-class Kind(enum.IntEnum):
-    # caller -> callee
-    CALL = 0
-    OPEN = 1
-    C_DATA = 2
-    C_END = 3
-    CANCEL = 4
-    # callee -> caller
-    RESULT = 5
-    S_DATA = 6
-    S_END = 7
-    ERROR = 8
-    # caller -> callee, no answer
-    NOTIFY = 9
-
-
-_FROM_CALLER = {Kind.CALL, Kind.OPEN, Kind.C_DATA, Kind.C_END, Kind.CANCEL, Kind.NOTIFY}
-_KINDS = {k.value: k for k in Kind}
 
 
 def stream_handler(fn: F) -> F:
@@ -86,38 +63,6 @@ class CallContext:
 
     peer_id: PeerId
     method: str
-
-
-def _parse_envelope(data: bytes) -> tuple[Kind, int, str | None, Any]:
-    """Check the ``[kind, call_id, method, body]`` array. Raises `ProtocolError`."""
-    env = unpack(data)
-    if not isinstance(env, list) or len(env) != 4:
-        raise ProtocolError("envelope: expected [kind, call_id, method, body]")
-    kind, call_id, method, body = env
-    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in _KINDS:
-        raise ProtocolError(f"envelope.kind: {kind!r:.20} is not a known kind")
-    if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id < 2**63:
-        raise ProtocolError(f"envelope.call_id: {call_id!r:.20} is not a call id")
-    if method is not None and (not isinstance(method, str) or not _METHOD.match(method)):
-        raise ProtocolError(f"envelope.method: {method!r:.70} is not a method name")
-    if body is not None and not isinstance(body, dict):
-        raise ProtocolError("envelope.body: expected a message map or nil")
-    return _KINDS[kind], call_id, method, body
-
-
-def _remote_error(body: Any) -> RemoteError:
-    try:
-        err = message_from_wire(body, "error", expect=ErrorResponse)
-    except ProtocolError as exc:
-        return RemoteError("ProtocolError", f"malformed error reply: {exc}")
-    cls = LimitExceeded if err.remote_type == "LimitExceeded" else RemoteError
-    return cls(err.remote_type, err.message)
-
-
-def _error_body(exc: BaseException) -> dict[str, Any]:
-    remote_type = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
-    text = exc.message if isinstance(exc, RemoteError) else str(exc)
-    return ErrorResponse(remote_type[:128], text[:8192]).to_wire()
 
 
 class _Pending:
@@ -358,11 +303,11 @@ class RpcConnection:
                 log.warning("closing channel to %s: %s", self.remote_peer_id, exc)
                 return
             try:
-                kind, call_id, method, body = _parse_envelope(data)
+                kind, call_id, method, body = parse_envelope(data)
             except ProtocolError as exc:
                 log.warning("closing channel to %s: %s", self.remote_peer_id, exc)
                 return
-            if kind in _FROM_CALLER:
+            if kind in FROM_CALLER:
                 self._dispatch_incoming(kind, call_id, method, body)
             else:
                 self._dispatch_reply(kind, call_id, body)
@@ -371,7 +316,7 @@ class RpcConnection:
         pending = self._pending.get(call_id)
         if pending is not None and kind in (Kind.RESULT, Kind.ERROR):
             if kind == Kind.ERROR:
-                pending.error = _remote_error(body)
+                pending.error = remote_error(body)
             pending.body = body
             pending.event.set()
             return
@@ -387,7 +332,7 @@ class RpcConnection:
             stream.finished = True
             stream._end()
         elif kind == Kind.ERROR:
-            stream._deliver("error", _remote_error(body))
+            stream._deliver("error", remote_error(body))
             stream._end()
 
     def _dispatch_incoming(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
@@ -442,7 +387,7 @@ class RpcConnection:
 
     def _reply_error(self, call_id: int, exc: SwarmError) -> None:
         if self._nursery is not None:
-            envelope = [Kind.ERROR, call_id, None, _error_body(exc)]
+            envelope = [Kind.ERROR, call_id, None, error_body(exc)]
             self._nursery.start_soon(self._send_quietly, envelope)
 
     def _lookup(self, method: str | None) -> Callable[..., Awaitable[Any]] | None:
@@ -493,7 +438,7 @@ class RpcConnection:
             except Exception as exc:
                 if not isinstance(exc, SwarmError):
                     log.exception("handler rpc_%s failed", ctx.method)
-                reply = [Kind.ERROR, call_id, None, _error_body(exc)]
+                reply = [Kind.ERROR, call_id, None, error_body(exc)]
         self._serving.pop(call_id, None)
         if one_way:
             if reply is not None and reply[0] == Kind.ERROR:

@@ -201,9 +201,9 @@ def test_arbitrary_values_into_tensor_decoder(value: object) -> None:
     | st.tuples(st.integers(-2, 10), st.integers(-1, 2**64 - 1), msgpack_values, msgpack_values)
 )
 def test_arbitrary_values_into_rpc_envelope_decoder(value: object) -> None:
-    from swarm.net.rpc import _parse_envelope
+    from swarm.net.envelope import parse_envelope
 
     try:
-        _parse_envelope(msgpack.packb(list(value), use_bin_type=True))  # type: ignore[call-overload]
+        parse_envelope(msgpack.packb(list(value), use_bin_type=True))  # type: ignore[call-overload]
     except ProtocolError:
         pass
