@@ -223,10 +223,10 @@ class ServingHandlers:
             if self.corrupt is not None:
                 out = self.corrupt(item.hidden, out)
             self.state.steps_done += 1
-            receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             if session.push_to is not None:
                 nursery.start_soon(self._push, session.push_to, step, out, item.positions)
-                await trio.sleep(0)  # the push leaves before our reply: it is on the critical path
+                await trio.sleep(0)  # the push leaves first: it is on the critical path
+            receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             await stream.send(InferenceStepResult(step, out, receipt))
 
     async def _push(
