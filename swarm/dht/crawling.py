@@ -5,17 +5,29 @@ common value among that round's replies (a dict value crashes it: unhashable); i
 are turned into ``Node`` objects without checks. `RecordCrawl` keeps asking until
 ``quorum`` nodes returned records (or every one of the k closest was asked) and returns all the
 record blobs it saw, for the reader to verify and merge by subkey.
+
+Stock crawls also wait, every round, for the slowest of its alpha queries, so one dead
+contact stalls a lookup for a whole RPC timeout. Ours wait for the first reply and then at
+most `GRACE_FACTOR` × its round-trip time (at least `MIN_GRACE` s) for the others. A
+straggler stays in the lookup as contacted: its reply is used in a later round if it has come
+by then, and before concluding that everyone was asked the lookup waits for the stragglers
+left, so skipping them never loses records; their timeouts still evict dead contacts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.node import Node
 
-__all__ = ["NodeCrawl", "RecordCrawl", "parse_node_list"]
+__all__ = ["GRACE_FACTOR", "MIN_GRACE", "NodeCrawl", "RecordCrawl", "parse_node_list"]
+
+GRACE_FACTOR = 4.0
+MIN_GRACE = 0.05  # seconds; a live node that misses it is waited for before the lookup ends
 
 
 def parse_node_list(reply: object) -> list[Node]:
@@ -39,7 +51,77 @@ def parse_node_list(reply: object) -> list[Node]:
     return nodes
 
 
-class NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]
+async def _gather_with_grace(
+    tasks: dict[bytes, asyncio.Future[Any]],
+) -> tuple[dict[bytes, Any], dict[bytes, asyncio.Future[Any]]]:
+    """(replies by node id, the stragglers still running after the grace)."""
+    if not tasks:
+        return {}, {}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    if pending:
+        grace = max(MIN_GRACE, GRACE_FACTOR * (loop.time() - started))
+        await asyncio.wait(pending, timeout=grace)
+    return _split(tasks)
+
+
+def _split(
+    tasks: dict[bytes, asyncio.Future[Any]],
+) -> tuple[dict[bytes, Any], dict[bytes, asyncio.Future[Any]]]:
+    done = {
+        node_id: (False, None) if task.cancelled() else task.result()
+        for node_id, task in tasks.items()
+        if task.done()
+    }
+    return done, {node_id: task for node_id, task in tasks.items() if not task.done()}
+
+
+class _GraceRounds:
+    """`SpiderCrawl._find` that does not wait for stragglers (see the module docstring)."""
+
+    protocol: Any
+    alpha: int
+    node: Node
+    nearest: Any
+    last_ids_crawled: list[bytes]
+
+    def _late(self) -> dict[bytes, asyncio.Future[Any]]:
+        late: dict[bytes, asyncio.Future[Any]] = self.__dict__.setdefault("_late_tasks", {})
+        return late
+
+    async def _find(self, rpcmethod: Callable[[Node, Node], Coroutine[Any, Any, Any]]) -> Any:
+        count = self.alpha
+        if self.nearest.get_ids() == self.last_ids_crawled:
+            count = len(self.nearest)
+        self.last_ids_crawled = self.nearest.get_ids()
+        tasks = {}
+        for peer in self.nearest.get_uncontacted()[:count]:
+            tasks[peer.id] = self.protocol.spawn(rpcmethod(peer, self.node))
+            self.nearest.mark_contacted(peer)
+        replies, pending = await _gather_with_grace(tasks)
+        late = self._late()
+        arrived, still = _split(late)
+        late.clear()
+        late.update(still)
+        late.update(pending)
+        return await self._nodes_found({**arrived, **replies})
+
+    async def _last_stragglers(self) -> dict[bytes, Any] | None:
+        """Before concluding: wait for the stragglers (each ends by its RPC timeout)."""
+        late = self._late()
+        if not late:
+            return None
+        await asyncio.wait(late.values())
+        replies, _ = _split(late)
+        late.clear()
+        return replies
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+        raise NotImplementedError
+
+
+class NodeCrawl(_GraceRounds, NodeSpiderCrawl):  # type: ignore[misc]
     """Find the k closest nodes to an id (stock crawl with checked replies)."""
 
     async def _nodes_found(self, responses: dict[bytes, Any]) -> list[Node]:
@@ -51,11 +133,14 @@ class NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]
                 self.nearest.push(parse_node_list(reply))
         self.nearest.remove(toremove)
         if self.nearest.have_contacted_all():
+            late = await self._last_stragglers()
+            if late is not None:
+                return await self._nodes_found(late)
             return list(self.nearest)
         return await self.find()  # type: ignore[no-any-return]
 
 
-class RecordCrawl(SpiderCrawl):  # type: ignore[misc]
+class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
     """Collect record blobs for a key digest from up to ``quorum`` replicas."""
 
     def __init__(
@@ -83,6 +168,11 @@ class RecordCrawl(SpiderCrawl):  # type: ignore[misc]
             else:
                 self.nearest.push(parse_node_list(reply))
         self.nearest.remove(toremove)
-        if self.replicas >= self.quorum or self.nearest.have_contacted_all():
+        if self.replicas >= self.quorum:
+            return self.blobs
+        if self.nearest.have_contacted_all():
+            late = await self._last_stragglers()
+            if late is not None:
+                return await self._nodes_found(late)
             return self.blobs
         return await self.find()

@@ -227,11 +227,13 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         results = await asyncio.gather(*(self.call_store(node, dkey, c) for c in chunks))
         return all(ok and reply is True for ok, reply in results)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run a background coroutine that `close` will cancel."""
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        """Run a background coroutine that `aclose` will cancel; returns its task (a caller
+        may await it, or stop waiting and leave it to finish on its own)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
