@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from swarm.shards import KVCache, LayerRange, load_head, load_span
+from swarm.shards import LayerRange, load_head, load_span
 from swarm.shards.span import Span
 from swarm.testing.adversaries import corruptor
 from swarm.testing.checkpoints import make_tiny_checkpoint
 from swarm.verify.compare import compare, position_errors, thresholds_for
+from swarm.verify.simulate import record_outputs
 
 PROMPT = 8
 NOISE_GRID = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 4e-2, 6e-2, 8e-2, 0.1, 0.12]
@@ -37,21 +38,7 @@ NOISE_GRID = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 4e-2, 6e-2
 
 def stepwise(span: Span, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     """Run ``x`` (1, seq, hidden) through ``span`` in chunks with a KV cache."""
-    cache = KVCache.allocate(span.config, span.layers, 1, x.shape[1], dtype=span.dtype)
-    outs, start = [], 0
-    with torch.no_grad():
-        for n in chunks:
-            pos = torch.arange(start, start + n).view(1, n)  # (1, n)
-            outs.append(span(x[:, start : start + n].to(span.dtype), pos, cache).float())
-            start += n
-    return torch.cat(outs, dim=1)  # (1, seq, hidden)
-
-
-def whole(span: Span, x: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(x.shape[1]).view(1, -1)  # (1, seq)
-    with torch.no_grad():
-        out: torch.Tensor = span(x.to(span.dtype), pos, None).float()  # (1, seq, hidden)
-    return out
+    return torch.cat(record_outputs(span, x, chunks).steps, dim=1)  # (1, seq, hidden)
 
 
 def worst(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -77,8 +64,9 @@ def measure(
     with torch.no_grad():
         x = head.embed(ids).float()  # (1, seq, hidden)
     decode = [PROMPT] + [1] * steps
-    ref32, ref16 = whole(f32, x), whole(b16, x)  # (1, seq, hidden) each
-    step32, step16 = stepwise(f32, x, decode), stepwise(b16, x, decode)
+    rec32, rec16 = record_outputs(f32, x, decode), record_outputs(b16, x, decode)
+    ref32, ref16 = rec32.whole, rec16.whole  # (1, seq, hidden) each: one forward of everything
+    step32, step16 = torch.cat(rec32.steps, dim=1), torch.cat(rec16.steps, dim=1)
     rows = {
         "f32 step vs f32 whole": [worst(ref32, step32)],
         "f32 split prefill vs whole": [worst(ref32, stepwise(f32, x, [3, 5] + [1] * steps))],
