@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from swarm.shards import LayerRange, load_head, load_span
+from swarm.shards import load_head, load_span
 from swarm.shards.span import Span
 from swarm.testing.adversaries import corruptor
 from swarm.testing.checkpoints import make_tiny_checkpoint
+from swarm.types import LayerRange
 from swarm.verify.compare import compare, position_errors, thresholds_for
 from swarm.verify.simulate import record_outputs
 

@@ -33,12 +33,12 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.shards import LayerRange
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.processes import ProcessGroup
 from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange
 
 PROMPT = list(range(100, 116))  # 16 tokens
 NEW_TOKENS = 32

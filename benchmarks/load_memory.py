@@ -28,7 +28,8 @@ def child(path: str, what: str) -> None:
     """Load ``what`` ("none", "span:A:B" or "whole") and print a JSON line of measurements."""
     import torch
 
-    from swarm.shards import LayerRange, load_head, load_span
+    from swarm.shards import load_head, load_span
+    from swarm.types import LayerRange
 
     torch.set_num_threads(1)
     before = _peak_rss_kib()

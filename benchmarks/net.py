@@ -23,11 +23,11 @@ import time
 import torch
 import trio
 
+from swarm.identity import Identity
 from swarm.net import (
     CallContext,
     ForwardRequest,
     ForwardResponse,
-    Identity,
     InfoRequest,
     InfoResponse,
     RpcServer,
@@ -35,7 +35,7 @@ from swarm.net import (
     encode_message,
     open_connection_pool,
 )
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange
 
 INFO = InfoResponse(LayerRange(0, 8), "online", 0.1, 4096, "bench", 100.0)
 ACK = ForwardResponse(torch.zeros(1, dtype=torch.float16))

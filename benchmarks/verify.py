@@ -42,10 +42,11 @@ import trio
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.server.handlers import ServingHandlers
-from swarm.shards import LayerRange, load_head, load_span
+from swarm.shards import load_head, load_span
 from swarm.testing.adversaries import corruptor, perturb_weights
 from swarm.testing.checkpoints import make_tiny_checkpoint, write_random_llama
 from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange
 from swarm.verify.policy import parse_policy
 from swarm.verify.reputation import PeerRecord
 from swarm.verify.simulate import Recording, SimPeer, record_outputs, simulate_hop

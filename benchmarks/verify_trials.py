@@ -26,11 +26,11 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.shards import LayerRange
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange
 
 PROMPT = [5, 17, 30, 99, 42, 7, 64, 3]
 NEW_TOKENS = 30

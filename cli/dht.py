@@ -11,7 +11,7 @@ import typer
 
 from swarm.dht import DHTConfig, DHTNode
 from swarm.errors import SwarmError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.swarm_key import load_swarm_key
 
 

@@ -146,9 +146,7 @@ async def _monitor(
     interval: float,
     timeout: float,
 ) -> None:
-    from swarm.dht.config import parse_host_port
-    from swarm.net.identity import PeerId
-    from swarm.shards import LayerRange
+    from swarm.types import LayerRange, PeerId, parse_address
     from swarm.verify.health import Canary, ServerHealth, make_canaries, probe_safely
 
     health: dict[PeerId, ServerHealth] = {}
@@ -161,7 +159,7 @@ async def _monitor(
             if missing:
                 canaries |= await trio.to_thread.run_sync(make_canaries, model, missing)
             for s in servers:
-                host, port = parse_host_port(s.address)
+                host, port = parse_address(s.address)
 
                 async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
                     return await pool.get(host, port, s.peer_id)

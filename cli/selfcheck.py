@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from swarm.shards import Head, KVCache, LayerRange, Span, load_head, load_span, model_id
+from swarm.shards import Head, KVCache, Span, load_head, load_span, model_id
 from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
 
 __all__ = ["selfcheck"]
 

@@ -64,7 +64,7 @@ def serve(
     from swarm.dht import DHTConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
-    from swarm.shards import LayerRange
+    from swarm.types import LayerRange
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

@@ -32,14 +32,14 @@ if TYPE_CHECKING:
     from swarm.client.remote import RemoteModel
     from swarm.server.config import ServerConfig
     from swarm.server.server import Server
-    from swarm.shards.ranges import LayerRange
+    from swarm.types import LayerRange
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "AsyncRemoteModel": "swarm.client.model",
     "ClientConfig": "swarm.client.config",
-    "LayerRange": "swarm.shards.ranges",
+    "LayerRange": "swarm.types",
     "RemoteModel": "swarm.client.remote",
     "Server": "swarm.server.server",
     "ServerConfig": "swarm.server.config",

@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer
 
 import swarm
-from swarm.shards import LayerRange, ModelConfig, load_head, load_span
+from swarm.shards import ModelConfig, load_head, load_span
+from swarm.types import LayerRange
 
 DEMO = Path(swarm.__file__).parent / "assets" / "models" / "swarm-demo"
 FILES = (

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import trio
 
-from swarm.net.identity import PeerId
+from swarm.types import PeerId
 
 __all__ = ["BanList"]
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from swarm.dht.config import parse_host_port
 from swarm.errors import ConfigError
+from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.identity import Identity
+from swarm.types import FLOAT_DTYPES, DtypeName, parse_address, torch_dtype
 from swarm.verify.policy import parse_policy
 
 __all__ = ["ClientConfig", "WireDtype"]
 
-WireDtype = Literal["float32", "float16", "bfloat16"]
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WireDtype = DtypeName
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         for peer in self.initial_peers:
-            parse_host_port(peer)
+            parse_address(peer)
         if self.swarm_key is not None and len(self.swarm_key) != 32:
             raise ConfigError(f"swarm key holds {len(self.swarm_key)} bytes; expected 32")
         for name in (
@@ -119,10 +117,10 @@ class ClientConfig:
         if not 0 < self.ping_ema <= 1:
             raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
         parse_policy(self.verify)
-        if self.wire_dtype not in _TORCH_DTYPES:
-            raise ConfigError(f"wire_dtype must be one of {', '.join(_TORCH_DTYPES)}")
+        if self.wire_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}")
 
     @property
     def torch_wire_dtype(self) -> torch.dtype:
         """``wire_dtype`` as a torch dtype."""
-        return _TORCH_DTYPES[self.wire_dtype]
+        return torch_dtype(self.wire_dtype)

@@ -17,13 +17,12 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.routing import ServerView
-from swarm.dht.config import parse_host_port
 from swarm.dht.node import DHTNode
 from swarm.dht.records import Record
 from swarm.errors import DHTError, ProtocolError, SwarmError
-from swarm.net.identity import PeerId
 from swarm.net.messages import InfoRequest, InfoResponse, ServerAnnouncement, message_from_wire
 from swarm.net.pool import ConnectionPool
+from swarm.types import PeerId, format_address, parse_address
 
 __all__ = [
     "Discovery",
@@ -31,7 +30,6 @@ __all__ = [
     "ServerDirectory",
     "StaticDirectory",
     "block_keys",
-    "format_address",
     "servers_from_records",
 ]
 
@@ -65,11 +63,6 @@ class StaticDirectory:
 def block_keys(model_id: str, num_layers: int) -> list[str]:
     """The DHT keys a model's servers announce under, one per block."""
     return [f"{model_id}/block/{i}" for i in range(num_layers)]
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port`` (``[host]:port`` for IPv6), the form `ServerView.address` holds."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def servers_from_records(
@@ -148,7 +141,7 @@ async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) 
 
     Raises `SwarmError` subclasses: what dialing or the call raise, `DeadlineExceeded`.
     """
-    host, port = parse_host_port(server.address)
+    host, port = parse_address(server.address)
     with trio.fail_after(timeout):
         conn = await pool.get(host, port, server.peer_id)
     start = trio.current_time()

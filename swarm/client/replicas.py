@@ -19,8 +19,7 @@ import trio
 
 from swarm.client.session import InferenceSession
 from swarm.errors import RoutingError, SessionError
-from swarm.net.identity import PeerId
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 
 __all__ = ["Replicas"]
 

@@ -28,8 +28,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from swarm.errors import RoutingError
-from swarm.net.identity import PeerId
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 
 __all__ = ["Hop", "RouteCosts", "ServerView", "plan_route", "route_cost"]
 

@@ -30,7 +30,6 @@ from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
 from swarm.client.routing import Hop, plan_route
-from swarm.dht.config import parse_host_port
 from swarm.errors import (
     DeadlineExceeded,
     ProtocolError,
@@ -40,7 +39,6 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.net.identity import PeerId
 from swarm.net.messages import (
     InferenceOpen,
     InferenceReady,
@@ -51,7 +49,7 @@ from swarm.net.messages import (
 )
 from swarm.net.pool import ConnectionPool
 from swarm.net.rpc import RpcStream
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId, parse_address
 from swarm.verify.receipts import check_receipt
 
 __all__ = ["HopFailure", "InferenceSession"]
@@ -90,7 +88,7 @@ class _HopState:
 
     @property
     def target(self) -> PushTarget:
-        host, port = parse_host_port(self.hop.server.address)
+        host, port = parse_address(self.hop.server.address)
         return PushTarget(self.hop.server.peer_id, host, port, self.session_id)
 
 
@@ -375,7 +373,7 @@ class InferenceSession:
     ) -> _HopState:
         """Dial, open the stream, wait for `InferenceReady`. Raises `HopFailure`."""
         cfg = self.config
-        host, port = parse_host_port(hop.server.address)
+        host, port = parse_address(hop.server.address)
         stack = AsyncExitStack()
         try:
             with trio.move_on_after(cfg.connect_timeout) as scope:
@@ -486,7 +484,7 @@ class InferenceSession:
 
 
 def _target(hop: Hop, session_id: bytes) -> PushTarget:
-    host, port = parse_host_port(hop.server.address)
+    host, port = parse_address(hop.server.address)
     return PushTarget(hop.server.peer_id, host, port, session_id)
 
 

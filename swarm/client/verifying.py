@@ -25,9 +25,7 @@ from swarm.client.replicas import Replicas
 from swarm.client.routing import ServerView
 from swarm.client.session import InferenceSession
 from swarm.dht import DHTNode
-from swarm.dht.config import parse_host_port
 from swarm.errors import SwarmError
-from swarm.net.identity import PeerId
 from swarm.net.messages import (
     Evidence,
     ForwardRequest,
@@ -37,7 +35,7 @@ from swarm.net.messages import (
     encode_message,
 )
 from swarm.net.pool import ConnectionPool
-from swarm.shards import LayerRange
+from swarm.types import LayerRange, PeerId, parse_address
 from swarm.verify.audit import AuditResult, Candidate, HopRecord
 from swarm.verify.ledger import FileLedger
 from swarm.verify.material import publish_material
@@ -97,7 +95,7 @@ class VerifiedSessions:
     async def _dtype(self, view: ServerView) -> str:
         """The dtype a server computes in (asked once with ``info``; "" if it does not say)."""
         if view.peer_id not in self._dtypes:
-            host, port = parse_host_port(view.address)
+            host, port = parse_address(view.address)
             try:
                 info = await self.pool.call(
                     host, port, "info", InfoRequest(), InfoResponse,
@@ -129,7 +127,7 @@ class VerifiedSessions:
             answer = self._replicas.answer(peer, layers, hidden.shape[1])
             if answer is not None:
                 return answer  # (batch, T, hidden)
-        host, port = parse_host_port(self._views[peer].address)
+        host, port = parse_address(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
         response = await self.pool.call(
             host, port, "forward", request, ForwardResponse,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swarm.errors import ConfigError
+from swarm.types import parse_address
 
 __all__ = ["MAX_DATAGRAM_BYTES", "DHTConfig"]
 
@@ -63,7 +64,7 @@ class DHTConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"DHT port {self.port} is outside 0..65535")
         for peer in self.initial_peers:
-            parse_host_port(peer)
+            parse_address(peer)
         if self.swarm_key is not None and len(self.swarm_key) != 32:
             raise ConfigError(f"swarm key holds {len(self.swarm_key)} bytes; expected 32")
         if not 0 < self.max_record_bytes <= _MAX_REQUEST_RECORD_BYTES:
@@ -96,12 +97,3 @@ class DHTConfig:
                 raise ConfigError(f"DHTConfig.{name} must be at least 1, got {count}")
         if self.clock_skew < 0:
             raise ConfigError("DHTConfig.clock_skew must not be negative")
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (``"[::1]:port"`` for IPv6). Raises `ConfigError` if malformed."""
-    host, sep, port_text = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"not a host:port address: {text!r}")
-    return host, int(port_text)

@@ -20,14 +20,15 @@ from typing import Any
 
 import trio
 
-from swarm.dht.config import DHTConfig, parse_host_port
+from swarm.dht.config import DHTConfig
 from swarm.dht.kademlia_node import KademliaNode
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import DropReason, Record, check_record, make_record
 from swarm.dht.runner import AsyncioRunner, shared_runner
 from swarm.dht.stats import DHTStatistics, StatsCounter
 from swarm.errors import DHTError, RecordError
-from swarm.net.identity import Identity, PeerId
+from swarm.identity import Identity
+from swarm.types import PeerId, parse_address
 
 __all__ = ["DHTNode"]
 
@@ -205,7 +206,7 @@ async def _resolve(peers: tuple[str, ...]) -> list[tuple[str, int]]:
     """Resolve ``"host:port"`` strings to (ip, port). Raises `DHTError` if a host is unknown."""
     addrs = []
     for peer in peers:
-        host, port = parse_host_port(peer)
+        host, port = parse_address(peer)
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         except OSError as exc:

@@ -29,7 +29,8 @@ from typing import Any
 import msgpack
 
 from swarm.errors import RecordError
-from swarm.net.identity import Identity, PeerId, verify_signature
+from swarm.identity import Identity, verify_signature
+from swarm.types import PeerId
 
 __all__ = ["RECORD_VERSION", "DropReason", "Record", "check_record", "make_record"]
 

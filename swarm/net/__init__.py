@@ -3,7 +3,6 @@
 from swarm.net.channel import SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
-from swarm.net.identity import Identity, PeerId
 from swarm.net.messages import (
     PROTOCOL_VERSION,
     ErrorResponse,
@@ -37,7 +36,6 @@ __all__ = [
     "ErrorResponse",
     "ForwardRequest",
     "ForwardResponse",
-    "Identity",
     "InferenceOpen",
     "InferenceStep",
     "InferenceStepResult",
@@ -45,7 +43,6 @@ __all__ = [
     "InfoResponse",
     "Message",
     "NetConfig",
-    "PeerId",
     "PushRequest",
     "PushTarget",
     "RpcConnection",

@@ -21,8 +21,8 @@ from swarm.errors import (
     ProtocolError,
 )
 from swarm.net.config import NetConfig
-from swarm.net.identity import PeerId
 from swarm.net.noise import TAGLEN, CipherState
+from swarm.types import PeerId
 
 __all__ = ["FRAME_HEADER", "ExactReader", "SecureChannel"]
 

@@ -32,11 +32,12 @@ from swarm.errors import (
     ProtocolError,
     SwarmKeyMismatch,
 )
+from swarm.identity import Identity, verify_signature
 from swarm.net.channel import FRAME_HEADER, ExactReader, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.identity import Identity, PeerId, verify_signature
 from swarm.net.noise import DHLEN, TAGLEN, CipherState, HandshakeState, KeyPair
 from swarm.net.transport import Transport
+from swarm.types import PeerId
 
 __all__ = ["PROTOCOL_VERSION", "open_channel", "secure_inbound", "secure_outbound"]
 

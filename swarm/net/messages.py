@@ -28,9 +28,8 @@ import msgpack
 import torch
 
 from swarm.errors import ProtocolError
-from swarm.net.identity import PeerId
 from swarm.net.tensors import decode_tensor, encode_tensor
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -9,12 +9,13 @@ from typing import TypeVar
 
 import trio
 
+from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel
-from swarm.net.identity import Identity, PeerId
 from swarm.net.messages import Message
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
+from swarm.types import PeerId
 
 __all__ = ["ConnectionPool", "open_connection_pool"]
 

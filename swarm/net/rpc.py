@@ -40,8 +40,8 @@ from swarm.errors import (
 from swarm.net.channel import SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.envelope import FROM_CALLER, Kind, error_body, parse_envelope, remote_error
-from swarm.net.identity import PeerId
 from swarm.net.messages import Message, message_from_wire
+from swarm.types import PeerId
 
 __all__ = ["CallContext", "RpcConnection", "RpcStream", "stream_handler"]
 

@@ -7,9 +7,9 @@ import logging
 import trio
 
 from swarm.errors import SwarmError
+from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import secure_inbound
-from swarm.net.identity import Identity
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 

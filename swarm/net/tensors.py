@@ -21,15 +21,11 @@ from typing import Any
 import torch
 
 from swarm.errors import ProtocolError
+from swarm.types import FLOAT_DTYPES, torch_dtype
 
 __all__ = ["DTYPES", "MAX_DIM", "MAX_NDIM", "decode_tensor", "encode_tensor", "tensor_view"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
+DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name) for name in (*FLOAT_DTYPES, "int64")}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_NDIM = 8
 MAX_DIM = 2**31 - 1

@@ -19,7 +19,6 @@ import trio
 
 from swarm.dht import DHTNode
 from swarm.errors import ProtocolError, SwarmError
-from swarm.net.identity import PeerId
 from swarm.net.messages import (
     InfoRequest,
     InfoResponse,
@@ -29,8 +28,8 @@ from swarm.net.messages import (
 )
 from swarm.net.pool import ConnectionPool
 from swarm.shards.cache import KVCache
-from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span
+from swarm.types import LayerRange, PeerId
 
 __all__ = [
     "MAX_PINGS",

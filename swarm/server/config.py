@@ -9,11 +9,11 @@ from swarm.dht import DHTConfig
 from swarm.errors import ConfigError
 from swarm.net.config import NetConfig
 from swarm.server.sessions import SessionLimits
-from swarm.shards.ranges import LayerRange
+from swarm.types import FLOAT_DTYPES, LayerRange
 
 __all__ = ["ServerConfig"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,13 @@ from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
 from swarm.shards.cache import KVCache
-from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span
+from swarm.types import LayerRange
 from swarm.verify.receipts import make_receipt
 
 __all__ = ["ServerState", "ServingHandlers"]
 
 log = logging.getLogger(__name__)
-
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class ServerState:

@@ -25,7 +25,7 @@ import trio
 import swarm
 from swarm.dht import DHTNode
 from swarm.errors import ConfigError
-from swarm.net.identity import Identity, PeerId
+from swarm.identity import Identity
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import open_connection_pool
 from swarm.net.rpc_server import RpcServer
@@ -37,7 +37,7 @@ from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServerState, ServingHandlers
 from swarm.server.sessions import SessionTable
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
-from swarm.shards.ranges import LayerRange
+from swarm.types import FLOAT_DTYPES, LayerRange, PeerId, torch_dtype
 
 __all__ = ["Server", "ServerReady", "resolve_device", "resolve_dtype"]
 
@@ -73,12 +73,11 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
     """``auto``: the checkpoint's dtype on a GPU; float32 on the CPU (half precision
     matmuls are slow there)."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name != "auto":
-        return table[name]
+        return torch_dtype(name)
     if device.type == "cpu":
         return torch.float32
-    return table.get(model.torch_dtype, torch.float16)
+    return torch_dtype(model.torch_dtype) if model.torch_dtype in FLOAT_DTYPES else torch.float16
 
 
 class Server:

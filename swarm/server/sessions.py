@@ -17,11 +17,10 @@ import torch
 import trio
 
 from swarm.errors import LimitExceeded, SessionError
-from swarm.net.identity import PeerId
 from swarm.net.messages import PushTarget
 from swarm.shards.cache import KVCache
-from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span
+from swarm.types import LayerRange, PeerId
 
 __all__ = ["Session", "SessionLimits", "SessionTable", "StepInput"]
 

@@ -4,14 +4,12 @@ from swarm.shards.cache import KVCache
 from swarm.shards.checkpoint import model_id
 from swarm.shards.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from swarm.shards.head import Head, load_head
-from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span, load_span
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "Head",
     "KVCache",
-    "LayerRange",
     "ModelConfig",
     "RopeScaling",
     "Span",

@@ -26,7 +26,7 @@ import torch
 
 from swarm.errors import ShardError
 from swarm.shards.config import ModelConfig
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange
 
 __all__ = ["KVCache"]
 

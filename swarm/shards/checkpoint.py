@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from swarm.errors import ShardError
 from swarm.shards.config import ModelConfig
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange
 
 __all__ = [
     "SHARD_INDEX",

@@ -18,8 +18,8 @@ from swarm.shards.blocks import Block, build_attention_mask
 from swarm.shards.cache import KVCache
 from swarm.shards.checkpoint import checkpoint_names, read_tensors
 from swarm.shards.config import ModelConfig
-from swarm.shards.ranges import LayerRange
 from swarm.shards.rope import inverse_frequencies, rope_cos_sin
+from swarm.types import LayerRange
 
 __all__ = ["Span", "load_span"]
 

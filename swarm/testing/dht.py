@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from swarm.dht import DHTConfig, DHTNode
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 
 __all__ = ["DHTCluster", "open_dht_cluster"]
 

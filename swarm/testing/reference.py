@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from swarm.client.sampling import Sampler, SamplingConfig
-from swarm.shards import KVCache, LayerRange, ModelConfig, load_head, load_span
+from swarm.shards import KVCache, ModelConfig, load_head, load_span
+from swarm.types import LayerRange
 
 __all__ = ["LocalGeneration", "LocalModel", "generate_locally"]
 

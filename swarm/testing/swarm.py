@@ -21,12 +21,12 @@ from pathlib import Path
 import trio
 
 from swarm.dht import DHTConfig, DHTNode
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers
 from swarm.server.server import Server, ServerReady
-from swarm.shards.ranges import LayerRange
 from swarm.testing.links import LinkEmulator
+from swarm.types import LayerRange
 
 __all__ = ["LocalServer", "LocalSwarm", "open_local_swarm"]
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.errors import SwarmError
-from swarm.net.identity import PeerId
 from swarm.net.messages import Receipt
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import compare, first_mismatch, thresholds_for
 
 __all__ = ["AuditResult", "Candidate", "ForwardFn", "HopRecord", "audit_hop"]

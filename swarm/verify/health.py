@@ -17,10 +17,10 @@ import torch
 import trio
 
 from swarm.errors import SwarmError
-from swarm.net.identity import PeerId
 from swarm.net.messages import ForwardRequest, ForwardResponse
 from swarm.net.rpc import RpcConnection
-from swarm.shards import LayerRange, ModelConfig, load_span
+from swarm.shards import ModelConfig, load_span
+from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import compare, thresholds_for
 
 __all__ = ["Canary", "CanaryResult", "ServerHealth", "make_canaries", "probe"]

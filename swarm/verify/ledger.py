@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from swarm.errors import ConfigError
-from swarm.net.identity import PeerId
+from swarm.types import PeerId
 
 __all__ = ["FileLedger", "Ledger"]
 

@@ -21,9 +21,9 @@ import trio
 
 from swarm.dht import DHTNode
 from swarm.errors import ProtocolError, VerificationError
-from swarm.net.identity import PeerId
 from swarm.net.messages import unpack
 from swarm.net.tensors import decode_tensor, encode_tensor
+from swarm.types import PeerId
 from swarm.verify.receipts import EvidenceFile
 
 __all__ = ["CHUNK_BYTES", "MAX_MATERIAL_BYTES", "fetch_material", "publish_material"]

@@ -29,9 +29,9 @@ import msgpack
 import torch
 
 from swarm.errors import ProtocolError, VerificationError
-from swarm.net.identity import Identity, PeerId, verify_signature
+from swarm.identity import Identity, verify_signature
 from swarm.net.messages import Evidence, Receipt, decode_message, encode_message
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import Thresholds, compare
 
 __all__ = [

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from swarm.net.identity import PeerId
+from swarm.types import PeerId
 
 __all__ = ["DEFAULT_REPUTATION_PATH", "PeerRecord", "Reputation"]
 

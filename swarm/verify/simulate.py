@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.net.identity import Identity, PeerId
+from swarm.identity import Identity
 from swarm.shards.cache import KVCache
-from swarm.shards.ranges import LayerRange
 from swarm.shards.span import Span
+from swarm.types import LayerRange, PeerId
 from swarm.verify.audit import Candidate, HopRecord
 from swarm.verify.policy import VerifyPolicy
 from swarm.verify.reputation import Reputation

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange
 from swarm.verify.reputation import PeerRecord
 
 __all__ = ["NormStats", "SuspicionConfig", "audit_rate", "too_fast"]

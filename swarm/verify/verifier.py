@@ -15,8 +15,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from swarm.net.identity import PeerId
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 from swarm.verify.audit import AuditResult, Candidate, ForwardFn, HopRecord, audit_hop
 from swarm.verify.ledger import Ledger
 from swarm.verify.policy import VerifyPolicy

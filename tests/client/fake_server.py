@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from swarm.client.discovery import format_address
 from swarm.client.routing import ServerView
 from swarm.errors import LimitExceeded, RemoteError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.messages import (
     InferenceOpen,
     InferenceReady,
@@ -30,6 +29,7 @@ from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
 from swarm.shards import KVCache, Span
+from swarm.types import format_address
 
 
 @dataclass

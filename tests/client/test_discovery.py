@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from swarm.client.bans import BanList
 from swarm.client.discovery import PingTable, block_keys, servers_from_records
 from swarm.dht.records import Record, make_record
-from swarm.net.identity import Identity, PeerId
+from swarm.identity import Identity
 from swarm.net.messages import PingEntry, ServerAnnouncement
-from swarm.shards import LayerRange
+from swarm.types import LayerRange, PeerId
 
 MODEL = "tiny-0123456789ab"
 

@@ -18,8 +18,9 @@ from swarm.client.model import AsyncRemoteModel
 from swarm.client.remote import RemoteModel
 from swarm.client.sampling import SamplingConfig
 from swarm.errors import ConfigError
-from swarm.shards import KVCache, LayerRange, load_head, load_span
+from swarm.shards import KVCache, load_head, load_span
 from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
 
 from .fake_server import FakeServer, run_servers
 from .test_session import _servers

@@ -9,8 +9,8 @@ import pytest
 
 from swarm.client.routing import ServerView, plan_route, route_cost
 from swarm.errors import RoutingError
-from swarm.net.identity import Identity, PeerId
-from swarm.shards.ranges import LayerRange
+from swarm.identity import Identity
+from swarm.types import LayerRange, PeerId
 
 
 def server(name: str, start: int, stop: int, **kw: object) -> ServerView:

@@ -15,10 +15,11 @@ from swarm.client.config import ClientConfig
 from swarm.client.discovery import StaticDirectory
 from swarm.client.session import InferenceSession
 from swarm.errors import RoutingError, SessionError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.pool import open_connection_pool
-from swarm.shards import KVCache, LayerRange, Span, load_span
+from swarm.shards import KVCache, Span, load_span
 from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
 
 from .fake_server import FakeServer, run_servers
 

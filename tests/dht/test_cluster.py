@@ -12,7 +12,7 @@ from swarm.dht import DHTConfig
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import Record, make_record
 from swarm.errors import RecordError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
 FAST = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0)

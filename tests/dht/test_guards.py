@@ -15,7 +15,7 @@ from swarm.dht.protocol import SwarmProtocol
 from swarm.dht.records import make_record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
 FAST = DHTConfig(rpc_timeout=0.3, bootstrap_timeout=5.0)

@@ -13,7 +13,7 @@ from swarm.dht import DHTConfig, DHTNode
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import make_record
 from swarm.errors import DHTError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
 KEY = b"s" * 32

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from swarm.dht import DHTConfig, DHTNode
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.swarm_key import create_swarm_key
 
 pytestmark = pytest.mark.slow

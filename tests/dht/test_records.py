@@ -14,7 +14,7 @@ from swarm.dht.records import DropReason, Record, check_record, make_record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
 from swarm.errors import ConfigError, RecordError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 
 ALICE = Identity.from_seed(b"alice")
 MALLORY = Identity.from_seed(b"mallory")

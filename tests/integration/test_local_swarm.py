@@ -11,10 +11,10 @@ import trio
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.server.sessions import SessionLimits
-from swarm.shards import LayerRange
 from swarm.testing.adversaries import HangingHandlers
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.swarm import LocalServer, open_local_swarm
+from swarm.types import LayerRange
 
 from .conftest import NEW_TOKENS, PROMPT
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from swarm.identity import Identity
 from swarm.net.channel import SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import secure_inbound, secure_outbound
-from swarm.net.identity import Identity
 
 ALICE = Identity.from_seed(b"alice")
 BOB = Identity.from_seed(b"bob")

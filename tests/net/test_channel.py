@@ -18,10 +18,10 @@ from swarm.errors import (
     SwarmError,
     SwarmKeyMismatch,
 )
+from swarm.identity import Identity
 from swarm.net.channel import SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
-from swarm.net.identity import Identity
 from swarm.net.transport import TCPTransport
 
 from .conftest import ALICE, BOB, channel_pair

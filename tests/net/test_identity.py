@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from swarm.errors import IdentityError
-from swarm.net import Identity, PeerId, create_swarm_key, load_swarm_key
+from swarm.identity import Identity
+from swarm.net import create_swarm_key, load_swarm_key
+from swarm.types import PeerId
 
 
 def test_identity_created_with_mode_0600_and_reloaded(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.errors import ProtocolError
-from swarm.net.identity import PeerId
 from swarm.net.messages import (
     ErrorResponse,
     ForwardRequest,
@@ -21,7 +20,7 @@ from swarm.net.messages import (
     encode_message,
 )
 from swarm.net.tensors import decode_tensor, encode_tensor
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange, PeerId
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])

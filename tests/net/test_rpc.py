@@ -30,7 +30,7 @@ from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
-from swarm.shards.ranges import LayerRange
+from swarm.types import LayerRange
 
 from .conftest import ALICE, BOB, channel_pair
 

@@ -11,7 +11,7 @@ import torch
 import trio
 
 from swarm.errors import LimitExceeded, RemoteError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
@@ -25,9 +25,10 @@ from swarm.net.messages import (
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.server.sessions import SessionLimits
-from swarm.shards import LayerRange, load_span
+from swarm.shards import load_span
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.swarm import LocalSwarm, open_local_swarm
+from swarm.types import LayerRange
 
 HIDDEN = 64
 

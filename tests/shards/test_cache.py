@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from swarm.errors import ShardError
-from swarm.shards import KVCache, LayerRange, Span, load_span
+from swarm.shards import KVCache, Span, load_span
 from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import swarm.shards.checkpoint as checkpoint_module
 from swarm.errors import ShardError
-from swarm.shards import LayerRange, load_head, load_span, model_id
+from swarm.shards import load_head, load_span, model_id
 from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
 
 
 @pytest.fixture

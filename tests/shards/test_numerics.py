@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.shards import KVCache, LayerRange, ModelConfig, load_head, load_span
+from swarm.shards import KVCache, ModelConfig, load_head, load_span
+from swarm.types import LayerRange
 from tests.shards.conftest import VARIANTS
 
 LAYERS = 4

@@ -10,10 +10,10 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.net.identity import PeerId
-from swarm.shards import LayerRange, Span, load_span, model_id
+from swarm.shards import Span, load_span, model_id
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import thresholds_for
 from swarm.verify.ledger import FileLedger
 from swarm.verify.material import fetch_material

@@ -9,7 +9,7 @@ import trio
 
 from swarm.dht import DHTConfig, DHTNode
 from swarm.errors import ProtocolError, VerificationError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.verify.material import decode_material, encode_material, fetch_material, publish_material
 from swarm.verify.receipts import EvidenceFile
 

@@ -9,8 +9,8 @@ import pytest
 from swarm.client.config import ClientConfig
 from swarm.client.remote import RemoteModel
 from swarm.errors import ConfigError
-from swarm.net.identity import Identity
-from swarm.shards import LayerRange
+from swarm.identity import Identity
+from swarm.types import LayerRange
 from swarm.verify.ledger import FileLedger
 from swarm.verify.policy import VerifyPolicy, parse_policy
 from swarm.verify.reputation import PeerRecord, Reputation

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.testing.processes import ProcessGroup, swarm_command
 from swarm.verify.reputation import Reputation
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from swarm.errors import VerificationError
-from swarm.net.identity import Identity
+from swarm.identity import Identity
 from swarm.net.messages import Evidence, encode_message
-from swarm.shards import LayerRange, load_span
+from swarm.shards import load_span
 from swarm.testing.adversaries import corruptor
+from swarm.types import LayerRange
 from swarm.verify.compare import thresholds_for
 from swarm.verify.receipts import (
     EvidenceFile,

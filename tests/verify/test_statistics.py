@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.shards import LayerRange, load_head, load_span
+from swarm.shards import load_head, load_span
 from swarm.testing.adversaries import corruptor, perturb_weights
+from swarm.types import LayerRange
 from swarm.verify.policy import parse_policy
 from swarm.verify.simulate import Recording, SimPeer, record_outputs, simulate_hop
 

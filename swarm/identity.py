@@ -1,7 +1,7 @@
-"""Peer identity: an Ed25519 key pair per peer, and the `PeerId` derived from it.
+"""Peer identity: an Ed25519 key pair per peer, and the `PeerId` it proves.
 
-A `PeerId` is the SHA-256 of the raw 32-byte Ed25519 public key. Its text form is base58
-(Bitcoin alphabet), short enough for logs and the CLI; `.hex()` gives the long form.
+Both the wire (handshake payloads) and the DHT (signed records) need it, so it sits at the
+bottom of the import order beside `swarm.types`.
 
 The private key is stored as PKCS#8 PEM with file mode 0600. A key file that group or
 others can read is refused: a leaked key lets anyone impersonate the peer.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -23,85 +22,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from swarm.errors import IdentityError
+from swarm.types import PeerId
 
 __all__ = [
     "DEFAULT_IDENTITY_PATH",
     "Identity",
-    "PeerId",
-    "b58decode",
-    "b58encode",
     "public_key_from_bytes",
     "verify_signature",
 ]
 
 DEFAULT_IDENTITY_PATH = Path("~/.config/swarm/identity.key")
-
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
-
-
-def b58encode(data: bytes) -> str:
-    """Encode bytes in base58 (Bitcoin alphabet), keeping leading zero bytes as '1'."""
-    n = int.from_bytes(data, "big")
-    out = []
-    while n:
-        n, r = divmod(n, 58)
-        out.append(_B58_ALPHABET[r])
-    pad = len(data) - len(data.lstrip(b"\0"))
-    return "1" * pad + "".join(reversed(out))
-
-
-def b58decode(text: str) -> bytes:
-    """Decode base58 text; raises ValueError on a character outside the alphabet."""
-    n = 0
-    for c in text:
-        if c not in _B58_INDEX:
-            raise ValueError(f"invalid base58 character {c!r}")
-        n = n * 58 + _B58_INDEX[c]
-    pad = len(text) - len(text.lstrip("1"))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
-    return b"\0" * pad + body
-
-
-@dataclass(frozen=True, order=True)
-class PeerId:
-    """SHA-256 of a peer's Ed25519 public key (32 bytes)."""
-
-    digest: bytes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.digest, bytes) or len(self.digest) != 32:
-            raise ValueError("a PeerId is exactly 32 bytes")
-
-    @classmethod
-    def from_public_key(cls, public_key: bytes) -> PeerId:
-        """The id of a raw 32-byte Ed25519 public key."""
-        return cls(hashlib.sha256(public_key).digest())
-
-    @classmethod
-    def from_string(cls, text: str) -> PeerId:
-        """Parse the base58 or 64-character hex form."""
-        try:
-            raw = bytes.fromhex(text) if len(text) == 64 else b58decode(text)
-            return cls(raw)
-        except ValueError as exc:
-            raise ValueError(f"not a peer id: {text!r}") from exc
-
-    def to_base58(self) -> str:
-        return b58encode(self.digest)
-
-    def hex(self) -> str:
-        return self.digest.hex()
-
-    def short(self) -> str:
-        """The first characters of the base58 form, for log lines and tables."""
-        return self.to_base58()[:10]
-
-    def __str__(self) -> str:
-        return self.to_base58()
-
-    def __repr__(self) -> str:
-        return f"PeerId({self.short()}…)"
 
 
 def public_key_from_bytes(raw: bytes) -> Ed25519PublicKey:
