@@ -47,9 +47,9 @@ async def trial(model: Path, spec: str, seed: int, tmp: Path, reference: list[in
             reputation_path=str(tmp / f"rep-{spec}-{seed}.json"),
         )  # fmt: skip
         async with AsyncRemoteModel.open(model, config) as remote:
-            ids = await remote.generate(PROMPT, NEW_TOKENS)
-            result, verifier = remote.last_result, remote.verifier
-            assert result is not None and verifier is not None
+            result = await remote.generate_detailed(PROMPT, NEW_TOKENS)
+            ids, verifier = result.ids, remote.verifier
+            assert verifier is not None
             peer = liar.server.identity.peer_id
             caught = [step for who, step in verifier.detections if who == peer]
             return (

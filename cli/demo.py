@@ -173,18 +173,16 @@ async def _generate(
             first = True
             async for token in tokens:
                 if first:
-                    assert remote.last_result is not None
                     route = " -> ".join(
                         f"{hop['peer'][:8]}@{hop['port']} [{hop['start']}:{hop['stop']})"
-                        for hop in remote.last_result.route
+                        for hop in tokens.result.route
                     )
                     console.print(f"[bold]route:[/bold] client -> {route} -> client")
                     console.print(prompt, style="bold", end="")
                     first = False
                 console.print(token.text, end="", highlight=False, markup=False)
         console.print()
-        result = remote.last_result
-        assert result is not None
+        result = tokens.result
         if result.recoveries:
             console.print(f"[yellow]recovered from {result.recoveries} failed hop(s)[/yellow]")
         _report_verification(result.verification, result.rollbacks, liars)

@@ -4,8 +4,8 @@
 
     async with AsyncRemoteModel.open(path, ClientConfig(initial_peers=("10.0.0.1:31337",))) as m:
         text = await m.generate("The capital of France is", max_new_tokens=16)
-        async with contextlib.aclosing(m.stream("Once upon a time")) as pieces:
-            async for token in pieces:
+        async with m.stream("Once upon a time") as tokens:
+            async for token in tokens:
                 print(token.text, end="")
 
 The head (embeddings, final norm, lm_head) and the tokenizer run locally; the decoder layers
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -47,7 +47,7 @@ from swarm.net.transport import Transport
 from swarm.shards import Head, ModelConfig, load_head, model_id
 from swarm.verify.verifier import Verifier
 
-__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "unwrap_group"]
+__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "TokenStream", "unwrap_group"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,33 @@ def _reraise(exc: BaseException) -> NoReturn:
     raise inner from None
 
 
+class TokenStream:
+    """One generation's tokens (an async iterator) and its own `GenerationResult`.
+
+    Use as ``async with model.stream(...) as tokens``; leaving the block early cancels the
+    generation and closes its sessions. ``result`` is complete once iteration ended.
+    """
+
+    def __init__(self, tokens: AsyncGenerator[Token, None], result: GenerationResult) -> None:
+        self._tokens = tokens
+        self.result = result
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> Token:
+        return await self._tokens.__anext__()
+
+    async def aclose(self) -> None:
+        await self._tokens.aclose()
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class AsyncRemoteModel:
     """A model whose layers run on the swarm. Build it with `AsyncRemoteModel.open`."""
 
@@ -129,7 +156,6 @@ class AsyncRemoteModel:
         self.directory = directory
         self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         self.rng = random.Random()
-        self.last_result: GenerationResult | None = None
         self.sessions = VerifiedSessions(
             config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers
         )
@@ -199,23 +225,26 @@ class AsyncRemoteModel:
             raise ConfigError(f"token ids must be in [0, {vocab})")
         return ids
 
-    async def stream(
+    def stream(
         self,
         prompt: str | Sequence[int],
         max_new_tokens: int = 32,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
-    ) -> AsyncGenerator[Token, None]:
-        """Generate token by token (wrap in `contextlib.aclosing` if you may stop early).
+    ) -> TokenStream:
+        """Generate token by token: ``async with model.stream(...) as tokens: async for ...``.
 
-        Fills `last_result`. Raises `ConfigError` for bad arguments, `RoutingError` /
-        `SessionError` when the swarm cannot run the layers.
+        The returned `TokenStream` owns this generation's `GenerationResult` (``.result``),
+        filled as tokens arrive; no state of one generation is kept on the model, so any
+        number of tasks may stream at once. Raises `ConfigError` for bad arguments (here, at
+        once); iterating raises `RoutingError` / `SessionError` when the swarm cannot run the
+        layers.
 
         Under a verification policy a proven lie rolls the generation back to the liar's first
         bad position and goes on from a fresh session without it: tokens already yielded after
-        that position are then yielded again (recomputed); `last_result.ids` and
-        ``last_result.rollbacks`` hold the final tokens and how often that happened. Under
-        ``optimistic`` the check runs after the last token, before the generator ends.
+        that position are then yielded again (recomputed); ``result.ids`` and
+        ``result.rollbacks`` hold the final tokens and how often that happened. Under
+        ``optimistic`` the check runs after the last token, before the iteration ends.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
@@ -223,11 +252,13 @@ class AsyncRemoteModel:
         if stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this checkpoint has none")
         result = GenerationResult(text="" if self.tokenizer is not None else None)
-        self.last_result = result
-        started = trio.current_time()
         gen = _Generation(self, ids, max_new_tokens, sampling, stop, result)
+        return TokenStream(self._run(gen), result)
+
+    async def _run(self, gen: _Generation) -> AsyncGenerator[Token, None]:
+        started = trio.current_time()
         while True:
-            async with self.sessions.open(len(ids) + max_new_tokens) as session:
+            async with self.sessions.open(len(gen.prompt) + gen.max_new_tokens) as session:
                 async for token in gen.run(session, started):
                     yield token
                 if gen.rollback is None and self.verifier is not None:
@@ -236,7 +267,7 @@ class AsyncRemoteModel:
                 break
             gen.roll_back()
         if self.verifier is not None:
-            result.verification = self.verifier.statistics()
+            gen.result.verification = self.verifier.statistics()
             self.sessions.save_reputation()
 
     async def generate_detailed(
@@ -247,11 +278,10 @@ class AsyncRemoteModel:
         stop: Sequence[str] = (),
     ) -> GenerationResult:
         """Generate and return ids, text, route and timings. Raises what `stream` raises."""
-        async with aclosing(self.stream(prompt, max_new_tokens, sampling, stop)) as tokens:
+        async with self.stream(prompt, max_new_tokens, sampling, stop) as tokens:
             async for _ in tokens:
                 pass
-        assert self.last_result is not None  # set by stream before its first step
-        return self.last_result
+        return tokens.result
 
     async def generate(
         self,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
-from swarm.client.model import AsyncRemoteModel, GenerationResult
-from swarm.client.sampling import SamplingConfig
+from swarm.client.model import AsyncRemoteModel, GenerationResult, TokenStream
+from swarm.client.sampling import SamplingConfig, sampling_config
 from swarm.errors import ConfigError, SessionError
 from swarm.net.transport import Transport
 
-__all__ = ["RemoteModel"]
+__all__ = ["RemoteModel", "TextStream"]
 
 _POLL_S = 0.2  # how often a waiting caller checks that the background thread is alive
 
@@ -131,22 +130,21 @@ class RemoteModel:
         self,
         prompt: str | list[int],
         max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        *,
         return_text: bool | None = None,
+        **shortcuts: Any,
     ) -> str | list[int]:
         """New text (for a text prompt, or ``return_text=True``) or new token ids.
 
-        Raises `ConfigError` for bad arguments, `RoutingError`/`SessionError` when the swarm
-        cannot run the model.
+        ``sampling`` (greedy by default) or its fields as keyword shortcuts
+        (``temperature=0.8, top_k=50, top_p=0.9, seed=1``). Raises `ConfigError` for bad
+        arguments, `RoutingError`/`SessionError` when the swarm cannot run the model.
         """
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
         run = functools.partial(
-            self.model.generate, prompt, max_new_tokens, sampling, tuple(stop or ()),
-            return_text=return_text,
+            self.model.generate, prompt, max_new_tokens, sampling_config(sampling, shortcuts),
+            tuple(stop), return_text=return_text,
         )  # fmt: skip
         result: str | list[int] = self._call(run)
         return result
@@ -155,17 +153,15 @@ class RemoteModel:
         self,
         prompt: str | list[int],
         max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        **shortcuts: Any,
     ) -> GenerationResult:
-        """Like `generate`, returning ids, text, route and timings."""
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        """Like `generate`, returning this generation's ids, text, route and timings."""
         run = functools.partial(
-            self.model.generate_detailed, prompt, max_new_tokens, sampling, tuple(stop or ())
-        )
+            self.model.generate_detailed, prompt, max_new_tokens,
+            sampling_config(sampling, shortcuts), tuple(stop),
+        )  # fmt: skip
         result: GenerationResult = self._call(run)
         return result
 
@@ -173,50 +169,24 @@ class RemoteModel:
         self,
         prompt: str | list[int],
         max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+        stop: Sequence[str] = (),
+        *,
         return_text: bool | None = None,
-    ) -> Iterator[str | int]:
-        """Yield text pieces (``return_text``; default for a text prompt) or token ids.
+        **shortcuts: Any,
+    ) -> TextStream:
+        """Text pieces (``return_text``; default for a text prompt) or token ids, as they come.
 
-        Leaving the loop early cancels the generation. Raises what `generate` raises.
+        The returned iterator's ``result`` is this generation's `GenerationResult`. Leaving
+        the loop early (or ``close()``) cancels the generation. Raises what `generate` raises.
         """
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        scope = trio.CancelScope()
         model = self.model
         as_text = isinstance(prompt, str) if return_text is None else return_text
         if as_text and model.tokenizer is None:
             raise ConfigError(f"{model.path} has no tokenizer.json: ask for ids")
-
-        async def produce() -> None:
-            with scope:
-                try:
-                    agen = model.stream(prompt, max_new_tokens, sampling, tuple(stop or ()))
-                    async with aclosing(agen) as tokens:
-                        async for token in tokens:
-                            items.put(("item", token.text if as_text else token.id))
-                except Exception as exc:
-                    items.put(("error", exc))
-                    return
-            items.put(("end", None))
-
-        self._call(self._start_soon, produce)
-        try:
-            while True:
-                kind, value = self._wait_item(items)
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise value
-                if value != "":
-                    yield value
-        finally:
-            if self._thread.is_alive() and self._token is not None:
-                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+        config = sampling_config(sampling, shortcuts)
+        tokens = self._call(_open_stream, model, prompt, max_new_tokens, config, tuple(stop))
+        return TextStream(self, tokens, as_text)
 
     async def _start_soon(self, fn: Any) -> None:
         assert self._nursery is not None  # set before _ready, checked by _call
@@ -243,3 +213,66 @@ class RemoteModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _open_stream(
+    model: AsyncRemoteModel,
+    prompt: str | list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    stop: tuple[str, ...],
+) -> TokenStream:
+    return model.stream(prompt, max_new_tokens, sampling, stop)
+
+
+class TextStream:
+    """The synchronous iterator `RemoteModel.stream` returns; ``result`` is its own result."""
+
+    def __init__(self, remote: RemoteModel, tokens: TokenStream, as_text: bool) -> None:
+        self.result = tokens.result
+        self._remote = remote
+        self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._scope = trio.CancelScope()
+        self._tokens = tokens
+        self._as_text = as_text
+        self._started = False
+        self._done = False
+
+    async def _produce(self) -> None:
+        items = self._items
+        with self._scope:
+            try:
+                async with self._tokens as tokens:
+                    async for token in tokens:
+                        items.put(("item", token.text if self._as_text else token.id))
+            except Exception as exc:
+                items.put(("error", exc))
+                return
+        items.put(("end", None))
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str | int:
+        if not self._started:
+            self._started = True
+            self._remote._call(self._remote._start_soon, self._produce)
+        while not self._done:
+            kind, value = self._remote._wait_item(self._items)
+            if kind == "end":
+                self._done = True
+            elif kind == "error":
+                self._done = True
+                self.close()
+                raise value
+            elif value != "":
+                return value  # type: ignore[no-any-return]
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Cancel the generation if it still runs (idempotent)."""
+        self._done = True
+        remote = self._remote
+        if remote._thread.is_alive() and remote._token is not None:
+            trio.from_thread.run_sync(self._scope.cancel, trio_token=remote._token)

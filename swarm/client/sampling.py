@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from swarm.errors import ConfigError
 
-__all__ = ["Sampler", "SamplingConfig"]
+__all__ = ["Sampler", "SamplingConfig", "sampling_config"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,26 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sampling_config(
+    sampling: SamplingConfig | None, shortcuts: Mapping[str, Any]
+) -> SamplingConfig:
+    """``sampling`` (greedy when None) with keyword shortcuts (``temperature=0.8``...) applied.
+
+    The one place where `RemoteModel`'s keyword shortcuts become a `SamplingConfig`. Raises
+    `ConfigError` for a name that is not a `SamplingConfig` field.
+    """
+    base = sampling or SamplingConfig()
+    if not shortcuts:
+        return base
+    names = {f.name for f in fields(SamplingConfig)}
+    unknown = sorted(set(shortcuts) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown sampling option {unknown[0]!r}; use {', '.join(sorted(names))}"
+        )
+    return replace(base, **shortcuts)
 
 
 class Sampler:

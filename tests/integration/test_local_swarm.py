@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.server.sessions import SessionLimits
 from swarm.testing.adversaries import HangingHandlers
 from swarm.testing.links import LinkEmulator, LinkSpec
@@ -21,9 +21,8 @@ from .conftest import NEW_TOKENS, PROMPT
 SLOW = LinkSpec(delay=0.04)
 
 
-def ports(model: AsyncRemoteModel) -> list[int]:
-    assert model.last_result is not None
-    return [hop["port"] for hop in model.last_result.route]
+def ports(result: GenerationResult) -> list[int]:
+    return [hop["port"] for hop in result.route]
 
 
 def slow_down(links: LinkEmulator, server: LocalServer, dialers: list[str]) -> None:
@@ -41,8 +40,9 @@ async def test_routes_avoid_a_slow_replica(model12: Path, reference: list[int]) 
             async with AsyncRemoteModel.open(
                 model12, config, transport=links.transport("client")
             ) as model:
-                assert await model.generate(PROMPT, NEW_TOKENS) == reference
-                assert ports(model) == [s0.ready.port, s2.ready.port]
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                assert result.ids == reference
+                assert ports(result) == [s0.ready.port, s2.ready.port]
             # now the two halves are far away and the whole-model replica is near
             links.set("client", s1.address, LinkSpec())
             slow_down(links, s0, ["client"])
@@ -50,8 +50,9 @@ async def test_routes_avoid_a_slow_replica(model12: Path, reference: list[int]) 
             async with AsyncRemoteModel.open(
                 model12, config, transport=links.transport("client")
             ) as model:
-                assert await model.generate(PROMPT, NEW_TOKENS) == reference
-                assert ports(model) == [s1.ready.port]
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                assert result.ids == reference
+                assert ports(result) == [s1.ready.port]
 
 
 async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference: list[int]) -> None:
@@ -70,9 +71,10 @@ async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference:
             ):
                 async with aclosing(first.stream(PROMPT, NEW_TOKENS)) as tokens:
                     got = [(await tokens.__anext__()).id]  # first holds s1's whole cache now
-                    assert ports(first) == [s1.ready.port]
-                    assert await second.generate(PROMPT, NEW_TOKENS) == reference
-                    assert ports(second) == [s0.ready.port, s2.ready.port]
+                    assert ports(tokens.result) == [s1.ready.port]
+                    result = await second.generate_detailed(PROMPT, NEW_TOKENS)
+                    assert result.ids == reference
+                    assert ports(result) == [s0.ready.port, s2.ready.port]
                     got += [token.id async for token in tokens]
                 assert got == reference
 
@@ -90,11 +92,11 @@ async def test_hanging_server_is_abandoned_at_its_deadline(
             async with AsyncRemoteModel.open(
                 model12, config, transport=links.transport("client")
             ) as model:
-                assert await model.generate(PROMPT, NEW_TOKENS) == reference
-                assert model.last_result is not None
-                assert model.last_result.recoveries >= 1
-                assert hang.ready.port not in ports(model)
-                assert honest.ready.port in ports(model)
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                assert result.ids == reference
+                assert result.recoveries >= 1
+                assert hang.ready.port not in ports(result)
+                assert honest.ready.port in ports(result)
 
 
 async def test_eight_clients_at_once(model12: Path, reference: list[int]) -> None:

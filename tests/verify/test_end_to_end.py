@@ -9,7 +9,7 @@ import torch
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.shards import Span, load_span, model_id
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
@@ -31,7 +31,7 @@ WHOLE = LayerRange(0, 4)
 
 async def run_with_liar(
     model4: Path, tmp_path: Path, spec: str, policy: str, honest: int = 2, seed: int = 1
-) -> tuple[list[int], AsyncRemoteModel, PeerId]:
+) -> tuple[GenerationResult, AsyncRemoteModel, PeerId]:
     """A liar (measured throughput: routes prefer it) and ``honest`` slow-announcing peers."""
     async with open_local_swarm(model4) as local:
         liar = await local.add_server(WHOLE, wrap_handlers=adversary_wrapper(spec))
@@ -46,8 +46,7 @@ async def run_with_liar(
             reputation_path=str(tmp_path / "reputation.json"),
         )
         async with AsyncRemoteModel.open(model4, config) as model:
-            ids = await model.generate(PROMPT, NEW_TOKENS)
-            assert isinstance(ids, list)
+            result = await model.generate_detailed(PROMPT, NEW_TOKENS)
             published = await local.dht.get(f"{model_id(model4)}/evidence")
             for reporter, record in published.items():  # what anyone reading the DHT sees
                 assert record.value is not None
@@ -70,7 +69,7 @@ async def run_with_liar(
                 )
                 assert proven == liar.server.identity.peer_id
             assert len(published) == (1 if model.published_evidence else 0)
-            return ids, model, liar.server.identity.peer_id
+            return result, model, liar.server.identity.peer_id
 
 
 @pytest.mark.parametrize("spec", ["noise:0.01", "skip", "zeros", "other-weights:7"])
@@ -78,10 +77,9 @@ async def test_spot_check_bans_the_liar_and_ends_with_honest_tokens(
     model4: Path, reference: list[int], tmp_path: Path, spec: str
 ) -> None:
     with trio.fail_after(120):
-        ids, model, liar = await run_with_liar(model4, tmp_path, spec, "spot-check:0.2")
-    assert ids == reference
-    result = model.last_result
-    assert result is not None and result.rollbacks >= 1
+        result, model, liar = await run_with_liar(model4, tmp_path, spec, "spot-check:0.2")
+    assert result.ids == reference
+    assert result.rollbacks >= 1
     assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert all(hop["peer"] != str(liar) for hop in result.route)
     first = model.verifier.detections[0][1]
@@ -94,8 +92,8 @@ async def test_redundant_three_with_one_liar_gives_honest_tokens(
     model4: Path, reference: list[int], tmp_path: Path
 ) -> None:
     with trio.fail_after(120):
-        ids, model, liar = await run_with_liar(model4, tmp_path, "noise:0.01", "redundant:3")
-    assert ids == reference
+        result, model, liar = await run_with_liar(model4, tmp_path, "noise:0.01", "redundant:3")
+    assert result.ids == reference
     assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert model.verifier.detections[0][1] == 0  # every step is checked: caught at once
 
@@ -104,10 +102,9 @@ async def test_optimistic_rolls_back_and_redoes_on_honest_peers(
     model4: Path, reference: list[int], tmp_path: Path
 ) -> None:
     with trio.fail_after(120):
-        ids, model, liar = await run_with_liar(model4, tmp_path, "skip", "optimistic")
-    assert ids == reference
-    result = model.last_result
-    assert result is not None and result.rollbacks == 1
+        result, model, liar = await run_with_liar(model4, tmp_path, "skip", "optimistic")
+    assert result.ids == reference
+    assert result.rollbacks == 1
     assert model.verifier is not None and model.verifier.reputation.is_banned(liar)
     assert all(hop["peer"] != str(liar) for hop in result.route)
 
@@ -127,10 +124,10 @@ async def test_honest_swarm_is_never_flagged_and_reputation_persists(
                 reputation_path=str(tmp_path / "rep.json"),
             )
             async with AsyncRemoteModel.open(model4, config) as model:
-                await model.generate(PROMPT, NEW_TOKENS)
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
                 assert model.verifier is not None
                 assert model.verifier.detections == []
-                assert model.last_result is not None and model.last_result.rollbacks == 0
+                assert result.rollbacks == 0
     from swarm.verify.reputation import Reputation
 
     saved = Reputation.load(tmp_path / "rep.json")
