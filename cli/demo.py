@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from swarm.errors import SwarmError
+
+if TYPE_CHECKING:
+    from swarm.verify import VerifierStatistics
 
 console = Console()
 err = Console(stderr=True)
@@ -50,14 +53,27 @@ def demo(
         layers = ModelConfig.from_pretrained(model).num_hidden_layers
         if not 1 <= servers <= layers:
             raise typer.BadParameter(f"--servers must be between 1 and {layers}")
+        _check_options(verify, liar)  # before any process starts
         with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
             _run(model, Path(tmp), split_layers(layers, servers), prompt, max_new_tokens,
                  temperature, top_k, seed, verify, liar)  # fmt: skip
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
+        raise typer.Exit(130) from None
     except (SwarmError, RuntimeError, TimeoutError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+def _check_options(verify: str | None, liar: str | None) -> None:
+    """Raise `ConfigError` for a --verify policy or --liar spec that would fail later."""
+    from swarm.verify.policy import parse_policy
+
+    parse_policy(verify)
+    if liar:
+        from swarm.testing.adversaries import adversary_wrapper
+
+        adversary_wrapper(liar)
 
 
 def _start_swarm(
@@ -189,13 +205,15 @@ async def _generate(
     return result.timings, result.ttft
 
 
-def _report_verification(stats: dict[str, object], rollbacks: int, liars: dict[str, str]) -> None:
-    if not stats:
+def _report_verification(
+    stats: VerifierStatistics | None, rollbacks: int, liars: dict[str, str]
+) -> None:
+    if stats is None:
         return
-    caught = [peer for peer, _step in stats.get("detections", [])]  # type: ignore[attr-defined]
+    caught = [peer for peer, _step in stats.detections]
     console.print(
-        f"[bold]verification[/bold] {stats.get('policy')}: {stats.get('audits', 0)} audits, "
-        f"{stats.get('reruns', 0)} re-runs on other peers, {rollbacks} rollback(s)"
+        f"[bold]verification[/bold] {stats.policy}: {stats.audits} audits, "
+        f"{stats.reruns} re-runs on other peers, {rollbacks} rollback(s)"
     )
     for peer in caught:
         kind = f" (it was the {liars[peer]} liar)" if peer in liars else ""

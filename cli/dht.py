@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import trio
 import typer
 
-from swarm.dht import DHTConfig, DHTNode
-from swarm.errors import SwarmError
-from swarm.identity import Identity
-from swarm.net.swarm_key import load_swarm_key
+from .options import VerboseOption
+from .output import setup_logging
+
+if TYPE_CHECKING:
+    from swarm.dht import DHTConfig
+    from swarm.identity import Identity
+
+__all__ = ["dht"]
 
 
 def dht(
@@ -23,28 +26,36 @@ def dht(
         typer.Option("--initial-peers", help="host:port of a DHT node to join (repeatable)."),
     ] = None,
     swarm_key: Annotated[
-        Path | None, typer.Option(help="Private-swarm key file (see `swarm key`).")
+        Path | None, typer.Option(help="Private-swarm key file (see `swarm key new`).")
     ] = None,
     identity: Annotated[
         Path | None, typer.Option(help="Identity key file (default ~/.config/swarm/...).")
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a bootstrap-only DHT node: print its host:port, serve until Ctrl-C / SIGTERM."""
-    try:
-        config = DHTConfig(
-            host=host,
-            port=port,
-            initial_peers=tuple(initial_peers or ()),
-            swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
-        )
-        ident = Identity.load_or_create(identity)
-        trio.run(_serve, ident, config)
-    except SwarmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    import trio
+
+    from swarm.dht import DHTConfig
+    from swarm.identity import Identity
+    from swarm.net.swarm_key import load_swarm_key
+
+    setup_logging(verbose, timestamps=True)
+    config = DHTConfig(
+        host=host,
+        port=port,
+        initial_peers=tuple(initial_peers or ()),
+        swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+    )
+    ident = Identity.load_or_create(identity)
+    trio.run(_serve, ident, config)
 
 
 async def _serve(identity: Identity, config: DHTConfig) -> None:
+    import trio
+
+    from swarm.dht import DHTNode
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with DHTNode.open(identity, config) as node:
             print(f"DHT node {identity.peer_id} listening on {node.address}", flush=True)

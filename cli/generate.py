@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import trio
 import typer
-from rich.console import Console
 
-from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
-from swarm.client.sampling import SamplingConfig
-from swarm.errors import ConfigError, SwarmError
-from swarm.net.swarm_key import load_swarm_key
+from .coverage import fill_hint, missing_ranges
+from .options import VerboseOption
+from .output import setup_logging, warn
 
-_err = Console(stderr=True)
+if TYPE_CHECKING:
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.client.sampling import SamplingConfig
+
+__all__ = ["generate"]
 
 
 def _parse_ids(text: str) -> list[int]:
+    from swarm.errors import ConfigError
+
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
@@ -59,6 +64,10 @@ def generate(
         bool, typer.Option("--no-push", help="Relay every hop through the client.")
     ] = False,
     step_timeout: Annotated[float, typer.Option(help="Seconds one hop may take per step.")] = 30.0,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait until online servers cover every block (0: no wait)."),
+    ] = 0.0,
     verify: Annotated[
         str,
         typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic."),
@@ -66,48 +75,108 @@ def generate(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
-    try:
-        if (prompt is None) == (ids is None):
-            raise ConfigError("give either a PROMPT or --ids, not both or neither")
-        if not initial_peers:
-            raise ConfigError("no --initial-peers: give the host:port of a DHT node")
-        config = ClientConfig(
-            initial_peers=tuple(initial_peers),
-            swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
-            use_push=not no_push,
-            step_timeout=step_timeout,
-            verify=verify,
-            **({"reputation_path": str(reputation)} if reputation else {}),
-        )
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        request = prompt if prompt is not None else _parse_ids(ids or "")
-        trio.run(_run, model, config, request, max_new_tokens, sampling, tuple(stop or ()), as_json)
-    except SwarmError as exc:
-        _err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
-        raise typer.Exit(1) from exc
+    import trio
+
+    from swarm.client.config import ClientConfig
+    from swarm.client.sampling import SamplingConfig
+    from swarm.errors import ConfigError
+    from swarm.net.swarm_key import load_swarm_key
+
+    setup_logging(verbose)
+    if (prompt is None) == (ids is None):
+        raise ConfigError("give either a PROMPT or --ids, not both or neither")
+    if not initial_peers:
+        raise ConfigError("no --initial-peers: give the host:port of a DHT node")
+    if wait < 0:
+        raise ConfigError(f"--wait must be 0 or more seconds, got {wait:g}")
+    config = ClientConfig(
+        initial_peers=tuple(initial_peers),
+        swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+        use_push=not no_push,
+        step_timeout=step_timeout,
+        verify=verify,
+    )
+    if reputation is not None:
+        config = dataclasses.replace(config, reputation_path=str(reputation))
+    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    request = prompt if prompt is not None else _parse_ids(ids or "")
+    job = _Job(model, config, request, max_new_tokens, sampling, tuple(stop or ()), wait)
+    trio.run(_run, job, as_json)
 
 
-async def _run(
-    path: Path,
-    config: ClientConfig,
-    request: str | list[int],
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-    stop: tuple[str, ...],
-    as_json: bool,
-) -> None:
-    async with AsyncRemoteModel.open(path, config) as model:
-        as_text = isinstance(request, str) and model.tokenizer is not None
+class _Job:
+    """One `swarm generate` request, as parsed from the command line."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: ClientConfig,
+        request: str | list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stop: tuple[str, ...],
+        wait: float,
+    ) -> None:
+        self.path, self.config, self.request = path, config, request
+        self.max_new_tokens, self.sampling, self.stop, self.wait = (
+            max_new_tokens, sampling, stop, wait,
+        )  # fmt: skip
+
+
+async def _run(job: _Job, as_json: bool) -> None:
+    from swarm.client.model import AsyncRemoteModel
+
+    async with AsyncRemoteModel.open(job.path, job.config) as model:
+        _warn_about_length(model, job)
+        await wait_for_coverage(model, job)
         if as_json:
-            result = await model.generate_detailed(request, max_new_tokens, sampling, stop)
+            result = await model.generate_detailed(
+                job.request, job.max_new_tokens, job.sampling, job.stop
+            )
             out = asdict(result)
             if result.text is None:
                 del out["text"]
             print(json.dumps(out), flush=True)
             return
-        async for token in model.stream(request, max_new_tokens, sampling, stop):
-            sys.stdout.write(token.text if as_text else f"{token.id} ")
-            sys.stdout.flush()
+        as_text = isinstance(job.request, str) and model.tokenizer is not None
+        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as tokens:
+            async for token in tokens:
+                sys.stdout.write(token.text if as_text else f"{token.id} ")
+                sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:
+    positions = model.model_config.max_position_embeddings
+    prompt = len(model.encode(job.request))
+    if prompt + job.max_new_tokens > positions:
+        warn(
+            f"the prompt ({prompt} tokens) plus --max-new-tokens {job.max_new_tokens} goes past "
+            f"the model's {positions} positions; tokens beyond position {positions} are "
+            "unreliable (shorten the prompt or lower --max-new-tokens)"
+        )
+
+
+async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
+    """Return once online servers cover every block; after ``job.wait`` seconds (one look
+    when 0) raise `RoutingError` naming the missing blocks and the `swarm serve` that fills
+    them."""
+    import trio
+
+    from swarm.errors import RoutingError
+
+    deadline = trio.current_time() + job.wait
+    for look in itertools.count(1):
+        servers = await model.directory.servers(refresh=True)
+        gaps = missing_ranges(servers, model.model_config.num_hidden_layers)
+        if not gaps:
+            return
+        left = deadline - trio.current_time()
+        if left <= 0 and look >= 2:  # a second look, as routing does, for a slow DHT reply
+            waited = f" after waiting {job.wait:g} s" if job.wait else " (--wait S waits for it)"
+            hint = fill_hint(gaps, str(job.path), job.config.initial_peers)
+            raise RoutingError(hint + waited)
+        await trio.sleep(min(1.0, max(left, 0.0)))

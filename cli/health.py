@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import trio
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from swarm.errors import SwarmError
+from .coverage import fill_hint, missing_ranges
+from .options import VerboseOption
+from .output import setup_logging
 
 if TYPE_CHECKING:
     from swarm.client.discovery import Discovery
@@ -83,13 +84,13 @@ def status(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/...).")
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Block coverage, and per server: range, state, latency, throughput, load, audits."""
-    try:
-        trio.run(_status, model, initial_peers or [], swarm_key, reputation)
-    except SwarmError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    import trio
+
+    setup_logging(verbose)
+    trio.run(_status, model, initial_peers or [], swarm_key, reputation)
 
 
 async def _status(
@@ -103,6 +104,9 @@ async def _status(
         await found.measure_pings()
         pings = found.pings
     console.print(_coverage(servers, layers))
+    gaps = missing_ranges(servers, layers)
+    if gaps:
+        err.print(fill_hint(gaps, str(model), initial_peers), highlight=False, markup=False)
     table = Table(title=f"{len(servers)} servers")
     for column in ("peer", "address", "layers", "state", "ping", "tok/s", "sessions",
                    "free cache", "audits ok/failed", "reputation"):  # fmt: skip
@@ -127,15 +131,18 @@ def monitor(
     rounds: Annotated[int, typer.Option(help="Canary rounds (0 = until Ctrl-C).")] = 3,
     interval: Annotated[float, typer.Option(help="Seconds between rounds.")] = 5.0,
     timeout: Annotated[float, typer.Option(help="Seconds a server may take per canary.")] = 10.0,
+    verbose: VerboseOption = False,
 ) -> None:
     """Send canary inputs with known answers to every server; report accuracy and uptime."""
+    import trio
+
+    setup_logging(verbose)
     try:
         trio.run(_monitor, model, initial_peers or [], swarm_key, rounds, interval, timeout)
     except KeyboardInterrupt:
+        if rounds:
+            raise  # stopped before the rounds asked for: an interruption
         err.print("stopped")
-    except SwarmError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
 
 
 async def _monitor(
@@ -146,6 +153,8 @@ async def _monitor(
     interval: float,
     timeout: float,
 ) -> None:
+    import trio
+
     from swarm.types import LayerRange, PeerId, parse_address
     from swarm.verify.health import Canary, ServerHealth, make_canaries, probe_safely
 

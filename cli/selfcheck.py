@@ -12,15 +12,16 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from swarm.shards import Head, KVCache, Span, load_head, load_span, model_id
-from swarm.testing.checkpoints import write_random_llama
-from swarm.types import LayerRange
+if TYPE_CHECKING:
+    import torch
+
+    from swarm.shards import Head, Span
 
 __all__ = ["selfcheck"]
 
@@ -35,6 +36,10 @@ def selfcheck(
     seed: int = typer.Option(0, help="Seed for weights and inputs."),
 ) -> None:
     """Generate a tiny random model, load it in 3 layer ranges, and check the numbers agree."""
+    from swarm.shards import load_head, load_span, model_id
+    from swarm.testing.checkpoints import write_random_llama
+    from swarm.types import LayerRange
+
     if layers < 3:
         raise typer.BadParameter("need at least 3 layers to split into 3 ranges")
     console = Console()
@@ -61,6 +66,10 @@ def selfcheck(
 
 
 def _run_checks(head: Head, whole: Span, spans: list[Span], seed: int) -> list[Result]:
+    import torch
+
+    from swarm.shards import KVCache
+
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, _VOCAB, (2, 24), generator=gen)
     pos = torch.arange(24).expand(2, 24)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import trio
 import typer
 from rich.console import Console
 
-from swarm.errors import SwarmError
+from .options import VerboseOption, identity_path, parse_layers
+from .output import setup_logging, warn
+
+if TYPE_CHECKING:
+    from swarm.server.config import ServerConfig
+    from swarm.server.server import ServerReady
+
+__all__ = ["serve"]
 
 err = Console(stderr=True)
 
@@ -38,9 +43,22 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     identity: Annotated[
-        Path | None, typer.Option(help="Identity key (default ~/.config/swarm/identity.key).")
+        Path | None,
+        typer.Option(
+            help="Identity key file, created if missing (default: a fresh identity per "
+            "process, so servers on one machine never collide)."
+        ),
     ] = None,
-    swarm_key: Annotated[Path | None, typer.Option(help="Private-swarm key file.")] = None,
+    identity_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep a persistent identity under this name "
+            "(~/.config/swarm/identities/NAME.key); one name per server process."
+        ),
+    ] = None,
+    swarm_key: Annotated[
+        Path | None, typer.Option(help="Private-swarm key file (see `swarm key new`).")
+    ] = None,
     max_sessions: Annotated[int, typer.Option(help="Concurrent inference sessions.")] = 64,
     max_length: Annotated[int, typer.Option(help="Tokens per session.")] = 8192,
     cache_tokens: Annotated[
@@ -58,57 +76,85 @@ def serve(
             hidden=True,
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM."""
+    """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
+
+    Without --identity or --identity-name each process gets its own fresh identity; a
+    server refuses to start when a live server elsewhere already uses its identity.
+    """
+    import trio
+
     from swarm.dht import DHTConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
     from swarm.types import LayerRange
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    setup_logging(verbose, timestamps=True)
+    num_layers = _check_model_and_device(model, device)
+    chosen = None if layers == "auto" else LayerRange(*parse_layers(layers, num_layers))
+    if num_blocks is not None and chosen is not None:
+        warn("--num-blocks is ignored with an explicit --layers range")
+    if num_blocks is not None and num_blocks > num_layers:
+        warn(f"--num-blocks {num_blocks} is more than the model's {num_layers} blocks; "
+             f"serving all {num_layers}")  # fmt: skip
+        num_blocks = num_layers
+    config = ServerConfig(
+        model=model,
+        layers=chosen,
+        num_blocks=num_blocks,
+        host=host,
+        port=port,
+        public_host=public_addr,
+        device=device,
+        dtype=dtype,
+        num_threads=num_threads,
+        identity_path=identity_path(identity, identity_name),
+        swarm_key_path=swarm_key,
+        dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
+        limits=SessionLimits(
+            max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens
+        ),
+        announce_ttl=announce_ttl,
     )
-    try:
-        config = ServerConfig(
-            model=model,
-            layers=None if layers == "auto" else LayerRange.parse(layers),
-            num_blocks=num_blocks,
-            host=host,
-            port=port,
-            public_host=public_addr,
-            device=device,
-            dtype=dtype,
-            num_threads=num_threads,
-            identity_path=identity,
-            swarm_key_path=swarm_key,
-            dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
-            limits=SessionLimits(
-                max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens
-            ),
-            announce_ttl=announce_ttl,
-            adversary=testing_adversary,
+    trio.run(_run, config, testing_adversary)
+
+
+def _check_model_and_device(model: Path, device: str) -> int:
+    """The model's layer count; raises for a model or device this machine cannot serve."""
+    import torch
+
+    from swarm.errors import ConfigError
+    from swarm.server.server import resolve_device
+    from swarm.shards import ModelConfig
+
+    if not model.is_dir():
+        raise ConfigError(
+            f"model folder {model} does not exist; give a Hugging Face-format checkpoint "
+            "folder (config.json, *.safetensors, tokenizer.json)"
         )
-        trio.run(_run, config)
-    except (SwarmError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    num_layers = ModelConfig.from_pretrained(model).num_hidden_layers
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu"
+        )
+    resolve_device(device)
+    return num_layers
 
 
-async def _run(config: object) -> None:
-    from swarm.server.config import ServerConfig
+async def _run(config: ServerConfig, adversary: str | None = None) -> None:
+    """Start the server; the first Ctrl-C / SIGTERM drains it once ready and stops start-up
+    at once before that; a second one stops at once."""
+    import trio
+
     from swarm.server.server import Server
 
-    assert isinstance(config, ServerConfig)  # built above; not peer input
     wrap = None
-    if config.adversary:
+    if adversary:  # the hidden --testing-adversary flag, for tests of verification
         from swarm.testing.adversaries import adversary_wrapper
 
-        wrap = adversary_wrapper(config.adversary)
+        wrap = adversary_wrapper(adversary)
     status = err.status("starting", spinner="dots") if sys.stderr.isatty() else None
-    if status is not None:
-        status.start()
 
     def progress(message: str) -> None:
         if status is not None:
@@ -117,20 +163,48 @@ async def _run(config: object) -> None:
             err.print(message, highlight=False)
 
     server = Server(config, on_progress=progress, wrap_handlers=wrap)
+    interrupted = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+
+            async def run_server(*, task_status: trio.TaskStatus[ServerReady]) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop watching signals
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    if ready is None or interrupted:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    interrupted = True
+                    err.print("stopping: announcing draining, finishing running steps")
+                    server.request_stop()
+
+            ready: ServerReady | None = None
+            nursery.start_soon(watch_signals)
+            if status is not None:
+                status.start()
             try:
-                ready = await nursery.start(server.run)
+                ready = await nursery.start(run_server)
             finally:
                 if status is not None:
                     status.stop()
-            print(
-                f"swarm server ready: peer {ready.peer_id} at {ready.host}:{ready.port} "
-                f"layers {ready.layers} model {ready.model_id} dht {ready.dht_address} "
-                f"throughput {ready.throughput:.1f} tok/s",
-                flush=True,
-            )
-            async for _ in signals:
-                err.print("stopping: announcing draining, finishing running steps")
-                server.request_stop()
-                break
+            _report_ready(ready, config)
+    if interrupted and ready is None:
+        raise KeyboardInterrupt
+
+
+def _report_ready(ready: ServerReady, config: ServerConfig) -> None:
+    print(
+        f"swarm server ready: peer {ready.peer_id} at {ready.host}:{ready.port} "
+        f"layers {ready.layers} model {ready.model_id} dht {ready.dht_address} "
+        f"throughput {ready.throughput:.1f} tok/s",
+        flush=True,
+    )
+    if not config.dht.initial_peers:
+        warn(
+            "no --initial-peers: this server starts a swarm of its own; other servers and "
+            f"clients join it with --initial-peers {ready.dht_address}"
+        )

@@ -1,0 +1,72 @@
+"""Option parsing shared by the commands, checked before anything starts.
+
+Each parser raises `ConfigError` with a message that names the option and says what a good
+value looks like; `swarm_cli.errors` prints it as one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swarm.errors import ConfigError
+
+__all__ = [
+    "IDENTITY_DIR",
+    "VerboseOption",
+    "identity_path",
+    "parse_layers",
+]
+
+# Named identities (`swarm serve --identity-name NAME`) live here, one key file per name.
+IDENTITY_DIR = Path("~/.config/swarm/identities")
+
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Log more; show the traceback of an error.")
+]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> tuple[int, int]:
+    """``"START:STOP"`` as a half-open ``(start, stop)``; with ``num_layers``, also checked
+    against the model's size."""
+    start_text, sep, stop_text = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError(text)
+        start, stop = int(start_text), int(stop_text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--layers {text}: expected START:STOP (half-open, 0:12 serves layers 0..11) or auto"
+        ) from exc
+    if start < 0:
+        raise ConfigError(f"--layers {text}: START must be 0 or more")
+    if start >= stop:
+        raise ConfigError(
+            f"--layers {text}: START must be below STOP (the range is half-open: "
+            f"{start}:{start + 1} serves layer {start} alone)"
+        )
+    if num_layers is not None and stop > num_layers:
+        raise ConfigError(
+            f"--layers {text} is outside the model: it has {num_layers} layers, "
+            f"so STOP can be at most {num_layers} (--layers 0:{num_layers} serves them all)"
+        )
+    return start, stop
+
+
+def identity_path(identity: Path | None, name: str | None) -> Path | None:
+    """The key file a server uses: ``--identity PATH``, ``--identity-name NAME`` (a file in
+    `IDENTITY_DIR`), or None for a fresh identity that lives as long as the process."""
+    if identity is not None and name is not None:
+        raise ConfigError("give --identity PATH or --identity-name NAME, not both")
+    if name is None:
+        return identity
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"--identity-name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)"
+        )
+    return IDENTITY_DIR / f"{name}.key"

@@ -1,0 +1,98 @@
+"""What the commands print: results on stdout, everything else on stderr, on its own line.
+
+Tokens stream to stdout without newlines. A log record or warning written to stderr while a
+streamed line is half done would land inside the text when both go to one terminal (or one
+file, with ``2>&1``), so `setup_logging` installs a handler that first ends the stdout line
+in that case. Warnings and logs never go to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+__all__ = ["end_stdout_line", "setup_logging", "warn"]
+
+log = logging.getLogger("swarm_cli")
+
+
+class _LineTracker:
+    """Stands in for ``sys.stdout`` and remembers whether the last write ended a line."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self.mid_line = False
+
+    def write(self, text: str) -> int:
+        written = self.inner.write(text)
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _tracker() -> _LineTracker:
+    if not isinstance(sys.stdout, _LineTracker):
+        sys.stdout = _LineTracker(sys.stdout)  # type: ignore[assignment]
+    return sys.stdout  # type: ignore[return-value]
+
+
+def _same_destination(a: TextIO, b: TextIO) -> bool:
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def end_stdout_line() -> None:
+    """If stdout holds a half-written line and stderr shows up in the same place, end it."""
+    out = sys.stdout
+    if isinstance(out, _LineTracker) and out.mid_line:
+        if _same_destination(out.inner, sys.stderr):
+            out.write("\n")
+        out.flush()
+
+
+class _OwnLineHandler(logging.Handler):
+    """Writes each record to stderr as ``level: message``, never inside a streamed line."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__()
+        fmt = "%(asctime)s " if timestamps else ""
+        self.setFormatter(logging.Formatter(fmt + "%(levelname)s: %(message)s"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            end_stdout_line()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool = False, *, timestamps: bool = False) -> None:
+    """Route logging and Python warnings to stderr on their own lines (INFO with
+    ``verbose``, else WARNING) and start tracking stdout's half-written lines."""
+    _tracker()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _OwnLineHandler):
+            root.removeHandler(handler)
+    root.addHandler(_OwnLineHandler(timestamps))
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def warn(message: str) -> None:
+    """A warning for the user: ``warning: message`` on stderr, on its own line."""
+    log.warning("%s", message)
