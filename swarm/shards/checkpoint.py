@@ -1,69 +1,75 @@
-"""Reading a Hugging Face safetensors checkpoint: which file holds which tensor, and only those.
+"""Reading a checkpoint's tensors: which file holds which tensor, and only those.
 
-:func:`checkpoint_names` is the one place that knows the checkpoint's tensor names.
-:func:`read_tensors` opens only the files holding the requested names and reads only those
-tensors (``safe_open(...).get_tensor``), checking each shape before reading its data.
-:func:`model_id` names a model on the swarm from its config and tensor index.
+Two formats: a Hugging Face safetensors folder, and a GGUF file (read by
+:mod:`swarm.shards.gguf`). :func:`checkpoint_names` is the one place that knows the tensor
+names of both. :func:`read_tensors` opens only the files holding the requested names and reads
+only those tensors (``safe_open(...).get_tensor``, or the GGUF file's memory map), checking
+each shape before reading its data. :func:`tensor_layout` says where every tensor's bytes lie,
+from the headers only (for :func:`swarm.shards.fingerprint.model_id`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from swarm.errors import ShardError
-from swarm.shards.config import ModelConfig
+from swarm.shards.gguf import gguf_tensor_infos, is_gguf, read_gguf_tensors
 from swarm.types import LayerRange
 
 __all__ = [
     "SHARD_INDEX",
     "SINGLE_FILE",
+    "TensorLayout",
     "checkpoint_names",
-    "model_id",
+    "is_gguf",
     "read_tensors",
     "tensor_files",
     "tensor_index",
+    "tensor_layout",
 ]
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024
 
-# Our per-layer parameter names -> the checkpoint's, for layer i under "model.layers.{i}.".
+# Our per-layer parameter names -> (Hugging Face name under "model.layers.{i}.",
+# GGUF name under "blk.{i}.").
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q.weight": "self_attn.q_proj.weight",
-    "attn.k.weight": "self_attn.k_proj.weight",
-    "attn.v.weight": "self_attn.v_proj.weight",
-    "attn.o.weight": "self_attn.o_proj.weight",
-    "attn.q.bias": "self_attn.q_proj.bias",
-    "attn.k.bias": "self_attn.k_proj.bias",
-    "attn.v.bias": "self_attn.v_proj.bias",
-    "attn.o.bias": "self_attn.o_proj.bias",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.up.weight": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-    "mlp.gate.bias": "mlp.gate_proj.bias",
-    "mlp.up.bias": "mlp.up_proj.bias",
-    "mlp.down.bias": "mlp.down_proj.bias",
+    "attn_norm.weight": ("input_layernorm.weight", "attn_norm.weight"),
+    "attn.q.weight": ("self_attn.q_proj.weight", "attn_q.weight"),
+    "attn.k.weight": ("self_attn.k_proj.weight", "attn_k.weight"),
+    "attn.v.weight": ("self_attn.v_proj.weight", "attn_v.weight"),
+    "attn.o.weight": ("self_attn.o_proj.weight", "attn_output.weight"),
+    "attn.q.bias": ("self_attn.q_proj.bias", "attn_q.bias"),
+    "attn.k.bias": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "attn.v.bias": ("self_attn.v_proj.bias", "attn_v.bias"),
+    "attn.o.bias": ("self_attn.o_proj.bias", "attn_output.bias"),
+    "mlp_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "mlp.gate.weight": ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    "mlp.up.weight": ("mlp.up_proj.weight", "ffn_up.weight"),
+    "mlp.down.weight": ("mlp.down_proj.weight", "ffn_down.weight"),
+    "mlp.gate.bias": ("mlp.gate_proj.bias", "ffn_gate.bias"),
+    "mlp.up.bias": ("mlp.up_proj.bias", "ffn_up.bias"),
+    "mlp.down.bias": ("mlp.down_proj.bias", "ffn_down.bias"),
 }
 _HEAD_NAMES = {
-    "embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
+    "embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+    "norm.weight": ("model.norm.weight", "output_norm.weight"),
+    "lm_head.weight": ("lm_head.weight", "output.weight"),
 }
 
 
-def checkpoint_names(our_keys: list[str], *, layers: LayerRange | None = None) -> dict[str, str]:
-    """Map our ``state_dict`` keys to checkpoint tensor names.
+def checkpoint_names(
+    our_keys: list[str], *, layers: LayerRange | None = None, gguf: bool = False
+) -> dict[str, str]:
+    """Map our ``state_dict`` keys to checkpoint tensor names (GGUF names with ``gguf``).
 
     With ``layers``, keys look like ``blocks.<j>.<param>`` where block ``j`` is model layer
     ``layers.start + j``; without, they are the head's (``embeddings.weight``, ``norm.weight``,
@@ -72,14 +78,18 @@ def checkpoint_names(our_keys: list[str], *, layers: LayerRange | None = None) -
     Raises:
         ShardError: a key has no checkpoint name (a bug in our modules, reported clearly).
     """
+    which = 1 if gguf else 0
+    prefix = "blk" if gguf else "model.layers"
     names = {}
     for key in our_keys:
+        name: str | None
         if layers is not None:
             _, j, param = key.split(".", 2)
-            ckpt = _LAYER_NAMES.get(param)
-            name = None if ckpt is None else f"model.layers.{layers.start + int(j)}.{ckpt}"
+            pair = _LAYER_NAMES.get(param)
+            name = None if pair is None else f"{prefix}.{layers.start + int(j)}.{pair[which]}"
         else:
-            name = _HEAD_NAMES.get(key)
+            pair = _HEAD_NAMES.get(key)
+            name = None if pair is None else pair[which]
         if name is None:
             raise ShardError(f"no checkpoint tensor name for parameter {key!r}")
         names[key] = name
@@ -114,22 +124,50 @@ def tensor_files(path: str | Path) -> dict[str, Path]:
     return files
 
 
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one tensor's bytes lie: ``file``, the absolute byte ``offset`` in it, ``nbytes``;
+    ``dtype`` is the stored type's name (safetensors ``"F32"``, GGUF ``"Q4_1"``) and ``shape``
+    is in PyTorch order."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
 def tensor_index(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` of every tensor, read from safetensors headers only.
+    """``{name: (dtype, shape)}`` of every tensor, read from the headers only.
 
     Raises:
         ShardError: as :func:`tensor_files`, or a header is unreadable.
     """
-    index: dict[str, tuple[str, tuple[int, ...]]] = {}
+    return {name: (t.dtype, t.shape) for name, t in tensor_layout(path).items()}
+
+
+def tensor_layout(path: str | Path) -> dict[str, TensorLayout]:
+    """Every tensor's :class:`TensorLayout`, from safetensors headers or the GGUF header only.
+
+    Raises:
+        ShardError: as :func:`tensor_files`, or a header is unreadable.
+    """
+    if is_gguf(path):
+        file = Path(path)
+        return {
+            name: TensorLayout(file, t.type_name, t.shape, t.offset, t.nbytes)
+            for name, t in gguf_tensor_infos(path).items()
+        }
+    layout: dict[str, TensorLayout] = {}
     files = tensor_files(path)
     for file in sorted(set(files.values())):
-        for name, (dtype, shape) in _read_header(file).items():
+        for name, entry in _read_header(file).items():
             if files.get(name) == file:
-                index[name] = (dtype, shape)
-    return index
+                layout[name] = entry
+    return layout
 
 
-def _read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _read_header(file: Path) -> dict[str, TensorLayout]:
     """Parse a safetensors header (8-byte little-endian length, then JSON)."""
     try:
         with file.open("rb") as f:
@@ -137,11 +175,14 @@ def _read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             if size > _MAX_HEADER:
                 raise ShardError(f"{file}: safetensors header of {size} bytes is too large")
             header = json.loads(f.read(size))
-        return {
-            name: (str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
-            for name, meta in header.items()
-            if name != "__metadata__"
-        }
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (int(x) for x in meta["data_offsets"])
+            shape = tuple(int(d) for d in meta["shape"])
+            out[name] = TensorLayout(file, str(meta["dtype"]), shape, 8 + size + begin, end - begin)
+        return out
     except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise ShardError(f"{file}: not a readable safetensors file: {exc}") from exc
 
@@ -154,11 +195,15 @@ def read_tensors(
     """Read the tensors named in ``wanted`` (name -> expected shape), each passed through
     ``convert`` (dtype/device) right after it is read, so only one raw tensor is alive at once.
 
-    Opens only the files that hold these names.
+    Opens only the files that hold these names. For a GGUF file (names as
+    :func:`checkpoint_names` gives them with ``gguf=True``) only these tensors are
+    dequantized, see :func:`swarm.shards.gguf.read_gguf_tensors`.
 
     Raises:
         ShardError: a tensor is missing, has another shape, or a file cannot be read.
     """
+    if is_gguf(path):
+        return read_gguf_tensors(path, wanted, convert)
     files = tensor_files(path)
     missing = [name for name in wanted if name not in files]
     if missing:
@@ -183,25 +228,3 @@ def read_tensors(
         except Exception as exc:  # safetensors raises its own error types and OSError
             raise ShardError(f"{file}: cannot read tensors: {exc}") from exc
     return out
-
-
-def model_id(path: str | Path) -> str:
-    """``<folder name, sanitized>-<12 hex digits>``: a readable name plus a short SHA-256 of
-    the parsed ``config.json`` and the tensor index (names, dtypes, shapes; headers only).
-
-    Two folders with the same name but other weights layout or config get different ids.
-
-    Raises:
-        ShardError: config or checkpoint files are missing or unreadable.
-    """
-    folder = Path(path).resolve()
-    ModelConfig.from_pretrained(folder)  # refuses unsupported models with a clear message
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    index = sorted(
-        (name, dtype, list(shape)) for name, (dtype, shape) in tensor_index(folder).items()
-    )
-    digest = hashlib.sha256()
-    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    digest.update(json.dumps(index, separators=(",", ":")).encode())
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip("-.") or "model"
-    return f"{name}-{digest.hexdigest()[:12]}"

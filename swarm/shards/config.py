@@ -7,6 +7,8 @@ grouped-query attention, an explicit ``head_dim``, RoPE (``default``, ``linear``
 
 Both config layouts are read: the classic one (``rope_theta`` + ``rope_scaling``) and the one
 ``transformers`` 5 writes (``rope_parameters`` holding ``rope_theta`` and ``rope_type``).
+A GGUF file's ``llama.*`` metadata is translated into the same fields by
+:mod:`swarm.shards.gguf`.
 Anything we cannot compute exactly is refused with a :class:`~swarm.errors.ShardError` that
 names the field and its value, rather than silently computing something else.
 """
@@ -74,16 +76,23 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        """Read ``<path>/config.json``.
+        """Read ``<path>/config.json``, or the metadata of ``path`` when it is a GGUF file
+        (see :func:`swarm.shards.gguf.gguf_config`).
 
         Raises:
             ShardError: the file is missing or not JSON, or the config is unsupported.
         """
+        from swarm.shards.gguf import gguf_config, is_gguf
+
+        if is_gguf(path):
+            return gguf_config(path)
         file = Path(path) / "config.json"
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise ShardError(f"{file}: no config.json in the model folder") from exc
+            ggufs = sorted(Path(path).glob("*.gguf")) if Path(path).is_dir() else []
+            hint = f"; to serve a GGUF file, give its path ({ggufs[0]})" if ggufs else ""
+            raise ShardError(f"{file}: no config.json in the model folder{hint}") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"{file}: cannot read config.json: {exc}") from exc
         if not isinstance(raw, dict):

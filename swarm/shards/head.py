@@ -9,7 +9,7 @@ from torch import nn
 
 from swarm.errors import ShardError
 from swarm.shards.blocks import RMSNorm
-from swarm.shards.checkpoint import checkpoint_names, read_tensors
+from swarm.shards.checkpoint import checkpoint_names, is_gguf, read_tensors
 from swarm.shards.config import ModelConfig
 
 __all__ = ["Head", "load_head"]
@@ -71,7 +71,8 @@ class Head(nn.Module):
 def load_head(
     path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Head:
-    """Load only the embeddings, the final norm and (unless tied) lm_head.
+    """Load only the embeddings, the final norm and (unless tied) lm_head of the checkpoint at
+    ``path`` (a Hugging Face folder or a GGUF file, dequantized to ``dtype``).
 
     Raises:
         ShardError: unsupported config, missing files or tensors, or wrong shapes.
@@ -82,7 +83,7 @@ def load_head(
     shapes = {key: tuple(t.shape) for key, t in head.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    names = checkpoint_names(list(shapes))
+    names = checkpoint_names(list(shapes), gguf=is_gguf(path))
     tensors = read_tensors(
         path,
         {names[key]: shape for key, shape in shapes.items()},

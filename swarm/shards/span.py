@@ -16,7 +16,7 @@ from torch import nn
 from swarm.errors import ShardError
 from swarm.shards.blocks import Block, build_attention_mask
 from swarm.shards.cache import KVCache
-from swarm.shards.checkpoint import checkpoint_names, read_tensors
+from swarm.shards.checkpoint import checkpoint_names, is_gguf, read_tensors
 from swarm.shards.config import ModelConfig
 from swarm.shards.rope import inverse_frequencies, rope_cos_sin
 from swarm.types import LayerRange
@@ -141,10 +141,12 @@ def load_span(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Span:
-    """Load layers ``layers.start .. layers.stop-1`` of the checkpoint in ``path``.
+    """Load layers ``layers.start .. layers.stop-1`` of the checkpoint at ``path`` (a Hugging
+    Face folder or a GGUF file).
 
     Reads only those layers' tensors, from ``model.safetensors`` or the shard files of
-    ``model.safetensors.index.json`` that hold them. Costs about the range's size in memory.
+    ``model.safetensors.index.json`` that hold them, or from the GGUF file's memory map
+    (dequantized to ``dtype``). Costs about the range's size in memory.
 
     Raises:
         ShardError: unsupported or unreadable config, ``layers`` outside the model, missing
@@ -159,7 +161,7 @@ def load_span(
     with torch.device("meta"):
         span = Span(config, layers, [Block(config) for _ in layers])
     shapes = {key: tuple(t.shape) for key, t in span.state_dict().items()}
-    names = checkpoint_names(list(shapes), layers=layers)
+    names = checkpoint_names(list(shapes), layers=layers, gguf=is_gguf(path))
     tensors = read_tensors(
         path,
         {names[key]: shape for key, shape in shapes.items()},

@@ -3,6 +3,10 @@
 - :func:`write_random_llama` writes a Hugging Face-format Llama folder with our own writer
   (``config.json`` + safetensors with HF tensor names), without ``transformers``. Optionally
   sharded (``layers_per_file``) with a ``model.safetensors.index.json``.
+- :func:`write_random_gguf` writes a random Llama as a GGUF file with ``gguf.GGUFWriter``, the
+  way llama.cpp's converter lays it out (GGUF names, Q/K rows reordered for GGML's RoPE,
+  matrices in F32, F16, BF16, Q8_0, Q4_0 or Q4_1), with a tiny byte-level BPE vocabulary, its
+  merges and a ChatML template in the metadata.
 - :func:`make_tiny_checkpoint` builds a random model with ``transformers`` (Llama, Mistral or
   Qwen2) and saves it with ``save_pretrained(safe_serialization=True)``; it needs the test
   extra installed and is the numerical reference's own format.
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_tiny_checkpoint", "write_random_llama"]
+__all__ = ["GGUF_CHAT_TEMPLATE", "make_tiny_checkpoint", "write_random_gguf", "write_random_llama"]
 
 _ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -125,9 +129,121 @@ def _layer_tensors(
 
 
 def _randn(
-    gen: torch.Generator, shape: tuple[int, ...], std: float, dtype: torch.dtype
+    gen: torch.Generator, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+
+GGUF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_GGUF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_GGUF_MERGES = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t")
+# our layer tensor names (Hugging Face, under "model.layers.{i}.") -> llama.cpp's (under "blk.{i}.")
+_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_random_gguf(
+    path: str | Path,
+    *,
+    qtype: str = "F32",
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    std: float = 0.1,
+) -> Path:
+    """Write a random Llama to the GGUF file ``path`` as llama.cpp's converter would: 2-D
+    weights in ``qtype`` (``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ``Q4_1``), norms in
+    F32, Q/K rows permuted for GGML's RoPE, no ``output.weight`` when tied. The vocabulary is
+    a byte-level BPE (the 256 byte symbols, a few merges, ChatML special tokens; 269 tokens),
+    with :data:`GGUF_CHAT_TEMPLATE`. ``hidden`` and ``intermediate`` must be multiples of 32
+    for the block types. Returns the path.
+    """
+    import gguf
+    import numpy as np
+
+    tokens, merges = _gguf_vocab()
+    vocab = len(tokens)
+    head_dim = hidden // heads
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {"token_embd.weight": _randn(gen, (vocab, hidden), std)}
+    for i in range(num_layers):
+        layer = _layer_tensors(gen, i, hidden, heads, kv_heads, intermediate, std, torch.float32)
+        for name, tensor in layer.items():
+            short = _GGUF_LAYER[name.removeprefix(f"model.layers.{i}.")]
+            if short == "attn_q.weight":
+                tensor = _permute_rows(tensor, heads)
+            elif short == "attn_k.weight":
+                tensor = _permute_rows(tensor, kv_heads)
+            tensors[f"blk.{i}.{short}"] = tensor
+    tensors["output_norm.weight"] = 1 + _randn(gen, (hidden,), 0.1)
+    if not tie_word_embeddings:
+        tensors["output.weight"] = _randn(gen, (vocab, hidden), std)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny random llama")
+    writer.add_block_count(num_layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in _GGUF_SPECIALS else 1 for t in tokens])
+    writer.add_token_merges(list(merges))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    block = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in tensors.items():
+        values = tensor.numpy().astype(np.float32)
+        if values.ndim == 2 and block != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, gguf.quants.quantize(values, block), raw_dtype=block)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def _gguf_vocab() -> tuple[list[str], list[str]]:
+    """Special tokens, the 256 GPT-2 byte symbols, then one token per merge."""
+    from swarm.shards.tokenizer import bytes_to_unicode
+
+    symbols = sorted(bytes_to_unicode().values())
+    merged = [m.replace(" ", "") for m in _GGUF_MERGES]
+    return [*_GGUF_SPECIALS, *symbols, *merged], list(_GGUF_MERGES)
+
+
+def _permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter's Q/K reordering: each head's rotary halves interleaved."""
+    rows = weight.shape[0]
+    w = weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])  # (heads, 2, half, in)
+    return w.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
 def make_tiny_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import swarm.shards.checkpoint as checkpoint_module
 from swarm.errors import ShardError
-from swarm.shards import load_head, load_span, model_id
+from swarm.shards import ModelConfig, load_head, load_span, model_id
+from swarm.shards.checkpoint import tensor_index
+from swarm.shards.fingerprint import parameter_count
 from swarm.testing.checkpoints import write_random_llama
 from swarm.types import LayerRange
 
@@ -156,17 +159,38 @@ def test_unknown_architecture(writable: Path) -> None:
 
 def test_model_id(checkpoints: dict[str, Path], writable: Path, tmp_path: Path) -> None:
     mid = model_id(writable)
-    name, digest = mid.rsplit("-", 1)
-    assert name == "tiny" and len(digest) == 12 and "/" not in mid
+    arch, size, digest = mid.split("-")
+    stored = sum(math.prod(shape) for _, shape in tensor_index(writable).values())
+    assert parameter_count(ModelConfig.from_pretrained(writable)) == stored
+    assert (arch, size) == ("llama", f"{round(stored / 1e3)}k")
+    assert len(digest) == 12 and "/" not in mid
     assert model_id(writable) == mid
-    # the same weights layout in another folder: same hash, other name
+    # the same bytes in another folder, whatever its name: the same id
     copy = tmp_path / "my model (copy)"
     shutil.copytree(writable, copy)
-    assert model_id(copy) == f"my-model-copy-{digest}"
-    # another config (or tensor layout) under the same name: another id
-    other = write_random_llama(tmp_path / "other" / "tiny", num_layers=2, vocab=64)
+    assert model_id(copy) == mid
+    # other weights under the same folder name: another id
+    other = write_random_llama(tmp_path / "other" / "tiny", num_layers=3, vocab=64, seed=2)
     assert model_id(other) != mid
     assert model_id(checkpoints["llama"]).startswith("llama-")
+    assert model_id(checkpoints["qwen2"]).startswith("qwen2-")
+
+
+def test_model_id_sees_changed_weights_of_the_same_shape(writable: Path, tmp_path: Path) -> None:
+    mid = model_id(writable)
+    file = writable / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"] * 2
+    save_file(tensors, file)
+    assert model_id(writable) != mid
+
+
+def test_model_id_does_not_depend_on_sharding(tmp_path: Path) -> None:
+    single = write_random_llama(tmp_path / "single", num_layers=4, vocab=64, seed=5)
+    sharded = write_random_llama(
+        tmp_path / "sharded", num_layers=4, vocab=64, seed=5, layers_per_file=2
+    )
+    assert model_id(single) == model_id(sharded)
 
 
 def test_model_id_reads_headers_not_tensors(

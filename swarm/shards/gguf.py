@@ -1,0 +1,302 @@
+"""Reading a GGUF checkpoint as it is: metadata, config, and only the tensors asked for.
+
+A GGUF file (llama.cpp's format) holds the config, the tokenizer and the chat template as
+metadata, and every tensor, often quantized, in one memory-mapped file. This module is the one
+place that talks to the ``gguf`` package's :class:`~gguf.GGUFReader`:
+
+- :func:`is_gguf` tells a GGUF file from a Hugging Face folder;
+- :func:`gguf_config` builds a :class:`~swarm.shards.config.ModelConfig` from the ``llama.*``
+  keys, refusing what our blocks do not compute (another architecture, a multi-part file,
+  MoE, biases, RoPE variants other than plain and linear);
+- :func:`read_gguf_tensors` dequantizes only the named tensors (F32, F16, BF16, Q8_0, Q4_0,
+  Q4_1, the K-quants and whatever else ``gguf.quants.dequantize`` supports) and undoes
+  llama.cpp's reordering of the Q/K projection rows, so the weights equal the Hugging Face
+  checkpoint's layout;
+- :func:`gguf_metadata` and :func:`gguf_tensor_infos` hand the tokenizer, the chat template
+  and the model id what they need.
+
+Which of our parameters is which GGUF tensor is decided in :mod:`swarm.shards.checkpoint`.
+Opening a reader parses the whole metadata (about 3 s for a 49k-token vocabulary), so readers
+are cached per file (path, size and modification time).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from swarm.errors import ShardError
+from swarm.shards.config import ModelConfig
+
+__all__ = [
+    "GGUFTensorInfo",
+    "gguf_config",
+    "gguf_metadata",
+    "gguf_tensor_infos",
+    "is_gguf",
+    "read_gguf_tensors",
+]
+
+_MAGIC = b"GGUF"
+# Metadata arrays this large are read only when asked for by name (tokens, merges, types).
+_SMALL_ARRAY = 64
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True when ``path`` is a file ending in ``.gguf`` or starting with the GGUF magic."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    if file.suffix.lower() == ".gguf":
+        return True
+    try:
+        with file.open("rb") as f:
+            return f.read(4) == _MAGIC
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> Any:
+    from gguf import GGUFReader
+
+    del size, mtime_ns  # part of the cache key only: a rewritten file is read again
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ShardError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+
+def _reader(path: str | Path) -> Any:
+    """The (cached) memory-mapped reader of ``path``. Raises `ShardError` if unreadable."""
+    file = Path(path).resolve()
+    try:
+        stat = file.stat()
+    except OSError as exc:
+        raise ShardError(f"{file}: cannot open the GGUF file: {exc}") from exc
+    return _cached_reader(str(file), stat.st_size, stat.st_mtime_ns)
+
+
+def gguf_metadata(path: str | Path, *, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The file's metadata as ``{key: value}``: scalars and strings, short arrays, and the long
+    arrays named in ``arrays`` (e.g. ``"tokenizer.ggml.tokens"``); other long arrays are left
+    out (their values are not needed and cost time to convert).
+
+    Raises:
+        ShardError: the file is not a readable GGUF file.
+    """
+    out: dict[str, Any] = {}
+    for key, field in _reader(path).fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if len(field.data) > _SMALL_ARRAY and key not in arrays:
+            continue
+        out[key] = field.contents()
+    return out
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor's entry in the file: ``shape`` in PyTorch order (rows first), the GGML
+    type's name (``"Q4_1"``), its absolute byte ``offset`` in the file and ``nbytes``."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def gguf_tensor_infos(path: str | Path) -> dict[str, GGUFTensorInfo]:
+    """Every tensor's :class:`GGUFTensorInfo`, from the header only (no tensor data read).
+
+    Raises:
+        ShardError: the file is not a readable GGUF file.
+    """
+    return {
+        t.name: GGUFTensorInfo(
+            t.name,
+            t.tensor_type.name,
+            tuple(int(d) for d in reversed(t.shape.tolist())),
+            int(t.data_offset),
+            int(t.n_bytes),
+        )
+        for t in _reader(path).tensors
+    }
+
+
+def gguf_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` described by the ``llama.*`` metadata of a GGUF file.
+
+    Raises:
+        ShardError: the file is unreadable, split into several parts, of an architecture
+            other than ``llama``, or uses something our blocks do not compute (mixture of
+            experts, per-layer head counts, partial rotary, RoPE scaling other than linear,
+            Llama 3.1 ``rope_freqs``, attention biases); the message names it.
+    """
+    meta = gguf_metadata(path)
+    tensors = gguf_tensor_infos(path)
+    _check_supported(Path(path), meta, tensors)
+    hidden = _key_int(meta, "llama.embedding_length")
+    heads = _key_int(meta, "llama.attention.head_count")
+    kv_heads = _key_int(meta, "llama.attention.head_count_kv", heads)
+    head_dim = _key_int(meta, "llama.attention.key_length", hidden // heads)
+    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        if _key_int(meta, key, head_dim) != head_dim:
+            raise ShardError(f"{key}={meta[key]} differs from head_dim={head_dim}: unsupported")
+    vocab = meta.get("llama.vocab_size")
+    if vocab is None and "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"].shape[0]
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    raw: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": _key_int(meta, "llama.feed_forward_length"),
+        "num_hidden_layers": _key_int(meta, "llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "rms_norm_eps": float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_parameters": _rope_parameters(meta),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "max_position_embeddings": _key_int(meta, "llama.context_length", 2048),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(int(i) for i in eos if i is not None)),
+        "torch_dtype": _stored_dtype(tensors),
+    }
+    return ModelConfig.from_dict(raw)
+
+
+def _check_supported(
+    file: Path, meta: Mapping[str, Any], tensors: Mapping[str, GGUFTensorInfo]
+) -> None:
+    parts = int(meta.get("split.count", 1) or 1)
+    if parts > 1:
+        raise ShardError(
+            f"{file.name}: a multi-part GGUF (split.count={parts}) is not supported; merge the "
+            "parts into one file first (llama.cpp: llama-gguf-split --merge)"
+        )
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ShardError(f"{file.name}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if int(meta.get("llama.expert_count", 0) or 0) > 0:
+        raise ShardError(f"{file.name}: mixture-of-experts GGUF (llama.expert_count) is not "
+                         "supported")  # fmt: skip
+    for key in ("llama.attention.head_count", "llama.attention.head_count_kv",
+                "llama.feed_forward_length"):  # fmt: skip
+        if isinstance(meta.get(key), list):
+            raise ShardError(f"{file.name}: per-layer {key} is not supported")
+    if "rope_freqs.weight" in tensors:
+        raise ShardError(
+            f"{file.name}: RoPE frequency factors (rope_freqs.weight, Llama 3.1 rope scaling) "
+            "are not supported in GGUF files yet; serve the Hugging Face folder instead"
+        )
+    biased = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
+    if biased:
+        raise ShardError(f"{file.name}: bias tensors ({biased[0]}, ...) are not supported "
+                         "for GGUF llama models")  # fmt: skip
+
+
+def _rope_parameters(meta: Mapping[str, Any]) -> dict[str, Any]:
+    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    kind = meta.get("llama.rope.scaling.type", "none")
+    factor = float(meta.get("llama.rope.scaling.factor", 1.0) or 1.0)
+    if kind in ("none", "") or (kind == "linear" and factor == 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
+    raise ShardError(f"llama.rope.scaling.type={kind!r} is not supported (none or linear)")
+
+
+def _stored_dtype(tensors: Mapping[str, GGUFTensorInfo]) -> str:
+    """The float type of the layer matrices when unquantized, else float32 (dequantized)."""
+    types = {t.type_name for t in tensors.values() if len(t.shape) == 2}
+    if types == {"F16"}:
+        return "float16"
+    if types == {"BF16"}:
+        return "bfloat16"
+    return "float32"
+
+
+def _key_int(meta: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ShardError(f"GGUF metadata {key}={value!r}: expected a positive integer")
+    return value
+
+
+def read_gguf_tensors(
+    path: str | Path,
+    wanted: Mapping[str, tuple[int, ...]],
+    convert: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Dequantize the tensors named in ``wanted`` (GGUF name -> expected PyTorch shape),
+    each passed through ``convert`` (dtype/device) right away, so only one float32 copy of
+    one tensor is alive at a time. Q/K projections come back in Hugging Face row order.
+
+    Only these tensors' bytes are touched (the file is memory-mapped).
+
+    Raises:
+        ShardError: a tensor is missing, has another shape, or has a type that cannot be
+            dequantized.
+    """
+    reader = _reader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    config = gguf_config(path)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in wanted.items():
+        tensor = by_name.get(name)
+        if tensor is None:
+            raise ShardError(f"{Path(path).name}: GGUF has no tensor {name!r}")
+        stored = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if stored != tuple(shape):
+            raise ShardError(
+                f"{Path(path).name}: tensor {name!r} has shape {list(stored)}, "
+                f"expected {list(shape)}"
+            )
+        values = torch.from_numpy(dequantize_tensor(tensor)).reshape(stored)  # (rows, cols)
+        if name.endswith(".attn_q.weight"):
+            values = unpermute_rows(values, config.num_attention_heads)
+        elif name.endswith(".attn_k.weight"):
+            values = unpermute_rows(values, config.num_key_value_heads)
+        out[name] = convert(values)
+        del values
+    return out
+
+
+def dequantize_tensor(tensor: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """One reader tensor's values as float32 (a fresh array, not a view of the file).
+
+    Raises:
+        ShardError: the GGML type cannot be dequantized by the installed ``gguf`` package.
+    """
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise ShardError(
+            f"tensor {tensor.name!r} is {tensor.tensor_type.name}, which the installed gguf "
+            f"package cannot dequantize: {exc}"
+        ) from exc
+    return np.array(values, dtype=np.float32, copy=True)
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's RoPE row order for a Q or K projection (heads*head_dim, in_features).
+
+    llama.cpp's converter interleaves each head's two rotary halves (rows ``[a0, a1, ...,
+    b0, b1, ...]`` become ``[a0, b0, a1, b1, ...]``) because GGML rotates adjacent pairs;
+    our blocks, like Hugging Face's, rotate halves.
+    """
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    w = weight.reshape(heads, half, 2, *weight.shape[1:])  # (heads, half, 2, in)
+    return w.transpose(1, 2).reshape(weight.shape).contiguous()  # (heads*head_dim, in)
