@@ -11,7 +11,7 @@ import pytest
 from swarm.errors import HandshakeError
 from swarm.net.noise import CipherState, HandshakeState, KeyPair
 
-VECTORS = Path(__file__).resolve().parents[2] / ".." / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"  # copied from cacophony; see README
 VECTOR_FILE = VECTORS / "noise-25519-chachapoly-sha256.json"
 
 
