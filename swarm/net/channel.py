@@ -6,30 +6,80 @@ the ciphertext length; the top bit says "more frames of this message follow", so
 longer than ``max_frame_size`` is split across frames. Nonces count per direction, so a
 replayed, reordered, dropped or altered frame fails authentication.
 
-A `SecureChannel` is made by the handshake in `swarm.net.handshake`.
+A `SecureChannel` is made by the handshake in `swarm.net.handshake`. Channels that share a
+`ReceiveBudget` share one cap on the bytes of messages they are receiving at once.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import trio
 
 from swarm.errors import (
     ConnectionClosed,
     HandshakeError,
+    LimitExceeded,
     ProtocolError,
 )
 from swarm.net.config import NetConfig
 from swarm.net.noise import TAGLEN, CipherState
 from swarm.types import PeerId
 
-__all__ = ["FRAME_HEADER", "ExactReader", "SecureChannel"]
+__all__ = [
+    "FRAME_HEADER",
+    "ExactReader",
+    "ReceiveBudget",
+    "ReceiveBudgetStatistics",
+    "SecureChannel",
+]
 
 _MORE = 0x8000_0000
 _LEN_MASK = 0x7FFF_FFFF
 FRAME_HEADER = struct.Struct(">I")
 _RECV_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ReceiveBudgetStatistics:
+    limit: int
+    in_use: int
+    refused: int
+
+
+class ReceiveBudget:
+    """A cap on the bytes that the channels sharing it hold for messages they are receiving.
+
+    For a message of several frames, a channel reserves each frame's size before it
+    allocates the frame, and the whole message's size again before joining the frames; it
+    releases everything when the message is handed over or the receive fails. A message of
+    one frame is not counted: it is bounded by ``max_frame_size`` per channel (and channels
+    by the server's connection caps), so small calls keep working while big messages
+    hold the budget. A
+    reservation that does not fit is refused at once (never waited for, so channels cannot
+    deadlock on each other): that channel fails with `LimitExceeded`, others carry on.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a receive budget must be positive")
+        self.limit = limit
+        self.in_use = 0
+        self.refused = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.in_use + n > self.limit:
+            self.refused += 1
+            return False
+        self.in_use += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+
+    def statistics(self) -> ReceiveBudgetStatistics:
+        return ReceiveBudgetStatistics(self.limit, self.in_use, self.refused)
 
 
 class ExactReader:
@@ -93,7 +143,10 @@ class SecureChannel:
 
     `send` and `receive` move whole messages (bytes); each is safe to call from several
     tasks (calls are serialized). ``remote_peer_id`` is the peer proven by the handshake,
-    ``handshake_hash`` the Noise channel-binding value.
+    ``handshake_hash`` the Noise channel-binding value, ``last_activity`` the `trio`
+    time of the last frame received or message sent (what an idle timeout looks at).
+    ``receive_budget``, if given, caps the bytes this channel and the others sharing it
+    hold for messages being received.
     """
 
     def __init__(
@@ -104,6 +157,7 @@ class SecureChannel:
         remote_peer_id: PeerId,
         handshake_hash: bytes,
         config: NetConfig,
+        receive_budget: ReceiveBudget | None = None,
     ) -> None:
         self._reader = reader
         self._stream = reader.stream
@@ -112,10 +166,13 @@ class SecureChannel:
         self.remote_peer_id = remote_peer_id
         self.handshake_hash = handshake_hash
         self._config = config
+        self._budget = receive_budget
+        self._charged = 0  # bytes of the message being received, reserved in the budget
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self._broken: str | None = None
         self._mid_message = False
+        self.last_activity = trio.current_time()
 
     @property
     def is_closed(self) -> bool:
@@ -140,6 +197,7 @@ class SecureChannel:
         try:
             self._check_open()
             await self._send_frames(view)
+            self.last_activity = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._broken = f"connection lost while sending: {exc}"
             raise ConnectionClosed(self._broken) from exc
@@ -169,15 +227,18 @@ class SecureChannel:
 
         Raises `ConnectionClosed` when the peer closed the channel (or it was closed or
         broken here), `ProtocolError` for a frame that is oversized, truncated, or fails
-        authentication (tampered, replayed or reordered); after a `ProtocolError` the channel
-        is closed.
+        authentication (tampered, replayed or reordered), or for a message of several
+        frames not completed within ``message_timeout``; `LimitExceeded` when a frame or
+        the joined message does not fit in the receive budget (refused before it is
+        allocated). After a `ProtocolError` or `LimitExceeded` the channel is closed.
         """
         await _acquire(self._recv_lock)
         try:
             self._check_open()
             return await self._receive_message()
-        except ProtocolError as exc:
-            self._broken = f"protocol error: {exc}"
+        except (ProtocolError, LimitExceeded) as exc:
+            self._broken = f"receive failed: {exc}"
+            self._release_charge()  # before closing: the peer may act on the close at once
             await trio.aclose_forcefully(self._stream)
             raise
         except ConnectionClosed as exc:
@@ -188,41 +249,91 @@ class SecureChannel:
                 self._broken = "a receive was interrupted mid-message; the stream is unusable"
             raise
         finally:
+            self._release_charge()
             self._recv_lock.release()
 
     async def _receive_message(self) -> bytes:
-        parts: list[bytes] = []
-        total = 0
         self._mid_message = self._reader.has_buffered()
-        while True:
-            header = await self._reader.read(FRAME_HEADER.size)
-            self._mid_message = True
-            if header is None:
-                if parts:
-                    raise ProtocolError("connection closed inside a multi-frame message")
-                raise ConnectionClosed("the peer closed the channel")
-            (word,) = FRAME_HEADER.unpack(header)
-            size = word & _LEN_MASK
-            if not TAGLEN <= size <= self._config.max_frame_size + TAGLEN:
-                raise ProtocolError(
-                    f"frame length {size} outside 16..{self._config.max_frame_size + TAGLEN}"
-                )
-            total += size - TAGLEN
-            if total > self._config.max_message_size:
-                raise ProtocolError(f"message exceeds max_message_size ({total} bytes so far)")
-            body = await self._reader.read(size)
-            if body is None:
-                raise ProtocolError("connection closed between a frame header and its body")
-            try:
-                plain = self._recv_cipher.decrypt_with_ad(header, body)
-            except HandshakeError as exc:
-                raise ProtocolError(
-                    "frame failed authentication (tampered, replayed or reordered)"
-                ) from exc
-            if not word & _MORE:
-                self._mid_message = False
-                return plain if not parts else b"".join([*parts, plain])
+        more, plain = await self._receive_frame(0, first=True)
+        if not more:
+            self._mid_message = False
+            return plain
+        timeout = self._config.message_timeout
+        with trio.move_on_after(timeout) as scope:
+            message = await self._receive_rest(plain)
+        if scope.cancelled_caught:
+            raise ProtocolError(f"a message of several frames took over {timeout} s to arrive")
+        self._mid_message = False
+        return message
+
+    async def _receive_rest(self, first: bytes) -> bytes:
+        parts = [first]
+        total = len(first)
+        more = True
+        while more:
+            more, plain = await self._receive_frame(total, first=False)
             parts.append(plain)
+            total += len(plain)
+        self._reserve(total)  # the joined copy, while the frames still exist
+        return b"".join(parts)
+
+    async def _receive_frame(self, so_far: int, *, first: bool) -> tuple[bool, bytes]:
+        """One frame: (more frames follow, plaintext). Its size is checked against the
+        limits and reserved in the budget before its body is read."""
+        header = await self._reader.read(FRAME_HEADER.size)
+        self._mid_message = True
+        if header is None:
+            if not first:
+                raise ProtocolError("connection closed inside a multi-frame message")
+            raise ConnectionClosed("the peer closed the channel")
+        (word,) = FRAME_HEADER.unpack(header)
+        size = word & _LEN_MASK
+        if not TAGLEN <= size <= self._config.max_frame_size + TAGLEN:
+            raise ProtocolError(
+                f"frame length {size} outside 16..{self._config.max_frame_size + TAGLEN}"
+            )
+        if so_far + size - TAGLEN > self._config.max_message_size:
+            raise ProtocolError(
+                f"message exceeds max_message_size ({so_far + size - TAGLEN} bytes so far)"
+            )
+        more = bool(word & _MORE)
+        counted = more or not first  # a message of one frame is bounded by max_frame_size
+        if counted:
+            self._reserve(size)
+        body = await self._reader.read(size)
+        if body is None:
+            raise ProtocolError("connection closed between a frame header and its body")
+        try:
+            plain = self._recv_cipher.decrypt_with_ad(header, body)
+        except HandshakeError as exc:
+            raise ProtocolError(
+                "frame failed authentication (tampered, replayed or reordered)"
+            ) from exc
+        if counted:
+            self._unreserve(TAGLEN)  # the ciphertext is dropped; its plaintext stays counted
+        self.last_activity = trio.current_time()
+        return more, plain
+
+    def _reserve(self, n: int) -> None:
+        budget = self._budget
+        if budget is None:
+            return
+        if not budget.try_reserve(n):
+            raise LimitExceeded(
+                f"message refused: {self._charged + n} bytes would pass the receive budget "
+                f"({budget.in_use} of {budget.limit} bytes in use by messages being received)"
+            )
+        self._charged += n
+
+    def _release_charge(self) -> None:
+        if self._budget is not None and self._charged:
+            self._budget.release(self._charged)
+        self._charged = 0
+
+    def _unreserve(self, n: int) -> None:
+        if self._budget is not None:
+            self._budget.release(n)
+            self._charged -= n
 
     async def aclose(self) -> None:
         """Close the channel; the peer's next `receive` raises `ConnectionClosed`."""

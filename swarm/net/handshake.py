@@ -8,11 +8,25 @@ Setting a channel up (both sides, under ``NetConfig.handshake_timeout``):
    `SwarmKeyMismatch` here.
 2. Noise XX (XXpsk3 with the swarm key as PSK), each handshake message prefixed by a 2-byte
    big-endian length that must equal the exact length the pattern implies (so a damaged
-   length fails at once instead of waiting for bytes that never come). The second and third
-   messages carry the sender's Ed25519 public key and its signature over the sender's Noise
-   static key, binding the channel to a `PeerId`.
-3. The responder confirms with an empty transport message; the initiator waits for it, so a
-   refused handshake (wrong swarm key, bad identity proof) is reported on both sides.
+   length fails at once instead of waiting for bytes that never come). An identity proof is
+   the sender's Ed25519 public key and its signature over the sender's Noise static key,
+   binding the channel to a `PeerId`. Both sides use a fresh Noise static key for every
+   connection, so that key identifies nothing on its own.
+3. The responder ends the handshake with one transport frame, the confirmation: a status
+   byte, "accepted" or a `Refusal` code (the server's connection limits, decided once the
+   initiator's `PeerId` is known). The initiator waits for it, so a refused handshake (wrong
+   swarm key, bad identity proof, a limit) is reported on both sides.
+
+Where the proofs go:
+
+- Open swarm: the responder's proof in message 2, the initiator's in message 3, only the
+  status byte in the confirmation. The initiator learns who answered before it reveals itself.
+- Private swarm: message 2 is encrypted only under ephemeral-ephemeral DH, which anyone who
+  dials can decrypt, and the swarm key is mixed in only at message 3. So message 2 carries
+  no payload, the initiator's proof goes in message 3 (readable only with the key), and the
+  responder's proof in the confirmation, after the initiator has proven the key. A dialer
+  without the key gets a hello, a fresh ephemeral and a fresh static key, and then a closed
+  connection: nothing that depends on the server's identity.
 
 Frames after the handshake are `swarm.net.channel.SecureChannel`'s.
 """
@@ -20,6 +34,8 @@ Frames after the handshake are `swarm.net.channel.SecureChannel`'s.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from enum import IntEnum
 
 import trio
 
@@ -28,24 +44,51 @@ from swarm.errors import (
     ConnectionClosed,
     DeadlineExceeded,
     HandshakeError,
+    LimitExceeded,
     PeerIdMismatch,
     ProtocolError,
     SwarmKeyMismatch,
 )
 from swarm.identity import Identity, verify_signature
-from swarm.net.channel import FRAME_HEADER, ExactReader, SecureChannel
+from swarm.net.channel import FRAME_HEADER, ExactReader, ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.noise import DHLEN, TAGLEN, CipherState, HandshakeState, KeyPair
 from swarm.net.transport import Transport
 from swarm.types import PeerId
 
-__all__ = ["PROTOCOL_VERSION", "open_channel", "secure_inbound", "secure_outbound"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Admission",
+    "Refusal",
+    "open_channel",
+    "secure_inbound",
+    "secure_outbound",
+]
 
 PROTOCOL_VERSION = 1
 _MAGIC = b"SWRM"
 _HELLO_LEN = 6
 _PROOF_CONTEXT = b"swarm-noise-static-key:"
 _PROOF_LEN = 32 + 64  # Ed25519 public key + signature
+
+
+class Refusal(IntEnum):
+    """Why a responder refused a channel after an otherwise good handshake (the one-byte
+    confirmation payload). The initiator raises `LimitExceeded` with the safe message."""
+
+    PEER_LIMIT = 1
+    SERVER_FULL = 2
+
+    @property
+    def message(self) -> str:
+        if self is Refusal.PEER_LIMIT:
+            return "the server already has its maximum of channels from this peer"
+        return "the server is at its channel limit and has no idle channel to close"
+
+
+Admission = Callable[[PeerId], Refusal | None]
+"""Decides, once the initiator's `PeerId` is proven, whether the responder keeps the channel:
+``None`` to accept, a `Refusal` to refuse it. Runs synchronously inside the handshake."""
 
 
 def _hello(private: bool) -> bytes:
@@ -69,12 +112,13 @@ def _check_hello(hello: bytes, private: bool) -> None:
 
 
 def _expected_length(index: int, psk: bool) -> int:
-    """Exact length of handshake message `index` with our payloads (none, proof, proof)."""
+    """Exact length of handshake message `index` with our payloads: none in message 1; the
+    responder's proof in message 2 (none in a private swarm); the initiator's in message 3."""
     sealed_proof = _PROOF_LEN + TAGLEN
     if index == 0:
         return DHLEN + (TAGLEN if psk else 0)
     if index == 1:
-        return DHLEN + DHLEN + TAGLEN + sealed_proof
+        return DHLEN + DHLEN + TAGLEN + (TAGLEN if psk else sealed_proof)
     return DHLEN + TAGLEN + sealed_proof
 
 
@@ -104,6 +148,11 @@ async def _read_hs(reader: ExactReader, n: int, what: str) -> bytes:
     except (ConnectionClosed, ProtocolError) as exc:
         raise HandshakeError(f"connection lost during the handshake ({what})") from exc
     if data is None:
+        if what == "hello":
+            raise HandshakeError(
+                "the peer closed the connection before the handshake began "
+                "(it may be at a connection limit)"
+            )
         raise HandshakeError(f"the peer closed the connection during the handshake ({what})")
     return bytes(data)
 
@@ -125,17 +174,22 @@ async def secure_outbound(
     expected_peer: PeerId | None = None,
     swarm_key: bytes | None = None,
     config: NetConfig = DEFAULT_NET_CONFIG,
+    receive_budget: ReceiveBudget | None = None,
 ) -> SecureChannel:
     """Run the initiator's side of the handshake on a connected stream.
 
     Raises `PeerIdMismatch` if `expected_peer` is given and a different identity answers,
     `SwarmKeyMismatch` if the peer is not in our private swarm (or we are not in its),
+    `LimitExceeded` if the peer refused the channel under one of its connection limits,
     `HandshakeError` for any other failure, `DeadlineExceeded` after
-    ``config.handshake_timeout``. The stream is closed on failure.
+    ``config.handshake_timeout``. The stream is closed on failure. ``receive_budget`` is
+    handed to the channel (see `SecureChannel`).
     """
     try:
         with trio.fail_after(config.handshake_timeout):
-            return await _outbound(stream, identity, expected_peer, swarm_key, config)
+            return await _outbound(
+                stream, identity, expected_peer, swarm_key, config, receive_budget
+            )
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(stream)
         raise DeadlineExceeded(
@@ -152,6 +206,7 @@ async def _outbound(
     expected_peer: PeerId | None,
     swarm_key: bytes | None,
     config: NetConfig,
+    receive_budget: ReceiveBudget | None,
 ) -> SecureChannel:
     private = swarm_key is not None
     hello = _hello(private)
@@ -161,23 +216,43 @@ async def _outbound(
     await _send_hs(stream, state.write_message(), prefix=hello)
     _check_hello(await _read_hs(reader, _HELLO_LEN, "hello"), private)
     payload = state.read_message(await _read_hs_message(reader, 1, private))
-    peer_id = _check_proof(payload, state.remote_static)
-    if expected_peer is not None and peer_id != expected_peer:
-        raise PeerIdMismatch(f"expected peer {expected_peer} but {peer_id} answered; hanging up")
+    if not private:  # open swarm: we know who answered before we reveal ourselves
+        peer_id = _check_proof(payload, state.remote_static)
+        _check_expected(peer_id, expected_peer)
     await _send_hs(stream, state.write_message(_proof(identity, static.public)))
     send, recv = state.split()
-    await _read_confirmation(reader, recv, private)
-    return SecureChannel(reader, send, recv, peer_id, state.handshake_hash, config)
+    confirmation = await _read_confirmation(reader, recv, private)
+    if private:  # the responder's proof came only after we proved the swarm key
+        peer_id = _check_proof(confirmation, state.remote_static)
+        _check_expected(peer_id, expected_peer)
+    return SecureChannel(reader, send, recv, peer_id, state.handshake_hash, config, receive_budget)
 
 
-async def _read_confirmation(reader: ExactReader, recv: CipherState, private: bool) -> None:
-    """Read the responder's empty confirmation frame, whose size is known exactly."""
-    expected = FRAME_HEADER.pack(TAGLEN)
+def _check_expected(peer_id: PeerId, expected_peer: PeerId | None) -> None:
+    if expected_peer is not None and peer_id != expected_peer:
+        raise PeerIdMismatch(f"expected peer {expected_peer} but {peer_id} answered; hanging up")
+
+
+def _confirmation(private: bool, refusal: Refusal | None, proof: bytes) -> bytes:
+    """The confirmation's plaintext: a status byte (0 accepted, else a `Refusal` code),
+    then in a private swarm the responder's proof (zeros in a refusal). One fixed size per
+    mode, so a damaged header fails at once rather than waiting for bytes never sent."""
+    if refusal is not None:
+        return bytes([refusal]) + bytes(_PROOF_LEN if private else 0)
+    return b"\x00" + (proof if private else b"")
+
+
+async def _read_confirmation(reader: ExactReader, recv: CipherState, private: bool) -> bytes:
+    """Read the responder's confirmation frame and return what follows its status byte:
+    the responder's proof in a private swarm, nothing in an open one. Raises
+    `LimitExceeded` if the responder refused the channel."""
+    expected = FRAME_HEADER.pack(1 + (_PROOF_LEN if private else 0) + TAGLEN)
     try:
-        header = await _read_hs(reader, len(expected), "confirmation")
+        header = await _read_hs(reader, FRAME_HEADER.size, "confirmation")
         if header != expected:
             raise HandshakeError("the peer's handshake confirmation is malformed")
-        recv.decrypt_with_ad(header, await _read_hs(reader, TAGLEN, "confirmation"))
+        sealed = await _read_hs(reader, FRAME_HEADER.unpack(expected)[0], "confirmation")
+        payload = recv.decrypt_with_ad(header, sealed)
     except HandshakeError as exc:
         if private:
             raise SwarmKeyMismatch(
@@ -185,6 +260,13 @@ async def _read_confirmation(reader: ExactReader, recv: CipherState, private: bo
                 "(or the handshake was altered in transit)"
             ) from exc
         raise HandshakeError(f"the peer refused our handshake: {exc}") from exc
+    if payload[0] == 0:
+        return payload[1:]
+    try:
+        reason = Refusal(payload[0])
+    except ValueError as exc:
+        raise HandshakeError(f"the peer refused the channel (unknown code {payload[0]})") from exc
+    raise LimitExceeded(f"the peer refused the channel: {reason.message}")
 
 
 async def secure_inbound(
@@ -193,16 +275,20 @@ async def secure_inbound(
     *,
     swarm_key: bytes | None = None,
     config: NetConfig = DEFAULT_NET_CONFIG,
+    admit: Admission | None = None,
+    receive_budget: ReceiveBudget | None = None,
 ) -> SecureChannel:
     """Run the responder's side of the handshake on an accepted stream.
 
+    ``admit`` (default: accept everyone) is asked once the dialer's `PeerId` is proven; if
+    it returns a `Refusal` the dialer is told so and `LimitExceeded` is raised here.
     Raises `SwarmKeyMismatch` if the dialer does not hold our swarm key (or holds one when
     we have none), `HandshakeError` for any other failure, `DeadlineExceeded` after
     ``config.handshake_timeout``. The stream is closed on failure.
     """
     try:
         with trio.fail_after(config.handshake_timeout):
-            return await _inbound(stream, identity, swarm_key, config)
+            return await _inbound(stream, identity, swarm_key, config, admit, receive_budget)
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(stream)
         raise DeadlineExceeded(
@@ -214,7 +300,12 @@ async def secure_inbound(
 
 
 async def _inbound(
-    stream: trio.abc.Stream, identity: Identity, swarm_key: bytes | None, config: NetConfig
+    stream: trio.abc.Stream,
+    identity: Identity,
+    swarm_key: bytes | None,
+    config: NetConfig,
+    admit: Admission | None,
+    receive_budget: ReceiveBudget | None,
 ) -> SecureChannel:
     private = swarm_key is not None
     reader = ExactReader(stream)
@@ -225,9 +316,11 @@ async def _inbound(
         raise HandshakeError("connection lost during the handshake") from exc
     _check_hello(their_hello, private)
     static = KeyPair.generate()
+    proof = _proof(identity, static.public)
     state = HandshakeState(initiator=False, static=static, prologue=their_hello, psk=swarm_key)
     state.read_message(await _read_hs_message(reader, 0, private))
-    await _send_hs(stream, state.write_message(_proof(identity, static.public)))
+    # In a private swarm nothing that identifies us goes out before the key is proven.
+    await _send_hs(stream, state.write_message(b"" if private else proof))
     message3 = await _read_hs_message(reader, 2, private)
     try:
         payload = state.read_message(message3)
@@ -240,8 +333,13 @@ async def _inbound(
         raise
     peer_id = _check_proof(payload, state.remote_static)
     send, recv = state.split()
-    channel = SecureChannel(reader, send, recv, peer_id, state.handshake_hash, config)
-    await channel.send(b"")
+    channel = SecureChannel(
+        reader, send, recv, peer_id, state.handshake_hash, config, receive_budget
+    )
+    refusal = admit(peer_id) if admit is not None else None
+    await channel.send(_confirmation(private, refusal, proof))
+    if refusal is not None:
+        raise LimitExceeded(f"refused a channel from {peer_id}: {refusal.message}")
     return channel
 
 
@@ -254,6 +352,7 @@ async def open_channel(
     expected_peer: PeerId | None = None,
     swarm_key: bytes | None = None,
     config: NetConfig = DEFAULT_NET_CONFIG,
+    receive_budget: ReceiveBudget | None = None,
 ) -> SecureChannel:
     """Connect through `transport` and run the handshake as the initiator.
 
@@ -266,5 +365,10 @@ async def open_channel(
     if stream is None:
         raise ConnectError(f"cannot connect to {host}:{port} within {config.connect_timeout} s")
     return await secure_outbound(
-        stream, identity, expected_peer=expected_peer, swarm_key=swarm_key, config=config
+        stream,
+        identity,
+        expected_peer=expected_peer,
+        swarm_key=swarm_key,
+        config=config,
+        receive_budget=receive_budget,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,13 +10,17 @@ from typing import TypeVar
 
 import trio
 
+from swarm.errors import LimitExceeded
 from swarm.identity import Identity
+from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel
 from swarm.net.messages import Message
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ConnectionPool", "open_connection_pool"]
 
@@ -28,7 +33,8 @@ class ConnectionPool:
 
     Concurrent `get`s for one key share a single dial. A channel that closed or broke is
     removed and the next `get` dials again. Past ``config.max_pool_connections`` the least
-    recently used channel is closed. Make one with `open_connection_pool`.
+    recently used channel is closed. Make one with `open_connection_pool`. Channels draw on
+    ``receive_budget`` if one is given (a server passes the one its `RpcServer` uses).
     """
 
     def __init__(
@@ -39,8 +45,10 @@ class ConnectionPool:
         swarm_key: bytes | None,
         handlers: object | None,
         config: NetConfig,
+        receive_budget: ReceiveBudget | None = None,
     ) -> None:
         self._nursery = nursery
+        self.receive_budget = receive_budget
         self.identity = identity
         self.transport = transport
         self.swarm_key = swarm_key
@@ -74,6 +82,7 @@ class ConnectionPool:
                 expected_peer=expected_peer,
                 swarm_key=self.swarm_key,
                 config=self.config,
+                receive_budget=self.receive_budget,
             )
             conn = RpcConnection(channel, self.handlers, self.config)
             await self._nursery.start(self._run, key, conn)
@@ -121,6 +130,8 @@ class ConnectionPool:
     ) -> None:
         try:
             await conn.run(task_status=task_status)
+        except* LimitExceeded as group:  # the receive budget refused a message
+            log.warning("closed channel to %s: %s", conn.remote_peer_id, group.exceptions[0])
         finally:
             if self._conns.get(key) is conn:
                 del self._conns[key]
@@ -139,14 +150,23 @@ async def open_connection_pool(
     swarm_key: bytes | None = None,
     handlers: object | None = None,
     config: NetConfig = DEFAULT_NET_CONFIG,
+    receive_budget: ReceiveBudget | None = None,
 ) -> AsyncIterator[ConnectionPool]:
     """A pool whose channels live as long as the ``async with`` block.
 
-    ``handlers`` (optional) serves calls the remote side makes back over our channels.
+    ``handlers`` (optional) serves calls the remote side makes back over our channels;
+    ``receive_budget`` (optional) caps the bytes its channels hold for messages being
+    received (default: no budget beyond ``config.max_message_size`` per channel).
     """
     async with trio.open_nursery() as nursery:
         pool = ConnectionPool(
-            nursery, identity, transport or TCPTransport(), swarm_key, handlers, config
+            nursery,
+            identity,
+            transport or TCPTransport(),
+            swarm_key,
+            handlers,
+            config,
+            receive_budget,
         )
         try:
             yield pool

@@ -1,27 +1,79 @@
-"""`RpcServer`: accept channels on a transport and serve RPC handlers on each."""
+"""`RpcServer`: accept channels on a transport and serve RPC handlers on each, within limits.
+
+Every inbound connection holds a slot from accept to close. The limits (all in `NetConfig`):
+
+- per IP (``max_connections_per_ip``): checked at accept; past it the connection is closed
+  before the handshake;
+- unauthenticated (``max_handshakes``): a new connection past it closes the oldest one still
+  in its handshake; each handshake has ``handshake_timeout``;
+- per peer (``max_connections_per_peer``) and in all (``max_connections``): decided when the
+  handshake has proven the dialer's `PeerId`. At the global cap the server closes the channel
+  that has been idle the longest; with none idle it refuses the newcomer. Refusals reach the
+  dialer as `LimitExceeded` through the handshake's confirmation;
+- idle (``idle_timeout``): a channel with no call, stream or frame for that long is closed;
+- bytes being received (``max_receive_bytes``): one `ReceiveBudget` shared by every channel.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 import trio
 
-from swarm.errors import SwarmError
+from swarm.errors import LimitExceeded, SwarmError
 from swarm.identity import Identity
+from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.handshake import secure_inbound
+from swarm.net.handshake import Refusal, secure_inbound
 from swarm.net.rpc import RpcConnection
-from swarm.net.transport import TCPTransport, Transport
+from swarm.net.transport import TCPTransport, Transport, remote_host
+from swarm.types import PeerId
 
-__all__ = ["RpcServer"]
+__all__ = ["RpcServer", "RpcServerStatistics"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RpcServerStatistics:
+    """Counts of an `RpcServer`: open now, and totals since it started."""
+
+    connections: int  # authenticated channels open
+    handshaking: int  # connections still in their handshake
+    handshake_failures: int
+    refused_per_ip: int
+    refused_per_peer: int
+    refused_full: int  # at max_connections with no idle channel to close
+    evicted_handshakes: int  # closed to make room under max_handshakes
+    evicted_idle: int  # closed to make room under max_connections
+    closed_idle: int  # closed by idle_timeout
+    receive_budget_in_use: int
+    receive_budget_refused: int
+
+
+class _Slot:
+    """One inbound connection, from accept to close."""
+
+    __slots__ = ("conn", "host", "live", "peer_id", "scope")
+
+    def __init__(self, host: str | None) -> None:
+        self.host = host
+        self.scope = trio.CancelScope()
+        self.peer_id: PeerId | None = None
+        self.conn: RpcConnection | None = None
+        self.live = True  # counted in the server's tables
 
 
 class RpcServer:
     """Serves ``rpc_<method>`` handlers of ``handlers`` to every peer that completes a
     handshake. Use ``port = await nursery.start(server.serve, host, 0)``; cancel the nursery
-    to stop. Handshake failures are logged and close only that connection."""
+    to stop. Handshake failures are logged and close only that connection.
+
+    ``receive_budget`` (default: a new one of ``config.max_receive_bytes``) may be shared
+    with the process's `ConnectionPool`, so that all its channels draw on one budget.
+    """
 
     def __init__(
         self,
@@ -31,14 +83,23 @@ class RpcServer:
         transport: Transport | None = None,
         swarm_key: bytes | None = None,
         config: NetConfig = DEFAULT_NET_CONFIG,
+        receive_budget: ReceiveBudget | None = None,
     ) -> None:
         self.identity = identity
         self.handlers = handlers
         self.transport: Transport = transport or TCPTransport()
         self.swarm_key = swarm_key
         self.config = config
-        self.connections: set[RpcConnection] = set()
-        self.handshake_failures = 0
+        self.receive_budget = receive_budget or ReceiveBudget(config.max_receive_bytes)
+        self._handshaking: dict[_Slot, None] = {}  # insertion order: oldest first
+        self._channels: dict[_Slot, None] = {}
+        self._per_host: Counter[str] = Counter()
+        self._per_peer: Counter[PeerId] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    @property
+    def handshake_failures(self) -> int:
+        return self._counts["handshake_failures"]
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -47,21 +108,136 @@ class RpcServer:
         await self.transport.serve(self.handle_stream, host, port, task_status=task_status)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Handshake on an accepted stream, then serve calls until the channel closes."""
+        """Handshake on an accepted stream, then serve calls until the channel closes, it is
+        idle for ``idle_timeout``, or the server closes it to make room."""
+        host = remote_host(stream)
+        if host is not None and self._per_host[host] >= self.config.max_connections_per_ip:
+            self._counts["refused_per_ip"] += 1
+            log.info("refused a connection from %s: per-IP connection limit", host)
+            await trio.aclose_forcefully(stream)
+            return
+        if len(self._handshaking) >= self.config.max_handshakes:
+            self._counts["evicted_handshakes"] += 1
+            self._drop(next(iter(self._handshaking)))
+        slot = _Slot(host)
+        self._handshaking[slot] = None
+        if host is not None:
+            self._per_host[host] += 1
+        try:
+            with slot.scope:
+                await self._serve_slot(stream, slot)
+        finally:
+            self._forget(slot)
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_slot(self, stream: trio.abc.Stream, slot: _Slot) -> None:
         try:
             channel = await secure_inbound(
-                stream, self.identity, swarm_key=self.swarm_key, config=self.config
+                stream,
+                self.identity,
+                swarm_key=self.swarm_key,
+                config=self.config,
+                admit=lambda peer_id: self._admit(slot, peer_id),
+                receive_budget=self.receive_budget,
             )
         except SwarmError as exc:
-            self.handshake_failures += 1
+            if not isinstance(exc, LimitExceeded):
+                self._counts["handshake_failures"] += 1
             log.info("inbound handshake failed: %s", exc)
             return
         conn = RpcConnection(channel, self.handlers, self.config)
-        self.connections.add(conn)
+        slot.conn = conn
         try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_idle, conn)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        except* LimitExceeded as group:  # the receive budget refused a message
+            log.warning("closed channel to %s: %s", conn.remote_peer_id, group.exceptions[0])
 
-    def statistics(self) -> dict[str, int]:
-        return {"connections": len(self.connections), "handshake_failures": self.handshake_failures}
+    def _admit(self, slot: _Slot, peer_id: PeerId) -> Refusal | None:
+        """Called by the handshake once ``peer_id`` is proven: make room or refuse."""
+        if not slot.live:
+            return Refusal.SERVER_FULL  # evicted while its handshake was finishing
+        if self._per_peer[peer_id] >= self.config.max_connections_per_peer:
+            self._counts["refused_per_peer"] += 1
+            return Refusal.PEER_LIMIT
+        if len(self._channels) >= self.config.max_connections:
+            victim = self._idlest()
+            if victim is None:
+                self._counts["refused_full"] += 1
+                return Refusal.SERVER_FULL
+            self._counts["evicted_idle"] += 1
+            log.info("closing the idlest channel (to %s) to admit %s", victim.peer_id, peer_id)
+            self._drop(victim)
+        del self._handshaking[slot]
+        self._channels[slot] = None
+        slot.peer_id = peer_id
+        self._per_peer[peer_id] += 1
+        return None
+
+    def _idlest(self) -> _Slot | None:
+        """The authenticated channel idle the longest, or None if all are busy."""
+        idle = [
+            (slot.conn.channel.last_activity, i, slot)
+            for i, slot in enumerate(self._channels)
+            if slot.conn is not None and not _busy(slot.conn)
+        ]
+        return min(idle)[2] if idle else None
+
+    async def _close_when_idle(self, conn: RpcConnection) -> None:
+        timeout = self.config.idle_timeout
+        while True:
+            await trio.sleep_until(conn.channel.last_activity + timeout)
+            if trio.current_time() < conn.channel.last_activity + timeout:
+                continue  # there was traffic while we slept
+            if _busy(conn):
+                await trio.sleep(timeout)  # a call or stream is open; look again later
+                continue
+            self._counts["closed_idle"] += 1
+            log.info("closing channel to %s: idle for %s s", conn.remote_peer_id, timeout)
+            await conn.aclose()
+            return
+
+    def _drop(self, slot: _Slot) -> None:
+        """Close a connection to make room; it leaves the tables at once."""
+        self._forget(slot)
+        slot.scope.cancel()
+
+    def _forget(self, slot: _Slot) -> None:
+        if not slot.live:
+            return
+        slot.live = False
+        self._handshaking.pop(slot, None)
+        self._channels.pop(slot, None)
+        if slot.host is not None:
+            self._per_host[slot.host] -= 1
+            if not self._per_host[slot.host]:
+                del self._per_host[slot.host]
+        if slot.peer_id is not None:
+            self._per_peer[slot.peer_id] -= 1
+            if not self._per_peer[slot.peer_id]:
+                del self._per_peer[slot.peer_id]
+
+    def statistics(self) -> RpcServerStatistics:
+        budget = self.receive_budget.statistics()
+        c = self._counts
+        return RpcServerStatistics(
+            connections=len(self._channels),
+            handshaking=len(self._handshaking),
+            handshake_failures=c["handshake_failures"],
+            refused_per_ip=c["refused_per_ip"],
+            refused_per_peer=c["refused_per_peer"],
+            refused_full=c["refused_full"],
+            evicted_handshakes=c["evicted_handshakes"],
+            evicted_idle=c["evicted_idle"],
+            closed_idle=c["closed_idle"],
+            receive_budget_in_use=budget.in_use,
+            receive_budget_refused=budget.refused,
+        )
+
+
+def _busy(conn: RpcConnection) -> bool:
+    """A call or stream is in flight on the channel, in either direction."""
+    stats = conn.statistics()
+    return bool(stats["pending_calls"] or stats["open_streams"] or stats["serving"])

@@ -15,11 +15,23 @@ import trio
 
 from swarm.errors import ConnectError
 
-__all__ = ["StreamHandler", "TCPTransport", "Transport"]
+__all__ = ["StreamHandler", "TCPTransport", "Transport", "remote_host"]
 
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+def remote_host(stream: trio.abc.Stream) -> str | None:
+    """The remote IP address of an accepted TCP stream; ``None`` for a stream that is not
+    a socket (an in-memory test stream) or whose socket is already closed."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return None
+    return str(address[0]) if isinstance(address, tuple) else None
 
 
 class Transport(Protocol):

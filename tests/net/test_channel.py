@@ -192,12 +192,19 @@ async def _tampered_handshake(
     return failures, inbound
 
 
-# Bytes each side sends during the handshake: hello 6 + (2+32) + (2+160) initiator,
-# hello 6 + (2+192) + confirmation frame (4+16) responder.
+# Bytes each side sends during the handshake. Initiator: hello 6, (2+32) (+16 with a PSK),
+# (2+160). Responder in an open swarm: hello 6, (2+192) with its identity proof, then the
+# confirmation frame 4 + (1 status byte + 16 tag). In a private swarm its proof moves from
+# message 2 (2+96) into the confirmation: 4 + (1 + 96 + 16).
 @pytest.mark.parametrize("psk", [None, KEY_A], ids=["XX", "XXpsk3"])
 async def test_flipping_any_handshake_byte_fails_fast(psk: bytes | None) -> None:
     extra = 16 if psk else 0
-    sizes = {"initiator": 6 + 2 + 32 + extra + 2 + 160, "responder": 6 + 2 + 192 + 4 + 16}
+    confirmation = 4 + 1 + (96 if psk else 0) + 16
+    message2 = 2 + (96 if psk else 192)
+    sizes = {
+        "initiator": 6 + 2 + 32 + extra + 2 + 160,
+        "responder": 6 + message2 + confirmation,
+    }
     for direction, total in sizes.items():
         for offset in range(total):
             a_stream, b_stream = trio.testing.memory_stream_pair()
@@ -209,7 +216,7 @@ async def test_flipping_any_handshake_byte_fails_fast(psk: bytes | None) -> None
             # Only a damaged confirmation (the responder's last frame) can leave the
             # responder believing it succeeded; its channel is then already dead.
             for channel in inbound:
-                assert direction == "responder" and offset >= sizes["responder"] - 20
+                assert direction == "responder" and offset >= sizes["responder"] - confirmation
                 with trio.fail_after(5), pytest.raises(ConnectionClosed):
                     await channel.receive()
             assert len(failures) + len(inbound) == 2, (direction, offset, failures)

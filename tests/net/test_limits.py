@@ -1,0 +1,287 @@
+"""Connection limits of `RpcServer` and the receive budget, on loopback TCP.
+
+Each test stands up a real server on 127.0.0.1:0 with small limits and checks one limit
+from the outside: what a dialer sees, and that other peers keep being served.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from swarm.errors import ConnectionClosed, HandshakeError, LimitExceeded, ProtocolError
+from swarm.identity import Identity
+from swarm.net.channel import SecureChannel
+from swarm.net.config import NetConfig
+from swarm.net.handshake import open_channel, secure_outbound
+from swarm.net.messages import InfoRequest, InfoResponse
+from swarm.net.pool import open_connection_pool
+from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.net.rpc_server import RpcServer
+from swarm.net.transport import TCPTransport
+from swarm.types import LayerRange
+
+from .conftest import ALICE, BOB, channel_pair
+
+INFO = InfoResponse(LayerRange(0, 4), "online", 0.0, 100, "test", 1.0)
+HOST = "127.0.0.1"
+MANY = 10_000  # "no limit here" for the caps a test does not look at
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        return INFO
+
+    @stream_handler
+    async def rpc_hold(self, stream: RpcStream, ctx: CallContext) -> None:
+        await self.gate.wait()
+
+
+@asynccontextmanager
+async def serving(config: NetConfig) -> AsyncIterator[tuple[RpcServer, int, Handlers]]:
+    handlers = Handlers()
+    server = RpcServer(BOB, handlers, config=config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, HOST, 0)
+        yield server, port, handlers
+        nursery.cancel_scope.cancel()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+async def dial(port: int, identity: Identity, config: NetConfig | None = None) -> SecureChannel:
+    return await open_channel(TCPTransport(), HOST, port, identity, config=config or NetConfig())
+
+
+async def call_info(port: int, identity: Identity = ALICE) -> InfoResponse:
+    async with open_connection_pool(identity) as pool:
+        return await pool.call(HOST, port, "info", InfoRequest(), InfoResponse, timeout=5)
+
+
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    out = b""
+    try:
+        while chunk := await stream.receive_some():
+            out += chunk
+    except trio.BrokenResourceError:
+        pass
+    return out
+
+
+async def send_until_closed(channel: SecureChannel, data: bytes) -> None:
+    """Send in the background; the receiver may close the channel on us (that is the test)."""
+    try:
+        await channel.send(data)
+    except ConnectionClosed:
+        pass
+
+
+@contextmanager
+def fd_limit(soft: int) -> Iterator[None]:
+    old_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (old_soft, hard))
+
+
+async def test_idle_authenticated_channels_cannot_lock_out_a_new_client() -> None:
+    # The real problem scaled down: ~1000 idle channels exhaust a server's 1024 descriptors.
+    # Here 150 idle channels would need 300 descriptors in this process (both ends), and
+    # the limit is 240; with the server keeping at most 50 it needs about 150 + 50.
+    config = NetConfig(
+        max_connections=50, max_connections_per_ip=MANY, max_connections_per_peer=MANY
+    )
+    idle: list[SecureChannel] = []
+    with fd_limit(len(os.listdir("/proc/self/fd")) + 240), trio.fail_after(60):
+        async with serving(config) as (server, port, _):
+            try:
+                for _ in range(150):
+                    idle.append(await dial(port, Identity.generate()))
+            except (OSError, HandshakeError, ConnectionClosed) as exc:
+                pytest.fail(f"descriptors ran out after {len(idle)} idle channels: {exc!r}")
+            finally:
+                stats = server.statistics()
+                assert await call_info(port) == INFO
+                for channel in idle:
+                    await channel.aclose()
+    assert stats.connections <= 50
+    assert stats.evicted_idle >= 100
+
+
+async def test_a_peer_over_its_cap_is_refused_with_a_clear_error() -> None:
+    config = NetConfig(max_connections_per_peer=2, max_connections_per_ip=MANY)
+    with trio.fail_after(10):
+        async with serving(config) as (server, port, _):
+            first, second = await dial(port, ALICE), await dial(port, ALICE)
+            with pytest.raises(LimitExceeded, match="maximum of channels from this peer"):
+                await dial(port, ALICE)
+            other = await dial(port, Identity.generate())  # another peer is not affected
+            assert server.statistics().refused_per_peer == 1
+            await first.aclose()
+            await wait_until(lambda: server.statistics().connections == 2)
+            again = await dial(port, ALICE)  # room again once one closed
+            for channel in (second, other, again):
+                await channel.aclose()
+
+
+async def test_an_ip_over_its_cap_is_closed_before_the_handshake() -> None:
+    config = NetConfig(max_connections_per_ip=2)
+    with trio.fail_after(10):
+        async with serving(config) as (server, port, _):
+            held: list[trio.abc.AsyncResource] = [await dial(port, ALICE)]
+            held.append(await trio.open_tcp_stream(HOST, port))
+            await wait_until(lambda: server.statistics().handshaking == 1)
+            with pytest.raises(HandshakeError, match="before the handshake began"):
+                await dial(port, Identity.generate())
+            assert server.statistics().refused_per_ip == 1
+            for thing in held:
+                await thing.aclose()
+
+
+async def test_unauthenticated_connections_make_room_oldest_first() -> None:
+    # A long handshake deadline: only eviction can close the first silent connection soon.
+    config = NetConfig(max_handshakes=2, handshake_timeout=60)
+    with trio.fail_after(10):
+        async with serving(config) as (server, port, _):
+            silent = []
+            for n in range(1, 4):
+                silent.append(await trio.open_tcp_stream(HOST, port))
+                await wait_until(lambda n=n: server.statistics().handshaking == min(n, 2))  # type: ignore[misc]
+            assert await read_to_eof(silent[0]) == b""  # the oldest was closed for the third
+            assert server.statistics().evicted_handshakes == 1
+            channel = await dial(port, ALICE)  # a real client still gets in
+            assert server.statistics().handshaking == 1
+            await channel.aclose()
+            for stream in silent:
+                await stream.aclose()
+
+
+async def test_a_silent_connection_is_closed_at_the_handshake_deadline() -> None:
+    config = NetConfig(handshake_timeout=0.3)
+    with trio.fail_after(10):
+        async with serving(config) as (server, port, _):
+            stream = await trio.open_tcp_stream(HOST, port)
+            assert await read_to_eof(stream) == b""
+            await wait_until(lambda: server.statistics().handshake_failures == 1)
+            assert server.statistics().handshaking == 0
+
+
+async def test_idle_channels_are_closed_and_busy_ones_kept() -> None:
+    config = NetConfig(idle_timeout=0.3)
+    with trio.fail_after(20):
+        async with (
+            serving(config) as (server, port, handlers),
+            open_connection_pool(ALICE) as idle_pool,
+            open_connection_pool(Identity.generate()) as busy_pool,
+        ):
+            idle = await idle_pool.get(HOST, port)
+            assert await idle.call("info", InfoRequest(), InfoResponse) == INFO
+            busy = await busy_pool.get(HOST, port)
+            async with busy.open_stream("hold", timeout=10):
+                await wait_until(lambda: idle.is_closed)
+                await trio.sleep(3 * config.idle_timeout)  # well past the idle timeout
+                assert not busy.is_closed
+                assert server.statistics().closed_idle == 1
+                handlers.gate.set()
+            await wait_until(lambda: busy.is_closed)  # idle once its stream ended
+            assert server.statistics().closed_idle == 2
+            # A pool redials a channel the server closed.
+            assert await idle_pool.call(HOST, port, "info", InfoRequest(), InfoResponse) == INFO
+
+
+class GatedStream(trio.abc.Stream):
+    """Passes the first ``allowed`` bytes sent through it, then holds the rest until
+    ``gate`` is set (a peer that stalls part-way through a message)."""
+
+    def __init__(self, inner: trio.abc.Stream, allowed: int, gate: trio.Event) -> None:
+        self.inner = inner
+        self.allowed = allowed
+        self.gate = gate
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if self.allowed > 0:
+            head, view = view[: self.allowed], view[self.allowed :]
+            self.allowed -= len(head)
+            await self.inner.send_all(head)
+        if len(view):
+            await self.gate.wait()
+            await self.inner.send_all(view)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+KiB = 1024
+BIG = NetConfig(
+    max_frame_size=16 * KiB,
+    max_message_size=256 * KiB,
+    max_receive_bytes=640 * KiB,
+    max_connections_per_ip=MANY,
+)
+
+
+async def test_a_message_beyond_the_receive_budget_is_refused_and_others_work() -> None:
+    gate = trio.Event()
+    with trio.fail_after(20):
+        async with serving(BIG) as (server, port, _), trio.open_nursery() as nursery:
+            # A peer that sends 200 KiB of a 256 KiB message and stalls holds ~200 KiB.
+            raw = await trio.open_tcp_stream(HOST, port)
+            hog = await secure_outbound(GatedStream(raw, 200 * KiB, gate), ALICE, config=BIG)
+            nursery.start_soon(send_until_closed, hog, bytes(256 * KiB))
+            await wait_until(lambda: server.statistics().receive_budget_in_use >= 180 * KiB)
+            # A full-size message now needs 512 KiB more (frames, then their join): refused.
+            big = await dial(port, Identity.generate(), BIG)
+            await big.send(bytes(256 * KiB))
+            with pytest.raises(ConnectionClosed):
+                await big.receive()
+            stats = server.statistics()
+            assert stats.receive_budget_refused == 1
+            assert stats.receive_budget_in_use < 256 * KiB  # the refused one released its own
+            assert await call_info(port) == INFO  # a normal channel is served meanwhile
+            gate.set()  # the hog finishes; its bytes are released
+            await wait_until(lambda: server.statistics().receive_budget_in_use == 0)
+            assert await call_info(port) == INFO
+
+
+async def test_a_stalled_message_of_several_frames_times_out() -> None:
+    config = NetConfig(max_frame_size=1024, message_timeout=0.3)
+    a_raw, b_raw = trio.testing.memory_stream_pair()
+    gate = trio.Event()
+    # Alice's bytes that pass: her handshake (6 + 34 + 162), one small message (4 + 7 + 16)
+    # and the first frame (4 + 1024 + 16) of a three-frame message; then she stalls.
+    allowed = 6 + 34 + 162 + (4 + 7 + 16) + (4 + 1024 + 16)
+    a, b = await channel_pair(GatedStream(a_raw, allowed, gate), b_raw, config=config)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await a.send(b"warm-up")
+            assert await b.receive() == b"warm-up"
+            nursery.start_soon(send_until_closed, a, bytes(3000))
+            with pytest.raises(ProtocolError, match="took over"):
+                await b.receive()
+            gate.set()
