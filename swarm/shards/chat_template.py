@@ -47,7 +47,8 @@ class ChatTemplate:
 
         Raises:
             ConfigError: the template refuses the conversation (``raise_exception``, e.g.
-                roles that do not alternate) or fails on it.
+                roles that do not alternate), fails on it, or reaches for what the sandbox
+                forbids (Python internals, changing its inputs).
             ShardError: the template is not valid Jinja.
         """
         import jinja2
@@ -64,6 +65,8 @@ class ChatTemplate:
                     eos_token=self.eos_token,
                 )
             )
+        except jinja2.exceptions.SecurityError as exc:
+            raise ConfigError(f"the chat template did what the sandbox forbids: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise ConfigError(f"the chat template refused the conversation: {exc}") from exc
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

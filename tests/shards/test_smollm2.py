@@ -1,0 +1,100 @@
+"""The default model, SmolLM2-135M-Instruct as its Q4_1 GGUF file: our tokenizer, chat template
+and three spans give transformers' greedy chat answer on the same file, up to end of turn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm.errors import ShardError
+from swarm.shards import (
+    KVCache,
+    ModelConfig,
+    load_chat_template,
+    load_head,
+    load_span,
+    load_tokenizer,
+    model_id,
+)
+from swarm.shards.bundled import default_model_path
+from swarm.types import LayerRange
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    try:
+        return default_model_path()
+    except ShardError as exc:
+        pytest.skip(f"the default model is not installed ({exc}); `make setup` installs it")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2: Path) -> list[int]:
+    template, tokenizer = load_chat_template(smollm2), load_tokenizer(smollm2)
+    assert template is not None and tokenizer is not None
+    text = template.render(QUESTION, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+@pytest.fixture(scope="module")
+def transformers_answer(smollm2: Path, prompt_ids: list[int]) -> list[int]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2.parent, smollm2.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    expected = tokenizer.apply_chat_template(QUESTION, tokenize=True, add_generation_prompt=True)
+    ids = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert list(ids) == prompt_ids  # same template text, same tokens
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with torch.inference_mode():
+        out = model.eval().generate(
+            torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False
+        )
+    return [int(t) for t in out[0, len(prompt_ids) :]]
+
+
+def _greedy_until_eos(path: Path, prompt: list[int], ranges: list[LayerRange]) -> list[int]:
+    """Greedy decoding through ``ranges`` (one span and cache each), like a 3-hop swarm."""
+    config = ModelConfig.from_pretrained(path)
+    head = load_head(path)
+    spans = [load_span(path, r) for r in ranges]
+    caches = [KVCache.allocate(config, s.layers, 1, len(prompt) + MAX_NEW) for s in spans]
+    ids, out, position = torch.tensor([prompt]), [], 0
+    with torch.inference_mode():
+        while len(out) < MAX_NEW:
+            positions = torch.arange(position, position + ids.shape[1])[None]  # (1, n)
+            hidden = head.embed(ids)  # (1, n, hidden)
+            for span, cache in zip(spans, caches, strict=True):
+                hidden = span(hidden, positions, cache)
+            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+            out.append(token)
+            position += ids.shape[1]
+            ids = torch.tensor([[token]])
+            if token in config.eos_token_id:
+                break
+    return out
+
+
+def test_greedy_chat_answer_equals_transformers(
+    smollm2: Path, prompt_ids: list[int], transformers_answer: list[int]
+) -> None:
+    config = ModelConfig.from_pretrained(smollm2)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert config.tie_word_embeddings and config.num_key_value_heads == 3
+    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    ours = _greedy_until_eos(smollm2, prompt_ids, ranges)
+    assert ours[-1] in config.eos_token_id, "the answer did not reach end of turn"
+    assert ours == transformers_answer[: len(ours)]
+    tokenizer = load_tokenizer(smollm2)
+    assert tokenizer is not None
+    assert "Paris" in tokenizer.decode(ours, skip_special_tokens=True)
+
+
+def test_model_id_is_readable_and_cheap(smollm2: Path) -> None:
+    mid = model_id(smollm2)
+    assert mid.startswith("llama-135m-")
