@@ -23,7 +23,7 @@ err = Console(stderr=True)
 
 
 def serve(
-    model: Annotated[Path, typer.Argument(help="Hugging Face-format model folder.")],
+    model: Annotated[Path, typer.Argument(help="Hugging Face-format model folder or GGUF file.")],
     layers: Annotated[
         str, typer.Option(help="Half-open range START:STOP (0:12 serves 0..11), or 'auto'.")
     ] = "auto",
@@ -127,11 +127,13 @@ def _check_model_and_device(model: Path, device: str) -> int:
     from swarm.errors import ConfigError
     from swarm.server.server import resolve_device
     from swarm.shards import ModelConfig
+    from swarm.shards.gguf import is_gguf
 
-    if not model.is_dir():
+    if not (model.is_dir() or is_gguf(model)):
         raise ConfigError(
-            f"model folder {model} does not exist; give a Hugging Face-format checkpoint "
-            "folder (config.json, *.safetensors, tokenizer.json)"
+            f"model {model} does not exist (or is neither a folder nor a GGUF file); give a "
+            "Hugging Face-format checkpoint folder (config.json, *.safetensors, tokenizer.json) "
+            "or a .gguf file"
         )
     num_layers = ModelConfig.from_pretrained(model).num_hidden_layers
     if device.startswith("cuda") and not torch.cuda.is_available():
