@@ -285,3 +285,35 @@ async def test_a_stalled_message_of_several_frames_times_out() -> None:
             with pytest.raises(ProtocolError, match="took over"):
                 await b.receive()
             gate.set()
+
+
+class FromAddress(TCPTransport):
+    """TCP from a chosen local address (any of 127.0.0.0/8 on Linux): many "hosts" on
+    one machine, so the per-IP cap is not what stops them."""
+
+    def __init__(self, local_address: str) -> None:
+        self.local_address = local_address
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port, local_address=self.local_address)
+
+
+@pytest.mark.slow
+async def test_1000_idle_channels_with_default_limits_do_not_lock_out_a_new_client() -> None:
+    # The acceptance case at full size with the default NetConfig: 1000 authenticated
+    # channels from 20 addresses (50 each, under the per-IP cap), all left idle.
+    config = NetConfig()
+    idle: list[SecureChannel] = []
+    with trio.fail_after(120):
+        async with serving(config) as (server, port, _):
+            for i in range(1000):
+                transport = FromAddress(f"127.0.1.{1 + i // 50}")
+                idle.append(await open_channel(transport, HOST, port, Identity.generate()))
+            stats = server.statistics()
+            assert await call_info(port) == INFO  # from 127.0.0.1, a new peer
+            for channel in idle:
+                await channel.aclose()
+    # Inbound sockets stay under what 1024 descriptors can hold, whatever idle peers do.
+    assert stats.connections + stats.handshaking <= config.max_connections + config.max_handshakes
+    assert stats.connections == config.max_connections
+    assert stats.evicted_idle == 1000 - config.max_connections
