@@ -25,14 +25,39 @@ class DHTConfig:
       resolved); empty for the first node of a swarm.
     - ``swarm_key``: 32-byte private-swarm key; with it every datagram is authenticated and
       encrypted, and datagrams from nodes without it are dropped.
-    - ``max_records_per_key``: records one key holds; beyond it the freshest are kept. Together
-      with ``max_record_bytes`` this keeps a reply inside one datagram.
+    - ``client_only``: join as a client: ask and store, but tell others (a flag in every
+      request) not to add us to their routing tables and not to hand us records. Short-lived
+      processes (``generate``, ``status``, the gateway's lookups) set it, so their coming and
+      going leaves no dead contacts behind.
+    - ``max_records_per_key``: records one key holds. When it is full, a record from a new
+      signer takes the place of one from the source group (see `swarm.dht.sources`) holding
+      the most records of that key, if that group holds at least two more than the newcomer's;
+      otherwise it is refused. Together with ``max_record_bytes`` this keeps a reply inside one
+      datagram.
     - ``max_record_bytes``: the largest encoded, signed record (``announce`` raises beyond it).
-    - ``max_ttl``: storing nodes refuse records that expire further ahead than this.
+    - ``max_ttl``: storing nodes refuse records that expire further ahead than this (600 s:
+      announcers re-announce every TTL/2, so junk outlives its sender by minutes at most).
+    - ``max_keys`` / ``max_stored_bytes``: what one node stores at most; beyond it the source
+      group holding the most records gives one up, as for a full key.
+    - ``store_rate`` / ``store_burst``: records per second (and burst) one source group may
+      store on this node; the rest are refused.
+    - ``request_rate`` / ``request_burst``: requests per second (and burst) this node answers
+      for one source group; the rest get no reply (this bounds what a forged source address
+      can reflect toward its victim).
+    - ``max_contacts_per_ip`` / ``max_contacts_per_subnet`` / ``max_contacts_per_subnet_in_bucket``:
+      routing-table caps per IP and per /24 (IPv4) or /64 (IPv6), in the whole table and in
+      one bucket. One ``ip:port`` is always one contact.
+    - ``cap_private_addresses``: apply the per-IP and per-subnet caps to loopback, private and
+      link-local addresses too (by default each endpoint there is its own group, as in a LAN).
+    - ``handoff_keys`` / ``handoff_rate``: when a contact is verified, the keys near its id
+      that we examine for records it should hold (at most this many), and the stores per
+      second all such hand-offs may send together.
     - ``clock_skew``: how far peers' wall clocks may disagree (seconds). A record whose expiry
       is past ``now`` is expired; one expiring after ``now + max_ttl + clock_skew`` is refused.
     - ``rpc_timeout``: seconds to wait for one UDP reply.
-    - ``bootstrap_timeout``: deadline for joining through ``initial_peers``.
+    - ``bootstrap_timeout``: deadline for reaching ``initial_peers`` (at least one must answer).
+    - ``join_crawl_timeout``: how long a full node's join may then spend looking up its own
+      neighbourhood (a slow crawl shortens the lookup; it never fails the join).
     - ``evict_after_failures``: consecutive unanswered RPCs before a contact leaves the routing
       table (stock kademlia evicts after one, which loses live peers on a single lost packet).
     - ``announce_concurrency``: announces one node runs at once (UDP buffers overflow when
@@ -41,24 +66,41 @@ class DHTConfig:
       k closest were asked); their records are merged.
     - ``ksize``/``alpha``: Kademlia's k and alpha.
     - ``refresh_interval``: seconds between routing-table refreshes.
+    - ``contact_check_interval``: contacts not heard from for this long are pinged (a few per
+      interval); those that miss ``evict_after_failures`` pings in a row leave.
     """
 
     host: str = "127.0.0.1"
     port: int = 0
     initial_peers: tuple[str, ...] = ()
     swarm_key: bytes | None = None
+    client_only: bool = False
     max_records_per_key: int = 40
     max_record_bytes: int = 1_200
-    max_ttl: float = 24 * 3600.0
+    max_ttl: float = 600.0
+    max_keys: int = 8_192
+    max_stored_bytes: int = 32 * 1024 * 1024
+    store_rate: float = 50.0
+    store_burst: int = 400
+    request_rate: float = 200.0
+    request_burst: int = 1_000
+    max_contacts_per_ip: int = 4
+    max_contacts_per_subnet: int = 10
+    max_contacts_per_subnet_in_bucket: int = 2
+    cap_private_addresses: bool = False
+    handoff_keys: int = 16
+    handoff_rate: float = 20.0
     clock_skew: float = 30.0
     rpc_timeout: float = 2.0
     bootstrap_timeout: float = 10.0
+    join_crawl_timeout: float = 10.0
     evict_after_failures: int = 2
     announce_concurrency: int = 16
     get_quorum: int = 3
     ksize: int = 20
     alpha: int = 3
     refresh_interval: float = 3600.0
+    contact_check_interval: float = 15.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -81,6 +123,11 @@ class DHTConfig:
             "rpc_timeout": self.rpc_timeout,
             "bootstrap_timeout": self.bootstrap_timeout,
             "refresh_interval": self.refresh_interval,
+            "join_crawl_timeout": self.join_crawl_timeout,
+            "contact_check_interval": self.contact_check_interval,
+            "store_rate": self.store_rate,
+            "request_rate": self.request_rate,
+            "handoff_rate": self.handoff_rate,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -91,6 +138,14 @@ class DHTConfig:
             "get_quorum": self.get_quorum,
             "ksize": self.ksize,
             "alpha": self.alpha,
+            "max_keys": self.max_keys,
+            "max_stored_bytes": self.max_stored_bytes,
+            "store_burst": self.store_burst,
+            "request_burst": self.request_burst,
+            "max_contacts_per_ip": self.max_contacts_per_ip,
+            "max_contacts_per_subnet": self.max_contacts_per_subnet,
+            "max_contacts_per_subnet_in_bucket": self.max_contacts_per_subnet_in_bucket,
+            "handoff_keys": self.handoff_keys,
         }
         for name, count in counts.items():
             if count < 1:

@@ -3,8 +3,10 @@
 Stock ``ValueSpiderCrawl`` stops at the first round that finds a value and returns the most
 common value among that round's replies (a dict value crashes it: unhashable); its node lists
 are turned into ``Node`` objects without checks. `RecordCrawl` keeps asking until
-``quorum`` nodes returned records (or every one of the k closest was asked) and returns all the
-record blobs it saw, for the reader to verify and merge by subkey.
+``quorum`` nodes returned valid records (or every one of the k closest was asked) and returns
+all the record blobs it saw, for the reader to merge by subkey. A reply with no records, or
+with none that checks out, is not a replica: a few nodes answering "nothing here" (or junk)
+cannot end a lookup with nothing.
 
 Stock crawls also wait, every round, for the slowest of its alpha queries, so one dead
 contact stalls a lookup for a whole RPC timeout. Ours wait for the first reply and then at
@@ -23,6 +25,8 @@ from typing import Any
 
 from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.node import Node
+
+from swarm.dht.records import DropReason, Record
 
 __all__ = ["GRACE_FACTOR", "MIN_GRACE", "NodeCrawl", "RecordCrawl", "parse_node_list"]
 
@@ -126,7 +130,8 @@ class NodeCrawl(_GraceRounds, NodeSpiderCrawl):  # type: ignore[misc]
 
     async def _nodes_found(self, responses: dict[bytes, Any]) -> list[Node]:
         toremove = []
-        for peer_id, (answered, reply) in responses.items():
+        for peer_id, result in responses.items():
+            answered, reply = result[0], result[1]
             if not answered:
                 toremove.append(peer_id)
             else:
@@ -144,10 +149,18 @@ class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
     """Collect record blobs for a key digest from up to ``quorum`` replicas."""
 
     def __init__(
-        self, protocol: Any, node: Node, peers: list[Node], ksize: int, alpha: int, quorum: int
+        self,
+        protocol: Any,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        quorum: int,
+        check: Callable[[bytes], Record | DropReason],
     ) -> None:
         super().__init__(protocol, node, peers, ksize, alpha)
         self.quorum = quorum
+        self._check = check
         self.blobs: list[bytes] = []
         self.replicas = 0
 
@@ -157,13 +170,16 @@ class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
 
     async def _nodes_found(self, responses: dict[bytes, Any]) -> list[bytes]:
         toremove = []
-        for peer_id, (answered, reply) in responses.items():
+        for peer_id, result in responses.items():
+            answered, reply = result[0], result[1]
             if not answered:
                 toremove.append(peer_id)
             elif isinstance(reply, dict):
                 value = reply.get("value")
-                if isinstance(value, list):
-                    self.blobs.extend(b for b in value if isinstance(b, bytes))
+                listed = value if isinstance(value, list) else []
+                blobs = [b for b in listed if isinstance(b, bytes)]
+                self.blobs.extend(blobs)
+                if any(isinstance(self._check(b), Record) for b in blobs):
                     self.replicas += 1
             else:
                 self.nearest.push(parse_node_list(reply))

@@ -4,7 +4,11 @@ Everything here runs on the DHT loop thread (see `swarm.dht.runner`); `swarm.dht
 trio face. Differs from stock ``Server``: no hourly republish by storing nodes (records carry
 absolute expiries and owners re-announce), a store or lookup that finds no nodes returns
 nothing instead of raising (stock ``set_digest`` raises ``ValueError`` from ``max([])``),
-lookups merge records from several replicas, and the socket gets a larger receive buffer.
+lookups merge records from several replicas (only replies with a valid record count as one),
+joining is two steps (reach the initial peers; then, for a full node, look up our own
+neighbourhood and ping what it found so they verify us), contacts not heard from lately are
+pinged so dead ones leave, a client-only node stores nothing, and the socket gets a larger
+receive buffer.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from kademlia.network import Server
@@ -20,6 +25,7 @@ from kademlia.node import Node
 from swarm.dht.config import DHTConfig
 from swarm.dht.crawling import NodeCrawl, RecordCrawl
 from swarm.dht.protocol import SwarmProtocol
+from swarm.dht.records import DropReason, Record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
 
@@ -28,6 +34,7 @@ __all__ = ["KademliaNode"]
 log = logging.getLogger(__name__)
 
 _RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+_CHECKS_PER_INTERVAL = 32  # stale contacts pinged per contact_check_interval
 
 
 class KademliaNode(Server):  # type: ignore[misc]
@@ -57,7 +64,22 @@ class KademliaNode(Server):  # type: ignore[misc]
         except OSError:  # the kernel may cap it; the default still works, with more loss
             log.debug("could not raise the DHT socket's receive buffer")
         self.protocol.spawn(self._refresh_loop())
+        self.protocol.spawn(self._liveness_loop())
         return int(sock.getsockname()[1])
+
+    async def _liveness_loop(self) -> None:
+        """Ping contacts not heard from for a while; one that misses two in a row leaves."""
+        proto, interval = self._proto(), self.config.contact_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            stale = proto.stale_contacts(interval, _CHECKS_PER_INTERVAL)
+            await asyncio.gather(*(self._check_contact(n) for n in stale))
+
+    async def _check_contact(self, node: Node) -> None:
+        proto = self._proto()
+        for _ in range(self.config.evict_after_failures):
+            if (await proto.call_ping(node)).ok:
+                return
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -78,19 +100,26 @@ class KademliaNode(Server):  # type: ignore[misc]
             raise RuntimeError("the DHT node is not listening")
         return self.protocol
 
-    async def join(self, addrs: list[tuple[str, int]]) -> int:
-        """Ping ``addrs`` and crawl for our own id; returns how many initial peers answered."""
+    async def reach(self, addrs: list[tuple[str, int]]) -> int:
+        """Ping ``addrs`` (they become contacts once they answer); returns how many answered."""
         proto = self._proto()
         answers = await asyncio.gather(*(proto.ping(addr, self.node.id) for addr in addrs))
-        nodes = []
-        for addr, (answered, node_id) in zip(addrs, answers, strict=True):
-            if answered and isinstance(node_id, bytes) and len(node_id) == 20:
-                nodes.append(Node(node_id, addr[0], addr[1]))
-        for node in nodes:
-            proto.welcome_if_new(node)
-        if nodes:
-            await NodeCrawl(proto, self.node, nodes, self.ksize, self.alpha).find()
-        return len(nodes)
+        answered = 0
+        for (ip, port), answer in zip(addrs, answers, strict=True):
+            if answer.ok and answer.node_id is not None:
+                proto.handle_call_response(answer, Node(answer.node_id, ip, port))
+                answered += 1
+        return answered
+
+    async def find_neighbourhood(self) -> None:
+        """Look up our own id and ping the closest nodes found: each answer makes them our
+        contacts, and each ping echoes their token, so they verify and add us in turn."""
+        proto = self._proto()
+        nearest = proto.router.find_neighbors(self.node, self.alpha)
+        if not nearest:
+            return
+        found = await NodeCrawl(proto, self.node, nearest, self.ksize, self.alpha).find()
+        await asyncio.gather(*(proto.call_ping(n) for n in found))
 
     async def store(self, dkey: bytes, blob: bytes) -> int:
         """Store one record on the k nodes closest to ``dkey`` (and here, if we are one of
@@ -101,29 +130,35 @@ class KademliaNode(Server):  # type: ignore[misc]
         nodes: list[Node] = []
         if nearest:
             nodes = await NodeCrawl(proto, target, nearest, self.ksize, self.alpha).find()
-        if len(nodes) < self.ksize or self.node.distance_to(target) < max(
+        closest = len(nodes) < self.ksize or self.node.distance_to(target) < max(
             n.distance_to(target) for n in nodes
-        ):
+        )
+        if closest and not self.config.client_only:
             self.storage.merge(dkey, [blob])
         results = await asyncio.gather(*(proto.store_records(n, dkey, [blob]) for n in nodes))
         return sum(results)
 
-    async def fetch(self, dkey: bytes) -> list[bytes]:
+    async def fetch(
+        self, dkey: bytes, check: Callable[[bytes], Record | DropReason]
+    ) -> list[bytes]:
         """Record blobs for ``dkey``: our own copies plus those of up to ``get_quorum``
-        replicas found by a lookup (stock ``get`` returns a local copy without asking)."""
+        replicas found by a lookup (stock ``get`` returns a local copy without asking).
+        ``check`` verifies a blob; a reply counts as a replica only if one of its blobs checks
+        out, so nodes answering with no (or only bad) records do not end the lookup."""
         proto = self._proto()
         local: list[bytes] = self.storage.get(dkey, [])
         target = Node(dkey)
         nearest = proto.router.find_neighbors(target)
         if not nearest:
             return local
-        crawl = RecordCrawl(proto, target, nearest, self.ksize, self.alpha, self.config.get_quorum)
+        crawl = RecordCrawl(
+            proto, target, nearest, self.ksize, self.alpha, self.config.get_quorum, check
+        )
         return local + await crawl.find()
 
     def routing_addresses(self) -> list[tuple[str, int]]:
         """(ip, port) of every contact in the routing table."""
-        proto = self._proto()
-        return [(n.ip, n.port) for b in proto.router.buckets for n in b.get_nodes()]
+        return [(n.ip, n.port) for n in self._proto().router.contacts()]
 
     async def aclose(self) -> None:
         """Close the socket and cancel this node's background work."""
@@ -133,4 +168,4 @@ class KademliaNode(Server):  # type: ignore[misc]
             await self.protocol.aclose()
 
     def contact_ids(self) -> list[Any]:
-        return [n.id for b in self._proto().router.buckets for n in b.get_nodes()]
+        return [n.id for n in self._proto().router.contacts()]

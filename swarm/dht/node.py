@@ -14,7 +14,7 @@ else. All kademlia state lives on the shared DHT loop thread (`swarm.dht.runner`
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,6 +58,9 @@ class DHTNode:
 
         Raises `DHTError` if the socket cannot be bound, an initial peer's host cannot be
         resolved, or none of the initial peers answered within ``config.bootstrap_timeout``.
+        A full node then spends up to ``config.join_crawl_timeout`` looking up its own
+        neighbourhood (never an error: a slow crawl only leaves it fewer contacts at first);
+        a client-only node (``config.client_only``) skips that step.
         """
         with shared_runner() as runner:
             kad = KademliaNode(config, StatsCounter())
@@ -81,14 +84,17 @@ class DHTNode:
         if not self.config.initial_peers:
             return
         addrs = await _resolve(self.config.initial_peers)
+        answered = 0
         with trio.move_on_after(self.config.bootstrap_timeout):
-            answered = await self._runner.run(lambda: self._kad.join(addrs))
-            if answered:
-                return
-        raise DHTError(
-            f"none of the initial DHT peers answered within {self.config.bootstrap_timeout} s: "
-            + ", ".join(self.config.initial_peers)
-        )
+            answered = await self._runner.run(lambda: self._kad.reach(addrs))
+        if not answered:
+            raise DHTError(
+                f"none of the initial DHT peers answered within {self.config.bootstrap_timeout}"
+                " s: " + ", ".join(self.config.initial_peers)
+            )
+        if not self.config.client_only:
+            with trio.move_on_after(self.config.join_crawl_timeout):
+                await self._runner.run(self._kad.find_neighbourhood)
 
     @property
     def address(self) -> str:
@@ -143,8 +149,25 @@ class DHTNode:
         merged from our copy and up to ``config.get_quorum`` replicas. Retracted and expired
         records are left out; forged ones are dropped and counted in `statistics`."""
         self._stats.event("gets")
-        blobs = await self._runner.run(lambda: self._kad.fetch(key_digest(key)))
-        return self._merge(key, blobs)
+        checked: dict[bytes, Record | DropReason] = {}
+        cfg = self.config
+
+        def check(blob: bytes) -> Record | DropReason:
+            """Verify a blob once per get (replicas return the same bytes)."""
+            result = checked.get(blob)
+            if result is None:
+                result = checked[blob] = check_record(
+                    blob,
+                    key,
+                    now=time.time(),
+                    max_bytes=cfg.max_record_bytes,
+                    max_ttl=cfg.max_ttl,
+                    clock_skew=cfg.clock_skew,
+                )
+            return result
+
+        blobs = await self._runner.run(lambda: self._kad.fetch(key_digest(key), check))
+        return self._merge(blobs, check)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, dict[PeerId, Record]]:
         """`get` for several keys concurrently."""
@@ -158,22 +181,12 @@ class DHTNode:
                 nursery.start_soon(one, key)
         return results
 
-    def _merge(self, key: str, blobs: list[bytes]) -> dict[PeerId, Record]:
-        now, cfg = time.time(), self.config
+    def _merge(
+        self, blobs: list[bytes], check: Callable[[bytes], Record | DropReason]
+    ) -> dict[PeerId, Record]:
         best: dict[PeerId, Record] = {}
-        checked: dict[bytes, Record | DropReason] = {}
-        for blob in blobs:
-            if blob in checked:  # replicas return the same bytes: verify once, count once
-                continue
-            result = check_record(
-                blob,
-                key,
-                now=now,
-                max_bytes=cfg.max_record_bytes,
-                max_ttl=cfg.max_ttl,
-                clock_skew=cfg.clock_skew,
-            )
-            checked[blob] = result
+        for blob in dict.fromkeys(blobs):  # replicas return the same bytes: count once
+            result = check(blob)
             if isinstance(result, DropReason):
                 self._stats.drop(result)
                 continue

@@ -1,45 +1,65 @@
-"""`SwarmProtocol`: kademlia's UDP protocol with our records, sealing and guards.
+"""`SwarmProtocol`: kademlia's UDP protocol with our records, sealing, wire and guards.
 
 Differences from stock ``KademliaProtocol`` (each guards a flaw of kademlia 2.2.3/rpcudp 5.0.1):
 
+- contacts earn their place: a node id enters the routing table only when it answered a
+  request of ours from the address we sent it to (every reply names its responder), or when
+  its request echoes the address token we handed that (address, id) in an earlier reply.
+  Being sent something proves nothing, so stock's ``welcome_if_new`` on every request is gone;
+  client-only nodes (a flag in their requests) are never added; `ContactTable` caps contacts
+  per address, IP and subnet;
+- a new contact is handed the records of at most ``handoff_keys`` stored keys near its id
+  (stock walks every stored key for every new id, before verifying it), within a node-wide
+  ``handoff_rate``; an unverified address gets nothing but a reply;
+- requests are answered within ``request_rate`` per source group; stores are merged into
+  `RecordStorage` with the source group of their sender;
 - datagrams are sealed with the swarm key when there is one; unauthenticated ones are dropped
-  before they are parsed, so their senders never enter the routing table;
-- malformed datagrams, unknown RPC names and bad arguments are dropped and counted instead of
-  raising inside a fire-and-forget task;
-- ``rpc_store`` merges signed records (`RecordStorage`) instead of overwriting the key;
-- ``welcome_if_new`` hands stored keys to new nodes using the stored digest (stock hashes the
-  digest a second time, so it hands the wrong keys to the wrong nodes);
-- a contact leaves the routing table after ``evict_after_failures`` consecutive timeouts, not
-  after one lost packet;
-- the RPC timeout is ``DHTConfig.rpc_timeout`` (stock: a fixed 5 s);
-- a reply too large for one datagram is counted and not sent (stock sends and it is lost);
-- the background tasks it starts are tracked and cancelled by `close`.
+  before they are parsed; malformed ones are dropped and counted (`swarm.dht.wire`);
+- a reply counts only from the address the request went to;
+- a contact leaves after ``evict_after_failures`` consecutive timeouts (not after one lost
+  packet); `stale_contacts` lists those to check;
+- the RPC timeout is ``DHTConfig.rpc_timeout``; a reply too large for one datagram is counted
+  and not sent; the background tasks it starts are tracked and cancelled by `aclose`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
-import umsgpack  # type: ignore[import-untyped]
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
 from swarm.dht.config import MAX_DATAGRAM_BYTES, DHTConfig
 from swarm.dht.datagrams import DatagramSeal
+from swarm.dht.routing import ContactTable
+from swarm.dht.sources import AddressTokens, RateLimiter, SourceGroups
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
+from swarm.dht.wire import Request, Response, decode_datagram, encode_request, encode_response
 
-__all__ = ["SwarmProtocol"]
+__all__ = ["Answer", "SwarmProtocol", "key_digest"]
 
 log = logging.getLogger(__name__)
 
-_REQUEST, _RESPONSE = b"\x00", b"\x01"
-_RPC_NAMES = frozenset({"ping", "store", "find_node", "find_value"})
-_STORE_CHUNK_BYTES = 7_000  # rpcudp refuses requests over 8 KiB
+_STORE_CHUNK_BYTES = 7_000  # a store request stays under wire.MAX_REQUEST_BYTES
+_TOKENS_REMEMBERED = 4_096
+
+
+class Answer(NamedTuple):
+    """The outcome of one request of ours: ``ok`` False on timeout; ``node_id`` is who
+    answered (None on timeout), ``client_only`` whether it said it is a client-only node."""
+
+    ok: bool
+    value: Any
+    node_id: bytes | None = None
+    client_only: bool = False
 
 
 class _BadRequest(Exception):
@@ -85,7 +105,14 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self._config = config
         self._stats = stats
         self._seal = DatagramSeal(config.swarm_key) if config.swarm_key else None
+        self._groups = SourceGroups(config.cap_private_addresses)
+        self.router = ContactTable(self, config, source_node, self._groups, self.spawn)
+        self._tokens = AddressTokens()
+        self._tokens_from: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._request_limits = RateLimiter(config.request_rate, config.request_burst)
+        self._handoff_limit = RateLimiter(config.handoff_rate, max(1.0, 2 * config.handoff_rate))
         self._failures: dict[bytes, int] = {}
+        self._last_seen: dict[bytes, float] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
 
     # datagrams ---------------------------------------------------------------------------
@@ -100,122 +127,198 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
                 self._stats.event("datagrams_rejected")
                 return
             data = opened
-        self.spawn(self._solve_datagram(data, addr))
-
-    async def _solve_datagram(self, datagram: bytes, address: Any) -> None:
-        if len(datagram) < 22:
+        decoded = decode_datagram(data)
+        if decoded is None:
             self._stats.event("datagrams_malformed")
-            return
-        msg_id, kind = datagram[1:21], datagram[:1]
-        try:
-            data = umsgpack.unpackb(datagram[21:])
-        except Exception:  # umsgpack raises many types on bad input; all mean "malformed"
-            self._stats.event("datagrams_malformed")
-            return
-        if kind == _REQUEST:
-            await self._accept_request(msg_id, data, address)
-        elif kind == _RESPONSE:
-            self._accept_response(msg_id, data, address)
+        elif isinstance(decoded[1], Request):
+            self._accept_request(decoded[0], decoded[1], addr)
         else:
-            self._stats.event("datagrams_malformed")
+            self._accept_response(decoded[0], decoded[1], addr)
 
-    async def _accept_request(self, msg_id: bytes, data: Any, address: Any) -> None:
-        ok_shape = isinstance(data, list) and len(data) == 2 and isinstance(data[1], list | tuple)
-        if not ok_shape or data[0] not in _RPC_NAMES:
-            self._stats.event("datagrams_malformed")
+    def _accept_request(self, msg_id: bytes, request: Request, address: Any) -> None:
+        ip, port = address[0], address[1]
+        if not self._request_limits.allow(self._groups.subnet(ip, port)):
+            self._stats.event("requests_rate_limited")
             return
-        funcname, args = data
         try:
-            response = getattr(self, f"rpc_{funcname}")(address, *args)
+            sender = _check_id(request.args[0])
+            value = getattr(self, f"rpc_{request.name}")(address, *request.args)
         except (_BadRequest, TypeError):
             self._stats.event("datagrams_malformed")
             return
-        self.transport.sendto(_RESPONSE + msg_id + umsgpack.packb(response), address)
+        node = Node(sender, ip, port)
+        full = not request.client_only
+        proven = full and self._tokens.check(request.token, ip, port, sender)
+        token = None
+        if full and not proven and self.router.is_new_node(node):
+            token = self._tokens.issue(ip, port, sender)
+        reply = encode_response(
+            msg_id,
+            value,
+            node_id=self.source_node.id,
+            client_only=self._config.client_only,
+            token=token,
+        )
+        self.transport.sendto(reply, address)
+        if proven:
+            self._verified(node, displace=False)
 
-    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is None:
-            return
-        future, timeout = entry
+    def _accept_response(self, msg_id: bytes, response: Response, address: Any) -> None:
+        entry = self._outstanding.get(msg_id)
+        if entry is None or entry[2] != (address[0], address[1]):
+            return  # not awaited, or not from where the request went
+        del self._outstanding[msg_id]
+        future, timeout, where = entry
         timeout.cancel()
+        if response.token is not None:
+            self._tokens_from.pop(where, None)
+            self._tokens_from[where] = response.token
+            while len(self._tokens_from) > _TOKENS_REMEMBERED:
+                self._tokens_from.popitem(last=False)
         if not future.done():
-            future.set_result((True, data))
+            future.set_result(Answer(True, response.value, response.node_id, response.client_only))
 
     def _timeout(self, msg_id: bytes) -> None:
         entry = self._outstanding.pop(msg_id, None)
         if entry is not None and not entry[0].done():
-            entry[0].set_result((False, None))
+            self._stats.event("rpc_timeouts")
+            entry[0].set_result(Answer(False, None))
 
-    # RPC handlers (peer input: every argument is checked) --------------------------------
+    # RPC handlers (peer input: every argument is checked; nothing here trusts the sender) --
 
     def rpc_ping(self, sender: Any, nodeid: object) -> Any:
-        return super().rpc_ping(sender, _check_id(nodeid))
+        return self.source_node.id
 
     def rpc_store(self, sender: Any, nodeid: object, key: object, value: object) -> bool:
-        source = Node(_check_id(nodeid), sender[0], sender[1])
-        self.welcome_if_new(source)
-        held = self.storage.merge(_check_id(key), value)
+        dkey = _check_id(key)
+        if self._config.client_only:
+            return False  # a client stores nothing for others
+        source = self._groups.subnet(sender[0], sender[1])
+        held = self.storage.merge(dkey, value, source=source)
         return isinstance(value, list) and held == len(value)
 
     def rpc_find_node(self, sender: Any, nodeid: object, key: object) -> Any:
-        return super().rpc_find_node(sender, _check_id(nodeid), _check_id(key))
+        asker = Node(_check_id(nodeid), sender[0], sender[1])
+        neighbors = self.router.find_neighbors(Node(_check_id(key)), exclude=asker)
+        return [tuple(n) for n in neighbors]
 
     def rpc_find_value(self, sender: Any, nodeid: object, key: object) -> Any:
-        source = Node(_check_id(nodeid), sender[0], sender[1])
-        self.welcome_if_new(source)
-        value = self.storage.get(_check_id(key), None)
+        value = None if self._config.client_only else self.storage.get(_check_id(key), None)
         if value is None:
             return self.rpc_find_node(sender, nodeid, key)
         return {"value": value}
 
+    # requests of ours --------------------------------------------------------------------
+
+    def _request(self, address: Any, name: str, *args: Any) -> asyncio.Future[Answer]:
+        where = (address[0], address[1])
+        token = None if self._config.client_only else self._tokens_from.get(where)
+        msg_id = os.urandom(20)
+        data = encode_request(msg_id, name, args, client_only=self._config.client_only, token=token)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timeout, where)
+        self.transport.sendto(data, address)
+        return future
+
+    def ping(self, address: Any, nodeid: bytes) -> asyncio.Future[Answer]:
+        return self._request(address, "ping", nodeid)
+
+    def store(self, address: Any, nodeid: bytes, key: bytes, value: Any) -> asyncio.Future[Answer]:
+        return self._request(address, "store", nodeid, key, value)
+
+    def find_node(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future[Answer]:
+        return self._request(address, "find_node", nodeid, key)
+
+    def find_value(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future[Answer]:
+        return self._request(address, "find_value", nodeid, key)
+
     # routing -----------------------------------------------------------------------------
 
-    def welcome_if_new(self, node: Node) -> None:
-        """Add a new contact; hand it the keys it is now among the closest for.
-
-        Stock kademlia computes ``Node(digest(key))`` here although the storage key already is
-        the digest; we use the stored digest itself.
-        """
-        if not self.router.is_new_node(node):
-            return
-        for dkey, blobs in self.storage:
-            keynode = Node(dkey)
-            neighbors = self.router.find_neighbors(keynode)
-            if neighbors:
-                last = neighbors[-1].distance_to(keynode)
-                new_node_close = node.distance_to(keynode) < last
-                first = neighbors[0].distance_to(keynode)
-                this_closest = self.source_node.distance_to(keynode) < first
-            if not neighbors or (new_node_close and this_closest):
-                self.spawn(self.store_records(node, dkey, blobs))
-        self.router.add_contact(node)
-        self._update_routing_gauge()
-
-    def handle_call_response(self, result: Any, node: Node) -> Any:
-        if not result[0]:
+    def handle_call_response(self, result: Any, node: Node) -> Answer:
+        """After a request of ours to ``node``: count a timeout toward its eviction, or verify
+        whoever answered from its address (the claimed id, or the one that really is there)."""
+        answer = result if isinstance(result, Answer) else Answer(*result)
+        if not answer.ok:
             failures = self._failures.get(node.id, 0) + 1
             if failures >= self._config.evict_after_failures:
-                self._failures.pop(node.id, None)
-                if not self.router.is_new_node(node):
-                    self._stats.event("contacts_evicted")
-                self.router.remove_contact(node)
-                self._update_routing_gauge()
+                self._forget(node)
             else:
                 self._failures[node.id] = failures
-            return result
+            return answer
         self._failures.pop(node.id, None)
-        self.welcome_if_new(node)
-        return result
+        if answer.node_id is not None and not answer.client_only:
+            self._verified(Node(answer.node_id, node.ip, node.port), displace=True)
+        return answer
+
+    def _forget(self, node: Node) -> None:
+        self._failures.pop(node.id, None)
+        self._last_seen.pop(node.id, None)
+        if not self.router.is_new_node(node):
+            self._stats.event("contacts_evicted")
+            self.router.remove_contact(node)
+            self._update_routing_gauge()
+
+    def _verified(self, node: Node, *, displace: bool) -> None:
+        """``node`` proved it is at its address: add it (within the caps) or refresh it."""
+        new = self.router.is_new_node(node)
+        if new and not self._config.client_only:
+            self._hand_off(node)  # decided before it is a neighbour itself
+        if not self.router.add_verified(node, displace=displace):
+            if new:
+                self._stats.event("contacts_refused")
+            return
+        self._last_seen[node.id] = time.monotonic()
+        if new:
+            self._update_routing_gauge()
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Stock kademlia's entry point for unverified nodes: does nothing here (contacts are
+        added by `handle_call_response` and token-proven requests only)."""
+
+    def _hand_off(self, node: Node) -> None:
+        """Send ``node`` the records of the stored keys near it that it should now hold (we
+        being the closest node to them we know, and it closer than the farthest of the k):
+        at most ``handoff_keys`` keys, within ``handoff_rate`` for the whole node."""
+        for dkey in self.storage.keys_near(node.id, self._config.handoff_keys):
+            keynode = Node(dkey)
+            neighbors = self.router.find_neighbors(keynode, exclude=node)
+            if neighbors:
+                new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
+                this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
+                    keynode
+                )
+                if not (new_node_close and this_closest):
+                    continue
+            blobs = self.storage.get(dkey)
+            if not blobs:
+                continue
+            if not self._handoff_limit.allow("handoff"):
+                self._stats.event("handoffs_skipped")
+                return
+            self._stats.event("handoffs")
+            self.spawn(self.store_records(node, dkey, blobs))
+
+    def stale_contacts(self, older_than: float, limit: int) -> list[Node]:
+        """Up to ``limit`` contacts not heard from for ``older_than`` seconds, stalest first."""
+        cutoff = time.monotonic() - older_than
+        seen = [(self._last_seen.get(n.id, 0.0), n) for n in self.router.contacts()]
+        stale = sorted((s for s in seen if s[0] < cutoff), key=lambda s: s[0])
+        return [n for _, n in stale[:limit]]
 
     def _update_routing_gauge(self) -> None:
-        size = sum(len(bucket) for bucket in self.router.buckets)
-        self._stats.gauge("routing_table_size", size)
+        self._stats.gauge("routing_table_size", len(self.router.contacts()))
 
     # outgoing ----------------------------------------------------------------------------
 
+    async def call_ping(self, node_to_ask: Node) -> Answer:
+        result = await self.ping((node_to_ask.ip, node_to_ask.port), self.source_node.id)
+        return self.handle_call_response(result, node_to_ask)
+
     async def store_records(self, node: Node, dkey: bytes, blobs: list[bytes]) -> bool:
-        """Send records to ``node`` in store requests small enough for rpcudp; True if the node
-        took all of them."""
+        """Send records to ``node`` in store requests small enough for one datagram; True if
+        the node took all of them."""
         chunks: list[list[bytes]] = [[]]
         size = 0
         for blob in blobs:
@@ -225,7 +328,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
             chunks[-1].append(blob)
             size += len(blob) + 5
         results = await asyncio.gather(*(self.call_store(node, dkey, c) for c in chunks))
-        return all(ok and reply is True for ok, reply in results)
+        return all(ok and reply is True for ok, reply, *_ in results)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         """Run a background coroutine that `aclose` will cancel; returns its task (a caller
@@ -244,10 +347,10 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         """Cancel background tasks (waiting up to a second for them to unwind) and pending
         calls (their callers see a timeout)."""
         for msg_id in list(self._outstanding):
-            future, timeout = self._outstanding.pop(msg_id)
+            future, timeout, _ = self._outstanding.pop(msg_id)
             timeout.cancel()
             if not future.done():
-                future.set_result((False, None))
+                future.set_result(Answer(False, None))
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

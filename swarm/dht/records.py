@@ -49,7 +49,10 @@ class DropReason(enum.Enum):
     EXPIRED = "expired"  # expires_at is in the past
     TTL_TOO_LONG = "ttl_too_long"  # expires further ahead than max_ttl + clock_skew
     STALE_SEQ = "stale_seq"  # an equal-or-newer record from this peer is already held
-    EVICTED = "evicted"  # pushed out by fresher records when a key was full
+    EVICTED = "evicted"  # gave its place to a record from a less represented source group
+    KEY_FULL = "key_full"  # the key was full and the sender's group already held its share
+    STORAGE_FULL = "storage_full"  # the node held max_keys / max_stored_bytes, likewise
+    RATE_LIMITED = "rate_limited"  # the sender's group stored more than store_rate per second
 
 
 @dataclass(frozen=True)

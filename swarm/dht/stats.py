@@ -19,16 +19,26 @@ class DHTStatistics:
     ``dropped`` counts records dropped on store or on read, by `DropReason` value
     (``"bad_signature"``, ``"expired"``, ...). ``datagrams_rejected`` counts datagrams that
     failed authentication (private swarm) and ``datagrams_malformed`` ones that did not parse.
+    ``contacts_refused`` counts verified nodes kept out of the routing table by the address,
+    IP and subnet caps; ``requests_rate_limited`` requests left unanswered by
+    ``request_rate``; ``rpc_timeouts`` requests of ours that got no reply; ``handoffs`` stores
+    sent to new contacts (and ``handoffs_skipped`` those ``handoff_rate`` held back).
     """
 
     dropped: Mapping[str, int] = field(default_factory=dict)
     records_stored: int = 0
     keys_stored: int = 0
+    stored_bytes: int = 0
     routing_table_size: int = 0
     datagrams_rejected: int = 0
     datagrams_malformed: int = 0
     replies_too_large: int = 0
     contacts_evicted: int = 0
+    contacts_refused: int = 0
+    requests_rate_limited: int = 0
+    rpc_timeouts: int = 0
+    handoffs: int = 0
+    handoffs_skipped: int = 0
     announces: int = 0
     gets: int = 0
 
@@ -64,11 +74,17 @@ class StatsCounter:
                 dropped=dict(self._dropped),
                 records_stored=g.get("records_stored", 0),
                 keys_stored=g.get("keys_stored", 0),
+                stored_bytes=g.get("stored_bytes", 0),
                 routing_table_size=g.get("routing_table_size", 0),
                 datagrams_rejected=ev["datagrams_rejected"],
                 datagrams_malformed=ev["datagrams_malformed"],
                 replies_too_large=ev["replies_too_large"],
                 contacts_evicted=ev["contacts_evicted"],
+                contacts_refused=ev["contacts_refused"],
+                requests_rate_limited=ev["requests_rate_limited"],
+                rpc_timeouts=ev["rpc_timeouts"],
+                handoffs=ev["handoffs"],
+                handoffs_skipped=ev["handoffs_skipped"],
                 announces=ev["announces"],
                 gets=ev["gets"],
             )

@@ -1,25 +1,53 @@
-"""What a DHT node holds: for each key digest, at most N verified records merged by subkey.
+"""What a DHT node holds: for each key digest, at most N verified records merged by signer.
 
 Replaces kademlia's ``ForgetfulStorage``, which keeps one value per key (last writer wins)
 for a week and hands every value to the hourly republish. Here a store merges records by
 the announcing peer, a record only replaces that peer's record with a higher ``seq``, expired
-records vanish, and nothing is republished by storing nodes: announcing peers re-announce.
+records vanish (a heap of expiries, so nothing is scanned), and storing nodes republish
+nothing: announcing peers re-announce.
+
+Strangers cannot crowd the storage out. Every stored record remembers the *source group* that
+delivered it (`swarm.dht.sources`: a /24 or /64, or one endpoint on a LAN); each group stores at
+most ``store_rate`` records per second here. When a key is full, or the node holds
+``max_keys`` keys or ``max_stored_bytes``, a newcomer from group *g* takes the place of a
+record of the group *h* holding the most (in that key, or on the node), and only if *h* holds
+at least two more than *g*: an identity factory behind one subnet can fill empty room but
+never keep anyone else out, and what was stored first by others stays. Expiry order plays no
+part (an attacker always chooses the longest one allowed).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from kademlia.storage import IStorage
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.records import DropReason, Record, check_record
+from swarm.dht.sources import RateLimiter
 from swarm.dht.stats import StatsCounter
 
-__all__ = ["RecordStorage"]
+__all__ = ["LOCAL_SOURCE", "RecordStorage"]
+
+LOCAL_SOURCE = "local"  # the group of records this node stores itself (its own announces)
+# What a record and a key cost beyond their bytes (dict entries, objects, heap entries).
+_RECORD_OVERHEAD = 200
+_KEY_OVERHEAD = 300
+_MAX_EVICTIONS_PER_STORE = 64
+
+
+@dataclass(slots=True)
+class _Held:
+    record: Record
+    group: str
+    cost: int
 
 
 class RecordStorage(IStorage):  # type: ignore[misc]
@@ -33,11 +61,19 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     def __init__(self, config: DHTConfig, stats: StatsCounter) -> None:
         self._config = config
         self._stats = stats
-        self._data: dict[bytes, dict[bytes, Record]] = {}
+        self._data: dict[bytes, dict[bytes, _Held]] = {}
+        self._sorted_keys: list[bytes] = []
+        self._by_group: dict[str, dict[tuple[bytes, bytes], None]] = {}
+        self._expiries: list[tuple[float, bytes, bytes]] = []
+        self._bytes = 0
+        self._records = 0
+        self._rates = RateLimiter(config.store_rate, config.store_burst)
 
-    def merge(self, dkey: bytes, blobs: object, now: float | None = None) -> int:
-        """Check and merge a peer's list of encoded records; returns how many are now held
-        (newly taken, or identical to the one held).
+    def merge(
+        self, dkey: bytes, blobs: object, source: str = LOCAL_SOURCE, now: float | None = None
+    ) -> int:
+        """Check and merge a list of encoded records delivered by source group ``source``;
+        returns how many are now held (newly taken, or identical to the one held).
 
         Rejected records are counted by reason; never raises on peer input.
         """
@@ -45,22 +81,16 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             self._stats.drop(DropReason.MALFORMED)
             return 0
         now = time.time() if now is None else now
-        slot = self._data.setdefault(dkey, {})
+        self._expire(now)
         taken = 0
         for blob in blobs:
+            if source != LOCAL_SOURCE and not self._rates.allow(source):
+                self._stats.drop(DropReason.RATE_LIMITED)
+                continue
             record = self._check(dkey, blob, now)
-            if record is None:
-                continue
-            held = slot.get(record.peer_id.digest)
-            if held is not None and held.seq >= record.seq:
-                if held.encoded == record.encoded:
-                    taken += 1
-                else:
-                    self._stats.drop(DropReason.STALE_SEQ)
-                continue
-            slot[record.peer_id.digest] = record
-            taken += 1
-        self._trim(dkey, slot, now)
+            if record is not None and self._admit(dkey, record, source):
+                taken += 1
+        self._update_gauges()
         return taken
 
     def _check(self, dkey: bytes, blob: object, now: float) -> Record | None:
@@ -81,35 +111,130 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             return None
         return result
 
-    def _trim(self, dkey: bytes, slot: dict[bytes, Record], now: float) -> None:
-        for subkey in [s for s, r in slot.items() if r.expired(now)]:
-            del slot[subkey]
-        excess = len(slot) - self._config.max_records_per_key
-        if excess > 0:
-            # keep the freshest: the latest expiry, then the highest sequence number
-            ranked = sorted(slot.items(), key=lambda item: (item[1].expires_at, item[1].seq))
-            for subkey, _ in ranked[:excess]:
-                del slot[subkey]
-            self._stats.drop(DropReason.EVICTED, excess)
+    def _admit(self, dkey: bytes, record: Record, group: str) -> bool:
+        slot = self._data.get(dkey, {})
+        subkey = record.peer_id.digest
+        held = slot.get(subkey)
+        if held is not None:
+            if held.record.seq >= record.seq:
+                if held.record.encoded == record.encoded:
+                    return True
+                self._stats.drop(DropReason.STALE_SEQ)
+                return False
+            self._remove(dkey, subkey)  # its signer's newer record takes its place
+            self._insert(dkey, record, group)
+            return True
+        if len(slot) >= self._config.max_records_per_key:
+            victim = _key_victim(slot, group)
+            if victim is None:
+                self._stats.drop(DropReason.KEY_FULL)
+                return False
+            self._remove(dkey, victim)
+            self._stats.drop(DropReason.EVICTED)
+        if not self._make_room(dkey, _cost(record), group):
+            self._stats.drop(DropReason.STORAGE_FULL)
+            return False
+        self._insert(dkey, record, group)
+        return True
+
+    def _make_room(self, dkey: bytes, cost: int, group: str) -> bool:
+        cfg = self._config
+        for _ in range(_MAX_EVICTIONS_PER_STORE):
+            key_cost = _KEY_OVERHEAD if dkey not in self._data else 0
+            keys_full = key_cost > 0 and len(self._data) >= cfg.max_keys
+            if not keys_full and self._bytes + cost + key_cost <= cfg.max_stored_bytes:
+                return True
+            victim = self._node_victim(group)
+            if victim is None:
+                return False
+            self._remove(*victim)
+            self._stats.drop(DropReason.EVICTED)
+        return False
+
+    def _node_victim(self, group: str) -> tuple[bytes, bytes] | None:
+        """The oldest record of the group holding the most, if it holds two more than
+        ``group``."""
+        if not self._by_group:
+            return None
+        top = max(self._by_group, key=lambda g: len(self._by_group[g]))
+        if len(self._by_group[top]) < len(self._by_group.get(group, ())) + 2:
+            return None
+        return next(iter(self._by_group[top]))
+
+    def _insert(self, dkey: bytes, record: Record, group: str) -> None:
+        slot = self._data.get(dkey)
+        if slot is None:
+            slot = self._data[dkey] = {}
+            bisect.insort(self._sorted_keys, dkey)
+            self._bytes += _KEY_OVERHEAD
+        subkey = record.peer_id.digest
+        held = slot[subkey] = _Held(record, group, _cost(record))
+        self._bytes += held.cost
+        self._records += 1
+        self._by_group.setdefault(group, {})[(dkey, subkey)] = None
+        heapq.heappush(self._expiries, (record.expires_at, dkey, subkey))
+
+    def _remove(self, dkey: bytes, subkey: bytes) -> None:
+        slot = self._data[dkey]
+        held = slot.pop(subkey)
+        self._bytes -= held.cost
+        self._records -= 1
+        members = self._by_group[held.group]
+        del members[(dkey, subkey)]
+        if not members:
+            del self._by_group[held.group]
         if not slot:
             del self._data[dkey]
-        self._update_gauges()
+            del self._sorted_keys[bisect.bisect_left(self._sorted_keys, dkey)]
+            self._bytes -= _KEY_OVERHEAD
+
+    def _expire(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expires_at, dkey, subkey = heapq.heappop(heap)
+            held = self._data.get(dkey, {}).get(subkey)
+            if held is not None and held.record.expires_at == expires_at:
+                self._remove(dkey, subkey)
 
     def _update_gauges(self) -> None:
         self._stats.gauge("keys_stored", len(self._data))
-        self._stats.gauge("records_stored", sum(len(s) for s in self._data.values()))
+        self._stats.gauge("records_stored", self._records)
+        self._stats.gauge("stored_bytes", self._bytes)
 
     def records(self, dkey: bytes, now: float | None = None) -> list[Record]:
         """The live records held under a key digest (expired ones are removed)."""
-        slot = self._data.get(dkey)
-        if slot is None:
-            return []
-        self._trim(dkey, slot, time.time() if now is None else now)
-        return list(slot.values())
+        self._expire(time.time() if now is None else now)
+        self._update_gauges()
+        return [held.record for held in self._data.get(dkey, {}).values()]
+
+    def keys_near(self, node_id: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` stored key digests sharing the longest prefix with ``node_id``:
+        the keys a new contact there may be among the closest nodes for. Costs
+        O(log(keys)) steps plus the keys returned, however many keys are stored."""
+        keys = self._sorted_keys
+        target = int.from_bytes(node_id, "big")
+
+        def span(prefix_bits: int) -> tuple[int, int]:
+            mask = (1 << (160 - prefix_bits)) - 1
+            low, high = (target & ~mask).to_bytes(20, "big"), (target | mask).to_bytes(20, "big")
+            return bisect.bisect_left(keys, low), bisect.bisect_right(keys, high)
+
+        lo_bits, hi_bits = 0, 160  # the fewest prefix bits whose span holds <= limit keys
+        while lo_bits < hi_bits:
+            mid = (lo_bits + hi_bits) // 2
+            start, stop = span(mid)
+            if stop - start <= limit:
+                hi_bits = mid
+            else:
+                lo_bits = mid + 1
+        start, stop = span(lo_bits)
+        return keys[start:stop][:limit]
 
     def put_unchecked(self, dkey: bytes, record: Record) -> None:
         """Store a record without checks (tests: a node that serves forged records)."""
-        self._data.setdefault(dkey, {})[record.peer_id.digest] = record
+        if record.peer_id.digest in self._data.get(dkey, {}):
+            self._remove(dkey, record.peer_id.digest)
+        self._insert(dkey, record, LOCAL_SOURCE)
 
     # kademlia's IStorage interface -------------------------------------------------------
 
@@ -131,8 +256,21 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         return []
 
     def __iter__(self) -> Iterator[tuple[bytes, list[bytes]]]:
-        now = time.time()
-        for dkey in list(self._data):
-            blobs = [r.encoded for r in self.records(dkey, now)]
-            if blobs:
-                yield dkey, blobs
+        self._expire(time.time())
+        for dkey, slot in list(self._data.items()):
+            yield dkey, [held.record.encoded for held in slot.values()]
+
+
+def _cost(record: Record) -> int:
+    return len(record.encoded) + _RECORD_OVERHEAD
+
+
+def _key_victim(slot: dict[bytes, _Held], group: str) -> bytes | None:
+    """In a full key: the latest-expiring record of the group holding the most, if that
+    group holds at least two more than ``group``."""
+    counts = Counter(held.group for held in slot.values())
+    top, top_count = max(counts.items(), key=lambda item: item[1])
+    if top_count < counts.get(group, 0) + 2:
+        return None
+    mine = [s for s, held in slot.items() if held.group == top]
+    return max(mine, key=lambda s: slot[s].record.expires_at)

@@ -11,7 +11,7 @@ import trio
 from kademlia.node import Node
 
 from swarm.dht import DHTConfig, DHTNode
-from swarm.dht.protocol import SwarmProtocol
+from swarm.dht.protocol import Answer, SwarmProtocol
 from swarm.dht.records import make_record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
@@ -45,18 +45,32 @@ def _xor(a: bytes, bit: int) -> bytes:
     return (int.from_bytes(a, "big") ^ (1 << bit)).to_bytes(20, "big")
 
 
-def test_welcome_if_new_hands_over_the_stored_digest_not_its_hash() -> None:
+def _answered(proto: SwarmProtocol, node: Node) -> None:
+    """``node`` answered a request of ours from its address (what verifies a contact)."""
+    proto.handle_call_response(Answer(True, node.id, node.id), node)
+
+
+def test_a_verified_contact_is_handed_the_stored_digest_near_it_only() -> None:
     key = "model/block/1"
     dkey = hashlib.sha1(key.encode()).digest()
     proto, spawned = _protocol(FAST, _xor(dkey, 0))  # we are the closest node to the key
-    record = make_record(Identity.from_seed(b"w"), key, {}, time.time() + 60, 1, 1200)
-    proto.storage.merge(dkey, [record.encoded])
+    writer = Identity.from_seed(b"w")
+    for text in [key] + [f"filler/{i}" for i in range(500)]:
+        record = make_record(writer, text, {}, time.time() + 60, 1, 1200)
+        proto.storage.merge(hashlib.sha1(text.encode()).digest(), [record.encoded])
     proto.router.add_contact(Node(_xor(dkey, 150), "127.0.0.1", 1))  # a far neighbor
-    proto.welcome_if_new(Node(_xor(dkey, 100), "127.0.0.1", 2))  # closer than it: gets the key
-    assert spawned == [(2, dkey)]
+    proto.welcome_if_new(Node(_xor(dkey, 100), "127.0.0.1", 2))  # unverified: nothing
+    assert spawned == [] and proto.router.is_new_node(Node(_xor(dkey, 100)))
+    lookups = []
+    find_neighbors = proto.router.find_neighbors
+    proto.router.find_neighbors = lambda *a, **k: lookups.append(a) or find_neighbors(*a, **k)  # type: ignore[method-assign]
+    _answered(proto, Node(_xor(dkey, 100), "127.0.0.1", 2))  # closer than it: gets the key
+    assert (2, dkey) in spawned  # (and perhaps a few filler keys that happen to be near it)
+    assert len(lookups) <= FAST.handoff_keys  # work in keys near it only, not in all 501
+    assert len(spawned) <= FAST.handoff_keys
     spawned.clear()
-    proto.welcome_if_new(Node(_xor(dkey, 155), "127.0.0.1", 3))  # farther: does not
-    assert spawned == []
+    _answered(proto, Node(_xor(dkey, 155), "127.0.0.1", 3))  # farther: does not
+    assert (3, dkey) not in spawned
 
 
 def test_a_contact_survives_one_timeout() -> None:
@@ -85,7 +99,7 @@ async def test_rpc_timeout_is_the_configured_one() -> None:
 
             with trio.fail_after(3):  # stock rpcudp would wait 5 s
                 result = await node._runner.run(lambda: ping(node._kad))
-            assert result == (False, None)
+            assert result[:2] == (False, None)
     finally:
         silent.close()
 

@@ -108,14 +108,24 @@ def test_republishing_never_extends_life() -> None:
     assert store.get(DKEY) is None
 
 
-def test_a_full_key_keeps_the_freshest() -> None:
-    store, stats = storage(max_records_per_key=3)
-    writers = [Identity.from_seed(f"w{i}".encode()) for i in range(5)]
-    blobs = [sign(w, ttl=60.0 + i).encoded for i, w in enumerate(writers)]
-    store.merge(DKEY, blobs[:3])
-    store.merge(DKEY, blobs[3:])
-    assert {r.peer_id for r in store.records(DKEY)} == {w.peer_id for w in writers[2:]}
-    assert stats.snapshot().dropped["evicted"] == 2
+def test_a_full_key_keeps_incumbents_and_takes_from_the_largest_group() -> None:
+    store, stats = storage(max_records_per_key=4)
+    writers = [Identity.from_seed(f"w{i}".encode()) for i in range(6)]
+    blobs = [sign(w, ttl=60.0 + 100 * i).encoded for i, w in enumerate(writers)]
+    store.merge(DKEY, blobs[:1], source="honest")
+    store.merge(DKEY, blobs[1:5], source="sybils")  # three fit; the fourth finds it full
+    held = {r.peer_id for r in store.records(DKEY)}
+    assert held == {w.peer_id for w in writers[:4]}
+    assert stats.snapshot().dropped["key_full"] == 1
+    # a newcomer from a third group takes a place of the group holding the most; the one it
+    # gives up is the latest-expiring (expiry never buys a place)
+    store.merge(DKEY, blobs[5:], source="other")
+    held = {r.peer_id for r in store.records(DKEY)}
+    assert held == {writers[0].peer_id, writers[1].peer_id, writers[2].peer_id, writers[5].peer_id}
+    assert stats.snapshot().dropped["evicted"] == 1
+    # the sybils' group now holds 2, the others 1 each: no one else can be pushed out
+    late = sign(Identity.from_seed(b"late")).encoded
+    assert store.merge(DKEY, [late], source="sybils") == 0
 
 
 def test_config_refuses_what_cannot_work() -> None:

@@ -1,0 +1,113 @@
+"""`ContactTable`: kademlia's routing table with caps on who may fill it.
+
+The protocol (`swarm.dht.protocol`) adds a contact only once it is verified; the table then
+refuses it if its address already belongs to another contact (one ``ip:port`` is one node,
+however many ids it claims), or if its IP or subnet already holds its share of the table or
+of the bucket it falls in (`DHTConfig.max_contacts_per_*`; groups as in `swarm.dht.sources`).
+A contact promoted from a bucket's replacement cache is held to the same caps. The stock
+table's fire-and-forget ping of a full bucket's head goes through the protocol's tracked tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kademlia.node import Node
+from kademlia.routing import KBucket, RoutingTable
+
+from swarm.dht.config import DHTConfig
+from swarm.dht.sources import SourceGroups
+
+__all__ = ["ContactTable"]
+
+
+class ContactTable(RoutingTable):  # type: ignore[misc]
+    """The contacts of one node (DHT loop thread only)."""
+
+    def __init__(
+        self,
+        protocol: Any,
+        config: DHTConfig,
+        node: Node,
+        groups: SourceGroups,
+        spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+    ) -> None:
+        super().__init__(protocol, config.ksize, node)
+        self._config = config
+        self._groups = groups
+        self._spawn = spawn
+
+    def contacts(self) -> list[Node]:
+        return [n for bucket in self.buckets for n in bucket.get_nodes()]
+
+    def at_address(self, ip: str, port: int) -> Node | None:
+        """The contact we hold at ``ip:port``, if any."""
+        for bucket in self.buckets:
+            for held in bucket.nodes.values():
+                if held.ip == ip and held.port == port:
+                    return held  # type: ignore[no-any-return]
+        return None
+
+    def within_caps(self, node: Node) -> bool:
+        """Whether ``node`` (not yet held) fits the per-IP and per-subnet caps."""
+        cfg = self._config
+        ip_key, subnet_key = self._groups.keys(node.ip, node.port)
+        same_ip = same_subnet = 0
+        for held in self.contacts():
+            if held.id == node.id:
+                continue
+            held_ip, held_subnet = self._groups.keys(held.ip, held.port)
+            same_ip += held_ip == ip_key
+            same_subnet += held_subnet == subnet_key
+        if same_ip >= cfg.max_contacts_per_ip or same_subnet >= cfg.max_contacts_per_subnet:
+            return False
+        bucket = self.buckets[self.get_bucket_for(node)]
+        in_bucket = sum(
+            self._groups.subnet(held.ip, held.port) == subnet_key
+            for held in bucket.nodes.values()
+            if held.id != node.id
+        )
+        return in_bucket < cfg.max_contacts_per_subnet_in_bucket
+
+    def add_verified(self, node: Node, *, displace: bool) -> bool:
+        """Add (or refresh) a verified contact; True if it is in the table afterwards.
+
+        ``displace``: a contact held at the same address under another id is replaced (the
+        address itself just answered as ``node``); otherwise the one held is kept.
+        """
+        if not self.is_new_node(node):
+            self.add_contact(node)  # moves it to the bucket's tail, updates its address
+            return True
+        same = self.at_address(node.ip, node.port)
+        if same is not None:
+            if not displace:
+                return False
+            self.remove_contact(same)
+        if not self.within_caps(node):
+            return False
+        self.add_contact(node)
+        return not self.is_new_node(node)
+
+    def add_contact(self, node: Node) -> None:
+        index = self.get_bucket_for(node)
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            return
+        # Kademlia §4.2: split if the bucket holds our own id or its depth is not 0 mod 5
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:
+            self._spawn(self.protocol.call_ping(bucket.head()))
+
+    def remove_contact(self, node: Node) -> None:
+        bucket: KBucket = self.buckets[self.get_bucket_for(node)]
+        before = set(bucket.nodes)
+        bucket.remove_node(node)
+        for promoted in [n for i, n in bucket.nodes.items() if i not in before]:
+            # a replacement moved up: it must still fit the caps and own its address
+            del bucket.nodes[promoted.id]
+            same = self.at_address(promoted.ip, promoted.port)
+            if same is None and self.within_caps(promoted):
+                bucket.nodes[promoted.id] = promoted

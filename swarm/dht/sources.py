@@ -1,0 +1,113 @@
+"""Who a datagram comes from: source groups, per-group rate limits, and address tokens.
+
+A *source group* is what one party can be assumed to control cheaply: a public IPv4 /24 or
+IPv6 /64 (as BitTorrent's BEP 42 and Ethereum's discovery reason), or, for loopback, private
+and link-local addresses (a LAN, a test on one machine), one ``ip:port`` endpoint, unless
+``DHTConfig.cap_private_addresses`` groups them by subnet too. Routing-table caps, storage
+fairness and rate limits all count per group, so an identity factory behind one subnet counts
+as one party however many node ids or record signers it makes.
+
+`AddressTokens` proves that a requester receives datagrams at the address it sends from: a
+reply hands it an HMAC of (address, node id); a later request that echoes it proves the pair
+without our sending anything beyond replies (nothing to amplify toward a forged address).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import time
+from collections import OrderedDict
+
+__all__ = ["AddressTokens", "RateLimiter", "SourceGroups"]
+
+_TOKEN_BYTES = 16
+
+
+class SourceGroups:
+    """Maps an address to its IP key and its subnet key (see the module docstring)."""
+
+    _CACHE_SIZE = 65_536
+
+    def __init__(self, cap_private: bool) -> None:
+        self._cap_private = cap_private
+        self._cache: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def keys(self, ip: str, port: int) -> tuple[str, str]:
+        """(ip key, subnet key) of an address; both are the endpoint for exempt addresses."""
+        found = self._cache.get((ip, port))
+        if found is None:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            found = self._cache[(ip, port)] = self._compute(ip, port)
+        return found
+
+    def _compute(self, ip: str, port: int) -> tuple[str, str]:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return f"{ip}:{port}", f"{ip}:{port}"
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        private = addr.is_private or addr.is_loopback or addr.is_link_local
+        if private and not self._cap_private:
+            endpoint = f"{addr}:{port}"
+            return endpoint, endpoint
+        prefix = 24 if addr.version == 4 else 64
+        subnet = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+        return str(addr), str(subnet)
+
+    def subnet(self, ip: str, port: int) -> str:
+        return self.keys(ip, port)[1]
+
+
+class RateLimiter:
+    """Token buckets per key (``rate`` per second, up to ``burst``), for at most ``max_keys``
+    keys: the least recently used are forgotten (they start again with a full bucket)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, cost: float = 1.0, now: float | None = None) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket; False (and nothing taken) if empty."""
+        now = time.monotonic() if now is None else now
+        level, last = self._buckets.pop(key, (self._burst, now))
+        level = min(self._burst, level + (now - last) * self._rate)
+        allowed = level >= cost
+        self._buckets[key] = (level - cost if allowed else level, now)
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class AddressTokens:
+    """Issues and checks tokens bound to (ip, port, node id); a token lives one to two
+    ``lifetime`` periods (the secret is per process; tokens do not survive a restart)."""
+
+    def __init__(self, lifetime: float = 300.0) -> None:
+        self._secret = os.urandom(32)
+        self._lifetime = lifetime
+
+    def _mac(self, epoch: int, ip: str, port: int, node_id: bytes) -> bytes:
+        message = f"{epoch}|{ip}|{port}|".encode() + node_id
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:_TOKEN_BYTES]
+
+    def issue(self, ip: str, port: int, node_id: bytes, now: float | None = None) -> bytes:
+        now = time.time() if now is None else now
+        return self._mac(int(now // self._lifetime), ip, port, node_id)
+
+    def check(
+        self, token: object, ip: str, port: int, node_id: bytes, now: float | None = None
+    ) -> bool:
+        """True if ``token`` was issued to this (ip, port, node id) recently."""
+        if not isinstance(token, bytes) or len(token) != _TOKEN_BYTES:
+            return False
+        epoch = int((time.time() if now is None else now) // self._lifetime)
+        return any(
+            hmac.compare_digest(token, self._mac(e, ip, port, node_id)) for e in (epoch, epoch - 1)
+        )

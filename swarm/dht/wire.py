@@ -1,0 +1,116 @@
+"""DHT datagrams as they travel (inside the private-swarm seal, when there is one).
+
+A datagram is ``kind (1 byte) || message id (20 bytes) || msgpack body``, as in rpcudp, with
+our own bodies (version 2 of the DHT wire; rpcudp's two-element requests are malformed here):
+
+- request, kind ``0x00``: ``[name, args, meta]``; ``name`` one of ping / store / find_node /
+  find_value, ``args`` rpcudp's arguments (the sender's node id first), ``meta`` a map with
+  ``"c"`` (bool: the sender is client-only, do not add it) and, optionally, ``"t"`` (the
+  address token the recipient handed this sender, echoed to prove its address);
+- response, kind ``0x01``: ``[value, meta]``; ``meta`` holds ``"id"`` (the responder's
+  20-byte node id, so every reply tells who answered), ``"c"`` (the responder is client-only)
+  and optionally ``"t"`` (a token for the requester to echo).
+
+`decode_datagram` is the one decoder of peer datagrams: anything else is None, never an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import umsgpack  # type: ignore[import-untyped]
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "RPC_NAMES",
+    "Request",
+    "Response",
+    "decode_datagram",
+    "encode_request",
+    "encode_response",
+]
+
+_REQUEST, _RESPONSE = b"\x00", b"\x01"
+RPC_NAMES = frozenset({"ping", "store", "find_node", "find_value"})
+MAX_REQUEST_BYTES = 8_192  # what one store may carry; `SwarmProtocol.store_records` chunks
+_MAX_TOKEN_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    args: tuple[Any, ...]
+    client_only: bool
+    token: bytes | None
+
+
+@dataclass(frozen=True)
+class Response:
+    value: Any
+    node_id: bytes
+    client_only: bool
+    token: bytes | None
+
+
+def encode_request(
+    msg_id: bytes, name: str, args: tuple[Any, ...], *, client_only: bool, token: bytes | None
+) -> bytes:
+    """A request datagram. Raises ValueError if its body exceeds `MAX_REQUEST_BYTES`."""
+    meta: dict[str, Any] = {"c": client_only}
+    if token is not None:
+        meta["t"] = token
+    body: bytes = umsgpack.packb([name, list(args), meta])
+    if len(body) > MAX_REQUEST_BYTES:
+        raise ValueError(f"a DHT {name} request of {len(body)} bytes exceeds {MAX_REQUEST_BYTES}")
+    return _REQUEST + msg_id + body
+
+
+def encode_response(
+    msg_id: bytes, value: Any, *, node_id: bytes, client_only: bool, token: bytes | None
+) -> bytes:
+    meta: dict[str, Any] = {"id": node_id, "c": client_only}
+    if token is not None:
+        meta["t"] = token
+    body: bytes = umsgpack.packb([value, meta])
+    return _RESPONSE + msg_id + body
+
+
+def _meta(value: object, allowed: frozenset[str]) -> dict[str, Any] | None:
+    if not isinstance(value, dict) or not set(value) <= allowed:
+        return None
+    if not isinstance(value.get("c", False), bool):
+        return None
+    token = value.get("t")
+    if token is not None and not (isinstance(token, bytes) and len(token) <= _MAX_TOKEN_BYTES):
+        return None
+    return value
+
+
+_REQUEST_META = frozenset({"c", "t"})
+_RESPONSE_META = frozenset({"id", "c", "t"})
+
+
+def decode_datagram(datagram: bytes) -> tuple[bytes, Request | Response] | None:
+    """(message id, request or response) of a peer's datagram, or None if it is malformed."""
+    if len(datagram) < 22:
+        return None
+    kind, msg_id = datagram[:1], datagram[1:21]
+    try:
+        body = umsgpack.unpackb(datagram[21:])
+    except Exception:  # umsgpack raises many types on bad input; all mean "malformed"
+        return None
+    if kind == _REQUEST:
+        ok = isinstance(body, list) and len(body) == 3 and isinstance(body[0], str)
+        ok = ok and body[0] in RPC_NAMES
+        meta = _meta(body[2], _REQUEST_META) if ok else None
+        if meta is None or not isinstance(body[1], list) or not body[1]:
+            return None
+        return msg_id, Request(body[0], tuple(body[1]), meta.get("c", False), meta.get("t"))
+    if kind == _RESPONSE:
+        meta = _meta(body[1], _RESPONSE_META) if isinstance(body, list) and len(body) == 2 else None
+        node_id = meta.get("id") if meta is not None else None
+        if meta is None or not (isinstance(node_id, bytes) and len(node_id) == 20):
+            return None
+        return msg_id, Response(body[0], node_id, meta.get("c", False), meta.get("t"))
+    return None
