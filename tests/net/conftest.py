@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from swarm.identity import Identity
-from swarm.net.channel import SecureChannel
+from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import secure_inbound, secure_outbound
 
@@ -19,15 +19,19 @@ async def channel_pair(
     b_stream: trio.abc.Stream | None = None,
     *,
     config: NetConfig | None = None,
+    receive_budget: ReceiveBudget | None = None,
 ) -> tuple[SecureChannel, SecureChannel]:
-    """(alice's outbound channel to bob, bob's inbound channel from alice)."""
+    """(alice's outbound channel to bob, bob's inbound channel from alice); bob's side
+    draws on ``receive_budget`` if one is given."""
     if a_stream is None or b_stream is None:
         a_stream, b_stream = trio.testing.memory_stream_pair()
     config = config or NetConfig()
     result: dict[str, SecureChannel] = {}
 
     async def inbound() -> None:
-        result["b"] = await secure_inbound(b_stream, BOB, config=config)
+        result["b"] = await secure_inbound(
+            b_stream, BOB, config=config, receive_budget=receive_budget
+        )
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

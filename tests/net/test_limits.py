@@ -12,15 +12,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import pytest
+import torch
 import trio
 import trio.testing
 
 from swarm.errors import ConnectionClosed, HandshakeError, LimitExceeded, ProtocolError
 from swarm.identity import Identity
-from swarm.net.channel import SecureChannel
+from swarm.net.channel import ReceiveBudget, ReceiveBudgetStatistics, SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_outbound
-from swarm.net.messages import InfoRequest, InfoResponse
+from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
 from swarm.net.pool import open_connection_pool
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
@@ -40,6 +41,9 @@ class Handlers:
 
     async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         return INFO
+
+    async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+        return ForwardResponse(request.hidden_states)
 
     @stream_handler
     async def rpc_hold(self, stream: RpcStream, ctx: CallContext) -> None:
@@ -317,3 +321,40 @@ async def test_1000_idle_channels_with_default_limits_do_not_lock_out_a_new_clie
     assert stats.connections + stats.handshaking <= config.max_connections + config.max_handshakes
     assert stats.connections == config.max_connections
     assert stats.evicted_idle == 1000 - config.max_connections
+
+
+async def test_a_channel_over_the_budget_fails_alone_and_releases_what_it_held() -> None:
+    config = NetConfig(max_frame_size=1024, max_message_size=8 * KiB)
+    budget = ReceiveBudget(16 * KiB)
+    assert budget.try_reserve(12 * KiB)  # what other channels hold
+    a, b = await channel_pair(config=config, receive_budget=budget)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_until_closed, a, bytes(1000))  # one frame: not counted
+            assert await b.receive() == bytes(1000)
+            nursery.start_soon(send_until_closed, a, bytes(6 * KiB))  # 4 KiB left: no room
+            with pytest.raises(LimitExceeded, match="receive budget"):
+                await b.receive()
+    assert b.is_closed
+    assert budget.statistics() == ReceiveBudgetStatistics(16 * KiB, 12 * KiB, 1)
+    with pytest.raises(ConnectionClosed):
+        await b.receive()
+
+
+async def test_a_pool_channel_refused_by_the_budget_is_closed_and_redialed() -> None:
+    budget = ReceiveBudget(BIG.max_receive_bytes)
+    hidden = torch.zeros(1, 25, 1024)  # 100 KiB of float32: a reply of seven frames
+    request = ForwardRequest(hidden, torch.zeros(1, 25, dtype=torch.int64), LayerRange(0, 1))
+    with trio.fail_after(20):
+        async with (
+            serving(BIG) as (_, port, _),
+            open_connection_pool(ALICE, config=BIG, receive_budget=budget) as pool,
+        ):
+            assert budget.try_reserve(500 * KiB)  # held by the process's other channels
+            with pytest.raises(ConnectionClosed):
+                await pool.call(HOST, port, "forward", request, ForwardResponse, timeout=10)
+            assert budget.statistics().refused == 1
+            budget.release(500 * KiB)
+            reply = await pool.call(HOST, port, "forward", request, ForwardResponse, timeout=10)
+            assert torch.equal(reply.hidden_states, hidden)
+            assert pool.statistics().dials == 2
