@@ -36,15 +36,16 @@ class NetConfig:
     Limits of an `RpcServer` (inbound connections):
 
     - ``max_connections`` (384): authenticated channels kept open. A peer that completes a
-      handshake when all are taken makes the server close the channel idle the longest
-      (no call, stream or frame in flight); only if every channel is busy is it refused
-      (`LimitExceeded` on the dialer). So idle channels, however many, never lock a new
-      client out.
+      handshake when all are taken makes the server close an idle channel (no call or
+      stream in flight): one from the address holding the most channels, idle the longest.
+      Only if every channel is busy is the newcomer refused (`LimitExceeded` on the
+      dialer). So idle channels, however many, never lock a new client out.
     - ``max_handshakes`` (64): connections still in their handshake (unauthenticated). A
-      new one past this closes the oldest of them; it never displaces an authenticated
-      channel. The server holds at most ``max_connections + max_handshakes`` inbound
-      sockets: 448 by default, which leaves room under the usual 1024-descriptor limit
-      for ``max_pool_connections`` outbound channels, the DHT and model files.
+      new one past this closes the oldest of them from the address with the most; it
+      never displaces an authenticated channel. The server holds at most
+      ``max_connections + max_handshakes`` inbound sockets: 448 by default, which leaves
+      room under the usual 1024-descriptor limit for ``max_pool_connections`` outbound
+      channels, the DHT and model files.
     - ``max_connections_per_peer`` (8): authenticated channels from one `PeerId`; past it
       the handshake is refused with `LimitExceeded`. A pool keeps one channel per server,
       so 8 leaves room for several processes sharing an identity.

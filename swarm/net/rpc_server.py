@@ -5,10 +5,11 @@ Every inbound connection holds a slot from accept to close. The limits (all in `
 - per IP (``max_connections_per_ip``): checked at accept; past it the connection is closed
   before the handshake;
 - unauthenticated (``max_handshakes``): a new connection past it closes the oldest one still
-  in its handshake; each handshake has ``handshake_timeout``;
+  in its handshake from the address with the most of them; each has ``handshake_timeout``;
 - per peer (``max_connections_per_peer``) and in all (``max_connections``): decided when the
-  handshake has proven the dialer's `PeerId`. At the global cap the server closes the channel
-  that has been idle the longest; with none idle it refuses the newcomer. Refusals reach the
+  handshake has proven the dialer's `PeerId`. At the global cap the server closes an idle
+  channel (from the address holding the most channels, the one idle the longest); with none
+  idle it refuses the newcomer. Refusals reach the
   dialer as `LimitExceeded` through the handshake's confirmation;
 - idle (``idle_timeout``): a channel with no call, stream or frame for that long is closed;
 - bytes being received (``max_receive_bytes``): one `ReceiveBudget` shared by every channel.
@@ -118,7 +119,7 @@ class RpcServer:
             return
         if len(self._handshaking) >= self.config.max_handshakes:
             self._counts["evicted_handshakes"] += 1
-            self._drop(next(iter(self._handshaking)))
+            self._drop(self._handshake_victim())
         slot = _Slot(host)
         self._handshaking[slot] = None
         if host is not None:
@@ -163,7 +164,7 @@ class RpcServer:
             self._counts["refused_per_peer"] += 1
             return Refusal.PEER_LIMIT
         if len(self._channels) >= self.config.max_connections:
-            victim = self._idlest()
+            victim = self._idle_victim()
             if victim is None:
                 self._counts["refused_full"] += 1
                 return Refusal.SERVER_FULL
@@ -176,14 +177,23 @@ class RpcServer:
         self._per_peer[peer_id] += 1
         return None
 
-    def _idlest(self) -> _Slot | None:
-        """The authenticated channel idle the longest, or None if all are busy."""
+    def _handshake_victim(self) -> _Slot:
+        """The oldest handshake of the address with the most handshakes open, so that a
+        flood from one address displaces its own connections first."""
+        per_host = Counter(slot.host for slot in self._handshaking)
+        most = max(per_host.values())
+        return next(slot for slot in self._handshaking if per_host[slot.host] == most)
+
+    def _idle_victim(self) -> _Slot | None:
+        """The channel to close for a newcomer at the global cap: among idle ones, one from
+        the address holding the most channels, idle the longest; None if all are busy."""
+        per_host = Counter(slot.host for slot in self._channels)
         idle = [
-            (slot.conn.channel.last_activity, i, slot)
+            (-per_host[slot.host], slot.conn.channel.last_activity, i, slot)
             for i, slot in enumerate(self._channels)
             if slot.conn is not None and not _busy(slot.conn)
         ]
-        return min(idle)[2] if idle else None
+        return min(idle)[3] if idle else None
 
     async def _close_when_idle(self, conn: RpcConnection) -> None:
         timeout = self.config.idle_timeout

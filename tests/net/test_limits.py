@@ -358,3 +358,48 @@ async def test_a_pool_channel_refused_by_the_budget_is_closed_and_redialed() -> 
             reply = await pool.call(HOST, port, "forward", request, ForwardResponse, timeout=10)
             assert torch.equal(reply.hidden_states, hidden)
             assert pool.statistics().dials == 2
+
+
+async def test_a_handshake_flood_from_one_address_displaces_its_own_first() -> None:
+    config = NetConfig(max_handshakes=4, handshake_timeout=60)
+    gate = trio.Event()
+    with trio.fail_after(20):
+        async with serving(config) as (server, port, _), trio.open_nursery() as nursery:
+            # The oldest handshake is a slow but real client from its own address.
+            raw = await trio.open_tcp_stream(HOST, port, local_address="127.0.2.1")
+            result: list[SecureChannel] = []
+
+            async def slow_client() -> None:
+                result.append(await secure_outbound(GatedStream(raw, 0, gate), ALICE))
+
+            nursery.start_soon(slow_client)
+            await wait_until(lambda: server.statistics().handshaking == 1)
+            flood = []
+            for n in range(2, 6):  # three fill the table, the fourth displaces one of them
+                flood.append(await trio.open_tcp_stream(HOST, port, local_address="127.0.2.2"))
+                await wait_until(lambda n=n: server.statistics().handshaking == min(n, 4))  # type: ignore[misc]
+            assert await read_to_eof(flood[0]) == b""
+            assert server.statistics().evicted_handshakes == 1
+            gate.set()  # the slow client, globally the oldest, was kept and now finishes
+            await wait_until(lambda: bool(result))
+            await result[0].aclose()
+            for stream in flood:
+                await stream.aclose()
+
+
+async def test_at_the_cap_the_address_with_most_channels_loses_an_idle_one() -> None:
+    config = NetConfig(max_connections=4)
+    with trio.fail_after(20):
+        async with (
+            serving(config) as (server, port, _),
+            open_connection_pool(Identity.generate(), transport=FromAddress("127.0.3.1")) as lone,
+        ):
+            # The lone peer's channel is the idlest (opened first), but its address has one.
+            single = await lone.get(HOST, port)
+            crowd = [await dial(port, Identity.generate()) for _ in range(3)]  # from 127.0.0.1
+            newcomer = await open_channel(FromAddress("127.0.3.2"), HOST, port, Identity.generate())
+            assert server.statistics().evicted_idle == 1
+            assert not single.is_closed
+            assert await single.call("info", InfoRequest(), InfoResponse) == INFO
+            for channel in [*crowd, newcomer]:
+                await channel.aclose()
