@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh machine with python3 and pip:
 #   make demo   set up .venv and run the main job
-#   make test   set up .venv and run lint, type checks and the whole test suite
+#   make test   set up .venv and run lint, import layering, type checks and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,6 +26,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check swarm cli tests benchmarks examples
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy

@@ -53,26 +53,16 @@ def set_verbose(on: bool) -> None:
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """The one exception that matters inside (nested) exception groups.
+    """The one exception that matters inside (nested) exception groups (`unwrap_group`);
+    a Ctrl-C anywhere in a group that holds no error is the Ctrl-C."""
+    from swarm.errors import unwrap_group
 
-    Single-member groups are unwrapped by `unwrap_group`; of a group with several members,
-    the first that is not a cancellation (trio's ``Cancelled``) wins, preferring a
-    `SwarmError`.
-    """
-    if not isinstance(exc, BaseExceptionGroup):
-        return exc
-    from swarm.client.model import unwrap_group
-    from swarm.errors import SwarmError
-
-    exc = unwrap_group(exc)
-    if not isinstance(exc, BaseExceptionGroup):
-        return exc
-    leaves = [_unwrap(inner) for inner in exc.exceptions]
-    for wanted in (SwarmError, Exception):
-        for leaf in leaves:
-            if isinstance(leaf, wanted):
-                return leaf
-    return leaves[0]
+    inner = unwrap_group(exc)
+    if isinstance(inner, BaseExceptionGroup):
+        interrupts = inner.subgroup(KeyboardInterrupt)
+        if interrupts is not None:
+            return unwrap_group(interrupts)
+    return inner
 
 
 def describe(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from swarm._version import __version__
 from swarm.errors import (
     ConfigError,
     DHTError,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from swarm.server.server import Server
     from swarm.types import LayerRange
 
-__version__ = "0.1.0"
 
 _LAZY = {
     "AsyncRemoteModel": "swarm.client.model",

@@ -19,7 +19,7 @@ where they happen and re-raised with ``from exc``.
     │       ├── PeerIdMismatch   the peer answering is not the one we dialed
     │       └── SwarmKeyMismatch the peer is not in our private swarm (or we are not in its)
     ├── ProtocolError            a peer sent bytes that do not follow the protocol
-    ├── RemoteError              a peer answered a call with an error (carries its type)
+    ├── RemoteError              a peer answered a call with an error (an `ErrorCode`)
     │   └── LimitExceeded        a server limit was reached (sessions, tokens, cache, rate)
     ├── DHTError                 the DHT could not do what was asked
     │   └── RecordError          a DHT record is malformed, forged, expired or too large
@@ -31,12 +31,15 @@ where they happen and re-raised with ``from exc``.
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectionClosed",
     "DHTError",
     "DeadlineExceeded",
+    "ErrorCode",
     "FraudDetected",
     "HandshakeError",
     "IdentityError",
@@ -52,6 +55,7 @@ __all__ = [
     "SwarmKeyMismatch",
     "TransportError",
     "VerificationError",
+    "unwrap_group",
 ]
 
 
@@ -103,16 +107,28 @@ class ProtocolError(SwarmError):
     """A peer sent a frame or message that does not follow the protocol."""
 
 
-class RemoteError(SwarmError):
-    """A peer answered a call with an error.
+class ErrorCode(enum.StrEnum):
+    """Why a remote call failed: the closed set of codes that cross the wire.
 
-    ``remote_type`` is the name of the exception class on the remote side (for example
-    ``"ShardError"``), ``message`` its text.
+    A server answers with one of these and a message written for the peer; exception class
+    names, tracebacks and internal texts stay in the server's log.
     """
 
-    def __init__(self, remote_type: str, message: str) -> None:
-        super().__init__(f"{remote_type}: {message}")
-        self.remote_type = remote_type
+    BAD_REQUEST = "bad_request"  # breaks the protocol or asks what no server could do
+    LIMIT_EXCEEDED = "limit_exceeded"  # sessions, cache, queue, rate: try elsewhere or later
+    SESSION = "session"  # unknown or expired session, a step out of order or late
+    FORBIDDEN = "forbidden"  # the caller may not do this (a push from a peer not named)
+    UNAVAILABLE = "unavailable"  # draining or shutting down: takes no new work
+    NOT_FOUND = "not_found"  # no such method
+    INTERNAL = "internal"  # a failure inside the server; details only in its log
+
+
+class RemoteError(SwarmError):
+    """A peer answered a call with an error: ``code`` (an `ErrorCode`) and ``message``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
         self.message = message
 
 
@@ -121,6 +137,9 @@ class LimitExceeded(RemoteError):
 
     The client can act on it: pick another server, wait, or shorten the request.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.LIMIT_EXCEEDED, message)
 
 
 class DHTError(SwarmError):
@@ -149,3 +168,24 @@ class FraudDetected(VerificationError):
     def __init__(self, message: str, evidence: object = None) -> None:
         super().__init__(message)
         self.evidence = evidence
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The one exception that matters inside (nested) exception groups, else ``exc``.
+
+    A group with one member is replaced by it, recursively. Of a group with several, the first
+    leaf that is a `SwarmError` wins, else the first `Exception` (never a cancellation such as
+    trio's ``Cancelled``, which is a ``BaseException``): the others are side effects of the
+    same failure, siblings cancelled or broken by it. A group of cancellations only is
+    returned as it is. The one place swarm unwraps the groups that nurseries raise.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = [unwrap_group(inner) for inner in exc.exceptions]
+    for wanted in (SwarmError, Exception):
+        for leaf in leaves:
+            if isinstance(leaf, wanted) and not isinstance(leaf, BaseExceptionGroup):
+                return leaf
+    return exc

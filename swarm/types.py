@@ -13,6 +13,7 @@ This is the bottom of the import order (DESIGN §2): it imports nothing of swarm
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -27,6 +28,7 @@ __all__ = [
     "DtypeName",
     "LayerRange",
     "PeerId",
+    "ServerState",
     "b58decode",
     "b58encode",
     "format_address",
@@ -139,6 +141,18 @@ class LayerRange:
 
     def __str__(self) -> str:
         return f"{self.start}:{self.stop}"
+
+
+class ServerState(enum.StrEnum):
+    """Where a server is in its life; announced in the DHT and answered to ``info``.
+
+    ``joining`` (loading and measuring; routes avoid it), ``online`` (takes sessions),
+    ``draining`` (a clean stop is under way: finishes its sessions, takes no new ones).
+    """
+
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import trio
 
 from swarm.types import PeerId
+from swarm.verify.reputation import ban_length
 
 __all__ = ["BanList"]
 
@@ -36,7 +37,7 @@ class BanList:
         """Ban ``peer`` once more; returns the ban's length in seconds."""
         failures = self._failures.get(peer, 0) + 1
         self._failures[peer] = failures
-        length = min(self.base_s * self.factor ** (failures - 1), self.max_s)
+        length = ban_length(failures, self.base_s, self.factor, self.max_s)
         self._until[peer] = self._clock() + length
         return length
 

@@ -10,7 +10,7 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.types import FLOAT_DTYPES, DtypeName, parse_address, torch_dtype
-from swarm.verify.policy import parse_policy
+from swarm.verify.policy import VerifyPolicy, parse_policy
 
 __all__ = ["ClientConfig", "WireDtype"]
 
@@ -119,6 +119,11 @@ class ClientConfig:
         parse_policy(self.verify)
         if self.wire_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+
+    @property
+    def policy(self) -> VerifyPolicy:
+        """``verify`` parsed (checked when the config was made)."""
+        return parse_policy(self.verify)
 
     @property
     def torch_wire_dtype(self) -> torch.dtype:

@@ -1,36 +1,31 @@
 """Finding servers: DHT announcements decoded into `ServerView`s, and the client's pings.
 
-Every server announces, under ``"<model_id>/block/<i>"`` for each block ``i`` it serves, a
-record whose value is a `ServerAnnouncement` (the record's subkey is its `PeerId`). The
-client fetches every block key, drops records that do not decode or contradict the key they
-were found under, and merges what is left into one `ServerView` per peer.
+The client fetches every block key of the model and turns the records into one `ServerView`
+per peer with `swarm.directory.servers_from_records` (the same strict decoder the servers
+use).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.routing import ServerView
 from swarm.dht.node import DHTNode
-from swarm.dht.records import Record
-from swarm.errors import DHTError, ProtocolError, SwarmError
-from swarm.net.messages import InfoRequest, InfoResponse, ServerAnnouncement, message_from_wire
+from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.errors import DHTError, SwarmError
+from swarm.net.messages import InfoRequest, InfoResponse
 from swarm.net.pool import ConnectionPool
-from swarm.types import PeerId, format_address, parse_address
+from swarm.types import PeerId, ServerState, parse_address
 
 __all__ = [
     "Discovery",
     "PingTable",
     "ServerDirectory",
     "StaticDirectory",
-    "block_keys",
-    "servers_from_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,67 +53,6 @@ class StaticDirectory:
 
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         return list(self._servers)
-
-
-def block_keys(model_id: str, num_layers: int) -> list[str]:
-    """The DHT keys a model's servers announce under, one per block."""
-    return [f"{model_id}/block/{i}" for i in range(num_layers)]
-
-
-def servers_from_records(
-    records: Mapping[str, Mapping[PeerId, Record]], model_id: str, num_layers: int
-) -> list[ServerView]:
-    """One `ServerView` per announcing peer, from the records of the model's block keys.
-
-    A record is dropped (and logged) when its value is not a valid `ServerAnnouncement`, its
-    layer range does not contain the block of the key it was found under, or the range goes
-    past the model's ``num_layers``. Of a peer's records the one with the highest ``seq``
-    wins. Never raises for bad records.
-    """
-    best: dict[PeerId, tuple[int, ServerAnnouncement]] = {}
-    for block, key in enumerate(block_keys(model_id, num_layers)):
-        for peer, record in records.get(key, {}).items():
-            announcement = _decode(record, block, num_layers)
-            if announcement is None:
-                continue
-            held = best.get(peer)
-            if held is None or record.seq > held[0]:
-                best[peer] = (record.seq, announcement)
-    return [_view(peer, ann) for peer, (_seq, ann) in best.items()]
-
-
-def _decode(record: Record, block: int, num_layers: int) -> ServerAnnouncement | None:
-    if record.value is None:
-        return None
-    try:
-        ann: ServerAnnouncement = message_from_wire(
-            dict(record.value), "announcement", expect=ServerAnnouncement
-        )
-    except ProtocolError as exc:
-        log.info("dropping announcement of %s under %s: %s", record.peer_id, record.key, exc)
-        return None
-    if not ann.layer_range.start <= block < ann.layer_range.stop:
-        log.info("dropping announcement of %s: %s found under block %d", record.peer_id,
-                 ann.layer_range, block)  # fmt: skip
-        return None
-    if ann.layer_range.stop > num_layers or not math.isfinite(ann.throughput):
-        log.info("dropping announcement of %s: bad range or throughput", record.peer_id)
-        return None
-    return ann
-
-
-def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
-    return ServerView(
-        peer_id=peer,
-        address=format_address(ann.host, ann.port),
-        layers=ann.layer_range,
-        throughput=ann.throughput,
-        free_cache_tokens=ann.free_cache_tokens,
-        active_sessions=ann.active_sessions,
-        state=ann.state,
-        next_pings={p.peer_id: p.rtt for p in ann.next_pings},
-        dtype=ann.dtype,
-    )
 
 
 class PingTable:
@@ -201,7 +135,8 @@ class Discovery:
 
     async def measure_pings(self) -> None:
         """Ping the online servers (at most ``ping_max_servers``) concurrently."""
-        targets = [s for s in self._servers if s.state == "online"][: self.config.ping_max_servers]
+        online = [s for s in self._servers if s.state == ServerState.ONLINE]
+        targets = online[: self.config.ping_max_servers]
         limit = trio.Semaphore(self.config.ping_concurrency)
 
         async def one(server: ServerView) -> None:

@@ -38,16 +38,17 @@ from swarm.client.session import InferenceSession
 from swarm.client.text import StopText, load_tokenizer
 from swarm.client.verifying import VerifiedSessions
 from swarm.dht import DHTConfig, DHTNode
-from swarm.errors import ConfigError
+from swarm.directory import DHTEvidenceBoard
+from swarm.errors import ConfigError, unwrap_group
 from swarm.net.messages import (
     Evidence,
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
 from swarm.shards import Head, ModelConfig, load_head, model_id
-from swarm.verify.verifier import Verifier
+from swarm.verify import EvidenceSink, Verifier, VerifierStatistics
 
-__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "TokenStream", "unwrap_group"]
+__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "TokenStream"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class GenerationResult:
     recoveries: int = 0
     stop_reason: str = "length"
     rollbacks: int = 0  # times verification proved a lie and generation went back
-    verification: dict[str, Any] = field(default_factory=dict)
+    verification: VerifierStatistics | None = None  # None under the policy ``none``
 
 
 def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
@@ -91,13 +92,6 @@ def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def unwrap_group(exc: BaseException) -> BaseException:
-    """The single exception inside (nested) one-member exception groups, else ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -146,6 +140,7 @@ class AsyncRemoteModel:
         tokenizer: Tokenizer | None,
         pool: ConnectionPool,
         directory: ServerDirectory,
+        evidence_sink: EvidenceSink | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -157,8 +152,9 @@ class AsyncRemoteModel:
         self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         self.rng = random.Random()
         self.sessions = VerifiedSessions(
-            config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers
-        )
+            config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers,
+            evidence_sink,
+        )  # fmt: skip
 
     @property
     def verifier(self) -> Verifier | None:
@@ -205,7 +201,8 @@ class AsyncRemoteModel:
                 )
                 async with DHTNode.open(config.identity, dht_config) as dht:
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
-                    yield cls(folder, config, model_config, head, tokenizer, pool, found)
+                    board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
+                    yield cls(folder, config, model_config, head, tokenizer, pool, found, board)
         except BaseExceptionGroup as group:
             _reraise(group)
 

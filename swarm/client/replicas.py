@@ -56,7 +56,10 @@ class Replicas:
         """Relay each hop's last input to its replicas, all at once."""
 
         async def one(k: int, i: int, replica: InferenceSession) -> None:
-            x, pos = main.hops[k].inputs[-1]
+            last = main.hop_progress(k).last_input
+            if last is None:
+                return
+            x, pos = last
             try:
                 await replica.step(x, pos)
             except (RoutingError, SessionError) as exc:
@@ -65,7 +68,7 @@ class Replicas:
 
         async with trio.open_nursery() as nursery:
             for k, replicas in self.by_hop.items():
-                if k >= len(main.hops) or main.route[k].layers != replicas[0][0]:
+                if k >= len(main.route) or main.route[k].layers != replicas[0][0]:
                     continue  # the main route changed under this hop: replicas no longer match
                 for i, (_, replica) in enumerate(replicas):
                     nursery.start_soon(one, k, i, replica)

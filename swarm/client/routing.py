@@ -25,27 +25,13 @@ import heapq
 import itertools
 import random
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from swarm.directory import ServerView
 from swarm.errors import RoutingError
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = ["Hop", "RouteCosts", "ServerView", "plan_route", "route_cost"]
-
-
-@dataclass(frozen=True)
-class ServerView:
-    """What the client knows about one server when it plans a route."""
-
-    peer_id: PeerId
-    address: str
-    layers: LayerRange
-    throughput: float  # tokens per second through the whole span
-    free_cache_tokens: int
-    active_sessions: int = 0
-    state: str = "online"
-    next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
-    dtype: str = "float32"  # what the server computes in
 
 
 @dataclass(frozen=True)
@@ -114,7 +100,7 @@ def plan_route(
     usable = [
         s
         for s in servers
-        if s.state == "online"
+        if s.state == ServerState.ONLINE
         and s.peer_id not in banned
         and s.free_cache_tokens >= cache_tokens_needed
         and s.throughput > 0

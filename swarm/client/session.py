@@ -21,7 +21,6 @@ import random
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import trio
@@ -32,6 +31,7 @@ from swarm.client.discovery import ServerDirectory
 from swarm.client.routing import Hop, plan_route
 from swarm.errors import (
     DeadlineExceeded,
+    ErrorCode,
     ProtocolError,
     RemoteError,
     RoutingError,
@@ -52,12 +52,10 @@ from swarm.net.rpc import RpcStream
 from swarm.types import LayerRange, PeerId, parse_address
 from swarm.verify.receipts import check_receipt
 
-__all__ = ["HopFailure", "InferenceSession"]
+__all__ = ["HopFailure", "HopProgress", "InferenceSession", "SessionStatistics"]
 
 log = logging.getLogger(__name__)
 
-# Remote errors that mean *our* request was wrong: another server would refuse it too.
-_CLIENT_BUGS = frozenset({"ProtocolError", "ShardError", "ConfigError"})
 
 
 class HopFailure(Exception):
@@ -92,6 +90,25 @@ class _HopState:
         return PushTarget(self.hop.server.peer_id, host, port, self.session_id)
 
 
+@dataclass(frozen=True)
+class HopProgress:
+    """Where one hop of a session stands after its last step (what verification reads)."""
+
+    hop: Hop
+    steps: int  # entries in its history (a replay counts as one)
+    last_input: tuple[torch.Tensor, torch.Tensor] | None  # (batch, n, hidden), (batch, n)
+    last_receipt: Receipt | None  # the server's signed receipt for its last step
+    last_seconds: float | None  # how long its last step took
+
+
+@dataclass(frozen=True)
+class SessionStatistics:
+    steps: int
+    recoveries: int
+    failures: tuple[str, ...]
+    hop_seconds: tuple[tuple[float, ...], ...]
+
+
 class InferenceSession:
     """A pipeline through servers covering ``layers``; make one with `InferenceSession.open`.
 
@@ -119,7 +136,7 @@ class InferenceSession:
         self.batch_size = batch_size
         self.bans = bans
         self.rng = rng
-        self.hops: list[_HopState] = []
+        self._hops: list[_HopState] = []
         self.step_count = 0
         self.recoveries = 0
         self.failures: list[str] = []
@@ -153,7 +170,7 @@ class InferenceSession:
         )
         session.excluded = set(excluded)
         try:
-            session.hops = await session._open_range(layers, 0, None)
+            session._hops = await session._open_range(layers, 0, None, None)
             session.routes.append(session.route)
             yield session
         finally:
@@ -163,28 +180,39 @@ class InferenceSession:
     @property
     def route(self) -> list[Hop]:
         """The hops in use now."""
-        return [state.hop for state in self.hops]
+        return [state.hop for state in self._hops]
 
     def hop_history(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hop ``k``'s whole history: inputs ``(batch, T, hidden)``, positions ``(batch, T)``
         and the outputs it returned ``(batch, T, hidden)``, in the order they were sent."""
-        state = self.hops[k]
+        state = self._hops[k]
         x = torch.cat([h.float() for h, _ in state.inputs], dim=1)  # (batch, T, hidden)
         pos = torch.cat([p for _, p in state.inputs], dim=1)  # (batch, T)
         out = torch.cat([o.float() for o in state.outputs], dim=1)  # (batch, T, hidden)
         return x, pos, out
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "steps": self.step_count,
-            "recoveries": self.recoveries,
-            "failures": list(self.failures),
-            "hop_seconds": [list(state.seconds) for state in self.hops],
-        }
+    def hop_progress(self, k: int) -> HopProgress:
+        """Hop ``k``'s last step: its input, receipt and time (see `hop_history` for all)."""
+        state = self._hops[k]
+        return HopProgress(
+            hop=state.hop,
+            steps=len(state.inputs),
+            last_input=state.inputs[-1] if state.inputs else None,
+            last_receipt=state.receipts[-1] if state.receipts else None,
+            last_seconds=state.seconds[-1] if state.seconds else None,
+        )
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            steps=self.step_count,
+            recoveries=self.recoveries,
+            failures=tuple(self.failures),
+            hop_seconds=tuple(tuple(state.seconds) for state in self._hops),
+        )
 
     async def aclose(self) -> None:
         """End every hop's stream (quietly: a dead hop has nothing left to close)."""
-        hops, self.hops = self.hops, []
+        hops, self._hops = self._hops, []
         for state in hops:
             await _close_hop(state)
 
@@ -201,8 +229,8 @@ class InferenceSession:
         step = self.step_count
         x = hidden.to(self.config.torch_wire_dtype)  # (batch, seq, hidden)
         k, explicit = 0, True
-        while k < len(self.hops):
-            state = self.hops[k]
+        while k < len(self._hops):
+            state = self._hops[k]
             send_now = explicit or not self.config.use_push
             try:
                 out = await self._hop_step(state, step, x, positions, send_now)
@@ -243,7 +271,7 @@ class InferenceSession:
         except trio.EndOfChannel as exc:
             raise HopFailure(state.hop, ProtocolError("the server ended the stream")) from exc
         except RemoteError as exc:
-            if exc.remote_type in _CLIENT_BUGS:
+            if exc.code is ErrorCode.BAD_REQUEST:  # our request: another server would refuse it too
                 raise SessionError(
                     f"{state.hop.server.address} refused step {step}: {exc}"
                 ) from exc
@@ -266,7 +294,7 @@ class InferenceSession:
             raise ProtocolError(
                 f"result of shape {list(out.shape)} {out.dtype}, expected {list(x.shape)}"
             )
-        if self.config.verify != "none":  # receipts cost a hash and a signature check
+        if self.config.policy.checks_receipts:  # receipts cost a hash and a signature check
             try:
                 check_receipt(result.receipt, state.hop.server.peer_id, layers=state.hop.layers,
                               step=step, outputs=out)  # fmt: skip
@@ -297,9 +325,14 @@ class InferenceSession:
         raise RoutingError(f"{error} ({banned} servers banned after failures)") from error
 
     async def _open_range(
-        self, layers: LayerRange, first_step: int, next_target: PushTarget | None
+        self,
+        layers: LayerRange,
+        first_step: int,
+        next_target: PushTarget | None,
+        push_from: PeerId | None,
     ) -> list[_HopState]:
-        """Open sub-sessions covering ``layers``, pushing on to ``next_target``.
+        """Open sub-sessions covering ``layers``, pushing on to ``next_target``; the first
+        takes pushes from ``push_from`` only (the server before ``layers``; None: none).
 
         A server that fails to open is banned and the rest of the range re-planned, up to
         ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
@@ -309,7 +342,8 @@ class InferenceSession:
         try:
             while start < layers.stop:
                 plan = await self._plan(LayerRange(start, layers.stop))
-                states, failure = await self._open_plan(plan, first_step, next_target)
+                before = opened[-1].hop.server.peer_id if opened else push_from
+                states, failure = await self._open_plan(plan, first_step, next_target, before)
                 opened += states
                 start = states[-1].hop.layers.stop if states else start
                 if failure is not None:
@@ -329,7 +363,11 @@ class InferenceSession:
         return opened
 
     async def _open_plan(
-        self, plan: list[Hop], first_step: int, next_target: PushTarget | None
+        self,
+        plan: list[Hop],
+        first_step: int,
+        next_target: PushTarget | None,
+        push_from: PeerId | None,
     ) -> tuple[list[_HopState], HopFailure | None]:
         """Open every hop of ``plan`` at once (one round trip, not one per hop).
 
@@ -341,8 +379,9 @@ class InferenceSession:
 
         async def one(i: int) -> None:
             push_to = _target(plan[i + 1], ids[i + 1]) if i + 1 < len(plan) else next_target
+            pusher = plan[i - 1].server.peer_id if i > 0 else push_from
             try:
-                results[i] = await self._open_hop(plan[i], ids[i], push_to, first_step)
+                results[i] = await self._open_hop(plan[i], ids[i], push_to, pusher, first_step)
             except HopFailure as failure:
                 results[i] = failure
 
@@ -369,7 +408,12 @@ class InferenceSession:
         return opened, failure
 
     async def _open_hop(
-        self, hop: Hop, session_id: bytes, push_to: PushTarget | None, first_step: int
+        self,
+        hop: Hop,
+        session_id: bytes,
+        push_to: PushTarget | None,
+        push_from: PeerId | None,
+        first_step: int,
     ) -> _HopState:
         """Dial, open the stream, wait for `InferenceReady`. Raises `HopFailure`."""
         cfg = self.config
@@ -392,6 +436,7 @@ class InferenceSession:
                     layer_range=hop.layers,
                     push_to=push_to if cfg.use_push else None,
                     first_step=first_step,
+                    push_from=push_from if cfg.use_push else None,
                 )
             )
             ready = await stream.receive(InferenceReady, timeout=cfg.request_timeout)
@@ -429,6 +474,13 @@ class InferenceSession:
         except TransportError as exc:
             log.info("could not update the push target of %s: %s", state.hop.server.peer_id, exc)
 
+    async def _set_pusher(self, state: _HopState, peer: PeerId, step: int) -> None:
+        """Tell a hop whose predecessor changed whose pushes to take (best effort)."""
+        try:
+            await state.stream.send(InferenceStep(step, push_from=peer))
+        except TransportError as exc:
+            log.info("could not update the pusher of %s: %s", state.hop.server.peer_id, exc)
+
     def _ban(self, failure: HopFailure) -> None:
         seconds = self.bans.ban(failure.hop.server.peer_id)
         self.failures.append(str(failure))
@@ -456,10 +508,11 @@ class InferenceSession:
 
     async def _replace(self, k: int, step: int) -> None:
         """Open replacements for hop ``k``, replay its history, splice them in."""
-        failed = self.hops[k]
-        next_target = self.hops[k + 1].target if k + 1 < len(self.hops) else None
+        failed = self._hops[k]
+        next_target = self._hops[k + 1].target if k + 1 < len(self._hops) else None
+        before = self._hops[k - 1].hop.server.peer_id if k > 0 else None
         replay_step = step - 1 if failed.inputs else step
-        new = await self._open_range(failed.hop.layers, replay_step, next_target)
+        new = await self._open_range(failed.hop.layers, replay_step, next_target, before)
         try:
             if failed.inputs:
                 x = torch.cat([h for h, _ in failed.inputs], dim=1)  # (batch, history, hidden)
@@ -475,10 +528,13 @@ class InferenceSession:
                 for state in new:
                     await _close_hop(state)
             raise
-        self.hops[k : k + 1] = new
+        self._hops[k : k + 1] = new
         await _close_hop(failed)
         if k > 0:
-            await self._set_push(self.hops[k - 1], new[0].target, step)
+            await self._set_push(self._hops[k - 1], new[0].target, step)
+        after = k + len(new)
+        if after < len(self._hops) and self.config.use_push:
+            await self._set_pusher(self._hops[after], new[-1].hop.server.peer_id, step)
         self.routes.append(self.route)
         log.info("replaced %s with %d hop(s) at step %d", failed.hop.server.peer_id, len(new), step)
 

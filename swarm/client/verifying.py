@@ -3,8 +3,9 @@
 The glue between `InferenceSession` (hops, per-hop histories, receipts) and `swarm.verify`
 (which decides, votes and remembers): it opens sessions that avoid banned peers (and, under
 ``redundant:K``, their replicas), lists the servers that can re-run a hop, runs stateless
-forwards on them, turns proven lies into signed evidence (published in the DHT, material
-kept in ``evidence_dir``) and saves reputation.
+forwards on them, and saves reputation. Proven lies become signed evidence in the
+verifier's `EvidenceReporter`, published through the ``evidence_sink`` it is given (the
+DHT's `DHTEvidenceBoard` when the client has a DHT; material kept in ``evidence_dir``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from pathlib import Path
 
 import torch
-import trio
 
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
 from swarm.client.replicas import Replicas
-from swarm.client.routing import ServerView
 from swarm.client.session import InferenceSession
-from swarm.dht import DHTNode
+from swarm.directory import ServerView
 from swarm.errors import SwarmError
 from swarm.net.messages import (
     Evidence,
@@ -32,31 +31,39 @@ from swarm.net.messages import (
     ForwardResponse,
     InfoRequest,
     InfoResponse,
-    encode_message,
 )
 from swarm.net.pool import ConnectionPool
-from swarm.types import LayerRange, PeerId, parse_address
-from swarm.verify.audit import AuditResult, Candidate, HopRecord
-from swarm.verify.ledger import FileLedger
-from swarm.verify.material import publish_material
-from swarm.verify.policy import parse_policy
-from swarm.verify.receipts import EvidenceFile, evidence_digest, make_evidence
-from swarm.verify.reputation import Reputation
-from swarm.verify.verifier import HopObservation, Verifier
+from swarm.types import LayerRange, PeerId, ServerState, parse_address
+from swarm.verify import (
+    Candidate,
+    EvidenceReporter,
+    EvidenceSink,
+    FileLedger,
+    HopObservation,
+    HopRecord,
+    PolicyKind,
+    Reputation,
+    Verifier,
+)
 
 __all__ = ["VerifiedSessions", "make_verifier"]
 
 log = logging.getLogger(__name__)
 
 
-def make_verifier(config: ClientConfig) -> Verifier | None:
-    policy = parse_policy(config.verify)
-    if policy.kind == "none":
+def make_verifier(config: ClientConfig, sink: EvidenceSink | None = None) -> Verifier | None:
+    """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``."""
+    policy = config.policy
+    if policy.kind is PolicyKind.NONE:
         return None
     path = Path(config.reputation_path).expanduser() if config.reputation_path else None
     reputation = Reputation.load(path) if path is not None else Reputation()
     ledger = FileLedger(config.ledger_path) if config.ledger_path else None
-    return Verifier(policy, reputation, ledger, rng=random.Random(config.verify_seed))
+    evidence_dir = Path(config.evidence_dir) if config.evidence_dir is not None else None
+    reporter = EvidenceReporter(config.identity, evidence_dir, sink)
+    return Verifier(
+        policy, reputation, ledger, rng=random.Random(config.verify_seed), reporter=reporter
+    )
 
 
 class VerifiedSessions:
@@ -70,6 +77,7 @@ class VerifiedSessions:
         bans: BanList,
         rng: random.Random,
         num_layers: int,
+        evidence_sink: EvidenceSink | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -77,13 +85,16 @@ class VerifiedSessions:
         self.bans = bans
         self.rng = rng
         self.num_layers = num_layers
-        self.verifier = make_verifier(config)
-        self.published_evidence: list[Evidence] = []
+        self.verifier = make_verifier(config, evidence_sink)
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
         self._replicas: Replicas | None = None
-        if self.verifier is not None:
-            self.verifier.on_evidence = self._evidence
+
+    @property
+    def published_evidence(self) -> list[Evidence]:
+        """Evidence this client signed against proven liars, in order."""
+        reporter = self.verifier.reporter if self.verifier is not None else None
+        return list(reporter.published) if reporter is not None else []
 
     def save_reputation(self) -> None:
         assert self.verifier is not None
@@ -114,7 +125,7 @@ class VerifiedSessions:
         for view in await self.directory.servers():
             self._views[view.peer_id] = view
             inside = view.layers.start <= layers.start and layers.stop <= view.layers.stop
-            if inside and view.state == "online" and view.peer_id not in banned:
+            if inside and view.state == ServerState.ONLINE and view.peer_id not in banned:
                 out.append(Candidate(view.peer_id, await self._dtype(view)))
         return out
 
@@ -139,65 +150,23 @@ class VerifiedSessions:
         records = []
         for k, hop in enumerate(session.route):
             x, pos, out = session.hop_history(k)
-            dtype = await self._dtype(hop.server)
-            state = session.hops[k]
-            step_tokens = state.inputs[-1][0].shape[1] if state.inputs else 0
-            receipt = state.receipts[-1] if state.receipts else None
+            progress = session.hop_progress(k)
+            step_tokens = progress.last_input[0].shape[1] if progress.last_input else 0
             replicas = tuple(self._replicas.peers(hop.layers)) if self._replicas else ()
             records.append(
                 HopRecord(
-                    hop.server.peer_id,
-                    dtype,
-                    hop.layers,
-                    x,
-                    pos,
-                    out,
-                    receipt,
-                    step_tokens,
-                    replicas,
+                    peer_id=hop.server.peer_id,
+                    dtype=await self._dtype(hop.server),
+                    layers=hop.layers,
+                    inputs=x,
+                    positions=pos,
+                    outputs=out,
+                    receipt=progress.last_receipt,
+                    step_tokens=step_tokens,
+                    replicas=replicas,
                 )
             )
         return records
-
-    async def _evidence(self, record: HopRecord, result: AuditResult) -> str | None:
-        """Sign evidence against the liar's last receipt, keep its material, publish it.
-
-        Returns the evidence digest (None without a receipt). Publishing is best effort.
-        """
-        if record.receipt is None or result.reference is None or record.step_tokens == 0:
-            return None
-        tail = slice(record.inputs.shape[1] - record.step_tokens, None)
-        evidence = make_evidence(
-            self.config.identity,
-            record.receipt,
-            record.inputs,
-            record.positions,
-            result.first_bad_position or 0,
-            result.reference[:, tail],
-            len(result.honest),
-        )
-        digest = evidence_digest(evidence)
-        if self.config.evidence_dir is not None:
-            material = EvidenceFile(
-                record.inputs, record.positions, record.inputs[:, tail], record.outputs[:, tail]
-            )
-            material.save(Path(self.config.evidence_dir).expanduser(), evidence)
-        dht = getattr(self.directory, "dht", None)
-        if isinstance(dht, DHTNode):
-            model = record.receipt.model_id
-            material = EvidenceFile(
-                record.inputs, record.positions, record.inputs[:, tail], record.outputs[:, tail]
-            )
-            try:
-                with trio.move_on_after(self.config.request_timeout):
-                    await dht.announce(
-                        f"{model}/evidence", {"evidence": encode_message(evidence)}, ttl=3600.0
-                    )
-                    await publish_material(dht, model, digest, material, ttl=3600.0)
-            except SwarmError as exc:
-                log.info("could not publish evidence: %s", exc)
-        self.published_evidence.append(evidence)
-        return digest
 
     async def check_step(self, session: InferenceSession, new_tokens: int, step: int) -> int | None:
         """Spot-check / redundant after one step; the position to roll back to, if any."""
@@ -208,18 +177,16 @@ class VerifiedSessions:
             await self._replicas.step(session)
         observed = []
         for k, record in enumerate(await self._hop_records(session)):
-            seconds = session.hops[k].seconds
+            seconds = session.hop_progress(k).last_seconds
             throughput = session.route[k].server.throughput
-            observed.append(
-                HopObservation(record, new_tokens, seconds[-1] if seconds else 1.0, throughput)
-            )
+            observed.append(HopObservation(record, new_tokens, seconds or 1.0, throughput))
         verdict = await verifier.check_step(observed, step, self._candidates, self._forward)
         return verdict.rollback_position
 
     async def challenge(self, session: InferenceSession, step: int) -> int | None:
         """Optimistic: challenge every hop over its whole history before returning."""
         verifier = self.verifier
-        if verifier is None or verifier.policy.kind != "optimistic":
+        if verifier is None or verifier.policy.kind is not PolicyKind.OPTIMISTIC:
             return None
         records = await self._hop_records(session)
         verdict = await verifier.check_session(records, step, self._candidates, self._forward)
@@ -241,7 +208,7 @@ class VerifiedSessions:
 
         async with AsyncExitStack() as stack:
             session = await stack.enter_async_context(open_range(layers, ()))
-            if self.verifier is not None and self.verifier.policy.kind == "redundant":
+            if self.verifier is not None and self.verifier.policy.kind is PolicyKind.REDUNDANT:
                 self._replicas = Replicas(open_range, stack)
                 await self._replicas.open_for(session, self.verifier.policy.replicas - 1)
             try:

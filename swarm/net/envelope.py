@@ -2,7 +2,8 @@
 
 ``kind`` says who sends it and what it is (`Kind`), ``call_id`` names the call in both
 directions, ``method`` is set on the messages that start a call, ``body`` is a `Message` map
-or nil. Errors travel as `ErrorResponse` bodies and become typed `RemoteError`s here.
+or nil. Errors travel as `ErrorResponse` bodies (an `ErrorCode` and a safe message) and
+become `RemoteError`s here; `error_body` decides what of an exception a peer may see.
 """
 
 from __future__ import annotations
@@ -11,10 +12,26 @@ import enum
 import re
 from typing import Any
 
-from swarm.errors import LimitExceeded, ProtocolError, RemoteError
+from swarm.errors import (
+    ConfigError,
+    ErrorCode,
+    LimitExceeded,
+    ProtocolError,
+    RemoteError,
+    SessionError,
+    ShardError,
+)
 from swarm.net.messages import ErrorResponse, message_from_wire, unpack
 
-__all__ = ["FROM_CALLER", "Kind", "error_body", "parse_envelope", "remote_error"]
+__all__ = [
+    "FROM_CALLER",
+    "INTERNAL_MESSAGE",
+    "Kind",
+    "error_body",
+    "error_code",
+    "parse_envelope",
+    "remote_error",
+]
 
 _METHOD = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -56,16 +73,45 @@ def parse_envelope(data: bytes) -> tuple[Kind, int, str | None, Any]:
     return _KINDS[kind], call_id, method, body
 
 
+# Our own errors whose messages are written for the peer that caused them.
+_PEER_FACING: tuple[tuple[type[Exception], ErrorCode], ...] = (
+    (ProtocolError, ErrorCode.BAD_REQUEST),
+    (ShardError, ErrorCode.BAD_REQUEST),
+    (ConfigError, ErrorCode.BAD_REQUEST),
+    (SessionError, ErrorCode.SESSION),
+)
+INTERNAL_MESSAGE = "internal error (details are in the server's log)"
+_MAX_MESSAGE = 2048
+
+
 def remote_error(body: Any) -> RemoteError:
+    """The `RemoteError` (`LimitExceeded` for that code) an error body describes."""
     try:
         err = message_from_wire(body, "error", expect=ErrorResponse)
     except ProtocolError as exc:
-        return RemoteError("ProtocolError", f"malformed error reply: {exc}")
-    cls = LimitExceeded if err.remote_type == "LimitExceeded" else RemoteError
-    return cls(err.remote_type, err.message)
+        return RemoteError(ErrorCode.BAD_REQUEST, f"malformed error reply: {exc}")
+    if err.code is ErrorCode.LIMIT_EXCEEDED:
+        return LimitExceeded(err.message)
+    return RemoteError(err.code, err.message)
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    """The code a peer is told for ``exc``: `INTERNAL` for anything not meant for it."""
+    if isinstance(exc, RemoteError):
+        return exc.code
+    for kind, code in _PEER_FACING:
+        if isinstance(exc, kind):
+            return code
+    return ErrorCode.INTERNAL
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
-    remote_type = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
-    text = exc.message if isinstance(exc, RemoteError) else str(exc)
-    return ErrorResponse(remote_type[:128], text[:8192]).to_wire()
+    """The wire body for a failed call: a code and a safe message, never internal text."""
+    code = error_code(exc)
+    if isinstance(exc, RemoteError):
+        text = exc.message
+    elif code is ErrorCode.INTERNAL:
+        text = INTERNAL_MESSAGE
+    else:
+        text = str(exc)
+    return ErrorResponse(code, text[:_MAX_MESSAGE]).to_wire()

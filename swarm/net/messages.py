@@ -9,16 +9,19 @@ built from the annotations, so adding a type is a few declarative lines::
         verbose: bool = False
         limit: int = bounded(ge=0, le=100, default=10)
 
-Field types understood: ``int``, ``float``, ``bool``, ``str``, ``bytes``, ``torch.Tensor``
-(the tensor codec), ``LayerRange``, ``PeerId``, ``Literal[...]`` of strings, another
-`Message` (nested map), ``tuple[T, ...]`` and ``T | None``. `bounded` adds value ranges and
-length limits. Decoding raises only `ProtocolError`, naming the bad field: unknown or missing
-fields, wrong types, values out of range, an unknown tag or another protocol version.
+Field types understood: ``int``, ``float`` (finite only), ``bool``, ``str``, ``bytes``,
+``torch.Tensor`` (the tensor codec), ``LayerRange``, ``PeerId``, ``Literal[...]`` of strings,
+a ``StrEnum``, another `Message` (nested map), ``tuple[T, ...]`` and ``T | None``. `bounded`
+adds value ranges and length limits. Decoding raises only `ProtocolError`, naming the bad
+field: unknown or missing fields, wrong types, values out of range, an unknown tag or another
+protocol version.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -27,9 +30,9 @@ from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 import msgpack
 import torch
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.net.tensors import decode_tensor, encode_tensor
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -57,7 +60,7 @@ __all__ = [
     "message_from_wire",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: error codes, enum states, finite floats, push senders
 _INT64 = (-(2**63), 2**63 - 1)
 _DEFAULT_MAX_LEN = 1 << 16  # str / bytes / tuple items unless a field says otherwise
 
@@ -188,6 +191,8 @@ def _codec(tp: Any, meta: dict[str, Any]) -> tuple[Decoder, Encoder]:
         return _tuple_codec(tp, meta)
     if origin is Literal:
         return _literal_codec(typing.get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.StrEnum):
+        return _enum_codec(tp)
     if isinstance(tp, type) and issubclass(tp, Message):
         return (lambda v, path: message_from_wire(v, path, expect=tp)), (lambda v: v.to_wire())
     simple = _SIMPLE.get(tp)
@@ -222,6 +227,18 @@ def _literal_codec(choices: tuple[Any, ...]) -> tuple[Decoder, Encoder]:
     return decode, _identity
 
 
+def _enum_codec(kind: type[enum.StrEnum]) -> tuple[Decoder, Encoder]:
+    values = {member.value: member for member in kind}
+
+    def decode(v: object, path: str) -> Any:
+        member = values.get(v) if isinstance(v, str) else None
+        if member is None:
+            raise ProtocolError(f"{path}: {v!r:.40} is not one of {', '.join(values)}")
+        return member
+
+    return decode, str
+
+
 def _identity(v: Any) -> Any:
     return v
 
@@ -238,6 +255,8 @@ def _number_codec(kind: type, meta: dict[str, Any]) -> tuple[Decoder, Encoder]:
         if not isinstance(v, ok_types) or isinstance(v, bool):
             raise ProtocolError(f"{path}: expected {kind.__name__}, got {type(v).__name__}")
         value = kind(v)
+        if kind is float and not math.isfinite(value):
+            raise ProtocolError(f"{path}: {value!r} is not a finite number")
         if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
             raise ProtocolError(f"{path}: {value!r} out of range [{lo}, {hi}]")
         return value
@@ -313,10 +332,10 @@ _SESSION_ID = 64  # bytes
 
 @message("error")
 class ErrorResponse(Message):
-    """A call failed on the remote side: its exception type name and message."""
+    """A call failed on the remote side: a code from a closed set and a safe message."""
 
-    remote_type: str = bounded(max_len=128)
-    message: str = bounded(max_len=8192)
+    code: ErrorCode
+    message: str = bounded(max_len=2048)
 
 
 @message("info_request")
@@ -327,7 +346,7 @@ class InfoRequest(Message):
 @message("info_response")
 class InfoResponse(Message):
     layer_range: LayerRange
-    state: Literal["joining", "online", "draining"]
+    state: ServerState
     load: float = bounded(ge=0.0)
     free_cache_tokens: int = bounded(ge=0)
     version: str = bounded(max_len=64)
@@ -395,7 +414,8 @@ class InferenceOpen(Message):
 
     Steps are numbered from ``first_step`` (a replacement hop opened during recovery starts
     at the step its replayed history is sent as) and must then come one after another.
-    ``dtype`` is the dtype the client sends hidden states in.
+    ``dtype`` is the dtype the client sends hidden states in. ``push_from`` is the only peer
+    whose ``push`` the session takes (the previous hop's server); None: nobody pushes.
     """
 
     session_id: bytes = bounded(max_len=_SESSION_ID)
@@ -405,6 +425,7 @@ class InferenceOpen(Message):
     layer_range: LayerRange
     push_to: PushTarget | None = None
     first_step: int = bounded(ge=0, default=0)
+    push_from: PeerId | None = None
 
 
 @message("inference_ready")
@@ -421,13 +442,15 @@ class InferenceStep(Message):
 
     With ``hidden_states`` and ``positions``: the input of ``step`` (the server uses it
     unless a push delivered the same step first). Without them: only news, e.g. a new
-    ``push_to``. ``push_to`` replaces the session's push target from this step on.
+    ``push_to`` (replaces the session's push target from this step on) or a new
+    ``push_from`` (after the previous hop was replaced: only that peer may push now).
     """
 
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor | None = None  # (batch, new_tokens, hidden)
     positions: torch.Tensor | None = None  # (batch, new_tokens) int64
     push_to: PushTarget | None = None
+    push_from: PeerId | None = None
 
 
 @message("inference_step_result")
@@ -470,7 +493,7 @@ class ServerAnnouncement(Message):
     host: str = bounded(max_len=255)
     port: int = bounded(ge=1, le=65535)
     layer_range: LayerRange
-    state: Literal["joining", "online", "draining"]
+    state: ServerState
     dtype: str = bounded(max_len=16)
     throughput: float = bounded(ge=0.0)  # tokens per second for the whole span
     free_cache_tokens: int = bounded(ge=0)

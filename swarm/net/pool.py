@@ -6,6 +6,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -22,10 +23,16 @@ from swarm.types import PeerId
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConnectionPool", "open_connection_pool"]
+__all__ = ["ConnectionPool", "PoolStatistics", "open_connection_pool"]
 
 M = TypeVar("M", bound=Message)
 PoolKey = PeerId | tuple[str, int]
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    connections: int  # open channels now
+    dials: int  # handshakes made since start
 
 
 class ConnectionPool:
@@ -106,8 +113,8 @@ class ConnectionPool:
         conn = await self.get(host, port, expected_peer)
         return await conn.call(method, request, expect, timeout=timeout)
 
-    def statistics(self) -> dict[str, int]:
-        return {"connections": len(self._conns), "dials": self.dials}
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(connections=len(self._conns), dials=self.dials)
 
     async def aclose(self) -> None:
         """Close every pooled channel."""

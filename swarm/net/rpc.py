@@ -8,7 +8,7 @@ mix). ``body`` is a `Message` map (see `swarm.net.messages`) or nil.
 Handlers are methods named ``rpc_<method>`` on a handler object. A plain one takes
 ``(request, ctx)`` and returns a response message; one marked with `@stream_handler` takes
 ``(stream, ctx)`` and talks through an `RpcStream`. Exceptions raised by a handler reach the
-caller as `RemoteError` (remote type name and message; `LimitExceeded` for a remote
+caller as `RemoteError` (an `ErrorCode` and a safe message; `LimitExceeded` for a remote
 ``LimitExceeded``).
 
 Every call has a deadline (``NetConfig.call_timeout`` unless given): `DeadlineExceeded`. A
@@ -33,17 +33,26 @@ import trio
 from swarm.errors import (
     ConnectionClosed,
     DeadlineExceeded,
+    ErrorCode,
     LimitExceeded,
     ProtocolError,
+    RemoteError,
     SwarmError,
 )
 from swarm.net.channel import SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.envelope import FROM_CALLER, Kind, error_body, parse_envelope, remote_error
+from swarm.net.envelope import (
+    FROM_CALLER,
+    Kind,
+    error_body,
+    error_code,
+    parse_envelope,
+    remote_error,
+)
 from swarm.net.messages import Message, message_from_wire
 from swarm.types import PeerId
 
-__all__ = ["CallContext", "RpcConnection", "RpcStream", "stream_handler"]
+__all__ = ["CallContext", "RpcConnection", "RpcStatistics", "RpcStream", "stream_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,14 @@ def stream_handler(fn: F) -> F:
     fn._rpc_stream = True  # type: ignore[attr-defined]
     return fn
 
+
+@dataclass(frozen=True)
+class RpcStatistics:
+    pending_calls: int  # our unary calls waiting for answers
+    open_streams: int  # our streams open
+    serving: int  # the peer's calls our handlers run now
+    calls_made: int
+    calls_served: int
 
 @dataclass(frozen=True)
 class CallContext:
@@ -169,14 +186,14 @@ class RpcConnection:
     def is_closed(self) -> bool:
         return self._closed or self.channel.is_closed
 
-    def statistics(self) -> dict[str, int]:
-        return {
-            "pending_calls": len(self._pending),
-            "open_streams": len(self._streams),
-            "serving": len(self._serving),
-            "calls_made": self.calls_made,
-            "calls_served": self.calls_served,
-        }
+    def statistics(self) -> RpcStatistics:
+        return RpcStatistics(
+            pending_calls=len(self._pending),
+            open_streams=len(self._streams),
+            serving=len(self._serving),
+            calls_made=self.calls_made,
+            calls_served=self.calls_served,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read and dispatch until the channel closes. Runs handler tasks in its own nursery."""
@@ -349,7 +366,7 @@ class RpcConnection:
             stream._end()
         elif stream is not None and kind == Kind.C_DATA and not stream._deliver("data", body):
             scope.cancel()
-            full = LimitExceeded("LimitExceeded", "stream buffer full; the stream was cancelled")
+            full = LimitExceeded("stream buffer full; the stream was cancelled")
             self._reply_error(call_id, full)
 
     def _start_handler(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
@@ -358,11 +375,11 @@ class RpcConnection:
         handler = self._lookup(method)
         is_stream = bool(getattr(handler, "_rpc_stream", False))
         if handler is None:
-            error = ProtocolError(f"unknown method {method!r}")
+            error = RemoteError(ErrorCode.NOT_FOUND, f"unknown method {method!r:.70}")
         elif is_stream != (kind == Kind.OPEN):
             error = ProtocolError(f"method {method!r} is {'' if is_stream else 'not '}a stream")
         elif len(self._serving) >= self._config.max_concurrent_calls:
-            error = LimitExceeded("LimitExceeded", "too many concurrent calls on this channel")
+            error = LimitExceeded("too many concurrent calls on this channel")
         elif call_id in self._serving:
             error = ProtocolError(f"call id {call_id} is already in use")
         one_way = kind == Kind.NOTIFY
@@ -436,8 +453,10 @@ class RpcConnection:
                         )
                     reply = [Kind.RESULT, call_id, None, response.to_wire()]
             except Exception as exc:
-                if not isinstance(exc, SwarmError):
+                if error_code(exc) is ErrorCode.INTERNAL:
                     log.exception("handler rpc_%s failed", ctx.method)
+                else:
+                    log.info("rpc_%s from %s: %s", ctx.method, ctx.peer_id, exc)
                 reply = [Kind.ERROR, call_id, None, error_body(exc)]
         self._serving.pop(call_id, None)
         if one_way:

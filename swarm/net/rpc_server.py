@@ -250,4 +250,4 @@ class RpcServer:
 def _busy(conn: RpcConnection) -> bool:
     """A call or stream is in flight on the channel, in either direction."""
     stats = conn.statistics()
-    return bool(stats["pending_calls"] or stats["open_streams"] or stats["serving"])
+    return bool(stats.pending_calls or stats.open_streams or stats.serving)

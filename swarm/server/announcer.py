@@ -1,6 +1,6 @@
 """Telling the swarm about this server: DHT announcements, next-hop pings, throughput.
 
-A server announces one record per block it serves, under ``"<model_id>/block/<i>"``, with
+A server announces one record per block it serves, under `swarm.directory.block_key`, with
 a TTL of `ServerConfig.announce_ttl`, and re-announces every half TTL, so a server that
 dies vanishes from the DHT within one TTL. Each record carries the round-trip times to up
 to `MAX_PINGS` servers of the block right after our range, which the client's route
@@ -12,55 +12,30 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import trio
 
 from swarm.dht import DHTNode
-from swarm.errors import ProtocolError, SwarmError
-from swarm.net.messages import (
-    InfoRequest,
-    InfoResponse,
-    PingEntry,
-    ServerAnnouncement,
-    message_from_wire,
-)
+from swarm.directory import ServerView, block_key, block_keys, servers_from_records
+from swarm.errors import SwarmError
+from swarm.net.messages import InfoRequest, InfoResponse, PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
     "MAX_PINGS",
     "Announcer",
-    "block_key",
     "choose_layers",
-    "decode_announcements",
     "measure_throughput",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_PINGS = 5
-
-
-def block_key(model_id: str, block: int) -> str:
-    """The DHT key under which the servers of one block announce themselves."""
-    return f"{model_id}/block/{block}"
-
-
-def decode_announcements(
-    records: Mapping[PeerId, object],
-) -> dict[PeerId, ServerAnnouncement]:
-    """Strictly decode record values; malformed ones are dropped (and logged)."""
-    out: dict[PeerId, ServerAnnouncement] = {}
-    for peer, value in records.items():
-        try:
-            out[peer] = message_from_wire(value, "announcement", expect=ServerAnnouncement)
-        except ProtocolError as exc:
-            log.info("dropping malformed announcement from %s: %s", peer, exc)
-    return out
 
 
 def measure_throughput(span: Span, *, steps: int = 8, prefix: int = 32) -> float:
@@ -87,14 +62,14 @@ async def choose_layers(
     dht: DHTNode, model_id: str, num_layers: int, num_blocks: int
 ) -> LayerRange:
     """The window of `num_blocks` consecutive blocks with the least announced throughput
-    (online and joining servers count; ties go to the earliest window)."""
-    keys = [block_key(model_id, i) for i in range(num_layers)]
-    found = await dht.get_many(keys)
-    per_block = []
-    for key in keys:
-        values = {peer: record.value for peer, record in found.get(key, {}).items()}
-        announced = decode_announcements(values).values()
-        per_block.append(sum(a.throughput for a in announced if a.state != "draining"))
+    (online and joining servers count; ties go to the earliest window). Announcements are
+    read with `swarm.directory.servers_from_records`, as clients read them."""
+    found = await dht.get_many(block_keys(model_id, num_layers))
+    per_block = [0.0] * num_layers
+    for view in servers_from_records(found, model_id, num_layers):
+        if view.state != ServerState.DRAINING:
+            for block in view.layers:
+                per_block[block] += view.throughput
     num_blocks = min(num_blocks, num_layers)
     windows = [sum(per_block[s : s + num_blocks]) for s in range(num_layers - num_blocks + 1)]
     start = min(range(len(windows)), key=lambda s: (windows[s], s))
@@ -146,18 +121,23 @@ class Announcer:
         """RTTs (EMA, alpha 0.2) to up to `MAX_PINGS` servers of the block after our range."""
         if self.layers.stop >= self.num_layers:
             return
-        records = await self.dht.get(block_key(self.model_id, self.layers.stop))
-        values = {peer: record.value for peer, record in records.items()}
+        block = self.layers.stop
+        key = block_key(self.model_id, block)
+        records = {key: await self.dht.get(key)}
+        servers = servers_from_records(
+            records, self.model_id, self.num_layers, range(block, block + 1)
+        )
         targets = [
-            (peer, a)
-            for peer, a in decode_announcements(values).items()
-            if a.state == "online" and peer != self.dht.peer_id
+            view
+            for view in servers
+            if view.state == ServerState.ONLINE and view.peer_id != self.dht.peer_id
         ][:MAX_PINGS]
 
-        async def ping(peer: PeerId, announcement: ServerAnnouncement) -> None:
+        async def ping(view: ServerView) -> None:
+            peer = view.peer_id
             with trio.move_on_after(self.ping_timeout):
                 try:
-                    conn = await self.pool.get(announcement.host, announcement.port, peer)
+                    conn = await self.pool.get(*parse_address(view.address), peer)
                     started = trio.current_time()  # the RTT of a call, not of the handshake
                     await conn.call("info", InfoRequest(), InfoResponse, timeout=self.ping_timeout)
                 except SwarmError:
@@ -167,8 +147,8 @@ class Announcer:
                 self.pings[peer] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
         async with trio.open_nursery() as nursery:
-            for peer, announcement in targets:
-                nursery.start_soon(ping, peer, announcement)
+            for view in targets:
+                nursery.start_soon(ping, view)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Re-announce every half TTL (refreshing pings first) until cancelled."""

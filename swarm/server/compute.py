@@ -21,10 +21,16 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-__all__ = ["ComputeQueue", "Priority"]
+__all__ = ["ComputeQueue", "ComputeStatistics", "Priority"]
 
 T = TypeVar("T")
 
+
+@dataclass(frozen=True)
+class ComputeStatistics:
+    queued: int  # tasks waiting
+    done: int  # tasks finished since start
+    utilization: float  # fraction of wall time spent computing
 
 class Priority(IntEnum):
     """Lower runs first."""
@@ -101,11 +107,9 @@ class ComputeQueue:
                 self._done += 1
                 task.done.set()
 
-    def statistics(self) -> dict[str, float]:
+    def statistics(self) -> ComputeStatistics:
         """Queue length, tasks done, and the fraction of time spent computing."""
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        return {
-            "queued": float(len(self._heap)),
-            "done": float(self._done),
-            "utilization": self._busy_seconds / elapsed,
-        }
+        return ComputeStatistics(
+            queued=len(self._heap), done=self._done, utilization=self._busy_seconds / elapsed
+        )

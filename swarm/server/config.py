@@ -46,7 +46,6 @@ class ServerConfig:
     ping_timeout: float = 2.0
     net: NetConfig = field(default_factory=NetConfig)
     measure_throughput: bool = True
-    adversary: str | None = None  # testing only: see swarm.testing.adversaries
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

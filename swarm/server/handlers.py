@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import trio
 
-from swarm.errors import LimitExceeded, ProtocolError, ShardError, SwarmError
+from swarm.errors import (
+    ErrorCode,
+    LimitExceeded,
+    ProtocolError,
+    RemoteError,
+    ShardError,
+    SwarmError,
+    unwrap_group,
+)
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
@@ -40,21 +47,21 @@ from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
-from swarm.types import LayerRange
+from swarm.types import LayerRange, ServerState
 from swarm.verify.receipts import make_receipt
 
-__all__ = ["ServerState", "ServingHandlers"]
+__all__ = ["ServingHandlers", "ServingState"]
 
 log = logging.getLogger(__name__)
 
 @dataclass
-class ServerState:
+class ServingState:
     """What the handlers and the announcer share; mutated only from the trio thread."""
 
     model_id: str
     version: str
     throughput: float = 0.0
-    state: str = "joining"  # joining -> online -> draining
+    state: ServerState = ServerState.JOINING  # joining -> online -> draining
     steps_done: int = 0
     forwards_done: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -73,16 +80,6 @@ def _run_span(
             hidden.to(span.device, span.dtype), positions.to(span.device), cache
         )
     return out.cpu()
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error in a nursery's group (the caller sees one clear error)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return group
 
 
 def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
@@ -104,7 +101,7 @@ class ServingHandlers:
         self,
         config: ServerConfig,
         span: Span,
-        state: ServerState,
+        state: ServingState,
         sessions: SessionTable,
         queue: ComputeQueue,
         pool: ConnectionPool,
@@ -115,15 +112,30 @@ class ServingHandlers:
         self.sessions = sessions
         self.queue = queue
         self.pool = pool
-        # Testing only (swarm.testing.adversaries): rewrites outputs to make this peer lie.
-        self.corrupt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    async def compute(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        """The one place model work runs (on the compute queue): every forward and step.
+
+        The output is what this server vouches for: it is pushed, returned and signed.
+        (`swarm.testing.adversaries` overrides this to make a peer lie.)
+        """
+        work = functools.partial(_run_span, span, hidden, positions, cache)
+        out: torch.Tensor = await self.queue.submit(work, priority)
+        return out
 
     # ---- info and stateless forward ----
 
     async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         return InfoResponse(
             layer_range=self.span.layers,
-            state=self.state.state,  # type: ignore[arg-type]
+            state=self.state.state,
             load=len(self.sessions) / self.sessions.limits.max_sessions,
             free_cache_tokens=self.sessions.free_tokens,
             version=self.state.version,
@@ -145,10 +157,7 @@ class ServingHandlers:
                 f"forward of {tokens} tokens is over the limit of "
                 f"{limits.max_length * limits.max_batch}"
             )
-        work = functools.partial(_run_span, span, hidden, positions, None)
-        out = await self.queue.submit(work, Priority.FORWARD)
-        if self.corrupt is not None:
-            out = self.corrupt(hidden, out)
+        out = await self.compute(span, hidden, positions, None, Priority.FORWARD)
         self.state.forwards_done += 1
         receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
         return ForwardResponse(out, receipt)
@@ -159,8 +168,8 @@ class ServingHandlers:
     async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
         """One session: open, then steps until the client ends the stream."""
         opened = await stream.receive(InferenceOpen, timeout=self.config.step_timeout)
-        if self.state.state == "draining":
-            raise limit_error("server is draining and takes no new sessions")
+        if self.state.state is ServerState.DRAINING:
+            raise RemoteError(ErrorCode.UNAVAILABLE, "server is draining: no new sessions")
         self._narrow(opened.layer_range)  # refuse ranges we do not serve before allocating
         session = self.sessions.open(
             opened.session_id,
@@ -170,6 +179,7 @@ class ServingHandlers:
             opened.batch_size,
         )
         session.push_to = opened.push_to
+        session.push_from = opened.push_from
         session.next_step = opened.first_step
         try:
             await stream.send(InferenceReady(session.session_id, self.sessions.free_tokens))
@@ -179,7 +189,8 @@ class ServingHandlers:
                     nursery.start_soon(self._read_steps, stream, session, nursery.cancel_scope)
                     await self._process_steps(stream, session, nursery)
             except BaseExceptionGroup as group:
-                raise _first_error(group) from None
+                inner = unwrap_group(group)  # the session's real error, not its siblings'
+                raise inner if isinstance(inner, Exception) else group from None
         except SwarmError as exc:
             self.state.count_error(exc)
             log.info("session %s failed: %s", session.session_id.hex()[:8], exc)
@@ -200,6 +211,8 @@ class ServingHandlers:
                 return
             if msg.push_to is not None:
                 session.push_to = msg.push_to
+            if msg.push_from is not None:
+                session.push_from = msg.push_from
             if (msg.hidden_states is None) != (msg.positions is None):
                 raise ProtocolError("inference_step: hidden_states and positions come together")
             if msg.hidden_states is not None and msg.positions is not None:
@@ -213,12 +226,9 @@ class ServingHandlers:
             step = session.next_step
             item = await session.wait_input(step, self.config.step_timeout)
             session.begin_step(step)
-            work = functools.partial(
-                _run_span, session.span, item.hidden, item.positions, session.cache
+            out = await self.compute(
+                session.span, item.hidden, item.positions, session.cache, Priority.INFERENCE
             )
-            out = await self.queue.submit(work, Priority.INFERENCE)
-            if self.corrupt is not None:
-                out = self.corrupt(item.hidden, out)
             self.state.steps_done += 1
             if session.push_to is not None:
                 nursery.start_soon(self._push, session.push_to, step, out, item.positions)
@@ -245,6 +255,10 @@ class ServingHandlers:
     async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
         """The previous server's output for one step of a session of ours."""
         session = self.sessions.get(request.session_id)
+        if session.push_from is None or ctx.peer_id != session.push_from:
+            raise RemoteError(
+                ErrorCode.FORBIDDEN, "this session takes pushes only from the peer it names"
+            )
         _check_positions(request.hidden_states, request.positions)
         item = StepInput(request.hidden_states, request.positions)
         limit = self.sessions.limits.max_pending_steps

@@ -22,22 +22,36 @@ from dataclasses import dataclass
 import torch
 import trio
 
-import swarm
+from swarm._version import __version__
 from swarm.dht import DHTNode
-from swarm.errors import ConfigError
+from swarm.directory import block_keys, servers_from_records
+from swarm.errors import ConfigError, ConnectError, IdentityError, PeerIdMismatch, SwarmError
 from swarm.identity import Identity
+from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import open_connection_pool
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
-from swarm.server.announcer import Announcer, choose_layers, measure_throughput
+from swarm.server.announcer import (
+    Announcer,
+    choose_layers,
+    measure_throughput,
+)
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
-from swarm.server.handlers import ServerState, ServingHandlers
+from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.sessions import SessionTable
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
-from swarm.types import FLOAT_DTYPES, LayerRange, PeerId, torch_dtype
+from swarm.types import (
+    FLOAT_DTYPES,
+    LayerRange,
+    PeerId,
+    ServerState,
+    format_address,
+    parse_address,
+    torch_dtype,
+)
 
 __all__ = ["Server", "ServerReady", "resolve_device", "resolve_dtype"]
 
@@ -83,7 +97,8 @@ def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.
 class Server:
     """A serving peer. Construct, then ``await nursery.start(server.run)``.
 
-    ``identity`` defaults to the key at ``config.identity_path`` (created if missing);
+    ``identity`` defaults to the key at ``config.identity_path`` (created if missing), or,
+    when that is None, to a fresh in-memory key, so two servers never share one by accident;
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
     ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
     """
@@ -99,7 +114,10 @@ class Server:
         wrap_handlers: Callable[[ServingHandlers], object] | None = None,
     ) -> None:
         self.config = config
-        self.identity = identity or Identity.load_or_create(config.identity_path)
+        if identity is None:
+            path = config.identity_path
+            identity = Identity.load_or_create(path) if path else Identity.generate()
+        self.identity = identity
         self.transport = transport or TCPTransport()
         self.swarm_key = load_swarm_key(config.swarm_key_path) if config.swarm_key_path else None
         self._progress = on_progress or (lambda message: log.info("%s", message))
@@ -117,26 +135,68 @@ class Server:
         self, *, task_status: trio.TaskStatus[ServerReady] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until `request_stop` (or cancellation). Raises `ShardError` / `ConfigError`
-        for a model or option that cannot be served, `DHTError` if the DHT cannot start."""
+        for a model or option that cannot be served, `DHTError` if the DHT cannot start,
+        `IdentityError` if a live server elsewhere already announces our `PeerId`."""
         cfg = self.config
         torch.set_num_threads(cfg.num_threads)
         model = ModelConfig.from_pretrained(cfg.model)
-        the_model_id = await trio.to_thread.run_sync(model_id, cfg.model)
+        # abandon_on_cancel: Ctrl-C during start-up stops at once, not after the read ends
+        the_model_id = await trio.to_thread.run_sync(model_id, cfg.model, abandon_on_cancel=True)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model, device)
         dht_config = cfg.dht
         if self.swarm_key is not None:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
         async with DHTNode.open(self.identity, dht_config) as dht:
+            await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             layers = cfg.layers
             if layers is None:
                 blocks = cfg.num_blocks or model.num_hidden_layers
                 layers = await choose_layers(dht, the_model_id, model.num_hidden_layers, blocks)
             self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
             span = await trio.to_thread.run_sync(
-                lambda: load_span(cfg.model, layers, dtype=dtype, device=device)
+                lambda: load_span(cfg.model, layers, dtype=dtype, device=device),
+                abandon_on_cancel=True,
             )
             await self._serve(span, dht, the_model_id, task_status)
+
+    async def _refuse_duplicate(self, dht: DHTNode, the_model_id: str, num_layers: int) -> None:
+        """Raise `IdentityError` if our `PeerId` is announced ``online`` or ``joining``
+        (records in the DHT are unexpired) from another address where a peer still answers
+        as us. Draining announcements, and addresses that refuse or answer as someone else
+        (a crashed duplicate), do not block the start."""
+        me, cfg = self.identity.peer_id, self.config
+        found = await dht.get_many(block_keys(the_model_id, num_layers))
+        ours = format_address(cfg.public_host or cfg.host, cfg.port)
+        for view in servers_from_records(found, the_model_id, num_layers):
+            if view.peer_id != me or view.state == ServerState.DRAINING:
+                continue
+            if cfg.port and view.address == ours:
+                continue  # our own earlier life at this very address
+            if await self._answers_as_us(*parse_address(view.address)):
+                raise IdentityError(
+                    f"peer id {me} is already served live from {view.address}"
+                    f" (layers {view.layers}, {view.state}): "
+                    "another server uses this identity; give this one its own "
+                    "(--identity-name NAME, another --identity file, or neither)"
+                )
+
+    async def _answers_as_us(self, host: str, port: int) -> bool:
+        """Whether a peer at host:port completes a handshake as our `PeerId` (or does not
+        answer in time, which a slow live server might do)."""
+        with trio.move_on_after(self.config.ping_timeout):
+            try:
+                channel = await open_channel(
+                    self.transport, host, port, self.identity,
+                    expected_peer=self.identity.peer_id, swarm_key=self.swarm_key,
+                    config=self.config.net,
+                )  # fmt: skip
+            except (ConnectError, PeerIdMismatch):
+                return False
+            except SwarmError:
+                return True
+            await channel.aclose()
+        return True
 
     async def _serve(
         self,
@@ -146,7 +206,7 @@ class Server:
         task_status: trio.TaskStatus[ServerReady],
     ) -> None:
         cfg = self.config
-        state = ServerState(model_id=the_model_id, version=swarm.__version__)
+        state = ServingState(model_id=the_model_id, version=__version__)
         sessions = SessionTable(
             cfg.limits,
             lambda layers, batch, length: KVCache.allocate(
@@ -175,7 +235,12 @@ class Server:
                 config=cfg.net,
             )
             await nursery.start(queue.run)
-            port = await nursery.start(rpc.serve, cfg.host, cfg.port)
+            try:
+                port = await nursery.start(rpc.serve, cfg.host, cfg.port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+                ) from exc
             host = cfg.public_host or cfg.host
 
             def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
@@ -183,7 +248,7 @@ class Server:
                     host=host,
                     port=port,
                     layer_range=span.layers,
-                    state=state.state,  # type: ignore[arg-type]
+                    state=state.state,
                     dtype=str(span.dtype).removeprefix("torch."),
                     throughput=state.throughput,
                     free_cache_tokens=sessions.free_tokens,
@@ -212,7 +277,7 @@ class Server:
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
-            state.state = "online"
+            state.state = ServerState.ONLINE
             await announcer.announce()
             await nursery.start(announcer.run)
             task_status.started(
@@ -230,10 +295,10 @@ class Server:
             await self._drain(state, announcer, queue)
             nursery.cancel_scope.cancel()
 
-    async def _drain(self, state: ServerState, announcer: Announcer, queue: ComputeQueue) -> None:
-        state.state = "draining"
+    async def _drain(self, state: ServingState, announcer: Announcer, queue: ComputeQueue) -> None:
+        state.state = ServerState.DRAINING
         with trio.move_on_after(self.drain_timeout) as scope:
             scope.shield = True
             await announcer.announce()
-            while queue.statistics()["queued"] > 0 or queue.running:
+            while queue.statistics().queued > 0 or queue.running:
                 await trio.sleep(0.01)

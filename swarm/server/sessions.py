@@ -27,7 +27,7 @@ __all__ = ["Session", "SessionLimits", "SessionTable", "StepInput"]
 
 def limit_error(message: str) -> LimitExceeded:
     """A limit answer the client can act on (pick another server, wait, shorten)."""
-    return LimitExceeded("LimitExceeded", message)
+    return LimitExceeded(message)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Session:
     batch_size: int
     span: Span
     push_to: PushTarget | None = None
+    push_from: PeerId | None = None  # the one peer whose pushes this session takes
     next_step: int = 0
     scope: trio.CancelScope | None = None  # the handler serving it; cancelled on close
     last_step: int = -1

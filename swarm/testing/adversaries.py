@@ -19,6 +19,7 @@ Never use these outside tests: they exist so verification and recovery can be sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 
@@ -28,9 +29,18 @@ import trio
 from swarm.errors import ConfigError
 from swarm.net.messages import InferenceOpen, InferenceReady
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.server.compute import Priority
 from swarm.server.handlers import ServingHandlers
+from swarm.shards.cache import KVCache
+from swarm.shards.span import Span
 
-__all__ = ["HangingHandlers", "adversary_wrapper", "corruptor", "perturb_weights"]
+__all__ = [
+    "HangingHandlers",
+    "LyingHandlers",
+    "adversary_wrapper",
+    "corruptor",
+    "perturb_weights",
+]
 
 Corrupt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -119,6 +129,30 @@ def perturb_weights(span: torch.nn.Module, seed: int, scale: float = 5e-2) -> No
             param.add_(delta * scale * param.float().std().to(param.dtype))
 
 
+class LyingHandlers(ServingHandlers):
+    """The honest server's handlers, whose every output (returned, pushed, signed in its
+    receipts) is rewritten by ``corrupt(input, output)``."""
+
+    def __init__(
+        self, honest: ServingHandlers, corrupt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        super().__init__(
+            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
+        )
+        self._corrupt = corrupt
+
+    async def compute(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        out = await super().compute(span, hidden, positions, cache, priority)
+        return self._corrupt(hidden, out)
+
+
 class HangingHandlers:
     """Serves ``info`` honestly, accepts every session and step, and never answers."""
 
@@ -153,9 +187,4 @@ def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], object]:
 
         return other
     corrupt = corruptor(spec)  # validates the spec now, not at the first step
-
-    def wrap(handlers: ServingHandlers) -> object:
-        handlers.corrupt = corrupt
-        return handlers
-
-    return wrap
+    return functools.partial(LyingHandlers, corrupt=corrupt)

@@ -1,10 +1,10 @@
 """swarm.verify: policies, hidden-state comparison, audits, receipts and evidence, reputation
 and stake (DESIGN §8). `swarm.verify.simulate` (policy simulation) is a testing helper."""
 
-from swarm.verify.audit import AuditResult, Candidate, HopRecord, audit_hop
+from swarm.verify.audit import AuditResult, AuditVerdict, Candidate, HopRecord, audit_hop
 from swarm.verify.compare import Comparison, Thresholds, compare, first_mismatch, thresholds_for
 from swarm.verify.ledger import FileLedger, Ledger
-from swarm.verify.policy import VerifyPolicy, parse_policy
+from swarm.verify.policy import PolicyKind, VerifyPolicy, parse_policy
 from swarm.verify.receipts import (
     EvidenceFile,
     check_receipt,
@@ -14,27 +14,33 @@ from swarm.verify.receipts import (
     make_receipt,
     verify_evidence_signature,
 )
+from swarm.verify.reporting import EvidenceReporter, EvidenceSink
 from swarm.verify.reputation import DEFAULT_REPUTATION_PATH, PeerRecord, Reputation
 from swarm.verify.suspicion import NormStats, SuspicionConfig, audit_rate
-from swarm.verify.verifier import HopObservation, Verdict, Verifier
+from swarm.verify.verifier import HopObservation, Verdict, Verifier, VerifierStatistics
 
 __all__ = [
     "DEFAULT_REPUTATION_PATH",
     "AuditResult",
+    "AuditVerdict",
     "Candidate",
     "Comparison",
     "EvidenceFile",
+    "EvidenceReporter",
+    "EvidenceSink",
     "FileLedger",
     "HopObservation",
     "HopRecord",
     "Ledger",
     "NormStats",
     "PeerRecord",
+    "PolicyKind",
     "Reputation",
     "SuspicionConfig",
     "Thresholds",
     "Verdict",
     "Verifier",
+    "VerifierStatistics",
     "VerifyPolicy",
     "audit_hop",
     "audit_rate",

@@ -11,6 +11,7 @@ the majority's (the generation rolls back there).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import random
@@ -24,11 +25,20 @@ from swarm.net.messages import Receipt
 from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import compare, first_mismatch, thresholds_for
 
-__all__ = ["AuditResult", "Candidate", "ForwardFn", "HopRecord", "audit_hop"]
+__all__ = ["AuditResult", "AuditVerdict", "Candidate", "ForwardFn", "HopRecord", "audit_hop"]
 
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[PeerId, LayerRange, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
+
+
+class AuditVerdict(enum.StrEnum):
+    """The outcome of one audit of one hop."""
+
+    PASSED = "passed"  # the checked peer is in the majority
+    LIED = "lied"  # a majority of re-runs contradicts it
+    INCONCLUSIVE = "inconclusive"  # no majority with the peers available
+    UNCHECKED = "unchecked"  # no other peer could re-run it
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,9 @@ class HopRecord:
 
 @dataclass
 class AuditResult:
-    """``verdict``: "passed" (the peer is in the majority), "lied", "inconclusive" (no
-    majority with the peers available) or "unchecked" (no other peer could re-run it)."""
+    """One audit's `AuditVerdict`, who agreed, who lied, and where the lie began."""
 
-    verdict: str
+    verdict: AuditVerdict
     liars: list[PeerId] = field(default_factory=list)
     honest: list[PeerId] = field(default_factory=list)
     first_bad_position: int | None = None  # token position where the checked peer first lied
@@ -134,7 +143,7 @@ async def audit_hop(
     answers: dict[PeerId, tuple[torch.Tensor, str]] = {
         record.peer_id: (record.outputs, record.dtype)
     }
-    result = AuditResult("unchecked")
+    result = AuditResult(AuditVerdict.UNCHECKED)
     wanted = checkers
     while pool:
         cand = _pick(pool, record.dtype, rng, record.replicas)
@@ -161,7 +170,7 @@ async def audit_hop(
             continue
         return _verdict(record, answers, vote, result)
     if len(answers) > 1:
-        result.verdict = "inconclusive"
+        result.verdict = AuditVerdict.INCONCLUSIVE
     return result
 
 
@@ -177,12 +186,12 @@ def _verdict(
     ref, ref_dtype = answers[ref_peer]
     result.reference = ref
     if record.peer_id in agreeing:
-        result.verdict = "passed"
+        result.verdict = AuditVerdict.PASSED
         return result
     if record.peer_id not in liars:  # outside the majority, but close to half of it
-        result.verdict = "inconclusive"
+        result.verdict = AuditVerdict.INCONCLUSIVE
         return result
-    result.verdict = "lied"
+    result.verdict = AuditVerdict.LIED
     index = first_mismatch(ref, record.outputs.float(), thresholds_for(ref_dtype, record.dtype))
     if index is None:  # it lied only at positions outside `checked`? use the checked start
         index = 0

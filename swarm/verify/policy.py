@@ -12,21 +12,25 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Literal
 
 from swarm.errors import ConfigError
 
 __all__ = ["PolicyKind", "VerifyPolicy", "parse_policy"]
 
-PolicyKind = Literal["none", "spot-check", "redundant", "optimistic"]
+class PolicyKind(enum.StrEnum):
+    NONE = "none"
+    SPOT_CHECK = "spot-check"
+    REDUNDANT = "redundant"
+    OPTIMISTIC = "optimistic"
 
 
 @dataclass(frozen=True)
 class VerifyPolicy:
     """A parsed policy: ``kind``, the base audit ``rate`` (spot-check) and ``replicas`` (k)."""
 
-    kind: PolicyKind = "none"
+    kind: PolicyKind = PolicyKind.NONE
     rate: float = 0.0
     replicas: int = 1
 
@@ -39,14 +43,19 @@ class VerifyPolicy:
     @property
     def checks_steps(self) -> bool:
         """Whether hops are checked while generating (spot-check, redundant)."""
-        return self.kind in ("spot-check", "redundant")
+        return self.kind in (PolicyKind.SPOT_CHECK, PolicyKind.REDUNDANT)
+
+    @property
+    def checks_receipts(self) -> bool:
+        """Whether step receipts are checked (a hash and a signature each): any real policy."""
+        return self.kind is not PolicyKind.NONE
 
     def __str__(self) -> str:
-        if self.kind == "spot-check":
+        if self.kind is PolicyKind.SPOT_CHECK:
             return f"spot-check:{self.rate:g}"
-        if self.kind == "redundant":
+        if self.kind is PolicyKind.REDUNDANT:
             return f"redundant:{self.replicas}"
-        return self.kind
+        return self.kind.value
 
 
 def parse_policy(text: str | VerifyPolicy | None) -> VerifyPolicy:
@@ -63,11 +72,11 @@ def parse_policy(text: str | VerifyPolicy | None) -> VerifyPolicy:
         if kind == "none" and not arg:
             return VerifyPolicy()
         if kind == "optimistic" and not arg:
-            return VerifyPolicy("optimistic")
+            return VerifyPolicy(PolicyKind.OPTIMISTIC)
         if kind == "spot-check":
-            return VerifyPolicy("spot-check", rate=float(arg))
+            return VerifyPolicy(PolicyKind.SPOT_CHECK, rate=float(arg))
         if kind == "redundant":
-            return VerifyPolicy("redundant", replicas=int(arg))
+            return VerifyPolicy(PolicyKind.REDUNDANT, replicas=int(arg))
     except ValueError as exc:
         raise ConfigError(f"bad verification policy {text!r}: {exc}") from exc
     raise ConfigError(

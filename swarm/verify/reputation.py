@@ -23,11 +23,20 @@ from pathlib import Path
 
 from swarm.types import PeerId
 
-__all__ = ["DEFAULT_REPUTATION_PATH", "PeerRecord", "Reputation"]
+__all__ = ["DEFAULT_REPUTATION_PATH", "PeerRecord", "Reputation", "ban_length"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REPUTATION_PATH = Path("~/.cache/swarm/reputation.json")
+
+
+def ban_length(bans: int, base_s: float, factor: float, max_s: float) -> float:
+    """Seconds the ``bans``-th ban of a peer lasts: ``min(base_s * factor**(bans-1), max_s)``.
+
+    The one backoff formula of swarm: failure bans (`swarm.client.bans`) and proven-lie bans
+    (`Reputation`) both use it.
+    """
+    return float(min(base_s * factor ** max(bans - 1, 0), max_s))
 
 
 @dataclass
@@ -111,7 +120,7 @@ class Reputation:
         """Ban (or renew the ban of) ``peer``; returns the ban's length in seconds."""
         rec = self.record(peer)
         rec.bans += 1
-        length = float(min(self.ban_base_s * 2 ** (rec.bans - 1), self.ban_max_s))
+        length = ban_length(rec.bans, self.ban_base_s, 2.0, self.ban_max_s)
         rec.banned_until = max(rec.banned_until, self._clock() + length)
         if evidence is not None and evidence not in rec.evidence:
             rec.evidence.append(evidence)

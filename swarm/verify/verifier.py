@@ -4,8 +4,9 @@ The client hands it, after each step (spot-check, redundant) or once before the 
 returns (optimistic), what each hop did (`HopObservation`), how to find peers able to re-run a
 layer range (``candidates``) and how to run a stateless forward on one (``forward``). It picks
 the hops to audit (policy rate raised by suspicion, lowered by stake and clean history), runs
-`audit_hop`, records the outcome in `Reputation` (and slashes through a `Ledger`), and tells
-the client the first token position to roll back to when the checked peer lied.
+`audit_hop`, records the outcome in `Reputation` (and slashes through a `Ledger`), hands a
+proven lie to its `EvidenceReporter` (which publishes through whatever sink it was given),
+and tells the client the first token position to roll back to when the checked peer lied.
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from swarm.types import LayerRange, PeerId
-from swarm.verify.audit import AuditResult, Candidate, ForwardFn, HopRecord, audit_hop
+from swarm.verify.audit import (
+    AuditResult,
+    AuditVerdict,
+    Candidate,
+    ForwardFn,
+    HopRecord,
+    audit_hop,
+)
 from swarm.verify.ledger import Ledger
-from swarm.verify.policy import VerifyPolicy
+from swarm.verify.policy import PolicyKind, VerifyPolicy
+from swarm.verify.reporting import EvidenceReporter
 from swarm.verify.reputation import Reputation
 from swarm.verify.suspicion import NormStats, SuspicionConfig, audit_rate, too_fast
 
-__all__ = ["CandidatesFn", "HopObservation", "Verdict", "Verifier"]
+__all__ = ["CandidatesFn", "HopObservation", "Verdict", "Verifier", "VerifierStatistics"]
 
 log = logging.getLogger(__name__)
 
 CandidatesFn = Callable[[LayerRange], Awaitable[Sequence[Candidate]]]
-EvidenceFn = Callable[[HopRecord, AuditResult], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -50,32 +58,45 @@ class Verdict:
     results: list[AuditResult] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class VerifierStatistics:
+    """What verification did so far (``swarm generate --json`` prints it)."""
+
+    policy: str
+    audits: int
+    reruns: int
+    rerun_tokens: int
+    detections: tuple[tuple[str, int], ...]  # (liar's peer id, step)
+
+
 @dataclass
 class Verifier:
+    """The verification state of one client: policy, reputation, stake, statistics."""
+
     policy: VerifyPolicy
     reputation: Reputation = field(default_factory=Reputation)
     ledger: Ledger | None = None
     suspicion: SuspicionConfig = field(default_factory=SuspicionConfig)
     rng: random.Random = field(default_factory=random.Random)
-    on_evidence: EvidenceFn | None = None
+    reporter: EvidenceReporter | None = None
     norms: NormStats = field(default_factory=NormStats)
     audits: int = 0
     reruns: int = 0
     rerun_tokens: int = 0
     detections: list[tuple[PeerId, int]] = field(default_factory=list)  # (liar, step)
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            "policy": str(self.policy),
-            "audits": self.audits,
-            "reruns": self.reruns,
-            "rerun_tokens": self.rerun_tokens,
-            "detections": [(str(p), s) for p, s in self.detections],
-        }
+    def statistics(self) -> VerifierStatistics:
+        return VerifierStatistics(
+            policy=str(self.policy),
+            audits=self.audits,
+            reruns=self.reruns,
+            rerun_tokens=self.rerun_tokens,
+            detections=tuple((str(p), s) for p, s in self.detections),
+        )
 
     def rate_for(self, obs: HopObservation) -> float:
         """This hop's audit probability for this step."""
-        if self.policy.kind == "redundant":
+        if self.policy.kind is PolicyKind.REDUNDANT:
             return 1.0
         out = obs.record.outputs[:, -obs.new_tokens :]  # (batch, new, hidden)
         norm = float(out.float().norm(dim=-1).mean())
@@ -150,12 +171,10 @@ class Verifier:
         verdict.results.append(result)
         for peer in result.honest:
             self.reputation.record_audit(peer, True)
-        if result.verdict == "passed":
+        if result.verdict is AuditVerdict.PASSED:
             self.norms.observe(record.layers, float(record.outputs.norm(dim=-1).mean()))
-        if result.verdict == "lied" and self.on_evidence is not None:
-            digest = await self.on_evidence(record, result)
-        else:
-            digest = None
+        lied = result.verdict is AuditVerdict.LIED
+        digest = await self.reporter.report(record, result) if lied and self.reporter else None
         for peer in result.liars:
             self.reputation.record_audit(peer, False)
             self.reputation.ban(peer, digest if peer == record.peer_id else None)
@@ -164,7 +183,7 @@ class Verifier:
             verdict.banned.append(peer)
             self.detections.append((peer, step))
             log.warning("peer %s lied on layers %s at step %d", peer, record.layers, step)
-        if result.verdict == "lied" and result.first_bad_position is not None:
+        if lied and result.first_bad_position is not None:
             q = result.first_bad_position
             old = verdict.rollback_position
             verdict.rollback_position = q if old is None else min(old, q)

@@ -12,7 +12,7 @@ import torch
 import trio
 
 from swarm.client.routing import ServerView
-from swarm.errors import LimitExceeded, RemoteError
+from swarm.errors import ErrorCode, LimitExceeded, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
     InferenceOpen,
@@ -85,7 +85,7 @@ class FakeServer:
     async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
         opening = await stream.receive(InferenceOpen, timeout=5)
         if self.refuse_open:
-            raise LimitExceeded("LimitExceeded", "no cache left")
+            raise LimitExceeded("no cache left")
         span = self.span.narrow(opening.layer_range)
         cache = KVCache.allocate(
             span.config, opening.layer_range, opening.batch_size, opening.max_length
@@ -106,7 +106,7 @@ class FakeServer:
         try:
             async for msg in stream:
                 if not isinstance(msg, InferenceStep):
-                    raise RemoteError("ProtocolError", "expected a step")
+                    raise RemoteError(ErrorCode.BAD_REQUEST, "expected a step")
                 if msg.push_to is not None:
                     session.push_to = msg.push_to
                 if msg.hidden_states is not None and msg.positions is not None:
@@ -129,7 +129,7 @@ class FakeServer:
                 await trio.sleep_forever()
             hidden, positions = session.inputs.pop(step)
             if hidden.shape[-1] != span.config.hidden_size:
-                raise RemoteError("ShardError", "wrong hidden size")
+                raise RemoteError(ErrorCode.BAD_REQUEST, "wrong hidden size")
             with torch.inference_mode():
                 out = span(hidden.to(span.dtype), positions, cache)  # (batch, seq, hidden)
             session.next_step += 1

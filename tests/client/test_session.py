@@ -138,7 +138,7 @@ async def test_failed_hop_is_replaced_with_the_same_outputs(
         route = session.route
         stats = session.statistics()
     _assert_same(got, _reference(full_span, steps))
-    assert stats["recoveries"] == 1
+    assert stats.recoveries == 1
     assert servers[1].identity.peer_id not in {h.server.peer_id for h in route}
     assert servers[3].identity.peer_id in {h.server.peer_id for h in route}
     assert session.bans.is_banned(servers[1].identity.peer_id)

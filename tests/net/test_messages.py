@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.errors import ProtocolError
+from swarm.errors import ErrorCode, ProtocolError
 from swarm.net.messages import (
     ErrorResponse,
     ForwardRequest,
@@ -88,7 +88,7 @@ def _sample_messages() -> list[object]:
         ),
         InferenceStep(5, h, pos, push_to=PushTarget(PeerId(b"q" * 32), "::1", 1, b"u")),
         InferenceStep(6),
-        ErrorResponse("ShardError", "boom"),
+        ErrorResponse(ErrorCode.BAD_REQUEST, "boom"),
     ]
 
 
@@ -135,7 +135,7 @@ def test_strict_decoder_names_the_bad_field(overrides: dict[str, object], field:
 
 def test_expected_type_is_enforced() -> None:
     with pytest.raises(ProtocolError, match="expected 'forward_request'"):
-        decode_message(encode_message(ErrorResponse("X", "y")), expect=ForwardRequest)
+        decode_message(encode_message(ErrorResponse(ErrorCode.INTERNAL, "y")), expect=ForwardRequest)
 
 
 @settings(max_examples=300, deadline=None)

@@ -11,6 +11,7 @@ import trio
 from swarm.errors import (
     ConnectionClosed,
     DeadlineExceeded,
+    ErrorCode,
     LimitExceeded,
     PeerIdMismatch,
     RemoteError,
@@ -26,7 +27,7 @@ from swarm.net.messages import (
     InfoRequest,
     InfoResponse,
 )
-from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.pool import ConnectionPool, PoolStatistics, open_connection_pool
 from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
@@ -60,13 +61,13 @@ class Handlers:
         return INFO
 
     async def rpc_busy(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
-        raise LimitExceeded("LimitExceeded", "too many sessions")
+        raise LimitExceeded("too many sessions")
 
     async def rpc_crash(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         raise KeyError("oops")
 
     async def rpc_wrong(self, request: InfoRequest, ctx: CallContext) -> ErrorResponse:
-        return ErrorResponse("x", "y")
+        return ErrorResponse(ErrorCode.INTERNAL, "y")
 
     async def rpc_hang(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         self.started += 1
@@ -126,22 +127,27 @@ async def test_notify_runs_the_handler_and_nothing_answers(
         await client.notify("nope", InfoRequest())
         assert await client.call("info", InfoRequest(), InfoResponse) == INFO
     assert handlers.noted == 1
-    assert client.statistics()["pending_calls"] == 0
+    assert client.statistics().pending_calls == 0
 
 
 async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
     client, _ = rpc_pair
     with pytest.raises(RemoteError) as info:
         await client.call("fail", InfoRequest(), InfoResponse)
-    assert (info.value.remote_type, info.value.message) == ("ShardError", "layer 7 is not loaded")
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.BAD_REQUEST,
+        "layer 7 is not loaded",
+    )
     with pytest.raises(LimitExceeded, match="too many sessions"):
         await client.call("busy", InfoRequest(), InfoResponse)
-    with pytest.raises(RemoteError, match="KeyError"):
+    with pytest.raises(RemoteError) as crash:  # an internal failure: a code, not our text
         await client.call("crash", InfoRequest(), InfoResponse)
+    assert crash.value.code is ErrorCode.INTERNAL
+    assert "KeyError" not in str(crash.value) and "oops" not in str(crash.value)
     with pytest.raises(RemoteError, match="unknown method"):
         await client.call("nope", InfoRequest(), InfoResponse)
-    with pytest.raises(RemoteError, match="ProtocolError"):
-        await client.call("info", INFO, InfoResponse)  # wrong request type is fine, but...
+    with pytest.raises(RemoteError, match="bad_request: request.t: expected 'info_request'"):
+        await client.call("info", INFO, InfoResponse)  # the wrong request type is refused
     assert await client.call("info", InfoRequest(), InfoResponse) == INFO
 
 
@@ -182,7 +188,7 @@ async def test_caller_cancelled_mid_call_leaves_channel_usable(
     assert await client.call("info", InfoRequest(), InfoResponse) == INFO
     out = await client.call("forward", req, ForwardResponse)
     assert torch.equal(out.hidden_states, big * 2)
-    assert client.statistics()["pending_calls"] == 0
+    assert client.statistics().pending_calls == 0
 
 
 async def test_hundred_concurrent_calls(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
@@ -205,9 +211,9 @@ async def test_hundred_concurrent_calls(rpc_pair: tuple[RpcConnection, Handlers]
         with trio.fail_after(10):
             while len(results) < 50:  # the even calls finish while the odd ones still wait
                 await trio.sleep(0.01)
-        assert client.statistics()["pending_calls"] == 50
+        assert client.statistics().pending_calls == 50
         handlers.gate.set()
-    assert client.statistics()["pending_calls"] == 0
+    assert client.statistics().pending_calls == 0
 
 
 async def test_bidirectional_stream(rpc_pair: tuple[RpcConnection, Handlers]) -> None:
@@ -272,7 +278,7 @@ async def test_pool_reuses_and_redials_broken_channels() -> None:
                         expected_peer=BOB.peer_id,
                     )
                     assert info == INFO
-                assert pool.statistics() == {"connections": 1, "dials": 1}
+                assert pool.statistics() == PoolStatistics(connections=1, dials=1)
                 conn = await pool.get("127.0.0.1", port, BOB.peer_id)
                 await conn.aclose()  # break it
                 assert (
@@ -286,8 +292,8 @@ async def test_pool_reuses_and_redials_broken_channels() -> None:
                     )
                     == INFO
                 )
-                assert pool.statistics()["dials"] == 2
-                assert pool.statistics()["connections"] == 1
+                assert pool.statistics().dials == 2
+                assert pool.statistics().connections == 1
                 await _concurrent_gets_share_one_dial(pool, port)
                 with pytest.raises(PeerIdMismatch):
                     await pool.get("127.0.0.1", port, ALICE.peer_id)

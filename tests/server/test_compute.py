@@ -40,7 +40,7 @@ async def test_priority_order_and_errors() -> None:
 
         with pytest.raises(ValueError, match="bad shape"):
             await queue.submit(boom, Priority.INFERENCE)
-        assert queue.statistics()["done"] == 4
+        assert queue.statistics().done == 4
         nursery.cancel_scope.cancel()
 
 

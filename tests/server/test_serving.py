@@ -99,7 +99,11 @@ async def test_inference_with_push_matches_one_pass(
     with trio.fail_after(30):
         async with c0.open_stream("inference") as h0, c1.open_stream("inference") as h1:
             await h0.send(InferenceOpen(sid0, 16, 1, "float32", LayerRange(0, 3), push_to=target))
-            await h1.send(InferenceOpen(sid1, 16, 1, "float32", LayerRange(3, 6)))
+            await h1.send(
+                InferenceOpen(
+                    sid1, 16, 1, "float32", LayerRange(3, 6), push_from=s0.ready.peer_id
+                )
+            )
             await h0.receive(InferenceReady)
             await h1.receive(InferenceReady)
             chunks = [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]  # prefill, then one token a step

@@ -8,9 +8,10 @@ import torch
 import trio
 
 from swarm.dht import DHTConfig, DHTNode
+from swarm.directory import DHTEvidenceBoard
 from swarm.errors import ProtocolError, VerificationError
 from swarm.identity import Identity
-from swarm.verify.material import decode_material, encode_material, fetch_material, publish_material
+from swarm.verify.material import decode_material, encode_material, fetch_material
 from swarm.verify.receipts import EvidenceFile
 
 
@@ -38,7 +39,8 @@ async def test_only_the_reporters_chunks_count() -> None:
         async with DHTNode.open(reporter, DHTConfig()) as a:
             config = DHTConfig(initial_peers=(a.address,))
             async with DHTNode.open(forger, config) as b:
-                chunks = await publish_material(a, "m", "d", material(), ttl=60)
+                board = DHTEvidenceBoard(a, ttl=60)
+                chunks = await board.publish_material("m", "d", encode_material(material()))
                 assert chunks > 1
                 got = await fetch_material(b, "m", "d", reporter.peer_id)
                 assert torch.equal(got.inputs, material().inputs)

@@ -1,0 +1,3 @@
+"""The package version (one place; `swarm.__version__` re-exports it)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,29 @@
+"""The swarm's namespace in the DHT: key formats, the one strict decoder of server
+announcements (used by clients and servers alike), and evidence with its material."""
+
+from swarm.directory.evidence import (
+    DHTEvidenceBoard,
+    fetch_evidence,
+    fetch_material_bytes,
+)
+from swarm.directory.keys import block_key, block_keys, evidence_key, material_key
+from swarm.directory.servers import (
+    MAX_THROUGHPUT,
+    ServerView,
+    decode_announcement,
+    servers_from_records,
+)
+
+__all__ = [
+    "MAX_THROUGHPUT",
+    "DHTEvidenceBoard",
+    "ServerView",
+    "block_key",
+    "block_keys",
+    "decode_announcement",
+    "evidence_key",
+    "fetch_evidence",
+    "fetch_material_bytes",
+    "material_key",
+    "servers_from_records",
+]

@@ -1,0 +1,116 @@
+"""Server announcements: the one strict decoder, and the `ServerView` built from them.
+
+Every server announces, under `block_key` for each block it serves, a record whose value is
+a `ServerAnnouncement` (the record's subkey is its `PeerId`). Clients (route planning) and
+servers (``--layers auto``, next-hop pings) read them through this module only, so both sides
+drop exactly the same records: a value that does not decode, a range that does not cover the
+block of the key it was found under or goes past the model, a throughput that is not a
+finite number in ``[0, MAX_THROUGHPUT]``, a cache or session count past its bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from swarm.dht.records import Record
+from swarm.directory.keys import block_key
+from swarm.errors import ProtocolError
+from swarm.net.messages import ServerAnnouncement, message_from_wire
+from swarm.types import LayerRange, PeerId, ServerState, format_address
+
+__all__ = [
+    "MAX_CACHE_TOKENS",
+    "MAX_SESSIONS",
+    "MAX_THROUGHPUT",
+    "ServerView",
+    "decode_announcement",
+    "servers_from_records",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_THROUGHPUT = 1e7  # tokens/s through a span; far above any real server
+MAX_CACHE_TOKENS = 1 << 34
+MAX_SESSIONS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What a peer knows about one server (from its announcement) when it plans."""
+
+    peer_id: PeerId
+    address: str
+    layers: LayerRange
+    throughput: float  # tokens per second through the whole span
+    free_cache_tokens: int
+    active_sessions: int = 0
+    state: ServerState = ServerState.ONLINE
+    next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
+    dtype: str = "float32"  # what the server computes in
+
+
+def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
+    """The announcement in a record value found under block ``block`` of a model with
+    ``num_layers`` layers. Raises `ProtocolError` naming what is wrong."""
+    ann: ServerAnnouncement = message_from_wire(value, "announcement", expect=ServerAnnouncement)
+    if block not in ann.layer_range:
+        raise ProtocolError(f"announcement.layer_range {ann.layer_range} misses block {block}")
+    if ann.layer_range.stop > num_layers:
+        raise ProtocolError(
+            f"announcement.layer_range {ann.layer_range} goes past the model's {num_layers}"
+        )
+    if not (math.isfinite(ann.throughput) and 0.0 <= ann.throughput <= MAX_THROUGHPUT):
+        raise ProtocolError(f"announcement.throughput {ann.throughput!r} is out of range")
+    if ann.free_cache_tokens > MAX_CACHE_TOKENS:
+        raise ProtocolError("announcement.free_cache_tokens is out of range")
+    if ann.active_sessions > MAX_SESSIONS:
+        raise ProtocolError("announcement.active_sessions is out of range")
+    if any(not math.isfinite(p.rtt) for p in ann.next_pings):
+        raise ProtocolError("announcement.next_pings: an rtt is not finite")
+    return ann
+
+
+def servers_from_records(
+    records: Mapping[str, Mapping[PeerId, Record]],
+    model_id: str,
+    num_layers: int,
+    blocks: range | None = None,
+) -> list[ServerView]:
+    """One `ServerView` per announcing peer, from the records of a model's block keys.
+
+    ``blocks`` limits which block keys are read (default: all). A record that
+    `decode_announcement` refuses is dropped (and logged); of a peer's records the one with
+    the highest ``seq`` wins. Never raises for bad records.
+    """
+    best: dict[PeerId, tuple[int, ServerAnnouncement]] = {}
+    for block in blocks if blocks is not None else range(num_layers):
+        key = block_key(model_id, block)
+        for peer, record in records.get(key, {}).items():
+            if record.value is None:
+                continue
+            try:
+                ann = decode_announcement(record.value, block, num_layers)
+            except ProtocolError as exc:
+                log.info("dropping announcement of %s under %s: %s", peer, key, exc)
+                continue
+            held = best.get(peer)
+            if held is None or record.seq > held[0]:
+                best[peer] = (record.seq, ann)
+    return [_view(peer, ann) for peer, (_seq, ann) in best.items()]
+
+
+def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
+    return ServerView(
+        peer_id=peer,
+        address=format_address(ann.host, ann.port),
+        layers=ann.layer_range,
+        throughput=ann.throughput,
+        free_cache_tokens=ann.free_cache_tokens,
+        active_sessions=ann.active_sessions,
+        state=ann.state,
+        next_pings={p.peer_id: p.rtt for p in ann.next_pings},
+        dtype=ann.dtype,
+    )
