@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import uuid
 
-import psutil
 import pytest
 
-from swarm.testing.processes import swarm_command
+from swarm.testing.processes import MARKER_VARIABLE, processes_marked, swarm_command
 
 pytestmark = pytest.mark.slow
 
 
-def swarm_processes() -> set[int]:
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "swarm_cli.main" in " ".join(proc.info["cmdline"] or ()):
-            found.add(proc.info["pid"])
-    return found
-
-
 def test_demo_generates_and_stops_everything() -> None:
-    before = swarm_processes()
+    # the demo and every process it starts inherit this marker; other `swarm` processes on
+    # the machine (another test run, a user's server) do not have it
+    marker = uuid.uuid4().hex
     done = subprocess.run(
         swarm_command("demo", "The list", "--max-new-tokens", "6", "--servers", "2"),
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, MARKER_VARIABLE: marker},
     )
     assert done.returncode == 0, done.stderr
     assert "route: client ->" in done.stdout
     assert "The list" in done.stdout
     assert "one process" in done.stdout and "swarm, 2 hops" in done.stdout
     assert "ready" in done.stderr  # start-up progress
-    leftovers = swarm_processes() - before
-    assert leftovers == set()
+    assert processes_marked(marker) == set()
 
 
 def test_demo_liar_is_caught_under_verification() -> None:

@@ -3,7 +3,9 @@
 Each process is started with one torch thread, its stdout read line by line until its
 readiness line appears (with a deadline), and stopped by its pid: SIGTERM first, SIGKILL
 if it does not exit in time. `ProcessGroup` stops everything it started, also when the
-caller fails.
+caller fails. Every process it starts carries the group's marker in its environment
+(`MARKER_VARIABLE`), and so does everything those processes start in turn, so a test can
+find what is left of its own processes (`processes_marked`) without counting anyone else's.
 """
 
 from __future__ import annotations
@@ -15,16 +17,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-__all__ = ["ProcessGroup", "SwarmProcess", "swarm_command"]
+__all__ = ["MARKER_VARIABLE", "ProcessGroup", "SwarmProcess", "processes_marked", "swarm_command"]
+
+MARKER_VARIABLE = "SWARM_TEST_GROUP"
 
 
 def swarm_command(*args: str) -> list[str]:
     """The argv that runs ``swarm <args>`` with this interpreter."""
     return [sys.executable, "-m", "swarm_cli.main", *args]
+
+
+def processes_marked(marker: str) -> set[int]:
+    """Pids of the live processes (other than this one) whose environment has
+    ``MARKER_VARIABLE=marker``."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(MARKER_VARIABLE) == marker:
+                found.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 @dataclass
@@ -36,6 +58,7 @@ class SwarmProcess:
     lines: list[str] = field(default_factory=list)
     stderr_lines: list[str] = field(default_factory=list)
     _new_line: threading.Condition = field(default_factory=threading.Condition)
+    _pumps: list[threading.Thread] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -74,6 +97,18 @@ class SwarmProcess:
                     )
                 self._new_line.wait(min(left, 0.5))
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit code once the process exits (and all its output is in `lines` and
+        `stderr_lines`), or None if it still runs after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        for pump in self._pumps:
+            pump.join(max(0.1, deadline - time.monotonic()))
+        return code
+
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait up to `timeout` s, then SIGKILL. Returns the exit code."""
         if self.popen.poll() is None:
@@ -93,16 +128,25 @@ class SwarmProcess:
 
 
 class ProcessGroup:
-    """Starts processes and stops all of them on exit (SIGTERM, then SIGKILL)."""
+    """Starts processes and stops all of them on exit (SIGTERM, then SIGKILL).
 
-    def __init__(self, *, threads: int = 1) -> None:
+    ``env`` adds to (or overrides) the environment the processes inherit, e.g. a ``HOME``
+    of the test's own. ``marker`` is put into every process's environment.
+    """
+
+    def __init__(self, *, threads: int = 1, env: Mapping[str, str] | None = None) -> None:
         self.processes: list[SwarmProcess] = []
+        # a group inside a marked process (e.g. `swarm demo` run by a test) keeps the mark,
+        # so the test still finds the processes the demo starts
+        self.marker = os.environ.get(MARKER_VARIABLE) or uuid.uuid4().hex
         self._env = {
             **os.environ,
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+            MARKER_VARIABLE: self.marker,
         }
 
     def start(self, name: str, argv: Sequence[str]) -> SwarmProcess:
@@ -116,7 +160,9 @@ class ProcessGroup:
         )
         proc = SwarmProcess(name, popen)
         for stream, into in ((popen.stdout, proc.lines), (popen.stderr, proc.stderr_lines)):
-            threading.Thread(target=proc._pump, args=(stream, into), daemon=True).start()
+            pump = threading.Thread(target=proc._pump, args=(stream, into), daemon=True)
+            pump.start()
+            proc._pumps.append(pump)
         self.processes.append(proc)
         return proc
 
@@ -146,6 +192,10 @@ class ProcessGroup:
     def stop_all(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
+
+    def leftovers(self) -> set[int]:
+        """Pids of processes still alive that this group (or one of its processes) started."""
+        return processes_marked(self.marker)
 
     def __enter__(self) -> ProcessGroup:
         return self
