@@ -16,8 +16,9 @@ place that talks to the ``gguf`` package's :class:`~gguf.GGUFReader`:
   and the model id what they need.
 
 Which of our parameters is which GGUF tensor is decided in :mod:`swarm.shards.checkpoint`.
-Opening a reader parses the whole metadata (about 3 s for a 49k-token vocabulary), so readers
-are cached per file (path, size and modification time).
+Opening a reader parses the whole metadata (about 3 s for a 49k-token vocabulary), so the
+parsed header is cached per file (path, size and modification time) as plain Python values;
+the reader's own per-value arrays are dropped.
 """
 
 from __future__ import annotations
@@ -62,43 +63,56 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """What we keep of a reader: every metadata value as plain Python (about 4 MB for a 49k
+    vocabulary, where the reader's own per-value arrays take ~170 MB), the tensor entries
+    (views into the memory map, nothing read) and the map itself."""
+
+    metadata: dict[str, Any]
+    tensors: tuple[Any, ...]
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int) -> Any:
+def _cached_parse(path: str, size: int, mtime_ns: int) -> _Parsed:
     from gguf import GGUFReader
 
     del size, mtime_ns  # part of the cache key only: a rewritten file is read again
     try:
-        return GGUFReader(path)
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+        reader = GGUFReader(path)
+        metadata = {
+            key: field.contents()
+            for key, field in reader.fields.items()
+            if not key.startswith("GGUF.")
+        }
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
         raise ShardError(f"{path}: not a readable GGUF file: {exc}") from exc
+    return _Parsed(metadata, tuple(reader.tensors))
 
 
-def _reader(path: str | Path) -> Any:
-    """The (cached) memory-mapped reader of ``path``. Raises `ShardError` if unreadable."""
+def _parsed(path: str | Path) -> _Parsed:
+    """The (cached) parsed header of ``path``. Raises `ShardError` if unreadable."""
     file = Path(path).resolve()
     try:
         stat = file.stat()
     except OSError as exc:
         raise ShardError(f"{file}: cannot open the GGUF file: {exc}") from exc
-    return _cached_reader(str(file), stat.st_size, stat.st_mtime_ns)
+    return _cached_parse(str(file), stat.st_size, stat.st_mtime_ns)
 
 
 def gguf_metadata(path: str | Path, *, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     """The file's metadata as ``{key: value}``: scalars and strings, short arrays, and the long
     arrays named in ``arrays`` (e.g. ``"tokenizer.ggml.tokens"``); other long arrays are left
-    out (their values are not needed and cost time to convert).
+    out, so a caller that does not ask for the vocabulary does not copy it.
 
     Raises:
         ShardError: the file is not a readable GGUF file.
     """
-    out: dict[str, Any] = {}
-    for key, field in _reader(path).fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if len(field.data) > _SMALL_ARRAY and key not in arrays:
-            continue
-        out[key] = field.contents()
-    return out
+    return {
+        key: value
+        for key, value in _parsed(path).metadata.items()
+        if not isinstance(value, list) or len(value) <= _SMALL_ARRAY or key in arrays
+    }
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,7 @@ def gguf_tensor_infos(path: str | Path) -> dict[str, GGUFTensorInfo]:
             int(t.data_offset),
             int(t.n_bytes),
         )
-        for t in _reader(path).tensors
+        for t in _parsed(path).tensors
     }
 
 
@@ -247,8 +261,7 @@ def read_gguf_tensors(
         ShardError: a tensor is missing, has another shape, or has a type that cannot be
             dequantized.
     """
-    reader = _reader(path)
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in _parsed(path).tensors}
     config = gguf_config(path)
     out: dict[str, torch.Tensor] = {}
     for name, shape in wanted.items():
