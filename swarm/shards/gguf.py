@@ -299,7 +299,9 @@ def dequantize_tensor(tensor: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
             f"tensor {tensor.name!r} is {tensor.tensor_type.name}, which the installed gguf "
             f"package cannot dequantize: {exc}"
         ) from exc
-    return np.array(values, dtype=np.float32, copy=True)
+    if values.dtype == np.float32 and values.flags.owndata and values.flags.writeable:
+        return values  # already a fresh array (block types, F16)
+    return np.array(values, dtype=np.float32)  # F32 comes as a read-only view of the map
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
