@@ -8,7 +8,8 @@ from swarm_cli.main import app
 from typer.testing import CliRunner
 
 from swarm.client.bans import BanList
-from swarm.client.discovery import PingTable, block_keys, servers_from_records
+from swarm.client.discovery import PingTable
+from swarm.directory import block_keys, servers_from_records
 from swarm.dht.records import Record, make_record
 from swarm.identity import Identity
 from swarm.net.messages import PingEntry, ServerAnnouncement
