@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from swarm.client.bans import BanList
 from swarm.client.discovery import PingTable
-from swarm.directory import block_keys, servers_from_records
 from swarm.dht.records import Record, make_record
+from swarm.directory import block_keys, servers_from_records
 from swarm.identity import Identity
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.types import LayerRange, PeerId
