@@ -125,8 +125,8 @@ def _ping_datagram(node_id: bytes) -> bytes:
 
 
 async def test_a_full_node_answers_a_new_id_quickly_and_sends_nothing_else() -> None:
-    config = FAST
     keys = 3000
+    config = DHTConfig(rpc_timeout=0.5, max_keys=keys)
     async with DHTNode.open(Identity.from_seed(b"full"), config) as full:
         writer = Identity.from_seed(b"filler")
         expires = time.time() + 300
@@ -155,17 +155,24 @@ async def test_a_full_node_answers_a_new_id_quickly_and_sends_nothing_else() -> 
                     received += 1
         assert received == 5, f"{received - 5} datagrams beyond the replies"
         assert statistics.median(rtts) <= 0.010, rtts
+        stats = full.statistics()
+        assert stats.keys_stored == keys and stats.handoffs == 0 and stats.routing_table_size == 0
 
 
-async def _join_announce_get(cluster: DHTCluster, seed: str) -> float:
-    """Seconds for a new full node to join, announce one record and read it back."""
+async def _join_announce_get(cluster: DHTCluster, seed: str) -> tuple[float, int]:
+    """(seconds, requests that timed out) for a new full node to join, announce one record
+    and read it back. The node stays in the cluster (a server that started)."""
     config = DHTConfig(initial_peers=(cluster.nodes[0].address,), rpc_timeout=0.5)
     started = time.perf_counter()
-    async with DHTNode.open(Identity.from_seed(seed.encode()), config) as node:
-        await node.announce(BLOCKS[0], {"addr": node.address}, 30.0)
-        assert node.peer_id in await node.get(BLOCKS[0])
-        took = time.perf_counter() - started
-    return took
+    node = await cluster.add(Identity.from_seed(seed.encode()), config)
+    await node.announce(BLOCKS[0], {"addr": node.address}, 30.0)
+    assert node.peer_id in await node.get(BLOCKS[0])
+    return time.perf_counter() - started, node.statistics().rpc_timeouts
+
+
+async def _median_join(cluster: DHTCluster, seed: str) -> tuple[float, int]:
+    runs = [await _join_announce_get(cluster, f"{seed}{i}") for i in range(3)]
+    return statistics.median(t for t, _ in runs), sum(n for _, n in runs)
 
 
 async def test_two_hundred_clients_coming_and_going_do_not_slow_joins() -> None:
@@ -174,14 +181,17 @@ async def test_two_hundred_clients_coming_and_going_do_not_slow_joins() -> None:
         async with open_dht_cluster(10, FAST, seed="churn") as cluster:
             for server in cluster.nodes[1:4]:
                 await server.announce(BLOCKS[1], {"addr": server.address}, 120.0)
-            first = statistics.median([await _join_announce_get(cluster, f"f{i}") for i in "123"])
+            first, _ = await _median_join(cluster, "first")
             for i in range(200):
                 peers = (cluster.nodes[i % 10].address,)
                 config = DHTConfig(**{**client.__dict__, "initial_peers": peers})
                 async with DHTNode.open(Identity.from_seed(f"client{i}".encode()), config) as c:
                     assert len(await c.get(BLOCKS[1])) == 3
-            after = statistics.median([await _join_announce_get(cluster, f"a{i}") for i in "123"])
+            after, timeouts = await _median_join(cluster, "after")
+            assert timeouts == 0  # no dead contact was asked: the clients left none behind
             assert after <= 1.5 * first + 0.05, (first, after)
+            for node in cluster.nodes:
+                assert len(await node.routing_addresses()) <= 9 + 6  # servers, joiners
 
 
 async def test_three_nodes_replying_with_no_records_do_not_end_a_lookup() -> None:
@@ -222,3 +232,82 @@ async def test_three_nodes_replying_with_no_records_do_not_end_a_lookup() -> Non
 
 def _flip(dkey: bytes, bit: int) -> bytes:
     return (int.from_bytes(dkey, "big") ^ (1 << bit)).to_bytes(20, "big")
+
+
+async def test_many_nodes_behind_one_ip_hold_a_few_places_in_any_table() -> None:
+    """With the per-IP caps applied to loopback: honest nodes each on their own /24, twenty
+    real nodes of one attacker on one IP (many ports)."""
+    config = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0, cap_private_addresses=True)
+    cluster = DHTCluster()
+    try:
+        with trio.fail_after(60):
+            for i in range(8):
+                peers = (cluster.nodes[0].address,) if cluster.nodes else ()
+                host_config = DHTConfig(**{**config.__dict__, "host": f"127.0.{i + 1}.1"})
+                host_config = DHTConfig(**{**host_config.__dict__, "initial_peers": peers})
+                await cluster.add(Identity.from_seed(f"honest{i}".encode()), host_config)
+            writer = cluster.nodes[3]
+            for key in BLOCKS:
+                await writer.announce(key, {"addr": writer.address}, 60.0)
+            entry = (cluster.nodes[0].address, cluster.nodes[5].address)
+            for i in range(20):
+                sybil = DHTConfig(**{**config.__dict__, "host": "127.66.0.1"})
+                sybil = DHTConfig(**{**sybil.__dict__, "initial_peers": (entry[i % 2],)})
+                node = await cluster.add(Identity.from_seed(f"sybil{i}".encode()), sybil)
+                await node.get(BLOCKS[i % 4])  # and they keep talking
+            for node in cluster.nodes[:8]:
+                hosts = [ip for ip, _ in await node.routing_addresses()]
+                assert hosts.count("127.66.0.1") <= config.max_contacts_per_ip, hosts
+                found = await node.get_many(BLOCKS)
+                assert all(set(found[k]) == {writer.peer_id} for k in BLOCKS)
+            assert sum(n.statistics().contacts_refused for n in cluster.nodes[:8]) > 0
+    finally:
+        await cluster.aclose()
+
+
+async def test_client_only_nodes_ask_and_store_but_nobody_adds_them() -> None:
+    with trio.fail_after(30):
+        async with open_dht_cluster(6, FAST, seed="clients") as cluster:
+            config = DHTConfig(
+                initial_peers=(cluster.nodes[0].address,), rpc_timeout=0.5, client_only=True
+            )
+            async with DHTNode.open(Identity.from_seed(b"a-client"), config) as client:
+                assert await client.announce(BLOCKS[0], {"evidence": 1}, 30.0) > 0
+                await cluster.nodes[2].announce(BLOCKS[0], {"addr": "x"}, 30.0)
+                expected = {client.peer_id, cluster.nodes[2].peer_id}
+                assert set(await client.get(BLOCKS[0])) == expected
+                assert set(await cluster.nodes[5].get(BLOCKS[0])) == expected
+                assert len(await client.routing_addresses()) > 0  # it has contacts itself
+                for node in cluster.nodes:
+                    assert client.port not in {p for _, p in await node.routing_addresses()}
+                assert client.statistics().keys_stored == 0  # and holds nothing for others
+
+
+async def test_contacts_that_stop_answering_leave_without_any_lookup() -> None:
+    config = DHTConfig(rpc_timeout=0.3, bootstrap_timeout=5.0, contact_check_interval=0.3)
+    with trio.fail_after(30):
+        async with open_dht_cluster(6, config, seed="leavers") as cluster:
+            gone = cluster.nodes[3].port
+            await cluster.stop(3)
+            for node in cluster.live:
+                while gone in {p for _, p in await node.routing_addresses()}:
+                    await trio.sleep(0.05)
+            assert sum(n.statistics().contacts_evicted for n in cluster.live) >= 1
+
+
+async def test_joining_needs_the_initial_peers_not_a_finished_crawl() -> None:
+    slow = DHTConfig(rpc_timeout=3.0, bootstrap_timeout=5.0)
+    with trio.fail_after(30):
+        async with open_dht_cluster(8, slow, seed="slowcrawl") as cluster:
+            for index in range(2, 8):  # dead, but still in node 0's table
+                await cluster.stop(index)
+            config = DHTConfig(
+                initial_peers=(cluster.nodes[0].address,),
+                rpc_timeout=3.0,
+                bootstrap_timeout=1.0,
+                join_crawl_timeout=0.5,
+            )
+            started = trio.current_time()
+            async with DHTNode.open(Identity.from_seed(b"joiner"), config) as node:
+                assert trio.current_time() - started < 3.0  # neither 1 s nor the dead stalled it
+                assert ("127.0.0.1", cluster.nodes[0].port) in await node.routing_addresses()
