@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +10,6 @@ from typing import TypeVar
 
 import trio
 
-from swarm.errors import LimitExceeded
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
@@ -20,8 +18,6 @@ from swarm.net.messages import Message
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
-
-log = logging.getLogger(__name__)
 
 __all__ = ["ConnectionPool", "PoolStatistics", "open_connection_pool"]
 
@@ -137,8 +133,6 @@ class ConnectionPool:
     ) -> None:
         try:
             await conn.run(task_status=task_status)
-        except* LimitExceeded as group:  # the receive budget refused a message
-            log.warning("closed channel to %s: %s", conn.remote_peer_id, group.exceptions[0])
         finally:
             if self._conns.get(key) is conn:
                 del self._conns[key]

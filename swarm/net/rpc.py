@@ -74,6 +74,7 @@ class RpcStatistics:
     calls_made: int
     calls_served: int
 
+
 @dataclass(frozen=True)
 class CallContext:
     """What a handler knows about the call: the authenticated caller and the method."""
@@ -316,7 +317,7 @@ class RpcConnection:
                 data = await self.channel.receive()
             except ConnectionClosed:
                 return
-            except ProtocolError as exc:
+            except (ProtocolError, LimitExceeded) as exc:  # the channel is closed already
                 log.warning("closing channel to %s: %s", self.remote_peer_id, exc)
                 return
             try:

@@ -148,13 +148,10 @@ class RpcServer:
             return
         conn = RpcConnection(channel, self.handlers, self.config)
         slot.conn = conn
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._close_when_idle, conn)
-                await conn.run()
-                nursery.cancel_scope.cancel()
-        except* LimitExceeded as group:  # the receive budget refused a message
-            log.warning("closed channel to %s: %s", conn.remote_peer_id, group.exceptions[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_when_idle, conn)
+            await conn.run()
+            nursery.cancel_scope.cancel()
 
     def _admit(self, slot: _Slot, peer_id: PeerId) -> Refusal | None:
         """Called by the handshake once ``peer_id`` is proven: make room or refuse."""
