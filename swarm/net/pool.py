@@ -36,8 +36,11 @@ class ConnectionPool:
 
     Concurrent `get`s for one key share a single dial. A channel that closed or broke is
     removed and the next `get` dials again. Past ``config.max_pool_connections`` the least
-    recently used channel is closed. Make one with `open_connection_pool`. Channels draw on
-    ``receive_budget`` if one is given (a server passes the one its `RpcServer` uses).
+    recently used channel is closed, and a channel idle for over half of
+    ``config.idle_timeout`` is replaced rather than reused (servers close channels idle for
+    ``idle_timeout``; a call must not race that close). Channels draw on ``receive_budget``
+    if one is given (a server passes the one its `RpcServer` uses). Make one with
+    `open_connection_pool`.
     """
 
     def __init__(
@@ -125,8 +128,18 @@ class ConnectionPool:
         if conn.is_closed:
             del self._conns[key]
             return None
+        if not conn.busy and self._idle_for(conn) > self.config.idle_timeout / 2:
+            # The server may be about to close it for idleness; a call sent now could
+            # cross its close. Start afresh instead.
+            del self._conns[key]
+            self._nursery.start_soon(conn.aclose)
+            return None
         self._conns.move_to_end(key)
         return conn
+
+    @staticmethod
+    def _idle_for(conn: RpcConnection) -> float:
+        return trio.current_time() - conn.channel.last_activity
 
     async def _run(
         self, key: PoolKey, conn: RpcConnection, *, task_status: trio.TaskStatus[None]

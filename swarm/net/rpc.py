@@ -77,10 +77,12 @@ class RpcStatistics:
 
 @dataclass(frozen=True)
 class CallContext:
-    """What a handler knows about the call: the authenticated caller and the method."""
+    """What a handler knows about the call: the authenticated caller, the method, and the
+    caller's IP address as the socket saw it (None when the transport has none)."""
 
     peer_id: PeerId
     method: str
+    peer_host: str | None = None
 
 
 class _Pending:
@@ -168,9 +170,11 @@ class RpcConnection:
         channel: SecureChannel,
         handlers: object | None = None,
         config: NetConfig = DEFAULT_NET_CONFIG,
+        remote_host: str | None = None,
     ) -> None:
         self.channel = channel
         self.remote_peer_id = channel.remote_peer_id
+        self.remote_host = remote_host
         self._handlers = handlers
         self._config = config
         self._next_id = 0
@@ -186,6 +190,11 @@ class RpcConnection:
     @property
     def is_closed(self) -> bool:
         return self._closed or self.channel.is_closed
+
+    @property
+    def busy(self) -> bool:
+        """A call or stream is in flight on the channel, in either direction."""
+        return bool(self._pending or self._streams or self._serving)
 
     def statistics(self) -> RpcStatistics:
         return RpcStatistics(
@@ -398,7 +407,7 @@ class RpcConnection:
         )
         self._serving[call_id] = (scope, stream)
         self.calls_served += 1
-        ctx = CallContext(self.remote_peer_id, method)
+        ctx = CallContext(self.remote_peer_id, method, self.remote_host)
         self._nursery.start_soon(
             self._run_handler, handler, call_id, scope, stream, body, ctx, one_way
         )

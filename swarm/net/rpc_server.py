@@ -146,7 +146,7 @@ class RpcServer:
                 self._counts["handshake_failures"] += 1
             log.info("inbound handshake failed: %s", exc)
             return
-        conn = RpcConnection(channel, self.handlers, self.config)
+        conn = RpcConnection(channel, self.handlers, self.config, remote_host=slot.host)
         slot.conn = conn
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_when_idle, conn)
@@ -188,7 +188,7 @@ class RpcServer:
         idle = [
             (-per_host[slot.host], slot.conn.channel.last_activity, i, slot)
             for i, slot in enumerate(self._channels)
-            if slot.conn is not None and not _busy(slot.conn)
+            if slot.conn is not None and not slot.conn.busy
         ]
         return min(idle)[3] if idle else None
 
@@ -198,7 +198,7 @@ class RpcServer:
             await trio.sleep_until(conn.channel.last_activity + timeout)
             if trio.current_time() < conn.channel.last_activity + timeout:
                 continue  # there was traffic while we slept
-            if _busy(conn):
+            if conn.busy:
                 await trio.sleep(timeout)  # a call or stream is open; look again later
                 continue
             self._counts["closed_idle"] += 1
@@ -242,9 +242,3 @@ class RpcServer:
             receive_budget_in_use=budget.in_use,
             receive_budget_refused=budget.refused,
         )
-
-
-def _busy(conn: RpcConnection) -> bool:
-    """A call or stream is in flight on the channel, in either direction."""
-    stats = conn.statistics()
-    return bool(stats.pending_calls or stats.open_streams or stats.serving)

@@ -403,3 +403,21 @@ async def test_at_the_cap_the_address_with_most_channels_loses_an_idle_one() -> 
             assert await single.call("info", InfoRequest(), InfoResponse) == INFO
             for channel in [*crowd, newcomer]:
                 await channel.aclose()
+
+
+async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness() -> None:
+    client = NetConfig(idle_timeout=0.4)
+    with trio.fail_after(10):
+        async with (
+            serving(NetConfig()) as (_, port, _),
+            open_connection_pool(ALICE, config=client) as pool,
+        ):
+            first = await pool.get(HOST, port)
+            assert await first.call("info", InfoRequest(), InfoResponse) == INFO
+            assert await pool.get(HOST, port) is first  # fresh: reused
+            await trio.sleep(client.idle_timeout)  # past half the idle timeout
+            second = await pool.get(HOST, port)
+            assert second is not first
+            await wait_until(lambda: first.is_closed)
+            assert await second.call("info", InfoRequest(), InfoResponse) == INFO
+            assert pool.statistics().dials == 2
