@@ -1,0 +1,123 @@
+"""`Chat`: three turns over one kept session, each sending only its new tokens, each answer
+equal to a fresh greedy generation over the whole history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from tokenizers import Tokenizer
+
+from swarm.client.chat import Chat, Turn
+from swarm.client.config import ClientConfig
+from swarm.client.model import AsyncRemoteModel
+from swarm.client.session import InferenceSession
+from swarm.shards import ChatTemplate, load_tokenizer
+from swarm.testing.checkpoints import GGUF_CHAT_TEMPLATE, write_random_gguf
+from swarm.testing.reference import LocalModel
+from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange
+
+MESSAGES = ["the cat sat", "on the mat", "and then?"]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "tiny-chat.gguf"
+    return write_random_gguf(path, qtype="Q8_0", num_layers=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def local(model_path: Path) -> LocalModel:
+    return LocalModel(model_path)
+
+
+@pytest.fixture
+def step_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many new tokens every session step sends to the servers."""
+    sizes: list[int] = []
+    real = InferenceSession.step
+
+    async def spy(self: InferenceSession, hidden: torch.Tensor, positions: torch.Tensor) -> object:
+        sizes.append(hidden.shape[1])
+        return await real(self, hidden, positions)
+
+    monkeypatch.setattr(InferenceSession, "step", spy)
+    return sizes
+
+
+async def _converse(
+    path: Path, tmp: Path, template: ChatTemplate | None = None
+) -> tuple[list[Turn], int]:
+    with trio.fail_after(120):
+        async with open_local_swarm(path, [LayerRange(0, 2), LayerRange(2, 4)]) as swarm:
+            config = ClientConfig(
+                initial_peers=(swarm.dht_address,),
+                reputation_path=str(tmp / "reputation.json"),
+                evidence_dir=str(tmp / "evidence"),
+            )
+            async with (
+                AsyncRemoteModel.open(path, config) as model,
+                Chat.open(model, max_length=512, template=template) as chat,
+            ):
+                for message in MESSAGES:
+                    await chat.say(message, NEW_TOKENS)
+                stats = chat.statistics()
+    return list(stats.turns), stats.reprefills
+
+
+def _check_answers(local: LocalModel, turns: list[Turn]) -> None:
+    """Each answer equals a fresh greedy generation over everything its session was sent."""
+    history: list[int] = []
+    for turn in turns:
+        history = [*(() if turn.fresh else history), *turn.sent]
+        fresh = local.generate(history, len(turn.answer)).ids
+        assert list(turn.answer) == fresh
+        history += list(turn.answer[:-1])  # the last id is sent with the next turn
+
+
+async def test_turns_send_only_new_tokens(
+    model_path: Path, local: LocalModel, step_sizes: list[int], tmp_path: Path
+) -> None:
+    turns, reprefills = await _converse(model_path, tmp_path)
+    assert reprefills == 0 and [t.fresh for t in turns] == [True, False, False]
+    # every turn: one step with its new prompt tokens, then one step per generated token
+    expected: list[int] = []
+    for turn in turns:
+        expected += [len(turn.sent)] + [1] * (len(turn.answer) - 1)
+    assert step_sizes == expected
+    # re-prefilling would send the whole rendered conversation; a kept session sends less
+    template, tokenizer = ChatTemplate(GGUF_CHAT_TEMPLATE), local_tokenizer(local)
+    conversation: list[dict[str, str]] = []
+    for message, turn in zip(MESSAGES, turns, strict=True):
+        conversation.append({"role": "user", "content": message})
+        whole = tokenizer.encode(template.render(conversation), add_special_tokens=False).ids
+        if turn is not turns[0]:
+            assert len(turn.sent) < len(whole) - len(turns[0].sent)
+        conversation.append({"role": "assistant", "content": turn.text})
+    _check_answers(local, turns)
+
+
+def local_tokenizer(local: LocalModel) -> Tokenizer:
+    tokenizer = load_tokenizer(local.path)
+    assert tokenizer is not None
+    return tokenizer
+
+
+async def test_template_that_rewrites_history_reprefills(
+    model_path: Path, local: LocalModel, step_sizes: list[int], tmp_path: Path
+) -> None:
+    # drops earlier assistant turns: what the session holds no longer prefixes the prompt
+    forgetful = ChatTemplate(
+        "{% for m in messages %}{% if m['role'] == 'user' or loop.last %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+    )
+    turns, reprefills = await _converse(model_path, tmp_path, forgetful)
+    assert reprefills == 2 and all(t.fresh for t in turns)
+    for turn in turns[1:]:
+        assert turn.sent[0] == 1  # <|im_start|>: the whole conversation, from its start
+    _check_answers(local, turns)
