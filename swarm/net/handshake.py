@@ -65,7 +65,9 @@ __all__ = [
     "secure_outbound",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: the confirmation carries a status byte (refusals under connection limits); in private
+# swarms the responder's identity proof moved from message 2 to the confirmation.
+PROTOCOL_VERSION = 2
 _MAGIC = b"SWRM"
 _HELLO_LEN = 6
 _PROOF_CONTEXT = b"swarm-noise-static-key:"

@@ -17,7 +17,7 @@ import trio
 
 from swarm.errors import PeerIdMismatch, SwarmKeyMismatch
 from swarm.identity import Identity
-from swarm.net.handshake import open_channel
+from swarm.net.handshake import PROTOCOL_VERSION, open_channel
 from swarm.net.noise import HandshakeState, KeyPair
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
@@ -27,7 +27,7 @@ from .conftest import ALICE
 SWARM_KEY = b"K" * 32
 SERVER_ONE = Identity.from_seed(b"private-server-one")
 SERVER_TWO = Identity.from_seed(b"private-server-two")
-HELLO_PRIVATE = b"SWRM\x01\x01"
+HELLO_PRIVATE = b"SWRM" + bytes([PROTOCOL_VERSION, 1])
 
 
 @dataclass(frozen=True)
