@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .chat import chat as _chat
 from .demo import demo as _demo
 from .dht import dht as _dht
 from .errors import command, set_verbose
@@ -64,6 +65,7 @@ _COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("serve", _serve),
     ("generate", _generate),
     ("demo", _demo),
+    ("chat", _chat),
     ("status", _status),
     ("monitor", _monitor),
 ]

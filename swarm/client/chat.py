@@ -20,7 +20,7 @@ failures are recovered inside the session, across turns. An answer ends at an en
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -132,8 +132,9 @@ class Chat:
 
     async def send(
         self, message: str, max_new_tokens: int = 256, sampling: SamplingConfig | None = None
-    ) -> AsyncIterator[Token]:
-        """Add a user ``message`` and stream the answer, token by token.
+    ) -> AsyncGenerator[Token, None]:
+        """Add a user ``message`` and stream the answer, token by token (wrap in
+        ``contextlib.aclosing`` if you may stop early).
 
         If the iteration is stopped early (or cancelled) the turn is dropped from the
         conversation and the session closed (the next turn re-sends everything).
@@ -206,7 +207,7 @@ class _TurnRun:
         self.rollback = False
         self.fresh = False
 
-    async def run(self) -> AsyncIterator[Token]:
+    async def run(self) -> AsyncGenerator[Token, None]:
         chat, head = self.chat, self.chat.model.head
         session, ids = await chat._session_for(self.prompt)
         self.sent = list(ids)
