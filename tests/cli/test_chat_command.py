@@ -62,3 +62,33 @@ def test_chat_command_refuses_bad_options(args: list[str], tmp_path: Path) -> No
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.startswith("error: ")
+
+
+async def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    model = write_random_gguf(tmp_path / "tiny-chat.gguf", qtype="Q8_0", num_layers=2, seed=5)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    with trio.fail_after(180):
+        async with open_local_swarm(model, [LayerRange(0, 2)]) as local:
+            argv = swarm_command(
+                "chat", str(model), "--initial-peers", local.dht_address,
+                "--max-new-tokens", "900", "--max-length", "1024",
+            )  # fmt: skip
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            await proc.stdin.send_all(b"the cat sat\n")
+            seen = b""
+            while b"assistant: " not in seen or len(seen.split(b"assistant: ")[1]) < 3:
+                seen += await proc.stdout.receive_some()
+            proc.send_signal(signal.SIGINT)  # mid-answer: 900 tokens take far longer
+            while b"(stopped" not in seen:
+                seen += await proc.stdout.receive_some()
+            await proc.stdin.send_all(b"/exit\n")
+            while chunk := await proc.stdout.receive_some():
+                seen += chunk
+            assert await proc.wait() == 0
+    assert seen.count(b"assistant: ") == 1
