@@ -56,11 +56,18 @@ class Transport(Protocol):
 
 
 class TCPTransport:
-    """Plain TCP with `TCP_NODELAY` (trio's default for its TCP streams)."""
+    """Plain TCP with `TCP_NODELAY` (trio's default for its TCP streams).
+
+    ``local_host`` binds outgoing connections to one local address (a multi-homed host; tests
+    use ``127.0.0.2`` to look like another machine on loopback).
+    """
+
+    def __init__(self, local_host: str | None = None) -> None:
+        self.local_host = local_host
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
         try:
-            return await trio.open_tcp_stream(host, port)
+            return await trio.open_tcp_stream(host, port, local_address=self.local_host)
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
 

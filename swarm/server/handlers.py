@@ -22,6 +22,7 @@ from swarm.errors import (
     LimitExceeded,
     ProtocolError,
     RemoteError,
+    SessionError,
     ShardError,
     SwarmError,
     unwrap_group,
@@ -177,6 +178,7 @@ class ServingHandlers:
             opened.layer_range,
             opened.max_length,
             opened.batch_size,
+            ctx.peer_host,
         )
         session.push_to = opened.push_to
         session.push_from = opened.push_from
@@ -216,6 +218,9 @@ class ServingHandlers:
             if (msg.hidden_states is None) != (msg.positions is None):
                 raise ProtocolError("inference_step: hidden_states and positions come together")
             if msg.hidden_states is not None and msg.positions is not None:
+                # the client sends only the step we wait for (or, late, one a push delivered)
+                if not session.check_step_number(msg.step, limit=1):
+                    continue
                 _check_positions(msg.hidden_states, msg.positions)
                 session.deliver(msg.step, StepInput(msg.hidden_states, msg.positions), limit=limit)
 
@@ -263,8 +268,9 @@ class ServingHandlers:
         item = StepInput(request.hidden_states, request.positions)
         limit = self.sessions.limits.max_pending_steps
         try:
-            accepted = session.deliver(request.step, item, limit=limit)
-        except LimitExceeded:
+            fresh = session.check_step_number(request.step, limit=limit)
+            accepted = fresh and session.deliver(request.step, item, limit=limit)
+        except (LimitExceeded, SessionError):
             accepted = False
         return PushResponse(accepted)
 

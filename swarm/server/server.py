@@ -235,6 +235,7 @@ class Server:
                 config=cfg.net,
             )
             await nursery.start(queue.run)
+            await nursery.start(sessions.run_reaper)
             try:
                 port = await nursery.start(rpc.serve, cfg.host, cfg.port)
             except OSError as exc:

@@ -2,9 +2,12 @@
 
 A session is opened by a client's ``inference`` stream and owns one `KVCache` for its
 layer sub-range, allocated for ``max_length × batch_size`` tokens. The table enforces the
-server's limits (sessions, tokens per session, the cache budget) when a session opens, and
-closes sessions that have been idle past the timeout. Inputs for a step can arrive from the
-client or be pushed by the previous server; whichever arrives first is used.
+server's limits when a session opens: sessions and cache tokens in all, and per peer and per
+address (so that neither one client nor a factory of identities behind one address can hold
+the whole server), tokens per session, batch. `run_reaper` closes sessions idle past the
+timeout on a timer, whatever their owners do. Inputs for a step can arrive from the client or
+be pushed by the previous server; whichever arrives first is used; a step number that is
+neither the next one nor a late duplicate of the last is an error at once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from swarm.errors import LimitExceeded, SessionError
+from swarm.errors import ConfigError, LimitExceeded, SessionError
 from swarm.net.messages import PushTarget
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
@@ -32,14 +35,45 @@ def limit_error(message: str) -> LimitExceeded:
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Limits on sessions; see `ServerConfig` for the documented defaults."""
+    """Limits on sessions.
+
+    - ``max_sessions`` (64), ``cache_tokens`` (65,536 token slots, ``max_length × batch``
+      over all sessions): the server's totals.
+    - ``max_sessions_per_peer`` (16) and ``peer_cache_share`` (0.25 of ``cache_tokens``):
+      what one authenticated peer may hold; ``max_sessions_per_host`` (32) and
+      ``host_cache_share`` (0.5): what all peers at one IP address may hold together.
+    - ``max_length`` (8192 tokens per session), ``max_batch`` (8).
+    - ``idle_timeout`` (120 s): a session without a step for this long is closed by the
+      reaper, which looks every ``idle_timeout / 4`` s (at most every 10 s).
+    - ``max_pending_steps`` (4): pushed inputs held ahead of the step being computed.
+    """
 
     max_sessions: int = 64
-    max_length: int = 8192  # tokens per session
-    cache_tokens: int = 65536  # token slots (max_length × batch) over all sessions
+    max_length: int = 8192
+    cache_tokens: int = 65536
     max_batch: int = 8
-    idle_timeout: float = 600.0  # seconds without a step before the session is closed
-    max_pending_steps: int = 4  # pushed inputs held ahead of the client's step message
+    idle_timeout: float = 120.0
+    max_pending_steps: int = 4
+    max_sessions_per_peer: int = 16
+    max_sessions_per_host: int = 32
+    peer_cache_share: float = 0.25
+    host_cache_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("peer_cache_share", "host_cache_share"):
+            share = getattr(self, name)
+            if not 0.0 < share <= 1.0:
+                raise ConfigError(f"SessionLimits.{name} must be in (0, 1], got {share}")
+        if self.idle_timeout < 0:
+            raise ConfigError("SessionLimits.idle_timeout must not be negative")
+
+    @property
+    def peer_cache_tokens(self) -> int:
+        return int(self.cache_tokens * self.peer_cache_share)
+
+    @property
+    def host_cache_tokens(self) -> int:
+        return int(self.cache_tokens * self.host_cache_share)
 
 
 @dataclass
@@ -54,6 +88,7 @@ class StepInput:
 class Session:
     session_id: bytes
     client: PeerId | None
+    host: str | None  # the client's IP address (None: not over a socket)
     layers: LayerRange
     cache: KVCache
     max_length: int
@@ -72,6 +107,18 @@ class Session:
     def tokens(self) -> int:
         """Cache token slots this session holds."""
         return self.max_length * self.batch_size
+
+    def check_step_number(self, step: int, *, limit: int) -> bool:
+        """Whether an input for ``step`` is worth keeping: True for the next steps (up to
+        ``limit`` ahead), False for a late duplicate of the step just begun. Raises
+        `SessionError` for a step long past or too far ahead: no client sends those."""
+        if self.next_step <= step < self.next_step + limit:
+            return True
+        if step == self.last_step:
+            return False  # the client's copy of an input a push delivered first
+        raise SessionError(
+            f"step {step} is out of order: this session expects step {self.next_step}"
+        )
 
     def deliver(self, step: int, item: StepInput, *, limit: int) -> bool:
         """Offer the input of `step`; False if it came too late or is a duplicate."""
@@ -121,6 +168,16 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def held_by(self, client: PeerId | None, host: str | None) -> tuple[int, int, int, int]:
+        """Sessions and cache tokens held by ``client`` and by everyone at ``host``."""
+        peer_n = peer_t = host_n = host_t = 0
+        for s in self._sessions.values():
+            if client is not None and s.client == client:
+                peer_n, peer_t = peer_n + 1, peer_t + s.tokens
+            if host is not None and s.host == host:
+                host_n, host_t = host_n + 1, host_t + s.tokens
+        return peer_n, peer_t, host_n, host_t
+
     @property
     def tokens_used(self) -> int:
         return sum(s.tokens for s in self._sessions.values())
@@ -136,30 +193,60 @@ class SessionTable:
         layers: LayerRange,
         max_length: int,
         batch_size: int,
+        host: str | None = None,
     ) -> Session:
         """Allocate a session's cache, or raise `LimitExceeded` saying which limit."""
         lim = self.limits
         self.close_idle()
         if session_id in self._sessions:
             raise SessionError(f"session {session_id.hex()} is already open")
-        if len(self._sessions) >= lim.max_sessions:
-            raise limit_error(f"server is at its limit of {lim.max_sessions} sessions")
         if not 0 < max_length <= lim.max_length:
             raise limit_error(f"max_length {max_length} is outside 1..{lim.max_length}")
         if not 0 < batch_size <= lim.max_batch:
             raise limit_error(f"batch size {batch_size} is outside 1..{lim.max_batch}")
         need = max_length * batch_size
+        self._check_quotas(client, host, need)
+        cache = self._allocate(layers, batch_size, max_length)
+        session = Session(
+            session_id, client, host, layers, cache, max_length, batch_size, self._narrow(layers)
+        )
+        self._sessions[session_id] = session
+        return session
+
+    def _check_quotas(self, client: PeerId | None, host: str | None, need: int) -> None:
+        lim = self.limits
+        if len(self._sessions) >= lim.max_sessions:
+            raise limit_error(f"server is at its limit of {lim.max_sessions} sessions")
         if need > self.free_tokens:
             raise limit_error(
                 f"not enough cache: session needs {need} tokens, {self.free_tokens} free "
                 f"of {lim.cache_tokens}"
             )
-        cache = self._allocate(layers, batch_size, max_length)
-        session = Session(
-            session_id, client, layers, cache, max_length, batch_size, self._narrow(layers)
-        )
-        self._sessions[session_id] = session
-        return session
+        peer_n, peer_t, host_n, host_t = self.held_by(client, host)
+        if peer_n >= lim.max_sessions_per_peer:
+            raise limit_error(f"at most {lim.max_sessions_per_peer} sessions per peer")
+        if host_n >= lim.max_sessions_per_host:
+            raise limit_error(f"at most {lim.max_sessions_per_host} sessions per address")
+        if peer_t + need > lim.peer_cache_tokens:
+            raise limit_error(
+                f"session needs {need} cache tokens; {peer_t} held, at most "
+                f"{lim.peer_cache_tokens} per peer"
+            )
+        if host_t + need > lim.host_cache_tokens:
+            raise limit_error(
+                f"session needs {need} cache tokens; {host_t} held at this address, at most "
+                f"{lim.host_cache_tokens} per address"
+            )
+
+    async def run_reaper(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Close idle sessions on a timer until cancelled (whatever their owners do)."""
+        period = min(max(self.limits.idle_timeout / 4, 0.05), 10.0)
+        task_status.started()
+        while True:
+            await trio.sleep(period)
+            self.close_idle()
 
     def get(self, session_id: bytes) -> Session:
         """The open session, or `SessionError` if it is unknown, closed or expired."""

@@ -123,7 +123,10 @@ async def test_limits_and_bad_input_are_clear_errors(
     model_path: Path, pool: ConnectionPool
 ) -> None:
     async with open_local_swarm(model_path) as local:
-        limits = SessionLimits(max_sessions=2, max_length=32, cache_tokens=48)
+        limits = SessionLimits(
+            max_sessions=2, max_length=32, cache_tokens=48, peer_cache_share=1.0,
+            host_cache_share=1.0,
+        )  # fmt: skip
         s = await local.add_server(LayerRange(0, 6), limits=limits)
         conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
 

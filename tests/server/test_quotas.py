@@ -1,0 +1,155 @@
+"""Servers among strangers: per-peer and per-address quotas, idle sessions reaped on a timer,
+bad step numbers refused at once. Real servers on loopback, driven over raw RPC."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm.errors import ErrorCode, LimitExceeded, RemoteError
+from swarm.identity import Identity
+from swarm.net.messages import InferenceOpen, InferenceReady, InferenceStep, InferenceStepResult
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.rpc import RpcStream
+from swarm.net.transport import TCPTransport
+from swarm.server.sessions import SessionLimits
+from swarm.testing.checkpoints import write_random_llama
+from swarm.testing.swarm import LocalServer, open_local_swarm
+from swarm.types import LayerRange
+
+HIDDEN = 64
+WHOLE = LayerRange(0, 2)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("quotas") / "tiny"
+    write_random_llama(path, num_layers=2, hidden=HIDDEN, seed=7, std=0.1)
+    return path
+
+
+LIMITS = SessionLimits(
+    max_sessions=8,
+    max_sessions_per_peer=3,
+    max_sessions_per_host=6,
+    max_length=64,
+    cache_tokens=8 * 64,
+    peer_cache_share=0.5,
+    host_cache_share=0.75,
+)
+
+
+@pytest.fixture
+async def server(model_path: Path) -> AsyncIterator[LocalServer]:
+    async with open_local_swarm(model_path) as local:
+        yield await local.add_server(WHOLE, limits=LIMITS, measure_throughput=False)
+
+
+async def _open(
+    stack: AsyncExitStack,
+    pool: ConnectionPool,
+    server: LocalServer,
+    length: int = 16,
+    batch: int = 1,
+) -> RpcStream:
+    """One session on ``server``; raises what the server answers (LimitExceeded...)."""
+    conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
+    inner = AsyncExitStack()
+    stream = await inner.enter_async_context(conn.open_stream("inference", timeout=10))
+    try:
+        await stream.send(InferenceOpen(os.urandom(16), length, batch, "float32", WHOLE))
+        await stream.receive(InferenceReady)
+    except BaseException:
+        await inner.aclose()
+        raise
+    stack.push_async_exit(inner)
+    return stream
+
+
+async def _open_until_refused(
+    stack: AsyncExitStack, pool: ConnectionPool, server: LocalServer, tries: int
+) -> int:
+    for opened in range(tries):
+        try:
+            await _open(stack, pool, server)
+        except LimitExceeded:
+            return opened
+    return tries
+
+
+async def test_one_peer_cannot_take_every_session(server: LocalServer) -> None:
+    with trio.fail_after(30):
+        async with (
+            AsyncExitStack() as stack,
+            open_connection_pool(Identity.generate()) as hog,
+            open_connection_pool(Identity.generate()) as other,
+        ):
+            assert await _open_until_refused(stack, hog, server, 10) == 3
+            await _open(stack, other, server)  # another peer still gets one
+
+
+async def test_identities_from_one_address_leave_room_for_others(server: LocalServer) -> None:
+    sybil = TCPTransport(local_host="127.0.0.2")
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            held = 0
+            for _ in range(6):  # fresh identities, all from 127.0.0.2
+                pool = await stack.enter_async_context(
+                    open_connection_pool(Identity.generate(), transport=sybil)
+                )
+                held += await _open_until_refused(stack, pool, server, 3)
+            assert held == 6  # the per-address cap, below the server's 8
+            other = await stack.enter_async_context(open_connection_pool(Identity.generate()))
+            await _open(stack, other, server)  # a peer at another address still gets one
+
+
+async def test_one_session_cannot_take_the_whole_cache(server: LocalServer) -> None:
+    with trio.fail_after(30):
+        async with AsyncExitStack() as stack, open_connection_pool(Identity.generate()) as pool:
+            with pytest.raises(LimitExceeded, match="per peer"):
+                await _open(stack, pool, server, length=64, batch=5)  # 320 of 512 tokens
+            await _open(stack, pool, server, length=64)
+
+
+async def test_unused_sessions_are_reaped_on_a_timer(model_path: Path) -> None:
+    limits = SessionLimits(max_sessions=64, max_sessions_per_host=64, idle_timeout=0.5)
+    async with open_local_swarm(model_path) as local:
+        server = await local.add_server(WHOLE, limits=limits, measure_throughput=False)
+        handlers = server.server.handlers
+        assert handlers is not None
+        async with AsyncExitStack() as stack:
+            pools = [
+                await stack.enter_async_context(open_connection_pool(Identity.generate()))
+                for _ in range(8)
+            ]
+            for pool in pools:  # 8 peers x 8 sessions, never used
+                for _ in range(8):
+                    await _open(stack, pool, server, length=8)
+            assert len(handlers.sessions) == 64
+            with trio.fail_after(10):  # nobody opens anything: the timer must reap them
+                while len(handlers.sessions):
+                    await trio.sleep(0.05)
+            assert handlers.sessions.free_tokens == limits.cache_tokens
+
+
+@pytest.mark.parametrize("case", ["ahead", "replayed"])
+async def test_bad_step_numbers_are_refused_at_once(server: LocalServer, case: str) -> None:
+    x, pos = torch.randn(1, 1, HIDDEN), torch.zeros(1, 1, dtype=torch.int64)
+    async with AsyncExitStack() as stack, open_connection_pool(Identity.generate()) as pool:
+        stream = await _open(stack, pool, server)
+        if case == "replayed":
+            for step in range(3):
+                await stream.send(InferenceStep(step, x, pos + step))
+                await stream.receive(InferenceStepResult)
+        bad = 7 if case == "ahead" else 0
+        with trio.fail_after(1.5), pytest.raises(RemoteError) as info:
+            await stream.send(InferenceStep(bad, x, pos))
+            await stream.receive(InferenceStepResult)
+        assert info.value.code is ErrorCode.SESSION
+        assert f"step {bad}" in info.value.message
