@@ -179,6 +179,11 @@ class SecureChannel:
         """True once the channel was closed or broken; it cannot be used again."""
         return self._broken is not None
 
+    @property
+    def receiving(self) -> bool:
+        """True while part of a message has arrived and the rest has not."""
+        return self._mid_message and not self.is_closed
+
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send one message, split into frames of at most ``max_frame_size``.
 

@@ -166,7 +166,7 @@ class RpcServer:
                 self._counts["refused_full"] += 1
                 return Refusal.SERVER_FULL
             self._counts["evicted_idle"] += 1
-            log.info("closing the idlest channel (to %s) to admit %s", victim.peer_id, peer_id)
+            log.info("closing an idle channel (to %s) to admit %s", victim.peer_id, peer_id)
             self._drop(victim)
         del self._handshaking[slot]
         self._channels[slot] = None
@@ -182,13 +182,14 @@ class RpcServer:
         return next(slot for slot in self._handshaking if per_host[slot.host] == most)
 
     def _idle_victim(self) -> _Slot | None:
-        """The channel to close for a newcomer at the global cap: among idle ones, one from
-        the address holding the most channels, idle the longest; None if all are busy."""
+        """The channel to close for a newcomer at the global cap: among idle ones (no call
+        or stream in flight, no message half received), one from the address holding the
+        most channels, idle the longest; None if all are busy."""
         per_host = Counter(slot.host for slot in self._channels)
         idle = [
             (-per_host[slot.host], slot.conn.channel.last_activity, i, slot)
             for i, slot in enumerate(self._channels)
-            if slot.conn is not None and not slot.conn.busy
+            if slot.conn is not None and not slot.conn.busy and not slot.conn.channel.receiving
         ]
         return min(idle)[3] if idle else None
 

@@ -23,7 +23,7 @@ from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_outbound
 from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
 from swarm.net.pool import open_connection_pool
-from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
@@ -421,3 +421,39 @@ async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness(
             await wait_until(lambda: first.is_closed)
             assert await second.call("info", InfoRequest(), InfoResponse) == INFO
             assert pool.statistics().dials == 2
+
+
+async def test_a_channel_half_way_through_a_message_is_not_evicted() -> None:
+    config = NetConfig(
+        max_frame_size=16 * KiB,
+        max_message_size=256 * KiB,
+        max_receive_bytes=640 * KiB,
+        max_connections=2,
+    )
+    gate = trio.Event()
+    hidden = torch.ones(1, 25, 1024)  # 100 KiB: seven frames
+    request = ForwardRequest(hidden, torch.zeros(1, 25, dtype=torch.int64), LayerRange(0, 1))
+    with trio.fail_after(20):
+        async with serving(config) as (server, port, _), trio.open_nursery() as nursery:
+            # The uploader's channel has been quiet longest, but it is mid-message.
+            raw = await trio.open_tcp_stream(HOST, port)
+            channel = await secure_outbound(GatedStream(raw, 40 * KiB, gate), ALICE, config=config)
+            uploader = RpcConnection(channel, None, config)
+            await nursery.start(uploader.run)
+            replies: list[ForwardResponse] = []
+
+            async def upload() -> None:
+                replies.append(await uploader.call("forward", request, ForwardResponse))
+
+            nursery.start_soon(upload)
+            await wait_until(lambda: server.statistics().receive_budget_in_use > 0)
+            idle = await dial(port, Identity.generate())
+            newcomer = await dial(port, Identity.generate())
+            assert server.statistics().evicted_idle == 1
+            with pytest.raises(ConnectionClosed):
+                await idle.receive()  # the idle one made room
+            gate.set()
+            await wait_until(lambda: bool(replies))
+            assert torch.equal(replies[0].hidden_states, hidden)
+            await newcomer.aclose()
+            await uploader.aclose()
