@@ -15,13 +15,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["GGUF_CHAT_TEMPLATE", "make_tiny_checkpoint", "write_random_gguf", "write_random_llama"]
+__all__ = [
+    "GGUF_CHAT_TEMPLATE",
+    "make_tiny_checkpoint",
+    "write_gguf",
+    "write_random_gguf",
+    "write_random_llama",
+]
 
 _ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -141,6 +148,11 @@ GGUF_CHAT_TEMPLATE = (
 )
 _GGUF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _GGUF_MERGES = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t")
+_GGUF_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 # our layer tensor names (Hugging Face, under "model.layers.{i}.") -> llama.cpp's (under "blk.{i}.")
 _GGUF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -168,57 +180,75 @@ def write_random_gguf(
     tie_word_embeddings: bool = False,
     std: float = 0.1,
 ) -> Path:
-    """Write a random Llama to the GGUF file ``path`` as llama.cpp's converter would: 2-D
-    weights in ``qtype`` (``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ``Q4_1``), norms in
-    F32, Q/K rows permuted for GGML's RoPE, no ``output.weight`` when tied. The vocabulary is
-    a byte-level BPE (the 256 byte symbols, a few merges, ChatML special tokens; 269 tokens),
-    with :data:`GGUF_CHAT_TEMPLATE`. ``hidden`` and ``intermediate`` must be multiples of 32
-    for the block types. Returns the path.
+    """Write a random Llama to the GGUF file ``path`` as llama.cpp's converter would (see
+    :func:`write_gguf`), with a 269-token vocabulary. ``hidden`` and ``intermediate`` must be
+    multiples of 32 for the block types. Returns the path.
+    """
+    vocab = len(_gguf_vocab()[0])
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": _randn(gen, (vocab, hidden), std)
+    }
+    for i in range(num_layers):
+        tensors.update(
+            _layer_tensors(gen, i, hidden, heads, kv_heads, intermediate, std, torch.float32)
+        )
+    tensors["model.norm.weight"] = 1 + _randn(gen, (hidden,), 0.1)
+    if not tie_word_embeddings:
+        tensors["lm_head.weight"] = _randn(gen, (vocab, hidden), std)
+    return write_gguf(path, tensors, heads=heads, kv_heads=kv_heads, qtype=qtype)
+
+
+def write_gguf(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    heads: int,
+    kv_heads: int,
+    qtype: str = "F32",
+    rope_theta: float = 10000.0,
+    rope_freqs: torch.Tensor | None = None,
+    context_length: int = 512,
+) -> Path:
+    """Write Hugging Face-named Llama ``tensors`` to the GGUF file ``path`` as llama.cpp's
+    converter does: GGUF names, Q/K rows permuted for GGML's RoPE, 2-D weights in ``qtype``
+    (``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ``Q4_1``), norms and ``rope_freqs`` (Llama
+    3.1 frequency factors, ``(head_dim/2,)``) in F32, no ``output.weight`` without
+    ``lm_head.weight``. The metadata holds a byte-level BPE vocabulary (the 256 byte symbols, a
+    few merges, ChatML special tokens; cut or padded to the embeddings' rows) and
+    :data:`GGUF_CHAT_TEMPLATE`. Returns the path.
     """
     import gguf
     import numpy as np
 
+    vocab, hidden = tensors["model.embed_tokens.weight"].shape
+    layers = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("model.layers."))
     tokens, merges = _gguf_vocab()
-    vocab = len(tokens)
-    head_dim = hidden // heads
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {"token_embd.weight": _randn(gen, (vocab, hidden), std)}
-    for i in range(num_layers):
-        layer = _layer_tensors(gen, i, hidden, heads, kv_heads, intermediate, std, torch.float32)
-        for name, tensor in layer.items():
-            short = _GGUF_LAYER[name.removeprefix(f"model.layers.{i}.")]
-            if short == "attn_q.weight":
-                tensor = _permute_rows(tensor, heads)
-            elif short == "attn_k.weight":
-                tensor = _permute_rows(tensor, kv_heads)
-            tensors[f"blk.{i}.{short}"] = tensor
-    tensors["output_norm.weight"] = 1 + _randn(gen, (hidden,), 0.1)
-    if not tie_word_embeddings:
-        tensors["output.weight"] = _randn(gen, (vocab, hidden), std)
+    tokens = [*tokens, *(f"<pad{i}>" for i in range(vocab - len(tokens)))][:vocab]
+    head_dim = tensors["model.layers.0.self_attn.q_proj.weight"].shape[0] // heads
+    inner = tensors["model.layers.0.mlp.up_proj.weight"].shape[0]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny random llama")
-    writer.add_block_count(num_layers)
-    writer.add_context_length(512)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(intermediate)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in _GGUF_SPECIALS else 1 for t in tokens])
-    writer.add_token_merges(list(merges))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(GGUF_CHAT_TEMPLATE)
+    for add, value in [
+        (writer.add_block_count, layers), (writer.add_context_length, context_length),
+        (writer.add_embedding_length, hidden), (writer.add_feed_forward_length, inner),
+        (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads),
+        (writer.add_key_length, head_dim), (writer.add_value_length, head_dim),
+        (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_freq_base, rope_theta),
+        (writer.add_rope_dimension_count, head_dim), (writer.add_vocab_size, vocab),
+        (writer.add_tokenizer_model, "gpt2"), (writer.add_tokenizer_pre, "default"),
+        (writer.add_token_list, tokens), (writer.add_token_merges, list(merges)),
+        (writer.add_token_types, [3 if t in _GGUF_SPECIALS else 1 for t in tokens]),
+        (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2),
+        (writer.add_add_bos_token, False), (writer.add_chat_template, GGUF_CHAT_TEMPLATE),
+    ]:  # fmt: skip
+        add(value)  # type: ignore[operator]
     block = gguf.GGMLQuantizationType[qtype]
-    for name, tensor in tensors.items():
-        values = tensor.numpy().astype(np.float32)
+    named = dict(_gguf_named(tensors, heads, kv_heads))
+    if rope_freqs is not None:
+        named["rope_freqs.weight"] = rope_freqs
+    for name, tensor in named.items():
+        values = tensor.detach().float().numpy().astype(np.float32)
         if values.ndim == 2 and block != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, gguf.quants.quantize(values, block), raw_dtype=block)
         else:
@@ -228,6 +258,23 @@ def write_random_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def _gguf_named(
+    tensors: Mapping[str, torch.Tensor], heads: int, kv_heads: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face names -> llama.cpp's, Q/K rows permuted as its converter does."""
+    for name, tensor in tensors.items():
+        if name in _GGUF_TOP:
+            yield _GGUF_TOP[name], tensor
+            continue
+        _, _, i, rest = name.split(".", 3)
+        short = _GGUF_LAYER[rest]
+        if short == "attn_q.weight":
+            tensor = _permute_rows(tensor, heads)
+        elif short == "attn_k.weight":
+            tensor = _permute_rows(tensor, kv_heads)
+        yield f"blk.{i}.{short}", tensor
 
 
 def _gguf_vocab() -> tuple[list[str], list[str]]:
