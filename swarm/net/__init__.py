@@ -1,6 +1,6 @@
 """Peer identity, the Noise handshake, encrypted frames, message schemas, tensor codec, RPC."""
 
-from swarm.net.channel import SecureChannel
+from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
 from swarm.net.messages import (
@@ -21,9 +21,9 @@ from swarm.net.messages import (
     encode_message,
     message,
 )
-from swarm.net.pool import ConnectionPool, open_connection_pool
-from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
-from swarm.net.rpc_server import RpcServer
+from swarm.net.pool import ConnectionPool, PoolStatistics, open_connection_pool
+from swarm.net.rpc import CallContext, RpcConnection, RpcStatistics, RpcStream, stream_handler
+from swarm.net.rpc_server import RpcServer, RpcServerStatistics
 from swarm.net.swarm_key import create_swarm_key, load_swarm_key
 from swarm.net.tensors import decode_tensor, encode_tensor
 from swarm.net.transport import TCPTransport, Transport
@@ -43,10 +43,14 @@ __all__ = [
     "InfoResponse",
     "Message",
     "NetConfig",
+    "PoolStatistics",
     "PushRequest",
     "PushTarget",
+    "ReceiveBudget",
     "RpcConnection",
     "RpcServer",
+    "RpcServerStatistics",
+    "RpcStatistics",
     "RpcStream",
     "SecureChannel",
     "TCPTransport",

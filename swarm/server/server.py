@@ -27,6 +27,7 @@ from swarm.dht import DHTNode
 from swarm.directory import block_keys, servers_from_records
 from swarm.errors import ConfigError, ConnectError, IdentityError, PeerIdMismatch, SwarmError
 from swarm.identity import Identity
+from swarm.net.channel import ReceiveBudget
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import open_connection_pool
@@ -215,12 +216,14 @@ class Server:
             span.narrow,
         )
         queue = ComputeQueue()
+        budget = ReceiveBudget(cfg.net.max_receive_bytes)  # one for every channel, both ways
         async with (
             open_connection_pool(
                 self.identity,
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,
+                receive_budget=budget,
             ) as pool,
             trio.open_nursery() as nursery,
         ):
@@ -233,6 +236,7 @@ class Server:
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,
+                receive_budget=budget,
             )
             await nursery.start(queue.run)
             await nursery.start(sessions.run_reaper)
