@@ -1,12 +1,20 @@
-"""DHT benchmark: bootstrap time, announce/get latency and recall vs swarm size, on loopback.
+"""DHT benchmark: bootstrap time, announce/get latency and recall vs swarm size, on loopback;
+and the time a new server takes to start after N short-lived clients came and went.
 
     python benchmarks/dht.py [--sizes 30 100 300] [--gets 200] [--rpc-timeout 2.0]
+                             [--churn 0 8 200] [--churn-servers 30]
 
 All nodes run in this process on one shared DHT loop thread. For each size: open N nodes
 (each joins through node 0), let W = max(10, N/10) writers announce 12 keys each, time `get`
 from random nodes; then stop a random third of the nodes (writers included; their records
 stay until expiry, so every writer's record is still expected) and time `get` again from the
 survivors. Recall = records returned / records expected.
+
+Churn: for each N, a fresh swarm of ``--churn-servers`` full nodes (10 of them announce the 12
+keys); N clients join one after another through a random server (``client_only``, as
+``generate`` / ``status`` should), read one key and leave; then three new servers, one after
+another, join and announce all 12 keys concurrently (what a starting server does), and 100
+gets are timed from random servers.
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ import time
 
 import trio
 
-from swarm.dht import DHTConfig
+from swarm.dht import DHTConfig, DHTNode
+from swarm.identity import Identity
 from swarm.testing.dht import DHTCluster, open_dht_cluster
+from swarm.types import PeerId
+
+replace = dataclasses.replace
 
 KEYS = [f"bench-model/block/{i}" for i in range(12)]
 
@@ -31,7 +43,7 @@ def _summary(samples: list[float]) -> str:
     return f"median {statistics.median(ordered) * 1e3:7.2f} ms  p95 {p95 * 1e3:7.2f} ms"
 
 
-async def _gets(cluster: DHTCluster, writers: set[object], count: int) -> tuple[list[float], float]:
+async def _gets(cluster: DHTCluster, writers: set[PeerId], count: int) -> tuple[list[float], float]:
     rng = random.Random(1)
     live = cluster.live
     latencies, found, expected = [], 0, 0
@@ -69,11 +81,53 @@ async def bench(size: int, gets: int, config: DHTConfig) -> None:
         print(f"       again (dead contacts evicted): {_summary(latencies)}  recall {recall:.2%}")
 
 
+async def _start_server(cluster: DHTCluster, config: DHTConfig, name: str) -> tuple[float, float]:
+    """(join seconds, join + announce seconds) of a new full node that stays in the swarm."""
+    peers = (cluster.nodes[0].address,)
+    started = time.perf_counter()
+    node = await cluster.add(
+        Identity.from_seed(name.encode()), replace(config, initial_peers=peers)
+    )
+    joined = time.perf_counter() - started
+    async with trio.open_nursery() as nursery:
+        for key in KEYS:
+            nursery.start_soon(node.announce, key, {"addr": node.address, "layers": [0, 8]}, 60.0)
+    return joined, time.perf_counter() - started
+
+
+async def churn(clients: int, servers: int, config: DHTConfig) -> None:
+    async with open_dht_cluster(servers, config, seed=f"churn{clients}") as cluster:
+        writers = cluster.nodes[:10]
+        for w in writers:
+            for key in KEYS:
+                await w.announce(key, {"addr": w.address, "layers": [0, 8]}, 300.0)
+        rng = random.Random(3)
+        client_config = replace(config, client_only=True)
+        started = time.perf_counter()
+        for i in range(clients):
+            peers = (rng.choice(cluster.nodes).address,)
+            cfg = replace(client_config, initial_peers=peers)
+            async with DHTNode.open(Identity.from_seed(f"client{i}".encode()), cfg) as client:
+                await client.get(rng.choice(KEYS))
+        churn_s = time.perf_counter() - started
+        starts = [await _start_server(cluster, config, f"late{clients}-{i}") for i in range(3)]
+        latencies, recall = await _gets(cluster, {w.peer_id for w in writers}, 100)
+        joined = statistics.median(j for j, _ in starts)
+        announced = statistics.median(a for _, a in starts)
+        print(
+            f"churn N={clients:3d} ({churn_s:5.1f} s for the clients): new server joins in "
+            f"{joined * 1e3:7.1f} ms, joins+announces 12 keys in {announced * 1e3:7.1f} ms "
+            f"(median of 3); get {_summary(latencies)}  recall {recall:.2%}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[30, 100, 300])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[30, 100, 300])
     parser.add_argument("--gets", type=int, default=200)
     parser.add_argument("--rpc-timeout", type=float, default=DHTConfig().rpc_timeout)
+    parser.add_argument("--churn", type=int, nargs="*", default=[0, 8, 200])
+    parser.add_argument("--churn-servers", type=int, default=30)
     args = parser.parse_args()
     config = dataclasses.replace(DHTConfig(), rpc_timeout=args.rpc_timeout)
     print(
@@ -82,6 +136,8 @@ def main() -> None:
     )
     for size in args.sizes:
         trio.run(bench, size, args.gets, config)
+    for clients in args.churn:
+        trio.run(churn, clients, args.churn_servers, config)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.node import DHTNode
+from swarm.dht.proofs import RecordProver
 from swarm.dht.records import DropReason, Record
 from swarm.dht.stats import DHTStatistics
 
-__all__ = ["DHTConfig", "DHTNode", "DHTStatistics", "DropReason", "Record"]
+__all__ = ["DHTConfig", "DHTNode", "DHTStatistics", "DropReason", "Record", "RecordProver"]

@@ -49,6 +49,9 @@ class DHTConfig:
       one bucket. One ``ip:port`` is always one contact.
     - ``cap_private_addresses``: apply the per-IP and per-subnet caps to loopback, private and
       link-local addresses too (by default each endpoint there is its own group, as in a LAN).
+    - ``proof_ttl`` / ``proof_timeout`` / ``proof_concurrency`` / ``proof_rate``: with a
+      record prover (`swarm.dht.proofs`), how long a verdict is trusted, how long one proof
+      may take, how many run at once and how many start per second.
     - ``handoff_keys`` / ``handoff_rate``: when a contact is verified, the keys near its id
       that we examine for records it should hold (at most this many), and the stores per
       second all such hand-offs may send together.
@@ -88,6 +91,10 @@ class DHTConfig:
     max_contacts_per_subnet: int = 10
     max_contacts_per_subnet_in_bucket: int = 2
     cap_private_addresses: bool = False
+    proof_ttl: float = 300.0
+    proof_timeout: float = 5.0
+    proof_concurrency: int = 4
+    proof_rate: float = 5.0
     handoff_keys: int = 16
     handoff_rate: float = 20.0
     clock_skew: float = 30.0
@@ -100,7 +107,7 @@ class DHTConfig:
     ksize: int = 20
     alpha: int = 3
     refresh_interval: float = 3600.0
-    contact_check_interval: float = 15.0
+    contact_check_interval: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -128,6 +135,9 @@ class DHTConfig:
             "store_rate": self.store_rate,
             "request_rate": self.request_rate,
             "handoff_rate": self.handoff_rate,
+            "proof_ttl": self.proof_ttl,
+            "proof_timeout": self.proof_timeout,
+            "proof_rate": self.proof_rate,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -146,6 +156,7 @@ class DHTConfig:
             "max_contacts_per_subnet": self.max_contacts_per_subnet,
             "max_contacts_per_subnet_in_bucket": self.max_contacts_per_subnet_in_bucket,
             "handoff_keys": self.handoff_keys,
+            "proof_concurrency": self.proof_concurrency,
         }
         for name, count in counts.items():
             if count < 1:

@@ -24,6 +24,7 @@ from kademlia.node import Node
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.crawling import NodeCrawl, RecordCrawl
+from swarm.dht.proofs import ProofCache
 from swarm.dht.protocol import SwarmProtocol
 from swarm.dht.records import DropReason, Record
 from swarm.dht.stats import StatsCounter
@@ -34,16 +35,17 @@ __all__ = ["KademliaNode"]
 log = logging.getLogger(__name__)
 
 _RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
-_CHECKS_PER_INTERVAL = 32  # stale contacts pinged per contact_check_interval
+_CHECKS_PER_INTERVAL = 16  # stale contacts pinged per contact_check_interval
 
 
 class KademliaNode(Server):  # type: ignore[misc]
     """One node's routing table, UDP endpoint and record storage (DHT loop thread only)."""
 
-    def __init__(self, config: DHTConfig, stats: StatsCounter) -> None:
-        super().__init__(
-            ksize=config.ksize, alpha=config.alpha, storage=RecordStorage(config, stats)
-        )
+    def __init__(
+        self, config: DHTConfig, stats: StatsCounter, proofs: ProofCache | None = None
+    ) -> None:
+        storage = RecordStorage(config, stats, proofs)
+        super().__init__(ksize=config.ksize, alpha=config.alpha, storage=storage)
         self.config = config
         self.stats = stats
         self.protocol: SwarmProtocol | None = None
@@ -112,14 +114,16 @@ class KademliaNode(Server):  # type: ignore[misc]
         return answered
 
     async def find_neighbourhood(self) -> None:
-        """Look up our own id and ping the closest nodes found: each answer makes them our
-        contacts, and each ping echoes their token, so they verify and add us in turn."""
+        """Look up our own id, then ping the closest nodes found (in the background: the join
+        does not wait): each ping echoes the token their crawl reply handed us, so they verify
+        and add us in turn."""
         proto = self._proto()
         nearest = proto.router.find_neighbors(self.node, self.alpha)
         if not nearest:
             return
         found = await NodeCrawl(proto, self.node, nearest, self.ksize, self.alpha).find()
-        await asyncio.gather(*(proto.call_ping(n) for n in found))
+        for node in found:
+            proto.spawn(proto.call_ping(node))
 
     async def store(self, dkey: bytes, blob: bytes) -> int:
         """Store one record on the k nodes closest to ``dkey`` (and here, if we are one of

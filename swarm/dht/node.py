@@ -13,8 +13,9 @@ else. All kademlia state lives on the shared DHT loop thread (`swarm.dht.runner`
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +23,7 @@ import trio
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.kademlia_node import KademliaNode
+from swarm.dht.proofs import ProofCache, RecordProver, run_proofs
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import DropReason, Record, check_record, make_record
 from swarm.dht.runner import AsyncioRunner, shared_runner
@@ -33,6 +35,7 @@ from swarm.types import PeerId, parse_address
 __all__ = ["DHTNode"]
 
 _CLOSE_TIMEOUT_S = 5.0
+_PROOF_QUEUE = 256
 
 
 class DHTNode:
@@ -53,8 +56,14 @@ class DHTNode:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, identity: Identity, config: DHTConfig) -> AsyncIterator[DHTNode]:
+    async def open(
+        cls, identity: Identity, config: DHTConfig, *, prover: RecordProver | None = None
+    ) -> AsyncIterator[DHTNode]:
         """Listen on ``config.host:config.port`` and join through ``config.initial_peers``.
+
+        ``prover``, if given, lets this node (as a storing node) keep records whose signer
+        proved its claim before unproven ones (`swarm.dht.proofs`); its proofs run in a task
+        of this context, rate-limited by ``config.proof_*``.
 
         Raises `DHTError` if the socket cannot be bound, an initial peer's host cannot be
         resolved, or none of the initial peers answered within ``config.bootstrap_timeout``.
@@ -63,15 +72,44 @@ class DHTNode:
         a client-only node (``config.client_only``) skips that step.
         """
         with shared_runner() as runner:
-            kad = KademliaNode(config, StatsCounter())
+            stats = StatsCounter()
+            proofs = ProofCache(prover, config, stats) if prover is not None else None
+            kad = KademliaNode(config, stats, proofs)
             node = cls(identity, config, runner, kad)
             try:
-                await node._start()
-                yield node
+                if prover is None or proofs is None:
+                    await node._start()
+                    yield node
+                else:  # (only then a task: a node without one may be closed out of order)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(node._prove, prover, proofs)
+                        await node._start()
+                        yield node
+                        nursery.cancel_scope.cancel()
             finally:
                 with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
                     scope.shield = True
                     await runner.run(kad.aclose)
+
+    async def _prove(self, prover: RecordProver, proofs: ProofCache) -> None:
+        """Carry claims from the DHT loop thread to ``prover`` and verdicts back."""
+        send, receive = trio.open_memory_channel[Hashable](_PROOF_QUEUE)
+        token = trio.lowlevel.current_trio_token()
+
+        def offer(claim: Hashable) -> None:  # trio thread
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                send.send_nowait(claim)  # a full queue drops it: asked again later
+
+        def submit(claim: Hashable) -> None:  # DHT loop thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(offer, claim)
+
+        async def settle(claim: Hashable, ok: bool) -> None:
+            await self._runner.run(_async(lambda: self._kad.storage.settle(claim, ok)))
+
+        proofs.submit = submit
+        async with send:
+            await run_proofs(prover, self.config, receive, settle)
 
     async def _start(self) -> None:
         try:

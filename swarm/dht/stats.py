@@ -22,7 +22,8 @@ class DHTStatistics:
     ``contacts_refused`` counts verified nodes kept out of the routing table by the address,
     IP and subnet caps; ``requests_rate_limited`` requests left unanswered by
     ``request_rate``; ``rpc_timeouts`` requests of ours that got no reply; ``handoffs`` stores
-    sent to new contacts (and ``handoffs_skipped`` those ``handoff_rate`` held back).
+    sent to new contacts (and ``handoffs_skipped`` those ``handoff_rate`` held back);
+    ``proofs_passed`` / ``proofs_failed`` the verdicts of a record prover.
     """
 
     dropped: Mapping[str, int] = field(default_factory=dict)
@@ -39,6 +40,8 @@ class DHTStatistics:
     rpc_timeouts: int = 0
     handoffs: int = 0
     handoffs_skipped: int = 0
+    proofs_passed: int = 0
+    proofs_failed: int = 0
     announces: int = 0
     gets: int = 0
 
@@ -85,6 +88,8 @@ class StatsCounter:
                 rpc_timeouts=ev["rpc_timeouts"],
                 handoffs=ev["handoffs"],
                 handoffs_skipped=ev["handoffs_skipped"],
+                proofs_passed=ev["proofs_passed"],
+                proofs_failed=ev["proofs_failed"],
                 announces=ev["announces"],
                 gets=ev["gets"],
             )

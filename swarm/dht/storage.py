@@ -13,7 +13,10 @@ most ``store_rate`` records per second here. When a key is full, or the node hol
 record of the group *h* holding the most (in that key, or on the node), and only if *h* holds
 at least two more than *g*: an identity factory behind one subnet can fill empty room but
 never keep anyone else out, and what was stored first by others stays. Expiry order plays no
-part (an attacker always chooses the longest one allowed).
+part (an attacker always chooses the longest one allowed). With a record prover
+(`swarm.dht.proofs`), proven records come first: a proven newcomer to a full key takes the
+place of an unproven record whatever the groups, and an unproven one never displaces a
+proven one (node-wide quotas count groups only).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import hashlib
 import heapq
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kademlia.storage import IStorage
 
 from swarm.dht.config import DHTConfig
+from swarm.dht.proofs import ProofCache
 from swarm.dht.records import DropReason, Record, check_record
 from swarm.dht.sources import RateLimiter
 from swarm.dht.stats import StatsCounter
@@ -48,6 +52,8 @@ class _Held:
     record: Record
     group: str
     cost: int
+    claim: Hashable | None = None
+    proven: bool = False
 
 
 class RecordStorage(IStorage):  # type: ignore[misc]
@@ -58,9 +64,13 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     SHA-1 is the digest it is stored under. Only the DHT loop thread touches an instance.
     """
 
-    def __init__(self, config: DHTConfig, stats: StatsCounter) -> None:
+    def __init__(
+        self, config: DHTConfig, stats: StatsCounter, proofs: ProofCache | None = None
+    ) -> None:
         self._config = config
         self._stats = stats
+        self._proofs = proofs
+        self._by_claim: dict[Hashable, set[tuple[bytes, bytes]]] = {}
         self._data: dict[bytes, dict[bytes, _Held]] = {}
         self._sorted_keys: list[bytes] = []
         self._by_group: dict[str, dict[tuple[bytes, bytes], None]] = {}
@@ -122,20 +132,34 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 self._stats.drop(DropReason.STALE_SEQ)
                 return False
             self._remove(dkey, subkey)  # its signer's newer record takes its place
-            self._insert(dkey, record, group)
+            self._insert(dkey, _Held(record, group, _cost(record), *self._proof_of(record)))
             return True
+        new = _Held(record, group, _cost(record), *self._proof_of(record))
         if len(slot) >= self._config.max_records_per_key:
-            victim = _key_victim(slot, group)
+            victim = _key_victim(slot, new)
             if victim is None:
                 self._stats.drop(DropReason.KEY_FULL)
                 return False
             self._remove(dkey, victim)
             self._stats.drop(DropReason.EVICTED)
-        if not self._make_room(dkey, _cost(record), group):
+        if not self._make_room(dkey, new.cost, group):
             self._stats.drop(DropReason.STORAGE_FULL)
             return False
-        self._insert(dkey, record, group)
+        self._insert(dkey, new)
         return True
+
+    def _proof_of(self, record: Record) -> tuple[Hashable | None, bool]:
+        if self._proofs is None:
+            return None, False
+        claim = self._proofs.claim(record)
+        return claim, self._proofs.proven(claim)
+
+    def settle(self, claim: Hashable, ok: bool) -> None:
+        """Record a prover's verdict on ``claim`` and mark the records that claim it."""
+        if self._proofs is not None:
+            self._proofs.settle(claim, ok)
+        for dkey, subkey in self._by_claim.get(claim, ()):
+            self._data[dkey][subkey].proven = ok
 
     def _make_room(self, dkey: bytes, cost: int, group: str) -> bool:
         cfg = self._config
@@ -161,17 +185,20 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             return None
         return next(iter(self._by_group[top]))
 
-    def _insert(self, dkey: bytes, record: Record, group: str) -> None:
+    def _insert(self, dkey: bytes, held: _Held) -> None:
         slot = self._data.get(dkey)
         if slot is None:
             slot = self._data[dkey] = {}
             bisect.insort(self._sorted_keys, dkey)
             self._bytes += _KEY_OVERHEAD
+        record = held.record
         subkey = record.peer_id.digest
-        held = slot[subkey] = _Held(record, group, _cost(record))
+        slot[subkey] = held
         self._bytes += held.cost
         self._records += 1
-        self._by_group.setdefault(group, {})[(dkey, subkey)] = None
+        self._by_group.setdefault(held.group, {})[(dkey, subkey)] = None
+        if held.claim is not None:
+            self._by_claim.setdefault(held.claim, set()).add((dkey, subkey))
         heapq.heappush(self._expiries, (record.expires_at, dkey, subkey))
 
     def _remove(self, dkey: bytes, subkey: bytes) -> None:
@@ -183,6 +210,11 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         del members[(dkey, subkey)]
         if not members:
             del self._by_group[held.group]
+        if held.claim is not None:
+            claimed = self._by_claim[held.claim]
+            claimed.discard((dkey, subkey))
+            if not claimed:
+                del self._by_claim[held.claim]
         if not slot:
             del self._data[dkey]
             del self._sorted_keys[bisect.bisect_left(self._sorted_keys, dkey)]
@@ -234,7 +266,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         """Store a record without checks (tests: a node that serves forged records)."""
         if record.peer_id.digest in self._data.get(dkey, {}):
             self._remove(dkey, record.peer_id.digest)
-        self._insert(dkey, record, LOCAL_SOURCE)
+        self._insert(dkey, _Held(record, LOCAL_SOURCE, _cost(record)))
 
     # kademlia's IStorage interface -------------------------------------------------------
 
@@ -265,12 +297,18 @@ def _cost(record: Record) -> int:
     return len(record.encoded) + _RECORD_OVERHEAD
 
 
-def _key_victim(slot: dict[bytes, _Held], group: str) -> bytes | None:
-    """In a full key: the latest-expiring record of the group holding the most, if that
-    group holds at least two more than ``group``."""
-    counts = Counter(held.group for held in slot.values())
-    top, top_count = max(counts.items(), key=lambda item: item[1])
-    if top_count < counts.get(group, 0) + 2:
+def _key_victim(slot: dict[bytes, _Held], new: _Held) -> bytes | None:
+    """In a full key, the record ``new`` may replace, if any: among the unproven records if
+    there are any (else the proven ones), the latest-expiring of the group holding the most;
+    if ``new`` is proven and the pool is not, any such record; else only if that group holds
+    at least two more of the pool than ``new``'s group."""
+    pool = {s: held for s, held in slot.items() if not held.proven} or slot
+    pool_proven = next(iter(pool.values())).proven
+    if pool_proven and not new.proven:
         return None
-    mine = [s for s, held in slot.items() if held.group == top]
-    return max(mine, key=lambda s: slot[s].record.expires_at)
+    counts = Counter(held.group for held in pool.values())
+    top, top_count = max(counts.items(), key=lambda item: item[1])
+    if pool_proven == new.proven and top_count < counts.get(new.group, 0) + 2:
+        return None
+    mine = [s for s, held in pool.items() if held.group == top]
+    return max(mine, key=lambda s: pool[s].record.expires_at)
