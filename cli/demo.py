@@ -135,7 +135,7 @@ def demo(
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
     except (SwarmError, RuntimeError, TimeoutError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, however wide
         raise typer.Exit(1) from exc
 
 

@@ -40,7 +40,7 @@ def dht(
     from swarm.identity import Identity
     from swarm.net.swarm_key import load_swarm_key
 
-    setup_logging(verbose, timestamps=True)
+    setup_logging(timestamps=True)  # the level: --verbose, set by swarm_cli.errors.command
     config = DHTConfig(
         host=host,
         port=port,

@@ -21,6 +21,8 @@ from typing import ParamSpec, TypeVar
 import click
 import typer
 
+from .output import end_stdout_line, setup_logging
+
 __all__ = ["command", "describe", "set_verbose"]
 
 P = ParamSpec("P")
@@ -30,6 +32,7 @@ _verbose = False
 
 # Exceptions that are not errors of the program but its normal way out.
 _PASS_THROUGH: tuple[type[BaseException], ...] = (
+    typer.Exit,  # not click's Exit (it is a RuntimeError)
     click.exceptions.Exit,
     click.ClickException,
     click.exceptions.Abort,
@@ -97,6 +100,7 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         set_verbose(bool(kwargs.get("verbose")))
+        setup_logging(_verbose)  # commands that want timestamps set it up again
         try:
             return fn(*args, **kwargs)
         except _PASS_THROUGH:
@@ -107,7 +111,7 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
                 raise exc from None
             if _verbose:
                 traceback.print_exception(raised, file=sys.stderr)
-            _finish_stdout_line()
+            end_stdout_line()  # a half-streamed line ends before the error
             if isinstance(exc, KeyboardInterrupt):
                 print("interrupted", file=sys.stderr, flush=True)
                 raise typer.Exit(130) from None
@@ -115,10 +119,3 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _finish_stdout_line() -> None:
-    """End a half-written stdout line (streamed tokens) before an error goes to stderr."""
-    from .output import end_stdout_line
-
-    end_stdout_line()

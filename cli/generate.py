@@ -14,7 +14,7 @@ import typer
 
 from .coverage import fill_hint, missing_ranges
 from .options import VerboseOption
-from .output import setup_logging, warn
+from .output import warn
 
 if TYPE_CHECKING:
     from swarm.client.config import ClientConfig
@@ -85,7 +85,6 @@ def generate(
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
 
-    setup_logging(verbose)
     if (prompt is None) == (ids is None):
         raise ConfigError("give either a PROMPT or --ids, not both or neither")
     if not initial_peers:

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from .coverage import fill_hint, missing_ranges
 from .options import VerboseOption
-from .output import setup_logging
 
 if TYPE_CHECKING:
     from swarm.client.discovery import Discovery
@@ -89,7 +88,6 @@ def status(
     """Block coverage, and per server: range, state, latency, throughput, load, audits."""
     import trio
 
-    setup_logging(verbose)
     trio.run(_status, model, initial_peers or [], swarm_key, reputation)
 
 
@@ -136,7 +134,6 @@ def monitor(
     """Send canary inputs with known answers to every server; report accuracy and uptime."""
     import trio
 
-    setup_logging(verbose)
     try:
         trio.run(_monitor, model, initial_peers or [], swarm_key, rounds, interval, timeout)
     except KeyboardInterrupt:

@@ -80,16 +80,19 @@ class _OwnLineHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(verbose: bool = False, *, timestamps: bool = False) -> None:
+def setup_logging(verbose: bool | None = None, *, timestamps: bool = False) -> None:
     """Route logging and Python warnings to stderr on their own lines (INFO with
-    ``verbose``, else WARNING) and start tracking stdout's half-written lines."""
+    ``verbose``, WARNING without, the level set before when None) and start tracking
+    stdout's half-written lines. Every command gets this from `swarm_cli.errors.command`;
+    long-running ones call it again with ``timestamps``."""
     _tracker()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _OwnLineHandler):
             root.removeHandler(handler)
     root.addHandler(_OwnLineHandler(timestamps))
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose is not None:
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.captureWarnings(True)
 
 

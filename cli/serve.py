@@ -90,7 +90,7 @@ def serve(
     from swarm.server.sessions import SessionLimits
     from swarm.types import LayerRange
 
-    setup_logging(verbose, timestamps=True)
+    setup_logging(timestamps=True)  # the level: --verbose, set by swarm_cli.errors.command
     num_layers = _check_model_and_device(model, device)
     chosen = None if layers == "auto" else LayerRange(*parse_layers(layers, num_layers))
     if num_blocks is not None and chosen is not None:
