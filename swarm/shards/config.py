@@ -32,10 +32,12 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: ``rope_type`` is ``"linear"`` or ``"llama3"``.
+    """RoPE frequency scaling: ``rope_type`` is ``"linear"``, ``"llama3"`` or ``"factors"``.
 
     ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings`` are
-    used by ``llama3`` only (0 for ``linear``).
+    used by ``llama3`` only (0 otherwise). ``"factors"`` divides each inverse frequency by
+    its own entry of ``frequency_factors`` (``head_dim // 2`` of them): the form GGUF files
+    store Llama 3.1 scaling in (the ``rope_freqs.weight`` tensor); ``factor`` is 1 there.
     """
 
     rope_type: str
@@ -43,6 +45,7 @@ class RopeScaling:
     low_freq_factor: float = 0.0
     high_freq_factor: float = 0.0
     original_max_position_embeddings: int = 0
+    frequency_factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ place that talks to the ``gguf`` package's :class:`~gguf.GGUFReader`:
 - :func:`is_gguf` tells a GGUF file from a Hugging Face folder;
 - :func:`gguf_config` builds a :class:`~swarm.shards.config.ModelConfig` from the ``llama.*``
   keys, refusing what our blocks do not compute (another architecture, a multi-part file,
-  MoE, biases, RoPE variants other than plain and linear);
+  MoE, biases, RoPE variants other than plain, linear and Llama 3.1's ``rope_freqs``);
 - :func:`read_gguf_tensors` dequantizes only the named tensors (F32, F16, BF16, Q8_0, Q4_0,
   Q4_1, the K-quants and whatever else ``gguf.quants.dequantize`` supports) and undoes
   llama.cpp's reordering of the Q/K projection rows, so the weights equal the Hugging Face
@@ -23,6 +23,7 @@ the reader's own per-value arrays are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from swarm.errors import ShardError
-from swarm.shards.config import ModelConfig
+from swarm.shards.config import ModelConfig, RopeScaling
 
 __all__ = [
     "GGUFTensorInfo",
@@ -152,7 +153,8 @@ def gguf_config(path: str | Path) -> ModelConfig:
         ShardError: the file is unreadable, split into several parts, of an architecture
             other than ``llama``, or uses something our blocks do not compute (mixture of
             experts, per-layer head counts, partial rotary, RoPE scaling other than linear,
-            Llama 3.1 ``rope_freqs``, attention biases); the message names it.
+            attention biases); the message names it. Llama 3.1 RoPE scaling stored as the
+            ``rope_freqs.weight`` tensor becomes a ``"factors"`` :class:`RopeScaling`.
     """
     meta = gguf_metadata(path)
     tensors = gguf_tensor_infos(path)
@@ -185,7 +187,27 @@ def gguf_config(path: str | Path) -> ModelConfig:
         "eos_token_id": list(dict.fromkeys(int(i) for i in eos if i is not None)),
         "torch_dtype": _stored_dtype(tensors),
     }
-    return ModelConfig.from_dict(raw)
+    config = ModelConfig.from_dict(raw)
+    if "rope_freqs.weight" in tensors:
+        config = dataclasses.replace(config, rope_scaling=_frequency_factors(path, config))
+    return config
+
+
+def _frequency_factors(path: str | Path, config: ModelConfig) -> RopeScaling:
+    """Llama 3.1-style scaling as llama.cpp stores it: one factor per rotary frequency."""
+    if config.rope_scaling is not None:
+        raise ShardError(
+            f"{Path(path).name}: rope_freqs.weight together with llama.rope.scaling.type "
+            f"{config.rope_scaling.rope_type!r} is not supported"
+        )
+    tensor = next(t for t in _parsed(path).tensors if t.name == "rope_freqs.weight")
+    factors = dequantize_tensor(tensor).reshape(-1)
+    if factors.shape[0] != config.head_dim // 2 or not bool((factors > 0).all()):
+        raise ShardError(
+            f"{Path(path).name}: rope_freqs.weight has {factors.shape[0]} entries (expected "
+            f"head_dim/2 = {config.head_dim // 2} positive factors)"
+        )
+    return RopeScaling("factors", 1.0, frequency_factors=tuple(float(f) for f in factors))
 
 
 def _check_supported(
@@ -207,11 +229,6 @@ def _check_supported(
                 "llama.feed_forward_length"):  # fmt: skip
         if isinstance(meta.get(key), list):
             raise ShardError(f"{file.name}: per-layer {key} is not supported")
-    if "rope_freqs.weight" in tensors:
-        raise ShardError(
-            f"{file.name}: RoPE frequency factors (rope_freqs.weight, Llama 3.1 rope scaling) "
-            "are not supported in GGUF files yet; serve the Hugging Face folder instead"
-        )
     biased = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
     if biased:
         raise ShardError(f"{file.name}: bias tensors ({biased[0]}, ...) are not supported "

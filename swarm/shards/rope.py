@@ -1,4 +1,5 @@
-"""Rotary position embeddings as free functions (``default``, ``linear``, ``llama3``).
+"""Rotary position embeddings as free functions (``default``, ``linear``, ``llama3``, and
+per-frequency ``factors``).
 
 The arithmetic follows ``transformers``' Llama exactly (inverse frequencies and angles in
 float32, cos/sin cast to the activations' dtype, ``rotate_half`` convention), so that our
@@ -26,6 +27,8 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "factors":  # llama.cpp's rope_freqs: theta_i / factor_i
+        return inv_freq / torch.tensor(scaling.frequency_factors, dtype=torch.float32)
     return _llama3_scale(inv_freq, config)
 
 

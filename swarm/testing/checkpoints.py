@@ -209,6 +209,7 @@ def write_gguf(
     rope_theta: float = 10000.0,
     rope_freqs: torch.Tensor | None = None,
     context_length: int = 512,
+    rms_norm_eps: float = 1e-5,
 ) -> Path:
     """Write Hugging Face-named Llama ``tensors`` to the GGUF file ``path`` as llama.cpp's
     converter does: GGUF names, Q/K rows permuted for GGML's RoPE, 2-D weights in ``qtype``
@@ -234,7 +235,7 @@ def write_gguf(
         (writer.add_embedding_length, hidden), (writer.add_feed_forward_length, inner),
         (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads),
         (writer.add_key_length, head_dim), (writer.add_value_length, head_dim),
-        (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_freq_base, rope_theta),
+        (writer.add_layer_norm_rms_eps, rms_norm_eps), (writer.add_rope_freq_base, rope_theta),
         (writer.add_rope_dimension_count, head_dim), (writer.add_vocab_size, vocab),
         (writer.add_tokenizer_model, "gpt2"), (writer.add_tokenizer_pre, "default"),
         (writer.add_token_list, tokens), (writer.add_token_merges, list(merges)),

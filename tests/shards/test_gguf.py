@@ -198,3 +198,51 @@ def test_missing_layers_and_folder_hint(gguf_dir: Path, tmp_path: Path) -> None:
         load_span(gguf_dir / "f32.gguf", LayerRange(2, 9))
     with pytest.raises(ShardError, match=r"no config\.json in the model folder; to serve a GGUF"):
         ModelConfig.from_pretrained(gguf_dir)
+
+
+def _llama_cpp_rope_factors(head_dim: int, theta: float, scaling: dict[str, float]) -> torch.Tensor:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py computes it for llama3 scaling."""
+    import math
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    old = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def test_llama31_rope_freqs_equal_transformers_on_the_original(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from swarm.testing.checkpoints import make_tiny_checkpoint, write_gguf
+
+    theta = 10000.0  # with head_dim 16 and these bands, every band has frequencies in it
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    folder = make_tiny_checkpoint(tmp_path / "hf", rope_theta=theta, rope_scaling=scaling)
+    factors = _llama_cpp_rope_factors(16, theta, scaling)  # type: ignore[arg-type]
+    assert 1.0 in factors.tolist() and 8.0 in factors.tolist()
+    assert len(set(factors.tolist())) > 2  # and smoothed ones in between
+    path = write_gguf(
+        tmp_path / "llama31.gguf", load_file(folder / "model.safetensors"), heads=4, kv_heads=2,
+        rope_theta=theta, rope_freqs=factors, rms_norm_eps=1e-6,  # transformers' default
+    )  # fmt: skip
+    config = ModelConfig.from_pretrained(path)
+    assert config.rope_scaling is not None and config.rope_scaling.rope_type == "factors"
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
+    head, span = load_head(path), load_span(path, LayerRange(0, LAYERS))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ours = head.logits(span(head.embed(ids), torch.arange(64)[None]))  # (1, 64, vocab)
+        theirs = reference(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
