@@ -2,6 +2,7 @@
 
     python benchmarks/real_model.py model-id [--gib 2.2] [--dir /tmp]
     python benchmarks/real_model.py load [--layers 10:20]
+    python benchmarks/real_model.py chat [--turns 3]
 
 ``model-id``: writes a Llama-7B-shaped bfloat16 safetensors checkpoint of about ``--gib`` GiB
 (hidden 4096, intermediate 11008, as many layers as fit) with a streaming writer, then times
@@ -11,6 +12,12 @@ file only) and warm, against a SHA-256 of every byte, and deletes the checkpoint
 ``load``: one server's range of SmolLM2-135M-Instruct (the default model), each in a fresh
 process: from the Q4_1 GGUF file as it is, and from a float32 safetensors folder converted
 from it (written to a temporary folder first). Prints load seconds and peak RSS (``VmHWM``).
+
+``chat``: SmolLM2 on an in-process 3-hop swarm (0:10 / 10:20 / 20:30, loopback, greedy): a
+``Chat`` of ``--turns`` questions keeping its session, then the last turn again as one
+generation over the whole rendered history on a fresh session (what a chat without a kept
+session does); prints each turn's time to first token and tokens sent, and per-token
+latency against the same model in one process.
 """
 
 from __future__ import annotations
@@ -197,6 +204,59 @@ def bench_load(layers: str) -> None:
                   f"peak RSS {got['peak_mib']:.0f} MiB")  # fmt: skip
 
 
+QUESTIONS = (
+    "What is the capital of France?",
+    "And what is it famous for?",
+    "Name one museum there.",
+    "How old is it?",
+)
+
+
+async def _chat_run(turns: int) -> None:
+    import statistics
+
+    from swarm.client.chat import Chat
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.shards import load_chat_template
+    from swarm.shards.bundled import default_model_path
+    from swarm.testing.reference import LocalModel
+    from swarm.testing.swarm import open_local_swarm
+    from swarm.types import LayerRange
+
+    path = default_model_path()
+    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    tmp = Path(tempfile.mkdtemp(prefix="swarm-chat-bench-"))
+    async with open_local_swarm(path, ranges) as local:
+        config = ClientConfig(
+            initial_peers=(local.dht_address,),
+            reputation_path=str(tmp / "reputation.json"),
+            evidence_dir=str(tmp / "evidence"),
+        )
+        async with AsyncRemoteModel.open(path, config) as model:
+            per_token: list[float] = []
+            async with Chat.open(model, max_length=2048) as chat:
+                for i, question in enumerate(QUESTIONS[:turns]):
+                    seconds = [t.seconds async for t in chat.send(question, 48)]
+                    per_token += seconds[1:]
+                    turn = chat.statistics().turns[-1]
+                    sent, made = len(turn.sent), len(turn.answer)
+                    print(f"turn {i + 1} (kept session): TTFT {seconds[0] * 1e3:.0f} ms, "
+                          f"{sent} tokens sent, {made} generated")  # fmt: skip
+                messages = chat.messages[:-1]
+            template = load_chat_template(path)
+            assert template is not None and model.tokenizer is not None
+            history = template.render(messages)
+            ids = model.tokenizer.encode(history, add_special_tokens=False).ids
+            result = await model.generate_detailed(ids, 48)
+            print(f"turn {turns} re-prefilled on a fresh session: TTFT {result.ttft * 1e3:.0f} "
+                  f"ms, {len(ids)} tokens sent")  # fmt: skip
+    local_model = LocalModel(path)
+    one = local_model.generate(ids, 32).timings
+    print(f"per token after the first: swarm 3 hops {statistics.median(per_token) * 1e3:.1f} ms, "
+          f"one process {statistics.median(one[1:]) * 1e3:.1f} ms")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -205,6 +265,8 @@ def main() -> None:
     mid.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     load = sub.add_parser("load")
     load.add_argument("--layers", default="10:20")
+    chat = sub.add_parser("chat")
+    chat.add_argument("--turns", type=int, default=3)
     child = sub.add_parser("_child")
     child.add_argument("path")
     child.add_argument("layers")
@@ -213,6 +275,12 @@ def main() -> None:
         bench_model_id(args.gib, args.dir)
     elif args.part == "load":
         bench_load(args.layers)
+    elif args.part == "chat":
+        import torch
+        import trio
+
+        torch.set_num_threads(1)
+        trio.run(_chat_run, args.turns)
     else:
         _child_load(args.path, args.layers)
 
