@@ -1,42 +1,114 @@
-"""The compute worker: one per device, running model work in priority order.
+"""The compute worker: one per device, running batched model work in a fair order.
 
-Handlers never call the model directly. They submit a function with a priority
-(`Priority.INFERENCE` before `Priority.FORWARD`), and one worker runs the queue through
+Handlers never call the model directly. Span work (a session's step, a stateless forward)
+goes in with `ComputeQueue.run_span`; one worker task drains the queue through
 ``trio.to_thread.run_sync`` so the trio loop stays responsive while torch computes. Only one
-task runs at a time on a device: concurrent matmuls on the same cores only slow each other.
+batch runs at a time on a device: concurrent matmuls on the same cores only slow each other.
 
-A caller cancelled while its task waits in the queue removes it; one cancelled while its
-task runs gets no result (the thread cannot be interrupted), and the worker moves on.
+Each time the worker is free it forms one batch (see `swarm.server.batching`):
+
+- every ready one-token decode step, up to `ComputeConfig.max_batch_tokens`, taken round
+  robin over clients, runs as one `Span.forward_batch` (projections and MLP over all new
+  tokens at once, attention per session against its own cache);
+- plus one chunk of at most `ComputeQueue.prefill_chunk` tokens of bulk work (a prompt, a
+  stateless forward), chosen fairly over clients, inference before forwards, a forward
+  passed over `ComputeConfig.forward_patience` times going first. When decode steps wait
+  and the previous batch already carried a chunk, this batch carries none: a decode step
+  waits for at most one chunk.
+
+Opaque functions (`submit`) run alone, inference priority before span work, forward
+priority after it (and after `forward_patience` batches of it at the latest).
+
+A caller cancelled while its work waits is dropped from the queue; one cancelled while its
+chunk runs gets no result (the thread cannot be interrupted). Work is attributed to the
+client in `CLIENT`, which the RPC handlers set to the caller's `PeerId`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
+import dataclasses
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
+import torch
 import trio
 
-__all__ = ["ComputeQueue", "ComputeStatistics", "Priority"]
+from swarm.errors import ConfigError, LimitExceeded
+from swarm.server.batching import (
+    Batch,
+    BatchRecord,
+    Priority,
+    SpanJob,
+    plan_batch,
+    run_batch,
+)
+from swarm.shards.cache import KVCache
+from swarm.shards.span import Span
+
+__all__ = [
+    "CLIENT",
+    "BatchRecord",
+    "ComputeConfig",
+    "ComputeQueue",
+    "ComputeStatistics",
+    "Priority",
+]
 
 T = TypeVar("T")
+
+CLIENT: contextvars.ContextVar[Hashable] = contextvars.ContextVar("swarm_client", default=None)
+"""The fairness key of work submitted from this task (the RPC handlers set the caller's
+`PeerId`; None groups anonymous work together)."""
+
+DEFAULT_PREFILL_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the compute worker batches.
+
+    - ``max_batch_tokens`` (1024): decode tokens in one batch.
+    - ``prefill_chunk`` (None: measured at start-up, see
+      `swarm.server.capacity.choose_prefill_chunk`; 128 when nothing is measured): bulk
+      tokens (prompt or forward) in one batch.
+    - ``max_queued`` (1024) jobs waiting in all, ``max_queued_per_client`` (256) for one
+      client: past them `LimitExceeded`.
+    - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
+      go first.
+    - ``batching`` (True): False runs every job alone, one chunk at a time (for
+      comparison).
+    """
+
+    max_batch_tokens: int = 1024
+    prefill_chunk: int | None = None
+    max_queued: int = 1024
+    max_queued_per_client: int = 256
+    forward_patience: int = 4
+    batching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.max_queued < 1 or self.max_queued_per_client < 1:
+            raise ConfigError("max_queued and max_queued_per_client must be >= 1")
 
 
 @dataclass(frozen=True)
 class ComputeStatistics:
-    queued: int  # tasks waiting
-    done: int  # tasks finished since start
+    queued: int  # jobs and functions waiting
+    done: int  # jobs, functions and batches finished since start
     utilization: float  # fraction of wall time spent computing
-
-class Priority(IntEnum):
-    """Lower runs first."""
-
-    INFERENCE = 0  # one step of a live session: a user is waiting for a token
-    FORWARD = 1  # stateless bulk forward: prefill checks, spot-checks, recovery replays
+    batches: int  # batched forwards run
+    recent: tuple[BatchRecord, ...]  # the last batches, oldest first
+    queued_by_client: dict[Hashable, int]  # jobs waiting per client
 
 
 @dataclass
@@ -49,29 +121,65 @@ class _Task(Generic[T]):
 
 
 class ComputeQueue:
-    """A priority queue of model work, drained by one worker task.
+    """Model work, drained by one worker task.
 
     Use as ``async with trio.open_nursery() as n: await n.start(queue.run)``, then
-    ``await queue.submit(fn, Priority.INFERENCE)`` from any handler.
+    ``await queue.run_span(...)`` or ``await queue.submit(fn, priority)`` from any handler.
     """
 
-    def __init__(self, *, max_queued: int = 1024) -> None:
+    def __init__(self, config: ComputeConfig | None = None, *, max_queued: int | None = None):
+        config = config or ComputeConfig()
+        if max_queued is not None:
+            config = dataclasses.replace(config, max_queued=max_queued)
+        self.config = config
+        self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # set at start-up
         self._heap: list[tuple[int, int, _Task[Any]]] = []
+        self._jobs: list[SpanJob] = []
         self._counter = itertools.count()
         self._wakeup = trio.Event()
-        self._max_queued = max_queued
         self._busy_seconds = 0.0
         self._done = 0
-        self.running = False  # a task is on the worker thread now
+        self._batches = 0
+        self._turn = 0  # rotates the client that goes first
+        self._last_had_bulk = False
+        self._functions_waited = 0  # batches run while a forward-priority function waits
+        self._recent: collections.deque[BatchRecord] = collections.deque(maxlen=256)
+        self.running = False  # work is on the worker thread now
         self._started = time.monotonic()
 
-    async def submit(self, fn: Callable[[], T], priority: Priority) -> T:
-        """Run `fn` on the worker thread when its turn comes; return or raise its result.
+    # ---- submitting ----
 
-        Raises `RuntimeError` when the queue is full (the caller maps it to a limit error).
-        """
-        if len(self._heap) >= self._max_queued:
-            raise RuntimeError(f"compute queue is full ({self._max_queued} tasks)")
+    async def run_span(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        """Run ``hidden`` (batch, seq, hidden) at ``positions`` (batch, seq) through ``span``
+        (extending ``cache``), batched with other work; returns (batch, seq, hidden) on the
+        CPU. Work of more than one chunk needs a ``cache`` (a stateless forward brings a
+        temporary one). Raises `LimitExceeded` when the queue (or the client's share of it)
+        is full, and what the span raises (`ShardError`)."""
+        client = CLIENT.get()
+        self._check_room(client)
+        job = SpanJob(span, hidden, positions, cache, client, priority, next(self._counter))
+        self._jobs.append(job)
+        self._wakeup.set()
+        try:
+            await job.done.wait()
+        except BaseException:
+            job.cancelled = True
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result()
+
+    async def submit(self, fn: Callable[[], T], priority: Priority) -> T:
+        """Run `fn` alone on the worker thread when its turn comes; return or raise its
+        result. Raises `LimitExceeded` when the queue is full."""
+        self._check_room(None)
         task: _Task[T] = _Task(fn)
         heapq.heappush(self._heap, (int(priority), next(self._counter), task))
         self._wakeup.set()
@@ -84,32 +192,113 @@ class ComputeQueue:
             raise task.error
         return task.result  # type: ignore[return-value]
 
+    def _check_room(self, client: Hashable) -> None:
+        cfg = self.config
+        if len(self._heap) + len(self._jobs) >= cfg.max_queued:
+            raise LimitExceeded(f"compute queue is full ({cfg.max_queued} jobs); try later")
+        if client is not None:
+            mine = sum(1 for job in self._jobs if job.client == client)
+            if mine >= cfg.max_queued_per_client:
+                raise LimitExceeded(
+                    f"this client has {mine} jobs queued, at most "
+                    f"{cfg.max_queued_per_client}; wait for them"
+                )
+
+    # ---- the worker ----
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The worker loop; runs until cancelled."""
         task_status.started()
         while True:
-            if not self._heap:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
+            self._drop_cancelled()
+            task = self._next_function()
+            if task is not None:
+                await self._run_function(task)
                 continue
-            _, _, task = heapq.heappop(self._heap)
-            if task.cancelled:
+            batch = self._plan()
+            if batch is not None:
+                await self._run_batch(batch)
                 continue
-            started = time.perf_counter()
-            self.running = True
-            try:
-                task.result = await trio.to_thread.run_sync(task.fn)
-            except Exception as exc:  # delivered to the submitter, who decides
-                task.error = exc
-            finally:
-                self.running = False
-                self._busy_seconds += time.perf_counter() - started
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    def _drop_cancelled(self) -> None:
+        if any(job.cancelled for job in self._jobs):
+            self._jobs = [job for job in self._jobs if not job.cancelled]
+        while self._heap and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+
+    def _next_function(self) -> _Task[Any] | None:
+        """An opaque function due now: inference priority at once, forward priority when no
+        span work waits or after `forward_patience` batches."""
+        if not self._heap:
+            return None
+        priority = self._heap[0][0]
+        overdue = self._functions_waited >= self.config.forward_patience
+        if priority == Priority.INFERENCE or not self._jobs or overdue:
+            self._functions_waited = 0
+            return heapq.heappop(self._heap)[2]
+        return None
+
+    async def _run_function(self, task: _Task[Any]) -> None:
+        started = time.perf_counter()
+        self.running = True
+        try:
+            task.result = await trio.to_thread.run_sync(task.fn)
+        except Exception as exc:  # delivered to the submitter, who decides
+            task.error = exc
+        finally:
+            self.running = False
+            self._busy_seconds += time.perf_counter() - started
+            self._done += 1
+            task.done.set()
+
+    def _plan(self) -> Batch | None:
+        if not self._jobs:
+            return None
+        cfg = self.config
+        batch = plan_batch(
+            self._jobs,
+            max_batch_tokens=cfg.max_batch_tokens if cfg.batching else 1,
+            chunk_tokens=self.prefill_chunk,
+            turn=self._turn,
+            skip_bulk=self._last_had_bulk,
+            forward_patience=cfg.forward_patience,
+            batching=cfg.batching,
+        )
+        self._turn += 1
+        return batch
+
+    async def _run_batch(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        self.running = True
+        try:
+            await trio.to_thread.run_sync(run_batch, batch)
+        finally:
+            self.running = False
+            seconds = time.perf_counter() - started
+            self._busy_seconds += seconds
+            self._batches += 1
+            self._last_had_bulk = batch.bulk_tokens > 0
+            if self._heap:
+                self._functions_waited += 1
+            self._recent.append(batch.record(seconds))
+            for job in batch.finished():
+                self._jobs.remove(job)
                 self._done += 1
-                task.done.set()
+                job.done.set()
 
     def statistics(self) -> ComputeStatistics:
-        """Queue length, tasks done, and the fraction of time spent computing."""
+        """Queue length, work done, the fraction of time spent computing, recent batches."""
         elapsed = max(time.monotonic() - self._started, 1e-9)
+        by_client: dict[Hashable, int] = {}
+        for job in self._jobs:
+            by_client[job.client] = by_client.get(job.client, 0) + 1
         return ComputeStatistics(
-            queued=len(self._heap), done=self._done, utilization=self._busy_seconds / elapsed
+            queued=len(self._heap) + len(self._jobs),
+            done=self._done,
+            utilization=self._busy_seconds / elapsed,
+            batches=self._batches,
+            recent=tuple(self._recent),
+            queued_by_client=by_client,
         )

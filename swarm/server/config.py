@@ -8,6 +8,8 @@ from pathlib import Path
 from swarm.dht import DHTConfig
 from swarm.errors import ConfigError
 from swarm.net.config import NetConfig
+from swarm.server.capacity import MemoryPlan
+from swarm.server.compute import ComputeConfig
 from swarm.server.sessions import SessionLimits
 from swarm.types import FLOAT_DTYPES, LayerRange
 
@@ -25,11 +27,18 @@ class ServerConfig:
     ``announce_ttl`` is the life of each DHT record; the server re-announces every half of
     it. ``step_timeout`` bounds the wait for one step's input (from the client or a push);
     ``push_timeout`` bounds delivering our output to the next server.
+
+    ``compute`` is how the compute worker batches and chunks (`ComputeConfig`).
+    ``forward_deadline`` (30 s, a client's default step timeout) bounds a stateless
+    forward: one that the measured prompt rate says would take longer is refused with
+    `LimitExceeded` up front. ``memory`` shares out free memory when ``num_blocks`` (with
+    ``layers`` None) is None, or when ``cache_tokens_from_memory`` replaces
+    ``limits.cache_tokens`` with what the memory left after the blocks holds.
     """
 
     model: Path
     layers: LayerRange | None = None
-    num_blocks: int | None = None  # with layers=None: how many blocks to serve (default all)
+    num_blocks: int | None = None  # with layers=None: blocks to serve (None: from free memory)
     host: str = "127.0.0.1"
     port: int = 0
     public_host: str | None = None
@@ -46,6 +55,10 @@ class ServerConfig:
     ping_timeout: float = 2.0
     net: NetConfig = field(default_factory=NetConfig)
     measure_throughput: bool = True
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    forward_deadline: float = 30.0
+    memory: MemoryPlan = field(default_factory=MemoryPlan)
+    cache_tokens_from_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -54,5 +67,7 @@ class ServerConfig:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.announce_ttl <= 0:
             raise ConfigError(f"announce_ttl must be positive, got {self.announce_ttl}")
+        if self.forward_deadline <= 0:
+            raise ConfigError(f"forward_deadline must be positive, got {self.forward_deadline}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")

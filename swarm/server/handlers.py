@@ -1,6 +1,7 @@
 """The server's RPC handlers: ``info``, ``forward``, ``inference`` (a stream) and ``push``.
 
-Model work goes through the `ComputeQueue` (inference steps before bulk forwards). An
+Model work goes through the `ComputeQueue`, which batches concurrent sessions' steps and
+chunks long prompts and forwards, fairly over clients (`CLIENT` is set to the caller). An
 ``inference`` stream owns one session: a reader task takes the client's step messages
 (inputs and push-target changes) while the processor runs steps strictly in order, each as
 soon as its input arrived from the client or from the previous server's ``push``. After a
@@ -10,7 +11,6 @@ effort: a failed push is logged, and the client sends that input itself).
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -43,7 +43,8 @@ from swarm.net.messages import (
 )
 from swarm.net.pool import ConnectionPool
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
-from swarm.server.compute import ComputeQueue, Priority
+from swarm.server.capacity import SpanTimings
+from swarm.server.compute import CLIENT, ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
 from swarm.shards.cache import KVCache
@@ -55,6 +56,7 @@ __all__ = ["ServingHandlers", "ServingState"]
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ServingState:
     """What the handlers and the announcer share; mutated only from the trio thread."""
@@ -63,24 +65,21 @@ class ServingState:
     version: str
     throughput: float = 0.0
     state: ServerState = ServerState.JOINING  # joining -> online -> draining
+    timings: SpanTimings | None = None  # measured at start-up (None: not measured)
     steps_done: int = 0
     forwards_done: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
+    def throughput_at(self, active_sessions: int) -> float:
+        """Tokens/s one more session would get here now: measured at the batch it would
+        join (``active_sessions + 1`` decode steps batched); `throughput` unmeasured."""
+        if self.timings is None:
+            return self.throughput
+        return self.timings.throughput(active_sessions + 1)
+
     def count_error(self, exc: BaseException) -> None:
         name = type(exc).__name__
         self.errors[name] = self.errors.get(name, 0) + 1
-
-
-def _run_span(
-    span: Span, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
-) -> torch.Tensor:
-    """Worker-thread body: cast the input to the span's dtype and run it."""
-    with torch.no_grad():
-        out: torch.Tensor = span(
-            hidden.to(span.device, span.dtype), positions.to(span.device), cache
-        )
-    return out.cpu()
 
 
 def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
@@ -127,8 +126,7 @@ class ServingHandlers:
         The output is what this server vouches for: it is pushed, returned and signed.
         (`swarm.testing.adversaries` overrides this to make a peer lie.)
         """
-        work = functools.partial(_run_span, span, hidden, positions, cache)
-        out: torch.Tensor = await self.queue.submit(work, priority)
+        out: torch.Tensor = await self.queue.run_span(span, hidden, positions, cache, priority)
         return out
 
     # ---- info and stateless forward ----
@@ -140,7 +138,7 @@ class ServingHandlers:
             load=len(self.sessions) / self.sessions.limits.max_sessions,
             free_cache_tokens=self.sessions.free_tokens,
             version=self.state.version,
-            throughput=self.state.throughput,
+            throughput=self.state.throughput_at(len(self.sessions)),
             model_id=self.state.model_id,
             dtype=str(self.span.dtype).removeprefix("torch."),
             active_sessions=len(self.sessions),
@@ -151,17 +149,43 @@ class ServingHandlers:
         span = self._narrow(request.layer_range)
         hidden, positions = request.hidden_states, request.positions
         _check_positions(hidden, positions)
-        tokens = hidden.shape[0] * hidden.shape[1]
+        CLIENT.set(ctx.peer_id)
+        rows, seq = int(hidden.shape[0]), int(hidden.shape[1])
+        self._check_forward_size(rows * seq)
+        if seq <= self.queue.prefill_chunk:
+            out = await self.compute(span, hidden, positions, None, Priority.FORWARD)
+        else:  # chunked through a temporary cache, held against the cache budget
+            with self.sessions.reserve(rows * seq):
+                cache = KVCache.allocate(
+                    span.config, span.layers, rows, seq, span.dtype, span.device
+                )
+                out = await self.compute(span, hidden, positions, cache, Priority.FORWARD)
+                del cache
+        self.state.forwards_done += 1
+        receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
+        return ForwardResponse(out, receipt)
+
+    def _check_forward_size(self, tokens: int) -> None:
+        """Refuse a forward over the token limit, or one that the measured prompt rate (at
+        half of it: decode steps take turns with the chunks) says would not finish within
+        the client's deadline."""
         limits = self.sessions.limits
         if tokens > limits.max_length * limits.max_batch:
             raise limit_error(
                 f"forward of {tokens} tokens is over the limit of "
                 f"{limits.max_length * limits.max_batch}"
             )
-        out = await self.compute(span, hidden, positions, None, Priority.FORWARD)
-        self.state.forwards_done += 1
-        receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
-        return ForwardResponse(out, receipt)
+        timings = self.state.timings
+        if timings is None:
+            return
+        rate = timings.prefill_rate(self.queue.prefill_chunk) / 2
+        budget = self.config.forward_deadline
+        if tokens / rate > budget:
+            raise limit_error(
+                f"forward of {tokens} tokens would take about {tokens / rate:.0f} s here, over "
+                f"the {budget:.0f} s a client waits; send at most {int(rate * budget)} tokens "
+                "per forward"
+            )
 
     # ---- inference sessions ----
 
@@ -172,6 +196,7 @@ class ServingHandlers:
         if self.state.state is ServerState.DRAINING:
             raise RemoteError(ErrorCode.UNAVAILABLE, "server is draining: no new sessions")
         self._narrow(opened.layer_range)  # refuse ranges we do not serve before allocating
+        CLIENT.set(ctx.peer_id)  # the compute queue's fairness key for this session's steps
         session = self.sessions.open(
             opened.session_id,
             ctx.peer_id,

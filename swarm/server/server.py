@@ -34,11 +34,8 @@ from swarm.net.pool import open_connection_pool
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
-from swarm.server.announcer import (
-    Announcer,
-    choose_layers,
-    measure_throughput,
-)
+from swarm.server.announcer import Announcer, choose_layers
+from swarm.server.capacity import measure_span, size_server
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
@@ -150,10 +147,19 @@ class Server:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
         async with DHTNode.open(self.identity, dht_config) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
+            sized = size_server(
+                model, dtype, device,
+                layers=len(cfg.layers) if cfg.layers is not None else None,
+                num_blocks=cfg.num_blocks, cache_tokens=cfg.limits.cache_tokens,
+                derive_cache=cfg.cache_tokens_from_memory, plan=cfg.memory,
+            )  # fmt: skip
+            limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
+            self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
             layers = cfg.layers
             if layers is None:
-                blocks = cfg.num_blocks or model.num_hidden_layers
-                layers = await choose_layers(dht, the_model_id, model.num_hidden_layers, blocks)
+                layers = await choose_layers(
+                    dht, the_model_id, model.num_hidden_layers, sized.num_blocks
+                )
             self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
             span = await trio.to_thread.run_sync(
                 lambda: load_span(cfg.model, layers, dtype=dtype, device=device),
@@ -215,7 +221,7 @@ class Server:
             ),
             span.narrow,
         )
-        queue = ComputeQueue()
+        queue = ComputeQueue(cfg.compute)
         budget = ReceiveBudget(cfg.net.max_receive_bytes)  # one for every channel, both ways
         async with (
             open_connection_pool(
@@ -255,7 +261,7 @@ class Server:
                     layer_range=span.layers,
                     state=state.state,
                     dtype=str(span.dtype).removeprefix("torch."),
-                    throughput=state.throughput,
+                    throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
@@ -275,10 +281,10 @@ class Server:
             self.announcer = announcer
             await announcer.announce()  # joining
             if cfg.measure_throughput:
-                self._progress("measuring throughput")
-                state.throughput = await queue.submit(
-                    lambda: measure_throughput(span), Priority.FORWARD
-                )
+                self._progress("measuring throughput at the batch sizes served")
+                timings = await queue.submit(lambda: measure_span(span), Priority.FORWARD)
+                state.timings, state.throughput = timings, timings.throughput(1)
+                queue.prefill_chunk = cfg.compute.prefill_chunk or timings.prefill_chunk()
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()

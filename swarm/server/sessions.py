@@ -12,8 +12,9 @@ neither the next one nor a late duplicate of the last is an error at once.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -164,6 +165,7 @@ class SessionTable:
         self._allocate = allocate
         self._narrow = narrow
         self._sessions: dict[bytes, Session] = {}
+        self._reserved = 0  # tokens held by temporary caches (`reserve`)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -180,7 +182,22 @@ class SessionTable:
 
     @property
     def tokens_used(self) -> int:
-        return sum(s.tokens for s in self._sessions.values())
+        return sum(s.tokens for s in self._sessions.values()) + self._reserved
+
+    @contextlib.contextmanager
+    def reserve(self, tokens: int) -> Iterator[None]:
+        """Hold ``tokens`` of the cache budget for a temporary cache (a chunked stateless
+        forward) while the block runs. Raises `LimitExceeded` when they are not free."""
+        if tokens > self.free_tokens:
+            raise limit_error(
+                f"not enough cache for this forward: it needs {tokens} tokens, "
+                f"{self.free_tokens} free of {self.limits.cache_tokens}"
+            )
+        self._reserved += tokens
+        try:
+            yield
+        finally:
+            self._reserved -= tokens
 
     @property
     def free_tokens(self) -> int:

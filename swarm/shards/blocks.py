@@ -7,6 +7,7 @@ checkpoint's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
 from swarm.shards.rope import apply_rope
 
-__all__ = ["AttentionMask", "Block", "RMSNorm", "build_attention_mask"]
+__all__ = ["AttentionMask", "Block", "RMSNorm", "RaggedPart", "build_attention_mask"]
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +42,19 @@ class AttentionMask:
 
     mask: torch.Tensor | None
     is_causal: bool
+
+
+@dataclass(frozen=True)
+class RaggedPart:
+    """One group of a ragged batch: ``batch`` rows of ``seq`` new tokens, their RoPE angles
+    ``cos``/``sin`` (batch, 1, seq, head_dim), attention pattern and cache (or None)."""
+
+    batch: int
+    seq: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: AttentionMask
+    cache: KVCache | None
 
 
 def build_attention_mask(
@@ -93,24 +107,52 @@ class Attention(nn.Module):
         index: int,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        part = RaggedPart(batch, seq, cos, sin, mask, cache)
+        out = self.attend(self.q(x), self.k(x), self.v(x), part, index)  # (batch*seq, q_out)
+        projected: torch.Tensor = self.o(out.view(batch, seq, -1))  # (batch, seq, hidden)
+        return projected
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: RaggedPart, index: int
+    ) -> torch.Tensor:
+        """Attention of one sequence group's projected tokens: ``q`` (..., heads*head_dim),
+        ``k``/``v`` (..., kv_heads*head_dim) with ``part.batch * part.seq`` tokens, against
+        ``part.cache`` (which stores the new keys/values). Returns (batch*seq, heads*head_dim)."""
+        batch, seq, dim = part.batch, part.seq, self.head_dim
+        q = q.reshape(batch, seq, self.heads, dim).transpose(1, 2)
+        k = k.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)
+        v = v.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)
         # q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(index, k, v)  # (batch, kv_heads, total, head_dim)
+        q = apply_rope(q, part.cos, part.sin)
+        k = apply_rope(k, part.cos, part.sin)
+        if part.cache is not None:
+            k, v = part.cache.update(index, k, v)  # (batch, kv_heads, total, head_dim)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask.mask,
-            is_causal=mask.is_causal,
+            attn_mask=part.mask.mask,
+            is_causal=part.mask.is_causal,
             enable_gqa=self.kv_heads != self.heads,
         )  # (batch, heads, seq, head_dim)
-        out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
-        projected: torch.Tensor = self.o(out)  # (batch, seq, hidden)
+        return out.transpose(1, 2).reshape(batch * seq, self.heads * dim)
+
+    def forward_ragged(
+        self, x: torch.Tensor, parts: Sequence[RaggedPart], index: int
+    ) -> torch.Tensor:
+        """Attention over tokens of several independent groups laid end to end: ``x``
+        (tokens, hidden) with ``sum(p.batch * p.seq)`` rows, in the order of ``parts``. The
+        projections run over all tokens at once; attention runs per group against that
+        group's own cache, mask and positions. Returns (tokens, hidden)."""
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (tokens, q_out), (tokens, kv_out) x2
+        sizes = [p.batch * p.seq for p in parts]
+        outs = [
+            self.attend(qi, ki, vi, part, index)  # (batch*seq, q_out)
+            for qi, ki, vi, part in zip(
+                q.split(sizes), k.split(sizes), v.split(sizes), parts, strict=True
+            )
+        ]
+        projected: torch.Tensor = self.o(torch.cat(outs))  # (tokens, hidden)
         return projected
 
 
@@ -150,4 +192,13 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, index)  # (batch, seq, hidden)
         out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (batch, seq, hidden)
+        return out
+
+    def forward_ragged(
+        self, x: torch.Tensor, parts: Sequence[RaggedPart], index: int
+    ) -> torch.Tensor:
+        """The block over a ragged batch ``x`` (tokens, hidden) (see
+        `Attention.forward_ragged`); same shape out."""
+        x = x + self.attn.forward_ragged(self.attn_norm(x), parts, index)  # (tokens, hidden)
+        out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (tokens, hidden)
         return out

@@ -8,20 +8,31 @@ tensors are assigned in, so peak memory is about the size of the range.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from swarm.errors import ShardError
-from swarm.shards.blocks import Block, build_attention_mask
+from swarm.shards.blocks import Block, RaggedPart, build_attention_mask
 from swarm.shards.cache import KVCache
 from swarm.shards.checkpoint import checkpoint_names, is_gguf, read_tensors
 from swarm.shards.config import ModelConfig
 from swarm.shards.rope import inverse_frequencies, rope_cos_sin
 from swarm.types import LayerRange
 
-__all__ = ["Span", "load_span"]
+__all__ = ["BatchItem", "Span", "load_span"]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input of :meth:`Span.forward_batch`: hidden (batch, seq, hidden_size), positions
+    (batch, seq) int64, and the cache it extends (None: a stateless forward)."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache | None = None
 
 
 class Span(nn.Module):
@@ -82,7 +93,58 @@ class Span(nn.Module):
                 layers or another batch size, or the cache has no room for ``seq`` tokens.
         """
         self._check_inputs(hidden, positions, cache, attention_mask)
-        seq = hidden.shape[1]
+        part = self._prepare(hidden, positions, cache, attention_mask)
+        for index, block in enumerate(self.blocks):
+            hidden = block(
+                hidden, part.cos, part.sin, part.mask, cache, index
+            )  # (batch, seq, hidden)
+        if cache is not None:
+            cache.advance(part.seq)
+        return hidden
+
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
+        """Run several independent inputs through the layers as one ragged batch.
+
+        Each item is what one :meth:`forward` call would take (without an attention mask):
+        hidden (batch_i, seq_i, hidden_size), positions (batch_i, seq_i) and its own cache or
+        None. The projections and MLPs run once over all items' tokens laid end to end;
+        attention runs per item against its own cache with its own positions. Returns each
+        item's output, as :meth:`forward` would (equal within float rounding), and advances
+        each cache.
+
+        Raises:
+            ShardError: as :meth:`forward`, for any item (before any cache is touched);
+                two items sharing one cache.
+        """
+        caches = [id(item.cache) for item in items if item.cache is not None]
+        if len(set(caches)) != len(caches):
+            raise ShardError("two items of one batch share a cache")
+        for item in items:
+            self._check_inputs(item.hidden, item.positions, item.cache, None)
+            if item.cache is not None:
+                item.cache.check_room(item.hidden.shape[1])
+        parts = [self._prepare(it.hidden, it.positions, it.cache, None) for it in items]
+        size = self.config.hidden_size
+        x = torch.cat([it.hidden.reshape(-1, size) for it in items])  # (tokens, hidden)
+        for index in range(len(self.blocks)):
+            block: Block = self.blocks[index]  # type: ignore[assignment]
+            x = block.forward_ragged(x, parts, index)  # (tokens, hidden)
+        outs = torch.split(x, [p.batch * p.seq for p in parts])
+        for item, part in zip(items, parts, strict=True):
+            if item.cache is not None:
+                item.cache.advance(part.seq)
+        return [out.view(p.batch, p.seq, size) for out, p in zip(outs, parts, strict=True)]
+
+    def _prepare(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        attention_mask: torch.Tensor | None,
+    ) -> RaggedPart:
+        """Record the new tokens' mask in the cache; build their attention pattern and RoPE
+        angles."""
+        batch, seq = hidden.shape[:2]
         start, key_valid = 0, None
         if cache is not None:
             cache.check_room(seq)
@@ -95,11 +157,7 @@ class Span(nn.Module):
         mask = build_attention_mask(seq, start, key_valid, hidden.device)
         inv_freq = self.inv_freq.to(hidden.device)
         cos, sin = rope_cos_sin(inv_freq, positions, hidden.dtype)  # (batch, 1, seq, head_dim)
-        for index, block in enumerate(self.blocks):
-            hidden = block(hidden, cos, sin, mask, cache, index)  # (batch, seq, hidden)
-        if cache is not None:
-            cache.advance(seq)
-        return hidden
+        return RaggedPart(batch, seq, cos, sin, mask, cache)
 
     def _check_inputs(
         self,

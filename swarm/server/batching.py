@@ -1,0 +1,241 @@
+"""What goes into one batched forward: jobs, chunks, and the fair choice among them.
+
+A `SpanJob` is one piece of span work waiting on the compute queue: a session's step (a
+one-token decode step or a multi-token prompt) or a stateless forward. `plan_batch` picks
+the next `Batch` (pure, no torch work); `run_batch` runs it on the worker thread with
+`Span.forward_batch`. Bulk jobs (more than one token per row) advance one chunk per batch;
+their outputs are joined when the last chunk is done.
+
+Fairness: jobs are taken round robin over clients (the client that goes first rotates from
+batch to batch), so a client's share of a batch does not grow with its number of sessions
+while others wait, and a per-client quota is a count over `SpanJob.client`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+import trio
+
+from swarm.shards.cache import KVCache
+from swarm.shards.span import BatchItem, Span
+from swarm.types import LayerRange
+
+__all__ = ["Batch", "BatchRecord", "Priority", "SpanJob", "plan_batch", "run_batch"]
+
+
+class Priority(IntEnum):
+    """Lower runs first."""
+
+    INFERENCE = 0  # a step of a live session: a user is waiting for a token
+    FORWARD = 1  # stateless bulk forward: prefill checks, spot-checks, recovery replays
+
+
+@dataclass(eq=False)
+class SpanJob:
+    """Span work of one caller: ``hidden`` (rows, seq, hidden) at ``positions`` (rows, seq),
+    extending ``cache``. ``offset`` tokens per row are done; ``outputs`` holds their
+    results (CPU), one tensor per chunk."""
+
+    span: Span
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache | None
+    client: Hashable
+    priority: Priority
+    order: int  # arrival number
+    offset: int = 0
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    cancelled: bool = False
+    passed_over: int = 0  # batches run without this job since it last advanced
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.hidden.shape[1])
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per row: batched with every other decode step."""
+        return self.seq == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.offset >= self.seq
+
+    def result(self) -> torch.Tensor:
+        """The whole output (rows, seq, hidden), once finished."""
+        if len(self.outputs) == 1:
+            return self.outputs[0]
+        return torch.cat(self.outputs, dim=1)  # (rows, seq, hidden)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch held and cost (`ComputeQueue.statistics().recent`)."""
+
+    decode_steps: int  # decode jobs (sessions' one-token steps)
+    decode_clients: tuple[Hashable, ...]  # their clients, one entry per step
+    bulk_tokens: int  # tokens of prompt/forward chunks
+    bulk_priorities: tuple[Priority, ...]  # one entry per chunk
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Tokens ``start:stop`` of every row of ``job``."""
+
+    job: SpanJob
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    slices: tuple[Slice, ...]
+
+    @property
+    def bulk_tokens(self) -> int:
+        return sum((s.stop - s.start) * s.job.rows for s in self.slices if not s.job.is_decode)
+
+    def finished(self) -> list[SpanJob]:
+        return [s.job for s in self.slices if s.job.finished]
+
+    def record(self, seconds: float) -> BatchRecord:
+        decode = [s.job for s in self.slices if s.job.is_decode]
+        bulk = [s.job for s in self.slices if not s.job.is_decode]
+        return BatchRecord(
+            len(decode),
+            tuple(job.client for job in decode),
+            self.bulk_tokens,
+            tuple(job.priority for job in bulk),
+            seconds,
+        )
+
+
+def round_robin(jobs: Iterable[SpanJob], turn: int) -> Iterator[SpanJob]:
+    """``jobs`` interleaved one per client per round, each client's in arrival order; the
+    client that goes first rotates with ``turn``."""
+    by_client: dict[Hashable, list[SpanJob]] = {}
+    for job in sorted(jobs, key=lambda j: j.order):
+        by_client.setdefault(job.client, []).append(job)
+    queues = list(by_client.values())
+    if not queues:
+        return
+    shift = turn % len(queues)
+    queues = queues[shift:] + queues[:shift]
+    for layer in itertools.zip_longest(*queues):
+        yield from (job for job in layer if job is not None)
+
+
+def plan_batch(
+    jobs: Sequence[SpanJob],
+    *,
+    max_batch_tokens: int,
+    chunk_tokens: int,
+    turn: int,
+    skip_bulk: bool,
+    forward_patience: int,
+    batching: bool = True,
+) -> Batch | None:
+    """The next batch (see `swarm.server.compute` for the rules), or None without jobs.
+
+    ``skip_bulk``: the previous batch carried a chunk, so if decode steps wait this batch
+    carries none. Without ``batching`` the batch is one job's next chunk: the oldest of the
+    highest priority, decode steps first.
+    """
+    live = [job for job in jobs if not job.cancelled and not job.finished]
+    if not live:
+        return None
+    if not batching:
+        job = min(live, key=lambda j: (j.priority, not j.is_decode, j.order))
+        return Batch((_chunk(job, chunk_tokens),))
+    slices: list[Slice] = []
+    tokens = 0
+    for job in round_robin((j for j in live if j.is_decode), turn):
+        if tokens + job.rows <= max_batch_tokens or not slices:
+            slices.append(Slice(job, 0, 1))
+            tokens += job.rows
+    bulk = [job for job in live if not job.is_decode]
+    if bulk and not (skip_bulk and slices):
+        slices.extend(_bulk_slices(bulk, chunk_tokens, turn, forward_patience))
+    chosen = {id(s.job) for s in slices}
+    for job in bulk:
+        job.passed_over = 0 if id(job) in chosen else job.passed_over + 1
+    return Batch(tuple(slices))
+
+
+def _bulk_slices(bulk: list[SpanJob], chunk_tokens: int, turn: int, patience: int) -> list[Slice]:
+    """Chunks of bulk jobs within ``chunk_tokens``: overdue forwards first, then inference
+    before forwards, round robin over clients within each class; at least one chunk."""
+    overdue = [j for j in bulk if j.priority == Priority.FORWARD and j.passed_over >= patience]
+    rest = [j for j in bulk if j not in overdue]
+    ordered = list(round_robin(overdue, turn))
+    for priority in Priority:
+        ordered.extend(round_robin((j for j in rest if j.priority == priority), turn))
+    slices: list[Slice] = []
+    budget = chunk_tokens
+    for job in ordered:
+        if slices and budget < job.rows:
+            break
+        piece = _chunk(job, max(budget, job.rows))
+        slices.append(piece)
+        budget -= (piece.stop - piece.start) * job.rows
+        if budget <= 0:
+            break
+    return slices
+
+
+def _chunk(job: SpanJob, tokens: int) -> Slice:
+    """The job's next chunk of at most ``tokens`` tokens (at least one per row)."""
+    steps = min(job.seq - job.offset, max(1, tokens // job.rows))
+    return Slice(job, job.offset, job.offset + steps)
+
+
+def run_batch(batch: Batch) -> None:
+    """Worker-thread body: run every slice (one `Span.forward_batch` per layer range),
+    store each chunk's output in its job and advance it. A failure is the failing job's
+    alone: the group is re-run job by job (no cache advanced before the failure), and only
+    the job that fails again gets the error."""
+    groups: dict[LayerRange, list[Slice]] = {}
+    for piece in batch.slices:
+        groups.setdefault(piece.job.span.layers, []).append(piece)
+    for pieces in groups.values():
+        try:
+            _run_group(pieces)
+        except Exception as exc:
+            if len(pieces) == 1:
+                pieces[0].job.error = exc
+                continue
+            for piece in pieces:
+                try:
+                    _run_group([piece])
+                except Exception as exc:  # delivered to that job's submitter
+                    piece.job.error = exc
+
+
+def _run_group(pieces: list[Slice]) -> None:
+    span = pieces[0].job.span
+    device, dtype = span.device, span.dtype
+    items = [
+        BatchItem(
+            p.job.hidden[:, p.start : p.stop].to(device, dtype),  # (rows, chunk, hidden)
+            p.job.positions[:, p.start : p.stop].to(device),  # (rows, chunk)
+            p.job.cache,
+        )
+        for p in pieces
+    ]
+    with torch.no_grad():
+        outs = span.forward_batch(items)
+    for piece, out in zip(pieces, outs, strict=True):
+        piece.job.outputs.append(out.cpu())  # (rows, chunk, hidden)
+        piece.job.offset = piece.stop

@@ -1,0 +1,250 @@
+"""Sizing a server from its hardware: blocks and KV cache from free memory, batch timings.
+
+`plan_capacity` turns free memory (`available_memory`: CUDA's free memory on a GPU, psutil's
+available RAM on the CPU) into how many blocks to serve and how many cache tokens to offer.
+`measure_span` times the span at the batch sizes the compute worker runs (decode steps of
+1..16 sessions batched, prompt chunks of 16..1024 tokens); the announcement's throughput and
+the default prefill chunk come from it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import psutil
+import torch
+
+from swarm.errors import ConfigError
+from swarm.shards.blocks import Block
+from swarm.shards.cache import KVCache
+from swarm.shards.config import ModelConfig
+from swarm.shards.span import BatchItem, Span
+
+__all__ = [
+    "Capacity",
+    "MemoryPlan",
+    "SpanTimings",
+    "available_memory",
+    "block_bytes",
+    "kv_bytes_per_token",
+    "measure_span",
+    "plan_capacity",
+]
+
+MiB = 1024 * 1024
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this server: CUDA's free memory on ``device``, or the available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How free memory is shared out.
+
+    - ``usable_fraction`` (0.9): the share of free memory the server plans for; the rest is
+      left for activations, allocator slack and everything else on the machine.
+    - ``cache_fraction`` (0.25): when both the block count and the cache are derived, the
+      share of the usable memory kept for the KV cache.
+    - ``max_cache_tokens`` (65,536): the most cache tokens a derived budget offers.
+    """
+
+    usable_fraction: float = 0.9
+    cache_fraction: float = 0.25
+    max_cache_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 0 < self.usable_fraction <= 1 or not 0 <= self.cache_fraction < 1:
+            raise ConfigError("MemoryPlan fractions must be in (0, 1] and [0, 1)")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    num_blocks: int
+    cache_tokens: int
+
+
+def block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one block's weights in ``dtype``."""
+    with torch.device("meta"):
+        block = Block(config)
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    return sum(p.numel() for p in block.parameters()) * itemsize
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one cached token in one block (its key and value)."""
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    return 2 * config.num_key_value_heads * config.head_dim * itemsize
+
+
+def plan_capacity(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    free_bytes: int,
+    *,
+    num_blocks: int | None,
+    cache_tokens: int | None,
+    plan: MemoryPlan | None = None,
+) -> Capacity:
+    """Blocks and cache tokens that fit in ``free_bytes`` (None: derive it).
+
+    Blocks, when derived: as many as fit with ``cache_tokens`` reserved for each (or, with
+    the cache derived too, in ``1 - cache_fraction`` of the usable memory), at most the
+    model's. Cache tokens, when derived: what the memory left after the blocks holds, at
+    most ``max_cache_tokens``.
+
+    Raises:
+        ConfigError: not even one block (with its cache) fits.
+    """
+    plan = plan or MemoryPlan()
+    usable = free_bytes * plan.usable_fraction
+    weights, per_token = block_bytes(config, dtype), kv_bytes_per_token(config, dtype)
+    blocks = num_blocks
+    if blocks is None:
+        if cache_tokens is not None:
+            blocks = math.floor(usable / (weights + cache_tokens * per_token))
+        else:
+            blocks = math.floor(usable * (1 - plan.cache_fraction) / weights)
+        blocks = min(blocks, config.num_hidden_layers)
+    tokens = cache_tokens
+    if tokens is None and blocks >= 1:
+        left = usable - blocks * weights
+        tokens = min(plan.max_cache_tokens, math.floor(left / (blocks * per_token)))
+    if blocks < 1 or tokens is None or tokens < 1:
+        raise ConfigError(
+            f"{free_bytes / MiB:.0f} MiB free does not hold one block ({weights / MiB:.1f} "
+            f"MiB) and its KV cache; free memory, or give --num-blocks / --cache-tokens"
+        )
+    return Capacity(blocks, tokens)
+
+
+@dataclass(frozen=True)
+class SpanTimings:
+    """Measured seconds of one decode step at each batch size (sessions batched) and of
+    one stateless forward of each chunk size (tokens), both ascending."""
+
+    decode: tuple[tuple[int, float], ...]
+    chunks: tuple[tuple[int, float], ...]
+
+    def step_seconds(self, batch: int) -> float:
+        """Seconds of one batched decode step of ``batch`` sessions (linear between the
+        measured sizes, and beyond the last two)."""
+        points = self.decode
+        if len(points) == 1 or batch <= points[0][0]:
+            return points[0][1]
+        pairs = list(pairwise(points))
+        (b0, t0), (b1, t1) = next((p for p in pairs if batch <= p[1][0]), pairs[-1])
+        return max(t0 + (t1 - t0) * (batch - b0) / (b1 - b0), points[0][1])
+
+    def throughput(self, batch: int = 1) -> float:
+        """Tokens per second one session gets while ``batch`` sessions decode together."""
+        return 1.0 / max(self.step_seconds(batch), 1e-9)
+
+    def prefill_chunk(self, factor: float = 1.0, minimum: int = 16) -> int:
+        """The largest measured chunk that takes at most ``factor`` × one single-session
+        decode step (at least ``minimum``): a decode step waits for at most about one more
+        step while a prompt is chunked through."""
+        limit = factor * self.decode[0][1]
+        fitting = [tokens for tokens, seconds in self.chunks if seconds <= limit]
+        return max([minimum, *fitting])
+
+    def prefill_rate(self, chunk: int) -> float:
+        """Tokens per second of prompt work in chunks of ``chunk`` tokens (from the
+        nearest measured chunk size)."""
+        tokens, seconds = min(self.chunks, key=lambda p: abs(p[0] - chunk))
+        return tokens / max(seconds, 1e-9)
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    timings = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings[1:])
+
+
+def measure_span(
+    span: Span,
+    *,
+    batch_sizes: Sequence[int] = (1, 4, 16),
+    chunks: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
+    prefix: int = 32,
+    repeats: int = 3,
+) -> SpanTimings:
+    """Time ``span`` (worker thread): batched decode steps of each batch size with
+    ``prefix`` tokens cached per session, and stateless forwards of each chunk size until
+    one takes over 4 × a single decode step. Costs a few hundred steps' compute."""
+    config, device, dtype = span.config, span.device, span.dtype
+    room = prefix + repeats + 2
+    decode: list[tuple[int, float]] = []
+    with torch.no_grad():
+        for batch in batch_sizes:
+            caches = [
+                KVCache.allocate(config, span.layers, 1, room, dtype, device) for _ in range(batch)
+            ]
+            prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
+            for cache in caches:
+                span(prompt, torch.arange(prefix).view(1, -1).to(device), cache)
+            one = prompt[:, :1]
+
+            def step(caches: list[KVCache] = caches, one: torch.Tensor = one) -> None:
+                items = [
+                    BatchItem(one, torch.tensor([[c.length]], device=device), c) for c in caches
+                ]
+                span.forward_batch(items)
+
+            decode.append((batch, _median_seconds(step, device, repeats)))
+        measured: list[tuple[int, float]] = []
+        for tokens in chunks:
+            x = torch.randn(1, tokens, config.hidden_size).to(device, dtype)
+            positions = torch.arange(tokens).view(1, -1).to(device)
+
+            def forward(x: torch.Tensor = x, p: torch.Tensor = positions) -> None:
+                span(x, p)
+
+            seconds = _median_seconds(forward, device, repeats)
+            measured.append((tokens, seconds))
+            if seconds > 4 * decode[0][1]:
+                break
+    return SpanTimings(tuple(decode), tuple(measured))
+
+
+def size_server(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    layers: int | None,
+    num_blocks: int | None,
+    cache_tokens: int,
+    derive_cache: bool,
+    plan: MemoryPlan,
+) -> Capacity:
+    """What a server serves: ``layers`` blocks if given (an explicit range), else
+    ``num_blocks``, else as many as `available_memory` holds; ``cache_tokens``, or with
+    ``derive_cache`` what the memory left holds. Reads free memory only when something is
+    derived. Raises `ConfigError` as `plan_capacity`."""
+    blocks = layers if layers is not None else num_blocks
+    if blocks is not None and not derive_cache:
+        return Capacity(blocks, cache_tokens)
+    return plan_capacity(
+        config,
+        dtype,
+        available_memory(device),
+        num_blocks=blocks,
+        cache_tokens=None if derive_cache else cache_tokens,
+        plan=plan,
+    )
