@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 _MAGIC = b"GGUF"
-# Metadata arrays this large are read only when asked for by name (tokens, merges, types).
+# Metadata arrays longer than this are handed out only when asked for by name (the
+# vocabulary, merges and token types), so callers do not copy them for nothing.
 _SMALL_ARRAY = 64
 
 
@@ -67,8 +68,8 @@ def is_gguf(path: str | Path) -> bool:
 @dataclass(frozen=True)
 class _Parsed:
     """What we keep of a reader: every metadata value as plain Python (about 4 MB for a 49k
-    vocabulary, where the reader's own per-value arrays take ~170 MB), the tensor entries
-    (views into the memory map, nothing read) and the map itself."""
+    vocabulary, where the reader's own per-value arrays take ~170 MB) and the tensor entries
+    (views into the file's memory map, which they keep open; nothing is read until used)."""
 
     metadata: dict[str, Any]
     tensors: tuple[Any, ...]
