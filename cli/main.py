@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .api import api as _api
 from .chat import chat as _chat
 from .demo import demo as _demo
 from .dht import dht as _dht
@@ -68,6 +69,7 @@ _COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("chat", _chat),
     ("status", _status),
     ("monitor", _monitor),
+    ("api", _api),
 ]
 for _name, _fn in _COMMANDS:
     _register(app, _name, _fn)

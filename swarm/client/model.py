@@ -17,6 +17,7 @@ string (not included in the text).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -36,17 +37,15 @@ from swarm.client.routing import Hop
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.session import InferenceSession
 from swarm.client.text import StopText, load_tokenizer
-from swarm.client.verifying import VerifiedSessions
+from swarm.client.verifying import VerifiedSessions, load_reputation
 from swarm.dht import DHTConfig, DHTNode
 from swarm.directory import DHTEvidenceBoard
 from swarm.errors import ConfigError, unwrap_group
-from swarm.net.messages import (
-    Evidence,
-)
+from swarm.net.messages import Evidence, Receipt
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.transport import Transport
 from swarm.shards import Head, ModelConfig, load_head, model_id
-from swarm.verify import EvidenceSink, Verifier, VerifierStatistics
+from swarm.verify import EvidenceSink, Reputation, Verifier, VerifierStatistics, parse_policy
 
 __all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "TokenStream"]
 
@@ -105,12 +104,20 @@ class TokenStream:
     """One generation's tokens (an async iterator) and its own `GenerationResult`.
 
     Use as ``async with model.stream(...) as tokens``; leaving the block early cancels the
-    generation and closes its sessions. ``result`` is complete once iteration ended.
+    generation and closes its sessions. ``result`` is complete once iteration ended;
+    ``receipts`` holds the servers' signed receipts of this generation's steps, in order
+    (every hop of every step, including steps redone after a rollback).
     """
 
-    def __init__(self, tokens: AsyncGenerator[Token, None], result: GenerationResult) -> None:
+    def __init__(
+        self,
+        tokens: AsyncGenerator[Token, None],
+        result: GenerationResult,
+        receipts: list[Receipt] | None = None,
+    ) -> None:
         self._tokens = tokens
         self.result = result
+        self.receipts = receipts if receipts is not None else []
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -155,11 +162,21 @@ class AsyncRemoteModel:
             config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers,
             evidence_sink,
         )  # fmt: skip
+        self._evidence_sink = evidence_sink
+        self._reputation: Reputation | None = None  # shared by per-generation policies
 
     @property
     def verifier(self) -> Verifier | None:
         """The verification policy's state (audits, reputation), None under ``none``."""
         return self.sessions.verifier
+
+    @property
+    def reputation(self) -> Reputation | None:
+        """The audit and ban record this client's checked generations share (None while no
+        generation has been checked under a policy)."""
+        if self.sessions.verifier is not None:
+            return self.sessions.verifier.reputation
+        return self._reputation
 
     @property
     def published_evidence(self) -> list[Evidence]:
@@ -228,6 +245,8 @@ class AsyncRemoteModel:
         max_new_tokens: int = 32,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
+        *,
+        verify: str | None = None,
     ) -> TokenStream:
         """Generate token by token: ``async with model.stream(...) as tokens: async for ...``.
 
@@ -242,30 +261,53 @@ class AsyncRemoteModel:
         that position are then yielded again (recomputed); ``result.ids`` and
         ``result.rollbacks`` hold the final tokens and how often that happened. Under
         ``optimistic`` the check runs after the last token, before the iteration ends.
+
+        ``verify`` (a policy, see `swarm.verify.policy`) checks this generation alone under
+        that policy instead of ``config.verify``: it gets its own verifier, so
+        ``result.verification`` counts only its own audits and detections, while bans and
+        reputation stay shared with the client's other generations.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
         if stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this checkpoint has none")
+        sessions = self.sessions if verify is None else self._sessions_for(verify)
         result = GenerationResult(text="" if self.tokenizer is not None else None)
-        gen = _Generation(self, ids, max_new_tokens, sampling, stop, result)
-        return TokenStream(self._run(gen), result)
+        gen = _Generation(self, sessions, ids, max_new_tokens, sampling, stop, result)
+        return TokenStream(self._run(gen), result, gen.receipts)
+
+    def _sessions_for(self, verify: str) -> VerifiedSessions:
+        """Sessions under ``verify`` for one generation (raises `ConfigError` for a bad
+        policy), sharing this client's pool, directory, bans and reputation."""
+        parse_policy(verify)
+        config = dataclasses.replace(self.config, verify=verify)
+        if self.sessions.verifier is not None:
+            reputation = self.sessions.verifier.reputation
+        else:
+            if self._reputation is None:
+                self._reputation = load_reputation(config)
+            reputation = self._reputation
+        return VerifiedSessions(
+            config, self.pool, self.directory, self.bans, self.rng,
+            self.model_config.num_hidden_layers, self._evidence_sink, reputation,
+        )  # fmt: skip
 
     async def _run(self, gen: _Generation) -> AsyncGenerator[Token, None]:
         started = trio.current_time()
+        sessions = gen.sessions
         while True:
-            async with self.sessions.open(len(gen.prompt) + gen.max_new_tokens) as session:
+            async with sessions.open(len(gen.prompt) + gen.max_new_tokens) as session:
                 async for token in gen.run(session, started):
                     yield token
-                if gen.rollback is None and self.verifier is not None:
+                if gen.rollback is None and sessions.verifier is not None:
                     await gen.challenge(session)
             if gen.rollback is None:
                 break
             gen.roll_back()
-        if self.verifier is not None:
-            gen.result.verification = self.verifier.statistics()
-            self.sessions.save_reputation()
+        if sessions.verifier is not None:
+            gen.result.verification = sessions.verifier.statistics()
+            sessions.save_reputation()
 
     async def generate_detailed(
         self,
@@ -308,6 +350,7 @@ class _Generation:
     def __init__(
         self,
         model: AsyncRemoteModel,
+        sessions: VerifiedSessions,
         prompt: list[int],
         max_new_tokens: int,
         sampling: SamplingConfig | None,
@@ -315,6 +358,8 @@ class _Generation:
         result: GenerationResult,
     ) -> None:
         self.model = model
+        self.sessions = sessions
+        self.receipts: list[Receipt] = []
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.sampler = Sampler(sampling or SamplingConfig())
@@ -338,7 +383,11 @@ class _Generation:
             positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
             out = await session.step(head.embed(new_ids), positions)  # (1, n, hidden)
             position += n
-            self.rollback = await self.model.sessions.check_step(session, n, self.steps)
+            for k in range(len(session.route)):
+                receipt = session.hop_progress(k).last_receipt
+                if receipt is not None:
+                    self.receipts.append(receipt)
+            self.rollback = await self.sessions.check_step(session, n, self.steps)
             self.steps += 1
             if self.rollback is not None:
                 return
@@ -368,7 +417,7 @@ class _Generation:
 
     async def challenge(self, session: InferenceSession) -> None:
         """Optimistic policy: the dispute window before the result is final."""
-        self.rollback = await self.model.sessions.challenge(session, self.steps)
+        self.rollback = await self.sessions.challenge(session, self.steps)
 
     def roll_back(self) -> None:
         """Drop every token computed from the lie (positions >= ``rollback``)."""

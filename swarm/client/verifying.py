@@ -46,18 +46,21 @@ from swarm.verify import (
     Verifier,
 )
 
-__all__ = ["VerifiedSessions", "make_verifier"]
+__all__ = ["VerifiedSessions", "load_reputation", "make_verifier"]
 
 log = logging.getLogger(__name__)
 
 
-def make_verifier(config: ClientConfig, sink: EvidenceSink | None = None) -> Verifier | None:
-    """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``."""
+def make_verifier(
+    config: ClientConfig, sink: EvidenceSink | None = None, reputation: Reputation | None = None
+) -> Verifier | None:
+    """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``;
+    it keeps its record in ``reputation`` (default: loaded from ``config.reputation_path``)."""
     policy = config.policy
     if policy.kind is PolicyKind.NONE:
         return None
-    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
-    reputation = Reputation.load(path) if path is not None else Reputation()
+    if reputation is None:
+        reputation = load_reputation(config)
     ledger = FileLedger(config.ledger_path) if config.ledger_path else None
     evidence_dir = Path(config.evidence_dir) if config.evidence_dir is not None else None
     reporter = EvidenceReporter(config.identity, evidence_dir, sink)
@@ -66,8 +69,18 @@ def make_verifier(config: ClientConfig, sink: EvidenceSink | None = None) -> Ver
     )
 
 
+def load_reputation(config: ClientConfig) -> Reputation:
+    """The reputation kept at ``config.reputation_path`` (in memory only when it is None)."""
+    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
+    return Reputation.load(path) if path is not None else Reputation()
+
+
 class VerifiedSessions:
-    """Sessions of one model under ``config.verify`` (no checks at all under ``none``)."""
+    """Sessions of one model under ``config.verify`` (no checks at all under ``none``).
+
+    ``reputation``: the record to share with other `VerifiedSessions` of the same client
+    (per-generation policies); loaded from ``config.reputation_path`` when None.
+    """
 
     def __init__(
         self,
@@ -78,6 +91,7 @@ class VerifiedSessions:
         rng: random.Random,
         num_layers: int,
         evidence_sink: EvidenceSink | None = None,
+        reputation: Reputation | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -85,7 +99,7 @@ class VerifiedSessions:
         self.bans = bans
         self.rng = rng
         self.num_layers = num_layers
-        self.verifier = make_verifier(config, evidence_sink)
+        self.verifier = make_verifier(config, evidence_sink, reputation)
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
         self._replicas: Replicas | None = None

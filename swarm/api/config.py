@@ -1,0 +1,83 @@
+"""`GatewayConfig`: every knob of the gateway, one frozen value built by the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.errors import ConfigError
+from swarm.verify.policy import parse_policy
+
+__all__ = ["GatewayConfig"]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of `swarm api` (`Gateway`, `create_app`, `serve_gateway`).
+
+    Listening:
+
+    - ``host`` ("127.0.0.1"), ``port`` (8000; 0 picks a free one).
+    - ``model_name`` (""): the name ``/v1/models`` lists and requests give as ``model``
+      (the model id is accepted too); "" uses the checkpoint's file or folder name.
+
+    Access:
+
+    - ``api_keys`` (()): accepted ``Authorization: Bearer`` keys; empty means no key is
+      needed. ``/health`` never needs one.
+    - ``max_body_bytes`` (1 MiB): a request body past it gets 413.
+
+    Load:
+
+    - ``max_concurrent`` (8): generations running at once.
+    - ``queue`` (32): requests waiting for a slot; past it a request gets 429.
+    - ``retry_after_s`` (1): the ``Retry-After`` of a 429.
+    - ``queue_timeout_s`` (60): a queued request that waits longer gets 429 too.
+
+    Generation:
+
+    - ``verify`` ("none"): the policy of a request that names none (``"swarm": {"verify"}``).
+    - ``default_max_tokens`` (256): tokens to generate when a request gives no limit.
+    - ``max_length`` (0): tokens a session may hold (prompt + answer) at most; a request past
+      it gets 400; 0 means the model's ``max_position_embeddings``.
+
+    Receipts (``GET /v1/swarm/receipts/{id}``): the last ``receipts_keep`` (1000)
+    completions' receipts, each kept ``receipts_ttl_s`` (3600) seconds at most.
+
+    Status: ``refresh_s`` (5): how often the gateway asks the DHT for the servers again (routes
+    and ``/health``, ``/v1/swarm/status`` use what it found).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = ""
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
+    max_concurrent: int = 8
+    queue: int = 32
+    retry_after_s: int = 1
+    queue_timeout_s: float = 60.0
+    verify: str = "none"
+    default_max_tokens: int = 256
+    max_length: int = 0
+    receipts_keep: int = 1000
+    receipts_ttl_s: float = 3600.0
+    refresh_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
+        if self.queue < 0:
+            raise ConfigError(f"queue must be 0 or more, got {self.queue}")
+        for name in ("max_body_bytes", "default_max_tokens", "receipts_keep", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GatewayConfig.{name} must be at least 1")
+        if self.max_length < 0:
+            raise ConfigError(f"max_length must be 0 or more, got {self.max_length}")
+        for name in ("queue_timeout_s", "receipts_ttl_s", "refresh_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"GatewayConfig.{name} must be positive")
+        if any(not key for key in self.api_keys):
+            raise ConfigError("an API key is empty")
+        parse_policy(self.verify)

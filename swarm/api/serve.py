@@ -1,0 +1,69 @@
+"""`serve_gateway`: the gateway on Hypercorn's trio worker, in the caller's trio loop.
+
+::
+
+    async with AsyncRemoteModel.open(path, client_config) as model:
+        ready = await nursery.start(serve_gateway, model, GatewayConfig(port=0))
+        print(ready.url)
+
+The HTTP server, the background refresh of the servers and every generation run in the
+same trio loop as the shared `AsyncRemoteModel` (no thread bridge).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from swarm.api.app import create_app
+from swarm.api.config import GatewayConfig
+from swarm.api.gateway import Gateway
+from swarm.client.model import AsyncRemoteModel
+from swarm.shards import ChatTemplate
+
+__all__ = ["GatewayReady", "serve_gateway"]
+
+
+@dataclass(frozen=True)
+class GatewayReady:
+    """What `serve_gateway` reports once it listens: its base URL and its state."""
+
+    url: str  # "http://host:port", the port bound (also when 0 was asked)
+    gateway: Gateway
+
+
+async def serve_gateway(
+    model: AsyncRemoteModel,
+    config: GatewayConfig,
+    template: ChatTemplate | None = None,
+    *,
+    canary_s: float = 30.0,
+    task_status: trio.TaskStatus[GatewayReady] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway of ``model`` until cancelled; ``task_status.started`` gets its
+    `GatewayReady` once the socket listens and the servers were looked up once.
+
+    ``template`` renders chats (None: chat requests get 400); ``canary_s``: seconds
+    between canary probes of every server (0: none). Raises `ConfigError` for a checkpoint
+    without tokenizer, `OSError` when the address cannot be bound.
+    """
+    gateway = Gateway.create(model, config, template)
+    await gateway.refresh()
+    app = create_app(gateway)
+    hypercorn = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hypercorn.bind = [f"{host}:{config.port}"]
+    hypercorn.accesslog = None
+    hypercorn.errorlog = logging.getLogger("hypercorn.error")
+    hypercorn.graceful_timeout = 2.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run_background, canary_s)
+        binds: list[str] = await nursery.start(
+            functools.partial(serve, app, hypercorn, shutdown_trigger=trio.sleep_forever)
+        )
+        task_status.started(GatewayReady(binds[0], gateway))
