@@ -246,3 +246,58 @@ def test_llama31_rope_freqs_equal_transformers_on_the_original(tmp_path: Path) -
         ours = head.logits(span(head.embed(ids), torch.arange(64)[None]))  # (1, 64, vocab)
         theirs = reference(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _sentencepiece_gguf(path: Path, *, model: str = "llama", add_bos: bool | None = None) -> Path:
+    """A metadata-only GGUF with a tiny SentencePiece vocabulary: bytes for fallback, pieces
+    scored best-first, no merges (they are recovered from the scores)."""
+    import gguf
+
+    pieces = (
+        "▁ t h e c a s o n m ▁t ▁th ▁the at ▁c ▁cat ▁s ▁sat on ▁on ▁m ▁mat he th ▁a an ▁an"
+    ).split(" ")
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("sentencepiece test")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_feed_forward_length(128)
+    writer.add_context_length(128)
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    writer.add_token_types([2, 3, 3, *([6] * 256), *([1] * len(pieces))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [None, False])
+def test_sentencepiece_tokenizer_matches_transformers(add_bos: bool | None, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = _sentencepiece_gguf(tmp_path / "sp.gguf", add_bos=add_bos)
+    ours = load_tokenizer(path)
+    assert ours is not None
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    for text in ["the cat sat on the mat", " the  cat", "héllo\nworld 東京", "</s>the<s>", "  "]:
+        ids = ours.encode(text).ids
+        assert ids == theirs(text).input_ids
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
+            ids, skip_special_tokens=True
+        )
+    assert (ours.encode("the").ids[0] == 1) == (add_bos is None)  # BOS unless the file says no
+
+
+def test_other_tokenizer_kinds_are_refused(tmp_path: Path) -> None:
+    path = _sentencepiece_gguf(tmp_path / "t5.gguf", model="t5")
+    with pytest.raises(ShardError, match=r"tokenizer.ggml.model='t5' is not supported"):
+        load_tokenizer(path)
