@@ -143,14 +143,12 @@ def plan_batch(
     max_batch_tokens: int,
     chunk_tokens: int,
     turn: int,
-    skip_bulk: bool,
     forward_patience: int,
     batching: bool = True,
 ) -> Batch | None:
     """The next batch (see `swarm.server.compute` for the rules), or None without jobs.
 
-    ``skip_bulk``: the previous batch carried a chunk, so if decode steps wait this batch
-    carries none. Without ``batching`` the batch is one job's next chunk: the oldest of the
+    Without ``batching`` the batch is one job's next chunk: the oldest of the
     highest priority, decode steps first.
     """
     live = [job for job in jobs if not job.cancelled and not job.finished]
@@ -166,7 +164,7 @@ def plan_batch(
             slices.append(Slice(job, 0, 1))
             tokens += job.rows
     bulk = [job for job in live if not job.is_decode]
-    if bulk and not (skip_bulk and slices):
+    if bulk:
         slices.extend(_bulk_slices(bulk, chunk_tokens, turn, forward_patience))
     chosen = {id(s.job) for s in slices}
     for job in bulk:

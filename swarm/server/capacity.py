@@ -150,19 +150,33 @@ class SpanTimings:
         """Tokens per second one session gets while ``batch`` sessions decode together."""
         return 1.0 / max(self.step_seconds(batch), 1e-9)
 
-    def prefill_chunk(self, factor: float = 1.0, minimum: int = 16) -> int:
-        """The largest measured chunk that takes at most ``factor`` × one single-session
-        decode step (at least ``minimum``): a decode step waits for at most about one more
-        step while a prompt is chunked through."""
+    def prefill_chunk(self, factor: float = 1.5, minimum: int = 16) -> int:
+        """The largest measured chunk whose forward takes at most ``factor`` × one
+        single-session decode step (at least ``minimum`` tokens): a batch of decode steps
+        that carries a chunk then costs them about that much more at most."""
         limit = factor * self.decode[0][1]
         fitting = [tokens for tokens, seconds in self.chunks if seconds <= limit]
         return max([minimum, *fitting])
 
-    def prefill_rate(self, chunk: int) -> float:
-        """Tokens per second of prompt work in chunks of ``chunk`` tokens (from the
-        nearest measured chunk size)."""
-        tokens, seconds = min(self.chunks, key=lambda p: abs(p[0] - chunk))
-        return tokens / max(seconds, 1e-9)
+    def forward_seconds(self, rows: int, seq: int) -> float:
+        """Estimated compute seconds of a forward of ``rows`` × ``seq`` tokens: the measured
+        chunk times fitted (least squares) to ``a·n + b·n²`` (linear layers plus causal
+        attention), extrapolated to ``seq``, times ``rows``."""
+        s11 = sum(float(n) ** 2 for n, _ in self.chunks)
+        s12 = sum(float(n) ** 3 for n, _ in self.chunks)
+        s22 = sum(float(n) ** 4 for n, _ in self.chunks)
+        y1 = sum(n * t for n, t in self.chunks)
+        y2 = sum(float(n) ** 2 * t for n, t in self.chunks)
+        det = s11 * s22 - s12 * s12
+        if len(self.chunks) < 2 or det <= 0:
+            tokens, seconds = self.chunks[-1]
+            return rows * seq * seconds / tokens
+        a = (y1 * s22 - y2 * s12) / det
+        b = (s11 * y2 - s12 * y1) / det
+        if a <= 0 or b < 0:  # noise: fall back to the per-token time of the largest chunk
+            tokens, seconds = self.chunks[-1]
+            a, b = seconds / tokens, max(b, 0.0)
+        return rows * (a * seq + b * seq * seq)
 
 
 def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -12,9 +12,13 @@ Each time the worker is free it forms one batch (see `swarm.server.batching`):
   tokens at once, attention per session against its own cache);
 - plus one chunk of at most `ComputeQueue.prefill_chunk` tokens of bulk work (a prompt, a
   stateless forward), chosen fairly over clients, inference before forwards, a forward
-  passed over `ComputeConfig.forward_patience` times going first. When decode steps wait
-  and the previous batch already carried a chunk, this batch carries none: a decode step
-  waits for at most one chunk.
+  passed over `ComputeConfig.forward_patience` times going first. The chunk rides along
+  with the decode steps (on a GPU it costs them little: the weights are read once), and
+  its size bounds what it adds to a decode step.
+
+Before forming a batch the worker waits briefly for the decode steps of the sessions of
+the last batch (`ComputeConfig.gather_fraction`), so that sessions stepping together stay
+in one batch.
 
 Opaque functions (`submit`) run alone, inference priority before span work, forward
 priority after it (and after `forward_patience` batches of it at the latest).
@@ -81,6 +85,10 @@ class ComputeConfig:
       client: past them `LimitExceeded`.
     - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
       go first.
+    - ``gather_fraction`` (0.25) and ``gather_max`` (5 ms): when fewer decode steps are
+      ready than the last batch held, the worker waits up to this fraction of the last
+      batch's time (at most ``gather_max`` seconds) for the rest, so sessions that stepped
+      together stay in one batch instead of splitting into a batch of one and the rest.
     - ``batching`` (True): False runs every job alone, one chunk at a time (for
       comparison).
     """
@@ -90,6 +98,8 @@ class ComputeConfig:
     max_queued: int = 1024
     max_queued_per_client: int = 256
     forward_patience: int = 4
+    gather_fraction: float = 0.25
+    gather_max: float = 0.005
     batching: bool = True
 
     def __post_init__(self) -> None:
@@ -141,7 +151,9 @@ class ComputeQueue:
         self._done = 0
         self._batches = 0
         self._turn = 0  # rotates the client that goes first
-        self._last_had_bulk = False
+        self._last_decode = 0  # decode steps in the last batch
+        self._last_seconds = 0.0  # its compute time
+        self._last_end = 0.0  # when it ended (trio clock)
         self._functions_waited = 0  # batches run while a forward-priority function waits
         self._recent: collections.deque[BatchRecord] = collections.deque(maxlen=256)
         self.running = False  # work is on the worker thread now
@@ -215,12 +227,30 @@ class ComputeQueue:
             if task is not None:
                 await self._run_function(task)
                 continue
+            await self._gather()
             batch = self._plan()
             if batch is not None:
                 await self._run_batch(batch)
                 continue
             self._wakeup = trio.Event()
             await self._wakeup.wait()
+
+    async def _gather(self) -> None:
+        """Wait (briefly, see `ComputeConfig.gather_fraction`) for the decode steps of the
+        sessions in the last batch when only some of them are ready."""
+        cfg = self.config
+        expected = self._last_decode
+        window = min(cfg.gather_max, cfg.gather_fraction * self._last_seconds)
+        if not cfg.batching or expected == 0 or window <= 0:
+            return
+        deadline = self._last_end + window
+        while trio.current_time() < deadline:
+            ready = [job for job in self._jobs if job.is_decode and not job.cancelled]
+            if len(ready) >= expected or self._heap:
+                return
+            self._wakeup = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
 
     def _drop_cancelled(self) -> None:
         if any(job.cancelled for job in self._jobs):
@@ -262,7 +292,6 @@ class ComputeQueue:
             max_batch_tokens=cfg.max_batch_tokens if cfg.batching else 1,
             chunk_tokens=self.prefill_chunk,
             turn=self._turn,
-            skip_bulk=self._last_had_bulk,
             forward_patience=cfg.forward_patience,
             batching=cfg.batching,
         )
@@ -279,7 +308,8 @@ class ComputeQueue:
             seconds = time.perf_counter() - started
             self._busy_seconds += seconds
             self._batches += 1
-            self._last_had_bulk = batch.bulk_tokens > 0
+            self._last_decode = sum(1 for piece in batch.slices if piece.job.is_decode)
+            self._last_seconds, self._last_end = seconds, trio.current_time()
             if self._heap:
                 self._functions_waited += 1
             self._recent.append(batch.record(seconds))

@@ -151,7 +151,7 @@ class ServingHandlers:
         _check_positions(hidden, positions)
         CLIENT.set(ctx.peer_id)
         rows, seq = int(hidden.shape[0]), int(hidden.shape[1])
-        self._check_forward_size(rows * seq)
+        self._check_forward_size(rows, seq)
         if seq <= self.queue.prefill_chunk:
             out = await self.compute(span, hidden, positions, None, Priority.FORWARD)
         else:  # chunked through a temporary cache, held against the cache budget
@@ -165,11 +165,11 @@ class ServingHandlers:
         receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
         return ForwardResponse(out, receipt)
 
-    def _check_forward_size(self, tokens: int) -> None:
-        """Refuse a forward over the token limit, or one that the measured prompt rate (at
-        half of it: decode steps take turns with the chunks) says would not finish within
-        the client's deadline."""
-        limits = self.sessions.limits
+    def _check_forward_size(self, rows: int, seq: int) -> None:
+        """Refuse a forward over the token limit, or one that the measured timings say
+        would not finish within the client's deadline (counting the chunks at half speed:
+        decode steps take turns with them)."""
+        limits, tokens = self.sessions.limits, rows * seq
         if tokens > limits.max_length * limits.max_batch:
             raise limit_error(
                 f"forward of {tokens} tokens is over the limit of "
@@ -178,13 +178,11 @@ class ServingHandlers:
         timings = self.state.timings
         if timings is None:
             return
-        rate = timings.prefill_rate(self.queue.prefill_chunk) / 2
-        budget = self.config.forward_deadline
-        if tokens / rate > budget:
+        seconds, budget = 2 * timings.forward_seconds(rows, seq), self.config.forward_deadline
+        if seconds > budget:
             raise limit_error(
-                f"forward of {tokens} tokens would take about {tokens / rate:.0f} s here, over "
-                f"the {budget:.0f} s a client waits; send at most {int(rate * budget)} tokens "
-                "per forward"
+                f"forward of {tokens} tokens would take about {seconds:.0f} s here, over the "
+                f"{budget:.0f} s a client waits; send shorter forwards or ask another server"
             )
 
     # ---- inference sessions ----

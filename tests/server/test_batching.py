@@ -1,0 +1,209 @@
+"""The compute queue batches sessions' steps, chunks prompts between them, and is fair.
+
+Driven straight through `ComputeQueue.run_span` on a real (small) span, without RPC, so
+that counts of what ran in which batch are exact and timings are compute only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from swarm.errors import LimitExceeded
+from swarm.server.capacity import measure_span
+from swarm.server.compute import CLIENT, ComputeConfig, ComputeQueue, Priority
+from swarm.shards import KVCache, load_span
+from swarm.shards.span import Span
+from swarm.testing.checkpoints import write_random_llama
+from swarm.types import LayerRange
+
+HIDDEN = 256
+
+
+@pytest.fixture(scope="module")
+def span(tmp_path_factory: pytest.TempPathFactory) -> Span:
+    path: Path = tmp_path_factory.mktemp("batching") / "model"
+    write_random_llama(
+        path, num_layers=4, hidden=HIDDEN, heads=8, kv_heads=4, intermediate=1024, seed=1
+    )
+    torch.set_num_threads(1)
+    return load_span(path, LayerRange(0, 4))
+
+
+@pytest.fixture
+async def queue_factory() -> AsyncIterator[object]:
+    async with trio.open_nursery() as nursery:
+
+        async def make(config: ComputeConfig | None = None) -> ComputeQueue:
+            queue = ComputeQueue(config)
+            await nursery.start(queue.run)
+            return queue
+
+        yield make
+        nursery.cancel_scope.cancel()
+
+
+def _cache(span: Span, length: int = 1200) -> KVCache:
+    return KVCache.allocate(span.config, span.layers, 1, length)
+
+
+def _pos(start: int, seq: int) -> torch.Tensor:
+    return torch.arange(start, start + seq).view(1, seq)  # (1, seq)
+
+
+async def test_batched_sessions_equal_alone(span: Span, queue_factory: object) -> None:
+    """Three sessions decode while a fourth prefills a 300-token prompt in chunks and a
+    stateless forward waits: every output equals running that session alone, and they
+    really ran together (a batch held decode steps and a prompt chunk)."""
+    queue: ComputeQueue = await queue_factory(ComputeConfig(prefill_chunk=64))  # type: ignore[operator]
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randn(1, n, HIDDEN, generator=gen) for n in (4, 9, 15)]
+    caches, alone = [_cache(span) for _ in prompts], [_cache(span) for _ in prompts]
+    with torch.no_grad():
+        for p, c, a in zip(prompts, caches, alone, strict=True):
+            span(p, _pos(0, p.shape[1]), c)
+            span(p, _pos(0, p.shape[1]), a)
+    steps = [torch.randn(1, 1, HIDDEN, generator=gen) for _ in prompts]
+    long_prompt = torch.randn(1, 300, HIDDEN, generator=gen)
+    forward = torch.randn(1, 20, HIDDEN, generator=gen)
+    results: dict[str, torch.Tensor] = {}
+
+    async def run(name: str, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None,
+                  priority: Priority = Priority.INFERENCE) -> None:  # fmt: skip
+        CLIENT.set(name)
+        results[name] = await queue.run_span(span, x, pos, cache, priority)
+
+    prefill_cache = _cache(span)
+    async with trio.open_nursery() as nursery:
+        for i, (x, p) in enumerate(zip(steps, prompts, strict=True)):
+            nursery.start_soon(run, f"decode{i}", x, _pos(p.shape[1], 1), caches[i])
+        nursery.start_soon(run, "prefill", long_prompt, _pos(0, 300), prefill_cache)
+        nursery.start_soon(run, "forward", forward, _pos(0, 20), None, Priority.FORWARD)
+    with torch.no_grad():
+        for i, (x, p) in enumerate(zip(steps, prompts, strict=True)):
+            want = span(x, _pos(p.shape[1], 1), alone[i])
+            torch.testing.assert_close(results[f"decode{i}"], want, rtol=1e-4, atol=1e-5)
+        want = span(long_prompt, _pos(0, 300))
+        torch.testing.assert_close(results["prefill"], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(results["forward"], span(forward, _pos(0, 20)))
+    assert prefill_cache.length == 300
+    recent = queue.statistics().recent
+    assert recent[0].decode_steps == 3 and recent[0].bulk_tokens == 64
+    assert sum(r.bulk_tokens for r in recent) == 320  # 300 prompt + 20 forward, in chunks
+    assert max(r.bulk_tokens for r in recent) <= 64
+
+
+async def test_long_prompt_while_four_decode(span: Span, queue_factory: object) -> None:
+    """A 1,000-token prompt arriving while 4 sessions decode: it is chunked between their
+    steps (each of their steps carries at most one chunk), and their per-token latency
+    during the prefill stays within 2x of before. Three rounds of (before, during), so that
+    the shared machine's load drifts over both alike."""
+    timings = await trio.to_thread.run_sync(lambda: measure_span(span))
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(prefill_chunk=timings.prefill_chunk())
+    )
+    samples: dict[str, list[float]] = {"before": [], "during": []}
+    chunks_per_step: list[int] = []
+    phase = ["warm-up"]
+    finished = trio.Event()
+
+    async def decoder(i: int) -> None:
+        CLIENT.set(f"user{i}")
+        cache, x = KVCache.allocate(span.config, span.layers, 1, 4000), torch.randn(1, 1, HIDDEN)
+        for n in range(4000):
+            if finished.is_set():
+                return
+            batches, now = queue.statistics().batches, phase[0]
+            started = time.perf_counter()
+            await queue.run_span(span, x, _pos(n, 1), cache, Priority.INFERENCE)
+            seconds = time.perf_counter() - started
+            if phase[0] == now and now in samples:
+                samples[now].append(seconds)
+            if now == "during":
+                ran = queue.statistics().batches - batches
+                chunks_per_step.append(
+                    sum(1 for r in queue.statistics().recent[-ran:] if r.bulk_tokens)
+                )
+
+    async def prompts() -> None:
+        CLIENT.set("newcomer")
+        await trio.sleep(0.05)
+        for _ in range(3):
+            phase[0] = "before"
+            goal = len(samples["before"]) + 40
+            while len(samples["before"]) < goal:
+                await trio.sleep(0.002)
+            phase[0] = "during"
+            x = torch.randn(1, 1000, HIDDEN)
+            await queue.run_span(span, x, _pos(0, 1000), _cache(span), Priority.INFERENCE)
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(decoder, i)
+        nursery.start_soon(prompts)
+    chunks = sum(1 for r in queue.statistics().recent if r.bulk_tokens)
+    assert chunks >= 1000 // queue.prefill_chunk
+    assert chunks_per_step and max(chunks_per_step) <= 1
+    ratio = statistics.median(samples["during"]) / statistics.median(samples["before"])
+    assert ratio <= 2.0, (ratio, queue.prefill_chunk)
+
+
+async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> None:
+    """With room for only 4 decode tokens per batch, a client with 16 sessions takes no
+    more than its turn: the lone client's step is in every batch it waits for."""
+    queue: ComputeQueue = await queue_factory(ComputeConfig(max_batch_tokens=4))  # type: ignore[operator]
+    lone_waits: list[int] = []
+    stop = trio.Event()
+
+    async def session(client: str, steps: int | None) -> None:
+        CLIENT.set(client)
+        cache, x = _cache(span), torch.randn(1, 1, HIDDEN)
+        for n in range(steps or 1000):
+            if stop.is_set():
+                return
+            batches = queue.statistics().batches
+            await queue.run_span(span, x, _pos(n, 1), cache, Priority.INFERENCE)
+            if client == "lone":
+                lone_waits.append(queue.statistics().batches - batches)
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(16):
+            nursery.start_soon(session, "flood", None)
+        await trio.sleep(0.05)
+        nursery.start_soon(session, "lone", 30)
+    assert len(lone_waits) == 30
+    assert max(lone_waits) <= 2, lone_waits  # the batch it joined, at most one before it
+    flood_per_batch = [r.decode_clients.count("flood") for r in queue.statistics().recent]
+    assert max(flood_per_batch) <= 4
+
+
+async def test_full_queue_is_a_limit(span: Span, queue_factory: object) -> None:
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(max_queued=8, max_queued_per_client=3)
+    )
+    refused: list[str] = []
+
+    async def forward(client: str) -> None:
+        CLIENT.set(client)
+        try:
+            x = torch.randn(1, 200, HIDDEN)
+            await queue.run_span(span, x, _pos(0, 200), _cache(span), Priority.FORWARD)
+        except LimitExceeded as exc:
+            refused.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(forward, "greedy" if i < 6 else f"other{i}")
+            await wait_all_tasks_blocked()  # in this order
+    assert len(refused) == 4  # 3 of greedy's 6 beyond its share, 1 past the 8 in all
+    assert sum("this client" in text for text in refused) == 3
+    assert sum("queue is full" in text for text in refused) == 1
