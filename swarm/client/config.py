@@ -41,6 +41,21 @@ class ClientConfig:
     - ``max_open_retries`` (4): servers that may fail while a session's route is opened.
     - ``max_recoveries`` (8): hop failures one session survives; beyond, `SessionError`.
 
+    Hedged steps (a hop that is late, not failed):
+
+    - ``hedge_after`` (3.0): a hop that has not answered a step within ``hedge_after`` times
+      its usual time for a step of that many tokens (the 90th percentile of its last 16
+      steps; multi-token steps scale with tokens) gets a replacement started in parallel
+      (another server: open, replay the hop's history, run the step); the first full answer
+      is kept and the other closed. 3× a high percentile is far outside a healthy hop's
+      jitter, so few hedges are wasted. None: never hedge (wait up to ``step_timeout``).
+    - ``hedge_floor`` (0.5): never hedge sooner than this many seconds into a step: below
+      it, scheduling noise and GC pauses of fast hops would start needless replacements;
+      above it, a stopped server costs more than the half second it takes.
+    - ``slow_penalty`` (1.0), ``slow_penalty_half_life_s`` (60): a server that lost a hedged
+      step is not banned but penalised: routes through it cost ``1 + penalty`` times as
+      much, the penalty halving every half-life (and adding up when it is slow again).
+
     Pipeline:
 
     - ``use_push`` (True): servers push each hop's output to the next hop; off, the client
@@ -77,6 +92,10 @@ class ClientConfig:
     ban_max_s: float = 300.0
     max_open_retries: int = 4
     max_recoveries: int = 8
+    hedge_after: float | None = 3.0
+    hedge_floor: float = 0.5
+    slow_penalty: float = 1.0
+    slow_penalty_half_life_s: float = 60.0
     use_push: bool = True
     push_grace: float = 1.0
     wire_dtype: WireDtype = "float32"
@@ -103,10 +122,18 @@ class ClientConfig:
             "ban_max_s",
             "push_grace",
             "ping_timeout",
+            "hedge_floor",
+            "slow_penalty_half_life_s",
         ):
             if not getattr(self, name) > 0:
                 value = getattr(self, name)
                 raise ConfigError(f"ClientConfig.{name} must be positive, got {value}")
+        if self.hedge_after is not None and not self.hedge_after >= 1:
+            raise ConfigError(
+                f"ClientConfig.hedge_after must be >= 1 or None, got {self.hedge_after}"
+            )
+        if not self.slow_penalty >= 0:
+            raise ConfigError(f"ClientConfig.slow_penalty must be >= 0, got {self.slow_penalty}")
         if self.ban_backoff < 1:
             raise ConfigError(f"ClientConfig.ban_backoff must be >= 1, got {self.ban_backoff}")
         for name in ("max_open_retries", "max_recoveries"):

@@ -15,7 +15,8 @@ Edge cost, in seconds for one step of one token:
   load     compute × `RouteCosts.load_penalty` × the server's active sessions;
   return   half the client's ping to the last server, whose output comes back to it.
 Each edge's cost is multiplied by a random factor in [1, 1 + `RouteCosts.jitter`] so that
-near-equal routes are picked at random and load spreads. A server without enough free
+near-equal routes are picked at random and load spreads, and by ``1 + penalty`` for a server
+the client recently found too slow (`Penalties`). A server without enough free
 cache for the session is not an edge; banned and not-online servers are skipped.
 """
 
@@ -85,10 +86,14 @@ def plan_route(
     client_pings: Mapping[PeerId, float] | None = None,
     cache_tokens_needed: int = 0,
     banned: Collection[PeerId] = (),
+    penalties: Mapping[PeerId, float] | None = None,
     costs: RouteCosts | None = None,
     rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of servers covering `layers`.
+
+    ``banned`` servers are never used; a server with a ``penalties`` entry p costs 1 + p
+    times as much (still used when nothing cheaper covers its layers).
 
     Raises `RoutingError` naming the first block no usable server covers.
     Cost: O(E log E) with E the number of (boundary, server) pairs; a few hundred
@@ -96,6 +101,7 @@ def plan_route(
     """
     costs = costs or RouteCosts()
     pings = client_pings or {}
+    penalty = penalties or {}
     rng = rng or random.Random()
     usable = [
         s
@@ -126,7 +132,7 @@ def plan_route(
             step = _edge_cost(prev, server, end - boundary, pings, costs)
             if end >= layers.stop:  # the last hop also sends its output back to the client
                 step += pings.get(server.peer_id, costs.unknown_rtt) / 2
-            step *= 1.0 + rng.uniform(0.0, costs.jitter)
+            step *= (1.0 + rng.uniform(0.0, costs.jitter)) * (1.0 + penalty.get(server.peer_id, 0))
             state = (end, i)
             if cost + step < best.get(state, float("inf")):
                 best[state] = cost + step

@@ -1,6 +1,6 @@
 """A minimal in-process inference server for the client's tests (the real one is
 `swarm.server`): real `Span` compute with a KV cache per session, push to the next hop,
-and switches to make it die, hang or refuse."""
+and switches to make it die, hang, hold a step until released, or refuse."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ class FakeServer:
         self.sessions: dict[bytes, _Session] = {}
         self.pool: ConnectionPool | None = None
         self.hang_at_step: int | None = None
+        self.hold_at_step: int | None = None  # sets `holding`, answers once `release` is set
+        self.holding = trio.Event()
+        self.release = trio.Event()
+        self.opened = 0  # sessions opened
         self.die_at_step: int | None = None
         self.refuse_open = False
         self.died = trio.Event()
@@ -91,6 +95,7 @@ class FakeServer:
             span.config, opening.layer_range, opening.batch_size, opening.max_length
         )
         session = _Session(opening.first_step, opening.push_to)
+        self.opened += 1
         self.sessions[opening.session_id] = session
         await stream.send(InferenceReady(opening.session_id, 10_000))
         try:
@@ -124,6 +129,9 @@ class FakeServer:
                     await session.changed.wait()
             if step == self.hang_at_step:
                 await trio.sleep_forever()
+            if step == self.hold_at_step:
+                self.holding.set()
+                await self.release.wait()
             if step == self.die_at_step:
                 self.died.set()
                 await trio.sleep_forever()

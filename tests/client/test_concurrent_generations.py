@@ -17,8 +17,8 @@ from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.client.remote import RemoteModel
 
 from .fake_server import FakeServer, run_servers
+from .pipeline import make_servers
 from .test_model import _directory, _greedy_reference, checkpoint, served  # noqa: F401
-from .test_session import _servers
 
 PROMPTS = [[5, 17, 300, 42], [9, 8, 7], [100, 200, 300, 400, 500], [33]]
 NEW = [6, 3, 5, 4]
@@ -26,7 +26,7 @@ NEW = [6, 3, 5, 4]
 
 async def test_concurrent_tasks_each_get_their_own_result(checkpoint: Path) -> None:  # noqa: F811
     want = [_greedy_reference(checkpoint, p, n) for p, n in zip(PROMPTS, NEW, strict=True)]
-    servers = _servers(checkpoint, [(0, 3), (3, 6)])
+    servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     got: dict[int, GenerationResult] = {}
     streamed: dict[int, list[int]] = {}
     async with run_servers(servers):

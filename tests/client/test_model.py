@@ -23,7 +23,7 @@ from swarm.testing.checkpoints import write_random_llama
 from swarm.types import LayerRange
 
 from .fake_server import FakeServer, run_servers
-from .test_session import _servers
+from .pipeline import make_servers
 
 DEMO_TOKENIZER = Path(__file__).parents[2] / "swarm/assets/models/swarm-demo/tokenizer.json"
 LAYERS = 6
@@ -63,7 +63,7 @@ def _directory(servers: list[FakeServer]) -> StaticDirectory:
 async def test_async_generate_ids_equal_one_process(checkpoint: Path) -> None:
     prompt = [5, 17, 300, 42]
     want = _greedy_reference(checkpoint, prompt, 8)
-    servers = _servers(checkpoint, [(0, 3), (3, 6)])
+    servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     async with run_servers(servers):
         async with AsyncRemoteModel.open(
             checkpoint, ClientConfig(), directory=_directory(servers)
@@ -93,7 +93,7 @@ async def test_bad_prompts_are_config_errors(checkpoint: Path) -> None:
 @pytest.fixture
 def served(checkpoint: Path) -> Iterator[list[FakeServer]]:
     """Fake servers running in their own trio thread for the sync tests."""
-    servers = _servers(checkpoint, [(0, 6)])
+    servers = make_servers(checkpoint, [(0, 6)])
     started, stop = threading.Event(), threading.Event()
 
     async def main() -> None:

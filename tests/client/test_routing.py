@@ -94,3 +94,18 @@ def test_route_cost_adds_network_and_compute() -> None:
     # in: 10 ms, compute: 10 ms, back: 10 ms, plus the per-hop constant
     assert route_cost(route, client_pings=pings) == pytest.approx(0.0305, abs=1e-6)
     assert isinstance(route[0].server.peer_id, PeerId)
+
+
+def test_a_penalised_server_is_avoided_but_still_used_when_alone() -> None:
+    slow, other = server("slow", 0, 12), server("other", 0, 12)
+    rng = random.Random(0)
+    picks = Counter(
+        spans(plan_route([slow, other], LayerRange(0, 12), rng=rng))[0][0] for _ in range(50)
+    )
+    assert picks["slow"] > 0 and picks["other"] > 0  # equal servers share the load
+    penalties = {slow.peer_id: 1.0}
+    for _ in range(50):
+        route = plan_route([slow, other], LayerRange(0, 12), penalties=penalties, rng=rng)
+        assert spans(route) == [("other", 0, 12)]
+    route = plan_route([slow], LayerRange(0, 12), penalties={slow.peer_id: 100.0}, rng=rng)
+    assert spans(route) == [("slow", 0, 12)]

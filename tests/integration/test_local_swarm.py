@@ -1,20 +1,29 @@
 """In-process swarms with emulated links: routing by latency and capacity, a hanging
-server abandoned at its deadline, and many clients at once."""
+server abandoned at its deadline, a server that stalls mid-generation raced by its replica
+(hedged step, pushes rewired), and many clients at once."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
+import torch
 import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel, GenerationResult
+from swarm.net.messages import PushRequest, PushResponse
+from swarm.net.rpc import CallContext
+from swarm.server.compute import Priority
+from swarm.server.handlers import ServingHandlers
 from swarm.server.sessions import SessionLimits
+from swarm.shards import KVCache, Span
 from swarm.testing.adversaries import HangingHandlers
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.swarm import LocalServer, open_local_swarm
-from swarm.types import LayerRange
+from swarm.types import LayerRange, PeerId
 
 from .conftest import NEW_TOKENS, PROMPT
 
@@ -97,6 +106,81 @@ async def test_hanging_server_is_abandoned_at_its_deadline(
                 assert result.recoveries >= 1
                 assert hang.ready.port not in ports(result)
                 assert honest.ready.port in ports(result)
+
+
+class StallingHandlers(ServingHandlers):
+    """Honest for ``after`` inference steps; the next one never finishes (a stopped process,
+    as far as its sessions can tell) and it counts the pushes it accepted, by sender."""
+
+    def __init__(self, honest: ServingHandlers, after: int | None) -> None:
+        super().__init__(
+            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
+        )
+        self.after = after
+        self.steps = 0
+        self.pushes: Counter[PeerId] = Counter()
+
+    async def compute(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        if priority is Priority.INFERENCE:
+            self.steps += 1
+            if self.after is not None and self.steps > self.after:
+                await trio.sleep_forever()
+        return await super().compute(span, hidden, positions, cache, priority)
+
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
+        response = await super().rpc_push(request, ctx)
+        if response.accepted:
+            self.pushes[ctx.peer_id] += 1
+        return response
+
+
+def stalling(into: list[StallingHandlers], after: int | None = None) -> Callable[..., object]:
+    def wrap(honest: ServingHandlers) -> StallingHandlers:
+        into.append(StallingHandlers(honest, after))
+        return into[-1]
+
+    return wrap
+
+
+async def test_a_stalled_middle_hop_is_raced_by_its_replica(
+    model12: Path, reference: list[int]
+) -> None:
+    stall_at = 5  # steps 0-4 answered (the prefill and four tokens), step 5 never
+    handlers: list[StallingHandlers] = []  # of server1 (the staller), server2, server3
+    with trio.fail_after(120):
+        async with LinkEmulator() as links, open_local_swarm(model12, links=links) as local:
+            s0 = await local.add_server(LayerRange(0, 4))
+            staller = await local.add_server(
+                LayerRange(4, 8), wrap_handlers=stalling(handlers, stall_at)
+            )
+            s2 = await local.add_server(LayerRange(8, 12), wrap_handlers=stalling(handlers))
+            replica = await local.add_server(LayerRange(4, 8), wrap_handlers=stalling(handlers))
+            slow_down(links, replica, ["client", "server0"])  # the staller looks better
+            config = ClientConfig(initial_peers=(local.dht_address,))  # 30 s step timeout
+            async with AsyncRemoteModel.open(
+                model12, config, transport=links.transport("client")
+            ) as model:
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                bans = model.bans
+    assert result.ids == reference
+    assert ports(result) == [s0.ready.port, replica.ready.port, s2.ready.port]
+    assert result.recoveries == 0
+    assert max(result.timings) < config.step_timeout / 4  # a hedge, not a step timeout
+    assert not bans.is_banned(staller.ready.peer_id)
+    assert bans.penalties.penalty(staller.ready.peer_id) > 0
+    # pushes rewired: every later step reached the replica by push from server0 and went on
+    # to server2 by push from the replica (one lost push each allowed: the client covers it)
+    _, at_s2, at_replica = handlers
+    later = NEW_TOKENS - 1 - stall_at
+    assert at_replica.pushes[s0.ready.peer_id] >= later - 1
+    assert at_s2.pushes[replica.ready.peer_id] >= later - 1
 
 
 async def test_eight_clients_at_once(model12: Path, reference: list[int]) -> None:

@@ -1,0 +1,274 @@
+"""Hedged steps: a hop that is late (not failed) races a replacement started in parallel.
+
+Each hop step has an adaptive deadline (`hedge_deadline`): ``hedge_after`` times the hop's
+usual time for a step of that many tokens, at least ``hedge_floor``. A hop that has not
+answered by then keeps running, and a replacement starts beside it on other servers (the
+recovery path's `open_replacement`: open the hop's layers, replay its history) and runs the
+same step. The first full answer is kept:
+
+- the hop's own: the replacement's sub-sessions are closed (their caches die with them), the
+  hop's history gets the step as usual;
+- the replacement's: it is spliced in (`splice`: the hop before pushes to it, the hop after
+  takes its pushes), the slow hop is closed and penalised in routing (`Penalties`), not
+  banned. Its history holds the replay and the step, the same cache it computed.
+
+A hop that fails outright meanwhile is banned as on any failure. With no replacement to be
+had, or none answering, the step waits for the hop up to ``step_timeout`` as before. Both
+racers run in one nursery: the winner cancels the other, whose cleanup closes what it opened.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import trio
+
+from swarm.client.config import ClientConfig
+from swarm.client.hops import HopFailure, HopState, StepAnswer, close_hop, run_step
+from swarm.client.opening import HopOpener
+from swarm.client.recovery import open_replacement, splice
+from swarm.errors import DeadlineExceeded, SessionError, SwarmError
+from swarm.types import LayerRange, PeerId
+
+__all__ = ["HedgeRecord", "HedgeWinner", "hedge_deadline", "step_hop", "usual_seconds"]
+
+log = logging.getLogger(__name__)
+
+WINDOW = 16  # a hop's usual step time is read from its last WINDOW steps
+QUANTILE = 0.9  # ... as this quantile: a high one, so that ordinary jitter is inside it
+
+
+def _quantile(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[round(QUANTILE * (len(ordered) - 1))]
+
+
+def usual_seconds(times: Sequence[tuple[int, float]], tokens: int) -> float | None:
+    """A hop's usual time for a step of ``tokens`` tokens, from its ``(tokens, seconds)``
+    history; None with no history.
+
+    Single-token steps give the decode time; multi-token steps (prefill, replays, chat
+    turns) a time per token, which scales a multi-token step (never below one decode step).
+    Without a sample of the other kind each stands in for it: ``tokens`` decode steps
+    overstate a prefill, so the deadline errs late, not early.
+    """
+    recent = times[-WINDOW:]
+    single = [s for n, s in recent if n == 1]
+    per_token = [s / n for n, s in recent if n > 1]
+    decode = _quantile(single) if single else None
+    rate = _quantile(per_token) if per_token else None
+    if tokens == 1:
+        return decode if decode is not None else rate
+    if rate is None:
+        return None if decode is None else tokens * decode
+    return max(decode or 0.0, tokens * rate)
+
+
+def hedge_deadline(state: HopState, tokens: int, config: ClientConfig) -> float | None:
+    """Seconds into a step of ``tokens`` tokens after which hop ``state`` is raced by a
+    replacement; None: never (hedging off, no history yet, or not before ``step_timeout``)."""
+    if config.hedge_after is None:
+        return None
+    usual = usual_seconds(state.step_times(), tokens)
+    if usual is None:
+        return None
+    deadline = max(config.hedge_floor, config.hedge_after * usual)
+    return deadline if deadline < config.step_timeout else None
+
+
+class HedgeWinner(enum.Enum):
+    ORIGINAL = "original"  # the late hop answered first
+    REPLACEMENT = "replacement"  # the replacement answered first and took the hop's place
+    NONE = "none"  # neither: the hop failed (or timed out) and recovery took over
+
+
+@dataclass(frozen=True)
+class HedgeRecord:
+    """One hedged step of one hop (`SessionStatistics.hedges`)."""
+
+    step: int
+    layers: LayerRange
+    slow: PeerId  # the hop's server
+    deadline: float  # seconds into the step when the replacement started
+    seconds: float | None  # seconds into the step when the kept answer came (None: none)
+    winner: HedgeWinner
+
+
+async def step_hop(
+    opener: HopOpener,
+    hops: list[HopState],
+    k: int,
+    step: int,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    send_now: bool,
+    hedges: list[HedgeRecord],
+) -> int:
+    """Run ``step`` on hop ``k`` (input ``(batch, n, hidden)``), hedged when it is late, and
+    record it in the history of whichever hop answered; a hedge is appended to ``hedges``.
+
+    Returns how many hops now stand where hop ``k`` stood: 1, unless a replacement split its
+    layers (the last one's last output is the step's output). Raises `HopFailure` when the
+    hop failed and no replacement answered (the caller recovers), `SessionError` when our
+    input was refused as malformed.
+    """
+    config = opener.config
+    deadline = hedge_deadline(hops[k], x.shape[1], config)
+    if deadline is None:
+        answer = await run_step(
+            hops[k], config, step, x, positions, send_now=send_now, grace=config.push_grace
+        )
+        hops[k].record(x, positions, answer)
+        return 1
+    race = _Race(opener, hops, k, step, x, positions)
+    await race.run(deadline, send_now)
+    if race.hedged:
+        hedges.append(race.record(deadline))
+    return await race.settle()
+
+
+class _Race:
+    """One hedged hop step: the late hop against its replacement; the first full answer
+    wins (`_win`) and cancels the other."""
+
+    def __init__(
+        self,
+        opener: HopOpener,
+        hops: list[HopState],
+        k: int,
+        step: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        self.opener, self.hops, self.k, self.step = opener, hops, k, step
+        self.x, self.positions = x, positions
+        self.state = hops[k]
+        self.started = trio.current_time()
+        self.scope = trio.CancelScope()
+        self.original_done = trio.Event()
+        self.hedged = False
+        self.winner = HedgeWinner.NONE
+        self.answer: StepAnswer | None = None
+        self.new: list[HopState] = []
+        self.won_at: float | None = None
+        self.failure: HopFailure | None = None  # the late hop failed outright
+        self.refused: SessionError | None = None  # our input refused: no one will take it
+
+    async def run(self, deadline: float, send_now: bool) -> None:
+        """Race until one answer is kept, both gave up, or ``step_timeout`` passed."""
+        config = self.opener.config
+        grace = min(config.push_grace, deadline)  # late at the deadline: push or not, send
+        with trio.move_on_after(config.step_timeout), self.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._original, send_now, grace)
+                with trio.move_on_after(deadline):
+                    await self.original_done.wait()
+                if not self.original_done.is_set():
+                    self.hedged = True
+                    log.info("%s has not answered step %d in %.2f s: starting a replacement",
+                             self.state.hop.server.peer_id, self.step, deadline)  # fmt: skip
+                    nursery.start_soon(self._replacement)
+
+    def _win(self, winner: HedgeWinner, answer: StepAnswer, new: list[HopState]) -> bool:
+        if self.winner is not HedgeWinner.NONE:
+            return False
+        self.winner, self.answer, self.new = winner, answer, new
+        self.won_at = trio.current_time() - self.started
+        self.scope.cancel()
+        return True
+
+    async def _original(self, send_now: bool, grace: float) -> None:
+        try:
+            answer = await run_step(self.state, self.opener.config, self.step, self.x,
+                                    self.positions, send_now=send_now, grace=grace)  # fmt: skip
+        except HopFailure as failure:
+            self.failure = failure  # a replacement already running may still answer
+            return
+        except SessionError as exc:
+            self.refused = exc
+            self.scope.cancel()
+            return
+        finally:
+            self.original_done.set()
+        self._win(HedgeWinner.ORIGINAL, answer, [])
+
+    async def _replacement(self) -> None:
+        slow = self.state.hop.server.peer_id
+        try:
+            new = await open_replacement(self.opener, self.hops, self.k, self.step, {slow})
+        except HopFailure as failure:  # a replacement server failed the replay
+            self.opener.ban(failure)
+            return
+        except SwarmError as exc:  # no replacement to be had: the late hop may still answer
+            log.info("no replacement for %s: %s", slow, exc)
+            return
+        try:
+            answer = await self._through(new)
+        except (HopFailure, SessionError) as exc:
+            if isinstance(exc, HopFailure):
+                self.opener.ban(exc)
+            await _close_all(new)
+            return
+        except BaseException:
+            await _close_all(new)
+            raise
+        if not self._win(HedgeWinner.REPLACEMENT, answer, new):
+            await _close_all(new)
+
+    async def _through(self, new: list[HopState]) -> StepAnswer:
+        """The step through the replacement's hops, recorded in their histories."""
+        config = self.opener.config
+        x, answer = self.x, None
+        for state in new:
+            answer = await run_step(state, config, self.step, x, self.positions, send_now=True,
+                                    grace=config.push_grace)  # fmt: skip
+            state.record(x, self.positions, answer)
+            x = answer.out.to(config.torch_wire_dtype)
+        assert answer is not None  # a replacement covers its layers with at least one hop
+        return answer
+
+    def record(self, deadline: float) -> HedgeRecord:
+        hop = self.state.hop
+        return HedgeRecord(self.step, hop.layers, hop.server.peer_id, deadline, self.won_at,
+                           self.winner)  # fmt: skip
+
+    async def settle(self) -> int:
+        """Keep the winner's answer (splicing a replacement in). Returns and raises what
+        `step_hop` does."""
+        if self.refused is not None:
+            raise self.refused
+        if self.winner is HedgeWinner.ORIGINAL:
+            assert self.answer is not None
+            self.state.record(self.x, self.positions, self.answer)
+            return 1
+        if self.winner is HedgeWinner.REPLACEMENT:
+            if self.failure is not None:
+                self.opener.ban(self.failure)
+            else:
+                self._penalise()
+            await splice(self.opener, self.hops, self.k, self.new, self.step)
+            return len(self.new)
+        if self.failure is not None:
+            raise self.failure
+        timeout = self.opener.config.step_timeout
+        raise HopFailure(self.state.hop, DeadlineExceeded(f"no answer within {timeout} s"))
+
+    def _penalise(self) -> None:
+        config = self.opener.config
+        if config.slow_penalty > 0:
+            peer = self.state.hop.server.peer_id
+            value = self.opener.bans.penalties.penalise(
+                peer, config.slow_penalty, config.slow_penalty_half_life_s
+            )
+            log.info("penalising %s (route cost x%.2f) for a lost hedged step", peer, 1 + value)
+
+
+async def _close_all(states: Sequence[HopState]) -> None:
+    with trio.CancelScope(shield=True):
+        for state in states:
+            await close_hop(state)

@@ -1,0 +1,229 @@
+"""`HopOpener`: plan routes over a layer range and open one sub-session per hop, for one
+`InferenceSession` (its route at the start, and every replacement later)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Collection, Sequence
+from contextlib import AsyncExitStack
+
+import trio
+
+from swarm.client.bans import BanList
+from swarm.client.config import ClientConfig
+from swarm.client.discovery import ServerDirectory
+from swarm.client.hops import HopFailure, HopState, close_hop, push_target, set_push
+from swarm.client.routing import Hop, plan_route
+from swarm.errors import (
+    DeadlineExceeded,
+    ProtocolError,
+    RemoteError,
+    RoutingError,
+    SessionError,
+    TransportError,
+)
+from swarm.net.messages import InferenceOpen, InferenceReady, PushTarget
+from swarm.net.pool import ConnectionPool
+from swarm.types import LayerRange, PeerId, parse_address
+
+__all__ = ["HopOpener"]
+
+log = logging.getLogger(__name__)
+
+
+class HopOpener:
+    """Opens sub-sessions of one session's shape (``max_length``, ``batch_size``) on routes
+    that avoid banned and ``excluded`` servers, and bans servers that fail. ``failures``
+    lists every failure it banned for (the session's as well, through `ban`)."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        directory: ServerDirectory,
+        config: ClientConfig,
+        *,
+        max_length: int,
+        batch_size: int,
+        bans: BanList,
+        rng: random.Random,
+        excluded: Collection[PeerId] = (),
+    ) -> None:
+        self.pool = pool
+        self.directory = directory
+        self.config = config
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.bans = bans
+        self.rng = rng
+        self.excluded = set(excluded)  # never routed to (verification bans)
+        self.failures: list[str] = []
+
+    def ban(self, failure: HopFailure) -> None:
+        seconds = self.bans.ban(failure.hop.server.peer_id)
+        self.failures.append(str(failure))
+        log.warning("banning %s for %.0f s: %s", failure.hop.server.peer_id, seconds, failure)
+
+    async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
+        """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
+        ones costing more (asks the directory again once). Raises `RoutingError`."""
+        for refresh in (False, True):
+            servers = await self.directory.servers(refresh=refresh)
+            try:
+                return plan_route(
+                    servers,
+                    layers,
+                    client_pings=self.directory.pings,
+                    cache_tokens_needed=self.max_length * self.batch_size,
+                    banned=self.bans.banned() | self.excluded | set(avoid),
+                    penalties=self.bans.penalties.current(),
+                    rng=self.rng,
+                )
+            except RoutingError as exc:
+                error = exc
+        banned = len(self.bans.banned())
+        raise RoutingError(f"{error} ({banned} servers banned after failures)") from error
+
+    async def open_range(
+        self,
+        layers: LayerRange,
+        first_step: int,
+        next_target: PushTarget | None,
+        push_from: PeerId | None,
+        avoid: Collection[PeerId] = (),
+    ) -> list[HopState]:
+        """Open sub-sessions covering ``layers``, pushing on to ``next_target``; the first
+        takes pushes from ``push_from`` only (the server before ``layers``; None: none).
+
+        A server that fails to open is banned and the rest of the range re-planned, up to
+        ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
+        """
+        opened: list[HopState] = []
+        start, failures = layers.start, 0
+        try:
+            while start < layers.stop:
+                plan = await self.plan(LayerRange(start, layers.stop), avoid)
+                before = opened[-1].hop.server.peer_id if opened else push_from
+                states, failure = await self._open_plan(plan, first_step, next_target, before)
+                opened += states
+                start = states[-1].hop.layers.stop if states else start
+                if failure is not None:
+                    failures += 1
+                    self.ban(failure)
+                    if failures > self.config.max_open_retries:
+                        raise SessionError(
+                            f"{failures} servers failed while opening layers {layers}; "
+                            f"last: {failure}"
+                        ) from failure.cause
+            await self._wire_pushes(opened, next_target, first_step)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for state in opened:
+                    await close_hop(state)
+            raise
+        return opened
+
+    async def _open_plan(
+        self,
+        plan: list[Hop],
+        first_step: int,
+        next_target: PushTarget | None,
+        push_from: PeerId | None,
+    ) -> tuple[list[HopState], HopFailure | None]:
+        """Open every hop of ``plan`` at once (one round trip, not one per hop).
+
+        Returns the opened prefix of the plan and the first failure, if any; hops opened
+        after a failed one are closed again (the rest of the range is planned anew).
+        """
+        ids = [os.urandom(16) for _ in plan]
+        results: list[HopState | HopFailure | None] = [None] * len(plan)
+
+        async def one(i: int) -> None:
+            push_to = push_target(plan[i + 1], ids[i + 1]) if i + 1 < len(plan) else next_target
+            pusher = plan[i - 1].server.peer_id if i > 0 else push_from
+            try:
+                results[i] = await self._open_hop(plan[i], ids[i], push_to, pusher, first_step)
+            except HopFailure as failure:
+                results[i] = failure
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(plan)):
+                    nursery.start_soon(one, i)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for result in results:
+                    if isinstance(result, HopState):
+                        await close_hop(result)
+            raise
+        opened: list[HopState] = []
+        failure: HopFailure | None = None
+        for result in results:
+            if failure is None and isinstance(result, HopState):
+                opened.append(result)
+            elif failure is None and isinstance(result, HopFailure):
+                failure = result
+            elif isinstance(result, HopState):
+                with trio.CancelScope(shield=True):
+                    await close_hop(result)
+        return opened, failure
+
+    async def _open_hop(
+        self,
+        hop: Hop,
+        session_id: bytes,
+        push_to: PushTarget | None,
+        push_from: PeerId | None,
+        first_step: int,
+    ) -> HopState:
+        """Dial, open the stream, wait for `InferenceReady`. Raises `HopFailure`."""
+        cfg = self.config
+        host, port = parse_address(hop.server.address)
+        stack = AsyncExitStack()
+        try:
+            with trio.move_on_after(cfg.connect_timeout) as scope:
+                conn = await self.pool.get(host, port, hop.server.peer_id)
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"connecting took over {cfg.connect_timeout} s")
+            stream = await stack.enter_async_context(
+                conn.open_stream("inference", timeout=cfg.step_timeout)
+            )
+            await stream.send(
+                InferenceOpen(
+                    session_id=session_id,
+                    max_length=self.max_length,
+                    batch_size=self.batch_size,
+                    dtype=cfg.wire_dtype,
+                    layer_range=hop.layers,
+                    push_to=push_to if cfg.use_push else None,
+                    first_step=first_step,
+                    push_from=push_from if cfg.use_push else None,
+                )
+            )
+            ready = await stream.receive(InferenceReady, timeout=cfg.request_timeout)
+            if ready.session_id != session_id:
+                raise ProtocolError("InferenceReady names another session")
+        except trio.EndOfChannel as exc:
+            await stack.aclose()
+            raise HopFailure(hop, ProtocolError("the server ended the stream")) from exc
+        except (TransportError, ProtocolError, RemoteError) as exc:
+            await stack.aclose()
+            raise HopFailure(hop, exc) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        state = HopState(hop, session_id, stream, stack, first_step)
+        state.push_to = push_to if cfg.use_push else None
+        return state
+
+    async def _wire_pushes(
+        self, states: Sequence[HopState], next_target: PushTarget | None, step: int
+    ) -> None:
+        """Point each hop's pushes at the hop after it, where they point elsewhere."""
+        if not self.config.use_push:
+            return
+        for i, state in enumerate(states):
+            want = states[i + 1].target if i + 1 < len(states) else next_target
+            if want is not None and state.push_to != want:
+                await set_push(state, want, step)

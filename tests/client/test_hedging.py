@@ -1,0 +1,183 @@
+"""Hedged steps against fake in-process servers: a hop that stops answering mid-generation
+is raced by a replacement (same outputs, penalised not banned); a late hop that answers
+while the replacement is still replaying wins; with no replica the step timeout still rules.
+Plus the adaptive deadline and the routing penalty on their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm.client.bans import BanList, Penalties
+from swarm.client.config import ClientConfig
+from swarm.client.hedging import HedgeWinner, usual_seconds
+from swarm.client.session import InferenceSession
+from swarm.errors import ConfigError, RoutingError
+from swarm.identity import Identity
+from swarm.shards import Span
+
+from .fake_server import FakeServer, run_servers
+from .pipeline import (
+    assert_same,
+    make_checkpoint,
+    make_full_span,
+    make_inputs,
+    make_servers,
+    open_session,
+    reference_outputs,
+    run_all,
+)
+
+HEDGED_STEP = 3  # make_inputs: a 5-token prefill (step 0), then single tokens (steps 1-4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def full_span(checkpoint: Path) -> Span:
+    return make_full_span(checkpoint)
+
+
+def _chain(checkpoint: Path) -> list[FakeServer]:
+    """[0,2) [2,4) [4,6) and a replica of the middle hop, [2,4), that routes avoid."""
+    return make_servers(checkpoint, [(0, 2), (2, 4), (4, 6), (2, 4)])
+
+
+THROUGHPUTS = [100.0, 100.0, 100.0, 1.0]
+
+
+def _assert_histories_chain(session: InferenceSession, tokens: int) -> None:
+    """Every hop's history covers all ``tokens`` and starts from its predecessor's outputs."""
+    for k in range(len(session.route)):
+        x, pos, out = session.hop_history(k)
+        assert x.shape[1] == pos.shape[1] == out.shape[1] == tokens
+        assert torch.equal(pos[0], torch.arange(tokens))
+        if k > 0:
+            torch.testing.assert_close(x, session.hop_history(k - 1)[2])
+
+
+@pytest.mark.parametrize("use_push", [True, False])
+async def test_a_hop_that_stops_is_raced_and_replaced(
+    checkpoint: Path, full_span: Span, use_push: bool
+) -> None:
+    steps = make_inputs(1)
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    slow.hang_at_step = HEDGED_STEP
+    config = ClientConfig(use_push=use_push)  # the default 30 s step timeout, hedging on
+    async with run_servers(servers), open_session(servers, config, THROUGHPUTS) as session:
+        assert session.route[1].server.peer_id == slow.identity.peer_id
+        got = await run_all(session, steps)
+        stats = session.statistics()
+        route = [hop.server.peer_id for hop in session.route]
+        _assert_histories_chain(session, sum(x.shape[1] for x, _ in steps))
+        assert session.hop_progress(1).steps == 3  # the replay, the hedged step, the next one
+    assert_same(got, reference_outputs(full_span, steps))
+    (hedge,) = stats.hedges
+    assert hedge.step == HEDGED_STEP and hedge.slow == slow.identity.peer_id
+    assert hedge.winner is HedgeWinner.REPLACEMENT
+    assert hedge.deadline == config.hedge_floor  # these steps take milliseconds
+    assert hedge.seconds is not None
+    assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
+    assert route == [servers[0].identity.peer_id, replica.identity.peer_id,
+                     servers[2].identity.peer_id]  # fmt: skip
+    # penalised, not banned, not counted as a failure
+    assert stats.recoveries == 0 and stats.failures == ()
+    assert not session.bans.is_banned(slow.identity.peer_id)
+    assert session.bans.penalties.penalty(slow.identity.peer_id) > 0
+    if use_push:  # the replica got the replay and the hedged step from the client, the last
+        # step by push from hop 0; hop 2 got every step by push but the hedged one
+        assert (replica.steps_from_client, replica.steps_from_push) == (2, 1)
+        assert servers[2].steps_from_push >= len(steps) - 1
+
+
+async def test_a_late_hop_that_answers_mid_replay_wins(checkpoint: Path, full_span: Span) -> None:
+    steps = make_inputs(2)
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    slow.hold_at_step = HEDGED_STEP
+    replica.hold_at_step = HEDGED_STEP - 1  # the replay: held until the session is closed
+
+    async def answer_once_the_replay_runs() -> None:
+        await replica.holding.wait()
+        slow.release.set()
+
+    async with (
+        run_servers(servers),
+        open_session(servers, ClientConfig(), THROUGHPUTS) as session,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(answer_once_the_replay_runs)
+        got = await run_all(session, steps)
+        stats = session.statistics()
+        _assert_histories_chain(session, sum(x.shape[1] for x, _ in steps))
+        with trio.fail_after(5):  # the replacement's sub-session was closed, not left behind
+            while replica.sessions:
+                await trio.sleep(0.01)
+        route = [hop.server.peer_id for hop in session.route]
+    assert_same(got, reference_outputs(full_span, steps))
+    (hedge,) = stats.hedges
+    assert hedge.winner is HedgeWinner.ORIGINAL
+    assert replica.opened == 1 and replica.steps_from_client == 1  # it got as far as the replay
+    assert route == [s.identity.peer_id for s in servers[:3]]
+    assert not session.bans.is_banned(slow.identity.peer_id)
+    assert session.bans.penalties.penalty(slow.identity.peer_id) == 0
+
+
+async def test_without_a_replica_the_step_timeout_still_rules(checkpoint: Path) -> None:
+    servers = make_servers(checkpoint, [(0, 3), (3, 6)])
+    servers[1].hang_at_step = HEDGED_STEP
+    config = ClientConfig(step_timeout=1.0, push_grace=0.3)
+    async with run_servers(servers), open_session(servers, config) as session:
+        with pytest.raises(RoutingError, match="banned"):
+            await run_all(session, make_inputs())
+        stats = session.statistics()
+    (hedge,) = stats.hedges  # tried, found no other server for [3,6), waited for the hop
+    assert hedge.winner is HedgeWinner.NONE and hedge.seconds is None
+    assert stats.recoveries == 1  # then the failure path: banned, no one left
+    assert session.bans.is_banned(servers[1].identity.peer_id)
+
+
+def test_usual_seconds_scales_multi_token_steps() -> None:
+    assert usual_seconds([], 1) is None
+    decode = [(1, 0.010)] * 9 + [(1, 0.030)]  # one outlier among ten
+    assert usual_seconds(decode, 1) == pytest.approx(0.010)  # the 90th percentile
+    # a prefill of 100 tokens without a multi-token sample: 100 decode steps (errs late)
+    assert usual_seconds(decode, 100) == pytest.approx(1.0)
+    # with a 50-token prefill of 0.05 s: 1 ms a token, never below one decode step
+    history = [(50, 0.05), *decode]
+    assert usual_seconds(history, 100) == pytest.approx(0.1)
+    assert usual_seconds(history, 2) == pytest.approx(0.010)
+    assert usual_seconds([(50, 0.05)], 1) == pytest.approx(0.001)  # only a prefill so far
+    old = [(1, 5.0)] * 20
+    assert usual_seconds(old + [(1, 0.010)] * 16, 1) == pytest.approx(0.010)  # a window of 16
+
+
+def test_hedge_config_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        ClientConfig(hedge_after=0.5)
+    with pytest.raises(ConfigError):
+        ClientConfig(hedge_floor=0)
+    with pytest.raises(ConfigError):
+        ClientConfig(slow_penalty=-1)
+
+
+def test_penalties_decay_and_add_up() -> None:
+    now = [0.0]
+    penalties = Penalties(clock=lambda: now[0])
+    peer = Identity.from_seed(b"penalised").peer_id
+    assert penalties.penalty(peer) == 0 and penalties.current() == {}
+    assert penalties.penalise(peer, 1.0, half_life_s=10.0) == 1.0
+    now[0] = 10.0
+    assert penalties.penalty(peer) == pytest.approx(0.5)
+    assert penalties.penalise(peer, 1.0, half_life_s=10.0) == pytest.approx(1.5)
+    now[0] = 1000.0
+    assert penalties.current() == {}  # forgotten
+    bans = BanList(5, 2, 300, clock=lambda: now[0])
+    assert bans.penalties.penalty(peer) == 0 and not bans.is_banned(peer)
