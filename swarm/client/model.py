@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory
+from swarm.client.load import OwnLoad
 from swarm.client.routing import Hop
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.session import InferenceSession
@@ -158,9 +159,10 @@ class AsyncRemoteModel:
         self.directory = directory
         self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         self.rng = random.Random()
+        self.load = OwnLoad(directory)  # routes see this client's own sessions at once
         self.sessions = VerifiedSessions(
-            config, pool, directory, self.bans, self.rng, model_config.num_hidden_layers,
-            evidence_sink,
+            config, pool, self.load.directory, self.bans, self.rng,
+            model_config.num_hidden_layers, evidence_sink,
         )  # fmt: skip
         self._evidence_sink = evidence_sink
         self._reputation: Reputation | None = None  # shared by per-generation policies
@@ -289,7 +291,7 @@ class AsyncRemoteModel:
                 self._reputation = load_reputation(config)
             reputation = self._reputation
         return VerifiedSessions(
-            config, self.pool, self.directory, self.bans, self.rng,
+            config, self.pool, self.load.directory, self.bans, self.rng,
             self.model_config.num_hidden_layers, self._evidence_sink, reputation,
         )  # fmt: skip
 
@@ -297,7 +299,13 @@ class AsyncRemoteModel:
         started = trio.current_time()
         sessions = gen.sessions
         while True:
-            async with sessions.open(len(gen.prompt) + gen.max_new_tokens) as session:
+            async with AsyncExitStack() as stack:
+                async with self.load.opening():  # one plan at a time: each sees the last
+                    session = await stack.enter_async_context(
+                        sessions.open(len(gen.prompt) + gen.max_new_tokens)
+                    )
+                    peers = self.load.add(hop.server.peer_id for hop in session.route)
+                stack.callback(self.load.remove, peers)
                 async for token in gen.run(session, started):
                     yield token
                 if gen.rollback is None and sessions.verifier is not None:
