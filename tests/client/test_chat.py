@@ -121,3 +121,34 @@ async def test_template_that_rewrites_history_reprefills(
     for turn in turns[1:]:
         assert turn.sent[0] == 1  # <|im_start|>: the whole conversation, from its start
     _check_answers(local, turns)
+
+
+async def test_a_proven_lie_redoes_the_turn_on_honest_peers(
+    model_path: Path, local: LocalModel, tmp_path: Path
+) -> None:
+    from swarm.testing.adversaries import adversary_wrapper
+
+    whole = LayerRange(0, 4)
+    with trio.fail_after(180):
+        async with open_local_swarm(model_path) as swarm:
+            liar = await swarm.add_server(whole, wrap_handlers=adversary_wrapper("zeros"))
+            for _ in range(2):
+                await swarm.add_server(whole, measure_throughput=False)
+            config = ClientConfig(
+                initial_peers=(swarm.dht_address,),
+                verify="spot-check:1.0",
+                reputation_path=str(tmp_path / "reputation.json"),
+                evidence_dir=str(tmp_path / "evidence"),
+            )
+            async with (
+                AsyncRemoteModel.open(model_path, config) as model,
+                Chat.open(model, max_length=512) as chat,
+            ):
+                for message in MESSAGES[:2]:
+                    await chat.say(message, NEW_TOKENS)
+                stats = chat.statistics()
+                assert model.verifier is not None
+                caught = {str(peer) for peer, _ in model.verifier.statistics().detections}
+    assert str(liar.server.identity.peer_id) in caught
+    assert stats.reprefills >= 1  # the lying turn was redone on a fresh session
+    _check_answers(local, list(stats.turns))
