@@ -3,8 +3,8 @@
 `plan_capacity` turns free memory (`available_memory`: CUDA's free memory on a GPU, psutil's
 available RAM on the CPU) into how many blocks to serve and how many cache tokens to offer.
 `measure_span` times the span at the batch sizes the compute worker runs (decode steps of
-1..16 sessions batched, prompt chunks of 16..1024 tokens); the announcement's throughput and
-the default prefill chunk come from it.
+1..16 sessions batched, prompt chunks of 16..1024 tokens); the announcement's throughput,
+the default prefill chunk and the estimate of a forward's time come from it.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ class SpanTimings:
 
     decode: tuple[tuple[int, float], ...]
     chunks: tuple[tuple[int, float], ...]
+    flops_per_token: float  # linear layers: 2 × parameters
+    flops_per_pair: float  # attention, per (query, key) pair: 4 × heads × head_dim × layers
 
     def step_seconds(self, batch: int) -> float:
         """Seconds of one batched decode step of ``batch`` sessions (linear between the
@@ -159,24 +161,12 @@ class SpanTimings:
         return max([minimum, *fitting])
 
     def forward_seconds(self, rows: int, seq: int) -> float:
-        """Estimated compute seconds of a forward of ``rows`` × ``seq`` tokens: the measured
-        chunk times fitted (least squares) to ``a·n + b·n²`` (linear layers plus causal
-        attention), extrapolated to ``seq``, times ``rows``."""
-        s11 = sum(float(n) ** 2 for n, _ in self.chunks)
-        s12 = sum(float(n) ** 3 for n, _ in self.chunks)
-        s22 = sum(float(n) ** 4 for n, _ in self.chunks)
-        y1 = sum(n * t for n, t in self.chunks)
-        y2 = sum(float(n) ** 2 * t for n, t in self.chunks)
-        det = s11 * s22 - s12 * s12
-        if len(self.chunks) < 2 or det <= 0:
-            tokens, seconds = self.chunks[-1]
-            return rows * seq * seconds / tokens
-        a = (y1 * s22 - y2 * s12) / det
-        b = (s11 * y2 - s12 * y1) / det
-        if a <= 0 or b < 0:  # noise: fall back to the per-token time of the largest chunk
-            tokens, seconds = self.chunks[-1]
-            a, b = seconds / tokens, max(b, 0.0)
-        return rows * (a * seq + b * seq * seq)
+        """Estimated compute seconds of a forward of ``rows`` × ``seq`` tokens: its FLOPs
+        (linear layers ``flops_per_token`` × n, causal attention ``flops_per_pair`` × n²/2)
+        at the best FLOP rate the measured chunks reached."""
+        rate = max(self.flops_per_token * n / max(t, 1e-9) for n, t in self.chunks)
+        flops = self.flops_per_token * seq + self.flops_per_pair * seq * seq / 2
+        return rows * flops / rate
 
 
 def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -233,7 +223,9 @@ def measure_span(
             measured.append((tokens, seconds))
             if seconds > 4 * decode[0][1]:
                 break
-    return SpanTimings(tuple(decode), tuple(measured))
+    params = sum(p.numel() for p in span.parameters())
+    pair = 4 * config.num_attention_heads * config.head_dim * len(span.layers)
+    return SpanTimings(tuple(decode), tuple(measured), 2.0 * params, float(pair))
 
 
 def size_server(

@@ -167,8 +167,8 @@ class ServingHandlers:
 
     def _check_forward_size(self, rows: int, seq: int) -> None:
         """Refuse a forward over the token limit, or one that the measured timings say
-        would not finish within the client's deadline (counting the chunks at half speed:
-        decode steps take turns with them)."""
+        would not finish within the client's deadline (with a factor 2 of margin: decode
+        steps share the batches, and chunked attention runs slower than one pass)."""
         limits, tokens = self.sessions.limits, rows * seq
         if tokens > limits.max_length * limits.max_batch:
             raise limit_error(
