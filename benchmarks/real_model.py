@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -215,18 +216,30 @@ QUESTIONS = (
 async def _chat_run(turns: int) -> None:
     import statistics
 
-    from swarm.client.chat import Chat
-    from swarm.client.config import ClientConfig
-    from swarm.client.model import AsyncRemoteModel
-    from swarm.shards import load_chat_template
     from swarm.shards.bundled import default_model_path
     from swarm.testing.reference import LocalModel
-    from swarm.testing.swarm import open_local_swarm
     from swarm.types import LayerRange
 
     path = default_model_path()
     ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
-    tmp = Path(tempfile.mkdtemp(prefix="swarm-chat-bench-"))
+    with tempfile.TemporaryDirectory(prefix="swarm-chat-bench-") as tmp_name:
+        ids, per_token = await _chat_turns(path, ranges, Path(tmp_name), turns)
+    one = LocalModel(path).generate(ids, 32).timings
+    print(f"per token after the first: swarm 3 hops {statistics.median(per_token) * 1e3:.1f} ms, "
+          f"one process {statistics.median(one[1:]) * 1e3:.1f} ms")  # fmt: skip
+
+
+async def _chat_turns(
+    path: Path, ranges: list[Any], tmp: Path, turns: int
+) -> tuple[list[int], list[float]]:
+    """The chat's turns (printing each), then the last one re-prefilled; returns the ids of
+    the history before the last answer and the chat's per-token seconds."""
+    from swarm.client.chat import Chat
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.shards import load_chat_template
+    from swarm.testing.swarm import open_local_swarm
+
     async with open_local_swarm(path, ranges) as local:
         config = ClientConfig(
             initial_peers=(local.dht_address,),
@@ -251,10 +264,7 @@ async def _chat_run(turns: int) -> None:
             result = await model.generate_detailed(ids, 48)
             print(f"turn {turns} re-prefilled on a fresh session: TTFT {result.ttft * 1e3:.0f} "
                   f"ms, {len(ids)} tokens sent")  # fmt: skip
-    local_model = LocalModel(path)
-    one = local_model.generate(ids, 32).timings
-    print(f"per token after the first: swarm 3 hops {statistics.median(per_token) * 1e3:.1f} ms, "
-          f"one process {statistics.median(one[1:]) * 1e3:.1f} ms")  # fmt: skip
+    return list(ids), per_token
 
 
 def main() -> None:
