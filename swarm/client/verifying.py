@@ -79,7 +79,8 @@ class VerifiedSessions:
     """Sessions of one model under ``config.verify`` (no checks at all under ``none``).
 
     ``reputation``: the record to share with other `VerifiedSessions` of the same client
-    (per-generation policies); loaded from ``config.reputation_path`` when None.
+    (per-generation policies); loaded from ``config.reputation_path`` when None. Peers it
+    bans are left out of routes under every policy, ``none`` included.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class VerifiedSessions:
         self.rng = rng
         self.num_layers = num_layers
         self.verifier = make_verifier(config, evidence_sink, reputation)
+        self._reputation = reputation
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
         self._replicas: Replicas | None = None
@@ -210,7 +212,8 @@ class VerifiedSessions:
     async def open(self, max_length: int) -> AsyncIterator[InferenceSession]:
         """The main session, and under ``redundant:K`` its hops' K-1 replicas."""
         layers = LayerRange(0, self.num_layers)
-        excluded = self.verifier.reputation.banned() if self.verifier is not None else set()
+        record = self.verifier.reputation if self.verifier is not None else self._reputation
+        excluded = record.banned() if record is not None else set()  # proven liars, any policy
 
         def open_range(
             span: LayerRange, avoid: Collection[PeerId]
