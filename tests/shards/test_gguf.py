@@ -12,7 +12,7 @@ import torch
 import swarm.shards.gguf as gguf_module
 from swarm.errors import ShardError
 from swarm.shards import ModelConfig, load_head, load_span, load_tokenizer, model_id
-from swarm.shards.gguf import unpermute_rows
+from swarm.shards.gguf import read_gguf_tensors, unpermute_rows
 from swarm.testing.checkpoints import write_random_gguf
 from swarm.types import LayerRange
 
@@ -301,3 +301,42 @@ def test_other_tokenizer_kinds_are_refused(tmp_path: Path) -> None:
     path = _sentencepiece_gguf(tmp_path / "t5.gguf", model="t5")
     with pytest.raises(ShardError, match=r"tokenizer.ggml.model='t5' is not supported"):
         load_tokenizer(path)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_K"])
+def test_k_quants_dequantize_as_the_gguf_package_does(qtype: str, tmp_path: Path) -> None:
+    """gguf's numpy code cannot quantize K-quants, so the blocks are random bytes (with sane
+    float16 scales); what we read must equal gguf's own dequantization, in our layout."""
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = 64, 256
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    where = [size - 2] if qtype == "Q6_K" else [0, 2]  # the block's float16 scale(s)
+    for offset in where:
+        raw[:, offset::size][:, : cols // block] = scale[0]
+        raw[:, offset + 1 :: size][:, : cols // block] = scale[1]
+    path = tmp_path / f"{qtype}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(256)
+    writer.add_head_count(4)
+    writer.add_feed_forward_length(64)
+    writer.add_vocab_size(64)
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=kind)
+    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, kind).copy())  # (64, 256)
+    assert expected.shape == (rows, cols) and bool(torch.isfinite(expected).all())
+    got = read_gguf_tensors(
+        path, {"blk.0.attn_q.weight": (rows, cols), "blk.0.ffn_down.weight": (rows, cols)},
+        lambda t: t,
+    )  # fmt: skip
+    torch.testing.assert_close(got["blk.0.ffn_down.weight"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(got["blk.0.attn_q.weight"], unpermute_rows(expected, 4))
