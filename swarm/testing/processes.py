@@ -59,6 +59,7 @@ class SwarmProcess:
     stderr_lines: list[str] = field(default_factory=list)
     _new_line: threading.Condition = field(default_factory=threading.Condition)
     _pumps: list[threading.Thread] = field(default_factory=list)
+    _terminated: bool = False
 
     @property
     def pid(self) -> int:
@@ -109,10 +110,16 @@ class SwarmProcess:
             pump.join(max(0.1, deadline - time.monotonic()))
         return code
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one would cut a server's drain short)."""
+        if self.popen.poll() is None and not self._terminated:
+            self._terminated = True
+            self.popen.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait up to `timeout` s, then SIGKILL. Returns the exit code."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -189,9 +196,15 @@ class ProcessGroup:
         proc.wait_for_line(r"\bready\b", timeout)
         return proc
 
-    def stop_all(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
+    def stop_all(self, timeout: float = 20.0) -> None:
+        """SIGTERM to every process still running, at once (they drain in parallel), then
+        wait for each; SIGKILL what has not exited after `timeout` s."""
+        running = [proc for proc in reversed(self.processes) if proc.popen.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            proc.stop(max(0.1, deadline - time.monotonic()))
 
     def leftovers(self) -> set[int]:
         """Pids of processes still alive that this group (or one of its processes) started."""
