@@ -114,6 +114,10 @@ def demo(
         str | None,
         typer.Option(help="Make the last server lie (e.g. noise:0.05) to watch verification."),
     ] = None,
+    api: Annotated[
+        bool, typer.Option("--api", help="Then leave the swarm running behind `swarm api`.")
+    ] = False,
+    api_port: Annotated[int, typer.Option(help="The gateway's port with --api.")] = 8000,
 ) -> None:
     """Start a DHT node and SERVERS servers as processes, chat, compare to one process."""
     from swarm.client.sampling import SamplingConfig
@@ -130,7 +134,7 @@ def demo(
         sampling = SamplingConfig(temperature=heat, top_k=top_k, seed=seed)
         with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
             _run(path, Path(tmp), split_layers(layers, servers), request, max_new_tokens,
-                 sampling, verify, liar)  # fmt: skip
+                 sampling, verify, liar, api_port=api_port if api else None)  # fmt: skip
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
@@ -199,6 +203,8 @@ def _run(
     sampling: SamplingConfig,
     verify: str | None,
     liar: str | None,
+    *,
+    api_port: int | None = None,
 ) -> None:
     import trio
 
@@ -219,6 +225,8 @@ def _run(
         timings, ttft = trio.run(
             _generate, model, dht, prompt, max_new_tokens, sampling, verify, liars, tmp
         )
+        if api_port is not None:
+            _serve_api(group, model, dht, api_port, tmp)
     single = _single_process(model, prompt.ids, len(timings), sampling)
     table = Table(title="latency (median per token after the first)")
     table.add_column("")
@@ -229,6 +237,37 @@ def _run(
     table.add_row("one process", f"{single[0] * 1e3:.1f} ms", f"{single[1] * 1e3:.0f} ms")
     console.print(table)
     console.print("all demo processes stopped")
+
+
+def _serve_api(group: object, model: Path, dht: str, port: int, tmp: Path) -> None:
+    """Start `swarm api` in front of the demo swarm, say how to call it, wait for Ctrl-C.
+
+    Raises `RuntimeError` if the gateway stops on its own (with its last stderr lines)."""
+    import json
+    import time
+
+    from swarm.testing.processes import ProcessGroup, swarm_command
+
+    assert isinstance(group, ProcessGroup)
+    argv = swarm_command("api", str(model), "--initial-peers", dht, "--port", str(port),
+                         "--reputation", str(tmp / "reputation.json"))  # fmt: skip
+    proc = group.start("api", argv)
+    ready = proc.wait_for_line(r"ready: swarm api at (\S+) .*model ([^,)]+)", 120)
+    url, name = ready.group(1), ready.group(2)
+    message = {"model": name, "messages": [{"role": "user", "content": "Hello!"}], "stream": True}
+    body = json.dumps(message)
+    console.print(f"[bold]gateway:[/bold] OpenAI API at {url}/v1, status page at {url}/")
+    console.print(f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{body}'", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print("the swarm keeps running behind the gateway; Ctrl-C stops everything")
+    try:
+        while proc.popen.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping the gateway and the swarm")
+        return
+    tail = "\n".join(proc.stderr_lines[-10:])
+    raise RuntimeError(f"the gateway stopped with exit status {proc.popen.returncode}:\n{tail}")
 
 
 async def _generate(
