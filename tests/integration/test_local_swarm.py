@@ -65,7 +65,9 @@ async def test_routes_avoid_a_slow_replica(model12: Path, reference: list[int]) 
 
 
 async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference: list[int]) -> None:
-    one_session = SessionLimits(cache_tokens=len(PROMPT) + NEW_TOKENS)
+    one_session = SessionLimits(
+        cache_tokens=len(PROMPT) + NEW_TOKENS, peer_cache_share=1.0, host_cache_share=1.0
+    )
     with trio.fail_after(120):
         async with LinkEmulator() as links, open_local_swarm(model12, links=links) as local:
             s0 = await local.add_server(LayerRange(0, 6))
