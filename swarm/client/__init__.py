@@ -1,4 +1,5 @@
-"""swarm.client: route planning, inference sessions with recovery, `RemoteModel` (DESIGN §7)."""
+"""swarm.client: route planning, inference sessions with recovery and hedged steps, `RemoteModel`
+(DESIGN §7)."""
 
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory, StaticDirectory

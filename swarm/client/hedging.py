@@ -13,8 +13,16 @@ same step. The first full answer is kept:
   banned. Its history holds the replay and the step, the same cache it computed.
 
 A hop that fails outright meanwhile is banned as on any failure. With no replacement to be
-had, or none answering, the step waits for the hop up to ``step_timeout`` as before. Both
+had, or none answering, the step waits for the hop up to ``step_timeout`` as before; a hop
+with no history yet (its first step, the prefill) has no deadline and is not hedged. Both
 racers run in one nursery: the winner cancels the other, whose cleanup closes what it opened.
+
+Pushes: during the race the hop before still pushes to the late hop (the replacement gets
+its input from the client), and the hop after still takes pushes only from the late hop;
+after a replacement won, the client sends the hop after its input itself for this step and
+`splice` rewires both for the next. (If the late hop had pushed this step's output to the
+hop after before it stalled, that hop computes on it: the same computation by an honest
+server, so equal to the replacement's output up to floating-point rounding.)
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
     (hedge,) = stats.hedges
     assert hedge.step == HEDGED_STEP and hedge.slow == slow.identity.peer_id
     assert hedge.winner is HedgeWinner.REPLACEMENT
-    assert hedge.deadline == config.hedge_floor  # these steps take milliseconds
+    assert config.hedge_floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
     assert hedge.seconds is not None
     assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
     assert route == [servers[0].identity.peer_id, replica.identity.peer_id,
