@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.client.remote import RemoteModel
 from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
 
@@ -104,10 +104,10 @@ def replicated(model12: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 async def _generate_timed(
     model12: Path, config: ClientConfig, at_token: int, act: Callable[[int], None]
-) -> tuple[list[int], list[float], int]:
+) -> tuple[list[int], list[float], GenerationResult]:
     """Stream the reference generation, calling ``act(port of the last hop)`` after
     ``at_token`` tokens; returns the ids, the gaps between consecutive tokens and the
-    recoveries."""
+    generation's result (route, recoveries)."""
     got: list[int] = []
     gaps: list[float] = []
     with trio.fail_after(120):
@@ -121,29 +121,32 @@ async def _generate_timed(
                     got.append(token.id)
                     if len(got) == at_token:
                         act(tokens.result.route[-1]["port"])
-                return got, gaps, tokens.result.recoveries
+                return got, gaps, tokens.result
 
 
 async def test_sigstop_of_a_hop_with_a_replica_stalls_under_two_seconds(
     replicated: Replicated, model12: Path, reference: list[int]
 ) -> None:
-    stopped: list[SwarmProcess] = []
+    stopped: list[tuple[SwarmProcess, int]] = []
 
     def stop(port: int) -> None:
         victim = replicated.on_port(port)
         os.kill(victim.pid, signal.SIGSTOP)
-        stopped.append(victim)
+        stopped.append((victim, port))
 
     config = ClientConfig(initial_peers=(replicated.dht,))  # the default 30 s step_timeout
     try:
-        got, gaps, _ = await _generate_timed(model12, config, 5, stop)
+        got, gaps, result = await _generate_timed(model12, config, 5, stop)
     finally:
-        for victim in stopped:
+        for victim, _ in stopped:
             os.kill(victim.pid, signal.SIGCONT)
     assert stopped, "the generation ended before the stop"
     print(f"longest gap between tokens after the first: {max(gaps[1:]):.3f} s")
     assert got == reference
     assert max(gaps[1:]) <= 2.0, f"longest gap between tokens {max(gaps[1:]):.2f} s"
+    # a hedged step moved the hop to the replica; the stopped server did not fail
+    assert result.recoveries == 0
+    assert stopped[0][1] not in [hop["port"] for hop in result.route]
 
 
 async def test_sigkill_on_the_route_mid_generation(
@@ -157,8 +160,8 @@ async def test_sigkill_on_the_route_mid_generation(
         killed.append(victim)
 
     config = ClientConfig(initial_peers=(replicated.dht,), step_timeout=10.0)
-    got, _, recoveries = await _generate_timed(model12, config, 5, kill)
-    assert killed and recoveries >= 1
+    got, _, result = await _generate_timed(model12, config, 5, kill)
+    assert killed and result.recoveries >= 1
     assert got == reference
     # a fresh replica in the victim's place keeps the fixture whole for other tests
     (name,) = [n for n, p in replicated.servers.items() if p is killed[0]]
