@@ -121,3 +121,15 @@ def test_same_identity_refused_gap_named_and_waited_for(
     assert any("past the model's 16 positions" in line for line in waiting.stderr_lines)
     assert any("--num-blocks 99 is more than the model's 6" in line for line in filler.stderr_lines)
     assert live.popen.poll() is None  # the refused twin did not disturb the live server
+
+    # a crashed server's record stays "online" until it expires; its identity is free again
+    # at once (its address refuses connections), and the new server's record replaces it
+    peer = live.wait_for_line(READY, 1).group(1)
+    live.kill()
+    reborn = swarm.group.start("b2", swarm_command(*serve_b, "--layers", "0:3", "--identity", key))
+    match = reborn.wait_for_line(READY, 120)
+    assert match.group(1) == peer and match.group(2) != address
+    status = run_cli("status", str(model_b), "--initial-peers", swarm.dht, env=cli_env)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if peer[:10] in line)
+    assert match.group(2) in row and "online" in row
