@@ -65,6 +65,12 @@ def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
         raise ApiError(400, f"model {facts.name} has no chat template (a base model?): use "
                        "/v1/completions, or start the gateway with --chat-template FILE",
                        code="no_chat_template", param="messages")  # fmt: skip
+    for i, message in enumerate(request.messages):
+        extras = sorted(k for k, v in (message.model_extra or {}).items() if v is not None)
+        if extras:
+            raise ApiError(400, f"messages[{i}]: unsupported field(s) {', '.join(extras)}",
+                           code="unsupported_parameter",
+                           param=f"messages.{i}.{extras[0]}")  # fmt: skip
     messages = [{"role": _role(m.role), "content": m.text()} for m in request.messages]
     try:
         text = facts.template.render(messages, add_generation_prompt=True)

@@ -71,10 +71,9 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
-        gone = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, gone)
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                 await self._answer()
                 nursery.cancel_scope.cancel()
         finally:
@@ -235,13 +234,10 @@ def _finish_reason(result: GenerationResult) -> FinishReason:
     return "length" if result.stop_reason == "length" else "stop"
 
 
-async def _cancel_on_disconnect(
-    receive: Receive, scope: trio.CancelScope, gone: trio.Event
-) -> None:
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     """Cancel ``scope`` when the client disconnects (the request body was read already)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            gone.set()
             scope.cancel()
             return
