@@ -18,6 +18,7 @@ from swarm.client.hops import HopFailure, HopState, close_hop, push_target, set_
 from swarm.client.routing import Hop, plan_route
 from swarm.errors import (
     DeadlineExceeded,
+    ErrorCode,
     ProtocolError,
     RemoteError,
     RoutingError,
@@ -31,6 +32,8 @@ from swarm.types import LayerRange, PeerId, parse_address
 __all__ = ["HopOpener"]
 
 log = logging.getLogger(__name__)
+
+_BUSY = frozenset({ErrorCode.LIMIT_EXCEEDED, ErrorCode.UNAVAILABLE})
 
 
 class HopOpener:
@@ -59,6 +62,19 @@ class HopOpener:
         self.rng = rng
         self.excluded = set(excluded)  # never routed to (verification bans)
         self.failures: list[str] = []
+
+    def refused_for_load(self, failure: HopFailure) -> bool:
+        """True when the server only said it is full or draining (a `LimitExceeded` or
+        ``unavailable`` answer, at the handshake or on opening): it is avoided for this
+        opening and penalised in routing, not banned, since it did nothing wrong."""
+        cause = failure.cause
+        busy = isinstance(cause, RemoteError) and cause.code in _BUSY
+        if busy:
+            peer = failure.hop.server.peer_id
+            cfg = self.config
+            self.bans.penalties.penalise(peer, cfg.slow_penalty, cfg.slow_penalty_half_life_s)
+            log.info("%s is busy (%s); trying another server", peer, cause)
+        return busy
 
     def ban(self, failure: HopFailure) -> None:
         seconds = self.bans.ban(failure.hop.server.peer_id)
@@ -96,11 +112,13 @@ class HopOpener:
         """Open sub-sessions covering ``layers``, pushing on to ``next_target``; the first
         takes pushes from ``push_from`` only (the server before ``layers``; None: none).
 
-        A server that fails to open is banned and the rest of the range re-planned, up to
+        A server that fails to open is banned (one that is only full or draining is avoided
+        instead, see `refused_for_load`) and the rest of the range re-planned, up to
         ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
         """
         opened: list[HopState] = []
         start, failures = layers.start, 0
+        avoid = set(avoid)
         try:
             while start < layers.stop:
                 plan = await self.plan(LayerRange(start, layers.stop), avoid)
@@ -110,7 +128,10 @@ class HopOpener:
                 start = states[-1].hop.layers.stop if states else start
                 if failure is not None:
                     failures += 1
-                    self.ban(failure)
+                    if self.refused_for_load(failure):
+                        avoid.add(failure.hop.server.peer_id)
+                    else:
+                        self.ban(failure)
                     if failures > self.config.max_open_retries:
                         raise SessionError(
                             f"{failures} servers failed while opening layers {layers}; "

@@ -99,6 +99,10 @@ async def test_refused_open_goes_elsewhere(checkpoint: Path, full_span: Span) ->
     ):
         assert [h.server.peer_id for h in session.route] == [servers[1].identity.peer_id]
         got = await run_all(session, steps)
+        full = servers[0].identity.peer_id
+        # a full server did nothing wrong: it is avoided and penalised, not banned
+        assert not session.bans.is_banned(full)
+        assert session.bans.penalties.penalty(full) > 0
     assert_same(got, reference_outputs(full_span, steps))
 
 
