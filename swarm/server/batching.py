@@ -143,13 +143,15 @@ def plan_batch(
     max_batch_tokens: int,
     chunk_tokens: int,
     turn: int,
+    shared_batch: int | None = None,
     forward_patience: int,
     batching: bool = True,
 ) -> Batch | None:
     """The next batch (see `swarm.server.compute` for the rules), or None without jobs.
 
-    Without ``batching`` the batch is one job's next chunk: the oldest of the
-    highest priority, decode steps first.
+    ``shared_batch``: while decode steps of more than one client wait, at most this many of
+    them (round robin over clients). Without ``batching`` the batch is one job's next
+    chunk: the oldest of the highest priority, decode steps first.
     """
     live = [job for job in jobs if not job.cancelled and not job.finished]
     if not live:
@@ -159,7 +161,13 @@ def plan_batch(
         return Batch((_chunk(job, chunk_tokens),))
     slices: list[Slice] = []
     tokens = 0
-    for job in round_robin((j for j in live if j.is_decode), turn):
+    decode = [j for j in live if j.is_decode]
+    most = len(decode)
+    if shared_batch is not None and len({j.client for j in decode}) > 1:
+        most = max(shared_batch, 1)
+    for job in round_robin(decode, turn):
+        if len(slices) >= most:
+            break
         if tokens + job.rows <= max_batch_tokens or not slices:
             slices.append(Slice(job, 0, 1))
             tokens += job.rows

@@ -10,7 +10,6 @@ the default prefill chunk and the estimate of a forward's time come from it.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,6 +151,13 @@ class SpanTimings:
         """Tokens per second one session gets while ``batch`` sessions decode together."""
         return 1.0 / max(self.step_seconds(batch), 1e-9)
 
+    def batch_within(self, factor: float) -> int:
+        """The largest batch of decode steps whose (interpolated) step time is at most
+        ``factor`` × a single step's (at least 1, at most 4 × the largest measured)."""
+        single, largest = self.decode[0][1], self.decode[-1][0]
+        fitting = [b for b in range(1, 4 * largest + 1) if self.step_seconds(b) <= factor * single]
+        return max([1, *fitting])
+
     def prefill_chunk(self, factor: float = 1.5, minimum: int = 16) -> int:
         """The largest measured chunk whose forward takes at most ``factor`` × one
         single-session decode step (at least ``minimum`` tokens): a batch of decode steps
@@ -169,7 +175,8 @@ class SpanTimings:
         return rows * flops / rate
 
 
-def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` runs after a warm-up (other load only adds time)."""
     timings = []
     for _ in range(repeats + 1):  # the first is a warm-up
         started = time.perf_counter()
@@ -177,16 +184,16 @@ def _median_seconds(run: Callable[[], object], device: torch.device, repeats: in
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings.append(time.perf_counter() - started)
-    return statistics.median(timings[1:])
+    return min(timings[1:])
 
 
 def measure_span(
     span: Span,
     *,
-    batch_sizes: Sequence[int] = (1, 4, 16),
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
     chunks: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
     prefix: int = 32,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> SpanTimings:
     """Time ``span`` (worker thread): batched decode steps of each batch size with
     ``prefix`` tokens cached per session, and stateless forwards of each chunk size until
@@ -210,7 +217,7 @@ def measure_span(
                 ]
                 span.forward_batch(items)
 
-            decode.append((batch, _median_seconds(step, device, repeats)))
+            decode.append((batch, _best_seconds(step, device, repeats)))
         measured: list[tuple[int, float]] = []
         for tokens in chunks:
             x = torch.randn(1, tokens, config.hidden_size).to(device, dtype)
@@ -219,7 +226,7 @@ def measure_span(
             def forward(x: torch.Tensor = x, p: torch.Tensor = positions) -> None:
                 span(x, p)
 
-            seconds = _median_seconds(forward, device, repeats)
+            seconds = _best_seconds(forward, device, repeats)
             measured.append((tokens, seconds))
             if seconds > 4 * decode[0][1]:
                 break

@@ -85,7 +85,12 @@ class ComputeConfig:
       client: past them `LimitExceeded`.
     - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
       go first.
-    - ``gather_fraction`` (0.25) and ``gather_max`` (5 ms): when fewer decode steps are
+    - ``max_slowdown`` (1.75): while several clients have decode steps ready, a batch holds
+      at most as many as the measured timings run within this factor of one step's time
+      (`ComputeQueue.shared_batch`), taken round robin over clients: a client with one
+      session is in every batch, one with many shares what is left. A single client's
+      steps are all batched (that is fastest for each of them).
+    - ``gather_fraction`` (0.5) and ``gather_max`` (20 ms): when fewer decode steps are
       ready than the last batch held, the worker waits up to this fraction of the last
       batch's time (at most ``gather_max`` seconds) for the rest, so sessions that stepped
       together stay in one batch instead of splitting into a batch of one and the rest.
@@ -98,8 +103,9 @@ class ComputeConfig:
     max_queued: int = 1024
     max_queued_per_client: int = 256
     forward_patience: int = 4
-    gather_fraction: float = 0.25
-    gather_max: float = 0.005
+    max_slowdown: float = 1.75
+    gather_fraction: float = 0.5
+    gather_max: float = 0.02
     batching: bool = True
 
     def __post_init__(self) -> None:
@@ -143,6 +149,7 @@ class ComputeQueue:
             config = dataclasses.replace(config, max_queued=max_queued)
         self.config = config
         self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # set at start-up
+        self.shared_batch: int | None = None  # decode steps per batch among clients (None: all)
         self._heap: list[tuple[int, int, _Task[Any]]] = []
         self._jobs: list[SpanJob] = []
         self._counter = itertools.count()
@@ -151,7 +158,7 @@ class ComputeQueue:
         self._done = 0
         self._batches = 0
         self._turn = 0  # rotates the client that goes first
-        self._last_decode = 0  # decode steps in the last batch
+        self._last_decode: collections.Counter[Hashable] = collections.Counter()  # per client
         self._last_seconds = 0.0  # its compute time
         self._last_end = 0.0  # when it ended (trio clock)
         self._functions_waited = 0  # batches run while a forward-priority function waits
@@ -236,17 +243,19 @@ class ComputeQueue:
             await self._wakeup.wait()
 
     async def _gather(self) -> None:
-        """Wait (briefly, see `ComputeConfig.gather_fraction`) for the decode steps of the
-        sessions in the last batch when only some of them are ready."""
+        """Wait (briefly, see `ComputeConfig.gather_fraction`) until every client of the
+        last batch has as many decode steps ready again as it had in it."""
         cfg = self.config
         expected = self._last_decode
         window = min(cfg.gather_max, cfg.gather_fraction * self._last_seconds)
-        if not cfg.batching or expected == 0 or window <= 0:
+        if not cfg.batching or not expected or window <= 0:
             return
         deadline = self._last_end + window
-        while trio.current_time() < deadline:
-            ready = [job for job in self._jobs if job.is_decode and not job.cancelled]
-            if len(ready) >= expected or self._heap:
+        while trio.current_time() < deadline and not self._heap:
+            ready = collections.Counter(
+                job.client for job in self._jobs if job.is_decode and not job.cancelled
+            )
+            if all(ready[client] >= n for client, n in expected.items()):
                 return
             self._wakeup = trio.Event()
             with trio.move_on_at(deadline):
@@ -291,6 +300,7 @@ class ComputeQueue:
             self._jobs,
             max_batch_tokens=cfg.max_batch_tokens if cfg.batching else 1,
             chunk_tokens=self.prefill_chunk,
+            shared_batch=self.shared_batch,
             turn=self._turn,
             forward_patience=cfg.forward_patience,
             batching=cfg.batching,
@@ -308,7 +318,9 @@ class ComputeQueue:
             seconds = time.perf_counter() - started
             self._busy_seconds += seconds
             self._batches += 1
-            self._last_decode = sum(1 for piece in batch.slices if piece.job.is_decode)
+            self._last_decode = collections.Counter(
+                piece.job.client for piece in batch.slices if piece.job.is_decode
+            )
             self._last_seconds, self._last_end = seconds, trio.current_time()
             if self._heap:
                 self._functions_waited += 1

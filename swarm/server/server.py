@@ -285,6 +285,7 @@ class Server:
                 timings = await queue.submit(lambda: measure_span(span), Priority.FORWARD)
                 state.timings, state.throughput = timings, timings.throughput(1)
                 queue.prefill_chunk = cfg.compute.prefill_chunk or timings.prefill_chunk()
+                queue.shared_batch = timings.batch_within(cfg.compute.max_slowdown)
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()

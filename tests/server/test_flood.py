@@ -1,0 +1,161 @@
+"""A client flooding steps on 16 sessions does not starve a client with one session.
+
+The flood runs in its own process (its client-side work would otherwise share this
+process's event loop with the lone client and the server); the lone client and the server
+run here. The lone client's per-token latency is measured alone, under the flood, and alone
+again, in this one test, so that the shared machine's load drifts over both sides alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm.identity import Identity
+from swarm.net.messages import InferenceOpen, InferenceReady, InferenceStep, InferenceStepResult
+from swarm.net.pool import open_connection_pool
+from swarm.server.batching import BatchRecord
+from swarm.testing.checkpoints import write_random_llama
+from swarm.testing.swarm import LocalServer, open_local_swarm
+from swarm.types import LayerRange
+
+HIDDEN = 768
+LAYERS = LayerRange(0, 2)
+
+FLOOD = """
+import os, sys, torch, trio
+torch.set_num_threads(1)
+from swarm.identity import Identity
+from swarm.net.messages import InferenceOpen, InferenceReady, InferenceStep, InferenceStepResult
+from swarm.net.pool import open_connection_pool
+from swarm.types import LayerRange, PeerId
+
+host, port, peer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+hidden, sessions = int(sys.argv[4]), int(sys.argv[5])
+
+running = [False]  # toggled by a line on stdin
+
+async def session(conn, opened):
+    async with conn.open_stream("inference", timeout=60) as stream:
+        await stream.send(InferenceOpen(os.urandom(16), 1024, 1, "float32", LayerRange(0, 2)))
+        await stream.receive(InferenceReady)
+        opened.append(1)
+        x = torch.randn(1, 1, hidden)
+        for step in range(1024):
+            while not running[0]:
+                await trio.sleep(0.005)
+            await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+            await stream.receive(InferenceStepResult)
+
+async def main():
+    async with open_connection_pool(Identity.generate()) as pool:
+        conn = await pool.get(host, port, PeerId.from_string(peer))
+        opened = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(sessions):
+                nursery.start_soon(session, conn, opened)
+            while len(opened) < sessions:
+                await trio.sleep(0.01)
+            print("ready", flush=True)
+            while await trio.to_thread.run_sync(sys.stdin.readline):
+                running[0] = not running[0]
+                print("toggled", flush=True)
+            nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("flood") / "model"
+    write_random_llama(
+        path, num_layers=2, hidden=HIDDEN, heads=12, kv_heads=4, intermediate=2048, seed=4
+    )
+    return path
+
+
+@pytest.fixture
+def flood_script(tmp_path: Path) -> Iterator[Path]:
+    script = tmp_path / "flood.py"
+    script.write_text(FLOOD)
+    yield script
+
+
+async def _lone_steps(server: LocalServer, count: int) -> list[float]:
+    """Per-token latencies of one session of a client of its own (after 3 warm-up steps)."""
+    async with open_connection_pool(Identity.generate()) as pool:
+        conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
+        async with conn.open_stream("inference", timeout=60) as stream:
+            await stream.send(InferenceOpen(os.urandom(16), 4096, 1, "float32", LAYERS))
+            await stream.receive(InferenceReady)
+            x, out = torch.randn(1, 1, HIDDEN), []
+            for step in range(count + 3):
+                started = time.perf_counter()
+                await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+                await stream.receive(InferenceStepResult)
+                out.append(time.perf_counter() - started)
+            await stream.send_end()
+    return out[3:]
+
+
+async def test_lone_client_keeps_its_pace_under_a_flood(
+    model_path: Path, flood_script: Path
+) -> None:
+    """Three rounds of (alone, under the flood): the lone client's median per-token
+    latency under the flood is within 2x of its median alone; the flood is served too, and
+    batches shared by both clients hold at most `ComputeQueue.shared_batch` steps."""
+    async with open_local_swarm(model_path) as local:
+        server = await local.add_server(LAYERS)
+        handlers = server.server.handlers
+        assert handlers is not None
+        queue = handlers.queue
+        argv = [sys.executable, str(flood_script), server.ready.host, str(server.ready.port),
+                server.ready.peer_id.to_base58(), str(HIDDEN), "16"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        alone: list[float] = []
+        flooded: list[float] = []
+        recent: list[BatchRecord] = []
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        with popen as flood:
+            assert flood.stdin is not None and flood.stdout is not None
+
+            async def toggle() -> None:
+                flood.stdin.write("\n")  # type: ignore[union-attr]
+                flood.stdin.flush()  # type: ignore[union-attr]
+                line = await trio.to_thread.run_sync(flood.stdout.readline)  # type: ignore[union-attr]
+                assert line.strip() == "toggled"
+
+            try:
+                with trio.fail_after(120):
+                    line = await trio.to_thread.run_sync(flood.stdout.readline)
+                assert line.strip() == "ready"
+                for _ in range(3):
+                    alone += await _lone_steps(server, 15)
+                    await toggle()
+                    await trio.sleep(0.2)  # the flood is in full swing
+                    before = queue.statistics().batches
+                    flooded += await _lone_steps(server, 15)
+                    ran = queue.statistics().batches - before
+                    recent += queue.statistics().recent[-min(ran, 256) :]
+                    await toggle()
+            finally:
+                flood.kill()
+    flood_steps = sum(r.decode_steps for r in recent)
+    assert flood_steps > 2 * 45  # the flood was served too, not just the lone client's 45
+    assert queue.shared_batch is not None
+    shared = [r for r in recent if len(set(r.decode_clients)) > 1]
+    assert shared and max(r.decode_steps for r in shared) <= queue.shared_batch
+    ratio = statistics.median(flooded) / statistics.median(alone)
+    assert ratio <= 2.0, (ratio, statistics.median(alone), queue.shared_batch)
