@@ -11,8 +11,12 @@ Edge cost, in seconds for one step of one token:
   network  half the round-trip time into the server: the client's own measured ping for
            the first hop, else the previous server's announced ping to it, else the
            client's ping, else `RouteCosts.unknown_rtt`;
-  compute  blocks used / blocks served / announced tokens-per-second of the server;
-  load     compute × `RouteCosts.load_penalty` × the server's active sessions;
+  compute  blocks used / blocks served / announced tokens-per-second of the server (which
+           a batching server measures at the batch a newcomer would join: its current
+           sessions plus one, so it already falls as the server fills);
+  load     compute × `RouteCosts.load_penalty` × the server's active sessions: what the
+           announced figure leaves out (prompts chunked between the steps, sessions that
+           opened since the last announcement);
   return   half the client's ping to the last server, whose output comes back to it.
 Each edge's cost is multiplied by a random factor in [1, 1 + `RouteCosts.jitter`] so that
 near-equal routes are picked at random and load spreads, and by ``1 + penalty`` for a server
@@ -49,7 +53,7 @@ class RouteCosts:
 
     unknown_rtt: float = 0.15
     per_hop: float = 0.0005  # serialization and scheduling on each hop
-    load_penalty: float = 0.5  # relative slowdown per active session
+    load_penalty: float = 0.25  # relative slowdown per active session, beyond throughput
     jitter: float = 0.05  # relative random noise added to each edge for tie-breaking
 
 
