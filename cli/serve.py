@@ -28,7 +28,8 @@ def serve(
         str, typer.Option(help="Half-open range START:STOP (0:12 serves 0..11), or 'auto'.")
     ] = "auto",
     num_blocks: Annotated[
-        int | None, typer.Option(help="With --layers auto: how many blocks (default all).")
+        int | None,
+        typer.Option(help="With --layers auto: how many blocks (default: what free memory holds)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface for RPC and the DHT.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="RPC TCP port (0 picks a free one).")] = 0,
@@ -62,8 +63,25 @@ def serve(
     max_sessions: Annotated[int, typer.Option(help="Concurrent inference sessions.")] = 64,
     max_length: Annotated[int, typer.Option(help="Tokens per session.")] = 8192,
     cache_tokens: Annotated[
-        int, typer.Option(help="KV cache budget: max_length x batch over all sessions.")
-    ] = 65536,
+        int | None,
+        typer.Option(
+            help="KV cache budget: max_length x batch over all sessions (default: what free "
+            "memory holds after the blocks, at most 65536)."
+        ),
+    ] = None,
+    max_batch_tokens: Annotated[
+        int, typer.Option(help="Decode tokens of concurrent sessions run as one batch.")
+    ] = 1024,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Prompt/forward tokens per batch, between other sessions' steps "
+            "(default: measured, a chunk that costs about one decode step)."
+        ),
+    ] = None,
+    batching: Annotated[
+        bool, typer.Option(help="Batch concurrent sessions' steps (--no-batching: one at a time).")
+    ] = True,
     num_threads: Annotated[int, typer.Option(help="torch threads for compute.")] = 1,
     announce_ttl: Annotated[
         float, typer.Option(help="Seconds a DHT record lives; re-announced every half.")
@@ -86,6 +104,7 @@ def serve(
     import trio
 
     from swarm.dht import DHTConfig
+    from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
     from swarm.types import LayerRange
@@ -113,7 +132,11 @@ def serve(
         swarm_key_path=swarm_key,
         dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
         limits=SessionLimits(
-            max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens
+            max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536
+        ),
+        cache_tokens_from_memory=cache_tokens is None,
+        compute=ComputeConfig(
+            max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
     )
