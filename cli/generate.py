@@ -38,7 +38,10 @@ def _parse_ids(text: str) -> list[int]:
 
 def generate(
     model: Annotated[
-        Path, typer.Argument(help="Model folder (the same checkpoint as the servers).")
+        str,
+        typer.Argument(
+            help="Model folder, GGUF file or hub name (the same checkpoint as the servers)."
+        ),
     ],
     prompt: Annotated[str | None, typer.Argument(help="Prompt text.")] = None,
     initial_peers: Annotated[
@@ -49,9 +52,16 @@ def generate(
         str | None, typer.Option(help="Comma-separated prompt token ids instead of text.")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 32,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = no top-k cut.")] = 0,
-    top_p: Annotated[float, typer.Option(help="1.0 = no top-p cut.")] = 1.0,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="0 = greedy (default: the model's generation_config.json, else 0)."),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="0 = no top-k cut (default: generation_config.json).")
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="1.0 = no top-p cut (default: generation_config.json).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")
@@ -84,6 +94,8 @@ def generate(
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
+    from swarm.shards.generation import GenerationDefaults
+    from swarm.shards.hub import resolve_checkpoint
 
     if (prompt is None) == (ids is None):
         raise ConfigError("give either a PROMPT or --ids, not both or neither")
@@ -100,9 +112,11 @@ def generate(
     )
     if reputation is not None:
         config = dataclasses.replace(config, reputation_path=str(reputation))
-    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    path = resolve_checkpoint(model)
+    chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
+    sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)
     request = prompt if prompt is not None else _parse_ids(ids or "")
-    job = _Job(model, config, request, max_new_tokens, sampling, tuple(stop or ()), wait)
+    job = _Job(path, config, request, max_new_tokens, sampling, tuple(stop or ()), wait)
     trio.run(_run, job, as_json)
 
 

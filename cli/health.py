@@ -77,7 +77,9 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
 
 
 def status(
-    model: Annotated[Path, typer.Argument(help="Model folder (identifies the model).")],
+    model: Annotated[
+        str, typer.Argument(help="Model folder, GGUF file or hub name (identifies the model).")
+    ],
     initial_peers: PeersOption = None,
     swarm_key: KeyOption = None,
     reputation: Annotated[
@@ -88,7 +90,9 @@ def status(
     """Block coverage, and per server: range, state, latency, throughput, load, audits."""
     import trio
 
-    trio.run(_status, model, initial_peers or [], swarm_key, reputation)
+    from swarm.shards.hub import resolve_checkpoint
+
+    trio.run(_status, resolve_checkpoint(model), initial_peers or [], swarm_key, reputation)
 
 
 async def _status(
@@ -123,7 +127,9 @@ async def _status(
 
 
 def monitor(
-    model: Annotated[Path, typer.Argument(help="Local reference copy of the model.")],
+    model: Annotated[
+        str, typer.Argument(help="Local reference copy of the model (folder, GGUF, hub name).")
+    ],
     initial_peers: PeersOption = None,
     swarm_key: KeyOption = None,
     rounds: Annotated[int, typer.Option(help="Canary rounds (0 = until Ctrl-C).")] = 3,
@@ -134,8 +140,11 @@ def monitor(
     """Send canary inputs with known answers to every server; report accuracy and uptime."""
     import trio
 
+    from swarm.shards.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(model)
     try:
-        trio.run(_monitor, model, initial_peers or [], swarm_key, rounds, interval, timeout)
+        trio.run(_monitor, path, initial_peers or [], swarm_key, rounds, interval, timeout)
     except KeyboardInterrupt:
         if rounds:
             raise  # stopped before the rounds asked for: an interruption

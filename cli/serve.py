@@ -23,7 +23,10 @@ err = Console(stderr=True)
 
 
 def serve(
-    model: Annotated[Path, typer.Argument(help="Hugging Face-format model folder or GGUF file.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="Model folder, GGUF file, or hub name (org/name, from its cache)."),
+    ],
     layers: Annotated[
         str, typer.Option(help="Half-open range START:STOP (0:12 serves 0..11), or 'auto'.")
     ] = "auto",
@@ -107,10 +110,12 @@ def serve(
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
+    from swarm.shards.hub import resolve_checkpoint
     from swarm.types import LayerRange
 
     setup_logging(timestamps=True)  # the level: --verbose, set by swarm_cli.errors.command
-    num_layers = _check_model_and_device(model, device)
+    path = resolve_checkpoint(model)
+    num_layers = _check_model_and_device(path, device)
     chosen = None if layers == "auto" else LayerRange(*parse_layers(layers, num_layers))
     if num_blocks is not None and chosen is not None:
         warn("--num-blocks is ignored with an explicit --layers range")
@@ -119,7 +124,7 @@ def serve(
              f"serving all {num_layers}")  # fmt: skip
         num_blocks = num_layers
     config = ServerConfig(
-        model=model,
+        model=path,
         layers=chosen,
         num_blocks=num_blocks,
         host=host,
