@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .api import api as _api
+from .bench import bench as _bench
 from .chat import chat as _chat
 from .demo import demo as _demo
 from .dht import dht as _dht
@@ -70,6 +71,7 @@ _COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("status", _status),
     ("monitor", _monitor),
     ("api", _api),
+    ("bench", _bench),
 ]
 for _name, _fn in _COMMANDS:
     _register(app, _name, _fn)
