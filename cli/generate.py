@@ -190,6 +190,8 @@ async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
         left = deadline - trio.current_time()
         if left <= 0 and look >= 2:  # a second look, as routing does, for a slow DHT reply
             waited = f" after waiting {job.wait:g} s" if job.wait else " (--wait S waits for it)"
-            hint = fill_hint(gaps, str(job.path), job.config.initial_peers)
+            hint = model.directory.absence_hint() or fill_hint(
+                gaps, str(job.path), job.config.initial_peers
+            )
             raise RoutingError(hint + waited)
         await trio.sleep(min(1.0, max(left, 0.0)))

@@ -15,7 +15,13 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.dht.node import DHTNode
-from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.directory import (
+    ServerView,
+    block_keys,
+    mismatch_hint,
+    other_model_ids,
+    servers_from_records,
+)
 from swarm.errors import DHTError, SwarmError
 from swarm.net.messages import InfoRequest, InfoResponse
 from swarm.net.pool import ConnectionPool
@@ -41,6 +47,10 @@ class ServerDirectory(Protocol):
         """The known servers; ``refresh`` asks the source again first."""
         ...
 
+    def absence_hint(self) -> str:
+        """Why no server may be found, if the source knows ("": nothing to say)."""
+        ...
+
 
 class StaticDirectory:
     """A fixed list of servers (tests, or a client told its servers directly)."""
@@ -53,6 +63,9 @@ class StaticDirectory:
 
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         return list(self._servers)
+
+    def absence_hint(self) -> str:
+        return ""
 
 
 class PingTable:
@@ -107,6 +120,7 @@ class Discovery:
         self._pings = PingTable(config.ping_ema)
         self._servers: list[ServerView] = []
         self.refreshes = 0
+        self._hint = ""
 
     @property
     def pings(self) -> Mapping[PeerId, float]:
@@ -130,8 +144,18 @@ class Discovery:
             raise DHTError(f"DHT lookup of {self.model_id} took over {limit} s")
         self._servers = servers_from_records(records, self.model_id, self.num_layers)
         self.refreshes += 1
+        if not self._servers:  # our id has no server: is there a copy of other weights?
+            others = await other_model_ids(self.dht, self.model_id)
+            self._hint = mismatch_hint(self.model_id, others)
+        else:
+            self._hint = ""
         await self.measure_pings()
         return list(self._servers)
+
+    def absence_hint(self) -> str:
+        """Set when the last refresh found no server of our id but servers of another id of
+        the same model family (our local weights differ from theirs)."""
+        return self._hint
 
     async def measure_pings(self) -> None:
         """Ping the online servers (at most ``ping_max_servers``) concurrently."""

@@ -65,6 +65,9 @@ class _LoadedDirectory:
     def pings(self) -> Mapping[PeerId, float]:
         return self._load.inner.pings
 
+    def absence_hint(self) -> str:
+        return self._load.inner.absence_hint()
+
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         views = await self._load.inner.servers(refresh=refresh)
         own = self._load.sessions

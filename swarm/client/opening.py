@@ -99,7 +99,9 @@ class HopOpener:
             except RoutingError as exc:
                 error = exc
         banned = len(self.bans.banned())
-        raise RoutingError(f"{error} ({banned} servers banned after failures)") from error
+        hint = self.directory.absence_hint()
+        why = f"; {hint}" if hint else ""
+        raise RoutingError(f"{error} ({banned} servers banned after failures){why}") from error
 
     async def open_range(
         self,

@@ -6,7 +6,15 @@ from swarm.directory.evidence import (
     fetch_evidence,
     fetch_material_bytes,
 )
-from swarm.directory.keys import block_key, block_keys, evidence_key, material_key
+from swarm.directory.family import announce_model_id, mismatch_hint, other_model_ids
+from swarm.directory.keys import (
+    block_key,
+    block_keys,
+    evidence_key,
+    family_key,
+    material_key,
+    model_family,
+)
 from swarm.directory.servers import (
     MAX_THROUGHPUT,
     ServerView,
@@ -18,12 +26,17 @@ __all__ = [
     "MAX_THROUGHPUT",
     "DHTEvidenceBoard",
     "ServerView",
+    "announce_model_id",
     "block_key",
     "block_keys",
     "decode_announcement",
     "evidence_key",
+    "family_key",
     "fetch_evidence",
     "fetch_material_bytes",
     "material_key",
+    "mismatch_hint",
+    "model_family",
+    "other_model_ids",
     "servers_from_records",
 ]

@@ -2,12 +2,22 @@
 
 - ``"<model_id>/block/<i>"``: one record per server of block ``i`` (a `ServerAnnouncement`);
 - ``"<model_id>/evidence"``: one record per reporter (a signed `Evidence`);
-- ``"<model_id>/evidence/<digest>/<i>"``: chunk ``i`` of the material behind an evidence.
+- ``"<model_id>/evidence/<digest>/<i>"``: chunk ``i`` of the material behind an evidence;
+- ``"<family>/models"``: one record per server naming the model id it serves, where the
+  family is the readable part of the id (architecture and size, e.g. ``llama-135m``), so a
+  client whose copy of the weights differs from the servers' can be told so.
 """
 
 from __future__ import annotations
 
-__all__ = ["block_key", "block_keys", "evidence_key", "material_key"]
+__all__ = [
+    "block_key",
+    "block_keys",
+    "evidence_key",
+    "family_key",
+    "material_key",
+    "model_family",
+]
 
 
 def block_key(model_id: str, block: int) -> str:
@@ -28,3 +38,14 @@ def evidence_key(model_id: str) -> str:
 def material_key(model_id: str, digest: str, index: int) -> str:
     """The key of chunk ``index`` of the material behind the evidence with ``digest``."""
     return f"{model_id}/evidence/{digest}/{index}"
+
+
+def model_family(model_id: str) -> str:
+    """The readable part of a model id (``llama-135m`` of ``llama-135m-0123456789ab``)."""
+    family, sep, _digest = model_id.rpartition("-")
+    return family if sep else model_id
+
+
+def family_key(model_id: str) -> str:
+    """The key under which servers of models of this family name the ids they serve."""
+    return f"{model_family(model_id)}/models"

@@ -18,7 +18,13 @@ import torch
 import trio
 
 from swarm.dht import DHTNode
-from swarm.directory import ServerView, block_key, block_keys, servers_from_records
+from swarm.directory import (
+    ServerView,
+    announce_model_id,
+    block_key,
+    block_keys,
+    servers_from_records,
+)
 from swarm.errors import SwarmError
 from swarm.net.messages import InfoRequest, InfoResponse, PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
@@ -112,9 +118,16 @@ class Announcer:
             except SwarmError as exc:
                 log.warning("announcing block %d failed: %s", block, exc)
 
+        async def family() -> None:
+            try:
+                await announce_model_id(self.dht, self.model_id, self.ttl)
+            except SwarmError as exc:
+                log.info("announcing the model id failed: %s", exc)
+
         async with trio.open_nursery() as nursery:
             for block in self.layers:
                 nursery.start_soon(one, block)
+            nursery.start_soon(family)
         self.announces += 1
 
     async def measure_next_pings(self) -> None:
