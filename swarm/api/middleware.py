@@ -28,6 +28,7 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health"})
+DRAIN_FACTOR = 16  # a body is read (and dropped) up to this many times the limit
 KEY_IN_QUERY_PATHS = frozenset({"/", "/v1/swarm/status"})
 _ENDPOINTS = frozenset({
     "/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
@@ -71,8 +72,8 @@ class GuardMiddleware:
 
         try:
             error = self._refusal(scope)
-            if error is None:
-                body, error = await self._read_body(receive)
+            body, body_error = await self._read_body(receive)  # also when refused: see below
+            error = error or body_error
             if error is not None:
                 await _send_error(counting_send, error)
                 return
@@ -82,9 +83,6 @@ class GuardMiddleware:
 
     def _refusal(self, scope: Scope) -> ApiError | None:
         headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return self._too_large()
         path = scope["path"]
         if not self.api_keys or path in OPEN_PATHS:
             return None
@@ -104,7 +102,11 @@ class GuardMiddleware:
                         code="request_too_large")  # fmt: skip
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, ApiError | None]:
-        """The whole request body (bounded), read before the app sees the request."""
+        """The whole request body, read before the app sees the request.
+
+        Past ``max_body_bytes`` the rest is read and dropped (up to `DRAIN_FACTOR` times the
+        limit): a server that answers while the client still sends makes the client's
+        socket reset, and the client then never reads the answer."""
         parts, seen = [], 0
         while True:
             message = await receive()
@@ -112,10 +114,12 @@ class GuardMiddleware:
                 return b"", ApiError(499, "the client closed the request")
             chunk = message.get("body", b"")
             seen += len(chunk)
-            if seen > self.max_body_bytes:
+            if seen <= self.max_body_bytes:
+                parts.append(chunk)
+            done = not message.get("more_body", False)
+            if seen > self.max_body_bytes and (done or seen > DRAIN_FACTOR * self.max_body_bytes):
                 return b"", self._too_large()
-            parts.append(chunk)
-            if not message.get("more_body", False):
+            if done:
                 return b"".join(parts), None
 
 
