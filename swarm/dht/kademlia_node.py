@@ -114,15 +114,16 @@ class KademliaNode(Server):  # type: ignore[misc]
         return answered
 
     async def find_neighbourhood(self) -> None:
-        """Look up our own id, then ping the closest nodes found (in the background: the join
-        does not wait): each ping echoes the token their crawl reply handed us, so they verify
-        and add us in turn."""
+        """Look up our own id, then ping the ``alpha`` closest nodes found (in the background:
+        the join does not wait). Each ping echoes the token their crawl reply handed us, so they
+        verify and add us; from their find_node replies others learn of us and verify us by
+        asking us something (a reply verifies), so a few pings are enough."""
         proto = self._proto()
         nearest = proto.router.find_neighbors(self.node, self.alpha)
         if not nearest:
             return
         found = await NodeCrawl(proto, self.node, nearest, self.ksize, self.alpha).find()
-        for node in found:
+        for node in found[: self.alpha]:
             proto.spawn(proto.call_ping(node))
 
     async def store(self, dkey: bytes, blob: bytes) -> int:

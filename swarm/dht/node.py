@@ -81,8 +81,9 @@ class DHTNode:
                     await node._start()
                     yield node
                 else:  # (only then a task: a node without one may be closed out of order)
+                    claims = node._connect_proofs(proofs)
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(node._prove, prover, proofs)
+                        nursery.start_soon(node._prove, prover, claims)
                         await node._start()
                         yield node
                         nursery.cancel_scope.cancel()
@@ -91,8 +92,8 @@ class DHTNode:
                     scope.shield = True
                     await runner.run(kad.aclose)
 
-    async def _prove(self, prover: RecordProver, proofs: ProofCache) -> None:
-        """Carry claims from the DHT loop thread to ``prover`` and verdicts back."""
+    def _connect_proofs(self, proofs: ProofCache) -> trio.MemoryReceiveChannel[Hashable]:
+        """Route the claims the DHT loop thread asks for into a channel (trio thread)."""
         send, receive = trio.open_memory_channel[Hashable](_PROOF_QUEUE)
         token = trio.lowlevel.current_trio_token()
 
@@ -104,12 +105,18 @@ class DHTNode:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(offer, claim)
 
+        proofs.submit = submit
+        return receive
+
+    async def _prove(
+        self, prover: RecordProver, claims: trio.MemoryReceiveChannel[Hashable]
+    ) -> None:
+        """Prove claims and hand the verdicts back to storage (until cancelled)."""
+
         async def settle(claim: Hashable, ok: bool) -> None:
             await self._runner.run(_async(lambda: self._kad.storage.settle(claim, ok)))
 
-        proofs.submit = submit
-        async with send:
-            await run_proofs(prover, self.config, receive, settle)
+        await run_proofs(prover, self.config, claims, settle)
 
     async def _start(self) -> None:
         try:
