@@ -327,6 +327,11 @@ def _report_verification(
         f"[bold]verification[/bold] {stats.policy}: {stats.audits} audits, "
         f"{stats.reruns} re-runs on other peers, {rollbacks} rollback(s)"
     )
+    if stats.unchecked_ranges:
+        console.print(
+            f"[yellow]layers {', '.join(stats.unchecked_ranges)} went unchecked: no second "
+            "server serves them (--servers N adds replicas)[/yellow]"
+        )
     for peer in caught:
         kind = f" (it was the {liars[peer]} liar)" if peer in liars else ""
         console.print(f"[red]caught peer {peer[:8]} lying{kind}: banned[/red]")

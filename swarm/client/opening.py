@@ -33,7 +33,8 @@ __all__ = ["HopOpener"]
 
 log = logging.getLogger(__name__)
 
-_BUSY = frozenset({ErrorCode.LIMIT_EXCEEDED, ErrorCode.UNAVAILABLE})
+# What a server answers when it did nothing wrong: full, draining, or our session is gone.
+_BLAMELESS = frozenset({ErrorCode.LIMIT_EXCEEDED, ErrorCode.UNAVAILABLE, ErrorCode.SESSION})
 
 
 class HopOpener:
@@ -63,23 +64,28 @@ class HopOpener:
         self.excluded = set(excluded)  # never routed to (verification bans)
         self.failures: list[str] = []
 
-    def refused_for_load(self, failure: HopFailure) -> bool:
-        """True when the server only said it is full or draining (a `LimitExceeded` or
-        ``unavailable`` answer, at the handshake or on opening): it is avoided for this
-        opening and penalised in routing, not banned, since it did nothing wrong."""
+    def blameless(self, failure: HopFailure) -> bool:
+        """True when the server only said it is full, draining or done with our session (a
+        `LimitExceeded`, ``unavailable`` or ``session`` answer): it is then penalised in
+        routing and avoided by the caller, not banned, since it did nothing wrong."""
         cause = failure.cause
-        busy = isinstance(cause, RemoteError) and cause.code in _BUSY
-        if busy:
+        innocent = isinstance(cause, RemoteError) and cause.code in _BLAMELESS
+        if innocent:
             peer = failure.hop.server.peer_id
             cfg = self.config
             self.bans.penalties.penalise(peer, cfg.slow_penalty, cfg.slow_penalty_half_life_s)
-            log.info("%s is busy (%s); trying another server", peer, cause)
-        return busy
+            log.info("%s cannot go on (%s); moving to another server", peer, cause)
+        return innocent
 
-    def ban(self, failure: HopFailure) -> None:
+    def ban(self, failure: HopFailure) -> bool:
+        """Ban the failed server (backing off) and return True; a `blameless` one is only
+        penalised, and False returned (the caller then avoids it where it re-plans)."""
+        if self.blameless(failure):
+            return False
         seconds = self.bans.ban(failure.hop.server.peer_id)
         self.failures.append(str(failure))
         log.warning("banning %s for %.0f s: %s", failure.hop.server.peer_id, seconds, failure)
+        return True
 
     async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
@@ -115,7 +121,7 @@ class HopOpener:
         takes pushes from ``push_from`` only (the server before ``layers``; None: none).
 
         A server that fails to open is banned (one that is only full or draining is avoided
-        instead, see `refused_for_load`) and the rest of the range re-planned, up to
+        instead, see `blameless`) and the rest of the range re-planned, up to
         ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
         """
         opened: list[HopState] = []
@@ -130,10 +136,8 @@ class HopOpener:
                 start = states[-1].hop.layers.stop if states else start
                 if failure is not None:
                     failures += 1
-                    if self.refused_for_load(failure):
+                    if not self.ban(failure):
                         avoid.add(failure.hop.server.peer_id)
-                    else:
-                        self.ban(failure)
                     if failures > self.config.max_open_retries:
                         raise SessionError(
                             f"{failures} servers failed while opening layers {layers}; "

@@ -218,15 +218,17 @@ class InferenceSession:
 
         Raises `SessionError` past ``max_recoveries``, `RoutingError` with no servers left.
         """
+        avoid: set[PeerId] = set()
         while True:
-            self.opener.ban(failure)
+            if not self.opener.ban(failure):  # draining, full, or our session expired
+                avoid.add(failure.hop.server.peer_id)
             self.recoveries += 1
             if self.recoveries > self.config.max_recoveries:
                 raise SessionError(
                     f"gave up after {self.recoveries - 1} recoveries; last failure: {failure}"
                 ) from failure.cause
             try:
-                new = await open_replacement(self.opener, self._hops, k, step)
+                new = await open_replacement(self.opener, self._hops, k, step, avoid)
                 await splice(self.opener, self._hops, k, new, step)
                 self.routes.append(self.route)
                 return

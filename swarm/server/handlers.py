@@ -216,6 +216,8 @@ class ServingHandlers:
             except BaseExceptionGroup as group:
                 inner = unwrap_group(group)  # the session's real error, not its siblings'
                 raise inner if isinstance(inner, Exception) else group from None
+            if session.close_reason is not None:  # closed by the table: say why
+                raise session.close_reason
         except SwarmError as exc:
             self.state.count_error(exc)
             log.info("session %s failed: %s", session.session_id.hex()[:8], exc)

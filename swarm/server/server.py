@@ -25,7 +25,15 @@ import trio
 from swarm._version import __version__
 from swarm.dht import DHTNode
 from swarm.directory import block_keys, servers_from_records
-from swarm.errors import ConfigError, ConnectError, IdentityError, PeerIdMismatch, SwarmError
+from swarm.errors import (
+    ConfigError,
+    ConnectError,
+    ErrorCode,
+    IdentityError,
+    PeerIdMismatch,
+    RemoteError,
+    SwarmError,
+)
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.handshake import open_channel
@@ -304,13 +312,26 @@ class Server:
                 )
             )
             await self._stop.wait()
-            await self._drain(state, announcer, queue)
+            await self._drain(state, announcer, queue, sessions)
             nursery.cancel_scope.cancel()
 
-    async def _drain(self, state: ServingState, announcer: Announcer, queue: ComputeQueue) -> None:
+    async def _drain(
+        self,
+        state: ServingState,
+        announcer: Announcer,
+        queue: ComputeQueue,
+        sessions: SessionTable,
+    ) -> None:
+        """Announce ``draining``, let open sessions finish (at most ``drain_timeout`` s),
+        then end the rest telling their clients the server is going (``unavailable``: they
+        move on without counting it a failure)."""
         state.state = ServerState.DRAINING
         with trio.move_on_after(self.drain_timeout) as scope:
             scope.shield = True
             await announcer.announce()
-            while queue.statistics().queued > 0 or queue.running:
+            while len(sessions) or queue.statistics().queued > 0 or queue.running:
                 await trio.sleep(0.01)
+        going = RemoteError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if sessions.close_all(going):
+            with trio.move_on_after(1.0, shield=True):
+                await trio.sleep(0.05)  # the handlers send their clients the reason

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from swarm.errors import ConfigError, LimitExceeded, SessionError
+from swarm.errors import ConfigError, ErrorCode, LimitExceeded, RemoteError, SessionError
 from swarm.net.messages import PushTarget
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
@@ -99,6 +99,7 @@ class Session:
     push_from: PeerId | None = None  # the one peer whose pushes this session takes
     next_step: int = 0
     scope: trio.CancelScope | None = None  # the handler serving it; cancelled on close
+    close_reason: RemoteError | None = None  # what its client is told when the table closes it
     last_step: int = -1
     last_active: float = field(default_factory=time.monotonic)
     _inputs: dict[int, StepInput] = field(default_factory=dict)
@@ -272,11 +273,23 @@ class SessionTable:
             raise SessionError(f"unknown or expired session {session_id.hex()}")
         return session
 
-    def close(self, session_id: bytes) -> None:
-        """Forget the session and stop the handler serving it (its cache is freed)."""
+    def close(self, session_id: bytes, reason: RemoteError | None = None) -> None:
+        """Forget the session and stop the handler serving it (its cache is freed); the
+        handler answers its client with ``reason`` (None: the session simply ended)."""
         session = self._sessions.pop(session_id, None)
-        if session is not None and session.scope is not None:
+        if session is None:
+            return
+        if session.close_reason is None:
+            session.close_reason = reason
+        if session.scope is not None:
             session.scope.cancel()
+
+    def close_all(self, reason: RemoteError) -> int:
+        """Close every session, telling each client ``reason``; returns how many."""
+        ids = list(self._sessions)
+        for sid in ids:
+            self.close(sid, reason)
+        return len(ids)
 
     def close_idle(self, now: float | None = None) -> int:
         """Close sessions idle past the timeout; returns how many were closed."""
@@ -286,6 +299,9 @@ class SessionTable:
             for sid, s in self._sessions.items()
             if now - s.last_active > self.limits.idle_timeout
         ]
+        reason = RemoteError(
+            ErrorCode.SESSION, f"session closed after {self.limits.idle_timeout:g} s without a step"
+        )
         for sid in idle:
-            self.close(sid)
+            self.close(sid, reason)
         return len(idle)

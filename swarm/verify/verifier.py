@@ -67,6 +67,8 @@ class VerifierStatistics:
     reruns: int
     rerun_tokens: int
     detections: tuple[tuple[str, int], ...]  # (liar's peer id, step)
+    unchecked: int = 0  # audits skipped: no other server serves those layers
+    unchecked_ranges: tuple[str, ...] = ()  # those layer ranges, "start:stop"
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Verifier:
     reruns: int = 0
     rerun_tokens: int = 0
     detections: list[tuple[PeerId, int]] = field(default_factory=list)  # (liar, step)
+    unchecked: int = 0  # audits that found no other peer to re-run the hop
+    unchecked_ranges: set[LayerRange] = field(default_factory=set)
 
     def statistics(self) -> VerifierStatistics:
         return VerifierStatistics(
@@ -92,6 +96,8 @@ class Verifier:
             reruns=self.reruns,
             rerun_tokens=self.rerun_tokens,
             detections=tuple((str(p), s) for p, s in self.detections),
+            unchecked=self.unchecked,
+            unchecked_ranges=tuple(sorted(str(r) for r in self.unchecked_ranges)),
         )
 
     def rate_for(self, obs: HopObservation) -> float:
@@ -150,6 +156,16 @@ class Verifier:
             await self._audit(record, step, slice(None), 1, candidates, forward, verdict)
         return verdict
 
+    def _unchecked(self, layers: LayerRange) -> None:
+        """No other peer could re-run ``layers``: counted apart, and said once per range."""
+        self.unchecked += 1
+        if layers not in self.unchecked_ranges:
+            self.unchecked_ranges.add(layers)
+            log.warning(
+                "%s cannot check layers %s: no other server serves them (add a replica)",
+                self.policy, layers,
+            )  # fmt: skip
+
     async def _audit(
         self,
         record: HopRecord,
@@ -165,6 +181,9 @@ class Verifier:
         result = await audit_hop(
             record, cands, forward, checked=checked, checkers=checkers, rng=self.rng
         )
+        if result.verdict is AuditVerdict.UNCHECKED:
+            self._unchecked(record.layers)
+            return
         self.audits += 1
         self.reruns += result.reruns
         self.rerun_tokens += result.reruns * record.inputs.shape[1]
