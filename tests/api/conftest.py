@@ -81,12 +81,16 @@ def start_dht(group: ProcessGroup, home: Path) -> ApiSwarm:
     return ApiSwarm(group, home, dht)
 
 
-def swarm_generate(swarm: ApiSwarm, prompt: str | Sequence[int], max_new_tokens: int) -> dict:
-    """``swarm generate --json`` at temperature 0 for a text prompt or token ids."""
+def swarm_generate(
+    swarm: ApiSwarm, prompt: str | Sequence[int], max_new_tokens: int, *extra: str
+) -> dict:
+    """``swarm generate --json`` (temperature 0 unless ``extra`` says otherwise) for a text
+    prompt or token ids."""
     request = ["--ids", ",".join(map(str, prompt))] if not isinstance(prompt, str) else [prompt]
     argv = swarm_command("generate", str(MODEL), *request, "--initial-peers", swarm.dht,
                          "--max-new-tokens", str(max_new_tokens), "--json",
-                         "--wait", "30")  # fmt: skip
+                         "--wait", "30", "--temperature", "0", "--top-k", "0",
+                         *extra)  # fmt: skip (generation_config.json's sampling overridden)
     proc = swarm.group.start("generate", argv)
     code = proc.wait_exit(120)
     assert code == 0, "\n".join(proc.stderr_lines[-20:])

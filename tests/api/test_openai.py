@@ -124,6 +124,23 @@ def test_completions_equal_swarm_generate(swarm: ApiSwarm, client: openai.OpenAI
     assert again.choices[0].text == expected["text"]
 
 
+def test_stop_strings_and_seeded_sampling_equal_swarm_generate(
+    swarm: ApiSwarm, client: openai.OpenAI
+) -> None:
+    stopped = swarm_generate(swarm, PROMPT, NEW_TOKENS, "--stop", " same")
+    assert stopped["stop_reason"] == "stop", "pick a stop string the answer reaches"
+    answer = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0,
+                                       max_tokens=NEW_TOKENS, stop=[" same"])  # fmt: skip
+    assert answer.choices[0].text == stopped["text"]
+    assert answer.choices[0].finish_reason == "stop"
+    sampled = swarm_generate(swarm, PROMPT, NEW_TOKENS, "--temperature", "0.9",
+                             "--top-p", "0.8", "--seed", "7")  # fmt: skip
+    for _ in range(2):  # the same seed gives the same answer, every time
+        answer = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0.9,
+                                           top_p=0.8, seed=7, max_tokens=NEW_TOKENS)  # fmt: skip
+        assert answer.choices[0].text == sampled["text"]
+
+
 def test_receipts_are_signed_and_fetchable(swarm: ApiSwarm) -> None:
     with swarm.client() as http:
         answer = http.post("/v1/completions", json={
