@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 import trio
@@ -204,6 +205,14 @@ def test_disconnect_mid_stream_frees_the_servers(swarm: ApiSwarm) -> None:
             next(events)
         busy = trio.run(_sessions, swarm)
         assert sum(busy.values()) == 2, busy  # one session per hop, held while streaming
+    _assert_freed_within_2_s(swarm)
+    # a client that gives up on a non-streamed answer frees them as well
+    with swarm.client(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={**body, "stream": False})
+    _assert_freed_within_2_s(swarm)
+
+
+def _assert_freed_within_2_s(swarm: ApiSwarm) -> None:
     left_at = time.monotonic()
     while (sessions := trio.run(_sessions, swarm)) and sum(sessions.values()):
         assert time.monotonic() - left_at < 2.0, f"sessions left after 2 s: {sessions}"
