@@ -150,8 +150,9 @@ def plan_batch(
     """The next batch (see `swarm.server.compute` for the rules), or None without jobs.
 
     ``shared_batch``: while decode steps of more than one client wait, at most this many of
-    them (round robin over clients). Without ``batching`` the batch is one job's next
-    chunk: the oldest of the highest priority, decode steps first.
+    them, or one per waiting client if that is more (round robin over clients). Without
+    ``batching`` the batch is one job's next chunk: the oldest of the highest priority,
+    decode steps first.
     """
     live = [job for job in jobs if not job.cancelled and not job.finished]
     if not live:
@@ -162,9 +163,9 @@ def plan_batch(
     slices: list[Slice] = []
     tokens = 0
     decode = [j for j in live if j.is_decode]
-    most = len(decode)
-    if shared_batch is not None and len({j.client for j in decode}) > 1:
-        most = max(shared_batch, 1)
+    most, clients = len(decode), len({j.client for j in decode})
+    if shared_batch is not None and clients > 1:
+        most = max(shared_batch, clients)  # every client gets a step into each batch
     for job in round_robin(decode, turn):
         if len(slices) >= most:
             break

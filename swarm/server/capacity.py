@@ -187,6 +187,39 @@ def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int)
     return min(timings[1:])
 
 
+def _measure_decode(
+    span: Span, batch_sizes: Sequence[int], prefix: int, repeats: int
+) -> list[tuple[int, float]]:
+    """The fastest batched decode step of each size; the sizes take turns in each round,
+    so that a burst of other load on the machine hits them alike."""
+    config, device, dtype = span.config, span.device, span.dtype
+    prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
+    one = prompt[:, :1]
+    groups = []
+    for batch in batch_sizes:
+        caches = [
+            KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
+            for _ in range(batch)
+        ]
+        for cache in caches:
+            span(prompt, torch.arange(prefix).view(1, -1).to(device), cache)
+        groups.append(caches)
+    best = [float("inf")] * len(groups)
+    position = torch.tensor([[prefix]], device=device)
+    for round_ in range(repeats + 1):  # the first round is a warm-up
+        for i, caches in enumerate(groups):
+            started = time.perf_counter()
+            span.forward_batch([BatchItem(one, position, c) for c in caches])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            for cache in caches:
+                cache.truncate(prefix)  # the same step again next round
+            if round_:
+                best[i] = min(best[i], seconds)
+    return list(zip(batch_sizes, best, strict=True))
+
+
 def measure_span(
     span: Span,
     *,
@@ -199,25 +232,8 @@ def measure_span(
     ``prefix`` tokens cached per session, and stateless forwards of each chunk size until
     one takes over 4 × a single decode step. Costs a few hundred steps' compute."""
     config, device, dtype = span.config, span.device, span.dtype
-    room = prefix + repeats + 2
-    decode: list[tuple[int, float]] = []
     with torch.no_grad():
-        for batch in batch_sizes:
-            caches = [
-                KVCache.allocate(config, span.layers, 1, room, dtype, device) for _ in range(batch)
-            ]
-            prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
-            for cache in caches:
-                span(prompt, torch.arange(prefix).view(1, -1).to(device), cache)
-            one = prompt[:, :1]
-
-            def step(caches: list[KVCache] = caches, one: torch.Tensor = one) -> None:
-                items = [
-                    BatchItem(one, torch.tensor([[c.length]], device=device), c) for c in caches
-                ]
-                span.forward_batch(items)
-
-            decode.append((batch, _best_seconds(step, device, repeats)))
+        decode = _measure_decode(span, batch_sizes, prefix, repeats)
         measured: list[tuple[int, float]] = []
         for tokens in chunks:
             x = torch.randn(1, tokens, config.hidden_size).to(device, dtype)

@@ -85,10 +85,11 @@ class ComputeConfig:
       client: past them `LimitExceeded`.
     - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
       go first.
-    - ``max_slowdown`` (1.75): while several clients have decode steps ready, a batch holds
+    - ``max_slowdown`` (1.5): while several clients have decode steps ready, a batch holds
       at most as many as the measured timings run within this factor of one step's time
-      (`ComputeQueue.shared_batch`), taken round robin over clients: a client with one
-      session is in every batch, one with many shares what is left. A single client's
+      (`ComputeQueue.shared_batch`), or one step per waiting client if that is more, taken
+      round robin over clients: a client with one session is in every batch, one with many
+      shares what is left. A single client's
       steps are all batched (that is fastest for each of them).
     - ``gather_fraction`` (0.5) and ``gather_max`` (20 ms): when fewer decode steps are
       ready than the last batch held, the worker waits up to this fraction of the last
@@ -103,7 +104,7 @@ class ComputeConfig:
     max_queued: int = 1024
     max_queued_per_client: int = 256
     forward_patience: int = 4
-    max_slowdown: float = 1.75
+    max_slowdown: float = 1.5
     gather_fraction: float = 0.5
     gather_max: float = 0.02
     batching: bool = True

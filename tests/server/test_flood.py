@@ -2,8 +2,8 @@
 
 The flood runs in its own process (its client-side work would otherwise share this
 process's event loop with the lone client and the server); the lone client and the server
-run here. The lone client's per-token latency is measured alone, under the flood, and alone
-again, in this one test, so that the shared machine's load drifts over both sides alike.
+run here. The lone client's per-token latency is measured alone and under the flood, five
+rounds in this one test, so that the shared machine's load drifts over both sides alike.
 """
 
 from __future__ import annotations
@@ -111,9 +111,10 @@ async def _lone_steps(server: LocalServer, count: int) -> list[float]:
 async def test_lone_client_keeps_its_pace_under_a_flood(
     model_path: Path, flood_script: Path
 ) -> None:
-    """Three rounds of (alone, under the flood): the lone client's median per-token
+    """Five rounds of (alone, under the flood): the lone client's median per-token
     latency under the flood is within 2x of its median alone; the flood is served too, and
-    batches shared by both clients hold at most `ComputeQueue.shared_batch` steps."""
+    batches shared by both clients hold at most `ComputeQueue.shared_batch` steps (or
+    one of each client, on a CPU where two rows already cost 1.5x one)."""
     async with open_local_swarm(model_path) as local:
         server = await local.add_server(LAYERS)
         handlers = server.server.handlers
@@ -141,21 +142,21 @@ async def test_lone_client_keeps_its_pace_under_a_flood(
                 with trio.fail_after(120):
                     line = await trio.to_thread.run_sync(flood.stdout.readline)
                 assert line.strip() == "ready"
-                for _ in range(3):
-                    alone += await _lone_steps(server, 15)
+                for _ in range(5):
+                    alone += await _lone_steps(server, 12)
                     await toggle()
                     await trio.sleep(0.2)  # the flood is in full swing
                     before = queue.statistics().batches
-                    flooded += await _lone_steps(server, 15)
+                    flooded += await _lone_steps(server, 12)
                     ran = queue.statistics().batches - before
                     recent += queue.statistics().recent[-min(ran, 256) :]
                     await toggle()
             finally:
                 flood.kill()
     flood_steps = sum(r.decode_steps for r in recent)
-    assert flood_steps > 2 * 45  # the flood was served too, not just the lone client's 45
+    assert flood_steps > 2 * 60  # the flood was served too, not just the lone client's 60
     assert queue.shared_batch is not None
     shared = [r for r in recent if len(set(r.decode_clients)) > 1]
-    assert shared and max(r.decode_steps for r in shared) <= queue.shared_batch
+    assert shared and all(r.decode_steps <= max(queue.shared_batch, 2) for r in shared)
     ratio = statistics.median(flooded) / statistics.median(alone)
     assert ratio <= 2.0, (ratio, statistics.median(alone), queue.shared_batch)
