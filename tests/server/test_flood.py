@@ -42,7 +42,7 @@ from swarm.types import LayerRange, PeerId
 host, port, peer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 hidden, sessions = int(sys.argv[4]), int(sys.argv[5])
 
-running = [False]  # toggled by a line on stdin
+go = [trio.Event()]  # set while flooding; a line on stdin toggles it
 
 async def session(conn, opened):
     async with conn.open_stream("inference", timeout=60) as stream:
@@ -51,8 +51,7 @@ async def session(conn, opened):
         opened.append(1)
         x = torch.randn(1, 1, hidden)
         for step in range(1024):
-            while not running[0]:
-                await trio.sleep(0.005)
+            await go[0].wait()
             await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
             await stream.receive(InferenceStepResult)
 
@@ -67,7 +66,10 @@ async def main():
                 await trio.sleep(0.01)
             print("ready", flush=True)
             while await trio.to_thread.run_sync(sys.stdin.readline):
-                running[0] = not running[0]
+                if go[0].is_set():
+                    go[0] = trio.Event()
+                else:
+                    go[0].set()
                 print("toggled", flush=True)
             nursery.cancel_scope.cancel()
 
