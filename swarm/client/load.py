@@ -6,7 +6,9 @@ announcement and pick the same cheapest replica. `OwnLoad` counts the sessions t
 holds on each server, and its `directory` shows each server with at least that many active
 sessions (the announcement may already include them, hence the maximum, not the sum).
 `AsyncRemoteModel` opens its sessions one at a time through `OwnLoad.opening`, so each
-plan sees the sessions opened just before it.
+plan sees the sessions opened just before it; a session that waits more than
+``wait_s`` (0.25 s) for its turn (the one before it is stuck opening on a slow server) goes
+ahead without it, so one slow open never holds up the others for long.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ __all__ = ["OwnLoad"]
 class OwnLoad:
     """Sessions this client holds per server, and a directory that accounts for them."""
 
-    def __init__(self, directory: ServerDirectory) -> None:
+    def __init__(self, directory: ServerDirectory, wait_s: float = 0.25) -> None:
         self.inner = directory
+        self.wait_s = wait_s
         self.sessions: Counter[PeerId] = Counter()
         self._opening = trio.Lock()
 
@@ -39,9 +42,17 @@ class OwnLoad:
 
     @asynccontextmanager
     async def opening(self) -> AsyncIterator[None]:
-        """Held while one session plans and opens (so the next plan sees it)."""
-        async with self._opening:
+        """Held while one session plans and opens (so the next plan sees it), at most
+        ``wait_s`` waited for."""
+        got = False
+        with trio.move_on_after(self.wait_s):
+            await self._opening.acquire()
+            got = True
+        try:
             yield
+        finally:
+            if got:
+                self._opening.release()
 
     def add(self, peers: Iterable[PeerId]) -> list[PeerId]:
         """Count a session on ``peers``; returns them, for `remove`."""

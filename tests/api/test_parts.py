@@ -133,3 +133,35 @@ def test_endpoint_labels_are_bounded() -> None:
     assert endpoint_label("/v1/chat/completions") == "/v1/chat/completions"
     assert endpoint_label("/v1/swarm/receipts/cmpl-123") == "/v1/swarm/receipts/*"
     assert endpoint_label("/wp-admin/x") == "other"
+
+
+async def test_own_load_shows_this_clients_sessions_and_never_waits_long() -> None:
+    from swarm.client.discovery import StaticDirectory
+    from swarm.client.load import OwnLoad
+    from swarm.directory import ServerView
+    from swarm.types import PeerId
+
+    a, b = (PeerId.from_public_key(Identity.from_seed(s).public_key) for s in (b"a", b"b"))
+    views = [ServerView(a, "127.0.0.1:1", LayerRange(0, 2), 100.0, 1000, active_sessions=3),
+             ServerView(b, "127.0.0.1:2", LayerRange(0, 2), 100.0, 1000)]  # fmt: skip
+    load = OwnLoad(StaticDirectory(views), wait_s=0.05)
+    counted = load.add([a, b, b])
+    seen = {v.peer_id: v.active_sessions for v in await load.directory.servers()}
+    assert seen == {a: 3, b: 2}  # at least our own; the announcement may include them
+    load.remove(counted)
+    assert {v.peer_id: v.active_sessions for v in await load.directory.servers()} == {a: 3, b: 0}
+    held, done = trio.Event(), trio.Event()
+
+    async def stuck_opener() -> None:
+        async with load.opening():
+            held.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stuck_opener)
+        await held.wait()
+        started = trio.current_time()
+        with trio.fail_after(1):  # the next opener waits its turn, but not past wait_s
+            async with load.opening():
+                assert trio.current_time() - started >= 0.05
+        done.set()
