@@ -52,8 +52,9 @@ async def _discovery(
     async with (
         open_connection_pool(config.identity, swarm_key=key, config=config.net) as pool,
         DHTNode.open(
-            config.identity, DHTConfig(initial_peers=config.initial_peers, swarm_key=key)
-        ) as dht,  # fmt: skip
+            config.identity,
+            DHTConfig(initial_peers=config.initial_peers, swarm_key=key, client_only=True),
+        ) as dht,
     ):
         yield Discovery(dht, pool, model_id(model), layers, config), pool, layers
 

@@ -215,9 +215,10 @@ class AsyncRemoteModel:
                     return
                 if not config.initial_peers:
                     raise ConfigError("no initial peers: give the host:port of a DHT node")
-                dht_config = DHTConfig(
-                    initial_peers=config.initial_peers, swarm_key=config.swarm_key
-                )
+                dht_config = DHTConfig(  # a client: nobody adds it to a routing table
+                    initial_peers=config.initial_peers, swarm_key=config.swarm_key,
+                    client_only=True,
+                )  # fmt: skip
                 async with DHTNode.open(config.identity, dht_config) as dht:
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
                     board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
