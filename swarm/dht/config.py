@@ -107,7 +107,7 @@ class DHTConfig:
     ksize: int = 20
     alpha: int = 3
     refresh_interval: float = 3600.0
-    contact_check_interval: float = 30.0
+    contact_check_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -35,7 +35,7 @@ __all__ = ["KademliaNode"]
 log = logging.getLogger(__name__)
 
 _RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
-_CHECKS_PER_INTERVAL = 16  # stale contacts pinged per contact_check_interval
+_CHECKS_PER_INTERVAL = 8  # stale contacts pinged per contact_check_interval
 
 
 class KademliaNode(Server):  # type: ignore[misc]

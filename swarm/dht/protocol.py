@@ -263,8 +263,6 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
     def _verified(self, node: Node, *, displace: bool) -> None:
         """``node`` proved it is at its address: add it (within the caps) or refresh it."""
         new = self.router.is_new_node(node)
-        if new and not self._config.client_only:
-            self._hand_off(node)  # decided before it is a neighbour itself
         if not self.router.add_verified(node, displace=displace):
             if new:
                 self._stats.event("contacts_refused")
@@ -272,15 +270,18 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self._last_seen[node.id] = time.monotonic()
         if new:
             self._update_routing_gauge()
+            if not self._config.client_only:
+                self._hand_off(node)
 
     def welcome_if_new(self, node: Node) -> None:
         """Stock kademlia's entry point for unverified nodes: does nothing here (contacts are
         added by `handle_call_response` and token-proven requests only)."""
 
     def _hand_off(self, node: Node) -> None:
-        """Send ``node`` the records of the stored keys near it that it should now hold (we
-        being the closest node to them we know, and it closer than the farthest of the k):
-        at most ``handoff_keys`` keys, within ``handoff_rate`` for the whole node."""
+        """Send ``node`` (just added) the records of the stored keys near it that it should now
+        hold (we being the closest node to them we know apart from it, and it closer than the
+        farthest of the k): at most ``handoff_keys`` keys, within ``handoff_rate`` for the
+        whole node."""
         for dkey in self.storage.keys_near(node.id, self._config.handoff_keys):
             keynode = Node(dkey)
             neighbors = self.router.find_neighbors(keynode, exclude=node)

@@ -10,7 +10,9 @@ table's fire-and-forget ping of a full bucket's head goes through the protocol's
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from kademlia.node import Node
@@ -20,6 +22,15 @@ from swarm.dht.config import DHTConfig
 from swarm.dht.sources import SourceGroups
 
 __all__ = ["ContactTable"]
+
+
+@dataclass
+class _Index:
+    """Who holds each address, and contacts per IP and per subnet (rebuilt after a change)."""
+
+    by_address: dict[tuple[str, int], Node] = field(default_factory=dict)
+    per_ip: Counter[str] = field(default_factory=Counter)
+    per_subnet: Counter[str] = field(default_factory=Counter)
 
 
 class ContactTable(RoutingTable):  # type: ignore[misc]
@@ -37,36 +48,37 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         self._config = config
         self._groups = groups
         self._spawn = spawn
+        self._index: _Index | None = None  # None: the membership changed since it was built
+
+    def _current(self) -> _Index:
+        if self._index is None:
+            index = _Index()
+            for held in self.contacts():
+                index.by_address[(held.ip, held.port)] = held
+                ip_key, subnet_key = self._groups.keys(held.ip, held.port)
+                index.per_ip[ip_key] += 1
+                index.per_subnet[subnet_key] += 1
+            self._index = index
+        return self._index
 
     def contacts(self) -> list[Node]:
         return [n for bucket in self.buckets for n in bucket.get_nodes()]
 
     def at_address(self, ip: str, port: int) -> Node | None:
         """The contact we hold at ``ip:port``, if any."""
-        for bucket in self.buckets:
-            for held in bucket.nodes.values():
-                if held.ip == ip and held.port == port:
-                    return held  # type: ignore[no-any-return]
-        return None
+        return self._current().by_address.get((ip, port))
 
     def within_caps(self, node: Node) -> bool:
         """Whether ``node`` (not yet held) fits the per-IP and per-subnet caps."""
-        cfg = self._config
+        cfg, index = self._config, self._current()
         ip_key, subnet_key = self._groups.keys(node.ip, node.port)
-        same_ip = same_subnet = 0
-        for held in self.contacts():
-            if held.id == node.id:
-                continue
-            held_ip, held_subnet = self._groups.keys(held.ip, held.port)
-            same_ip += held_ip == ip_key
-            same_subnet += held_subnet == subnet_key
-        if same_ip >= cfg.max_contacts_per_ip or same_subnet >= cfg.max_contacts_per_subnet:
+        if index.per_ip[ip_key] >= cfg.max_contacts_per_ip:
+            return False
+        if index.per_subnet[subnet_key] >= cfg.max_contacts_per_subnet:
             return False
         bucket = self.buckets[self.get_bucket_for(node)]
         in_bucket = sum(
-            self._groups.subnet(held.ip, held.port) == subnet_key
-            for held in bucket.nodes.values()
-            if held.id != node.id
+            self._groups.subnet(held.ip, held.port) == subnet_key for held in bucket.nodes.values()
         )
         return in_bucket < cfg.max_contacts_per_subnet_in_bucket
 
@@ -77,6 +89,9 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         address itself just answered as ``node``); otherwise the one held is kept.
         """
         if not self.is_new_node(node):
+            held = self.buckets[self.get_bucket_for(node)].nodes[node.id]
+            if (held.ip, held.port) != (node.ip, node.port):
+                self._index = None
             self.add_contact(node)  # moves it to the bucket's tail, updates its address
             return True
         same = self.at_address(node.ip, node.port)
@@ -92,6 +107,8 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
     def add_contact(self, node: Node) -> None:
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        if node.id not in bucket.nodes:
+            self._index = None
         if bucket.add_node(node):
             return
         # Kademlia §4.2: split if the bucket holds our own id or its depth is not 0 mod 5
@@ -101,13 +118,20 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         else:
             self._spawn(self.protocol.call_ping(bucket.head()))
 
+    def split_bucket(self, index: int) -> None:
+        self._index = None  # replacements may move up into the new buckets
+        super().split_bucket(index)
+
     def remove_contact(self, node: Node) -> None:
+        self._index = None
         bucket: KBucket = self.buckets[self.get_bucket_for(node)]
         before = set(bucket.nodes)
         bucket.remove_node(node)
         for promoted in [n for i, n in bucket.nodes.items() if i not in before]:
             # a replacement moved up: it must still fit the caps and own its address
             del bucket.nodes[promoted.id]
+            self._index = None
             same = self.at_address(promoted.ip, promoted.port)
             if same is None and self.within_caps(promoted):
                 bucket.nodes[promoted.id] = promoted
+                self._index = None
