@@ -2,9 +2,10 @@
 
 A session is opened by a client's ``inference`` stream and owns one `KVCache` for its
 layer sub-range, allocated for ``max_length × batch_size`` tokens. The table enforces the
-server's limits when a session opens: sessions and cache tokens in all, and per peer and per
-address (so that neither one client nor a factory of identities behind one address can hold
-the whole server), tokens per session, batch. `run_reaper` closes sessions idle past the
+server's limits when a session opens: sessions and cache tokens in all, tokens per session,
+batch, and fair shares per peer and per address (`swarm.server.quotas`: soft, borrowed room
+is reclaimed when someone within its share needs it, so neither one client nor a factory
+of identities behind one address can keep others out). `run_reaper` closes sessions idle past the
 timeout on a timer, whatever their owners do. Inputs for a step can arrive from the client or
 be pushed by the previous server; whichever arrives first is used; a step number that is
 neither the next one nor a late duplicate of the last is an error at once.
@@ -22,6 +23,7 @@ import trio
 
 from swarm.errors import ConfigError, ErrorCode, LimitExceeded, RemoteError, SessionError
 from swarm.net.messages import PushTarget
+from swarm.server.quotas import SessionQuotas, plan_admission
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
 from swarm.types import LayerRange, PeerId
@@ -41,8 +43,10 @@ class SessionLimits:
     - ``max_sessions`` (64), ``cache_tokens`` (65,536 token slots, ``max_length × batch``
       over all sessions): the server's totals.
     - ``max_sessions_per_peer`` (16) and ``peer_cache_share`` (0.25 of ``cache_tokens``):
-      what one authenticated peer may hold; ``max_sessions_per_host`` (32) and
-      ``host_cache_share`` (0.5): what all peers at one IP address may hold together.
+      one authenticated peer's share; ``max_sessions_per_host`` (32) and
+      ``host_cache_share`` (0.5): the share of all peers at one IP address together. Shares
+      are soft: beyond them a peer borrows room that is reclaimed when others need it; one
+      session bigger than a peer's cache share is refused.
     - ``max_length`` (8192 tokens per session), ``max_batch`` (8).
     - ``idle_timeout`` (120 s): a session without a step for this long is closed by the
       reaper, which looks every ``idle_timeout / 4`` s (at most every 10 s).
@@ -166,20 +170,11 @@ class SessionTable:
         self._allocate = allocate
         self._narrow = narrow
         self._sessions: dict[bytes, Session] = {}
+        self.reclaimed = 0  # sessions closed to give others their share
         self._reserved = 0  # tokens held by temporary caches (`reserve`)
 
     def __len__(self) -> int:
         return len(self._sessions)
-
-    def held_by(self, client: PeerId | None, host: str | None) -> tuple[int, int, int, int]:
-        """Sessions and cache tokens held by ``client`` and by everyone at ``host``."""
-        peer_n = peer_t = host_n = host_t = 0
-        for s in self._sessions.values():
-            if client is not None and s.client == client:
-                peer_n, peer_t = peer_n + 1, peer_t + s.tokens
-            if host is not None and s.host == host:
-                host_n, host_t = host_n + 1, host_t + s.tokens
-        return peer_n, peer_t, host_n, host_t
 
     @property
     def tokens_used(self) -> int:
@@ -223,7 +218,7 @@ class SessionTable:
         if not 0 < batch_size <= lim.max_batch:
             raise limit_error(f"batch size {batch_size} is outside 1..{lim.max_batch}")
         need = max_length * batch_size
-        self._check_quotas(client, host, need)
+        self._admit(client, host, need)
         cache = self._allocate(layers, batch_size, max_length)
         session = Session(
             session_id, client, host, layers, cache, max_length, batch_size, self._narrow(layers)
@@ -231,30 +226,27 @@ class SessionTable:
         self._sessions[session_id] = session
         return session
 
-    def _check_quotas(self, client: PeerId | None, host: str | None, need: int) -> None:
+    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
+        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
+        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
         lim = self.limits
-        if len(self._sessions) >= lim.max_sessions:
-            raise limit_error(f"server is at its limit of {lim.max_sessions} sessions")
-        if need > self.free_tokens:
-            raise limit_error(
-                f"not enough cache: session needs {need} tokens, {self.free_tokens} free "
-                f"of {lim.cache_tokens}"
-            )
-        peer_n, peer_t, host_n, host_t = self.held_by(client, host)
-        if peer_n >= lim.max_sessions_per_peer:
-            raise limit_error(f"at most {lim.max_sessions_per_peer} sessions per peer")
-        if host_n >= lim.max_sessions_per_host:
-            raise limit_error(f"at most {lim.max_sessions_per_host} sessions per address")
-        if peer_t + need > lim.peer_cache_tokens:
-            raise limit_error(
-                f"session needs {need} cache tokens; {peer_t} held, at most "
-                f"{lim.peer_cache_tokens} per peer"
-            )
-        if host_t + need > lim.host_cache_tokens:
-            raise limit_error(
-                f"session needs {need} cache tokens; {host_t} held at this address, at most "
-                f"{lim.host_cache_tokens} per address"
-            )
+        quotas = SessionQuotas(
+            max_sessions=lim.max_sessions,
+            cache_tokens=lim.cache_tokens - self._reserved,  # temporary caches are not reclaimed
+            per_peer_sessions=lim.max_sessions_per_peer,
+            per_host_sessions=lim.max_sessions_per_host,
+            per_peer_tokens=lim.peer_cache_tokens,
+            per_host_tokens=lim.host_cache_tokens,
+        )
+        victims = plan_admission(quotas, list(self._sessions.values()), client, host, need)
+        reason = RemoteError(
+            ErrorCode.SESSION,
+            "session reclaimed: the server is full and your peer or address held more than "
+            "its share",
+        )
+        for victim in victims:
+            self.close(victim.session_id, reason)
+        self.reclaimed += len(victims)
 
     async def run_reaper(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -83,15 +83,48 @@ async def _open_until_refused(
     return tries
 
 
+async def _reclaimed(streams: list[RpcStream]) -> int:
+    """How many of ``streams`` the server ended with "reclaimed" (waits briefly on each);
+    those are removed from the list."""
+    ended = []
+    for stream in streams:
+        with trio.move_on_after(0.2):
+            try:
+                await stream.receive(InferenceStepResult)
+            except RemoteError as exc:
+                assert exc.code is ErrorCode.SESSION and "reclaimed" in exc.message
+                ended.append(stream)
+    for stream in ended:
+        streams.remove(stream)
+    return len(ended)
+
+
 async def test_one_peer_cannot_take_every_session(server: LocalServer) -> None:
+    """A peer may borrow an idle server's room beyond its share (3 here), but others take
+    it back when they need it; a peer beyond its share cannot take anyone's."""
+    handlers = server.server.handlers
+    assert handlers is not None
+    elsewhere = TCPTransport(local_host="127.0.0.2")  # the hog's own address
     with trio.fail_after(30):
         async with (
             AsyncExitStack() as stack,
-            open_connection_pool(Identity.generate()) as hog,
+            open_connection_pool(Identity.generate(), transport=elsewhere) as hog,
             open_connection_pool(Identity.generate()) as other,
+            open_connection_pool(Identity.generate()) as third,
         ):
-            assert await _open_until_refused(stack, hog, server, 10) == 3
-            await _open(stack, other, server)  # another peer still gets one
+            hogged = [await _open(stack, hog, server) for _ in range(8)]  # the whole server
+            with pytest.raises(LimitExceeded, match="server is full"):
+                await _open(stack, hog, server)  # beyond its share: takes nobody's room
+            for _ in range(3):
+                await _open(stack, other, server)  # within its share: room is taken back
+            assert await _reclaimed(hogged) == 3
+            assert len(handlers.sessions) == 8
+            for _ in range(2):  # 5 of the hog's are left, 2 of them beyond its share of 3
+                await _open(stack, third, server)
+            assert await _reclaimed(hogged) == 2
+            with pytest.raises(LimitExceeded):  # everyone within its share: nobody gives way
+                await _open(stack, third, server)
+            assert handlers.sessions.reclaimed == 5
 
 
 async def test_identities_from_one_address_leave_room_for_others(server: LocalServer) -> None:
@@ -104,9 +137,15 @@ async def test_identities_from_one_address_leave_room_for_others(server: LocalSe
                     open_connection_pool(Identity.generate(), transport=sybil)
                 )
                 held += await _open_until_refused(stack, pool, server, 3)
-            assert held == 6  # the per-address cap, below the server's 8
+            assert held == 8  # borrowed: the per-address share is 6
             other = await stack.enter_async_context(open_connection_pool(Identity.generate()))
-            await _open(stack, other, server)  # a peer at another address still gets one
+            for _ in range(2):  # peers at another address still get theirs
+                await _open(stack, other, server)
+            more = await stack.enter_async_context(
+                open_connection_pool(Identity.generate(), transport=sybil)
+            )
+            with pytest.raises(LimitExceeded):  # a fresh identity at the full address: no
+                await _open(stack, more, server)
 
 
 async def test_one_session_cannot_take_the_whole_cache(server: LocalServer) -> None:

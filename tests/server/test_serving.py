@@ -10,7 +10,7 @@ import pytest
 import torch
 import trio
 
-from swarm.errors import LimitExceeded, RemoteError
+from swarm.errors import ErrorCode, LimitExceeded, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
@@ -146,7 +146,7 @@ async def test_limits_and_bad_input_are_clear_errors(
         with pytest.raises(RemoteError, match="not inside"):
             await open_session(8, LayerRange(2, 8))
         cm1, st1 = await open_session(32)  # type: ignore[misc]
-        with pytest.raises(LimitExceeded, match="not enough cache"):
+        with pytest.raises(LimitExceeded, match="server is full"):
             await open_session(32)
         # wrong hidden size, a step past max_length, an unknown session: errors, server lives on
         await st1.send(InferenceStep(0, torch.randn(1, 2, HIDDEN + 1), torch.zeros(1, 2).long()))
@@ -191,8 +191,9 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             assert len(handlers.sessions) == 1
             assert handlers.sessions.close_idle() == 1
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
-            with pytest.raises(trio.EndOfChannel):  # the server ended the expired session
+            with pytest.raises(RemoteError) as ended:  # the server ended it and says why
                 await stream.receive(InferenceStepResult, timeout=10)
+            assert ended.value.code is ErrorCode.SESSION and "without a step" in str(ended.value)
 
 
 async def test_layers_auto_takes_the_least_served_blocks(model_path: Path) -> None:
