@@ -54,6 +54,7 @@ class SpanJob:
     error: BaseException | None = None
     cancelled: bool = False
     passed_over: int = 0  # batches run without this job since it last advanced
+    arrived: float = field(default_factory=trio.current_time)  # trio clock
 
     @property
     def rows(self) -> int:

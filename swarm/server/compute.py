@@ -245,18 +245,24 @@ class ComputeQueue:
 
     async def _gather(self) -> None:
         """Wait (briefly, see `ComputeConfig.gather_fraction`) until every client of the
-        last batch has as many decode steps ready again as it had in it."""
+        last batch has as many decode steps ready again as it had in it. The wait counts
+        from the first of them to arrive: in a chain they come back together, long after
+        the last batch, a few milliseconds apart."""
         cfg = self.config
         expected = self._last_decode
         window = min(cfg.gather_max, cfg.gather_fraction * self._last_seconds)
         if not cfg.batching or not expected or window <= 0:
             return
-        deadline = self._last_end + window
-        while trio.current_time() < deadline and not self._heap:
-            ready = collections.Counter(
-                job.client for job in self._jobs if job.is_decode and not job.cancelled
-            )
-            if all(ready[client] >= n for client, n in expected.items()):
+        while not self._heap:
+            ready = [job for job in self._jobs if job.is_decode and not job.cancelled]
+            counts = collections.Counter(job.client for job in ready)
+            if all(counts[client] >= n for client, n in expected.items()):
+                return
+            back = [
+                j.arrived for j in ready if j.client in expected and j.arrived >= self._last_end
+            ]
+            deadline = (min(back) if back else self._last_end) + window
+            if trio.current_time() >= deadline:
                 return
             self._wakeup = trio.Event()
             with trio.move_on_at(deadline):
