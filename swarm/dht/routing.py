@@ -61,6 +61,19 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
             self._index = index
         return self._index
 
+    def _count(self, node: Node, step: int) -> None:
+        """Keep the index in step with one contact joining (+1) or leaving (-1)."""
+        index = self._index
+        if index is None:
+            return  # rebuilt when next needed
+        ip_key, subnet_key = self._groups.keys(node.ip, node.port)
+        index.per_ip[ip_key] += step
+        index.per_subnet[subnet_key] += step
+        if step > 0:
+            index.by_address[(node.ip, node.port)] = node
+        else:
+            index.by_address.pop((node.ip, node.port), None)
+
     def contacts(self) -> list[Node]:
         return [n for bucket in self.buckets for n in bucket.get_nodes()]
 
@@ -107,9 +120,10 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
     def add_contact(self, node: Node) -> None:
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
-        if node.id not in bucket.nodes:
-            self._index = None
+        was_held = node.id in bucket.nodes
         if bucket.add_node(node):
+            if not was_held:
+                self._count(node, +1)
             return
         # Kademlia §4.2: split if the bucket holds our own id or its depth is not 0 mod 5
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
@@ -123,15 +137,16 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         super().split_bucket(index)
 
     def remove_contact(self, node: Node) -> None:
-        self._index = None
         bucket: KBucket = self.buckets[self.get_bucket_for(node)]
         before = set(bucket.nodes)
+        held = bucket.nodes.get(node.id)
         bucket.remove_node(node)
+        if held is not None:
+            self._count(held, -1)
         for promoted in [n for i, n in bucket.nodes.items() if i not in before]:
             # a replacement moved up: it must still fit the caps and own its address
             del bucket.nodes[promoted.id]
-            self._index = None
             same = self.at_address(promoted.ip, promoted.port)
             if same is None and self.within_caps(promoted):
                 bucket.nodes[promoted.id] = promoted
-                self._index = None
+                self._count(promoted, +1)
