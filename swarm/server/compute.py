@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import contextvars
-import dataclasses
 import heapq
 import itertools
 import time
@@ -144,12 +143,11 @@ class ComputeQueue:
     ``await queue.run_span(...)`` or ``await queue.submit(fn, priority)`` from any handler.
     """
 
-    def __init__(self, config: ComputeConfig | None = None, *, max_queued: int | None = None):
+    def __init__(self, config: ComputeConfig | None = None) -> None:
         config = config or ComputeConfig()
-        if max_queued is not None:
-            config = dataclasses.replace(config, max_queued=max_queued)
         self.config = config
-        self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # set at start-up
+        # set at start-up from the measured timings (`swarm.server.capacity.SpanTimings`):
+        self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # bulk tokens/batch
         self.shared_batch: int | None = None  # decode steps per batch among clients (None: all)
         self._heap: list[tuple[int, int, _Task[Any]]] = []
         self._jobs: list[SpanJob] = []
