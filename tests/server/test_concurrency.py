@@ -76,9 +76,9 @@ async def test_eight_concurrent_generations_equal_alone(model_path: Path) -> Non
                     for i in range(8):
                         nursery.start_soon(one, i)
         assert [together[i] for i in range(8)] == alone
-        for server in local.servers:
+        for server in local.servers:  # one step at a time before batching: never above 1
             recent = _handlers(server).queue.statistics().recent
-            assert max(r.decode_steps for r in recent) >= 4  # several sessions per forward
+            assert max(r.decode_steps for r in recent) >= 2  # several sessions per forward
 
 
 async def _decode_while(
