@@ -55,9 +55,12 @@ async def _serve(identity: Identity, config: DHTConfig) -> None:
     import trio
 
     from swarm.dht import DHTNode
+    from swarm.directory import AnnouncementProver
 
+    # a bootstrap node stores records too: it keeps those of servers that answer first
+    prover = AnnouncementProver(identity, swarm_key=config.swarm_key)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with DHTNode.open(identity, config) as node:
+        async with DHTNode.open(identity, config, prover=prover) as node:
             print(f"DHT node {identity.peer_id} listening on {node.address}", flush=True)
             async for _ in signals:
                 break

@@ -15,6 +15,7 @@ from swarm.directory.keys import (
     material_key,
     model_family,
 )
+from swarm.directory.prover import AnnouncementProver
 from swarm.directory.servers import (
     MAX_THROUGHPUT,
     ServerView,
@@ -24,6 +25,7 @@ from swarm.directory.servers import (
 
 __all__ = [
     "MAX_THROUGHPUT",
+    "AnnouncementProver",
     "DHTEvidenceBoard",
     "ServerView",
     "announce_model_id",

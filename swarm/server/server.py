@@ -24,7 +24,7 @@ import trio
 
 from swarm._version import __version__
 from swarm.dht import DHTNode
-from swarm.directory import block_keys, servers_from_records
+from swarm.directory import AnnouncementProver, block_keys, servers_from_records
 from swarm.errors import (
     ConfigError,
     ConnectError,
@@ -153,7 +153,10 @@ class Server:
         dht_config = cfg.dht
         if self.swarm_key is not None:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
-        async with DHTNode.open(self.identity, dht_config) as dht:
+        prover = AnnouncementProver(  # storing nodes keep answering servers' records first
+            self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
+        )
+        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model, dtype, device,
