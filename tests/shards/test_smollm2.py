@@ -129,3 +129,39 @@ async def test_three_servers_give_the_same_answer(
                 result = await model.generate_detailed(prompt_ids, MAX_NEW)
     assert len(result.route) == 3 and result.stop_reason == "eos"
     assert result.ids == transformers_answer[: len(result.ids)]
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from swarm.shards.export import write_folder
+
+    return write_folder(smollm2, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+async def test_the_folder_form_gives_the_same_answer(
+    smollm2_folder: Path, prompt_ids: list[int], transformers_answer: list[int], tmp_path: Path
+) -> None:
+    """The GGUF file written out as a Hugging Face folder (`swarm.shards.export`): the same
+    prompt through its own template and tokenizer, and, served by three servers over
+    0:10 / 10:20 / 20:30, transformers' greedy answer on the GGUF up to end of turn."""
+    import trio
+
+    from swarm.client.config import ClientConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.testing.swarm import open_local_swarm
+
+    template, tokenizer = load_chat_template(smollm2_folder), load_tokenizer(smollm2_folder)
+    assert template is not None and tokenizer is not None
+    text = template.render(QUESTION, add_generation_prompt=True)
+    assert list(tokenizer.encode(text, add_special_tokens=False).ids) == prompt_ids
+    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    with trio.fail_after(300):
+        async with open_local_swarm(smollm2_folder, ranges) as local:
+            config = ClientConfig(
+                initial_peers=(local.dht_address,),
+                reputation_path=str(tmp_path / "reputation.json"),
+            )
+            async with AsyncRemoteModel.open(smollm2_folder, config) as model:
+                result = await model.generate_detailed(prompt_ids, MAX_NEW)
+    assert len(result.route) == 3 and result.stop_reason == "eos"
+    assert result.ids == transformers_answer[: len(result.ids)]
