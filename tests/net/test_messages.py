@@ -135,7 +135,8 @@ def test_strict_decoder_names_the_bad_field(overrides: dict[str, object], field:
 
 def test_expected_type_is_enforced() -> None:
     with pytest.raises(ProtocolError, match="expected 'forward_request'"):
-        decode_message(encode_message(ErrorResponse(ErrorCode.INTERNAL, "y")), expect=ForwardRequest)
+        wire = encode_message(ErrorResponse(ErrorCode.INTERNAL, "y"))
+        decode_message(wire, expect=ForwardRequest)
 
 
 @settings(max_examples=300, deadline=None)

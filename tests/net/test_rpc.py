@@ -146,7 +146,7 @@ async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers])
     assert "KeyError" not in str(crash.value) and "oops" not in str(crash.value)
     with pytest.raises(RemoteError, match="unknown method"):
         await client.call("nope", InfoRequest(), InfoResponse)
-    with pytest.raises(RemoteError, match="bad_request: request.t: expected 'info_request'"):
+    with pytest.raises(RemoteError, match=r"bad_request: request\.t: expected 'info_request'"):
         await client.call("info", INFO, InfoResponse)  # the wrong request type is refused
     assert await client.call("info", InfoRequest(), InfoResponse) == INFO
 
