@@ -108,27 +108,34 @@ def test_missing_default_model_names_the_install_command(monkeypatch: pytest.Mon
         default_model_path()
 
 
-async def test_three_servers_give_the_same_answer(
+@pytest.mark.slow
+def test_three_serve_processes_give_the_same_answer(
     smollm2: Path, prompt_ids: list[int], transformers_answer: list[int], tmp_path: Path
 ) -> None:
-    import trio
+    """The GGUF file itself, served by three `swarm serve` processes over 0:10 / 10:20 /
+    20:30, and `swarm generate --json` greedy: transformers' answer up to end of turn."""
+    import json
+    import subprocess
 
-    from swarm.client.config import ClientConfig
-    from swarm.client.model import AsyncRemoteModel
-    from swarm.testing.swarm import open_local_swarm
+    from swarm.testing.processes import ProcessGroup, swarm_command
 
-    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
-    with trio.fail_after(300):
-        async with open_local_swarm(smollm2, ranges) as local:
-            config = ClientConfig(
-                initial_peers=(local.dht_address,),
-                reputation_path=str(tmp_path / "reputation.json"),
-                evidence_dir=str(tmp_path / "evidence"),
+    with ProcessGroup() as group:
+        _, dht = group.start_dht()
+        for i, layers in enumerate(["0:10", "10:20", "20:30"]):
+            group.start_server(
+                f"server{i}", str(smollm2), layers, dht, "--identity", str(tmp_path / f"id{i}")
             )
-            async with AsyncRemoteModel.open(smollm2, config) as model:
-                result = await model.generate_detailed(prompt_ids, MAX_NEW)
-    assert len(result.route) == 3 and result.stop_reason == "eos"
-    assert result.ids == transformers_answer[: len(result.ids)]
+        argv = swarm_command(
+            "generate", str(smollm2), "--ids", ",".join(map(str, prompt_ids)),
+            "--initial-peers", dht, "--max-new-tokens", str(MAX_NEW), "--temperature", "0",
+            "--top-k", "0", "--json",
+        )  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [(hop["start"], hop["stop"]) for hop in result["route"]] == [(0, 10), (10, 20), (20, 30)]
+    assert result["stop_reason"] == "eos"
+    assert result["ids"] == transformers_answer[: len(result["ids"])]
 
 
 @pytest.fixture(scope="module")
