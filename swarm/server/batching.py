@@ -243,7 +243,11 @@ def _run_group(pieces: list[Slice]) -> None:
         for p in pieces
     ]
     with torch.no_grad():
-        outs = span.forward_batch(items)
+        if len(items) == 1:  # a lone step: the plain forward skips the ragged bookkeeping
+            only = items[0]
+            outs = [span(only.hidden, only.positions, only.cache)]
+        else:
+            outs = span.forward_batch(items)
     for piece, out in zip(pieces, outs, strict=True):
         piece.job.outputs.append(out.cpu())  # (rows, chunk, hidden)
         piece.job.offset = piece.stop
