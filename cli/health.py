@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .coverage import fill_hint, missing_ranges
-from .options import VerboseOption
+from .options import KeyOption, PeersOption, VerboseOption
 
 if TYPE_CHECKING:
     from swarm.client.discovery import Discovery
@@ -25,11 +25,6 @@ if TYPE_CHECKING:
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True)
 
-PeersOption = Annotated[
-    list[str] | None,
-    typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
-]
-KeyOption = Annotated[Path | None, typer.Option(help="Private-swarm key file.")]
 
 
 @asynccontextmanager

