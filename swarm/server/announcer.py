@@ -1,4 +1,4 @@
-"""Telling the swarm about this server: DHT announcements, next-hop pings, throughput.
+"""Telling the swarm about this server: DHT announcements and next-hop pings.
 
 A server announces one record per block it serves, under `swarm.directory.block_key`, with
 a TTL of `ServerConfig.announce_ttl`, and re-announces every half TTL, so a server that
@@ -10,11 +10,8 @@ planner uses as the cost of the server-to-server link.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Callable
 
-import torch
 import trio
 
 from swarm.dht import DHTNode
@@ -28,40 +25,17 @@ from swarm.directory import (
 from swarm.errors import SwarmError
 from swarm.net.messages import InfoRequest, InfoResponse, PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
-from swarm.shards.cache import KVCache
-from swarm.shards.span import Span
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
     "MAX_PINGS",
     "Announcer",
     "choose_layers",
-    "measure_throughput",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_PINGS = 5
-
-
-def measure_throughput(span: Span, *, steps: int = 8, prefix: int = 32) -> float:
-    """Tokens per second of one-token decode steps through the whole span (median of
-    `steps` after a warm-up), with `prefix` tokens already in the cache."""
-    config = span.config
-    cache = KVCache.allocate(config, span.layers, 1, prefix + steps + 2, span.dtype, span.device)
-    hidden = torch.randn(1, prefix, config.hidden_size).to(span.device, span.dtype)
-    with torch.no_grad():
-        span(hidden, torch.arange(prefix).view(1, prefix).to(span.device), cache)
-        timings = []
-        for i in range(steps + 1):
-            one = hidden[:, :1]
-            position = torch.tensor([[prefix + i]], device=span.device)
-            started = time.perf_counter()
-            span(one, position, cache)
-            if span.device.type == "cuda":
-                torch.cuda.synchronize(span.device)
-            timings.append(time.perf_counter() - started)
-    return 1.0 / max(statistics.median(timings[1:]), 1e-9)
 
 
 async def choose_layers(

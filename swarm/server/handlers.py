@@ -46,7 +46,7 @@ from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.server.capacity import SpanTimings
 from swarm.server.compute import CLIENT, ComputeQueue, Priority
 from swarm.server.config import ServerConfig
-from swarm.server.sessions import Session, SessionTable, StepInput, limit_error
+from swarm.server.sessions import Session, SessionTable, StepInput
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
 from swarm.types import LayerRange, ServerState
@@ -171,7 +171,7 @@ class ServingHandlers:
         steps share the batches, and chunked attention runs slower than one pass)."""
         limits, tokens = self.sessions.limits, rows * seq
         if tokens > limits.max_length * limits.max_batch:
-            raise limit_error(
+            raise LimitExceeded(
                 f"forward of {tokens} tokens is over the limit of "
                 f"{limits.max_length * limits.max_batch}"
             )
@@ -180,7 +180,7 @@ class ServingHandlers:
             return
         seconds, budget = 2 * timings.forward_seconds(rows, seq), self.config.forward_deadline
         if seconds > budget:
-            raise limit_error(
+            raise LimitExceeded(
                 f"forward of {tokens} tokens would take about {seconds:.0f} s here, over the "
                 f"{budget:.0f} s a client waits; send shorter forwards or ask another server"
             )

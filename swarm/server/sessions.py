@@ -31,11 +31,6 @@ from swarm.types import LayerRange, PeerId
 __all__ = ["Session", "SessionLimits", "SessionTable", "StepInput"]
 
 
-def limit_error(message: str) -> LimitExceeded:
-    """A limit answer the client can act on (pick another server, wait, shorten)."""
-    return LimitExceeded(message)
-
-
 @dataclass(frozen=True)
 class SessionLimits:
     """Limits on sessions.
@@ -131,7 +126,7 @@ class Session:
         if step < self.next_step or step in self._inputs:
             return False
         if len(self._inputs) >= limit:
-            raise limit_error(f"session holds {limit} pending inputs already")
+            raise LimitExceeded(f"session holds {limit} pending inputs already")
         self._inputs[step] = item
         self._arrived.setdefault(step, trio.Event()).set()
         return True
@@ -185,7 +180,7 @@ class SessionTable:
         """Hold ``tokens`` of the cache budget for a temporary cache (a chunked stateless
         forward) while the block runs. Raises `LimitExceeded` when they are not free."""
         if tokens > self.free_tokens:
-            raise limit_error(
+            raise LimitExceeded(
                 f"not enough cache for this forward: it needs {tokens} tokens, "
                 f"{self.free_tokens} free of {self.limits.cache_tokens}"
             )
@@ -214,9 +209,9 @@ class SessionTable:
         if session_id in self._sessions:
             raise SessionError(f"session {session_id.hex()} is already open")
         if not 0 < max_length <= lim.max_length:
-            raise limit_error(f"max_length {max_length} is outside 1..{lim.max_length}")
+            raise LimitExceeded(f"max_length {max_length} is outside 1..{lim.max_length}")
         if not 0 < batch_size <= lim.max_batch:
-            raise limit_error(f"batch size {batch_size} is outside 1..{lim.max_batch}")
+            raise LimitExceeded(f"batch size {batch_size} is outside 1..{lim.max_batch}")
         need = max_length * batch_size
         self._admit(client, host, need)
         cache = self._allocate(layers, batch_size, max_length)
