@@ -1,15 +1,18 @@
 """Concurrent sessions on a 2-server chain, batching on vs off (issue 11).
 
     python benchmarks/batching.py                       # 1,2,4,8,16 sessions, on and off
-    python benchmarks/batching.py --levels 1,8 --new-tokens 16
+    python benchmarks/batching.py --levels 1,8 --new-tokens 16 --dtypes bfloat16
 
 The heavy model (hidden 1024, 16 layers, 16 heads, intermediate 2816, random weights,
 ~0.8 GB float32) is written to ``--workdir`` (default /tmp/swarm-batching). Its vocabulary
 is 2048 rather than 32000: every user's client computes the lm_head once per token, and
 16 clients' 32000 x 1024 heads on the same two cores as the servers would measure the
 clients, not the servers (on a real swarm each user has a machine of their own). For
-each mode, one `swarm dht` and two `swarm serve` processes (layers 0:8 and 8:16, one torch
-thread each; ``--no-batching`` for "off") form the chain.
+each dtype and mode, one `swarm dht` and two `swarm serve` processes (layers 0:8 and 8:16,
+one torch thread each, ``--dtype``; ``--no-batching`` for "off") form the chain. Both
+float32 and bfloat16 run by default: on a CPU whose matrix kernels take twice as long for
+two rows as for one (MKL's float32 here), batching cannot give what it gives where a step
+is bound by reading the weights (bfloat16 here, every model on a GPU).
 
 The users are 16 client processes (this script with ``--worker``), each holding the head
 and one session at a time: one client process serving every session (sampling, two hops
@@ -65,8 +68,10 @@ def _quantile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def run_mode(path: Path, batching: bool, args: argparse.Namespace) -> list[dict[str, float]]:
-    extra = () if batching else ("--no-batching",)
+def run_mode(
+    path: Path, dtype: str, batching: bool, args: argparse.Namespace
+) -> list[dict[str, float]]:
+    extra = ("--dtype", dtype) + (() if batching else ("--no-batching",))
     levels = [int(x) for x in args.levels.split(",")]
     rows = []
     with ProcessGroup() as group:
@@ -98,7 +103,7 @@ def run_mode(path: Path, batching: bool, args: argparse.Namespace) -> list[dict[
                     "token_p95": _quantile(steps, 95),
                     "ttft_p50": statistics.median(r["ttft"] for r in results),
                 })  # fmt: skip
-                print(f"  {mode_name(batching)}: {n} sessions done", flush=True)
+                print(f"  {dtype} {mode_name(batching)}: {n} sessions done", flush=True)
         finally:
             for w in workers:
                 w.kill()
@@ -116,6 +121,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swarm-batching"))
     parser.add_argument("--modes", default="on,off")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--worker", metavar="DHT", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -125,18 +131,22 @@ def main() -> None:
         return
     if not (path / "config.json").exists():
         write_random_llama(path, seed=0, std=0.02, vocab=2048, **HEAVY)  # type: ignore[arg-type]
-    print("mode  sessions  tokens/s  x1-session  per-token p50  p95      x1-session  TTFT p50")
-    for mode in args.modes.split(","):
-        rows = run_mode(path, mode == "on", args)
-        base = rows[0]
-        for row in rows:
-            print(
-                f"{mode:<4}  {row['sessions']:>8}  {row['tokens_per_second']:>8.1f}  "
-                f"{row['tokens_per_second'] / base['tokens_per_second']:>9.2f}x  "
-                f"{row['token_p50'] * 1e3:>10.1f} ms  {row['token_p95'] * 1e3:>6.1f} ms  "
-                f"{row['token_p50'] / base['token_p50']:>9.2f}x  {row['ttft_p50'] * 1e3:>7.1f} ms",
-                flush=True,
-            )
+    print("dtype     mode  sessions  tokens/s  x1-session  per-token p50  p95      x1-session"
+          "  TTFT p50")  # fmt: skip
+    for dtype in args.dtypes.split(","):
+        for mode in args.modes.split(","):
+            rows = run_mode(path, dtype, mode == "on", args)
+            base = rows[0]
+            for row in rows:
+                print(
+                    f"{dtype:<8}  {mode:<4}  {row['sessions']:>8}  "
+                    f"{row['tokens_per_second']:>8.1f}  "
+                    f"{row['tokens_per_second'] / base['tokens_per_second']:>9.2f}x  "
+                    f"{row['token_p50'] * 1e3:>10.1f} ms  {row['token_p95'] * 1e3:>6.1f} ms  "
+                    f"{row['token_p50'] / base['token_p50']:>9.2f}x  "
+                    f"{row['ttft_p50'] * 1e3:>7.1f} ms",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ from swarm.shards.cache import KVCache
 from swarm.shards.span import BatchItem, Span
 from swarm.types import LayerRange
 
-__all__ = ["Batch", "BatchRecord", "Priority", "SpanJob", "plan_batch", "run_batch"]
+__all__ = [
+    "Batch",
+    "BatchRecord",
+    "Priority",
+    "SpanJob",
+    "decode_cap",
+    "plan_batch",
+    "run_batch",
+]
 
 
 class Priority(IntEnum):
@@ -164,9 +172,7 @@ def plan_batch(
     slices: list[Slice] = []
     tokens = 0
     decode = [j for j in live if j.is_decode]
-    most, clients = len(decode), len({j.client for j in decode})
-    if shared_batch is not None and clients > 1:
-        most = max(shared_batch, clients)  # every client gets a step into each batch
+    most = decode_cap(decode, shared_batch) or len(decode)
     for job in round_robin(decode, turn):
         if len(slices) >= most:
             break
@@ -180,6 +186,16 @@ def plan_batch(
     for job in bulk:
         job.passed_over = 0 if id(job) in chosen else job.passed_over + 1
     return Batch(tuple(slices))
+
+
+def decode_cap(decode: Sequence[SpanJob], shared_batch: int | None) -> int | None:
+    """At most how many of the ready ``decode`` steps one batch takes (besides its token
+    limit): None (all of them) unless steps of more than one client wait and
+    ``shared_batch`` is set; then that many, or one per waiting client if that is more."""
+    clients = len({job.client for job in decode})
+    if shared_batch is None or clients <= 1:
+        return None
+    return max(shared_batch, clients)  # every client gets a step into each batch
 
 
 def _bulk_slices(bulk: list[SpanJob], chunk_tokens: int, turn: int, patience: int) -> list[Slice]:

@@ -16,9 +16,12 @@ Each time the worker is free it forms one batch (see `swarm.server.batching`):
   with the decode steps (on a GPU it costs them little: the weights are read once), and
   its size bounds what it adds to a decode step.
 
-Before forming a batch the worker waits briefly for the decode steps of the sessions of
-the last batch (`ComputeConfig.gather_fraction`), so that sessions stepping together stay
-in one batch.
+Before forming a batch the worker waits briefly for sessions that are due
+(`ComputeConfig.gather_fraction`): each session's time away between the end of its step's
+batch and the arrival of its next step is tracked, and a session expected back within the
+wait window is waited for, so that sessions stepping together stay in one batch. A session
+away for longer (in a chain: at another hop, with its client) is not waited for: the
+steps that are ready run at once.
 
 Opaque functions (`submit`) run alone, inference priority before span work, forward
 priority after it (and after `forward_patience` batches of it at the latest).
@@ -34,7 +37,9 @@ import collections
 import contextvars
 import heapq
 import itertools
+import logging
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -48,6 +53,7 @@ from swarm.server.batching import (
     BatchRecord,
     Priority,
     SpanJob,
+    decode_cap,
     plan_batch,
     run_batch,
 )
@@ -64,6 +70,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 CLIENT: contextvars.ContextVar[Hashable] = contextvars.ContextVar("swarm_client", default=None)
 """The fairness key of work submitted from this task (the RPC handlers set the caller's
@@ -90,10 +98,11 @@ class ComputeConfig:
       round robin over clients: a client with one session is in every batch, one with many
       shares what is left. A single client's
       steps are all batched (that is fastest for each of them).
-    - ``gather_fraction`` (0.5) and ``gather_max`` (20 ms): when fewer decode steps are
-      ready than the last batch held, the worker waits up to this fraction of the last
-      batch's time (at most ``gather_max`` seconds) for the rest, so sessions that stepped
-      together stay in one batch instead of splitting into a batch of one and the rest.
+    - ``gather_fraction`` (0.5) and ``gather_max`` (20 ms): the wait window, this fraction
+      of the last batch's time, at most ``gather_max`` seconds. A session whose next decode
+      step is expected (from its past returns) within the window is waited for, and no
+      longer than a window past when it was expected, so sessions that stepped together
+      stay in one batch instead of splitting into a batch of one and the rest.
     - ``batching`` (True): False runs every job alone, one chunk at a time (for
       comparison).
     """
@@ -136,6 +145,31 @@ class _Task(Generic[T]):
     cancelled: bool = False
 
 
+@dataclass
+class _Return:
+    """When a session's decode steps come back: ``away`` is a running average of the time
+    from the end of its step's batch to the arrival of its next step; ``since`` is when
+    its last batch ended while its next step has not arrived (None while it waits here)."""
+
+    away: float | None = None
+    since: float | None = None
+
+    def left(self, ended: float) -> None:
+        self.since = ended
+
+    def came_back(self, arrived: float) -> None:
+        if self.since is not None:
+            sample = max(arrived - self.since, 0.0)
+            self.away = sample if self.away is None else 0.5 * (self.away + sample)
+        self.since = None
+
+    def expected(self) -> float | None:
+        """When its next step should arrive, if it is away and has come back before."""
+        if self.since is None or self.away is None:
+            return None
+        return self.since + self.away
+
+
 class ComputeQueue:
     """Model work, drained by one worker task.
 
@@ -157,9 +191,8 @@ class ComputeQueue:
         self._done = 0
         self._batches = 0
         self._turn = 0  # rotates the client that goes first
-        self._last_decode: collections.Counter[Hashable] = collections.Counter()  # per client
-        self._last_seconds = 0.0  # its compute time
-        self._last_end = 0.0  # when it ended (trio clock)
+        self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
+        self._last_seconds = 0.0  # the last batch's compute time
         self._functions_waited = 0  # batches run while a forward-priority function waits
         self._recent: collections.deque[BatchRecord] = collections.deque(maxlen=256)
         self.running = False  # work is on the worker thread now
@@ -183,6 +216,8 @@ class ComputeQueue:
         client = CLIENT.get()
         self._check_room(client)
         job = SpanJob(span, hidden, positions, cache, client, priority, next(self._counter))
+        if job.is_decode and cache is not None and cache in self._returns:
+            self._returns[cache].came_back(job.arrived)
         self._jobs.append(job)
         self._wakeup.set()
         try:
@@ -242,29 +277,40 @@ class ComputeQueue:
             await self._wakeup.wait()
 
     async def _gather(self) -> None:
-        """Wait (briefly, see `ComputeConfig.gather_fraction`) until every client of the
-        last batch has as many decode steps ready again as it had in it. The wait counts
-        from the first of them to arrive: in a chain they come back together, long after
-        the last batch, a few milliseconds apart."""
+        """Wait (briefly, see `ComputeConfig.gather_fraction`) for sessions that are due
+        back within the window, unless the ready decode steps fill a batch already."""
         cfg = self.config
-        expected = self._last_decode
         window = min(cfg.gather_max, cfg.gather_fraction * self._last_seconds)
-        if not cfg.batching or not expected or window <= 0:
+        if not cfg.batching or window <= 0:
             return
         while not self._heap:
-            ready = [job for job in self._jobs if job.is_decode and not job.cancelled]
-            counts = collections.Counter(job.client for job in ready)
-            if all(counts[client] >= n for client, n in expected.items()):
-                return
-            back = [
-                j.arrived for j in ready if j.client in expected and j.arrived >= self._last_end
-            ]
-            deadline = (min(back) if back else self._last_end) + window
-            if trio.current_time() >= deadline:
+            deadline = self._due_deadline(trio.current_time(), window)
+            if deadline is None:
                 return
             self._wakeup = trio.Event()
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
+
+    def _due_deadline(self, now: float, window: float) -> float | None:
+        """Until when to wait for the sessions away now whose next step is expected within
+        ``window`` (each at most a window past its expected time); None: run now."""
+        ready = [job for job in self._jobs if not job.cancelled]
+        decode = [job for job in ready if job.is_decode]
+        if not ready:
+            return None  # nothing to run: the worker sleeps until work comes anyway
+        cap = decode_cap(decode, self.shared_batch)
+        if (cap is not None and len(decode) >= cap) or (
+            sum(job.rows for job in decode) >= self.config.max_batch_tokens
+        ):
+            return None  # a full batch is ready
+        due = [
+            expected + window
+            for back in self._returns.values()
+            if (expected := back.expected()) is not None
+            and now - window < expected
+            and expected <= now + window
+        ]
+        return max(due) if due else None
 
     def _drop_cancelled(self) -> None:
         if any(job.cancelled for job in self._jobs):
@@ -323,13 +369,20 @@ class ComputeQueue:
             seconds = time.perf_counter() - started
             self._busy_seconds += seconds
             self._batches += 1
-            self._last_decode = collections.Counter(
-                piece.job.client for piece in batch.slices if piece.job.is_decode
-            )
-            self._last_seconds, self._last_end = seconds, trio.current_time()
+            self._last_seconds = seconds
+            ended = trio.current_time()
+            for job in batch.finished():
+                if job.is_decode and job.cache is not None:
+                    self._returns.setdefault(job.cache, _Return()).left(ended)
             if self._heap:
                 self._functions_waited += 1
             self._recent.append(batch.record(seconds))
+            log.debug(
+                "batch: %d decode steps, %d bulk tokens, %.1f ms",
+                self._recent[-1].decode_steps,
+                self._recent[-1].bulk_tokens,
+                seconds * 1e3,
+            )
             for job in batch.finished():
                 self._jobs.remove(job)
                 self._done += 1

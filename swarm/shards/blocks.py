@@ -18,7 +18,14 @@ from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
 from swarm.shards.rope import apply_rope
 
-__all__ = ["AttentionMask", "Block", "RMSNorm", "RaggedPart", "build_attention_mask"]
+__all__ = [
+    "AttentionMask",
+    "Block",
+    "RMSNorm",
+    "RaggedBatch",
+    "RaggedPart",
+    "build_attention_mask",
+]
 
 
 class RMSNorm(nn.Module):
@@ -55,6 +62,25 @@ class RaggedPart:
     sin: torch.Tensor
     mask: AttentionMask
     cache: KVCache | None
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """Groups laid end to end (`Span.forward_batch`): their parts, in order, and every
+    token's RoPE angles ``cos``/``sin`` (tokens, 1, head_dim), built once for all layers."""
+
+    parts: tuple[RaggedPart, ...]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, parts: Sequence[RaggedPart]) -> RaggedBatch:
+        def token_major(t: torch.Tensor) -> torch.Tensor:  # (batch, 1, seq, d) -> (b*s, 1, d)
+            return t.squeeze(1).reshape(-1, 1, t.shape[-1])
+
+        cos = torch.cat([token_major(p.cos) for p in parts])  # (tokens, 1, head_dim)
+        sin = torch.cat([token_major(p.sin) for p in parts])  # (tokens, 1, head_dim)
+        return cls(tuple(parts), cos, sin)
 
 
 def build_attention_mask(
@@ -121,10 +147,18 @@ class Attention(nn.Module):
         batch, seq, dim = part.batch, part.seq, self.head_dim
         q = q.reshape(batch, seq, self.heads, dim).transpose(1, 2)
         k = k.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)
-        v = v.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)
-        # q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)
+        # q: (batch, heads, seq, head_dim); k: (batch, kv_heads, seq, head_dim)
         q = apply_rope(q, part.cos, part.sin)
         k = apply_rope(k, part.cos, part.sin)
+        return self._attend_rotated(q, k, v, part, index)
+
+    def _attend_rotated(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: RaggedPart, index: int
+    ) -> torch.Tensor:
+        """`attend` after RoPE: ``q`` (batch, heads, seq, head_dim), ``k`` (batch, kv_heads,
+        seq, head_dim), ``v`` as in `attend`."""
+        batch, seq, dim = part.batch, part.seq, self.head_dim
+        v = v.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)  # (batch, kv_heads, seq, d)
         if part.cache is not None:
             k, v = part.cache.update(index, k, v)  # (batch, kv_heads, total, head_dim)
         out = F.scaled_dot_product_attention(
@@ -137,21 +171,30 @@ class Attention(nn.Module):
         )  # (batch, heads, seq, head_dim)
         return out.transpose(1, 2).reshape(batch * seq, self.heads * dim)
 
-    def forward_ragged(
-        self, x: torch.Tensor, parts: Sequence[RaggedPart], index: int
-    ) -> torch.Tensor:
+    def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
         """Attention over tokens of several independent groups laid end to end: ``x``
-        (tokens, hidden) with ``sum(p.batch * p.seq)`` rows, in the order of ``parts``. The
-        projections run over all tokens at once; attention runs per group against that
-        group's own cache, mask and positions. Returns (tokens, hidden)."""
-        q, k, v = self.q(x), self.k(x), self.v(x)  # (tokens, q_out), (tokens, kv_out) x2
-        sizes = [p.batch * p.seq for p in parts]
-        outs = [
-            self.attend(qi, ki, vi, part, index)  # (batch*seq, q_out)
-            for qi, ki, vi, part in zip(
-                q.split(sizes), k.split(sizes), v.split(sizes), parts, strict=True
-            )
-        ]
+        (tokens, hidden) with ``sum(p.batch * p.seq)`` rows, in the order of
+        ``ragged.parts``. The projections and RoPE run over all tokens at once; attention
+        runs per group against that group's own cache, mask and positions. Returns
+        (tokens, hidden)."""
+        tokens, dim = x.shape[0], self.head_dim
+        q = self.q(x).view(tokens, self.heads, dim)  # (tokens, heads, head_dim)
+        k = self.k(x).view(tokens, self.kv_heads, dim)  # (tokens, kv_heads, head_dim)
+        v = self.v(x)  # (tokens, kv_out)
+        q = apply_rope(q, ragged.cos, ragged.sin)
+        k = apply_rope(k, ragged.cos, ragged.sin)
+        sizes = [p.batch * p.seq for p in ragged.parts]
+        outs = []
+        for qi, ki, vi, part in zip(
+            torch.split(q, sizes),
+            torch.split(k, sizes),
+            torch.split(v, sizes),
+            ragged.parts,
+            strict=True,
+        ):
+            qi = qi.view(part.batch, part.seq, self.heads, dim).transpose(1, 2)
+            ki = ki.view(part.batch, part.seq, self.kv_heads, dim).transpose(1, 2)
+            outs.append(self._attend_rotated(qi, ki, vi, part, index))  # (batch*seq, q_out)
         projected: torch.Tensor = self.o(torch.cat(outs))  # (tokens, hidden)
         return projected
 
@@ -194,11 +237,9 @@ class Block(nn.Module):
         out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (batch, seq, hidden)
         return out
 
-    def forward_ragged(
-        self, x: torch.Tensor, parts: Sequence[RaggedPart], index: int
-    ) -> torch.Tensor:
+    def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
         """The block over a ragged batch ``x`` (tokens, hidden) (see
         `Attention.forward_ragged`); same shape out."""
-        x = x + self.attn.forward_ragged(self.attn_norm(x), parts, index)  # (tokens, hidden)
+        x = x + self.attn.forward_ragged(self.attn_norm(x), ragged, index)  # (tokens, hidden)
         out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (tokens, hidden)
         return out

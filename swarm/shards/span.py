@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from swarm.errors import ShardError
-from swarm.shards.blocks import Block, RaggedPart, build_attention_mask
+from swarm.shards.blocks import Block, RaggedBatch, RaggedPart, build_attention_mask
 from swarm.shards.cache import KVCache
 from swarm.shards.checkpoint import checkpoint_names, is_gguf, read_tensors
 from swarm.shards.config import ModelConfig
@@ -124,11 +124,12 @@ class Span(nn.Module):
             if item.cache is not None:
                 item.cache.check_room(item.hidden.shape[1])
         parts = [self._prepare(it.hidden, it.positions, it.cache, None) for it in items]
+        ragged = RaggedBatch.of(parts)
         size = self.config.hidden_size
         x = torch.cat([it.hidden.reshape(-1, size) for it in items])  # (tokens, hidden)
         for index in range(len(self.blocks)):
             block: Block = self.blocks[index]  # type: ignore[assignment]
-            x = block.forward_ragged(x, parts, index)  # (tokens, hidden)
+            x = block.forward_ragged(x, ragged, index)  # (tokens, hidden)
         outs = torch.split(x, [p.batch * p.seq for p in parts])
         for item, part in zip(items, parts, strict=True):
             if item.cache is not None:

@@ -165,6 +165,58 @@ async def _prompt_among_decoders(span: Span, queue: ComputeQueue) -> float:
     return statistics.median(samples["during"]) / statistics.median(samples["before"])
 
 
+async def test_sessions_due_back_are_waited_for(span: Span, queue_factory: object) -> None:
+    """Two sessions stepping together, one of them late by less than the wait window: the
+    worker waits for it and runs both in one batch."""
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(gather_fraction=1e6, gather_max=0.5)
+    )
+    a1, a2 = _cache(span), _cache(span)
+    with trio.fail_after(20):
+        for _ in range(3):  # they come back at once, together
+            await _steps(span, queue, {"a1": (a1, 0.0), "a2": (a2, 0.0)})
+        await _steps(span, queue, {"a1": (a1, 0.0), "a2": (a2, 0.05)})
+    assert queue.statistics().recent[-1].decode_steps == 2
+
+
+async def test_sessions_away_are_not_waited_for(span: Span, queue_factory: object) -> None:
+    """Sessions that come back a second after each step (in a chain: they are at another
+    hop) are not waited for: another session's step runs at once, not a window later (the
+    old rule, "wait for the last batch's clients", idled the server so before every batch
+    in a two-hop chain)."""
+    window = 0.5
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(gather_fraction=1e6, gather_max=window)
+    )
+    a1, a2, b = _cache(span), _cache(span), _cache(span)
+    with trio.fail_after(30):
+        for delay in (0.0, 1.0, 1.0):  # a1 and a2 are away a second between steps
+            await _steps(span, queue, {"a1": (a1, delay), "a2": (a2, delay)})
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        await _steps(span, queue, {"b": (b, 0.0)})
+        waited = trio.current_time() - started
+    assert queue.statistics().recent[-1].decode_clients == ("b",)
+    assert waited < window / 2, waited  # not held back for a1 and a2
+
+
+async def _steps(
+    span: Span, queue: ComputeQueue, sessions: dict[str, tuple[KVCache, float]]
+) -> None:
+    """One decode step of each session (client name: (cache, delay before its step)),
+    concurrently."""
+    x = torch.randn(1, 1, HIDDEN)
+
+    async def step(client: str, cache: KVCache, delay: float) -> None:
+        CLIENT.set(client)
+        await trio.sleep(delay)
+        await queue.run_span(span, x, _pos(cache.length, 1), cache, Priority.INFERENCE)
+
+    async with trio.open_nursery() as nursery:
+        for client, (cache, delay) in sessions.items():
+            nursery.start_soon(step, client, cache, delay)
+
+
 async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> None:
     """With room for only 4 decode tokens per batch, a client with 16 sessions takes no
     more than its turn: the lone client's step is in every batch it waits for."""
