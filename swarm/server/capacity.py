@@ -195,15 +195,9 @@ def _measure_decode(
     config, device, dtype = span.config, span.device, span.dtype
     prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
     one = prompt[:, :1]
-    groups = []
-    for batch in batch_sizes:
-        caches = [
-            KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
-            for _ in range(batch)
-        ]
-        for cache in caches:
-            span(prompt, torch.arange(prefix).view(1, -1).to(device), cache)
-        groups.append(caches)
+    template = KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
+    span(prompt, torch.arange(prefix).view(1, -1).to(device), template)  # one prefill for all
+    groups = [[template.clone() for _ in range(batch)] for batch in batch_sizes]
     best = [float("inf")] * len(groups)
     position = torch.tensor([[prefix]], device=device)
     for round_ in range(repeats + 1):  # the first round is a warm-up
@@ -232,7 +226,7 @@ def measure_span(
     ``prefix`` tokens cached per session, and stateless forwards of each chunk size until
     one takes over 4 × a single decode step. Costs a few hundred steps' compute."""
     config, device, dtype = span.config, span.device, span.dtype
-    with torch.no_grad():
+    with torch.inference_mode():
         decode = _measure_decode(span, batch_sizes, prefix, repeats)
         measured: list[tuple[int, float]] = []
         for tokens in chunks:

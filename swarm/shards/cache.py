@@ -84,6 +84,17 @@ class KVCache:
         token_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
         return cls(layers, keys, values, token_mask)
 
+    def clone(self) -> KVCache:
+        """A copy with storage of its own (same tokens, same room)."""
+        copy = KVCache(
+            self.layers,
+            [k.clone() for k in self.keys],
+            [v.clone() for v in self.values],
+            self.token_mask.clone(),
+        )
+        copy.length, copy.has_padding = self.length, self.has_padding
+        return copy
+
     @property
     def nbytes(self) -> int:
         """Bytes held by keys, values and the token mask."""

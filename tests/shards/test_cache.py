@@ -99,3 +99,17 @@ def test_runs_in_a_worker_thread(span: Span) -> None:
     thread.join(timeout=30)
     assert not thread.is_alive()
     torch.testing.assert_close(result[0], expected, rtol=0, atol=0)
+
+
+def test_clone_continues_like_the_original(span: Span) -> None:
+    """A clone holds the same tokens in storage of its own: the next step on either gives
+    the same output, and stepping one leaves the other as it was."""
+    cache = KVCache.allocate(span.config, span.layers, 1, 8)
+    with torch.inference_mode():
+        span(torch.randn(1, 5, 64), _pos(5), cache)
+        twin = cache.clone()
+        step = torch.randn(1, 1, 64)
+        mine = span(step, _pos(1, 5), cache)
+        assert twin.length == 5 and cache.length == 6
+        torch.testing.assert_close(span(step, _pos(1, 5), twin), mine, rtol=0, atol=0)
+    assert all(k.data_ptr() != t.data_ptr() for k, t in zip(cache.keys, twin.keys, strict=True))
