@@ -9,11 +9,13 @@ the default prefill chunk and the estimate of a forward's time come from it.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 
 import psutil
 import torch
@@ -30,12 +32,30 @@ __all__ = [
     "SpanTimings",
     "available_memory",
     "block_bytes",
+    "cpu_has_native_bfloat16",
     "kv_bytes_per_token",
     "measure_span",
     "plan_capacity",
 ]
 
 MiB = 1024 * 1024
+
+
+@functools.cache
+def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), read from
+    Linux's ``cpuinfo`` flags; False where that cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = {
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags")
+        for flag in line.partition(":")[2].split()
+    }
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def available_memory(device: torch.device) -> int:
