@@ -193,6 +193,7 @@ class ComputeQueue:
         self._turn = 0  # rotates the client that goes first
         self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
         self._last_seconds = 0.0  # the last batch's compute time
+        self._last_end = 0.0  # when it ended (trio clock)
         self._functions_waited = 0  # batches run while a forward-priority function waits
         self._recent: collections.deque[BatchRecord] = collections.deque(maxlen=256)
         self.running = False  # work is on the worker thread now
@@ -310,7 +311,12 @@ class ComputeQueue:
             and now - window < expected
             and expected <= now + window
         ]
-        return max(due) if due else None
+        # whatever is ready waits at most one window once the worker is free for it, so
+        # sessions that keep being due (a peer's many staggered sessions) cannot hold it
+        limit = max(min(job.arrived for job in ready), self._last_end) + window
+        if not due or limit <= now:
+            return None
+        return min(max(due), limit)
 
     def _drop_cancelled(self) -> None:
         if any(job.cancelled for job in self._jobs):
@@ -370,7 +376,7 @@ class ComputeQueue:
             self._busy_seconds += seconds
             self._batches += 1
             self._last_seconds = seconds
-            ended = trio.current_time()
+            ended = self._last_end = trio.current_time()
             for job in batch.finished():
                 if job.is_decode and job.cache is not None:
                     self._returns.setdefault(job.cache, _Return()).left(ended)

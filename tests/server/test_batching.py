@@ -200,6 +200,49 @@ async def test_sessions_away_are_not_waited_for(span: Span, queue_factory: objec
     assert waited < window / 2, waited  # not held back for a1 and a2
 
 
+async def test_sessions_that_keep_being_due_hold_a_step_one_window_at_most(
+    span: Span, queue_factory: object
+) -> None:
+    """A peer's sessions with staggered return times (each due in turn, none coming back)
+    hold another session's ready step at most one window, not one window per session.
+
+    Six sessions learn to come back 0.15 ... 0.9 s after their steps, take one last step
+    together and go silent: their expected returns are then about 75 ms apart, from 0.9 to
+    1.3 s after it, so from 0.8 s on one of them is always due (for 0.7 s in all)."""
+    window = 0.2
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(gather_fraction=1e6, gather_max=window)
+    )
+    delays = [0.15 * (i + 1) for i in range(6)]
+    caches = [_cache(span) for _ in delays]
+    x = torch.randn(1, 1, HIDDEN)
+    go, learned = trio.Event(), [0]
+
+    async def step(i: int) -> None:
+        await queue.run_span(span, x, _pos(caches[i].length, 1), caches[i], Priority.INFERENCE)
+
+    async def staggered(i: int) -> None:
+        CLIENT.set("stagger")
+        for _ in range(3):
+            await step(i)
+            await trio.sleep(delays[i])
+        learned[0] += 1
+        if learned[0] == len(delays):
+            go.set()
+        await go.wait()
+        await step(i)  # the last, all together
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(delays)):
+                nursery.start_soon(staggered, i)
+        await trio.sleep(0.8)
+        started = trio.current_time()
+        await _steps(span, queue, {"b": (_cache(span), 0.0)})
+        waited = trio.current_time() - started
+    assert waited < 2 * window, waited  # one window and the step itself
+
+
 async def _steps(
     span: Span, queue: ComputeQueue, sessions: dict[str, tuple[KVCache, float]]
 ) -> None:
