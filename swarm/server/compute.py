@@ -41,7 +41,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -105,6 +105,8 @@ class ComputeConfig:
       stay in one batch instead of splitting into a batch of one and the rest.
     - ``batching`` (True): False runs every job alone, one chunk at a time (for
       comparison).
+    - ``report_interval`` (60 s; None: never): how often the worker logs (INFO) what it
+      ran since the last report: batches, decode steps per batch, bulk tokens, busy time.
     """
 
     max_batch_tokens: int = 1024
@@ -116,6 +118,7 @@ class ComputeConfig:
     gather_fraction: float = 0.5
     gather_max: float = 0.02
     batching: bool = True
+    report_interval: float | None = 60.0
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1:
@@ -124,6 +127,8 @@ class ComputeConfig:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_queued < 1 or self.max_queued_per_client < 1:
             raise ConfigError("max_queued and max_queued_per_client must be >= 1")
+        if self.report_interval is not None and self.report_interval <= 0:
+            raise ConfigError(f"report_interval must be > 0, got {self.report_interval}")
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,42 @@ class _Task(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     cancelled: bool = False
+
+
+@dataclass
+class _Totals:
+    """Batches run since start (cumulative), and the largest decode batch since the last
+    snapshot."""
+
+    batches: int = 0
+    decode_steps: int = 0
+    bulk_tokens: int = 0
+    seconds: float = 0.0
+    largest: int = 0
+
+    def add(self, record: BatchRecord) -> None:
+        self.batches += 1
+        self.decode_steps += record.decode_steps
+        self.bulk_tokens += record.bulk_tokens
+        self.seconds += record.seconds
+        self.largest = max(self.largest, record.decode_steps)
+
+    def snapshot(self) -> _Totals:
+        copy = replace(self)
+        self.largest = 0
+        return copy
+
+    def since(self, earlier: _Totals, interval: float) -> str:
+        """What ran between ``earlier`` and this snapshot, ``interval`` seconds apart."""
+        batches = self.batches - earlier.batches
+        steps = self.decode_steps - earlier.decode_steps
+        busy = (self.seconds - earlier.seconds) / interval
+        return (
+            f"{batches} batches in the last {interval:g} s, "
+            f"{steps / batches:.1f} decode steps per batch (largest {self.largest}), "
+            f"{self.bulk_tokens - earlier.bulk_tokens} prompt/forward tokens, "
+            f"busy {min(busy, 1.0):.0%} of the time"
+        )
 
 
 @dataclass
@@ -190,6 +231,7 @@ class ComputeQueue:
         self._busy_seconds = 0.0
         self._done = 0
         self._batches = 0
+        self._totals = _Totals()  # what ran since start, for the periodic report
         self._turn = 0  # rotates the client that goes first
         self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
         self._last_seconds = 0.0  # the last batch's compute time
@@ -261,8 +303,24 @@ class ComputeQueue:
     # ---- the worker ----
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The worker loop; runs until cancelled."""
-        task_status.started()
+        """The worker loop (and its periodic report); runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            if self.config.report_interval is not None:
+                nursery.start_soon(self._report, self.config.report_interval)
+            task_status.started()
+            await self._work()
+
+    async def _report(self, interval: float) -> None:
+        """Every ``interval`` seconds with batches run in it, one INFO line about them."""
+        last = self._totals.snapshot()
+        while True:
+            await trio.sleep(interval)
+            now = self._totals.snapshot()
+            if now.batches > last.batches:
+                log.info("compute: %s", now.since(last, interval))
+            last = now
+
+    async def _work(self) -> None:
         while True:
             self._drop_cancelled()
             task = self._next_function()
@@ -383,6 +441,7 @@ class ComputeQueue:
             if self._heap:
                 self._functions_waited += 1
             self._recent.append(batch.record(seconds))
+            self._totals.add(self._recent[-1])
             log.debug(
                 "batch: %d decode steps, %d bulk tokens, %.1f ms",
                 self._recent[-1].decode_steps,

@@ -6,6 +6,7 @@ that counts of what ran in which batch are exact and timings are compute only.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -241,6 +242,27 @@ async def test_sessions_that_keep_being_due_hold_a_step_one_window_at_most(
         await _steps(span, queue, {"b": (_cache(span), 0.0)})
         waited = trio.current_time() - started
     assert waited < 2 * window, waited  # one window and the step itself
+
+
+async def test_the_worker_reports_what_it_ran(
+    span: Span, queue_factory: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every ``report_interval`` with work in it, one INFO line: two sessions stepping
+    together are two decode steps per batch; an idle interval logs nothing."""
+    caplog.set_level(logging.INFO, logger="swarm.server.compute")
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(report_interval=0.2)
+    )
+    a1, a2 = _cache(span), _cache(span)
+    with trio.fail_after(20):
+        for _ in range(5):
+            await _steps(span, queue, {"a1": (a1, 0.0), "a2": (a2, 0.0)})
+        while not [r for r in caplog.records if r.getMessage().startswith("compute: ")]:
+            await trio.sleep(0.05)
+        await trio.sleep(0.5)  # idle intervals
+    reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compute: ")]
+    assert reports and all("2.0 decode steps per batch (largest 2)" in r for r in reports)
+    assert sum(int(r.split()[1]) for r in reports) == 5  # batches, each reported once
 
 
 async def _steps(
