@@ -230,7 +230,6 @@ class ComputeQueue:
         self._wakeup = trio.Event()
         self._busy_seconds = 0.0
         self._done = 0
-        self._batches = 0
         self._totals = _Totals()  # what ran since start, for the periodic report
         self._turn = 0  # rotates the client that goes first
         self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
@@ -432,23 +431,24 @@ class ComputeQueue:
             self.running = False
             seconds = time.perf_counter() - started
             self._busy_seconds += seconds
-            self._batches += 1
             self._last_seconds = seconds
             ended = self._last_end = trio.current_time()
-            for job in batch.finished():
+            finished = batch.finished()
+            for job in finished:
                 if job.is_decode and job.cache is not None:
                     self._returns.setdefault(job.cache, _Return()).left(ended)
             if self._heap:
                 self._functions_waited += 1
-            self._recent.append(batch.record(seconds))
-            self._totals.add(self._recent[-1])
+            record = batch.record(seconds)
+            self._recent.append(record)
+            self._totals.add(record)
             log.debug(
                 "batch: %d decode steps, %d bulk tokens, %.1f ms",
-                self._recent[-1].decode_steps,
-                self._recent[-1].bulk_tokens,
+                record.decode_steps,
+                record.bulk_tokens,
                 seconds * 1e3,
             )
-            for job in batch.finished():
+            for job in finished:
                 self._jobs.remove(job)
                 self._done += 1
                 job.done.set()
@@ -463,7 +463,7 @@ class ComputeQueue:
             queued=len(self._heap) + len(self._jobs),
             done=self._done,
             utilization=self._busy_seconds / elapsed,
-            batches=self._batches,
+            batches=self._totals.batches,
             recent=tuple(self._recent),
             queued_by_client=by_client,
         )

@@ -191,15 +191,15 @@ class Attention(nn.Module):
             k, v = part.cache.update(index, k, v)  # (batch, kv_heads, total, head_dim)
         if seq == 1 and q.device.type == "cpu" and q.dtype in HALF_DTYPES:
             out = decode_attention(q, k, v, part.mask.mask)  # (batch, heads, 1, head_dim)
-            return out.transpose(1, 2).reshape(batch, self.heads * dim)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=part.mask.mask,
-            is_causal=part.mask.is_causal,
-            enable_gqa=self.kv_heads != self.heads,
-        )  # (batch, heads, seq, head_dim)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=part.mask.mask,
+                is_causal=part.mask.is_causal,
+                enable_gqa=self.kv_heads != self.heads,
+            )  # (batch, heads, seq, head_dim)
         return out.transpose(1, 2).reshape(batch * seq, self.heads * dim)
 
     def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
