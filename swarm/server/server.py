@@ -93,7 +93,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
     """``auto``: the checkpoint's dtype on a GPU; on the CPU bfloat16 for a checkpoint
     stored in bfloat16 where the CPU has bfloat16 dot-product instructions (there a batched
-    step of 8 sessions costs about 1.3x one step, against 2.2x in float32; see
+    step of 8 sessions costs about 1.1-1.3x one step in the matmuls, against 2-3x in float32; see
     benchmarks/README.md), float32 otherwise (emulated half precision is slow)."""
     if name != "auto":
         return torch_dtype(name)
