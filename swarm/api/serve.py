@@ -28,6 +28,8 @@ from swarm.shards import ChatTemplate
 
 __all__ = ["GatewayReady", "serve_gateway"]
 
+KEEP_ALIVE_S = 75.0  # how long an idle HTTP connection stays open (nginx's default)
+
 
 @dataclass(frozen=True)
 class GatewayReady:
@@ -61,6 +63,9 @@ async def serve_gateway(
     hypercorn.accesslog = None
     hypercorn.errorlog = logging.getLogger("hypercorn.error")
     hypercorn.graceful_timeout = 2.0
+    # Idle keep-alive connections outlive clients' own pool expiry (httpx: 5 s, Hypercorn's
+    # default too), so a client never reuses a connection the gateway is closing.
+    hypercorn.keep_alive_timeout = KEEP_ALIVE_S
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gateway.run_background, canary_s)
         binds: list[str] = await nursery.start(

@@ -4,6 +4,7 @@ gets the honest answer with the liar named in its ``swarm`` object's detections.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -29,6 +30,37 @@ def empty_swarm(process_group: tuple) -> Iterator[ApiSwarm]:
     local = start_dht(group, home)
     local.start_gateway()
     yield local
+
+
+def test_an_idle_connection_outlives_a_clients_pool_expiry(empty_swarm: ApiSwarm) -> None:
+    """A connection idle past httpx's 5 s pool expiry is still open (the gateway's
+    keep-alive is longer), so a client reusing it at that moment gets its answer; with
+    Hypercorn's default 5 s, a request sent then met "Server disconnected"."""
+    host, port = empty_swarm.url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            conn.sendall(request)
+            assert _response_status(conn) == 503  # no servers yet: the body says which
+
+
+def _response_status(conn: socket.socket) -> int:
+    """The status of one HTTP/1.1 response read off ``conn`` (its body read whole)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        assert chunk, "the gateway closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:])
+                  if k.lower() == "content-length")  # fmt: skip
+    while len(body) < length:
+        chunk = conn.recv(4096)
+        assert chunk, "the gateway closed the connection"
+        body += chunk
+    return int(lines[0].split()[1])
 
 
 def test_health_is_503_until_every_block_is_served(empty_swarm: ApiSwarm) -> None:

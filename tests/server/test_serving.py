@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -181,7 +182,8 @@ async def test_unknown_session_and_wrong_dtype(swarm2: LocalSwarm, pool: Connect
 
 async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> None:
     async with open_local_swarm(model_path) as local:
-        s = await local.add_server(LayerRange(0, 6), limits=SessionLimits(idle_timeout=0.0))
+        limits = SessionLimits(idle_timeout=60.0)  # the reaper's timer stays out of the way
+        s = await local.add_server(LayerRange(0, 6), limits=limits)
         handlers = s.server.handlers
         assert handlers is not None
         conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
@@ -189,7 +191,7 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 6)))
             await stream.receive(InferenceReady)
             assert len(handlers.sessions) == 1
-            assert handlers.sessions.close_idle() == 1
+            assert handlers.sessions.close_idle(now=time.monotonic() + 61.0) == 1
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
             with pytest.raises(RemoteError) as ended:  # the server ended it and says why
                 await stream.receive(InferenceStepResult, timeout=10)
