@@ -6,9 +6,10 @@ the next `Batch` (pure, no torch work); `run_batch` runs it on the worker thread
 `Span.forward_batch`. Bulk jobs (more than one token per row) advance one chunk per batch;
 their outputs are joined when the last chunk is done.
 
-Fairness: jobs are taken round robin over clients (the client that goes first rotates from
-batch to batch), so a client's share of a batch does not grow with its number of sessions
-while others wait, and a per-client quota is a count over `SpanJob.client`.
+Fairness: jobs are taken round robin over hosts, and within a host over its peers (the
+host and peer that go first rotate from batch to batch), so a client's share of a batch
+grows neither with its number of sessions nor with the identities it makes up behind one
+address while others wait; a quota is a count over `SpanJob.client`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "Batch",
     "BatchRecord",
     "Priority",
+    "Requester",
     "SpanJob",
     "decode_cap",
     "plan_batch",
@@ -43,6 +45,17 @@ class Priority(IntEnum):
     FORWARD = 1  # stateless bulk forward: prefill checks, spot-checks, recovery replays
 
 
+@dataclass(frozen=True)
+class Requester:
+    """Whom span work is for: the fairness key. ``peer`` is the caller (a `PeerId`; None
+    groups anonymous work), ``host`` the address it called from: the peers at one address
+    share that host's turn, as they share its quotas (`swarm.server.quotas`), so a
+    factory of identities behind one address counts as one client."""
+
+    peer: Hashable = None
+    host: str | None = None
+
+
 @dataclass(eq=False)
 class SpanJob:
     """Span work of one caller: ``hidden`` (rows, seq, hidden) at ``positions`` (rows, seq),
@@ -53,7 +66,7 @@ class SpanJob:
     hidden: torch.Tensor
     positions: torch.Tensor
     cache: KVCache | None
-    client: Hashable
+    client: Requester
     priority: Priority
     order: int  # arrival number
     offset: int = 0
@@ -93,7 +106,7 @@ class BatchRecord:
     """What one batch held and cost (`ComputeQueue.statistics().recent`)."""
 
     decode_steps: int  # decode jobs (sessions' one-token steps)
-    decode_clients: tuple[Hashable, ...]  # their clients, one entry per step
+    decode_clients: tuple[Requester, ...]  # their clients, one entry per step
     bulk_tokens: int  # tokens of prompt/forward chunks
     bulk_priorities: tuple[Priority, ...]  # one entry per chunk
     seconds: float
@@ -132,17 +145,22 @@ class Batch:
 
 
 def round_robin(jobs: Iterable[SpanJob], turn: int) -> Iterator[SpanJob]:
-    """``jobs`` interleaved one per client per round, each client's in arrival order; the
-    client that goes first rotates with ``turn``."""
-    by_client: dict[Hashable, list[SpanJob]] = {}
+    """``jobs`` interleaved one per host per round; a host's turns go to its peers in
+    rotation, each peer's jobs in arrival order. The host, and the peer within each host,
+    that goes first rotates with ``turn``."""
+    hosts: dict[str | None, dict[Hashable, list[SpanJob]]] = {}
     for job in sorted(jobs, key=lambda j: j.order):
-        by_client.setdefault(job.client, []).append(job)
-    queues = list(by_client.values())
+        hosts.setdefault(job.client.host, {}).setdefault(job.client.peer, []).append(job)
+    per_host = [list(_interleave(list(peers.values()), turn)) for peers in hosts.values()]
+    yield from _interleave(per_host, turn)
+
+
+def _interleave(queues: list[list[SpanJob]], turn: int) -> Iterator[SpanJob]:
+    """One item of each queue per round, the queue that goes first rotating with ``turn``."""
     if not queues:
         return
     shift = turn % len(queues)
-    queues = queues[shift:] + queues[:shift]
-    for layer in itertools.zip_longest(*queues):
+    for layer in itertools.zip_longest(*queues[shift:], *queues[:shift]):
         yield from (job for job in layer if job is not None)
 
 
@@ -159,7 +177,7 @@ def plan_batch(
     """The next batch (see `swarm.server.compute` for the rules), or None without jobs.
 
     ``shared_batch``: while decode steps of more than one client wait, at most this many of
-    them, or one per waiting client if that is more (round robin over clients). Without
+    them (`decode_cap`), taken round robin over hosts and their peers. Without
     ``batching`` the batch is one job's next chunk: the oldest of the highest priority,
     decode steps first.
     """
@@ -191,11 +209,14 @@ def plan_batch(
 def decode_cap(decode: Sequence[SpanJob], shared_batch: int | None) -> int | None:
     """At most how many of the ready ``decode`` steps one batch takes (besides its token
     limit): None (all of them) unless steps of more than one client wait and
-    ``shared_batch`` is set; then that many, or one per waiting client if that is more."""
-    clients = len({job.client for job in decode})
-    if shared_batch is None or clients <= 1:
+    ``shared_batch`` is set; then that many, or a step for each waiting client if that is
+    more, where the peers at one address count as one client while other addresses wait
+    (so made-up identities neither grow the batches nor the rounds of round robin)."""
+    peers = {job.client for job in decode}
+    if shared_batch is None or len(peers) <= 1:
         return None
-    return max(shared_batch, clients)  # every client gets a step into each batch
+    hosts = {client.host for client in peers}
+    return max(shared_batch, len(hosts) if len(hosts) > 1 else len(peers))
 
 
 def _bulk_slices(bulk: list[SpanJob], chunk_tokens: int, turn: int, patience: int) -> list[Slice]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,28 +211,36 @@ def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int)
 def _measure_decode(
     span: Span, batch_sizes: Sequence[int], prefix: int, repeats: int
 ) -> list[tuple[int, float]]:
-    """The fastest batched decode step of each size; the sizes take turns in each round,
-    so that a burst of other load on the machine hits them alike."""
+    """Seconds of a batched decode step of each size: the fastest for the first size, and
+    for each other its median ratio to the first within one round (the sizes take turns
+    in each round, so a burst of other load on the machine hits a round's sizes alike and
+    a ratio stays true, where the fastest of each size alone may come from different
+    bursts and skew their ratios)."""
     config, device, dtype = span.config, span.device, span.dtype
     prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
     one = prompt[:, :1]
     template = KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
     span(prompt, torch.arange(prefix).view(1, -1).to(device), template)  # one prefill for all
     groups = [[template.clone() for _ in range(batch)] for batch in batch_sizes]
-    best = [float("inf")] * len(groups)
+    rounds: list[list[float]] = []
     position = torch.tensor([[prefix]], device=device)
     for round_ in range(repeats + 1):  # the first round is a warm-up
-        for i, caches in enumerate(groups):
+        times = []
+        for caches in groups:
             started = time.perf_counter()
             span.forward_batch([BatchItem(one, position, c) for c in caches])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
+            times.append(time.perf_counter() - started)
             for cache in caches:
                 cache.truncate(prefix)  # the same step again next round
-            if round_:
-                best[i] = min(best[i], seconds)
-    return list(zip(batch_sizes, best, strict=True))
+        if round_:
+            rounds.append(times)
+    first = min(times[0] for times in rounds)
+    return [
+        (batch, first * statistics.median(times[i] / times[0] for times in rounds))
+        for i, batch in enumerate(batch_sizes)
+    ]
 
 
 def measure_span(

@@ -44,7 +44,7 @@ from swarm.net.messages import (
 from swarm.net.pool import ConnectionPool
 from swarm.net.rpc import CallContext, RpcStream, stream_handler
 from swarm.server.capacity import SpanTimings
-from swarm.server.compute import CLIENT, ComputeQueue, Priority
+from swarm.server.compute import CLIENT, ComputeQueue, Priority, Requester
 from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput
 from swarm.shards.cache import KVCache
@@ -149,7 +149,7 @@ class ServingHandlers:
         span = self._narrow(request.layer_range)
         hidden, positions = request.hidden_states, request.positions
         _check_positions(hidden, positions)
-        CLIENT.set(ctx.peer_id)
+        CLIENT.set(Requester(ctx.peer_id, ctx.peer_host))
         rows, seq = int(hidden.shape[0]), int(hidden.shape[1])
         self._check_forward_size(rows, seq)
         if seq <= self.queue.prefill_chunk:
@@ -194,7 +194,7 @@ class ServingHandlers:
         if self.state.state is ServerState.DRAINING:
             raise RemoteError(ErrorCode.UNAVAILABLE, "server is draining: no new sessions")
         self._narrow(opened.layer_range)  # refuse ranges we do not serve before allocating
-        CLIENT.set(ctx.peer_id)  # the compute queue's fairness key for this session's steps
+        CLIENT.set(Requester(ctx.peer_id, ctx.peer_host))  # the fairness key of its steps
         session = self.sessions.open(
             opened.session_id,
             ctx.peer_id,

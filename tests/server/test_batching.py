@@ -19,7 +19,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from swarm.errors import LimitExceeded
 from swarm.server.capacity import measure_span
-from swarm.server.compute import CLIENT, ComputeConfig, ComputeQueue, Priority
+from swarm.server.compute import CLIENT, ComputeConfig, ComputeQueue, Priority, Requester
 from swarm.shards import KVCache, load_span
 from swarm.shards.span import Span
 from swarm.testing.checkpoints import write_random_llama
@@ -78,7 +78,7 @@ async def test_batched_sessions_equal_alone(span: Span, queue_factory: object) -
 
     async def run(name: str, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None,
                   priority: Priority = Priority.INFERENCE) -> None:  # fmt: skip
-        CLIENT.set(name)
+        CLIENT.set(Requester(name))
         results[name] = await queue.run_span(span, x, pos, cache, priority)
 
     prefill_cache = _cache(span)
@@ -126,7 +126,7 @@ async def _prompt_among_decoders(span: Span, queue: ComputeQueue) -> float:
     finished = trio.Event()
 
     async def decoder(i: int) -> None:
-        CLIENT.set(f"user{i}")
+        CLIENT.set(Requester(f"user{i}"))
         cache, x = KVCache.allocate(span.config, span.layers, 1, 4000), torch.randn(1, 1, HIDDEN)
         for n in range(4000):
             if finished.is_set():
@@ -144,7 +144,7 @@ async def _prompt_among_decoders(span: Span, queue: ComputeQueue) -> float:
                 )
 
     async def prompts() -> None:
-        CLIENT.set("newcomer")
+        CLIENT.set(Requester("newcomer"))
         await trio.sleep(0.05)
         for _ in range(3):
             phase[0] = "before"
@@ -197,7 +197,7 @@ async def test_sessions_away_are_not_waited_for(span: Span, queue_factory: objec
         started = trio.current_time()
         await _steps(span, queue, {"b": (b, 0.0)})
         waited = trio.current_time() - started
-    assert queue.statistics().recent[-1].decode_clients == ("b",)
+    assert queue.statistics().recent[-1].decode_clients == (Requester("b"),)
     assert waited < window / 2, waited  # not held back for a1 and a2
 
 
@@ -223,7 +223,7 @@ async def test_sessions_that_keep_being_due_hold_a_step_one_window_at_most(
         await queue.run_span(span, x, _pos(caches[i].length, 1), caches[i], Priority.INFERENCE)
 
     async def staggered(i: int) -> None:
-        CLIENT.set("stagger")
+        CLIENT.set(Requester("stagger"))
         for _ in range(3):
             await step(i)
             await trio.sleep(delays[i])
@@ -273,7 +273,7 @@ async def _steps(
     x = torch.randn(1, 1, HIDDEN)
 
     async def step(client: str, cache: KVCache, delay: float) -> None:
-        CLIENT.set(client)
+        CLIENT.set(Requester(client))
         await trio.sleep(delay)
         await queue.run_span(span, x, _pos(cache.length, 1), cache, Priority.INFERENCE)
 
@@ -290,7 +290,7 @@ async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> No
     stop = trio.Event()
 
     async def session(client: str, steps: int | None) -> None:
-        CLIENT.set(client)
+        CLIENT.set(Requester(client))
         cache, x = _cache(span), torch.randn(1, 1, HIDDEN)
         for n in range(steps or 1000):
             if stop.is_set():
@@ -308,8 +308,46 @@ async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> No
         nursery.start_soon(session, "lone", 30)
     assert len(lone_waits) == 30
     assert max(lone_waits) <= 2, lone_waits  # the batch it joined, at most one before it
-    flood_per_batch = [r.decode_clients.count("flood") for r in queue.statistics().recent]
+    flood = Requester("flood")
+    flood_per_batch = [r.decode_clients.count(flood) for r in queue.statistics().recent]
     assert max(flood_per_batch) <= 4
+
+
+async def test_identities_behind_one_address_share_its_turn(
+    span: Span, queue_factory: object
+) -> None:
+    """16 identities at one address, one session each, against a lone client at another:
+    while both hosts wait, a batch holds `shared_batch` steps (not one per identity), the
+    lone client's step is in every batch it waits for, and the identities take turns."""
+    queue: ComputeQueue = await queue_factory(ComputeConfig())  # type: ignore[operator]
+    queue.shared_batch = 4
+    lone_waits: list[int] = []
+    stop = trio.Event()
+
+    async def session(client: Requester, steps: int | None) -> None:
+        CLIENT.set(client)
+        cache, x = _cache(span), torch.randn(1, 1, HIDDEN)
+        for n in range(steps or 1000):
+            if stop.is_set():
+                return
+            batches = queue.statistics().batches
+            await queue.run_span(span, x, _pos(n, 1), cache, Priority.INFERENCE)
+            if client.host == "10.0.0.1":
+                lone_waits.append(queue.statistics().batches - batches)
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(session, Requester(f"sybil{i}", "10.0.0.2"), None)
+        await trio.sleep(0.05)
+        nursery.start_soon(session, Requester("lone", "10.0.0.1"), 30)
+    assert len(lone_waits) == 30
+    assert max(lone_waits) <= 2, lone_waits  # the batch it joined, at most one before it
+    lone = Requester("lone", "10.0.0.1")
+    shared = [r for r in queue.statistics().recent if lone in r.decode_clients]
+    assert len(shared) >= 30 and all(r.decode_steps <= 4 for r in shared)
+    served = {c.peer for r in shared for c in r.decode_clients if c.host == "10.0.0.2"}
+    assert len(served) == 16  # every identity had turns, none was starved
 
 
 async def test_full_queue_is_a_limit(span: Span, queue_factory: object) -> None:
@@ -319,7 +357,7 @@ async def test_full_queue_is_a_limit(span: Span, queue_factory: object) -> None:
     refused: list[str] = []
 
     async def forward(client: str) -> None:
-        CLIENT.set(client)
+        CLIENT.set(Requester(client))
         try:
             x = torch.randn(1, 200, HIDDEN)
             await queue.run_span(span, x, _pos(0, 200), _cache(span), Priority.FORWARD)
@@ -333,3 +371,34 @@ async def test_full_queue_is_a_limit(span: Span, queue_factory: object) -> None:
     assert len(refused) == 4  # 3 of greedy's 6 beyond its share, 1 past the 8 in all
     assert sum("this client" in text for text in refused) == 3
     assert sum("queue is full" in text for text in refused) == 1
+
+
+async def test_identities_behind_one_address_share_its_queue(
+    span: Span, queue_factory: object
+) -> None:
+    """Made-up identities do not multiply an address's share of the queue: past
+    `max_queued_per_host` jobs of its peers, the next is `LimitExceeded`, while a client at
+    another address still gets in."""
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(max_queued=16, max_queued_per_client=2, max_queued_per_host=5)
+    )
+    refused: list[Requester] = []
+    served: list[Requester] = []
+
+    async def forward(client: Requester) -> None:
+        CLIENT.set(client)
+        try:
+            x = torch.randn(1, 200, HIDDEN)
+            await queue.run_span(span, x, _pos(0, 200), _cache(span), Priority.FORWARD)
+            served.append(client)
+        except LimitExceeded as exc:
+            assert "this address" in str(exc)
+            refused.append(client)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):  # 8 identities, each within its own share of 2
+            nursery.start_soon(forward, Requester(f"sybil{i}", "10.0.0.2"))
+            await wait_all_tasks_blocked()
+        nursery.start_soon(forward, Requester("other", "10.0.0.1"))
+    assert len(refused) == 3 and all(c.host == "10.0.0.2" for c in refused)
+    assert Requester("other", "10.0.0.1") in served
