@@ -387,9 +387,9 @@ class ComputeQueue:
             and now - window < expected
             and expected <= now + window
         ]
-        cap, hosts = decode_cap(decode, self.shared_batch), {job.client.host for job in decode}
-        if cap is not None and len(decode) >= cap and all(c.host in hosts for _, c in due):
-            return None  # a full batch is ready, with a turn for every due session's host
+        cap, clients = decode_cap(decode, self.shared_batch), {job.client for job in decode}
+        if cap is not None and len(decode) >= cap and all(c in clients for _, c in due):
+            return None  # a full batch is ready, and no due session would add a client to it
         # whatever is ready waits at most one window once the worker is free for it, so
         # sessions that keep being due (a peer's many staggered sessions) cannot hold it
         limit = max(min(job.arrived for job in ready), self._last_end) + window

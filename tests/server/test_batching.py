@@ -180,6 +180,26 @@ async def test_sessions_due_back_are_waited_for(span: Span, queue_factory: objec
     assert queue.statistics().recent[-1].decode_steps == 2
 
 
+async def test_a_due_client_is_waited_for_when_the_ready_steps_fill_the_cap(
+    span: Span, queue_factory: object
+) -> None:
+    """Three clients stepping together while shared batches are small (`shared_batch` 1:
+    a step per waiting client): the two ready steps fill the cap as counted without the
+    third, which is due; the worker waits for it, since it would add a client to the
+    batch, and runs all three together."""
+    queue: ComputeQueue = await queue_factory(  # type: ignore[operator]
+        ComputeConfig(gather_fraction=1e6, gather_max=0.5)
+    )
+    queue.shared_batch = 1
+    caches = {name: _cache(span) for name in ("a", "b", "c")}
+    with trio.fail_after(20):
+        for _ in range(3):
+            await _steps(span, queue, {name: (cache, 0.0) for name, cache in caches.items()})
+        late = {"a": 0.0, "b": 0.0, "c": 0.05}
+        await _steps(span, queue, {name: (caches[name], late[name]) for name in caches})
+    assert queue.statistics().recent[-1].decode_steps == 3
+
+
 async def test_sessions_away_are_not_waited_for(span: Span, queue_factory: object) -> None:
     """Sessions that come back a second after each step (in a chain: they are at another
     hop) are not waited for: another session's step runs at once, not a window later (the
