@@ -2,8 +2,8 @@
 
 Every inbound connection holds a slot from accept to close. The limits (all in `NetConfig`):
 
-- per IP (``max_connections_per_ip``): checked at accept; past it the connection is closed
-  before the handshake;
+- per IP (``max_connections_per_ip``; a public IPv6 /64 counts as one IP, `host_key`):
+  checked at accept; past it the connection is closed before the handshake;
 - unauthenticated (``max_handshakes``): a new connection past it closes the oldest one still
   in its handshake from the address with the most of them; each has ``handshake_timeout``;
 - per peer (``max_connections_per_peer``) and in all (``max_connections``): decided when the

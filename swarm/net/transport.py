@@ -7,6 +7,7 @@ per-link delay (`swarm.testing`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -15,7 +16,7 @@ import trio
 
 from swarm.errors import ConnectError
 
-__all__ = ["StreamHandler", "TCPTransport", "Transport", "remote_host"]
+__all__ = ["StreamHandler", "TCPTransport", "Transport", "host_key", "remote_host"]
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +24,34 @@ StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
 def remote_host(stream: trio.abc.Stream) -> str | None:
-    """The remote IP address of an accepted TCP stream; ``None`` for a stream that is not
-    a socket (an in-memory test stream) or whose socket is already closed."""
+    """The host an accepted TCP stream comes from, as `host_key` names it (what per-host
+    caps and fair shares count); ``None`` for a stream that is not a socket (an in-memory
+    test stream) or whose socket is already closed."""
     if not isinstance(stream, trio.SocketStream):
         return None
     try:
         address = stream.socket.getpeername()
     except OSError:
         return None
-    return str(address[0]) if isinstance(address, tuple) else None
+    return host_key(str(address[0])) if isinstance(address, tuple) else None
+
+
+def host_key(ip: str) -> str:
+    """What one remote party counts as: an IPv4 address itself; a public IPv6 address its
+    /64, one subscriber's allocation (whoever holds one has 2**64 addresses to call from,
+    as the DHT's source groups reason too); loopback, private and link-local addresses
+    themselves (a LAN, or tests on one machine that call from 127.0.0.2 to be another
+    host); an IPv4-mapped IPv6 address its IPv4 one."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        if not (addr.is_private or addr.is_loopback or addr.is_link_local):
+            return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
 
 
 class Transport(Protocol):

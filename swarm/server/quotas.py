@@ -1,7 +1,8 @@
 """Fair shares of a server among strangers: what one peer, and one address, may hold.
 
 Each authenticated peer may hold ``max_sessions_per_peer`` sessions and ``peer_cache_share``
-of the cache; all peers at one IP address together ``max_sessions_per_host`` and
+of the cache; all peers at one host (an IPv4 address or a public IPv6 /64,
+`swarm.net.transport.host_key`) together ``max_sessions_per_host`` and
 ``host_cache_share`` (so a factory of identities behind one address counts as one). These
 shares are *soft*: while the server has room, a peer may borrow beyond its share (a gateway
 holding many users' sessions is one peer), but what it borrowed is taken back, longest idle
