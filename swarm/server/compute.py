@@ -38,6 +38,7 @@ import contextvars
 import heapq
 import itertools
 import logging
+import statistics
 import time
 import weakref
 from collections.abc import Callable
@@ -108,11 +109,16 @@ class ComputeConfig:
       The factor is below the 2x a client may see: the timings are the quiet best of a
       few runs, and live batches, among other clients' network work, ran 1.1-1.5x slower
       than them (`tests/server/test_flood.py`).
-    - ``gather_fraction`` (0.5) and ``gather_max`` (20 ms): the wait window, this fraction
+    - ``gather_fraction`` (1.0) and ``gather_max`` (60 ms): the wait window, this fraction
       of the last batch's time, at most ``gather_max`` seconds. A session whose next decode
       step is expected (from its past returns) within the window is waited for, and no
       longer than a window past when it was expected, so sessions that stepped together
-      stay in one batch instead of splitting into a batch of one and the rest.
+      stay in one batch instead of splitting into a batch of one and the rest. Where a
+      step's cost hardly grows with the batch (reading the weights bounds it), a batch
+      the late session would run on its own later costs as much as the one it missed:
+      with a window of a whole batch (not half, at most 20 ms, as before) 8 sessions
+      through a two-server chain got 4.3-4.4x one session's tokens/s instead of 3.4x
+      (`benchmarks/batching.py`, bfloat16).
     - ``batching`` (True): False runs every job alone, one chunk at a time (for
       comparison).
     - ``report_interval`` (60 s; None: never): how often the worker logs (INFO) what it
@@ -126,8 +132,8 @@ class ComputeConfig:
     max_queued_per_host: int = 512
     forward_patience: int = 4
     max_slowdown: float = 1.25
-    gather_fraction: float = 0.5
-    gather_max: float = 0.02
+    gather_fraction: float = 1.0
+    gather_max: float = 0.06
     batching: bool = True
     report_interval: float | None = 60.0
 
@@ -199,29 +205,34 @@ class _Totals:
 
 @dataclass
 class _Return:
-    """When a session's decode steps come back: ``away`` is a running average of the time
-    from the end of its step's batch to the arrival of its next step; ``since`` is when
-    its last batch ended while its next step has not arrived (None while it waits here).
-    ``client``: whose session it is."""
+    """When a session's decode steps come back: ``away`` is the median of its last few
+    times from the end of its step's batch to the arrival of its next step (a median, so
+    that one pause, a user reading or a client between generations, does not make it
+    look due long after); ``since`` is when its last batch ended while its next step has
+    not arrived (None while it waits here). ``client``: whose session it is."""
 
     client: Requester
-    away: float | None = None
+    samples: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=5))
     since: float | None = None
+
+    @property
+    def away(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
 
     def left(self, ended: float) -> None:
         self.since = ended
 
     def came_back(self, arrived: float) -> None:
         if self.since is not None:
-            sample = max(arrived - self.since, 0.0)
-            self.away = sample if self.away is None else 0.5 * (self.away + sample)
+            self.samples.append(max(arrived - self.since, 0.0))
         self.since = None
 
     def expected(self) -> float | None:
         """When its next step should arrive, if it is away and has come back before."""
-        if self.since is None or self.away is None:
+        away = self.away
+        if self.since is None or away is None:
             return None
-        return self.since + self.away
+        return self.since + away
 
 
 class ComputeQueue:
