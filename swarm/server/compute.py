@@ -41,7 +41,7 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -317,20 +317,16 @@ class ComputeQueue:
             raise LimitExceeded(f"compute queue is full ({cfg.max_queued} jobs); try later")
         if client is None:
             return
-        if client.peer is not None:
-            mine = sum(1 for job in self._jobs if job.client.peer == client.peer)
-            if mine >= cfg.max_queued_per_client:
-                raise LimitExceeded(
-                    f"this client has {mine} jobs queued, at most "
-                    f"{cfg.max_queued_per_client}; wait for them"
-                )
-        if client.host is not None:
-            ours = sum(1 for job in self._jobs if job.client.host == client.host)
-            if ours >= cfg.max_queued_per_host:
-                raise LimitExceeded(
-                    f"clients at this address have {ours} jobs queued, at most "
-                    f"{cfg.max_queued_per_host}; wait for them"
-                )
+        shares: tuple[tuple[Callable[[Requester], Hashable], int, str], ...] = (
+            (lambda c: c.peer, cfg.max_queued_per_client, "this client has"),
+            (lambda c: c.host, cfg.max_queued_per_host, "clients at this address have"),
+        )
+        for key, most, whose in shares:
+            if (mine := key(client)) is None:
+                continue
+            held = sum(1 for job in self._jobs if key(job.client) == mine)
+            if held >= most:
+                raise LimitExceeded(f"{whose} {held} jobs queued, at most {most}; wait for them")
 
     # ---- the worker ----
 

@@ -302,33 +302,42 @@ async def _steps(
             nursery.start_soon(step, client, cache, delay)
 
 
-async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> None:
-    """With room for only 4 decode tokens per batch, a client with 16 sessions takes no
-    more than its turn: the lone client's step is in every batch it waits for."""
-    queue: ComputeQueue = await queue_factory(ComputeConfig(max_batch_tokens=4))  # type: ignore[operator]
+async def _flood_and_lone(
+    span: Span, queue: ComputeQueue, flood: list[Requester], lone: Requester
+) -> list[int]:
+    """Sessions of ``flood`` step without end while ``lone`` takes 30 steps (joining
+    50 ms later); returns, per lone step, how many batches ran while it waited."""
     lone_waits: list[int] = []
     stop = trio.Event()
 
-    async def session(client: str, steps: int | None) -> None:
-        CLIENT.set(Requester(client))
+    async def session(client: Requester, steps: int | None) -> None:
+        CLIENT.set(client)
         cache, x = _cache(span), torch.randn(1, 1, HIDDEN)
         for n in range(steps or 1000):
             if stop.is_set():
                 return
             batches = queue.statistics().batches
             await queue.run_span(span, x, _pos(n, 1), cache, Priority.INFERENCE)
-            if client == "lone":
+            if client == lone:
                 lone_waits.append(queue.statistics().batches - batches)
         stop.set()
 
     async with trio.open_nursery() as nursery:
-        for _ in range(16):
-            nursery.start_soon(session, "flood", None)
+        for client in flood:
+            nursery.start_soon(session, client, None)
         await trio.sleep(0.05)
-        nursery.start_soon(session, "lone", 30)
+        nursery.start_soon(session, lone, 30)
+    return lone_waits
+
+
+async def test_fair_share_under_a_flood(span: Span, queue_factory: object) -> None:
+    """With room for only 4 decode tokens per batch, a client with 16 sessions takes no
+    more than its turn: the lone client's step is in every batch it waits for."""
+    queue: ComputeQueue = await queue_factory(ComputeConfig(max_batch_tokens=4))  # type: ignore[operator]
+    flood = Requester("flood")
+    lone_waits = await _flood_and_lone(span, queue, [flood] * 16, Requester("lone"))
     assert len(lone_waits) == 30
     assert max(lone_waits) <= 2, lone_waits  # the batch it joined, at most one before it
-    flood = Requester("flood")
     flood_per_batch = [r.decode_clients.count(flood) for r in queue.statistics().recent]
     assert max(flood_per_batch) <= 4
 
@@ -341,29 +350,11 @@ async def test_identities_behind_one_address_share_its_turn(
     lone client's step is in every batch it waits for, and the identities take turns."""
     queue: ComputeQueue = await queue_factory(ComputeConfig())  # type: ignore[operator]
     queue.shared_batch = 4
-    lone_waits: list[int] = []
-    stop = trio.Event()
-
-    async def session(client: Requester, steps: int | None) -> None:
-        CLIENT.set(client)
-        cache, x = _cache(span), torch.randn(1, 1, HIDDEN)
-        for n in range(steps or 1000):
-            if stop.is_set():
-                return
-            batches = queue.statistics().batches
-            await queue.run_span(span, x, _pos(n, 1), cache, Priority.INFERENCE)
-            if client.host == "10.0.0.1":
-                lone_waits.append(queue.statistics().batches - batches)
-        stop.set()
-
-    async with trio.open_nursery() as nursery:
-        for i in range(16):
-            nursery.start_soon(session, Requester(f"sybil{i}", "10.0.0.2"), None)
-        await trio.sleep(0.05)
-        nursery.start_soon(session, Requester("lone", "10.0.0.1"), 30)
+    sybils = [Requester(f"sybil{i}", "10.0.0.2") for i in range(16)]
+    lone = Requester("lone", "10.0.0.1")
+    lone_waits = await _flood_and_lone(span, queue, sybils, lone)
     assert len(lone_waits) == 30
     assert max(lone_waits) <= 2, lone_waits  # the batch it joined, at most one before it
-    lone = Requester("lone", "10.0.0.1")
     shared = [r for r in queue.statistics().recent if lone in r.decode_clients]
     assert len(shared) >= 30 and all(r.decode_steps <= 4 for r in shared)
     served = {c.peer for r in shared for c in r.decode_clients if c.host == "10.0.0.2"}
