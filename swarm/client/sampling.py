@@ -59,9 +59,7 @@ def sampling_config(
     names = {f.name for f in fields(SamplingConfig)}
     unknown = sorted(set(shortcuts) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown sampling option {unknown[0]!r}; use {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown sampling option {unknown[0]!r}; use {', '.join(sorted(names))}")
     return replace(base, **shortcuts)
 
 
