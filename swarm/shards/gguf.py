@@ -224,16 +224,21 @@ def _check_supported(
     if arch != "llama":
         raise ShardError(f"{file.name}: GGUF architecture {arch!r} is not supported (only 'llama')")
     if int(meta.get("llama.expert_count", 0) or 0) > 0:
-        raise ShardError(f"{file.name}: mixture-of-experts GGUF (llama.expert_count) is not "
-                         "supported")  # fmt: skip
-    for key in ("llama.attention.head_count", "llama.attention.head_count_kv",
-                "llama.feed_forward_length"):  # fmt: skip
+        raise ShardError(
+            f"{file.name}: mixture-of-experts GGUF (llama.expert_count) is not supported"
+        )
+    for key in (
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.feed_forward_length",
+    ):
         if isinstance(meta.get(key), list):
             raise ShardError(f"{file.name}: per-layer {key} is not supported")
     biased = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
     if biased:
-        raise ShardError(f"{file.name}: bias tensors ({biased[0]}, ...) are not supported "
-                         "for GGUF llama models")  # fmt: skip
+        raise ShardError(
+            f"{file.name}: bias tensors ({biased[0]}, ...) are not supported for GGUF llama models"
+        )
 
 
 def _rope_parameters(meta: Mapping[str, Any]) -> dict[str, Any]:

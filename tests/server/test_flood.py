@@ -83,6 +83,7 @@ async def main():
 trio.run(main)
 """
 
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("flood") / "model"
@@ -136,9 +137,17 @@ async def test_lone_client_keeps_its_pace_under_a_flood(
         handlers = server.server.handlers
         assert handlers is not None
         queue = handlers.queue
-        argv = [sys.executable, str(flood_script), server.ready.host, str(server.ready.port),
-                server.ready.peer_id.to_base58(), str(HIDDEN), str(identities), str(sessions),
-                address]  # fmt: skip
+        argv = [
+            sys.executable,
+            str(flood_script),
+            server.ready.host,
+            str(server.ready.port),
+            server.ready.peer_id.to_base58(),
+            str(HIDDEN),
+            str(identities),
+            str(sessions),
+            address,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         lone = Identity.generate()
         alone: list[float] = []
