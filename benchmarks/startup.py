@@ -67,7 +67,8 @@ def main() -> None:
                     cpu_times[name].append(cpu.user + cpu.system)
     for name, values in times.items():
         print(
-            f"[startup {args.model} {args.layers}] {name}: median {statistics.median(values):.2f} s "
+            f"[startup {args.model} {args.layers}] {name}: "
+            f"median {statistics.median(values):.2f} s "
             f"(of {len(values)}: {', '.join(f'{v:.2f}' for v in values)}); CPU seconds to "
             f"ready: median {statistics.median(cpu_times[name]):.2f}",
             flush=True,
