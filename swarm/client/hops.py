@@ -24,8 +24,16 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.net.messages import InferenceStep, InferenceStepResult, PushTarget, Receipt
-from swarm.net.rpc import RpcStream
+from swarm.net.messages import (
+    InferenceInput,
+    InferenceStepResult,
+    NewPusher,
+    NewPushTarget,
+    PushTarget,
+    Receipt,
+)
+from swarm.net.methods import TypedStream
+from swarm.net.surface import InferenceDown, InferenceUp
 from swarm.types import PeerId, parse_address
 from swarm.verify.receipts import check_receipt
 
@@ -71,7 +79,7 @@ class HopState:
 
     hop: Hop
     session_id: bytes
-    stream: RpcStream
+    stream: TypedStream[InferenceUp, InferenceDown]
     stack: AsyncExitStack
     first_step: int
     push_to: PushTarget | None = None
@@ -130,7 +138,7 @@ async def run_step(
                     state.hop.server.peer_id,
                     grace,
                 )
-        await state.stream.send(InferenceStep(step, x, positions))
+        await state.stream.send(InferenceInput(step, x, positions))
         result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
         return _check(state, config, step, x, result, started)
     except trio.EndOfChannel as exc:
@@ -177,7 +185,7 @@ async def set_push(state: HopState, target: PushTarget, step: int) -> None:
     """Point the hop's pushes at ``target``. Best effort: a hop that cannot take the news
     fails its next step instead."""
     try:
-        await state.stream.send(InferenceStep(step, push_to=target))
+        await state.stream.send(NewPushTarget(target))
         state.push_to = target
     except TransportError as exc:
         log.info("could not update the push target of %s: %s", state.hop.server.peer_id, exc)
@@ -186,7 +194,7 @@ async def set_push(state: HopState, target: PushTarget, step: int) -> None:
 async def set_pusher(state: HopState, peer: PeerId, step: int) -> None:
     """Tell a hop whose predecessor changed whose pushes to take (best effort)."""
     try:
-        await state.stream.send(InferenceStep(step, push_from=peer))
+        await state.stream.send(NewPusher(peer))
     except TransportError as exc:
         log.info("could not update the pusher of %s: %s", state.hop.server.peer_id, exc)
 

@@ -52,13 +52,15 @@ class ServerView:
     dtype: str = "float32"  # what the server computes in
 
 
-def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
+def decode_announcement(value: object, block: int, num_layers: int | None) -> ServerAnnouncement:
     """The announcement in a record value found under block ``block`` of a model with
-    ``num_layers`` layers. Raises `ProtocolError` naming what is wrong."""
+    ``num_layers`` layers (None where the model's size is not known, as for the DHT's
+    prover: then the range is checked against the block only). Raises `ProtocolError`
+    naming what is wrong."""
     ann: ServerAnnouncement = message_from_wire(value, "announcement", expect=ServerAnnouncement)
     if block not in ann.layer_range:
         raise ProtocolError(f"announcement.layer_range {ann.layer_range} misses block {block}")
-    if ann.layer_range.stop > num_layers:
+    if num_layers is not None and ann.layer_range.stop > num_layers:
         raise ProtocolError(
             f"announcement.layer_range {ann.layer_range} goes past the model's {num_layers}"
         )

@@ -20,9 +20,9 @@ from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
@@ -97,7 +97,7 @@ async def _decode_while(
                 break
             counted = busy.is_set()
             started = time.perf_counter()
-            await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+            await stream.send(InferenceInput(step, x, torch.tensor([[step]])))
             await stream.receive(InferenceStepResult)
             if counted and not done.is_set():
                 latencies.append(time.perf_counter() - started)

@@ -117,7 +117,7 @@ def test_three_serve_processes_give_the_same_answer(
     import json
     import subprocess
 
-    from swarm.testing.processes import ProcessGroup, swarm_command
+    from swarm.lab.processes import ProcessGroup, swarm_command
 
     with ProcessGroup() as group:
         _, dht = group.start_dht()
