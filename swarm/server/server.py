@@ -292,6 +292,7 @@ class Server:
                     dtype=str(span.dtype).removeprefix("torch."),
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
+                    room_tokens=sessions.room_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
                     next_pings=pings,
