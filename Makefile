@@ -28,6 +28,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check swarm cli tests benchmarks examples
+	$(BIN)/ruff format --check swarm cli tests benchmarks examples
 	$(BIN)/lint-imports
 
 typecheck: setup

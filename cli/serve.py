@@ -120,8 +120,10 @@ def serve(
     if num_blocks is not None and chosen is not None:
         warn("--num-blocks is ignored with an explicit --layers range")
     if num_blocks is not None and num_blocks > num_layers:
-        warn(f"--num-blocks {num_blocks} is more than the model's {num_layers} blocks; "
-             f"serving all {num_layers}")  # fmt: skip
+        warn(
+            f"--num-blocks {num_blocks} is more than the model's {num_layers} blocks; "
+            f"serving all {num_layers}"
+        )
         num_blocks = num_layers
     config = ServerConfig(
         model=path,

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # runs pytest in a subprocess
 
-CASES = '''
+CASES = """
 import subprocess
 import sys
 import threading
@@ -63,7 +63,7 @@ async def test_short_polls() -> None:
 def test_marked_process_and_sleep() -> None:
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     time.sleep(0.3)
-'''
+"""
 
 
 def test_the_guard_fails_unmarked_slow_tests(pytester: pytest.Pytester) -> None:

@@ -132,9 +132,10 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 self._stats.drop(DropReason.STALE_SEQ)
                 return False
             self._remove(dkey, subkey)  # its signer's newer record takes its place
-            self._insert(dkey, _Held(record, group, _cost(record), *self._proof_of(record)))
+            proof = self._proof_of(record, group)
+            self._insert(dkey, _Held(record, group, _cost(record), *proof))
             return True
-        new = _Held(record, group, _cost(record), *self._proof_of(record))
+        new = _Held(record, group, _cost(record), *self._proof_of(record, group))
         if len(slot) >= self._config.max_records_per_key:
             victim = _key_victim(slot, new)
             if victim is None:
@@ -148,11 +149,11 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._insert(dkey, new)
         return True
 
-    def _proof_of(self, record: Record) -> tuple[Hashable | None, bool]:
+    def _proof_of(self, record: Record, group: str) -> tuple[Hashable | None, bool]:
         if self._proofs is None:
             return None, False
         claim = self._proofs.claim(record)
-        return claim, self._proofs.proven(claim)
+        return claim, self._proofs.proven(claim, group)
 
     def settle(self, claim: Hashable, ok: bool) -> None:
         """Record a prover's verdict on ``claim`` and mark the records that claim it."""

@@ -163,11 +163,15 @@ class Server:
         async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
-                model, dtype, device,
+                model,
+                dtype,
+                device,
                 layers=len(cfg.layers) if cfg.layers is not None else None,
-                num_blocks=cfg.num_blocks, cache_tokens=cfg.limits.cache_tokens,
-                derive_cache=cfg.cache_tokens_from_memory, plan=cfg.memory,
-            )  # fmt: skip
+                num_blocks=cfg.num_blocks,
+                cache_tokens=cfg.limits.cache_tokens,
+                derive_cache=cfg.cache_tokens_from_memory,
+                plan=cfg.memory,
+            )
             limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
             self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
             layers = cfg.layers
@@ -209,10 +213,14 @@ class Server:
         with trio.move_on_after(self.config.ping_timeout):
             try:
                 channel = await open_channel(
-                    self.transport, host, port, self.identity,
-                    expected_peer=self.identity.peer_id, swarm_key=self.swarm_key,
+                    self.transport,
+                    host,
+                    port,
+                    self.identity,
+                    expected_peer=self.identity.peer_id,
+                    swarm_key=self.swarm_key,
                     config=self.config.net,
-                )  # fmt: skip
+                )
             except (ConnectError, PeerIdMismatch):
                 return False
             except SwarmError:

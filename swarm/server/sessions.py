@@ -110,11 +110,13 @@ class Session:
 
     def check_step_number(self, step: int, *, limit: int) -> bool:
         """Whether an input for ``step`` is worth keeping: True for the next steps (up to
-        ``limit`` ahead), False for a late duplicate of the step just begun. Raises
-        `SessionError` for a step long past or too far ahead: no client sends those."""
+        ``limit`` ahead), False for a late duplicate of the step just begun when a push may have
+        delivered it first. Raises `SessionError` for a step long past or too far ahead, or
+        a replay of the last step where no push could have come first: no client sends
+        those, and the sender gets an error answer rather than silence."""
         if self.next_step <= step < self.next_step + limit:
             return True
-        if step == self.last_step:
+        if step == self.last_step and self.push_from is not None:
             return False  # the client's copy of an input a push delivered first
         raise SessionError(
             f"step {step} is out of order: this session expects step {self.next_step}"

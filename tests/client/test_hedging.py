@@ -90,8 +90,11 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
     assert config.hedge_floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
     assert hedge.seconds is not None
     assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
-    assert route == [servers[0].identity.peer_id, replica.identity.peer_id,
-                     servers[2].identity.peer_id]  # fmt: skip
+    assert route == [
+        servers[0].identity.peer_id,
+        replica.identity.peer_id,
+        servers[2].identity.peer_id,
+    ]
     # penalised, not banned, not counted as a failure
     assert stats.recoveries == 0 and stats.failures == ()
     assert not session.bans.is_banned(slow.identity.peer_id)

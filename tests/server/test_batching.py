@@ -94,8 +94,13 @@ async def test_batched_sessions_equal_alone(span: Span, queue_factory: object) -
     forward = torch.randn(1, 20, HIDDEN, generator=gen)
     results: dict[str, torch.Tensor] = {}
 
-    async def run(name: str, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None,
-                  priority: Priority = Priority.INFERENCE) -> None:  # fmt: skip
+    async def run(
+        name: str,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority = Priority.INFERENCE,
+    ) -> None:
         CLIENT.set(Requester(name))
         results[name] = await queue.run_span(span, x, pos, cache, priority)
 

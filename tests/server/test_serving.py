@@ -100,9 +100,7 @@ async def test_inference_with_push_matches_one_pass(
         async with c0.open_stream("inference") as h0, c1.open_stream("inference") as h1:
             await h0.send(InferenceOpen(sid0, 16, 1, "float32", LayerRange(0, 3), push_to=target))
             await h1.send(
-                InferenceOpen(
-                    sid1, 16, 1, "float32", LayerRange(3, 6), push_from=s0.ready.peer_id
-                )
+                InferenceOpen(sid1, 16, 1, "float32", LayerRange(3, 6), push_from=s0.ready.peer_id)
             )
             await h0.receive(InferenceReady)
             await h1.receive(InferenceReady)
@@ -124,9 +122,12 @@ async def test_limits_and_bad_input_are_clear_errors(
 ) -> None:
     async with open_local_swarm(model_path) as local:
         limits = SessionLimits(
-            max_sessions=2, max_length=32, cache_tokens=48, peer_cache_share=1.0,
+            max_sessions=2,
+            max_length=32,
+            cache_tokens=48,
+            peer_cache_share=1.0,
             host_cache_share=1.0,
-        )  # fmt: skip
+        )
         s = await local.add_server(LayerRange(0, 6), limits=limits)
         conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
 
