@@ -122,7 +122,10 @@ async def test_long_forwards_while_a_session_decodes(
     other work on the machine does not move the verdict."""
     limits = SessionLimits(cache_tokens=200_000, peer_cache_share=1.0, host_cache_share=1.0)
     async with open_local_swarm(model_path) as local:
-        server = await local.add_server(WHOLE, limits=limits)
+        # a chunk of its own, not measured: a busy machine measured 16 tokens, and the 256
+        # chunks of 4,096 tokens then overflowed the 256 batch records the queue keeps
+        compute = ComputeConfig(prefill_chunk=128)
+        server = await local.add_server(WHOLE, limits=limits, compute=compute)
         queue = _handlers(server).queue
         conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
         span = load_span(model_path, WHOLE)
