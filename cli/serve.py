@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .options import VerboseOption, identity_path, parse_layers
+from .options import PrivateGroupsOption, VerboseOption, identity_path, parse_layers
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def serve(
     announce_ttl: Annotated[
         float, typer.Option(help="Seconds a DHT record lives; re-announced every half.")
     ] = 60.0,
+    private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -140,7 +141,12 @@ def serve(
         num_threads=num_threads,
         identity_path=identity_path(identity, identity_name),
         swarm_key_path=swarm_key,
-        dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
+        dht=DHTConfig(
+            host=host,
+            port=dht_port,
+            initial_peers=tuple(initial_peers or ()),
+            private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+        ),
         limits=SessionLimits(
             max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536
         ),
