@@ -135,8 +135,11 @@ class _Job:
     ) -> None:
         self.path, self.config, self.request = path, config, request
         self.max_new_tokens, self.sampling, self.stop, self.wait = (
-            max_new_tokens, sampling, stop, wait,
-        )  # fmt: skip
+            max_new_tokens,
+            sampling,
+            stop,
+            wait,
+        )
 
 
 async def _run(job: _Job, as_json: bool) -> None:
@@ -162,8 +165,10 @@ async def _run(job: _Job, as_json: bool) -> None:
                 write(event)
         sys.stdout.write("\n")
         if write.rollbacks:
-            warn(f"verification proved a lie and rolled back {write.rollbacks} time(s); "
-                 "the text above is the final one")  # fmt: skip
+            warn(
+                f"verification proved a lie and rolled back {write.rollbacks} time(s); "
+                "the text above is the final one"
+            )
 
 
 def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:

@@ -93,6 +93,7 @@ class Chat:
         self._state = _State()
         self._turns: list[Turn] = []
         self._reprefills = 0
+
     @classmethod
     @asynccontextmanager
     async def open(
@@ -170,9 +171,17 @@ class Chat:
         result = loop.result
         text = result.text or ""
         self.messages = [*messages, {"role": "assistant", "content": text}]
-        done = Turn(tuple(turn.sent), tuple(result.ids), text, result.stop_reason, turn.fresh,
-                    tuple(result.route), tuple(result.timings), tuple(loop.receipts),
-                    result.rollbacks)  # fmt: skip
+        done = Turn(
+            tuple(turn.sent),
+            tuple(result.ids),
+            text,
+            result.stop_reason,
+            turn.fresh,
+            tuple(result.route),
+            tuple(result.timings),
+            tuple(loop.receipts),
+            result.rollbacks,
+        )
         self._turns.append(done)
 
     # ---- the chain ----

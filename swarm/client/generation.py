@@ -253,7 +253,7 @@ class TokenLoop:
                 yield rollback
                 return
             logits = head.logits(stepped.output[:, -1:])[:, -1]  # (1, vocab)
-            token = int(self.sampler(logits)[0])
+            token = int(self.sampler.sample(logits, len(result.ids))[0])  # by answer index
             yield self._accept(token, trio.current_time() - t0, stepped)
             ids = [token]
 

@@ -135,11 +135,17 @@ def _borrowed(q: SessionQuotas, holders: Sequence[H], peers: _Use, hosts: _Use) 
     def excess(h: Holder) -> float:
         over = 0.0
         if h.client is not None:
-            over = max(over, peers.sessions[h.client] / q.per_peer_sessions,
-                       peers.tokens[h.client] / max(q.per_peer_tokens, 1))  # fmt: skip
+            over = max(
+                over,
+                peers.sessions[h.client] / q.per_peer_sessions,
+                peers.tokens[h.client] / max(q.per_peer_tokens, 1),
+            )
         if h.host is not None:
-            over = max(over, hosts.sessions[h.host] / q.per_host_sessions,
-                       hosts.tokens[h.host] / max(q.per_host_tokens, 1))  # fmt: skip
+            over = max(
+                over,
+                hosts.sessions[h.host] / q.per_host_sessions,
+                hosts.tokens[h.host] / max(q.per_host_tokens, 1),
+            )
         return over
 
     beyond = [h for h in holders if excess(h) > 1.0]

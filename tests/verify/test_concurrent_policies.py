@@ -23,7 +23,7 @@ from .conftest import local_greedy
 
 WHOLE = LayerRange(0, 4)
 PROMPTS = [[5, 17, 30, 99, 42, 7, 64, 3], [9, 8, 7], [100, 2, 30, 40, 50], [33, 1]]
-NEW = 12
+NEW = 8
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ async def _four_at_once(
             bad = await local.add_server(WHOLE, wrap_handlers=adversary_wrapper(liar))
             liar_id = bad.server.identity.peer_id
         for _ in range(3 if liar is None else 2):
-            await local.add_server(WHOLE, measure_throughput=liar is None)
+            await local.add_server(WHOLE, measure_throughput=False)
         config = ClientConfig(
             initial_peers=(local.dht_address,),
             verify=policy,

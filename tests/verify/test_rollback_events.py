@@ -85,9 +85,12 @@ async def test_a_proven_lie_is_a_rollback_event(
 
 def test_answer_text_erases_only_when_live() -> None:
     events: list[Event] = [
-        Token(1, "Hello", 0.1), Token(2, " wrld", 0.1), RolledBack(1, "Hello"),
-        Token(3, " world", 0.1), Done(StopReason.EOS),
-    ]  # fmt: skip
+        Token(1, "Hello", 0.1),
+        Token(2, " wrld", 0.1),
+        RolledBack(1, "Hello"),
+        Token(3, " world", 0.1),
+        Done(StopReason.EOS),
+    ]
     live = AnswerText(hold=False)
     pushed = [live.push(e) for e in events]
     assert pushed == [(0, "Hello"), (0, " wrld"), (5, ""), (0, " world"), (0, "")]

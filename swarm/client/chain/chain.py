@@ -87,9 +87,15 @@ class Chain:
         self.batch_size = batch_size
         self.policy = FailurePolicy(config, bans)
         self.opener = HopOpener(
-            pool, directory, config, max_length=max_length, batch_size=batch_size,
-            failures=self.policy, rng=rng, excluded=excluded,
-        )  # fmt: skip
+            pool,
+            directory,
+            config,
+            max_length=max_length,
+            batch_size=batch_size,
+            failures=self.policy,
+            rng=rng,
+            excluded=excluded,
+        )
         self._hops: list[HopState] = []
         self.step_count = 0
         self.recoveries = 0
@@ -119,9 +125,16 @@ class Chain:
         """
         bans = bans or BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         chain = cls(
-            pool, directory, config, layers, max_length, batch_size, bans,
-            rng or random.Random(), excluded,
-        )  # fmt: skip
+            pool,
+            directory,
+            config,
+            layers,
+            max_length,
+            batch_size,
+            bans,
+            rng or random.Random(),
+            excluded,
+        )
         try:
             chain._hops = await chain.opener.open_range(layers, 0, None, None)
             chain.routes.append(chain.route)
@@ -242,8 +255,9 @@ class Chain:
         it in their histories; returns the last one's output. Raises `HopFailure`."""
         config = self.config
         for state in states:
-            answer = await run_step(state, config, step, x, positions, send_now=True,
-                                    grace=config.push_grace)  # fmt: skip
+            answer = await run_step(
+                state, config, step, x, positions, send_now=True, grace=config.push_grace
+            )
             state.history.record(x, positions, answer)
             x = answer.out.to(config.torch_wire_dtype)
         return x

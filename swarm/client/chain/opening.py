@@ -32,6 +32,7 @@ __all__ = ["HopOpener"]
 
 log = logging.getLogger(__name__)
 
+
 class HopOpener:
     """Opens sub-sessions of one chain's shape (``max_length``, ``batch_size``) on routes
     that avoid banned and ``excluded`` servers; servers that fail to open are handed to the
