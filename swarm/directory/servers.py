@@ -50,6 +50,7 @@ class ServerView:
     state: ServerState = ServerState.ONLINE
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
     dtype: str = "float32"  # what the server computes in
+    quantization: str = "none"  # how its weights are kept: none, int8, int4
 
 
 def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
@@ -113,4 +114,5 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
         dtype=ann.dtype,
+        quantization=ann.quantization,
     )
