@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .options import VerboseOption, identity_path, parse_layers, parse_quantization
+from .options import (
+    PrivateGroupsOption,
+    VerboseOption,
+    identity_path,
+    parse_layers,
+    parse_quantization,
+)
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
@@ -105,6 +111,7 @@ def serve(
             hidden=True,
         ),
     ] = None,
+    private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -146,7 +153,12 @@ def serve(
         num_threads=num_threads,
         identity_path=identity_path(identity, identity_name),
         swarm_key_path=swarm_key,
-        dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
+        dht=DHTConfig(
+            host=host,
+            port=dht_port,
+            initial_peers=tuple(initial_peers or ()),
+            private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+        ),
         limits=SessionLimits(
             max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536
         ),

@@ -226,4 +226,7 @@ class ServerAnnouncement(Message):
     active_sessions: int = bounded(ge=0)
     version: str = bounded(max_len=32)
     next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())
+    # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
+    # beyond others' shares), at most one peer's share; 0 from servers that predate it
+    room_tokens: int = bounded(ge=0, default=0)
     quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)

@@ -15,6 +15,8 @@ from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
+pytestmark = pytest.mark.slow  # runs `swarm chat` processes
+
 NEW_TOKENS = 5
 
 

@@ -68,7 +68,8 @@ async def test_a_lying_int4_peer_is_caught(q4_model: Path, tmp_path: Path) -> No
             )
             await local.add_server(WHOLE, quant=Quantization.INT4, measure_throughput=False)
             await local.add_server(WHOLE, quant=Quantization.NONE, measure_throughput=False)
-            async with AsyncRemoteModel.open(q4_model, _client(local.dht_address, tmp_path)) as model:
+            config = _client(local.dht_address, tmp_path)
+            async with AsyncRemoteModel.open(q4_model, config) as model:
                 result = await model.generate_detailed(PROMPT[:4], 24)
                 assert model.verifier is not None
                 liar_id = liar.server.identity.peer_id
