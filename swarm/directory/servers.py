@@ -50,6 +50,14 @@ class ServerView:
     state: ServerState = ServerState.ONLINE
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
     dtype: str = "float32"  # what the server computes in
+    quantization: str = "none"  # how its weights are kept: none, int8, int4
+    room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
+
+    @property
+    def newcomer_tokens(self) -> int:
+        """The most cache a new session here can get: free, or reclaimable from peers
+        beyond their shares (a server whose room is only borrowed still takes sessions)."""
+        return max(self.free_cache_tokens, self.room_tokens)
 
 
 def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
@@ -66,6 +74,8 @@ def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnn
         raise ProtocolError(f"announcement.throughput {ann.throughput!r} is out of range")
     if ann.free_cache_tokens > MAX_CACHE_TOKENS:
         raise ProtocolError("announcement.free_cache_tokens is out of range")
+    if ann.room_tokens > MAX_CACHE_TOKENS:
+        raise ProtocolError("announcement.room_tokens is out of range")
     if ann.active_sessions > MAX_SESSIONS:
         raise ProtocolError("announcement.active_sessions is out of range")
     if any(not math.isfinite(p.rtt) for p in ann.next_pings):
@@ -113,4 +123,6 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
         dtype=ann.dtype,
+        quantization=ann.quantization,
+        room_tokens=ann.room_tokens,
     )

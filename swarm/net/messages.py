@@ -20,7 +20,7 @@ from swarm.net.schema import (
     message_from_wire,
     unpack,
 )
-from swarm.types import DtypeName, LayerRange, PeerId, ServerState
+from swarm.types import DtypeName, LayerRange, PeerId, QuantName, ServerState
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -76,6 +76,10 @@ class InfoResponse(Message):
     model_id: str = bounded(max_len=128, default="")
     dtype: str = bounded(max_len=16, default="")
     active_sessions: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"
+    # What verification compares by: the dtype, plus the quantization when the quantized
+    # weights differ from the checkpoint's ("float32+int8"); "" from older servers.
+    numerics: str = bounded(max_len=32, default="")
 
 
 @message("receipt")
@@ -222,3 +226,7 @@ class ServerAnnouncement(Message):
     active_sessions: int = bounded(ge=0)
     version: str = bounded(max_len=32)
     next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())
+    # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
+    # beyond others' shares), at most one peer's share; 0 from servers that predate it
+    room_tokens: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)
