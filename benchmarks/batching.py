@@ -78,9 +78,18 @@ def run_mode(
         _, dht = group.start_dht()
         for i, layers in enumerate(("0:8", "8:16")):
             group.start_server(f"s{i}", str(path), layers, dht, *extra, timeout=600.0)
-        argv = [sys.executable, __file__, "--worker", dht, "--workdir", str(args.workdir),
-                "--prompt-length", str(args.prompt_length),
-                "--new-tokens", str(args.new_tokens)]  # fmt: skip
+        argv = [
+            sys.executable,
+            __file__,
+            "--worker",
+            dht,
+            "--workdir",
+            str(args.workdir),
+            "--prompt-length",
+            str(args.prompt_length),
+            "--new-tokens",
+            str(args.new_tokens),
+        ]
         workers = [
             subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for _ in range(max(levels))
@@ -96,13 +105,15 @@ def run_mode(
                 results = [json.loads(w.stdout.readline()) for w in workers[:n]]  # type: ignore[union-attr]
                 wall = time.perf_counter() - started
                 steps = [s for r in results for s in r["steps"]]
-                rows.append({
-                    "sessions": n,
-                    "tokens_per_second": sum(r["tokens"] for r in results) / wall,
-                    "token_p50": statistics.median(steps),
-                    "token_p95": _quantile(steps, 95),
-                    "ttft_p50": statistics.median(r["ttft"] for r in results),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "sessions": n,
+                        "tokens_per_second": sum(r["tokens"] for r in results) / wall,
+                        "token_p50": statistics.median(steps),
+                        "token_p95": _quantile(steps, 95),
+                        "ttft_p50": statistics.median(r["ttft"] for r in results),
+                    }
+                )
                 print(f"  {dtype} {mode_name(batching)}: {n} sessions done", flush=True)
         finally:
             for w in workers:
@@ -131,8 +142,10 @@ def main() -> None:
         return
     if not (path / "config.json").exists():
         write_random_llama(path, seed=0, std=0.02, vocab=2048, **HEAVY)  # type: ignore[arg-type]
-    print("dtype     mode  sessions  tokens/s  x1-session  per-token p50  p95      x1-session"
-          "  TTFT p50")  # fmt: skip
+    print(
+        "dtype     mode  sessions  tokens/s  x1-session  per-token p50  p95      x1-session"
+        "  TTFT p50"
+    )
     for dtype in args.dtypes.split(","):
         for mode in args.modes.split(","):
             rows = run_mode(path, dtype, mode == "on", args)

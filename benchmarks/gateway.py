@@ -80,8 +80,7 @@ async def _direct_one(model: AsyncRemoteModel, tokens: int, out: Figures) -> Non
 
 
 async def _gateway_one(http: httpx.AsyncClient, name: str, tokens: int, out: Figures) -> None:
-    body = {"model": name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {"model": name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     sent = time.perf_counter()
     last = None
     async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -124,22 +123,22 @@ async def run_in_process(rounds: int, tokens: int) -> None:
     async with open_local_swarm(path, [LayerRange(0, 3), LayerRange(3, 6)]) as local:
         config = ClientConfig(initial_peers=(local.dht_address,), reputation_path=None)
         async with AsyncRemoteModel.open(path, config) as model, trio.open_nursery() as nursery:
-            gateway = functools.partial(serve_gateway, model, GatewayConfig(port=0,
-                                        max_concurrent=16), canary_s=0)  # fmt: skip
+            gateway = functools.partial(
+                serve_gateway, model, GatewayConfig(port=0, max_concurrent=16), canary_s=0
+            )
             ready = await nursery.start(gateway)
             await measure(model, ready.url, "swarm-demo", rounds, tokens)
             nursery.cancel_scope.cancel()
 
 
-async def measure(
-    model: AsyncRemoteModel, url: str, name: str, rounds: int, tokens: int
-) -> None:
+async def measure(model: AsyncRemoteModel, url: str, name: str, rounds: int, tokens: int) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await model.generate(PROMPT, 4)  # warm up both paths: channels, caches
         await _gateway_one(http, name, 4, Figures())
-        print(f"{'':>12} {'TTFT p50':>9} {'p95':>7} {'per token p50':>14} {'p95':>7} "
-              f"{'tokens/s':>9}")  # fmt: skip
+        print(
+            f"{'':>12} {'TTFT p50':>9} {'p95':>7} {'per token p50':>14} {'p95':>7} {'tokens/s':>9}"
+        )
         for concurrency in (1, 4, 16):
             direct, gateway = Figures(), Figures()
             for _ in range(rounds):
@@ -148,43 +147,75 @@ async def measure(
             for label, f in (("direct", direct), ("gateway", gateway)):
                 ttft = [_percentile(f.ttft, q) * 1e3 for q in (0.5, 0.95)]
                 gaps = [_percentile(f.gaps, q) * 1e3 for q in (0.5, 0.95)]
-                print(f"c={concurrency:<2} {label:>7} {ttft[0]:7.1f}ms {ttft[1]:5.1f}ms "
-                      f"{gaps[0]:12.2f}ms {gaps[1]:5.2f}ms {statistics.mean(f.rates):9.1f}",
-                      flush=True)  # fmt: skip
-            ratio = _percentile(gateway.gaps, .5) / _percentile(direct.gaps, .5)
-            extra = (_percentile(gateway.ttft, .5) - _percentile(direct.ttft, .5)) * 1e3
-            print(f"c={concurrency:<2} gateway/direct per token p50 {ratio:.3f}, "
-                  f"TTFT p50 {extra:+.1f} ms", flush=True)  # fmt: skip
+                print(
+                    f"c={concurrency:<2} {label:>7} {ttft[0]:7.1f}ms {ttft[1]:5.1f}ms "
+                    f"{gaps[0]:12.2f}ms {gaps[1]:5.2f}ms {statistics.mean(f.rates):9.1f}",
+                    flush=True,
+                )
+            ratio = _percentile(gateway.gaps, 0.5) / _percentile(direct.gaps, 0.5)
+            extra = (_percentile(gateway.ttft, 0.5) - _percentile(direct.ttft, 0.5)) * 1e3
+            print(
+                f"c={concurrency:<2} gateway/direct per token p50 {ratio:.3f}, "
+                f"TTFT p50 {extra:+.1f} ms",
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency and path")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per generation")
-    parser.add_argument("--in-process", action="store_true",
-                        help="servers and gateway in this process (the gateway's own cost)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="servers and gateway in this process (the gateway's own cost)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.in_process:
-        print(f"in-process swarm of 2 servers + gateway; {args.rounds} rounds x {args.tokens} "
-              "tokens per concurrency", flush=True)  # fmt: skip
+        print(
+            f"in-process swarm of 2 servers + gateway; {args.rounds} rounds x {args.tokens} "
+            "tokens per concurrency",
+            flush=True,
+        )
         trio.run(run_in_process, args.rounds, args.tokens)
         return
     model = str(demo_model_path())
     with tempfile.TemporaryDirectory() as home, ProcessGroup(env={"HOME": home}) as group:
         _, dht = group.start_dht()
         started = time.perf_counter()
-        servers = [group.start(f"server{i}", swarm_command(
-            "serve", model, "--layers", layers, "--initial-peers", dht))
-            for i, layers in enumerate(("0:3", "3:6"))]  # fmt: skip
+        servers = [
+            group.start(
+                f"server{i}",
+                swarm_command("serve", model, "--layers", layers, "--initial-peers", dht),
+            )
+            for i, layers in enumerate(("0:3", "3:6"))
+        ]
         for server in servers:
             server.wait_for_line(r"ready: peer", 120)
-        gateway = group.start("api", swarm_command(
-            "api", model, "--initial-peers", dht, "--port", "0", "--max-concurrent", "16",
-            "--canary-interval", "0", "--reputation", str(Path(home) / "rep.json")))  # fmt: skip
+        gateway = group.start(
+            "api",
+            swarm_command(
+                "api",
+                model,
+                "--initial-peers",
+                dht,
+                "--port",
+                "0",
+                "--max-concurrent",
+                "16",
+                "--canary-interval",
+                "0",
+                "--reputation",
+                str(Path(home) / "rep.json"),
+            ),
+        )
         url = gateway.wait_for_line(r"ready: swarm api at (\S+) ", 120).group(1)
-        print(f"swarm of 2 servers + gateway ready in {time.perf_counter() - started:.1f} s; "
-              f"{args.rounds} rounds x {args.tokens} tokens per concurrency", flush=True)
+        print(
+            f"swarm of 2 servers + gateway ready in {time.perf_counter() - started:.1f} s; "
+            f"{args.rounds} rounds x {args.tokens} tokens per concurrency",
+            flush=True,
+        )
         trio.run(run, dht, url, "swarm-demo", args.rounds, args.tokens)
 
 

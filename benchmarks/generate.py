@@ -85,9 +85,13 @@ def chain(name: str, workdir: Path, rounds: int) -> None:
         for i in range(3):
             started = time.perf_counter()
             group.start_server(
-                f"s{i}", str(path), f"{cuts[i]}:{cuts[i + 1]}", dht,
-                "--identity", str(workdir / f"id-{name}-{i}"),
-            )  # fmt: skip
+                f"s{i}",
+                str(path),
+                f"{cuts[i]}:{cuts[i + 1]}",
+                dht,
+                "--identity",
+                str(workdir / f"id-{name}-{i}"),
+            )
             startups.append(time.perf_counter() - started)
         config = ClientConfig(initial_peers=(dht,))
         m = trio.run(measure, path, config, rounds, None, baseline)

@@ -84,8 +84,11 @@ def attention() -> None:
         k, v = torch.randn(1, 16, total, 64).bfloat16(), torch.randn(1, 16, total, 64).bfloat16()
         sdpa = 1e6 * median_seconds(100, F.scaled_dot_product_attention, q, k, v)
         ours = 1e6 * median_seconds(100, decode_attention, q, k, v, None)
-        print(f"  {total:>5} keys: SDPA {sdpa:7.0f}  decode_attention {ours:6.0f}  "
-              f"({sdpa / ours:.1f}x)", flush=True)  # fmt: skip
+        print(
+            f"  {total:>5} keys: SDPA {sdpa:7.0f}  decode_attention {ours:6.0f}  "
+            f"({sdpa / ours:.1f}x)",
+            flush=True,
+        )
 
 
 def span(workdir: Path) -> None:

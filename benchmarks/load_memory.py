@@ -86,14 +86,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         start = time.perf_counter()
         path = write_random_llama(
-            Path(tmp) / "bench-llama", num_layers=LAYERS, hidden=HIDDEN, heads=HEADS,
-            kv_heads=KV_HEADS, intermediate=INTERMEDIATE, vocab=VOCAB,
+            Path(tmp) / "bench-llama",
+            num_layers=LAYERS,
+            hidden=HIDDEN,
+            heads=HEADS,
+            kv_heads=KV_HEADS,
+            intermediate=INTERMEDIATE,
+            vocab=VOCAB,
             layers_per_file=args.layers_per_file,
-        )  # fmt: skip
+        )
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        print(f"checkpoint: {size / 2**20:.0f} MiB float32, hidden {HIDDEN}, {LAYERS} layers, "
-              f"{len(list(path.glob('*.safetensors')))} file(s), written in "
-              f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+        print(
+            f"checkpoint: {size / 2**20:.0f} MiB float32, hidden {HIDDEN}, {LAYERS} layers, "
+            f"{len(list(path.glob('*.safetensors')))} file(s), written in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
         base = measure(path, "none")
         span = measure(path, "span:0:6")
         whole = measure(path, "whole")
@@ -110,8 +117,10 @@ def main() -> None:
         )
     ratio = span["peak_kib"] / whole["peak_kib"]
     extra_ratio = (span["peak_kib"] - base["peak_kib"]) / (whole["peak_kib"] - base["peak_kib"])
-    print(f"peak RSS ratio span/whole: {ratio:.3f}; over the import baseline: {extra_ratio:.3f} "
-          f"(6/24 = {6 / 24:.3f})")  # fmt: skip
+    print(
+        f"peak RSS ratio span/whole: {ratio:.3f}; over the import baseline: {extra_ratio:.3f} "
+        f"(6/24 = {6 / 24:.3f})"
+    )
     print(f"load time ratio span/whole: {span['seconds'] / whole['seconds']:.3f}")
 
 

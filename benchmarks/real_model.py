@@ -77,10 +77,15 @@ def write_big_checkpoint(folder: Path, gib: float) -> Path:
     raw += b" " * (-len(raw) % 8)
     folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "torch_dtype": "bfloat16",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
     chunk = 64 * 2**20
@@ -117,8 +122,10 @@ def bench_model_id(gib: float, root: Path) -> None:
         print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - started:.1f} s")
         layout = tensor_layout(folder)
         sampled = sum(min(t.nbytes, SAMPLES * WINDOW) for t in layout.values())
-        print(f"{len(layout)} tensors, {sampled / 2**20:.1f} MiB sampled "
-              f"({100 * sampled / size:.2f} % of the file)")  # fmt: skip
+        print(
+            f"{len(layout)} tensors, {sampled / 2**20:.1f} MiB sampled "
+            f"({100 * sampled / size:.2f} % of the file)"
+        )
         for label in ("cold", "warm"):
             if label == "cold":
                 _evict(file)
@@ -147,8 +154,11 @@ def _child_load(path: str, layers: str) -> None:
     seconds = time.perf_counter() - started
     for p in span.parameters():
         float(p.sum())  # every weight resident, as serving would have it
-    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))  # fmt: skip
+    peak = next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
     print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024}))
 
 
@@ -176,15 +186,19 @@ def _convert_to_folder(gguf_file: Path, folder: Path) -> Path:
         {k: v.to(torch.float32) for k, v in tensors.items()}, str(folder / "model.safetensors")
     )
     raw = {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": config.hidden_size,
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads, "vocab_size": config.vocab_size,
-        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "num_key_value_heads": config.num_key_value_heads,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
         "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": True, "torch_dtype": "float32",
-    }  # fmt: skip
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
     (folder / "config.json").write_text(json.dumps(raw))
     return folder
 
@@ -198,11 +212,16 @@ def bench_load(layers: str) -> None:
         for label, path in (("GGUF Q4_1", gguf_file), ("safetensors f32", folder)):
             out = subprocess.run(
                 [sys.executable, __file__, "_child", str(path), layers],
-                check=True, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             got = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"layers {layers} from {label}: {got['seconds']:.2f} s, "
-                  f"peak RSS {got['peak_mib']:.0f} MiB")  # fmt: skip
+            print(
+                f"layers {layers} from {label}: {got['seconds']:.2f} s, "
+                f"peak RSS {got['peak_mib']:.0f} MiB"
+            )
 
 
 QUESTIONS = (
@@ -225,8 +244,10 @@ async def _chat_run(turns: int) -> None:
     with tempfile.TemporaryDirectory(prefix="swarm-chat-bench-") as tmp_name:
         ids, per_token = await _chat_turns(path, ranges, Path(tmp_name), turns)
     one = LocalModel(path).generate(ids, 32).timings
-    print(f"per token after the first: swarm 3 hops {statistics.median(per_token) * 1e3:.1f} ms, "
-          f"one process {statistics.median(one[1:]) * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"per token after the first: swarm 3 hops {statistics.median(per_token) * 1e3:.1f} ms, "
+        f"one process {statistics.median(one[1:]) * 1e3:.1f} ms"
+    )
 
 
 async def _chat_turns(
@@ -254,16 +275,20 @@ async def _chat_turns(
                     per_token += seconds[1:]
                     turn = chat.statistics().turns[-1]
                     sent, made = len(turn.sent), len(turn.answer)
-                    print(f"turn {i + 1} (kept session): TTFT {seconds[0] * 1e3:.0f} ms, "
-                          f"{sent} tokens sent, {made} generated")  # fmt: skip
+                    print(
+                        f"turn {i + 1} (kept session): TTFT {seconds[0] * 1e3:.0f} ms, "
+                        f"{sent} tokens sent, {made} generated"
+                    )
                 messages = chat.messages[:-1]
             template = load_chat_template(path)
             assert template is not None and model.tokenizer is not None
             history = template.render(messages)
             ids = model.tokenizer.encode(history, add_special_tokens=False).ids
             result = await model.generate_detailed(ids, 48)
-            print(f"turn {turns} re-prefilled on a fresh session: TTFT {result.ttft * 1e3:.0f} "
-                  f"ms, {len(ids)} tokens sent")  # fmt: skip
+            print(
+                f"turn {turns} re-prefilled on a fresh session: TTFT {result.ttft * 1e3:.0f} "
+                f"ms, {len(ids)} tokens sent"
+            )
     return list(ids), per_token
 
 

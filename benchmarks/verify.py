@@ -84,9 +84,11 @@ async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
         async with AsyncExitStack() as stack:
             for policy in POLICIES:
                 config = ClientConfig(
-                    initial_peers=(local.dht_address,), verify=policy, verify_seed=1,
+                    initial_peers=(local.dht_address,),
+                    verify=policy,
+                    verify_seed=1,
                     reputation_path=None,
-                )  # fmt: skip
+                )
                 model = await stack.enter_async_context(AsyncRemoteModel.open(path, config))
                 await model.generate(PROMPT, NEW_TOKENS)  # warm-up; peers pass first audits
                 models[policy] = model
@@ -105,11 +107,15 @@ async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
     for row in rows.values():
         row["latency"] = row["token_s"] / base["token_s"]
         row["final"] = row["final_s"] / base["final_s"]
-    print(f"{'policy':16} {'compute x none':>15} {'token latency x':>16} {'ms/token':>9} "
-          f"{'time to final x':>16}")  # fmt: skip
+    print(
+        f"{'policy':16} {'compute x none':>15} {'token latency x':>16} {'ms/token':>9} "
+        f"{'time to final x':>16}"
+    )
     for name, row in rows.items():
-        print(f"{name:16} {row['compute']:15.2f} {row['latency']:16.2f} "
-              f"{row['token_s'] * 1e3:9.2f} {row['final']:16.2f}")  # fmt: skip
+        print(
+            f"{name:16} {row['compute']:15.2f} {row['latency']:16.2f} "
+            f"{row['token_s'] * 1e3:9.2f} {row['final']:16.2f}"
+        )
     return rows
 
 
@@ -158,8 +164,11 @@ def liar_factory(kind: str, recs: dict[str, Recording]) -> object:
 async def detection(
     x: torch.Tensor, recs: dict[str, Recording]
 ) -> dict[tuple[str, str], tuple[float, float | None]]:
-    honest = [SimPeer.make("a", recs["float32"]), SimPeer.make("b", recs["float32"]),
-              SimPeer.make("c", recs["bfloat16"])]  # fmt: skip
+    honest = [
+        SimPeer.make("a", recs["float32"]),
+        SimPeer.make("b", recs["float32"]),
+        SimPeer.make("c", recs["bfloat16"]),
+    ]
     out = {}
     print(f"{'policy':16} " + " ".join(f"{k:>16}" for k in KINDS))
     print(f"{'':16} " + " ".join(f"{'P(det) median':>16}" for _ in KINDS))
@@ -188,8 +197,10 @@ async def colluders(
                 return SimPeer.make("colluder0", recs["float32"], corruptor("collude:5"))
 
             def checkers(trial: int, count: int = count) -> list[SimPeer]:
-                friends = [SimPeer.make(f"colluder{i}", recs["float32"], corruptor("collude:5"))
-                           for i in range(1, count)]  # fmt: skip
+                friends = [
+                    SimPeer.make(f"colluder{i}", recs["float32"], corruptor("collude:5"))
+                    for i in range(1, count)
+                ]
                 fair = [SimPeer.make(f"honest{i}", recs["float32"]) for i in range(6 - count)]
                 return friends + fair
 
@@ -205,10 +216,14 @@ async def colluders(
 
 
 def economics(stakes: list[float], gain: float, rate: float, clean: int) -> None:
-    print(f"base audit rate p={rate:g}, gain per cheated step g={gain:g}, "
-          f"clean audits so far={clean}; a proven lie slashes the whole stake")  # fmt: skip
-    print(f"{'stake S':>10} {'p_eff':>8} {'E[slash]/step':>14} {'cheating pays?':>15} "
-          f"{'break-even S':>13}")  # fmt: skip
+    print(
+        f"base audit rate p={rate:g}, gain per cheated step g={gain:g}, "
+        f"clean audits so far={clean}; a proven lie slashes the whole stake"
+    )
+    print(
+        f"{'stake S':>10} {'p_eff':>8} {'E[slash]/step':>14} {'cheating pays?':>15} "
+        f"{'break-even S':>13}"
+    )
     record = PeerRecord(passed=clean)
     for stake in stakes:
         p_eff = audit_rate(rate, record, stake=stake)
@@ -237,8 +252,10 @@ def table(
     opt, spot = rows["optimistic"], rows["spot-check:0.1"]
     print("| method | cost | latency | security |")
     print("| --- | --- | --- | --- |")
-    print("| zero-knowledge (not implemented) | 10^5-10^6 x a forward (ezkl, ANCHORS) | "
-          "~17 s per layer of hidden 16 (ANCHORS) | highest: a proof |")  # fmt: skip
+    print(
+        "| zero-knowledge (not implemented) | 10^5-10^6 x a forward (ezkl, ANCHORS) | "
+        "~17 s per layer of hidden 16 (ANCHORS) | highest: a proof |"
+    )
     print(
         f"| optimistic | {opt['compute']:.2f} x none | {opt['latency']:.2f} x per accepted "
         f"token, {opt['final']:.2f} x to final | conditional on a challenger: "
@@ -256,8 +273,16 @@ async def main_async(args: argparse.Namespace) -> None:
         det: dict[tuple[str, str], tuple[float, float | None]] = {}
         if args.only in (None, "cost"):
             path = Path(tmp) / "tiny"
-            write_random_llama(path, num_layers=8, hidden=256, heads=8, kv_heads=8,
-                               intermediate=688, vocab=32000, seed=0)  # fmt: skip
+            write_random_llama(
+                path,
+                num_layers=8,
+                hidden=256,
+                heads=8,
+                kv_heads=8,
+                intermediate=688,
+                vocab=32000,
+                seed=0,
+            )
             print("== cost and latency (end to end, 3 honest float32 servers) ==")
             rows = await cost(path)
         if args.only in (None, "detection", "colluders"):

@@ -43,9 +43,11 @@ async def trial(model: Path, spec: str, seed: int, tmp: Path, reference: list[in
         for _ in range(2):
             await local.add_server(LayerRange(0, 4), measure_throughput=False)
         config = ClientConfig(
-            initial_peers=(local.dht_address,), verify="spot-check:0.2", verify_seed=seed,
+            initial_peers=(local.dht_address,),
+            verify="spot-check:0.2",
+            verify_seed=seed,
             reputation_path=str(tmp / f"rep-{spec}-{seed}.json"),
-        )  # fmt: skip
+        )
         async with AsyncRemoteModel.open(model, config) as remote:
             result = await remote.generate_detailed(PROMPT, NEW_TOKENS)
             ids, verifier = result.ids, remote.verifier
@@ -53,9 +55,12 @@ async def trial(model: Path, spec: str, seed: int, tmp: Path, reference: list[in
             peer = liar.server.identity.peer_id
             caught = [step for who, step in verifier.detections if who == peer]
             return (
-                bool(caught) and caught[0] < 30 and verifier.reputation.is_banned(peer)
-                and all(hop["peer"] != str(peer) for hop in result.route) and ids == reference
-            )  # fmt: skip
+                bool(caught)
+                and caught[0] < 30
+                and verifier.reputation.is_banned(peer)
+                and all(hop["peer"] != str(peer) for hop in result.route)
+                and ids == reference
+            )
 
 
 def main() -> None:
@@ -65,8 +70,9 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model = write_random_llama(tmp / "tiny4", num_layers=4, hidden=64, vocab=128, seed=5,
-                                   std=0.1)  # fmt: skip
+        model = write_random_llama(
+            tmp / "tiny4", num_layers=4, hidden=64, vocab=128, seed=5, std=0.1
+        )
         reference = generate_locally(model, PROMPT, NEW_TOKENS).ids
         if 2 in reference:  # the client stops at EOS (id 2 in this checkpoint), keeping it
             reference = reference[: reference.index(2) + 1]

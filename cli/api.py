@@ -56,8 +56,9 @@ def gateway_template(path: Path, template_file: Path | None) -> ChatTemplate | N
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--chat-template {template_file}: {exc}") from exc
         found = load_chat_template(path)
-        return ChatTemplate(source, found.bos_token if found else "",
-                            found.eos_token if found else "")  # fmt: skip
+        return ChatTemplate(
+            source, found.bos_token if found else "", found.eos_token if found else ""
+        )
     template = load_chat_template(path)
     if template is None and path.resolve() == demo_model_path():
         return ChatTemplate(SIMPLE_CHAT_TEMPLATE.read_text(encoding="utf-8"))
@@ -115,9 +116,15 @@ def api(
         raise ConfigError("--canary-interval must be 0 or more seconds")
     path = model_path(model)
     gateway_config = GatewayConfig(
-        host=host, port=port, model_name=name, api_keys=read_api_keys(api_key, api_key_file),
-        max_concurrent=max_concurrent, queue=queue, verify=verify, max_length=max_length,
-    )  # fmt: skip
+        host=host,
+        port=port,
+        model_name=name,
+        api_keys=read_api_keys(api_key, api_key_file),
+        max_concurrent=max_concurrent,
+        queue=queue,
+        verify=verify,
+        max_length=max_length,
+    )
     client_config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
@@ -145,13 +152,17 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with AsyncRemoteModel.open(path, client_config) as model:
             async with trio.open_nursery() as nursery:
-                run = functools.partial(serve_gateway, model, gateway_config, template,
-                                        canary_s=canary_s)  # fmt: skip
+                run = functools.partial(
+                    serve_gateway, model, gateway_config, template, canary_s=canary_s
+                )
                 ready = await nursery.start(run)
                 chat = "chat and completions" if template is not None else "completions only"
-                print(f"ready: swarm api at {ready.url} (OpenAI API at {ready.url}/v1, "
-                      f"status page at {ready.url}/; model {ready.gateway.facts.name}, "
-                      f"{chat})", flush=True)  # fmt: skip
+                print(
+                    f"ready: swarm api at {ready.url} (OpenAI API at {ready.url}/v1, "
+                    f"status page at {ready.url}/; model {ready.gateway.facts.name}, "
+                    f"{chat})",
+                    flush=True,
+                )
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

@@ -184,8 +184,7 @@ def _table(rows: list[BenchRow]) -> Table:
     from rich.table import Table
 
     table = Table(title="swarm bench")
-    for name in ("sessions", "TTFT p50", "TTFT p95", "per token p50", "per token p95",
-                 "tokens/s"):  # fmt: skip
+    for name in ("sessions", "TTFT p50", "TTFT p95", "per token p50", "per token p95", "tokens/s"):
         table.add_column(name, justify="right")
     for row in rows:
         table.add_row(

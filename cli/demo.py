@@ -133,8 +133,17 @@ def demo(
         heat = temperature if temperature is not None else (0.0 if request.chat else 0.8)
         sampling = SamplingConfig(temperature=heat, top_k=top_k, seed=seed)
         with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
-            _run(path, Path(tmp), split_layers(layers, servers), request, max_new_tokens,
-                 sampling, verify, liar, api_port=api_port if api else None)  # fmt: skip
+            _run(
+                path,
+                Path(tmp),
+                split_layers(layers, servers),
+                request,
+                max_new_tokens,
+                sampling,
+                verify,
+                liar,
+                api_port=api_port if api else None,
+            )
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
@@ -175,9 +184,16 @@ def _start_swarm(
             if adversary:
                 extra += ["--testing-adversary", adversary]
             argv = swarm_command(
-                "serve", str(model), "--layers", f"{start}:{stop}", "--initial-peers", dht,
-                "--announce-ttl", "30", *extra,
-            )  # fmt: skip
+                "serve",
+                str(model),
+                "--layers",
+                f"{start}:{stop}",
+                "--initial-peers",
+                dht,
+                "--announce-ttl",
+                "30",
+                *extra,
+            )
             procs.append(group.start(f"server{i}", argv))
             lying = f" [red](lying: {adversary})[/red]" if adversary else ""
             tasks.append(progress.add_task(f"server {i} layers {start}:{stop}{lying}", total=1))
@@ -187,10 +203,11 @@ def _start_swarm(
                 liars[match.group(1)] = adversary
             lying = f" [red](lying: {adversary})[/red]" if adversary else ""
             progress.update(
-                task_id, completed=1,
+                task_id,
+                completed=1,
                 description=f"server layers {start}:{stop}{lying}: ready, peer "
                 f"{match.group(1)[:8]} at {match.group(2)}",
-            )  # fmt: skip
+            )
     return dht, liars
 
 
@@ -218,8 +235,10 @@ def _run(
         # a calmer machine, looks fastest, and the client routes through it.
         specs += [(*ranges[-1], None), (*ranges[-1], liar)]
         if not verify:
-            err.print("[yellow]--liar without --verify: nobody checks, so the lie goes "
-                      "unnoticed (try --verify spot-check:0.5)[/yellow]")  # fmt: skip
+            err.print(
+                "[yellow]--liar without --verify: nobody checks, so the lie goes "
+                "unnoticed (try --verify spot-check:0.5)[/yellow]"
+            )
     with ProcessGroup() as group:
         dht, liars = _start_swarm(group, model, tmp, specs)
         timings, ttft = trio.run(
@@ -249,16 +268,27 @@ def _serve_api(group: object, model: Path, dht: str, port: int, tmp: Path) -> No
     from swarm.testing.processes import ProcessGroup, swarm_command
 
     assert isinstance(group, ProcessGroup)
-    argv = swarm_command("api", str(model), "--initial-peers", dht, "--port", str(port),
-                         "--reputation", str(tmp / "reputation.json"))  # fmt: skip
+    argv = swarm_command(
+        "api",
+        str(model),
+        "--initial-peers",
+        dht,
+        "--port",
+        str(port),
+        "--reputation",
+        str(tmp / "reputation.json"),
+    )
     proc = group.start("api", argv)
     ready = proc.wait_for_line(r"ready: swarm api at (\S+) .*model ([^,)]+)", 120)
     url, name = ready.group(1), ready.group(2)
     message = {"model": name, "messages": [{"role": "user", "content": "Hello!"}], "stream": True}
     body = json.dumps(message)
     console.print(f"[bold]gateway:[/bold] OpenAI API at {url}/v1, status page at {url}/")
-    console.print(f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
-                  f"-d '{body}'", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print("the swarm keeps running behind the gateway; Ctrl-C stops everything")
     try:
         while proc.popen.poll() is None:

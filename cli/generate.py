@@ -135,8 +135,11 @@ class _Job:
     ) -> None:
         self.path, self.config, self.request = path, config, request
         self.max_new_tokens, self.sampling, self.stop, self.wait = (
-            max_new_tokens, sampling, stop, wait,
-        )  # fmt: skip
+            max_new_tokens,
+            sampling,
+            stop,
+            wait,
+        )
 
 
 async def _run(job: _Job, as_json: bool) -> None:

@@ -65,8 +65,10 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
     for block in range(1, layers + 1):
         if block == layers or counts[block] != counts[start]:
             style = "red" if counts[start] == 0 else ""
-            table.add_row(f"{start}:{block}", f"[{style}]{counts[start]}[/{style}]" if style
-                          else str(counts[start]))  # fmt: skip
+            table.add_row(
+                f"{start}:{block}",
+                f"[{style}]{counts[start]}[/{style}]" if style else str(counts[start]),
+            )
             start = block
     return table
 
@@ -132,8 +134,18 @@ async def _status(
     if gaps:
         err.print(fill_hint(gaps, str(model), initial_peers), highlight=False, markup=False)
     table = Table(title=f"{len(servers)} servers")
-    for column in ("peer", "address", "layers", "state", "ping", "tok/s", "sessions",
-                   "free cache", "audits ok/failed", "reputation"):  # fmt: skip
+    for column in (
+        "peer",
+        "address",
+        "layers",
+        "state",
+        "ping",
+        "tok/s",
+        "sessions",
+        "free cache",
+        "audits ok/failed",
+        "reputation",
+    ):
         table.add_column(column, justify="right" if column not in ("peer", "address") else "left")
     for s in sorted(servers, key=lambda s: (s.layers.start, s.layers.stop, str(s.peer_id))):
         record = rep.records().get(s.peer_id)
@@ -141,10 +153,17 @@ async def _status(
         standing = "banned" if rep.is_banned(s.peer_id) else ("new" if record is None else "ok")
         audits = f"{record.passed}/{record.failed}" if record else "-"
         table.add_row(
-            s.peer_id.short(), s.address, str(s.layers), s.state,
-            "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms", f"{s.throughput:.0f}",
-            str(s.active_sessions), str(s.free_cache_tokens), audits, standing,
-        )  # fmt: skip
+            s.peer_id.short(),
+            s.address,
+            str(s.layers),
+            s.state,
+            "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms",
+            f"{s.throughput:.0f}",
+            str(s.active_sessions),
+            str(s.free_cache_tokens),
+            audits,
+            standing,
+        )
     console.print(table)
 
 
@@ -214,10 +233,11 @@ async def _monitor(
     for entry in sorted(health.values(), key=lambda e: (e.layers.start, str(e.peer_id))):
         style = "red" if entry.accuracy < 1.0 else "green"
         table.add_row(
-            entry.peer_id.short(), str(entry.layers),
+            entry.peer_id.short(),
+            str(entry.layers),
             f"[{style}]{entry.correct}/{entry.reachable} ({entry.accuracy:.0%})[/{style}]",
             f"{entry.reachable}/{entry.probes}",
             "-" if not entry.latencies else f"{entry.median_latency * 1e3:.1f} ms",
             entry.last_detail,
-        )  # fmt: skip
+        )
     console.print(table)

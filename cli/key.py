@@ -31,5 +31,7 @@ def new_key(
         create_swarm_key(path)
     except FileExistsError as exc:
         raise ConfigError(f"{path} already exists; pick a new file name") from exc
-    typer.echo(f"wrote a new swarm key to {path} (mode 0600); start every peer of the "
-               f"private swarm with --swarm-key {path}")  # fmt: skip
+    typer.echo(
+        f"wrote a new swarm key to {path} (mode 0600); start every peer of the "
+        f"private swarm with --swarm-key {path}"
+    )

@@ -19,6 +19,7 @@ __all__ = [
     "DefaultModelArgument",
     "KeyOption",
     "PeersOption",
+    "PrivateGroupsOption",
     "VerboseOption",
     "identity_path",
     "model_path",
@@ -37,6 +38,15 @@ PeersOption = Annotated[
     typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
 ]
 KeyOption = Annotated[Path | None, typer.Option(help="Private-swarm key file.")]
+PrivateGroupsOption = Annotated[
+    str,
+    typer.Option(
+        "--private-groups",
+        help="How the DHT groups loopback/private addresses for storage and proof fairness: "
+        "host (one machine, however many ports, is one party; LAN machines stay apart), "
+        "endpoint (each ip:port apart), or subnet (a /24 or /64, as public addresses).",
+    ),
+]
 DefaultModelArgument = Annotated[
     str | None,
     typer.Argument(

@@ -48,9 +48,16 @@ def selfcheck(
     with tempfile.TemporaryDirectory(prefix="swarm-selfcheck-") as tmp:
         start = time.perf_counter()
         path = write_random_llama(
-            Path(tmp) / "selfcheck-llama", num_layers=layers, hidden=hidden, heads=4, kv_heads=2,
-            intermediate=2 * hidden, vocab=_VOCAB, seed=seed, layers_per_file=max(1, layers // 3),
-        )  # fmt: skip
+            Path(tmp) / "selfcheck-llama",
+            num_layers=layers,
+            hidden=hidden,
+            heads=4,
+            kv_heads=2,
+            intermediate=2 * hidden,
+            vocab=_VOCAB,
+            seed=seed,
+            layers_per_file=max(1, layers // 3),
+        )
         whole = load_span(path, LayerRange(0, layers))
         spans = [load_span(path, r) for r in ranges]
         head = load_head(path)

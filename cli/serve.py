@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .options import VerboseOption, identity_path, parse_layers
+from .options import PrivateGroupsOption, VerboseOption, identity_path, parse_layers
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ def serve(
             "what it would be after the move (Petals' 0.75)."
         ),
     ] = 0.75,
+    private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -140,8 +141,10 @@ def serve(
     if num_blocks is not None and chosen is not None:
         warn("--num-blocks is ignored with an explicit --layers range")
     if num_blocks is not None and num_blocks > num_layers:
-        warn(f"--num-blocks {num_blocks} is more than the model's {num_layers} blocks; "
-             f"serving all {num_layers}")  # fmt: skip
+        warn(
+            f"--num-blocks {num_blocks} is more than the model's {num_layers} blocks; "
+            f"serving all {num_layers}"
+        )
         num_blocks = num_layers
     config = ServerConfig(
         model=path,
@@ -155,7 +158,12 @@ def serve(
         num_threads=num_threads,
         identity_path=identity_path(identity, identity_name),
         swarm_key_path=swarm_key,
-        dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
+        dht=DHTConfig(
+            host=host,
+            port=dht_port,
+            initial_peers=tuple(initial_peers or ()),
+            private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+        ),
         limits=SessionLimits(
             max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536
         ),

@@ -105,7 +105,6 @@ class PeerId:
         return f"PeerId({self.short()}…)"
 
 
-
 @dataclass(frozen=True, order=True)
 class LayerRange:
     """Layers ``start, start+1, ..., stop-1`` (half-open, like ``range``).
@@ -201,6 +200,4 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return table[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown dtype {name!r}; use one of {', '.join(FLOAT_DTYPES)}"
-        ) from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(FLOAT_DTYPES)}") from None

@@ -44,9 +44,12 @@ class Admission:
 
     def statistics(self) -> AdmissionStatistics:
         return AdmissionStatistics(
-            self._running, self._admitted - self._running, self.max_concurrent, self.queue,
+            self._running,
+            self._admitted - self._running,
+            self.max_concurrent,
+            self.queue,
             self._rejected,
-        )  # fmt: skip
+        )
 
     def reserve(self) -> Ticket:
         """Count a request in, or raise a 429 `ApiError` when slots and queue are full."""
@@ -58,10 +61,12 @@ class Admission:
 
     def _busy(self, message: str) -> ApiError:
         return ApiError(
-            429, f"{message}; retry after {self.retry_after_s} s",
-            type="rate_limit_error", code="rate_limit_exceeded",
+            429,
+            f"{message}; retry after {self.retry_after_s} s",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
             headers={"Retry-After": str(self.retry_after_s)},
-        )  # fmt: skip
+        )
 
 
 class Ticket:

@@ -41,21 +41,26 @@ from swarm.api.status import health_report, status_report
 __all__ = ["create_app"]
 
 _HERE = Path(__file__).parent
-_PAGES = Environment(loader=FileSystemLoader(_HERE / "templates"),
-                     autoescape=select_autoescape(["html"]))  # fmt: skip
+_PAGES = Environment(
+    loader=FileSystemLoader(_HERE / "templates"), autoescape=select_autoescape(["html"])
+)
 
 
 def create_app(gateway: Gateway) -> Any:
     """The ASGI application serving ``gateway`` (FastAPI inside `GuardMiddleware`)."""
-    app = FastAPI(title="swarm gateway", version=__version__,
-                  description="An OpenAI-compatible API in front of a swarm.")  # fmt: skip
+    app = FastAPI(
+        title="swarm gateway",
+        version=__version__,
+        description="An OpenAI-compatible API in front of a swarm.",
+    )
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
     _add_openai_routes(app, gateway)
     _add_swarm_routes(app, gateway)
     config = gateway.config
-    return GuardMiddleware(app, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
-                           metrics=gateway.metrics)  # fmt: skip
+    return GuardMiddleware(
+        app, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes, metrics=gateway.metrics
+    )
 
 
 def _json_error(error: ApiError) -> JSONResponse:
@@ -95,8 +100,12 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
     facts = gateway.facts
 
     def card() -> ModelCard:
-        return ModelCard(id=facts.name, created=int(gateway.started),
-                         swarm_model_id=facts.model_id, num_layers=gateway.num_layers)  # fmt: skip
+        return ModelCard(
+            id=facts.name,
+            created=int(gateway.started),
+            swarm_model_id=facts.model_id,
+            num_layers=gateway.num_layers,
+        )
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
@@ -105,19 +114,29 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.get("/v1/models/{name:path}", response_model=ModelCard)
     async def get_model(name: str) -> dict[str, Any]:
         if name not in (facts.name, facts.model_id):
-            raise ApiError(404, f"the model {name!r} does not exist here",
-                           code="model_not_found", param="model")  # fmt: skip
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist here",
+                code="model_not_found",
+                param="model",
+            )
         return dump(card())
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def chat_completions(body: ChatRequest) -> Response:
         """A chat completion (``"stream": true`` for server-sent events)."""
         job = chat_job(body, facts)
         return GenerationResponse(gateway, job, gateway.admission.reserve())
 
-    @app.post("/v1/completions", response_model=Completion,
-              responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def completions(body: CompletionRequest) -> Response:
         """A text completion (``"stream": true`` for server-sent events)."""
         job = completion_job(body, facts)
@@ -133,19 +152,25 @@ def _add_swarm_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(gateway.metrics.render(),
-                                 media_type="text/plain; version=0.0.4")  # fmt: skip
+        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/swarm/receipts/{completion_id}")
     async def receipts(completion_id: str) -> dict[str, Any]:
         """The signed step receipts of a recent completion."""
         found = gateway.receipts.get(completion_id)
         if found is None:
-            raise ApiError(404, f"no receipts for {completion_id!r} (unknown, or forgotten: "
-                           f"the gateway keeps the last {gateway.config.receipts_keep} for "
-                           f"{gateway.config.receipts_ttl_s:g} s)", code="not_found")  # fmt: skip
-        return {"id": completion_id, "object": "swarm.receipts",
-                "receipts": [receipt_json(r) for r in found]}  # fmt: skip
+            raise ApiError(
+                404,
+                f"no receipts for {completion_id!r} (unknown, or forgotten: "
+                f"the gateway keeps the last {gateway.config.receipts_keep} for "
+                f"{gateway.config.receipts_ttl_s:g} s)",
+                code="not_found",
+            )
+        return {
+            "id": completion_id,
+            "object": "swarm.receipts",
+            "receipts": [receipt_json(r) for r in found],
+        }
 
     @app.get("/v1/swarm/status")
     async def status() -> dict[str, Any]:
@@ -158,7 +183,8 @@ def _add_swarm_routes(app: FastAPI, gateway: Gateway) -> None:
         data = status_report(gateway)
         name = "status_main.html" if partial else "status.html"
         html = _PAGES.get_template(name).render(
-            data=data, key=request.query_params.get("key", ""),
+            data=data,
+            key=request.query_params.get("key", ""),
             now=time.strftime("%H:%M:%S"),
-        )  # fmt: skip
+        )
         return HTMLResponse(html)

@@ -70,20 +70,26 @@ def error_from_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc))
     if isinstance(exc, RoutingError):
-        return ApiError(503, f"the swarm cannot run the model now: {exc}",
-                        type="server_error", code="no_route")  # fmt: skip
+        return ApiError(
+            503, f"the swarm cannot run the model now: {exc}", type="server_error", code="no_route"
+        )
     if isinstance(exc, LimitExceeded):
-        return ApiError(503, f"the servers are at their limits: {exc}",
-                        type="server_error", code="swarm_busy")  # fmt: skip
+        return ApiError(
+            503, f"the servers are at their limits: {exc}", type="server_error", code="swarm_busy"
+        )
     if isinstance(exc, VerificationError):
-        return ApiError(502, f"verification failed: {exc}", type="server_error",
-                        code="verification_failed")  # fmt: skip
+        return ApiError(
+            502, f"verification failed: {exc}", type="server_error", code="verification_failed"
+        )
     if isinstance(exc, TransportError | DHTError):
-        return ApiError(502, f"the swarm did not answer: {exc}", type="server_error",
-                        code="swarm_unreachable")  # fmt: skip
+        return ApiError(
+            502, f"the swarm did not answer: {exc}", type="server_error", code="swarm_unreachable"
+        )
     if isinstance(exc, SwarmError):
-        return ApiError(502, f"the swarm failed to answer: {exc}", type="server_error",
-                        code="swarm_error")  # fmt: skip
+        return ApiError(
+            502, f"the swarm failed to answer: {exc}", type="server_error", code="swarm_error"
+        )
     log.error("unexpected error while serving a request", exc_info=exc)
-    return ApiError(500, "internal error of the gateway (logged)", type="server_error",
-                    code="internal_error")  # fmt: skip
+    return ApiError(
+        500, "internal error of the gateway (logged)", type="server_error", code="internal_error"
+    )

@@ -56,15 +56,14 @@ class _Canaries:
 class Gateway:
     """The shared state of the gateway; build it with `Gateway.create`."""
 
-    def __init__(
-        self, model: AsyncRemoteModel, config: GatewayConfig, facts: ModelFacts
-    ) -> None:
+    def __init__(self, model: AsyncRemoteModel, config: GatewayConfig, facts: ModelFacts) -> None:
         self.model = model
         self.config = config
         self.facts = facts
         self.started = time.time()
-        self.admission = Admission(config.max_concurrent, config.queue, config.retry_after_s,
-                                   config.queue_timeout_s)  # fmt: skip
+        self.admission = Admission(
+            config.max_concurrent, config.queue, config.retry_after_s, config.queue_timeout_s
+        )
         self.receipts = ReceiptStore(config.receipts_keep, config.receipts_ttl_s)
         self.metrics = GatewayMetrics(
             running=lambda: self.admission.statistics().running,
@@ -156,8 +155,9 @@ class Gateway:
             async def connect() -> object:
                 return await self.model.pool.get(host, port, server.peer_id)
 
-            result = await probe_safely(connect, canaries.by_range[server.layers],
-                                        server.dtype, timeout)  # fmt: skip
+            result = await probe_safely(
+                connect, canaries.by_range[server.layers], server.dtype, timeout
+            )
             entry = canaries.health.setdefault(
                 server.peer_id, ServerHealth(server.peer_id, server.layers)
             )

@@ -62,15 +62,22 @@ def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
     """The job of a chat request (its messages rendered with the chat template)."""
     _check_common(request, facts)
     if facts.template is None:
-        raise ApiError(400, f"model {facts.name} has no chat template (a base model?): use "
-                       "/v1/completions, or start the gateway with --chat-template FILE",
-                       code="no_chat_template", param="messages")  # fmt: skip
+        raise ApiError(
+            400,
+            f"model {facts.name} has no chat template (a base model?): use "
+            "/v1/completions, or start the gateway with --chat-template FILE",
+            code="no_chat_template",
+            param="messages",
+        )
     for i, message in enumerate(request.messages):
         extras = sorted(k for k, v in (message.model_extra or {}).items() if v is not None)
         if extras:
-            raise ApiError(400, f"messages[{i}]: unsupported field(s) {', '.join(extras)}",
-                           code="unsupported_parameter",
-                           param=f"messages.{i}.{extras[0]}")  # fmt: skip
+            raise ApiError(
+                400,
+                f"messages[{i}]: unsupported field(s) {', '.join(extras)}",
+                code="unsupported_parameter",
+                param=f"messages.{i}.{extras[0]}",
+            )
     messages = [{"role": _role(m.role), "content": m.text()} for m in request.messages]
     try:
         text = facts.template.render(messages, add_generation_prompt=True)
@@ -91,9 +98,12 @@ def completion_job(request: CompletionRequest, facts: ModelFacts) -> GenerationJ
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise ApiError(400, "several prompts in one request are not supported: send one "
-                           "request per prompt", code="unsupported_parameter",
-                           param="prompt")  # fmt: skip
+            raise ApiError(
+                400,
+                "several prompts in one request are not supported: send one request per prompt",
+                code="unsupported_parameter",
+                param="prompt",
+            )
         prompt = prompt[0]
     if isinstance(prompt, str):
         ids = list(facts.tokenizer.encode(prompt).ids)
@@ -110,14 +120,21 @@ def _role(role: str) -> str:
 
 def _check_common(request: ChatRequest | CompletionRequest, facts: ModelFacts) -> None:
     if request.model not in (facts.name, facts.model_id):
-        raise ApiError(404, f"the model {request.model!r} does not exist here; this gateway "
-                       f"serves {facts.name!r}", code="model_not_found",
-                       param="model")  # fmt: skip
+        raise ApiError(
+            404,
+            f"the model {request.model!r} does not exist here; this gateway serves {facts.name!r}",
+            code="model_not_found",
+            param="model",
+        )
     unsupported = unsupported_options(request)
     if unsupported:
-        raise ApiError(400, f"unsupported option(s): {', '.join(unsupported)} (swarm does not "
-                       "implement them; leave them out)", code="unsupported_parameter",
-                       param=unsupported[0])  # fmt: skip
+        raise ApiError(
+            400,
+            f"unsupported option(s): {', '.join(unsupported)} (swarm does not "
+            "implement them; leave them out)",
+            code="unsupported_parameter",
+            param=unsupported[0],
+        )
     stop = request.stop_strings()
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
@@ -138,17 +155,22 @@ def _job(
     room = facts.max_length - len(ids)
     if room < 1 or (limit is not None and limit > room):
         asked = f" + {param} {limit}" if limit is not None else ""
-        raise ApiError(400, f"the prompt ({len(ids)} tokens){asked} passes the model's "
-                       f"max_length of {facts.max_length} tokens; shorten it",
-                       code="context_length_exceeded", param=param)  # fmt: skip
+        raise ApiError(
+            400,
+            f"the prompt ({len(ids)} tokens){asked} passes the model's "
+            f"max_length of {facts.max_length} tokens; shorten it",
+            code="context_length_exceeded",
+            param=param,
+        )
     max_new = limit if limit is not None else min(facts.default_max_tokens, room)
     verify = (request.swarm.verify if request.swarm else None) or facts.default_verify
     try:
         parse_policy(verify)
     except ConfigError as exc:
         raise ApiError(400, str(exc), param="swarm.verify") from exc
-    sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p,
-                              seed=request.seed)  # fmt: skip
+    sampling = SamplingConfig(
+        temperature=request.temperature, top_p=request.top_p, seed=request.seed
+    )
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     return GenerationJob(
         kind=kind,

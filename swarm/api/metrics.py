@@ -42,20 +42,27 @@ class GatewayMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("swarm_api_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "swarm_api_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.tokens_in = Counter("swarm_api_prompt_tokens", "Prompt tokens", registry=r)
         self.tokens_out = Counter("swarm_api_completion_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("swarm_api_ttft_seconds", "Time to first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.per_token = Histogram("swarm_api_token_seconds", "Seconds per token after the first",
-                                   buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "swarm_api_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.per_token = Histogram(
+            "swarm_api_token_seconds",
+            "Seconds per token after the first",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.audits = Counter("swarm_api_audits", "Verification audits run", registry=r)
         self.detections = Counter("swarm_api_detections", "Peers caught lying", registry=r)
         self.rollbacks = Counter("swarm_api_rollbacks", "Generations rolled back", registry=r)
-        Gauge("swarm_api_active_sessions", "Generations running", registry=r).set_function(
-            running
-        )
+        Gauge("swarm_api_active_sessions", "Generations running", registry=r).set_function(running)
         Gauge("swarm_api_queue_length", "Requests waiting", registry=r).set_function(queued)
         Gauge("swarm_api_banned_servers", "Servers the client bans now", registry=r).set_function(
             banned

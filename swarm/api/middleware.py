@@ -30,10 +30,19 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPEN_PATHS = frozenset({"/health"})
 DRAIN_FACTOR = 16  # a body is read (and dropped) up to this many times the limit
 KEY_IN_QUERY_PATHS = frozenset({"/", "/v1/swarm/status"})
-_ENDPOINTS = frozenset({
-    "/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-    "/v1/swarm/status", "/docs", "/openapi.json",
-})  # fmt: skip
+_ENDPOINTS = frozenset(
+    {
+        "/",
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/swarm/status",
+        "/docs",
+        "/openapi.json",
+    }
+)
 
 
 def endpoint_label(path: str) -> str:
@@ -50,9 +59,13 @@ class GuardMiddleware:
     """Counting, keys and the body limit around ``app`` (see the module docstring)."""
 
     def __init__(
-        self, app: App, *, api_keys: tuple[str, ...], max_body_bytes: int,
+        self,
+        app: App,
+        *,
+        api_keys: tuple[str, ...],
+        max_body_bytes: int,
         metrics: GatewayMetrics,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.app = app
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.max_body_bytes = max_body_bytes
@@ -94,12 +107,18 @@ class GuardMiddleware:
         if any(secrets.compare_digest(key, k) for k in self.api_keys):
             return None
         why = "invalid API key" if key else "no API key: send Authorization: Bearer KEY"
-        return ApiError(401, why, type="authentication_error", code="invalid_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return ApiError(
+            401,
+            why,
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_body_bytes} bytes",
-                        code="request_too_large")  # fmt: skip
+        return ApiError(
+            413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large"
+        )
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, ApiError | None]:
         """The whole request body, read before the app sees the request.

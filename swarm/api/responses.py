@@ -84,9 +84,12 @@ class GenerationResponse(Response):
         try:
             async with self.ticket:
                 stream = self.gateway.model.stream(
-                    list(job.prompt), job.max_new_tokens, job.sampling, job.stop,
+                    list(job.prompt),
+                    job.max_new_tokens,
+                    job.sampling,
+                    job.stop,
                     verify=job.verify,
-                )  # fmt: skip
+                )
                 async with stream as tokens:
                     async for _token in tokens:
                         if job.stream:
@@ -123,28 +126,41 @@ class GenerationResponse(Response):
             audits=stats.audits if stats is not None else 0,
             reruns=stats.reruns if stats is not None else 0,
             detections=[SwarmDetection(peer=p, step=s) for p, s in stats.detections]
-            if stats is not None else [],
+            if stats is not None
+            else [],
             rollbacks=result.rollbacks,
             recoveries=result.recoveries,
             receipts=[receipt_digest(r) for r in tokens.receipts],
             receipts_url=f"/v1/swarm/receipts/{self.job.id}",
-        )  # fmt: skip
+        )
 
     def _usage(self, result: GenerationResult) -> Usage:
         prompt, completion = len(self.job.prompt), len(result.ids)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)  # fmt: skip
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     def _whole(self, result: GenerationResult, report: SwarmReport) -> dict[str, Any]:
         text, reason, usage = result.text or "", _finish_reason(result), self._usage(result)
         job_id, created, name = self.job.id, self.created, self.name
         if self.job.kind == "chat":
             choice = ChatChoice(message=ResponseMessage(content=text), finish_reason=reason)
-            return dump(ChatCompletion(id=job_id, created=created, model=name, choices=[choice],
-                                       usage=usage, swarm=report))  # fmt: skip
+            return dump(
+                ChatCompletion(
+                    id=job_id,
+                    created=created,
+                    model=name,
+                    choices=[choice],
+                    usage=usage,
+                    swarm=report,
+                )
+            )
         done = CompletionChoice(text=text, finish_reason=reason)
-        return dump(Completion(id=job_id, created=created, model=name, choices=[done],
-                               usage=usage, swarm=report))  # fmt: skip
+        return dump(
+            Completion(
+                id=job_id, created=created, model=name, choices=[done], usage=usage, swarm=report
+            )
+        )
 
     # ---- streaming ----
 
@@ -152,8 +168,11 @@ class GenerationResponse(Response):
         if self._started:
             return
         self._started = True
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                   (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]  # fmt: skip
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
         await self._emit({"type": "http.response.start", "status": 200, "headers": headers})
         if self.job.kind == "chat":
             await self._event(self._chat_chunk(Delta(role="assistant", content="")))
@@ -185,22 +204,33 @@ class GenerationResponse(Response):
         if self.job.kind == "chat":
             delta = Delta(content=text) if text else Delta()
             return self._chat_chunk(delta, reason)
-        chunk = Completion(id=self.job.id, created=self.created, model=self.name,
-                           choices=[CompletionChoice(text=text, finish_reason=reason)])  # fmt: skip
+        chunk = Completion(
+            id=self.job.id,
+            created=self.created,
+            model=self.name,
+            choices=[CompletionChoice(text=text, finish_reason=reason)],
+        )
         return dump(chunk)
 
     def _chat_chunk(self, delta: Delta, reason: FinishReason | None = None) -> dict[str, Any]:
         choice = ChatChunkChoice(delta=delta, finish_reason=reason)
-        chunk = ChatCompletionChunk(id=self.job.id, created=self.created, model=self.name,
-                                    choices=[choice])  # fmt: skip
+        chunk = ChatCompletionChunk(
+            id=self.job.id, created=self.created, model=self.name, choices=[choice]
+        )
         return dump(chunk)
 
     def _usage_chunk(self, usage: Usage) -> dict[str, Any]:
         if self.job.kind == "chat":
-            return dump(ChatCompletionChunk(id=self.job.id, created=self.created,
-                                            model=self.name, choices=[], usage=usage))  # fmt: skip
-        return dump(Completion(id=self.job.id, created=self.created, model=self.name,
-                               choices=[], usage=usage))  # fmt: skip
+            return dump(
+                ChatCompletionChunk(
+                    id=self.job.id, created=self.created, model=self.name, choices=[], usage=usage
+                )
+            )
+        return dump(
+            Completion(
+                id=self.job.id, created=self.created, model=self.name, choices=[], usage=usage
+            )
+        )
 
     async def _event(self, data: dict[str, Any]) -> None:
         await self._send_bytes(b"data: " + json.dumps(data).encode() + b"\n\n")
@@ -223,8 +253,7 @@ class GenerationResponse(Response):
         self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
         data = json.dumps(body).encode()
-        raw = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(data)).encode())]  # fmt: skip
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await self._emit({"type": "http.response.start", "status": status, "headers": raw})
         await self._send_bytes(data, more=False)

@@ -41,35 +41,46 @@ def status_report(gateway: Gateway) -> dict[str, Any]:
     for view in sorted(gateway.servers, key=lambda s: (s.layers.start, s.layers.stop, s.address)):
         health = gateway.health(view.peer_id)
         ping = pings.get(view.peer_id)
-        servers.append({
-            "peer": str(view.peer_id),
-            "short": view.peer_id.short(),
-            "address": view.address,
-            "state": str(view.state),
-            "start": view.layers.start,
-            "stop": view.layers.stop,
-            "throughput": round(view.throughput, 1),
-            "active_sessions": view.active_sessions,
-            "free_cache_tokens": view.free_cache_tokens,
-            "dtype": view.dtype,
-            "ping_ms": round(ping * 1e3, 2) if ping is not None else None,
-            "banned": view.peer_id in banned,
-            "canary": None if health is None else {
-                "probes": health.probes,
-                "reachable": health.reachable,
-                "correct": health.correct,
-                "median_ms": round(health.median_latency * 1e3, 2) if health.latencies else None,
-                "last": health.last_detail,
-            },
-        })  # fmt: skip
+        servers.append(
+            {
+                "peer": str(view.peer_id),
+                "short": view.peer_id.short(),
+                "address": view.address,
+                "state": str(view.state),
+                "start": view.layers.start,
+                "stop": view.layers.stop,
+                "throughput": round(view.throughput, 1),
+                "active_sessions": view.active_sessions,
+                "free_cache_tokens": view.free_cache_tokens,
+                "dtype": view.dtype,
+                "ping_ms": round(ping * 1e3, 2) if ping is not None else None,
+                "banned": view.peer_id in banned,
+                "canary": None
+                if health is None
+                else {
+                    "probes": health.probes,
+                    "reachable": health.reachable,
+                    "correct": health.correct,
+                    "median_ms": round(health.median_latency * 1e3, 2)
+                    if health.latencies
+                    else None,
+                    "last": health.last_detail,
+                },
+            }
+        )
     coverage = [0] * num_layers
     for view in gateway.servers:
         if view.state == ServerState.ONLINE:
             for block in range(view.layers.start, min(view.layers.stop, num_layers)):
                 coverage[block] += 1
     return {
-        "model": {"name": facts.name, "model_id": facts.model_id, "num_blocks": num_layers,
-                  "chat": facts.template is not None, "max_length": facts.max_length},
+        "model": {
+            "name": facts.name,
+            "model_id": facts.model_id,
+            "num_blocks": num_layers,
+            "chat": facts.template is not None,
+            "max_length": facts.max_length,
+        },
         "gateway": {
             "version": __version__,
             "uptime_s": round(time.time() - gateway.started, 1),
@@ -89,7 +100,7 @@ def status_report(gateway: Gateway) -> dict[str, Any]:
         "health": {"ok": not gateway.missing(), "missing_blocks": gateway.missing()},
         "coverage": coverage,
         "servers": servers,
-    }  # fmt: skip
+    }
 
 
 def _ms(seconds: float | None) -> float | None:

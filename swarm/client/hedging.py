@@ -178,8 +178,12 @@ class _Race:
                     await self.original_done.wait()
                 if not self.original_done.is_set():
                     self.hedged = True
-                    log.info("%s has not answered step %d in %.2f s: starting a replacement",
-                             self.state.hop.server.peer_id, self.step, deadline)  # fmt: skip
+                    log.info(
+                        "%s has not answered step %d in %.2f s: starting a replacement",
+                        self.state.hop.server.peer_id,
+                        self.step,
+                        deadline,
+                    )
                     nursery.start_soon(self._replacement)
 
     def _win(self, winner: HedgeWinner, answer: StepAnswer, new: list[HopState]) -> bool:
@@ -192,8 +196,15 @@ class _Race:
 
     async def _original(self, send_now: bool, grace: float) -> None:
         try:
-            answer = await run_step(self.state, self.opener.config, self.step, self.x,
-                                    self.positions, send_now=send_now, grace=grace)  # fmt: skip
+            answer = await run_step(
+                self.state,
+                self.opener.config,
+                self.step,
+                self.x,
+                self.positions,
+                send_now=send_now,
+                grace=grace,
+            )
         except HopFailure as failure:
             self.failure = failure  # a replacement already running may still answer
             return
@@ -233,8 +244,9 @@ class _Race:
         config = self.opener.config
         x, answer = self.x, None
         for state in new:
-            answer = await run_step(state, config, self.step, x, self.positions, send_now=True,
-                                    grace=config.push_grace)  # fmt: skip
+            answer = await run_step(
+                state, config, self.step, x, self.positions, send_now=True, grace=config.push_grace
+            )
             state.record(x, self.positions, answer)
             x = answer.out.to(config.torch_wire_dtype)
         assert answer is not None  # a replacement covers its layers with at least one hop
@@ -242,8 +254,9 @@ class _Race:
 
     def record(self, deadline: float) -> HedgeRecord:
         hop = self.state.hop
-        return HedgeRecord(self.step, hop.layers, hop.server.peer_id, deadline, self.won_at,
-                           self.winner)  # fmt: skip
+        return HedgeRecord(
+            self.step, hop.layers, hop.server.peer_id, deadline, self.won_at, self.winner
+        )
 
     async def settle(self) -> int:
         """Keep the winner's answer (splicing a replacement in). Returns and raises what

@@ -47,8 +47,10 @@ class HopFailure(Exception):
     """Internal: one hop failed in a way another server may not (carries the cause)."""
 
     def __init__(self, hop: Hop, cause: BaseException) -> None:
-        super().__init__(f"{hop.server.peer_id} ({hop.server.address}, layers {hop.layers}): "
-                         f"{type(cause).__name__}: {cause}")  # fmt: skip
+        super().__init__(
+            f"{hop.server.peer_id} ({hop.server.address}, layers {hop.layers}): "
+            f"{type(cause).__name__}: {cause}"
+        )
         self.hop = hop
         self.cause = cause
 
@@ -123,8 +125,11 @@ async def run_step(
                 result = await state.stream.receive(InferenceStepResult, timeout=grace)
                 return _check(state, config, step, x, result, started)
             except DeadlineExceeded:
-                log.info("no pushed result from %s in %.3f s; sending the input",
-                         state.hop.server.peer_id, grace)  # fmt: skip
+                log.info(
+                    "no pushed result from %s in %.3f s; sending the input",
+                    state.hop.server.peer_id,
+                    grace,
+                )
         await state.stream.send(InferenceStep(step, x, positions))
         result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
         return _check(state, config, step, x, result, started)
@@ -156,8 +161,13 @@ def _check(
         )
     if config.policy.checks_receipts:  # receipts cost a hash and a signature check
         try:
-            check_receipt(result.receipt, state.hop.server.peer_id, layers=state.hop.layers,
-                          step=step, outputs=out)  # fmt: skip
+            check_receipt(
+                result.receipt,
+                state.hop.server.peer_id,
+                layers=state.hop.layers,
+                step=step,
+                outputs=out,
+            )
         except VerificationError as exc:
             raise ProtocolError(f"bad receipt: {exc}") from exc
     return StepAnswer(out, result.receipt, trio.current_time() - started)

@@ -84,6 +84,7 @@ class _LoadedDirectory:
         own = self._load.sessions
         return [
             dataclasses.replace(v, active_sessions=max(v.active_sessions, own[v.peer_id]))
-            if own.get(v.peer_id) else v
+            if own.get(v.peer_id)
+            else v
             for v in views
-        ]  # fmt: skip
+        ]

@@ -161,9 +161,14 @@ class AsyncRemoteModel:
         self.rng = random.Random()
         self.load = OwnLoad(directory)  # routes see this client's own sessions at once
         self.sessions = VerifiedSessions(
-            config, pool, self.load.directory, self.bans, self.rng,
-            model_config.num_hidden_layers, evidence_sink,
-        )  # fmt: skip
+            config,
+            pool,
+            self.load.directory,
+            self.bans,
+            self.rng,
+            model_config.num_hidden_layers,
+            evidence_sink,
+        )
         self._evidence_sink = evidence_sink
         self._reputation: Reputation | None = None  # shared by per-generation policies
 
@@ -216,9 +221,10 @@ class AsyncRemoteModel:
                 if not config.initial_peers:
                     raise ConfigError("no initial peers: give the host:port of a DHT node")
                 dht_config = DHTConfig(  # a client: nobody adds it to a routing table
-                    initial_peers=config.initial_peers, swarm_key=config.swarm_key,
+                    initial_peers=config.initial_peers,
+                    swarm_key=config.swarm_key,
                     client_only=True,
-                )  # fmt: skip
+                )
                 async with DHTNode.open(config.identity, dht_config) as dht:
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
                     board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
@@ -292,9 +298,15 @@ class AsyncRemoteModel:
                 self._reputation = load_reputation(config)
             reputation = self._reputation
         return VerifiedSessions(
-            config, self.pool, self.load.directory, self.bans, self.rng,
-            self.model_config.num_hidden_layers, self._evidence_sink, reputation,
-        )  # fmt: skip
+            config,
+            self.pool,
+            self.load.directory,
+            self.bans,
+            self.rng,
+            self.model_config.num_hidden_layers,
+            self._evidence_sink,
+            reputation,
+        )
 
     async def _run(self, gen: _Generation) -> AsyncGenerator[Token, None]:
         started = trio.current_time()

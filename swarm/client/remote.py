@@ -143,9 +143,13 @@ class RemoteModel:
         arguments, `RoutingError`/`SessionError` when the swarm cannot run the model.
         """
         run = functools.partial(
-            self.model.generate, prompt, max_new_tokens, sampling_config(sampling, shortcuts),
-            tuple(stop), return_text=return_text,
-        )  # fmt: skip
+            self.model.generate,
+            prompt,
+            max_new_tokens,
+            sampling_config(sampling, shortcuts),
+            tuple(stop),
+            return_text=return_text,
+        )
         result: str | list[int] = self._call(run)
         return result
 
@@ -159,9 +163,12 @@ class RemoteModel:
     ) -> GenerationResult:
         """Like `generate`, returning this generation's ids, text, route and timings."""
         run = functools.partial(
-            self.model.generate_detailed, prompt, max_new_tokens,
-            sampling_config(sampling, shortcuts), tuple(stop),
-        )  # fmt: skip
+            self.model.generate_detailed,
+            prompt,
+            max_new_tokens,
+            sampling_config(sampling, shortcuts),
+            tuple(stop),
+        )
         result: GenerationResult = self._call(run)
         return result
 

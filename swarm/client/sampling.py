@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -10,7 +12,13 @@ import torch
 
 from swarm.errors import ConfigError
 
-__all__ = ["Sampler", "SamplingConfig", "sampling_config"]
+__all__ = [
+    "Sampler",
+    "SamplingConfig",
+    "distribution",
+    "processed_logits",
+    "sampling_config",
+]
 
 
 @dataclass(frozen=True)
@@ -51,40 +59,78 @@ def sampling_config(
     names = {f.name for f in fields(SamplingConfig)}
     unknown = sorted(set(shortcuts) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown sampling option {unknown[0]!r}; use {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown sampling option {unknown[0]!r}; use {', '.join(sorted(names))}")
     return replace(base, **shortcuts)
 
 
+def processed_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """``logits`` (..., vocab) as the sampler sees them: divided by the temperature, cut to
+    top-k and top-p (cut entries are -inf). Greedy (temperature 0) returns them unchanged."""
+    logits = logits.float()
+    if config.temperature == 0.0:
+        return logits
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        k = min(config.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def distribution(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The probabilities (..., vocab) the sampler draws from (one-hot on the argmax when
+    greedy): the target distribution of speculative sampling."""
+    if config.temperature == 0.0:
+        top = logits.float().argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, top, 1.0)
+    return processed_logits(logits, config).softmax(dim=-1)
+
+
+def _position_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 class Sampler:
-    """Stateful sampler: one per generation, so a seed gives the same tokens every run."""
+    """One per generation. The randomness of the token at index ``i`` of the answer comes
+    from its own generator, seeded by ``(seed, i)``: with a seed the same tokens come back
+    whatever happened before them (a retried step, a rollback, a speculative round of any
+    length), and a drafter can draw with the same noise (`noise`) so that its guess matches
+    the target's choice whenever their distributions agree.
+
+    Sampling is Gumbel-max: ``argmax(processed_logits + g)`` with ``g`` standard Gumbel
+    noise, which draws exactly from ``softmax(processed_logits)``.
+    """
 
     def __init__(self, config: SamplingConfig) -> None:
         self.config = config
-        self._generator = torch.Generator()
-        if config.seed is not None:
-            self._generator.manual_seed(config.seed)
-        else:
-            self._generator.seed()
+        self.seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self._calls = 0
+
+    def noise(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The Gumbel noise (shape) for the token at answer index ``index``."""
+        generator = torch.Generator()
+        generator.manual_seed(_position_seed(self.seed, index))
+        uniform = torch.rand(shape, generator=generator).clamp_(min=1e-20, max=1.0 - 1e-7)
+        return -torch.log(-torch.log(uniform))
+
+    def sample(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """Token ids ``(batch,)`` from logits ``(batch, vocab)`` for answer index ``index``."""
+        if self.config.temperature == 0.0:
+            return logits.float().argmax(dim=-1)
+        processed = processed_logits(logits, self.config)
+        return (processed + self.noise(index, tuple(processed.shape))).argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Next token ids `(batch,)` from the last-position logits `(batch, vocab)`."""
-        cfg = self.config
-        logits = logits.float()
-        if cfg.temperature == 0.0:
-            return logits.argmax(dim=-1)
-        logits = logits / cfg.temperature
-        if cfg.top_k > 0:
-            k = min(cfg.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (batch, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if cfg.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # drop a token when the tokens before it already reach top_p
-            drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)  # (batch, vocab)
-        return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
+        """Next token ids ``(batch,)`` from last-position logits ``(batch, vocab)``, counting
+        indexes by calls (prefer `sample` with the token's index in the answer)."""
+        tokens = self.sample(logits, self._calls)
+        self._calls += 1
+        return tokens

@@ -91,9 +91,15 @@ class InferenceSession:
         self.batch_size = batch_size
         self.bans = bans
         self.opener = HopOpener(
-            pool, directory, config, max_length=max_length, batch_size=batch_size,
-            bans=bans, rng=rng, excluded=excluded,
-        )  # fmt: skip
+            pool,
+            directory,
+            config,
+            max_length=max_length,
+            batch_size=batch_size,
+            bans=bans,
+            rng=rng,
+            excluded=excluded,
+        )
         self._hops: list[HopState] = []
         self.step_count = 0
         self.recoveries = 0
@@ -123,9 +129,16 @@ class InferenceSession:
         """
         bans = bans or BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
         session = cls(
-            pool, directory, config, layers, max_length, batch_size, bans,
-            rng or random.Random(), excluded,
-        )  # fmt: skip
+            pool,
+            directory,
+            config,
+            layers,
+            max_length,
+            batch_size,
+            bans,
+            rng or random.Random(),
+            excluded,
+        )
         try:
             session._hops = await session.opener.open_range(layers, 0, None, None)
             session.routes.append(session.route)
@@ -196,8 +209,16 @@ class InferenceSession:
             send_now = explicit or not self.config.use_push
             state = self._hops[k]
             try:
-                n = await step_hop(self.opener, self._hops, k, step, x, positions,
-                                   send_now=send_now, hedges=self.hedges)  # fmt: skip
+                n = await step_hop(
+                    self.opener,
+                    self._hops,
+                    k,
+                    step,
+                    x,
+                    positions,
+                    send_now=send_now,
+                    hedges=self.hedges,
+                )
             except HopFailure as failure:
                 await self._recover(k, step, failure)
                 explicit = True

@@ -125,9 +125,14 @@ class VerifiedSessions:
             host, port = parse_address(view.address)
             try:
                 info = await self.pool.call(
-                    host, port, "info", InfoRequest(), InfoResponse,
-                    expected_peer=view.peer_id, timeout=self.config.request_timeout,
-                )  # fmt: skip
+                    host,
+                    port,
+                    "info",
+                    InfoRequest(),
+                    InfoResponse,
+                    expected_peer=view.peer_id,
+                    timeout=self.config.request_timeout,
+                )
                 self._dtypes[view.peer_id] = info.dtype
             except SwarmError as exc:
                 log.info("info from %s failed: %s", view.peer_id, exc)
@@ -157,9 +162,14 @@ class VerifiedSessions:
         host, port = parse_address(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
         response = await self.pool.call(
-            host, port, "forward", request, ForwardResponse,
-            expected_peer=peer, timeout=self.config.step_timeout,
-        )  # fmt: skip
+            host,
+            port,
+            "forward",
+            request,
+            ForwardResponse,
+            expected_peer=peer,
+            timeout=self.config.step_timeout,
+        )
         return response.hidden_states.float()  # (batch, seq, hidden)
 
     async def _hop_records(self, session: InferenceSession) -> list[HopRecord]:
@@ -219,9 +229,15 @@ class VerifiedSessions:
             span: LayerRange, avoid: Collection[PeerId]
         ) -> AbstractAsyncContextManager[InferenceSession]:
             return InferenceSession.open(
-                self.pool, self.directory, self.config, layers=span, max_length=max_length,
-                bans=self.bans, rng=self.rng, excluded=excluded | set(avoid),
-            )  # fmt: skip
+                self.pool,
+                self.directory,
+                self.config,
+                layers=span,
+                max_length=max_length,
+                bans=self.bans,
+                rng=self.rng,
+                excluded=excluded | set(avoid),
+            )
 
         async with AsyncExitStack() as stack:
             session = await stack.enter_async_context(open_range(layers, ()))

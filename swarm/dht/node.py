@@ -35,7 +35,7 @@ from swarm.types import PeerId, parse_address
 __all__ = ["DHTNode"]
 
 _CLOSE_TIMEOUT_S = 5.0
-_PROOF_QUEUE = 256
+_PROOF_QUEUE = 256  # claims in flight between the threads (the fair queue is behind it)
 
 
 class DHTNode:
@@ -92,31 +92,33 @@ class DHTNode:
                     scope.shield = True
                     await runner.run(kad.aclose)
 
-    def _connect_proofs(self, proofs: ProofCache) -> trio.MemoryReceiveChannel[Hashable]:
+    def _connect_proofs(
+        self, proofs: ProofCache
+    ) -> trio.MemoryReceiveChannel[tuple[Hashable, str]]:
         """Route the claims the DHT loop thread asks for into a channel (trio thread)."""
-        send, receive = trio.open_memory_channel[Hashable](_PROOF_QUEUE)
+        send, receive = trio.open_memory_channel[tuple[Hashable, str]](_PROOF_QUEUE)
         token = trio.lowlevel.current_trio_token()
 
-        def offer(claim: Hashable) -> None:  # trio thread
+        def offer(claim: Hashable, group: str) -> None:  # trio thread
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                send.send_nowait(claim)  # a full queue drops it: asked again later
+                send.send_nowait((claim, group))  # a full channel drops it: asked again later
 
-        def submit(claim: Hashable) -> None:  # DHT loop thread
+        def submit(claim: Hashable, group: str) -> None:  # DHT loop thread
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(offer, claim)
+                token.run_sync_soon(offer, claim, group)
 
         proofs.submit = submit
         return receive
 
     async def _prove(
-        self, prover: RecordProver, claims: trio.MemoryReceiveChannel[Hashable]
+        self, prover: RecordProver, claims: trio.MemoryReceiveChannel[tuple[Hashable, str]]
     ) -> None:
         """Prove claims and hand the verdicts back to storage (until cancelled)."""
 
         async def settle(claim: Hashable, ok: bool) -> None:
             await self._runner.run(_async(lambda: self._kad.storage.settle(claim, ok)))
 
-        await run_proofs(prover, self.config, claims, settle)
+        await run_proofs(prover, self.config, claims, settle, self._kad.stats)
 
     async def _start(self) -> None:
         try:

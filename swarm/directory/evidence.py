@@ -95,9 +95,7 @@ async def fetch_evidence(dht: DHTNode, model_id: str) -> dict[PeerId, Evidence]:
     return out
 
 
-async def fetch_material_bytes(
-    dht: DHTNode, model_id: str, digest: str, reporter: PeerId
-) -> bytes:
+async def fetch_material_bytes(dht: DHTNode, model_id: str, digest: str, reporter: PeerId) -> bytes:
     """The material bytes the ``reporter`` published for the evidence with ``digest``.
 
     Only chunks signed by the reporter count. Raises `VerificationError` when chunks are

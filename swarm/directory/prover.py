@@ -62,10 +62,14 @@ class AnnouncementProver:
         digest, host, port = claim
         try:
             channel = await open_channel(
-                self.transport, str(host), int(port), self.identity,
+                self.transport,
+                str(host),
+                int(port),
+                self.identity,
                 expected_peer=PeerId(bytes(digest)),
-                swarm_key=self.swarm_key, config=self.config,
-            )  # fmt: skip
+                swarm_key=self.swarm_key,
+                config=self.config,
+            )
         except SwarmError:
             return False
         with trio.CancelScope(shield=True):

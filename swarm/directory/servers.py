@@ -52,6 +52,13 @@ class ServerView:
     dtype: str = "float32"  # what the server computes in
     moving_to: LayerRange | None = None  # rebalancing: the range it is loading to move to
     last_move: RangeMove | None = None  # its latest move (who moved where, and why)
+    room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
+
+    @property
+    def newcomer_tokens(self) -> int:
+        """The most cache a new session here can get: free, or reclaimable from peers
+        beyond their shares (a server whose room is only borrowed still takes sessions)."""
+        return max(self.free_cache_tokens, self.room_tokens)
 
 
 def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
@@ -75,6 +82,8 @@ def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnn
             raise ProtocolError(f"announcement.{name} {layers} goes past the model's {num_layers}")
     if ann.free_cache_tokens > MAX_CACHE_TOKENS:
         raise ProtocolError("announcement.free_cache_tokens is out of range")
+    if ann.room_tokens > MAX_CACHE_TOKENS:
+        raise ProtocolError("announcement.room_tokens is out of range")
     if ann.active_sessions > MAX_SESSIONS:
         raise ProtocolError("announcement.active_sessions is out of range")
     if any(not math.isfinite(p.rtt) for p in ann.next_pings):
@@ -124,4 +133,5 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         dtype=ann.dtype,
         moving_to=ann.moving_to,
         last_move=ann.last_move,
+        room_tokens=ann.room_tokens,
     )

@@ -236,3 +236,6 @@ class ServerAnnouncement(Message):
     next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())
     moving_to: LayerRange | None = None  # loading this range to move there (rebalancing)
     last_move: RangeMove | None = None  # the server's latest move, for status pages
+    # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
+    # beyond others' shares), at most one peer's share; 0 from servers that predate it
+    room_tokens: int = bounded(ge=0, default=0)

@@ -49,6 +49,8 @@ from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
 from swarm.server.announcer import Announcer, choose_layers
 from swarm.server.capacity import (
+    SpanMeasurement,
+    SpanTimings,
     available_memory,
     block_bytes,
     cpu_has_native_bfloat16,
@@ -178,11 +180,15 @@ class Server:
         async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
-                model, dtype, device,
+                model,
+                dtype,
+                device,
                 layers=len(cfg.layers) if cfg.layers is not None else None,
-                num_blocks=cfg.num_blocks, cache_tokens=cfg.limits.cache_tokens,
-                derive_cache=cfg.cache_tokens_from_memory, plan=cfg.memory,
-            )  # fmt: skip
+                num_blocks=cfg.num_blocks,
+                cache_tokens=cfg.limits.cache_tokens,
+                derive_cache=cfg.cache_tokens_from_memory,
+                plan=cfg.memory,
+            )
             limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
             self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
             layers = cfg.layers
@@ -224,10 +230,14 @@ class Server:
         with trio.move_on_after(self.config.ping_timeout):
             try:
                 channel = await open_channel(
-                    self.transport, host, port, self.identity,
-                    expected_peer=self.identity.peer_id, swarm_key=self.swarm_key,
+                    self.transport,
+                    host,
+                    port,
+                    self.identity,
+                    expected_peer=self.identity.peer_id,
+                    swarm_key=self.swarm_key,
                     config=self.config.net,
-                )  # fmt: skip
+                )
             except (ConnectError, PeerIdMismatch):
                 return False
             except SwarmError:
@@ -292,6 +302,7 @@ class Server:
                     dtype=str(handlers.span.dtype).removeprefix("torch."),
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
+                    room_tokens=sessions.room_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
                     next_pings=pings,
@@ -312,11 +323,14 @@ class Server:
             self.announcer = announcer
             await announcer.announce()  # joining
             if cfg.measure_throughput:
-                self._progress("measuring throughput at the batch sizes served")
-                timings = await queue.submit(lambda: measure_span(span), Priority.FORWARD)
-                state.timings, state.throughput = timings, timings.throughput(1)
-                queue.prefill_chunk = cfg.compute.prefill_chunk or timings.prefill_chunk()
-                queue.shared_batch = timings.batch_within(cfg.compute.max_slowdown)
+                # a first estimate (two decode steps of one session, two 16-token chunks) before
+                # going online; the whole measurement runs once online, between sessions
+                self._progress("measuring throughput (a first estimate)")
+                first = await queue.submit(
+                    lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
+                    Priority.FORWARD,
+                )
+                self._apply_timings(first, state, queue)
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
@@ -326,6 +340,8 @@ class Server:
             if cfg.balance.rebalances(pinned=self._pinned):
                 self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
                 await nursery.start(self.rebalancer.run)
+            if cfg.measure_throughput:
+                nursery.start_soon(self._measure_online, span, state, queue)
             task_status.started(
                 ServerReady(
                     self.identity.peer_id,
@@ -384,6 +400,24 @@ class Server:
             read=read, current=lambda: handlers.span.layers,
             throughput=lambda: handlers.state.throughput, intend=mover.intend, move=mover.move,
         )  # fmt: skip
+
+    def _apply_timings(
+        self, timings: SpanTimings, state: ServingState, queue: ComputeQueue
+    ) -> None:
+        """Serve by ``timings``: the announced throughput, the prefill chunk, the shared batch."""
+        compute = self.config.compute
+        state.timings, state.throughput = timings, timings.throughput(1)
+        queue.prefill_chunk = compute.prefill_chunk or timings.prefill_chunk()
+        queue.shared_batch = timings.batch_within(compute.max_slowdown)
+
+    async def _measure_online(self, span: Span, state: ServingState, queue: ComputeQueue) -> None:
+        """The whole measurement (`SpanMeasurement`), job by job at forward priority, so
+        sessions' steps run between its pieces; the next announcement carries the result."""
+        measurement = SpanMeasurement(span)
+        for job in measurement.jobs():
+            await queue.submit(job, Priority.FORWARD)
+        self._apply_timings(measurement.result(), state, queue)
+        log.info("throughput measured online: %.1f tokens/s", state.throughput)
 
     async def _drain(
         self,

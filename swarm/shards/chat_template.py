@@ -96,11 +96,19 @@ def _compile(source: str) -> Any:
         raise jinja2.TemplateError(message)
 
     def tojson(
-        value: object, ensure_ascii: bool = False, indent: int | None = None,
-        separators: tuple[str, str] | None = None, sort_keys: bool = False,
-    ) -> str:  # fmt: skip
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)  # fmt: skip
+        value: object,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
 
     def strftime_now(fmt: str) -> str:
         return datetime.datetime.now().strftime(fmt)
@@ -142,8 +150,9 @@ def load_chat_template(path: str | Path) -> ChatTemplate | None:
         source = named.get("default")
     if not isinstance(source, str) or not source:
         return None
-    return ChatTemplate(source, _token_text(config.get("bos_token")),
-                        _token_text(config.get("eos_token")))  # fmt: skip
+    return ChatTemplate(
+        source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    )
 
 
 def _from_gguf(path: str | Path) -> ChatTemplate | None:

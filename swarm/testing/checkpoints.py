@@ -231,18 +231,28 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny random llama")
     for add, value in [
-        (writer.add_block_count, layers), (writer.add_context_length, context_length),
-        (writer.add_embedding_length, hidden), (writer.add_feed_forward_length, inner),
-        (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads),
-        (writer.add_key_length, head_dim), (writer.add_value_length, head_dim),
-        (writer.add_layer_norm_rms_eps, rms_norm_eps), (writer.add_rope_freq_base, rope_theta),
-        (writer.add_rope_dimension_count, head_dim), (writer.add_vocab_size, vocab),
-        (writer.add_tokenizer_model, "gpt2"), (writer.add_tokenizer_pre, "default"),
-        (writer.add_token_list, tokens), (writer.add_token_merges, list(merges)),
+        (writer.add_block_count, layers),
+        (writer.add_context_length, context_length),
+        (writer.add_embedding_length, hidden),
+        (writer.add_feed_forward_length, inner),
+        (writer.add_head_count, heads),
+        (writer.add_head_count_kv, kv_heads),
+        (writer.add_key_length, head_dim),
+        (writer.add_value_length, head_dim),
+        (writer.add_layer_norm_rms_eps, rms_norm_eps),
+        (writer.add_rope_freq_base, rope_theta),
+        (writer.add_rope_dimension_count, head_dim),
+        (writer.add_vocab_size, vocab),
+        (writer.add_tokenizer_model, "gpt2"),
+        (writer.add_tokenizer_pre, "default"),
+        (writer.add_token_list, tokens),
+        (writer.add_token_merges, list(merges)),
         (writer.add_token_types, [3 if t in _GGUF_SPECIALS else 1 for t in tokens]),
-        (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2),
-        (writer.add_add_bos_token, False), (writer.add_chat_template, GGUF_CHAT_TEMPLATE),
-    ]:  # fmt: skip
+        (writer.add_bos_token_id, 1),
+        (writer.add_eos_token_id, 2),
+        (writer.add_add_bos_token, False),
+        (writer.add_chat_template, GGUF_CHAT_TEMPLATE),
+    ]:
         add(value)  # type: ignore[operator]
     block = gguf.GGMLQuantizationType[qtype]
     named = dict(_gguf_named(tensors, heads, kv_heads))

@@ -103,8 +103,11 @@ async def probe(
     request = ForwardRequest(canary.hidden, canary.positions, canary.layers)
     reply = await conn.call("forward", request, ForwardResponse, timeout=timeout)
     seconds = trio.current_time() - started
-    verdict = compare(canary.answer, reply.hidden_states.float(),
-                      thresholds_for("float32", server_dtype or "float32"))  # fmt: skip
+    verdict = compare(
+        canary.answer,
+        reply.hidden_states.float(),
+        thresholds_for("float32", server_dtype or "float32"),
+    )
     detail = f"rel L2 {verdict.rel_l2:.2e}" if verdict.ok else f"WRONG: rel L2 {verdict.rel_l2:.2e}"
     return CanaryResult(verdict.ok, seconds, detail)
 

@@ -19,6 +19,7 @@ from swarm.errors import ConfigError
 
 __all__ = ["PolicyKind", "VerifyPolicy", "parse_policy"]
 
+
 class PolicyKind(enum.StrEnum):
     NONE = "none"
     SPOT_CHECK = "spot-check"

@@ -60,8 +60,16 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
 
 
 def _receipt_bytes(r: Receipt) -> bytes:
-    fields = [r.model_id, r.layer_range.start, r.layer_range.stop, r.session_id, r.step,
-              r.input_sha256, r.output_sha256, r.public_key]  # fmt: skip
+    fields = [
+        r.model_id,
+        r.layer_range.start,
+        r.layer_range.stop,
+        r.session_id,
+        r.step,
+        r.input_sha256,
+        r.output_sha256,
+        r.public_key,
+    ]
     packed: bytes = msgpack.packb(fields)
     return _RECEIPT_TAG + packed
 
@@ -76,8 +84,16 @@ def make_receipt(
     outputs: torch.Tensor,
 ) -> Receipt:
     """Sign a receipt for one computation (server side)."""
-    unsigned = Receipt(model_id, layers, session_id, step, tensor_digest(inputs),
-                       tensor_digest(outputs), identity.public_key, b"")  # fmt: skip
+    unsigned = Receipt(
+        model_id,
+        layers,
+        session_id,
+        step,
+        tensor_digest(inputs),
+        tensor_digest(outputs),
+        identity.public_key,
+        b"",
+    )
     return Receipt(**{**unsigned.__dict__, "signature": identity.sign(_receipt_bytes(unsigned))})
 
 
@@ -110,8 +126,14 @@ def check_receipt(
 
 
 def _evidence_bytes(e: Evidence) -> bytes:
-    body = [encode_message(e.receipt), e.history_sha256, e.first_bad_position,
-            e.reference_sha256, e.checkers, e.reporter_key]  # fmt: skip
+    body = [
+        encode_message(e.receipt),
+        e.history_sha256,
+        e.first_bad_position,
+        e.reference_sha256,
+        e.checkers,
+        e.reporter_key,
+    ]
     packed: bytes = msgpack.packb(body)
     return _EVIDENCE_TAG + packed
 
@@ -130,9 +152,15 @@ def make_evidence(
     checkers: int,
 ) -> Evidence:
     """Sign evidence against ``receipt`` (client side)."""
-    unsigned = Evidence(receipt, history_digest(inputs, positions), first_bad_position,
-                        tensor_digest(reference_step_output), checkers, reporter.public_key,
-                        b"")  # fmt: skip
+    unsigned = Evidence(
+        receipt,
+        history_digest(inputs, positions),
+        first_bad_position,
+        tensor_digest(reference_step_output),
+        checkers,
+        reporter.public_key,
+        b"",
+    )
     signature = reporter.sign(_evidence_bytes(unsigned))
     return Evidence(**{**unsigned.__dict__, "signature": signature})
 

@@ -90,8 +90,9 @@ async def simulate_hop(
     layers: LayerRange = LayerRange(0, 1),
 ) -> TrialResult:
     """Replay one hop's generation (the primary's recorded steps) under ``policy``."""
-    verifier = Verifier(policy, Reputation(), rng=random.Random(seed),
-                        suspicion=suspicion or SuspicionConfig())  # fmt: skip
+    verifier = Verifier(
+        policy, Reputation(), rng=random.Random(seed), suspicion=suspicion or SuspicionConfig()
+    )
     by_id = {p.peer_id: p for p in checkers}
     cands = [Candidate(p.peer_id, p.recording.dtype) for p in checkers]
 
@@ -114,12 +115,19 @@ async def simulate_hop(
         step_in = x[:, start : start + n]  # (1, n, hidden)
         outputs.append(primary.corrupt(step_in, out) if primary.corrupt is not None else out)
         start += n
-        record = HopRecord(primary.peer_id, primary.recording.dtype, layers, x[:, :start],
-                           torch.arange(start).view(1, -1), torch.cat(outputs, dim=1))  # fmt: skip
+        record = HopRecord(
+            primary.peer_id,
+            primary.recording.dtype,
+            layers,
+            x[:, :start],
+            torch.arange(start).view(1, -1),
+            torch.cat(outputs, dim=1),
+        )
         if policy.kind == "optimistic":
             continue
-        verdict = await verifier.check_step([HopObservation(record, n, 1.0, 0.0)], step,
-                                            candidates, forward)  # fmt: skip
+        verdict = await verifier.check_step(
+            [HopObservation(record, n, 1.0, 0.0)], step, candidates, forward
+        )
         _tally(result, verdict.banned, honest, primary.peer_id, step, verdict.rollback_position)
         if result.detected_at is not None:
             break

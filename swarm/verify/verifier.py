@@ -163,8 +163,9 @@ class Verifier:
             self.unchecked_ranges.add(layers)
             log.warning(
                 "%s cannot check layers %s: no other server serves them (add a replica)",
-                self.policy, layers,
-            )  # fmt: skip
+                self.policy,
+                layers,
+            )
 
     async def _audit(
         self,

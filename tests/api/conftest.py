@@ -50,8 +50,17 @@ class ApiSwarm:
         procs = []
         for layers, adversary in specs:
             extra = ["--testing-adversary", adversary] if adversary else []
-            argv = swarm_command("serve", str(MODEL), "--layers", layers, "--initial-peers",
-                                 self.dht, "--announce-ttl", "10", *extra)  # fmt: skip
+            argv = swarm_command(
+                "serve",
+                str(MODEL),
+                "--layers",
+                layers,
+                "--initial-peers",
+                self.dht,
+                "--announce-ttl",
+                "10",
+                *extra,
+            )
             procs.append((layers, self.group.start(f"server-{layers}", argv)))
         peers = []
         for layers, proc in procs:
@@ -62,8 +71,17 @@ class ApiSwarm:
         return peers
 
     def start_gateway(self, *args: str) -> str:
-        argv = swarm_command("api", str(MODEL), "--initial-peers", self.dht, "--port", "0",
-                             "--reputation", str(self.home / "reputation.json"), *args)  # fmt: skip
+        argv = swarm_command(
+            "api",
+            str(MODEL),
+            "--initial-peers",
+            self.dht,
+            "--port",
+            "0",
+            "--reputation",
+            str(self.home / "reputation.json"),
+            *args,
+        )
         self.gateway = self.group.start("gateway", argv)
         self.url = self.gateway.wait_for_line(READY, 120).group(1)
         return self.url
@@ -87,10 +105,24 @@ def swarm_generate(
     """``swarm generate --json`` (temperature 0 unless ``extra`` says otherwise) for a text
     prompt or token ids."""
     request = ["--ids", ",".join(map(str, prompt))] if not isinstance(prompt, str) else [prompt]
-    argv = swarm_command("generate", str(MODEL), *request, "--initial-peers", swarm.dht,
-                         "--max-new-tokens", str(max_new_tokens), "--json",
-                         "--wait", "30", "--temperature", "0", "--top-k", "0",
-                         *extra)  # fmt: skip (generation_config.json's sampling overridden)
+    # --temperature 0 --top-k 0: generation_config.json's sampling overridden
+    argv = swarm_command(
+        "generate",
+        str(MODEL),
+        *request,
+        "--initial-peers",
+        swarm.dht,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--json",
+        "--wait",
+        "30",
+        "--temperature",
+        "0",
+        "--top-k",
+        "0",
+        *extra,
+    )
     proc = swarm.group.start("generate", argv)
     code = proc.wait_exit(120)
     assert code == 0, "\n".join(proc.stderr_lines[-20:])

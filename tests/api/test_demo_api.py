@@ -16,13 +16,28 @@ pytestmark = pytest.mark.slow
 
 def test_demo_api_serves_until_ctrl_c(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with ProcessGroup(env={"HOME": str(tmp_path)}) as group:
-        demo = group.start("demo", swarm_command(
-            "demo", "--model", "swarm-demo", "--servers", "2", "--max-new-tokens", "4",
-            "--api", "--api-port", "0",
-        ))  # fmt: skip
+        demo = group.start(
+            "demo",
+            swarm_command(
+                "demo",
+                "--model",
+                "swarm-demo",
+                "--servers",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--api",
+                "--api-port",
+                "0",
+            ),
+        )
         url = demo.wait_for_line(r"OpenAI API at (http://[\d.:]+)/v1", 180).group(1)
-        body = {"model": "swarm-demo", "messages": [{"role": "user", "content": "Hello"}],
-                "max_tokens": 5, "temperature": 0}  # fmt: skip
+        body = {
+            "model": "swarm-demo",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 5,
+            "temperature": 0,
+        }
         answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
         assert answer["usage"]["completion_tokens"] >= 1
         assert len(answer["swarm"]["route"]) == 2  # the demo's two servers

@@ -24,9 +24,16 @@ from .conftest import MODEL
 def _facts(template: ChatTemplate | None = None, max_length: int = 64) -> ModelFacts:
     tokenizer = load_tokenizer(MODEL)
     assert tokenizer is not None
-    return ModelFacts(name="m", model_id="llama-x", tokenizer=tokenizer, template=template,
-                      vocab_size=6144, max_length=max_length, default_max_tokens=16,
-                      default_verify="none")  # fmt: skip
+    return ModelFacts(
+        name="m",
+        model_id="llama-x",
+        tokenizer=tokenizer,
+        template=template,
+        vocab_size=6144,
+        max_length=max_length,
+        default_max_tokens=16,
+        default_verify="none",
+    )
 
 
 async def test_admission_runs_n_queues_q_then_refuses() -> None:
@@ -90,13 +97,18 @@ def test_request_checks_name_the_field() -> None:
     with pytest.raises(ApiError, match="does not exist") as e:
         completion_job(CompletionRequest(**{**base, "model": "other"}), facts)
     assert e.value.status == 404
-    for extra, name in (({"n": 3}, "n"), ({"logprobs": 2}, "logprobs"), ({"tools": [{}]}, "tools"),
-                        ({"frequency_penalty": 0.5}, "frequency_penalty")):  # fmt: skip
+    for extra, name in (
+        ({"n": 3}, "n"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"tools": [{}]}, "tools"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ):
         with pytest.raises(ApiError, match=name) as e:
             completion_job(CompletionRequest(**{**base, **extra}), facts)
         assert e.value.param == name
-    neutral = completion_job(CompletionRequest(**{**base, "n": 1, "user": "u", "echo": False}),
-                             facts)  # fmt: skip
+    neutral = completion_job(
+        CompletionRequest(**{**base, "n": 1, "user": "u", "echo": False}), facts
+    )
     assert neutral.max_new_tokens == 4
     with pytest.raises(ApiError, match="max_length") as e:
         completion_job(CompletionRequest(**{**base, "max_tokens": 64}), facts)
@@ -118,8 +130,19 @@ def test_chat_needs_a_template() -> None:
     job = chat_job(request.model_copy(update={"max_completion_tokens": 3}), _facts(template))
     assert job.max_new_tokens == 3 and job.kind == "chat" and job.id.startswith("chatcmpl-")
     with pytest.raises(ApiError, match="tool_calls"):
-        chat_job(ChatRequest(model="m", messages=[{"role": "assistant", "content": "x",  # type: ignore[list-item]
-                             "tool_calls": [{}]}]), _facts(template))  # fmt: skip
+        chat_job(
+            ChatRequest(
+                model="m",
+                messages=[
+                    {
+                        "role": "assistant",
+                        "content": "x",  # type: ignore[list-item]
+                        "tool_calls": [{}],
+                    }
+                ],
+            ),
+            _facts(template),
+        )
 
 
 def test_library_errors_map_to_http() -> None:
@@ -142,8 +165,10 @@ async def test_own_load_shows_this_clients_sessions_and_never_waits_long() -> No
     from swarm.types import PeerId
 
     a, b = (PeerId.from_public_key(Identity.from_seed(s).public_key) for s in (b"a", b"b"))
-    views = [ServerView(a, "127.0.0.1:1", LayerRange(0, 2), 100.0, 1000, active_sessions=3),
-             ServerView(b, "127.0.0.1:2", LayerRange(0, 2), 100.0, 1000)]  # fmt: skip
+    views = [
+        ServerView(a, "127.0.0.1:1", LayerRange(0, 2), 100.0, 1000, active_sessions=3),
+        ServerView(b, "127.0.0.1:2", LayerRange(0, 2), 100.0, 1000),
+    ]
     load = OwnLoad(StaticDirectory(views), wait_s=0.05)
     counted = load.add([a, b, b])
     seen = {v.peer_id: v.active_sessions for v in await load.directory.servers()}

@@ -54,8 +54,9 @@ def _response_status(conn: socket.socket) -> int:
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
-    length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:])
-                  if k.lower() == "content-length")  # fmt: skip
+    length = next(
+        int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length"
+    )
     while len(body) < length:
         chunk = conn.recv(4096)
         assert chunk, "the gateway closed the connection"
@@ -86,16 +87,24 @@ def _honest_text(ids: list[int]) -> str:
 
 
 def test_redundant_request_names_the_liar(empty_swarm: ApiSwarm) -> None:
-    liar = next(peer for peer, proc in empty_swarm.servers.items()
-                if "--testing-adversary" in proc.popen.args)  # type: ignore[operator]  # fmt: skip
+    liar = next(
+        peer
+        for peer, proc in empty_swarm.servers.items()
+        if "--testing-adversary" in proc.popen.args
+    )  # type: ignore[operator]
     tokenizer = load_tokenizer(MODEL)
     assert tokenizer is not None
     ids = list(tokenizer.encode(PROMPT).ids)
     honest = generate_locally(MODEL, ids, NEW_TOKENS, SamplingConfig()).ids
     if 0 in honest:  # the swarm stops at EOS (id 0), the reference does not
         honest = honest[: honest.index(0) + 1]
-    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0,
-            "swarm": {"verify": "redundant:3"}}  # fmt: skip
+    body = {
+        "model": MODEL_NAME,
+        "prompt": PROMPT,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "swarm": {"verify": "redundant:3"},
+    }
     with empty_swarm.client() as http:
         answer = http.post("/v1/completions", json=body).json()
     report = answer["swarm"]

@@ -16,6 +16,8 @@ from swarm.testing.processes import swarm_command
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
+pytestmark = pytest.mark.slow  # runs `swarm bench` and `swarm` processes
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -31,16 +33,30 @@ def _env(tmp_path: Path) -> dict[str, str]:
 async def test_bench_sweeps_concurrency(model: Path, tmp_path: Path) -> None:
     with trio.fail_after(180):
         async with open_local_swarm(model, [LayerRange(0, 2), LayerRange(2, 4)]) as local:
-            common = ["--initial-peers", local.dht_address, "--concurrency", "1,3",
-                      "--prompt-length", "5", "--new-tokens", "6"]  # fmt: skip
+            common = [
+                "--initial-peers",
+                local.dht_address,
+                "--concurrency",
+                "1,3",
+                "--prompt-length",
+                "5",
+                "--new-tokens",
+                "6",
+            ]
             as_json = await trio.run_process(
                 swarm_command("bench", str(model), *common, "--json"),
-                capture_stdout=True, capture_stderr=True, check=False, env=_env(tmp_path),
-            )  # fmt: skip
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=_env(tmp_path),
+            )
             as_table = await trio.run_process(
                 swarm_command("bench", str(model), *common),
-                capture_stdout=True, capture_stderr=True, check=False, env=_env(tmp_path),
-            )  # fmt: skip
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=_env(tmp_path),
+            )
     assert as_json.returncode == 0, as_json.stderr.decode(errors="replace")
     rows = json.loads(as_json.stdout)
     assert [row["sessions"] for row in rows] == [1, 3]
@@ -61,7 +77,10 @@ def test_bench_refuses_bad_options(args: list[str], tmp_path: Path) -> None:
     peers = ["--initial-peers", "127.0.0.1:1"] if args else []
     done = subprocess.run(
         swarm_command("bench", str(tmp_path / "m"), *peers, *args),
-        capture_output=True, text=True, timeout=60, env=_env(tmp_path),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path),
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1

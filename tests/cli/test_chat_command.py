@@ -15,6 +15,8 @@ from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
+pytestmark = pytest.mark.slow  # runs `swarm chat` processes
+
 NEW_TOKENS = 5
 
 
@@ -35,13 +37,23 @@ async def test_chat_command_turns_reset_and_exit(tmp_path: Path) -> None:
     with trio.fail_after(180):
         async with open_local_swarm(model, [LayerRange(0, 1), LayerRange(1, 2)]) as local:
             argv = swarm_command(
-                "chat", str(model), "--initial-peers", local.dht_address,
-                "--max-new-tokens", str(NEW_TOKENS), "--max-length", "256",
-            )  # fmt: skip
+                "chat",
+                str(model),
+                "--initial-peers",
+                local.dht_address,
+                "--max-new-tokens",
+                str(NEW_TOKENS),
+                "--max-length",
+                "256",
+            )
             done = await trio.run_process(
-                argv, stdin=lines.encode(), capture_stdout=True, capture_stderr=True,
-                check=False, env=env,
-            )  # fmt: skip
+                argv,
+                stdin=lines.encode(),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
     out = done.stdout.decode(errors="replace")
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert out.count("assistant:") == 2 and "(conversation forgotten)" in out
@@ -57,9 +69,11 @@ def test_chat_command_refuses_bad_options(args: list[str], tmp_path: Path) -> No
     peers = [] if not args else ["--initial-peers", "127.0.0.1:1"]
     done = subprocess.run(
         swarm_command("chat", str(tmp_path / "m.gguf"), *peers, *args),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "HOME": str(tmp_path / "home")},
-    )  # fmt: skip
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: ")
 
@@ -73,9 +87,15 @@ async def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path: Path) -> None:
     with trio.fail_after(180):
         async with open_local_swarm(model, [LayerRange(0, 2)]) as local:
             argv = swarm_command(
-                "chat", str(model), "--initial-peers", local.dht_address,
-                "--max-new-tokens", "900", "--max-length", "1024",
-            )  # fmt: skip
+                "chat",
+                str(model),
+                "--initial-peers",
+                local.dht_address,
+                "--max-new-tokens",
+                "900",
+                "--max-length",
+                "1024",
+            )
             proc = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
             )

@@ -24,8 +24,17 @@ def test_wheel_builds_without_warnings_and_keeps_its_data(tmp_path: Path) -> Non
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("swarm", "cli"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
-    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-            "-w", str(tmp_path / "wheel"), str(source)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path / "wheel"),
+        str(source),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output

@@ -41,10 +41,19 @@ def test_ctrl_c_stops_serve_start_up_at_once(
     silent = f"127.0.0.1:{busy_udp_port}"
     with ProcessGroup(env=cli_env) as group:
         _, dht = group.start_dht()
-        proc = group.start("serve", swarm_command(
-            "serve", str(model_a), "--layers", "0:2",
-            "--initial-peers", silent, "--initial-peers", dht,
-        ))  # fmt: skip
+        proc = group.start(
+            "serve",
+            swarm_command(
+                "serve",
+                str(model_a),
+                "--layers",
+                "0:2",
+                "--initial-peers",
+                silent,
+                "--initial-peers",
+                dht,
+            ),
+        )
         wait_until(lambda: has_udp_socket(proc), 60, "the server never opened its DHT socket")
         time.sleep(0.3)  # well inside the join
         interrupted = time.monotonic()

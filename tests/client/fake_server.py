@@ -152,9 +152,14 @@ class FakeServer:
         request = PushRequest(target.session_id, step, out, positions)
         try:
             await self.pool.call(
-                target.host, target.port, "push", request, PushResponse,
-                expected_peer=target.peer_id, timeout=2,
-            )  # fmt: skip
+                target.host,
+                target.port,
+                "push",
+                request,
+                PushResponse,
+                expected_peer=target.peer_id,
+                timeout=2,
+            )
         except Exception:
             pass
 

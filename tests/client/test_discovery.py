@@ -25,10 +25,16 @@ def _record(ident: Identity, block: int, value: dict[str, object] | None, seq: i
 
 def _ann(start: int, stop: int, **kw: object) -> dict[str, object]:
     fields: dict[str, object] = dict(
-        host="127.0.0.1", port=4000, layer_range=LayerRange(start, stop), state="online",
-        dtype="float32", throughput=50.0, free_cache_tokens=1000, active_sessions=1,
+        host="127.0.0.1",
+        port=4000,
+        layer_range=LayerRange(start, stop),
+        state="online",
+        dtype="float32",
+        throughput=50.0,
+        free_cache_tokens=1000,
+        active_sessions=1,
         version="0.1.0",
-    )  # fmt: skip
+    )
     fields.update(kw)
     return ServerAnnouncement(**fields).to_wire()  # type: ignore[arg-type]
 

@@ -31,13 +31,13 @@ async def test_swarm_serves_a_gguf_file(
     gguf_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read: list[str] = []
-    real = gguf_module.dequantize_tensor
+    real = gguf_module.tensor_bytes
 
-    def spy(tensor: object) -> object:
+    def spy(path: object, tensor: object) -> object:
         read.append(tensor.name)  # type: ignore[attr-defined]
-        return real(tensor)
+        return real(path, tensor)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gguf_module, "dequantize_tensor", spy)
+    monkeypatch.setattr(gguf_module, "tensor_bytes", spy)
     template = load_chat_template(gguf_model)
     assert template is not None
     prompt = template.render([{"role": "user", "content": "the cat sat"}])

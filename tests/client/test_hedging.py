@@ -1,7 +1,11 @@
 """Hedged steps against fake in-process servers: a hop that stops answering mid-generation
 is raced by a replacement (same outputs, penalised not banned); a late hop that answers
 while the replacement is still replaying wins; with no replica the step timeout still rules.
-Plus the adaptive deadline and the routing penalty on their own."""
+Plus the adaptive deadline and the routing penalty on their own.
+
+The hedge deadlines and step timeouts run on trio's virtual clock (`autojump_clock`): the
+fake servers compute in the event loop and talk over loopback sockets in this process, so
+no thread or other process runs while the clock jumps, and no real second passes."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+import trio.testing
 
 from swarm.client.bans import BanList, Penalties
 from swarm.client.config import ClientConfig
@@ -64,7 +69,7 @@ def _assert_histories_chain(session: InferenceSession, tokens: int) -> None:
 
 @pytest.mark.parametrize("use_push", [True, False])
 async def test_a_hop_that_stops_is_raced_and_replaced(
-    checkpoint: Path, full_span: Span, use_push: bool
+    checkpoint: Path, full_span: Span, use_push: bool, autojump_clock: trio.testing.MockClock
 ) -> None:
     steps = make_inputs(1)
     servers = _chain(checkpoint)
@@ -85,8 +90,11 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
     assert config.hedge_floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
     assert hedge.seconds is not None
     assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
-    assert route == [servers[0].identity.peer_id, replica.identity.peer_id,
-                     servers[2].identity.peer_id]  # fmt: skip
+    assert route == [
+        servers[0].identity.peer_id,
+        replica.identity.peer_id,
+        servers[2].identity.peer_id,
+    ]
     # penalised, not banned, not counted as a failure
     assert stats.recoveries == 0 and stats.failures == ()
     assert not session.bans.is_banned(slow.identity.peer_id)
@@ -97,7 +105,9 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
         assert servers[2].steps_from_push >= len(steps) - 1
 
 
-async def test_a_late_hop_that_answers_mid_replay_wins(checkpoint: Path, full_span: Span) -> None:
+async def test_a_late_hop_that_answers_mid_replay_wins(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock
+) -> None:
     steps = make_inputs(2)
     servers = _chain(checkpoint)
     slow, replica = servers[1], servers[3]
@@ -130,10 +140,12 @@ async def test_a_late_hop_that_answers_mid_replay_wins(checkpoint: Path, full_sp
     assert session.bans.penalties.penalty(slow.identity.peer_id) == 0
 
 
-async def test_without_a_replica_the_step_timeout_still_rules(checkpoint: Path) -> None:
+async def test_without_a_replica_the_step_timeout_still_rules(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].hang_at_step = HEDGED_STEP
-    config = ClientConfig(step_timeout=1.0, push_grace=0.3)
+    config = ClientConfig(step_timeout=1.0, push_grace=0.3)  # on the virtual clock
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())

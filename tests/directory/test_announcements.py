@@ -22,10 +22,16 @@ LAYERS = 6
 
 def _value(start: int, stop: int, **kw: object) -> dict[str, object]:
     fields: dict[str, object] = dict(
-        host="127.0.0.1", port=4000, layer_range=LayerRange(start, stop), state="online",
-        dtype="float32", throughput=50.0, free_cache_tokens=1000, active_sessions=1,
+        host="127.0.0.1",
+        port=4000,
+        layer_range=LayerRange(start, stop),
+        state="online",
+        dtype="float32",
+        throughput=50.0,
+        free_cache_tokens=1000,
+        active_sessions=1,
         version="0.1.0",
-    )  # fmt: skip
+    )
     raw = {k.removeprefix("raw_"): v for k, v in kw.items() if k.startswith("raw_")}
     fields.update({k: v for k, v in kw.items() if not k.startswith("raw_")})
     wire = ServerAnnouncement(**fields).to_wire()  # type: ignore[arg-type]

@@ -19,10 +19,16 @@ from swarm.types import LayerRange, ServerState
 
 def _announcement(host: str, port: int) -> dict[str, object]:
     return ServerAnnouncement(
-        host=host, port=port, layer_range=LayerRange(0, 2), state=ServerState.ONLINE,
-        dtype="float32", throughput=10.0, free_cache_tokens=100, active_sessions=0,
+        host=host,
+        port=port,
+        layer_range=LayerRange(0, 2),
+        state=ServerState.ONLINE,
+        dtype="float32",
+        throughput=10.0,
+        free_cache_tokens=100,
+        active_sessions=0,
         version="test",
-    ).to_wire()  # fmt: skip
+    ).to_wire()
 
 
 async def test_only_the_named_server_proves_its_records(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from swarm.types import LayerRange
 
 from .conftest import NEW_TOKENS, PROMPT
 
+pytestmark = pytest.mark.slow  # a real drain and its grace period, in real time
+
 
 async def test_a_draining_server_is_left_without_a_ban(
     model12: Path, reference: list[int], caplog: pytest.LogCaptureFixture

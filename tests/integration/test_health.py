@@ -46,7 +46,10 @@ def test_status_and_monitor_find_the_liar(model12: Path, tmp_path: Path) -> None
             timeout=120,
         )
         assert monitor.returncode == 0, monitor.stderr
-        rows = {line.split("│")[1].strip(): line for line in monitor.stdout.splitlines()
-                if line.count("│") > 3}  # fmt: skip
+        rows = {
+            line.split("│")[1].strip(): line
+            for line in monitor.stdout.splitlines()
+            if line.count("│") > 3
+        }
         assert "2/2 (100%)" in rows[peer["a"]]
         assert "0/2 (0%)" in rows[peer["b"]] and "WRONG" in rows[peer["b"]]

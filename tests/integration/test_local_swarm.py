@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
@@ -26,6 +27,8 @@ from swarm.testing.swarm import LocalServer, open_local_swarm
 from swarm.types import LayerRange, PeerId
 
 from .conftest import NEW_TOKENS, PROMPT
+
+pytestmark = pytest.mark.slow  # emulated link delays and real step deadlines
 
 SLOW = LinkSpec(delay=0.04)
 

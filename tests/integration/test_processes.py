@@ -166,6 +166,10 @@ async def test_sigkill_on_the_route_mid_generation(
     # a fresh replica in the victim's place keeps the fixture whole for other tests
     (name,) = [n for n, p in replicated.servers.items() if p is killed[0]]
     replicated.servers[name] = replicated.group.start_server(
-        f"{name}2", str(model12), "6:12", replicated.dht,
-        "--identity", str(replicated.keys / f"{name}2"),
-    )  # fmt: skip
+        f"{name}2",
+        str(model12),
+        "6:12",
+        replicated.dht,
+        "--identity",
+        str(replicated.keys / f"{name}2"),
+    )

@@ -78,9 +78,13 @@ async def test_a_third_peer_cannot_inject_an_input(one_server: LocalSwarm) -> No
             conn = await client.get(host, port, peer)
             async with conn.open_stream("inference", timeout=10) as stream:
                 opened = InferenceOpen(
-                    session_id, 8, 1, "float32", LayerRange(0, 4),
+                    session_id,
+                    8,
+                    1,
+                    "float32",
+                    LayerRange(0, 4),
                     push_from=predecessor.peer_id,
-                )  # fmt: skip
+                )
                 await stream.send(opened)
                 await stream.receive(InferenceReady)
                 # the attacker knows the session id and races its input in first

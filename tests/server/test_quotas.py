@@ -1,5 +1,6 @@
-"""Servers among strangers: per-peer and per-address quotas, idle sessions reaped on a timer,
-bad step numbers refused at once. Real servers on loopback, driven over raw RPC."""
+"""Servers among strangers: per-peer and per-address quotas, bad step numbers refused at once.
+Real servers on loopback, driven over raw RPC. (Idle sessions reaped on a timer:
+`tests/server/test_reaper.py`, under a virtual clock.)"""
 
 from __future__ import annotations
 
@@ -154,28 +155,6 @@ async def test_one_session_cannot_take_the_whole_cache(server: LocalServer) -> N
             with pytest.raises(LimitExceeded, match="per peer"):
                 await _open(stack, pool, server, length=64, batch=5)  # 320 of 512 tokens
             await _open(stack, pool, server, length=64)
-
-
-async def test_unused_sessions_are_reaped_on_a_timer(model_path: Path) -> None:
-    # the timeout leaves room to open all 64 on a busy machine before the first is reaped
-    limits = SessionLimits(max_sessions=64, max_sessions_per_host=64, idle_timeout=4.0)
-    async with open_local_swarm(model_path) as local:
-        server = await local.add_server(WHOLE, limits=limits, measure_throughput=False)
-        handlers = server.server.handlers
-        assert handlers is not None
-        async with AsyncExitStack() as stack:
-            pools = [
-                await stack.enter_async_context(open_connection_pool(Identity.generate()))
-                for _ in range(8)
-            ]
-            for pool in pools:  # 8 peers x 8 sessions, never used
-                for _ in range(8):
-                    await _open(stack, pool, server, length=8)
-            assert len(handlers.sessions) == 64, "opening took longer than the idle timeout"
-            with trio.fail_after(15):  # nobody opens anything: the timer must reap them
-                while len(handlers.sessions):
-                    await trio.sleep(0.05)
-            assert handlers.sessions.free_tokens == limits.cache_tokens
 
 
 @pytest.mark.parametrize("case", ["ahead", "replayed"])

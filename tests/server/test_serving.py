@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -101,9 +100,7 @@ async def test_inference_with_push_matches_one_pass(
         async with c0.open_stream("inference") as h0, c1.open_stream("inference") as h1:
             await h0.send(InferenceOpen(sid0, 16, 1, "float32", LayerRange(0, 3), push_to=target))
             await h1.send(
-                InferenceOpen(
-                    sid1, 16, 1, "float32", LayerRange(3, 6), push_from=s0.ready.peer_id
-                )
+                InferenceOpen(sid1, 16, 1, "float32", LayerRange(3, 6), push_from=s0.ready.peer_id)
             )
             await h0.receive(InferenceReady)
             await h1.receive(InferenceReady)
@@ -125,9 +122,12 @@ async def test_limits_and_bad_input_are_clear_errors(
 ) -> None:
     async with open_local_swarm(model_path) as local:
         limits = SessionLimits(
-            max_sessions=2, max_length=32, cache_tokens=48, peer_cache_share=1.0,
+            max_sessions=2,
+            max_length=32,
+            cache_tokens=48,
+            peer_cache_share=1.0,
             host_cache_share=1.0,
-        )  # fmt: skip
+        )
         s = await local.add_server(LayerRange(0, 6), limits=limits)
         conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
 
@@ -191,7 +191,7 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 6)))
             await stream.receive(InferenceReady)
             assert len(handlers.sessions) == 1
-            assert handlers.sessions.close_idle(now=time.monotonic() + 61.0) == 1
+            assert handlers.sessions.close_idle(now=trio.current_time() + 61.0) == 1
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
             with pytest.raises(RemoteError) as ended:  # the server ended it and says why
                 await stream.receive(InferenceStepResult, timeout=10)

@@ -96,15 +96,15 @@ def test_config_from_metadata(gguf_dir: Path) -> None:
 
 @pytest.fixture
 def dequantized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of every tensor the GGUF reader dequantizes (the only path to tensor data)."""
+    """The name of every tensor whose bytes the GGUF reader reads (the only path to tensor data)."""
     names: list[str] = []
-    real = gguf_module.dequantize_tensor
+    real = gguf_module.tensor_bytes
 
-    def spy(tensor: object) -> object:
+    def spy(path: object, tensor: object) -> object:
         names.append(tensor.name)  # type: ignore[attr-defined]
-        return real(tensor)
+        return real(path, tensor)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gguf_module, "dequantize_tensor", spy)
+    monkeypatch.setattr(gguf_module, "tensor_bytes", spy)
     return names
 
 
@@ -227,16 +227,26 @@ def test_llama31_rope_freqs_equal_transformers_on_the_original(tmp_path: Path) -
     from swarm.testing.checkpoints import make_tiny_checkpoint, write_gguf
 
     theta = 10000.0  # with head_dim 16 and these bands, every band has frequencies in it
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     folder = make_tiny_checkpoint(tmp_path / "hf", rope_theta=theta, rope_scaling=scaling)
     factors = _llama_cpp_rope_factors(16, theta, scaling)  # type: ignore[arg-type]
     assert 1.0 in factors.tolist() and 8.0 in factors.tolist()
     assert len(set(factors.tolist())) > 2  # and smoothed ones in between
     path = write_gguf(
-        tmp_path / "llama31.gguf", load_file(folder / "model.safetensors"), heads=4, kv_heads=2,
-        rope_theta=theta, rope_freqs=factors, rms_norm_eps=1e-6,  # transformers' default
-    )  # fmt: skip
+        tmp_path / "llama31.gguf",
+        load_file(folder / "model.safetensors"),
+        heads=4,
+        kv_heads=2,
+        rope_theta=theta,
+        rope_freqs=factors,
+        rms_norm_eps=1e-6,  # transformers' default
+    )
     config = ModelConfig.from_pretrained(path)
     assert config.rope_scaling is not None and config.rope_scaling.rope_type == "factors"
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
@@ -335,8 +345,9 @@ def test_k_quants_dequantize_as_the_gguf_package_does(qtype: str, tmp_path: Path
     expected = torch.from_numpy(gguf.quants.dequantize(raw, kind).copy())  # (64, 256)
     assert expected.shape == (rows, cols) and bool(torch.isfinite(expected).all())
     got = read_gguf_tensors(
-        path, {"blk.0.attn_q.weight": (rows, cols), "blk.0.ffn_down.weight": (rows, cols)},
+        path,
+        {"blk.0.attn_q.weight": (rows, cols), "blk.0.ffn_down.weight": (rows, cols)},
         lambda t: t,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(got["blk.0.ffn_down.weight"], expected, rtol=0, atol=0)
     torch.testing.assert_close(got["blk.0.attn_q.weight"], unpermute_rows(expected, 4))

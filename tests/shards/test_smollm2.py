@@ -126,10 +126,20 @@ def test_three_serve_processes_give_the_same_answer(
                 f"server{i}", str(smollm2), layers, dht, "--identity", str(tmp_path / f"id{i}")
             )
         argv = swarm_command(
-            "generate", str(smollm2), "--ids", ",".join(map(str, prompt_ids)),
-            "--initial-peers", dht, "--max-new-tokens", str(MAX_NEW), "--temperature", "0",
-            "--top-k", "0", "--json",
-        )  # fmt: skip
+            "generate",
+            str(smollm2),
+            "--ids",
+            ",".join(map(str, prompt_ids)),
+            "--initial-peers",
+            dht,
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--temperature",
+            "0",
+            "--top-k",
+            "0",
+            "--json",
+        )
         done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

@@ -18,9 +18,11 @@ from swarm.verify.receipts import EvidenceFile
 def material() -> EvidenceFile:
     gen = torch.Generator().manual_seed(0)
     return EvidenceFile(
-        torch.randn(1, 20, 64, generator=gen), torch.arange(20).view(1, 20),
-        torch.randn(1, 1, 64, generator=gen), torch.randn(1, 1, 64, generator=gen),
-    )  # fmt: skip
+        torch.randn(1, 20, 64, generator=gen),
+        torch.arange(20).view(1, 20),
+        torch.randn(1, 1, 64, generator=gen),
+        torch.randn(1, 1, 64, generator=gen),
+    )
 
 
 def test_round_trip_and_strict_decoding() -> None:

@@ -21,10 +21,20 @@ pytestmark = pytest.mark.slow
 
 def generate(model: Path, dht: str, reputation: Path) -> dict[str, object]:
     argv = swarm_command(
-        "generate", str(model), "--ids", ",".join(map(str, PROMPT)), "--initial-peers", dht,
-        "--max-new-tokens", str(NEW_TOKENS), "--json", "--verify", "spot-check:0.5",
-        "--reputation", str(reputation),
-    )  # fmt: skip
+        "generate",
+        str(model),
+        "--ids",
+        ",".join(map(str, PROMPT)),
+        "--initial-peers",
+        dht,
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--json",
+        "--verify",
+        "spot-check:0.5",
+        "--reputation",
+        str(reputation),
+    )
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result: dict[str, object] = json.loads(done.stdout)
@@ -38,8 +48,16 @@ def test_generate_with_verify_against_a_lying_process(
     with ProcessGroup() as group:
         _, dht = group.start_dht()
         liar_key = tmp_path / "liar.key"
-        group.start_server("liar", str(model4), "0:4", dht, "--identity", str(liar_key),
-                           "--testing-adversary", "zeros")  # fmt: skip
+        group.start_server(
+            "liar",
+            str(model4),
+            "0:4",
+            dht,
+            "--identity",
+            str(liar_key),
+            "--testing-adversary",
+            "zeros",
+        )
         for name in ("honest0", "honest1"):
             group.start_server(name, str(model4), "0:4", dht, "--identity", str(tmp_path / name))
         liar = Identity.load_or_create(liar_key).peer_id

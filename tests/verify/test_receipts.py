@@ -89,12 +89,14 @@ def test_forged_and_false_evidence_are_rejected(model4: Path) -> None:
     with pytest.raises(VerificationError, match="evidence signature"):
         verify_evidence_signature(tampered)
     forged_receipt = dataclasses.replace(evidence.receipt, step=7)
-    reforged = make_evidence(REPORTER, forged_receipt, material.inputs, material.positions, 8,
-                             material.step_outputs, 2)  # fmt: skip
+    reforged = make_evidence(
+        REPORTER, forged_receipt, material.inputs, material.positions, 8, material.step_outputs, 2
+    )
     with pytest.raises(VerificationError, match="receipt signature"):
         verify_evidence_signature(reforged)
-    other = EvidenceFile(material.inputs + 1, material.positions, material.step_inputs,
-                         material.step_outputs)  # fmt: skip
+    other = EvidenceFile(
+        material.inputs + 1, material.positions, material.step_inputs, material.step_outputs
+    )
     with pytest.raises(VerificationError, match="history"):
         confirm_evidence(evidence, other, rerun, F32)
     framed, honest_material = lie_and_evidence(model4, "honest")  # an honest peer, accused

@@ -105,8 +105,9 @@ async def test_colluders_win_only_with_a_majority(
     liar = SimPeer.make("liar", honest, corruptor("collude:5"))
     friend = SimPeer.make("friend", honest, corruptor("collude:5"))
     fair = SimPeer.make("honest", honest)
-    one_third = await simulate_hop(x, liar, [fair, SimPeer.make("h2", honest)],
-                                   parse_policy("redundant:3"), seed=0)  # fmt: skip
+    one_third = await simulate_hop(
+        x, liar, [fair, SimPeer.make("h2", honest)], parse_policy("redundant:3"), seed=0
+    )
     assert one_third.detected_at == 0
     two_thirds = await simulate_hop(x, liar, [friend, fair], parse_policy("redundant:3"), seed=0)
     assert two_thirds.detected_at is None  # the limit of voting: a colluding majority wins
@@ -126,8 +127,13 @@ async def test_no_honest_peer_is_flagged_over_1000_checks(model4: Path) -> None:
         for primary in recs:
             checkers = [SimPeer.make(f"c-{name}", rec) for name, rec in recs.items()]
             checkers.append(SimPeer.make("c-extra", recs["bfloat16"]))
-            result = await simulate_hop(x, SimPeer.make(f"p-{primary}", recs[primary]), checkers,
-                                        parse_policy("spot-check:1"), seed=seed)  # fmt: skip
+            result = await simulate_hop(
+                x,
+                SimPeer.make(f"p-{primary}", recs[primary]),
+                checkers,
+                parse_policy("spot-check:1"),
+                seed=seed,
+            )
             assert result.flagged_honest == 0 and result.detected_at is None
             checks += result.checks
     assert checks >= 1000
