@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .coverage import fill_hint, missing_ranges
-from .options import VerboseOption
+from .options import QuantRequirement, VerboseOption, parse_quantization
 from .output import warn
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def generate(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    quant: QuantRequirement = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
@@ -109,6 +110,7 @@ def generate(
         use_push=not no_push,
         step_timeout=step_timeout,
         verify=verify,
+        quant=None if quant is None else parse_quantization(quant).value,
     )
     if reputation is not None:
         config = dataclasses.replace(config, reputation_path=str(reputation))

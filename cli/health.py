@@ -139,6 +139,7 @@ async def _status(
         "address",
         "layers",
         "state",
+        "weights",
         "ping",
         "tok/s",
         "sessions",
@@ -157,6 +158,7 @@ async def _status(
             s.address,
             str(s.layers),
             s.state,
+            f"{s.dtype} {s.quantization}",
             "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms",
             f"{s.throughput:.0f}",
             str(s.active_sessions),
@@ -220,7 +222,8 @@ async def _monitor(
                 async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
                     return await pool.get(host, port, s.peer_id)
 
-                result = await probe_safely(connect, canaries[s.layers], s.dtype, timeout)
+                numerics = s.dtype if s.quantization == "none" else f"{s.dtype}+{s.quantization}"
+                result = await probe_safely(connect, canaries[s.layers], numerics, timeout)
                 entry = health.setdefault(s.peer_id, ServerHealth(s.peer_id, s.layers))
                 entry.add(result)
             round_no += 1

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from .options import PrivateGroupsOption, VerboseOption, identity_path, parse_layers
+from .options import (
+    PrivateGroupsOption,
+    VerboseOption,
+    identity_path,
+    parse_layers,
+    parse_quantization,
+)
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
@@ -46,6 +52,14 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the layers' weights as int8, int4 or none (float). Default: the "
+            "checkpoint's own where a kernel exists (GGUF Q4_0/Q4_1: int4, Q8_0: int8), "
+            "else none. CPU only; other devices serve float weights."
+        ),
+    ] = None,
     identity: Annotated[
         Path | None,
         typer.Option(
@@ -155,6 +169,7 @@ def serve(
         public_host=public_addr,
         device=device,
         dtype=dtype,
+        quant=None if quant is None else parse_quantization(quant),
         num_threads=num_threads,
         identity_path=identity_path(identity, identity_name),
         swarm_key_path=swarm_key,

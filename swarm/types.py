@@ -29,6 +29,7 @@ __all__ = [
     "LayerRange",
     "MoveReason",
     "PeerId",
+    "QuantName",
     "ServerState",
     "b58decode",
     "b58encode",
@@ -181,6 +182,8 @@ def format_address(host: str, port: int) -> str:
 
 
 DtypeName = Literal["float32", "float16", "bfloat16"]
+# How a server keeps its layers' projection weights (swarm.shards.quant.Quantization's values).
+QuantName = Literal["none", "int8", "int4"]
 FLOAT_DTYPES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
 
 

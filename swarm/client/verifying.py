@@ -120,7 +120,8 @@ class VerifiedSessions:
             log.warning("could not save reputation: %s", exc)
 
     async def _dtype(self, view: ServerView) -> str:
-        """The dtype a server computes in (asked once with ``info``; "" if it does not say)."""
+        """The numerics a server computes with: its dtype, plus the quantization when that
+        changed the weights ("float32+int8"); asked once with ``info``; "" if it does not say."""
         if view.peer_id not in self._dtypes:
             host, port = parse_address(view.address)
             try:
@@ -133,7 +134,7 @@ class VerifiedSessions:
                     expected_peer=view.peer_id,
                     timeout=self.config.request_timeout,
                 )
-                self._dtypes[view.peer_id] = info.dtype
+                self._dtypes[view.peer_id] = info.numerics or info.dtype
             except SwarmError as exc:
                 log.info("info from %s failed: %s", view.peer_id, exc)
                 return ""

@@ -52,6 +52,7 @@ class ServerView:
     dtype: str = "float32"  # what the server computes in
     moving_to: LayerRange | None = None  # rebalancing: the range it is loading to move to
     last_move: RangeMove | None = None  # its latest move (who moved where, and why)
+    quantization: str = "none"  # how its weights are kept: none, int8, int4
     room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
 
     @property
@@ -133,5 +134,6 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         dtype=ann.dtype,
         moving_to=ann.moving_to,
         last_move=ann.last_move,
+        quantization=ann.quantization,
         room_tokens=ann.room_tokens,
     )

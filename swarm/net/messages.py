@@ -20,7 +20,7 @@ from swarm.net.schema import (
     message_from_wire,
     unpack,
 )
-from swarm.types import DtypeName, LayerRange, MoveReason, PeerId, ServerState
+from swarm.types import DtypeName, LayerRange, MoveReason, PeerId, QuantName, ServerState
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -77,6 +77,10 @@ class InfoResponse(Message):
     model_id: str = bounded(max_len=128, default="")
     dtype: str = bounded(max_len=16, default="")
     active_sessions: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"
+    # What verification compares by: the dtype, plus the quantization when the quantized
+    # weights differ from the checkpoint's ("float32+int8"); "" from older servers.
+    numerics: str = bounded(max_len=32, default="")
 
 
 @message("receipt")
@@ -239,3 +243,4 @@ class ServerAnnouncement(Message):
     # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
     # beyond others' shares), at most one peer's share; 0 from servers that predate it
     room_tokens: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)

@@ -12,6 +12,7 @@ from swarm.server.balance import BalanceConfig
 from swarm.server.capacity import MemoryPlan
 from swarm.server.compute import ComputeConfig
 from swarm.server.sessions import SessionLimits
+from swarm.shards import Quantization
 from swarm.types import FLOAT_DTYPES, LayerRange
 
 __all__ = ["ServerConfig"]
@@ -47,6 +48,7 @@ class ServerConfig:
     public_host: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quant: Quantization | None = None  # None: the checkpoint's own where a kernel exists
     num_threads: int = 1
     identity_path: Path | None = None
     swarm_key_path: Path | None = None

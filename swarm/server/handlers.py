@@ -144,6 +144,8 @@ class ServingHandlers:
             throughput=self.state.throughput_at(len(self.sessions)),
             model_id=self.state.model_id,
             dtype=str(self.span.dtype).removeprefix("torch."),
+            quantization=self.span.quantization.value,
+            numerics=self.span.numerics,
             active_sessions=len(self.sessions),
         )
 

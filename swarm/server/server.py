@@ -63,7 +63,7 @@ from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.moving import RangeMover
 from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
-from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
+from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
@@ -171,6 +171,7 @@ class Server:
         the_model_id = await trio.to_thread.run_sync(model_id, cfg.model, abandon_on_cancel=True)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model, device)
+        quant = resolve_quantization(cfg.model, cfg.quant, device)
         dht_config = cfg.dht
         if self.swarm_key is not None:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
@@ -188,6 +189,7 @@ class Server:
                 cache_tokens=cfg.limits.cache_tokens,
                 derive_cache=cfg.cache_tokens_from_memory,
                 plan=cfg.memory,
+                quant=quant,
             )
             limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
             self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
@@ -196,9 +198,11 @@ class Server:
                 layers = await choose_layers(
                     dht, the_model_id, model.num_hidden_layers, sized.num_blocks
                 )
-            self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
+            self._progress(
+                f"loading layers {layers} of {cfg.model} ({dtype}, weights {quant.value}, {device})"
+            )
             span = await trio.to_thread.run_sync(
-                lambda: load_span(cfg.model, layers, dtype=dtype, device=device),
+                lambda: load_span(cfg.model, layers, dtype=dtype, device=device, quant=quant),
                 abandon_on_cancel=True,
             )
             await self._serve(span, dht, the_model_id, task_status)
@@ -300,6 +304,7 @@ class Server:
                     layer_range=handlers.span.layers,
                     state=state.state,
                     dtype=str(handlers.span.dtype).removeprefix("torch."),
+                    quantization=handlers.span.quantization.value,
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
                     room_tokens=sessions.room_tokens,
@@ -374,13 +379,15 @@ class Server:
             now = handlers.span
             self._progress(f"loading layers {layers} of {cfg.model} to move there")
             return await trio.to_thread.run_sync(
-                lambda: load_span(cfg.model, layers, dtype=now.dtype, device=now.device),
+                lambda: load_span(
+                    cfg.model, layers, dtype=now.dtype, device=now.device, quant=now.quantization
+                ),
                 abandon_on_cancel=True,
             )
 
         def holds_both(layers: LayerRange) -> bool:
             now = handlers.span
-            needed = block_bytes(now.config, now.dtype) * len(layers)
+            needed = block_bytes(now.config, now.dtype, now.quantization) * len(layers)
             return available_memory(now.device) * cfg.memory.usable_fraction >= needed
 
         async def read() -> list[ServerView]:
