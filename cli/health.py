@@ -73,6 +73,30 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
     return table
 
 
+def _moves(servers: Sequence[ServerView]) -> Table | None:
+    """Who moved (rebalancing), from where to where, why, and who is moving now."""
+    import time
+
+    rows = []
+    for s in servers:
+        if s.moving_to is not None:
+            rows.append((s.peer_id.short(), str(s.layers), str(s.moving_to), "loading", "now", "-"))
+        move = s.last_move
+        if move is not None:
+            ago = max(0.0, time.time() - move.at)
+            gain = f"{move.gain:.2f}x" if move.gain > 0 else "-"
+            rows.append((s.peer_id.short(), str(move.from_range), str(move.to_range),
+                         move.reason.value, f"{ago:.0f} s ago", gain))  # fmt: skip
+    if not rows:
+        return None
+    table = Table(title="moves (rebalancing)")
+    for column in ("peer", "from", "to", "why", "when", "bottleneck gain"):
+        table.add_column(column)
+    for row in sorted(rows, key=lambda r: r[4]):
+        table.add_row(*row)
+    return table
+
+
 def status(
     model: Annotated[
         str, typer.Argument(help="Model folder, GGUF file or hub name (identifies the model).")
@@ -103,6 +127,9 @@ async def _status(
         await found.measure_pings()
         pings = found.pings
     console.print(_coverage(servers, layers))
+    moves = _moves(servers)
+    if moves is not None:
+        console.print(moves)
     gaps = missing_ranges(servers, layers)
     if gaps:
         err.print(fill_hint(gaps, str(model), initial_peers), highlight=False, markup=False)

@@ -111,6 +111,25 @@ def serve(
             hidden=True,
         ),
     ] = None,
+    rebalance: Annotated[
+        bool | None,
+        typer.Option(
+            "--rebalance/--no-rebalance",
+            help="Move to the layers the swarm needs most, now and then (default: only with "
+            "--layers auto).",
+        ),
+    ] = None,
+    balance_period: Annotated[
+        float,
+        typer.Option(help="Mean seconds between rebalancing checks (each wait is 0.5-1.5x it)."),
+    ] = 120.0,
+    balance_quality: Annotated[
+        float,
+        typer.Option(
+            help="Move when the swarm's bottleneck throughput now is below this share of "
+            "what it would be after the move (Petals' 0.75)."
+        ),
+    ] = 0.75,
     private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
@@ -122,6 +141,7 @@ def serve(
     import trio
 
     from swarm.dht import DHTConfig
+    from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
@@ -167,6 +187,7 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
+        balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
     trio.run(_run, config, testing_adversary)
 

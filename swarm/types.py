@@ -27,6 +27,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "DtypeName",
     "LayerRange",
+    "MoveReason",
     "PeerId",
     "QuantName",
     "ServerState",
@@ -153,6 +154,17 @@ class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
+
+
+class MoveReason(enum.StrEnum):
+    """Why a server moved to another layer range; announced with the move.
+
+    ``uncovered``: the move covers blocks that no server served; ``bottleneck``: it raises
+    the swarm's bottleneck throughput (the least served block's) by the configured margin.
+    """
+
+    UNCOVERED = "uncovered"
+    BOTTLENECK = "bottleneck"
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from swarm.dht import DHTConfig
 from swarm.errors import ConfigError
 from swarm.net.config import NetConfig
+from swarm.server.balance import BalanceConfig
 from swarm.server.capacity import MemoryPlan
 from swarm.server.compute import ComputeConfig
 from swarm.server.sessions import SessionLimits
@@ -35,6 +36,8 @@ class ServerConfig:
     `LimitExceeded` up front. ``memory`` shares out free memory when ``num_blocks`` (with
     ``layers`` None) is None, or when ``cache_tokens_from_memory`` replaces
     ``limits.cache_tokens`` with what the memory left after the blocks holds.
+    ``balance`` is when and how the server moves to the range the swarm needs most
+    (`BalanceConfig`; by default only a server started with ``layers`` None moves).
     """
 
     model: Path
@@ -61,6 +64,7 @@ class ServerConfig:
     forward_deadline: float = 30.0
     memory: MemoryPlan = field(default_factory=MemoryPlan)
     cache_tokens_from_memory: bool = False
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
