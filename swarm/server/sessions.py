@@ -22,7 +22,7 @@ import trio
 
 from swarm.errors import ConfigError, ErrorCode, LimitExceeded, RemoteError, SessionError
 from swarm.net.messages import PushTarget
-from swarm.server.quotas import SessionQuotas, plan_admission
+from swarm.server.quotas import SessionQuotas, newcomer_room, plan_admission
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
 from swarm.types import LayerRange, PeerId
@@ -222,11 +222,15 @@ class SessionTable:
         self._sessions[session_id] = session
         return session
 
-    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
-        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
-        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+    @property
+    def room_tokens(self) -> int:
+        """Cache tokens a newcomer within its share could get now: free plus what reclaiming
+        borrowed room frees, at most one peer's share (`swarm.server.quotas.newcomer_room`)."""
+        return newcomer_room(self._quotas(), list(self._sessions.values()))
+
+    def _quotas(self) -> SessionQuotas:
         lim = self.limits
-        quotas = SessionQuotas(
+        return SessionQuotas(
             max_sessions=lim.max_sessions,
             cache_tokens=lim.cache_tokens - self._reserved,  # temporary caches are not reclaimed
             per_peer_sessions=lim.max_sessions_per_peer,
@@ -234,6 +238,11 @@ class SessionTable:
             per_peer_tokens=lim.peer_cache_tokens,
             per_host_tokens=lim.host_cache_tokens,
         )
+
+    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
+        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
+        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+        quotas = self._quotas()
         victims = plan_admission(quotas, list(self._sessions.values()), client, host, need)
         reason = RemoteError(
             ErrorCode.SESSION,
