@@ -14,7 +14,7 @@ import typer
 
 from .coverage import fill_hint, missing_ranges
 from .options import QuantRequirement, VerboseOption, parse_quantization
-from .output import warn
+from .output import EventWriter, warn
 
 if TYPE_CHECKING:
     from swarm.client.config import ClientConfig
@@ -160,11 +160,17 @@ async def _run(job: _Job, as_json: bool) -> None:
             print(json.dumps(out), flush=True)
             return
         as_text = isinstance(job.request, str) and model.tokenizer is not None
-        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as tokens:
-            async for token in tokens:
-                sys.stdout.write(token.text if as_text else f"{token.id} ")
-                sys.stdout.flush()
+        policy = job.config.verify != "none"
+        write = EventWriter(as_ids=not as_text, may_roll_back=policy)
+        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as events:
+            async for event in events:
+                write(event)
         sys.stdout.write("\n")
+        if write.rollbacks:
+            warn(
+                f"verification proved a lie and rolled back {write.rollbacks} time(s); "
+                "the text above is the final one"
+            )
 
 
 def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:

@@ -19,7 +19,7 @@ WireDtype = DtypeName
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `InferenceSession`).
+    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `Chain`).
 
     Peers and keys:
 

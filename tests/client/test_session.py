@@ -1,4 +1,4 @@
-"""InferenceSession against fake in-process servers: outputs, push on/off, recovery."""
+"""`Chain` against fake in-process servers: outputs, push on/off, recovery."""
 
 from __future__ import annotations
 
