@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarm.shards import Quantization
 
 __all__ = [
     "IDENTITY_DIR",
@@ -107,3 +110,23 @@ def identity_path(identity: Path | None, name: str | None) -> Path | None:
             f"--identity-name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)"
         )
     return IDENTITY_DIR / f"{name}.key"
+
+
+QuantRequirement = Annotated[
+    str | None,
+    typer.Option(
+        "--quant",
+        help="Route only through servers keeping their weights as none (float), int8 or int4.",
+    ),
+]
+
+
+def parse_quantization(text: str) -> Quantization:
+    """``--quant`` as a `Quantization` (none, int8, int4)."""
+    from swarm.shards import Quantization
+
+    try:
+        return Quantization(text.lower())
+    except ValueError:
+        names = ", ".join(q.value for q in Quantization)
+        raise ConfigError(f"--quant {text}: expected one of {names}") from None

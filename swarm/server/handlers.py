@@ -39,6 +39,7 @@ from swarm.net.messages import (
     PushRequest,
     PushResponse,
     PushTarget,
+    RangeMove,
     Receipt,
 )
 from swarm.net.pool import ConnectionPool
@@ -66,6 +67,8 @@ class ServingState:
     throughput: float = 0.0
     state: ServerState = ServerState.JOINING  # joining -> online -> draining
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
+    moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
+    last_move: RangeMove | None = None  # the latest move, announced for status pages
     steps_done: int = 0
     forwards_done: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -141,6 +144,8 @@ class ServingHandlers:
             throughput=self.state.throughput_at(len(self.sessions)),
             model_id=self.state.model_id,
             dtype=str(self.span.dtype).removeprefix("torch."),
+            quantization=self.span.quantization.value,
+            numerics=self.span.numerics,
             active_sessions=len(self.sessions),
         )
 
@@ -311,5 +316,13 @@ class ServingHandlers:
         if layers == self.span.layers:
             return self.span
         if layers.start < self.span.layers.start or layers.stop > self.span.layers.stop:
+            moved = self.state.last_move
+            if moved is not None and moved.from_range.start <= layers.start < layers.stop <= (
+                moved.from_range.stop
+            ):  # a client that read our old announcement: not its fault, nor ours
+                raise RemoteError(
+                    ErrorCode.UNAVAILABLE, f"this server moved from {moved.from_range} to "
+                    f"{moved.to_range}; ask another"
+                )  # fmt: skip
             raise ShardError(f"layers {layers} are not inside this server's {self.span.layers}")
         return self.span.narrow(layers)

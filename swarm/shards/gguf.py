@@ -363,7 +363,9 @@ def read_gguf_int4(
     for suffix, count in heads.items():
         if name.endswith(suffix):
             q, scales, zeros = (unpermute_rows(t, count) for t in (q, scales, zeros))
-    return Int4Linear.pack(q, scales, zeros, None, dtype)
+    linear = Int4Linear.pack(q, scales, zeros, None, dtype)
+    linear.exact = True
+    return linear
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -95,6 +95,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.exact = False  # True: the weights equal the checkpoint's (GGUF Q4_0/Q4_1)
         self.bias: torch.Tensor | None
         self.register_buffer("bias", bias)
 

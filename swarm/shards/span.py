@@ -30,7 +30,7 @@ from swarm.shards.quant import QUANTIZED_LINEARS, Quantization, serving_quantiza
 from swarm.shards.rope import inverse_frequencies, rope_cos_sin
 from swarm.types import LayerRange
 
-__all__ = ["BatchItem", "Span", "load_span"]
+__all__ = ["BatchItem", "Span", "load_span", "resolve_quantization"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,23 @@ class Span(nn.Module):
         self.layers = layers
         self.blocks = nn.ModuleList(blocks)
         self.quantization = Quantization.NONE  # how the projection weights are kept
+        self.quantization_exact = True  # whether they still equal the checkpoint's
         self.inv_freq = inverse_frequencies(config)  # (head_dim/2,) float32; not a parameter
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the weights (and of the hidden states forward expects)."""
         return next(iter(self.parameters())).dtype
+
+    @property
+    def numerics(self) -> str:
+        """What two spans must share for their outputs to agree to float rounding: the dtype,
+        plus the quantization when it changed the weights (``"float32+int8"``; int4 from GGUF
+        Q4_0/Q4_1 holds the checkpoint's own values, so it is plain ``"float32"``)."""
+        name = str(self.dtype).removeprefix("torch.")
+        if self.quantization is Quantization.NONE or self.quantization_exact:
+            return name
+        return f"{name}+{self.quantization.value}"
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +92,7 @@ class Span(nn.Module):
         blocks = [self.blocks[i - offset] for i in layers]
         span = Span(self.config, layers, blocks)  # type: ignore[arg-type]
         span.quantization = self.quantization
+        span.quantization_exact = self.quantization_exact
         return span.eval()
 
     def forward(
@@ -234,7 +246,7 @@ def load_span(
             f"layer range {layers} is outside the model: it has {config.num_hidden_layers} "
             f"layers (0:{config.num_hidden_layers})"
         )
-    kind = serving_quantization(quant, layer_matrix_types(path), torch.device(device))
+    kind = resolve_quantization(path, quant, torch.device(device))
     with torch.device("meta"):
         span = Span(config, layers, [Block(config) for _ in layers])
     shapes = {key: tuple(t.shape) for key, t in span.state_dict().items()}
@@ -259,6 +271,7 @@ def load_span(
         if dense.bias is not None:
             linear.bias = dense.bias.detach()
         span.set_submodule(module, linear)
+        span.quantization_exact = span.quantization_exact and linear.exact
     span.quantization = kind
     span.inv_freq = inverse_frequencies(config).to(device)
     span.requires_grad_(False)
@@ -276,6 +289,14 @@ def _return_freed_memory() -> None:
     except OSError:
         return  # not glibc: nothing to do, or nothing we know how to do
     libc.malloc_trim(0)
+
+
+def resolve_quantization(
+    path: str | Path, requested: Quantization | None, device: torch.device
+) -> Quantization:
+    """What :func:`load_span` applies for ``requested`` (None: the checkpoint's own, see
+    :func:`~swarm.shards.quant.serving_quantization`), from the checkpoint's headers only."""
+    return serving_quantization(requested, layer_matrix_types(path), device)
 
 
 def _matrix_keys(shapes: dict[str, tuple[int, ...]]) -> list[str]:

@@ -17,9 +17,8 @@ import trio
 import trio.testing
 
 from swarm.client.bans import BanList, Penalties
+from swarm.client.chain import Chain, HedgeWinner, usual_seconds
 from swarm.client.config import ClientConfig
-from swarm.client.hedging import HedgeWinner, usual_seconds
-from swarm.client.session import InferenceSession
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
 from swarm.shards import Span
@@ -57,14 +56,18 @@ def _chain(checkpoint: Path) -> list[FakeServer]:
 THROUGHPUTS = [100.0, 100.0, 100.0, 1.0]
 
 
-def _assert_histories_chain(session: InferenceSession, tokens: int) -> None:
+def _history(session: Chain, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return session.hop(k).history.view().tensors()
+
+
+def _assert_histories_chain(session: Chain, tokens: int) -> None:
     """Every hop's history covers all ``tokens`` and starts from its predecessor's outputs."""
     for k in range(len(session.route)):
-        x, pos, out = session.hop_history(k)
+        x, pos, out = _history(session, k)
         assert x.shape[1] == pos.shape[1] == out.shape[1] == tokens
         assert torch.equal(pos[0], torch.arange(tokens))
         if k > 0:
-            torch.testing.assert_close(x, session.hop_history(k - 1)[2])
+            torch.testing.assert_close(x, _history(session, k - 1)[2])
 
 
 @pytest.mark.parametrize("use_push", [True, False])
@@ -82,7 +85,7 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
         stats = session.statistics()
         route = [hop.server.peer_id for hop in session.route]
         _assert_histories_chain(session, sum(x.shape[1] for x, _ in steps))
-        assert session.hop_progress(1).steps == 3  # the replay, the hedged step, the next one
+        assert len(session.hop(1).history) == 3  # the replay, the hedged step, the next one
     assert_same(got, reference_outputs(full_span, steps))
     (hedge,) = stats.hedges
     assert hedge.step == HEDGED_STEP and hedge.slow == slow.identity.peer_id
