@@ -41,7 +41,7 @@ import trio
 
 from swarm.api import GatewayConfig, serve_gateway
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.model import AsyncRemoteModel, Token
 from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.shards.bundled import demo_model_path
 from swarm.testing.swarm import open_local_swarm
@@ -69,7 +69,9 @@ async def _direct_one(model: AsyncRemoteModel, tokens: int, out: Figures) -> Non
     sent = time.perf_counter()
     last = None
     async with model.stream(PROMPT, tokens) as stream:
-        async for _ in stream:
+        async for event in stream:
+            if not isinstance(event, Token):
+                continue
             now = time.perf_counter()
             if last is None:
                 out.ttft.append(now - sent)

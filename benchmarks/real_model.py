@@ -257,6 +257,7 @@ async def _chat_turns(
     the history before the last answer and the chat's per-token seconds."""
     from swarm.client.chat import Chat
     from swarm.client.config import ClientConfig
+    from swarm.client.generation import Token
     from swarm.client.model import AsyncRemoteModel
     from swarm.shards import load_chat_template
     from swarm.testing.swarm import open_local_swarm
@@ -271,7 +272,9 @@ async def _chat_turns(
             per_token: list[float] = []
             async with Chat.open(model, max_length=2048) as chat:
                 for i, question in enumerate(QUESTIONS[:turns]):
-                    seconds = [t.seconds async for t in chat.send(question, 48)]
+                    seconds = [
+                        t.seconds async for t in chat.send(question, 48) if isinstance(t, Token)
+                    ]
                     per_token += seconds[1:]
                     turn = chat.statistics().turns[-1]
                     sent, made = len(turn.sent), len(turn.answer)

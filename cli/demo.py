@@ -21,6 +21,8 @@ from rich.table import Table
 
 from swarm.errors import SwarmError
 
+from .output import EventWriter
+
 if TYPE_CHECKING:
     from swarm.client.sampling import SamplingConfig
     from swarm.verify import VerifierStatistics
@@ -335,13 +337,14 @@ async def _generate(
         evidence_dir=str(tmp / "evidence"),
     )
     async with AsyncRemoteModel.open(model, config) as remote:
-        async with aclosing(remote.stream(prompt.ids, max_new_tokens, sampling)) as tokens:
+        write = EventWriter(may_roll_back=(verify or "none") != "none")
+        async with aclosing(remote.stream(prompt.ids, max_new_tokens, sampling)) as events:
             first = True
-            async for token in tokens:
+            async for event in events:
                 if first:
                     route = " -> ".join(
                         f"{hop['peer'][:8]}@{hop['port']} [{hop['start']}:{hop['stop']})"
-                        for hop in tokens.result.route
+                        for hop in events.result.route
                     )
                     console.print(f"[bold]route:[/bold] client -> {route} -> client")
                     if prompt.chat:
@@ -349,9 +352,9 @@ async def _generate(
                     else:
                         console.print(prompt.shown, style="bold", end="", markup=False)
                     first = False
-                console.print(token.text, end="", highlight=False, markup=False)
+                write(event)
         console.print()
-        result = tokens.result
+        result = events.result
         if prompt.chat and result.stop_reason != "eos":
             console.print(f"[yellow](cut at --max-new-tokens {max_new_tokens})[/yellow]")
         if result.recoveries:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .coverage import fill_hint
-from .options import VerboseOption
-from .output import warn
+from .options import QuantRequirement, VerboseOption, parse_quantization
+from .output import EventWriter, warn
 
 if TYPE_CHECKING:
     from swarm.client.config import ClientConfig
@@ -85,6 +85,7 @@ def generate(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    quant: QuantRequirement = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
@@ -109,6 +110,7 @@ def generate(
         use_push=not no_push,
         step_timeout=step_timeout,
         verify=verify,
+        quant=None if quant is None else parse_quantization(quant).value,
     )
     if reputation is not None:
         config = dataclasses.replace(config, reputation_path=str(reputation))
@@ -158,11 +160,17 @@ async def _run(job: _Job, as_json: bool) -> None:
             print(json.dumps(out), flush=True)
             return
         as_text = isinstance(job.request, str) and model.tokenizer is not None
-        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as tokens:
-            async for token in tokens:
-                sys.stdout.write(token.text if as_text else f"{token.id} ")
-                sys.stdout.flush()
+        policy = job.config.verify != "none"
+        write = EventWriter(as_ids=not as_text, may_roll_back=policy)
+        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as events:
+            async for event in events:
+                write(event)
         sys.stdout.write("\n")
+        if write.rollbacks:
+            warn(
+                f"verification proved a lie and rolled back {write.rollbacks} time(s); "
+                "the text above is the final one"
+            )
 
 
 def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:

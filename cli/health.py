@@ -64,6 +64,30 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
     return table
 
 
+def _moves(servers: Sequence[ServerView]) -> Table | None:
+    """Who moved (rebalancing), from where to where, why, and who is moving now."""
+    import time
+
+    rows = []
+    for s in servers:
+        if s.moving_to is not None:
+            rows.append((s.peer_id.short(), str(s.layers), str(s.moving_to), "loading", "now", "-"))
+        move = s.last_move
+        if move is not None:
+            ago = max(0.0, time.time() - move.at)
+            gain = f"{move.gain:.2f}x" if move.gain > 0 else "-"
+            rows.append((s.peer_id.short(), str(move.from_range), str(move.to_range),
+                         move.reason.value, f"{ago:.0f} s ago", gain))  # fmt: skip
+    if not rows:
+        return None
+    table = Table(title="moves (rebalancing)")
+    for column in ("peer", "from", "to", "why", "when", "bottleneck gain"):
+        table.add_column(column)
+    for row in sorted(rows, key=lambda r: r[4]):
+        table.add_row(*row)
+    return table
+
+
 def status(
     model: Annotated[
         str, typer.Argument(help="Model folder, GGUF file or hub name (identifies the model).")
@@ -96,6 +120,9 @@ async def _status(
     console.print(_coverage(servers, layers))
     from swarm.directory import missing_ranges
 
+    moves = _moves(servers)
+    if moves is not None:
+        console.print(moves)
     gaps = missing_ranges(servers, layers)
     if gaps:
         err.print(fill_hint(gaps, str(model), initial_peers), highlight=False, markup=False)
@@ -105,6 +132,7 @@ async def _status(
         "address",
         "layers",
         "state",
+        "weights",
         "ping",
         "tok/s",
         "sessions",
@@ -123,6 +151,7 @@ async def _status(
             s.address,
             str(s.layers),
             s.state,
+            f"{s.dtype} {s.quantization}",
             "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms",
             f"{s.throughput:.0f}",
             str(s.active_sessions),
@@ -186,7 +215,8 @@ async def _monitor(
                 async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
                     return await pool.get(host, port, s.peer_id)
 
-                result = await probe_safely(connect, canaries[s.layers], s.dtype, timeout)
+                numerics = s.dtype if s.quantization == "none" else f"{s.dtype}+{s.quantization}"
+                result = await probe_safely(connect, canaries[s.layers], numerics, timeout)
                 entry = health.setdefault(s.peer_id, ServerHealth(s.peer_id, s.layers))
                 entry.add(result)
             round_no += 1

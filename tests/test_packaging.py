@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def test_every_package_is_listed_in_pyproject() -> None:
     assert on_disk - listed == set(), "add these packages to pyproject's [tool.setuptools] packages"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_swarm_does_not_import_torch() -> None:
     code = "import sys, swarm; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

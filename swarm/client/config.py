@@ -9,7 +9,7 @@ import torch
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.types import FLOAT_DTYPES, DtypeName, parse_address, torch_dtype
+from swarm.types import FLOAT_DTYPES, DtypeName, QuantName, parse_address, torch_dtype
 from swarm.verify.policy import VerifyPolicy, parse_policy
 
 __all__ = ["ClientConfig", "WireDtype"]
@@ -19,7 +19,7 @@ WireDtype = DtypeName
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `InferenceSession`).
+    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `Chain`).
 
     Peers and keys:
 
@@ -64,6 +64,8 @@ class ClientConfig:
       waits for hop k+1's result before it sends hop k+1's input itself (a duplicate input is
       ignored by the server, so this only bounds the delay when a push got lost).
     - ``wire_dtype`` ("float32"): dtype of the hidden states the client sends.
+    - ``quant`` (None): route only through servers whose weights are kept this way
+      (``"none"``, ``"int8"``, ``"int4"``, as they announce); None: any.
 
     Pings: ``ping_timeout`` (2), ``ping_concurrency`` (8 servers at once), ``ping_max_servers``
     (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample).
@@ -99,6 +101,7 @@ class ClientConfig:
     use_push: bool = True
     push_grace: float = 1.0
     wire_dtype: WireDtype = "float32"
+    quant: QuantName | None = None
     ping_timeout: float = 2.0
     ping_concurrency: int = 8
     ping_max_servers: int = 32
@@ -144,6 +147,8 @@ class ClientConfig:
         if not 0 < self.ping_ema <= 1:
             raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
         parse_policy(self.verify)
+        if self.quant not in (None, "none", "int8", "int4"):
+            raise ConfigError(f"ClientConfig.quant must be none, int8 or int4, got {self.quant!r}")
         if self.wire_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}")
 

@@ -179,9 +179,14 @@ class Discovery:
         if scope.cancelled_caught:
             limit = self.config.request_timeout
             raise DHTError(f"DHT lookup of {self.model_id} took over {limit} s")
-        self._servers = servers_from_records(records, self.model_id, self.num_layers)
+        found = servers_from_records(records, self.model_id, self.num_layers)
+        wanted = self.config.quant
+        self._servers = [s for s in found if wanted is None or s.quantization == wanted]
         self.refreshes += 1
-        if not self._servers:  # our id has no server: is there a copy of other weights?
+        if found and not self._servers:
+            kinds = ", ".join(sorted({s.quantization for s in found}))
+            self._hint = f"no server keeps its weights as {wanted} (they serve: {kinds})"
+        elif not self._servers:  # our id has no server: is there a copy of other weights?
             others = await other_model_ids(self.dht, self.model_id)
             self._hint = mismatch_hint(self.model_id, others)
         else:

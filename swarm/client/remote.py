@@ -19,7 +19,7 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
-from swarm.client.model import AsyncRemoteModel, GenerationResult, TokenStream
+from swarm.client.model import AsyncRemoteModel, Done, Event, GenerationResult, Token, TokenStream
 from swarm.client.sampling import SamplingConfig, sampling_config
 from swarm.errors import ConfigError, SessionError
 from swarm.net.transport import Transport
@@ -182,7 +182,8 @@ class RemoteModel:
         return_text: bool | None = None,
         **shortcuts: Any,
     ) -> TextStream:
-        """Text pieces (``return_text``; default for a text prompt) or token ids, as they come.
+        """Text pieces (``return_text``; default for a text prompt) or token ids, as they come
+        (under a verification policy, which may roll tokens back: once final, at the end).
 
         The returned iterator's ``result`` is this generation's `GenerationResult`. Leaving
         the loop early (or ``close()``) cancels the generation. Raises what `generate` raises.
@@ -242,6 +243,7 @@ class TextStream:
         self._scope = trio.CancelScope()
         self._tokens = tokens
         self._as_text = as_text
+        self._live = remote.model.config.verify == "none"
         self._started = False
         self._done = False
 
@@ -249,13 +251,27 @@ class TextStream:
         items = self._items
         with self._scope:
             try:
-                async with self._tokens as tokens:
-                    async for token in tokens:
-                        items.put(("item", token.text if self._as_text else token.id))
+                async with self._tokens as events:
+                    async for event in events:
+                        for item in self._pieces(event):
+                            items.put(("item", item))
             except Exception as exc:
                 items.put(("error", exc))
                 return
         items.put(("end", None))
+
+    def _pieces(self, event: Event) -> list[str | int]:
+        """What a consumer sees of ``event``: under the policy ``none`` each token's piece
+        as it comes; under a policy that may roll tokens back, the final answer at `Done`
+        (an iterator cannot take back what it yielded)."""
+        result = self.result
+        if self._live:
+            if isinstance(event, Token):
+                return [event.text if self._as_text else event.id]
+            return []
+        if not isinstance(event, Done):
+            return []
+        return [result.text or ""] if self._as_text else list(result.ids)
 
     def __iter__(self) -> TextStream:
         return self

@@ -129,7 +129,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self._config = config
         self._stats = stats
         self._seal = DatagramSeal(config.swarm_key) if config.swarm_key else None
-        self._groups = SourceGroups(config.cap_private_addresses)
+        self._groups = SourceGroups(config.cap_private_addresses, config.private_groups)
         self.router = ContactTable(self, config, source_node, self._groups, self.spawn)
         self._tokens = AddressTokens()
         self._tokens_from: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -228,7 +228,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         dkey = _check_id(key)
         if self._config.client_only:
             return False  # a client stores nothing for others
-        source = self._groups.subnet(sender[0], sender[1])
+        source = self._groups.group(sender[0], sender[1])
         held = self.storage.merge(dkey, value, source=source)
         return isinstance(value, list) and held == len(value)
 

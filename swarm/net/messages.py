@@ -20,7 +20,7 @@ from swarm.net.schema import (
     message_from_wire,
     unpack,
 )
-from swarm.types import DtypeName, LayerRange, PeerId, ServerState
+from swarm.types import DtypeName, LayerRange, MoveReason, PeerId, QuantName, ServerState
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -40,6 +40,7 @@ __all__ = [
     "PingEntry",
     "PushRequest",
     "PushTarget",
+    "RangeMove",
     "Receipt",
     "ServerAnnouncement",
     "bounded",
@@ -77,6 +78,10 @@ class InfoResponse(Message):
     model_id: str = bounded(max_len=128, default="")
     dtype: str = bounded(max_len=16, default="")
     active_sessions: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"
+    # What verification compares by: the dtype, plus the quantization when the quantized
+    # weights differ from the checkpoint's ("float32+int8"); "" from older servers.
+    numerics: str = bounded(max_len=32, default="")
 
 
 @message("receipt")
@@ -214,6 +219,17 @@ class PingEntry(Message):
     rtt: float = bounded(ge=0.0, le=3600.0)
 
 
+@message("range_move")
+class RangeMove(Message):
+    """A server's move from one layer range to another (rebalancing), announced with it."""
+
+    from_range: LayerRange
+    to_range: LayerRange
+    reason: MoveReason
+    at: float = bounded(ge=0.0)  # Unix time the server went online on ``to_range``
+    gain: float = bounded(ge=0.0, le=1e9)  # bottleneck throughput after / before (0: was 0)
+
+
 @message("server_announcement")
 class ServerAnnouncement(Message):
     """What a server announces in the DHT under ``"<model_id>/block/<i>"`` for each block
@@ -229,3 +245,9 @@ class ServerAnnouncement(Message):
     active_sessions: int = bounded(ge=0)
     version: str = bounded(max_len=32)
     next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())
+    moving_to: LayerRange | None = None  # loading this range to move there (rebalancing)
+    last_move: RangeMove | None = None  # the server's latest move, for status pages
+    # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
+    # beyond others' shares), at most one peer's share; 0 from servers that predate it
+    room_tokens: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)

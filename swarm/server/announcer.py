@@ -82,6 +82,11 @@ class Announcer:
         self.pings: dict[PeerId, float] = {}
         self.announces = 0
 
+    def move_to(self, layers: LayerRange) -> None:
+        """Announce under ``layers``' block keys from now on (pings to the old next hop go)."""
+        self.layers = layers
+        self.pings.clear()
+
     async def announce(self) -> None:
         """Publish the current record under every block key we serve (concurrently)."""
         pings = tuple(PingEntry(peer, rtt) for peer, rtt in list(self.pings.items())[:MAX_PINGS])

@@ -25,6 +25,7 @@ from swarm.errors import ConfigError
 from swarm.shards.blocks import Block
 from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
+from swarm.shards.quant import GROUP, Quantization
 from swarm.shards.span import BatchItem, Span
 
 __all__ = [
@@ -94,12 +95,26 @@ class Capacity:
     cache_tokens: int
 
 
-def block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one block's weights in ``dtype``."""
+def block_bytes(
+    config: ModelConfig, dtype: torch.dtype, quant: Quantization = Quantization.NONE
+) -> int:
+    """Bytes of one block's weights in ``dtype``, the projections kept as ``quant`` says
+    (int8: a byte a weight and a scale a row; int4: half a byte a weight and a scale and a
+    zero per group of 32)."""
     with torch.device("meta"):
         block = Block(config)
     itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    return sum(p.numel() for p in block.parameters()) * itemsize
+    total = 0
+    for name, p in block.named_parameters():
+        rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (0, 0)
+        if quant is Quantization.INT8 and p.dim() == 2:
+            total += rows * cols + rows * itemsize
+        elif quant is Quantization.INT4 and p.dim() == 2:
+            total += rows * cols // 2 + rows * (cols // GROUP) * 2 * itemsize
+        else:
+            total += p.numel() * itemsize
+        del name
+    return total
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -116,6 +131,7 @@ def plan_capacity(
     num_blocks: int | None,
     cache_tokens: int | None,
     plan: MemoryPlan | None = None,
+    quant: Quantization = Quantization.NONE,
 ) -> Capacity:
     """Blocks and cache tokens that fit in ``free_bytes`` (None: derive it).
 
@@ -129,7 +145,7 @@ def plan_capacity(
     """
     plan = plan or MemoryPlan()
     usable = free_bytes * plan.usable_fraction
-    weights, per_token = block_bytes(config, dtype), kv_bytes_per_token(config, dtype)
+    weights, per_token = block_bytes(config, dtype, quant), kv_bytes_per_token(config, dtype)
     blocks = num_blocks
     if blocks is None:
         if cache_tokens is not None:
@@ -325,6 +341,7 @@ def size_server(
     cache_tokens: int,
     derive_cache: bool,
     plan: MemoryPlan,
+    quant: Quantization = Quantization.NONE,
 ) -> Capacity:
     """What a server serves: ``layers`` blocks if given (an explicit range), else
     ``num_blocks``, else as many as `available_memory` holds; ``cache_tokens``, or with
@@ -340,4 +357,5 @@ def size_server(
         num_blocks=blocks,
         cache_tokens=None if derive_cache else cache_tokens,
         plan=plan,
+        quant=quant,
     )

@@ -41,7 +41,7 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -73,6 +73,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+RunSync = Callable[..., Awaitable[Any]]
+"""Runs ``fn(*args)`` off the event loop and returns its result (`trio.to_thread.run_sync`)."""
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +249,20 @@ class ComputeQueue:
 
     Use as ``async with trio.open_nursery() as n: await n.start(queue.run)``, then
     ``await queue.run_span(...)`` or ``await queue.submit(fn, priority)`` from any handler.
+
+    ``run_sync`` is where the work runs: ``trio.to_thread.run_sync`` (a worker thread) by
+    default. Tests pass one that runs it in the event loop and lets trio's virtual clock
+    stand for its cost, so the queue's timers (the gather window, the report) run under
+    ``autojump_clock``. Batch times are read from trio's clock (in production the same
+    ``perf_counter`` differences as before).
     """
 
-    def __init__(self, config: ComputeConfig | None = None) -> None:
+    def __init__(
+        self, config: ComputeConfig | None = None, *, run_sync: RunSync = trio.to_thread.run_sync
+    ) -> None:
         config = config or ComputeConfig()
         self.config = config
+        self._run_sync = run_sync
         # set at start-up from the measured timings (`swarm.server.capacity.SpanTimings`):
         self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # bulk tokens/batch
         self.shared_batch: int | None = None  # decode steps per batch among clients (None: all)
@@ -453,15 +465,15 @@ class ComputeQueue:
         return None
 
     async def _run_function(self, task: _Task[Any]) -> None:
-        started = time.perf_counter()
+        started = trio.current_time()
         self.running = True
         try:
-            task.result = await trio.to_thread.run_sync(task.fn)
+            task.result = await self._run_sync(task.fn)
         except Exception as exc:  # delivered to the submitter, who decides
             task.error = exc
         finally:
             self.running = False
-            self._busy_seconds += time.perf_counter() - started
+            self._busy_seconds += trio.current_time() - started
             self._done += 1
             task.done.set()
 
@@ -482,13 +494,13 @@ class ComputeQueue:
         return batch
 
     async def _run_batch(self, batch: Batch) -> None:
-        started = time.perf_counter()
+        started = trio.current_time()
         self.running = True
         try:
-            await trio.to_thread.run_sync(run_batch, batch)
+            await self._run_sync(run_batch, batch)
         finally:
             self.running = False
-            seconds = time.perf_counter() - started
+            seconds = trio.current_time() - started
             self._busy_seconds += seconds
             self._last_seconds = seconds
             ended = self._last_end = trio.current_time()

@@ -40,6 +40,7 @@ from swarm.net.messages import (
     NewPushTarget,
     PushRequest,
     PushTarget,
+    RangeMove,
     Receipt,
 )
 from swarm.net.methods import HandlerRegistry, TypedStream
@@ -78,6 +79,8 @@ class ServingState:
     throughput: float = 0.0
     state: ServerState = ServerState.JOINING  # joining -> online -> draining
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
+    moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
+    last_move: RangeMove | None = None  # the latest move, announced for status pages
 
     def throughput_at(self, active_sessions: int) -> float:
         """Tokens/s one more session would get here now: measured at the batch it would
@@ -161,6 +164,8 @@ class ServingHandlers:
             throughput=self.state.throughput_at(len(self.sessions)),
             model_id=self.state.model_id,
             dtype=str(self.span.dtype).removeprefix("torch."),
+            quantization=self.span.quantization.value,
+            numerics=self.span.numerics,
             active_sessions=len(self.sessions),
         )
 
@@ -335,5 +340,13 @@ class ServingHandlers:
         if layers == self.span.layers:
             return self.span
         if layers.start < self.span.layers.start or layers.stop > self.span.layers.stop:
+            moved = self.state.last_move
+            if moved is not None and moved.from_range.start <= layers.start < layers.stop <= (
+                moved.from_range.stop
+            ):  # a client that read our old announcement: not its fault, nor ours
+                raise RemoteError(
+                    ErrorCode.UNAVAILABLE, f"this server moved from {moved.from_range} to "
+                    f"{moved.to_range}; ask another"
+                )  # fmt: skip
             raise ShardError(f"layers {layers} are not inside this server's {self.span.layers}")
         return self.span.narrow(layers)

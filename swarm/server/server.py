@@ -24,7 +24,12 @@ import trio
 
 from swarm._version import __version__
 from swarm.dht import DHTNode
-from swarm.directory import AnnouncementProver, block_keys, servers_from_records
+from swarm.directory import (
+    AnnouncementProver,
+    ServerView,
+    block_keys,
+    servers_from_records,
+)
 from swarm.errors import (
     ConfigError,
     ConnectError,
@@ -47,6 +52,8 @@ from swarm.server.announcer import Announcer, choose_layers
 from swarm.server.capacity import (
     SpanMeasurement,
     SpanTimings,
+    available_memory,
+    block_bytes,
     cpu_has_native_bfloat16,
     measure_span,
     size_server,
@@ -54,8 +61,10 @@ from swarm.server.capacity import (
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
+from swarm.server.moving import RangeMover
+from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
-from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
+from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
@@ -144,6 +153,8 @@ class Server:
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
+        self.rebalancer: Rebalancer | None = None
+        self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
     def request_stop(self) -> None:
         """Begin a clean stop: `run` drains and returns."""
@@ -162,6 +173,7 @@ class Server:
         the_model_id = await trio.to_thread.run_sync(model_id, cfg.model, abandon_on_cancel=True)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model, device)
+        quant = resolve_quantization(cfg.model, cfg.quant, device)
         dht_config = cfg.dht
         if self.swarm_key is not None:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
@@ -179,6 +191,7 @@ class Server:
                 cache_tokens=cfg.limits.cache_tokens,
                 derive_cache=cfg.cache_tokens_from_memory,
                 plan=cfg.memory,
+                quant=quant,
             )
             limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
             self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
@@ -187,9 +200,11 @@ class Server:
                 layers = await choose_layers(
                     dht, the_model_id, model.num_hidden_layers, sized.num_blocks
                 )
-            self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
+            self._progress(
+                f"loading layers {layers} of {cfg.model} ({dtype}, weights {quant.value}, {device})"
+            )
             span = await trio.to_thread.run_sync(
-                lambda: load_span(cfg.model, layers, dtype=dtype, device=device),
+                lambda: load_span(cfg.model, layers, dtype=dtype, device=device, quant=quant),
                 abandon_on_cancel=True,
             )
             await self._serve(span, dht, the_model_id, task_status)
@@ -245,13 +260,12 @@ class Server:
     ) -> None:
         cfg = self.config
         state = ServingState(model_id=the_model_id, version=__version__)
-        sessions = SessionTable(
-            cfg.limits,
-            lambda layers, batch, length: KVCache.allocate(
-                span.config, layers, batch, length, span.dtype, span.device
-            ),
-            span.narrow,
-        )
+
+        def allocate(layers: LayerRange, batch: int, length: int) -> KVCache:
+            now = handlers.span  # the span served now (a move switches it)
+            return KVCache.allocate(now.config, layers, batch, length, now.dtype, now.device)
+
+        sessions = SessionTable(cfg.limits, allocate, lambda layers: handlers.span.narrow(layers))
         queue = ComputeQueue(cfg.compute)
         budget = ReceiveBudget(cfg.net.max_receive_bytes)  # one for every channel, both ways
         async with (
@@ -290,14 +304,18 @@ class Server:
                 return ServerAnnouncement(
                     host=host,
                     port=port,
-                    layer_range=span.layers,
+                    layer_range=handlers.span.layers,
                     state=state.state,
-                    dtype=str(span.dtype).removeprefix("torch."),
+                    dtype=str(handlers.span.dtype).removeprefix("torch."),
+                    quantization=handlers.span.quantization.value,
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
+                    room_tokens=sessions.room_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
                     next_pings=pings,
+                    moving_to=state.moving_to,
+                    last_move=state.last_move,
                 )
 
             announcer = Announcer(
@@ -327,6 +345,9 @@ class Server:
             state.state = ServerState.ONLINE
             await announcer.announce()
             await nursery.start(announcer.run)
+            if cfg.balance.rebalances(pinned=self._pinned):
+                self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
+                await nursery.start(self.rebalancer.run)
             if cfg.measure_throughput:
                 nursery.start_soon(self._measure_online, span, state, queue)
             task_status.started(
@@ -343,6 +364,52 @@ class Server:
             await self._stop.wait()
             await self._drain(state, announcer, queue, sessions)
             nursery.cancel_scope.cancel()
+
+    def _rebalancer(
+        self,
+        dht: DHTNode,
+        the_model_id: str,
+        handlers: ServingHandlers,
+        sessions: SessionTable,
+        queue: ComputeQueue,
+    ) -> Rebalancer:
+        """The loop that moves this server where the swarm needs it (`swarm.server.balance`)."""
+        cfg, announcer = self.config, self.announcer
+        assert announcer is not None  # set by _serve before this is called
+        num_layers = handlers.span.config.num_hidden_layers
+
+        async def load(layers: LayerRange) -> Span:
+            now = handlers.span
+            self._progress(f"loading layers {layers} of {cfg.model} to move there")
+            return await trio.to_thread.run_sync(
+                lambda: load_span(
+                    cfg.model, layers, dtype=now.dtype, device=now.device, quant=now.quantization
+                ),
+                abandon_on_cancel=True,
+            )
+
+        def holds_both(layers: LayerRange) -> bool:
+            now = handlers.span
+            needed = block_bytes(now.config, now.dtype, now.quantization) * len(layers)
+            return available_memory(now.device) * cfg.memory.usable_fraction >= needed
+
+        async def read() -> list[ServerView]:
+            found = await dht.get_many(block_keys(the_model_id, num_layers))
+            return servers_from_records(found, the_model_id, num_layers)
+
+        def drop(old: Span) -> None:
+            old.to(device="meta")  # frees the old weights even where something still holds it
+
+        mover = RangeMover(
+            handlers, sessions, queue, announcer,
+            load=load, holds_both=holds_both, drop=drop,
+            drain_timeout=cfg.balance.drain_timeout, on_failure=self.request_stop,
+        )  # fmt: skip
+        return Rebalancer(
+            cfg.balance, self.identity.peer_id, num_layers,
+            read=read, current=lambda: handlers.span.layers,
+            throughput=lambda: handlers.state.throughput, intend=mover.intend, move=mover.move,
+        )  # fmt: skip
 
     def _apply_timings(
         self, timings: SpanTimings, state: ServingState, queue: ComputeQueue

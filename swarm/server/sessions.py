@@ -14,7 +14,6 @@ neither the next one nor a late duplicate of the last is an error at once.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ import trio
 
 from swarm.errors import ConfigError, ErrorCode, LimitExceeded, RemoteError, SessionError
 from swarm.net.messages import PushTarget
-from swarm.server.quotas import SessionQuotas, plan_admission
+from swarm.server.quotas import SessionQuotas, newcomer_room, plan_admission
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
 from swarm.types import LayerRange, PeerId
@@ -102,7 +101,7 @@ class Session:
     close_reason: RemoteError | None = None  # what its client is told when the table closes it
     last_step: int = -1
     committed: int = 0  # cache tokens before the last step: a rollback never goes below
-    last_active: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=trio.current_time)  # trio's clock: tests mock it
     _inputs: dict[int, StepInput] = field(default_factory=dict)
     _arrived: dict[int, trio.Event] = field(default_factory=dict)
 
@@ -170,7 +169,7 @@ class Session:
         self.committed = self.cache.length
         self.last_step = step
         self.next_step = step + 1
-        self.last_active = time.monotonic()
+        self.last_active = trio.current_time()
 
 
 class SessionTable:
@@ -242,11 +241,15 @@ class SessionTable:
         self._sessions[session_id] = session
         return session
 
-    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
-        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
-        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+    @property
+    def room_tokens(self) -> int:
+        """Cache tokens a newcomer within its share could get now: free plus what reclaiming
+        borrowed room frees, at most one peer's share (`swarm.server.quotas.newcomer_room`)."""
+        return newcomer_room(self._quotas(), list(self._sessions.values()))
+
+    def _quotas(self) -> SessionQuotas:
         lim = self.limits
-        quotas = SessionQuotas(
+        return SessionQuotas(
             max_sessions=lim.max_sessions,
             cache_tokens=lim.cache_tokens - self._reserved,  # temporary caches are not reclaimed
             per_peer_sessions=lim.max_sessions_per_peer,
@@ -254,6 +257,11 @@ class SessionTable:
             per_peer_tokens=lim.peer_cache_tokens,
             per_host_tokens=lim.host_cache_tokens,
         )
+
+    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
+        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
+        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+        quotas = self._quotas()
         victims = plan_admission(quotas, list(self._sessions.values()), client, host, need)
         reason = RemoteError(
             ErrorCode.SESSION,
@@ -300,8 +308,9 @@ class SessionTable:
         return len(ids)
 
     def close_idle(self, now: float | None = None) -> int:
-        """Close sessions idle past the timeout; returns how many were closed."""
-        now = time.monotonic() if now is None else now
+        """Close sessions idle past the timeout (``now`` on trio's clock, default the current
+        time); returns how many were closed."""
+        now = trio.current_time() if now is None else now
         idle = [
             sid
             for sid, s in self._sessions.items()

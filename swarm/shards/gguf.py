@@ -37,6 +37,7 @@ import torch
 from swarm.errors import ShardError
 from swarm.shards.config import ModelConfig, RopeScaling
 from swarm.shards.gguf_header import RawTensor, parse_header
+from swarm.shards.quant import Int4Linear, int4_from_gguf_blocks
 
 __all__ = [
     "GGUFTensorInfo",
@@ -327,6 +328,44 @@ def dequantize_tensor(path: str | Path, tensor: RawTensor) -> np.ndarray[Any, np
     if values.dtype == np.float32 and values.flags.owndata and values.flags.writeable:
         return values  # already a fresh array (block types, F16)
     return np.array(values, dtype=np.float32)  # F32 comes as a read-only view of the map
+
+
+def read_gguf_int4(
+    path: str | Path,
+    name: str,
+    shape: tuple[int, ...],
+    config: ModelConfig,
+    dtype: torch.dtype,
+) -> Int4Linear | None:
+    """The Q4_0/Q4_1 tensor ``name`` as an int4 layer, exactly (see
+    :func:`swarm.shards.quant.int4_from_gguf_blocks`), in Hugging Face row order; None when
+    it is stored in another type (or a Q4_1 block's zero is not exact in float32).
+
+    Raises:
+        ShardError: the tensor is missing or has another shape.
+    """
+    tensor = next((t for t in _parsed(path).tensors if t.name == name), None)
+    if tensor is None:
+        raise ShardError(f"{Path(path).name}: GGUF has no tensor {name!r}")
+    if tensor.shape != tuple(shape):
+        raise ShardError(f"{Path(path).name}: tensor {name!r} has shape {list(tensor.shape)}, "
+                         f"expected {list(shape)}")  # fmt: skip
+    if tensor.type_name not in ("Q4_0", "Q4_1"):
+        return None
+    try:
+        q, scales, zeros = int4_from_gguf_blocks(tensor_bytes(path, tensor), tensor.type_name)
+    except ShardError:
+        return None
+    heads = {
+        "attn_q.weight": config.num_attention_heads,
+        "attn_k.weight": config.num_key_value_heads,
+    }
+    for suffix, count in heads.items():
+        if name.endswith(suffix):
+            q, scales, zeros = (unpermute_rows(t, count) for t in (q, scales, zeros))
+    linear = Int4Linear.pack(q, scales, zeros, None, dtype)
+    linear.exact = True
+    return linear
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
+pytestmark = pytest.mark.slow  # runs `swarm bench` and `swarm` processes
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -15,6 +15,8 @@ from swarm.testing.checkpoints import write_random_gguf
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
+pytestmark = pytest.mark.slow  # runs `swarm chat` processes
+
 NEW_TOKENS = 5
 
 

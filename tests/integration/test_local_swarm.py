@@ -9,11 +9,12 @@ from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel, GenerationResult
+from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.net.messages import PushRequest
 from swarm.net.methods import HandlerRegistry
 from swarm.net.rpc import CallContext
@@ -27,6 +28,8 @@ from swarm.testing.swarm import LocalServer, open_local_swarm
 from swarm.types import LayerRange, PeerId
 
 from .conftest import NEW_TOKENS, PROMPT
+
+pytestmark = pytest.mark.slow  # emulated link delays and real step deadlines
 
 SLOW = LinkSpec(delay=0.04)
 
@@ -82,12 +85,14 @@ async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference:
                 AsyncRemoteModel.open(model12, config, transport=transport) as second,
             ):
                 async with aclosing(first.stream(PROMPT, NEW_TOKENS)) as tokens:
-                    got = [(await tokens.__anext__()).id]  # first holds s1's whole cache now
+                    first_token = await tokens.__anext__()  # first holds s1's whole cache now
+                    assert isinstance(first_token, Token)
+                    got = [first_token.id]
                     assert ports(tokens.result) == [s1.ready.port]
                     result = await second.generate_detailed(PROMPT, NEW_TOKENS)
                     assert result.ids == reference
                     assert ports(result) == [s0.ready.port, s2.ready.port]
-                    got += [token.id async for token in tokens]
+                    got += [token.id async for token in tokens if isinstance(token, Token)]
                 assert got == reference
 
 

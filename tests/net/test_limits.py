@@ -1,7 +1,9 @@
 """Connection limits of `RpcServer` and the receive budget, on loopback TCP.
 
 Each test stands up a real server on 127.0.0.1:0 with small limits and checks one limit
-from the outside: what a dialer sees, and that other peers keep being served.
+from the outside: what a dialer sees, and that other peers keep being served. The timeouts
+(handshake, idle, message) run on trio's virtual clock (`autojump_clock`): server and
+dialers are in this process, on loopback sockets or memory streams, with no thread.
 """
 
 from __future__ import annotations
@@ -185,7 +187,9 @@ async def test_unauthenticated_connections_make_room_oldest_first() -> None:
                 await stream.aclose()
 
 
-async def test_a_silent_connection_is_closed_at_the_handshake_deadline() -> None:
+async def test_a_silent_connection_is_closed_at_the_handshake_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(handshake_timeout=0.3)
     with trio.fail_after(10):
         async with serving(config) as (server, port, _):
@@ -195,7 +199,9 @@ async def test_a_silent_connection_is_closed_at_the_handshake_deadline() -> None
             assert server.statistics().handshaking == 0
 
 
-async def test_idle_channels_are_closed_and_busy_ones_kept() -> None:
+async def test_idle_channels_are_closed_and_busy_ones_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(idle_timeout=0.3)
     with trio.fail_after(20):
         async with (
@@ -282,7 +288,9 @@ async def test_a_message_beyond_the_receive_budget_is_refused_and_others_work() 
             assert await call_info(port) == INFO
 
 
-async def test_a_stalled_message_of_several_frames_times_out() -> None:
+async def test_a_stalled_message_of_several_frames_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(max_frame_size=1024, message_timeout=0.3)
     a_raw, b_raw = trio.testing.memory_stream_pair()
     gate = trio.Event()
@@ -414,7 +422,9 @@ async def test_at_the_cap_the_address_with_most_channels_loses_an_idle_one() -> 
                 await channel.aclose()
 
 
-async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness() -> None:
+async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client = NetConfig(idle_timeout=0.4)
     with trio.fail_after(10):
         async with (

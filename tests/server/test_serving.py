@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -199,7 +198,7 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 6)))
             await stream.receive(InferenceReady)
             assert len(handlers.sessions) == 1
-            assert handlers.sessions.close_idle(now=time.monotonic() + 61.0) == 1
+            assert handlers.sessions.close_idle(now=trio.current_time() + 61.0) == 1
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
             with pytest.raises(RemoteError) as ended:  # the server ended it and says why
                 await stream.receive(InferenceStepResult, timeout=10)
