@@ -3,7 +3,9 @@ uncovered by a move, and a generation running throughout gets the reference toke
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,11 @@ from swarm.client.config import ClientConfig, HedgeConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.dht import DHTConfig
 from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.lab.processes import ProcessGroup, swarm_command
+from swarm.lab.reference import generate_locally
 from swarm.server.balance import BalanceConfig
 from swarm.server.config import ServerConfig
 from swarm.testing.checkpoints import make_tiny_checkpoint
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, ServerState
 
@@ -24,7 +27,7 @@ PROMPT = [5, 17, 30, 99, 42, 7, 64, 3]
 PERIOD = 1.0  # mean seconds between checks
 L = LayerRange
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # real servers (in this process, and in others at the end)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,31 @@ async def test_coverage_returns_after_the_only_servers_of_a_range_die(model4: Pa
             )
             async with AsyncRemoteModel.open(model4, config) as model:
                 assert await model.generate(PROMPT, 8) == want
+
+
+def test_processes_heal_and_a_waiting_client_then_succeeds(model4: Path) -> None:
+    """Real `swarm` processes: the only server of 2:4 is SIGKILLed while two serve 0:2;
+    `swarm generate --wait` started at once succeeds once one of them moved, and `swarm
+    status` shows the move."""
+    want = generate_locally(model4, PROMPT, 8).ids
+    fast = ("--rebalance", "--balance-period", "1", "--announce-ttl", "6")
+    with ProcessGroup() as group:
+        _, dht = group.start_dht()
+        for i, layers in enumerate(["0:2", "0:2", "2:4"]):
+            group.start_server(f"server{i}", str(model4), layers, dht, *fast)
+        group.processes[-1].kill()  # the only server of 2:4 dies without a word
+        ids = ",".join(map(str, PROMPT))
+        argv = swarm_command(
+            "generate", str(model4), "--ids", ids, "--initial-peers", dht,
+            "--max-new-tokens", "8", "--json", "--wait", "120",
+        )  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["ids"] == want
+        status = subprocess.run(
+            swarm_command("status", str(model4), "--initial-peers", dht),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert "moves (rebalancing)" in status.stdout and "uncovered" in status.stdout
+        assert [proc.stop() for proc in group.processes[:3]] == [0, 0, 0]
