@@ -23,7 +23,7 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
+from swarm.dht import DatagramLinks, DHTNode
 from swarm.directory import (
     AnnouncementProver,
     ServerView,
@@ -125,7 +125,8 @@ class Server:
     ``identity`` defaults to the key at ``config.identity_path`` (created if missing), or,
     when that is None, to a fresh in-memory key, so two servers never share one by accident;
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
-    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
+    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers), and so
+    is ``dht_links`` (the DHT's datagrams through emulated links, `swarm.dht.links`).
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class Server:
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
         wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -148,6 +150,7 @@ class Server:
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
         self._wrap_handlers = wrap_handlers  # testing: adversaries wrap the honest handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
@@ -178,7 +181,9 @@ class Server:
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
