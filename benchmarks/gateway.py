@@ -42,8 +42,8 @@ import trio
 from swarm.api import GatewayConfig, serve_gateway
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel, Token
+from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.shards.bundled import demo_model_path
-from swarm.testing.processes import ProcessGroup, swarm_command
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

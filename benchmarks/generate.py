@@ -33,10 +33,10 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.processes import ProcessGroup
+from swarm.lab.reference import LocalModel
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
-from swarm.testing.processes import ProcessGroup
-from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

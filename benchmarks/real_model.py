@@ -235,8 +235,8 @@ QUESTIONS = (
 async def _chat_run(turns: int) -> None:
     import statistics
 
+    from swarm.lab.reference import LocalModel
     from swarm.shards.bundled import default_model_path
-    from swarm.testing.reference import LocalModel
     from swarm.types import LayerRange
 
     path = default_model_path()

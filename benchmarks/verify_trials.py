@@ -26,9 +26,9 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_llama
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

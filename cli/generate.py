@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .coverage import fill_hint, missing_ranges
+from .coverage import fill_hint
 from .options import QuantRequirement, VerboseOption, parse_quantization
 from .output import EventWriter, warn
 
@@ -190,6 +190,7 @@ async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
     them."""
     import trio
 
+    from swarm.directory import missing_ranges
     from swarm.errors import RoutingError
 
     deadline = trio.current_time() + job.wait

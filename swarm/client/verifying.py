@@ -27,14 +27,9 @@ from swarm.client.discovery import ServerDirectory
 from swarm.client.replicas import Replicas
 from swarm.directory import ServerView
 from swarm.errors import SwarmError
-from swarm.net.messages import (
-    Evidence,
-    ForwardRequest,
-    ForwardResponse,
-    InfoRequest,
-    InfoResponse,
-)
+from swarm.net.messages import Evidence, ForwardRequest
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import call_forward, call_info
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 from swarm.verify import (
     Candidate,
@@ -126,15 +121,8 @@ class VerifiedSessions:
         if view.peer_id not in self._dtypes:
             host, port = parse_address(view.address)
             try:
-                info = await self.pool.call(
-                    host,
-                    port,
-                    "info",
-                    InfoRequest(),
-                    InfoResponse,
-                    expected_peer=view.peer_id,
-                    timeout=self.config.request_timeout,
-                )
+                conn = await self.pool.get(host, port, view.peer_id)
+                info = await call_info(conn, timeout=self.config.request_timeout)
                 self._dtypes[view.peer_id] = info.numerics or info.dtype
             except SwarmError as exc:
                 log.info("info from %s failed: %s", view.peer_id, exc)
@@ -158,15 +146,8 @@ class VerifiedSessions:
         """A stateless forward of ``layers`` on ``peer``. Raises `SwarmError` subclasses."""
         host, port = parse_address(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
-        response = await self.pool.call(
-            host,
-            port,
-            "forward",
-            request,
-            ForwardResponse,
-            expected_peer=peer,
-            timeout=self.config.step_timeout,
-        )
+        conn = await self.pool.get(host, port, peer)
+        response = await call_forward(conn, request, timeout=self.config.step_timeout)
         return response.hidden_states.float()  # (batch, seq, hidden)
 
     @asynccontextmanager

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from kademlia.network import Server
 from kademlia.node import Node
@@ -180,6 +179,3 @@ class KademliaNode(Server):  # type: ignore[misc]
             self.transport.close()
         if self.protocol is not None:
             await self.protocol.aclose()
-
-    def contact_ids(self) -> list[Any]:
-        return [n.id for n in self._proto().router.contacts()]

@@ -14,9 +14,9 @@ from swarm.client.chain import Chain
 from swarm.client.chat import Chat, Turn
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import LocalModel
 from swarm.shards import ChatTemplate, load_tokenizer
 from swarm.testing.checkpoints import GGUF_CHAT_TEMPLATE, write_random_gguf
-from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

@@ -12,9 +12,9 @@ import trio
 import swarm.shards.gguf as gguf_module
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.shards import load_chat_template, model_id
 from swarm.testing.checkpoints import write_random_gguf
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
+import trio.testing
 
 from swarm.client.config import ClientConfig
 from swarm.errors import RoutingError, SessionError
@@ -62,7 +64,11 @@ async def test_three_hops_match_one_process(
 @pytest.mark.parametrize("mode", ["die", "hang"])
 @pytest.mark.parametrize("use_push", [True, False])
 async def test_failed_hop_is_replaced_with_the_same_outputs(
-    checkpoint: Path, full_span: Span, mode: str, use_push: bool
+    checkpoint: Path,
+    full_span: Span,
+    mode: str,
+    use_push: bool,
+    autojump_clock: trio.testing.MockClock,  # the step timeout passes on a virtual clock
 ) -> None:
     steps = make_inputs(1)
     # the middle hop [2,4) is preferred (fast); a slow replica [2,6) exists
@@ -106,7 +112,9 @@ async def test_refused_open_goes_elsewhere(checkpoint: Path, full_span: Span) ->
     assert_same(got, reference_outputs(full_span, steps))
 
 
-async def test_no_replacement_is_a_clear_error(checkpoint: Path) -> None:
+async def test_no_replacement_is_a_clear_error(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].die_at_step = 1
     config = ClientConfig(step_timeout=1.0, push_grace=0.3)
@@ -123,7 +131,9 @@ async def test_wrong_input_is_not_retried(checkpoint: Path) -> None:
         assert session.recoveries == 0
 
 
-async def test_too_many_recoveries(checkpoint: Path) -> None:
+async def test_too_many_recoveries(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 6), (0, 6)])
     for s in servers:
         s.hang_at_step = 1

@@ -33,12 +33,30 @@ def test_a_move_and_an_intent_round_trip() -> None:
     ("field", "value"),
     [
         ("moving_to", [4, 9]),
-        ("last_move", {"from_range": [0, 2], "to_range": [2, 9], "reason": "uncovered",
-                       "at": 1.0, "gain": 1.0}),
-        ("last_move", {"from_range": [0, 2], "to_range": [2, 4], "reason": "boredom",
-                       "at": 1.0, "gain": 1.0}),
-        ("last_move", {"from_range": [0, 2], "to_range": [2, 4], "reason": "uncovered",
-                       "at": -1.0, "gain": 1.0}),
+        (
+            "last_move",
+            {
+                "from_range": [0, 2],
+                "to_range": [2, 9],
+                "reason": "uncovered",
+                "at": 1.0,
+                "gain": 1.0,
+            },
+        ),
+        (
+            "last_move",
+            {"from_range": [0, 2], "to_range": [2, 4], "reason": "boredom", "at": 1.0, "gain": 1.0},
+        ),
+        (
+            "last_move",
+            {
+                "from_range": [0, 2],
+                "to_range": [2, 4],
+                "reason": "uncovered",
+                "at": -1.0,
+                "gain": 1.0,
+            },
+        ),
     ],
 )
 def test_bad_moves_are_refused_naming_the_field(field: str, value: object) -> None:

@@ -15,11 +15,11 @@ from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.dht import DHTConfig
 from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.lab.processes import ProcessGroup, swarm_command
+from swarm.lab.reference import generate_locally
 from swarm.server.balance import BalanceConfig
 from swarm.server.config import ServerConfig
 from swarm.testing.checkpoints import make_tiny_checkpoint
-from swarm.testing.processes import ProcessGroup, swarm_command
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, ServerState
 

@@ -10,10 +10,10 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.shards import Quantization
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_gguf
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 

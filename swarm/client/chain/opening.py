@@ -26,6 +26,7 @@ from swarm.errors import (
 )
 from swarm.net.messages import InferenceOpen, InferenceReady, PushTarget
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import open_inference
 from swarm.types import LayerRange, PeerId, parse_address
 
 __all__ = ["HopOpener"]
@@ -187,9 +188,7 @@ class HopOpener:
                 conn = await self.pool.get(host, port, hop.server.peer_id)
             if scope.cancelled_caught:
                 raise DeadlineExceeded(f"connecting took over {cfg.connect_timeout} s")
-            stream = await stack.enter_async_context(
-                conn.open_stream("inference", timeout=cfg.step_timeout)
-            )
+            stream = await stack.enter_async_context(open_inference(conn, timeout=cfg.step_timeout))
             await stream.send(
                 InferenceOpen(
                     session_id=session_id,
