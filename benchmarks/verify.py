@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.net.methods import HandlerRegistry
 from swarm.server.handlers import ServingHandlers
@@ -87,8 +87,7 @@ async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
                 config = ClientConfig(
                     initial_peers=(local.dht_address,),
                     verify=policy,
-                    verify_seed=1,
-                    reputation_path=None,
+                    records=RecordsConfig(seed=1, reputation_path=None),
                 )
                 model = await stack.enter_async_context(AsyncRemoteModel.open(path, config))
                 await model.generate(PROMPT, NEW_TOKENS)  # warm-up; peers pass first audits

@@ -327,14 +327,15 @@ async def _generate(
 ) -> tuple[list[float], float]:
     from contextlib import aclosing
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
     from swarm.client.model import AsyncRemoteModel
 
     config = ClientConfig(
         initial_peers=(dht,),
         verify=verify or "none",
-        reputation_path=str(tmp / "reputation.json"),
-        evidence_dir=str(tmp / "evidence"),
+        records=RecordsConfig(
+            reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
+        ),
     )
     async with AsyncRemoteModel.open(model, config) as remote:
         write = EventWriter(may_roll_back=(verify or "none") != "none")

@@ -137,7 +137,7 @@ class Discovery:
     """The servers of one model, from the DHT, with the client's pings to them.
 
     `refresh` fetches every block key (bounded by ``config.request_timeout``) and pings up to
-    ``config.ping_max_servers`` servers, ``config.ping_concurrency`` at a time; a server that
+    ``config.pings.max_servers`` servers, ``config.pings.concurrency`` at a time; a server that
     does not answer its ping is only left without a ping (the planner then assumes a default).
     """
 
@@ -154,7 +154,7 @@ class Discovery:
         self.model_id = model_id
         self.num_layers = num_layers
         self.config = config
-        self._pings = PingTable(config.ping_ema)
+        self._pings = PingTable(config.pings.ema)
         self._servers: list[ServerView] = []
         self.refreshes = 0
         self._hint = ""
@@ -202,13 +202,13 @@ class Discovery:
     async def measure_pings(self) -> None:
         """Ping the online servers (at most ``ping_max_servers``) concurrently."""
         online = [s for s in self._servers if s.state == ServerState.ONLINE]
-        targets = online[: self.config.ping_max_servers]
-        limit = trio.Semaphore(self.config.ping_concurrency)
+        targets = online[: self.config.pings.max_servers]
+        limit = trio.Semaphore(self.config.pings.concurrency)
 
         async def one(server: ServerView) -> None:
             async with limit:
                 try:
-                    rtt = await ping_server(self.pool, server, self.config.ping_timeout)
+                    rtt = await ping_server(self.pool, server, self.config.pings.timeout)
                 except (SwarmError, trio.TooSlowError) as exc:
                     log.info("ping to %s failed: %s", server.peer_id, exc)
                     return

@@ -127,7 +127,9 @@ class AsyncRemoteModel:
         self.tokenizer = tokenizer
         self.pool = pool
         self.directory = directory
-        self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        self.bans = BanList(
+            config.failures.ban_base_s, config.failures.ban_backoff, config.failures.ban_max_s
+        )
         self.rng = random.Random()
         self.load = OwnLoad(directory)  # routes see this client's own sessions at once
         self.sessions = VerifiedSessions(

@@ -52,23 +52,30 @@ def make_verifier(
     config: ClientConfig, sink: EvidenceSink | None = None, reputation: Reputation | None = None
 ) -> Verifier | None:
     """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``;
-    it keeps its record in ``reputation`` (default: loaded from ``config.reputation_path``)."""
+    it keeps its record in ``reputation`` (default: loaded from
+    ``config.records.reputation_path``)."""
     policy = config.policy
     if policy.kind is PolicyKind.NONE:
         return None
     if reputation is None:
         reputation = load_reputation(config)
-    ledger = FileLedger(config.ledger_path) if config.ledger_path else None
-    evidence_dir = Path(config.evidence_dir) if config.evidence_dir is not None else None
+    ledger = FileLedger(config.records.ledger_path) if config.records.ledger_path else None
+    evidence_dir = (
+        Path(config.records.evidence_dir) if config.records.evidence_dir is not None else None
+    )
     reporter = EvidenceReporter(config.identity, evidence_dir, sink)
     return Verifier(
-        policy, reputation, ledger, rng=random.Random(config.verify_seed), reporter=reporter
+        policy, reputation, ledger, rng=random.Random(config.records.seed), reporter=reporter
     )
 
 
 def load_reputation(config: ClientConfig) -> Reputation:
-    """The reputation kept at ``config.reputation_path`` (in memory only when it is None)."""
-    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
+    """The reputation kept at ``config.records.reputation_path`` (in memory when None)."""
+    path = (
+        Path(config.records.reputation_path).expanduser()
+        if config.records.reputation_path
+        else None
+    )
     return Reputation.load(path) if path is not None else Reputation()
 
 
@@ -76,7 +83,7 @@ class VerifiedSessions:
     """Sessions of one model under ``config.verify`` (no checks at all under ``none``).
 
     ``reputation``: the record to share with other `VerifiedSessions` of the same client
-    (per-generation policies); loaded from ``config.reputation_path`` when None. Peers it
+    (per-generation policies); loaded from ``config.records.reputation_path`` when None. Peers it
     bans are left out of routes under every policy, ``none`` included.
     """
 

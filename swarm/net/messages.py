@@ -172,6 +172,9 @@ class InferenceInput(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
     positions: torch.Tensor  # (batch, new_tokens) int64
+    # speculative decoding: the cache keeps only its first ``keep`` tokens before this step
+    # (the rest were drafts the client rejected); None keeps everything
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)
 
 
 @message("new_push_target")
@@ -205,6 +208,7 @@ class PushRequest(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
     positions: torch.Tensor  # (batch, new_tokens) int64
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)  # as in `InferenceInput`
 
 
 @message("ping")
