@@ -23,7 +23,7 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
+from swarm.dht import DatagramLinks, DHTNode
 from swarm.directory import (
     AnnouncementProver,
     ServerView,
@@ -128,6 +128,8 @@ class Server:
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
     ``wrap_handlers`` turns the honest handlers into the registry served (the seam that
     `swarm.testing` adversaries and the lab's liar use); default: ``handlers.registry()``.
+    ``dht_links`` is for tests only (the DHT's datagrams through emulated links,
+    `swarm.dht.links`).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Server:
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
         wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -150,6 +153,7 @@ class Server:
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
         self._wrap_handlers = wrap_handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
@@ -180,7 +184,9 @@ class Server:
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
