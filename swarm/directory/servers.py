@@ -62,13 +62,15 @@ class ServerView:
         return max(self.free_cache_tokens, self.room_tokens)
 
 
-def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
+def decode_announcement(value: object, block: int, num_layers: int | None) -> ServerAnnouncement:
     """The announcement in a record value found under block ``block`` of a model with
-    ``num_layers`` layers. Raises `ProtocolError` naming what is wrong."""
+    ``num_layers`` layers (None where the model's size is not known, as for the DHT's
+    prover: then the range is checked against the block only). Raises `ProtocolError`
+    naming what is wrong."""
     ann: ServerAnnouncement = message_from_wire(value, "announcement", expect=ServerAnnouncement)
     if block not in ann.layer_range:
         raise ProtocolError(f"announcement.layer_range {ann.layer_range} misses block {block}")
-    if ann.layer_range.stop > num_layers:
+    if num_layers is not None and ann.layer_range.stop > num_layers:
         raise ProtocolError(
             f"announcement.layer_range {ann.layer_range} goes past the model's {num_layers}"
         )
@@ -79,7 +81,7 @@ def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnn
         moves += [("last_move.from_range", ann.last_move.from_range)]
         moves += [("last_move.to_range", ann.last_move.to_range)]
     for name, layers in moves:
-        if layers is not None and layers.stop > num_layers:
+        if layers is not None and num_layers is not None and layers.stop > num_layers:
             raise ProtocolError(f"announcement.{name} {layers} goes past the model's {num_layers}")
     if ann.free_cache_tokens > MAX_CACHE_TOKENS:
         raise ProtocolError("announcement.free_cache_tokens is out of range")

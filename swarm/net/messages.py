@@ -28,16 +28,17 @@ __all__ = [
     "Evidence",
     "ForwardRequest",
     "ForwardResponse",
+    "InferenceInput",
     "InferenceOpen",
     "InferenceReady",
-    "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",
     "InfoResponse",
     "Message",
+    "NewPushTarget",
+    "NewPusher",
     "PingEntry",
     "PushRequest",
-    "PushResponse",
     "PushTarget",
     "RangeMove",
     "Receipt",
@@ -163,21 +164,33 @@ class InferenceReady(Message):
     free_cache_tokens: int = bounded(ge=0)
 
 
-@message("inference_step")
-class InferenceStep(Message):
-    """Client to server, on the ``inference`` stream.
-
-    With ``hidden_states`` and ``positions``: the input of ``step`` (the server uses it
-    unless a push delivered the same step first). Without them: only news, e.g. a new
-    ``push_to`` (replaces the session's push target from this step on) or a new
-    ``push_from`` (after the previous hop was replaced: only that peer may push now).
-    """
+@message("inference_input")
+class InferenceInput(Message):
+    """Client to server, on the ``inference`` stream: the input of ``step`` (the server uses
+    it unless a push from the previous server delivered the same step first)."""
 
     step: int = bounded(ge=0)
-    hidden_states: torch.Tensor | None = None  # (batch, new_tokens, hidden)
-    positions: torch.Tensor | None = None  # (batch, new_tokens) int64
-    push_to: PushTarget | None = None
-    push_from: PeerId | None = None
+    hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
+    positions: torch.Tensor  # (batch, new_tokens) int64
+    # speculative decoding: the cache keeps only its first ``keep`` tokens before this step
+    # (the rest were drafts the client rejected); None keeps everything
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)
+
+
+@message("new_push_target")
+class NewPushTarget(Message):
+    """Client to server, on the ``inference`` stream: push outputs to ``push_to`` from now on
+    (the next hop was replaced or rewired)."""
+
+    push_to: PushTarget
+
+
+@message("new_pusher")
+class NewPusher(Message):
+    """Client to server, on the ``inference`` stream: take pushes only from ``push_from``
+    from now on (the previous hop was replaced)."""
+
+    push_from: PeerId
 
 
 @message("inference_step_result")
@@ -195,13 +208,7 @@ class PushRequest(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
     positions: torch.Tensor  # (batch, new_tokens) int64
-
-
-@message("push_response")
-class PushResponse(Message):
-    """Whether the pushed input was taken (False: a duplicate or too late)."""
-
-    accepted: bool
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)  # as in `InferenceInput`
 
 
 @message("ping")

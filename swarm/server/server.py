@@ -23,7 +23,7 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
+from swarm.dht import DatagramLinks, DHTNode
 from swarm.directory import (
     AnnouncementProver,
     ServerView,
@@ -43,6 +43,7 @@ from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
+from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
@@ -125,7 +126,10 @@ class Server:
     ``identity`` defaults to the key at ``config.identity_path`` (created if missing), or,
     when that is None, to a fresh in-memory key, so two servers never share one by accident;
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
-    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
+    ``wrap_handlers`` turns the honest handlers into the registry served (the seam that
+    `swarm.testing` adversaries and the lab's liar use); default: ``handlers.registry()``.
+    ``dht_links`` is for tests only (the DHT's datagrams through emulated links,
+    `swarm.dht.links`).
     """
 
     def __init__(
@@ -136,7 +140,8 @@ class Server:
         transport: Transport | None = None,
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
-        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -147,7 +152,8 @@ class Server:
         self.swarm_key = load_swarm_key(config.swarm_key_path) if config.swarm_key_path else None
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
-        self._wrap_handlers = wrap_handlers  # testing: adversaries wrap the honest handlers
+        self._wrap_handlers = wrap_handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
@@ -178,7 +184,9 @@ class Server:
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
@@ -278,7 +286,8 @@ class Server:
         ):
             handlers = ServingHandlers(cfg, span, state, sessions, queue, pool)
             self.handlers = handlers
-            served = handlers if self._wrap_handlers is None else self._wrap_handlers(handlers)
+            wrap = self._wrap_handlers
+            served = handlers.registry() if wrap is None else wrap(handlers)
             rpc = RpcServer(
                 self.identity,
                 served,

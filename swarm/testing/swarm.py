@@ -22,6 +22,7 @@ import trio
 
 from swarm.dht import DHTConfig, DHTNode
 from swarm.identity import Identity
+from swarm.net.methods import HandlerRegistry
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers
 from swarm.server.server import Server, ServerReady
@@ -70,7 +71,7 @@ class LocalSwarm:
         self,
         layers: LayerRange | None,
         *,
-        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
         **overrides: object,
     ) -> LocalServer:
         """Start one more server and wait until it is online (deadline 60 s)."""

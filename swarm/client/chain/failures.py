@@ -46,7 +46,9 @@ class FailurePolicy:
         if innocent:
             peer = failure.hop.server.peer_id
             cfg = self.config
-            self.bans.penalties.penalise(peer, cfg.slow_penalty, cfg.slow_penalty_half_life_s)
+            self.bans.penalties.penalise(
+                peer, cfg.hedging.slow_penalty, cfg.hedging.slow_penalty_half_life_s
+            )
             log.info("%s cannot go on (%s); moving to another server", peer, cause)
         return innocent
 
@@ -63,8 +65,8 @@ class FailurePolicy:
     def slow(self, peer: PeerId) -> None:
         """``peer`` lost a hedged step: routes through it cost more for a while."""
         config = self.config
-        if config.slow_penalty > 0:
+        if config.hedging.slow_penalty > 0:
             value = self.bans.penalties.penalise(
-                peer, config.slow_penalty, config.slow_penalty_half_life_s
+                peer, config.hedging.slow_penalty, config.hedging.slow_penalty_half_life_s
             )
             log.info("penalising %s (route cost x%.2f) for a lost hedged step", peer, 1 + value)
