@@ -23,6 +23,7 @@ from .options import (
     model_path,
     parse_quantization,
 )
+from .output import EventWriter
 
 if TYPE_CHECKING:
     from swarm.client.chat import Chat
@@ -152,10 +153,10 @@ async def _answer(
                     return
 
             nursery.start_soon(stop_on_signal)
-            async with aclosing(conversation.send(message, max_new_tokens, sampling)) as tokens:
-                async for token in tokens:
-                    sys.stdout.write(token.text)
-                    sys.stdout.flush()
+            write = EventWriter(may_roll_back=conversation.model.config.verify != "none")
+            async with aclosing(conversation.send(message, max_new_tokens, sampling)) as events:
+                async for event in events:
+                    write(event)
             nursery.cancel_scope.cancel()
     sys.stdout.write("\n")
     if stopped:

@@ -27,8 +27,10 @@ __all__ = [
     "FLOAT_DTYPES",
     "DtypeName",
     "LayerRange",
+    "MoveReason",
     "PeerId",
     "QuantName",
+    "Reachability",
     "ServerState",
     "b58decode",
     "b58encode",
@@ -153,6 +155,27 @@ class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
+
+
+class Reachability(enum.StrEnum):
+    """Whether others can dial a server at the address it announces (a majority of
+    dial-back peers decides, `swarm.server.reachability`): ``unknown`` before a check or
+    when no peer could vote, ``reachable``, ``unreachable``."""
+
+    UNKNOWN = "unknown"
+    REACHABLE = "reachable"
+    UNREACHABLE = "unreachable"
+
+
+class MoveReason(enum.StrEnum):
+    """Why a server moved to another layer range; announced with the move.
+
+    ``uncovered``: the move covers blocks that no server served; ``bottleneck``: it raises
+    the swarm's bottleneck throughput (the least served block's) by the configured margin.
+    """
+
+    UNCOVERED = "uncovered"
+    BOTTLENECK = "bottleneck"
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -23,8 +23,13 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
-from swarm.directory import AnnouncementProver, block_keys, servers_from_records
+from swarm.dht import DatagramLinks, DHTNode
+from swarm.directory import (
+    AnnouncementProver,
+    ServerView,
+    block_keys,
+    servers_from_records,
+)
 from swarm.errors import (
     ConfigError,
     ConnectError,
@@ -36,9 +41,12 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
+from swarm.net.dialback import DialBackService
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
+from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
+from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
@@ -46,6 +54,8 @@ from swarm.server.announcer import Announcer, choose_layers
 from swarm.server.capacity import (
     SpanMeasurement,
     SpanTimings,
+    available_memory,
+    block_bytes,
     cpu_has_native_bfloat16,
     measure_span,
     size_server,
@@ -53,12 +63,16 @@ from swarm.server.capacity import (
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
+from swarm.server.moving import RangeMover
+from swarm.server.reachability import ReachabilityKeeper
+from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
     PeerId,
+    Reachability,
     ServerState,
     format_address,
     parse_address,
@@ -81,6 +95,8 @@ class ServerReady:
     layers: LayerRange
     model_id: str
     throughput: float
+    reachability: Reachability = Reachability.UNKNOWN
+    relays: tuple[str, ...] = ()  # "host:port" of the relays it is dialed through
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +132,10 @@ class Server:
     ``identity`` defaults to the key at ``config.identity_path`` (created if missing), or,
     when that is None, to a fresh in-memory key, so two servers never share one by accident;
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
-    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
+    ``wrap_handlers`` turns the honest handlers into the registry served (the seam that
+    `swarm.testing` adversaries and the lab's liar use); default: ``handlers.registry()``.
+    ``dht_links`` is for tests only (the DHT's datagrams through emulated links,
+    `swarm.dht.links`).
     """
 
     def __init__(
@@ -127,7 +146,8 @@ class Server:
         transport: Transport | None = None,
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
-        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -138,10 +158,15 @@ class Server:
         self.swarm_key = load_swarm_key(config.swarm_key_path) if config.swarm_key_path else None
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
-        self._wrap_handlers = wrap_handlers  # testing: adversaries wrap the honest handlers
+        self._wrap_handlers = wrap_handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
+        self.reachability: ReachabilityKeeper | None = None
+        self.relay: RelayService | None = None
+        self.rebalancer: Rebalancer | None = None
+        self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
     def request_stop(self) -> None:
         """Begin a clean stop: `run` drains and returns."""
@@ -167,7 +192,9 @@ class Server:
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
@@ -247,13 +274,12 @@ class Server:
     ) -> None:
         cfg = self.config
         state = ServingState(model_id=the_model_id, version=__version__)
-        sessions = SessionTable(
-            cfg.limits,
-            lambda layers, batch, length: KVCache.allocate(
-                span.config, layers, batch, length, span.dtype, span.device
-            ),
-            span.narrow,
-        )
+
+        def allocate(layers: LayerRange, batch: int, length: int) -> KVCache:
+            now = handlers.span  # the span served now (a move switches it)
+            return KVCache.allocate(now.config, layers, batch, length, now.dtype, now.device)
+
+        sessions = SessionTable(cfg.limits, allocate, lambda layers: handlers.span.narrow(layers))
         queue = ComputeQueue(cfg.compute)
         budget = ReceiveBudget(cfg.net.max_receive_bytes)  # one for every channel, both ways
         async with (
@@ -268,14 +294,26 @@ class Server:
         ):
             handlers = ServingHandlers(cfg, span, state, sessions, queue, pool)
             self.handlers = handlers
-            served = handlers if self._wrap_handlers is None else self._wrap_handlers(handlers)
+            wrap = self._wrap_handlers
+            served = handlers.registry() if wrap is None else wrap(handlers)
+            reach = cfg.reachability
+            dial_back = DialBackService(
+                self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
+            )
+            helpers = [dial_back.binding()]
+            if reach.offer_relay:
+                self.relay = RelayService(
+                    self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits
+                )
+                helpers.append(self.relay.binding())
             rpc = RpcServer(
                 self.identity,
-                served,
+                served.with_bindings(helpers),
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,
                 receive_budget=budget,
+                relay=self.relay,
             )
             await nursery.start(queue.run)
             await nursery.start(sessions.run_reaper)
@@ -288,19 +326,24 @@ class Server:
             host = cfg.public_host or cfg.host
 
             def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
+                keeper = self.reachability
                 return ServerAnnouncement(
+                    reachability=keeper.verdict if keeper else Reachability.UNKNOWN,
+                    relays=keeper.relays if keeper else (),
                     host=host,
                     port=port,
-                    layer_range=span.layers,
+                    layer_range=handlers.span.layers,
                     state=state.state,
-                    dtype=str(span.dtype).removeprefix("torch."),
-                    quantization=span.quantization.value,
+                    dtype=str(handlers.span.dtype).removeprefix("torch."),
+                    quantization=handlers.span.quantization.value,
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
                     room_tokens=sessions.room_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
                     next_pings=pings,
+                    moving_to=state.moving_to,
+                    last_move=state.last_move,
                 )
 
             announcer = Announcer(
@@ -315,6 +358,25 @@ class Server:
             )
             self.announcer = announcer
             await announcer.announce()  # joining
+
+            async def reachability_changed() -> None:
+                keeper = self.reachability
+                if keeper is not None:
+                    state.reachability, state.relayed = keeper.verdict, bool(keeper.relays)
+                    await announcer.announce()
+
+            keeper = ReachabilityKeeper(
+                reach, dht, pool, self.identity.peer_id, rpc.handle_stream,
+                reachability_changed, self.relay,
+            )  # fmt: skip
+            self.reachability = keeper
+            self._progress(f"checking that others can dial {format_address(host, port)}")
+            await nursery.start(keeper.run, host, port)
+            self._progress(
+                f"reachability: {keeper.verdict} ({keeper.report.reachable} of "
+                f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"
+                + (f", through relays {_relay_list(keeper)}" if keeper.relays else "")
+            )
             if cfg.measure_throughput:
                 # a first estimate (two decode steps of one session, two 16-token chunks) before
                 # going online; the whole measurement runs once online, between sessions
@@ -330,6 +392,9 @@ class Server:
             state.state = ServerState.ONLINE
             await announcer.announce()
             await nursery.start(announcer.run)
+            if cfg.balance.rebalances(pinned=self._pinned):
+                self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
+                await nursery.start(self.rebalancer.run)
             if cfg.measure_throughput:
                 nursery.start_soon(self._measure_online, span, state, queue)
             task_status.started(
@@ -341,11 +406,59 @@ class Server:
                     span.layers,
                     the_model_id,
                     state.throughput,
+                    keeper.verdict,
+                    _relay_list(keeper),
                 )
             )
             await self._stop.wait()
             await self._drain(state, announcer, queue, sessions)
             nursery.cancel_scope.cancel()
+
+    def _rebalancer(
+        self,
+        dht: DHTNode,
+        the_model_id: str,
+        handlers: ServingHandlers,
+        sessions: SessionTable,
+        queue: ComputeQueue,
+    ) -> Rebalancer:
+        """The loop that moves this server where the swarm needs it (`swarm.server.balance`)."""
+        cfg, announcer = self.config, self.announcer
+        assert announcer is not None  # set by _serve before this is called
+        num_layers = handlers.span.config.num_hidden_layers
+
+        async def load(layers: LayerRange) -> Span:
+            now = handlers.span
+            self._progress(f"loading layers {layers} of {cfg.model} to move there")
+            return await trio.to_thread.run_sync(
+                lambda: load_span(
+                    cfg.model, layers, dtype=now.dtype, device=now.device, quant=now.quantization
+                ),
+                abandon_on_cancel=True,
+            )
+
+        def holds_both(layers: LayerRange) -> bool:
+            now = handlers.span
+            needed = block_bytes(now.config, now.dtype, now.quantization) * len(layers)
+            return available_memory(now.device) * cfg.memory.usable_fraction >= needed
+
+        async def read() -> list[ServerView]:
+            found = await dht.get_many(block_keys(the_model_id, num_layers))
+            return servers_from_records(found, the_model_id, num_layers)
+
+        def drop(old: Span) -> None:
+            old.to(device="meta")  # frees the old weights even where something still holds it
+
+        mover = RangeMover(
+            handlers, sessions, queue, announcer,
+            load=load, holds_both=holds_both, drop=drop,
+            drain_timeout=cfg.balance.drain_timeout, on_failure=self.request_stop,
+        )  # fmt: skip
+        return Rebalancer(
+            cfg.balance, self.identity.peer_id, num_layers,
+            read=read, current=lambda: handlers.span.layers,
+            throughput=lambda: handlers.state.throughput, intend=mover.intend, move=mover.move,
+        )  # fmt: skip
 
     def _apply_timings(
         self, timings: SpanTimings, state: ServingState, queue: ComputeQueue
@@ -385,3 +498,7 @@ class Server:
         if sessions.close_all(going):
             with trio.move_on_after(1.0, shield=True):
                 await trio.sleep(0.05)  # the handlers send their clients the reason
+
+
+def _relay_list(keeper: ReachabilityKeeper) -> tuple[str, ...]:
+    return tuple(format_address(hop.host, hop.port) for hop in keeper.relays)
