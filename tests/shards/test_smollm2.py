@@ -201,7 +201,7 @@ async def test_three_servers_in_int8_give_transformers_answer(
     logit gap between the two tokens there."""
     import trio
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.server.config import ServerConfig
     from swarm.shards import Quantization
@@ -214,7 +214,7 @@ async def test_three_servers_in_int8_give_transformers_answer(
             assert {s.server.config.quant for s in local.servers} == {Quantization.INT8}
             config = ClientConfig(
                 initial_peers=(local.dht_address,),
-                reputation_path=str(tmp_path / "reputation.json"),
+                records=RecordsConfig(reputation_path=str(tmp_path / "reputation.json")),
                 quant="int8",
             )
             async with AsyncRemoteModel.open(smollm2, config) as model:

@@ -10,7 +10,6 @@ import trio
 
 from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.lab.reference import generate_locally
 from swarm.shards import Quantization
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_gguf
