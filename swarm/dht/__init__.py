@@ -4,6 +4,15 @@ from swarm.dht.config import DHTConfig
 from swarm.dht.node import DHTNode
 from swarm.dht.proofs import RecordProver
 from swarm.dht.records import DropReason, Record
+from swarm.dht.sources import PrivateGroups
 from swarm.dht.stats import DHTStatistics
 
-__all__ = ["DHTConfig", "DHTNode", "DHTStatistics", "DropReason", "Record", "RecordProver"]
+__all__ = [
+    "DHTConfig",
+    "DHTNode",
+    "DHTStatistics",
+    "DropReason",
+    "PrivateGroups",
+    "Record",
+    "RecordProver",
+]
