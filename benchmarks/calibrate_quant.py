@@ -26,9 +26,9 @@ from swarm.shards import ModelConfig, Quantization, load_head, load_span
 from swarm.shards.bundled import default_model_path
 from swarm.testing.adversaries import corruptor
 from swarm.testing.checkpoints import write_random_gguf
+from swarm.testing.simulate import record_outputs
 from swarm.types import LayerRange
 from swarm.verify.compare import compare, position_errors, thresholds_for
-from swarm.verify.simulate import record_outputs
 
 PROMPT = 8
 NOISE_GRID = [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2, 6e-2, 8e-2, 0.1, 0.15, 0.2, 0.3, 0.5]

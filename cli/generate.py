@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .coverage import fill_hint, missing_ranges
+from .coverage import fill_hint
 from .options import QuantRequirement, VerboseOption, parse_quantization
 from .output import EventWriter, warn
 
 if TYPE_CHECKING:
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, PipelineConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.client.sampling import SamplingConfig
 
@@ -107,13 +107,15 @@ def generate(
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
-        use_push=not no_push,
         step_timeout=step_timeout,
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
+        pipeline=PipelineConfig(use_push=not no_push),
     )
     if reputation is not None:
-        config = dataclasses.replace(config, reputation_path=str(reputation))
+        config = dataclasses.replace(
+            config, records=dataclasses.replace(config.records, reputation_path=str(reputation))
+        )
     path = resolve_checkpoint(model)
     chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
     sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)
@@ -190,6 +192,7 @@ async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
     them."""
     import trio
 
+    from swarm.directory import missing_ranges
     from swarm.errors import RoutingError
 
     deadline = trio.current_time() + job.wait

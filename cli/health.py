@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .coverage import fill_hint, missing_ranges
+from .coverage import fill_hint
 from .options import KeyOption, PeersOption, VerboseOption
 
 if TYPE_CHECKING:
@@ -31,10 +31,8 @@ async def _discovery(
     model: Path, initial_peers: Sequence[str], swarm_key: Path | None
 ) -> AsyncIterator[tuple[Discovery, ConnectionPool, int]]:
     from swarm.client.config import ClientConfig
-    from swarm.client.discovery import Discovery
-    from swarm.dht import DHTConfig, DHTNode
+    from swarm.client.discovery import Discovery, join_as_client
     from swarm.errors import ConfigError
-    from swarm.net.pool import open_connection_pool
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards import ModelConfig, model_id
 
@@ -43,13 +41,7 @@ async def _discovery(
     key = load_swarm_key(swarm_key) if swarm_key else None
     config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=key)
     layers = ModelConfig.from_pretrained(model).num_hidden_layers
-    async with (
-        open_connection_pool(config.identity, swarm_key=key, config=config.net) as pool,
-        DHTNode.open(
-            config.identity,
-            DHTConfig(initial_peers=config.initial_peers, swarm_key=key, client_only=True),
-        ) as dht,
-    ):
+    async with join_as_client(config) as (pool, dht):
         yield Discovery(dht, pool, model_id(model), layers, config), pool, layers
 
 
@@ -57,10 +49,9 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
     table = Table(title="block coverage (online servers per block)")
     table.add_column("blocks")
     table.add_column("servers", justify="right")
-    counts = [
-        sum(1 for s in servers if s.state == "online" and block in s.layers)
-        for block in range(layers)
-    ]
+    from swarm.directory import servers_per_block
+
+    counts = servers_per_block(servers, layers)
     start = 0
     for block in range(1, layers + 1):
         if block == layers or counts[block] != counts[start]:
@@ -127,6 +118,8 @@ async def _status(
         await found.measure_pings()
         pings = found.pings
     console.print(_coverage(servers, layers))
+    from swarm.directory import missing_ranges
+
     moves = _moves(servers)
     if moves is not None:
         console.print(moves)
@@ -137,6 +130,8 @@ async def _status(
     for column in (
         "peer",
         "address",
+        "path",
+        "reachability",
         "layers",
         "state",
         "weights",
@@ -156,6 +151,8 @@ async def _status(
         table.add_row(
             s.peer_id.short(),
             s.address,
+            s.path,
+            s.reachability,
             str(s.layers),
             s.state,
             f"{s.dtype} {s.quantization}",

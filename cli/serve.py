@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,12 +22,21 @@ from .options import (
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
+    from swarm.net.methods import HandlerRegistry
     from swarm.server.config import ServerConfig
+    from swarm.server.handlers import ServingHandlers
     from swarm.server.server import ServerReady
 
-__all__ = ["serve"]
+    WrapHandlers = Callable[[ServingHandlers], HandlerRegistry]
+
+__all__ = ["WRAP_HANDLERS", "serve"]
 
 err = Console(stderr=True)
+
+# The handler-wrapping seam of `Server` for this process's `serve`: None (honest) unless the
+# lab's liar entry point (`swarm_cli.lab_serve`) set it; `swarm serve` itself has no option
+# for it.
+WRAP_HANDLERS: ContextVar[WrapHandlers | None] = ContextVar("WRAP_HANDLERS", default=None)
 
 
 def serve(
@@ -103,14 +114,6 @@ def serve(
     announce_ttl: Annotated[
         float, typer.Option(help="Seconds a DHT record lives; re-announced every half.")
     ] = 60.0,
-    testing_adversary: Annotated[
-        str | None,
-        typer.Option(
-            "--testing-adversary",
-            help="TESTING ONLY: make this server lie (see swarm.testing.adversaries).",
-            hidden=True,
-        ),
-    ] = None,
     rebalance: Annotated[
         bool | None,
         typer.Option(
@@ -131,6 +134,10 @@ def serve(
         ),
     ] = 0.75,
     private_groups: PrivateGroupsOption = "host",
+    relay: Annotated[
+        bool,
+        typer.Option(help="Relay for servers that cannot be dialed, while reachable (--no-relay)."),
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -144,6 +151,7 @@ def serve(
     from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
+    from swarm.server.reachability import ReachabilityConfig
     from swarm.server.sessions import SessionLimits
     from swarm.shards.hub import resolve_checkpoint
     from swarm.types import LayerRange
@@ -187,9 +195,10 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
+        reachability=ReachabilityConfig(offer_relay=relay),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
-    trio.run(_run, config, testing_adversary)
+    trio.run(_run, config, WRAP_HANDLERS.get())
 
 
 def _check_model_and_device(model: Path, device: str) -> int:
@@ -216,18 +225,13 @@ def _check_model_and_device(model: Path, device: str) -> int:
     return num_layers
 
 
-async def _run(config: ServerConfig, adversary: str | None = None) -> None:
+async def _run(config: ServerConfig, wrap: WrapHandlers | None = None) -> None:
     """Start the server; the first Ctrl-C / SIGTERM drains it once ready and stops start-up
     at once before that; a second one stops at once."""
     import trio
 
     from swarm.server.server import Server
 
-    wrap = None
-    if adversary:  # the hidden --testing-adversary flag, for tests of verification
-        from swarm.testing.adversaries import adversary_wrapper
-
-        wrap = adversary_wrapper(adversary)
     status = err.status("starting", spinner="dots") if sys.stderr.isatty() else None
 
     def progress(message: str) -> None:
@@ -274,7 +278,8 @@ def _report_ready(ready: ServerReady, config: ServerConfig) -> None:
     print(
         f"swarm server ready: peer {ready.peer_id} at {ready.host}:{ready.port} "
         f"layers {ready.layers} model {ready.model_id} dht {ready.dht_address} "
-        f"throughput {ready.throughput:.1f} tok/s",
+        f"throughput {ready.throughput:.1f} tok/s reachability {ready.reachability}"
+        + (f" relays {','.join(ready.relays)}" if ready.relays else ""),
         flush=True,
     )
     if not config.dht.initial_peers:

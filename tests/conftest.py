@@ -3,7 +3,7 @@ the guard that keeps the test tiers true.
 
 Two tiers (README, "Testing"): ``make test`` runs everything; ``make test-fast`` runs
 ``pytest -m "not slow"``, the tests that start no process and wait on no wall clock. A test
-that starts a process (``subprocess``, ``trio.run_process``, `swarm.testing.processes`,
+that starts a process (``subprocess``, ``trio.run_process``, `swarm.lab.processes`,
 ``os.fork`` ...) must be marked ``@pytest.mark.slow``, or the guard below fails it, also when
 the process is started by a fixture it uses or from a worker thread. A test that sleeps in
 real time is marked too, or better, runs its timers under trio's ``autojump_clock``: a single

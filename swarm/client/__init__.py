@@ -2,8 +2,16 @@
 `RemoteModel` and its token loop (DESIGN §7)."""
 
 from swarm.client.chain import Chain, StepResult
-from swarm.client.config import ClientConfig
+from swarm.client.config import (
+    ClientConfig,
+    FailureConfig,
+    HedgeConfig,
+    PingConfig,
+    PipelineConfig,
+    RecordsConfig,
+)
 from swarm.client.discovery import Discovery, ServerDirectory, StaticDirectory
+from swarm.client.generation import Done, Event, RolledBack, StopReason
 from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.client.remote import RemoteModel
 from swarm.client.routing import Hop, ServerView, plan_route
@@ -14,14 +22,23 @@ __all__ = [
     "Chain",
     "ClientConfig",
     "Discovery",
+    "Done",
+    "Event",
+    "FailureConfig",
     "GenerationResult",
+    "HedgeConfig",
     "Hop",
+    "PingConfig",
+    "PipelineConfig",
+    "RecordsConfig",
     "RemoteModel",
+    "RolledBack",
     "SamplingConfig",
     "ServerDirectory",
     "ServerView",
     "StaticDirectory",
     "StepResult",
+    "StopReason",
     "Token",
     "plan_route",
 ]

@@ -8,12 +8,14 @@ use).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Protocol
 
 import trio
 
 from swarm.client.config import ClientConfig
+from swarm.dht.config import DHTConfig
 from swarm.dht.node import DHTNode
 from swarm.directory import (
     ServerView,
@@ -22,9 +24,10 @@ from swarm.directory import (
     other_model_ids,
     servers_from_records,
 )
-from swarm.errors import DHTError, SwarmError
-from swarm.net.messages import InfoRequest, InfoResponse
-from swarm.net.pool import ConnectionPool
+from swarm.errors import ConfigError, DHTError, SwarmError
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.surface import call_info
+from swarm.net.transport import Transport
 from swarm.types import PeerId, ServerState, parse_address
 
 __all__ = [
@@ -32,9 +35,43 @@ __all__ = [
     "PingTable",
     "ServerDirectory",
     "StaticDirectory",
+    "join_as_client",
+    "open_client_pool",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def open_client_pool(
+    config: ClientConfig, transport: Transport | None = None
+) -> AbstractAsyncContextManager[ConnectionPool]:
+    """The client's connection pool: its identity, swarm key and network config."""
+    return open_connection_pool(
+        config.identity, transport=transport, swarm_key=config.swarm_key, config=config.net
+    )
+
+
+@asynccontextmanager
+async def join_as_client(
+    config: ClientConfig, pool: ConnectionPool | None = None, transport: Transport | None = None
+) -> AsyncIterator[tuple[ConnectionPool, DHTNode]]:
+    """Join the swarm as a client (the one place that says how): the client's pool (``pool``,
+    or one opened here on ``transport``) and a client-only DHT node, which asks and is added
+    to nobody's routing table, so clients that come and go do not wear the DHT down.
+
+    Raises `ConfigError` without ``config.initial_peers``, `DHTError` if the DHT cannot be
+    joined.
+    """
+    if not config.initial_peers:
+        raise ConfigError("no initial peers: give the host:port of a DHT node")
+    dht_config = DHTConfig(
+        initial_peers=config.initial_peers, swarm_key=config.swarm_key, client_only=True
+    )
+    async with AsyncExitStack() as stack:
+        if pool is None:
+            pool = await stack.enter_async_context(open_client_pool(config, transport))
+        dht = await stack.enter_async_context(DHTNode.open(config.identity, dht_config))
+        yield pool, dht
 
 
 class ServerDirectory(Protocol):
@@ -92,7 +129,7 @@ async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) 
     with trio.fail_after(timeout):
         conn = await pool.get(host, port, server.peer_id)
     start = trio.current_time()
-    await conn.call("info", InfoRequest(), InfoResponse, timeout=timeout)
+    await call_info(conn, timeout=timeout)
     return trio.current_time() - start
 
 
@@ -100,7 +137,7 @@ class Discovery:
     """The servers of one model, from the DHT, with the client's pings to them.
 
     `refresh` fetches every block key (bounded by ``config.request_timeout``) and pings up to
-    ``config.ping_max_servers`` servers, ``config.ping_concurrency`` at a time; a server that
+    ``config.pings.max_servers`` servers, ``config.pings.concurrency`` at a time; a server that
     does not answer its ping is only left without a ping (the planner then assumes a default).
     """
 
@@ -117,7 +154,7 @@ class Discovery:
         self.model_id = model_id
         self.num_layers = num_layers
         self.config = config
-        self._pings = PingTable(config.ping_ema)
+        self._pings = PingTable(config.pings.ema)
         self._servers: list[ServerView] = []
         self.refreshes = 0
         self._hint = ""
@@ -165,13 +202,13 @@ class Discovery:
     async def measure_pings(self) -> None:
         """Ping the online servers (at most ``ping_max_servers``) concurrently."""
         online = [s for s in self._servers if s.state == ServerState.ONLINE]
-        targets = online[: self.config.ping_max_servers]
-        limit = trio.Semaphore(self.config.ping_concurrency)
+        targets = online[: self.config.pings.max_servers]
+        limit = trio.Semaphore(self.config.pings.concurrency)
 
         async def one(server: ServerView) -> None:
             async with limit:
                 try:
-                    rtt = await ping_server(self.pool, server, self.config.ping_timeout)
+                    rtt = await ping_server(self.pool, server, self.config.pings.timeout)
                 except (SwarmError, trio.TooSlowError) as exc:
                     log.info("ping to %s failed: %s", server.peer_id, exc)
                     return

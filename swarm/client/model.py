@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
-from swarm.client.discovery import Discovery, ServerDirectory
+from swarm.client.discovery import Discovery, ServerDirectory, join_as_client, open_client_pool
 from swarm.client.generation import (
     Attempt,
     Done,
@@ -46,11 +46,10 @@ from swarm.client.load import OwnLoad
 from swarm.client.sampling import Sampler, SamplingConfig
 from swarm.client.text import load_tokenizer
 from swarm.client.verifying import CheckedChain, VerifiedSessions, load_reputation
-from swarm.dht import DHTConfig, DHTNode
 from swarm.directory import DHTEvidenceBoard
 from swarm.errors import ConfigError, unwrap_group
 from swarm.net.messages import Evidence
-from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.pool import ConnectionPool
 from swarm.net.transport import Transport
 from swarm.shards import Head, ModelConfig, load_head, model_id
 from swarm.verify import EvidenceSink, Reputation, Verifier, parse_policy
@@ -128,7 +127,9 @@ class AsyncRemoteModel:
         self.tokenizer = tokenizer
         self.pool = pool
         self.directory = directory
-        self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        self.bans = BanList(
+            config.failures.ban_base_s, config.failures.ban_backoff, config.failures.ban_max_s
+        )
         self.rng = random.Random()
         self.load = OwnLoad(directory)  # routes see this client's own sessions at once
         self.sessions = VerifiedSessions(
@@ -183,20 +184,11 @@ class AsyncRemoteModel:
             head = await trio.to_thread.run_sync(load_head, folder)
             tokenizer = load_tokenizer(folder)
             mid = model_id(folder)
-            async with open_connection_pool(
-                config.identity, transport=transport, swarm_key=config.swarm_key, config=config.net
-            ) as pool:
+            async with open_client_pool(config, transport) as pool:
                 if directory is not None:
                     yield cls(folder, config, model_config, head, tokenizer, pool, directory)
                     return
-                if not config.initial_peers:
-                    raise ConfigError("no initial peers: give the host:port of a DHT node")
-                dht_config = DHTConfig(  # a client: nobody adds it to a routing table
-                    initial_peers=config.initial_peers,
-                    swarm_key=config.swarm_key,
-                    client_only=True,
-                )
-                async with DHTNode.open(config.identity, dht_config) as dht:
+                async with join_as_client(config, pool) as (_, dht):
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
                     board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
                     yield cls(folder, config, model_config, head, tokenizer, pool, found, board)

@@ -79,7 +79,8 @@ class RemoteModel:
     ) -> RemoteModel:
         """Open ``path``'s model on the swarm reached through ``initial_peers``.
 
-        ``config`` holds `ClientConfig` fields (``use_push=False``, ``step_timeout=5``...).
+        ``config`` holds `ClientConfig` fields (``step_timeout=5``,
+        ``hedging=HedgeConfig(after=None)``...).
         ``verify`` is a policy (``"none"``, ``"spot-check:0.1"``, ``"redundant:3"``,
         ``"optimistic"``; see `swarm.verify.policy`); None means ``"none"``.
         Raises `ConfigError` for unknown options or policies, and what

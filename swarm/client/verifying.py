@@ -27,14 +27,9 @@ from swarm.client.discovery import ServerDirectory
 from swarm.client.replicas import Replicas
 from swarm.directory import ServerView
 from swarm.errors import SwarmError
-from swarm.net.messages import (
-    Evidence,
-    ForwardRequest,
-    ForwardResponse,
-    InfoRequest,
-    InfoResponse,
-)
+from swarm.net.messages import Evidence, ForwardRequest
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import call_forward, call_info
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 from swarm.verify import (
     Candidate,
@@ -57,23 +52,30 @@ def make_verifier(
     config: ClientConfig, sink: EvidenceSink | None = None, reputation: Reputation | None = None
 ) -> Verifier | None:
     """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``;
-    it keeps its record in ``reputation`` (default: loaded from ``config.reputation_path``)."""
+    it keeps its record in ``reputation`` (default: loaded from
+    ``config.records.reputation_path``)."""
     policy = config.policy
     if policy.kind is PolicyKind.NONE:
         return None
     if reputation is None:
         reputation = load_reputation(config)
-    ledger = FileLedger(config.ledger_path) if config.ledger_path else None
-    evidence_dir = Path(config.evidence_dir) if config.evidence_dir is not None else None
+    ledger = FileLedger(config.records.ledger_path) if config.records.ledger_path else None
+    evidence_dir = (
+        Path(config.records.evidence_dir) if config.records.evidence_dir is not None else None
+    )
     reporter = EvidenceReporter(config.identity, evidence_dir, sink)
     return Verifier(
-        policy, reputation, ledger, rng=random.Random(config.verify_seed), reporter=reporter
+        policy, reputation, ledger, rng=random.Random(config.records.seed), reporter=reporter
     )
 
 
 def load_reputation(config: ClientConfig) -> Reputation:
-    """The reputation kept at ``config.reputation_path`` (in memory only when it is None)."""
-    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
+    """The reputation kept at ``config.records.reputation_path`` (in memory when None)."""
+    path = (
+        Path(config.records.reputation_path).expanduser()
+        if config.records.reputation_path
+        else None
+    )
     return Reputation.load(path) if path is not None else Reputation()
 
 
@@ -81,7 +83,7 @@ class VerifiedSessions:
     """Sessions of one model under ``config.verify`` (no checks at all under ``none``).
 
     ``reputation``: the record to share with other `VerifiedSessions` of the same client
-    (per-generation policies); loaded from ``config.reputation_path`` when None. Peers it
+    (per-generation policies); loaded from ``config.records.reputation_path`` when None. Peers it
     bans are left out of routes under every policy, ``none`` included.
     """
 
@@ -126,15 +128,8 @@ class VerifiedSessions:
         if view.peer_id not in self._dtypes:
             host, port = parse_address(view.address)
             try:
-                info = await self.pool.call(
-                    host,
-                    port,
-                    "info",
-                    InfoRequest(),
-                    InfoResponse,
-                    expected_peer=view.peer_id,
-                    timeout=self.config.request_timeout,
-                )
+                conn = await self.pool.get(host, port, view.peer_id)
+                info = await call_info(conn, timeout=self.config.request_timeout)
                 self._dtypes[view.peer_id] = info.numerics or info.dtype
             except SwarmError as exc:
                 log.info("info from %s failed: %s", view.peer_id, exc)
@@ -158,15 +153,8 @@ class VerifiedSessions:
         """A stateless forward of ``layers`` on ``peer``. Raises `SwarmError` subclasses."""
         host, port = parse_address(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
-        response = await self.pool.call(
-            host,
-            port,
-            "forward",
-            request,
-            ForwardResponse,
-            expected_peer=peer,
-            timeout=self.config.step_timeout,
-        )
+        conn = await self.pool.get(host, port, peer)
+        response = await call_forward(conn, request, timeout=self.config.step_timeout)
         return response.hidden_states.float()  # (batch, seq, hidden)
 
     @asynccontextmanager

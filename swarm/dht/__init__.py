@@ -1,6 +1,7 @@
 """swarm.dht: a Kademlia DHT with signed, expiring, multi-writer records (DESIGN.md §5)."""
 
 from swarm.dht.config import DHTConfig
+from swarm.dht.links import DatagramLinks
 from swarm.dht.node import DHTNode
 from swarm.dht.proofs import RecordProver
 from swarm.dht.records import DropReason, Record
@@ -11,6 +12,7 @@ __all__ = [
     "DHTConfig",
     "DHTNode",
     "DHTStatistics",
+    "DatagramLinks",
     "DropReason",
     "PrivateGroups",
     "Record",

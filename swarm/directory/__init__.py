@@ -1,6 +1,7 @@
 """The swarm's namespace in the DHT: key formats, the one strict decoder of server
 announcements (used by clients and servers alike), and evidence with its material."""
 
+from swarm.directory.coverage import missing_blocks, missing_ranges, servers_per_block
 from swarm.directory.evidence import (
     DHTEvidenceBoard,
     fetch_evidence,
@@ -14,12 +15,15 @@ from swarm.directory.keys import (
     family_key,
     material_key,
     model_family,
+    relay_key,
 )
 from swarm.directory.prover import AnnouncementProver
+from swarm.directory.relays import RelayView, address_group, relays_from_records, spread
 from swarm.directory.servers import (
     MAX_THROUGHPUT,
     ServerView,
     decode_announcement,
+    dial_address,
     servers_from_records,
 )
 
@@ -27,18 +31,27 @@ __all__ = [
     "MAX_THROUGHPUT",
     "AnnouncementProver",
     "DHTEvidenceBoard",
+    "RelayView",
     "ServerView",
+    "address_group",
     "announce_model_id",
     "block_key",
     "block_keys",
     "decode_announcement",
+    "dial_address",
     "evidence_key",
     "family_key",
     "fetch_evidence",
     "fetch_material_bytes",
     "material_key",
     "mismatch_hint",
+    "missing_blocks",
+    "missing_ranges",
     "model_family",
     "other_model_ids",
+    "relay_key",
+    "relays_from_records",
     "servers_from_records",
+    "servers_per_block",
+    "spread",
 ]

@@ -23,8 +23,9 @@ from swarm.directory import (
     servers_from_records,
 )
 from swarm.errors import SwarmError
-from swarm.net.messages import InfoRequest, InfoResponse, PingEntry, ServerAnnouncement
+from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import call_info
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
@@ -131,7 +132,7 @@ class Announcer:
                 try:
                     conn = await self.pool.get(*parse_address(view.address), peer)
                     started = trio.current_time()  # the RTT of a call, not of the handshake
-                    await conn.call("info", InfoRequest(), InfoResponse, timeout=self.ping_timeout)
+                    await call_info(conn, timeout=self.ping_timeout)
                 except SwarmError:
                     return
                 rtt = trio.current_time() - started

@@ -12,7 +12,7 @@ effort: a failed push is logged, and the client sends that input itself).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import trio
@@ -30,27 +30,39 @@ from swarm.errors import (
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    NewPusher,
+    NewPushTarget,
     PushRequest,
-    PushResponse,
     PushTarget,
     RangeMove,
     Receipt,
 )
+from swarm.net.methods import HandlerRegistry, TypedStream
 from swarm.net.pool import ConnectionPool
-from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.net.rpc import CallContext
+from swarm.net.surface import (
+    FORWARD,
+    INFERENCE,
+    INFO,
+    PUSH,
+    InferenceDown,
+    InferenceUp,
+    notify_push,
+    server_registry,
+)
 from swarm.server.capacity import SpanTimings
 from swarm.server.compute import CLIENT, ComputeQueue, Priority, Requester
 from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
-from swarm.types import LayerRange, ServerState
+from swarm.types import LayerRange, Reachability, ServerState
 from swarm.verify.receipts import make_receipt
 
 __all__ = ["ServingHandlers", "ServingState"]
@@ -69,9 +81,8 @@ class ServingState:
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
     moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
     last_move: RangeMove | None = None  # the latest move, announced for status pages
-    steps_done: int = 0
-    forwards_done: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    reachability: Reachability = Reachability.UNKNOWN  # set by the ReachabilityKeeper
+    relayed: bool = False
 
     def throughput_at(self, active_sessions: int) -> float:
         """Tokens/s one more session would get here now: measured at the batch it would
@@ -79,10 +90,6 @@ class ServingState:
         if self.timings is None:
             return self.throughput
         return self.timings.throughput(active_sessions + 1)
-
-    def count_error(self, exc: BaseException) -> None:
-        name = type(exc).__name__
-        self.errors[name] = self.errors.get(name, 0) + 1
 
 
 def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
@@ -97,8 +104,12 @@ def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
         raise ShardError(f"hidden states must be floating point, got {hidden.dtype}")
 
 
+ServerStream = TypedStream[InferenceDown, InferenceUp]  # the server's side of ``inference``
+
+
 class ServingHandlers:
-    """``rpc_<verb>`` handlers of one server (see the module docstring)."""
+    """``rpc_<verb>`` handlers of one server (see the module docstring); `registry` binds
+    them to the rows of `swarm.net.surface`."""
 
     def __init__(
         self,
@@ -115,6 +126,17 @@ class ServingHandlers:
         self.sessions = sessions
         self.queue = queue
         self.pool = pool
+
+    def registry(self) -> HandlerRegistry:
+        """The handlers as the RPC layer dispatches them, one per row of the surface."""
+        return server_registry(
+            [
+                INFO.bind(self.rpc_info),
+                FORWARD.bind(self.rpc_forward),
+                INFERENCE.bind(self.rpc_inference),
+                PUSH.bind(self.rpc_push),
+            ]
+        )
 
     async def compute(
         self,
@@ -147,6 +169,8 @@ class ServingHandlers:
             quantization=self.span.quantization.value,
             numerics=self.span.numerics,
             active_sessions=len(self.sessions),
+            reachability=self.state.reachability,
+            relayed=self.state.relayed,
         )
 
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
@@ -166,7 +190,6 @@ class ServingHandlers:
                 )
                 out = await self.compute(span, hidden, positions, cache, Priority.FORWARD)
                 del cache
-        self.state.forwards_done += 1
         receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
         return ForwardResponse(out, receipt)
 
@@ -192,8 +215,7 @@ class ServingHandlers:
 
     # ---- inference sessions ----
 
-    @stream_handler
-    async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_inference(self, stream: ServerStream, ctx: CallContext) -> None:
         """One session: open, then steps until the client ends the stream."""
         opened = await stream.receive(InferenceOpen, timeout=self.config.step_timeout)
         if self.state.state is ServerState.DRAINING:
@@ -224,85 +246,91 @@ class ServingHandlers:
             if session.close_reason is not None:  # closed by the table: say why
                 raise session.close_reason
         except SwarmError as exc:
-            self.state.count_error(exc)
             log.info("session %s failed: %s", session.session_id.hex()[:8], exc)
             raise
         finally:
             self.sessions.close(session.session_id)
 
     async def _read_steps(
-        self, stream: RpcStream, session: Session, done: trio.CancelScope
+        self, stream: ServerStream, session: Session, done: trio.CancelScope
     ) -> None:
         """Take the client's step messages until it ends the stream (which ends the session)."""
         limit = self.sessions.limits.max_pending_steps
         while True:
             try:
-                msg = await stream.receive(InferenceStep)
+                msg = await stream.receive_any()
             except trio.EndOfChannel:
                 done.cancel()
                 return
-            if msg.push_to is not None:
+            if isinstance(msg, NewPushTarget):
                 session.push_to = msg.push_to
-            if msg.push_from is not None:
+            elif isinstance(msg, NewPusher):
                 session.push_from = msg.push_from
-            if (msg.hidden_states is None) != (msg.positions is None):
-                raise ProtocolError("inference_step: hidden_states and positions come together")
-            if msg.hidden_states is not None and msg.positions is not None:
+            elif isinstance(msg, InferenceInput):
                 # the client sends only the step we wait for (or, late, one a push delivered)
                 if not session.check_step_number(msg.step, limit=1):
                     continue
                 _check_positions(msg.hidden_states, msg.positions)
-                session.deliver(msg.step, StepInput(msg.hidden_states, msg.positions), limit=limit)
+                item = StepInput(msg.hidden_states, msg.positions, msg.keep)
+                session.deliver(msg.step, item, limit=limit)
+            else:
+                raise ProtocolError(f"inference: {msg.TAG!r} after the session opened")
 
     async def _process_steps(
-        self, stream: RpcStream, session: Session, nursery: trio.Nursery
+        self, stream: ServerStream, session: Session, nursery: trio.Nursery
     ) -> None:
         while True:
             step = session.next_step
             item = await session.wait_input(step, self.config.step_timeout)
+            if item.keep is not None:
+                session.roll_back(item.keep)
             session.begin_step(step)
             out = await self.compute(
                 session.span, item.hidden, item.positions, session.cache, Priority.INFERENCE
             )
-            self.state.steps_done += 1
             if session.push_to is not None:
-                nursery.start_soon(self._push, session.push_to, step, out, item.positions)
+                nursery.start_soon(self._push, session.push_to, step, out, item)
                 await trio.sleep(0)  # the push leaves first: it is on the critical path
             receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             await stream.send(InferenceStepResult(step, out, receipt))
 
     async def _push(
-        self, target: PushTarget, step: int, hidden: torch.Tensor, positions: torch.Tensor
+        self, target: PushTarget, step: int, hidden: torch.Tensor, item: StepInput
     ) -> None:
-        request = PushRequest(target.session_id, step, hidden, positions)
+        request = PushRequest(target.session_id, step, hidden, item.positions, item.keep)
         with trio.move_on_after(self.config.push_timeout):
             try:
                 conn = await self.pool.get(target.host, target.port, target.peer_id)
                 # one-way: an acknowledgement would cost both servers a wake-up per step, and
                 # a lost push is covered by the client, which sends the input itself
-                await conn.notify("push", request)
+                await notify_push(conn, request)
                 return
             except SwarmError as exc:
                 log.info("push of step %d to %s failed: %s", step, target.peer_id, exc)
                 return
         log.info("push of step %d to %s timed out", step, target.peer_id)
 
-    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
-        """The previous server's output for one step of a session of ours."""
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
+        """The previous server's output for one step of a session of ours (one-way)."""
+        self.take_push(request, ctx)
+
+    def take_push(self, request: PushRequest, ctx: CallContext) -> bool:
+        """Deliver a pushed input into its session: True if taken, False for a duplicate or
+        late one. Raises `RemoteError` (forbidden) for a sender the session does not name."""
         session = self.sessions.get(request.session_id)
         if session.push_from is None or ctx.peer_id != session.push_from:
             raise RemoteError(
                 ErrorCode.FORBIDDEN, "this session takes pushes only from the peer it names"
             )
         _check_positions(request.hidden_states, request.positions)
-        item = StepInput(request.hidden_states, request.positions)
+        item = StepInput(request.hidden_states, request.positions, request.keep)
         limit = self.sessions.limits.max_pending_steps
         try:
             fresh = session.check_step_number(request.step, limit=limit)
-            accepted = fresh and session.deliver(request.step, item, limit=limit)
-        except (LimitExceeded, SessionError):
-            accepted = False
-        return PushResponse(accepted)
+            return fresh and session.deliver(request.step, item, limit=limit)
+        except (LimitExceeded, SessionError) as exc:
+            log.debug("push of step %d dropped: %s", request.step, exc)
+            return False
 
     def _receipt(
         self, layers: LayerRange, session_id: bytes, step: int, x: torch.Tensor, out: torch.Tensor

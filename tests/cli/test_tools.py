@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from swarm.lab.processes import swarm_command
 from swarm.net.swarm_key import load_swarm_key
-from swarm.testing.processes import swarm_command
 
 from .conftest import error_lines, run_cli
 

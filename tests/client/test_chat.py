@@ -12,11 +12,11 @@ from tokenizers import Tokenizer
 
 from swarm.client.chain import Chain
 from swarm.client.chat import Chat, Turn
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import LocalModel
 from swarm.shards import ChatTemplate, load_tokenizer
 from swarm.testing.checkpoints import GGUF_CHAT_TEMPLATE, write_random_gguf
-from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -56,8 +56,9 @@ async def _converse(
         async with open_local_swarm(path, [LayerRange(0, 2), LayerRange(2, 4)]) as swarm:
             config = ClientConfig(
                 initial_peers=(swarm.dht_address,),
-                reputation_path=str(tmp / "reputation.json"),
-                evidence_dir=str(tmp / "evidence"),
+                records=RecordsConfig(
+                    reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
+                ),
             )
             async with (
                 AsyncRemoteModel.open(path, config) as model,
@@ -143,8 +144,10 @@ async def test_a_proven_lie_redoes_the_turn_on_honest_peers(
             config = ClientConfig(
                 initial_peers=(swarm.dht_address,),
                 verify="spot-check:1.0",
-                reputation_path=str(tmp_path / "reputation.json"),
-                evidence_dir=str(tmp_path / "evidence"),
+                records=RecordsConfig(
+                    reputation_path=str(tmp_path / "reputation.json"),
+                    evidence_dir=str(tmp_path / "evidence"),
+                ),
             )
             async with (
                 AsyncRemoteModel.open(model_path, config) as model,

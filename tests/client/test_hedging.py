@@ -18,7 +18,7 @@ import trio.testing
 
 from swarm.client.bans import BanList, Penalties
 from swarm.client.chain import Chain, HedgeWinner, usual_seconds
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
 from swarm.shards import Span
@@ -78,7 +78,9 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
     servers = _chain(checkpoint)
     slow, replica = servers[1], servers[3]
     slow.hang_at_step = HEDGED_STEP
-    config = ClientConfig(use_push=use_push)  # the default 30 s step timeout, hedging on
+    config = ClientConfig(
+        pipeline=PipelineConfig(use_push=use_push)
+    )  # the default 30 s step timeout, hedging on
     async with run_servers(servers), open_session(servers, config, THROUGHPUTS) as session:
         assert session.route[1].server.peer_id == slow.identity.peer_id
         got = await run_all(session, steps)
@@ -90,7 +92,7 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
     (hedge,) = stats.hedges
     assert hedge.step == HEDGED_STEP and hedge.slow == slow.identity.peer_id
     assert hedge.winner is HedgeWinner.REPLACEMENT
-    assert config.hedge_floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
+    assert config.hedging.floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
     assert hedge.seconds is not None
     assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
     assert route == [
@@ -148,7 +150,9 @@ async def test_without_a_replica_the_step_timeout_still_rules(
 ) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].hang_at_step = HEDGED_STEP
-    config = ClientConfig(step_timeout=1.0, push_grace=0.3)  # on the virtual clock
+    config = ClientConfig(
+        step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3)
+    )  # on the virtual clock
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())
@@ -176,11 +180,11 @@ def test_usual_seconds_scales_multi_token_steps() -> None:
 
 def test_hedge_config_is_checked() -> None:
     with pytest.raises(ConfigError):
-        ClientConfig(hedge_after=0.5)
+        ClientConfig(hedging=HedgeConfig(after=0.5))
     with pytest.raises(ConfigError):
-        ClientConfig(hedge_floor=0)
+        ClientConfig(hedging=HedgeConfig(floor=0))
     with pytest.raises(ConfigError):
-        ClientConfig(slow_penalty=-1)
+        ClientConfig(hedging=HedgeConfig(slow_penalty=-1))
 
 
 def test_penalties_decay_and_add_up() -> None:

@@ -9,7 +9,7 @@ import torch
 import trio
 import trio.testing
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import RoutingError, SessionError
 from swarm.shards import Span
 from swarm.types import LayerRange
@@ -44,7 +44,7 @@ async def test_three_hops_match_one_process(
 ) -> None:
     steps = make_inputs()
     servers = make_servers(checkpoint, [(0, 2), (2, 4), (4, 6)])
-    config = ClientConfig(use_push=use_push, push_grace=5.0)
+    config = ClientConfig(pipeline=PipelineConfig(use_push=use_push, push_grace=5.0))
     async with run_servers(servers), open_session(servers, config) as session:
         assert [h.layers for h in session.route] == [
             LayerRange(0, 2),
@@ -79,7 +79,11 @@ async def test_failed_hop_is_replaced_with_the_same_outputs(
         servers[1].hang_at_step = 3
     # no hedging: a hop that hangs is recovered from at its step timeout (test_hedging.py
     # shows the hedge that comes first by default)
-    config = ClientConfig(use_push=use_push, step_timeout=1.0, push_grace=0.3, hedge_after=None)
+    config = ClientConfig(
+        step_timeout=1.0,
+        pipeline=PipelineConfig(use_push=use_push, push_grace=0.3),
+        hedging=HedgeConfig(after=None),
+    )
     async with (
         run_servers(servers),
         open_session(servers, config, [100.0, 100.0, 100.0, 1.0]) as session,
@@ -117,7 +121,7 @@ async def test_no_replacement_is_a_clear_error(
 ) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].die_at_step = 1
-    config = ClientConfig(step_timeout=1.0, push_grace=0.3)
+    config = ClientConfig(step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3))
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())
@@ -137,7 +141,7 @@ async def test_too_many_recoveries(
     servers = make_servers(checkpoint, [(0, 6), (0, 6)])
     for s in servers:
         s.hang_at_step = 1
-    config = ClientConfig(step_timeout=0.5, max_recoveries=1)
+    config = ClientConfig(step_timeout=0.5, failures=FailureConfig(max_recoveries=1))
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises((SessionError, RoutingError)):
             await run_all(session, make_inputs())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, HedgeConfig
 from swarm.client.model import AsyncRemoteModel, Token
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
@@ -27,7 +27,9 @@ async def test_a_draining_server_is_left_without_a_ban(
         async with open_local_swarm(model12) as local:
             await local.add_server(LayerRange(0, 12))
             await local.add_server(LayerRange(0, 12))
-            config = ClientConfig(initial_peers=(local.dht_address,), hedge_after=None)
+            config = ClientConfig(
+                initial_peers=(local.dht_address,), hedging=HedgeConfig(after=None)
+            )
             async with AsyncRemoteModel.open(model12, config) as model:
                 got: list[int] = []
                 async with model.stream(PROMPT, NEW_TOKENS) as tokens:

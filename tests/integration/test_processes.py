@@ -19,7 +19,7 @@ import trio
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.client.remote import RemoteModel
-from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
+from swarm.lab.processes import ProcessGroup, SwarmProcess, swarm_command
 
 from .conftest import NEW_TOKENS, PROMPT
 

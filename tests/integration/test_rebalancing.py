@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, HedgeConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.dht import DHTConfig
 from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.lab.processes import ProcessGroup, swarm_command
+from swarm.lab.reference import generate_locally
 from swarm.server.balance import BalanceConfig
 from swarm.server.config import ServerConfig
 from swarm.testing.checkpoints import make_tiny_checkpoint
-from swarm.testing.processes import ProcessGroup, swarm_command
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, ServerState
 
@@ -103,7 +103,9 @@ async def test_four_servers_on_one_half_spread_and_a_generation_runs_through(
                 # blocks 2:4 get covered within a few periods
                 while min(coverage(local)) == 0:
                     await trio.sleep(0.05)
-                config = ClientConfig(initial_peers=(local.dht_address,), hedge_after=None)
+                config = ClientConfig(
+                    initial_peers=(local.dht_address,), hedging=HedgeConfig(after=None)
+                )
                 spanning, recoveries = 0, 0
                 async with AsyncRemoteModel.open(model4, config) as model:
                     with trio.fail_after(60):
@@ -155,7 +157,9 @@ async def test_coverage_returns_after_the_only_servers_of_a_range_die(model4: Pa
             # the dead records' TTL, then at most a few periods (each at most 1.5 x PERIOD)
             assert healed < 6.0 + 4 * 1.5 * PERIOD + 2.0 + 10.0  # + settle, load on a busy machine
             assert coverage(local) == [1, 1, 1, 1]
-            config = ClientConfig(initial_peers=(local.dht_address,), hedge_after=None)
+            config = ClientConfig(
+                initial_peers=(local.dht_address,), hedging=HedgeConfig(after=None)
+            )
             async with AsyncRemoteModel.open(model4, config) as model:
                 assert await model.generate(PROMPT, 8) == want
 

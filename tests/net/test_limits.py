@@ -23,9 +23,10 @@ from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget, ReceiveBudgetStatistics, SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_outbound
-from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
+from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, Message
+from swarm.net.methods import HandlerRegistry, Streaming, TypedStream, Unary
 from swarm.net.pool import open_connection_pool
-from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
+from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
@@ -47,15 +48,23 @@ class Handlers:
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
         return ForwardResponse(request.hidden_states)
 
-    @stream_handler
-    async def rpc_hold(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_hold(self, stream: TypedStream[Message, Message], ctx: CallContext) -> None:
         await self.gate.wait()
+
+    def registry(self) -> HandlerRegistry:
+        return HandlerRegistry(
+            [
+                Unary("info", InfoRequest, InfoResponse).bind(self.rpc_info),
+                Unary("forward", ForwardRequest, ForwardResponse).bind(self.rpc_forward),
+                Streaming("hold", up=(InfoRequest,), down=(InfoResponse,)).bind(self.rpc_hold),
+            ]
+        )
 
 
 @asynccontextmanager
 async def serving(config: NetConfig) -> AsyncIterator[tuple[RpcServer, int, Handlers]]:
     handlers = Handlers()
-    server = RpcServer(BOB, handlers, config=config)
+    server = RpcServer(BOB, handlers.registry(), config=config)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, HOST, 0)
         yield server, port, handlers

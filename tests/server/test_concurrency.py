@@ -19,9 +19,9 @@ from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
@@ -103,7 +103,7 @@ async def _decode_while(
             if step == 3:
                 decoding.set()
             counted, before = busy.is_set(), queue.statistics().batches
-            await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+            await stream.send(InferenceInput(step, x, torch.tensor([[step]])))
             await stream.receive(InferenceStepResult)
             if counted and not done.is_set():
                 ran = queue.statistics().batches - before

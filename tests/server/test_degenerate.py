@@ -21,9 +21,9 @@ from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
 )
 from swarm.net.pool import open_connection_pool
@@ -119,10 +119,10 @@ async def test_a_step_sent_again_after_its_answer_is_told_so(server: LocalServer
         stream = await stack.enter_async_context(conn.open_stream("inference", timeout=10))
         await stream.send(InferenceOpen(os.urandom(16), 16, 1, "float32", WHOLE))
         await stream.receive(InferenceReady)
-        await stream.send(InferenceStep(0, x, pos))
+        await stream.send(InferenceInput(0, x, pos))
         await stream.receive(InferenceStepResult)
         with trio.fail_after(3), pytest.raises(RemoteError) as info:
-            await stream.send(InferenceStep(0, x, pos))
+            await stream.send(InferenceInput(0, x, pos))
             await stream.receive(InferenceStepResult)
         assert info.value.code is ErrorCode.SESSION
         assert "step 0" in info.value.message

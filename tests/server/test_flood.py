@@ -20,7 +20,7 @@ import torch
 import trio
 
 from swarm.identity import Identity
-from swarm.net.messages import InferenceOpen, InferenceReady, InferenceStep, InferenceStepResult
+from swarm.net.messages import InferenceInput, InferenceOpen, InferenceReady, InferenceStepResult
 from swarm.net.pool import open_connection_pool
 from swarm.net.transport import TCPTransport
 from swarm.server.compute import ComputeQueue
@@ -65,7 +65,7 @@ async def _flood(
                 started.set()
             x = torch.randn(1, 1, HIDDEN)
             for step in range(1024):
-                await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+                await stream.send(InferenceInput(step, x, torch.tensor([[step]])))
                 await stream.receive(InferenceStepResult)
 
     async def identity() -> None:
@@ -92,7 +92,7 @@ async def _lone_waits(server: LocalServer, queue: ComputeQueue, lone: Identity) 
             x = torch.randn(1, 1, HIDDEN)
             for step in range(LONE_STEPS + 3):
                 before = queue.statistics().batches
-                await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+                await stream.send(InferenceInput(step, x, torch.tensor([[step]])))
                 await stream.receive(InferenceStepResult)
                 waits.append(queue.statistics().batches - before)
             await stream.send_end()

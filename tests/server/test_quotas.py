@@ -16,7 +16,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from swarm.errors import ErrorCode, LimitExceeded, RemoteError
 from swarm.identity import Identity
-from swarm.net.messages import InferenceOpen, InferenceReady, InferenceStep, InferenceStepResult
+from swarm.net.messages import InferenceInput, InferenceOpen, InferenceReady, InferenceStepResult
 from swarm.net.pool import ConnectionPool, open_connection_pool
 from swarm.net.rpc import RpcStream
 from swarm.net.transport import TCPTransport
@@ -182,11 +182,11 @@ async def test_bad_step_numbers_are_refused_at_once(server: LocalServer, case: s
         stream = await _open(stack, pool, server)
         if case == "replayed":
             for step in range(3):
-                await stream.send(InferenceStep(step, x, pos + step))
+                await stream.send(InferenceInput(step, x, pos + step))
                 await stream.receive(InferenceStepResult)
         bad = 7 if case == "ahead" else 0
         with trio.fail_after(1.5), pytest.raises(RemoteError) as info:
-            await stream.send(InferenceStep(bad, x, pos))
+            await stream.send(InferenceInput(bad, x, pos))
             await stream.receive(InferenceStepResult)
         assert info.value.code is ErrorCode.SESSION
         assert f"step {bad}" in info.value.message

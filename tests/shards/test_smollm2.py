@@ -118,7 +118,7 @@ def test_three_serve_processes_give_the_same_answer(
     import json
     import subprocess
 
-    from swarm.testing.processes import ProcessGroup, swarm_command
+    from swarm.lab.processes import ProcessGroup, swarm_command
 
     with ProcessGroup() as group:
         _, dht = group.start_dht()
@@ -165,7 +165,7 @@ async def test_the_folder_form_gives_the_same_answer(
     0:10 / 10:20 / 20:30, transformers' greedy answer on the GGUF up to end of turn."""
     import trio
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.testing.swarm import open_local_swarm
 
@@ -178,7 +178,7 @@ async def test_the_folder_form_gives_the_same_answer(
         async with open_local_swarm(smollm2_folder, ranges) as local:
             config = ClientConfig(
                 initial_peers=(local.dht_address,),
-                reputation_path=str(tmp_path / "reputation.json"),
+                records=RecordsConfig(reputation_path=str(tmp_path / "reputation.json")),
             )
             async with AsyncRemoteModel.open(smollm2_folder, config) as model:
                 result = await model.generate_detailed(prompt_ids, MAX_NEW)

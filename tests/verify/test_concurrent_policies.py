@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
@@ -46,8 +46,7 @@ async def _four_at_once(
         config = ClientConfig(
             initial_peers=(local.dht_address,),
             verify=policy,
-            verify_seed=3,
-            reputation_path=str(tmp_path / "reputation.json"),
+            records=RecordsConfig(seed=3, reputation_path=str(tmp_path / "reputation.json")),
         )
         results: dict[int, GenerationResult] = {}
         async with AsyncRemoteModel.open(model4, config) as model:

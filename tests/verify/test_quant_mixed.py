@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.shards import Quantization
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_gguf
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -32,9 +32,8 @@ def _client(local_address: str, tmp_path: Path, **extra: object) -> ClientConfig
     return ClientConfig(
         initial_peers=(local_address,),
         verify="spot-check:1.0",
-        verify_seed=3,
-        reputation_path=str(tmp_path / "reputation.json"),
-        **extra,  # type: ignore[arg-type]
+        **extra,
+        records=RecordsConfig(seed=3, reputation_path=str(tmp_path / "reputation.json")),
     )
 
 
@@ -88,8 +87,8 @@ async def test_a_client_requiring_int4_routes_only_through_int4(
             await local.add_server(WHOLE, quant=Quantization.NONE)  # faster: preferred otherwise
             config = ClientConfig(
                 initial_peers=(local.dht_address,),
-                reputation_path=None,
                 quant="int4",
+                records=RecordsConfig(reputation_path=None),
             )
             async with AsyncRemoteModel.open(q4_model, config) as model:
                 result = await model.generate_detailed(PROMPT[:4], 6)

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 from swarm_cli.output import EventWriter
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.generation import AnswerText, Done, Event, RolledBack, StopReason, Token
 from swarm.client.model import AsyncRemoteModel
 from swarm.testing.adversaries import adversary_wrapper
@@ -31,7 +31,7 @@ async def _events_with_liar(model4: Path, tmp_path: Path) -> tuple[list[Event], 
         config = ClientConfig(
             initial_peers=(local.dht_address,),
             verify="optimistic",
-            reputation_path=str(tmp_path / "reputation.json"),
+            records=RecordsConfig(reputation_path=str(tmp_path / "reputation.json")),
         )
         async with AsyncRemoteModel.open(model4, config) as model:
             async with model.stream(PROMPT, NEW_TOKENS) as stream:

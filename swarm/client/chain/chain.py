@@ -121,9 +121,11 @@ class Chain:
 
         ``excluded`` peers are never routed to (peers banned by verification).
         Raises `RoutingError` if no route covers ``layers``, `SessionError` if more than
-        ``config.max_open_retries`` servers failed while opening.
+        ``config.failures.max_open_retries`` servers failed while opening.
         """
-        bans = bans or BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        bans = bans or BanList(
+            config.failures.ban_base_s, config.failures.ban_backoff, config.failures.ban_max_s
+        )
         chain = cls(
             pool,
             directory,
@@ -192,7 +194,7 @@ class Chain:
         x = hidden.to(self.config.torch_wire_dtype)  # (batch, n, hidden)
         k, explicit = 0, True
         while k < len(self._hops):
-            send_now = explicit or not self.config.use_push
+            send_now = explicit or not self.config.pipeline.use_push
             state = self._hops[k]
             try:
                 n = await step_hop(self, k, step, x, positions, send_now=send_now)
@@ -256,7 +258,7 @@ class Chain:
         config = self.config
         for state in states:
             answer = await run_step(
-                state, config, step, x, positions, send_now=True, grace=config.push_grace
+                state, config, step, x, positions, send_now=True, grace=config.pipeline.push_grace
             )
             state.history.record(x, positions, answer)
             x = answer.out.to(config.torch_wire_dtype)
@@ -268,7 +270,7 @@ class Chain:
         old = self._hops[k]
         self._hops[k : k + 1] = new
         await close_hop(old)
-        if self.config.use_push:
+        if self.config.pipeline.use_push:
             after = k + len(new)
             before = self._hops[k - 1 : k] if k > 0 else []
             nxt = self._hops[after] if after < len(self._hops) else None
@@ -286,7 +288,7 @@ class Chain:
             if not self.policy.ban(failure):  # draining, full, or our session expired
                 avoid.add(failure.hop.server.peer_id)
             self.recoveries += 1
-            if self.recoveries > self.config.max_recoveries:
+            if self.recoveries > self.config.failures.max_recoveries:
                 raise SessionError(
                     f"gave up after {self.recoveries - 1} recoveries; last failure: {failure}"
                 ) from failure.cause

@@ -82,12 +82,12 @@ def usual_seconds(times: Sequence[tuple[int, float]], tokens: int) -> float | No
 def hedge_deadline(state: HopState, tokens: int, config: ClientConfig) -> float | None:
     """Seconds into a step of ``tokens`` tokens after which hop ``state`` is raced by a
     replacement; None: never (hedging off, no history yet, or not before ``step_timeout``)."""
-    if config.hedge_after is None:
+    if config.hedging.after is None:
         return None
     usual = usual_seconds(state.history.step_times(), tokens)
     if usual is None:
         return None
-    deadline = max(config.hedge_floor, config.hedge_after * usual)
+    deadline = max(config.hedging.floor, config.hedging.after * usual)
     return deadline if deadline < config.step_timeout else None
 
 
@@ -131,7 +131,7 @@ async def step_hop(
     deadline = hedge_deadline(state, x.shape[1], config)
     if deadline is None:
         answer = await run_step(
-            state, config, step, x, positions, send_now=send_now, grace=config.push_grace
+            state, config, step, x, positions, send_now=send_now, grace=config.pipeline.push_grace
         )
         state.history.record(x, positions, answer)
         return 1
@@ -166,7 +166,7 @@ class _Race:
     async def run(self, deadline: float, send_now: bool) -> None:
         """Race until one answer is kept, both gave up, or ``step_timeout`` passed."""
         config = self.chain.config
-        grace = min(config.push_grace, deadline)  # late at the deadline: push or not, send
+        grace = min(config.pipeline.push_grace, deadline)  # late at the deadline: push or not, send
         with trio.move_on_after(config.step_timeout), self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._original, send_now, grace)

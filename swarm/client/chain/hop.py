@@ -25,8 +25,16 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.net.messages import InferenceStep, InferenceStepResult, PushTarget, Receipt
-from swarm.net.rpc import RpcStream
+from swarm.net.messages import (
+    InferenceInput,
+    InferenceStepResult,
+    NewPusher,
+    NewPushTarget,
+    PushTarget,
+    Receipt,
+)
+from swarm.net.methods import TypedStream
+from swarm.net.surface import InferenceDown, InferenceUp
 from swarm.types import parse_address
 from swarm.verify.receipts import check_receipt
 
@@ -142,7 +150,7 @@ class HopState:
 
     hop: Hop
     session_id: bytes
-    stream: RpcStream
+    stream: TypedStream[InferenceUp, InferenceDown]
     stack: AsyncExitStack
     first_step: int
     push_to: PushTarget | None = None
@@ -187,7 +195,7 @@ async def run_step(
                     state.hop.server.peer_id,
                     grace,
                 )
-        await state.stream.send(InferenceStep(step, x, positions))
+        await state.stream.send(InferenceInput(step, x, positions))
         result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
         return _check(state, config, step, x, result, started)
     except trio.EndOfChannel as exc:
@@ -245,7 +253,7 @@ async def rewire(
         want = states[i + 1].target if i + 1 < len(states) else next_target
         if want is not None and state.push_to != want:
             try:
-                await state.stream.send(InferenceStep(step, push_to=want))
+                await state.stream.send(NewPushTarget(want))
                 state.push_to = want
             except TransportError as exc:
                 peer = state.hop.server.peer_id
@@ -253,7 +261,7 @@ async def rewire(
     if pusher_of is not None and states:
         peer = states[-1].hop.server.peer_id
         try:
-            await pusher_of.stream.send(InferenceStep(step, push_from=peer))
+            await pusher_of.stream.send(NewPusher(peer))
         except TransportError as exc:
             log.info("could not update the pusher of %s: %s", pusher_of.hop.server.peer_id, exc)
 

@@ -26,6 +26,7 @@ from swarm.errors import (
 )
 from swarm.net.messages import InferenceOpen, InferenceReady, PushTarget
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import open_inference
 from swarm.types import LayerRange, PeerId, parse_address
 
 __all__ = ["HopOpener"]
@@ -63,7 +64,12 @@ class HopOpener:
     async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
         ones costing more (asks the directory again once). Raises `RoutingError`."""
-        for refresh in (False, True):
+        refreshes: tuple[bool, ...] = (False, True)
+        wait = self.failures.take_refresh_wait()
+        if wait > 0:  # a relayed path broke: give its server time to re-announce
+            await trio.sleep(wait)
+            refreshes = (True,)
+        for refresh in refreshes:
             servers = await self.directory.servers(refresh=refresh)
             try:
                 return plan_route(
@@ -111,12 +117,12 @@ class HopOpener:
                     failures += 1
                     if not self.failures.ban(failure):
                         avoid.add(failure.hop.server.peer_id)
-                    if failures > self.config.max_open_retries:
+                    if failures > self.config.failures.max_open_retries:
                         raise SessionError(
                             f"{failures} servers failed while opening layers {layers}; "
                             f"last: {failure}"
                         ) from failure.cause
-            if self.config.use_push:
+            if self.config.pipeline.use_push:
                 await rewire(opened, next_target, first_step)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -187,19 +193,17 @@ class HopOpener:
                 conn = await self.pool.get(host, port, hop.server.peer_id)
             if scope.cancelled_caught:
                 raise DeadlineExceeded(f"connecting took over {cfg.connect_timeout} s")
-            stream = await stack.enter_async_context(
-                conn.open_stream("inference", timeout=cfg.step_timeout)
-            )
+            stream = await stack.enter_async_context(open_inference(conn, timeout=cfg.step_timeout))
             await stream.send(
                 InferenceOpen(
                     session_id=session_id,
                     max_length=self.max_length,
                     batch_size=self.batch_size,
-                    dtype=cfg.wire_dtype,
+                    dtype=cfg.pipeline.wire_dtype,
                     layer_range=hop.layers,
-                    push_to=push_to if cfg.use_push else None,
+                    push_to=push_to if cfg.pipeline.use_push else None,
                     first_step=first_step,
-                    push_from=push_from if cfg.use_push else None,
+                    push_from=push_from if cfg.pipeline.use_push else None,
                 )
             )
             ready = await stream.receive(InferenceReady, timeout=cfg.request_timeout)
@@ -215,5 +219,5 @@ class HopOpener:
             await stack.aclose()
             raise
         state = HopState(hop, session_id, stream, stack, first_step)
-        state.push_to = push_to if cfg.use_push else None
+        state.push_to = push_to if cfg.pipeline.use_push else None
         return state
