@@ -33,6 +33,7 @@ measurement, so say in benchmarks/README.md whether it was quiet.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import subprocess
@@ -260,6 +261,9 @@ def main() -> int:
     parser.add_argument("--attempts", type=int, default=3, help="measurements per case, at most")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # the flood is killed at the end of each case, mid-step: the server's handlers would log
+    # a broken pipe for each of its sessions
+    logging.getLogger("swarm.net.rpc").setLevel(logging.CRITICAL)
     failed = []
     with tempfile.TemporaryDirectory(prefix="swarm-fairness-") as tmp:
         work = Path(tmp)

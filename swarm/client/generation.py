@@ -153,7 +153,8 @@ class GenerationResult:
 
 
 def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
-    """``[{peer, host, port, start, stop}]`` of a route."""
+    """``[{peer, host, port, start, stop, path}]`` of a route (``path``: ``direct``, or
+    ``relayed`` when ``host:port`` is the relay the hop is dialed through)."""
     out = []
     for hop in hops:
         host, _, port = hop.server.address.rpartition(":")
@@ -164,6 +165,7 @@ def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
                 "port": int(port),
                 "start": hop.layers.start,
                 "stop": hop.layers.stop,
+                "path": hop.server.path,
             }
         )
     return out

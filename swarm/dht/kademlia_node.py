@@ -23,6 +23,7 @@ from kademlia.node import Node
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.crawling import NodeCrawl, RecordCrawl
+from swarm.dht.links import DatagramLinks
 from swarm.dht.proofs import ProofCache
 from swarm.dht.protocol import SwarmProtocol
 from swarm.dht.records import DropReason, Record
@@ -41,12 +42,17 @@ class KademliaNode(Server):  # type: ignore[misc]
     """One node's routing table, UDP endpoint and record storage (DHT loop thread only)."""
 
     def __init__(
-        self, config: DHTConfig, stats: StatsCounter, proofs: ProofCache | None = None
+        self,
+        config: DHTConfig,
+        stats: StatsCounter,
+        proofs: ProofCache | None = None,
+        links: DatagramLinks | None = None,
     ) -> None:
         storage = RecordStorage(config, stats, proofs)
         super().__init__(ksize=config.ksize, alpha=config.alpha, storage=storage)
         self.config = config
         self.stats = stats
+        self.links = links
         self.protocol: SwarmProtocol | None = None
 
     def _create_protocol(self) -> SwarmProtocol:
@@ -60,6 +66,9 @@ class KademliaNode(Server):  # type: ignore[misc]
             self._create_protocol, local_addr=(interface, port), family=family
         )
         sock = self.transport.get_extra_info("socket")
+        if self.links is not None:  # tests: datagrams through emulated links
+            name = sock.getsockname()
+            self.protocol.transport.links = (self.links, (name[0], int(name[1])))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER_BYTES)
         except OSError:  # the kernel may cap it; the default still works, with more loss

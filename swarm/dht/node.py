@@ -23,6 +23,7 @@ import trio
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.kademlia_node import KademliaNode
+from swarm.dht.links import DatagramLinks
 from swarm.dht.proofs import ProofCache, RecordProver, run_proofs
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import DropReason, Record, check_record, make_record
@@ -57,13 +58,19 @@ class DHTNode:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, identity: Identity, config: DHTConfig, *, prover: RecordProver | None = None
+        cls,
+        identity: Identity,
+        config: DHTConfig,
+        *,
+        prover: RecordProver | None = None,
+        links: DatagramLinks | None = None,
     ) -> AsyncIterator[DHTNode]:
         """Listen on ``config.host:config.port`` and join through ``config.initial_peers``.
 
         ``prover``, if given, lets this node (as a storing node) keep records whose signer
         proved its claim before unproven ones (`swarm.dht.proofs`); its proofs run in a task
-        of this context, rate-limited by ``config.proof_*``.
+        of this context, rate-limited by ``config.proof_*``. ``links`` is a test seam: every
+        datagram this node sends goes through it (`swarm.dht.links`; link emulation).
 
         Raises `DHTError` if the socket cannot be bound, an initial peer's host cannot be
         resolved, or none of the initial peers answered within ``config.bootstrap_timeout``.
@@ -74,7 +81,7 @@ class DHTNode:
         with shared_runner() as runner:
             stats = StatsCounter()
             proofs = ProofCache(prover, config, stats) if prover is not None else None
-            kad = KademliaNode(config, stats, proofs)
+            kad = KademliaNode(config, stats, proofs, links)
             node = cls(identity, config, runner, kad)
             try:
                 if prover is None or proofs is None:

@@ -43,6 +43,7 @@ from kademlia.utils import digest
 
 from swarm.dht.config import MAX_DATAGRAM_BYTES, DHTConfig
 from swarm.dht.datagrams import SEAL_OVERHEAD, DatagramSeal
+from swarm.dht.links import Address, DatagramLinks
 from swarm.dht.routing import ContactTable
 from swarm.dht.sources import AddressTokens, RateLimiter, SourceGroups
 from swarm.dht.stats import StatsCounter
@@ -102,6 +103,7 @@ class _DatagramTransport:
         self.inner = transport
         self._seal = seal
         self._stats = stats
+        self.links: tuple[DatagramLinks, Address] | None = None  # emulated links, our address
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         if len(data) > MAX_DATAGRAM_BYTES:
@@ -109,7 +111,20 @@ class _DatagramTransport:
             log.warning("not sending a %d-byte datagram to %s: too large", len(data), addr)
             return
         self._stats.event("datagrams_sent")
-        self.inner.sendto(self._seal.seal(data) if self._seal else data, addr)
+        payload = self._seal.seal(data) if self._seal else data
+        if self.links is not None:
+            links, source = self.links
+            delay = links.outgoing(source, (addr[0], addr[1]), len(payload))
+            if delay is None:
+                return  # lost on the (emulated) way
+            if delay > 0:
+                asyncio.get_running_loop().call_later(delay, self._send_late, payload, addr)
+                return
+        self.inner.sendto(payload, addr)
+
+    def _send_late(self, payload: bytes, addr: Any) -> None:
+        if not self.inner.is_closing():
+            self.inner.sendto(payload, addr)
 
     def close(self) -> None:
         self.inner.close()

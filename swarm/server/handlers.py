@@ -62,7 +62,7 @@ from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
-from swarm.types import LayerRange, ServerState
+from swarm.types import LayerRange, Reachability, ServerState
 from swarm.verify.receipts import make_receipt
 
 __all__ = ["ServingHandlers", "ServingState"]
@@ -81,6 +81,8 @@ class ServingState:
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
     moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
     last_move: RangeMove | None = None  # the latest move, announced for status pages
+    reachability: Reachability = Reachability.UNKNOWN  # set by the ReachabilityKeeper
+    relayed: bool = False
 
     def throughput_at(self, active_sessions: int) -> float:
         """Tokens/s one more session would get here now: measured at the batch it would
@@ -167,6 +169,8 @@ class ServingHandlers:
             quantization=self.span.quantization.value,
             numerics=self.span.numerics,
             active_sessions=len(self.sessions),
+            reachability=self.state.reachability,
+            relayed=self.state.relayed,
         )
 
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
@@ -267,7 +271,8 @@ class ServingHandlers:
                 if not session.check_step_number(msg.step, limit=1):
                     continue
                 _check_positions(msg.hidden_states, msg.positions)
-                session.deliver(msg.step, StepInput(msg.hidden_states, msg.positions), limit=limit)
+                item = StepInput(msg.hidden_states, msg.positions, msg.keep)
+                session.deliver(msg.step, item, limit=limit)
             else:
                 raise ProtocolError(f"inference: {msg.TAG!r} after the session opened")
 
@@ -277,20 +282,22 @@ class ServingHandlers:
         while True:
             step = session.next_step
             item = await session.wait_input(step, self.config.step_timeout)
+            if item.keep is not None:
+                session.roll_back(item.keep)
             session.begin_step(step)
             out = await self.compute(
                 session.span, item.hidden, item.positions, session.cache, Priority.INFERENCE
             )
             if session.push_to is not None:
-                nursery.start_soon(self._push, session.push_to, step, out, item.positions)
+                nursery.start_soon(self._push, session.push_to, step, out, item)
                 await trio.sleep(0)  # the push leaves first: it is on the critical path
             receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             await stream.send(InferenceStepResult(step, out, receipt))
 
     async def _push(
-        self, target: PushTarget, step: int, hidden: torch.Tensor, positions: torch.Tensor
+        self, target: PushTarget, step: int, hidden: torch.Tensor, item: StepInput
     ) -> None:
-        request = PushRequest(target.session_id, step, hidden, positions)
+        request = PushRequest(target.session_id, step, hidden, item.positions, item.keep)
         with trio.move_on_after(self.config.push_timeout):
             try:
                 conn = await self.pool.get(target.host, target.port, target.peer_id)
@@ -316,7 +323,7 @@ class ServingHandlers:
                 ErrorCode.FORBIDDEN, "this session takes pushes only from the peer it names"
             )
         _check_positions(request.hidden_states, request.positions)
-        item = StepInput(request.hidden_states, request.positions)
+        item = StepInput(request.hidden_states, request.positions, request.keep)
         limit = self.sessions.limits.max_pending_steps
         try:
             fresh = session.check_step_number(request.step, limit=limit)

@@ -23,7 +23,7 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
+from swarm.dht import DatagramLinks, DHTNode
 from swarm.directory import (
     AnnouncementProver,
     ServerView,
@@ -41,10 +41,12 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
+from swarm.net.dialback import DialBackService
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
+from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
@@ -62,6 +64,7 @@ from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.moving import RangeMover
+from swarm.server.reachability import ReachabilityKeeper
 from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
@@ -69,6 +72,7 @@ from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
     PeerId,
+    Reachability,
     ServerState,
     format_address,
     parse_address,
@@ -91,6 +95,8 @@ class ServerReady:
     layers: LayerRange
     model_id: str
     throughput: float
+    reachability: Reachability = Reachability.UNKNOWN
+    relays: tuple[str, ...] = ()  # "host:port" of the relays it is dialed through
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +134,8 @@ class Server:
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
     ``wrap_handlers`` turns the honest handlers into the registry served (the seam that
     `swarm.testing` adversaries and the lab's liar use); default: ``handlers.registry()``.
+    ``dht_links`` is for tests only (the DHT's datagrams through emulated links,
+    `swarm.dht.links`).
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class Server:
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
         wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -150,9 +159,12 @@ class Server:
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
         self._wrap_handlers = wrap_handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
+        self.reachability: ReachabilityKeeper | None = None
+        self.relay: RelayService | None = None
         self.rebalancer: Rebalancer | None = None
         self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
@@ -180,7 +192,9 @@ class Server:
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
@@ -282,13 +296,24 @@ class Server:
             self.handlers = handlers
             wrap = self._wrap_handlers
             served = handlers.registry() if wrap is None else wrap(handlers)
+            reach = cfg.reachability
+            dial_back = DialBackService(
+                self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
+            )
+            helpers = [dial_back.binding()]
+            if reach.offer_relay:
+                self.relay = RelayService(
+                    self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits
+                )
+                helpers.append(self.relay.binding())
             rpc = RpcServer(
                 self.identity,
-                served,
+                served.with_bindings(helpers),
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,
                 receive_budget=budget,
+                relay=self.relay,
             )
             await nursery.start(queue.run)
             await nursery.start(sessions.run_reaper)
@@ -301,7 +326,10 @@ class Server:
             host = cfg.public_host or cfg.host
 
             def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
+                keeper = self.reachability
                 return ServerAnnouncement(
+                    reachability=keeper.verdict if keeper else Reachability.UNKNOWN,
+                    relays=keeper.relays if keeper else (),
                     host=host,
                     port=port,
                     layer_range=handlers.span.layers,
@@ -330,6 +358,25 @@ class Server:
             )
             self.announcer = announcer
             await announcer.announce()  # joining
+
+            async def reachability_changed() -> None:
+                keeper = self.reachability
+                if keeper is not None:
+                    state.reachability, state.relayed = keeper.verdict, bool(keeper.relays)
+                    await announcer.announce()
+
+            keeper = ReachabilityKeeper(
+                reach, dht, pool, self.identity.peer_id, rpc.handle_stream,
+                reachability_changed, self.relay,
+            )  # fmt: skip
+            self.reachability = keeper
+            self._progress(f"checking that others can dial {format_address(host, port)}")
+            await nursery.start(keeper.run, host, port)
+            self._progress(
+                f"reachability: {keeper.verdict} ({keeper.report.reachable} of "
+                f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"
+                + (f", through relays {_relay_list(keeper)}" if keeper.relays else "")
+            )
             if cfg.measure_throughput:
                 # a first estimate (two decode steps of one session, two 16-token chunks) before
                 # going online; the whole measurement runs once online, between sessions
@@ -359,6 +406,8 @@ class Server:
                     span.layers,
                     the_model_id,
                     state.throughput,
+                    keeper.verdict,
+                    _relay_list(keeper),
                 )
             )
             await self._stop.wait()
@@ -449,3 +498,7 @@ class Server:
         if sessions.close_all(going):
             with trio.move_on_after(1.0, shield=True):
                 await trio.sleep(0.05)  # the handlers send their clients the reason
+
+
+def _relay_list(keeper: ReachabilityKeeper) -> tuple[str, ...]:
+    return tuple(format_address(hop.host, hop.port) for hop in keeper.relays)

@@ -81,6 +81,7 @@ class StepInput:
 
     hidden: torch.Tensor
     positions: torch.Tensor
+    keep: int | None = None  # cache tokens to keep before this step (None: all)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Session:
     scope: trio.CancelScope | None = None  # the handler serving it; cancelled on close
     close_reason: RemoteError | None = None  # what its client is told when the table closes it
     last_step: int = -1
+    committed: int = 0  # cache tokens before the last step: a rollback never goes below
     last_active: float = field(default_factory=trio.current_time)  # trio's clock: tests mock it
     _inputs: dict[int, StepInput] = field(default_factory=dict)
     _arrived: dict[int, trio.Event] = field(default_factory=dict)
@@ -145,9 +147,26 @@ class Session:
             raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
         return self._inputs.pop(step)
 
+    def roll_back(self, keep: int) -> None:
+        """Keep only the cache's first ``keep`` tokens: drafted tokens of the last step that
+        the client rejected (speculative decoding). Only the last step's tokens can go; what
+        came before it the client already built on.
+
+        Raises:
+            SessionError: ``keep`` is below what the steps before the last one left, or
+                above what the cache holds.
+        """
+        if not self.committed <= keep <= self.cache.length:
+            raise SessionError(
+                f"cannot roll back to {keep} tokens: this session holds {self.cache.length} "
+                f"and its last step began at {self.committed}"
+            )
+        self.cache.truncate(keep)
+
     def begin_step(self, step: int) -> None:
         if step <= self.last_step:
             raise SessionError(f"step {step} is not after the last step {self.last_step}")
+        self.committed = self.cache.length
         self.last_step = step
         self.next_step = step + 1
         self.last_active = trio.current_time()
