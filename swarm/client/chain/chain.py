@@ -293,7 +293,7 @@ class Chain:
             before = self._hops[k - 1 : k] if k > 0 else []
             nxt = self._hops[after] if after < len(self._hops) else None
             target = nxt.target if nxt is not None else None
-            await rewire([*before, *new], target, step, pusher_of=nxt)
+            await rewire([*before, *new], target, pusher_of=nxt)
         log.info("replaced %s with %d hop(s) at step %d", old.hop.server.peer_id, len(new), step)
 
     async def recover(self, k: int, step: int, failure: HopFailure) -> None:

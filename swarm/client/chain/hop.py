@@ -270,7 +270,6 @@ def _check(
 async def rewire(
     states: Sequence[HopState],
     next_target: PushTarget | None,
-    step: int,
     *,
     pusher_of: HopState | None = None,
 ) -> None:
