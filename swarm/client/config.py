@@ -66,7 +66,11 @@ class ClientConfig:
     - ``wire_dtype`` ("float32"): dtype of the hidden states the client sends.
 
     Pings: ``ping_timeout`` (2), ``ping_concurrency`` (8 servers at once), ``ping_max_servers``
-    (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample).
+    (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample),
+    ``ping_interval_s`` (30: a server that answered is pinged again at most this often; one
+    that did not is retried after a backoff from this doubling up to 20 times it),
+    ``ping_new_per_host`` (2: servers never reached that are dialed per refresh at one host,
+    so forged records naming one victim's address cannot turn the client into a dialer).
 
     Verification (`swarm.verify`):
 
@@ -103,6 +107,8 @@ class ClientConfig:
     ping_concurrency: int = 8
     ping_max_servers: int = 32
     ping_ema: float = 0.5
+    ping_interval_s: float = 30.0
+    ping_new_per_host: int = 2
     verify: str = "none"
     reputation_path: str | None = "~/.cache/swarm/reputation.json"
     verify_seed: int | None = None
@@ -122,6 +128,7 @@ class ClientConfig:
             "ban_max_s",
             "push_grace",
             "ping_timeout",
+            "ping_interval_s",
             "hedge_floor",
             "slow_penalty_half_life_s",
         ):
@@ -139,8 +146,10 @@ class ClientConfig:
         for name in ("max_open_retries", "max_recoveries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ClientConfig.{name} must be >= 0")
-        if self.ping_concurrency < 1 or self.ping_max_servers < 0:
-            raise ConfigError("ping_concurrency must be >= 1 and ping_max_servers >= 0")
+        if self.ping_concurrency < 1 or self.ping_max_servers < 0 or self.ping_new_per_host < 1:
+            raise ConfigError(
+                "ping_concurrency and ping_new_per_host must be >= 1, ping_max_servers >= 0"
+            )
         if not 0 < self.ping_ema <= 1:
             raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
         parse_policy(self.verify)
