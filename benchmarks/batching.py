@@ -43,8 +43,8 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.processes import ProcessGroup
 from swarm.testing.checkpoints import write_random_llama
-from swarm.testing.processes import ProcessGroup
 
 HEAVY = {"num_layers": 16, "hidden": 1024, "heads": 16, "kv_heads": 16, "intermediate": 2816}
 WORKERS = 16

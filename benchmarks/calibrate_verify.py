@@ -29,9 +29,9 @@ from swarm.shards import load_head, load_span
 from swarm.shards.span import Span
 from swarm.testing.adversaries import corruptor
 from swarm.testing.checkpoints import make_tiny_checkpoint
+from swarm.testing.simulate import record_outputs
 from swarm.types import LayerRange
 from swarm.verify.compare import compare, position_errors, thresholds_for
-from swarm.verify.simulate import record_outputs
 
 PROMPT = 8
 NOISE_GRID = [3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 4e-2, 6e-2, 8e-2, 0.1, 0.12]

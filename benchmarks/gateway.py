@@ -40,10 +40,10 @@ import torch
 import trio
 
 from swarm.api import GatewayConfig, serve_gateway
-from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.config import ClientConfig, RecordsConfig
+from swarm.client.model import AsyncRemoteModel, Token
+from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.shards.bundled import demo_model_path
-from swarm.testing.processes import ProcessGroup, swarm_command
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -69,7 +69,9 @@ async def _direct_one(model: AsyncRemoteModel, tokens: int, out: Figures) -> Non
     sent = time.perf_counter()
     last = None
     async with model.stream(PROMPT, tokens) as stream:
-        async for _ in stream:
+        async for event in stream:
+            if not isinstance(event, Token):
+                continue
             now = time.perf_counter()
             if last is None:
                 out.ttft.append(now - sent)
@@ -111,7 +113,7 @@ async def _round(concurrency: int, one: object, out: Figures) -> None:
 
 async def run(dht: str, url: str, name: str, rounds: int, tokens: int) -> None:
     """Measure against the gateway process at ``url``, with a client of this process."""
-    config = ClientConfig(initial_peers=(dht,), reputation_path=None)
+    config = ClientConfig(initial_peers=(dht,), records=RecordsConfig(reputation_path=None))
     async with AsyncRemoteModel.open(demo_model_path(), config) as model:
         await measure(model, url, name, rounds, tokens)
 
@@ -121,7 +123,9 @@ async def run_in_process(rounds: int, tokens: int) -> None:
     own code costs, without the extra process hop and its wake-ups."""
     path = demo_model_path()
     async with open_local_swarm(path, [LayerRange(0, 3), LayerRange(3, 6)]) as local:
-        config = ClientConfig(initial_peers=(local.dht_address,), reputation_path=None)
+        config = ClientConfig(
+            initial_peers=(local.dht_address,), records=RecordsConfig(reputation_path=None)
+        )
         async with AsyncRemoteModel.open(path, config) as model, trio.open_nursery() as nursery:
             gateway = functools.partial(
                 serve_gateway, model, GatewayConfig(port=0, max_concurrent=16), canary_s=0

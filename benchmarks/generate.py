@@ -31,12 +31,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, PipelineConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.processes import ProcessGroup
+from swarm.lab.reference import LocalModel
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
-from swarm.testing.processes import ProcessGroup
-from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -119,7 +119,9 @@ async def links(workdir: Path, rounds: int) -> None:
             emulator.set("client", server.address, LinkSpec(delay=0.025))
         results = {}
         for push in (True, False):
-            config = ClientConfig(initial_peers=(local.dht_address,), use_push=push)
+            config = ClientConfig(
+                initial_peers=(local.dht_address,), pipeline=PipelineConfig(use_push=push)
+            )
             m = await measure(path, config, rounds, emulator.transport("client"))
             results[push] = (m["swarm"], m["swarm_ttft"])
     (p, p_ttft), (r, r_ttft) = results[True], results[False]

@@ -28,13 +28,17 @@ from swarm.net import (
     CallContext,
     ForwardRequest,
     ForwardResponse,
+    HandlerRegistry,
     InfoRequest,
     InfoResponse,
     RpcServer,
+    Unary,
     decode_message,
     encode_message,
     open_connection_pool,
 )
+from swarm.net.surface import INFO as INFO_METHOD
+from swarm.net.surface import call_info
 from swarm.types import LayerRange
 
 INFO = InfoResponse(LayerRange(0, 8), "online", 0.1, 4096, "bench", 100.0)
@@ -43,12 +47,18 @@ SERVER = Identity.from_seed(b"bench-server")
 CLIENT = Identity.from_seed(b"bench-client")
 
 
-class Handlers:
-    async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
-        return INFO
+SINK = Unary("sink", ForwardRequest, ForwardResponse)  # a forward that computes nothing
 
-    async def rpc_sink(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
-        return ACK
+
+async def rpc_info(request: InfoRequest, ctx: CallContext) -> InfoResponse:
+    return INFO
+
+
+async def rpc_sink(request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+    return ACK
+
+
+HANDLERS = HandlerRegistry([INFO_METHOD.bind(rpc_info), SINK.bind(rpc_sink)])
 
 
 def tensor_request(nbytes: int) -> ForwardRequest:
@@ -144,7 +154,7 @@ async def run(rounds: int, mb_rounds: int, big_rounds: int) -> None:
         ("16 MB tensor", tensor_request(16 << 20), big_rounds),
     ]
     async with trio.open_nursery() as nursery:
-        server = RpcServer(SERVER, Handlers())
+        server = RpcServer(SERVER, HANDLERS)
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         plain_port = listeners[0].socket.getsockname()[1]
@@ -159,10 +169,10 @@ async def run(rounds: int, mb_rounds: int, big_rounds: int) -> None:
             conn = await pool.get("127.0.0.1", port, SERVER.peer_id)
 
             async def secure_small(req: InfoRequest) -> object:
-                return await conn.call("info", req, InfoResponse)
+                return await call_info(conn)
 
             async def secure_sink(req: ForwardRequest) -> object:
-                return await conn.call("sink", req, ForwardResponse, timeout=60)
+                return await SINK.call(conn, req, timeout=60)
 
             await measure(secure_small, small, 100)  # warm up
             await measure(plain_do, small, 100)

@@ -235,8 +235,8 @@ QUESTIONS = (
 async def _chat_run(turns: int) -> None:
     import statistics
 
+    from swarm.lab.reference import LocalModel
     from swarm.shards.bundled import default_model_path
-    from swarm.testing.reference import LocalModel
     from swarm.types import LayerRange
 
     path = default_model_path()
@@ -256,7 +256,8 @@ async def _chat_turns(
     """The chat's turns (printing each), then the last one re-prefilled; returns the ids of
     the history before the last answer and the chat's per-token seconds."""
     from swarm.client.chat import Chat
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
+    from swarm.client.generation import Token
     from swarm.client.model import AsyncRemoteModel
     from swarm.shards import load_chat_template
     from swarm.testing.swarm import open_local_swarm
@@ -264,14 +265,17 @@ async def _chat_turns(
     async with open_local_swarm(path, ranges) as local:
         config = ClientConfig(
             initial_peers=(local.dht_address,),
-            reputation_path=str(tmp / "reputation.json"),
-            evidence_dir=str(tmp / "evidence"),
+            records=RecordsConfig(
+                reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
+            ),
         )
         async with AsyncRemoteModel.open(path, config) as model:
             per_token: list[float] = []
             async with Chat.open(model, max_length=2048) as chat:
                 for i, question in enumerate(QUESTIONS[:turns]):
-                    seconds = [t.seconds async for t in chat.send(question, 48)]
+                    seconds = [
+                        t.seconds async for t in chat.send(question, 48) if isinstance(t, Token)
+                    ]
                     per_token += seconds[1:]
                     turn = chat.statistics().turns[-1]
                     sent, made = len(turn.sent), len(turn.answer)

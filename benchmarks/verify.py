@@ -39,17 +39,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.net.methods import HandlerRegistry
 from swarm.server.handlers import ServingHandlers
 from swarm.shards import load_head, load_span
 from swarm.testing.adversaries import corruptor, perturb_weights
 from swarm.testing.checkpoints import make_tiny_checkpoint, write_random_llama
+from swarm.testing.simulate import Recording, SimPeer, record_outputs, simulate_hop
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 from swarm.verify.policy import parse_policy
 from swarm.verify.reputation import PeerRecord
-from swarm.verify.simulate import Recording, SimPeer, record_outputs, simulate_hop
 from swarm.verify.suspicion import audit_rate
 
 PROMPT = list(range(100, 116))  # 16 tokens
@@ -73,9 +74,9 @@ async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
     handlers: list[ServingHandlers] = []
 
-    def keep(h: ServingHandlers) -> ServingHandlers:
+    def keep(h: ServingHandlers) -> HandlerRegistry:
         handlers.append(h)
-        return h
+        return h.registry()
 
     async with open_local_swarm(path) as local:
         for _ in range(3):
@@ -86,8 +87,7 @@ async def cost(path: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
                 config = ClientConfig(
                     initial_peers=(local.dht_address,),
                     verify=policy,
-                    verify_seed=1,
-                    reputation_path=None,
+                    records=RecordsConfig(seed=1, reputation_path=None),
                 )
                 model = await stack.enter_async_context(AsyncRemoteModel.open(path, config))
                 await model.generate(PROMPT, NEW_TOKENS)  # warm-up; peers pass first audits

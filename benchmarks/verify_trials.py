@@ -24,11 +24,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.checkpoints import write_random_llama
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -45,8 +45,7 @@ async def trial(model: Path, spec: str, seed: int, tmp: Path, reference: list[in
         config = ClientConfig(
             initial_peers=(local.dht_address,),
             verify="spot-check:0.2",
-            verify_seed=seed,
-            reputation_path=str(tmp / f"rep-{spec}-{seed}.json"),
+            records=RecordsConfig(seed=seed, reputation_path=str(tmp / f"rep-{spec}-{seed}.json")),
         )
         async with AsyncRemoteModel.open(model, config) as remote:
             result = await remote.generate_detailed(PROMPT, NEW_TOKENS)

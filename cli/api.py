@@ -161,7 +161,10 @@ def api(
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
     )
     if reputation is not None:
-        client_config = dataclasses.replace(client_config, reputation_path=str(reputation))
+        client_config = dataclasses.replace(
+            client_config,
+            records=dataclasses.replace(client_config.records, reputation_path=str(reputation)),
+        )
     template = gateway_template(path, chat_template)
     trio.run(_serve, path, client_config, gateway_config, template, canary_interval)
 

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import DefaultModelArgument, PeersOption, VerboseOption, model_path
+from .options import (
+    DefaultModelArgument,
+    PeersOption,
+    QuantRequirement,
+    VerboseOption,
+    model_path,
+    parse_quantization,
+)
+from .output import EventWriter
 
 if TYPE_CHECKING:
     from swarm.client.chat import Chat
@@ -43,6 +51,7 @@ def chat(
     verify: Annotated[
         str, typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic.")
     ] = "none",
+    quant: QuantRequirement = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Chat with MODEL on the swarm reached through --initial-peers."""
@@ -63,6 +72,7 @@ def chat(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
         verify=verify,
+        quant=None if quant is None else parse_quantization(quant).value,
     )
     chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
     sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)
@@ -143,10 +153,10 @@ async def _answer(
                     return
 
             nursery.start_soon(stop_on_signal)
-            async with aclosing(conversation.send(message, max_new_tokens, sampling)) as tokens:
-                async for token in tokens:
-                    sys.stdout.write(token.text)
-                    sys.stdout.flush()
+            write = EventWriter(may_roll_back=conversation.model.config.verify != "none")
+            async with aclosing(conversation.send(message, max_new_tokens, sampling)) as events:
+                async for event in events:
+                    write(event)
             nursery.cancel_scope.cancel()
     sys.stdout.write("\n")
     if stopped:

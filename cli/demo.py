@@ -21,6 +21,8 @@ from rich.table import Table
 
 from swarm.errors import SwarmError
 
+from .output import EventWriter
+
 if TYPE_CHECKING:
     from swarm.client.sampling import SamplingConfig
     from swarm.verify import VerifierStatistics
@@ -158,9 +160,9 @@ def _check_options(verify: str | None, liar: str | None) -> None:
 
     parse_policy(verify)
     if liar:
-        from swarm.testing.adversaries import adversary_wrapper
+        from swarm.lab.liar import liar_wrapper
 
-        adversary_wrapper(liar)
+        liar_wrapper(liar)
 
 
 def _start_swarm(
@@ -168,7 +170,8 @@ def _start_swarm(
 ) -> tuple[str, dict[str, str]]:
     """Start the DHT node and one server per (start, stop, adversary) spec; returns the DHT
     address and each lying server's peer id (base58) -> its adversary spec."""
-    from swarm.testing.processes import ProcessGroup, swarm_command
+    from swarm.lab.liar import liar_command
+    from swarm.lab.processes import ProcessGroup, swarm_command
 
     assert isinstance(group, ProcessGroup)
     liars: dict[str, str] = {}
@@ -180,11 +183,7 @@ def _start_swarm(
         progress.update(task, description=f"DHT node: listening on {dht}", completed=1)
         procs, tasks = [], []
         for i, (start, stop, adversary) in enumerate(specs):
-            extra = ["--identity", str(tmp / f"server{i}.key")]
-            if adversary:
-                extra += ["--testing-adversary", adversary]
-            argv = swarm_command(
-                "serve",
+            args = [
                 str(model),
                 "--layers",
                 f"{start}:{stop}",
@@ -192,8 +191,10 @@ def _start_swarm(
                 dht,
                 "--announce-ttl",
                 "30",
-                *extra,
-            )
+                "--identity",
+                str(tmp / f"server{i}.key"),
+            ]
+            argv = liar_command(adversary, *args) if adversary else swarm_command("serve", *args)
             procs.append(group.start(f"server{i}", argv))
             lying = f" [red](lying: {adversary})[/red]" if adversary else ""
             tasks.append(progress.add_task(f"server {i} layers {start}:{stop}{lying}", total=1))
@@ -225,7 +226,7 @@ def _run(
 ) -> None:
     import trio
 
-    from swarm.testing.processes import ProcessGroup
+    from swarm.lab.processes import ProcessGroup
 
     specs: list[tuple[int, int, str | None]] = [(a, b, None) for a, b in ranges]
     if liar:
@@ -239,23 +240,37 @@ def _run(
                 "[yellow]--liar without --verify: nobody checks, so the lie goes "
                 "unnoticed (try --verify spot-check:0.5)[/yellow]"
             )
-    with ProcessGroup() as group:
+    # one OS process group the demo signals, whose processes exit if the demo dies
+    with ProcessGroup(die_with_parent=True) as group:
         dht, liars = _start_swarm(group, model, tmp, specs)
         timings, ttft = trio.run(
             _generate, model, dht, prompt, max_new_tokens, sampling, verify, liars, tmp
         )
-        if api_port is not None:
+        if api_port is None:
+            group.stop_all()  # before the baseline: it runs alone, and nothing is left behind
+        _print_latency(model, prompt, sampling, len(ranges), timings, ttft)
+        if api_port is not None:  # last: a Ctrl-C then only has the processes to stop
             _serve_api(group, model, dht, api_port, tmp)
+    console.print("all demo processes stopped")
+
+
+def _print_latency(
+    model: Path,
+    prompt: DemoPrompt,
+    sampling: SamplingConfig,
+    hops: int,
+    timings: list[float],
+    ttft: float,
+) -> None:
     single = _single_process(model, prompt.ids, len(timings), sampling)
     table = Table(title="latency (median per token after the first)")
     table.add_column("")
     table.add_column("per token", justify="right")
     table.add_column("time to first token", justify="right")
     per_token = statistics.median(timings[1:]) if len(timings) > 1 else timings[0]
-    table.add_row(f"swarm, {len(ranges)} hops", f"{per_token * 1e3:.1f} ms", f"{ttft * 1e3:.0f} ms")
+    table.add_row(f"swarm, {hops} hops", f"{per_token * 1e3:.1f} ms", f"{ttft * 1e3:.0f} ms")
     table.add_row("one process", f"{single[0] * 1e3:.1f} ms", f"{single[1] * 1e3:.0f} ms")
     console.print(table)
-    console.print("all demo processes stopped")
 
 
 def _serve_api(group: object, model: Path, dht: str, port: int, tmp: Path) -> None:
@@ -265,7 +280,7 @@ def _serve_api(group: object, model: Path, dht: str, port: int, tmp: Path) -> No
     import json
     import time
 
-    from swarm.testing.processes import ProcessGroup, swarm_command
+    from swarm.lab.processes import ProcessGroup, swarm_command
 
     assert isinstance(group, ProcessGroup)
     argv = swarm_command(
@@ -312,23 +327,25 @@ async def _generate(
 ) -> tuple[list[float], float]:
     from contextlib import aclosing
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
     from swarm.client.model import AsyncRemoteModel
 
     config = ClientConfig(
         initial_peers=(dht,),
         verify=verify or "none",
-        reputation_path=str(tmp / "reputation.json"),
-        evidence_dir=str(tmp / "evidence"),
+        records=RecordsConfig(
+            reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
+        ),
     )
     async with AsyncRemoteModel.open(model, config) as remote:
-        async with aclosing(remote.stream(prompt.ids, max_new_tokens, sampling)) as tokens:
+        write = EventWriter(may_roll_back=(verify or "none") != "none")
+        async with aclosing(remote.stream(prompt.ids, max_new_tokens, sampling)) as events:
             first = True
-            async for token in tokens:
+            async for event in events:
                 if first:
                     route = " -> ".join(
                         f"{hop['peer'][:8]}@{hop['port']} [{hop['start']}:{hop['stop']})"
-                        for hop in tokens.result.route
+                        for hop in events.result.route
                     )
                     console.print(f"[bold]route:[/bold] client -> {route} -> client")
                     if prompt.chat:
@@ -336,9 +353,9 @@ async def _generate(
                     else:
                         console.print(prompt.shown, style="bold", end="", markup=False)
                     first = False
-                console.print(token.text, end="", highlight=False, markup=False)
+                write(event)
         console.print()
-        result = tokens.result
+        result = events.result
         if prompt.chat and result.stop_reason != "eos":
             console.print(f"[yellow](cut at --max-new-tokens {max_new_tokens})[/yellow]")
         if result.recoveries:
@@ -381,7 +398,7 @@ def _single_process(
     """Median per-token seconds and time to first token of the same model in this process."""
     import torch
 
-    from swarm.testing.reference import generate_locally
+    from swarm.lab.reference import generate_locally
 
     torch.set_num_threads(1)
     timings = generate_locally(model, prompt, tokens, sampling).timings

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import VerboseOption
+from .options import PrivateGroupsOption, VerboseOption
 from .output import setup_logging
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def dht(
     identity: Annotated[
         Path | None, typer.Option(help="Identity key file (default ~/.config/swarm/...).")
     ] = None,
+    private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
     """Run a bootstrap-only DHT node: print its host:port, serve until Ctrl-C / SIGTERM."""
@@ -46,6 +47,7 @@ def dht(
         port=port,
         initial_peers=tuple(initial_peers or ()),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+        private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
     )
     ident = Identity.load_or_create(identity)
     trio.run(_serve, ident, config)

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .coverage import fill_hint, missing_ranges
-from .options import VerboseOption
-from .output import warn
+from .coverage import fill_hint
+from .options import QuantRequirement, VerboseOption, parse_quantization
+from .output import EventWriter, warn
 
 if TYPE_CHECKING:
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, PipelineConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.client.sampling import SamplingConfig
 
@@ -85,6 +85,7 @@ def generate(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    quant: QuantRequirement = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
@@ -106,12 +107,15 @@ def generate(
     config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
-        use_push=not no_push,
         step_timeout=step_timeout,
         verify=verify,
+        quant=None if quant is None else parse_quantization(quant).value,
+        pipeline=PipelineConfig(use_push=not no_push),
     )
     if reputation is not None:
-        config = dataclasses.replace(config, reputation_path=str(reputation))
+        config = dataclasses.replace(
+            config, records=dataclasses.replace(config.records, reputation_path=str(reputation))
+        )
     path = resolve_checkpoint(model)
     chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
     sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)
@@ -158,11 +162,17 @@ async def _run(job: _Job, as_json: bool) -> None:
             print(json.dumps(out), flush=True)
             return
         as_text = isinstance(job.request, str) and model.tokenizer is not None
-        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as tokens:
-            async for token in tokens:
-                sys.stdout.write(token.text if as_text else f"{token.id} ")
-                sys.stdout.flush()
+        policy = job.config.verify != "none"
+        write = EventWriter(as_ids=not as_text, may_roll_back=policy)
+        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as events:
+            async for event in events:
+                write(event)
         sys.stdout.write("\n")
+        if write.rollbacks:
+            warn(
+                f"verification proved a lie and rolled back {write.rollbacks} time(s); "
+                "the text above is the final one"
+            )
 
 
 def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:
@@ -182,6 +192,7 @@ async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
     them."""
     import trio
 
+    from swarm.directory import missing_ranges
     from swarm.errors import RoutingError
 
     deadline = trio.current_time() + job.wait

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .coverage import fill_hint, missing_ranges
+from .coverage import fill_hint
 from .options import KeyOption, PeersOption, VerboseOption
 
 if TYPE_CHECKING:
@@ -31,10 +31,8 @@ async def _discovery(
     model: Path, initial_peers: Sequence[str], swarm_key: Path | None
 ) -> AsyncIterator[tuple[Discovery, ConnectionPool, int]]:
     from swarm.client.config import ClientConfig
-    from swarm.client.discovery import Discovery
-    from swarm.dht import DHTConfig, DHTNode
+    from swarm.client.discovery import Discovery, join_as_client
     from swarm.errors import ConfigError
-    from swarm.net.pool import open_connection_pool
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards import ModelConfig, model_id
 
@@ -43,13 +41,7 @@ async def _discovery(
     key = load_swarm_key(swarm_key) if swarm_key else None
     config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=key)
     layers = ModelConfig.from_pretrained(model).num_hidden_layers
-    async with (
-        open_connection_pool(config.identity, swarm_key=key, config=config.net) as pool,
-        DHTNode.open(
-            config.identity,
-            DHTConfig(initial_peers=config.initial_peers, swarm_key=key, client_only=True),
-        ) as dht,
-    ):
+    async with join_as_client(config) as (pool, dht):
         yield Discovery(dht, pool, model_id(model), layers, config), pool, layers
 
 
@@ -57,10 +49,9 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
     table = Table(title="block coverage (online servers per block)")
     table.add_column("blocks")
     table.add_column("servers", justify="right")
-    counts = [
-        sum(1 for s in servers if s.state == "online" and block in s.layers)
-        for block in range(layers)
-    ]
+    from swarm.directory import servers_per_block
+
+    counts = servers_per_block(servers, layers)
     start = 0
     for block in range(1, layers + 1):
         if block == layers or counts[block] != counts[start]:
@@ -70,6 +61,30 @@ def _coverage(servers: Sequence[ServerView], layers: int) -> Table:
                 f"[{style}]{counts[start]}[/{style}]" if style else str(counts[start]),
             )
             start = block
+    return table
+
+
+def _moves(servers: Sequence[ServerView]) -> Table | None:
+    """Who moved (rebalancing), from where to where, why, and who is moving now."""
+    import time
+
+    rows = []
+    for s in servers:
+        if s.moving_to is not None:
+            rows.append((s.peer_id.short(), str(s.layers), str(s.moving_to), "loading", "now", "-"))
+        move = s.last_move
+        if move is not None:
+            ago = max(0.0, time.time() - move.at)
+            gain = f"{move.gain:.2f}x" if move.gain > 0 else "-"
+            rows.append((s.peer_id.short(), str(move.from_range), str(move.to_range),
+                         move.reason.value, f"{ago:.0f} s ago", gain))  # fmt: skip
+    if not rows:
+        return None
+    table = Table(title="moves (rebalancing)")
+    for column in ("peer", "from", "to", "why", "when", "bottleneck gain"):
+        table.add_column(column)
+    for row in sorted(rows, key=lambda r: r[4]):
+        table.add_row(*row)
     return table
 
 
@@ -103,6 +118,11 @@ async def _status(
         await found.measure_pings()
         pings = found.pings
     console.print(_coverage(servers, layers))
+    from swarm.directory import missing_ranges
+
+    moves = _moves(servers)
+    if moves is not None:
+        console.print(moves)
     gaps = missing_ranges(servers, layers)
     if gaps:
         err.print(fill_hint(gaps, str(model), initial_peers), highlight=False, markup=False)
@@ -112,6 +132,7 @@ async def _status(
         "address",
         "layers",
         "state",
+        "weights",
         "ping",
         "tok/s",
         "sessions",
@@ -130,6 +151,7 @@ async def _status(
             s.address,
             str(s.layers),
             s.state,
+            f"{s.dtype} {s.quantization}",
             "-" if math.isnan(rtt) else f"{rtt * 1e3:.1f} ms",
             f"{s.throughput:.0f}",
             str(s.active_sessions),
@@ -193,7 +215,8 @@ async def _monitor(
                 async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
                     return await pool.get(host, port, s.peer_id)
 
-                result = await probe_safely(connect, canaries[s.layers], s.dtype, timeout)
+                numerics = s.dtype if s.quantization == "none" else f"{s.dtype}+{s.quantization}"
+                result = await probe_safely(connect, canaries[s.layers], numerics, timeout)
                 entry = health.setdefault(s.peer_id, ServerHealth(s.peer_id, s.layers))
                 entry.add(result)
             round_no += 1

@@ -46,6 +46,9 @@ def main(
     ] = False,
 ) -> None:
     """Run large language models across many independent GPUs, and check the peers."""
+    from swarm.lab.parent import exit_with_parent
+
+    exit_with_parent()  # a child of `swarm demo`'s process group dies with it
     set_verbose(verbose)
 
 

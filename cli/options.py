@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarm.shards import Quantization
 
 __all__ = [
     "IDENTITY_DIR",
     "DefaultModelArgument",
     "KeyOption",
     "PeersOption",
+    "PrivateGroupsOption",
     "VerboseOption",
     "identity_path",
     "model_path",
@@ -37,6 +41,15 @@ PeersOption = Annotated[
     typer.Option("--initial-peers", help="host:port of a DHT node (repeatable)."),
 ]
 KeyOption = Annotated[Path | None, typer.Option(help="Private-swarm key file.")]
+PrivateGroupsOption = Annotated[
+    str,
+    typer.Option(
+        "--private-groups",
+        help="How the DHT groups loopback/private addresses for storage and proof fairness: "
+        "host (one machine, however many ports, is one party; LAN machines stay apart), "
+        "endpoint (each ip:port apart), or subnet (a /24 or /64, as public addresses).",
+    ),
+]
 DefaultModelArgument = Annotated[
     str | None,
     typer.Argument(
@@ -97,3 +110,23 @@ def identity_path(identity: Path | None, name: str | None) -> Path | None:
             f"--identity-name {name!r}: use letters, digits, '.', '_' or '-' (up to 64)"
         )
     return IDENTITY_DIR / f"{name}.key"
+
+
+QuantRequirement = Annotated[
+    str | None,
+    typer.Option(
+        "--quant",
+        help="Route only through servers keeping their weights as none (float), int8 or int4.",
+    ),
+]
+
+
+def parse_quantization(text: str) -> Quantization:
+    """``--quant`` as a `Quantization` (none, int8, int4)."""
+    from swarm.shards import Quantization
+
+    try:
+        return Quantization(text.lower())
+    except ValueError:
+        names = ", ".join(q.value for q in Quantization)
+        raise ConfigError(f"--quant {text}: expected one of {names}") from None

@@ -4,6 +4,11 @@ Tokens stream to stdout without newlines. A log record or warning written to std
 streamed line is half done would land inside the text when both go to one terminal (or one
 file, with ``2>&1``), so `setup_logging` installs a handler that first ends the stdout line
 in that case. Warnings and logs never go to stdout.
+
+A generation's events (`Token`, `RolledBack`, `Done`) are written by `EventWriter`, so that
+stdout ends holding the final text once: on a terminal tokens show as they come and a
+rollback erases the text it voids; elsewhere (a pipe, a file) tokens stream only when nothing
+can roll them back (the policy ``none``), and otherwise the text is written once it is final.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-__all__ = ["end_stdout_line", "setup_logging", "warn"]
+if TYPE_CHECKING:
+    from swarm.client.generation import Event
+
+__all__ = ["EventWriter", "end_stdout_line", "setup_logging", "warn"]
 
 log = logging.getLogger("swarm_cli")
 
@@ -99,3 +107,45 @@ def setup_logging(verbose: bool | None = None, *, timestamps: bool = False) -> N
 def warn(message: str) -> None:
     """A warning for the user: ``warning: message`` on stderr, on its own line."""
     log.warning("%s", message)
+
+
+class EventWriter:
+    """Writes a generation's events to ``out`` (stdout by default): token text, or ids as
+    ``"<id> "`` when ``as_ids``. Tokens show as they come on a terminal (a rollback erases
+    what it voids) or when ``may_roll_back`` is False; elsewhere the text is written once
+    final, at `Done` (see `AnswerText`)."""
+
+    def __init__(
+        self, *, as_ids: bool = False, may_roll_back: bool = True, out: TextIO | None = None
+    ) -> None:
+        from swarm.client.generation import AnswerText
+
+        self.out = out if out is not None else sys.stdout
+        self.terminal = _isatty(self.out)
+        self.answer = AnswerText(hold=may_roll_back and not self.terminal, as_ids=as_ids)
+        self.rollbacks = 0
+
+    def __call__(self, event: Event) -> None:
+        """Take one event (`Token`, `RolledBack` or `Done`)."""
+        from swarm.client.generation import RolledBack
+
+        if isinstance(event, RolledBack):
+            self.rollbacks += 1
+        before = self.answer.shown
+        erase, piece = self.answer.push(event)
+        if erase:  # only where tokens show as they come: a terminal
+            kept = before[: len(before) - erase]
+            up = before[len(kept) :].count("\n")
+            self.out.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
+            self.out.write(kept.rsplit("\n", 1)[-1])
+        if piece:
+            self.out.write(piece)
+        if erase or piece:
+            self.out.flush()
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -36,8 +36,8 @@ def selfcheck(
     seed: int = typer.Option(0, help="Seed for weights and inputs."),
 ) -> None:
     """Generate a tiny random model, load it in 3 layer ranges, and check the numbers agree."""
+    from swarm.lab.checkpoints import write_random_llama
     from swarm.shards import load_head, load_span, model_id
-    from swarm.testing.checkpoints import write_random_llama
     from swarm.types import LayerRange
 
     if layers < 3:

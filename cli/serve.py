@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from .options import VerboseOption, identity_path, parse_layers
+from .options import (
+    PrivateGroupsOption,
+    VerboseOption,
+    identity_path,
+    parse_layers,
+    parse_quantization,
+)
 from .output import setup_logging, warn
 
 if TYPE_CHECKING:
+    from swarm.net.methods import HandlerRegistry
     from swarm.server.config import ServerConfig
+    from swarm.server.handlers import ServingHandlers
     from swarm.server.server import ServerReady
 
-__all__ = ["serve"]
+    WrapHandlers = Callable[[ServingHandlers], HandlerRegistry]
+
+__all__ = ["WRAP_HANDLERS", "serve"]
 
 err = Console(stderr=True)
+
+# The handler-wrapping seam of `Server` for this process's `serve`: None (honest) unless the
+# lab's liar entry point (`swarm_cli.lab_serve`) set it; `swarm serve` itself has no option
+# for it.
+WRAP_HANDLERS: ContextVar[WrapHandlers | None] = ContextVar("WRAP_HANDLERS", default=None)
 
 
 def serve(
@@ -46,6 +63,14 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the layers' weights as int8, int4 or none (float). Default: the "
+            "checkpoint's own where a kernel exists (GGUF Q4_0/Q4_1: int4, Q8_0: int8), "
+            "else none. CPU only; other devices serve float weights."
+        ),
+    ] = None,
     identity: Annotated[
         Path | None,
         typer.Option(
@@ -89,14 +114,26 @@ def serve(
     announce_ttl: Annotated[
         float, typer.Option(help="Seconds a DHT record lives; re-announced every half.")
     ] = 60.0,
-    testing_adversary: Annotated[
-        str | None,
+    rebalance: Annotated[
+        bool | None,
         typer.Option(
-            "--testing-adversary",
-            help="TESTING ONLY: make this server lie (see swarm.testing.adversaries).",
-            hidden=True,
+            "--rebalance/--no-rebalance",
+            help="Move to the layers the swarm needs most, now and then (default: only with "
+            "--layers auto).",
         ),
     ] = None,
+    balance_period: Annotated[
+        float,
+        typer.Option(help="Mean seconds between rebalancing checks (each wait is 0.5-1.5x it)."),
+    ] = 120.0,
+    balance_quality: Annotated[
+        float,
+        typer.Option(
+            help="Move when the swarm's bottleneck throughput now is below this share of "
+            "what it would be after the move (Petals' 0.75)."
+        ),
+    ] = 0.75,
+    private_groups: PrivateGroupsOption = "host",
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -107,6 +144,7 @@ def serve(
     import trio
 
     from swarm.dht import DHTConfig
+    from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
     from swarm.server.sessions import SessionLimits
@@ -134,10 +172,16 @@ def serve(
         public_host=public_addr,
         device=device,
         dtype=dtype,
+        quant=None if quant is None else parse_quantization(quant),
         num_threads=num_threads,
         identity_path=identity_path(identity, identity_name),
         swarm_key_path=swarm_key,
-        dht=DHTConfig(host=host, port=dht_port, initial_peers=tuple(initial_peers or ())),
+        dht=DHTConfig(
+            host=host,
+            port=dht_port,
+            initial_peers=tuple(initial_peers or ()),
+            private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+        ),
         limits=SessionLimits(
             max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536
         ),
@@ -146,8 +190,9 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
+        balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
-    trio.run(_run, config, testing_adversary)
+    trio.run(_run, config, WRAP_HANDLERS.get())
 
 
 def _check_model_and_device(model: Path, device: str) -> int:
@@ -174,18 +219,13 @@ def _check_model_and_device(model: Path, device: str) -> int:
     return num_layers
 
 
-async def _run(config: ServerConfig, adversary: str | None = None) -> None:
+async def _run(config: ServerConfig, wrap: WrapHandlers | None = None) -> None:
     """Start the server; the first Ctrl-C / SIGTERM drains it once ready and stops start-up
     at once before that; a second one stops at once."""
     import trio
 
     from swarm.server.server import Server
 
-    wrap = None
-    if adversary:  # the hidden --testing-adversary flag, for tests of verification
-        from swarm.testing.adversaries import adversary_wrapper
-
-        wrap = adversary_wrapper(adversary)
     status = err.status("starting", spinner="dots") if sys.stderr.isatty() else None
 
     def progress(message: str) -> None:

@@ -3,7 +3,8 @@
 One tree, rooted at :class:`SwarmError`, so ``except SwarmError`` catches everything the
 library raises on purpose. Lower-layer exceptions (``OSError``, ``trio`` errors,
 ``cryptography``'s ``InvalidTag``, ``safetensors`` errors) are translated at the boundary
-where they happen and re-raised with ``from exc``.
+where they happen and re-raised with ``from exc``, through `map_exceptions` (httpcore's
+model: one mapping per boundary instead of an ``except`` block at every call site).
 
 ::
 
@@ -32,6 +33,8 @@ where they happen and re-raised with ``from exc``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 __all__ = [
     "ConfigError",
@@ -55,6 +58,7 @@ __all__ = [
     "SwarmKeyMismatch",
     "TransportError",
     "VerificationError",
+    "map_exceptions",
     "unwrap_group",
 ]
 
@@ -173,19 +177,43 @@ class FraudDetected(VerificationError):
 def unwrap_group(exc: BaseException) -> BaseException:
     """The one exception that matters inside (nested) exception groups, else ``exc``.
 
-    A group with one member is replaced by it, recursively. Of a group with several, the first
-    leaf that is a `SwarmError` wins, else the first `Exception` (never a cancellation such as
-    trio's ``Cancelled``, which is a ``BaseException``): the others are side effects of the
-    same failure, siblings cancelled or broken by it. A group of cancellations only is
-    returned as it is. The one place swarm unwraps the groups that nurseries raise.
+    A group with one member is replaced by it, recursively. Of a group with several, a
+    ``KeyboardInterrupt`` wins (the user's Ctrl-C, which the channels it broke must not turn
+    into a failure that recovery retries), then the first leaf that is a `SwarmError`, else
+    the first `Exception` (never a cancellation such as trio's ``Cancelled``, which is a
+    ``BaseException``): the others are side effects of the same failure, siblings cancelled
+    or broken by it. A group of cancellations only is returned as it is. The one place swarm
+    unwraps the groups that nurseries raise.
     """
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     if not isinstance(exc, BaseExceptionGroup):
         return exc
     leaves = [unwrap_group(inner) for inner in exc.exceptions]
-    for wanted in (SwarmError, Exception):
+    for wanted in (KeyboardInterrupt, SwarmError, Exception):
         for leaf in leaves:
             if isinstance(leaf, wanted) and not isinstance(leaf, BaseExceptionGroup):
                 return leaf
     return exc
+
+
+@contextmanager
+def map_exceptions(
+    mapping: Mapping[type[BaseException], type[SwarmError]], what: str = ""
+) -> Iterator[None]:
+    """Translate a lower layer's exceptions at a boundary: an exception that is an instance
+    of a key (the first that matches) is re-raised as its value, with the message
+    ``"<what>: <exc>"`` and ``from exc``; anything else passes through unchanged.
+
+    ::
+
+        with map_exceptions({OSError: ConnectError}, f"cannot connect to {host}:{port}"):
+            stream = await trio.open_tcp_stream(host, port)
+    """
+    try:
+        yield
+    except Exception as exc:
+        for source, target in mapping.items():
+            if isinstance(exc, source):
+                raise target(f"{what}: {exc}" if what else str(exc)) from exc
+        raise

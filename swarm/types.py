@@ -27,7 +27,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "DtypeName",
     "LayerRange",
+    "MoveReason",
     "PeerId",
+    "QuantName",
     "ServerState",
     "b58decode",
     "b58encode",
@@ -154,6 +156,17 @@ class ServerState(enum.StrEnum):
     DRAINING = "draining"
 
 
+class MoveReason(enum.StrEnum):
+    """Why a server moved to another layer range; announced with the move.
+
+    ``uncovered``: the move covers blocks that no server served; ``bottleneck``: it raises
+    the swarm's bottleneck throughput (the least served block's) by the configured margin.
+    """
+
+    UNCOVERED = "uncovered"
+    BOTTLENECK = "bottleneck"
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """Split ``"host:port"`` (``"[::1]:port"`` for IPv6). Raises `ConfigError` if malformed."""
     host, sep, port_text = text.rpartition(":")
@@ -169,6 +182,8 @@ def format_address(host: str, port: int) -> str:
 
 
 DtypeName = Literal["float32", "float16", "bfloat16"]
+# How a server keeps its layers' projection weights (swarm.shards.quant.Quantization's values).
+QuantName = Literal["none", "int8", "int4"]
 FLOAT_DTYPES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
 
 

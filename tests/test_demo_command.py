@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from swarm.testing.processes import MARKER_VARIABLE, processes_marked, swarm_command
+from swarm.lab.processes import MARKER_VARIABLE, processes_marked, swarm_command
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -28,28 +28,19 @@ from swarm.api.jobs import ModelFacts, longest_token
 from swarm.api.metrics import GatewayMetrics
 from swarm.api.receipts import ReceiptStore
 from swarm.client.model import AsyncRemoteModel
-from swarm.directory import ServerView
+from swarm.directory import ServerView, missing_blocks
 from swarm.errors import ConfigError, SwarmError
 from swarm.shards import ChatTemplate, model_id
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 from swarm.verify.health import Canary, ServerHealth, make_canaries, probe_safely
 
-__all__ = ["Gateway", "missing_blocks"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 
 _KEEP_LATENCIES = 64
 NEW_CANARY_RANGES = 2  # ranges whose answers are computed per probe round, at most
 T = TypeVar("T")
-
-
-def missing_blocks(servers: Sequence[ServerView], num_layers: int) -> list[int]:
-    """Blocks no online server covers."""
-    covered: set[int] = set()
-    for server in servers:
-        if server.state == ServerState.ONLINE:
-            covered.update(range(server.layers.start, server.layers.stop))
-    return [block for block in range(num_layers) if block not in covered]
 
 
 @dataclass

@@ -45,6 +45,7 @@ from swarm.api.schemas import (
     Usage,
     dump,
 )
+from swarm.client.generation import AnswerText, Event
 from swarm.client.model import GenerationResult, TokenStream
 from swarm.errors import unwrap_group
 
@@ -77,7 +78,7 @@ class GenerationResponse(Response):
         self.owner = owner  # the key fingerprint the receipts are kept for
         self.created = int(time.time())
         self.name = gateway.facts.name
-        self._sent = ""  # text streamed so far
+        self._answer_text: AnswerText  # set once the job is prepared
         self._started = False
         self._send: Send | None = None
 
@@ -98,6 +99,8 @@ class GenerationResponse(Response):
             error = error_from_exception(raised)
             await self._send_json(error.status, error.body(), error.headers)
             return
+        # tokens stream as they come only where no check can roll them back
+        self._answer_text = AnswerText(hold=job.verify != "none")
         try:
             async with self.ticket:
                 stream = self.gateway.model.stream(
@@ -107,16 +110,16 @@ class GenerationResponse(Response):
                     job.stop,
                     verify=job.verify,
                 )
-                async with stream as tokens:
-                    async for _token in tokens:
+                async with stream as events:
+                    async for event in events:
                         if job.stream:
-                            await self._stream_progress(tokens.result)
-            report = self._finish(tokens)
+                            await self._stream_event(event)
+            report = self._finish(events)
         except Exception as raised:
             error = error_from_exception(unwrap_group(raised))
             await self._send_error(error)
             return
-        result = tokens.result
+        result = events.result
         self.gateway.metrics.generated(result.ttft, result.timings[1:])
         if job.stream:
             await self._stream_end(result, report)
@@ -194,20 +197,17 @@ class GenerationResponse(Response):
         if self.job.kind == "chat":
             await self._event(self._chat_chunk(Delta(role="assistant", content="")))
 
-    async def _stream_progress(self, result: GenerationResult) -> None:
+    async def _stream_event(self, event: Event) -> None:
+        """Stream the answer's text as the events make it. Server-sent events cannot take
+        text back, so under a policy that may roll tokens back the text waits for `Done`:
+        the streamed text is always the final text (`AnswerText`)."""
         await self._start_stream()
-        text = result.text or ""
-        if len(text) > len(self._sent) and text.startswith(self._sent):
-            piece, self._sent = text[len(self._sent) :], text
+        _, piece = self._answer_text.push(event)
+        if piece:
             await self._event(self._piece(piece))
 
     async def _stream_end(self, result: GenerationResult, report: SwarmReport) -> None:
         await self._start_stream()
-        text = result.text or ""
-        if text.startswith(self._sent) and len(text) > len(self._sent):
-            await self._event(self._piece(text[len(self._sent) :]))
-        elif not text.startswith(self._sent):  # a rollback changed text already streamed
-            report = report.model_copy(update={"rewritten_text": text})
         reason = _finish_reason(result)
         usage = self._usage(result)
         last = self._piece("", reason)

@@ -1,21 +1,23 @@
-"""`Chat`: a multi-turn conversation over one inference session kept open across turns.
+"""`Chat`: a multi-turn conversation over one chain kept open across turns.
 
 ::
 
     async with AsyncRemoteModel.open(path, config) as model, Chat.open(model) as chat:
-        async for token in chat.send("What is the capital of France?"):
-            print(token.text, end="")
+        async for event in chat.send("What is the capital of France?"):
+            if isinstance(event, Token):
+                print(event.text, end="")
         answer = await chat.say("And of Italy?")
 
 Each turn renders the whole conversation with the model's chat template (see
-:mod:`swarm.shards.chat_template`), but sends the servers only what the session has not
-seen yet: the text after what is already in its KV caches (the previous prompts and answers),
-tokenized alone. When the new rendering does not begin with what was sent (a template that
-rewrites earlier turns), or a verification check proves a lie, the turn starts over on a fresh
-session with the whole conversation (``statistics().reprefills`` counts those; tokens of
-that turn already yielded are then yielded again, recomputed). Server
-failures are recovered inside the session, across turns. An answer ends at an end-of-turn id
-(the model's eos ids) or at ``max_new_tokens``.
+:mod:`swarm.shards.chat_template`), but sends the servers only what the chain has not seen
+yet: the text after what is already in its KV caches (the previous prompts and answers),
+tokenized alone. A turn runs the same token loop as `AsyncRemoteModel.stream`
+(`swarm.client.generation.TokenLoop`: same events, receipts, route, timings and own-load
+accounting). When the new rendering does not begin with what was sent (a template that
+rewrites earlier turns), or a verification check proves a lie (a `RolledBack` event), the
+turn goes on from a fresh chain fed the whole conversation (``statistics().reprefills``
+counts those). Server failures are recovered inside the chain, across turns. An answer ends
+at an end-of-turn id (the model's eos ids) or at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 import trio
 
-from swarm.client.model import AsyncRemoteModel, Token
+from swarm.client.generation import Attempt, Event, StopReason, TokenLoop
+from swarm.client.model import AsyncRemoteModel
 from swarm.client.sampling import Sampler, SamplingConfig
-from swarm.client.session import InferenceSession
-from swarm.client.text import StopText
+from swarm.client.verifying import CheckedChain
 from swarm.errors import ConfigError
+from swarm.net.messages import Receipt
 from swarm.shards import ChatTemplate, load_chat_template
 
 __all__ = ["Chat", "ChatStatistics", "Turn"]
@@ -41,18 +44,23 @@ __all__ = ["Chat", "ChatStatistics", "Turn"]
 class Turn:
     """One finished turn: the ids sent to the servers for it (new prompt tokens, after the
     previous answer's last token; the whole conversation when ``fresh``, i.e. on a new
-    session), the answer's ids and text, and why it ended."""
+    chain), the answer's ids and text, why it ended, and like any generation its route,
+    per-token timings, the servers' signed receipts and its rollbacks."""
 
     sent: tuple[int, ...]
     answer: tuple[int, ...]
     text: str
-    stop_reason: str  # "eos" or "length"
+    stop_reason: StopReason
     fresh: bool
+    route: tuple[dict[str, Any], ...] = ()
+    timings: tuple[float, ...] = ()
+    receipts: tuple[Receipt, ...] = ()
+    rollbacks: int = 0
 
 
 @dataclass(frozen=True)
 class ChatStatistics:
-    """Turns so far, the ids the session holds, and how often a turn re-sent everything."""
+    """Turns so far, the ids the chain holds, and how often a turn re-sent everything."""
 
     turns: tuple[Turn, ...]
     cached_tokens: int
@@ -61,7 +69,7 @@ class ChatStatistics:
 
 @dataclass
 class _State:
-    """What the open session holds: its ids (``fed``), the text they spell, and the last
+    """What the open chain holds: its ids (``fed``), the text they spell, and the last
     sampled id, which the next step feeds."""
 
     fed: list[int] = field(default_factory=list)
@@ -80,10 +88,9 @@ class Chat:
         self.max_length = max_length
         self.messages: list[dict[str, str]] = []
         self._tokenizer = model.tokenizer
-        self._session: InferenceSession | None = None
-        self._session_stack: AsyncExitStack | None = None
+        self._checked: CheckedChain | None = None
+        self._stack: AsyncExitStack | None = None
         self._state = _State()
-        self._steps = 0
         self._turns: list[Turn] = []
         self._reprefills = 0
 
@@ -112,7 +119,7 @@ class Chat:
             yield chat
         finally:
             with trio.CancelScope(shield=True):
-                await chat._close_session()
+                await chat._close()
 
     def statistics(self) -> ChatStatistics:
         return ChatStatistics(tuple(self._turns), len(self._state.fed), self._reprefills)
@@ -120,7 +127,7 @@ class Chat:
     async def reset(self) -> None:
         """Forget the conversation (the system message stays) and close the session."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        await self._close_session()
+        await self._close()
 
     async def say(
         self, message: str, max_new_tokens: int = 256, sampling: SamplingConfig | None = None
@@ -132,12 +139,13 @@ class Chat:
 
     async def send(
         self, message: str, max_new_tokens: int = 256, sampling: SamplingConfig | None = None
-    ) -> AsyncGenerator[Token, None]:
-        """Add a user ``message`` and stream the answer, token by token (wrap in
-        ``contextlib.aclosing`` if you may stop early).
+    ) -> AsyncGenerator[Event, None]:
+        """Add a user ``message`` and stream the answer's events (`Token`, `RolledBack`, a
+        last `Done`; wrap in ``contextlib.aclosing`` if you may stop early). The finished
+        turn is ``statistics().turns[-1]``.
 
         If the iteration is stopped early (or cancelled) the turn is dropped from the
-        conversation and the session closed (the next turn re-sends everything).
+        conversation and the chain closed (the next turn re-sends everything).
 
         Raises `ConfigError` if the conversation would exceed ``max_length`` (start over
         with `reset`), `RoutingError` / `SessionError` when the swarm cannot run the layers.
@@ -146,108 +154,89 @@ class Chat:
             raise ConfigError("max_new_tokens must be at least 1")
         messages = [*self.messages, {"role": "user", "content": message}]
         prompt = self.template.render(messages, add_generation_prompt=True)
+        model = self.model
+        sampler = Sampler(sampling or SamplingConfig())
+        eos = model.model_config.eos_token_id
+        loop = TokenLoop(model.head, eos, self._tokenizer, sampler, max_new_tokens)
+        turn = _TurnAttempts(self, prompt, max_new_tokens)
         finished = False
         try:
-            while True:
-                turn = _TurnRun(self, prompt, max_new_tokens, sampling)
-                async for token in turn.run():
-                    yield token
-                if turn.rollback:
-                    self._reprefills += 1
-                    await self._close_session()
-                    continue
-                break
+            async for event in loop.events(turn):
+                yield event
             finished = True
         finally:
             if not finished:
                 with trio.CancelScope(shield=True):
-                    await self._close_session()
-        self.messages = [*messages, {"role": "assistant", "content": turn.text.text}]
-        self._turns.append(turn.finish())
+                    await self._close()
+        result = loop.result
+        text = result.text or ""
+        self.messages = [*messages, {"role": "assistant", "content": text}]
+        done = Turn(
+            tuple(turn.sent),
+            tuple(result.ids),
+            text,
+            result.stop_reason,
+            turn.fresh,
+            tuple(result.route),
+            tuple(result.timings),
+            tuple(loop.receipts),
+            result.rollbacks,
+        )
+        self._turns.append(done)
 
-    # ---- the session ----
+    # ---- the chain ----
 
-    async def _session_for(self, prompt: str) -> tuple[InferenceSession, list[int]]:
-        """The open session (or a fresh one) and the ids to send for ``prompt``."""
+    async def _chain_for(self, prompt: str, fresh: bool) -> tuple[CheckedChain, list[int]]:
+        """The open chain (or a fresh one) and the ids of ``prompt`` it has not seen."""
         state = self._state
-        if self._session is not None and not prompt.startswith(state.text):
+        if self._checked is not None and (fresh or not prompt.startswith(state.text)):
             self._reprefills += 1
-            await self._close_session()
-        if self._session is None:
+            await self._close()
+        if self._checked is None:
             stack = AsyncExitStack()
-            self._session = await stack.enter_async_context(
-                self.model.sessions.open(self.max_length)
-            )
-            self._session_stack, self._state, self._steps = stack, _State(), 0
+            self._checked = await stack.enter_async_context(self.model.open_chain(self.max_length))
+            self._stack, self._state = stack, _State()
             state = self._state
         new = self._tokenizer.encode(prompt[len(state.text) :], add_special_tokens=False).ids
-        return self._session, [*state.pending, *new]
+        return self._checked, [*state.pending, *new]
 
-    async def _close_session(self) -> None:
-        stack, self._session, self._session_stack = self._session_stack, None, None
+    async def _close(self) -> None:
+        stack, self._checked, self._stack = self._stack, None, None
         self._state = _State()
         if stack is not None:
             await stack.aclose()
 
 
-class _TurnRun:
-    """One attempt at a turn: the step loop over the chat's session."""
+class _TurnAttempts:
+    """The `Attempts` of one turn: the chat's open chain first; after a proven lie a fresh
+    chain fed the whole conversation and the answer that stands."""
 
-    def __init__(
-        self, chat: Chat, prompt: str, max_new_tokens: int, sampling: SamplingConfig | None
-    ) -> None:
+    def __init__(self, chat: Chat, prompt: str, max_new_tokens: int) -> None:
         self.chat = chat
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
-        self.sampler = Sampler(sampling or SamplingConfig())
-        self.text = StopText(chat._tokenizer)
         self.sent: list[int] = []
-        self.answer: list[int] = []
-        self.stop_reason = "length"
-        self.rollback = False
         self.fresh = False
+        self.tries = 0
 
-    async def run(self) -> AsyncGenerator[Token, None]:
-        chat, head = self.chat, self.chat.model.head
-        session, ids = await chat._session_for(self.prompt)
-        self.sent = list(ids)
+    @asynccontextmanager
+    async def open(self, answer: list[int]) -> AsyncIterator[Attempt]:
+        chat = self.chat
+        checked, ids = await chat._chain_for(self.prompt, fresh=self.tries > 0)
+        self.tries += 1
         state = chat._state
-        self.fresh = not state.fed
-        if len(state.fed) + len(ids) + self.max_new_tokens > chat.max_length:
+        feed = [*ids, *answer]
+        if len(state.fed) + len(feed) + self.max_new_tokens - len(answer) > chat.max_length:
             raise ConfigError(
                 f"the conversation would pass max_length={chat.max_length} tokens; reset it"
             )
-        eos = set(chat.model.model_config.eos_token_id)
-        while True:
-            started = trio.current_time()
-            position = len(state.fed)
-            positions = torch.arange(position, position + len(ids)).unsqueeze(0)  # (1, n)
-            out = await session.step(head.embed(torch.tensor([ids])), positions)  # (1, n, hidden)
-            state.fed += ids
-            rollback = await chat.model.sessions.check_step(session, len(ids), chat._steps)
-            chat._steps += 1
-            if rollback is not None:
-                self.rollback = True
-                return
-            token = int(self.sampler(head.logits(out[:, -1:])[:, -1])[0])
-            self.answer.append(token)
-            piece, _ = self.text.push(token)
-            done = token in eos or len(self.answer) == self.max_new_tokens
-            if done:
-                piece += self.text.flush()
-            yield Token(token, piece, trio.current_time() - started)
-            if done:
-                self.stop_reason = "eos" if token in eos else "length"
-                break
-            ids = [token]
-        if await chat.model.sessions.challenge(session, chat._steps) is not None:
-            self.rollback = True
-            return
-        state.pending = [self.answer[-1]]
-        spelled = chat._tokenizer.decode(self.answer, skip_special_tokens=False)
-        state.text = self.prompt + spelled
+        self.sent, self.fresh = list(ids), not state.fed  # the last attempt's count
+        yield Attempt(checked, len(state.fed), feed, len(answer))
 
-    def finish(self) -> Turn:
-        return Turn(
-            tuple(self.sent), tuple(self.answer), self.text.text, self.stop_reason, self.fresh
-        )
+    def finished(self, attempt: Attempt, answer: list[int]) -> None:
+        """The chain now holds the feed and every answer id but the last (fed next turn)."""
+        state = self.chat._state
+        state.fed += [*attempt.feed, *answer[attempt.answer : -1]]
+        state.pending = answer[-1:]
+        spelled = self.chat._tokenizer.decode(answer, skip_special_tokens=False)
+        state.text = self.prompt + spelled

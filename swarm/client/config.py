@@ -1,4 +1,6 @@
-"""`ClientConfig`: every knob of the client, one frozen value built by the caller."""
+"""`ClientConfig`: every knob of the client, one frozen value built by the caller, its knobs
+grouped by what they govern (as `ServerConfig` groups a server's): `FailureConfig`,
+`HedgeConfig`, `PipelineConfig`, `PingConfig` and `RecordsConfig`."""
 
 from __future__ import annotations
 
@@ -9,17 +11,156 @@ import torch
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.types import FLOAT_DTYPES, DtypeName, parse_address, torch_dtype
+from swarm.types import FLOAT_DTYPES, DtypeName, QuantName, parse_address, torch_dtype
 from swarm.verify.policy import VerifyPolicy, parse_policy
 
-__all__ = ["ClientConfig", "WireDtype"]
+__all__ = [
+    "ClientConfig",
+    "FailureConfig",
+    "HedgeConfig",
+    "PingConfig",
+    "PipelineConfig",
+    "RecordsConfig",
+    "WireDtype",
+]
 
 WireDtype = DtypeName
 
 
+def _positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{owner}.{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """What a chain does about servers that fail it (`swarm.client.chain.FailurePolicy`).
+
+    - ``ban_base_s`` (5), ``ban_backoff`` (2), ``ban_max_s`` (300): a failed server is left out
+      of routes for ``min(base * backoff ** (failures - 1), max)`` seconds.
+    - ``max_open_retries`` (4): servers that may fail while a chain's route is opened.
+    - ``max_recoveries`` (8): hop failures one chain survives; beyond, `SessionError`.
+    """
+
+    ban_base_s: float = 5.0
+    ban_backoff: float = 2.0
+    ban_max_s: float = 300.0
+    max_open_retries: int = 4
+    max_recoveries: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("FailureConfig", ban_base_s=self.ban_base_s, ban_max_s=self.ban_max_s)
+        if self.ban_backoff < 1:
+            raise ConfigError(f"FailureConfig.ban_backoff must be >= 1, got {self.ban_backoff}")
+        if self.max_open_retries < 0 or self.max_recoveries < 0:
+            raise ConfigError("FailureConfig.max_open_retries and max_recoveries must be >= 0")
+
+
+@dataclass(frozen=True)
+class HedgeConfig:
+    """Hedged steps: a hop that is late, not failed (`swarm.client.chain.hedging`).
+
+    - ``after`` (3.0): a hop that has not answered a step within ``after`` times its usual
+      time for a step of that many tokens (the 90th percentile of its last 16 steps;
+      multi-token steps scale with tokens) gets a replacement started in parallel (another
+      server: open, replay the hop's history, run the step); the first full answer is kept
+      and the other closed. 3× a high percentile is far outside a healthy hop's jitter, so
+      few hedges are wasted. None: never hedge (wait up to ``step_timeout``).
+    - ``floor`` (0.5): never hedge sooner than this many seconds into a step: below it,
+      scheduling noise and GC pauses of fast hops would start needless replacements; above
+      it, a stopped server costs more than the half second it takes.
+    - ``slow_penalty`` (1.0), ``slow_penalty_half_life_s`` (60): a server that lost a hedged
+      step is not banned but penalised: routes through it cost ``1 + penalty`` times as
+      much, the penalty halving every half-life (and adding up when it is slow again).
+    """
+
+    after: float | None = 3.0
+    floor: float = 0.5
+    slow_penalty: float = 1.0
+    slow_penalty_half_life_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(
+            "HedgeConfig", floor=self.floor, slow_penalty_half_life_s=self.slow_penalty_half_life_s
+        )
+        if self.after is not None and not self.after >= 1:
+            raise ConfigError(f"HedgeConfig.after must be >= 1 or None, got {self.after}")
+        if not self.slow_penalty >= 0:
+            raise ConfigError(f"HedgeConfig.slow_penalty must be >= 0, got {self.slow_penalty}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How hidden states travel along a chain.
+
+    - ``use_push`` (True): servers push each hop's output to the next hop; off, the client
+      relays every hop's input itself (one more client round trip per hop).
+    - ``push_grace`` (1.0): with push on, how long after hop k's result arrives the client
+      waits for hop k+1's result before it sends hop k+1's input itself (a duplicate input is
+      ignored by the server, so this only bounds the delay when a push got lost).
+    - ``wire_dtype`` ("float32"): dtype of the hidden states the client sends.
+    """
+
+    use_push: bool = True
+    push_grace: float = 1.0
+    wire_dtype: WireDtype = "float32"
+
+    def __post_init__(self) -> None:
+        _positive("PipelineConfig", push_grace=self.push_grace)
+        if self.wire_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class PingConfig:
+    """The client's own pings to servers (routing costs): ``timeout`` (2 s), ``concurrency``
+    (8 servers at once), ``max_servers`` (32 servers pinged per refresh), ``ema`` (0.5:
+    weight of a new sample), ``interval_s`` (30: a server that answered is pinged again at
+    most this often; one that did not is retried after a backoff from this doubling up to 20
+    times it), ``new_per_host`` (2: servers never reached that are dialed per refresh at one
+    host, so forged records naming one victim's address cannot turn the client into a
+    dialer)."""
+
+    timeout: float = 2.0
+    concurrency: int = 8
+    max_servers: int = 32
+    ema: float = 0.5
+    interval_s: float = 30.0
+    new_per_host: int = 2
+
+    def __post_init__(self) -> None:
+        _positive("PingConfig", timeout=self.timeout, interval_s=self.interval_s)
+        if self.concurrency < 1 or self.max_servers < 0 or self.new_per_host < 1:
+            raise ConfigError(
+                "PingConfig.concurrency and new_per_host must be >= 1, max_servers >= 0"
+            )
+        if not 0 < self.ema <= 1:
+            raise ConfigError(f"PingConfig.ema must be in (0, 1], got {self.ema}")
+
+
+@dataclass(frozen=True)
+class RecordsConfig:
+    """Where verification keeps what it learns (read and written only when ``verify`` is not
+    ``none``).
+
+    - ``reputation_path`` ("~/.cache/swarm/reputation.json"): audits and bans (None keeps
+      them in memory).
+    - ``seed`` (None): seed of the audit coin flips (tests and benchmarks).
+    - ``evidence_dir`` (None): folder for full evidence (input histories of proven lies).
+    - ``ledger_path`` (None): a `FileLedger` of stakes (private swarms): stake lowers a peer's
+      audit rate, a proven lie slashes it.
+    """
+
+    reputation_path: str | None = "~/.cache/swarm/reputation.json"
+    seed: int | None = None
+    evidence_dir: str | None = None
+    ledger_path: str | None = None
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `InferenceSession`).
+    """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `Chain`).
 
     Peers and keys:
 
@@ -34,54 +175,16 @@ class ClientConfig:
     - ``request_timeout`` (10): a DHT lookup, an ``info`` call, opening a session.
     - ``step_timeout`` (30): one hop's answer to one step; past it the hop counts as failed.
 
-    Failures:
-
-    - ``ban_base_s`` (5), ``ban_backoff`` (2), ``ban_max_s`` (300): a failed server is left out
-      of routes for ``min(base * backoff ** (failures - 1), max)`` seconds.
-    - ``max_open_retries`` (4): servers that may fail while a session's route is opened.
-    - ``max_recoveries`` (8): hop failures one session survives; beyond, `SessionError`.
-
-    Hedged steps (a hop that is late, not failed):
-
-    - ``hedge_after`` (3.0): a hop that has not answered a step within ``hedge_after`` times
-      its usual time for a step of that many tokens (the 90th percentile of its last 16
-      steps; multi-token steps scale with tokens) gets a replacement started in parallel
-      (another server: open, replay the hop's history, run the step); the first full answer
-      is kept and the other closed. 3× a high percentile is far outside a healthy hop's
-      jitter, so few hedges are wasted. None: never hedge (wait up to ``step_timeout``).
-    - ``hedge_floor`` (0.5): never hedge sooner than this many seconds into a step: below
-      it, scheduling noise and GC pauses of fast hops would start needless replacements;
-      above it, a stopped server costs more than the half second it takes.
-    - ``slow_penalty`` (1.0), ``slow_penalty_half_life_s`` (60): a server that lost a hedged
-      step is not banned but penalised: routes through it cost ``1 + penalty`` times as
-      much, the penalty halving every half-life (and adding up when it is slow again).
-
-    Pipeline:
-
-    - ``use_push`` (True): servers push each hop's output to the next hop; off, the client
-      relays every hop's input itself (one more client round trip per hop).
-    - ``push_grace`` (1.0): with push on, how long after hop k's result arrives the client
-      waits for hop k+1's result before it sends hop k+1's input itself (a duplicate input is
-      ignored by the server, so this only bounds the delay when a push got lost).
-    - ``wire_dtype`` ("float32"): dtype of the hidden states the client sends.
-
-    Pings: ``ping_timeout`` (2), ``ping_concurrency`` (8 servers at once), ``ping_max_servers``
-    (32 servers pinged per refresh), ``ping_ema`` (0.5: weight of a new sample),
-    ``ping_interval_s`` (30: a server that answered is pinged again at most this often; one
-    that did not is retried after a backoff from this doubling up to 20 times it),
-    ``ping_new_per_host`` (2: servers never reached that are dialed per refresh at one host,
-    so forged records naming one victim's address cannot turn the client into a dialer).
-
-    Verification (`swarm.verify`):
+    What it runs on and how it checks:
 
     - ``verify`` ("none"): the policy, ``none``, ``spot-check:P``, ``redundant:K`` or
-      ``optimistic``.
-    - ``reputation_path`` ("~/.cache/swarm/reputation.json"): where audits and bans persist
-      (read and written only when ``verify`` is not ``none``; None keeps them in memory).
-    - ``verify_seed`` (None): seed of the audit coin flips (tests and benchmarks).
-    - ``evidence_dir`` (None): folder for full evidence (input histories of proven lies).
-    - ``ledger_path`` (None): a `FileLedger` of stakes (private swarms): stake lowers a peer's
-      audit rate, a proven lie slashes it.
+      ``optimistic`` (`swarm.verify`).
+    - ``quant`` (None): route only through servers whose weights are kept this way
+      (``"none"``, ``"int8"``, ``"int4"``, as they announce); None: any.
+
+    Groups: ``failures`` (`FailureConfig`: bans, retries, recoveries), ``hedging``
+    (`HedgeConfig`), ``pipeline`` (`PipelineConfig`: push, wire dtype), ``pings``
+    (`PingConfig`), ``records`` (`RecordsConfig`: reputation, evidence, stake).
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -91,70 +194,28 @@ class ClientConfig:
     connect_timeout: float = 10.0
     request_timeout: float = 10.0
     step_timeout: float = 30.0
-    ban_base_s: float = 5.0
-    ban_backoff: float = 2.0
-    ban_max_s: float = 300.0
-    max_open_retries: int = 4
-    max_recoveries: int = 8
-    hedge_after: float | None = 3.0
-    hedge_floor: float = 0.5
-    slow_penalty: float = 1.0
-    slow_penalty_half_life_s: float = 60.0
-    use_push: bool = True
-    push_grace: float = 1.0
-    wire_dtype: WireDtype = "float32"
-    ping_timeout: float = 2.0
-    ping_concurrency: int = 8
-    ping_max_servers: int = 32
-    ping_ema: float = 0.5
-    ping_interval_s: float = 30.0
-    ping_new_per_host: int = 2
     verify: str = "none"
-    reputation_path: str | None = "~/.cache/swarm/reputation.json"
-    verify_seed: int | None = None
-    evidence_dir: str | None = None
-    ledger_path: str | None = None
+    quant: QuantName | None = None
+    failures: FailureConfig = field(default_factory=FailureConfig)
+    hedging: HedgeConfig = field(default_factory=HedgeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pings: PingConfig = field(default_factory=PingConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
 
     def __post_init__(self) -> None:
         for peer in self.initial_peers:
             parse_address(peer)
         if self.swarm_key is not None and len(self.swarm_key) != 32:
             raise ConfigError(f"swarm key holds {len(self.swarm_key)} bytes; expected 32")
-        for name in (
-            "connect_timeout",
-            "request_timeout",
-            "step_timeout",
-            "ban_base_s",
-            "ban_max_s",
-            "push_grace",
-            "ping_timeout",
-            "ping_interval_s",
-            "hedge_floor",
-            "slow_penalty_half_life_s",
-        ):
-            if not getattr(self, name) > 0:
-                value = getattr(self, name)
-                raise ConfigError(f"ClientConfig.{name} must be positive, got {value}")
-        if self.hedge_after is not None and not self.hedge_after >= 1:
-            raise ConfigError(
-                f"ClientConfig.hedge_after must be >= 1 or None, got {self.hedge_after}"
-            )
-        if not self.slow_penalty >= 0:
-            raise ConfigError(f"ClientConfig.slow_penalty must be >= 0, got {self.slow_penalty}")
-        if self.ban_backoff < 1:
-            raise ConfigError(f"ClientConfig.ban_backoff must be >= 1, got {self.ban_backoff}")
-        for name in ("max_open_retries", "max_recoveries"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ClientConfig.{name} must be >= 0")
-        if self.ping_concurrency < 1 or self.ping_max_servers < 0 or self.ping_new_per_host < 1:
-            raise ConfigError(
-                "ping_concurrency and ping_new_per_host must be >= 1, ping_max_servers >= 0"
-            )
-        if not 0 < self.ping_ema <= 1:
-            raise ConfigError(f"ClientConfig.ping_ema must be in (0, 1], got {self.ping_ema}")
+        _positive(
+            "ClientConfig",
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.request_timeout,
+            step_timeout=self.step_timeout,
+        )
         parse_policy(self.verify)
-        if self.wire_dtype not in FLOAT_DTYPES:
-            raise ConfigError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.quant not in (None, "none", "int8", "int4"):
+            raise ConfigError(f"ClientConfig.quant must be none, int8 or int4, got {self.quant!r}")
 
     @property
     def policy(self) -> VerifyPolicy:
@@ -163,5 +224,5 @@ class ClientConfig:
 
     @property
     def torch_wire_dtype(self) -> torch.dtype:
-        """``wire_dtype`` as a torch dtype."""
-        return torch_dtype(self.wire_dtype)
+        """``pipeline.wire_dtype`` as a torch dtype."""
+        return torch_dtype(self.pipeline.wire_dtype)

@@ -8,19 +8,21 @@ A record is only a claim: anyone may sign one naming any address. The client's p
 it (the handshake succeeds only as the record's `PeerId` at its address: `Discovery.reached`),
 and pings are rationed so that forged records cannot make the client a dialer of someone
 else's address (`PingSchedule`): a server that answered is pinged again every
-``ping_interval_s``, one that did not after a doubling backoff, and per refresh at most
-``ping_new_per_host`` never-reached records per host are dialed.
+``pings.interval_s``, one that did not after a doubling backoff, and per refresh at most
+``pings.new_per_host`` never-reached records per host are dialed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Protocol
 
 import trio
 
 from swarm.client.config import ClientConfig
+from swarm.dht.config import DHTConfig
 from swarm.dht.node import DHTNode
 from swarm.directory import (
     ServerView,
@@ -29,9 +31,10 @@ from swarm.directory import (
     other_model_ids,
     servers_from_records,
 )
-from swarm.errors import DHTError, SwarmError
-from swarm.net.messages import InfoRequest, InfoResponse
-from swarm.net.pool import ConnectionPool
+from swarm.errors import ConfigError, DHTError, SwarmError
+from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.surface import call_info
+from swarm.net.transport import Transport
 from swarm.types import PeerId, ServerState, parse_address
 
 __all__ = [
@@ -40,9 +43,43 @@ __all__ = [
     "PingTable",
     "ServerDirectory",
     "StaticDirectory",
+    "join_as_client",
+    "open_client_pool",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def open_client_pool(
+    config: ClientConfig, transport: Transport | None = None
+) -> AbstractAsyncContextManager[ConnectionPool]:
+    """The client's connection pool: its identity, swarm key and network config."""
+    return open_connection_pool(
+        config.identity, transport=transport, swarm_key=config.swarm_key, config=config.net
+    )
+
+
+@asynccontextmanager
+async def join_as_client(
+    config: ClientConfig, pool: ConnectionPool | None = None, transport: Transport | None = None
+) -> AsyncIterator[tuple[ConnectionPool, DHTNode]]:
+    """Join the swarm as a client (the one place that says how): the client's pool (``pool``,
+    or one opened here on ``transport``) and a client-only DHT node, which asks and is added
+    to nobody's routing table, so clients that come and go do not wear the DHT down.
+
+    Raises `ConfigError` without ``config.initial_peers``, `DHTError` if the DHT cannot be
+    joined.
+    """
+    if not config.initial_peers:
+        raise ConfigError("no initial peers: give the host:port of a DHT node")
+    dht_config = DHTConfig(
+        initial_peers=config.initial_peers, swarm_key=config.swarm_key, client_only=True
+    )
+    async with AsyncExitStack() as stack:
+        if pool is None:
+            pool = await stack.enter_async_context(open_client_pool(config, transport))
+        dht = await stack.enter_async_context(DHTNode.open(config.identity, dht_config))
+        yield pool, dht
 
 
 class ServerDirectory(Protocol):
@@ -165,7 +202,7 @@ async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) 
     with trio.fail_after(timeout):
         conn = await pool.get(host, port, server.peer_id)
     start = trio.current_time()
-    await conn.call("info", InfoRequest(), InfoResponse, timeout=timeout)
+    await call_info(conn, timeout=timeout)
     return trio.current_time() - start
 
 
@@ -173,7 +210,7 @@ class Discovery:
     """The servers of one model, from the DHT, with the client's pings to them.
 
     `refresh` fetches every block key (bounded by ``config.request_timeout``) and pings up to
-    ``config.ping_max_servers`` servers, ``config.ping_concurrency`` at a time; a server that
+    ``config.pings.max_servers`` servers, ``config.pings.concurrency`` at a time; a server that
     does not answer its ping is only left without a ping (the planner then assumes a default).
     """
 
@@ -190,8 +227,8 @@ class Discovery:
         self.model_id = model_id
         self.num_layers = num_layers
         self.config = config
-        self._pings = PingTable(config.ping_ema)
-        self._schedule = PingSchedule(config.ping_interval_s, config.ping_new_per_host)
+        self._pings = PingTable(config.pings.ema)
+        self._schedule = PingSchedule(config.pings.interval_s, config.pings.new_per_host)
         self._servers: list[ServerView] = []
         self.refreshes = 0
         self._hint = ""
@@ -216,9 +253,14 @@ class Discovery:
         if scope.cancelled_caught:
             limit = self.config.request_timeout
             raise DHTError(f"DHT lookup of {self.model_id} took over {limit} s")
-        self._servers = servers_from_records(records, self.model_id, self.num_layers)
+        found = servers_from_records(records, self.model_id, self.num_layers)
+        wanted = self.config.quant
+        self._servers = [s for s in found if wanted is None or s.quantization == wanted]
         self.refreshes += 1
-        if not self._servers:  # our id has no server: is there a copy of other weights?
+        if found and not self._servers:
+            kinds = ", ".join(sorted({s.quantization for s in found}))
+            self._hint = f"no server keeps its weights as {wanted} (they serve: {kinds})"
+        elif not self._servers:  # our id has no server: is there a copy of other weights?
             others = await other_model_ids(self.dht, self.model_id)
             self._hint = mismatch_hint(self.model_id, others)
         else:
@@ -238,17 +280,17 @@ class Discovery:
 
     async def measure_pings(self) -> None:
         """Ping the online servers that are due (`PingSchedule`; at most
-        ``ping_max_servers``), ``ping_concurrency`` at a time."""
+        ``pings.max_servers``), ``pings.concurrency`` at a time."""
         online = [s for s in self._servers if s.state == ServerState.ONLINE]
         schedule = self._schedule
         schedule.forget_except(online)
-        targets = schedule.due(online, trio.current_time(), self.config.ping_max_servers)
-        limit = trio.Semaphore(self.config.ping_concurrency)
+        targets = schedule.due(online, trio.current_time(), self.config.pings.max_servers)
+        limit = trio.Semaphore(self.config.pings.concurrency)
 
         async def one(server: ServerView) -> None:
             async with limit:
                 try:
-                    rtt = await ping_server(self.pool, server, self.config.ping_timeout)
+                    rtt = await ping_server(self.pool, server, self.config.pings.timeout)
                 except (SwarmError, trio.TooSlowError) as exc:
                     log.info("ping to %s failed: %s", server.peer_id, exc)
                     schedule.failed(server, trio.current_time())

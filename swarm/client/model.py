@@ -4,15 +4,16 @@
 
     async with AsyncRemoteModel.open(path, ClientConfig(initial_peers=("10.0.0.1:31337",))) as m:
         text = await m.generate("The capital of France is", max_new_tokens=16)
-        async with m.stream("Once upon a time") as tokens:
-            async for token in tokens:
-                print(token.text, end="")
+        async with m.stream("Once upon a time") as events:
+            async for event in events:
+                if isinstance(event, Token):
+                    print(event.text, end="")
 
 The head (embeddings, final norm, lm_head) and the tokenizer run locally; the decoder layers
-run on the servers of an `InferenceSession`. Generation is one prefill step with the whole
-prompt, then one step per new token (positions ``0, 1, 2, ...``); it stops at
-``max_new_tokens``, at an end-of-sequence id (which is included in the ids) or at a stop
-string (not included in the text).
+run on the servers of a `Chain`. Generation is one prefill step with the whole prompt, then
+one step per new token (positions ``0, 1, 2, ...``), run by the one token loop
+(`swarm.client.generation.TokenLoop`); it stops at ``max_new_tokens``, at an end-of-sequence
+id (which is included in the ids) or at a stop string (not included in the text).
 """
 
 from __future__ import annotations
@@ -22,76 +23,49 @@ import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import torch
 import trio
 from tokenizers import Tokenizer
 
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
-from swarm.client.discovery import Discovery, ServerDirectory
+from swarm.client.discovery import Discovery, ServerDirectory, join_as_client, open_client_pool
+from swarm.client.generation import (
+    Attempt,
+    Done,
+    Event,
+    GenerationResult,
+    RolledBack,
+    StopReason,
+    Token,
+    TokenLoop,
+)
 from swarm.client.load import OwnLoad
-from swarm.client.routing import Hop
 from swarm.client.sampling import Sampler, SamplingConfig
-from swarm.client.session import InferenceSession
-from swarm.client.text import StopText, load_tokenizer
-from swarm.client.verifying import VerifiedSessions, load_reputation
-from swarm.dht import DHTConfig, DHTNode
+from swarm.client.text import load_tokenizer
+from swarm.client.verifying import CheckedChain, VerifiedSessions, load_reputation
 from swarm.directory import DHTEvidenceBoard
 from swarm.errors import ConfigError, unwrap_group
-from swarm.net.messages import Evidence, Receipt
-from swarm.net.pool import ConnectionPool, open_connection_pool
+from swarm.net.messages import Evidence
+from swarm.net.pool import ConnectionPool
 from swarm.net.transport import Transport
 from swarm.shards import Head, ModelConfig, load_head, model_id
-from swarm.verify import EvidenceSink, Reputation, Verifier, VerifierStatistics, parse_policy
+from swarm.verify import EvidenceSink, Reputation, Verifier, parse_policy
 
-__all__ = ["AsyncRemoteModel", "GenerationResult", "Token", "TokenStream"]
+__all__ = [
+    "AsyncRemoteModel",
+    "Done",
+    "Event",
+    "GenerationResult",
+    "RolledBack",
+    "StopReason",
+    "Token",
+    "TokenStream",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Token:
-    """One generated token: its id and the text it adds ("" when held back or no tokenizer)."""
-
-    id: int
-    text: str
-    seconds: float  # since the step's input was ready (the first: since generation began)
-
-
-@dataclass
-class GenerationResult:
-    """Everything about one generation (what ``swarm generate --json`` prints)."""
-
-    ids: list[int] = field(default_factory=list)
-    text: str | None = None
-    route: list[dict[str, Any]] = field(default_factory=list)
-    timings: list[float] = field(default_factory=list)
-    ttft: float = 0.0
-    recoveries: int = 0
-    stop_reason: str = "length"
-    rollbacks: int = 0  # times verification proved a lie and generation went back
-    verification: VerifierStatistics | None = None  # None under the policy ``none``
-
-
-def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
-    """``[{peer, host, port, start, stop}]`` of a route."""
-    out = []
-    for hop in hops:
-        host, _, port = hop.server.address.rpartition(":")
-        out.append(
-            {
-                "peer": str(hop.server.peer_id),
-                "host": host.removeprefix("[").removesuffix("]"),
-                "port": int(port),
-                "start": hop.layers.start,
-                "stop": hop.layers.stop,
-            }
-        )
-    return out
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -102,32 +76,28 @@ def _reraise(exc: BaseException) -> NoReturn:
 
 
 class TokenStream:
-    """One generation's tokens (an async iterator) and its own `GenerationResult`.
+    """One generation's events (an async iterator of `Token`, `RolledBack` and a last `Done`)
+    and its own `GenerationResult`.
 
-    Use as ``async with model.stream(...) as tokens``; leaving the block early cancels the
-    generation and closes its sessions. ``result`` is complete once iteration ended;
+    Use as ``async with model.stream(...) as events``; leaving the block early cancels the
+    generation and closes its chains. ``result`` is complete once iteration ended;
     ``receipts`` holds the servers' signed receipts of this generation's steps, in order
     (every hop of every step, including steps redone after a rollback).
     """
 
-    def __init__(
-        self,
-        tokens: AsyncGenerator[Token, None],
-        result: GenerationResult,
-        receipts: list[Receipt] | None = None,
-    ) -> None:
-        self._tokens = tokens
-        self.result = result
-        self.receipts = receipts if receipts is not None else []
+    def __init__(self, events: AsyncGenerator[Event, None], loop: TokenLoop) -> None:
+        self._events = events
+        self.result = loop.result
+        self.receipts = loop.receipts
 
     def __aiter__(self) -> TokenStream:
         return self
 
-    async def __anext__(self) -> Token:
-        return await self._tokens.__anext__()
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
 
     async def aclose(self) -> None:
-        await self._tokens.aclose()
+        await self._events.aclose()
 
     async def __aenter__(self) -> TokenStream:
         return self
@@ -157,7 +127,9 @@ class AsyncRemoteModel:
         self.tokenizer = tokenizer
         self.pool = pool
         self.directory = directory
-        self.bans = BanList(config.ban_base_s, config.ban_backoff, config.ban_max_s)
+        self.bans = BanList(
+            config.failures.ban_base_s, config.failures.ban_backoff, config.failures.ban_max_s
+        )
         self.rng = random.Random()
         self.load = OwnLoad(directory)  # routes see this client's own sessions at once
         self.sessions = VerifiedSessions(
@@ -212,20 +184,11 @@ class AsyncRemoteModel:
             head = await trio.to_thread.run_sync(load_head, folder)
             tokenizer = load_tokenizer(folder)
             mid = model_id(folder)
-            async with open_connection_pool(
-                config.identity, transport=transport, swarm_key=config.swarm_key, config=config.net
-            ) as pool:
+            async with open_client_pool(config, transport) as pool:
                 if directory is not None:
                     yield cls(folder, config, model_config, head, tokenizer, pool, directory)
                     return
-                if not config.initial_peers:
-                    raise ConfigError("no initial peers: give the host:port of a DHT node")
-                dht_config = DHTConfig(  # a client: nobody adds it to a routing table
-                    initial_peers=config.initial_peers,
-                    swarm_key=config.swarm_key,
-                    client_only=True,
-                )
-                async with DHTNode.open(config.identity, dht_config) as dht:
+                async with join_as_client(config, pool) as (_, dht):
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
                     board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
                     yield cls(folder, config, model_config, head, tokenizer, pool, found, board)
@@ -257,7 +220,8 @@ class AsyncRemoteModel:
         *,
         verify: str | None = None,
     ) -> TokenStream:
-        """Generate token by token: ``async with model.stream(...) as tokens: async for ...``.
+        """Generate token by token: ``async with model.stream(...) as events: async for ...``
+        yields `Token` s, a `RolledBack` after a proven lie, and a last `Done`.
 
         The returned `TokenStream` owns this generation's `GenerationResult` (``.result``),
         filled as tokens arrive; no state of one generation is kept on the model, so any
@@ -266,10 +230,11 @@ class AsyncRemoteModel:
         layers.
 
         Under a verification policy a proven lie rolls the generation back to the liar's first
-        bad position and goes on from a fresh session without it: tokens already yielded after
-        that position are then yielded again (recomputed); ``result.ids`` and
-        ``result.rollbacks`` hold the final tokens and how often that happened. Under
-        ``optimistic`` the check runs after the last token, before the iteration ends.
+        bad position and goes on from a fresh chain without it: a `RolledBack` event says how
+        many tokens (and which text) stand; the tokens after it replace what was yielded
+        after that position. ``result.ids`` and ``result.rollbacks`` hold the final tokens
+        and how often that happened. Under ``optimistic`` the check runs after the last
+        token, before `Done`.
 
         ``verify`` (a policy, see `swarm.verify.policy`) checks this generation alone under
         that policy instead of ``config.verify``: it gets its own verifier, so
@@ -282,9 +247,26 @@ class AsyncRemoteModel:
         if stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this checkpoint has none")
         sessions = self.sessions if verify is None else self._sessions_for(verify)
-        result = GenerationResult(text="" if self.tokenizer is not None else None)
-        gen = _Generation(self, sessions, ids, max_new_tokens, sampling, stop, result)
-        return TokenStream(self._run(gen), result, gen.receipts)
+        sampler = Sampler(sampling or SamplingConfig())
+        eos = self.model_config.eos_token_id
+        loop = TokenLoop(self.head, eos, self.tokenizer, sampler, max_new_tokens, stop)
+        attempts = _Fresh(self, sessions, ids, len(ids) + max_new_tokens)
+        return TokenStream(self._run(loop, attempts, sessions), loop)
+
+    @asynccontextmanager
+    async def open_chain(
+        self, max_length: int, sessions: VerifiedSessions | None = None
+    ) -> AsyncIterator[CheckedChain]:
+        """A verified chain of ``max_length`` positions for one generation, counted in this
+        client's own load while it is open (every generation and chat turn opens its chains
+        here, one plan at a time, so each plan sees the chains opened before it)."""
+        sessions = sessions or self.sessions
+        async with AsyncExitStack() as stack:
+            async with self.load.opening():
+                checked = await stack.enter_async_context(sessions.open(max_length))
+                peers = self.load.add(hop.server.peer_id for hop in checked.chain.route)
+            stack.callback(self.load.remove, peers)
+            yield checked
 
     def _sessions_for(self, verify: str) -> VerifiedSessions:
         """Sessions under ``verify`` for one generation (raises `ConfigError` for a bad
@@ -308,27 +290,14 @@ class AsyncRemoteModel:
             reputation,
         )
 
-    async def _run(self, gen: _Generation) -> AsyncGenerator[Token, None]:
-        started = trio.current_time()
-        sessions = gen.sessions
-        while True:
-            async with AsyncExitStack() as stack:
-                async with self.load.opening():  # one plan at a time: each sees the last
-                    session = await stack.enter_async_context(
-                        sessions.open(len(gen.prompt) + gen.max_new_tokens)
-                    )
-                    peers = self.load.add(hop.server.peer_id for hop in session.route)
-                stack.callback(self.load.remove, peers)
-                async for token in gen.run(session, started):
-                    yield token
-                if gen.rollback is None and sessions.verifier is not None:
-                    await gen.challenge(session)
-            if gen.rollback is None:
-                break
-            gen.roll_back()
-        if sessions.verifier is not None:
-            gen.result.verification = sessions.verifier.statistics()
-            sessions.save_reputation()
+    async def _run(
+        self, loop: TokenLoop, attempts: _Fresh, sessions: VerifiedSessions
+    ) -> AsyncGenerator[Event, None]:
+        async for event in loop.events(attempts):
+            if isinstance(event, Done) and sessions.verifier is not None:
+                loop.result.verification = sessions.verifier.statistics()
+                sessions.save_reputation()
+            yield event
 
     async def generate_detailed(
         self,
@@ -338,10 +307,10 @@ class AsyncRemoteModel:
         stop: Sequence[str] = (),
     ) -> GenerationResult:
         """Generate and return ids, text, route and timings. Raises what `stream` raises."""
-        async with self.stream(prompt, max_new_tokens, sampling, stop) as tokens:
-            async for _ in tokens:
+        async with self.stream(prompt, max_new_tokens, sampling, stop) as events:
+            async for _ in events:
                 pass
-        return tokens.result
+        return events.result
 
     async def generate(
         self,
@@ -365,92 +334,19 @@ class AsyncRemoteModel:
         return (result.text or "") if return_text else list(result.ids)
 
 
-class _Generation:
-    """One generation's token loop, restartable after a verification rollback."""
+class _Fresh:
+    """The `Attempts` of `AsyncRemoteModel.stream`: every attempt on a fresh chain, fed the
+    prompt and the answer so far from position 0."""
 
     def __init__(
-        self,
-        model: AsyncRemoteModel,
-        sessions: VerifiedSessions,
-        prompt: list[int],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None,
-        stop: Sequence[str],
-        result: GenerationResult,
+        self, model: AsyncRemoteModel, sessions: VerifiedSessions, prompt: list[int], length: int
     ) -> None:
-        self.model = model
-        self.sessions = sessions
-        self.receipts: list[Receipt] = []
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.sampler = Sampler(sampling or SamplingConfig())
-        self.stop = stop
-        self.result = result
-        self.text = StopText(model.tokenizer, stop) if model.tokenizer is not None else None
-        self.eos = set(model.model_config.eos_token_id)
-        self.done = False
-        self.rollback: int | None = None  # token position where a proven lie began
-        self.steps = 0
+        self.model, self.sessions, self.prompt, self.length = model, sessions, prompt, length
 
-    async def run(self, session: InferenceSession, started: float) -> AsyncIterator[Token]:
-        """Steps until done, or until a check proves a lie (then ``rollback`` is set)."""
-        result, head = self.result, self.model.head
-        self.rollback = None
-        new_ids = torch.tensor([self.prompt + result.ids])  # (1, n)
-        position = 0
-        while not self.done and len(result.ids) < self.max_new_tokens:
-            t0 = trio.current_time() if result.ids else started
-            n = new_ids.shape[1]
-            positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
-            out = await session.step(head.embed(new_ids), positions)  # (1, n, hidden)
-            position += n
-            for k in range(len(session.route)):
-                receipt = session.hop_progress(k).last_receipt
-                if receipt is not None:
-                    self.receipts.append(receipt)
-            self.rollback = await self.sessions.check_step(session, n, self.steps)
-            self.steps += 1
-            if self.rollback is not None:
-                return
-            token = int(self.sampler(head.logits(out[:, -1:])[:, -1])[0])
-            yield self._accept(token, trio.current_time() - t0, session)
-            new_ids = torch.tensor([[token]])  # (1, 1)
+    @asynccontextmanager
+    async def open(self, answer: list[int]) -> AsyncIterator[Attempt]:
+        async with self.model.open_chain(self.length, self.sessions) as checked:
+            yield Attempt(checked, 0, self.prompt + answer, len(answer))
 
-    def _accept(self, token: int, seconds: float, session: InferenceSession) -> Token:
-        result, text = self.result, self.text
-        result.ids.append(token)
-        result.timings.append(seconds)
-        if len(result.ids) == 1:
-            result.ttft = seconds
-        piece, stopped = text.push(token) if text is not None else ("", False)
-        if text is not None:
-            result.text = text.text
-        result.route = route_dicts(session.route)
-        result.recoveries = max(result.recoveries, session.recoveries)
-        if stopped:
-            result.stop_reason, self.done = "stop", True
-        elif token in self.eos:
-            result.stop_reason, self.done = "eos", True
-            piece += text.flush() if text is not None else ""
-        elif len(result.ids) == self.max_new_tokens and text is not None:
-            piece += text.flush()
-        return Token(token, piece, seconds)
-
-    async def challenge(self, session: InferenceSession) -> None:
-        """Optimistic policy: the dispute window before the result is final."""
-        self.rollback = await self.sessions.challenge(session, self.steps)
-
-    def roll_back(self) -> None:
-        """Drop every token computed from the lie (positions >= ``rollback``)."""
-        assert self.rollback is not None
-        keep = max(0, self.rollback - len(self.prompt) + 1)
-        result = self.result
-        del result.ids[keep:]
-        del result.timings[keep:]
-        result.rollbacks += 1
-        result.stop_reason, self.done = "length", False
-        if self.model.tokenizer is not None:
-            self.text = StopText(self.model.tokenizer, self.stop)
-            for token in result.ids:
-                self.text.push(token)
-            result.text = self.text.text
+    def finished(self, attempt: Attempt, answer: list[int]) -> None:
+        pass

@@ -19,7 +19,7 @@ import trio
 
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
-from swarm.client.model import AsyncRemoteModel, GenerationResult, TokenStream
+from swarm.client.model import AsyncRemoteModel, Done, Event, GenerationResult, Token, TokenStream
 from swarm.client.sampling import SamplingConfig, sampling_config
 from swarm.errors import ConfigError, SessionError
 from swarm.net.transport import Transport
@@ -79,7 +79,8 @@ class RemoteModel:
     ) -> RemoteModel:
         """Open ``path``'s model on the swarm reached through ``initial_peers``.
 
-        ``config`` holds `ClientConfig` fields (``use_push=False``, ``step_timeout=5``...).
+        ``config`` holds `ClientConfig` fields (``step_timeout=5``,
+        ``hedging=HedgeConfig(after=None)``...).
         ``verify`` is a policy (``"none"``, ``"spot-check:0.1"``, ``"redundant:3"``,
         ``"optimistic"``; see `swarm.verify.policy`); None means ``"none"``.
         Raises `ConfigError` for unknown options or policies, and what
@@ -182,7 +183,8 @@ class RemoteModel:
         return_text: bool | None = None,
         **shortcuts: Any,
     ) -> TextStream:
-        """Text pieces (``return_text``; default for a text prompt) or token ids, as they come.
+        """Text pieces (``return_text``; default for a text prompt) or token ids, as they come
+        (under a verification policy, which may roll tokens back: once final, at the end).
 
         The returned iterator's ``result`` is this generation's `GenerationResult`. Leaving
         the loop early (or ``close()``) cancels the generation. Raises what `generate` raises.
@@ -242,6 +244,7 @@ class TextStream:
         self._scope = trio.CancelScope()
         self._tokens = tokens
         self._as_text = as_text
+        self._live = remote.model.config.verify == "none"
         self._started = False
         self._done = False
 
@@ -249,13 +252,27 @@ class TextStream:
         items = self._items
         with self._scope:
             try:
-                async with self._tokens as tokens:
-                    async for token in tokens:
-                        items.put(("item", token.text if self._as_text else token.id))
+                async with self._tokens as events:
+                    async for event in events:
+                        for item in self._pieces(event):
+                            items.put(("item", item))
             except Exception as exc:
                 items.put(("error", exc))
                 return
         items.put(("end", None))
+
+    def _pieces(self, event: Event) -> list[str | int]:
+        """What a consumer sees of ``event``: under the policy ``none`` each token's piece
+        as it comes; under a policy that may roll tokens back, the final answer at `Done`
+        (an iterator cannot take back what it yielded)."""
+        result = self.result
+        if self._live:
+            if isinstance(event, Token):
+                return [event.text if self._as_text else event.id]
+            return []
+        if not isinstance(event, Done):
+            return []
+        return [result.text or ""] if self._as_text else list(result.ids)
 
     def __iter__(self) -> TextStream:
         return self

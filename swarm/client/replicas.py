@@ -1,11 +1,11 @@
 """Stateful replicas of a session's hops, for the ``redundant:K`` policy.
 
-For each hop of the main session, K-1 more one-hop `InferenceSession` s run the same layers
+For each hop of the main chain, K-1 more one-hop `Chain` s run the same layers
 on other servers (the client relays the hop's input to them every step: "relay mode"), so
 each keeps its own KV cache and a step costs each replica one token of compute, not a
 forward of the whole history. Their outputs are the votes the `Verifier` counts. A replica
 that fails is dropped (that hop then has fewer votes; referees fill in with stateless
-forwards). Replicas belong to one main session; a rollback opens a new set.
+forwards). Replicas belong to one generation's main chain; a rollback opens a new set.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 import torch
 import trio
 
-from swarm.client.session import InferenceSession
+from swarm.client.chain import Chain, StepResult
 from swarm.errors import RoutingError, SessionError
 from swarm.types import LayerRange, PeerId
 
@@ -25,7 +25,7 @@ __all__ = ["Replicas"]
 
 log = logging.getLogger(__name__)
 
-OpenFn = Callable[[LayerRange, Collection[PeerId]], AbstractAsyncContextManager[InferenceSession]]
+OpenFn = Callable[[LayerRange, Collection[PeerId]], AbstractAsyncContextManager[Chain]]
 
 
 class Replicas:
@@ -34,9 +34,9 @@ class Replicas:
     def __init__(self, open_session: OpenFn, stack: AsyncExitStack) -> None:
         self._open = open_session
         self._stack = stack
-        self.by_hop: dict[int, list[tuple[LayerRange, InferenceSession]]] = {}
+        self.by_hop: dict[int, list[tuple[LayerRange, Chain]]] = {}
 
-    async def open_for(self, main: InferenceSession, count: int) -> None:
+    async def open_for(self, main: Chain, count: int) -> None:
         """Open up to ``count`` one-hop replicas of each hop (fewer if servers are short)."""
         for k, hop in enumerate(main.route):
             used = {hop.server.peer_id}
@@ -52,14 +52,13 @@ class Replicas:
                 used.add(replica.route[0].server.peer_id)
                 self.by_hop.setdefault(k, []).append((hop.layers, replica))
 
-    async def step(self, main: InferenceSession) -> None:
-        """Relay each hop's last input to its replicas, all at once."""
+    async def step(self, result: StepResult) -> None:
+        """Relay each hop's input of the main chain's step ``result`` to its replicas, all at
+        once."""
 
-        async def one(k: int, i: int, replica: InferenceSession) -> None:
-            last = main.hop_progress(k).last_input
-            if last is None:
-                return
-            x, pos = last
+        async def one(k: int, i: int, replica: Chain) -> None:
+            hop = result.hops[k]
+            x, pos = hop.input, hop.positions
             try:
                 await replica.step(x, pos)
             except (RoutingError, SessionError) as exc:
@@ -68,7 +67,7 @@ class Replicas:
 
         async with trio.open_nursery() as nursery:
             for k, replicas in self.by_hop.items():
-                if k >= len(main.route) or main.route[k].layers != replicas[0][0]:
+                if k >= len(result.hops) or result.hops[k].hop.layers != replicas[0][0]:
                     continue  # the main route changed under this hop: replicas no longer match
                 for i, (_, replica) in enumerate(replicas):
                     nursery.start_soon(one, k, i, replica)
@@ -78,8 +77,10 @@ class Replicas:
         for replicas in self.by_hop.values():
             for replica_layers, replica in replicas:
                 if replica_layers == layers and replica.route[0].server.peer_id == peer:
-                    _, _, out = replica.hop_history(0)  # (batch, T, hidden)
-                    return out if out.shape[1] == length else None
+                    history = replica.hop(0).history
+                    if not len(history) or history.tokens != length:
+                        return None
+                    return history.tensors(len(history))[2]  # (batch, T, hidden)
         return None
 
     def peers(self, layers: LayerRange) -> list[PeerId]:

@@ -112,7 +112,7 @@ def plan_route(
         for s in servers
         if s.state == ServerState.ONLINE
         and s.peer_id not in banned
-        and s.free_cache_tokens >= cache_tokens_needed
+        and s.newcomer_tokens >= cache_tokens_needed  # free, or reclaimable for us
         and s.throughput > 0
         and s.layers.start < layers.stop
         and s.layers.stop > layers.start

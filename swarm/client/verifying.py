@@ -1,11 +1,13 @@
-"""`VerifiedSessions`: a model's inference sessions with its verification policy applied.
+"""`VerifiedSessions`: a model's chains with its verification policy applied.
 
-The glue between `InferenceSession` (hops, per-hop histories, receipts) and `swarm.verify`
-(which decides, votes and remembers): it opens sessions that avoid banned peers (and, under
-``redundant:K``, their replicas), lists the servers that can re-run a hop, runs stateless
-forwards on them, and saves reputation. Proven lies become signed evidence in the
-verifier's `EvidenceReporter`, published through the ``evidence_sink`` it is given (the
-DHT's `DHTEvidenceBoard` when the client has a DHT; material kept in ``evidence_dir``).
+The glue between `Chain` (hops, the `StepResult` of each step) and `swarm.verify` (which
+decides, votes and remembers). `VerifiedSessions` is shared by a client's generations: it
+opens chains that avoid banned peers, lists the servers that can re-run a hop, runs stateless
+forwards on them, and saves reputation. Each generation gets its own `CheckedChain`: its
+chain, under ``redundant:K`` its replicas, and the checks of its steps. Proven lies become
+signed evidence in the verifier's `EvidenceReporter`, published through the
+``evidence_sink`` it is given (the DHT's `DHTEvidenceBoard` when the client has a DHT;
+material kept in ``evidence_dir``).
 """
 
 from __future__ import annotations
@@ -19,20 +21,15 @@ from pathlib import Path
 import torch
 
 from swarm.client.bans import BanList
+from swarm.client.chain import Chain, HopStep, StepResult
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
 from swarm.client.replicas import Replicas
-from swarm.client.session import InferenceSession
 from swarm.directory import ServerView
 from swarm.errors import SwarmError
-from swarm.net.messages import (
-    Evidence,
-    ForwardRequest,
-    ForwardResponse,
-    InfoRequest,
-    InfoResponse,
-)
+from swarm.net.messages import Evidence, ForwardRequest
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import call_forward, call_info
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 from swarm.verify import (
     Candidate,
@@ -46,7 +43,7 @@ from swarm.verify import (
     Verifier,
 )
 
-__all__ = ["VerifiedSessions", "load_reputation", "make_verifier"]
+__all__ = ["CheckedChain", "VerifiedSessions", "load_reputation", "make_verifier"]
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +52,30 @@ def make_verifier(
     config: ClientConfig, sink: EvidenceSink | None = None, reputation: Reputation | None = None
 ) -> Verifier | None:
     """The verifier of ``config.verify`` (None under ``none``), reporting lies to ``sink``;
-    it keeps its record in ``reputation`` (default: loaded from ``config.reputation_path``)."""
+    it keeps its record in ``reputation`` (default: loaded from
+    ``config.records.reputation_path``)."""
     policy = config.policy
     if policy.kind is PolicyKind.NONE:
         return None
     if reputation is None:
         reputation = load_reputation(config)
-    ledger = FileLedger(config.ledger_path) if config.ledger_path else None
-    evidence_dir = Path(config.evidence_dir) if config.evidence_dir is not None else None
+    ledger = FileLedger(config.records.ledger_path) if config.records.ledger_path else None
+    evidence_dir = (
+        Path(config.records.evidence_dir) if config.records.evidence_dir is not None else None
+    )
     reporter = EvidenceReporter(config.identity, evidence_dir, sink)
     return Verifier(
-        policy, reputation, ledger, rng=random.Random(config.verify_seed), reporter=reporter
+        policy, reputation, ledger, rng=random.Random(config.records.seed), reporter=reporter
     )
 
 
 def load_reputation(config: ClientConfig) -> Reputation:
-    """The reputation kept at ``config.reputation_path`` (in memory only when it is None)."""
-    path = Path(config.reputation_path).expanduser() if config.reputation_path else None
+    """The reputation kept at ``config.records.reputation_path`` (in memory when None)."""
+    path = (
+        Path(config.records.reputation_path).expanduser()
+        if config.records.reputation_path
+        else None
+    )
     return Reputation.load(path) if path is not None else Reputation()
 
 
@@ -79,7 +83,7 @@ class VerifiedSessions:
     """Sessions of one model under ``config.verify`` (no checks at all under ``none``).
 
     ``reputation``: the record to share with other `VerifiedSessions` of the same client
-    (per-generation policies); loaded from ``config.reputation_path`` when None. Peers it
+    (per-generation policies); loaded from ``config.records.reputation_path`` when None. Peers it
     bans are left out of routes under every policy, ``none`` included.
     """
 
@@ -104,7 +108,6 @@ class VerifiedSessions:
         self._reputation = reputation
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
-        self._replicas: Replicas | None = None
 
     @property
     def published_evidence(self) -> list[Evidence]:
@@ -119,27 +122,21 @@ class VerifiedSessions:
         except OSError as exc:
             log.warning("could not save reputation: %s", exc)
 
-    async def _dtype(self, view: ServerView) -> str:
-        """The dtype a server computes in (asked once with ``info``; "" if it does not say)."""
+    async def dtype(self, view: ServerView) -> str:
+        """The numerics a server computes with: its dtype, plus the quantization when that
+        changed the weights ("float32+int8"); asked once with ``info``; "" if it does not say."""
         if view.peer_id not in self._dtypes:
             host, port = parse_address(view.address)
             try:
-                info = await self.pool.call(
-                    host,
-                    port,
-                    "info",
-                    InfoRequest(),
-                    InfoResponse,
-                    expected_peer=view.peer_id,
-                    timeout=self.config.request_timeout,
-                )
-                self._dtypes[view.peer_id] = info.dtype
+                conn = await self.pool.get(host, port, view.peer_id)
+                info = await call_info(conn, timeout=self.config.request_timeout)
+                self._dtypes[view.peer_id] = info.numerics or info.dtype
             except SwarmError as exc:
                 log.info("info from %s failed: %s", view.peer_id, exc)
                 return ""
         return self._dtypes[view.peer_id]
 
-    async def _candidates(self, layers: LayerRange) -> list[Candidate]:
+    async def candidates(self, layers: LayerRange) -> list[Candidate]:
         """Online, unbanned servers whose span holds ``layers``."""
         banned = self.bans.banned()
         out = []
@@ -147,88 +144,31 @@ class VerifiedSessions:
             self._views[view.peer_id] = view
             inside = view.layers.start <= layers.start and layers.stop <= view.layers.stop
             if inside and view.state == ServerState.ONLINE and view.peer_id not in banned:
-                out.append(Candidate(view.peer_id, await self._dtype(view)))
+                out.append(Candidate(view.peer_id, await self.dtype(view)))
         return out
 
-    async def _forward(
+    async def forward(
         self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """A stateless forward on ``peer`` (or a replica's recorded answer, which holds the
-        same computation). Raises `SwarmError` subclasses."""
-        if self._replicas is not None:
-            answer = self._replicas.answer(peer, layers, hidden.shape[1])
-            if answer is not None:
-                return answer  # (batch, T, hidden)
+        """A stateless forward of ``layers`` on ``peer``. Raises `SwarmError` subclasses."""
         host, port = parse_address(self._views[peer].address)
         request = ForwardRequest(hidden.to(self.config.torch_wire_dtype), positions, layers)
-        response = await self.pool.call(
-            host,
-            port,
-            "forward",
-            request,
-            ForwardResponse,
-            expected_peer=peer,
-            timeout=self.config.step_timeout,
-        )
+        conn = await self.pool.get(host, port, peer)
+        response = await call_forward(conn, request, timeout=self.config.step_timeout)
         return response.hidden_states.float()  # (batch, seq, hidden)
 
-    async def _hop_records(self, session: InferenceSession) -> list[HopRecord]:
-        records = []
-        for k, hop in enumerate(session.route):
-            x, pos, out = session.hop_history(k)
-            progress = session.hop_progress(k)
-            step_tokens = progress.last_input[0].shape[1] if progress.last_input else 0
-            replicas = tuple(self._replicas.peers(hop.layers)) if self._replicas else ()
-            records.append(
-                HopRecord(
-                    peer_id=hop.server.peer_id,
-                    dtype=await self._dtype(hop.server),
-                    layers=hop.layers,
-                    inputs=x,
-                    positions=pos,
-                    outputs=out,
-                    receipt=progress.last_receipt,
-                    step_tokens=step_tokens,
-                    replicas=replicas,
-                )
-            )
-        return records
-
-    async def check_step(self, session: InferenceSession, new_tokens: int, step: int) -> int | None:
-        """Spot-check / redundant after one step; the position to roll back to, if any."""
-        verifier = self.verifier
-        if verifier is None or not verifier.policy.checks_steps:
-            return None
-        if self._replicas is not None:
-            await self._replicas.step(session)
-        observed = []
-        for k, record in enumerate(await self._hop_records(session)):
-            seconds = session.hop_progress(k).last_seconds
-            throughput = session.route[k].server.throughput
-            observed.append(HopObservation(record, new_tokens, seconds or 1.0, throughput))
-        verdict = await verifier.check_step(observed, step, self._candidates, self._forward)
-        return verdict.rollback_position
-
-    async def challenge(self, session: InferenceSession, step: int) -> int | None:
-        """Optimistic: challenge every hop over its whole history before returning."""
-        verifier = self.verifier
-        if verifier is None or verifier.policy.kind is not PolicyKind.OPTIMISTIC:
-            return None
-        records = await self._hop_records(session)
-        verdict = await verifier.check_session(records, step, self._candidates, self._forward)
-        return verdict.rollback_position
-
     @asynccontextmanager
-    async def open(self, max_length: int) -> AsyncIterator[InferenceSession]:
-        """The main session, and under ``redundant:K`` its hops' K-1 replicas."""
+    async def open(self, max_length: int) -> AsyncIterator[CheckedChain]:
+        """One generation's session (and under ``redundant:K`` its hops' K-1 replicas), with
+        the checks that belong to that generation alone."""
         layers = LayerRange(0, self.num_layers)
         record = self.verifier.reputation if self.verifier is not None else self._reputation
         excluded = record.banned() if record is not None else set()  # proven liars, any policy
 
         def open_range(
             span: LayerRange, avoid: Collection[PeerId]
-        ) -> AbstractAsyncContextManager[InferenceSession]:
-            return InferenceSession.open(
+        ) -> AbstractAsyncContextManager[Chain]:
+            return Chain.open(
                 self.pool,
                 self.directory,
                 self.config,
@@ -240,11 +180,74 @@ class VerifiedSessions:
             )
 
         async with AsyncExitStack() as stack:
-            session = await stack.enter_async_context(open_range(layers, ()))
+            chain = await stack.enter_async_context(open_range(layers, ()))
+            replicas = None
             if self.verifier is not None and self.verifier.policy.kind is PolicyKind.REDUNDANT:
-                self._replicas = Replicas(open_range, stack)
-                await self._replicas.open_for(session, self.verifier.policy.replicas - 1)
-            try:
-                yield session
-            finally:
-                self._replicas = None
+                replicas = Replicas(open_range, stack)
+                await replicas.open_for(chain, self.verifier.policy.replicas - 1)
+            yield CheckedChain(self, chain, replicas)
+
+
+class CheckedChain:
+    """One generation's chain and its verification state (its replicas under
+    ``redundant:K``), checked from the `StepResult` s it is given; only the verifier's
+    reputation and bans are shared with other generations (through ``shared``). Made by
+    `VerifiedSessions.open`; one per generation, never shared by concurrent ones."""
+
+    def __init__(self, shared: VerifiedSessions, chain: Chain, replicas: Replicas | None) -> None:
+        self.shared = shared
+        self.chain = chain
+        self.replicas = replicas
+
+    async def _forward(
+        self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """A stateless forward on ``peer`` (or a replica's recorded answer, which holds the
+        same computation). Raises `SwarmError` subclasses."""
+        if self.replicas is not None:
+            answer = self.replicas.answer(peer, layers, hidden.shape[1])
+            if answer is not None:
+                return answer  # (batch, T, hidden)
+        return await self.shared.forward(peer, layers, hidden, positions)
+
+    async def _record(self, hop: HopStep) -> HopRecord:
+        x, pos, out = hop.history.tensors()  # built here, when a check needs them
+        replicas = tuple(self.replicas.peers(hop.hop.layers)) if self.replicas else ()
+        return HopRecord(
+            peer_id=hop.hop.server.peer_id,
+            dtype=await self.shared.dtype(hop.hop.server),
+            layers=hop.hop.layers,
+            inputs=x,
+            positions=pos,
+            outputs=out,
+            receipt=hop.receipt,
+            step_tokens=hop.new_tokens,
+            replicas=replicas,
+        )
+
+    async def check_step(self, result: StepResult) -> int | None:
+        """Spot-check / redundant after one step; the position to roll back to, if any."""
+        verifier = self.shared.verifier
+        if verifier is None or not verifier.policy.checks_steps:
+            return None
+        if self.replicas is not None:
+            await self.replicas.step(result)
+        observed = []
+        for hop in result.hops:
+            record = await self._record(hop)
+            throughput = hop.hop.server.throughput
+            observed.append(HopObservation(record, hop.new_tokens, hop.seconds, throughput))
+        candidates = self.shared.candidates
+        verdict = await verifier.check_step(observed, result.step, candidates, self._forward)
+        return verdict.rollback_position
+
+    async def challenge(self, result: StepResult) -> int | None:
+        """Optimistic: challenge every hop over its whole history (up to ``result``'s step)
+        before the generation returns."""
+        verifier = self.shared.verifier
+        if verifier is None or verifier.policy.kind is not PolicyKind.OPTIMISTIC:
+            return None
+        records = [await self._record(hop) for hop in result.hops]
+        candidates = self.shared.candidates
+        verdict = await verifier.check_session(records, result.step, candidates, self._forward)
+        return verdict.rollback_position

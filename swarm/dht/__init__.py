@@ -1,9 +1,18 @@
 """swarm.dht: a Kademlia DHT with signed, expiring, multi-writer records (DESIGN.md §5)."""
 
 from swarm.dht.config import DHTConfig
+from swarm.dht.links import DatagramLinks
 from swarm.dht.node import DHTNode
 from swarm.dht.proofs import RecordProver
 from swarm.dht.records import DropReason, Record
 from swarm.dht.stats import DHTStatistics
 
-__all__ = ["DHTConfig", "DHTNode", "DHTStatistics", "DropReason", "Record", "RecordProver"]
+__all__ = [
+    "DHTConfig",
+    "DHTNode",
+    "DHTStatistics",
+    "DatagramLinks",
+    "DropReason",
+    "Record",
+    "RecordProver",
+]

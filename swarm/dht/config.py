@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from swarm.dht.sources import PrivateGroups
 from swarm.errors import ConfigError
 from swarm.types import parse_address
 
@@ -47,8 +48,13 @@ class DHTConfig:
     - ``max_contacts_per_ip`` / ``max_contacts_per_subnet`` / ``max_contacts_per_subnet_in_bucket``:
       routing-table caps per IP and per /24 (IPv4) or /64 (IPv6), in the whole table and in
       one bucket. One ``ip:port`` is always one contact.
-    - ``cap_private_addresses``: apply the per-IP and per-subnet caps to loopback, private and
-      link-local addresses too (by default each endpoint there is its own group, as in a LAN).
+    - ``cap_private_addresses``: apply the per-IP and per-subnet routing-table caps and
+      request rates to loopback, private and link-local addresses too (by default each
+      endpoint there counts alone, so a local swarm of many processes can form).
+    - ``private_groups`` (`PrivateGroups`, default ``host``): how those addresses are grouped
+      for storage fairness, store rates and proof work: one group per host (one machine
+      with many ports is one party; LAN machines stay apart), per endpoint, or per subnet
+      (`swarm.dht.sources`).
     - ``proof_ttl`` / ``proof_timeout`` / ``proof_concurrency`` / ``proof_rate``: with a
       record prover (`swarm.dht.proofs`), how long a verdict is trusted, how long one proof
       may take, how many run at once and how many start per second.
@@ -91,6 +97,7 @@ class DHTConfig:
     max_contacts_per_subnet: int = 10
     max_contacts_per_subnet_in_bucket: int = 2
     cap_private_addresses: bool = False
+    private_groups: PrivateGroups = PrivateGroups.HOST
     proof_ttl: float = 300.0
     proof_timeout: float = 5.0
     proof_concurrency: int = 4
@@ -161,5 +168,13 @@ class DHTConfig:
         for name, count in counts.items():
             if count < 1:
                 raise ConfigError(f"DHTConfig.{name} must be at least 1, got {count}")
+        if not isinstance(self.private_groups, PrivateGroups):
+            try:
+                object.__setattr__(self, "private_groups", PrivateGroups(self.private_groups))
+            except ValueError:
+                choices = ", ".join(g.value for g in PrivateGroups)
+                raise ConfigError(
+                    f"private_groups must be one of {choices}, got {self.private_groups!r}"
+                ) from None
         if self.clock_skew < 0:
             raise ConfigError("DHTConfig.clock_skew must not be negative")

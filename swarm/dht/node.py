@@ -23,6 +23,7 @@ import trio
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.kademlia_node import KademliaNode
+from swarm.dht.links import DatagramLinks
 from swarm.dht.proofs import ProofCache, RecordProver, run_proofs
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import DropReason, Record, check_record, make_record
@@ -35,7 +36,7 @@ from swarm.types import PeerId, parse_address
 __all__ = ["DHTNode"]
 
 _CLOSE_TIMEOUT_S = 5.0
-_PROOF_QUEUE = 256
+_PROOF_QUEUE = 256  # claims in flight between the threads (the fair queue is behind it)
 
 
 class DHTNode:
@@ -57,13 +58,19 @@ class DHTNode:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, identity: Identity, config: DHTConfig, *, prover: RecordProver | None = None
+        cls,
+        identity: Identity,
+        config: DHTConfig,
+        *,
+        prover: RecordProver | None = None,
+        links: DatagramLinks | None = None,
     ) -> AsyncIterator[DHTNode]:
         """Listen on ``config.host:config.port`` and join through ``config.initial_peers``.
 
         ``prover``, if given, lets this node (as a storing node) keep records whose signer
         proved its claim before unproven ones (`swarm.dht.proofs`); its proofs run in a task
-        of this context, rate-limited by ``config.proof_*``.
+        of this context, rate-limited by ``config.proof_*``. ``links`` is a test seam: every
+        datagram this node sends goes through it (`swarm.dht.links`; link emulation).
 
         Raises `DHTError` if the socket cannot be bound, an initial peer's host cannot be
         resolved, or none of the initial peers answered within ``config.bootstrap_timeout``.
@@ -74,7 +81,7 @@ class DHTNode:
         with shared_runner() as runner:
             stats = StatsCounter()
             proofs = ProofCache(prover, config, stats) if prover is not None else None
-            kad = KademliaNode(config, stats, proofs)
+            kad = KademliaNode(config, stats, proofs, links)
             node = cls(identity, config, runner, kad)
             try:
                 if prover is None or proofs is None:
@@ -92,31 +99,33 @@ class DHTNode:
                     scope.shield = True
                     await runner.run(kad.aclose)
 
-    def _connect_proofs(self, proofs: ProofCache) -> trio.MemoryReceiveChannel[Hashable]:
+    def _connect_proofs(
+        self, proofs: ProofCache
+    ) -> trio.MemoryReceiveChannel[tuple[Hashable, str]]:
         """Route the claims the DHT loop thread asks for into a channel (trio thread)."""
-        send, receive = trio.open_memory_channel[Hashable](_PROOF_QUEUE)
+        send, receive = trio.open_memory_channel[tuple[Hashable, str]](_PROOF_QUEUE)
         token = trio.lowlevel.current_trio_token()
 
-        def offer(claim: Hashable) -> None:  # trio thread
+        def offer(claim: Hashable, group: str) -> None:  # trio thread
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                send.send_nowait(claim)  # a full queue drops it: asked again later
+                send.send_nowait((claim, group))  # a full channel drops it: asked again later
 
-        def submit(claim: Hashable) -> None:  # DHT loop thread
+        def submit(claim: Hashable, group: str) -> None:  # DHT loop thread
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(offer, claim)
+                token.run_sync_soon(offer, claim, group)
 
         proofs.submit = submit
         return receive
 
     async def _prove(
-        self, prover: RecordProver, claims: trio.MemoryReceiveChannel[Hashable]
+        self, prover: RecordProver, claims: trio.MemoryReceiveChannel[tuple[Hashable, str]]
     ) -> None:
         """Prove claims and hand the verdicts back to storage (until cancelled)."""
 
         async def settle(claim: Hashable, ok: bool) -> None:
             await self._runner.run(_async(lambda: self._kad.storage.settle(claim, ok)))
 
-        await run_proofs(prover, self.config, claims, settle)
+        await run_proofs(prover, self.config, claims, settle, self._kad.stats)
 
     async def _start(self) -> None:
         try:

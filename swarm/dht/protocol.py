@@ -18,6 +18,11 @@ Differences from stock ``KademliaProtocol`` (each guards a flaw of kademlia 2.2.
 - a reply counts only from the address the request went to;
 - a contact leaves after ``evict_after_failures`` consecutive timeouts (not after one lost
   packet); `stale_contacts` lists those to check;
+- no reply to an address that has not echoed our token exceeds `wire.AMPLIFICATION` times
+  the bytes of the request it answers (RFC 9000 §8.1): a larger answer is replaced by a small
+  one carrying the token, and the requester asks again echoing it (once per responder and
+  token lifetime; a request without a token is padded so the usual find_node reply fits), so
+  a forged source address cannot turn our replies into a reflected flood;
 - the RPC timeout is ``DHTConfig.rpc_timeout``; a reply too large for one datagram is counted
   and not sent; the background tasks it starts are tracked and cancelled by `aclose`.
 """
@@ -37,12 +42,20 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
 from swarm.dht.config import MAX_DATAGRAM_BYTES, DHTConfig
-from swarm.dht.datagrams import DatagramSeal
+from swarm.dht.datagrams import SEAL_OVERHEAD, DatagramSeal
+from swarm.dht.links import Address, DatagramLinks
 from swarm.dht.routing import ContactTable
 from swarm.dht.sources import AddressTokens, RateLimiter, SourceGroups
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
-from swarm.dht.wire import Request, Response, decode_datagram, encode_request, encode_response
+from swarm.dht.wire import (
+    AMPLIFICATION,
+    Request,
+    Response,
+    decode_datagram,
+    encode_request,
+    encode_response,
+)
 
 __all__ = ["Answer", "SwarmProtocol", "key_digest"]
 
@@ -62,6 +75,17 @@ class Answer(NamedTuple):
     client_only: bool = False
 
 
+class _Waiting(NamedTuple):
+    """A request of ours awaiting its reply (by message id)."""
+
+    future: asyncio.Future[Answer]
+    timeout: asyncio.TimerHandle
+    where: tuple[str, int]
+    name: str
+    args: tuple[Any, ...]
+    retried: bool
+
+
 class _BadRequest(Exception):
     """A peer's RPC arguments do not have the expected types (internal; never escapes)."""
 
@@ -79,13 +103,28 @@ class _DatagramTransport:
         self.inner = transport
         self._seal = seal
         self._stats = stats
+        self.links: tuple[DatagramLinks, Address] | None = None  # emulated links, our address
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         if len(data) > MAX_DATAGRAM_BYTES:
             self._stats.event("replies_too_large")
             log.warning("not sending a %d-byte datagram to %s: too large", len(data), addr)
             return
-        self.inner.sendto(self._seal.seal(data) if self._seal else data, addr)
+        self._stats.event("datagrams_sent")
+        payload = self._seal.seal(data) if self._seal else data
+        if self.links is not None:
+            links, source = self.links
+            delay = links.outgoing(source, (addr[0], addr[1]), len(payload))
+            if delay is None:
+                return  # lost on the (emulated) way
+            if delay > 0:
+                asyncio.get_running_loop().call_later(delay, self._send_late, payload, addr)
+                return
+        self.inner.sendto(payload, addr)
+
+    def _send_late(self, payload: bytes, addr: Any) -> None:
+        if not self.inner.is_closing():
+            self.inner.sendto(payload, addr)
 
     def close(self) -> None:
         self.inner.close()
@@ -105,10 +144,11 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self._config = config
         self._stats = stats
         self._seal = DatagramSeal(config.swarm_key) if config.swarm_key else None
-        self._groups = SourceGroups(config.cap_private_addresses)
+        self._groups = SourceGroups(config.cap_private_addresses, config.private_groups)
         self.router = ContactTable(self, config, source_node, self._groups, self.spawn)
         self._tokens = AddressTokens()
         self._tokens_from: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._waiting: dict[bytes, _Waiting] = {}
         self._request_limits = RateLimiter(config.request_rate, config.request_burst)
         self._handoff_limit = RateLimiter(config.handoff_rate, max(1.0, 2 * config.handoff_rate))
         self._failures: dict[bytes, int] = {}
@@ -121,21 +161,25 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self.transport = _DatagramTransport(transport, self._seal, self._stats)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._stats.event("datagrams_received")
         if self._seal is not None:
             opened = self._seal.open(data)
             if opened is None:
                 self._stats.event("datagrams_rejected")
                 return
+            received = len(data)
             data = opened
+        else:
+            received = len(data)
         decoded = decode_datagram(data)
         if decoded is None:
             self._stats.event("datagrams_malformed")
         elif isinstance(decoded[1], Request):
-            self._accept_request(decoded[0], decoded[1], addr)
+            self._accept_request(decoded[0], decoded[1], addr, received)
         else:
             self._accept_response(decoded[0], decoded[1], addr)
 
-    def _accept_request(self, msg_id: bytes, request: Request, address: Any) -> None:
+    def _accept_request(self, msg_id: bytes, request: Request, address: Any, received: int) -> None:
         ip, port = address[0], address[1]
         if not self._request_limits.allow(self._groups.subnet(ip, port)):
             self._stats.event("requests_rate_limited")
@@ -147,42 +191,48 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
             self._stats.event("datagrams_malformed")
             return
         node = Node(sender, ip, port)
-        full = not request.client_only
-        proven = full and self._tokens.check(request.token, ip, port, sender)
-        token = None
-        if full and not proven and self.router.is_new_node(node):
-            token = self._tokens.issue(ip, port, sender)
-        reply = encode_response(
-            msg_id,
-            value,
-            node_id=self.source_node.id,
-            client_only=self._config.client_only,
-            token=token,
-        )
+        address_proven = self._tokens.check(request.token, ip, port, sender)
+        token = None if address_proven else self._tokens.issue(ip, port, sender)
+        me, client_only = self.source_node.id, self._config.client_only
+        reply = encode_response(msg_id, value, node_id=me, client_only=client_only, token=token)
+        overhead = SEAL_OVERHEAD if self._seal is not None else 0
+        if not address_proven and len(reply) + overhead > AMPLIFICATION * received:
+            self._stats.event("replies_need_token")
+            reply = encode_response(
+                msg_id, None, node_id=me, client_only=client_only, token=token, retry=True
+            )
         self.transport.sendto(reply, address)
-        if proven:
+        if address_proven and not request.client_only:
             self._verified(node, displace=False)
 
     def _accept_response(self, msg_id: bytes, response: Response, address: Any) -> None:
-        entry = self._outstanding.get(msg_id)
-        if entry is None or entry[2] != (address[0], address[1]):
+        entry = self._waiting.get(msg_id)
+        if entry is None or entry.where != (address[0], address[1]):
             return  # not awaited, or not from where the request went
-        del self._outstanding[msg_id]
-        future, timeout, where = entry
-        timeout.cancel()
+        del self._waiting[msg_id]
+        entry.timeout.cancel()
         if response.token is not None:
-            self._tokens_from.pop(where, None)
-            self._tokens_from[where] = response.token
+            self._tokens_from.pop(entry.where, None)
+            self._tokens_from[entry.where] = response.token
             while len(self._tokens_from) > _TOKENS_REMEMBERED:
                 self._tokens_from.popitem(last=False)
-        if not future.done():
-            future.set_result(Answer(True, response.value, response.node_id, response.client_only))
+        if entry.future.done():
+            return
+        if response.retry:
+            if entry.retried:  # our token did not count there: give up as on a timeout
+                entry.future.set_result(Answer(False, None))
+            else:
+                self._stats.event("requests_repeated_with_token")
+                self._send(entry.future, entry.where, entry.name, entry.args, retried=True)
+            return
+        answer = Answer(True, response.value, response.node_id, response.client_only)
+        entry.future.set_result(answer)
 
     def _timeout(self, msg_id: bytes) -> None:
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is not None and not entry[0].done():
+        entry = self._waiting.pop(msg_id, None)
+        if entry is not None and not entry.future.done():
             self._stats.event("rpc_timeouts")
-            entry[0].set_result(Answer(False, None))
+            entry.future.set_result(Answer(False, None))
 
     # RPC handlers (peer input: every argument is checked; nothing here trusts the sender) --
 
@@ -193,7 +243,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         dkey = _check_id(key)
         if self._config.client_only:
             return False  # a client stores nothing for others
-        source = self._groups.subnet(sender[0], sender[1])
+        source = self._groups.group(sender[0], sender[1])
         held = self.storage.merge(dkey, value, source=source)
         return isinstance(value, list) and held == len(value)
 
@@ -211,16 +261,30 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
     # requests of ours --------------------------------------------------------------------
 
     def _request(self, address: Any, name: str, *args: Any) -> asyncio.Future[Answer]:
-        where = (address[0], address[1])
-        token = None if self._config.client_only else self._tokens_from.get(where)
-        msg_id = os.urandom(20)
-        data = encode_request(msg_id, name, args, client_only=self._config.client_only, token=token)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
-        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timeout, where)
-        self.transport.sendto(data, address)
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._send(future, (address[0], address[1]), name, args, retried=False)
         return future
+
+    def _send(
+        self,
+        future: asyncio.Future[Answer],
+        where: tuple[str, int],
+        name: str,
+        args: tuple[Any, ...],
+        *,
+        retried: bool,
+    ) -> None:
+        """Send one request whose answer resolves ``future`` (echoing the token ``where``
+        handed us, if any; padded if none)."""
+        token = self._tokens_from.get(where)
+        msg_id = os.urandom(20)
+        client_only = self._config.client_only
+        data = encode_request(
+            msg_id, name, args, client_only=client_only, token=token, pad=token is None
+        )
+        timeout = asyncio.get_running_loop().call_later(self._wait_timeout, self._timeout, msg_id)
+        self._waiting[msg_id] = _Waiting(future, timeout, where, name, args, retried)
+        self.transport.sendto(data, where)
 
     def ping(self, address: Any, nodeid: bytes) -> asyncio.Future[Answer]:
         return self._request(address, "ping", nodeid)
@@ -347,11 +411,11 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
     async def aclose(self) -> None:
         """Cancel background tasks (waiting up to a second for them to unwind) and pending
         calls (their callers see a timeout)."""
-        for msg_id in list(self._outstanding):
-            future, timeout, _ = self._outstanding.pop(msg_id)
-            timeout.cancel()
-            if not future.done():
-                future.set_result(Answer(False, None))
+        for msg_id in list(self._waiting):
+            entry = self._waiting.pop(msg_id)
+            entry.timeout.cancel()
+            if not entry.future.done():
+                entry.future.set_result(Answer(False, None))
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -75,10 +75,6 @@ class AsyncioRunner:
                 await done.wait()
             raise
         return future.result()
-
-    def call_soon(self, fn: Callable[[], Any]) -> None:
-        """Schedule a plain function on the loop thread (fire and forget, for shutdown)."""
-        self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
         """Stop the loop and join its thread (at most a few seconds)."""

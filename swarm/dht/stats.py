@@ -23,7 +23,11 @@ class DHTStatistics:
     IP and subnet caps; ``requests_rate_limited`` requests left unanswered by
     ``request_rate``; ``rpc_timeouts`` requests of ours that got no reply; ``handoffs`` stores
     sent to new contacts (and ``handoffs_skipped`` those ``handoff_rate`` held back);
-    ``proofs_passed`` / ``proofs_failed`` the verdicts of a record prover.
+    ``proofs_passed`` / ``proofs_failed`` the verdicts of a record prover, and
+    ``proof_claims_dropped`` claims the proof queue had no room for. ``datagrams_sent`` /
+    ``datagrams_received`` count every datagram; ``replies_need_token`` answers replaced by
+    a token because they were too large for an unproven address, and
+    ``requests_repeated_with_token`` our requests sent again with the token so obtained.
     """
 
     dropped: Mapping[str, int] = field(default_factory=dict)
@@ -44,6 +48,11 @@ class DHTStatistics:
     proofs_failed: int = 0
     announces: int = 0
     gets: int = 0
+    proof_claims_dropped: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    replies_need_token: int = 0
+    requests_repeated_with_token: int = 0
 
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
@@ -92,4 +101,9 @@ class StatsCounter:
                 proofs_failed=ev["proofs_failed"],
                 announces=ev["announces"],
                 gets=ev["gets"],
+                proof_claims_dropped=ev["proof_claims_dropped"],
+                datagrams_sent=ev["datagrams_sent"],
+                datagrams_received=ev["datagrams_received"],
+                replies_need_token=ev["replies_need_token"],
+                requests_repeated_with_token=ev["requests_repeated_with_token"],
             )

@@ -12,8 +12,10 @@ most ``store_rate`` records per second here. When a key is full, or the node hol
 ``max_keys`` keys or ``max_stored_bytes``, a newcomer from group *g* takes the place of a
 record of the group *h* holding the most (in that key, or on the node), and only if *h* holds
 at least two more than *g*: an identity factory behind one subnet can fill empty room but
-never keep anyone else out, and what was stored first by others stays. Expiry order plays no
-part (an attacker always chooses the longest one allowed). With a record prover
+never keep anyone else out, and what was stored first by others stays. In a full key where
+every group holds about as much as *g*, the largest group of groups (a /48 of many /64s,
+one host of many ports: `swarm.dht.sources.super_group`) gives way the same way. Expiry
+order plays no part (an attacker always chooses the longest one allowed). With a record prover
 (`swarm.dht.proofs`), proven records come first: a proven newcomer to a full key takes the
 place of an unproven record whatever the groups, and an unproven one never displaces a
 proven one (node-wide quotas count groups only).
@@ -35,7 +37,7 @@ from kademlia.storage import IStorage
 from swarm.dht.config import DHTConfig
 from swarm.dht.proofs import ProofCache
 from swarm.dht.records import DropReason, Record, check_record
-from swarm.dht.sources import RateLimiter
+from swarm.dht.sources import RateLimiter, super_group
 from swarm.dht.stats import StatsCounter
 
 __all__ = ["LOCAL_SOURCE", "RecordStorage"]
@@ -132,9 +134,10 @@ class RecordStorage(IStorage):  # type: ignore[misc]
                 self._stats.drop(DropReason.STALE_SEQ)
                 return False
             self._remove(dkey, subkey)  # its signer's newer record takes its place
-            self._insert(dkey, _Held(record, group, _cost(record), *self._proof_of(record)))
+            proof = self._proof_of(record, group)
+            self._insert(dkey, _Held(record, group, _cost(record), *proof))
             return True
-        new = _Held(record, group, _cost(record), *self._proof_of(record))
+        new = _Held(record, group, _cost(record), *self._proof_of(record, group))
         if len(slot) >= self._config.max_records_per_key:
             victim = _key_victim(slot, new)
             if victim is None:
@@ -148,11 +151,11 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._insert(dkey, new)
         return True
 
-    def _proof_of(self, record: Record) -> tuple[Hashable | None, bool]:
+    def _proof_of(self, record: Record, group: str) -> tuple[Hashable | None, bool]:
         if self._proofs is None:
             return None, False
         claim = self._proofs.claim(record)
-        return claim, self._proofs.proven(claim)
+        return claim, self._proofs.proven(claim, group)
 
     def settle(self, claim: Hashable, ok: bool) -> None:
         """Record a prover's verdict on ``claim`` and mark the records that claim it."""
@@ -301,7 +304,10 @@ def _key_victim(slot: dict[bytes, _Held], new: _Held) -> bytes | None:
     """In a full key, the record ``new`` may replace, if any: among the unproven records if
     there are any (else the proven ones), the latest-expiring of the group holding the most;
     if ``new`` is proven and the pool is not, any such record; else only if that group holds
-    at least two more of the pool than ``new``'s group."""
+    at least two more of the pool than ``new``'s group, or failing that, if the largest group
+    of groups (`super_group`) holds two more than ``new``'s: then from its largest group.
+    So a full key keeps room for a newcomer unless every group of groups holds about as much
+    as the newcomer's."""
     pool = {s: held for s, held in slot.items() if not held.proven} or slot
     pool_proven = next(iter(pool.values())).proven
     if pool_proven and not new.proven:
@@ -309,6 +315,10 @@ def _key_victim(slot: dict[bytes, _Held], new: _Held) -> bytes | None:
     counts = Counter(held.group for held in pool.values())
     top, top_count = max(counts.items(), key=lambda item: item[1])
     if pool_proven == new.proven and top_count < counts.get(new.group, 0) + 2:
-        return None
+        supers = Counter(super_group(held.group) for held in pool.values())
+        biggest, most = max(supers.items(), key=lambda item: item[1])
+        if most < supers.get(super_group(new.group), 0) + 2:
+            return None
+        top = max((g for g in counts if super_group(g) == biggest), key=lambda g: counts[g])
     mine = [s for s, held in pool.items() if held.group == top]
     return max(mine, key=lambda s: pool[s].record.expires_at)

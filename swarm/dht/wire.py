@@ -6,10 +6,17 @@ our own bodies (version 2 of the DHT wire; rpcudp's two-element requests are mal
 - request, kind ``0x00``: ``[name, args, meta]``; ``name`` one of ping / store / find_node /
   find_value, ``args`` rpcudp's arguments (the sender's node id first), ``meta`` a map with
   ``"c"`` (bool: the sender is client-only, do not add it) and, optionally, ``"t"`` (the
-  address token the recipient handed this sender, echoed to prove its address);
+  address token the recipient handed this sender, echoed to prove its address) and ``"p"``
+  (padding bytes, ignored: a request without a token is padded to `PADDED_REQUEST_BYTES`,
+  as QUIC pads its first datagram, so that the reply it may draw is large enough);
 - response, kind ``0x01``: ``[value, meta]``; ``meta`` holds ``"id"`` (the responder's
-  20-byte node id, so every reply tells who answered), ``"c"`` (the responder is client-only)
-  and optionally ``"t"`` (a token for the requester to echo).
+  20-byte node id, so every reply tells who answered), ``"c"`` (the responder is client-only),
+  optionally ``"t"`` (a token for the requester to echo) and ``"r"`` (True: the answer is
+  larger than an unproven address may be sent; ``value`` is None and the requester asks again
+  echoing ``"t"``).
+
+Amplification (RFC 9000 §8.1): a node never sends an address that has not echoed its token
+more than `AMPLIFICATION` times the bytes it received from it in the request being answered.
 
 `decode_datagram` is the one decoder of peer datagrams: anything else is None, never an error.
 """
@@ -22,7 +29,9 @@ from typing import Any
 import umsgpack  # type: ignore[import-untyped]
 
 __all__ = [
+    "AMPLIFICATION",
     "MAX_REQUEST_BYTES",
+    "PADDED_REQUEST_BYTES",
     "RPC_NAMES",
     "Request",
     "Response",
@@ -35,6 +44,10 @@ _REQUEST, _RESPONSE = b"\x00", b"\x01"
 RPC_NAMES = frozenset({"ping", "store", "find_node", "find_value"})
 MAX_REQUEST_BYTES = 8_192  # what one store may carry; `SwarmProtocol.store_records` chunks
 _MAX_TOKEN_BYTES = 32
+AMPLIFICATION = 3  # the most reply bytes per request byte to an unproven address
+# A request without a token is padded to this size: it may then draw a reply of up to
+# 1,440 bytes (a find_node reply of 20 IPv6 contacts) without a token round trip.
+PADDED_REQUEST_BYTES = 480
 
 
 @dataclass(frozen=True)
@@ -51,27 +64,47 @@ class Response:
     node_id: bytes
     client_only: bool
     token: bytes | None
+    retry: bool = False  # too large for an unproven address: ask again with ``token``
 
 
 def encode_request(
-    msg_id: bytes, name: str, args: tuple[Any, ...], *, client_only: bool, token: bytes | None
+    msg_id: bytes,
+    name: str,
+    args: tuple[Any, ...],
+    *,
+    client_only: bool,
+    token: bytes | None,
+    pad: bool = False,
 ) -> bytes:
-    """A request datagram. Raises ValueError if its body exceeds `MAX_REQUEST_BYTES`."""
+    """A request datagram, padded to `PADDED_REQUEST_BYTES` if ``pad``. Raises ValueError if
+    its body exceeds `MAX_REQUEST_BYTES`."""
     meta: dict[str, Any] = {"c": client_only}
     if token is not None:
         meta["t"] = token
     body: bytes = umsgpack.packb([name, list(args), meta])
     if len(body) > MAX_REQUEST_BYTES:
         raise ValueError(f"a DHT {name} request of {len(body)} bytes exceeds {MAX_REQUEST_BYTES}")
+    short = PADDED_REQUEST_BYTES - 21 - len(body) - 5  # "p" and a bin header cost 5 bytes
+    if pad and short > 0:
+        meta["p"] = bytes(short)
+        body = umsgpack.packb([name, list(args), meta])
     return _REQUEST + msg_id + body
 
 
 def encode_response(
-    msg_id: bytes, value: Any, *, node_id: bytes, client_only: bool, token: bytes | None
+    msg_id: bytes,
+    value: Any,
+    *,
+    node_id: bytes,
+    client_only: bool,
+    token: bytes | None,
+    retry: bool = False,
 ) -> bytes:
     meta: dict[str, Any] = {"id": node_id, "c": client_only}
     if token is not None:
         meta["t"] = token
+    if retry:
+        meta["r"] = True
     body: bytes = umsgpack.packb([value, meta])
     return _RESPONSE + msg_id + body
 
@@ -84,11 +117,13 @@ def _meta(value: object, allowed: frozenset[str]) -> dict[str, Any] | None:
     token = value.get("t")
     if token is not None and not (isinstance(token, bytes) and len(token) <= _MAX_TOKEN_BYTES):
         return None
+    if not isinstance(value.get("r", False), bool) or not isinstance(value.get("p", b""), bytes):
+        return None
     return value
 
 
-_REQUEST_META = frozenset({"c", "t"})
-_RESPONSE_META = frozenset({"id", "c", "t"})
+_REQUEST_META = frozenset({"c", "t", "p"})
+_RESPONSE_META = frozenset({"id", "c", "t", "r"})
 
 
 def decode_datagram(datagram: bytes) -> tuple[bytes, Request | Response] | None:
@@ -112,5 +147,8 @@ def decode_datagram(datagram: bytes) -> tuple[bytes, Request | Response] | None:
         node_id = meta.get("id") if meta is not None else None
         if meta is None or not (isinstance(node_id, bytes) and len(node_id) == 20):
             return None
-        return msg_id, Response(body[0], node_id, meta.get("c", False), meta.get("t"))
+        retry = meta.get("r", False)
+        if retry and meta.get("t") is None:
+            return None  # a retry names the token to echo
+        return msg_id, Response(body[0], node_id, meta.get("c", False), meta.get("t"), retry)
     return None

@@ -1,6 +1,7 @@
 """The swarm's namespace in the DHT: key formats, the one strict decoder of server
 announcements (used by clients and servers alike), and evidence with its material."""
 
+from swarm.directory.coverage import missing_blocks, missing_ranges, servers_per_block
 from swarm.directory.evidence import (
     DHTEvidenceBoard,
     fetch_evidence,
@@ -38,7 +39,10 @@ __all__ = [
     "fetch_material_bytes",
     "material_key",
     "mismatch_hint",
+    "missing_blocks",
+    "missing_ranges",
     "model_family",
     "other_model_ids",
     "servers_from_records",
+    "servers_per_block",
 ]

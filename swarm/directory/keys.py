@@ -17,12 +17,21 @@ __all__ = [
     "family_key",
     "material_key",
     "model_family",
+    "parse_block_key",
 ]
 
 
 def block_key(model_id: str, block: int) -> str:
     """The key under which the servers of one block announce themselves."""
     return f"{model_id}/block/{block}"
+
+
+def parse_block_key(key: str) -> tuple[str, int] | None:
+    """``(model_id, block)`` of a block key, or None for any other key."""
+    model_id, sep, block = key.rpartition("/block/")
+    if not sep or not model_id or not block.isdigit() or block != str(int(block)):
+        return None
+    return model_id, int(block)
 
 
 def block_keys(model_id: str, num_layers: int) -> list[str]:

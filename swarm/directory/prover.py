@@ -13,17 +13,16 @@ from collections.abc import Hashable
 import trio
 
 from swarm.dht.records import Record
+from swarm.directory.keys import parse_block_key
+from swarm.directory.servers import decode_announcement
 from swarm.errors import ProtocolError, SwarmError
 from swarm.identity import Identity
 from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel
-from swarm.net.messages import ServerAnnouncement, message_from_wire
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
 
 __all__ = ["AnnouncementProver"]
-
-_BLOCK = "/block/"
 
 
 class AnnouncementProver:
@@ -48,10 +47,11 @@ class AnnouncementProver:
         self.config = config or NetConfig()
 
     def claim(self, record: Record) -> Hashable | None:
-        if _BLOCK not in record.key or record.value is None:
+        parsed = parse_block_key(record.key)
+        if parsed is None or record.value is None:
             return None
         try:
-            ann = message_from_wire(dict(record.value), "announcement", expect=ServerAnnouncement)
+            ann = decode_announcement(dict(record.value), parsed[1], None)
         except ProtocolError:
             return None
         return (record.peer_id.digest, ann.host, ann.port)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from swarm.dht.records import Record
 from swarm.directory.keys import block_key
 from swarm.errors import ProtocolError
-from swarm.net.messages import ServerAnnouncement, message_from_wire
+from swarm.net.messages import RangeMove, ServerAnnouncement, message_from_wire
 from swarm.types import LayerRange, PeerId, ServerState, format_address
 
 __all__ = [
@@ -50,22 +50,43 @@ class ServerView:
     state: ServerState = ServerState.ONLINE
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
     dtype: str = "float32"  # what the server computes in
+    moving_to: LayerRange | None = None  # rebalancing: the range it is loading to move to
+    last_move: RangeMove | None = None  # its latest move (who moved where, and why)
+    quantization: str = "none"  # how its weights are kept: none, int8, int4
+    room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
+
+    @property
+    def newcomer_tokens(self) -> int:
+        """The most cache a new session here can get: free, or reclaimable from peers
+        beyond their shares (a server whose room is only borrowed still takes sessions)."""
+        return max(self.free_cache_tokens, self.room_tokens)
 
 
-def decode_announcement(value: object, block: int, num_layers: int) -> ServerAnnouncement:
+def decode_announcement(value: object, block: int, num_layers: int | None) -> ServerAnnouncement:
     """The announcement in a record value found under block ``block`` of a model with
-    ``num_layers`` layers. Raises `ProtocolError` naming what is wrong."""
+    ``num_layers`` layers (None where the model's size is not known, as for the DHT's
+    prover: then the range is checked against the block only). Raises `ProtocolError`
+    naming what is wrong."""
     ann: ServerAnnouncement = message_from_wire(value, "announcement", expect=ServerAnnouncement)
     if block not in ann.layer_range:
         raise ProtocolError(f"announcement.layer_range {ann.layer_range} misses block {block}")
-    if ann.layer_range.stop > num_layers:
+    if num_layers is not None and ann.layer_range.stop > num_layers:
         raise ProtocolError(
             f"announcement.layer_range {ann.layer_range} goes past the model's {num_layers}"
         )
     if not (math.isfinite(ann.throughput) and 0.0 <= ann.throughput <= MAX_THROUGHPUT):
         raise ProtocolError(f"announcement.throughput {ann.throughput!r} is out of range")
+    moves = [("moving_to", ann.moving_to)]
+    if ann.last_move is not None:
+        moves += [("last_move.from_range", ann.last_move.from_range)]
+        moves += [("last_move.to_range", ann.last_move.to_range)]
+    for name, layers in moves:
+        if layers is not None and num_layers is not None and layers.stop > num_layers:
+            raise ProtocolError(f"announcement.{name} {layers} goes past the model's {num_layers}")
     if ann.free_cache_tokens > MAX_CACHE_TOKENS:
         raise ProtocolError("announcement.free_cache_tokens is out of range")
+    if ann.room_tokens > MAX_CACHE_TOKENS:
+        raise ProtocolError("announcement.room_tokens is out of range")
     if ann.active_sessions > MAX_SESSIONS:
         raise ProtocolError("announcement.active_sessions is out of range")
     if any(not math.isfinite(p.rtt) for p in ann.next_pings):
@@ -113,4 +134,8 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
         dtype=ann.dtype,
+        moving_to=ann.moving_to,
+        last_move=ann.last_move,
+        quantization=ann.quantization,
+        room_tokens=ann.room_tokens,
     )

@@ -1,4 +1,5 @@
-"""Peer identity, the Noise handshake, encrypted frames, message schemas, tensor codec, RPC."""
+"""Peer identity, the Noise handshake, encrypted frames, message schemas, tensor codec, RPC
+(the server's methods and their stubs: `swarm.net.surface`)."""
 
 from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
@@ -8,12 +9,14 @@ from swarm.net.messages import (
     ErrorResponse,
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
     Message,
+    NewPusher,
+    NewPushTarget,
     PushRequest,
     PushTarget,
     bounded,
@@ -21,8 +24,9 @@ from swarm.net.messages import (
     encode_message,
     message,
 )
+from swarm.net.methods import HandlerRegistry, OneWay, Streaming, TypedStream, Unary
 from swarm.net.pool import ConnectionPool, PoolStatistics, open_connection_pool
-from swarm.net.rpc import CallContext, RpcConnection, RpcStatistics, RpcStream, stream_handler
+from swarm.net.rpc import CallContext, RpcConnection, RpcStatistics, RpcStream
 from swarm.net.rpc_server import RpcServer, RpcServerStatistics
 from swarm.net.swarm_key import create_swarm_key, load_swarm_key
 from swarm.net.tensors import decode_tensor, encode_tensor
@@ -36,13 +40,17 @@ __all__ = [
     "ErrorResponse",
     "ForwardRequest",
     "ForwardResponse",
+    "HandlerRegistry",
+    "InferenceInput",
     "InferenceOpen",
-    "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",
     "InfoResponse",
     "Message",
     "NetConfig",
+    "NewPushTarget",
+    "NewPusher",
+    "OneWay",
     "PoolStatistics",
     "PushRequest",
     "PushTarget",
@@ -53,8 +61,11 @@ __all__ = [
     "RpcStatistics",
     "RpcStream",
     "SecureChannel",
+    "Streaming",
     "TCPTransport",
     "Transport",
+    "TypedStream",
+    "Unary",
     "bounded",
     "create_swarm_key",
     "decode_message",
@@ -67,5 +78,4 @@ __all__ = [
     "open_connection_pool",
     "secure_inbound",
     "secure_outbound",
-    "stream_handler",
 ]

@@ -22,9 +22,11 @@ from swarm.errors import (
     HandshakeError,
     LimitExceeded,
     ProtocolError,
+    map_exceptions,
 )
 from swarm.net.config import NetConfig
 from swarm.net.noise import TAGLEN, CipherState
+from swarm.net.transport import STREAM_LOST
 from swarm.types import PeerId
 
 __all__ = [
@@ -127,10 +129,8 @@ class ExactReader:
         return out
 
     async def _receive(self, max_bytes: int, have: int, want: int) -> bytes | bytearray | None:
-        try:
+        with map_exceptions(STREAM_LOST, "connection lost"):
             chunk = await self.stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionClosed(f"connection lost: {exc}") from exc
         if not chunk:
             if have:
                 raise ProtocolError(f"connection closed inside a frame ({have} of {want} bytes)")
@@ -203,7 +203,7 @@ class SecureChannel:
             self._check_open()
             await self._send_frames(view)
             self.last_activity = trio.current_time()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except tuple(STREAM_LOST) as exc:
             self._broken = f"connection lost while sending: {exc}"
             raise ConnectionClosed(self._broken) from exc
         except trio.Cancelled:

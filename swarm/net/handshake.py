@@ -47,7 +47,9 @@ from swarm.errors import (
     LimitExceeded,
     PeerIdMismatch,
     ProtocolError,
+    SwarmError,
     SwarmKeyMismatch,
+    map_exceptions,
 )
 from swarm.identity import Identity, verify_signature
 from swarm.net.channel import FRAME_HEADER, ExactReader, ReceiveBudget, SecureChannel
@@ -72,6 +74,10 @@ _MAGIC = b"SWRM"
 _HELLO_LEN = 6
 _PROOF_CONTEXT = b"swarm-noise-static-key:"
 _PROOF_LEN = 32 + 64  # Ed25519 public key + signature
+_LOST_IN_HANDSHAKE: dict[type[BaseException], type[SwarmError]] = {
+    trio.BrokenResourceError: HandshakeError,
+    trio.ClosedResourceError: HandshakeError,
+}
 
 
 class Refusal(IntEnum):
@@ -138,10 +144,8 @@ def _check_proof(payload: bytes, noise_static: bytes | None) -> PeerId:
 
 
 async def _send_hs(stream: trio.abc.Stream, message: bytes, prefix: bytes = b"") -> None:
-    try:
+    with map_exceptions(_LOST_IN_HANDSHAKE, "connection lost during the handshake"):
         await stream.send_all(prefix + struct.pack(">H", len(message)) + message)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise HandshakeError(f"connection lost during the handshake: {exc}") from exc
 
 
 async def _read_hs(reader: ExactReader, n: int, what: str) -> bytes:
@@ -312,10 +316,8 @@ async def _inbound(
     private = swarm_key is not None
     reader = ExactReader(stream)
     their_hello = await _read_hs(reader, _HELLO_LEN, "hello")
-    try:
+    with map_exceptions(_LOST_IN_HANDSHAKE, "connection lost during the handshake"):
         await stream.send_all(_hello(private))
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise HandshakeError("connection lost during the handshake") from exc
     _check_hello(their_hello, private)
     static = KeyPair.generate()
     proof = _proof(identity, static.public)

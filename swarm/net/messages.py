@@ -20,7 +20,7 @@ from swarm.net.schema import (
     message_from_wire,
     unpack,
 )
-from swarm.types import DtypeName, LayerRange, PeerId, ServerState
+from swarm.types import DtypeName, LayerRange, MoveReason, PeerId, QuantName, ServerState
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -28,17 +28,19 @@ __all__ = [
     "Evidence",
     "ForwardRequest",
     "ForwardResponse",
+    "InferenceInput",
     "InferenceOpen",
     "InferenceReady",
-    "InferenceStep",
     "InferenceStepResult",
     "InfoRequest",
     "InfoResponse",
     "Message",
+    "NewPushTarget",
+    "NewPusher",
     "PingEntry",
     "PushRequest",
-    "PushResponse",
     "PushTarget",
+    "RangeMove",
     "Receipt",
     "ServerAnnouncement",
     "bounded",
@@ -76,6 +78,10 @@ class InfoResponse(Message):
     model_id: str = bounded(max_len=128, default="")
     dtype: str = bounded(max_len=16, default="")
     active_sessions: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"
+    # What verification compares by: the dtype, plus the quantization when the quantized
+    # weights differ from the checkpoint's ("float32+int8"); "" from older servers.
+    numerics: str = bounded(max_len=32, default="")
 
 
 @message("receipt")
@@ -158,21 +164,33 @@ class InferenceReady(Message):
     free_cache_tokens: int = bounded(ge=0)
 
 
-@message("inference_step")
-class InferenceStep(Message):
-    """Client to server, on the ``inference`` stream.
-
-    With ``hidden_states`` and ``positions``: the input of ``step`` (the server uses it
-    unless a push delivered the same step first). Without them: only news, e.g. a new
-    ``push_to`` (replaces the session's push target from this step on) or a new
-    ``push_from`` (after the previous hop was replaced: only that peer may push now).
-    """
+@message("inference_input")
+class InferenceInput(Message):
+    """Client to server, on the ``inference`` stream: the input of ``step`` (the server uses
+    it unless a push from the previous server delivered the same step first)."""
 
     step: int = bounded(ge=0)
-    hidden_states: torch.Tensor | None = None  # (batch, new_tokens, hidden)
-    positions: torch.Tensor | None = None  # (batch, new_tokens) int64
-    push_to: PushTarget | None = None
-    push_from: PeerId | None = None
+    hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
+    positions: torch.Tensor  # (batch, new_tokens) int64
+    # speculative decoding: the cache keeps only its first ``keep`` tokens before this step
+    # (the rest were drafts the client rejected); None keeps everything
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)
+
+
+@message("new_push_target")
+class NewPushTarget(Message):
+    """Client to server, on the ``inference`` stream: push outputs to ``push_to`` from now on
+    (the next hop was replaced or rewired)."""
+
+    push_to: PushTarget
+
+
+@message("new_pusher")
+class NewPusher(Message):
+    """Client to server, on the ``inference`` stream: take pushes only from ``push_from``
+    from now on (the previous hop was replaced)."""
+
+    push_from: PeerId
 
 
 @message("inference_step_result")
@@ -190,13 +208,7 @@ class PushRequest(Message):
     step: int = bounded(ge=0)
     hidden_states: torch.Tensor  # (batch, new_tokens, hidden)
     positions: torch.Tensor  # (batch, new_tokens) int64
-
-
-@message("push_response")
-class PushResponse(Message):
-    """Whether the pushed input was taken (False: a duplicate or too late)."""
-
-    accepted: bool
+    keep: int | None = bounded(ge=0, le=1 << 20, default=None)  # as in `InferenceInput`
 
 
 @message("ping")
@@ -205,6 +217,17 @@ class PingEntry(Message):
 
     peer_id: PeerId
     rtt: float = bounded(ge=0.0, le=3600.0)
+
+
+@message("range_move")
+class RangeMove(Message):
+    """A server's move from one layer range to another (rebalancing), announced with it."""
+
+    from_range: LayerRange
+    to_range: LayerRange
+    reason: MoveReason
+    at: float = bounded(ge=0.0)  # Unix time the server went online on ``to_range``
+    gain: float = bounded(ge=0.0, le=1e9)  # bottleneck throughput after / before (0: was 0)
 
 
 @message("server_announcement")
@@ -222,3 +245,9 @@ class ServerAnnouncement(Message):
     active_sessions: int = bounded(ge=0)
     version: str = bounded(max_len=32)
     next_pings: tuple[PingEntry, ...] = bounded(max_len=8, default=())
+    moving_to: LayerRange | None = None  # loading this range to move there (rebalancing)
+    last_move: RangeMove | None = None  # the server's latest move, for status pages
+    # cache tokens a newcomer within its share could get: free plus reclaimable (borrowed
+    # beyond others' shares), at most one peer's share; 0 from servers that predate it
+    room_tokens: int = bounded(ge=0, default=0)
+    quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)

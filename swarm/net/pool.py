@@ -15,6 +15,7 @@ from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel
 from swarm.net.messages import Message
+from swarm.net.methods import HandlerRegistry
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
@@ -49,7 +50,7 @@ class ConnectionPool:
         identity: Identity,
         transport: Transport,
         swarm_key: bytes | None,
-        handlers: object | None,
+        handlers: HandlerRegistry | None,
         config: NetConfig,
         receive_budget: ReceiveBudget | None = None,
     ) -> None:
@@ -108,7 +109,8 @@ class ConnectionPool:
         expected_peer: PeerId | None = None,
         timeout: float | None = None,
     ) -> M:
-        """`get` then `RpcConnection.call`; see both for what is raised."""
+        """`get` then `RpcConnection.call` (by the method's name: the product calls through
+        the stubs of `swarm.net.surface`); see both for what is raised."""
         conn = await self.get(host, port, expected_peer)
         return await conn.call(method, request, expect, timeout=timeout)
 
@@ -162,7 +164,7 @@ async def open_connection_pool(
     *,
     transport: Transport | None = None,
     swarm_key: bytes | None = None,
-    handlers: object | None = None,
+    handlers: HandlerRegistry | None = None,
     config: NetConfig = DEFAULT_NET_CONFIG,
     receive_budget: ReceiveBudget | None = None,
 ) -> AsyncIterator[ConnectionPool]:

@@ -5,11 +5,12 @@ is a msgpack array ``[kind, call_id, method, body]``; ``call_id`` is chosen by t
 names the call in both directions (caller and callee kinds differ, so the two id spaces never
 mix). ``body`` is a `Message` map (see `swarm.net.messages`) or nil.
 
-Handlers are methods named ``rpc_<method>`` on a handler object. A plain one takes
-``(request, ctx)`` and returns a response message; one marked with `@stream_handler` takes
-``(stream, ctx)`` and talks through an `RpcStream`. Exceptions raised by a handler reach the
-caller as `RemoteError` (an `ErrorCode` and a safe message; `LimitExceeded` for a remote
-``LimitExceeded``).
+Handlers are found in a `HandlerRegistry` (`swarm.net.methods`), built from the rows that
+declare each method: a unary or one-way handler takes ``(request, ctx)``, a stream handler
+``(stream, ctx)`` and talks through a `TypedStream`. The methods here take a method's name;
+callers use the typed rows and stubs (`swarm.net.surface`) instead. Exceptions raised by a
+handler reach the caller as `RemoteError` (an `ErrorCode` and a safe message;
+`LimitExceeded` for a remote ``LimitExceeded``): `swarm.net.envelope` is that boundary.
 
 Every call has a deadline (``NetConfig.call_timeout`` unless given): `DeadlineExceeded`. A
 caller that is cancelled or times out sends a cancel to the callee and leaves the channel
@@ -18,11 +19,9 @@ usable: sends are shielded, so a message is never cut in half.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,20 +49,14 @@ from swarm.net.envelope import (
     remote_error,
 )
 from swarm.net.messages import Message, message_from_wire
+from swarm.net.methods import Binding, HandlerRegistry, Shape, TypedStream
 from swarm.types import PeerId
 
-__all__ = ["CallContext", "RpcConnection", "RpcStatistics", "RpcStream", "stream_handler"]
+__all__ = ["CallContext", "RpcConnection", "RpcStatistics", "RpcStream"]
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
-F = TypeVar("F", bound=Callable[..., Awaitable[None]])
-
-
-def stream_handler(fn: F) -> F:
-    """Mark an ``rpc_<method>`` handler as a stream handler ``(stream, ctx) -> None``."""
-    fn._rpc_stream = True  # type: ignore[attr-defined]
-    return fn
 
 
 @dataclass(frozen=True)
@@ -168,7 +161,7 @@ class RpcConnection:
     def __init__(
         self,
         channel: SecureChannel,
-        handlers: object | None = None,
+        handlers: HandlerRegistry | None = None,
         config: NetConfig = DEFAULT_NET_CONFIG,
         remote_host: str | None = None,
     ) -> None:
@@ -182,7 +175,6 @@ class RpcConnection:
         self._streams: dict[int, RpcStream] = {}  # our outgoing streams
         self._serving: dict[int, tuple[trio.CancelScope, RpcStream | None]] = {}
         self._nursery: trio.Nursery | None = None
-        self._request_types: dict[object, type[Message] | None] = {}
         self._closed = False
         self.calls_made = 0
         self.calls_served = 0
@@ -232,7 +224,7 @@ class RpcConnection:
     async def call(
         self, method: str, request: Message, expect: type[M], *, timeout: float | None = None
     ) -> M:
-        """Call ``rpc_<method>`` on the peer and return its response, checked to be ``expect``.
+        """Call ``method`` on the peer and return its response, checked to be ``expect``.
 
         Raises `DeadlineExceeded` after ``timeout`` (default ``config.call_timeout``),
         `RemoteError` / `LimitExceeded` if the handler failed, `ProtocolError` for a malformed
@@ -260,7 +252,7 @@ class RpcConnection:
         return result
 
     async def notify(self, method: str, request: Message) -> None:
-        """Run ``rpc_<method>`` on the peer without waiting for (or getting) an answer.
+        """Run ``method`` on the peer without waiting for (or getting) an answer.
 
         For messages on a latency-critical path whose delivery the sender does not need to
         confirm; the handler's response and errors are dropped on the peer (errors logged).
@@ -274,7 +266,7 @@ class RpcConnection:
     async def open_stream(
         self, method: str, *, timeout: float | None = None
     ) -> AsyncIterator[RpcStream]:
-        """Open a stream to ``rpc_<method>`` (a `stream_handler`) on the peer.
+        """Open a stream to ``method`` (a stream handler) on the peer.
 
         ``timeout`` (default ``config.call_timeout``) bounds each `RpcStream.receive`.
         Leaving the block ends our side; if the peer has not finished, it is cancelled.
@@ -382,18 +374,20 @@ class RpcConnection:
     def _start_handler(self, kind: Kind, call_id: int, method: str | None, body: Any) -> None:
         assert self._nursery is not None  # local invariant: dispatch runs inside run()
         error: SwarmError | None = None
-        handler = self._lookup(method)
-        is_stream = bool(getattr(handler, "_rpc_stream", False))
-        if handler is None:
+        binding = self._handlers.lookup(method) if self._handlers is not None else None
+        is_stream = binding is not None and binding.shape is Shape.STREAM
+        if binding is None:
             error = RemoteError(ErrorCode.NOT_FOUND, f"unknown method {method!r:.70}")
         elif is_stream != (kind == Kind.OPEN):
             error = ProtocolError(f"method {method!r} is {'' if is_stream else 'not '}a stream")
+        elif binding.shape is Shape.ONE_WAY and kind != Kind.NOTIFY:
+            error = ProtocolError(f"method {method!r} is one-way: notify it")
         elif len(self._serving) >= self._config.max_concurrent_calls:
             error = LimitExceeded("too many concurrent calls on this channel")
         elif call_id in self._serving:
             error = ProtocolError(f"call id {call_id} is already in use")
         one_way = kind == Kind.NOTIFY
-        if error is not None or handler is None or method is None:
+        if error is not None or binding is None or method is None:
             if one_way:
                 log.info("dropping notify %r from %s: %s", method, self.remote_peer_id, error)
             else:
@@ -409,7 +403,7 @@ class RpcConnection:
         self.calls_served += 1
         ctx = CallContext(self.remote_peer_id, method, self.remote_host)
         self._nursery.start_soon(
-            self._run_handler, handler, call_id, scope, stream, body, ctx, one_way
+            self._run_handler, binding, call_id, scope, stream, body, ctx, one_way
         )
 
     def _reply_error(self, call_id: int, exc: SwarmError) -> None:
@@ -417,29 +411,9 @@ class RpcConnection:
             envelope = [Kind.ERROR, call_id, None, error_body(exc)]
             self._nursery.start_soon(self._send_quietly, envelope)
 
-    def _lookup(self, method: str | None) -> Callable[..., Awaitable[Any]] | None:
-        if self._handlers is None or method is None:
-            return None
-        fn = getattr(self._handlers, f"rpc_{method}", None)
-        return fn if callable(fn) else None
-
-    def _request_type(self, handler: Callable[..., Any]) -> type[Message] | None:
-        """The `Message` type a unary handler's first parameter is annotated with, if any."""
-        func = getattr(handler, "__func__", handler)
-        if func not in self._request_types:
-            try:
-                hints = typing.get_type_hints(func)
-            except Exception:  # unresolvable annotations: accept any message
-                hints = {}
-            params = [p for p in inspect.signature(handler).parameters if p in hints]
-            first = hints.get(params[0]) if params else None
-            ok = isinstance(first, type) and issubclass(first, Message)
-            self._request_types[func] = first if ok else None
-        return self._request_types[func]
-
     async def _run_handler(
         self,
-        handler: Callable[..., Awaitable[Any]],
+        binding: Binding,
         call_id: int,
         scope: trio.CancelScope,
         stream: RpcStream | None,
@@ -451,27 +425,27 @@ class RpcConnection:
         with scope:
             try:
                 if stream is not None:
-                    await handler(stream, ctx)
+                    await binding.handler(TypedStream(stream, binding.sends, binding.receives), ctx)
                     reply = [Kind.S_END, call_id, None, None]
                 else:
-                    expect = self._request_type(handler)
-                    request = message_from_wire(body, "request", expect=expect)
-                    response = await handler(request, ctx)
-                    if not isinstance(response, Message):
-                        raise TypeError(
-                            f"handler rpc_{ctx.method} returned {type(response).__name__}"
-                        )
-                    reply = [Kind.RESULT, call_id, None, response.to_wire()]
+                    request = message_from_wire(body, "request", expect=binding.request)
+                    response = await binding.handler(request, ctx)
+                    if not one_way:
+                        if binding.response is None or not isinstance(response, binding.response):
+                            raise TypeError(
+                                f"handler of {ctx.method} returned {type(response).__name__}"
+                            )
+                        reply = [Kind.RESULT, call_id, None, response.to_wire()]
             except Exception as exc:
                 if error_code(exc) is ErrorCode.INTERNAL:
-                    log.exception("handler rpc_%s failed", ctx.method)
+                    log.exception("handler of %s failed", ctx.method)
                 else:
-                    log.info("rpc_%s from %s: %s", ctx.method, ctx.peer_id, exc)
+                    log.info("%s from %s: %s", ctx.method, ctx.peer_id, exc)
                 reply = [Kind.ERROR, call_id, None, error_body(exc)]
         self._serving.pop(call_id, None)
         if one_way:
             if reply is not None and reply[0] == Kind.ERROR:
-                log.info("notify rpc_%s from %s failed: %s", ctx.method, ctx.peer_id, reply[3])
+                log.info("notify %s from %s failed: %s", ctx.method, ctx.peer_id, reply[3])
             return
         if reply is not None and not scope.cancelled_caught:
             await self._send_quietly(reply)

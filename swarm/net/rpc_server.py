@@ -28,6 +28,7 @@ from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import Refusal, secure_inbound
+from swarm.net.methods import HandlerRegistry
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport, remote_host
 from swarm.types import PeerId
@@ -68,7 +69,7 @@ class _Slot:
 
 
 class RpcServer:
-    """Serves ``rpc_<method>`` handlers of ``handlers`` to every peer that completes a
+    """Serves the methods of ``handlers`` (a `HandlerRegistry`) to every peer that completes a
     handshake. Use ``port = await nursery.start(server.serve, host, 0)``; cancel the nursery
     to stop. Handshake failures are logged and close only that connection.
 
@@ -79,7 +80,7 @@ class RpcServer:
     def __init__(
         self,
         identity: Identity,
-        handlers: object,
+        handlers: HandlerRegistry,
         *,
         transport: Transport | None = None,
         swarm_key: bytes | None = None,

@@ -45,7 +45,8 @@ __all__ = [
     "unpack",
 ]
 
-PROTOCOL_VERSION = 2  # 2: error codes, enum states, finite floats, push senders
+PROTOCOL_VERSION = 3  # 2: error codes, enum states, finite floats, push senders; 3: a
+# step's input, a new push target and a new pusher are three messages
 _INT64 = (-(2**63), 2**63 - 1)
 _DEFAULT_MAX_LEN = 1 << 16  # str / bytes / tuple items unless a field says otherwise
 

@@ -14,11 +14,18 @@ from typing import Protocol
 
 import trio
 
-from swarm.errors import ConnectError
+from swarm.errors import ConnectError, ConnectionClosed, SwarmError, map_exceptions
 
-__all__ = ["StreamHandler", "TCPTransport", "Transport", "host_key", "remote_host"]
+__all__ = ["STREAM_LOST", "StreamHandler", "TCPTransport", "Transport", "host_key", "remote_host"]
 
 log = logging.getLogger(__name__)
+
+# trio's errors for a byte stream that broke or was closed under us: one mapping for every
+# boundary of the wire (`swarm.errors.map_exceptions`)
+STREAM_LOST: dict[type[BaseException], type[SwarmError]] = {
+    trio.BrokenResourceError: ConnectionClosed,
+    trio.ClosedResourceError: ConnectionClosed,
+}
 
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -86,10 +93,8 @@ class TCPTransport:
         self.local_host = local_host
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
-        try:
+        with map_exceptions({OSError: ConnectError}, f"cannot connect to {host}:{port}"):
             return await trio.open_tcp_stream(host, port, local_address=self.local_host)
-        except OSError as exc:
-            raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
 
     async def serve(
         self,

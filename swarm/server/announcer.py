@@ -23,8 +23,9 @@ from swarm.directory import (
     servers_from_records,
 )
 from swarm.errors import SwarmError
-from swarm.net.messages import InfoRequest, InfoResponse, PingEntry, ServerAnnouncement
+from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import call_info
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
@@ -81,6 +82,11 @@ class Announcer:
         self.pings: dict[PeerId, float] = {}
         self.announces = 0
 
+    def move_to(self, layers: LayerRange) -> None:
+        """Announce under ``layers``' block keys from now on (pings to the old next hop go)."""
+        self.layers = layers
+        self.pings.clear()
+
     async def announce(self) -> None:
         """Publish the current record under every block key we serve (concurrently)."""
         pings = tuple(PingEntry(peer, rtt) for peer, rtt in list(self.pings.items())[:MAX_PINGS])
@@ -126,7 +132,7 @@ class Announcer:
                 try:
                     conn = await self.pool.get(*parse_address(view.address), peer)
                     started = trio.current_time()  # the RTT of a call, not of the handshake
-                    await conn.call("info", InfoRequest(), InfoResponse, timeout=self.ping_timeout)
+                    await call_info(conn, timeout=self.ping_timeout)
                 except SwarmError:
                     return
                 rtt = trio.current_time() - started

@@ -13,7 +13,7 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -25,11 +25,13 @@ from swarm.errors import ConfigError
 from swarm.shards.blocks import Block
 from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
+from swarm.shards.quant import GROUP, Quantization
 from swarm.shards.span import BatchItem, Span
 
 __all__ = [
     "Capacity",
     "MemoryPlan",
+    "SpanMeasurement",
     "SpanTimings",
     "available_memory",
     "block_bytes",
@@ -93,12 +95,26 @@ class Capacity:
     cache_tokens: int
 
 
-def block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one block's weights in ``dtype``."""
+def block_bytes(
+    config: ModelConfig, dtype: torch.dtype, quant: Quantization = Quantization.NONE
+) -> int:
+    """Bytes of one block's weights in ``dtype``, the projections kept as ``quant`` says
+    (int8: a byte a weight and a scale a row; int4: half a byte a weight and a scale and a
+    zero per group of 32)."""
     with torch.device("meta"):
         block = Block(config)
     itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    return sum(p.numel() for p in block.parameters()) * itemsize
+    total = 0
+    for name, p in block.named_parameters():
+        rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (0, 0)
+        if quant is Quantization.INT8 and p.dim() == 2:
+            total += rows * cols + rows * itemsize
+        elif quant is Quantization.INT4 and p.dim() == 2:
+            total += rows * cols // 2 + rows * (cols // GROUP) * 2 * itemsize
+        else:
+            total += p.numel() * itemsize
+        del name
+    return total
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -115,6 +131,7 @@ def plan_capacity(
     num_blocks: int | None,
     cache_tokens: int | None,
     plan: MemoryPlan | None = None,
+    quant: Quantization = Quantization.NONE,
 ) -> Capacity:
     """Blocks and cache tokens that fit in ``free_bytes`` (None: derive it).
 
@@ -128,7 +145,7 @@ def plan_capacity(
     """
     plan = plan or MemoryPlan()
     usable = free_bytes * plan.usable_fraction
-    weights, per_token = block_bytes(config, dtype), kv_bytes_per_token(config, dtype)
+    weights, per_token = block_bytes(config, dtype, quant), kv_bytes_per_token(config, dtype)
     blocks = num_blocks
     if blocks is None:
         if cache_tokens is not None:
@@ -202,45 +219,9 @@ def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int)
     for _ in range(repeats + 1):  # the first is a warm-up
         started = time.perf_counter()
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         timings.append(time.perf_counter() - started)
     return min(timings[1:])
-
-
-def _measure_decode(
-    span: Span, batch_sizes: Sequence[int], prefix: int, repeats: int
-) -> list[tuple[int, float]]:
-    """Seconds of a batched decode step of each size: the fastest for the first size, and
-    for each other its median ratio to the first within one round (the sizes take turns
-    in each round, so a burst of other load on the machine hits a round's sizes alike and
-    a ratio stays true, where the fastest of each size alone may come from different
-    bursts and skew their ratios)."""
-    config, device, dtype = span.config, span.device, span.dtype
-    prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
-    one = prompt[:, :1]
-    template = KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
-    span(prompt, torch.arange(prefix).view(1, -1).to(device), template)  # one prefill for all
-    groups = [[template.clone() for _ in range(batch)] for batch in batch_sizes]
-    rounds: list[list[float]] = []
-    position = torch.tensor([[prefix]], device=device)
-    for round_ in range(repeats + 1):  # the first round is a warm-up
-        times = []
-        for caches in groups:
-            started = time.perf_counter()
-            span.forward_batch([BatchItem(one, position, c) for c in caches])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
-            for cache in caches:
-                cache.truncate(prefix)  # the same step again next round
-        if round_:
-            rounds.append(times)
-    first = min(times[0] for times in rounds)
-    return [
-        (batch, first * statistics.median(times[i] / times[0] for times in rounds))
-        for i, batch in enumerate(batch_sizes)
-    ]
 
 
 def measure_span(
@@ -253,25 +234,101 @@ def measure_span(
 ) -> SpanTimings:
     """Time ``span`` (worker thread): batched decode steps of each batch size with
     ``prefix`` tokens cached per session, and stateless forwards of each chunk size until
-    one takes over 4 × a single decode step. Costs a few hundred steps' compute."""
-    config, device, dtype = span.config, span.device, span.dtype
-    with torch.inference_mode():
-        decode = _measure_decode(span, batch_sizes, prefix, repeats)
-        measured: list[tuple[int, float]] = []
-        for tokens in chunks:
+    one takes over 4 × a single decode step. Costs a few hundred steps' compute; see
+    `SpanMeasurement` for the same cut into short jobs."""
+    measurement = SpanMeasurement(span, batch_sizes, chunks, prefix, repeats)
+    for job in measurement.jobs():
+        job()
+    return measurement.result()
+
+
+class SpanMeasurement:
+    """`measure_span` cut into short jobs (a prefill, one round of decode steps over the
+    batch sizes, one chunk forward), so that a server already online can run them between
+    its sessions' steps. Iterate `jobs` and run each job (on the worker thread) before
+    asking for the next: later jobs depend on earlier results. Then `result`."""
+
+    def __init__(
+        self,
+        span: Span,
+        batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+        chunks: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024),
+        prefix: int = 32,
+        repeats: int = 5,
+    ) -> None:
+        self.span, self.batch_sizes, self.chunks = span, tuple(batch_sizes), tuple(chunks)
+        self.prefix, self.repeats = prefix, repeats
+        self._rounds: list[list[float]] = []
+        self._measured: list[tuple[int, float]] = []
+        self._decode: list[tuple[int, float]] = []
+
+    def jobs(self) -> Iterator[Callable[[], None]]:
+        span = self.span
+        config, device, dtype = span.config, span.device, span.dtype
+        prefix = self.prefix
+        one = torch.randn(1, 1, config.hidden_size).to(device, dtype)
+        position = torch.tensor([[prefix]], device=device)
+        groups: list[list[KVCache]] = []
+
+        def prepare() -> None:
+            prompt = torch.randn(1, prefix, config.hidden_size).to(device, dtype)
+            template = KVCache.allocate(config, span.layers, 1, prefix + 1, dtype, device)
+            with torch.inference_mode():
+                span(prompt, torch.arange(prefix).view(1, -1).to(device), template)
+            groups.extend([template.clone() for _ in range(b)] for b in self.batch_sizes)
+
+        def decode_round(warm_up: bool) -> None:
+            # the sizes take turns in each round, so a burst of other load on the machine
+            # hits a round's sizes alike and their ratios stay true
+            times = []
+            with torch.inference_mode():
+                for caches in groups:
+                    started = time.perf_counter()
+                    span.forward_batch([BatchItem(one, position, c) for c in caches])
+                    _synchronize(device)
+                    times.append(time.perf_counter() - started)
+                    for cache in caches:
+                        cache.truncate(prefix)  # the same step again next round
+            if not warm_up:
+                self._rounds.append(times)
+
+        yield prepare
+        for round_ in range(self.repeats + 1):  # the first round is a warm-up
+            yield functools.partial(decode_round, round_ == 0)
+        groups.clear()
+        first = min(times[0] for times in self._rounds)
+        self._decode = [
+            (batch, first * statistics.median(times[i] / times[0] for times in self._rounds))
+            for i, batch in enumerate(self.batch_sizes)
+        ]
+        for tokens in self.chunks:
             x = torch.randn(1, tokens, config.hidden_size).to(device, dtype)
             positions = torch.arange(tokens).view(1, -1).to(device)
 
-            def forward(x: torch.Tensor = x, p: torch.Tensor = positions) -> None:
-                span(x, p)
+            def chunk(
+                tokens: int = tokens, x: torch.Tensor = x, p: torch.Tensor = positions
+            ) -> None:
+                with torch.inference_mode():
+                    seconds = _best_seconds(lambda: span(x, p), device, self.repeats)
+                self._measured.append((tokens, seconds))
 
-            seconds = _best_seconds(forward, device, repeats)
-            measured.append((tokens, seconds))
-            if seconds > 4 * decode[0][1]:
+            yield chunk
+            if self._measured[-1][1] > 4 * self._decode[0][1]:
                 break
-    params = sum(p.numel() for p in span.parameters())
-    pair = 4 * config.num_attention_heads * config.head_dim * len(span.layers)
-    return SpanTimings(tuple(decode), tuple(measured), 2.0 * params, float(pair))
+
+    def result(self) -> SpanTimings:
+        """The timings, once every job has run. Raises `RuntimeError` before."""
+        if not self._decode:
+            raise RuntimeError("SpanMeasurement.result() before its jobs ran")
+        config = self.span.config
+        params = sum(p.numel() for p in self.span.parameters())
+        pair = 4 * config.num_attention_heads * config.head_dim * len(self.span.layers)
+        return SpanTimings(tuple(self._decode), tuple(self._measured), 2.0 * params, float(pair))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def size_server(
@@ -284,6 +341,7 @@ def size_server(
     cache_tokens: int,
     derive_cache: bool,
     plan: MemoryPlan,
+    quant: Quantization = Quantization.NONE,
 ) -> Capacity:
     """What a server serves: ``layers`` blocks if given (an explicit range), else
     ``num_blocks``, else as many as `available_memory` holds; ``cache_tokens``, or with
@@ -299,4 +357,5 @@ def size_server(
         num_blocks=blocks,
         cache_tokens=None if derive_cache else cache_tokens,
         plan=plan,
+        quant=quant,
     )

@@ -41,14 +41,14 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import torch
 import trio
 
-from swarm.errors import ConfigError, LimitExceeded
+from swarm.errors import ConfigError, LimitExceeded, ShardError
 from swarm.server.batching import (
     Batch,
     BatchRecord,
@@ -73,6 +73,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+RunSync = Callable[..., Awaitable[Any]]
+"""Runs ``fn(*args)`` off the event loop and returns its result (`trio.to_thread.run_sync`)."""
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,9 @@ class ComputeConfig:
       (`benchmarks/batching.py`, bfloat16).
     - ``batching`` (True): False runs every job alone, one chunk at a time (for
       comparison).
+    - ``max_wait`` (120 s): the longest a caller waits for its work (queued and running);
+      past it the work leaves the queue and the caller gets `LimitExceeded`, so a queue
+      cannot hold work forever (a client gives up on a step after 30 s by default).
     - ``report_interval`` (60 s; None: never): how often the worker logs (INFO) what it
       ran since the last report: batches, decode steps per batch, bulk tokens, busy time.
     """
@@ -135,6 +141,7 @@ class ComputeConfig:
     gather_fraction: float = 1.0
     gather_max: float = 0.06
     batching: bool = True
+    max_wait: float = 120.0
     report_interval: float | None = 60.0
 
     def __post_init__(self) -> None:
@@ -144,6 +151,8 @@ class ComputeConfig:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if min(self.max_queued, self.max_queued_per_client, self.max_queued_per_host) < 1:
             raise ConfigError("max_queued, max_queued_per_client and _per_host must be >= 1")
+        if not self.max_wait > 0:
+            raise ConfigError(f"max_wait must be > 0, got {self.max_wait}")
         if self.report_interval is not None and self.report_interval <= 0:
             raise ConfigError(f"report_interval must be > 0, got {self.report_interval}")
 
@@ -240,11 +249,20 @@ class ComputeQueue:
 
     Use as ``async with trio.open_nursery() as n: await n.start(queue.run)``, then
     ``await queue.run_span(...)`` or ``await queue.submit(fn, priority)`` from any handler.
+
+    ``run_sync`` is where the work runs: ``trio.to_thread.run_sync`` (a worker thread) by
+    default. Tests pass one that runs it in the event loop and lets trio's virtual clock
+    stand for its cost, so the queue's timers (the gather window, the report) run under
+    ``autojump_clock``. Batch times are read from trio's clock (in production the same
+    ``perf_counter`` differences as before).
     """
 
-    def __init__(self, config: ComputeConfig | None = None) -> None:
+    def __init__(
+        self, config: ComputeConfig | None = None, *, run_sync: RunSync = trio.to_thread.run_sync
+    ) -> None:
         config = config or ComputeConfig()
         self.config = config
+        self._run_sync = run_sync
         # set at start-up from the measured timings (`swarm.server.capacity.SpanTimings`):
         self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # bulk tokens/batch
         self.shared_batch: int | None = None  # decode steps per batch among clients (None: all)
@@ -278,7 +296,11 @@ class ComputeQueue:
         (extending ``cache``), batched with other work; returns (batch, seq, hidden) on the
         CPU. Work of more than one chunk needs a ``cache`` (a stateless forward brings a
         temporary one). Raises `LimitExceeded` when the queue (or the client's share of it)
-        is full, and what the span raises (`ShardError`)."""
+        is full, or the work waited `ComputeConfig.max_wait`; `ShardError` for an empty
+        ``hidden`` (no rows or no tokens: nothing would ever run it), and what the span
+        raises."""
+        if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise ShardError(f"span work needs rows and tokens, got shape {list(hidden.shape)}")
         client = CLIENT.get()
         self._check_room(client)
         job = SpanJob(span, hidden, positions, cache, client, priority, next(self._counter))
@@ -286,11 +308,7 @@ class ComputeQueue:
             self._returns[cache].came_back(job.arrived)
         self._jobs.append(job)
         self._wakeup.set()
-        try:
-            await job.done.wait()
-        except BaseException:
-            job.cancelled = True
-            raise
+        await self._wait(job)
         if job.error is not None:
             raise job.error
         return job.result()
@@ -302,18 +320,41 @@ class ComputeQueue:
         task: _Task[T] = _Task(fn)
         heapq.heappush(self._heap, (int(priority), next(self._counter), task))
         self._wakeup.set()
-        try:
-            await task.done.wait()
-        except BaseException:
-            task.cancelled = True
-            raise
+        await self._wait(task)
         if task.error is not None:
             raise task.error
         return task.result  # type: ignore[return-value]
 
+    async def _wait(self, work: SpanJob | _Task[Any]) -> None:
+        """Wait for ``work`` at most `ComputeConfig.max_wait`; a caller that leaves (or
+        waits too long) takes it out of the queue at once: it stops counting against the
+        queue's limits, and the worker forgets it when it next looks."""
+        try:
+            with trio.move_on_after(self.config.max_wait):
+                await work.done.wait()
+                return
+        except BaseException:
+            self._forget(work)
+            raise
+        self._forget(work)
+        raise LimitExceeded(
+            f"work waited {self.config.max_wait:g} s in the compute queue; try later"
+        )
+
+    def _forget(self, work: SpanJob | _Task[Any]) -> None:
+        if work.done.is_set():
+            return
+        work.cancelled = True
+        self._wakeup.set()
+
+    def _live_queued(self) -> int:
+        """Work waiting whose caller still waits for it."""
+        jobs = sum(1 for job in self._jobs if not job.cancelled)
+        return jobs + sum(1 for entry in self._heap if not entry[2].cancelled)
+
     def _check_room(self, client: Requester | None) -> None:
         cfg = self.config
-        if len(self._heap) + len(self._jobs) >= cfg.max_queued:
+        if self._live_queued() >= cfg.max_queued:
             raise LimitExceeded(f"compute queue is full ({cfg.max_queued} jobs); try later")
         if client is None:
             return
@@ -324,7 +365,7 @@ class ComputeQueue:
         for key, most, whose in shares:
             if (mine := key(client)) is None:
                 continue
-            held = sum(1 for job in self._jobs if key(job.client) == mine)
+            held = sum(1 for job in self._jobs if key(job.client) == mine and not job.cancelled)
             if held >= most:
                 raise LimitExceeded(f"{whose} {held} jobs queued, at most {most}; wait for them")
 
@@ -407,8 +448,9 @@ class ComputeQueue:
     def _drop_cancelled(self) -> None:
         if any(job.cancelled for job in self._jobs):
             self._jobs = [job for job in self._jobs if not job.cancelled]
-        while self._heap and self._heap[0][2].cancelled:
-            heapq.heappop(self._heap)
+        if any(entry[2].cancelled for entry in self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            heapq.heapify(self._heap)
 
     def _next_function(self) -> _Task[Any] | None:
         """An opaque function due now: inference priority at once, forward priority when no
@@ -423,15 +465,15 @@ class ComputeQueue:
         return None
 
     async def _run_function(self, task: _Task[Any]) -> None:
-        started = time.perf_counter()
+        started = trio.current_time()
         self.running = True
         try:
-            task.result = await trio.to_thread.run_sync(task.fn)
+            task.result = await self._run_sync(task.fn)
         except Exception as exc:  # delivered to the submitter, who decides
             task.error = exc
         finally:
             self.running = False
-            self._busy_seconds += time.perf_counter() - started
+            self._busy_seconds += trio.current_time() - started
             self._done += 1
             task.done.set()
 
@@ -452,13 +494,13 @@ class ComputeQueue:
         return batch
 
     async def _run_batch(self, batch: Batch) -> None:
-        started = time.perf_counter()
+        started = trio.current_time()
         self.running = True
         try:
-            await trio.to_thread.run_sync(run_batch, batch)
+            await self._run_sync(run_batch, batch)
         finally:
             self.running = False
-            seconds = time.perf_counter() - started
+            seconds = trio.current_time() - started
             self._busy_seconds += seconds
             self._last_seconds = seconds
             ended = self._last_end = trio.current_time()
@@ -487,9 +529,10 @@ class ComputeQueue:
         elapsed = max(time.monotonic() - self._started, 1e-9)
         by_client: dict[Requester, int] = {}
         for job in self._jobs:
-            by_client[job.client] = by_client.get(job.client, 0) + 1
+            if not job.cancelled:
+                by_client[job.client] = by_client.get(job.client, 0) + 1
         return ComputeStatistics(
-            queued=len(self._heap) + len(self._jobs),
+            queued=self._live_queued(),
             done=self._done,
             utilization=self._busy_seconds / elapsed,
             batches=self._totals.batches,

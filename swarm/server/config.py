@@ -8,9 +8,11 @@ from pathlib import Path
 from swarm.dht import DHTConfig
 from swarm.errors import ConfigError
 from swarm.net.config import NetConfig
+from swarm.server.balance import BalanceConfig
 from swarm.server.capacity import MemoryPlan
 from swarm.server.compute import ComputeConfig
 from swarm.server.sessions import SessionLimits
+from swarm.shards import Quantization
 from swarm.types import FLOAT_DTYPES, LayerRange
 
 __all__ = ["ServerConfig"]
@@ -34,6 +36,8 @@ class ServerConfig:
     `LimitExceeded` up front. ``memory`` shares out free memory when ``num_blocks`` (with
     ``layers`` None) is None, or when ``cache_tokens_from_memory`` replaces
     ``limits.cache_tokens`` with what the memory left after the blocks holds.
+    ``balance`` is when and how the server moves to the range the swarm needs most
+    (`BalanceConfig`; by default only a server started with ``layers`` None moves).
     """
 
     model: Path
@@ -44,6 +48,7 @@ class ServerConfig:
     public_host: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quant: Quantization | None = None  # None: the checkpoint's own where a kernel exists
     num_threads: int = 1
     identity_path: Path | None = None
     swarm_key_path: Path | None = None
@@ -59,6 +64,7 @@ class ServerConfig:
     forward_deadline: float = 30.0
     memory: MemoryPlan = field(default_factory=MemoryPlan)
     cache_tokens_from_memory: bool = False
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -12,7 +12,7 @@ effort: a failed push is logged, and the client sends that input itself).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import trio
@@ -30,19 +30,32 @@ from swarm.errors import (
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    NewPusher,
+    NewPushTarget,
     PushRequest,
-    PushResponse,
     PushTarget,
+    RangeMove,
     Receipt,
 )
+from swarm.net.methods import HandlerRegistry, TypedStream
 from swarm.net.pool import ConnectionPool
-from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.net.rpc import CallContext
+from swarm.net.surface import (
+    FORWARD,
+    INFERENCE,
+    INFO,
+    PUSH,
+    InferenceDown,
+    InferenceUp,
+    notify_push,
+    server_registry,
+)
 from swarm.server.capacity import SpanTimings
 from swarm.server.compute import CLIENT, ComputeQueue, Priority, Requester
 from swarm.server.config import ServerConfig
@@ -66,9 +79,8 @@ class ServingState:
     throughput: float = 0.0
     state: ServerState = ServerState.JOINING  # joining -> online -> draining
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
-    steps_done: int = 0
-    forwards_done: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
+    last_move: RangeMove | None = None  # the latest move, announced for status pages
 
     def throughput_at(self, active_sessions: int) -> float:
         """Tokens/s one more session would get here now: measured at the batch it would
@@ -76,10 +88,6 @@ class ServingState:
         if self.timings is None:
             return self.throughput
         return self.timings.throughput(active_sessions + 1)
-
-    def count_error(self, exc: BaseException) -> None:
-        name = type(exc).__name__
-        self.errors[name] = self.errors.get(name, 0) + 1
 
 
 def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
@@ -94,8 +102,12 @@ def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
         raise ShardError(f"hidden states must be floating point, got {hidden.dtype}")
 
 
+ServerStream = TypedStream[InferenceDown, InferenceUp]  # the server's side of ``inference``
+
+
 class ServingHandlers:
-    """``rpc_<verb>`` handlers of one server (see the module docstring)."""
+    """``rpc_<verb>`` handlers of one server (see the module docstring); `registry` binds
+    them to the rows of `swarm.net.surface`."""
 
     def __init__(
         self,
@@ -112,6 +124,17 @@ class ServingHandlers:
         self.sessions = sessions
         self.queue = queue
         self.pool = pool
+
+    def registry(self) -> HandlerRegistry:
+        """The handlers as the RPC layer dispatches them, one per row of the surface."""
+        return server_registry(
+            [
+                INFO.bind(self.rpc_info),
+                FORWARD.bind(self.rpc_forward),
+                INFERENCE.bind(self.rpc_inference),
+                PUSH.bind(self.rpc_push),
+            ]
+        )
 
     async def compute(
         self,
@@ -141,6 +164,8 @@ class ServingHandlers:
             throughput=self.state.throughput_at(len(self.sessions)),
             model_id=self.state.model_id,
             dtype=str(self.span.dtype).removeprefix("torch."),
+            quantization=self.span.quantization.value,
+            numerics=self.span.numerics,
             active_sessions=len(self.sessions),
         )
 
@@ -161,7 +186,6 @@ class ServingHandlers:
                 )
                 out = await self.compute(span, hidden, positions, cache, Priority.FORWARD)
                 del cache
-        self.state.forwards_done += 1
         receipt = self._receipt(request.layer_range, b"", 0, hidden, out)
         return ForwardResponse(out, receipt)
 
@@ -187,8 +211,7 @@ class ServingHandlers:
 
     # ---- inference sessions ----
 
-    @stream_handler
-    async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_inference(self, stream: ServerStream, ctx: CallContext) -> None:
         """One session: open, then steps until the client ends the stream."""
         opened = await stream.receive(InferenceOpen, timeout=self.config.step_timeout)
         if self.state.state is ServerState.DRAINING:
@@ -219,85 +242,91 @@ class ServingHandlers:
             if session.close_reason is not None:  # closed by the table: say why
                 raise session.close_reason
         except SwarmError as exc:
-            self.state.count_error(exc)
             log.info("session %s failed: %s", session.session_id.hex()[:8], exc)
             raise
         finally:
             self.sessions.close(session.session_id)
 
     async def _read_steps(
-        self, stream: RpcStream, session: Session, done: trio.CancelScope
+        self, stream: ServerStream, session: Session, done: trio.CancelScope
     ) -> None:
         """Take the client's step messages until it ends the stream (which ends the session)."""
         limit = self.sessions.limits.max_pending_steps
         while True:
             try:
-                msg = await stream.receive(InferenceStep)
+                msg = await stream.receive_any()
             except trio.EndOfChannel:
                 done.cancel()
                 return
-            if msg.push_to is not None:
+            if isinstance(msg, NewPushTarget):
                 session.push_to = msg.push_to
-            if msg.push_from is not None:
+            elif isinstance(msg, NewPusher):
                 session.push_from = msg.push_from
-            if (msg.hidden_states is None) != (msg.positions is None):
-                raise ProtocolError("inference_step: hidden_states and positions come together")
-            if msg.hidden_states is not None and msg.positions is not None:
+            elif isinstance(msg, InferenceInput):
                 # the client sends only the step we wait for (or, late, one a push delivered)
                 if not session.check_step_number(msg.step, limit=1):
                     continue
                 _check_positions(msg.hidden_states, msg.positions)
-                session.deliver(msg.step, StepInput(msg.hidden_states, msg.positions), limit=limit)
+                item = StepInput(msg.hidden_states, msg.positions, msg.keep)
+                session.deliver(msg.step, item, limit=limit)
+            else:
+                raise ProtocolError(f"inference: {msg.TAG!r} after the session opened")
 
     async def _process_steps(
-        self, stream: RpcStream, session: Session, nursery: trio.Nursery
+        self, stream: ServerStream, session: Session, nursery: trio.Nursery
     ) -> None:
         while True:
             step = session.next_step
             item = await session.wait_input(step, self.config.step_timeout)
+            if item.keep is not None:
+                session.roll_back(item.keep)
             session.begin_step(step)
             out = await self.compute(
                 session.span, item.hidden, item.positions, session.cache, Priority.INFERENCE
             )
-            self.state.steps_done += 1
             if session.push_to is not None:
-                nursery.start_soon(self._push, session.push_to, step, out, item.positions)
+                nursery.start_soon(self._push, session.push_to, step, out, item)
                 await trio.sleep(0)  # the push leaves first: it is on the critical path
             receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             await stream.send(InferenceStepResult(step, out, receipt))
 
     async def _push(
-        self, target: PushTarget, step: int, hidden: torch.Tensor, positions: torch.Tensor
+        self, target: PushTarget, step: int, hidden: torch.Tensor, item: StepInput
     ) -> None:
-        request = PushRequest(target.session_id, step, hidden, positions)
+        request = PushRequest(target.session_id, step, hidden, item.positions, item.keep)
         with trio.move_on_after(self.config.push_timeout):
             try:
                 conn = await self.pool.get(target.host, target.port, target.peer_id)
                 # one-way: an acknowledgement would cost both servers a wake-up per step, and
                 # a lost push is covered by the client, which sends the input itself
-                await conn.notify("push", request)
+                await notify_push(conn, request)
                 return
             except SwarmError as exc:
                 log.info("push of step %d to %s failed: %s", step, target.peer_id, exc)
                 return
         log.info("push of step %d to %s timed out", step, target.peer_id)
 
-    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
-        """The previous server's output for one step of a session of ours."""
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
+        """The previous server's output for one step of a session of ours (one-way)."""
+        self.take_push(request, ctx)
+
+    def take_push(self, request: PushRequest, ctx: CallContext) -> bool:
+        """Deliver a pushed input into its session: True if taken, False for a duplicate or
+        late one. Raises `RemoteError` (forbidden) for a sender the session does not name."""
         session = self.sessions.get(request.session_id)
         if session.push_from is None or ctx.peer_id != session.push_from:
             raise RemoteError(
                 ErrorCode.FORBIDDEN, "this session takes pushes only from the peer it names"
             )
         _check_positions(request.hidden_states, request.positions)
-        item = StepInput(request.hidden_states, request.positions)
+        item = StepInput(request.hidden_states, request.positions, request.keep)
         limit = self.sessions.limits.max_pending_steps
         try:
             fresh = session.check_step_number(request.step, limit=limit)
-            accepted = fresh and session.deliver(request.step, item, limit=limit)
-        except (LimitExceeded, SessionError):
-            accepted = False
-        return PushResponse(accepted)
+            return fresh and session.deliver(request.step, item, limit=limit)
+        except (LimitExceeded, SessionError) as exc:
+            log.debug("push of step %d dropped: %s", request.step, exc)
+            return False
 
     def _receipt(
         self, layers: LayerRange, session_id: bytes, step: int, x: torch.Tensor, out: torch.Tensor
@@ -311,5 +340,13 @@ class ServingHandlers:
         if layers == self.span.layers:
             return self.span
         if layers.start < self.span.layers.start or layers.stop > self.span.layers.stop:
+            moved = self.state.last_move
+            if moved is not None and moved.from_range.start <= layers.start < layers.stop <= (
+                moved.from_range.stop
+            ):  # a client that read our old announcement: not its fault, nor ours
+                raise RemoteError(
+                    ErrorCode.UNAVAILABLE, f"this server moved from {moved.from_range} to "
+                    f"{moved.to_range}; ask another"
+                )  # fmt: skip
             raise ShardError(f"layers {layers} are not inside this server's {self.span.layers}")
         return self.span.narrow(layers)

@@ -5,9 +5,12 @@ of the cache; all peers at one host (an IPv4 address or a public IPv6 /64,
 `swarm.net.transport.host_key`) together ``max_sessions_per_host`` and
 ``host_cache_share`` (so a factory of identities behind one address counts as one). These
 shares are *soft*: while the server has room, a peer may borrow beyond its share (a gateway
-holding many users' sessions is one peer), but what it borrowed is taken back, longest idle
-first, from whoever holds most beyond its share, as soon as a peer within its share needs
-the room. A session bigger than one peer's cache share is refused outright.
+holding many users' sessions is one peer), but what it borrowed is taken back as soon as a
+peer within its share needs the room: from the peer most beyond its own share first (its
+idlest session first), and from the peers of an address beyond its share only when no peer
+is beyond its own. Servers announce `newcomer_room` (free plus reclaimable, up to one
+peer's share), so that clients still route to a server whose room is only borrowed. A
+session bigger than one peer's cache share is refused outright.
 
 The reclaimed session's client is told ``session`` ("reclaimed") and moves on to another
 server without counting it a failure.
@@ -23,7 +26,7 @@ from typing import Protocol, TypeVar
 from swarm.errors import LimitExceeded
 from swarm.types import PeerId
 
-__all__ = ["Holder", "SessionQuotas", "plan_admission"]
+__all__ = ["Holder", "SessionQuotas", "newcomer_room", "plan_admission"]
 
 
 class Holder(Protocol):
@@ -83,7 +86,9 @@ def plan_admission(
     """The sessions to reclaim (possibly none) so that a new session of ``need`` cache tokens
     from ``client`` at ``host`` fits. Raises `LimitExceeded` naming the limit when it cannot:
     the server is full and the newcomer is itself beyond its share, or reclaiming borrowed
-    room would not be enough."""
+    room would not be enough.
+
+    Whom it reclaims: see `_borrowed` (the peer most over its own share first)."""
     if need > quotas.per_peer_tokens:
         raise LimitExceeded(
             f"session needs {need} cache tokens; at most {quotas.per_peer_tokens} per peer"
@@ -130,24 +135,62 @@ def _within(
 
 
 def _borrowed(q: SessionQuotas, holders: Sequence[H], peers: _Use, hosts: _Use) -> list[H]:
-    """Sessions held beyond a share, most-over holder first, each holder's idlest first."""
+    """Sessions that may be reclaimed, in the order to take them: first those of peers
+    beyond their *own* share, the peer most over first, each peer's idlest first; only when
+    no peer is beyond its own share, those at an address beyond its share, the address
+    most over first and within it the peer holding most there, idlest first. A peer within
+    its share is never reclaimed while a peer beyond its own share holds room, whoever
+    shares its address (an idle chat beside busy identities at one address is not the one
+    taken)."""
 
-    def excess(h: Holder) -> float:
-        over = 0.0
-        if h.client is not None:
-            over = max(
-                over,
-                peers.sessions[h.client] / q.per_peer_sessions,
-                peers.tokens[h.client] / max(q.per_peer_tokens, 1),
-            )
-        if h.host is not None:
-            over = max(
-                over,
-                hosts.sessions[h.host] / q.per_host_sessions,
-                hosts.tokens[h.host] / max(q.per_host_tokens, 1),
-            )
-        return over
+    def peer_excess(client: PeerId | None) -> float:
+        if client is None:
+            return 0.0
+        return max(
+            peers.sessions[client] / q.per_peer_sessions,
+            peers.tokens[client] / max(q.per_peer_tokens, 1),
+        )
 
-    beyond = [h for h in holders if excess(h) > 1.0]
-    beyond.sort(key=lambda h: (-excess(h), h.last_active))
-    return beyond
+    def host_excess(host: str | None) -> float:
+        if host is None:
+            return 0.0
+        return max(
+            hosts.sessions[host] / q.per_host_sessions,
+            hosts.tokens[host] / max(q.per_host_tokens, 1),
+        )
+
+    over_peers = [h for h in holders if peer_excess(h.client) > 1.0]
+    if over_peers:
+        over_peers.sort(key=lambda h: (-peer_excess(h.client), h.last_active))
+        return over_peers
+    over_hosts = [h for h in holders if host_excess(h.host) > 1.0]
+    over_hosts.sort(
+        key=lambda h: (
+            -host_excess(h.host),
+            -(peers.tokens[h.client] if h.client is not None else 0),
+            -(peers.sessions[h.client] if h.client is not None else 0),
+            h.last_active,
+        )
+    )
+    return over_hosts
+
+
+def newcomer_room(quotas: SessionQuotas, open_sessions: Sequence[Holder]) -> int:
+    """Cache tokens a newcomer (a peer at a new address, within its share) could get now:
+    what is free plus what reclaiming borrowed room would free, at most one peer's share.
+    0 when no session could open (every session slot taken and nobody beyond a share).
+    Servers announce it, so that borrowed room does not look like no room."""
+    left = list(open_sessions)
+    free = quotas.cache_tokens - sum(h.tokens for h in left)
+    slots = quotas.max_sessions - len(left)
+    while free < quotas.per_peer_tokens or slots < 1:
+        peers, hosts = _Use.of(left, "client"), _Use.of(left, "host")
+        candidates = _borrowed(quotas, left, peers, hosts)
+        if not candidates:
+            break
+        victim = candidates[0]
+        left.remove(victim)
+        free, slots = free + victim.tokens, slots + 1
+    if slots < 1:
+        return 0
+    return max(0, min(free, quotas.per_peer_tokens))

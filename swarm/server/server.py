@@ -23,8 +23,13 @@ import torch
 import trio
 
 from swarm._version import __version__
-from swarm.dht import DHTNode
-from swarm.directory import AnnouncementProver, block_keys, servers_from_records
+from swarm.dht import DatagramLinks, DHTNode
+from swarm.directory import (
+    AnnouncementProver,
+    ServerView,
+    block_keys,
+    servers_from_records,
+)
 from swarm.errors import (
     ConfigError,
     ConnectError,
@@ -38,17 +43,28 @@ from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
+from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
 from swarm.server.announcer import Announcer, choose_layers
-from swarm.server.capacity import cpu_has_native_bfloat16, measure_span, size_server
+from swarm.server.capacity import (
+    SpanMeasurement,
+    SpanTimings,
+    available_memory,
+    block_bytes,
+    cpu_has_native_bfloat16,
+    measure_span,
+    size_server,
+)
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
+from swarm.server.moving import RangeMover
+from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
-from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id
+from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
@@ -110,7 +126,10 @@ class Server:
     ``identity`` defaults to the key at ``config.identity_path`` (created if missing), or,
     when that is None, to a fresh in-memory key, so two servers never share one by accident;
     ``transport`` to TCP; ``on_progress`` receives one line per start-up stage;
-    ``wrap_handlers`` is for tests only (adversarial peers wrap the honest handlers).
+    ``wrap_handlers`` turns the honest handlers into the registry served (the seam that
+    `swarm.testing` adversaries and the lab's liar use); default: ``handlers.registry()``.
+    ``dht_links`` is for tests only (the DHT's datagrams through emulated links,
+    `swarm.dht.links`).
     """
 
     def __init__(
@@ -121,7 +140,8 @@ class Server:
         transport: Transport | None = None,
         on_progress: Callable[[str], None] | None = None,
         drain_timeout: float = 30.0,
-        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        dht_links: DatagramLinks | None = None,
     ) -> None:
         self.config = config
         if identity is None:
@@ -132,10 +152,13 @@ class Server:
         self.swarm_key = load_swarm_key(config.swarm_key_path) if config.swarm_key_path else None
         self._progress = on_progress or (lambda message: log.info("%s", message))
         self.drain_timeout = drain_timeout
-        self._wrap_handlers = wrap_handlers  # testing: adversaries wrap the honest handlers
+        self._wrap_handlers = wrap_handlers
+        self._dht_links = dht_links  # testing: the DHT's datagrams through emulated links
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
+        self.rebalancer: Rebalancer | None = None
+        self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
     def request_stop(self) -> None:
         """Begin a clean stop: `run` drains and returns."""
@@ -154,13 +177,16 @@ class Server:
         the_model_id = await trio.to_thread.run_sync(model_id, cfg.model, abandon_on_cancel=True)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model, device)
+        quant = resolve_quantization(cfg.model, cfg.quant, device)
         dht_config = cfg.dht
         if self.swarm_key is not None:
             dht_config = dataclasses.replace(dht_config, swarm_key=self.swarm_key)
         prover = AnnouncementProver(  # storing nodes keep answering servers' records first
             self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
         )
-        async with DHTNode.open(self.identity, dht_config, prover=prover) as dht:
+        async with DHTNode.open(
+            self.identity, dht_config, prover=prover, links=self._dht_links
+        ) as dht:
             await self._refuse_duplicate(dht, the_model_id, model.num_hidden_layers)
             sized = size_server(
                 model,
@@ -171,6 +197,7 @@ class Server:
                 cache_tokens=cfg.limits.cache_tokens,
                 derive_cache=cfg.cache_tokens_from_memory,
                 plan=cfg.memory,
+                quant=quant,
             )
             limits = dataclasses.replace(cfg.limits, cache_tokens=sized.cache_tokens)
             self.config = cfg = dataclasses.replace(cfg, limits=limits)  # what is served
@@ -179,9 +206,11 @@ class Server:
                 layers = await choose_layers(
                     dht, the_model_id, model.num_hidden_layers, sized.num_blocks
                 )
-            self._progress(f"loading layers {layers} of {cfg.model} ({dtype}, {device})")
+            self._progress(
+                f"loading layers {layers} of {cfg.model} ({dtype}, weights {quant.value}, {device})"
+            )
             span = await trio.to_thread.run_sync(
-                lambda: load_span(cfg.model, layers, dtype=dtype, device=device),
+                lambda: load_span(cfg.model, layers, dtype=dtype, device=device, quant=quant),
                 abandon_on_cancel=True,
             )
             await self._serve(span, dht, the_model_id, task_status)
@@ -237,13 +266,12 @@ class Server:
     ) -> None:
         cfg = self.config
         state = ServingState(model_id=the_model_id, version=__version__)
-        sessions = SessionTable(
-            cfg.limits,
-            lambda layers, batch, length: KVCache.allocate(
-                span.config, layers, batch, length, span.dtype, span.device
-            ),
-            span.narrow,
-        )
+
+        def allocate(layers: LayerRange, batch: int, length: int) -> KVCache:
+            now = handlers.span  # the span served now (a move switches it)
+            return KVCache.allocate(now.config, layers, batch, length, now.dtype, now.device)
+
+        sessions = SessionTable(cfg.limits, allocate, lambda layers: handlers.span.narrow(layers))
         queue = ComputeQueue(cfg.compute)
         budget = ReceiveBudget(cfg.net.max_receive_bytes)  # one for every channel, both ways
         async with (
@@ -258,7 +286,8 @@ class Server:
         ):
             handlers = ServingHandlers(cfg, span, state, sessions, queue, pool)
             self.handlers = handlers
-            served = handlers if self._wrap_handlers is None else self._wrap_handlers(handlers)
+            wrap = self._wrap_handlers
+            served = handlers.registry() if wrap is None else wrap(handlers)
             rpc = RpcServer(
                 self.identity,
                 served,
@@ -281,14 +310,18 @@ class Server:
                 return ServerAnnouncement(
                     host=host,
                     port=port,
-                    layer_range=span.layers,
+                    layer_range=handlers.span.layers,
                     state=state.state,
-                    dtype=str(span.dtype).removeprefix("torch."),
+                    dtype=str(handlers.span.dtype).removeprefix("torch."),
+                    quantization=handlers.span.quantization.value,
                     throughput=state.throughput_at(len(sessions)),
                     free_cache_tokens=sessions.free_tokens,
+                    room_tokens=sessions.room_tokens,
                     active_sessions=len(sessions),
                     version=state.version,
                     next_pings=pings,
+                    moving_to=state.moving_to,
+                    last_move=state.last_move,
                 )
 
             announcer = Announcer(
@@ -304,17 +337,25 @@ class Server:
             self.announcer = announcer
             await announcer.announce()  # joining
             if cfg.measure_throughput:
-                self._progress("measuring throughput at the batch sizes served")
-                timings = await queue.submit(lambda: measure_span(span), Priority.FORWARD)
-                state.timings, state.throughput = timings, timings.throughput(1)
-                queue.prefill_chunk = cfg.compute.prefill_chunk or timings.prefill_chunk()
-                queue.shared_batch = timings.batch_within(cfg.compute.max_slowdown)
+                # a first estimate (two decode steps of one session, two 16-token chunks) before
+                # going online; the whole measurement runs once online, between sessions
+                self._progress("measuring throughput (a first estimate)")
+                first = await queue.submit(
+                    lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
+                    Priority.FORWARD,
+                )
+                self._apply_timings(first, state, queue)
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
             state.state = ServerState.ONLINE
             await announcer.announce()
             await nursery.start(announcer.run)
+            if cfg.balance.rebalances(pinned=self._pinned):
+                self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
+                await nursery.start(self.rebalancer.run)
+            if cfg.measure_throughput:
+                nursery.start_soon(self._measure_online, span, state, queue)
             task_status.started(
                 ServerReady(
                     self.identity.peer_id,
@@ -329,6 +370,70 @@ class Server:
             await self._stop.wait()
             await self._drain(state, announcer, queue, sessions)
             nursery.cancel_scope.cancel()
+
+    def _rebalancer(
+        self,
+        dht: DHTNode,
+        the_model_id: str,
+        handlers: ServingHandlers,
+        sessions: SessionTable,
+        queue: ComputeQueue,
+    ) -> Rebalancer:
+        """The loop that moves this server where the swarm needs it (`swarm.server.balance`)."""
+        cfg, announcer = self.config, self.announcer
+        assert announcer is not None  # set by _serve before this is called
+        num_layers = handlers.span.config.num_hidden_layers
+
+        async def load(layers: LayerRange) -> Span:
+            now = handlers.span
+            self._progress(f"loading layers {layers} of {cfg.model} to move there")
+            return await trio.to_thread.run_sync(
+                lambda: load_span(
+                    cfg.model, layers, dtype=now.dtype, device=now.device, quant=now.quantization
+                ),
+                abandon_on_cancel=True,
+            )
+
+        def holds_both(layers: LayerRange) -> bool:
+            now = handlers.span
+            needed = block_bytes(now.config, now.dtype, now.quantization) * len(layers)
+            return available_memory(now.device) * cfg.memory.usable_fraction >= needed
+
+        async def read() -> list[ServerView]:
+            found = await dht.get_many(block_keys(the_model_id, num_layers))
+            return servers_from_records(found, the_model_id, num_layers)
+
+        def drop(old: Span) -> None:
+            old.to(device="meta")  # frees the old weights even where something still holds it
+
+        mover = RangeMover(
+            handlers, sessions, queue, announcer,
+            load=load, holds_both=holds_both, drop=drop,
+            drain_timeout=cfg.balance.drain_timeout, on_failure=self.request_stop,
+        )  # fmt: skip
+        return Rebalancer(
+            cfg.balance, self.identity.peer_id, num_layers,
+            read=read, current=lambda: handlers.span.layers,
+            throughput=lambda: handlers.state.throughput, intend=mover.intend, move=mover.move,
+        )  # fmt: skip
+
+    def _apply_timings(
+        self, timings: SpanTimings, state: ServingState, queue: ComputeQueue
+    ) -> None:
+        """Serve by ``timings``: the announced throughput, the prefill chunk, the shared batch."""
+        compute = self.config.compute
+        state.timings, state.throughput = timings, timings.throughput(1)
+        queue.prefill_chunk = compute.prefill_chunk or timings.prefill_chunk()
+        queue.shared_batch = timings.batch_within(compute.max_slowdown)
+
+    async def _measure_online(self, span: Span, state: ServingState, queue: ComputeQueue) -> None:
+        """The whole measurement (`SpanMeasurement`), job by job at forward priority, so
+        sessions' steps run between its pieces; the next announcement carries the result."""
+        measurement = SpanMeasurement(span)
+        for job in measurement.jobs():
+            await queue.submit(job, Priority.FORWARD)
+        self._apply_timings(measurement.result(), state, queue)
+        log.info("throughput measured online: %.1f tokens/s", state.throughput)
 
     async def _drain(
         self,

@@ -14,7 +14,6 @@ neither the next one nor a late duplicate of the last is an error at once.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ import trio
 
 from swarm.errors import ConfigError, ErrorCode, LimitExceeded, RemoteError, SessionError
 from swarm.net.messages import PushTarget
-from swarm.server.quotas import SessionQuotas, plan_admission
+from swarm.server.quotas import SessionQuotas, newcomer_room, plan_admission
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
 from swarm.types import LayerRange, PeerId
@@ -82,6 +81,7 @@ class StepInput:
 
     hidden: torch.Tensor
     positions: torch.Tensor
+    keep: int | None = None  # cache tokens to keep before this step (None: all)
 
 
 @dataclass
@@ -100,7 +100,8 @@ class Session:
     scope: trio.CancelScope | None = None  # the handler serving it; cancelled on close
     close_reason: RemoteError | None = None  # what its client is told when the table closes it
     last_step: int = -1
-    last_active: float = field(default_factory=time.monotonic)
+    committed: int = 0  # cache tokens before the last step: a rollback never goes below
+    last_active: float = field(default_factory=trio.current_time)  # trio's clock: tests mock it
     _inputs: dict[int, StepInput] = field(default_factory=dict)
     _arrived: dict[int, trio.Event] = field(default_factory=dict)
 
@@ -111,11 +112,13 @@ class Session:
 
     def check_step_number(self, step: int, *, limit: int) -> bool:
         """Whether an input for ``step`` is worth keeping: True for the next steps (up to
-        ``limit`` ahead), False for a late duplicate of the step just begun. Raises
-        `SessionError` for a step long past or too far ahead: no client sends those."""
+        ``limit`` ahead), False for a late duplicate of the step just begun when a push may have
+        delivered it first. Raises `SessionError` for a step long past or too far ahead, or
+        a replay of the last step where no push could have come first: no client sends
+        those, and the sender gets an error answer rather than silence."""
         if self.next_step <= step < self.next_step + limit:
             return True
-        if step == self.last_step:
+        if step == self.last_step and self.push_from is not None:
             return False  # the client's copy of an input a push delivered first
         raise SessionError(
             f"step {step} is out of order: this session expects step {self.next_step}"
@@ -144,12 +147,29 @@ class Session:
             raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
         return self._inputs.pop(step)
 
+    def roll_back(self, keep: int) -> None:
+        """Keep only the cache's first ``keep`` tokens: drafted tokens of the last step that
+        the client rejected (speculative decoding). Only the last step's tokens can go; what
+        came before it the client already built on.
+
+        Raises:
+            SessionError: ``keep`` is below what the steps before the last one left, or
+                above what the cache holds.
+        """
+        if not self.committed <= keep <= self.cache.length:
+            raise SessionError(
+                f"cannot roll back to {keep} tokens: this session holds {self.cache.length} "
+                f"and its last step began at {self.committed}"
+            )
+        self.cache.truncate(keep)
+
     def begin_step(self, step: int) -> None:
         if step <= self.last_step:
             raise SessionError(f"step {step} is not after the last step {self.last_step}")
+        self.committed = self.cache.length
         self.last_step = step
         self.next_step = step + 1
-        self.last_active = time.monotonic()
+        self.last_active = trio.current_time()
 
 
 class SessionTable:
@@ -221,11 +241,15 @@ class SessionTable:
         self._sessions[session_id] = session
         return session
 
-    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
-        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
-        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+    @property
+    def room_tokens(self) -> int:
+        """Cache tokens a newcomer within its share could get now: free plus what reclaiming
+        borrowed room frees, at most one peer's share (`swarm.server.quotas.newcomer_room`)."""
+        return newcomer_room(self._quotas(), list(self._sessions.values()))
+
+    def _quotas(self) -> SessionQuotas:
         lim = self.limits
-        quotas = SessionQuotas(
+        return SessionQuotas(
             max_sessions=lim.max_sessions,
             cache_tokens=lim.cache_tokens - self._reserved,  # temporary caches are not reclaimed
             per_peer_sessions=lim.max_sessions_per_peer,
@@ -233,6 +257,11 @@ class SessionTable:
             per_peer_tokens=lim.peer_cache_tokens,
             per_host_tokens=lim.host_cache_tokens,
         )
+
+    def _admit(self, client: PeerId | None, host: str | None, need: int) -> None:
+        """Make room for a session of ``need`` tokens (reclaiming what others borrowed beyond
+        their shares, see `swarm.server.quotas`), or raise `LimitExceeded`."""
+        quotas = self._quotas()
         victims = plan_admission(quotas, list(self._sessions.values()), client, host, need)
         reason = RemoteError(
             ErrorCode.SESSION,
@@ -279,8 +308,9 @@ class SessionTable:
         return len(ids)
 
     def close_idle(self, now: float | None = None) -> int:
-        """Close sessions idle past the timeout; returns how many were closed."""
-        now = time.monotonic() if now is None else now
+        """Close sessions idle past the timeout (``now`` on trio's clock, default the current
+        time); returns how many were closed."""
+        now = trio.current_time() if now is None else now
         idle = [
             sid
             for sid, s in self._sessions.items()

@@ -6,7 +6,8 @@ from swarm.shards.chat_template import ChatTemplate, load_chat_template
 from swarm.shards.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from swarm.shards.fingerprint import model_id
 from swarm.shards.head import Head, load_head
-from swarm.shards.span import Span, load_span
+from swarm.shards.quant import Quantization
+from swarm.shards.span import Span, load_span, resolve_quantization
 from swarm.shards.tokenizer import load_tokenizer
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Head",
     "KVCache",
     "ModelConfig",
+    "Quantization",
     "RopeScaling",
     "Span",
     "load_chat_template",
@@ -22,4 +24,5 @@ __all__ = [
     "load_span",
     "load_tokenizer",
     "model_id",
+    "resolve_quantization",
 ]

@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 
 from swarm.errors import ShardError
-from swarm.shards.gguf import gguf_tensor_infos, is_gguf, read_gguf_tensors
+from swarm.shards.config import ModelConfig
+from swarm.shards.gguf import gguf_tensor_infos, is_gguf, read_gguf_int4, read_gguf_tensors
+from swarm.shards.quant import Quantization, QuantLinear, quantize_linear
 from swarm.types import LayerRange
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "TensorLayout",
     "checkpoint_names",
     "is_gguf",
+    "layer_matrix_types",
+    "read_quantized",
     "read_tensors",
     "tensor_files",
     "tensor_index",
@@ -94,6 +98,18 @@ def checkpoint_names(
             raise ShardError(f"no checkpoint tensor name for parameter {key!r}")
         names[key] = name
     return names
+
+
+def layer_matrix_types(path: str | Path) -> set[str]:
+    """The stored types (``"Q4_1"``, ``"F32"``, ...) of the layers' projection matrices, from
+    the header only; a safetensors folder's are its dtypes (``"F32"``, ``"BF16"``)."""
+    gguf_names = {pair[1] for key, pair in _LAYER_NAMES.items() if key.endswith(".weight")
+                  and "norm" not in key}  # fmt: skip
+    hf_names = {pair[0] for key, pair in _LAYER_NAMES.items() if key.endswith(".weight")
+                and "norm" not in key}  # fmt: skip
+    names = gguf_names if is_gguf(path) else hf_names
+    return {t.dtype for name, t in tensor_layout(path).items() if name.split(".", 2)[-1] in names
+            or name.split(".", 3)[-1] in names}  # fmt: skip
 
 
 def tensor_files(path: str | Path) -> dict[str, Path]:
@@ -228,3 +244,27 @@ def read_tensors(
         except Exception as exc:  # safetensors raises its own error types and OSError
             raise ShardError(f"{file}: cannot read tensors: {exc}") from exc
     return out
+
+
+def read_quantized(
+    path: str | Path,
+    name: str,
+    shape: tuple[int, ...],
+    kind: Quantization,
+    dtype: torch.dtype,
+    config: ModelConfig,
+) -> QuantLinear:
+    """The projection matrix ``name`` (checkpoint name, expected ``shape``) as an int8 or int4
+    linear layer whose scales are in ``dtype`` (see :mod:`swarm.shards.quant`). GGUF Q4_0 and
+    Q4_1 become int4 exactly, from their blocks; everything else is quantized from its float32
+    values, one matrix alive at a time.
+
+    Raises:
+        ShardError: as :func:`read_tensors`.
+    """
+    if kind is Quantization.INT4 and is_gguf(path):
+        exact = read_gguf_int4(path, name, shape, config, dtype)
+        if exact is not None:
+            return exact
+    weight = read_tensors(path, {name: shape}, lambda t: t.to(torch.float32))[name]
+    return quantize_linear(weight, None, kind, dtype)

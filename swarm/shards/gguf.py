@@ -2,7 +2,7 @@
 
 A GGUF file (llama.cpp's format) holds the config, the tokenizer and the chat template as
 metadata, and every tensor, often quantized, in one memory-mapped file. This module is the one
-place that talks to the ``gguf`` package's :class:`~gguf.GGUFReader`:
+place that reads GGUF files:
 
 - :func:`is_gguf` tells a GGUF file from a Hugging Face folder;
 - :func:`gguf_config` builds a :class:`~swarm.shards.config.ModelConfig` from the ``llama.*``
@@ -16,9 +16,10 @@ place that talks to the ``gguf`` package's :class:`~gguf.GGUFReader`:
   and the model id what they need.
 
 Which of our parameters is which GGUF tensor is decided in :mod:`swarm.shards.checkpoint`.
-Opening a reader parses the whole metadata (about 3 s for a 49k-token vocabulary), so the
-parsed header is cached per file (path, size and modification time) as plain Python values;
-the reader's own per-value arrays are dropped.
+The header is parsed by :mod:`swarm.shards.gguf_header`, which bounds every count in it
+against the file's size before allocating (GGUF files are untrusted input); the parsed header
+is cached per file (path, size and modification time) as plain Python values. Tensor data is
+read through gguf's dequantization from the file's memory map.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 
 from swarm.errors import ShardError
 from swarm.shards.config import ModelConfig, RopeScaling
+from swarm.shards.gguf_header import RawTensor, parse_header
+from swarm.shards.quant import Int4Linear, int4_from_gguf_blocks
 
 __all__ = [
     "GGUFTensorInfo",
@@ -67,29 +70,24 @@ def is_gguf(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class _Parsed:
-    """What we keep of a reader: every metadata value as plain Python (about 4 MB for a 49k
-    vocabulary, where the reader's own per-value arrays take ~170 MB) and the tensor entries
-    (views into the file's memory map, which they keep open; nothing is read until used)."""
+    """What we keep of a file: every metadata value as plain Python (about 4 MB for a 49k
+    vocabulary), the tensor entries, and the file's read-only memory map (nothing is read
+    from it until a tensor is asked for)."""
 
     metadata: dict[str, Any]
-    tensors: tuple[Any, ...]
+    tensors: tuple[RawTensor, ...]
+    data: np.ndarray[Any, np.dtype[np.uint8]]
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_parse(path: str, size: int, mtime_ns: int) -> _Parsed:
-    from gguf import GGUFReader
-
     del size, mtime_ns  # part of the cache key only: a rewritten file is read again
+    header = parse_header(path)  # bounded: see swarm.shards.gguf_header
     try:
-        reader = GGUFReader(path)
-        metadata = {
-            key: field.contents()
-            for key, field in reader.fields.items()
-            if not key.startswith("GGUF.")
-        }
-    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path}: not a readable GGUF file: {exc}") from exc
-    return _Parsed(metadata, tuple(reader.tensors))
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: cannot map the GGUF file: {exc}") from exc
+    return _Parsed(header.metadata, header.tensors, data)
 
 
 def _parsed(path: str | Path) -> _Parsed:
@@ -136,13 +134,7 @@ def gguf_tensor_infos(path: str | Path) -> dict[str, GGUFTensorInfo]:
         ShardError: the file is not a readable GGUF file.
     """
     return {
-        t.name: GGUFTensorInfo(
-            t.name,
-            t.tensor_type.name,
-            tuple(int(d) for d in reversed(t.shape.tolist())),
-            int(t.data_offset),
-            int(t.n_bytes),
-        )
+        t.name: GGUFTensorInfo(t.name, t.type_name, t.shape, t.offset, t.nbytes)
         for t in _parsed(path).tensors
     }
 
@@ -202,7 +194,7 @@ def _frequency_factors(path: str | Path, config: ModelConfig) -> RopeScaling:
             f"{config.rope_scaling.rope_type!r} is not supported"
         )
     tensor = next(t for t in _parsed(path).tensors if t.name == "rope_freqs.weight")
-    factors = dequantize_tensor(tensor).reshape(-1)
+    factors = dequantize_tensor(path, tensor).reshape(-1)
     if factors.shape[0] != config.head_dim // 2 or not bool((factors > 0).all()):
         raise ShardError(
             f"{Path(path).name}: rope_freqs.weight has {factors.shape[0]} entries (expected "
@@ -291,13 +283,13 @@ def read_gguf_tensors(
         tensor = by_name.get(name)
         if tensor is None:
             raise ShardError(f"{Path(path).name}: GGUF has no tensor {name!r}")
-        stored = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        stored = tensor.shape
         if stored != tuple(shape):
             raise ShardError(
                 f"{Path(path).name}: tensor {name!r} has shape {list(stored)}, "
                 f"expected {list(shape)}"
             )
-        values = torch.from_numpy(dequantize_tensor(tensor)).reshape(stored)  # (rows, cols)
+        values = torch.from_numpy(dequantize_tensor(path, tensor)).reshape(stored)  # (rows, cols)
         if name.endswith(".attn_q.weight"):
             values = unpermute_rows(values, config.num_attention_heads)
         elif name.endswith(".attn_k.weight"):
@@ -307,24 +299,73 @@ def read_gguf_tensors(
     return out
 
 
-def dequantize_tensor(tensor: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """One reader tensor's values as float32 (a fresh array, not a view of the file).
+def tensor_bytes(path: str | Path, tensor: RawTensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """A read-only view of ``tensor``'s bytes in the file's memory map, shaped (rows, bytes
+    per row) in PyTorch order (rows = every dimension but the innermost)."""
+    raw = _parsed(path).data[tensor.offset : tensor.offset + tensor.nbytes]
+    rows = 1
+    for d in tensor.shape[:-1]:
+        rows *= d
+    return raw.reshape(rows, -1) if rows else raw.reshape(0, 0)
+
+
+def dequantize_tensor(path: str | Path, tensor: RawTensor) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """One tensor's values as float32, (rows, cols) (a fresh array, not a view of the file).
 
     Raises:
         ShardError: the GGML type cannot be dequantized by the installed ``gguf`` package.
     """
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(tensor_bytes(path, tensor), GGMLQuantizationType(tensor.type_id))
     except NotImplementedError as exc:
         raise ShardError(
-            f"tensor {tensor.name!r} is {tensor.tensor_type.name}, which the installed gguf "
+            f"tensor {tensor.name!r} is {tensor.type_name}, which the installed gguf "
             f"package cannot dequantize: {exc}"
         ) from exc
     if values.dtype == np.float32 and values.flags.owndata and values.flags.writeable:
         return values  # already a fresh array (block types, F16)
     return np.array(values, dtype=np.float32)  # F32 comes as a read-only view of the map
+
+
+def read_gguf_int4(
+    path: str | Path,
+    name: str,
+    shape: tuple[int, ...],
+    config: ModelConfig,
+    dtype: torch.dtype,
+) -> Int4Linear | None:
+    """The Q4_0/Q4_1 tensor ``name`` as an int4 layer, exactly (see
+    :func:`swarm.shards.quant.int4_from_gguf_blocks`), in Hugging Face row order; None when
+    it is stored in another type (or a Q4_1 block's zero is not exact in float32).
+
+    Raises:
+        ShardError: the tensor is missing or has another shape.
+    """
+    tensor = next((t for t in _parsed(path).tensors if t.name == name), None)
+    if tensor is None:
+        raise ShardError(f"{Path(path).name}: GGUF has no tensor {name!r}")
+    if tensor.shape != tuple(shape):
+        raise ShardError(f"{Path(path).name}: tensor {name!r} has shape {list(tensor.shape)}, "
+                         f"expected {list(shape)}")  # fmt: skip
+    if tensor.type_name not in ("Q4_0", "Q4_1"):
+        return None
+    try:
+        q, scales, zeros = int4_from_gguf_blocks(tensor_bytes(path, tensor), tensor.type_name)
+    except ShardError:
+        return None
+    heads = {
+        "attn_q.weight": config.num_attention_heads,
+        "attn_k.weight": config.num_key_value_heads,
+    }
+    for suffix, count in heads.items():
+        if name.endswith(suffix):
+            q, scales, zeros = (unpermute_rows(t, count) for t in (q, scales, zeros))
+    linear = Int4Linear.pack(q, scales, zeros, None, dtype)
+    linear.exact = True
+    return linear
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,156 +1,39 @@
-"""Adversarial peers for tests, benchmarks and ``swarm serve --testing-adversary``.
+"""Adversarial peers for tests and benchmarks: the lab's liars (`swarm.lab.liar`) and more.
 
-A spec string names how a server lies (or fails):
-
-- ``hang``: opens inference sessions, then never answers a step (nor forward nor push);
-- ``noise:R``: adds Gaussian noise of relative size R to every output;
-- ``skip``: returns the input unchanged (does not run its layers);
-- ``zeros``: returns zeros;
-- ``cheat:Q[:KIND]``: lies as KIND (default ``noise:0.01``) on each answer with probability Q;
-- ``after:N[:KIND]``: answers honestly N times (steps and forwards), then lies as KIND;
-- ``other-weights:SEED``: serves weights perturbed (relative size 5e-2, seeded) after loading,
-  under the same model id;
-- ``collude:SEED``: adds noise (relative 5e-2) drawn from SEED and each position's input
-  bytes, so two colluders with the same SEED return the same wrong answer, whether a
-  position comes in a step or in a forward of the whole history.
-
-Never use these outside tests: they exist so verification and recovery can be shown to work.
+A spec string names how a server lies (or fails): ``hang`` opens inference sessions, then
+never answers a step (nor forward nor push); every other spec is a liar of `swarm.lab.liar`
+(``noise:R``, ``skip``, ``zeros``, ``cheat:Q[:KIND]``, ``after:N[:KIND]``,
+``other-weights:SEED``, ``collude:SEED``). They attach through ``wrap_handlers`` (the
+handler-wrapping seam of `Server`), never through production config.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Callable
 
-import torch
 import trio
 
-from swarm.errors import ConfigError
-from swarm.net.messages import InferenceOpen, InferenceReady
-from swarm.net.rpc import CallContext, RpcStream, stream_handler
-from swarm.server.compute import Priority
-from swarm.server.handlers import ServingHandlers
-from swarm.shards.cache import KVCache
-from swarm.shards.span import Span
+from swarm.lab.liar import LyingHandlers, corruptor, liar_wrapper, perturb_weights
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceReady,
+    PushRequest,
+)
+from swarm.net.methods import HandlerRegistry
+from swarm.net.rpc import CallContext
+from swarm.net.surface import FORWARD, INFERENCE, INFO, PUSH, server_registry
+from swarm.server.handlers import ServerStream, ServingHandlers
 
 __all__ = [
     "HangingHandlers",
     "LyingHandlers",
     "adversary_wrapper",
     "corruptor",
+    "hanging",
     "perturb_weights",
 ]
-
-Corrupt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def corruptor(spec: str, *, seed: int = 0) -> Corrupt:
-    """The output rewrite for a lying spec (every spec above except ``hang`` and
-    ``other-weights``). Raises `ConfigError` for an unknown or malformed spec."""
-    kind, _, arg = spec.partition(":")
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "skip":
-        return lambda hidden, out: hidden.to(out.dtype)
-    if kind == "zeros":
-        return lambda hidden, out: torch.zeros_like(out)
-    if kind == "noise":
-        return _noise(_number(spec, arg, float), gen)
-    if kind == "cheat":
-        q, _, inner = arg.partition(":")
-        return _sometimes(_number(spec, q, float), corruptor(inner or "noise:0.01", seed=seed), gen)
-    if kind == "after":
-        n, _, inner = arg.partition(":")
-        return _after(_number(spec, n, int), corruptor(inner or "noise:0.01", seed=seed))
-    if kind == "collude":
-        return _collude(_number(spec, arg, int))
-    raise ConfigError(
-        f"unknown adversary {spec!r}; use hang, noise:R, skip, zeros, cheat:Q[:KIND], "
-        "after:N[:KIND], other-weights:SEED or collude:SEED"
-    )
-
-
-def _number(spec: str, text: str, kind: type[float] | type[int]) -> float:
-    try:
-        return kind(text)
-    except ValueError as exc:
-        raise ConfigError(f"adversary {spec!r} needs a number after its name") from exc
-
-
-def _noise(scale: float, gen: torch.Generator) -> Corrupt:
-    def noise(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        delta = torch.randn(out.shape, generator=gen).to(out.dtype)
-        size = (scale * out.float().norm() / delta.float().norm()).to(out.dtype)
-        noisy: torch.Tensor = out + delta * size
-        return noisy
-
-    return noise
-
-
-def _sometimes(q: float, inner: Corrupt, gen: torch.Generator) -> Corrupt:
-    def maybe(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return inner(hidden, out) if float(torch.rand((), generator=gen)) < q else out
-
-    return maybe
-
-
-def _after(n: float, inner: Corrupt) -> Corrupt:
-    calls = [0]
-
-    def later(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        return out if calls[0] <= n else inner(hidden, out)
-
-    return later
-
-
-def _collude(seed: float) -> Corrupt:
-    def shared(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        rows = hidden.float().contiguous().view(-1, hidden.shape[-1])  # (batch*seq, hidden)
-        deltas = []
-        for row in rows:
-            digest = hashlib.sha256(f"{seed}".encode() + row.numpy().tobytes()).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            deltas.append(torch.randn(hidden.shape[-1], generator=g))
-        delta = torch.stack(deltas).view(out.shape)  # (batch, seq, hidden)
-        scale = 5e-2 * out.float().norm(dim=-1, keepdim=True) / delta.norm(dim=-1, keepdim=True)
-        lied: torch.Tensor = (out.float() + delta * scale).to(out.dtype)
-        return lied
-
-    return shared
-
-
-def perturb_weights(span: torch.nn.Module, seed: int, scale: float = 5e-2) -> None:
-    """Add seeded noise of relative size ``scale`` to every weight of ``span`` (in place)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in span.parameters():
-            delta = torch.randn(param.shape, generator=gen).to(param.dtype)
-            param.add_(delta * scale * param.float().std().to(param.dtype))
-
-
-class LyingHandlers(ServingHandlers):
-    """The honest server's handlers, whose every output (returned, pushed, signed in its
-    receipts) is rewritten by ``corrupt(input, output)``."""
-
-    def __init__(
-        self, honest: ServingHandlers, corrupt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> None:
-        super().__init__(
-            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
-        )
-        self._corrupt = corrupt
-
-    async def compute(
-        self,
-        span: Span,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        priority: Priority,
-    ) -> torch.Tensor:
-        out = await super().compute(span, hidden, positions, cache, priority)
-        return self._corrupt(hidden, out)
 
 
 class HangingHandlers:
@@ -158,33 +41,36 @@ class HangingHandlers:
 
     def __init__(self, honest: ServingHandlers) -> None:
         self._honest = honest
-        self.rpc_info = honest.rpc_info
 
-    @stream_handler
-    async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+    def registry(self) -> HandlerRegistry:
+        return server_registry(
+            [
+                INFO.bind(self._honest.rpc_info),
+                FORWARD.bind(self.rpc_forward),
+                INFERENCE.bind(self.rpc_inference),
+                PUSH.bind(self.rpc_push),
+            ]
+        )
+
+    async def rpc_inference(self, stream: ServerStream, ctx: CallContext) -> None:
         opened = await stream.receive(InferenceOpen)
         await stream.send(InferenceReady(opened.session_id, self._honest.sessions.free_tokens))
         await trio.sleep_forever()
 
-    async def rpc_forward(self, request: object, ctx: CallContext) -> object:
+    async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
         await trio.sleep_forever()
 
-    async def rpc_push(self, request: object, ctx: CallContext) -> object:
-        await trio.sleep_forever()
+
+def hanging(honest: ServingHandlers) -> HandlerRegistry:
+    """A ``wrap_handlers`` function: `HangingHandlers`."""
+    return HangingHandlers(honest).registry()
 
 
-def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], object]:
-    """A ``wrap_handlers`` function for `Server` that makes it behave as ``spec`` says."""
-    if spec == "hang":
-        return HangingHandlers
-    kind, _, arg = spec.partition(":")
-    if kind == "other-weights":
-        seed = int(_number(spec, arg, int))
-
-        def other(handlers: ServingHandlers) -> object:
-            perturb_weights(handlers.span, seed)
-            return handlers
-
-        return other
-    corrupt = corruptor(spec)  # validates the spec now, not at the first step
-    return functools.partial(LyingHandlers, corrupt=corrupt)
+def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
+    """A ``wrap_handlers`` function for `Server` that makes it behave as ``spec`` says.
+    Raises `ConfigError` for an unknown or malformed spec."""
+    return hanging if spec == "hang" else liar_wrapper(spec)

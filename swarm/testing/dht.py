@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import DatagramLinks, DHTConfig, DHTNode
 from swarm.identity import Identity
 
 __all__ = ["DHTCluster", "open_dht_cluster"]
@@ -24,11 +24,14 @@ class DHTCluster:
     def live(self) -> list[DHTNode]:
         return [n for i, n in enumerate(self.nodes) if i not in self.stopped]
 
-    async def add(self, identity: Identity, config: DHTConfig) -> DHTNode:
-        """Open one more node (raises what `DHTNode.open` raises)."""
+    async def add(
+        self, identity: Identity, config: DHTConfig, links: DatagramLinks | None = None
+    ) -> DHTNode:
+        """Open one more node (raises what `DHTNode.open` raises); ``links``: its datagrams
+        go through emulated links (`swarm.testing.links.DatagramLinkEmulator`)."""
         stack = AsyncExitStack()
         try:
-            node = await stack.enter_async_context(DHTNode.open(identity, config))
+            node = await stack.enter_async_context(DHTNode.open(identity, config, links=links))
         except BaseException:
             await stack.aclose()
             raise
@@ -54,6 +57,7 @@ async def open_dht_cluster(
     *,
     seed: str = "dht-node",
     initial_peers: tuple[str, ...] = (),
+    links: DatagramLinks | None = None,
 ) -> AsyncIterator[DHTCluster]:
     """Open ``size`` nodes with identities ``Identity.from_seed(f"{seed}-{i}")``.
 
@@ -66,7 +70,7 @@ async def open_dht_cluster(
         for i in range(size):
             peers = initial_peers if i == 0 else (cluster.nodes[0].address,)
             node_config = dataclasses.replace(base, port=0, initial_peers=peers)
-            await cluster.add(Identity.from_seed(f"{seed}-{i}".encode()), node_config)
+            await cluster.add(Identity.from_seed(f"{seed}-{i}".encode()), node_config, links)
         yield cluster
     finally:
         await cluster.aclose()

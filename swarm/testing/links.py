@@ -1,4 +1,6 @@
-"""Link emulation: one-way delay, jitter and loss on the links between peers.
+"""Link emulation: one-way delay, jitter and loss on the links between peers, for the
+RPC plane (TCP streams, `LinkEmulator`) and the DHT plane (UDP datagrams,
+`DatagramLinkEmulator`).
 
 These machines have no traffic shaping, so tests and benchmarks give distance to a swarm
 running on loopback by wrapping the streams a peer *dials*. Both directions are delayed at
@@ -24,7 +26,7 @@ import trio
 
 from swarm.net.transport import StreamHandler, TCPTransport, Transport
 
-__all__ = ["DelayedStream", "LinkEmulator", "LinkSpec"]
+__all__ = ["DatagramLinkEmulator", "DelayedStream", "LinkEmulator", "LinkSpec"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +188,57 @@ class _EmulatedTransport:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await self._inner.serve(handler, host, port, task_status=task_status)
+
+
+class DatagramLinkEmulator:
+    """Per-link one-way delay, jitter and loss for DHT datagrams (a `swarm.dht.DatagramLinks`).
+
+    Give it to each node: ``DHTNode.open(identity, config, links=emulator)``. A link's spec
+    is, first, one set for that (source, target) pair; else the one between the regions
+    the two addresses were `place`d in; else `default`. A datagram is lost with the spec's
+    ``loss`` (UDP does not retransmit; kademlia's RPC timeout and retry see it) and
+    otherwise held ``delay`` plus up to ``jitter`` seconds (datagrams may overtake each
+    other, as on the internet). Counts what each source sent, for per-node traffic figures.
+    Called on the DHT loop thread only.
+    """
+
+    def __init__(self, default: LinkSpec | None = None, *, seed: int = 0) -> None:
+        self.default = default or LinkSpec()
+        self._links: dict[tuple[tuple[str, int], tuple[str, int]], LinkSpec] = {}
+        self._regions: dict[tuple[str, int], str] = {}
+        self._between: dict[tuple[str, str], LinkSpec] = {}
+        self._rng = random.Random(seed)
+        self.sent: dict[tuple[str, int], list[int]] = {}  # source -> [datagrams, bytes]
+        self.lost = 0
+
+    def set(self, source: tuple[str, int], target: tuple[str, int], spec: LinkSpec) -> None:
+        """The behaviour of datagrams from ``source`` to ``target`` (one direction)."""
+        self._links[(source, target)] = spec
+
+    def place(self, address: tuple[str, int], region: str) -> None:
+        """Put the node at ``address`` in ``region``."""
+        self._regions[address] = region
+
+    def set_between(self, a: str, b: str, spec: LinkSpec) -> None:
+        """The behaviour of datagrams between regions ``a`` and ``b`` (both directions;
+        ``a == b`` is the inside of a region)."""
+        self._between[(a, b)] = self._between[(b, a)] = spec
+
+    def spec(self, source: tuple[str, int], target: tuple[str, int]) -> LinkSpec:
+        spec = self._links.get((source, target))
+        if spec is not None:
+            return spec
+        a, b = self._regions.get(source), self._regions.get(target)
+        if a is not None and b is not None:
+            return self._between.get((a, b), self.default)
+        return self.default
+
+    def outgoing(self, source: tuple[str, int], target: tuple[str, int], size: int) -> float | None:
+        counts = self.sent.setdefault(source, [0, 0])
+        counts[0] += 1
+        counts[1] += size
+        spec = self.spec(source, target)
+        if spec.loss and self._rng.random() < spec.loss:
+            self.lost += 1
+            return None
+        return spec.delay + (self._rng.uniform(0.0, spec.jitter) if spec.jitter else 0.0)

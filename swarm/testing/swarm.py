@@ -22,6 +22,7 @@ import trio
 
 from swarm.dht import DHTConfig, DHTNode
 from swarm.identity import Identity
+from swarm.net.methods import HandlerRegistry
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers
 from swarm.server.server import Server, ServerReady
@@ -70,7 +71,7 @@ class LocalSwarm:
         self,
         layers: LayerRange | None,
         *,
-        wrap_handlers: Callable[[ServingHandlers], object] | None = None,
+        wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
         **overrides: object,
     ) -> LocalServer:
         """Start one more server and wait until it is online (deadline 60 s)."""
@@ -118,14 +119,16 @@ async def open_local_swarm(
     *,
     links: LinkEmulator | None = None,
     config: ServerConfig | None = None,
+    dht_config: DHTConfig | None = None,
 ) -> AsyncIterator[LocalSwarm]:
     """A bootstrap DHT node plus one server per range, all online when this yields.
 
     `config` is the base `ServerConfig` (its ``model``, ``layers`` and DHT initial peers
     are filled in here). Defaults suit tests: short announce TTL, throughput measured.
+    `dht_config` is the bootstrap node's (default `DHTConfig()`).
     """
     model = Path(model)
-    async with DHTNode.open(Identity.generate(), DHTConfig()) as dht:
+    async with DHTNode.open(Identity.generate(), dht_config or DHTConfig()) as dht:
         base = config or ServerConfig(model=model, announce_ttl=30.0)
         dht_config = dataclasses.replace(base.dht, initial_peers=(dht.address,))
         base = dataclasses.replace(base, model=model, dht=dht_config)

@@ -1,5 +1,6 @@
 """swarm.verify: policies, hidden-state comparison, audits, receipts and evidence, reputation
-and stake (DESIGN §8). `swarm.verify.simulate` (policy simulation) is a testing helper."""
+and stake (DESIGN §8). Policy simulation (`swarm.testing.simulate`) is a
+test and benchmark helper."""
 
 from swarm.verify.audit import AuditResult, AuditVerdict, Candidate, HopRecord, audit_hop
 from swarm.verify.compare import Comparison, Thresholds, compare, first_mismatch, thresholds_for

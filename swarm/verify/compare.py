@@ -22,6 +22,25 @@ bfloat16 / bfloat16    2.3e-2 / 0.99973     0.08 / 0.995            0.1
 float16 (any pair)     as bfloat16 (float16 rounds finer, so honest peers pass)
 =====================  ===================  ======================  =====================
 
+Across quantizations (a dtype plus the quantization that changed the weights, "float32+int8";
+``benchmarks/calibrate_quant.py``, tiny random Llamas requantized from float32, 4 and 12
+layers, 2 seeds, plus SmolLM2's first 10 layers; 8-token prompt + 16 decoded tokens):
+
+=====================  ===================  ======================  =====================
+numerics pair          honest worst         threshold               smallest noise caught
+=====================  ===================  ======================  =====================
+float32 / +int8        6.2e-2 / 0.9981      0.12 / 0.99             ~0.15
+float32 / +int4        0.62 / 0.804         0.9 / 0.5               gross lies only
++int8 / +int4          0.63 / 0.795         0.9 / 0.5               gross lies only
++int8 / +int8, +int4 / +int4: as float32 / float32 (same weights, same kernels: 2.4e-6)
+=====================  ===================  ======================  =====================
+
+Requantized int4 differs from the float model by more than most lies, so a checker with the
+same numerics is always preferred (`swarm.verify.audit`), and mixed pairs catch only gross
+lies (zeros, skipped layers, noise of the output's own size). Int4 from GGUF Q4_0/Q4_1 holds
+the checkpoint's own weights: its numerics are plain "float32" and compare at float32's
+thresholds with float peers of the same file.
+
 Between float32 peers a lie of relative size 1e-2 is caught with a wide margin (the float32
 threshold sits ~800x above honest float32 noise); against a bfloat16 peer only lies of ~10 %
 and more are visible, because bfloat16 rounding alone reaches a few percent after a few
@@ -56,6 +75,14 @@ FLOAT32_PAIR = Thresholds(max_rel_l2=1e-3, min_cosine=0.9999)
 LOW_PRECISION_PAIR = Thresholds(max_rel_l2=0.08, min_cosine=0.995)
 
 _LOW = {"bfloat16", "float16"}
+# Peers whose weights differ by their quantization (``benchmarks/calibrate_quant.py``; the
+# table in ``benchmarks/README.md``): the honest worst discrepancy, with a margin.
+QUANTIZED_PAIRS = {
+    frozenset(("none", "int8")): Thresholds(max_rel_l2=0.12, min_cosine=0.99),
+    frozenset(("none", "int4")): Thresholds(max_rel_l2=0.9, min_cosine=0.5),
+    frozenset(("int8", "int4")): Thresholds(max_rel_l2=0.9, min_cosine=0.5),
+}
+LOOSEST_PAIR = Thresholds(max_rel_l2=0.9, min_cosine=0.5)
 
 
 def _name(dtype: str | torch.dtype) -> str:
@@ -63,11 +90,21 @@ def _name(dtype: str | torch.dtype) -> str:
 
 
 def thresholds_for(a: str | torch.dtype, b: str | torch.dtype) -> Thresholds:
-    """Thresholds for outputs computed in dtypes ``a`` and ``b`` (order does not matter).
+    """Thresholds for outputs computed with numerics ``a`` and ``b`` (order does not matter):
+    a dtype, or a dtype and the quantization that changed the weights (``"float32+int8"``,
+    as `Span.numerics` says).
 
-    Unknown dtype names are treated as low precision (the looser, safe-for-honest choice).
+    Peers with the same quantization compute with the same weights, so their dtypes decide.
+    Across quantizations the calibrated pair thresholds apply (``QUANTIZED_PAIRS``, measured
+    by ``benchmarks/calibrate_quant.py``). Unknown names are treated as the loosest pair
+    (the safe-for-honest choice).
     """
-    if _name(a) == "float32" and _name(b) == "float32":
+    (dtype_a, _, quant_a), (dtype_b, _, quant_b) = (_name(a).partition("+"),
+                                                    _name(b).partition("+"))  # fmt: skip
+    if quant_a != quant_b:
+        pair = frozenset((quant_a or "none", quant_b or "none"))
+        return QUANTIZED_PAIRS.get(pair, LOOSEST_PAIR)
+    if dtype_a == "float32" and dtype_b == "float32":
         return FLOAT32_PAIR
     return LOW_PRECISION_PAIR
 

@@ -18,8 +18,9 @@ import torch
 import trio
 
 from swarm.errors import SwarmError
-from swarm.net.messages import ForwardRequest, ForwardResponse
+from swarm.net.messages import ForwardRequest
 from swarm.net.rpc import RpcConnection
+from swarm.net.surface import call_forward
 from swarm.shards import ModelConfig, load_span
 from swarm.types import LayerRange, PeerId
 from swarm.verify.compare import compare, thresholds_for
@@ -105,7 +106,7 @@ async def probe(
     """Send one canary through ``forward``; raises `SwarmError` if the call fails."""
     started = trio.current_time()
     request = ForwardRequest(canary.hidden, canary.positions, canary.layers)
-    reply = await conn.call("forward", request, ForwardResponse, timeout=timeout)
+    reply = await call_forward(conn, request, timeout=timeout)
     seconds = trio.current_time() - started
     verdict = compare(
         canary.answer,

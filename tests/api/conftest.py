@@ -17,8 +17,9 @@ import httpx2 as httpx
 import pytest
 import torch
 
+from swarm.lab.liar import liar_command
+from swarm.lab.processes import ProcessGroup, SwarmProcess, swarm_command
 from swarm.shards.bundled import demo_model_path
-from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
 
 torch.set_num_threads(1)
 
@@ -49,18 +50,9 @@ class ApiSwarm:
         """Start one server per (layers, adversary) at once; returns their peer ids."""
         procs = []
         for layers, adversary in specs:
-            extra = ["--testing-adversary", adversary] if adversary else []
-            argv = swarm_command(
-                "serve",
-                str(MODEL),
-                "--layers",
-                layers,
-                "--initial-peers",
-                self.dht,
-                "--announce-ttl",
-                "10",
-                *extra,
-            )
+            args = [str(MODEL), "--layers", layers, "--initial-peers", self.dht]
+            args += ["--announce-ttl", "10"]
+            argv = liar_command(adversary, *args) if adversary else swarm_command("serve", *args)
             procs.append((layers, self.group.start(f"server-{layers}", argv)))
         peers = []
         for layers, proc in procs:

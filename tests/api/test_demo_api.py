@@ -9,7 +9,7 @@ import time
 import httpx2 as httpx
 import pytest
 
-from swarm.testing.processes import ProcessGroup, swarm_command
+from swarm.lab.processes import ProcessGroup, swarm_command
 
 pytestmark = pytest.mark.slow
 

@@ -429,8 +429,12 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_status_page_in_headless_chromium(swarm: ApiSwarm, tmp_path: Path) -> None:
+    if _chromium() is None:  # `make test` installs it where apt-get can; the summary says so
+        reason = "NOT RUN: chromium is not installed (`make test` installs it with apt-get)"
+        if os.environ.get("SWARM_REQUIRE_BROWSER"):  # CI (.ci/run): not running it is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
     deadline = time.monotonic() + 30  # canaries every 2 s: wait until each server has one
     while True:
         servers = swarm.client().get("/v1/swarm/status").json()["servers"]

@@ -12,8 +12,8 @@ import pytest
 
 from swarm.client.sampling import SamplingConfig
 from swarm.client.text import StopText
+from swarm.lab.reference import generate_locally
 from swarm.shards import load_tokenizer
-from swarm.testing.reference import generate_locally
 
 from .conftest import MODEL, MODEL_NAME, ApiSwarm, start_dht
 
@@ -87,11 +87,7 @@ def _honest_text(ids: list[int]) -> str:
 
 
 def test_redundant_request_names_the_liar(empty_swarm: ApiSwarm) -> None:
-    liar = next(
-        peer
-        for peer, proc in empty_swarm.servers.items()
-        if "--testing-adversary" in proc.popen.args
-    )  # type: ignore[operator]
+    liar = next(peer for peer, proc in empty_swarm.servers.items() if "--liar" in proc.popen.args)  # type: ignore[operator]
     tokenizer = load_tokenizer(MODEL)
     assert tokenizer is not None
     ids = list(tokenizer.encode(PROMPT).ids)

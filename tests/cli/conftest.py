@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from swarm.lab.processes import swarm_command
+from swarm.lab.reference import generate_locally
 from swarm.testing.checkpoints import write_random_llama
-from swarm.testing.processes import swarm_command
-from swarm.testing.reference import generate_locally
 
 PROMPT = [5, 17, 30, 99, 42, 7]
 NEW_TOKENS = 12

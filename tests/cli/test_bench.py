@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from swarm.lab.processes import swarm_command
 from swarm.testing.checkpoints import write_random_llama
-from swarm.testing.processes import swarm_command
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
+
+pytestmark = pytest.mark.slow  # runs `swarm bench` and `swarm` processes
 
 
 @pytest.fixture(scope="module")

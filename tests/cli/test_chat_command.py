@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from swarm.lab.processes import swarm_command
+from swarm.lab.reference import generate_locally
 from swarm.shards import load_chat_template, load_tokenizer
 from swarm.testing.checkpoints import write_random_gguf
-from swarm.testing.processes import swarm_command
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
+
+pytestmark = pytest.mark.slow  # runs `swarm chat` processes
 
 NEW_TOKENS = 5
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from swarm.testing.processes import ProcessGroup, swarm_command
+from swarm.lab.processes import ProcessGroup, swarm_command
 
 from .conftest import error_lines
 

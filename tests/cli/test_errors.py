@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.testing.processes import ProcessGroup, swarm_command
+from swarm.lab.processes import ProcessGroup, swarm_command
 
 from .conftest import dead_udp_port, error_lines
 

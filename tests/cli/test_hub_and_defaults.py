@@ -27,6 +27,7 @@ def _fake_hub(root: Path, repo: str) -> Path:
     return root
 
 
+@pytest.mark.slow  # runs `swarm serve`
 def test_serve_takes_a_hub_name_from_the_cache(tmp_path: Path, cli_env: dict[str, str]) -> None:
     hub = _fake_hub(tmp_path / "hub", "acme/tiny-llama")
     env = {**cli_env, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}

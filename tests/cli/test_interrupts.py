@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
+from swarm.lab.processes import ProcessGroup, SwarmProcess, swarm_command
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each case runs in a subprocess
+
 # writes half a line to stdout, logs a warning mid-line, then finishes the line
 STREAM = """
 import logging, sys

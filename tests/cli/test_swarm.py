@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
+from swarm.lab.processes import ProcessGroup, SwarmProcess, swarm_command
 
 from .conftest import NEW_TOKENS, PROMPT, error_lines, reference, run_cli, write_model
 

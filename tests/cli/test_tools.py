@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from swarm.lab.processes import swarm_command
 from swarm.net.swarm_key import load_swarm_key
-from swarm.testing.processes import swarm_command
 
 from .conftest import error_lines, run_cli
+
+pytestmark = pytest.mark.slow  # runs `swarm` processes
 
 
 def test_key_new_writes_a_private_key_and_never_overwrites(

@@ -15,21 +15,26 @@ from swarm.client.routing import ServerView
 from swarm.errors import ErrorCode, LimitExceeded, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    NewPusher,
+    NewPushTarget,
     PushRequest,
-    PushResponse,
     PushTarget,
 )
+from swarm.net.methods import HandlerRegistry, TypedStream
 from swarm.net.pool import ConnectionPool, open_connection_pool
-from swarm.net.rpc import CallContext, RpcStream, stream_handler
+from swarm.net.rpc import CallContext
 from swarm.net.rpc_server import RpcServer
+from swarm.net.surface import INFERENCE, INFO, PUSH, InferenceDown, InferenceUp, notify_push
 from swarm.shards import KVCache, Span
 from swarm.types import format_address
+
+Stream = TypedStream[InferenceDown, InferenceUp]
 
 
 @dataclass
@@ -77,16 +82,19 @@ class FakeServer:
     async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         return InfoResponse(self.span.layers, "online", 0.0, 10_000, "test", 100.0)
 
-    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
+    def registry(self) -> HandlerRegistry:
+        return HandlerRegistry(
+            [INFO.bind(self.rpc_info), INFERENCE.bind(self.rpc_inference), PUSH.bind(self.rpc_push)]
+        )
+
+    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
         session = self.sessions.get(request.session_id)
         ok = session is not None and session.offer(
             request.step, request.hidden_states, request.positions
         )
         self.steps_from_push += int(ok)
-        return PushResponse(ok)
 
-    @stream_handler
-    async def rpc_inference(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_inference(self, stream: Stream, ctx: CallContext) -> None:
         opening = await stream.receive(InferenceOpen, timeout=5)
         if self.refuse_open:
             raise LimitExceeded("no cache left")
@@ -107,20 +115,20 @@ class FakeServer:
         finally:
             del self.sessions[opening.session_id]
 
-    async def _read(self, stream: RpcStream, session: _Session, scope: trio.CancelScope) -> None:
+    async def _read(self, stream: Stream, session: _Session, scope: trio.CancelScope) -> None:
         try:
             async for msg in stream:
-                if not isinstance(msg, InferenceStep):
-                    raise RemoteError(ErrorCode.BAD_REQUEST, "expected a step")
-                if msg.push_to is not None:
+                if isinstance(msg, NewPushTarget):
                     session.push_to = msg.push_to
-                if msg.hidden_states is not None and msg.positions is not None:
+                elif isinstance(msg, InferenceInput):
                     ok = session.offer(msg.step, msg.hidden_states, msg.positions)
                     self.steps_from_client += int(ok)
+                elif not isinstance(msg, NewPusher):
+                    raise RemoteError(ErrorCode.BAD_REQUEST, "expected a step")
         finally:
             scope.cancel()
 
-    async def _run(self, stream: RpcStream, session: _Session, span: Span, cache: KVCache) -> None:
+    async def _run(self, stream: Stream, session: _Session, span: Span, cache: KVCache) -> None:
         while True:
             step = session.next_step
             with trio.fail_after(10):
@@ -151,15 +159,10 @@ class FakeServer:
         assert self.pool is not None
         request = PushRequest(target.session_id, step, out, positions)
         try:
-            await self.pool.call(
-                target.host,
-                target.port,
-                "push",
-                request,
-                PushResponse,
-                expected_peer=target.peer_id,
-                timeout=2,
-            )
+            with trio.move_on_after(2):
+                await notify_push(
+                    await self.pool.get(target.host, target.port, target.peer_id), request
+                )
         except Exception:
             pass
 
@@ -180,7 +183,7 @@ async def _serve_one(server: FakeServer, *, task_status: trio.TaskStatus[None]) 
         server.pool = pool
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                rpc = RpcServer(server.identity, server)
+                rpc = RpcServer(server.identity, server.registry())
                 server.port = await nursery.start(rpc.serve, "127.0.0.1", 0)
                 task_status.started()
                 await server.died.wait()

@@ -12,9 +12,9 @@ import pytest
 import torch
 import trio
 
+from swarm.client.chain import Chain
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import StaticDirectory
-from swarm.client.session import InferenceSession
 from swarm.identity import Identity
 from swarm.net.pool import open_connection_pool
 from swarm.shards import KVCache, Span, load_span
@@ -65,11 +65,11 @@ def make_servers(checkpoint: Path, ranges: list[tuple[int, int]]) -> list[FakeSe
 @asynccontextmanager
 async def open_session(
     servers: list[FakeServer], config: ClientConfig, throughputs: list[float] | None = None
-) -> AsyncIterator[InferenceSession]:
+) -> AsyncIterator[Chain]:
     tps = throughputs or [100.0] * len(servers)
     directory = StaticDirectory([s.view(t) for s, t in zip(servers, tps, strict=True)])
     async with open_connection_pool(config.identity) as pool:
-        async with InferenceSession.open(
+        async with Chain.open(
             pool,
             directory,
             config,
@@ -81,10 +81,10 @@ async def open_session(
 
 
 async def run_all(
-    session: InferenceSession, steps: list[tuple[torch.Tensor, torch.Tensor]]
+    session: Chain, steps: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[torch.Tensor]:
     with trio.fail_after(30):
-        return [await session.step(h, p) for h, p in steps]
+        return [(await session.step(h, p)).output for h, p in steps]
 
 
 def assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:

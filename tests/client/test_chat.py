@@ -10,13 +10,13 @@ import torch
 import trio
 from tokenizers import Tokenizer
 
+from swarm.client.chain import Chain
 from swarm.client.chat import Chat, Turn
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.client.session import InferenceSession
+from swarm.lab.reference import LocalModel
 from swarm.shards import ChatTemplate, load_tokenizer
 from swarm.testing.checkpoints import GGUF_CHAT_TEMPLATE, write_random_gguf
-from swarm.testing.reference import LocalModel
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -39,13 +39,13 @@ def local(model_path: Path) -> LocalModel:
 def step_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many new tokens every session step sends to the servers."""
     sizes: list[int] = []
-    real = InferenceSession.step
+    real = Chain.step
 
-    async def spy(self: InferenceSession, hidden: torch.Tensor, positions: torch.Tensor) -> object:
+    async def spy(self: Chain, hidden: torch.Tensor, positions: torch.Tensor) -> object:
         sizes.append(hidden.shape[1])
         return await real(self, hidden, positions)
 
-    monkeypatch.setattr(InferenceSession, "step", spy)
+    monkeypatch.setattr(Chain, "step", spy)
     return sizes
 
 
@@ -56,8 +56,9 @@ async def _converse(
         async with open_local_swarm(path, [LayerRange(0, 2), LayerRange(2, 4)]) as swarm:
             config = ClientConfig(
                 initial_peers=(swarm.dht_address,),
-                reputation_path=str(tmp / "reputation.json"),
-                evidence_dir=str(tmp / "evidence"),
+                records=RecordsConfig(
+                    reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
+                ),
             )
             async with (
                 AsyncRemoteModel.open(path, config) as model,
@@ -89,6 +90,12 @@ async def test_turns_send_only_new_tokens(
     for turn in turns:
         expected += [len(turn.sent)] + [1] * (len(turn.answer) - 1)
     assert step_sizes == expected
+    # a turn is a generation like any other: route, per-token timings, signed receipts
+    for turn in turns:
+        assert [(hop["start"], hop["stop"]) for hop in turn.route] == [(0, 2), (2, 4)]
+        assert len(turn.timings) == len(turn.answer) and all(t > 0 for t in turn.timings)
+        assert len(turn.receipts) == 2 * len(turn.answer)  # each step, each of two hops
+        assert {r.step for r in turn.receipts} <= set(range(sum(len(t.answer) for t in turns)))
     # re-prefilling would send the whole rendered conversation; a kept session sends less
     template, tokenizer = ChatTemplate(GGUF_CHAT_TEMPLATE), local_tokenizer(local)
     conversation: list[dict[str, str]] = []
@@ -137,8 +144,10 @@ async def test_a_proven_lie_redoes_the_turn_on_honest_peers(
             config = ClientConfig(
                 initial_peers=(swarm.dht_address,),
                 verify="spot-check:1.0",
-                reputation_path=str(tmp_path / "reputation.json"),
-                evidence_dir=str(tmp_path / "evidence"),
+                records=RecordsConfig(
+                    reputation_path=str(tmp_path / "reputation.json"),
+                    evidence_dir=str(tmp_path / "evidence"),
+                ),
             )
             async with (
                 AsyncRemoteModel.open(model_path, config) as model,

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel, GenerationResult
+from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.client.remote import RemoteModel
 
 from .fake_server import FakeServer, run_servers
@@ -41,7 +41,8 @@ async def test_concurrent_tasks_each_get_their_own_result(checkpoint: Path) -> N
                 ids = []
                 async with model.stream(PROMPTS[i], NEW[i]) as tokens:
                     async for token in tokens:
-                        ids.append(token.id)
+                        if isinstance(token, Token):
+                            ids.append(token.id)
                         await trio.sleep(0)
                 assert tokens.result.ids == ids
                 streamed[i] = ids

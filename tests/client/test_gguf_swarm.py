@@ -10,11 +10,11 @@ import pytest
 import trio
 
 import swarm.shards.gguf as gguf_module
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel
+from swarm.lab.reference import generate_locally
 from swarm.shards import load_chat_template, model_id
 from swarm.testing.checkpoints import write_random_gguf
-from swarm.testing.reference import generate_locally
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
 
@@ -31,13 +31,13 @@ async def test_swarm_serves_a_gguf_file(
     gguf_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read: list[str] = []
-    real = gguf_module.dequantize_tensor
+    real = gguf_module.tensor_bytes
 
-    def spy(tensor: object) -> object:
+    def spy(path: object, tensor: object) -> object:
         read.append(tensor.name)  # type: ignore[attr-defined]
-        return real(tensor)
+        return real(path, tensor)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gguf_module, "dequantize_tensor", spy)
+    monkeypatch.setattr(gguf_module, "tensor_bytes", spy)
     template = load_chat_template(gguf_model)
     assert template is not None
     prompt = template.render([{"role": "user", "content": "the cat sat"}])
@@ -49,8 +49,10 @@ async def test_swarm_serves_a_gguf_file(
             read.clear()
             client = ClientConfig(
                 initial_peers=(local.dht_address,),
-                reputation_path=str(tmp_path / "reputation.json"),
-                evidence_dir=str(tmp_path / "evidence"),
+                records=RecordsConfig(
+                    reputation_path=str(tmp_path / "reputation.json"),
+                    evidence_dir=str(tmp_path / "evidence"),
+                ),
             )
             async with AsyncRemoteModel.open(gguf_model, client) as remote:
                 assert sorted(read) == ["output.weight", "output_norm.weight", "token_embd.weight"]

@@ -1,7 +1,11 @@
 """Hedged steps against fake in-process servers: a hop that stops answering mid-generation
 is raced by a replacement (same outputs, penalised not banned); a late hop that answers
 while the replacement is still replaying wins; with no replica the step timeout still rules.
-Plus the adaptive deadline and the routing penalty on their own."""
+Plus the adaptive deadline and the routing penalty on their own.
+
+The hedge deadlines and step timeouts run on trio's virtual clock (`autojump_clock`): the
+fake servers compute in the event loop and talk over loopback sockets in this process, so
+no thread or other process runs while the clock jumps, and no real second passes."""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+import trio.testing
 
 from swarm.client.bans import BanList, Penalties
-from swarm.client.config import ClientConfig
-from swarm.client.hedging import HedgeWinner, usual_seconds
-from swarm.client.session import InferenceSession
+from swarm.client.chain import Chain, HedgeWinner, usual_seconds
+from swarm.client.config import ClientConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
 from swarm.shards import Span
@@ -52,37 +56,43 @@ def _chain(checkpoint: Path) -> list[FakeServer]:
 THROUGHPUTS = [100.0, 100.0, 100.0, 1.0]
 
 
-def _assert_histories_chain(session: InferenceSession, tokens: int) -> None:
+def _history(session: Chain, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return session.hop(k).history.view().tensors()
+
+
+def _assert_histories_chain(session: Chain, tokens: int) -> None:
     """Every hop's history covers all ``tokens`` and starts from its predecessor's outputs."""
     for k in range(len(session.route)):
-        x, pos, out = session.hop_history(k)
+        x, pos, out = _history(session, k)
         assert x.shape[1] == pos.shape[1] == out.shape[1] == tokens
         assert torch.equal(pos[0], torch.arange(tokens))
         if k > 0:
-            torch.testing.assert_close(x, session.hop_history(k - 1)[2])
+            torch.testing.assert_close(x, _history(session, k - 1)[2])
 
 
 @pytest.mark.parametrize("use_push", [True, False])
 async def test_a_hop_that_stops_is_raced_and_replaced(
-    checkpoint: Path, full_span: Span, use_push: bool
+    checkpoint: Path, full_span: Span, use_push: bool, autojump_clock: trio.testing.MockClock
 ) -> None:
     steps = make_inputs(1)
     servers = _chain(checkpoint)
     slow, replica = servers[1], servers[3]
     slow.hang_at_step = HEDGED_STEP
-    config = ClientConfig(use_push=use_push)  # the default 30 s step timeout, hedging on
+    config = ClientConfig(
+        pipeline=PipelineConfig(use_push=use_push)
+    )  # the default 30 s step timeout, hedging on
     async with run_servers(servers), open_session(servers, config, THROUGHPUTS) as session:
         assert session.route[1].server.peer_id == slow.identity.peer_id
         got = await run_all(session, steps)
         stats = session.statistics()
         route = [hop.server.peer_id for hop in session.route]
         _assert_histories_chain(session, sum(x.shape[1] for x, _ in steps))
-        assert session.hop_progress(1).steps == 3  # the replay, the hedged step, the next one
+        assert len(session.hop(1).history) == 3  # the replay, the hedged step, the next one
     assert_same(got, reference_outputs(full_span, steps))
     (hedge,) = stats.hedges
     assert hedge.step == HEDGED_STEP and hedge.slow == slow.identity.peer_id
     assert hedge.winner is HedgeWinner.REPLACEMENT
-    assert config.hedge_floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
+    assert config.hedging.floor <= hedge.deadline < config.step_timeout  # adaptive, not 30 s
     assert hedge.seconds is not None
     assert hedge.deadline <= hedge.seconds < config.step_timeout / 4  # no step-timeout wait
     assert route == [
@@ -100,7 +110,9 @@ async def test_a_hop_that_stops_is_raced_and_replaced(
         assert servers[2].steps_from_push >= len(steps) - 1
 
 
-async def test_a_late_hop_that_answers_mid_replay_wins(checkpoint: Path, full_span: Span) -> None:
+async def test_a_late_hop_that_answers_mid_replay_wins(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock
+) -> None:
     steps = make_inputs(2)
     servers = _chain(checkpoint)
     slow, replica = servers[1], servers[3]
@@ -133,10 +145,14 @@ async def test_a_late_hop_that_answers_mid_replay_wins(checkpoint: Path, full_sp
     assert session.bans.penalties.penalty(slow.identity.peer_id) == 0
 
 
-async def test_without_a_replica_the_step_timeout_still_rules(checkpoint: Path) -> None:
+async def test_without_a_replica_the_step_timeout_still_rules(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].hang_at_step = HEDGED_STEP
-    config = ClientConfig(step_timeout=1.0, push_grace=0.3)
+    config = ClientConfig(
+        step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3)
+    )  # on the virtual clock
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())
@@ -164,11 +180,11 @@ def test_usual_seconds_scales_multi_token_steps() -> None:
 
 def test_hedge_config_is_checked() -> None:
     with pytest.raises(ConfigError):
-        ClientConfig(hedge_after=0.5)
+        ClientConfig(hedging=HedgeConfig(after=0.5))
     with pytest.raises(ConfigError):
-        ClientConfig(hedge_floor=0)
+        ClientConfig(hedging=HedgeConfig(floor=0))
     with pytest.raises(ConfigError):
-        ClientConfig(slow_penalty=-1)
+        ClientConfig(hedging=HedgeConfig(slow_penalty=-1))
 
 
 def test_penalties_decay_and_add_up() -> None:

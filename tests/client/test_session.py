@@ -1,4 +1,4 @@
-"""InferenceSession against fake in-process servers: outputs, push on/off, recovery."""
+"""`Chain` against fake in-process servers: outputs, push on/off, recovery."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
+import trio.testing
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import RoutingError, SessionError
 from swarm.shards import Span
 from swarm.types import LayerRange
@@ -42,7 +44,7 @@ async def test_three_hops_match_one_process(
 ) -> None:
     steps = make_inputs()
     servers = make_servers(checkpoint, [(0, 2), (2, 4), (4, 6)])
-    config = ClientConfig(use_push=use_push, push_grace=5.0)
+    config = ClientConfig(pipeline=PipelineConfig(use_push=use_push, push_grace=5.0))
     async with run_servers(servers), open_session(servers, config) as session:
         assert [h.layers for h in session.route] == [
             LayerRange(0, 2),
@@ -62,7 +64,11 @@ async def test_three_hops_match_one_process(
 @pytest.mark.parametrize("mode", ["die", "hang"])
 @pytest.mark.parametrize("use_push", [True, False])
 async def test_failed_hop_is_replaced_with_the_same_outputs(
-    checkpoint: Path, full_span: Span, mode: str, use_push: bool
+    checkpoint: Path,
+    full_span: Span,
+    mode: str,
+    use_push: bool,
+    autojump_clock: trio.testing.MockClock,  # the step timeout passes on a virtual clock
 ) -> None:
     steps = make_inputs(1)
     # the middle hop [2,4) is preferred (fast); a slow replica [2,6) exists
@@ -73,7 +79,11 @@ async def test_failed_hop_is_replaced_with_the_same_outputs(
         servers[1].hang_at_step = 3
     # no hedging: a hop that hangs is recovered from at its step timeout (test_hedging.py
     # shows the hedge that comes first by default)
-    config = ClientConfig(use_push=use_push, step_timeout=1.0, push_grace=0.3, hedge_after=None)
+    config = ClientConfig(
+        step_timeout=1.0,
+        pipeline=PipelineConfig(use_push=use_push, push_grace=0.3),
+        hedging=HedgeConfig(after=None),
+    )
     async with (
         run_servers(servers),
         open_session(servers, config, [100.0, 100.0, 100.0, 1.0]) as session,
@@ -106,10 +116,12 @@ async def test_refused_open_goes_elsewhere(checkpoint: Path, full_span: Span) ->
     assert_same(got, reference_outputs(full_span, steps))
 
 
-async def test_no_replacement_is_a_clear_error(checkpoint: Path) -> None:
+async def test_no_replacement_is_a_clear_error(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].die_at_step = 1
-    config = ClientConfig(step_timeout=1.0, push_grace=0.3)
+    config = ClientConfig(step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3))
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())
@@ -123,11 +135,13 @@ async def test_wrong_input_is_not_retried(checkpoint: Path) -> None:
         assert session.recoveries == 0
 
 
-async def test_too_many_recoveries(checkpoint: Path) -> None:
+async def test_too_many_recoveries(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     servers = make_servers(checkpoint, [(0, 6), (0, 6)])
     for s in servers:
         s.hang_at_step = 1
-    config = ClientConfig(step_timeout=0.5, max_recoveries=1)
+    config = ClientConfig(step_timeout=0.5, failures=FailureConfig(max_recoveries=1))
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises((SessionError, RoutingError)):
             await run_all(session, make_inputs())

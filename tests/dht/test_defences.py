@@ -179,9 +179,12 @@ def test_a_sender_becomes_a_contact_only_by_echoing_its_token() -> None:
     assert proto.router.is_new_node(Node(node_id))  # the token is bound to the address
     _ping(proto, sender, node_id, client_only=False, token=reply.token)
     assert not proto.router.is_new_node(Node(node_id))
-    # a client-only node gets no token and never becomes a contact
+    # a client-only node gets a token (to prove its address for large replies, issue 25)
+    # but never becomes a contact, even echoing it
     client = os.urandom(20)
-    assert _ping(proto, ("127.0.0.1", 6000), client, client_only=True, token=None).token is None
+    token = _ping(proto, ("127.0.0.1", 6000), client, client_only=True, token=None).token
+    assert token is not None
+    assert _ping(proto, ("127.0.0.1", 6000), client, client_only=True, token=token).token is None
     assert proto.router.is_new_node(Node(client))
 
 

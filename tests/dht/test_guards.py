@@ -7,6 +7,7 @@ import socket
 import time
 from typing import Any
 
+import pytest
 import trio
 from kademlia.node import Node
 
@@ -138,10 +139,11 @@ async def test_malformed_datagrams_are_counted_and_harmless() -> None:
         assert set(await target.get("k")) == {cluster.nodes[2].peer_id}
 
 
+@pytest.mark.slow  # hundreds of real UDP round trips
 async def test_hundreds_of_concurrent_announces_all_land() -> None:
     keys = [f"m/block/{i}" for i in range(20)]
-    with trio.fail_after(90):
-        async with open_dht_cluster(20, DHTConfig(rpc_timeout=1.0)) as cluster:
+    with trio.fail_after(120):  # no node goes away: a generous timeout is only a ceiling
+        async with open_dht_cluster(20, DHTConfig(rpc_timeout=3.0)) as cluster:
             async with trio.open_nursery() as nursery:  # 400 announces at once
                 for node in cluster.nodes:
                     for key in keys:

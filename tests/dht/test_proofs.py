@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from swarm.dht import DHTConfig, DHTNode, Record
-from swarm.dht.proofs import ProofCache
+from swarm.dht.proofs import ProofCache, run_proofs
 from swarm.dht.records import make_record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
@@ -49,7 +49,7 @@ def test_a_proven_record_takes_the_place_of_an_unproven_one() -> None:
     stats = StatsCounter()
     cache = ProofCache(prover, config, stats)
     submitted: list[Hashable] = []
-    cache.submit = submitted.append
+    cache.submit = lambda claim, group: submitted.append(claim)
     store = RecordStorage(config, stats, cache)
     sybils = [Identity.from_seed(f"s{i}".encode()) for i in range(6)]
     for i, sybil in enumerate(sybils[:4]):  # four groups of one: fair shares, key full
@@ -92,3 +92,69 @@ async def test_a_server_proves_its_way_into_a_key_full_of_sybils() -> None:
             assert await me.announce(KEY, {"addr": me.address}, 60.0) == len(nodes)
             assert server.peer_id in await nodes[5].get(KEY)
             assert sum(n.statistics().proofs_failed for n in nodes) >= 8
+
+
+class SilentProver(FakeProver):
+    """Claims of the peers not in ``honest`` name silent listeners: their proofs hang until
+    the proof timeout."""
+
+    async def prove(self, claim: Hashable) -> bool:
+        self.asked.append(claim)
+        if isinstance(claim, tuple) and claim[0] in self.honest:
+            return True
+        await trio.sleep_forever()
+        return False
+
+
+async def _flood_then_newcomer(groups: int, per_group: int) -> tuple[float, int]:
+    """``groups`` x ``per_group`` forged records (each a fresh identity naming a silent
+    listener) reach a storing node, then one honest newcomer's record from its own group:
+    (seconds until the newcomer is proven, records held while its proof waited)."""
+    config = DHTConfig(proof_timeout=0.2, proof_concurrency=2, proof_rate=50.0, store_burst=10_000)
+    newcomer = Identity.from_seed(b"newcomer")
+    prover = SilentProver({newcomer.peer_id})
+    stats = StatsCounter()
+    cache = ProofCache(prover, config, stats)
+    store = RecordStorage(config, stats, cache)
+    send, receive = trio.open_memory_channel[tuple[Hashable, str]](100_000)
+    cache.submit = lambda claim, group: send.send_nowait((claim, group))
+
+    async def settle(claim: Hashable, ok: bool) -> None:
+        store.settle(claim, ok)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_proofs, prover, config, receive, settle, stats)
+        for g in range(groups):
+            for i in range(per_group):
+                sybil = Identity.from_seed(f"forged-{g}-{i}".encode())
+                key = f"proof-model/block/{(g * per_group + i) % 6}"
+                record = make_record(
+                    sybil, key, {"addr": f"6.6.{g}.{i}:1"}, time.time() + 60, 1, 1200
+                )
+                store.merge(hashlib.sha1(key.encode()).digest(), [record.encoded], f"g{g}")
+        await trio.sleep(0.1)  # the flood's proofs are under way
+        started = trio.current_time()
+        assert store.merge(DKEY, _blob(newcomer, addr="1.2.3.4:5"), source="newcomer") == 1
+        held = len(store.records(DKEY))  # stored and served, unproven, while its proof waits
+        claim = (newcomer.peer_id, "1.2.3.4:5")
+        with trio.move_on_after(20):
+            while not cache.proven(claim, "newcomer"):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    return trio.current_time() - started, held
+
+
+async def test_a_proof_flood_from_one_group_does_not_starve_a_newcomer() -> None:
+    """The break: 300 forged records filled the 256-claim queue; a new server's claim was
+    dropped and not proven within 90 s."""
+    waited, held = await _flood_then_newcomer(groups=1, per_group=300)
+    assert waited < 1.0, waited  # at most one proof of the flood's group goes first
+    assert held >= 1
+
+
+async def test_a_proof_flood_from_many_groups_does_not_starve_a_newcomer() -> None:
+    """The class: 20 groups x 20 forged records (400, more than the old 256-claim queue);
+    the newcomer's claim is queued and waits at most one round over the groups (20 proofs
+    of 0.2 s, two at a time: 2 s)."""
+    waited, _ = await _flood_then_newcomer(groups=20, per_group=20)
+    assert waited < 3.5, waited

@@ -92,3 +92,11 @@ async def test_a_range_that_misses_its_key_is_dropped_on_both_sides() -> None:
     assert [v.peer_id for v in servers_from_records(records, MODEL, LAYERS)] == [honest.peer_id]
     chosen = await choose_layers(_FakeDHT(records), MODEL, LAYERS, 3)  # type: ignore[arg-type]
     assert chosen == LayerRange(3, 6)  # not steered away from the blocks nobody serves
+
+
+def test_block_keys_parse_back_and_nothing_else_does() -> None:
+    from swarm.directory.keys import block_key, evidence_key, parse_block_key
+
+    assert parse_block_key(block_key("llama-1m-abc", 7)) == ("llama-1m-abc", 7)
+    for key in (evidence_key("m"), "m/block/", "m/block/07", "m/block/-1", "/block/3"):
+        assert parse_block_key(key) is None, key

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.testing.processes import ProcessGroup, swarm_command
+from swarm.lab.processes import ProcessGroup, swarm_command
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,7 @@ def test_status_and_monitor_find_the_liar(model12: Path, tmp_path: Path) -> None
             dht,
             "--identity",
             str(tmp_path / "b"),
-            "--testing-adversary",
-            "noise:0.05",
+            liar="noise:0.05",
         )
         peer = {p.name: p.wait_for_line(r"peer (\S+)", 1).group(1)[:10] for p in (honest, liar)}
         common = ["--initial-peers", dht]

@@ -9,23 +9,27 @@ from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel, GenerationResult
-from swarm.net.messages import PushRequest, PushResponse
+from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
+from swarm.net.messages import PushRequest
+from swarm.net.methods import HandlerRegistry
 from swarm.net.rpc import CallContext
 from swarm.server.compute import Priority
 from swarm.server.handlers import ServingHandlers
 from swarm.server.sessions import SessionLimits
 from swarm.shards import KVCache, Span
-from swarm.testing.adversaries import HangingHandlers
+from swarm.testing.adversaries import hanging
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.swarm import LocalServer, open_local_swarm
 from swarm.types import LayerRange, PeerId
 
 from .conftest import NEW_TOKENS, PROMPT
+
+pytestmark = pytest.mark.slow  # emulated link delays and real step deadlines
 
 SLOW = LinkSpec(delay=0.04)
 
@@ -81,12 +85,14 @@ async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference:
                 AsyncRemoteModel.open(model12, config, transport=transport) as second,
             ):
                 async with aclosing(first.stream(PROMPT, NEW_TOKENS)) as tokens:
-                    got = [(await tokens.__anext__()).id]  # first holds s1's whole cache now
+                    first_token = await tokens.__anext__()  # first holds s1's whole cache now
+                    assert isinstance(first_token, Token)
+                    got = [first_token.id]
                     assert ports(tokens.result) == [s1.ready.port]
                     result = await second.generate_detailed(PROMPT, NEW_TOKENS)
                     assert result.ids == reference
                     assert ports(result) == [s0.ready.port, s2.ready.port]
-                    got += [token.id async for token in tokens]
+                    got += [token.id async for token in tokens if isinstance(token, Token)]
                 assert got == reference
 
 
@@ -96,7 +102,7 @@ async def test_hanging_server_is_abandoned_at_its_deadline(
     with trio.fail_after(120):
         async with LinkEmulator() as links, open_local_swarm(model12, links=links) as local:
             await local.add_server(LayerRange(0, 6))
-            hang = await local.add_server(LayerRange(6, 12), wrap_handlers=HangingHandlers)
+            hang = await local.add_server(LayerRange(6, 12), wrap_handlers=hanging)
             honest = await local.add_server(LayerRange(6, 12))
             slow_down(links, honest, ["client", "server0"])  # the liar looks better
             config = ClientConfig(initial_peers=(local.dht_address,), step_timeout=2.0)
@@ -136,17 +142,17 @@ class StallingHandlers(ServingHandlers):
                 await trio.sleep_forever()
         return await super().compute(span, hidden, positions, cache, priority)
 
-    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> PushResponse:
-        response = await super().rpc_push(request, ctx)
-        if response.accepted:
+    def take_push(self, request: PushRequest, ctx: CallContext) -> bool:
+        accepted = super().take_push(request, ctx)
+        if accepted:
             self.pushes[ctx.peer_id] += 1
-        return response
+        return accepted
 
 
 def stalling(into: list[StallingHandlers], after: int | None = None) -> Callable[..., object]:
-    def wrap(honest: ServingHandlers) -> StallingHandlers:
+    def wrap(honest: ServingHandlers) -> HandlerRegistry:
         into.append(StallingHandlers(honest, after))
-        return into[-1]
+        return into[-1].registry()
 
     return wrap
 

@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from swarm.client.config import ClientConfig
-from swarm.client.model import AsyncRemoteModel, GenerationResult
+from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.client.remote import RemoteModel
-from swarm.testing.processes import ProcessGroup, SwarmProcess, swarm_command
+from swarm.lab.processes import ProcessGroup, SwarmProcess, swarm_command
 
 from .conftest import NEW_TOKENS, PROMPT
 
@@ -115,6 +115,8 @@ async def _generate_timed(
             async with aclosing(model.stream(PROMPT, NEW_TOKENS)) as tokens:
                 last = trio.current_time()
                 async for token in tokens:
+                    if not isinstance(token, Token):
+                        continue
                     now = trio.current_time()
                     gaps.append(now - last)
                     last = now

@@ -1,7 +1,9 @@
 """Connection limits of `RpcServer` and the receive budget, on loopback TCP.
 
 Each test stands up a real server on 127.0.0.1:0 with small limits and checks one limit
-from the outside: what a dialer sees, and that other peers keep being served.
+from the outside: what a dialer sees, and that other peers keep being served. The timeouts
+(handshake, idle, message) run on trio's virtual clock (`autojump_clock`): server and
+dialers are in this process, on loopback sockets or memory streams, with no thread.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget, ReceiveBudgetStatistics, SecureChannel
 from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_outbound
-from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse
+from swarm.net.messages import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, Message
+from swarm.net.methods import HandlerRegistry, Streaming, TypedStream, Unary
 from swarm.net.pool import open_connection_pool
-from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
+from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
@@ -45,15 +48,23 @@ class Handlers:
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
         return ForwardResponse(request.hidden_states)
 
-    @stream_handler
-    async def rpc_hold(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_hold(self, stream: TypedStream[Message, Message], ctx: CallContext) -> None:
         await self.gate.wait()
+
+    def registry(self) -> HandlerRegistry:
+        return HandlerRegistry(
+            [
+                Unary("info", InfoRequest, InfoResponse).bind(self.rpc_info),
+                Unary("forward", ForwardRequest, ForwardResponse).bind(self.rpc_forward),
+                Streaming("hold", up=(InfoRequest,), down=(InfoResponse,)).bind(self.rpc_hold),
+            ]
+        )
 
 
 @asynccontextmanager
 async def serving(config: NetConfig) -> AsyncIterator[tuple[RpcServer, int, Handlers]]:
     handlers = Handlers()
-    server = RpcServer(BOB, handlers, config=config)
+    server = RpcServer(BOB, handlers.registry(), config=config)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, HOST, 0)
         yield server, port, handlers
@@ -176,7 +187,9 @@ async def test_unauthenticated_connections_make_room_oldest_first() -> None:
                 await stream.aclose()
 
 
-async def test_a_silent_connection_is_closed_at_the_handshake_deadline() -> None:
+async def test_a_silent_connection_is_closed_at_the_handshake_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(handshake_timeout=0.3)
     with trio.fail_after(10):
         async with serving(config) as (server, port, _):
@@ -186,7 +199,9 @@ async def test_a_silent_connection_is_closed_at_the_handshake_deadline() -> None
             assert server.statistics().handshaking == 0
 
 
-async def test_idle_channels_are_closed_and_busy_ones_kept() -> None:
+async def test_idle_channels_are_closed_and_busy_ones_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(idle_timeout=0.3)
     with trio.fail_after(20):
         async with (
@@ -273,7 +288,9 @@ async def test_a_message_beyond_the_receive_budget_is_refused_and_others_work() 
             assert await call_info(port) == INFO
 
 
-async def test_a_stalled_message_of_several_frames_times_out() -> None:
+async def test_a_stalled_message_of_several_frames_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     config = NetConfig(max_frame_size=1024, message_timeout=0.3)
     a_raw, b_raw = trio.testing.memory_stream_pair()
     gate = trio.Event()
@@ -405,7 +422,9 @@ async def test_at_the_cap_the_address_with_most_channels_loses_an_idle_one() -> 
                 await channel.aclose()
 
 
-async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness() -> None:
+async def test_a_pool_replaces_a_channel_the_server_may_be_closing_for_idleness(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client = NetConfig(idle_timeout=0.4)
     with trio.fail_after(10):
         async with (

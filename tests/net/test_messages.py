@@ -12,9 +12,11 @@ from swarm.errors import ErrorCode, ProtocolError
 from swarm.net.messages import (
     ErrorResponse,
     ForwardRequest,
+    InferenceInput,
     InferenceOpen,
-    InferenceStep,
     InfoResponse,
+    NewPusher,
+    NewPushTarget,
     PushTarget,
     decode_message,
     encode_message,
@@ -86,8 +88,9 @@ def _sample_messages() -> list[object]:
             LayerRange(0, 8),
             PushTarget(PeerId(b"p" * 32), "127.0.0.1", 4000, b"t" * 16),
         ),
-        InferenceStep(5, h, pos, push_to=PushTarget(PeerId(b"q" * 32), "::1", 1, b"u")),
-        InferenceStep(6),
+        InferenceInput(5, h, pos),
+        NewPushTarget(PushTarget(PeerId(b"q" * 32), "::1", 1, b"u")),
+        NewPusher(PeerId(b"r" * 32)),
         ErrorResponse(ErrorCode.BAD_REQUEST, "boom"),
     ]
 

@@ -22,14 +22,17 @@ from swarm.net.messages import (
     ErrorResponse,
     ForwardRequest,
     ForwardResponse,
-    InferenceStep,
+    InferenceInput,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    Message,
 )
+from swarm.net.methods import Binding, HandlerRegistry, Streaming, TypedStream, Unary
 from swarm.net.pool import ConnectionPool, PoolStatistics, open_connection_pool
-from swarm.net.rpc import CallContext, RpcConnection, RpcStream, stream_handler
+from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.rpc_server import RpcServer
+from swarm.net.surface import call_info
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
 
@@ -80,23 +83,54 @@ class Handlers:
         await self.gate.wait()
         return INFO
 
-    @stream_handler
-    async def rpc_steps(self, stream: RpcStream, ctx: CallContext) -> None:
+    async def rpc_steps(
+        self, stream: TypedStream[InferenceStepResult, InferenceInput], ctx: CallContext
+    ) -> None:
         async for step in stream:
-            assert isinstance(step, InferenceStep)
             await stream.send(InferenceStepResult(step.step, step.hidden_states + 1))
 
-    @stream_handler
-    async def rpc_bad_stream(self, stream: RpcStream, ctx: CallContext) -> None:
-        await stream.receive()
+    async def rpc_bad_stream(self, stream: TypedStream[Message, Message], ctx: CallContext) -> None:
+        await stream.receive_any()
         raise ShardError("cache lost")
+
+    def registry(self) -> HandlerRegistry:
+        def unary(name: str, handler: Callable[..., Awaitable[Message]]) -> Binding:
+            return Unary(name, InfoRequest, InfoResponse).bind(handler)
+
+        return HandlerRegistry(
+            [
+                *(
+                    unary(name, handler)
+                    for name, handler in [
+                        ("info", self.rpc_info),
+                        ("fail", self.rpc_fail),
+                        ("note", self.rpc_note),
+                        ("busy", self.rpc_busy),
+                        ("crash", self.rpc_crash),
+                        ("hang", self.rpc_hang),
+                        ("wait", self.rpc_wait),
+                    ]
+                ),
+                Unary("wrong", InfoRequest, ErrorResponse).bind(self.rpc_wrong),
+                Unary("forward", ForwardRequest, ForwardResponse).bind(self.rpc_forward),
+                STEPS.bind(self.rpc_steps),
+                Streaming("bad_stream", up=(InfoRequest,), down=(InfoResponse,)).bind(
+                    self.rpc_bad_stream
+                ),
+            ]
+        )
+
+
+STEPS: Streaming[InferenceInput, InferenceStepResult] = Streaming(
+    "steps", up=(InferenceInput,), down=(InferenceStepResult,)
+)
 
 
 @pytest.fixture
 async def rpc_pair() -> AsyncIterator[tuple[RpcConnection, Handlers]]:
     handlers = Handlers()
     a, b = await channel_pair()
-    client, server = RpcConnection(a), RpcConnection(b, handlers)
+    client, server = RpcConnection(a), RpcConnection(b, handlers.registry())
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
         await nursery.start(server.run)
@@ -221,7 +255,7 @@ async def test_bidirectional_stream(rpc_pair: tuple[RpcConnection, Handlers]) ->
     pos = torch.zeros(1, 1, dtype=torch.int64)
     async with client.open_stream("steps", timeout=5) as stream:
         for i in range(5):
-            await stream.send(InferenceStep(i, torch.full((1, 1, 4), float(i)), pos))
+            await stream.send(InferenceInput(i, torch.full((1, 1, 4), float(i)), pos))
             result = await stream.receive(InferenceStepResult)
             assert result.step == i
             assert torch.equal(result.hidden_states, torch.full((1, 1, 4), i + 1.0))
@@ -258,7 +292,7 @@ async def test_closed_channel_fails_waiting_calls(rpc_pair: tuple[RpcConnection,
 
 
 async def _serve(nursery: trio.Nursery, swarm_key: bytes | None = None) -> tuple[RpcServer, int]:
-    server = RpcServer(BOB, Handlers(), swarm_key=swarm_key)
+    server = RpcServer(BOB, Handlers().registry(), swarm_key=swarm_key)
     port = await nursery.start(server.serve, "127.0.0.1", 0)
     return server, port
 
@@ -269,29 +303,12 @@ async def test_pool_reuses_and_redials_broken_channels() -> None:
             _server, port = await _serve(nursery)
             async with open_connection_pool(ALICE) as pool:
                 for _ in range(3):
-                    info = await pool.call(
-                        "127.0.0.1",
-                        port,
-                        "info",
-                        InfoRequest(),
-                        InfoResponse,
-                        expected_peer=BOB.peer_id,
-                    )
+                    info = await call_info(await pool.get("127.0.0.1", port, BOB.peer_id))
                     assert info == INFO
                 assert pool.statistics() == PoolStatistics(connections=1, dials=1)
                 conn = await pool.get("127.0.0.1", port, BOB.peer_id)
                 await conn.aclose()  # break it
-                assert (
-                    await pool.call(
-                        "127.0.0.1",
-                        port,
-                        "info",
-                        InfoRequest(),
-                        InfoResponse,
-                        expected_peer=BOB.peer_id,
-                    )
-                    == INFO
-                )
+                assert await call_info(await pool.get("127.0.0.1", port, BOB.peer_id)) == INFO
                 assert pool.statistics().dials == 2
                 assert pool.statistics().connections == 1
                 await _concurrent_gets_share_one_dial(pool, port)
@@ -320,9 +337,7 @@ async def test_pool_with_swarm_key() -> None:
         async with trio.open_nursery() as nursery:
             server, port = await _serve(nursery, swarm_key=key)
             async with open_connection_pool(ALICE, swarm_key=key) as pool:
-                assert (
-                    await pool.call("127.0.0.1", port, "info", InfoRequest(), InfoResponse) == INFO
-                )
+                assert await call_info(await pool.get("127.0.0.1", port)) == INFO
             from swarm.errors import SwarmKeyMismatch
 
             async with open_connection_pool(ALICE, config=NetConfig()) as pool:
@@ -340,7 +355,7 @@ async def test_pool_with_swarm_key() -> None:
 async def test_garbage_envelope_closes_only_that_channel() -> None:
     handlers = Handlers()
     a, b = await channel_pair()
-    server = RpcConnection(b, handlers)
+    server = RpcConnection(b, handlers.registry())
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         await a.send(b"\xc1 not msgpack")
@@ -381,10 +396,10 @@ async def test_transport_seam_is_used_by_server_and_pool() -> None:
     transport = CountingTransport()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            server = RpcServer(BOB, Handlers(), transport=transport)
+            server = RpcServer(BOB, Handlers().registry(), transport=transport)
             port = await nursery.start(server.serve, "127.0.0.1", 0)
             async with open_connection_pool(ALICE, transport=transport) as pool:
-                info = await pool.call("127.0.0.1", port, "info", InfoRequest(), InfoResponse)
+                info = await call_info(await pool.get("127.0.0.1", port))
                 assert info == INFO
             assert (transport.connects, transport.accepted) == (1, 1)
             nursery.cancel_scope.cancel()

@@ -5,7 +5,6 @@ refused while sessions decode, a full queue answered with `LimitExceeded`, and
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
 )
 from swarm.net.pool import ConnectionPool, open_connection_pool
@@ -82,12 +81,18 @@ async def test_eight_concurrent_generations_equal_alone(model_path: Path) -> Non
 
 
 async def _decode_while(
-    pool: ConnectionPool, server: LocalServer, busy: trio.Event, done: trio.Event
-) -> list[float]:
-    """A session stepping one token at a time until ``done``; the latencies of the steps
-    that began after ``busy`` was set."""
+    pool: ConnectionPool,
+    server: LocalServer,
+    decoding: trio.Event,
+    busy: trio.Event,
+    done: trio.Event,
+) -> list[int]:
+    """A session stepping one token at a time until ``done`` (``decoding`` is set after its
+    third step); for each step that began after ``busy`` was set, how many batches carrying
+    a chunk of bulk work ran while it waited."""
     conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
-    latencies: list[float] = []
+    queue = _handlers(server).queue
+    waited: list[int] = []
     async with conn.open_stream("inference", timeout=60) as stream:
         await stream.send(InferenceOpen(os.urandom(16), 4096, 1, "float32", WHOLE))
         await stream.receive(InferenceReady)
@@ -95,42 +100,49 @@ async def _decode_while(
         for step in range(4096):
             if done.is_set():
                 break
-            counted = busy.is_set()
-            started = time.perf_counter()
-            await stream.send(InferenceStep(step, x, torch.tensor([[step]])))
+            if step == 3:
+                decoding.set()
+            counted, before = busy.is_set(), queue.statistics().batches
+            await stream.send(InferenceInput(step, x, torch.tensor([[step]])))
             await stream.receive(InferenceStepResult)
             if counted and not done.is_set():
-                latencies.append(time.perf_counter() - started)
+                ran = queue.statistics().batches - before
+                waited.append(sum(1 for r in queue.statistics().recent[-ran:] if r.bulk_tokens))
         await stream.send_end()
-    return latencies
+    return waited
 
 
 async def test_long_forwards_while_a_session_decodes(
     model_path: Path, pool: ConnectionPool
 ) -> None:
     """A 4,096-token forward is chunked between a session's steps (its steps keep coming:
-    the worst is within 2x of a chunk's batch, and the answer equals one pass); a
-    32,768-token forward is chunked the same way or refused up front, and the session
-    lives on."""
+    each waits for two chunks at most, the one running when it arrived and the one in its
+    own batch, and the answer equals one pass); a 32,768-token forward is chunked the same
+    way or refused up front, and the session lives on. Counted in batches, not seconds, so
+    other work on the machine does not move the verdict."""
     limits = SessionLimits(cache_tokens=200_000, peer_cache_share=1.0, host_cache_share=1.0)
     async with open_local_swarm(model_path) as local:
-        server = await local.add_server(WHOLE, limits=limits)
+        # a chunk of its own, not measured: a busy machine measured 16 tokens, and the 256
+        # chunks of 4,096 tokens then overflowed the 256 batch records the queue keeps
+        compute = ComputeConfig(prefill_chunk=128)
+        server = await local.add_server(WHOLE, limits=limits, compute=compute)
         queue = _handlers(server).queue
         conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
         span = load_span(model_path, WHOLE)
         for tokens in (4096, 32768):
-            busy, done = trio.Event(), trio.Event()
+            decoding, busy, done = trio.Event(), trio.Event(), trio.Event()
             result: dict[str, object] = {}
             hidden = torch.randn(1, tokens, HIDDEN)
             before = queue.statistics().batches
 
             async def forward(
                 hidden: torch.Tensor = hidden,
+                decoding: trio.Event = decoding,
                 busy: trio.Event = busy,
                 done: trio.Event = done,
                 result: dict[str, object] = result,
             ) -> None:
-                await trio.sleep(0.3)  # the session is decoding by now
+                await decoding.wait()
                 busy.set()
                 request = ForwardRequest(hidden, torch.arange(hidden.shape[1]).view(1, -1), WHOLE)
                 try:
@@ -142,7 +154,7 @@ async def test_long_forwards_while_a_session_decodes(
             with trio.fail_after(120):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(forward)
-                    latencies = await _decode_while(pool, server, busy, done)
+                    waited = await _decode_while(pool, server, decoding, busy, done)
             batches = queue.statistics().recent[-(queue.statistics().batches - before) :]
             chunks = [r for r in batches if r.bulk_tokens]
             if "refused" in result:
@@ -151,9 +163,8 @@ async def test_long_forwards_while_a_session_decodes(
                 continue
             assert len(chunks) >= tokens // queue.prefill_chunk
             assert max(r.bulk_tokens for r in chunks) <= queue.prefill_chunk
-            assert len(latencies) >= len(chunks) // 2  # the session stepped along
-            worst_chunk = max(r.seconds for r in chunks)
-            assert max(latencies) <= 2 * worst_chunk + 0.05, (max(latencies), worst_chunk)
+            assert len(waited) >= len(chunks) // 2  # the session stepped along
+            assert max(waited) <= 2, waited  # never behind the whole forward
             if tokens == 4096:
                 with torch.no_grad():
                     want = span(hidden, torch.arange(tokens).view(1, -1))

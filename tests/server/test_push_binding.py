@@ -13,15 +13,20 @@ import trio
 from swarm.errors import ErrorCode, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    NewPusher,
     PushRequest,
 )
+from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
+from swarm.net.rpc import CallContext
+from swarm.net.surface import INFO
+from swarm.server.handlers import ServingHandlers
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.swarm import LocalServer, LocalSwarm, open_local_swarm
 from swarm.types import LayerRange
@@ -55,7 +60,7 @@ async def _forward_alone(
         async with conn.open_stream("inference", timeout=10) as stream:
             await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 4)))
             await stream.receive(InferenceReady)
-            await stream.send(InferenceStep(0, hidden, pos))
+            await stream.send(InferenceInput(0, hidden, pos))
             result = await stream.receive(InferenceStepResult)
             await stream.send_end()
     return result.hidden_states
@@ -91,7 +96,7 @@ async def test_a_third_peer_cannot_inject_an_input(one_server: LocalSwarm) -> No
                 bad = await evil.get(host, port, peer)
                 await bad.notify("push", PushRequest(session_id, 0, garbage, pos))
                 await bad.call("info", InfoRequest(), InfoResponse)  # the notify was handled
-                await stream.send(InferenceStep(0, real, pos))
+                await stream.send(InferenceInput(0, real, pos))
                 got = await stream.receive(InferenceStepResult)
                 torch.testing.assert_close(got.hidden_states, want)
                 # the named predecessor may push step 1 (the client then need not send it)
@@ -125,7 +130,7 @@ async def test_recovery_moves_the_binding(one_server: LocalSwarm) -> None:
                 )
                 await stream.send(opened)
                 await stream.receive(InferenceReady)
-                await stream.send(InferenceStep(0, push_from=second.peer_id))
+                await stream.send(NewPusher(second.peer_id))
                 await conn.call("info", InfoRequest(), InfoResponse)
                 stale = await old.get(host, port, peer)
                 await stale.notify("push", PushRequest(session_id, 0, x1, pos0))
@@ -138,17 +143,20 @@ async def test_recovery_moves_the_binding(one_server: LocalSwarm) -> None:
                 await stream.send_end()
 
 
-async def test_handler_errors_reach_peers_as_codes_only(one_server: LocalSwarm) -> None:
+async def test_handler_errors_reach_peers_as_codes_only(model_path: Path) -> None:
     """A failure inside a handler: the peer gets `internal` and a fixed text, not ours."""
-    server = one_server.servers[0]
-    handlers = server.server.handlers
-    assert handlers is not None
 
-    async def broken(request: object, ctx: object) -> object:
+    async def broken(request: InfoRequest, ctx: CallContext) -> InfoResponse:
         raise KeyError("secret internal detail /home/op/.config")
 
-    handlers.rpc_info = broken  # type: ignore[method-assign]
-    async with open_connection_pool(Identity.generate()) as pool:
+    def wrap(honest: ServingHandlers) -> HandlerRegistry:  # the handler-wrapping seam
+        return honest.registry().replace(INFO.bind(broken))
+
+    async with (
+        open_local_swarm(model_path) as local,
+        open_connection_pool(Identity.generate()) as pool,
+    ):
+        server = await local.add_server(LayerRange(0, 4), wrap_handlers=wrap)
         conn = await pool.get(server.ready.host, server.ready.port, server.ready.peer_id)
         with pytest.raises(RemoteError) as info:
             await conn.call("info", InfoRequest(), InfoResponse)

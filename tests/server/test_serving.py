@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +15,9 @@ from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
     ForwardResponse,
+    InferenceInput,
     InferenceOpen,
     InferenceReady,
-    InferenceStep,
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
@@ -108,7 +107,7 @@ async def test_inference_with_push_matches_one_pass(
             chunks = [(0, 5), (5, 6), (6, 7), (7, 8), (8, 9)]  # prefill, then one token a step
             for step, (a, b) in enumerate(chunks):
                 positions = torch.arange(a, b).view(1, -1)
-                await h0.send(InferenceStep(step, tokens[:, a:b], positions))
+                await h0.send(InferenceInput(step, tokens[:, a:b], positions))
                 first = await h0.receive(InferenceStepResult)
                 second = await h1.receive(InferenceStepResult)  # its input came by push only
                 assert first.step == second.step == step
@@ -151,12 +150,12 @@ async def test_limits_and_bad_input_are_clear_errors(
         with pytest.raises(LimitExceeded, match="server is full"):
             await open_session(32)
         # wrong hidden size, a step past max_length, an unknown session: errors, server lives on
-        await st1.send(InferenceStep(0, torch.randn(1, 2, HIDDEN + 1), torch.zeros(1, 2).long()))
+        await st1.send(InferenceInput(0, torch.randn(1, 2, HIDDEN + 1), torch.zeros(1, 2).long()))
         with pytest.raises(RemoteError, match="hidden states must be"):
             await st1.receive(InferenceStepResult)
         await cm1.__aexit__(None, None, None)
         cm2, st2 = await open_session(4)  # type: ignore[misc]
-        await st2.send(InferenceStep(0, torch.randn(1, 5, HIDDEN), torch.arange(5).view(1, 5)))
+        await st2.send(InferenceInput(0, torch.randn(1, 5, HIDDEN), torch.arange(5).view(1, 5)))
         with pytest.raises(RemoteError, match="KV cache is full"):
             await st2.receive(InferenceStepResult)
         await cm2.__aexit__(None, None, None)
@@ -165,13 +164,20 @@ async def test_limits_and_bad_input_are_clear_errors(
 
 
 async def test_unknown_session_and_wrong_dtype(swarm2: LocalSwarm, pool: ConnectionPool) -> None:
-    from swarm.net.messages import PushRequest, PushResponse
+    from swarm.errors import SessionError
+    from swarm.net.messages import PushRequest
+    from swarm.net.rpc import CallContext
+    from swarm.net.surface import notify_push
 
     s0 = swarm2.servers[0]
     conn = await pool.get(s0.ready.host, s0.ready.port, s0.ready.peer_id)
     push = PushRequest(os.urandom(16), 0, torch.randn(1, 1, HIDDEN), torch.zeros(1, 1).long())
-    with pytest.raises(RemoteError, match="unknown or expired session"):
-        await conn.call("push", push, PushResponse)
+    assert s0.server.handlers is not None
+    with pytest.raises(SessionError, match="unknown or expired session"):
+        s0.server.handlers.take_push(push, CallContext(pool.identity.peer_id, "push"))
+    await notify_push(conn, push)  # one-way: dropped on the server, nothing answers
+    with pytest.raises(RemoteError, match="one-way"):
+        await conn.call("push", push, InfoResponse)
     ints = ForwardRequest(
         torch.zeros(1, 2, HIDDEN, dtype=torch.int64), torch.arange(2).view(1, 2), LayerRange(0, 3)
     )
@@ -192,7 +198,7 @@ async def test_idle_sessions_expire(model_path: Path, pool: ConnectionPool) -> N
             await stream.send(InferenceOpen(os.urandom(16), 8, 1, "float32", LayerRange(0, 6)))
             await stream.receive(InferenceReady)
             assert len(handlers.sessions) == 1
-            assert handlers.sessions.close_idle(now=time.monotonic() + 61.0) == 1
+            assert handlers.sessions.close_idle(now=trio.current_time() + 61.0) == 1
             assert handlers.sessions.free_tokens == handlers.sessions.limits.cache_tokens
             with pytest.raises(RemoteError) as ended:  # the server ended it and says why
                 await stream.receive(InferenceStepResult, timeout=10)

@@ -96,15 +96,15 @@ def test_config_from_metadata(gguf_dir: Path) -> None:
 
 @pytest.fixture
 def dequantized(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The name of every tensor the GGUF reader dequantizes (the only path to tensor data)."""
+    """The name of every tensor whose bytes the GGUF reader reads (the only path to tensor data)."""
     names: list[str] = []
-    real = gguf_module.dequantize_tensor
+    real = gguf_module.tensor_bytes
 
-    def spy(tensor: object) -> object:
+    def spy(path: object, tensor: object) -> object:
         names.append(tensor.name)  # type: ignore[attr-defined]
-        return real(tensor)
+        return real(path, tensor)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gguf_module, "dequantize_tensor", spy)
+    monkeypatch.setattr(gguf_module, "tensor_bytes", spy)
     return names
 
 

@@ -80,6 +80,7 @@ def _greedy_until_eos(path: Path, prompt: list[int], ranges: list[LayerRange]) -
     return out
 
 
+@pytest.mark.slow  # the real 135M model and transformers
 def test_greedy_chat_answer_equals_transformers(
     smollm2: Path, prompt_ids: list[int], transformers_answer: list[int]
 ) -> None:
@@ -117,7 +118,7 @@ def test_three_serve_processes_give_the_same_answer(
     import json
     import subprocess
 
-    from swarm.testing.processes import ProcessGroup, swarm_command
+    from swarm.lab.processes import ProcessGroup, swarm_command
 
     with ProcessGroup() as group:
         _, dht = group.start_dht()
@@ -155,6 +156,7 @@ def smollm2_folder(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return write_folder(smollm2, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 
 
+@pytest.mark.slow  # the real 135M model, written out
 async def test_the_folder_form_gives_the_same_answer(
     smollm2_folder: Path, prompt_ids: list[int], transformers_answer: list[int], tmp_path: Path
 ) -> None:
@@ -163,7 +165,7 @@ async def test_the_folder_form_gives_the_same_answer(
     0:10 / 10:20 / 20:30, transformers' greedy answer on the GGUF up to end of turn."""
     import trio
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, RecordsConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.testing.swarm import open_local_swarm
 
@@ -176,7 +178,7 @@ async def test_the_folder_form_gives_the_same_answer(
         async with open_local_swarm(smollm2_folder, ranges) as local:
             config = ClientConfig(
                 initial_peers=(local.dht_address,),
-                reputation_path=str(tmp_path / "reputation.json"),
+                records=RecordsConfig(reputation_path=str(tmp_path / "reputation.json")),
             )
             async with AsyncRemoteModel.open(smollm2_folder, config) as model:
                 result = await model.generate_detailed(prompt_ids, MAX_NEW)

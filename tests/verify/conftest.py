@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from swarm.lab.reference import generate_locally
 from swarm.testing.checkpoints import make_tiny_checkpoint
-from swarm.testing.reference import generate_locally
 
 PROMPT = [5, 17, 30, 99, 42, 7, 64, 3]
 NEW_TOKENS = 30

@@ -8,7 +8,7 @@ import pytest
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, RecordsConfig
 from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.shards import Span, load_span, model_id
 from swarm.testing.adversaries import adversary_wrapper
@@ -39,11 +39,13 @@ async def run_with_liar(
             await local.add_server(WHOLE, measure_throughput=False)
         FileLedger(tmp_path / "ledger.json").deposit(liar.server.identity.peer_id, 100.0)
         config = ClientConfig(
-            ledger_path=str(tmp_path / "ledger.json"),
             initial_peers=(local.dht_address,),
             verify=policy,
-            verify_seed=seed,
-            reputation_path=str(tmp_path / "reputation.json"),
+            records=RecordsConfig(
+                ledger_path=str(tmp_path / "ledger.json"),
+                seed=seed,
+                reputation_path=str(tmp_path / "reputation.json"),
+            ),
         )
         async with AsyncRemoteModel.open(model4, config) as model:
             result = await model.generate_detailed(PROMPT, NEW_TOKENS)
@@ -121,7 +123,7 @@ async def test_honest_swarm_is_never_flagged_and_reputation_persists(
             config = ClientConfig(
                 initial_peers=(local.dht_address,),
                 verify="redundant:3",
-                reputation_path=str(tmp_path / "rep.json"),
+                records=RecordsConfig(reputation_path=str(tmp_path / "rep.json")),
             )
             async with AsyncRemoteModel.open(model4, config) as model:
                 result = await model.generate_detailed(PROMPT, NEW_TOKENS)

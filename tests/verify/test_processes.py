@@ -1,4 +1,4 @@
-"""Real processes: `swarm serve --testing-adversary zeros` beside honest servers, and
+"""Real processes: a lab liar server (`zeros`) beside honest servers, and
 `swarm generate --verify spot-check:0.5 --json` returns the honest tokens; the reputation file
 written by one run bans the liar for the next."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from swarm.identity import Identity
-from swarm.testing.processes import ProcessGroup, swarm_command
+from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.verify.reputation import Reputation
 
 from .conftest import NEW_TOKENS, PROMPT
@@ -55,8 +55,7 @@ def test_generate_with_verify_against_a_lying_process(
             dht,
             "--identity",
             str(liar_key),
-            "--testing-adversary",
-            "zeros",
+            liar="zeros",
         )
         for name in ("honest0", "honest1"):
             group.start_server(name, str(model4), "0:4", dht, "--identity", str(tmp_path / name))

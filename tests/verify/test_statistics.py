@@ -14,9 +14,9 @@ import torch
 
 from swarm.shards import load_head, load_span
 from swarm.testing.adversaries import corruptor, perturb_weights
+from swarm.testing.simulate import Recording, SimPeer, record_outputs, simulate_hop
 from swarm.types import LayerRange
 from swarm.verify.policy import parse_policy
-from swarm.verify.simulate import Recording, SimPeer, record_outputs, simulate_hop
 
 PROMPT, STEPS = 8, 30
 CHUNKS = [PROMPT] + [1] * (STEPS - 1)  # 30 steps: the prefill and 29 decoded tokens

@@ -3,14 +3,15 @@
 Each hop step has an adaptive deadline (`hedge_deadline`): ``hedge_after`` times the hop's
 usual time for a step of that many tokens, at least ``hedge_floor``. A hop that has not
 answered by then keeps running, and a replacement starts beside it on other servers (the
-recovery path's `open_replacement`: open the hop's layers, replay its history) and runs the
+chain's `Chain.replace`: open the hop's layers, replay its history) and runs the
 same step. The first full answer is kept:
 
 - the hop's own: the replacement's sub-sessions are closed (their caches die with them), the
   hop's history gets the step as usual;
-- the replacement's: it is spliced in (`splice`: the hop before pushes to it, the hop after
-  takes its pushes), the slow hop is closed and penalised in routing (`Penalties`), not
-  banned. Its history holds the replay and the step, the same cache it computed.
+- the replacement's: it is spliced in (`Chain.splice`: the hop before pushes to it, the hop
+  after takes its pushes), the slow hop is closed and penalised in routing
+  (`FailurePolicy.slow`), not banned. Its history holds the replay and the step, the same
+  cache it computed.
 
 A hop that fails outright meanwhile is banned as on any failure. With no replacement to be
 had, or none answering, the step waits for the hop up to ``step_timeout`` as before; a hop
@@ -20,7 +21,7 @@ racers run in one nursery: the winner cancels the other, whose cleanup closes wh
 Pushes: during the race the hop before still pushes to the late hop (the replacement gets
 its input from the client), and the hop after still takes pushes only from the late hop;
 after a replacement won, the client sends the hop after its input itself for this step and
-`splice` rewires both for the next. (If the late hop had pushed this step's output to the
+`Chain.splice` rewires both for the next. (If the late hop had pushed this step's output to the
 hop after before it stalled, that hop computes on it: the same computation by an honest
 server, so equal to the replacement's output up to floating-point rounding.)
 """
@@ -31,16 +32,18 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import trio
 
+from swarm.client.chain.hop import HopFailure, HopState, StepAnswer, close_hop, run_step
 from swarm.client.config import ClientConfig
-from swarm.client.hops import HopFailure, HopState, StepAnswer, close_hop, run_step
-from swarm.client.opening import HopOpener
-from swarm.client.recovery import open_replacement, splice
 from swarm.errors import DeadlineExceeded, SessionError, SwarmError
 from swarm.types import LayerRange, PeerId
+
+if TYPE_CHECKING:
+    from swarm.client.chain.chain import Chain
 
 __all__ = ["HedgeRecord", "HedgeWinner", "hedge_deadline", "step_hop", "usual_seconds"]
 
@@ -79,12 +82,12 @@ def usual_seconds(times: Sequence[tuple[int, float]], tokens: int) -> float | No
 def hedge_deadline(state: HopState, tokens: int, config: ClientConfig) -> float | None:
     """Seconds into a step of ``tokens`` tokens after which hop ``state`` is raced by a
     replacement; None: never (hedging off, no history yet, or not before ``step_timeout``)."""
-    if config.hedge_after is None:
+    if config.hedging.after is None:
         return None
-    usual = usual_seconds(state.step_times(), tokens)
+    usual = usual_seconds(state.history.step_times(), tokens)
     if usual is None:
         return None
-    deadline = max(config.hedge_floor, config.hedge_after * usual)
+    deadline = max(config.hedging.floor, config.hedging.after * usual)
     return deadline if deadline < config.step_timeout else None
 
 
@@ -96,7 +99,7 @@ class HedgeWinner(enum.Enum):
 
 @dataclass(frozen=True)
 class HedgeRecord:
-    """One hedged step of one hop (`SessionStatistics.hedges`)."""
+    """One hedged step of one hop (`ChainStatistics.hedges`)."""
 
     step: int
     layers: LayerRange
@@ -107,36 +110,35 @@ class HedgeRecord:
 
 
 async def step_hop(
-    opener: HopOpener,
-    hops: list[HopState],
+    chain: Chain,
     k: int,
     step: int,
     x: torch.Tensor,
     positions: torch.Tensor,
     *,
     send_now: bool,
-    hedges: list[HedgeRecord],
 ) -> int:
-    """Run ``step`` on hop ``k`` (input ``(batch, n, hidden)``), hedged when it is late, and
-    record it in the history of whichever hop answered; a hedge is appended to ``hedges``.
+    """Run ``step`` on hop ``k`` of ``chain`` (input ``(batch, n, hidden)``), hedged when it
+    is late, and record it in the history of whichever hop answered; a hedge is appended to
+    ``chain.hedges``.
 
     Returns how many hops now stand where hop ``k`` stood: 1, unless a replacement split its
     layers (the last one's last output is the step's output). Raises `HopFailure` when the
     hop failed and no replacement answered (the caller recovers), `SessionError` when our
     input was refused as malformed.
     """
-    config = opener.config
-    deadline = hedge_deadline(hops[k], x.shape[1], config)
+    config, state = chain.config, chain.hop(k)
+    deadline = hedge_deadline(state, x.shape[1], config)
     if deadline is None:
         answer = await run_step(
-            hops[k], config, step, x, positions, send_now=send_now, grace=config.push_grace
+            state, config, step, x, positions, send_now=send_now, grace=config.pipeline.push_grace
         )
-        hops[k].record(x, positions, answer)
+        state.history.record(x, positions, answer)
         return 1
-    race = _Race(opener, hops, k, step, x, positions)
+    race = _Race(chain, k, step, x, positions)
     await race.run(deadline, send_now)
     if race.hedged:
-        hedges.append(race.record(deadline))
+        chain.hedges.append(race.record(deadline))
     return await race.settle()
 
 
@@ -145,17 +147,11 @@ class _Race:
     wins (`_win`) and cancels the other."""
 
     def __init__(
-        self,
-        opener: HopOpener,
-        hops: list[HopState],
-        k: int,
-        step: int,
-        x: torch.Tensor,
-        positions: torch.Tensor,
+        self, chain: Chain, k: int, step: int, x: torch.Tensor, positions: torch.Tensor
     ) -> None:
-        self.opener, self.hops, self.k, self.step = opener, hops, k, step
+        self.chain, self.k, self.step = chain, k, step
         self.x, self.positions = x, positions
-        self.state = hops[k]
+        self.state = chain.hop(k)
         self.started = trio.current_time()
         self.scope = trio.CancelScope()
         self.original_done = trio.Event()
@@ -169,8 +165,8 @@ class _Race:
 
     async def run(self, deadline: float, send_now: bool) -> None:
         """Race until one answer is kept, both gave up, or ``step_timeout`` passed."""
-        config = self.opener.config
-        grace = min(config.push_grace, deadline)  # late at the deadline: push or not, send
+        config = self.chain.config
+        grace = min(config.pipeline.push_grace, deadline)  # late at the deadline: push or not, send
         with trio.move_on_after(config.step_timeout), self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._original, send_now, grace)
@@ -198,7 +194,7 @@ class _Race:
         try:
             answer = await run_step(
                 self.state,
-                self.opener.config,
+                self.chain.config,
                 self.step,
                 self.x,
                 self.positions,
@@ -219,18 +215,19 @@ class _Race:
     async def _replacement(self) -> None:
         slow = self.state.hop.server.peer_id
         try:
-            new = await open_replacement(self.opener, self.hops, self.k, self.step, {slow})
+            new = await self.chain.replace(self.k, self.step, {slow})
         except HopFailure as failure:  # a replacement server failed the replay
-            self.opener.ban(failure)
+            self.chain.policy.ban(failure)
             return
         except SwarmError as exc:  # no replacement to be had: the late hop may still answer
             log.info("no replacement for %s: %s", slow, exc)
             return
         try:
-            answer = await self._through(new)
+            out = await self.chain.run_through(new, self.step, self.x, self.positions)
+            answer = StepAnswer(out, new[-1].history.receipts[-1], new[-1].history.seconds[-1])
         except (HopFailure, SessionError) as exc:
             if isinstance(exc, HopFailure):
-                self.opener.ban(exc)
+                self.chain.policy.ban(exc)
             await _close_all(new)
             return
         except BaseException:
@@ -238,19 +235,6 @@ class _Race:
             raise
         if not self._win(HedgeWinner.REPLACEMENT, answer, new):
             await _close_all(new)
-
-    async def _through(self, new: list[HopState]) -> StepAnswer:
-        """The step through the replacement's hops, recorded in their histories."""
-        config = self.opener.config
-        x, answer = self.x, None
-        for state in new:
-            answer = await run_step(
-                state, config, self.step, x, self.positions, send_now=True, grace=config.push_grace
-            )
-            state.record(x, self.positions, answer)
-            x = answer.out.to(config.torch_wire_dtype)
-        assert answer is not None  # a replacement covers its layers with at least one hop
-        return answer
 
     def record(self, deadline: float) -> HedgeRecord:
         hop = self.state.hop
@@ -265,28 +249,19 @@ class _Race:
             raise self.refused
         if self.winner is HedgeWinner.ORIGINAL:
             assert self.answer is not None
-            self.state.record(self.x, self.positions, self.answer)
+            self.state.history.record(self.x, self.positions, self.answer)
             return 1
         if self.winner is HedgeWinner.REPLACEMENT:
             if self.failure is not None:
-                self.opener.ban(self.failure)
+                self.chain.policy.ban(self.failure)
             else:
-                self._penalise()
-            await splice(self.opener, self.hops, self.k, self.new, self.step)
+                self.chain.policy.slow(self.state.hop.server.peer_id)
+            await self.chain.splice(self.k, self.new, self.step)
             return len(self.new)
         if self.failure is not None:
             raise self.failure
-        timeout = self.opener.config.step_timeout
+        timeout = self.chain.config.step_timeout
         raise HopFailure(self.state.hop, DeadlineExceeded(f"no answer within {timeout} s"))
-
-    def _penalise(self) -> None:
-        config = self.opener.config
-        if config.slow_penalty > 0:
-            peer = self.state.hop.server.peer_id
-            value = self.opener.bans.penalties.penalise(
-                peer, config.slow_penalty, config.slow_penalty_half_life_s
-            )
-            log.info("penalising %s (route cost x%.2f) for a lost hedged step", peer, 1 + value)
 
 
 async def _close_all(states: Sequence[HopState]) -> None:

@@ -1,24 +1,23 @@
 """`HopOpener`: plan routes over a layer range and open one sub-session per hop, for one
-`InferenceSession` (its route at the start, and every replacement later)."""
+`Chain` (its route at the start, and every replacement later)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from contextlib import AsyncExitStack
 
 import trio
 
-from swarm.client.bans import BanList
+from swarm.client.chain.failures import FailurePolicy
+from swarm.client.chain.hop import HopFailure, HopState, close_hop, push_target, rewire
 from swarm.client.config import ClientConfig
 from swarm.client.discovery import ServerDirectory
-from swarm.client.hops import HopFailure, HopState, close_hop, push_target, set_push
 from swarm.client.routing import Hop, plan_route
 from swarm.errors import (
     DeadlineExceeded,
-    ErrorCode,
     ProtocolError,
     RemoteError,
     RoutingError,
@@ -27,20 +26,18 @@ from swarm.errors import (
 )
 from swarm.net.messages import InferenceOpen, InferenceReady, PushTarget
 from swarm.net.pool import ConnectionPool
+from swarm.net.surface import open_inference
 from swarm.types import LayerRange, PeerId, parse_address
 
 __all__ = ["HopOpener"]
 
 log = logging.getLogger(__name__)
 
-# What a server answers when it did nothing wrong: full, draining, or our session is gone.
-_BLAMELESS = frozenset({ErrorCode.LIMIT_EXCEEDED, ErrorCode.UNAVAILABLE, ErrorCode.SESSION})
-
 
 class HopOpener:
-    """Opens sub-sessions of one session's shape (``max_length``, ``batch_size``) on routes
-    that avoid banned and ``excluded`` servers, and bans servers that fail. ``failures``
-    lists every failure it banned for (the session's as well, through `ban`)."""
+    """Opens sub-sessions of one chain's shape (``max_length``, ``batch_size``) on routes
+    that avoid banned and ``excluded`` servers; servers that fail to open are handed to the
+    chain's `FailurePolicy`."""
 
     def __init__(
         self,
@@ -50,7 +47,7 @@ class HopOpener:
         *,
         max_length: int,
         batch_size: int,
-        bans: BanList,
+        failures: FailurePolicy,
         rng: random.Random,
         excluded: Collection[PeerId] = (),
     ) -> None:
@@ -59,33 +56,10 @@ class HopOpener:
         self.config = config
         self.max_length = max_length
         self.batch_size = batch_size
-        self.bans = bans
+        self.failures = failures
+        self.bans = failures.bans
         self.rng = rng
         self.excluded = set(excluded)  # never routed to (verification bans)
-        self.failures: list[str] = []
-
-    def blameless(self, failure: HopFailure) -> bool:
-        """True when the server only said it is full, draining or done with our session (a
-        `LimitExceeded`, ``unavailable`` or ``session`` answer): it is then penalised in
-        routing and avoided by the caller, not banned, since it did nothing wrong."""
-        cause = failure.cause
-        innocent = isinstance(cause, RemoteError) and cause.code in _BLAMELESS
-        if innocent:
-            peer = failure.hop.server.peer_id
-            cfg = self.config
-            self.bans.penalties.penalise(peer, cfg.slow_penalty, cfg.slow_penalty_half_life_s)
-            log.info("%s cannot go on (%s); moving to another server", peer, cause)
-        return innocent
-
-    def ban(self, failure: HopFailure) -> bool:
-        """Ban the failed server (backing off) and return True; a `blameless` one is only
-        penalised, and False returned (the caller then avoids it where it re-plans)."""
-        if self.blameless(failure):
-            return False
-        seconds = self.bans.ban(failure.hop.server.peer_id)
-        self.failures.append(str(failure))
-        log.warning("banning %s for %.0f s: %s", failure.hop.server.peer_id, seconds, failure)
-        return True
 
     async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
@@ -136,14 +110,15 @@ class HopOpener:
                 start = states[-1].hop.layers.stop if states else start
                 if failure is not None:
                     failures += 1
-                    if not self.ban(failure):
+                    if not self.failures.ban(failure):
                         avoid.add(failure.hop.server.peer_id)
-                    if failures > self.config.max_open_retries:
+                    if failures > self.config.failures.max_open_retries:
                         raise SessionError(
                             f"{failures} servers failed while opening layers {layers}; "
                             f"last: {failure}"
                         ) from failure.cause
-            await self._wire_pushes(opened, next_target, first_step)
+            if self.config.pipeline.use_push:
+                await rewire(opened, next_target, first_step)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for state in opened:
@@ -213,19 +188,17 @@ class HopOpener:
                 conn = await self.pool.get(host, port, hop.server.peer_id)
             if scope.cancelled_caught:
                 raise DeadlineExceeded(f"connecting took over {cfg.connect_timeout} s")
-            stream = await stack.enter_async_context(
-                conn.open_stream("inference", timeout=cfg.step_timeout)
-            )
+            stream = await stack.enter_async_context(open_inference(conn, timeout=cfg.step_timeout))
             await stream.send(
                 InferenceOpen(
                     session_id=session_id,
                     max_length=self.max_length,
                     batch_size=self.batch_size,
-                    dtype=cfg.wire_dtype,
+                    dtype=cfg.pipeline.wire_dtype,
                     layer_range=hop.layers,
-                    push_to=push_to if cfg.use_push else None,
+                    push_to=push_to if cfg.pipeline.use_push else None,
                     first_step=first_step,
-                    push_from=push_from if cfg.use_push else None,
+                    push_from=push_from if cfg.pipeline.use_push else None,
                 )
             )
             ready = await stream.receive(InferenceReady, timeout=cfg.request_timeout)
@@ -241,16 +214,5 @@ class HopOpener:
             await stack.aclose()
             raise
         state = HopState(hop, session_id, stream, stack, first_step)
-        state.push_to = push_to if cfg.use_push else None
+        state.push_to = push_to if cfg.pipeline.use_push else None
         return state
-
-    async def _wire_pushes(
-        self, states: Sequence[HopState], next_target: PushTarget | None, step: int
-    ) -> None:
-        """Point each hop's pushes at the hop after it, where they point elsewhere."""
-        if not self.config.use_push:
-            return
-        for i, state in enumerate(states):
-            want = states[i + 1].target if i + 1 < len(states) else next_target
-            if want is not None and state.push_to != want:
-                await set_push(state, want, step)

@@ -1,12 +1,13 @@
-"""One hop of an inference session: a sub-session on one server, what it was sent and what it
-answered (`HopState`), one step on it (`run_step`), its push wiring and closing it.
+"""One hop of a chain: a sub-session on one server (`HopState`), what it was sent and what it
+answered (`HopHistory`), one step on it (`run_step`), its push wiring (`rewire`) and closing it.
 
-Opening hops is `swarm.client.opening`; replacing them, `swarm.client.recovery`.
+Opening hops is `swarm.client.chain.opening`; the chain that owns them, `Chain`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -24,20 +25,29 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.net.messages import InferenceStep, InferenceStepResult, PushTarget, Receipt
-from swarm.net.rpc import RpcStream
-from swarm.types import PeerId, parse_address
+from swarm.net.messages import (
+    InferenceInput,
+    InferenceStepResult,
+    NewPusher,
+    NewPushTarget,
+    PushTarget,
+    Receipt,
+)
+from swarm.net.methods import TypedStream
+from swarm.net.surface import InferenceDown, InferenceUp
+from swarm.types import parse_address
 from swarm.verify.receipts import check_receipt
 
 __all__ = [
+    "HistoryView",
     "HopFailure",
+    "HopHistory",
     "HopState",
     "StepAnswer",
     "close_hop",
     "push_target",
+    "rewire",
     "run_step",
-    "set_push",
-    "set_pusher",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,36 +74,91 @@ class StepAnswer:
     seconds: float  # from the start of the step's wait to the answer
 
 
-@dataclass
-class HopState:
-    """One open sub-session: its stream, the step it started at and its history (one entry
-    per step it answered, a replay counting as one)."""
+@dataclass(frozen=True)
+class HistoryView:
+    """A hop's history up to one step (its first ``entries`` entries), concatenated on
+    demand: what verification re-runs and what a replacement replays."""
 
-    hop: Hop
-    session_id: bytes
-    stream: RpcStream
-    stack: AsyncExitStack
-    first_step: int
-    push_to: PushTarget | None = None
-    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # what the hop returned, per entry
-    receipts: list[Receipt | None] = field(default_factory=list)  # the hop's signed receipts
-    seconds: list[float] = field(default_factory=list)
+    history: HopHistory
+    entries: int
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs ``(batch, T, hidden)``, positions ``(batch, T)`` and outputs ``(batch, T,
+        hidden)`` (float32), in the order they were sent."""
+        return self.history.tensors(self.entries)
+
+
+class HopHistory:
+    """Every entry a hop answered (a step, or a replay counting as one), oldest first.
+
+    `tensors` concatenates lazily and keeps what it built, so checking every step costs one
+    copy of the new entries, not of the whole history. (Speculative decoding would cut this
+    history back to an accepted length here, with the server's cache.)
+    """
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch, n, hidden), (batch, n)
+        self.outputs: list[torch.Tensor] = []  # what the hop returned, per entry
+        self.receipts: list[Receipt | None] = []  # the hop's signed receipts
+        self.seconds: list[float] = []
+        self._built: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._built_entries = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
 
     @property
-    def target(self) -> PushTarget:
-        return push_target(self.hop, self.session_id)
+    def tokens(self) -> int:
+        """Positions the hop's cache holds."""
+        return sum(x.shape[1] for x, _ in self.inputs)
 
     def record(self, x: torch.Tensor, positions: torch.Tensor, answer: StepAnswer) -> None:
-        """Append one answered step (input ``(batch, n, hidden)``, positions ``(batch, n)``)."""
+        """Append one answered entry (input ``(batch, n, hidden)``, positions ``(batch, n)``)."""
         self.inputs.append((x, positions))
         self.outputs.append(answer.out)
         self.receipts.append(answer.receipt)
         self.seconds.append(answer.seconds)
 
+    def view(self) -> HistoryView:
+        """The history as it stands now (later entries stay out of the view)."""
+        return HistoryView(self, len(self))
+
+    def tensors(self, entries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``entries`` entries concatenated (see `HistoryView.tensors`)."""
+        if not 0 < entries <= len(self):
+            raise ValueError(f"history has {len(self)} entries, asked for {entries}")
+        if self._built is None or self._built_entries < entries:
+            new = range(self._built_entries, len(self))
+            parts = [self._built] if self._built is not None else []
+            x = torch.cat([p[0] for p in parts] + [self.inputs[i][0].float() for i in new], 1)
+            pos = torch.cat([p[1] for p in parts] + [self.inputs[i][1] for i in new], 1)
+            out = torch.cat([p[2] for p in parts] + [self.outputs[i].float() for i in new], 1)
+            self._built, self._built_entries = (x, pos, out), len(self)
+        x, pos, out = self._built
+        tokens = sum(self.inputs[i][0].shape[1] for i in range(entries))
+        return x[:, :tokens], pos[:, :tokens], out[:, :tokens]
+
     def step_times(self) -> list[tuple[int, float]]:
         """``(tokens, seconds)`` of every entry, oldest first."""
         return [(x.shape[1], s) for (x, _), s in zip(self.inputs, self.seconds, strict=True)]
+
+
+@dataclass
+class HopState:
+    """One open sub-session: its stream, the step it started at, where it pushes, and its
+    history."""
+
+    hop: Hop
+    session_id: bytes
+    stream: TypedStream[InferenceUp, InferenceDown]
+    stack: AsyncExitStack
+    first_step: int
+    push_to: PushTarget | None = None
+    history: HopHistory = field(default_factory=HopHistory)
+
+    @property
+    def target(self) -> PushTarget:
+        return push_target(self.hop, self.session_id)
 
 
 def push_target(hop: Hop, session_id: bytes) -> PushTarget:
@@ -130,7 +195,7 @@ async def run_step(
                     state.hop.server.peer_id,
                     grace,
                 )
-        await state.stream.send(InferenceStep(step, x, positions))
+        await state.stream.send(InferenceInput(step, x, positions))
         result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
         return _check(state, config, step, x, result, started)
     except trio.EndOfChannel as exc:
@@ -173,22 +238,32 @@ def _check(
     return StepAnswer(out, result.receipt, trio.current_time() - started)
 
 
-async def set_push(state: HopState, target: PushTarget, step: int) -> None:
-    """Point the hop's pushes at ``target``. Best effort: a hop that cannot take the news
-    fails its next step instead."""
-    try:
-        await state.stream.send(InferenceStep(step, push_to=target))
-        state.push_to = target
-    except TransportError as exc:
-        log.info("could not update the push target of %s: %s", state.hop.server.peer_id, exc)
-
-
-async def set_pusher(state: HopState, peer: PeerId, step: int) -> None:
-    """Tell a hop whose predecessor changed whose pushes to take (best effort)."""
-    try:
-        await state.stream.send(InferenceStep(step, push_from=peer))
-    except TransportError as exc:
-        log.info("could not update the pusher of %s: %s", state.hop.server.peer_id, exc)
+async def rewire(
+    states: Sequence[HopState],
+    next_target: PushTarget | None,
+    step: int,
+    *,
+    pusher_of: HopState | None = None,
+) -> None:
+    """Point each hop's pushes at the hop after it (the last one's at ``next_target``) where
+    they point elsewhere, and tell ``pusher_of`` (the hop after ``states``) to take pushes
+    from the last of them. The one place where push wiring changes. Best effort: a hop that
+    cannot take the news fails its next step instead."""
+    for i, state in enumerate(states):
+        want = states[i + 1].target if i + 1 < len(states) else next_target
+        if want is not None and state.push_to != want:
+            try:
+                await state.stream.send(NewPushTarget(want))
+                state.push_to = want
+            except TransportError as exc:
+                peer = state.hop.server.peer_id
+                log.info("could not update the push target of %s: %s", peer, exc)
+    if pusher_of is not None and states:
+        peer = states[-1].hop.server.peer_id
+        try:
+            await pusher_of.stream.send(NewPusher(peer))
+        except TransportError as exc:
+            log.info("could not update the pusher of %s: %s", pusher_of.hop.server.peer_id, exc)
 
 
 async def close_hop(state: HopState) -> None:

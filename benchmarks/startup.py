@@ -1,0 +1,79 @@
+"""Server start-up to ready, and loading a layer range (issue 21, the latency budget).
+
+    python benchmarks/startup.py                       # heavy model, 0:8, 3 starts
+    python benchmarks/startup.py --model smollm2 --layers 10:20
+    python benchmarks/startup.py --code old=/tmp/old --code new=.   # alternate code trees
+
+Starts one `swarm dht`, then `swarm serve MODEL --layers L` again and again (one torch
+thread), timing the command's start to its "ready" line (wall and the process's CPU
+seconds, which a loaded machine inflates less), and stopping it each time. With
+``--code NAME=DIR`` (repeatable) the starts alternate between code trees: DIR holds
+``swarm`` and ``swarm_cli`` (symlinks to a checkout's ``swarm`` and ``cli``), put first on
+PYTHONPATH, so two commits are compared on the same machine in one run. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from swarm.lab.processes import ProcessGroup
+from swarm.testing.checkpoints import write_random_llama
+
+HEAVY = {"num_layers": 16, "hidden": 1024, "heads": 16, "kv_heads": 16, "intermediate": 2816}
+
+
+def model_path(name: str, workdir: Path) -> Path:
+    if name == "smollm2":
+        from swarm.shards.bundled import default_model_path
+
+        return Path(default_model_path())
+    path = workdir / "heavy"
+    if not (path / "config.json").exists():
+        write_random_llama(path, seed=0, std=0.02, vocab=32000, **HEAVY)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="heavy", choices=["heavy", "smollm2"])
+    parser.add_argument("--layers", default="0:8")
+    parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--code", action="append", default=[], help="NAME=DIR")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "swarm-bench")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = model_path(args.model, args.workdir)
+    trees = [tuple(c.split("=", 1)) for c in args.code] or [("this", "")]
+    times: dict[str, list[float]] = {name: [] for name, _ in trees}
+    cpu_times: dict[str, list[float]] = {name: [] for name, _ in trees}
+    with ProcessGroup() as group:
+        _, dht = group.start_dht()
+        for i in range(args.starts):
+            for name, tree in trees:
+                runner = ProcessGroup(env={"PYTHONPATH": tree} if tree else None)
+                with runner:
+                    started = time.perf_counter()
+                    proc = runner.start_server(
+                        f"{name}{i}", str(path), args.layers, dht, "--identity-name", f"b{i}{name}"
+                    )
+                    times[name].append(time.perf_counter() - started)
+                    cpu = psutil.Process(proc.pid).cpu_times()
+                    cpu_times[name].append(cpu.user + cpu.system)
+    for name, values in times.items():
+        print(
+            f"[startup {args.model} {args.layers}] {name}: "
+            f"median {statistics.median(values):.2f} s "
+            f"(of {len(values)}: {', '.join(f'{v:.2f}' for v in values)}); CPU seconds to "
+            f"ready: median {statistics.median(cpu_times[name]):.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

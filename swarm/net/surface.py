@@ -1,0 +1,104 @@
+"""The RPC surface of a server, declared once: each method's row, and its calling stub.
+
+=============  =========  ==========================================  ========================
+method         shape      caller sends                                callee answers
+=============  =========  ==========================================  ========================
+``info``       unary      `InfoRequest`                               `InfoResponse`
+``forward``    unary      `ForwardRequest`                            `ForwardResponse`
+``inference``  stream     `InferenceOpen`, then `InferenceInput`,     `InferenceReady`, then
+                          `NewPushTarget`, `NewPusher`                `InferenceStepResult`
+``push``       one-way    `PushRequest`                               (nothing)
+=============  =========  ==========================================  ========================
+
+Callers use the stubs below (``call_info``, ``call_forward``, ``open_inference``,
+``notify_push``); the server binds one handler per row (`SERVER_METHODS`), and a registry
+missing a row or holding another is refused (`server_registry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceInput,
+    InferenceOpen,
+    InferenceReady,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    NewPusher,
+    NewPushTarget,
+    PushRequest,
+)
+from swarm.net.methods import Binding, HandlerRegistry, OneWay, Streaming, TypedStream, Unary
+
+if TYPE_CHECKING:
+    from swarm.net.rpc import RpcConnection
+
+__all__ = [
+    "FORWARD",
+    "INFERENCE",
+    "INFO",
+    "PUSH",
+    "SERVER_METHODS",
+    "InferenceDown",
+    "InferenceUp",
+    "call_forward",
+    "call_info",
+    "notify_push",
+    "open_inference",
+    "server_registry",
+]
+
+InferenceUp = InferenceOpen | InferenceInput | NewPushTarget | NewPusher
+InferenceDown = InferenceReady | InferenceStepResult
+
+INFO = Unary("info", InfoRequest, InfoResponse)
+FORWARD = Unary("forward", ForwardRequest, ForwardResponse)
+INFERENCE: Streaming[InferenceUp, InferenceDown] = Streaming(
+    "inference",
+    up=(InferenceOpen, InferenceInput, NewPushTarget, NewPusher),
+    down=(InferenceReady, InferenceStepResult),
+)
+PUSH = OneWay("push", PushRequest)
+
+SERVER_METHODS: frozenset[str] = frozenset(m.name for m in (INFO, FORWARD, INFERENCE, PUSH))
+
+
+def server_registry(bindings: Iterable[Binding]) -> HandlerRegistry:
+    """A server's registry: one binding per row of the surface. Raises `ValueError` if a row
+    has none or a binding is for a method the surface does not have."""
+    registry = HandlerRegistry(bindings)
+    if registry.names != SERVER_METHODS:
+        missing, extra = SERVER_METHODS - registry.names, registry.names - SERVER_METHODS
+        raise ValueError(f"server handlers: missing {sorted(missing)}, unknown {sorted(extra)}")
+    return registry
+
+
+async def call_info(conn: RpcConnection, *, timeout: float | None = None) -> InfoResponse:
+    """What the server serves and how loaded it is."""
+    return await INFO.call(conn, InfoRequest(), timeout=timeout)
+
+
+async def call_forward(
+    conn: RpcConnection, request: ForwardRequest, *, timeout: float | None = None
+) -> ForwardResponse:
+    """A stateless forward of whole sequences through a sub-range of the server's span."""
+    return await FORWARD.call(conn, request, timeout=timeout)
+
+
+def open_inference(
+    conn: RpcConnection, *, timeout: float | None = None
+) -> AbstractAsyncContextManager[TypedStream[InferenceUp, InferenceDown]]:
+    """An ``inference`` stream (``timeout`` bounds each receive): send `InferenceOpen`,
+    receive `InferenceReady`, then steps."""
+    return INFERENCE.open(conn, timeout=timeout)
+
+
+async def notify_push(conn: RpcConnection, request: PushRequest) -> None:
+    """A hop's output delivered to the next hop's session, without an answer."""
+    await PUSH.notify(conn, request)

@@ -1,0 +1,161 @@
+"""`Rebalancer`: the trio loop that checks, now and then, whether this server should move.
+
+Each wait is drawn from ``[0.5, 1.5] × BalanceConfig.period`` (servers started together
+drift apart). A check reads every server's announcement (the ``read`` callable: the DHT in
+production, a list in tests) and asks `swarm.server.balance.decide`. A move goes in three
+steps, so that two servers that saw the same gap do not both take it, and two servers of
+one block do not both leave it:
+
+1. re-check: wait a random ``[0, recheck] × period`` and decide again from fresh
+   announcements (a server that moved first is counted where it went);
+2. intent: announce ``moving_to`` (``intend``), wait ``settle`` seconds for intents
+   announced at the same time to land, and decide again reading them with
+   `swarm.server.balance.yielding` (of two servers that both intend to move, the one whose
+   `PeerId` sorts first goes on, the other backs off);
+3. move (``move``: the server loads the new range, drains the old one, switches), or
+   withdraw the intent (``intend(None)``).
+
+No move within ``cooldown`` of the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from swarm.directory import ServerView
+from swarm.errors import SwarmError
+from swarm.server.balance import BalanceConfig, Decision, Stay, decide, yielding
+from swarm.types import LayerRange, PeerId
+
+__all__ = ["Rebalancer", "RebalancerStatistics"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebalancerStatistics:
+    checks: int
+    moves: int
+    last: Decision | None  # the latest check's decision (None before the first)
+
+
+class Rebalancer:
+    """Checks at randomised periods and calls ``move(decision)`` when a move pays.
+
+    ``read`` returns the announcements of every server of the model; ``current`` and
+    ``throughput`` say what this server serves now and how fast. ``move`` returns once the
+    server serves ``decision.target``; an exception it raises (a `SwarmError`) is logged
+    and the server stays where it was.
+    """
+
+    def __init__(
+        self,
+        config: BalanceConfig,
+        me: PeerId,
+        num_layers: int,
+        *,
+        read: Callable[[], Awaitable[Sequence[ServerView]]],
+        current: Callable[[], LayerRange],
+        throughput: Callable[[], float],
+        intend: Callable[[LayerRange | None], Awaitable[None]],
+        move: Callable[[Decision], Awaitable[None]],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.me = me
+        self.num_layers = num_layers
+        self._read = read
+        self._current = current
+        self._throughput = throughput
+        self._intend = intend
+        self._move = move
+        self._rng = rng or random.Random()
+        self._checks = 0
+        self._moves = 0
+        self._last: Decision | None = None
+        self._last_move_at: float | None = None
+
+    def statistics(self) -> RebalancerStatistics:
+        return RebalancerStatistics(self._checks, self._moves, self._last)
+
+    def next_wait(self) -> float:
+        """Seconds until the next check: uniform in ``[0.5, 1.5] × period``."""
+        return self.config.period * self._rng.uniform(0.5, 1.5)
+
+    async def check(self, *, confirming: bool = False) -> Decision | None:
+        """Read the announcements and decide (None when they could not be read);
+        ``confirming``: our own intent is announced, read others' with `yielding`."""
+        started = trio.current_time()
+        try:
+            views = await self._read()
+        except SwarmError as exc:
+            log.info("rebalancing: reading announcements failed: %s", exc)
+            return None
+        if all(view.peer_id != self.me for view in views):
+            # our own records are always there: a lookup that timed out returned a part
+            log.info("rebalancing: the announcements read miss our own; not deciding")
+            return None
+        if confirming:
+            views = yielding(views, self.me)
+        decision = decide(
+            views, self.me, self._current(), self._throughput(), self.num_layers,
+            quality=self.config.quality,
+        )  # fmt: skip
+        self._checks += 1
+        self._last = decision
+        log.debug(
+            "rebalancing check (%d servers, read in %.1f s): %s",
+            len(views), trio.current_time() - started, decision.describe(),
+        )  # fmt: skip
+        return decision
+
+    def _cooling(self) -> bool:
+        last = self._last_move_at
+        return last is not None and trio.current_time() - last < self.config.cooldown_seconds
+
+    async def step(self) -> Decision | None:
+        """One check, and the move when it pays and survives the re-check. Returns the
+        decision acted on (a move) or the last one made (a stay; None: nothing read)."""
+        decision = await self.check()
+        if decision is None or not decision.move:
+            return decision
+        if self._cooling():
+            log.info("rebalancing: would move %s, but moved recently", decision.describe())
+            return Decision(
+                decision.current, decision.target, decision.before, decision.after,
+                stay=Stay.COOLDOWN,
+            )  # fmt: skip
+        await trio.sleep(self.config.period * self.config.recheck * self._rng.random())
+        again = await self.check()
+        if again is None or not again.move or again.target != decision.target:
+            log.info("rebalancing: the re-check no longer moves %s", decision.describe())
+            return again
+        await self._intend(again.target)
+        await trio.sleep(self.config.settle)
+        final = await self.check(confirming=True)
+        if final is None or not final.move or final.target != again.target:
+            log.info("rebalancing: withdrawing the move %s", again.describe())
+            await self._intend(None)
+            return final
+        log.warning("rebalancing: moving %s", final.describe())
+        try:
+            await self._move(final)
+        except SwarmError as exc:
+            log.warning("rebalancing: the move %s failed: %s", final.describe(), exc)
+            await self._intend(None)
+            return final
+        self._moves += 1
+        self._last_move_at = trio.current_time()
+        return final
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check and move until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.next_wait())
+            await self.step()

@@ -1,0 +1,236 @@
+"""Weights kept quantized: int8 and int4 linear layers over PyTorch's weight-only kernels.
+
+A block's seven projections (q, k, v, o, gate, up, down) can hold
+
+- **int8**, one scale per output channel, multiplied by ``torch._weight_int8pack_mm``:
+  ``w = q * scale`` (q in -127..127);
+- **int4**, one scale and one zero per group of 32 inputs, packed two to a byte by
+  ``torch._convert_weight_to_int4pack_for_cpu`` and multiplied by
+  ``torch._weight_int4pack_mm_for_cpu``: ``w = fma(q - 8, scale, zero)`` (q in 0..15; the
+  kernel's rounding, measured: one fused multiply-add).
+
+GGUF's Q4_0 (``w = d * (q - 8)``) and Q4_1 (``w = d * q + m``) blocks of 32 map onto int4
+exactly: scale ``d``, zero 0 or ``m + 8d`` (exact in float32 for float16 ``d`` and ``m`` whose
+exponents lie within 13 of each other, which :func:`int4_from_gguf_blocks` checks), and one
+rounding of the same real number gives the same float, so the packed weights dequantize to
+exactly ``gguf``'s values. Q8_0 has one scale per block of 32 where the int8 kernel has one
+per row, so it is requantized per channel (relative error ~0.3 % of the weights); K-quants and
+float weights are quantized from their float values (int8: ~0.4 %, int4 group-32
+asymmetric: ~8 % on random normal weights; see ``benchmarks/quant.py`` for the logits).
+
+Embeddings, norms and the head stay as they are. These kernels exist for the CPU; on other
+devices :func:`serving_quantization` keeps the weights in float (dequantized as before).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from swarm.errors import ShardError
+
+__all__ = [
+    "GROUP",
+    "QUANTIZED_LINEARS",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantLinear",
+    "Quantization",
+    "int4_from_gguf_blocks",
+    "quantize_linear",
+    "serving_quantization",
+]
+
+GROUP = 32
+# Our per-layer parameter names (see swarm.shards.checkpoint) of the matrices kept quantized.
+QUANTIZED_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+_INNER_K_TILES = 2
+_EXACT_INT4 = ("Q4_0", "Q4_1")
+
+
+class Quantization(enum.Enum):
+    """How a span keeps its projection weights: ``none`` (the serving dtype), ``int8`` or
+    ``int4``. The value is what the CLI takes and the announcement carries."""
+
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, text: str) -> Quantization:
+        """``Quantization("int8")`` with a `ShardError` naming the choices on a bad name."""
+        try:
+            return cls(text)
+        except ValueError:
+            names = ", ".join(q.value for q in cls)
+            raise ShardError(f"unknown quantization {text!r} (one of: {names})") from None
+
+
+def serving_quantization(
+    requested: Quantization | None, stored_types: set[str], device: torch.device
+) -> Quantization:
+    """The quantization a span is served in: ``requested``, or by default the checkpoint's own
+    where a kernel exists (GGUF layer matrices all Q4_0/Q4_1: int4; all Q8_0: int8; anything
+    else: none). On a device other than the CPU, always none (no kernel wired there yet: the
+    weights are dequantized to the serving dtype, as before)."""
+    if device.type != "cpu":
+        return Quantization.NONE
+    if requested is not None:
+        return requested
+    if stored_types and stored_types <= set(_EXACT_INT4):
+        return Quantization.INT4
+    if stored_types == {"Q8_0"}:
+        return Quantization.INT8
+    return Quantization.NONE
+
+
+class QuantLinear(nn.Module):
+    """What both quantized layers share: the input/output sizes and an optional float bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.exact = False  # True: the weights equal the checkpoint's (GGUF Q4_0/Q4_1)
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()  # (tokens, in)
+        out = self.matmul(flat)  # (tokens, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the kernel sees it, (out, in) in float32."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantLinear):
+    """``x @ (q * scale).T``: ``weight`` int8 (out, in), ``scales`` (out,) in the serving
+    dtype."""
+
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.weight: torch.Tensor
+        self.scales: torch.Tensor
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight, self.scales)  # (tokens, out)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # (out, in)
+
+
+class Int4Linear(QuantLinear):
+    """Group-wise int4: ``packed`` uint8 (out, in/2) in the kernel's layout, and
+    ``scales_zeros`` (in/group, out, 2) in the serving dtype."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_zeros: torch.Tensor,
+        in_features: int,
+        bias: torch.Tensor | None,
+        group: int = GROUP,
+    ) -> None:
+        super().__init__(in_features, packed.shape[0], bias)
+        self.group = group
+        self.packed: torch.Tensor
+        self.scales_zeros: torch.Tensor
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros.contiguous())
+
+    @classmethod
+    def pack(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> Int4Linear:
+        """From ``q`` (out, in) integers 0..15, ``scales`` and ``zeros`` (out, in/group)."""
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INNER_K_TILES)
+        sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype)  # (in/group, out, 2)
+        return cls(packed, sz, q.shape[1], bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group, self.scales_zeros
+        )  # (tokens, out)
+
+    def dequantize(self) -> torch.Tensor:
+        """Through the kernel itself: each identity row picks one input's weights exactly."""
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)  # (in, in)
+        return self.matmul(eye).t().float()  # (out, in)
+
+
+def quantize_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, kind: Quantization, dtype: torch.dtype
+) -> QuantLinear:
+    """Quantize a float ``weight`` (out, in): int8 per output channel (symmetric), or int4 per
+    group of 32 (asymmetric: the group's minimum and maximum span 0..15).
+
+    Raises:
+        ShardError: ``kind`` is none, or int4 and ``in`` is not a multiple of 32.
+    """
+    w = weight.to(torch.float32)  # (out, in)
+    if kind is Quantization.INT8:
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return Int8Linear(q, scales.to(dtype), bias)
+    if kind is Quantization.INT4:
+        out, size = w.shape
+        if size % GROUP:
+            raise ShardError(f"int4 needs input sizes that are multiples of {GROUP}, got {size}")
+        groups = w.view(out, size // GROUP, GROUP)  # (out, groups, 32)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, groups)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+        return Int4Linear.pack(q.view(out, size), scales, low + 8 * scales, bias, dtype)
+    raise ShardError("quantize_linear needs int8 or int4")
+
+
+def int4_from_gguf_blocks(
+    blocks: np.ndarray[Any, np.dtype[np.uint8]], type_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 or Q4_1 blocks, (rows, bytes per row), as int4 ``q`` (rows, cols) in 0..15 and the
+    group ``scales`` and ``zeros`` (rows, cols/32) in float32, exactly: ``fma(q - 8, scale,
+    zero)`` equals ``gguf``'s dequantization.
+
+    Raises:
+        ShardError: another type, or a Q4_1 block whose ``m + 8d`` float32 cannot hold exactly.
+    """
+    if type_name not in _EXACT_INT4:
+        raise ShardError(f"{type_name} blocks do not map onto int4 exactly")
+    size = 18 if type_name == "Q4_0" else 20
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks).reshape(rows, -1, size)  # (rows, groups, bytes)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, groups)
+    nibbles = b[..., size - 16 :]  # (rows, groups, 16)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # (rows, groups, 32)
+    if type_name == "Q4_0":
+        zeros = np.zeros_like(d)
+    else:
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zeros = m + 8 * d
+        if not np.array_equal(zeros.astype(np.float64), m.astype(np.float64) + 8.0 * d):
+            raise ShardError("a Q4_1 block's min + 8 * scale is not exact in float32")
+    return (
+        torch.from_numpy(q.reshape(rows, -1).astype(np.int32)),
+        torch.from_numpy(d),
+        torch.from_numpy(zeros),
+    )
