@@ -284,7 +284,8 @@ class TokenLoop:
             logits = await self.heads.logits(rows)  # (1 + guesses, vocab)
             verdict = accept(self.sampler, logits, draft, len(result.ids))  # by answer index
             if self.speculator is not None:
-                self.speculator.record(len(draft), verdict.accepted, step_seconds)
+                decode = len(ids) == 1  # a prompt's step times the prompt, not the guesses
+                self.speculator.record(len(draft), verdict.accepted, step_seconds, decode=decode)
                 stats = self.speculator.statistics()
                 result.speculation = stats if stats.drafted else None
             position += len(ids) + verdict.accepted

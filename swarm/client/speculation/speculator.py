@@ -74,9 +74,12 @@ class Speculator:
         self._draft_seconds = time.perf_counter() - started
         return draft.tokens
 
-    def record(self, drafted: int, accepted: int, step_seconds: float) -> None:
-        """The round's outcome: ``drafted`` guesses sent, ``accepted`` kept, the step's time."""
-        self.planner.record(drafted, accepted, step_seconds, self._draft_seconds)
+    def record(
+        self, drafted: int, accepted: int, step_seconds: float, *, decode: bool = True
+    ) -> None:
+        """The round's outcome: ``drafted`` guesses sent, ``accepted`` kept, the step's time
+        (``decode`` False: the step also fed a prompt, its time says nothing of guesses)."""
+        self.planner.record(drafted, accepted, step_seconds, self._draft_seconds, decode=decode)
 
     def statistics(self) -> PlannerStatistics:
         return self.planner.statistics()
