@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -32,6 +33,13 @@ def dht(
         Path | None, typer.Option(help="Identity key file (default ~/.config/swarm/...).")
     ] = None,
     private_groups: PrivateGroupsOption = "host",
+    relay: Annotated[
+        bool,
+        typer.Option(
+            help="Relay for servers that cannot be dialed and dial back for reachability "
+            "checks, on TCP at the DHT's port number (--no-relay: DHT only)."
+        ),
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Run a bootstrap-only DHT node: print its host:port, serve until Ctrl-C / SIGTERM."""
@@ -50,19 +58,28 @@ def dht(
         private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
     )
     ident = Identity.load_or_create(identity)
-    trio.run(_serve, ident, config)
+    trio.run(_serve, ident, config, relay)
 
 
-async def _serve(identity: Identity, config: DHTConfig) -> None:
+async def _serve(identity: Identity, config: DHTConfig, relay: bool) -> None:
     import trio
 
     from swarm.dht import DHTNode
     from swarm.directory import AnnouncementProver
+    from swarm.server.relay_node import serve_relay_node
 
     # a bootstrap node stores records too: it keeps those of servers that answer first
     prover = AnnouncementProver(identity, swarm_key=config.swarm_key)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with DHTNode.open(identity, config, prover=prover) as node:
+        async with DHTNode.open(identity, config, prover=prover) as node, trio.open_nursery() as n:
+            if relay:
+                relay_node = functools.partial(serve_relay_node, swarm_key=config.swarm_key)
+                try:  # the DHT's port number on TCP if it is free, else any
+                    port, _ = await n.start(relay_node, identity, node, config.host, node.port)
+                except OSError:
+                    port, _ = await n.start(relay_node, identity, node, config.host, 0)
+                print(f"relay and dial-back on tcp {config.host}:{port}", flush=True)
             print(f"DHT node {identity.peer_id} listening on {node.address}", flush=True)
             async for _ in signals:
                 break
+            n.cancel_scope.cancel()

@@ -130,6 +130,8 @@ async def _status(
     for column in (
         "peer",
         "address",
+        "path",
+        "reachability",
         "layers",
         "state",
         "weights",
@@ -149,6 +151,8 @@ async def _status(
         table.add_row(
             s.peer_id.short(),
             s.address,
+            s.path,
+            s.reachability,
             str(s.layers),
             s.state,
             f"{s.dtype} {s.quantization}",

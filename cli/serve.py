@@ -134,6 +134,17 @@ def serve(
         ),
     ] = 0.75,
     private_groups: PrivateGroupsOption = "host",
+    relay: Annotated[
+        bool,
+        typer.Option(help="Relay for servers that cannot be dialed, while reachable (--no-relay)."),
+    ] = True,
+    port_mapping: Annotated[
+        bool,
+        typer.Option(
+            help="When others cannot dial this server, ask the router (UPnP IGD, needs the "
+            "miniupnpc package) to forward the port (--no-port-mapping: never)."
+        ),
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -147,6 +158,7 @@ def serve(
     from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
+    from swarm.server.reachability import ReachabilityConfig
     from swarm.server.sessions import SessionLimits
     from swarm.shards.hub import resolve_checkpoint
     from swarm.types import LayerRange
@@ -190,6 +202,7 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
+        reachability=ReachabilityConfig(offer_relay=relay, port_mapping=port_mapping),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
     trio.run(_run, config, WRAP_HANDLERS.get())
@@ -272,7 +285,8 @@ def _report_ready(ready: ServerReady, config: ServerConfig) -> None:
     print(
         f"swarm server ready: peer {ready.peer_id} at {ready.host}:{ready.port} "
         f"layers {ready.layers} model {ready.model_id} dht {ready.dht_address} "
-        f"throughput {ready.throughput:.1f} tok/s",
+        f"throughput {ready.throughput:.1f} tok/s reachability {ready.reachability}"
+        + (f" relays {','.join(ready.relays)}" if ready.relays else ""),
         flush=True,
     )
     if not config.dht.initial_peers:

@@ -30,6 +30,7 @@ __all__ = [
     "MoveReason",
     "PeerId",
     "QuantName",
+    "Reachability",
     "ServerState",
     "b58decode",
     "b58encode",
@@ -154,6 +155,16 @@ class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
+
+
+class Reachability(enum.StrEnum):
+    """Whether others can dial a server at the address it announces (a majority of
+    dial-back peers decides, `swarm.server.reachability`): ``unknown`` before a check or
+    when no peer could vote, ``reachable``, ``unreachable``."""
+
+    UNKNOWN = "unknown"
+    REACHABLE = "reachable"
+    UNREACHABLE = "unreachable"
 
 
 class MoveReason(enum.StrEnum):

@@ -46,6 +46,8 @@ def status_report(gateway: Gateway) -> dict[str, Any]:
                 "peer": str(view.peer_id),
                 "short": view.peer_id.short(),
                 "address": view.address,
+                "path": view.path,
+                "reachability": str(view.reachability),
                 "state": str(view.state),
                 "start": view.layers.start,
                 "stop": view.layers.stop,

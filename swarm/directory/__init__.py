@@ -15,12 +15,15 @@ from swarm.directory.keys import (
     family_key,
     material_key,
     model_family,
+    relay_key,
 )
 from swarm.directory.prover import AnnouncementProver
+from swarm.directory.relays import RelayView, address_group, relays_from_records, spread
 from swarm.directory.servers import (
     MAX_THROUGHPUT,
     ServerView,
     decode_announcement,
+    dial_address,
     servers_from_records,
 )
 
@@ -28,11 +31,14 @@ __all__ = [
     "MAX_THROUGHPUT",
     "AnnouncementProver",
     "DHTEvidenceBoard",
+    "RelayView",
     "ServerView",
+    "address_group",
     "announce_model_id",
     "block_key",
     "block_keys",
     "decode_announcement",
+    "dial_address",
     "evidence_key",
     "family_key",
     "fetch_evidence",
@@ -43,6 +49,9 @@ __all__ = [
     "missing_ranges",
     "model_family",
     "other_model_ids",
+    "relay_key",
+    "relays_from_records",
     "servers_from_records",
     "servers_per_block",
+    "spread",
 ]

@@ -5,7 +5,9 @@
 - ``"<model_id>/evidence/<digest>/<i>"``: chunk ``i`` of the material behind an evidence;
 - ``"<family>/models"``: one record per server naming the model id it serves, where the
   family is the readable part of the id (architecture and size, e.g. ``llama-135m``), so a
-  client whose copy of the weights differs from the servers' can be told so.
+  client whose copy of the weights differs from the servers' can be told so;
+- ``"swarm/relays"``: one record per peer that relays and dials back (a `RelayAnnouncement`):
+  reachable servers and ``swarm dht`` nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "material_key",
     "model_family",
     "parse_block_key",
+    "relay_key",
 ]
 
 
@@ -58,3 +61,8 @@ def model_family(model_id: str) -> str:
 def family_key(model_id: str) -> str:
     """The key under which servers of models of this family name the ids they serve."""
     return f"{model_family(model_id)}/models"
+
+
+def relay_key() -> str:
+    """The key under which relays (and dial-back helpers) announce themselves."""
+    return "swarm/relays"

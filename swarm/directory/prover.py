@@ -14,7 +14,7 @@ import trio
 
 from swarm.dht.records import Record
 from swarm.directory.keys import parse_block_key
-from swarm.directory.servers import decode_announcement
+from swarm.directory.servers import decode_announcement, dial_address
 from swarm.errors import ProtocolError, SwarmError
 from swarm.identity import Identity
 from swarm.net.config import NetConfig
@@ -54,7 +54,8 @@ class AnnouncementProver:
             ann = decode_announcement(dict(record.value), parsed[1], None)
         except ProtocolError:
             return None
-        return (record.peer_id.digest, ann.host, ann.port)
+        host, port = dial_address(ann)
+        return (record.peer_id.digest, host, port)
 
     async def prove(self, claim: Hashable) -> bool:
         if not isinstance(claim, tuple) or len(claim) != 3:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from swarm.dht.records import Record
 from swarm.directory.keys import block_key
 from swarm.errors import ProtocolError
-from swarm.net.messages import RangeMove, ServerAnnouncement, message_from_wire
-from swarm.types import LayerRange, PeerId, ServerState, format_address
+from swarm.net.messages import RangeMove, RelayHop, ServerAnnouncement, message_from_wire
+from swarm.types import LayerRange, PeerId, Reachability, ServerState, format_address
 
 __all__ = [
     "MAX_CACHE_TOKENS",
@@ -27,6 +27,7 @@ __all__ = [
     "MAX_THROUGHPUT",
     "ServerView",
     "decode_announcement",
+    "dial_address",
     "servers_from_records",
 ]
 
@@ -50,6 +51,9 @@ class ServerView:
     state: ServerState = ServerState.ONLINE
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
     dtype: str = "float32"  # what the server computes in
+    reachability: Reachability = Reachability.UNKNOWN
+    relays: tuple[RelayHop, ...] = ()  # non-empty: dialed through the first (`address`)
+    direct_address: str = ""  # the address it listens on (= `address` unless relayed)
     moving_to: LayerRange | None = None  # rebalancing: the range it is loading to move to
     last_move: RangeMove | None = None  # its latest move (who moved where, and why)
     quantization: str = "none"  # how its weights are kept: none, int8, int4
@@ -60,6 +64,20 @@ class ServerView:
         """The most cache a new session here can get: free, or reclaimable from peers
         beyond their shares (a server whose room is only borrowed still takes sessions)."""
         return max(self.free_cache_tokens, self.room_tokens)
+
+    @property
+    def path(self) -> str:
+        """``"relayed"`` when dials go through a relay, else ``"direct"``."""
+        return "relayed" if self.relays else "direct"
+
+
+def dial_address(ann: ServerAnnouncement) -> tuple[str, int]:
+    """Where to dial the server that made ``ann``: its first relay when it announces
+    relays (it cannot be dialed itself), else its own address. The dialer's routed hello
+    names the server's `PeerId`, so the relay knows whom to splice it to."""
+    if ann.relays:
+        return ann.relays[0].host, ann.relays[0].port
+    return ann.host, ann.port
 
 
 def decode_announcement(value: object, block: int, num_layers: int | None) -> ServerAnnouncement:
@@ -91,6 +109,8 @@ def decode_announcement(value: object, block: int, num_layers: int | None) -> Se
         raise ProtocolError("announcement.active_sessions is out of range")
     if any(not math.isfinite(p.rtt) for p in ann.next_pings):
         raise ProtocolError("announcement.next_pings: an rtt is not finite")
+    if ann.relays and ann.reachability == Reachability.REACHABLE:
+        raise ProtocolError("announcement.relays given by a server that is reachable")
     return ann
 
 
@@ -126,7 +146,7 @@ def servers_from_records(
 def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
     return ServerView(
         peer_id=peer,
-        address=format_address(ann.host, ann.port),
+        address=format_address(*dial_address(ann)),
         layers=ann.layer_range,
         throughput=ann.throughput,
         free_cache_tokens=ann.free_cache_tokens,
@@ -134,6 +154,9 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
         dtype=ann.dtype,
+        reachability=ann.reachability,
+        relays=ann.relays,
+        direct_address=format_address(ann.host, ann.port),
         moving_to=ann.moving_to,
         last_move=ann.last_move,
         quantization=ann.quantization,

@@ -95,6 +95,13 @@ class ExactReader:
     def has_buffered(self) -> bool:
         return bool(self._buf)
 
+    def take_buffered(self) -> bytes:
+        """The bytes read from the stream but not yet consumed (a relay forwards them
+        before it splices the raw stream on)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
     async def read(self, n: int) -> bytes | bytearray | None:
         """Exactly ``n`` bytes. Large reads fill one preallocated buffer (one copy)."""
         if len(self._buf) >= n:

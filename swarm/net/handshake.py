@@ -2,10 +2,16 @@
 
 Setting a channel up (both sides, under ``NetConfig.handshake_timeout``):
 
-1. Each side sends a 6-byte hello: ``b"SWRM"``, protocol version, mode (0 open swarm,
-   1 private swarm). The initiator's hello is the Noise prologue, so altering it breaks the
-   handshake. If one side has a swarm key and the other does not, both raise
-   `SwarmKeyMismatch` here.
+1. Each side sends a hello: ``b"SWRM"``, protocol version, a mode byte (bit 0: private
+   swarm). An initiator that knows whom it dials sets bit 1 ("routed") and appends that
+   `PeerId` (and, in a private swarm, an HMAC of it under the swarm key), so that a relay
+   (`swarm.net.relay`) knows which of its relayed peers to splice the stream onto; the
+   peer itself ignores it. The initiator's whole hello is the Noise prologue, so altering
+   it (the target included) breaks the handshake. If one side has a swarm key and the
+   other does not, both raise `SwarmKeyMismatch` here. A relay that cannot splice answers
+   with a hello whose mode has bit 7 set and a `RelayRefusal` code in the low bits. Bit 2
+   ("connect-back", with a 32-byte token) is not a handshake at all: a relayed peer opens
+   it to its relay to carry one circuit (`swarm.net.relay`).
 2. Noise XX (XXpsk3 with the swarm key as PSK), each handshake message prefixed by a 2-byte
    big-endian length that must equal the exact length the pattern implies (so a damaged
    length fails at once instead of waiting for bytes that never come). An identity proof is
@@ -33,8 +39,11 @@ Frames after the handshake are `swarm.net.channel.SecureChannel`'s.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
 import trio
@@ -60,18 +69,28 @@ from swarm.types import PeerId
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "TOKEN_LEN",
     "Admission",
+    "Hello",
     "Refusal",
+    "RelayRefusal",
+    "connect_back_hello",
     "open_channel",
+    "read_hello",
+    "refuse_hello",
     "secure_inbound",
     "secure_outbound",
 ]
 
 # 2: the confirmation carries a status byte (refusals under connection limits); in private
 # swarms the responder's identity proof moved from message 2 to the confirmation.
-PROTOCOL_VERSION = 2
+# 3: routed hellos (the dialed PeerId, for relays), relay refusals, connect-back hellos.
+PROTOCOL_VERSION = 3
 _MAGIC = b"SWRM"
 _HELLO_LEN = 6
+_PRIVATE, _ROUTED, _CONNECT_BACK, _REFUSED = 0x01, 0x02, 0x04, 0x80
+_ROUTE_CONTEXT = b"swarm-relay-route:"
+TOKEN_LEN = 32
 _PROOF_CONTEXT = b"swarm-noise-static-key:"
 _PROOF_LEN = 32 + 64  # Ed25519 public key + signature
 _LOST_IN_HANDSHAKE: dict[type[BaseException], type[SwarmError]] = {
@@ -99,20 +118,117 @@ Admission = Callable[[PeerId], Refusal | None]
 ``None`` to accept, a `Refusal` to refuse it. Runs synchronously inside the handshake."""
 
 
-def _hello(private: bool) -> bytes:
-    return _MAGIC + bytes([PROTOCOL_VERSION, 1 if private else 0])
+class RelayRefusal(IntEnum):
+    """Why a relay did not splice a routed dial (the low bits of its hello's mode byte)."""
+
+    LIMIT = 1  # a quota of the relay: circuits or bytes/s per dialer address or relayed peer
+    UNAVAILABLE = 2  # the relayed peer did not connect back in time
+    NOT_MEMBER = 3  # private swarm: the dialer did not prove the swarm key
+
+    @property
+    def message(self) -> str:
+        if self is RelayRefusal.LIMIT:
+            return "the relay refused the circuit: a relay quota is exhausted"
+        if self is RelayRefusal.UNAVAILABLE:
+            return "the relay could not reach the relayed peer"
+        return "the relay relays only members of its private swarm"
 
 
-def _check_hello(hello: bytes, private: bool) -> None:
+@dataclass(frozen=True)
+class Hello:
+    """An initiator's hello as the responder read it. ``raw`` is its exact bytes (the Noise
+    prologue); ``target`` the `PeerId` it dials (routed), ``route_mac`` the private-swarm
+    HMAC over it; ``token`` set only for a relay's connect-back."""
+
+    raw: bytes
+    private: bool
+    target: PeerId | None = None
+    route_mac: bytes = b""
+    token: bytes | None = None
+
+    def route_mac_ok(self, swarm_key: bytes | None) -> bool:
+        """Whether a private swarm's routed hello proves the swarm key (always True in an
+        open swarm). Replaying one only opens a circuit whose end-to-end handshake fails."""
+        if swarm_key is None:
+            return True
+        if self.target is None:
+            return False
+        return hmac.compare_digest(self.route_mac, _route_mac(swarm_key, self.target))
+
+
+def _route_mac(swarm_key: bytes, target: PeerId) -> bytes:
+    return hmac.new(swarm_key, _ROUTE_CONTEXT + target.digest, hashlib.sha256).digest()
+
+
+def _hello(private: bool, target: PeerId | None = None, swarm_key: bytes | None = None) -> bytes:
+    mode = (_PRIVATE if private else 0) | (_ROUTED if target is not None else 0)
+    out = _MAGIC + bytes([PROTOCOL_VERSION, mode])
+    if target is not None:
+        out += target.digest
+        if swarm_key is not None:
+            out += _route_mac(swarm_key, target)
+    return out
+
+
+def connect_back_hello(token: bytes) -> bytes:
+    """What a relayed peer sends first on a connection that carries one circuit."""
+    return _MAGIC + bytes([PROTOCOL_VERSION, _CONNECT_BACK]) + token
+
+
+def refuse_hello(reason: RelayRefusal) -> bytes:
+    """A relay's answer to a routed dial it will not splice."""
+    return _MAGIC + bytes([PROTOCOL_VERSION, _REFUSED | reason])
+
+
+def _check_version(hello: bytes) -> None:
     if hello[:4] != _MAGIC:
         raise HandshakeError("the remote end is not a swarm peer (bad hello)")
     if hello[4] != PROTOCOL_VERSION:
         raise HandshakeError(
             f"the peer speaks protocol version {hello[4]}, we speak {PROTOCOL_VERSION}"
         )
-    if hello[5] not in (0, 1):
+
+
+async def read_hello(reader: ExactReader) -> Hello:
+    """Read an initiator's hello (with its routed target or connect-back token). Raises
+    `HandshakeError` for a hello that is not ours or has an unknown mode."""
+    head = await _read_hs(reader, _HELLO_LEN, "hello")
+    _check_version(head)
+    mode = head[5]
+    if mode & ~(_PRIVATE | _ROUTED | _CONNECT_BACK) or (mode & _ROUTED and mode & _CONNECT_BACK):
         raise HandshakeError("the peer's hello has an unknown swarm mode")
-    if bool(hello[5]) != private:
+    private = bool(mode & _PRIVATE)
+    if mode & _CONNECT_BACK:
+        token = await _read_hs(reader, TOKEN_LEN, "hello")
+        return Hello(head + token, private, token=token)
+    if not mode & _ROUTED:
+        return Hello(head, private)
+    target = await _read_hs(reader, 32, "hello")
+    mac = await _read_hs(reader, 32, "hello") if private else b""
+    return Hello(head + target + mac, private, PeerId(target), mac)
+
+
+def _check_hello(hello: bytes, private: bool) -> None:
+    """Check the responder's hello: ours, the same swarm mode, or a relay's refusal."""
+    _check_version(hello)
+    mode = hello[5]
+    if mode & _REFUSED:
+        try:
+            reason = RelayRefusal(mode & ~_REFUSED)
+        except ValueError as exc:
+            raise HandshakeError("the relay refused the circuit (unknown code)") from exc
+        if reason is RelayRefusal.LIMIT:
+            raise LimitExceeded(reason.message)
+        if reason is RelayRefusal.NOT_MEMBER:
+            raise SwarmKeyMismatch(reason.message)
+        raise ConnectError(reason.message)
+    if mode not in (0, 1):
+        raise HandshakeError("the peer's hello has an unknown swarm mode")
+    _check_mode(bool(mode), private)
+
+
+def _check_mode(theirs_private: bool, private: bool) -> None:
+    if theirs_private != private:
         ours, theirs = ("a", "no") if private else ("no", "a")
         raise SwarmKeyMismatch(
             f"swarm key differs: we have {ours} swarm key, the peer has {theirs} swarm key"
@@ -215,7 +331,7 @@ async def _outbound(
     receive_budget: ReceiveBudget | None,
 ) -> SecureChannel:
     private = swarm_key is not None
-    hello = _hello(private)
+    hello = _hello(private, expected_peer, swarm_key)
     static = KeyPair.generate()
     state = HandshakeState(initiator=True, static=static, prologue=hello, psk=swarm_key)
     reader = ExactReader(stream)
@@ -283,18 +399,22 @@ async def secure_inbound(
     config: NetConfig = DEFAULT_NET_CONFIG,
     admit: Admission | None = None,
     receive_budget: ReceiveBudget | None = None,
+    hello: tuple[ExactReader, Hello] | None = None,
 ) -> SecureChannel:
     """Run the responder's side of the handshake on an accepted stream.
 
     ``admit`` (default: accept everyone) is asked once the dialer's `PeerId` is proven; if
     it returns a `Refusal` the dialer is told so and `LimitExceeded` is raised here.
+    ``hello``: the reader of ``stream`` and the hello already read from it with
+    `read_hello` (a listener that looks at the target first); the deadline then covers the
+    rest of the handshake.
     Raises `SwarmKeyMismatch` if the dialer does not hold our swarm key (or holds one when
     we have none), `HandshakeError` for any other failure, `DeadlineExceeded` after
     ``config.handshake_timeout``. The stream is closed on failure.
     """
     try:
         with trio.fail_after(config.handshake_timeout):
-            return await _inbound(stream, identity, swarm_key, config, admit, receive_budget)
+            return await _inbound(stream, identity, swarm_key, config, admit, receive_budget, hello)
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(stream)
         raise DeadlineExceeded(
@@ -312,16 +432,21 @@ async def _inbound(
     config: NetConfig,
     admit: Admission | None,
     receive_budget: ReceiveBudget | None,
+    hello: tuple[ExactReader, Hello] | None,
 ) -> SecureChannel:
     private = swarm_key is not None
-    reader = ExactReader(stream)
-    their_hello = await _read_hs(reader, _HELLO_LEN, "hello")
+    reader, their_hello = hello if hello is not None else (None, None)
+    if reader is None or their_hello is None:
+        reader = ExactReader(stream)
+        their_hello = await read_hello(reader)
     with map_exceptions(_LOST_IN_HANDSHAKE, "connection lost during the handshake"):
         await stream.send_all(_hello(private))
-    _check_hello(their_hello, private)
+    if their_hello.token is not None:
+        raise HandshakeError("a connect-back hello reached a peer that relays nothing for it")
+    _check_mode(their_hello.private, private)
     static = KeyPair.generate()
     proof = _proof(identity, static.public)
-    state = HandshakeState(initiator=False, static=static, prologue=their_hello, psk=swarm_key)
+    state = HandshakeState(initiator=False, static=static, prologue=their_hello.raw, psk=swarm_key)
     state.read_message(await _read_hs_message(reader, 0, private))
     # In a private swarm nothing that identifies us goes out before the key is proven.
     await _send_hs(stream, state.write_message(b"" if private else proof))

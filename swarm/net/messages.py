@@ -20,10 +20,20 @@ from swarm.net.schema import (
     message_from_wire,
     unpack,
 )
-from swarm.types import DtypeName, LayerRange, MoveReason, PeerId, QuantName, ServerState
+from swarm.types import (
+    DtypeName,
+    LayerRange,
+    MoveReason,
+    PeerId,
+    QuantName,
+    Reachability,
+    ServerState,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "DialBackRequest",
+    "DialBackResponse",
     "ErrorResponse",
     "Evidence",
     "ForwardRequest",
@@ -42,6 +52,11 @@ __all__ = [
     "PushTarget",
     "RangeMove",
     "Receipt",
+    "RelayAnnouncement",
+    "RelayCircuit",
+    "RelayHop",
+    "RelayReady",
+    "RelayReserve",
     "ServerAnnouncement",
     "bounded",
     "decode_message",
@@ -78,6 +93,8 @@ class InfoResponse(Message):
     model_id: str = bounded(max_len=128, default="")
     dtype: str = bounded(max_len=16, default="")
     active_sessions: int = bounded(ge=0, default=0)
+    reachability: Reachability = Reachability.UNKNOWN
+    relayed: bool = False  # reachable only through relays it announces
     quantization: QuantName = "none"
     # What verification compares by: the dtype, plus the quantization when the quantized
     # weights differ from the checkpoint's ("float32+int8"); "" from older servers.
@@ -219,6 +236,15 @@ class PingEntry(Message):
     rtt: float = bounded(ge=0.0, le=3600.0)
 
 
+@message("relay_hop")
+class RelayHop(Message):
+    """A relay through which a server can be dialed: the relay's peer id and address."""
+
+    peer_id: PeerId
+    host: str = bounded(max_len=255)
+    port: int = bounded(ge=1, le=65535)
+
+
 @message("range_move")
 class RangeMove(Message):
     """A server's move from one layer range to another (rebalancing), announced with it."""
@@ -251,3 +277,53 @@ class ServerAnnouncement(Message):
     # beyond others' shares), at most one peer's share; 0 from servers that predate it
     room_tokens: int = bounded(ge=0, default=0)
     quantization: QuantName = "none"  # how the span's weights are kept (swarm status shows it)
+    reachability: Reachability = Reachability.UNKNOWN
+    relays: tuple[RelayHop, ...] = bounded(max_len=4, default=())  # dial through these
+
+
+@message("relay_announcement")
+class RelayAnnouncement(Message):
+    """A peer that relays circuits and dials back for reachability checks (servers that
+    are reachable, and ``swarm dht`` nodes), under `swarm.directory.relay_key`."""
+
+    host: str = bounded(max_len=255)
+    port: int = bounded(ge=1, le=65535)
+    circuits: int = bounded(ge=0, le=1 << 20)  # open now
+    max_circuits: int = bounded(ge=0, le=1 << 20)
+
+
+@message("dial_back_request")
+class DialBackRequest(Message):
+    """Please dial ``host:port`` and complete a handshake with me (the caller's `PeerId`)."""
+
+    host: str = bounded(max_len=255)
+    port: int = bounded(ge=1, le=65535)
+
+
+@message("dial_back_response")
+class DialBackResponse(Message):
+    """What the dial-back found: ``reachable``, ``unreachable``, or ``unknown`` when the
+    peer declined to dial that address (it dials only the caller's own host, or, from a
+    private or loopback address, other private or loopback addresses)."""
+
+    reachability: Reachability
+
+
+@message("relay_reserve")
+class RelayReserve(Message):
+    """First message of a ``relay_reserve`` stream: keep circuits for me (the caller)."""
+
+
+@message("relay_ready")
+class RelayReady(Message):
+    """Relay to relayed peer: the reservation holds (sent at once, then as a heartbeat
+    every ``heartbeat`` seconds, so the relayed peer notices a relay that went silent)."""
+
+    heartbeat: float = bounded(ge=0.1, le=3600.0)
+
+
+@message("relay_circuit")
+class RelayCircuit(Message):
+    """Relay to relayed peer: a dialer waits; connect back with this token."""
+
+    token: bytes = bounded(max_len=32)

@@ -81,6 +81,11 @@ class HandlerRegistry:
     def names(self) -> frozenset[str]:
         return frozenset(self._bindings)
 
+    def with_bindings(self, bindings: Iterable[Binding]) -> HandlerRegistry:
+        """A copy that also serves ``bindings`` (a server adds the helper methods it offers
+        others, e.g. dial-back and relaying). Raises `ValueError` for a name bound already."""
+        return HandlerRegistry([*self._bindings.values(), *bindings])
+
     def replace(self, binding: Binding) -> HandlerRegistry:
         """A copy with ``binding`` in place of the one of its name (a handler-wrapping seam:
         tests wrap or replace one method of an honest server)."""

@@ -13,6 +13,10 @@ Every inbound connection holds a slot from accept to close. The limits (all in `
   dialer as `LimitExceeded` through the handshake's confirmation;
 - idle (``idle_timeout``): a channel with no call, stream or frame for that long is closed;
 - bytes being received (``max_receive_bytes``): one `ReceiveBudget` shared by every channel.
+
+With a `RelayService` (``relay=``), a connection whose hello names another peer that holds
+a reservation here, or is a relayed peer's connect-back, leaves the handshake table and is
+the relay's (its quotas apply; it keeps its per-IP slot).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import trio
 
 from swarm.errors import LimitExceeded, SwarmError
 from swarm.identity import Identity
-from swarm.net.channel import ReceiveBudget
+from swarm.net.channel import ExactReader, ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.handshake import Refusal, secure_inbound
+from swarm.net.handshake import Hello, Refusal, read_hello, secure_inbound
 from swarm.net.methods import HandlerRegistry
+from swarm.net.relay import RelayService
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport, remote_host
 from swarm.types import PeerId
@@ -86,9 +91,11 @@ class RpcServer:
         swarm_key: bytes | None = None,
         config: NetConfig = DEFAULT_NET_CONFIG,
         receive_budget: ReceiveBudget | None = None,
+        relay: RelayService | None = None,
     ) -> None:
         self.identity = identity
         self.handlers = handlers
+        self.relay = relay
         self.transport: Transport = transport or TCPTransport()
         self.swarm_key = swarm_key
         self.config = config
@@ -133,6 +140,21 @@ class RpcServer:
             await trio.aclose_forcefully(stream)
 
     async def _serve_slot(self, stream: trio.abc.Stream, slot: _Slot) -> None:
+        reader = ExactReader(stream)
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                hello = await read_hello(reader)
+        except (SwarmError, trio.TooSlowError) as exc:
+            self._counts["handshake_failures"] += 1
+            log.info("inbound handshake failed: %s", exc or "no hello in time")
+            return
+        if self.relay is not None and self._for_relay(hello):
+            self._handshaking.pop(slot, None)  # the relay's quotas apply from here
+            if hello.token is not None:
+                await self.relay.connect_back(stream, reader, hello.token)
+            else:
+                await self.relay.splice(stream, reader, hello, slot.host)
+            return
         try:
             channel = await secure_inbound(
                 stream,
@@ -141,6 +163,7 @@ class RpcServer:
                 config=self.config,
                 admit=lambda peer_id: self._admit(slot, peer_id),
                 receive_budget=self.receive_budget,
+                hello=(reader, hello),
             )
         except SwarmError as exc:
             if not isinstance(exc, LimitExceeded):
@@ -153,6 +176,13 @@ class RpcServer:
             nursery.start_soon(self._close_when_idle, conn)
             await conn.run()
             nursery.cancel_scope.cancel()
+
+    def _for_relay(self, hello: Hello) -> bool:
+        if hello.token is not None:
+            return True
+        target = hello.target
+        assert self.relay is not None  # local invariant: checked by the caller
+        return target is not None and target != self.identity.peer_id and self.relay.serves(target)
 
     def _admit(self, slot: _Slot, peer_id: PeerId) -> Refusal | None:
         """Called by the handshake once ``peer_id`` is proven: make room or refuse."""

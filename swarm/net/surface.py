@@ -13,6 +13,16 @@ method         shape      caller sends                                callee ans
 Callers use the stubs below (``call_info``, ``call_forward``, ``open_inference``,
 ``notify_push``); the server binds one handler per row (`SERVER_METHODS`), and a registry
 missing a row or holding another is refused (`server_registry`).
+
+What reachable peers (servers and ``swarm dht`` nodes) offer others, `HELPER_METHODS`:
+
+=================  =========  ==================  ===========================================
+method             shape      caller sends        callee answers
+=================  =========  ==================  ===========================================
+``dial_back``      unary      `DialBackRequest`   `DialBackResponse` (`swarm.net.dialback`)
+``relay_reserve``  stream     `RelayReserve`      `RelayReady` (and heartbeats), `RelayCircuit`
+                                                  per dialer waiting (`swarm.net.relay`)
+=================  =========  ==================  ===========================================
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 from swarm.net.messages import (
+    DialBackRequest,
+    DialBackResponse,
     ForwardRequest,
     ForwardResponse,
     InferenceInput,
@@ -33,6 +45,9 @@ from swarm.net.messages import (
     NewPusher,
     NewPushTarget,
     PushRequest,
+    RelayCircuit,
+    RelayReady,
+    RelayReserve,
 )
 from swarm.net.methods import Binding, HandlerRegistry, OneWay, Streaming, TypedStream, Unary
 
@@ -40,17 +55,23 @@ if TYPE_CHECKING:
     from swarm.net.rpc import RpcConnection
 
 __all__ = [
+    "DIAL_BACK",
     "FORWARD",
+    "HELPER_METHODS",
     "INFERENCE",
     "INFO",
     "PUSH",
+    "RELAY_RESERVE",
     "SERVER_METHODS",
     "InferenceDown",
     "InferenceUp",
+    "RelayDown",
+    "call_dial_back",
     "call_forward",
     "call_info",
     "notify_push",
     "open_inference",
+    "open_relay_reserve",
     "server_registry",
 ]
 
@@ -67,6 +88,13 @@ INFERENCE: Streaming[InferenceUp, InferenceDown] = Streaming(
 PUSH = OneWay("push", PushRequest)
 
 SERVER_METHODS: frozenset[str] = frozenset(m.name for m in (INFO, FORWARD, INFERENCE, PUSH))
+
+RelayDown = RelayReady | RelayCircuit
+DIAL_BACK = Unary("dial_back", DialBackRequest, DialBackResponse)
+RELAY_RESERVE: Streaming[RelayReserve, RelayDown] = Streaming(
+    "relay_reserve", up=(RelayReserve,), down=(RelayReady, RelayCircuit)
+)
+HELPER_METHODS: frozenset[str] = frozenset(m.name for m in (DIAL_BACK, RELAY_RESERVE))
 
 
 def server_registry(bindings: Iterable[Binding]) -> HandlerRegistry:
@@ -102,3 +130,18 @@ def open_inference(
 async def notify_push(conn: RpcConnection, request: PushRequest) -> None:
     """A hop's output delivered to the next hop's session, without an answer."""
     await PUSH.notify(conn, request)
+
+
+async def call_dial_back(
+    conn: RpcConnection, request: DialBackRequest, *, timeout: float | None = None
+) -> DialBackResponse:
+    """Ask a helper to dial ``request``'s address back and handshake with us."""
+    return await DIAL_BACK.call(conn, request, timeout=timeout)
+
+
+def open_relay_reserve(
+    conn: RpcConnection, *, timeout: float | None = None
+) -> AbstractAsyncContextManager[TypedStream[RelayReserve, RelayDown]]:
+    """A ``relay_reserve`` stream (``timeout`` bounds each receive): send `RelayReserve`,
+    receive `RelayReady`, then heartbeats and `RelayCircuit` offers."""
+    return RELAY_RESERVE.open(conn, timeout=timeout)

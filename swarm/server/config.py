@@ -11,6 +11,7 @@ from swarm.net.config import NetConfig
 from swarm.server.balance import BalanceConfig
 from swarm.server.capacity import MemoryPlan
 from swarm.server.compute import ComputeConfig
+from swarm.server.reachability import ReachabilityConfig
 from swarm.server.sessions import SessionLimits
 from swarm.shards import Quantization
 from swarm.types import FLOAT_DTYPES, LayerRange
@@ -36,6 +37,8 @@ class ServerConfig:
     `LimitExceeded` up front. ``memory`` shares out free memory when ``num_blocks`` (with
     ``layers`` None) is None, or when ``cache_tokens_from_memory`` replaces
     ``limits.cache_tokens`` with what the memory left after the blocks holds.
+    ``reachability``: dial-back checks, relays while not reachable, relaying for others
+    (`ReachabilityConfig`).
     ``balance`` is when and how the server moves to the range the swarm needs most
     (`BalanceConfig`; by default only a server started with ``layers`` None moves).
     """
@@ -64,6 +67,7 @@ class ServerConfig:
     forward_deadline: float = 30.0
     memory: MemoryPlan = field(default_factory=MemoryPlan)
     cache_tokens_from_memory: bool = False
+    reachability: ReachabilityConfig = field(default_factory=ReachabilityConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ from swarm.server.config import ServerConfig
 from swarm.server.sessions import Session, SessionTable, StepInput
 from swarm.shards.cache import KVCache
 from swarm.shards.span import Span
-from swarm.types import LayerRange, ServerState
+from swarm.types import LayerRange, Reachability, ServerState
 from swarm.verify.receipts import make_receipt
 
 __all__ = ["ServingHandlers", "ServingState"]
@@ -81,6 +81,8 @@ class ServingState:
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
     moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
     last_move: RangeMove | None = None  # the latest move, announced for status pages
+    reachability: Reachability = Reachability.UNKNOWN  # set by the ReachabilityKeeper
+    relayed: bool = False
 
     def throughput_at(self, active_sessions: int) -> float:
         """Tokens/s one more session would get here now: measured at the batch it would
@@ -167,6 +169,8 @@ class ServingHandlers:
             quantization=self.span.quantization.value,
             numerics=self.span.numerics,
             active_sessions=len(self.sessions),
+            reachability=self.state.reachability,
+            relayed=self.state.relayed,
         )
 
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:

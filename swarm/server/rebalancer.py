@@ -97,9 +97,10 @@ class Rebalancer:
             log.info("rebalancing: reading announcements failed: %s", exc)
             return None
         if all(view.peer_id != self.me for view in views):
-            # our own records are always there: a lookup that timed out returned a part
-            log.info("rebalancing: the announcements read miss our own; not deciding")
-            return None
+            # a lookup that timed out returned a part; decide counts us from what we know,
+            # and a part can only hide other servers of our blocks (we then stay) or show
+            # a gap that the re-check and the confirmation read again
+            log.debug("rebalancing: the announcements read miss our own")
         if confirming:
             views = yielding(views, self.me)
         decision = decide(

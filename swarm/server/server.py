@@ -15,6 +15,7 @@ sessions, wait (up to ``drain_timeout``) for running steps, then close everythin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,10 +42,12 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
+from swarm.net.dialback import DialBackService
 from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
+from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
@@ -62,6 +65,7 @@ from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.moving import RangeMover
+from swarm.server.reachability import ReachabilityKeeper
 from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
@@ -69,6 +73,7 @@ from swarm.types import (
     FLOAT_DTYPES,
     LayerRange,
     PeerId,
+    Reachability,
     ServerState,
     format_address,
     parse_address,
@@ -91,6 +96,8 @@ class ServerReady:
     layers: LayerRange
     model_id: str
     throughput: float
+    reachability: Reachability = Reachability.UNKNOWN
+    relays: tuple[str, ...] = ()  # "host:port" of the relays it is dialed through
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,6 +164,8 @@ class Server:
         self._stop = trio.Event()
         self.handlers: ServingHandlers | None = None
         self.announcer: Announcer | None = None
+        self.reachability: ReachabilityKeeper | None = None
+        self.relay: RelayService | None = None
         self.rebalancer: Rebalancer | None = None
         self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
@@ -288,13 +297,24 @@ class Server:
             self.handlers = handlers
             wrap = self._wrap_handlers
             served = handlers.registry() if wrap is None else wrap(handlers)
+            reach = cfg.reachability
+            dial_back = DialBackService(
+                self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
+            )
+            helpers = [dial_back.binding()]
+            if reach.offer_relay:
+                self.relay = RelayService(
+                    self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits
+                )
+                helpers.append(self.relay.binding())
             rpc = RpcServer(
                 self.identity,
-                served,
+                served.with_bindings(helpers),
                 transport=self.transport,
                 swarm_key=self.swarm_key,
                 config=cfg.net,
                 receive_budget=budget,
+                relay=self.relay,
             )
             await nursery.start(queue.run)
             await nursery.start(sessions.run_reaper)
@@ -305,9 +325,14 @@ class Server:
                     f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
                 ) from exc
             host = cfg.public_host or cfg.host
+            public, bound = host, port  # announced until the reachability check says more
 
             def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
+                keeper = self.reachability
+                host, port = keeper.address if keeper and keeper.address[1] else (public, bound)
                 return ServerAnnouncement(
+                    reachability=keeper.verdict if keeper else Reachability.UNKNOWN,
+                    relays=keeper.relays if keeper else (),
                     host=host,
                     port=port,
                     layer_range=handlers.span.layers,
@@ -336,6 +361,26 @@ class Server:
             )
             self.announcer = announcer
             await announcer.announce()  # joining
+
+            async def reachability_changed() -> None:
+                keeper = self.reachability
+                if keeper is not None:
+                    state.reachability, state.relayed = keeper.verdict, bool(keeper.relays)
+                    await announcer.announce()
+
+            keeper = ReachabilityKeeper(
+                reach, dht, pool, self.identity.peer_id, rpc.handle_stream,
+                reachability_changed, self.relay,
+            )  # fmt: skip
+            self.reachability = keeper
+            self._progress(f"checking that others can dial {format_address(host, port)}")
+            await nursery.start(functools.partial(keeper.run, listen_host=cfg.host), host, port)
+            host, port = keeper.address
+            self._progress(
+                f"reachability: {keeper.verdict} ({keeper.report.reachable} of "
+                f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"
+                + (f", through relays {_relay_list(keeper)}" if keeper.relays else "")
+            )
             if cfg.measure_throughput:
                 # a first estimate (two decode steps of one session, two 16-token chunks) before
                 # going online; the whole measurement runs once online, between sessions
@@ -365,6 +410,8 @@ class Server:
                     span.layers,
                     the_model_id,
                     state.throughput,
+                    keeper.verdict,
+                    _relay_list(keeper),
                 )
             )
             await self._stop.wait()
@@ -455,3 +502,7 @@ class Server:
         if sessions.close_all(going):
             with trio.move_on_after(1.0, shield=True):
                 await trio.sleep(0.05)  # the handlers send their clients the reason
+
+
+def _relay_list(keeper: ReachabilityKeeper) -> tuple[str, ...]:
+    return tuple(format_address(hop.host, hop.port) for hop in keeper.relays)

@@ -210,6 +210,11 @@ class DatagramLinkEmulator:
         self._rng = random.Random(seed)
         self.sent: dict[tuple[str, int], list[int]] = {}  # source -> [datagrams, bytes]
         self.lost = 0
+        self._silent: set[tuple[str, int]] = set()
+
+    def silence(self, address: tuple[str, int]) -> None:
+        """Lose every datagram the node at ``address`` sends (it answers nothing)."""
+        self._silent.add(address)
 
     def set(self, source: tuple[str, int], target: tuple[str, int], spec: LinkSpec) -> None:
         """The behaviour of datagrams from ``source`` to ``target`` (one direction)."""
@@ -238,7 +243,7 @@ class DatagramLinkEmulator:
         counts[0] += 1
         counts[1] += size
         spec = self.spec(source, target)
-        if spec.loss and self._rng.random() < spec.loss:
+        if source in self._silent or (spec.loss and self._rng.random() < spec.loss):
             self.lost += 1
             return None
         return spec.delay + (self._rng.uniform(0.0, spec.jitter) if spec.jitter else 0.0)

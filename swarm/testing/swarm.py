@@ -23,6 +23,7 @@ import trio
 from swarm.dht import DHTConfig, DHTNode
 from swarm.identity import Identity
 from swarm.net.methods import HandlerRegistry
+from swarm.net.transport import Transport
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers
 from swarm.server.server import Server, ServerReady
@@ -72,12 +73,15 @@ class LocalSwarm:
         layers: LayerRange | None,
         *,
         wrap_handlers: Callable[[ServingHandlers], HandlerRegistry] | None = None,
+        transport: Transport | None = None,
         **overrides: object,
     ) -> LocalServer:
-        """Start one more server and wait until it is online (deadline 60 s)."""
+        """Start one more server and wait until it is online (deadline 60 s). ``transport``
+        (e.g. `swarm.testing.reach.Undialable`) is wrapped by the link emulator if any."""
         name = f"server{len(self.servers)}"
         config = dataclasses.replace(self.base, layers=layers, **overrides)  # type: ignore[arg-type]
-        transport = self.links.transport(name) if self.links is not None else None
+        if self.links is not None:
+            transport = self.links.transport(name, transport)
         server = Server(
             config,
             identity=Identity.from_seed(f"{name}-{id(self)}".encode()),

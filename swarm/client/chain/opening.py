@@ -64,7 +64,12 @@ class HopOpener:
     async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
         ones costing more (asks the directory again once). Raises `RoutingError`."""
-        for refresh in (False, True):
+        refreshes: tuple[bool, ...] = (False, True)
+        wait = self.failures.take_refresh_wait()
+        if wait > 0:  # a relayed path broke: give its server time to re-announce
+            await trio.sleep(wait)
+            refreshes = (True,)
+        for refresh in refreshes:
             servers = await self.directory.servers(refresh=refresh)
             try:
                 return plan_route(
@@ -118,7 +123,7 @@ class HopOpener:
                             f"last: {failure}"
                         ) from failure.cause
             if self.config.pipeline.use_push:
-                await rewire(opened, next_target, first_step)
+                await rewire(opened, next_target)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for state in opened:

@@ -1,0 +1,504 @@
+"""An internet-sized swarm, simulated in one process: the DHT plane real, the compute plane
+modelled (for `benchmarks/internet.py` and a small run in the test suite).
+
+Real: N `DHTNode`s on loopback whose datagrams cross emulated links
+(`DatagramLinkEmulator`: 3 regions, a one-way delay per region pair, loss), signed
+`ServerAnnouncement`s under the real block keys, the real strict decoder, and the real
+rebalancing (`swarm.server.rebalancer.Rebalancer` with `swarm.server.balance.decide`) reading
+them. Sybils are DHT nodes that answer nothing (every datagram they send is lost).
+
+Modelled: a server is one of the DHT nodes plus a layer range and a throughput; it
+announces and rebalances for real, but serves no RPC (a move costs ``load_seconds``). A
+client plans a route over what it read from the DHT (Dijkstra over block boundaries, cost =
+one-way link delays + blocks / throughput) and "generates" by sleeping the route's per-token
+cost; a hop that died meanwhile costs a re-plan from a fresh read and a replay (a recovery),
+or fails the generation when no route exists. An oracle plans the same way over the live
+servers as they really are, for the route-cost ratio.
+
+Churn: departures (abrupt: the node's socket closes, its records stay until they expire) and
+arrivals (a new server takes the weakest window, as ``--layers auto`` does) at a rate per
+minute, and once a mass departure of a share of the servers (with ``mass_leave_gap``, also
+every server of one block), whose healing is timed: from the departure until every block
+has an online server again (0 when no block lost its last server).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import trio
+
+from swarm.dht import DHTConfig, DHTNode
+from swarm.directory import ServerView, block_key, block_keys, servers_from_records
+from swarm.errors import SwarmError
+from swarm.identity import Identity
+from swarm.net.messages import RangeMove, ServerAnnouncement
+from swarm.server.balance import BalanceConfig, Decision, block_throughputs, choose_start
+from swarm.server.rebalancer import Rebalancer
+from swarm.testing.links import DatagramLinkEmulator, LinkSpec
+from swarm.types import LayerRange, PeerId, ServerState
+
+__all__ = ["SimConfig", "SimReport", "run_simulation"]
+
+MODEL = "sim-llama-000000000000"
+REGIONS = ("eu", "us", "asia")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated swarm. Times are real seconds (the DHT runs for real)."""
+
+    dht_nodes: int = 60
+    servers: int = 12
+    blocks: int = 8
+    span: int = 2  # blocks per server
+    intra: tuple[float, float] = (0.005, 0.015)  # one-way seconds inside a region
+    inter: tuple[float, float] = (0.040, 0.120)  # one-way seconds across regions
+    loss: float = 0.01
+    sybil_share: float = 0.1
+    clients: int = 3
+    tokens: int = 16  # per generation
+    duration: float = 30.0
+    period: float = 3.0  # mean balance period
+    ttl: float = 8.0  # announcement TTL (re-announced every half)
+    churn_per_minute: float = 2.0  # departures and as many arrivals
+    mass_leave_at: float = 10.0  # seconds into the run (0: never)
+    mass_leave_share: float = 0.3
+    mass_leave_gap: bool = False  # also every server of one block leaves (a certain gap)
+    load_seconds: float = 0.5  # a move's load and drain
+    seed: int = 0
+
+
+@dataclass
+class SimReport:
+    config: SimConfig
+    lookup_seconds: list[float] = field(default_factory=list)
+    lookup_recall: list[float] = field(default_factory=list)
+    route_ratio: list[float] = field(default_factory=list)  # planned cost / oracle cost
+    uncovered: list[tuple[float, int]] = field(default_factory=list)  # (t, blocks uncovered)
+    heal_seconds: float | None = None  # after the mass departure (None: never healed)
+    generations: int = 0
+    succeeded: int = 0
+    recoveries: int = 0
+    token_seconds: list[float] = field(default_factory=list)
+    datagrams_per_node_minute: float = 0.0
+    bytes_per_node_minute: float = 0.0
+    moves: int = 0
+    lost_datagrams: int = 0
+
+    def summary(self) -> dict[str, object]:
+        def pct(values: Sequence[float], q: float) -> float:
+            if not values:
+                return math.nan
+            ordered = sorted(values)
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        marks = [*self.uncovered, (self.config.duration, 0)]
+        uncovered_time = sum((b[0] - a[0]) for a, b in pairwise(marks) if a[1])
+        return {
+            "lookup_p50_ms": 1e3 * pct(self.lookup_seconds, 0.5),
+            "lookup_p99_ms": 1e3 * pct(self.lookup_seconds, 0.99),
+            "lookups": len(self.lookup_seconds),
+            "recall": statistics.fmean(self.lookup_recall) if self.lookup_recall else math.nan,
+            "route_cost_vs_oracle_median": pct(self.route_ratio, 0.5),
+            "route_cost_vs_oracle_p90": pct(self.route_ratio, 0.9),
+            "seconds_with_a_block_uncovered": uncovered_time,
+            "max_blocks_uncovered": max((u for _, u in self.uncovered), default=0),
+            "heal_seconds_after_mass_leave": self.heal_seconds,
+            "heal_periods_after_mass_leave": (
+                None if self.heal_seconds is None else self.heal_seconds / self.config.period
+            ),
+            "generations": self.generations,
+            "success_rate": self.succeeded / self.generations if self.generations else math.nan,
+            "recoveries": self.recoveries,
+            "token_ms_p50": 1e3 * pct(self.token_seconds, 0.5),
+            "token_ms_p90": 1e3 * pct(self.token_seconds, 0.9),
+            "dht_datagrams_per_node_minute": self.datagrams_per_node_minute,
+            "dht_bytes_per_node_minute": self.bytes_per_node_minute,
+            "datagrams_lost": self.lost_datagrams,
+            "moves": self.moves,
+        }
+
+
+@dataclass
+class _Server:
+    index: int
+    node: DHTNode
+    region: str
+    throughput: float
+    layers: LayerRange
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    alive: bool = True
+    moving: bool = False
+    moving_to: LayerRange | None = None
+    last_move: RangeMove | None = None
+    port: int = 0
+    since: float = 0.0  # when its current range was first announced (trio time)
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.node.peer_id
+
+    def view(self) -> ServerView:
+        return ServerView(
+            self.peer_id, f"127.0.0.1:{self.port}", self.layers, self.throughput, 1000
+        )
+
+
+class _Sim:
+    def __init__(self, config: SimConfig) -> None:
+        self.cfg = config
+        self.rng = random.Random(config.seed)
+        self.links = DatagramLinkEmulator(seed=config.seed)
+        self.report = SimReport(config)
+        self.nodes: list[DHTNode] = []
+        self.stacks: list[AsyncExitStack] = []
+        self.region: dict[int, str] = {}
+        self.sybils: set[int] = set()
+        self.servers: list[_Server] = []
+        self.free_nodes: list[int] = []
+        self.delay: dict[tuple[str, str], float] = {}
+        self.started = 0.0
+
+    # ---- the DHT plane ----
+    async def open_nodes(self) -> None:
+        cfg = self.cfg
+        for a in REGIONS:
+            for b in REGIONS:
+                if (b, a) in self.delay:
+                    self.delay[(a, b)] = self.delay[(b, a)]
+                    continue
+                lo, hi = cfg.intra if a == b else cfg.inter
+                self.delay[(a, b)] = self.rng.uniform(lo, hi)
+                self.links.set_between(a, b, LinkSpec(delay=self.delay[(a, b)]))
+        dht = DHTConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, cfg.ttl / 2))
+        for i in range(cfg.dht_nodes):
+            peers = (self.nodes[0].address,) if self.nodes else ()
+            stack = AsyncExitStack()
+            node = await stack.enter_async_context(
+                DHTNode.open(
+                    Identity.from_seed(f"sim-{cfg.seed}-{i}".encode()),
+                    DHTConfig(
+                        initial_peers=peers, rpc_timeout=dht.rpc_timeout,
+                        contact_check_interval=dht.contact_check_interval,
+                    ),
+                    links=self.links,
+                )
+            )  # fmt: skip
+            self.nodes.append(node)
+            self.stacks.append(stack)
+            if i % 100 == 99:
+                print(f"  {i + 1} DHT nodes up", flush=True)
+            region = REGIONS[i % len(REGIONS)]
+            self.region[i] = region
+            self.links.place(("127.0.0.1", node.port), region)
+        for (a, b), delay in self.delay.items():  # loss once joined (a lost join ping fails it)
+            self.links.set_between(a, b, LinkSpec(delay=delay, loss=cfg.loss))
+        candidates = list(range(1, cfg.dht_nodes))
+        self.rng.shuffle(candidates)
+        n_sybils = int(cfg.sybil_share * cfg.dht_nodes)
+        self.sybils = set(candidates[:n_sybils])
+        for i in self.sybils:  # from now on they answer nothing
+            self.links.silence(("127.0.0.1", self.nodes[i].port))
+        self.free_nodes = candidates[n_sybils:]
+
+    async def close_node(self, index: int) -> None:
+        await self.stacks[index].aclose()
+
+    def honest_node(self) -> DHTNode:
+        """A random live node that is not a sybil (clients and probes ask through it)."""
+        servers = {s.index for s in self.servers}
+        choices = [i for i in self.free_nodes if i not in servers] or [0]
+        return self.nodes[self.rng.choice(choices)]
+
+    # ---- servers ----
+    def truth(self) -> list[_Server]:
+        return [s for s in self.servers if s.alive and not s.moving]
+
+    def uncovered_blocks(self) -> int:
+        covered = [False] * self.cfg.blocks
+        for s in self.truth():
+            for b in s.layers:
+                covered[b] = True
+        return covered.count(False)
+
+    async def announce(self, s: _Server, state: ServerState = ServerState.ONLINE) -> None:
+        value = ServerAnnouncement(
+            host="127.0.0.1", port=s.port, layer_range=s.layers, state=state, dtype="float32",
+            throughput=s.throughput, free_cache_tokens=1000, active_sessions=0, version="sim",
+            moving_to=s.moving_to, last_move=s.last_move,
+        ).to_wire()  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            for b in s.layers:
+                nursery.start_soon(s.node.announce, block_key(MODEL, b), value, self.cfg.ttl)
+
+    async def read(self, node: DHTNode) -> list[ServerView]:
+        found = await node.get_many(block_keys(MODEL, self.cfg.blocks))
+        return servers_from_records(found, MODEL, self.cfg.blocks)
+
+    async def run_server(self, s: _Server, *, task_status: trio.TaskStatus[None]) -> None:
+        cfg = self.cfg
+
+        async def intend(target: LayerRange | None) -> None:
+            s.moving_to = target
+            await self.announce(s)
+
+        async def move(decision: Decision) -> None:
+            s.moving = True
+            await self.announce(s, ServerState.DRAINING)
+            await trio.sleep(cfg.load_seconds)
+            old, s.layers, s.moving_to = s.layers, decision.target, None
+            assert decision.reason is not None
+            s.last_move = RangeMove(old, decision.target, decision.reason, time.time(), 1.0)
+            s.moving = False
+            await self.announce(s)
+            s.since = trio.current_time()
+            self.report.moves += 1
+
+        balance = BalanceConfig(
+            enabled=True, period=cfg.period, settle=min(2.0, cfg.period / 2), recheck=0.2
+        )
+        rebalancer = Rebalancer(
+            balance, s.peer_id, cfg.blocks, read=lambda: self.read(s.node),
+            current=lambda: s.layers, throughput=lambda: s.throughput, intend=intend, move=move,
+            rng=random.Random(self.rng.random()),
+        )  # fmt: skip
+        with s.scope:
+            await self.announce(s)
+            s.since = trio.current_time()
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rebalancer.run)
+                while True:
+                    await trio.sleep(cfg.ttl / 2)
+                    if not s.moving:
+                        await self.announce(s)
+
+    async def add_server(self, nursery: trio.Nursery, layers: LayerRange | None = None) -> None:
+        if not self.free_nodes:
+            return
+        index = self.free_nodes.pop()
+        node = self.nodes[index]
+        if layers is None:  # --layers auto: the weakest window as read from the DHT
+            views = await self.read(node)
+            start = choose_start(block_throughputs(views, self.cfg.blocks), self.cfg.span)
+            layers = LayerRange(start, start + self.cfg.span)
+        s = _Server(
+            index, node, self.region[index], self.rng.uniform(0.5, 2.0) * 50.0, layers,
+            port=20000 + index,
+        )  # fmt: skip
+        self.servers.append(s)
+        await nursery.start(self.run_server, s)
+
+    async def kill(self, s: _Server) -> None:
+        s.alive = False
+        s.scope.cancel()
+        await self.close_node(s.index)  # its socket closes; its records stay until expiry
+
+    # ---- clients ----
+    def plan(
+        self, views: Sequence[ServerView], client_region: str
+    ) -> tuple[float, list[ServerView]]:
+        """Cheapest chain over block boundaries: per hop the one-way delay from the previous
+        hop (or the client) plus blocks / throughput; the last hop's delay back included."""
+        blocks = self.cfg.blocks
+        region_of = {s.peer_id: s.region for s in self.servers}
+        usable = [
+            v for v in views
+            if v.state == ServerState.ONLINE and v.moving_to is None and v.peer_id in region_of
+        ]  # fmt: skip
+        best: dict[tuple[int, str], float] = {(0, client_region): 0.0}
+        back: dict[tuple[int, str], tuple[tuple[int, str], ServerView]] = {}
+        queue: list[tuple[float, int, str]] = [(0.0, 0, client_region)]
+        while queue:
+            cost, at, region = heapq.heappop(queue)
+            if cost > best.get((at, region), math.inf):
+                continue
+            for v in usable:
+                if not v.layers.start <= at < v.layers.stop:
+                    continue
+                r = region_of[v.peer_id]
+                used = (v.layers.stop - at) / len(v.layers)  # throughput is the whole span's
+                step = self.delay[(region, r)] + used / v.throughput
+                key = (v.layers.stop, r)
+                if cost + step < best.get(key, math.inf):
+                    best[key] = cost + step
+                    back[key] = ((at, region), v)
+                    heapq.heappush(queue, (cost + step, v.layers.stop, r))
+        ends = [
+            (c + self.delay[(r, client_region)], (b, r))
+            for (b, r), c in best.items()
+            if b == blocks
+        ]
+        if not ends:
+            return math.inf, []
+        total, key = min(ends)
+        route: list[ServerView] = []
+        while key in back:
+            key, v = back[key]
+            route.append(v)
+        return total, route[::-1]
+
+    async def run_client(self, index: int) -> None:
+        region = REGIONS[index % len(REGIONS)]
+        while True:
+            node = self.honest_node()
+            try:
+                views = await self.read(node)
+            except SwarmError:
+                continue
+            cost, route = self.plan(views, region)
+            oracle, _ = self.plan([s.view() for s in self.truth()], region)
+            if not route:
+                self.report.generations += 1  # no route: this one fails (a client would wait)
+                await trio.sleep(0.5)
+                continue
+            if math.isfinite(oracle) and oracle > 0:
+                self.report.route_ratio.append(cost / oracle)
+            ok = await self.generate(route, region)
+            self.report.generations += 1  # counted when it ended (the last may not)
+            self.report.succeeded += ok
+
+    async def generate(self, route: list[ServerView], region: str) -> bool:
+        """Sleep each token's modelled cost; a dead or moved hop costs a re-plan (a fresh
+        read) and the replay of the tokens so far on the new route."""
+        done = 0
+        alive = {s.peer_id: s for s in self.servers}
+        recoveries = 0
+        while done < self.cfg.tokens:
+            cost, _ = self._route_cost(route, region)
+            started = trio.current_time()
+            await trio.sleep(cost)
+            broken = [v for v in route if not self._serves(alive.get(v.peer_id), v.layers)]
+            if broken:
+                recoveries += 1
+                if recoveries > 3:
+                    return False
+                try:
+                    views = await self.read(self.honest_node())
+                except SwarmError:
+                    views = []
+                _, route = self.plan(views, region)
+                if not route:
+                    return False
+                self.report.recoveries += 1
+                continue
+            done += 1
+            self.report.token_seconds.append(trio.current_time() - started)
+        return True
+
+    @staticmethod
+    def _serves(s: _Server | None, layers: LayerRange) -> bool:
+        return s is not None and s.alive and not s.moving and s.layers == layers
+
+    def _route_cost(self, route: list[ServerView], region: str) -> tuple[float, str]:
+        region_of = {s.peer_id: s.region for s in self.servers}
+        total, at = 0.0, region
+        for v in route:
+            r = region_of[v.peer_id]
+            total += self.delay[(at, r)] + 1.0 / v.throughput
+            at = r
+        return total + self.delay[(at, region)], at
+
+    # ---- probes ----
+    async def probe_lookups(self) -> None:
+        while True:
+            await trio.sleep(0.3)
+            block = self.rng.randrange(self.cfg.blocks)
+            now = trio.current_time()
+            settled = {  # servers of the block whose record had a second to land
+                s.peer_id for s in self.truth() if block in s.layers and now - s.since > 1.0
+            }
+            node = self.honest_node()
+            started = trio.current_time()
+            try:
+                found = await node.get(block_key(MODEL, block))
+            except SwarmError:
+                continue
+            self.report.lookup_seconds.append(trio.current_time() - started)
+            if settled:
+                self.report.lookup_recall.append(len(settled & set(found)) / len(settled))
+
+    async def watch_coverage(self) -> None:
+        last = -1
+        while True:
+            now = self.uncovered_blocks()
+            if now != last:
+                self.report.uncovered.append((trio.current_time() - self.started, now))
+                last = now
+            await trio.sleep(0.1)
+
+    async def churn(self, nursery: trio.Nursery) -> None:
+        cfg = self.cfg
+        if cfg.churn_per_minute <= 0:
+            return
+        while True:
+            await trio.sleep(self.rng.expovariate(cfg.churn_per_minute / 60.0))
+            alive = [s for s in self.servers if s.alive]
+            if len(alive) > 1 and self.rng.random() < 0.5:
+                await self.kill(self.rng.choice(alive))
+            else:
+                await self.add_server(nursery)
+
+    async def mass_leave(self) -> None:
+        cfg = self.cfg
+        await trio.sleep(cfg.mass_leave_at)
+        alive = [s for s in self.servers if s.alive]
+        gone = self.rng.sample(alive, max(1, int(cfg.mass_leave_share * len(alive))))
+        if cfg.mass_leave_gap:
+            block = self.rng.randrange(cfg.blocks)
+            gone += [s for s in alive if block in s.layers and s not in gone]
+        left = trio.current_time()
+        for s in gone:
+            await self.kill(s)
+        while self.uncovered_blocks() == 0:  # the departure may leave every block covered
+            await trio.sleep(0.05)
+            if trio.current_time() - left > 1.0:
+                self.report.heal_seconds = 0.0
+                return
+        while self.uncovered_blocks() > 0:
+            await trio.sleep(0.05)
+        self.report.heal_seconds = trio.current_time() - left
+
+
+async def run_simulation(config: SimConfig) -> SimReport:
+    """Run one simulated swarm for ``config.duration`` seconds and return its figures."""
+    sim = _Sim(config)
+    try:
+        await sim.open_nodes()
+        async with trio.open_nursery() as nursery:
+            for i in range(config.servers):  # they start spread evenly, then churn
+                start = (i * config.span) % (config.blocks - config.span + 1)
+                await sim.add_server(nursery, LayerRange(start, start + config.span))
+            sim.started = trio.current_time()
+            sent_before = sum(n for n, _ in sim.links.sent.values())
+            bytes_before = sum(b for _, b in sim.links.sent.values())
+            nursery.start_soon(sim.watch_coverage)
+            nursery.start_soon(sim.probe_lookups)
+            nursery.start_soon(sim.churn, nursery)
+            if config.mass_leave_at > 0:
+                nursery.start_soon(sim.mass_leave)
+            for c in range(config.clients):
+                nursery.start_soon(sim.run_client, c)
+            await trio.sleep(config.duration)
+            minutes = config.duration / 60.0
+            honest = config.dht_nodes - len(sim.sybils)
+            sent = sum(n for n, _ in sim.links.sent.values()) - sent_before
+            size = sum(b for _, b in sim.links.sent.values()) - bytes_before
+            sim.report.datagrams_per_node_minute = sent / honest / minutes
+            sim.report.bytes_per_node_minute = size / honest / minutes
+            sim.report.lost_datagrams = sim.links.lost
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for i in reversed(range(len(sim.stacks))):
+                await sim.stacks[i].aclose()
+    return sim.report
