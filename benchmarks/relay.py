@@ -59,7 +59,7 @@ from swarm.types import LayerRange, PeerId
 PROMPT = list(range(100, 116))
 NEW_TOKENS = 32
 TINY = {"num_layers": 8, "hidden": 256, "heads": 8, "kv_heads": 8, "intermediate": 688}
-REACH = ReachabilityConfig(check_timeout=5.0, retry=0.3, offer_relay=False)
+REACH = ReachabilityConfig(check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False)
 
 
 def tiny(workdir: Path) -> Path:

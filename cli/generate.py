@@ -17,7 +17,7 @@ from .options import QuantRequirement, VerboseOption, parse_quantization
 from .output import EventWriter, warn
 
 if TYPE_CHECKING:
-    from swarm.client.config import ClientConfig, PipelineConfig
+    from swarm.client.config import ClientConfig
     from swarm.client.model import AsyncRemoteModel
     from swarm.client.sampling import SamplingConfig
 
@@ -91,7 +91,7 @@ def generate(
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
     import trio
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, PipelineConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key

@@ -138,6 +138,13 @@ def serve(
         bool,
         typer.Option(help="Relay for servers that cannot be dialed, while reachable (--no-relay)."),
     ] = True,
+    port_mapping: Annotated[
+        bool,
+        typer.Option(
+            help="When others cannot dial this server, ask the router (UPnP IGD, needs the "
+            "miniupnpc package) to forward the port (--no-port-mapping: never)."
+        ),
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -195,7 +202,7 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
-        reachability=ReachabilityConfig(offer_relay=relay),
+        reachability=ReachabilityConfig(offer_relay=relay, port_mapping=port_mapping),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
     trio.run(_run, config, WRAP_HANDLERS.get())

@@ -157,7 +157,15 @@ class Chat:
         model = self.model
         sampler = Sampler(sampling or SamplingConfig())
         eos = model.model_config.eos_token_id
-        loop = TokenLoop(model.head, eos, self._tokenizer, sampler, max_new_tokens)
+        loop = TokenLoop(
+            model.head,
+            eos,
+            self._tokenizer,
+            sampler,
+            max_new_tokens,
+            heads=model.heads,
+            speculator=model.speculator(),
+        )
         turn = _TurnAttempts(self, prompt, max_new_tokens)
         finished = False
         try:

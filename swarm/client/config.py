@@ -21,6 +21,7 @@ __all__ = [
     "PingConfig",
     "PipelineConfig",
     "RecordsConfig",
+    "SpeculationConfig",
     "WireDtype",
 ]
 
@@ -150,6 +151,41 @@ class RecordsConfig:
     ledger_path: str | None = None
 
 
+SPECULATION_MODES = ("auto", "off", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Speculative decoding (DESIGN §13): a step carries guessed tokens, so one round trip
+    through the chain can yield several tokens; the answer is the one plain decoding gives.
+
+    - ``mode`` ("auto"): ``"off"``; ``"ngram"`` (prompt lookup: guesses copied from earlier
+      text, drafted whenever a match is found); ``"auto"`` (prompt lookup, with k chosen each
+      round from the measured acceptance and the cost of a round, 0 when it does not pay);
+      or the path or hub name of a draft model whose tokenizer is the target's (k chosen as
+      in ``auto``).
+    - ``max_k`` (8): the most tokens guessed in one round.
+    - ``fixed_k`` (None): guess exactly this many every round (tests and benchmarks).
+    """
+
+    mode: str = "auto"
+    max_k: int = 8
+    fixed_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mode:
+            raise ConfigError("speculation mode must be auto, off, ngram or a draft model's path")
+        if not 1 <= self.max_k <= 32:
+            raise ConfigError(f"SpeculationConfig.max_k must be in 1..32, got {self.max_k}")
+        if self.fixed_k is not None and not 0 <= self.fixed_k <= self.max_k:
+            raise ConfigError(f"SpeculationConfig.fixed_k must be in 0..max_k, got {self.fixed_k}")
+
+    @property
+    def draft_model(self) -> str | None:
+        """The draft model's path or hub name, None for the built-in modes."""
+        return None if self.mode in SPECULATION_MODES else self.mode
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Settings of a client (`AsyncRemoteModel`, `RemoteModel`, `Chain`).
@@ -176,7 +212,8 @@ class ClientConfig:
 
     Groups: ``failures`` (`FailureConfig`: bans, retries, recoveries), ``hedging``
     (`HedgeConfig`), ``pipeline`` (`PipelineConfig`: push, wire dtype), ``pings``
-    (`PingConfig`), ``records`` (`RecordsConfig`: reputation, evidence, stake).
+    (`PingConfig`), ``records`` (`RecordsConfig`: reputation, evidence, stake),
+    ``speculation`` (`SpeculationConfig`: guessed tokens per round trip).
     """
 
     initial_peers: tuple[str, ...] = ()
@@ -193,6 +230,7 @@ class ClientConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     pings: PingConfig = field(default_factory=PingConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         for peer in self.initial_peers:

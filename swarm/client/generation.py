@@ -32,8 +32,10 @@ import trio
 from tokenizers import Tokenizer
 
 from swarm.client.chain import StepResult
+from swarm.client.heads import HeadBatcher
 from swarm.client.routing import Hop
 from swarm.client.sampling import Sampler
+from swarm.client.speculation import PlannerStatistics, Speculator, accept
 from swarm.client.text import StopText
 from swarm.client.verifying import CheckedChain
 from swarm.net.messages import Receipt
@@ -150,6 +152,8 @@ class GenerationResult:
     stop_reason: StopReason = StopReason.LENGTH
     rollbacks: int = 0  # times verification proved a lie and generation went back
     verification: VerifierStatistics | None = None  # None under the policy ``none``
+    rounds: int = 0  # steps through the chain (round trips); fewer than tokens when guesses hit
+    speculation: PlannerStatistics | None = None  # None when no tokens were guessed
 
 
 def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
@@ -203,8 +207,13 @@ class TokenLoop:
         sampler: Sampler,
         max_new_tokens: int,
         stop: Sequence[str] = (),
+        *,
+        heads: HeadBatcher | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.head = head
+        self.heads = heads or HeadBatcher(head)
+        self.speculator = speculator
         self.eos = set(eos)
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -235,29 +244,64 @@ class TokenLoop:
             if rollback is None:
                 break
             start = attempt.position + len(attempt.feed) - attempt.answer  # the answer's first
-            yield self._roll_back(max(0, rollback - start + 1))
+            keep = max(0, rollback - start + 1)
+            shown = len(self.result.ids)
+            rolled = self._roll_back(keep)
+            if keep < shown:  # a lie on a rejected guess, or before any token, voids none
+                yield rolled
         yield Done(self.result.stop_reason)
 
     async def _steps(self, attempt: Attempt, started: float) -> AsyncIterator[Token | int]:
-        """Tokens until done; a proven lie ends it with the token position it began at."""
-        result, head = self.result, self.head
+        """Tokens until done; a proven lie ends it with the token position it began at.
+
+        Each round feeds the ids the chain has not seen (the prompt, then the last token)
+        followed by the speculator's guesses, and keeps the guesses the target agrees with
+        (`accept`) plus one token of its own; the next round's ``keep`` drops the rest from
+        every cache. Without guesses a round is a plain decoding step.
+        """
+        result, chain = self.result, attempt.checked.chain
         ids, position = attempt.feed, attempt.position
+        context = list(attempt.feed)  # what the drafter reads: this attempt's ids and answer
         while not self._done and len(result.ids) < self.max_new_tokens:
             t0 = trio.current_time() if result.ids else started
-            n = len(ids)
-            positions = torch.arange(position, position + n).unsqueeze(0)  # (1, n)
-            stepped = await attempt.checked.chain.step(head.embed(torch.tensor([ids])), positions)
+            room = self.max_new_tokens - len(result.ids) - 1  # the target adds one of its own
+            draft = await self._draft(context, room)
+            feed = [*ids, *draft]
+            positions = torch.arange(position, position + len(feed)).unsqueeze(0)  # (1, n)
+            keep = position if position < chain.tokens else None  # drop rejected guesses
+            sent = trio.current_time()
+            hidden = self.head.embed(torch.tensor([feed]))  # (1, n, hidden)
+            stepped = await chain.step(hidden, positions, keep=keep)
+            step_seconds = trio.current_time() - sent
             self._last = stepped
-            position += n
+            result.rounds += 1
             self.receipts += stepped.receipts
             rollback = await attempt.checked.check_step(stepped)
             if rollback is not None:
                 yield rollback
                 return
-            logits = head.logits(stepped.output[:, -1:])[:, -1]  # (1, vocab)
-            token = int(self.sampler.sample(logits, len(result.ids))[0])  # by answer index
-            yield self._accept(token, trio.current_time() - t0, stepped)
-            ids = [token]
+            rows = stepped.output[0, len(ids) - 1 :]  # (1 + guesses, hidden)
+            logits = await self.heads.logits(rows)  # (1 + guesses, vocab)
+            verdict = accept(self.sampler, logits, draft, len(result.ids))  # by answer index
+            if self.speculator is not None:
+                decode = len(ids) == 1  # a prompt's step times the prompt, not the guesses
+                self.speculator.record(len(draft), verdict.accepted, step_seconds, decode=decode)
+                stats = self.speculator.statistics()
+                result.speculation = stats if stats.drafted else None
+            position += len(ids) + verdict.accepted
+            seconds = trio.current_time() - t0
+            for token in verdict.tokens:
+                yield self._accept(token, seconds, stepped)
+                seconds = 0.0  # the round's other tokens came with the first
+                if self._done or len(result.ids) >= self.max_new_tokens:
+                    break
+            context += verdict.tokens
+            ids = [verdict.tokens[-1]]
+
+    async def _draft(self, context: list[int], room: int) -> tuple[int, ...]:
+        if self.speculator is None or room <= 0:
+            return ()
+        return await self.speculator.draft(context, room, self.sampler, len(self.result.ids))
 
     def _accept(self, token: int, seconds: float, stepped: StepResult) -> Token:
         result, text = self.result, self.text

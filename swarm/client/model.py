@@ -30,7 +30,7 @@ import trio
 from tokenizers import Tokenizer
 
 from swarm.client.bans import BanList
-from swarm.client.config import ClientConfig
+from swarm.client.config import SPECULATION_MODES, ClientConfig
 from swarm.client.discovery import Discovery, ServerDirectory, join_as_client, open_client_pool
 from swarm.client.generation import (
     Attempt,
@@ -42,8 +42,10 @@ from swarm.client.generation import (
     Token,
     TokenLoop,
 )
+from swarm.client.heads import HeadBatcher
 from swarm.client.load import OwnLoad
 from swarm.client.sampling import Sampler, SamplingConfig
+from swarm.client.speculation import DraftModel, Speculator
 from swarm.client.text import load_tokenizer
 from swarm.client.verifying import CheckedChain, VerifiedSessions, load_reputation
 from swarm.directory import DHTEvidenceBoard
@@ -119,6 +121,7 @@ class AsyncRemoteModel:
         pool: ConnectionPool,
         directory: ServerDirectory,
         evidence_sink: EvidenceSink | None = None,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -143,6 +146,24 @@ class AsyncRemoteModel:
         )
         self._evidence_sink = evidence_sink
         self._reputation: Reputation | None = None  # shared by per-generation policies
+        self.heads = HeadBatcher(head)  # its service runs while `open`'s context is open
+        self.draft_model = draft_model
+
+    def speculator(self, mode: str | None = None) -> Speculator | None:
+        """A new generation's `Speculator` for ``mode`` (None: ``config.speculation.mode``):
+        None for ``off``. Raises `ConfigError` for a draft model other than the one this
+        client loaded (``config.speculation.mode``): a request cannot make a client load
+        files."""
+        spec = self.config.speculation
+        mode = spec.mode if mode is None else mode
+        if mode not in SPECULATION_MODES and (self.draft_model is None or mode != spec.mode):
+            raise ConfigError(
+                f"speculative mode {mode!r}: use auto, off, ngram"
+                + (f" or {spec.mode}" if self.draft_model is not None else "")
+            )
+        return Speculator.for_mode(
+            mode, max_k=spec.max_k, fixed_k=spec.fixed_k, draft_model=self.draft_model
+        )
 
     @property
     def verifier(self) -> Verifier | None:
@@ -184,14 +205,27 @@ class AsyncRemoteModel:
             head = await trio.to_thread.run_sync(load_head, folder)
             tokenizer = load_tokenizer(folder)
             mid = model_id(folder)
-            async with open_client_pool(config, transport) as pool:
+            draft = None
+            if config.speculation.draft_model is not None:
+                name = config.speculation.draft_model
+                draft = await trio.to_thread.run_sync(DraftModel.load, name, tokenizer)
+            async with open_client_pool(config, transport) as pool, trio.open_nursery() as nursery:
                 if directory is not None:
-                    yield cls(folder, config, model_config, head, tokenizer, pool, directory)
+                    model = cls(folder, config, model_config, head, tokenizer, pool, directory)
+                    model.draft_model = draft
+                    await nursery.start(model.heads.run)
+                    yield model
+                    nursery.cancel_scope.cancel()
                     return
                 async with join_as_client(config, pool) as (_, dht):
                     found = Discovery(dht, pool, mid, model_config.num_hidden_layers, config)
                     board = DHTEvidenceBoard(dht, timeout=config.request_timeout)
-                    yield cls(folder, config, model_config, head, tokenizer, pool, found, board)
+                    model = cls(
+                        folder, config, model_config, head, tokenizer, pool, found, board, draft
+                    )
+                    await nursery.start(model.heads.run)
+                    yield model
+                    nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             _reraise(group)
 
@@ -219,6 +253,7 @@ class AsyncRemoteModel:
         stop: Sequence[str] = (),
         *,
         verify: str | None = None,
+        speculative: str | None = None,
     ) -> TokenStream:
         """Generate token by token: ``async with model.stream(...) as events: async for ...``
         yields `Token` s, a `RolledBack` after a proven lie, and a last `Done`.
@@ -240,6 +275,11 @@ class AsyncRemoteModel:
         that policy instead of ``config.verify``: it gets its own verifier, so
         ``result.verification`` counts only its own audits and detections, while bans and
         reputation stay shared with the client's other generations.
+
+        ``speculative`` (``auto``, ``off``, ``ngram``, or the draft model of
+        ``config.speculation``) overrides ``config.speculation.mode`` for this generation:
+        guessed tokens checked several per round trip; the tokens are those of plain
+        decoding (greedy exactly; sampling the same for a seed).
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
@@ -249,7 +289,16 @@ class AsyncRemoteModel:
         sessions = self.sessions if verify is None else self._sessions_for(verify)
         sampler = Sampler(sampling or SamplingConfig())
         eos = self.model_config.eos_token_id
-        loop = TokenLoop(self.head, eos, self.tokenizer, sampler, max_new_tokens, stop)
+        loop = TokenLoop(
+            self.head,
+            eos,
+            self.tokenizer,
+            sampler,
+            max_new_tokens,
+            stop,
+            heads=self.heads,
+            speculator=self.speculator(speculative),
+        )
         attempts = _Fresh(self, sessions, ids, len(ids) + max_new_tokens)
         return TokenStream(self._run(loop, attempts, sessions), loop)
 

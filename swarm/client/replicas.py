@@ -60,7 +60,7 @@ class Replicas:
             hop = result.hops[k]
             x, pos = hop.input, hop.positions
             try:
-                await replica.step(x, pos)
+                await replica.step(x, pos, keep=result.keep)
             except (RoutingError, SessionError) as exc:
                 log.info("replica of hop %d dropped: %s", k, exc)
                 self.by_hop[k][i] = (LayerRange(0, 0), replica)  # never matches again

@@ -5,6 +5,7 @@ from swarm.dht.links import DatagramLinks
 from swarm.dht.node import DHTNode
 from swarm.dht.proofs import RecordProver
 from swarm.dht.records import DropReason, Record
+from swarm.dht.sources import PrivateGroups
 from swarm.dht.stats import DHTStatistics
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DHTStatistics",
     "DatagramLinks",
     "DropReason",
+    "PrivateGroups",
     "Record",
     "RecordProver",
 ]

@@ -7,6 +7,8 @@ A `ReachabilityKeeper` owns the server's answer to "can I be dialed?" and what f
   address back and complete a handshake (`swarm.net.dialback`). The majority of the votes
   cast decides (`decide`): one lying helper among three cannot flip it. With no votes the
   answer is ``unknown``. Done at start and every ``recheck_interval``.
+- **port mapping**: when the first check says not ``reachable``, ask the router to forward
+  the port (`swarm.server.portmap`) and check the mapped address; announce it if it works.
 - **relays**: while not ``reachable``, keep reservations at ``relays`` relays (different
   address groups first; `swarm.net.relay.hold_reservation`) and have the server
   re-announce whenever the set changes: a relay that dies is replaced by another.
@@ -28,6 +30,7 @@ from swarm.net.messages import DialBackRequest, RelayHop
 from swarm.net.pool import ConnectionPool
 from swarm.net.relay import RelayLimits, RelayService, hold_reservation
 from swarm.net.surface import call_dial_back
+from swarm.server.portmap import PortMapping, UPnPPortMapper, keep_port_mapped
 from swarm.server.relay_node import keep_relay_announced
 from swarm.types import PeerId, Reachability
 
@@ -42,7 +45,9 @@ class ReachabilityConfig:
     ``check_timeout`` (10 s); checks every ``recheck_interval`` (600 s); ``relays`` (2)
     reservations kept while not reachable, a lost one replaced after ``retry`` (1 s);
     ``offer_relay`` (True): relay for others while reachable, within ``relay_limits``;
-    ``attach_timeout`` (10 s): how long start-up waits for a first relay."""
+    ``attach_timeout`` (10 s): how long start-up waits for a first relay;
+    ``port_mapping`` (True): when not reachable, ask the router (UPnP IGD at ``igd_url``,
+    or discovered when None) to forward the port for ``mapping_lease`` (3600 s) at a time."""
 
     helpers: int = 3
     check_timeout: float = 10.0
@@ -52,10 +57,15 @@ class ReachabilityConfig:
     offer_relay: bool = True
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     attach_timeout: float = 10.0
+    port_mapping: bool = True
+    igd_url: str | None = None
+    mapping_lease: int = 3600
 
     def __post_init__(self) -> None:
         if self.helpers < 1 or self.relays < 0:
             raise ConfigError("reachability needs at least one helper and relays >= 0")
+        if self.mapping_lease < 2:
+            raise ConfigError("reachability mapping_lease must be at least 2 s")
         for name in ("check_timeout", "recheck_interval", "retry", "attach_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"reachability {name} must be positive")
@@ -112,7 +122,8 @@ class ReachabilityKeeper:
         self._first_relay = trio.Event()
         self._any_relay = False
         self._claimed: set[PeerId] = set()  # relays being attached to now
-        self.address: tuple[str, int] | None = None  # set by `run`
+        self.address: tuple[str, int] = ("", 0)  # to announce (port 0: not yet); by `run`
+        self.mapping: PortMapping | None = None  # a router's port mapping that works
 
     @property
     def verdict(self) -> Reachability:
@@ -158,13 +169,47 @@ class ReachabilityKeeper:
         return self.report
 
     async def run(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        listen_host: str | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Check now, then keep relays (or offer relaying) and re-check periodically.
-        Reports started once the first check is done and, if not reachable, a first relay
-        is attached (or ``attach_timeout`` passed)."""
+        """Check ``host:port`` now; if not reachable, try a port mapping on the router (the
+        RPC port on ``listen_host``) and check the mapped address; then keep relays (or
+        offer relaying) and re-check periodically. Reports started once the first check
+        is done and, if still not reachable, a first relay is attached (or
+        ``attach_timeout`` passed). `address` is what the server should announce."""
         self.address = (host, port)
         await self.check(host, port)
+        async with trio.open_nursery() as mapping:
+            if self.verdict != Reachability.REACHABLE and self.config.port_mapping:
+                await self._try_port_mapping(mapping, listen_host or host, port)
+            await self._keep(task_status)
+
+    async def _try_port_mapping(self, nursery: trio.Nursery, listen_host: str, port: int) -> None:
+        """Map the port and check the mapped address; keep the mapping only if it works."""
+        mapper = UPnPPortMapper(self.config.igd_url, lease=self.config.mapping_lease)
+        scope = trio.CancelScope()
+
+        async def hold(*, task_status: trio.TaskStatus[PortMapping | None]) -> None:
+            with scope:
+                await keep_port_mapped(mapper, listen_host, port, task_status=task_status)
+
+        mapped: PortMapping | None = await nursery.start(hold)
+        if mapped is None:
+            return
+        before = self.report
+        await self.check(mapped.external_host, mapped.external_port)
+        if self.verdict == Reachability.REACHABLE:
+            self.address = (mapped.external_host, mapped.external_port)
+            self.mapping = mapped
+        else:  # the mapping did not make us reachable: remove it, keep the first answer
+            scope.cancel()
+            self.report = before
+
+    async def _keep(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         while True:
             async with trio.open_nursery() as nursery:
@@ -175,16 +220,17 @@ class ReachabilityKeeper:
                         with trio.move_on_after(self.config.attach_timeout):
                             await self._first_relay.wait()
                 elif self._relay is not None and self.config.offer_relay:
-                    nursery.start_soon(self._offer_relay, host, port)
+                    nursery.start_soon(self._offer_relay, *self.address)
                 if not started:
                     started = True
                     await self._changed()
                     task_status.started()
-                await trio.sleep(self.config.recheck_interval)
-                before = self.verdict
-                await self.check(host, port)
-                if self.verdict == before:
-                    continue  # keep the relays (and offer) as they are
+                while True:  # re-check; the relays (or the offer) stay while nothing changes
+                    await trio.sleep(self.config.recheck_interval)
+                    before = self.verdict
+                    await self.check(*self.address)
+                    if self.verdict != before:
+                        break
                 nursery.cancel_scope.cancel()
             self._attached.clear()
             await self._changed()

@@ -15,6 +15,7 @@ sessions, wait (up to ``drain_timeout``) for running steps, then close everythin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -324,9 +325,11 @@ class Server:
                     f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
                 ) from exc
             host = cfg.public_host or cfg.host
+            public, bound = host, port  # announced until the reachability check says more
 
             def make(pings: tuple[PingEntry, ...]) -> ServerAnnouncement:
                 keeper = self.reachability
+                host, port = keeper.address if keeper and keeper.address[1] else (public, bound)
                 return ServerAnnouncement(
                     reachability=keeper.verdict if keeper else Reachability.UNKNOWN,
                     relays=keeper.relays if keeper else (),
@@ -371,7 +374,8 @@ class Server:
             )  # fmt: skip
             self.reachability = keeper
             self._progress(f"checking that others can dial {format_address(host, port)}")
-            await nursery.start(keeper.run, host, port)
+            await nursery.start(functools.partial(keeper.run, listen_host=cfg.host), host, port)
+            host, port = keeper.address
             self._progress(
                 f"reachability: {keeper.verdict} ({keeper.report.reachable} of "
                 f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"

@@ -67,12 +67,16 @@ class Span(nn.Module):
 
     @property
     def numerics(self) -> str:
-        """What two spans must share for their outputs to agree to float rounding: the dtype,
-        plus the quantization when it changed the weights (``"float32+int8"``; int4 from GGUF
-        Q4_0/Q4_1 holds the checkpoint's own values, so it is plain ``"float32"``)."""
+        """How verification should compare this span's outputs (`swarm.verify.compare`): its
+        dtype; for quantized weights that equal the checkpoint's own (int4 from GGUF
+        Q4_0/Q4_1), ``"bfloat16"``, since the kernels multiply in bfloat16 (see
+        :data:`swarm.shards.quant.COMPUTE_DTYPE`); for requantized weights the dtype plus the
+        quantization (``"float32+int8"``), whose pairs have their own calibrated thresholds."""
         name = str(self.dtype).removeprefix("torch.")
-        if self.quantization is Quantization.NONE or self.quantization_exact:
+        if self.quantization is Quantization.NONE:
             return name
+        if self.quantization_exact:
+            return "bfloat16" if name == "float32" else name
         return f"{name}+{self.quantization.value}"
 
     @property

@@ -29,17 +29,19 @@ layers, 2 seeds, plus SmolLM2's first 10 layers; 8-token prompt + 16 decoded tok
 =====================  ===================  ======================  =====================
 numerics pair          honest worst         threshold               smallest noise caught
 =====================  ===================  ======================  =====================
-float32 / +int8        6.2e-2 / 0.9981      0.12 / 0.99             ~0.15
-float32 / +int4        0.62 / 0.804         0.9 / 0.5               gross lies only
-+int8 / +int4          0.63 / 0.795         0.9 / 0.5               gross lies only
-+int8 / +int8, +int4 / +int4: as float32 / float32 (same weights, same kernels: 2.4e-6)
+float32 / +int8        7.0e-2 / 0.9976      0.12 / 0.99             0.15
+float32 / +int4        0.62 / 0.803         0.9 / 0.5               gross lies only
++int8 / +int4          0.64 / 0.795         0.9 / 0.5               gross lies only
++int8 / +int8          3.6e-2 / 0.99952     0.08 / 0.995            0.08
++int4 / +int4          5.3e-3 / 0.99999     0.08 / 0.995            0.1
 =====================  ===================  ======================  =====================
 
-Requantized int4 differs from the float model by more than most lies, so a checker with the
-same numerics is always preferred (`swarm.verify.audit`), and mixed pairs catch only gross
-lies (zeros, skipped layers, noise of the output's own size). Int4 from GGUF Q4_0/Q4_1 holds
-the checkpoint's own weights: its numerics are plain "float32" and compare at float32's
-thresholds with float peers of the same file.
+The kernels multiply in bfloat16, so peers with the same quantization compare at bfloat16's
+thresholds. Requantized int4 differs from the float model by more than most lies, so a
+checker with the same numerics is always preferred (`swarm.verify.audit`), and mixed pairs
+catch only gross lies (zeros, skipped layers, noise of the output's own size). Int4 from GGUF
+Q4_0/Q4_1 holds the checkpoint's own weights: its numerics are "bfloat16" (`Span.numerics`)
+and it compares with float32 peers of the same file at bfloat16's thresholds.
 
 Between float32 peers a lie of relative size 1e-2 is caught with a wide margin (the float32
 threshold sits ~800x above honest float32 noise); against a bfloat16 peer only lies of ~10 %
@@ -104,6 +106,8 @@ def thresholds_for(a: str | torch.dtype, b: str | torch.dtype) -> Thresholds:
     if quant_a != quant_b:
         pair = frozenset((quant_a or "none", quant_b or "none"))
         return QUANTIZED_PAIRS.get(pair, LOOSEST_PAIR)
+    if quant_a:  # the same quantized weights, activations in bfloat16 in the kernels
+        return LOW_PRECISION_PAIR
     if dtype_a == "float32" and dtype_b == "float32":
         return FLOAT32_PAIR
     return LOW_PRECISION_PAIR

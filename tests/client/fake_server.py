@@ -41,13 +41,16 @@ Stream = TypedStream[InferenceDown, InferenceUp]
 class _Session:
     next_step: int
     push_to: PushTarget | None
-    inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # step -> (hidden, positions, keep: cache tokens kept before it, None: all)
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, int | None]] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
 
-    def offer(self, step: int, hidden: torch.Tensor, positions: torch.Tensor) -> bool:
+    def offer(
+        self, step: int, hidden: torch.Tensor, positions: torch.Tensor, keep: int | None
+    ) -> bool:
         if step < self.next_step or step in self.inputs:
             return False
-        self.inputs[step] = (hidden, positions)
+        self.inputs[step] = (hidden, positions, keep)
         self.changed.set()
         return True
 
@@ -90,7 +93,7 @@ class FakeServer:
     async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
         session = self.sessions.get(request.session_id)
         ok = session is not None and session.offer(
-            request.step, request.hidden_states, request.positions
+            request.step, request.hidden_states, request.positions, request.keep
         )
         self.steps_from_push += int(ok)
 
@@ -121,7 +124,7 @@ class FakeServer:
                 if isinstance(msg, NewPushTarget):
                     session.push_to = msg.push_to
                 elif isinstance(msg, InferenceInput):
-                    ok = session.offer(msg.step, msg.hidden_states, msg.positions)
+                    ok = session.offer(msg.step, msg.hidden_states, msg.positions, msg.keep)
                     self.steps_from_client += int(ok)
                 elif not isinstance(msg, NewPusher):
                     raise RemoteError(ErrorCode.BAD_REQUEST, "expected a step")
@@ -143,21 +146,28 @@ class FakeServer:
             if step == self.die_at_step:
                 self.died.set()
                 await trio.sleep_forever()
-            hidden, positions = session.inputs.pop(step)
+            hidden, positions, keep = session.inputs.pop(step)
             if hidden.shape[-1] != span.config.hidden_size:
                 raise RemoteError(ErrorCode.BAD_REQUEST, "wrong hidden size")
+            if keep is not None:
+                cache.truncate(keep)  # guesses of the last step that were not accepted
             with torch.inference_mode():
                 out = span(hidden.to(span.dtype), positions, cache)  # (batch, seq, hidden)
             session.next_step += 1
             if session.push_to is not None and self.pool is not None:
-                await self._push(session.push_to, step, out, positions)
+                await self._push(session.push_to, step, out, positions, keep)
             await stream.send(InferenceStepResult(step, out))
 
     async def _push(
-        self, target: PushTarget, step: int, out: torch.Tensor, positions: torch.Tensor
+        self,
+        target: PushTarget,
+        step: int,
+        out: torch.Tensor,
+        positions: torch.Tensor,
+        keep: int | None,
     ) -> None:
         assert self.pool is not None
-        request = PushRequest(target.session_id, step, out, positions)
+        request = PushRequest(target.session_id, step, out, positions, keep)
         try:
             with trio.move_on_after(2):
                 await notify_push(

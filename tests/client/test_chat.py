@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from swarm.client.chain import Chain
 from swarm.client.chat import Chat, Turn
-from swarm.client.config import ClientConfig, RecordsConfig
+from swarm.client.config import ClientConfig, RecordsConfig, SpeculationConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.lab.reference import LocalModel
 from swarm.shards import ChatTemplate, load_tokenizer
@@ -41,16 +41,24 @@ def step_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real = Chain.step
 
-    async def spy(self: Chain, hidden: torch.Tensor, positions: torch.Tensor) -> object:
+    async def spy(
+        self: Chain, hidden: torch.Tensor, positions: torch.Tensor, **kwargs: object
+    ) -> object:
         sizes.append(hidden.shape[1])
-        return await real(self, hidden, positions)
+        return await real(self, hidden, positions, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Chain, "step", spy)
     return sizes
 
 
+PLAIN = SpeculationConfig(mode="off")  # these tests count steps: no guesses
+
+
 async def _converse(
-    path: Path, tmp: Path, template: ChatTemplate | None = None
+    path: Path,
+    tmp: Path,
+    template: ChatTemplate | None = None,
+    speculation: SpeculationConfig = PLAIN,
 ) -> tuple[list[Turn], int]:
     with trio.fail_after(120):
         async with open_local_swarm(path, [LayerRange(0, 2), LayerRange(2, 4)]) as swarm:
@@ -59,6 +67,7 @@ async def _converse(
                 records=RecordsConfig(
                     reputation_path=str(tmp / "reputation.json"), evidence_dir=str(tmp / "evidence")
                 ),
+                speculation=speculation,
             )
             async with (
                 AsyncRemoteModel.open(path, config) as model,
@@ -105,6 +114,22 @@ async def test_turns_send_only_new_tokens(
         if turn is not turns[0]:
             assert len(turn.sent) < len(whole) - len(turns[0].sent)
         conversation.append({"role": "assistant", "content": turn.text})
+    _check_answers(local, turns)
+
+
+async def test_speculative_turns_are_the_plain_turns(
+    model_path: Path, local: LocalModel, tmp_path: Path, step_sizes: list[int]
+) -> None:
+    """Guesses checked several per step, rejected ones dropped from the caches at the next
+    step, also across turns: the same answers as plain decoding."""
+    plain, _ = await _converse(model_path, tmp_path / "plain")
+    plain_steps = len(step_sizes)
+    guessed = SpeculationConfig(mode="ngram", fixed_k=4)
+    turns, reprefills = await _converse(model_path, tmp_path / "spec", speculation=guessed)
+    assert reprefills == 0
+    guessing = step_sizes[plain_steps:]
+    assert sum(1 for n in guessing if n > 1) > len(turns)  # guesses went out, not only prompts
+    assert [t.answer for t in turns] == [t.answer for t in plain]
     _check_answers(local, turns)
 
 

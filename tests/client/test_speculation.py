@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models
 
 from swarm.client.sampling import Sampler, SamplingConfig, distribution
 from swarm.client.speculation import (
+    DraftModel,
     ModelDrafter,
     NgramDrafter,
     SpeculationPlanner,
@@ -183,7 +184,7 @@ def test_model_drafter_guesses_its_own_twin_and_refuses_another_tokenizer(
     tokenizer = _word_tokenizer(target, 64)
     twin = write_random_llama(tmp_path / "twin", num_layers=2, vocab=64, std=0.5)
     _word_tokenizer(twin, 64)
-    drafter = ModelDrafter.load(twin, tokenizer)
+    drafter = ModelDrafter(DraftModel.load(twin, tokenizer))
     sampler = Sampler(SamplingConfig(temperature=0.7, seed=1))
     from swarm.shards import KVCache, ModelConfig, load_head, load_span
     from swarm.types import LayerRange
@@ -207,4 +208,4 @@ def test_model_drafter_guesses_its_own_twin_and_refuses_another_tokenizer(
     write_random_llama(other, num_layers=1, vocab=64)
     _word_tokenizer(other, 63)
     with pytest.raises(ConfigError, match="another tokenizer"):
-        ModelDrafter.load(other, tokenizer)
+        DraftModel.load(other, tokenizer)

@@ -24,7 +24,9 @@ from .conftest import NEW_TOKENS, PROMPT
 
 R, U, N = Reachability.REACHABLE, Reachability.UNREACHABLE, Reachability.UNKNOWN
 # ask every helper, keep relays fixed (servers here do not relay for each other)
-REACH = ReachabilityConfig(helpers=9, check_timeout=5.0, retry=0.3, offer_relay=False)
+REACH = ReachabilityConfig(
+    helpers=9, check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False
+)
 
 
 def test_the_majority_of_votes_decides() -> None:

@@ -23,10 +23,11 @@ from swarm.types import LayerRange
 QTYPES = ("Q8_0", "Q4_0", "Q4_1")
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Bounds on |quantized span - dequantized span| / |dequantized span's change of the input|
-# (relative L2 over 4 layers of this random model). Q4_0/Q4_1 in int4 are the same weights
-# (measured: 0); int8 per channel requantizes (measured ~1.0-1.4 %); int4 from Q8_0 or float
-# requantizes group-wise (measured ~17 %).
-BOUNDS = {"exact": 1e-5, Quantization.INT8: 0.03, Quantization.INT4: 0.3}
+# (relative L2 over 4 layers of this random model). Q4_0/Q4_1 in int4 are the same weights,
+# multiplied with bfloat16 activations and scales (measured ~0.6 %); int8 per channel
+# requantizes (measured ~1.0-1.7 %); int4 from Q8_0 or float requantizes group-wise
+# (measured ~17 %).
+BOUNDS = {"exact": 0.015, Quantization.INT8: 0.03, Quantization.INT4: 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,10 @@ def test_batched_and_cached_steps_use_the_quantized_layers(files: dict[str, Path
         cache = KVCache.allocate(span.config, span.layers, 1, 8, span.dtype, span.device)
         span(a[:, :4], torch.arange(4)[None], cache)
         last = span(a[:, 4:], torch.tensor([[4]]), cache)
+    # bfloat16 activations in the kernels: rounding of bfloat16's size, not float32's
     for x, y in zip(alone, batched, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, alone[0][:, 4:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(last, alone[0][:, 4:], rtol=2e-2, atol=2e-2)
 
 
 def test_quantize_linear_round_trip_and_refusals() -> None:
@@ -112,7 +114,8 @@ def test_quantize_linear_round_trip_and_refusals() -> None:
         layer = quantize_linear(w, torch.ones(48), kind, torch.float32)
         assert isinstance(layer, layer_type)
         assert float((layer.dequantize() - w).norm() / w.norm()) < bound
-        torch.testing.assert_close(layer(x), x @ layer.dequantize().T + 1, rtol=1e-4, atol=1e-4)
+        expected = x @ layer.dequantize().T + 1
+        assert float((layer(x) - expected).norm() / expected.norm()) < 0.01  # bfloat16 inside
     with pytest.raises(ShardError, match="multiples of 32"):
         quantize_linear(torch.randn(8, 40), None, Quantization.INT4, torch.float32)
     with pytest.raises(ShardError, match=r"unknown quantization 'int3' \(one of: none, int8"):
@@ -163,3 +166,18 @@ def test_int4_range_holds_at_most_035_of_float32(tmp_path: Path) -> None:
     assert full["rss"] > 50 * 2**20
     assert ratios["int4"][0] <= 0.35 and ratios["int4"][1] <= 0.35
     assert ratios["int8"][1] <= 0.30
+
+
+def test_memory_planning_counts_the_quantized_bytes(files: dict[str, Path]) -> None:
+    from swarm.server.capacity import block_bytes
+
+    path = files["Q4_1"]
+    config = ModelConfig.from_pretrained(path)
+    for kind in Quantization:
+        span = load_span(path, LayerRange(0, 1), quant=kind)
+        held = sum(t.nbytes for t in [*span.parameters(), *span.buffers()])
+        planned = block_bytes(config, torch.float32, kind)
+        assert planned == held, (kind, planned, held)
+    assert block_bytes(config, torch.float32, Quantization.INT4) <= 0.35 * block_bytes(
+        config, torch.float32
+    )

@@ -184,3 +184,51 @@ async def test_the_folder_form_gives_the_same_answer(
                 result = await model.generate_detailed(prompt_ids, MAX_NEW)
     assert len(result.route) == 3 and result.stop_reason == "eos"
     assert result.ids == transformers_answer[: len(result.ids)]
+
+
+def _first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+
+
+@pytest.mark.slow
+async def test_three_servers_in_int8_give_transformers_answer(
+    smollm2: Path, prompt_ids: list[int], transformers_answer: list[int], tmp_path: Path
+) -> None:
+    """The GGUF file (Q4_1) served in int8 by three servers over 0:10 / 10:20 / 20:30: the
+    projections are requantized per channel from the file's values (not exact), and the
+    greedy answer still equals transformers' (float32 on the same file) up to end of turn,
+    measured. Should a token ever differ, the failure names its position and transformers'
+    logit gap between the two tokens there."""
+    import trio
+
+    from swarm.client.config import ClientConfig, RecordsConfig
+    from swarm.client.model import AsyncRemoteModel
+    from swarm.server.config import ServerConfig
+    from swarm.shards import Quantization
+    from swarm.testing.swarm import open_local_swarm
+
+    ranges = [LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)]
+    base = ServerConfig(model=smollm2, announce_ttl=30.0, quant=Quantization.INT8)
+    with trio.fail_after(300):
+        async with open_local_swarm(smollm2, ranges, config=base) as local:
+            assert {s.server.config.quant for s in local.servers} == {Quantization.INT8}
+            config = ClientConfig(
+                initial_peers=(local.dht_address,),
+                records=RecordsConfig(reputation_path=str(tmp_path / "reputation.json")),
+                quant="int8",
+            )
+            async with AsyncRemoteModel.open(smollm2, config) as model:
+                result = await model.generate_detailed(prompt_ids, MAX_NEW)
+    assert len(result.route) == 3 and result.stop_reason == "eos"
+    at = _first_difference(result.ids, transformers_answer)
+    if at is not None:
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(
+            smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
+        )
+        with torch.inference_mode():
+            logits = reference(torch.tensor([prompt_ids + transformers_answer[:at]])).logits[0, -1]
+        gap = float(logits[transformers_answer[at]] - logits[result.ids[at]])
+        pytest.fail(f"int8 token {at} is {result.ids[at]}, transformers' {transformers_answer[at]}"
+                    f" (transformers' logit gap between them: {gap:.4f})")  # fmt: skip

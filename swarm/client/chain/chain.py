@@ -151,6 +151,12 @@ class Chain:
         return [state.hop for state in self._hops]
 
     @property
+    def tokens(self) -> int:
+        """Positions every hop's cache holds (drafts of the last step included until the next
+        step's ``keep`` drops the rejected ones)."""
+        return self._hops[0].history.tokens if self._hops else 0
+
+    @property
     def bans(self) -> BanList:
         return self.policy.bans
 
@@ -180,10 +186,17 @@ class Chain:
 
     # ---- steps ----
 
-    async def step(self, hidden: torch.Tensor, positions: torch.Tensor) -> StepResult:
+    async def step(
+        self, hidden: torch.Tensor, positions: torch.Tensor, *, keep: int | None = None
+    ) -> StepResult:
         """Run one step of ``n`` new positions through every hop: ``hidden`` ``(batch, n,
         hidden)``, ``positions`` ``(batch, n)``; returns its `StepResult` (``output``:
         ``(batch, n, hidden)`` float32, one row per position).
+
+        ``keep`` (speculative decoding): before this step every hop keeps only the first
+        ``keep`` tokens it holds, dropping the drafted tokens of the last step that were not
+        accepted (the histories now, the servers' caches with this step's input). It must lie
+        within the last step's tokens.
 
         Raises `SessionError` when a hop failed and could not be replaced (or refused our
         input as malformed), `RoutingError` when no servers are left for a failed hop's layers.
@@ -191,13 +204,16 @@ class Chain:
         if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
             raise SessionError(f"hidden states must be ({self.batch_size}, seq, hidden)")
         step = self.step_count
+        if keep is not None:
+            for state in self._hops:
+                state.history.truncate(keep)
         x = hidden.to(self.config.torch_wire_dtype)  # (batch, n, hidden)
         k, explicit = 0, True
         while k < len(self._hops):
             send_now = explicit or not self.config.pipeline.use_push
             state = self._hops[k]
             try:
-                n = await step_hop(self, k, step, x, positions, send_now=send_now)
+                n = await step_hop(self, k, step, x, positions, send_now=send_now, keep=keep)
             except HopFailure as failure:
                 await self.recover(k, step, failure)
                 explicit = True
@@ -209,16 +225,18 @@ class Chain:
             # the hop after a replacement takes its pushes from the next step on: send now
             k, explicit = k + n, replaced
         self.step_count += 1
-        return self._result(step, x.float(), positions)
+        return self._result(step, x.float(), positions, keep)
 
-    def _result(self, step: int, output: torch.Tensor, positions: torch.Tensor) -> StepResult:
+    def _result(
+        self, step: int, output: torch.Tensor, positions: torch.Tensor, keep: int | None
+    ) -> StepResult:
         hops = []
         for state in self._hops:
             h = state.history
             x, pos = h.inputs[-1]
             out, receipt, seconds = h.outputs[-1], h.receipts[-1], h.seconds[-1]
             hops.append(HopStep(state.hop, x, pos, out, receipt, seconds, h.view()))
-        return StepResult(step, output, positions, tuple(hops), self.recoveries)
+        return StepResult(step, output, positions, tuple(hops), self.recoveries, keep)
 
     # ---- replacing hops ----
 
@@ -275,7 +293,7 @@ class Chain:
             before = self._hops[k - 1 : k] if k > 0 else []
             nxt = self._hops[after] if after < len(self._hops) else None
             target = nxt.target if nxt is not None else None
-            await rewire([*before, *new], target, step, pusher_of=nxt)
+            await rewire([*before, *new], target, pusher_of=nxt)
         log.info("replaced %s with %d hop(s) at step %d", old.hop.server.peer_id, len(new), step)
 
     async def recover(self, k: int, step: int, failure: HopFailure) -> None:

@@ -117,6 +117,7 @@ async def step_hop(
     positions: torch.Tensor,
     *,
     send_now: bool,
+    keep: int | None = None,
 ) -> int:
     """Run ``step`` on hop ``k`` of ``chain`` (input ``(batch, n, hidden)``), hedged when it
     is late, and record it in the history of whichever hop answered; a hedge is appended to
@@ -131,11 +132,18 @@ async def step_hop(
     deadline = hedge_deadline(state, x.shape[1], config)
     if deadline is None:
         answer = await run_step(
-            state, config, step, x, positions, send_now=send_now, grace=config.pipeline.push_grace
+            state,
+            config,
+            step,
+            x,
+            positions,
+            send_now=send_now,
+            grace=config.pipeline.push_grace,
+            keep=keep,
         )
         state.history.record(x, positions, answer)
         return 1
-    race = _Race(chain, k, step, x, positions)
+    race = _Race(chain, k, step, x, positions, keep)
     await race.run(deadline, send_now)
     if race.hedged:
         chain.hedges.append(race.record(deadline))
@@ -147,10 +155,16 @@ class _Race:
     wins (`_win`) and cancels the other."""
 
     def __init__(
-        self, chain: Chain, k: int, step: int, x: torch.Tensor, positions: torch.Tensor
+        self,
+        chain: Chain,
+        k: int,
+        step: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        keep: int | None,
     ) -> None:
         self.chain, self.k, self.step = chain, k, step
-        self.x, self.positions = x, positions
+        self.x, self.positions, self.keep = x, positions, keep
         self.state = chain.hop(k)
         self.started = trio.current_time()
         self.scope = trio.CancelScope()
@@ -200,6 +214,7 @@ class _Race:
                 self.positions,
                 send_now=send_now,
                 grace=grace,
+                keep=self.keep,
             )
         except HopFailure as failure:
             self.failure = failure  # a replacement already running may still answer

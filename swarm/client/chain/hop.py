@@ -92,8 +92,8 @@ class HopHistory:
     """Every entry a hop answered (a step, or a replay counting as one), oldest first.
 
     `tensors` concatenates lazily and keeps what it built, so checking every step costs one
-    copy of the new entries, not of the whole history. (Speculative decoding would cut this
-    history back to an accepted length here, with the server's cache.)
+    copy of the new entries, not of the whole history. Speculative decoding cuts the last
+    entry back to the accepted length (`truncate`), as the server does its cache.
     """
 
     def __init__(self) -> None:
@@ -118,6 +118,33 @@ class HopHistory:
         self.outputs.append(answer.out)
         self.receipts.append(answer.receipt)
         self.seconds.append(answer.seconds)
+
+    def truncate(self, tokens: int) -> None:
+        """Keep only the first ``tokens`` positions, cutting the tail of the last entry (its
+        drafted tokens that were not accepted; its receipt still covers the whole step).
+
+        Raises:
+            SessionError: ``tokens`` is before the last entry or past the history.
+        """
+        total = self.tokens
+        if tokens == total:
+            return
+        last = self.inputs[-1][0].shape[1] if self.inputs else 0
+        if not total - last <= tokens < total:
+            raise SessionError(
+                f"cannot cut a history of {total} positions to {tokens}: only the last "
+                f"step's {last} can go"
+            )
+        keep = tokens - (total - last)
+        if keep == 0:
+            for kept in (self.inputs, self.outputs, self.receipts, self.seconds):
+                kept.pop()
+        else:
+            x, positions = self.inputs[-1]
+            self.inputs[-1] = (x[:, :keep], positions[:, :keep])
+            self.outputs[-1] = self.outputs[-1][:, :keep]
+        if self._built_entries >= len(self.inputs):
+            self._built, self._built_entries = None, 0  # it holds the cut tail
 
     def view(self) -> HistoryView:
         """The history as it stands now (later entries stay out of the view)."""
@@ -175,13 +202,15 @@ async def run_step(
     *,
     send_now: bool,
     grace: float,
+    keep: int | None = None,
 ) -> StepAnswer:
     """Hop ``state``'s answer to ``step`` (not recorded: the caller decides whether it counts).
 
     With ``send_now`` the input is sent at once; otherwise it is expected by push and sent
-    only if no answer came within ``grace`` seconds. Waits up to ``config.step_timeout``
-    after sending. Raises `HopFailure`, or `SessionError` when the server refused our input
-    as malformed (another server would refuse it too).
+    only if no answer came within ``grace`` seconds. ``keep``: the server's cache keeps its
+    first ``keep`` tokens before the step (rejected drafts of the step before go). Waits up
+    to ``config.step_timeout`` after sending. Raises `HopFailure`, or `SessionError` when
+    the server refused our input as malformed (another server would refuse it too).
     """
     started = trio.current_time()
     try:
@@ -195,7 +224,7 @@ async def run_step(
                     state.hop.server.peer_id,
                     grace,
                 )
-        await state.stream.send(InferenceInput(step, x, positions))
+        await state.stream.send(InferenceInput(step, x, positions, keep))
         result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
         return _check(state, config, step, x, result, started)
     except trio.EndOfChannel as exc:
@@ -241,7 +270,6 @@ def _check(
 async def rewire(
     states: Sequence[HopState],
     next_target: PushTarget | None,
-    step: int,
     *,
     pusher_of: HopState | None = None,
 ) -> None:

@@ -123,7 +123,7 @@ class HopOpener:
                             f"last: {failure}"
                         ) from failure.cause
             if self.config.pipeline.use_push:
-                await rewire(opened, next_target, first_step)
+                await rewire(opened, next_target)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for state in opened:

@@ -42,6 +42,7 @@ class StepResult:
     positions: torch.Tensor  # (batch, n)
     hops: tuple[HopStep, ...]
     recoveries: int  # the chain's recoveries so far
+    keep: int | None = None  # the cache tokens kept before the step (speculative decoding)
 
     @property
     def route(self) -> list[Hop]:

@@ -9,15 +9,29 @@ measured acceptance and the cost of a round.
 """
 
 from swarm.client.speculation.acceptance import Verdict, accept, accept_residual
-from swarm.client.speculation.drafters import Draft, Drafter, ModelDrafter, NgramDrafter
-from swarm.client.speculation.planner import SpeculationPlanner, expected_tokens
+from swarm.client.speculation.drafters import (
+    Draft,
+    Drafter,
+    DraftModel,
+    ModelDrafter,
+    NgramDrafter,
+)
+from swarm.client.speculation.planner import (
+    PlannerStatistics,
+    SpeculationPlanner,
+    expected_tokens,
+)
+from swarm.client.speculation.speculator import Speculator
 
 __all__ = [
     "Draft",
+    "DraftModel",
     "Drafter",
     "ModelDrafter",
     "NgramDrafter",
+    "PlannerStatistics",
     "SpeculationPlanner",
+    "Speculator",
     "Verdict",
     "accept",
     "accept_residual",

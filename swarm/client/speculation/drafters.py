@@ -26,7 +26,7 @@ from swarm.shards import KVCache, ModelConfig, load_head, load_span, load_tokeni
 from swarm.shards.hub import resolve_checkpoint
 from swarm.types import LayerRange
 
-__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter"]
+__all__ = ["Draft", "DraftModel", "Drafter", "ModelDrafter", "NgramDrafter"]
 
 
 @dataclass(frozen=True)
@@ -83,22 +83,19 @@ class NgramDrafter:
                     self._index.setdefault(n, {})[tuple(self._tokens[stop - n : stop])] = stop
 
 
-class ModelDrafter:
-    """A small local model (whole, in this process) drafting for a target with the same
-    tokenizer. Build with `ModelDrafter.load`. Not safe for concurrent use: one per
-    generation, or guarded by the caller."""
+class DraftModel:
+    """A small model loaded whole in this process, to draft for a target with the same
+    tokenizer: the weights, shared by the `ModelDrafter` of every generation. Build with
+    `DraftModel.load`."""
 
-    def __init__(self, path: Path, max_length: int = 4096) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.config = ModelConfig.from_pretrained(path)
         self.head = load_head(path)
         self.span = load_span(path, LayerRange(0, self.config.num_hidden_layers))
-        self.max_length = max_length
-        self._cache: KVCache | None = None
-        self._tokens: list[int] = []  # what the cache holds, in order
 
     @classmethod
-    def load(cls, model: str | Path, target_tokenizer: Tokenizer | None) -> ModelDrafter:
+    def load(cls, model: str | Path, target_tokenizer: Tokenizer | None) -> DraftModel:
         """Load the draft checkpoint (folder, hub name or GGUF file).
 
         Raises:
@@ -122,9 +119,22 @@ class ModelDrafter:
             )
         return cls(path)
 
+
+class ModelDrafter:
+    """One generation's drafts from a `DraftModel`, with a KV cache of its own rolled back to
+    the accepted text each round. Not for concurrent use (one per generation); `propose`
+    computes on the calling thread (the token loop runs it in a worker)."""
+
+    def __init__(self, model: DraftModel, max_length: int = 4096) -> None:
+        self.model = model
+        self.max_length = max_length
+        self._cache: KVCache | None = None
+        self._tokens: list[int] = []  # what the cache holds, in order
+
     def propose(self, context: Sequence[int], k: int, sampler: Sampler, first_index: int) -> Draft:
         if k <= 0 or not context:
             return Draft(())
+        model = self.model
         cache = self._room(len(context) + k)
         keep = _common_prefix(self._tokens, context)
         keep = min(keep, len(context) - 1)  # the last token is fed again for its logits
@@ -137,9 +147,9 @@ class ModelDrafter:
                 ids = torch.tensor([pending])  # (1, n)
                 start = len(self._tokens)
                 positions = torch.arange(start, start + len(pending)).view(1, -1)  # (1, n)
-                hidden = self.span(self.head.embed(ids), positions, cache)  # (1, n, hidden)
+                hidden = model.span(model.head.embed(ids), positions, cache)  # (1, n, hidden)
                 self._tokens.extend(pending)
-                logits = self.head.logits(hidden[:, -1:])[:, -1]  # (1, vocab)
+                logits = model.head.logits(hidden[:, -1:])[:, -1]  # (1, vocab)
                 guess = int(sampler.sample(logits, first_index + i)[0])
                 guesses.append(guess)
                 pending = [guess]
@@ -148,9 +158,9 @@ class ModelDrafter:
     def _room(self, length: int) -> KVCache:
         if self._cache is None or self._cache.max_length < length:
             size = max(self.max_length, length)
-            old, self._cache = self._cache, KVCache.allocate(self.config, self.span.layers, 1, size)
-            if old is not None:
-                self._tokens = []  # a fresh cache: re-read the context next time
+            model = self.model
+            self._cache = KVCache.allocate(model.config, model.span.layers, 1, size)
+            self._tokens = []  # a fresh cache: the context is read again
         return self._cache
 
 

@@ -47,6 +47,8 @@ class SpeculationPlanner:
         self._rejected = 1.0
         self._rounds: deque[tuple[int, float]] = deque(maxlen=window)  # (positions - 1, s)
         self._draft_seconds = 0.0  # per guess, exponentially averaged
+        self._since_draft = 0  # rounds since the last one that carried guesses
+        self.explore_every = 16  # with k at 0, guess once every this many rounds
         self._totals = [0, 0, 0, 0]  # rounds, drafted, accepted, tokens
 
     @property
@@ -85,16 +87,27 @@ class SpeculationPlanner:
             rate = expected_tokens(a, k) / seconds
             if rate > best_rate * 1.02:  # a clear gain, not noise
                 best_k, best_rate = k, rate
+        if best_k == 0 and self._since_draft >= self.explore_every:
+            return 1  # the estimates may be stale: one cheap guess measures them again
         return best_k
 
     def record(
-        self, drafted: int, accepted: int, step_seconds: float, draft_seconds: float = 0.0
+        self,
+        drafted: int,
+        accepted: int,
+        step_seconds: float,
+        draft_seconds: float = 0.0,
+        *,
+        decode: bool = True,
     ) -> None:
         """One round: ``drafted`` guesses sent, ``accepted`` kept, the chain's step time and
-        the drafter's time."""
+        the drafter's time. ``decode`` False (a round that also fed a prompt) leaves the cost
+        model alone: its time is the prompt's."""
         self._accepted += accepted
         self._rejected += 1 if accepted < drafted else 0
-        self._rounds.append((drafted, step_seconds))
+        self._since_draft = 0 if drafted else self._since_draft + 1
+        if decode:
+            self._rounds.append((drafted, step_seconds))
         if drafted:
             per_guess = draft_seconds / drafted
             self._draft_seconds += 0.3 * (per_guess - self._draft_seconds)

@@ -1,0 +1,75 @@
+"""Port mapping through `miniupnpc` against a fake UPnP IGD on loopback: a server that
+announces an address where nothing listens maps its port, is found reachable at the mapped
+address (and announces it, with no relays), renews the lease at half its life, and removes
+the mapping when it stops."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from swarm.server.reachability import ReachabilityConfig
+from swarm.testing.checkpoints import make_tiny_checkpoint
+from swarm.testing.igd import open_fake_igd
+from swarm.testing.reach import open_relay_node
+from swarm.testing.swarm import open_local_swarm
+from swarm.types import LayerRange, Reachability
+
+pytest.importorskip("miniupnpc")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("portmap") / "tiny", num_layers=2)
+
+
+async def test_mapping_renewal_and_removal(model: Path) -> None:
+    with trio.fail_after(120):
+        async with (
+            open_fake_igd(external_ip="127.0.0.1") as igd,
+            open_local_swarm(model) as local,
+            AsyncExitStack() as stack,
+        ):
+            for _ in range(2):
+                await stack.enter_async_context(open_relay_node(local.dht_address))
+            reach = ReachabilityConfig(
+                check_timeout=5.0, offer_relay=False, igd_url=igd.root_url, mapping_lease=2
+            )
+            # listens on 127.0.0.1, announces 127.0.0.9 where nothing listens
+            server = await local.add_server(
+                LayerRange(0, 2), reachability=reach, public_host="127.0.0.9"
+            )
+            ready = server.ready
+            assert ready.reachability == Reachability.REACHABLE and ready.relays == ()
+            assert (ready.host, ready.port) == ("127.0.0.1", ready.port)  # the mapped address
+            assert igd.mappings == {(ready.port, "TCP"): ("127.0.0.1", ready.port, 2)}
+            adds = igd.actions.count("AddPortMapping")
+            with trio.fail_after(10):  # renewed at half the 2 s lease
+                while igd.actions.count("AddPortMapping") < adds + 1:
+                    await trio.sleep(0.05)
+            await local.stop(0)
+            assert igd.mappings == {}
+            assert "DeletePortMapping" in igd.actions
+
+
+async def test_no_mapping_when_it_does_not_help(model: Path) -> None:
+    """A mapped address that does not answer either: the mapping is removed at once and the
+    server goes through relays."""
+    with trio.fail_after(120):
+        async with (
+            open_fake_igd(external_ip="127.0.0.9") as igd,  # nothing listens there either
+            open_local_swarm(model) as local,
+            AsyncExitStack() as stack,
+        ):
+            for _ in range(2):
+                await stack.enter_async_context(open_relay_node(local.dht_address))
+            reach = ReachabilityConfig(check_timeout=5.0, offer_relay=False, igd_url=igd.root_url)
+            server = await local.add_server(
+                LayerRange(0, 2), reachability=reach, public_host="127.0.0.9"
+            )
+            assert server.ready.reachability == Reachability.UNREACHABLE
+            assert len(server.ready.relays) == 2
+            assert igd.mappings == {} and "DeletePortMapping" in igd.actions
