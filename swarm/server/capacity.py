@@ -95,12 +95,15 @@ class Capacity:
     cache_tokens: int
 
 
+SCALE_BYTES = 4 + 2  # a quantized layer's scale (or zero): float32, and bfloat16 for the kernel
+
+
 def block_bytes(
     config: ModelConfig, dtype: torch.dtype, quant: Quantization = Quantization.NONE
 ) -> int:
     """Bytes of one block's weights in ``dtype``, the projections kept as ``quant`` says
     (int8: a byte a weight and a scale a row; int4: half a byte a weight and a scale and a
-    zero per group of 32)."""
+    zero per group of 32; each scale in float32 and in the kernels' bfloat16)."""
     with torch.device("meta"):
         block = Block(config)
     itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
@@ -108,9 +111,9 @@ def block_bytes(
     for name, p in block.named_parameters():
         rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (0, 0)
         if quant is Quantization.INT8 and p.dim() == 2:
-            total += rows * cols + rows * itemsize
+            total += rows * cols + rows * SCALE_BYTES
         elif quant is Quantization.INT4 and p.dim() == 2:
-            total += rows * cols // 2 + rows * (cols // GROUP) * 2 * itemsize
+            total += rows * cols // 2 + rows * (cols // GROUP) * 2 * SCALE_BYTES
         else:
             total += p.numel() * itemsize
         del name

@@ -166,3 +166,18 @@ def test_int4_range_holds_at_most_035_of_float32(tmp_path: Path) -> None:
     assert full["rss"] > 50 * 2**20
     assert ratios["int4"][0] <= 0.35 and ratios["int4"][1] <= 0.35
     assert ratios["int8"][1] <= 0.30
+
+
+def test_memory_planning_counts_the_quantized_bytes(files: dict[str, Path]) -> None:
+    from swarm.server.capacity import block_bytes
+
+    path = files["Q4_1"]
+    config = ModelConfig.from_pretrained(path)
+    for kind in Quantization:
+        span = load_span(path, LayerRange(0, 1), quant=kind)
+        held = sum(t.nbytes for t in [*span.parameters(), *span.buffers()])
+        planned = block_bytes(config, torch.float32, kind)
+        assert planned == held, (kind, planned, held)
+    assert block_bytes(config, torch.float32, Quantization.INT4) <= 0.35 * block_bytes(
+        config, torch.float32
+    )
