@@ -25,6 +25,7 @@ has an online server again (0 when no block lost its last server).
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import random
 import statistics
@@ -47,6 +48,8 @@ from swarm.testing.links import DatagramLinkEmulator, LinkSpec
 from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = ["SimConfig", "SimReport", "run_simulation"]
+
+log = logging.getLogger(__name__)
 
 MODEL = "sim-llama-000000000000"
 REGIONS = ("eu", "us", "asia")
@@ -179,6 +182,8 @@ class _Sim:
                 lo, hi = cfg.intra if a == b else cfg.inter
                 self.delay[(a, b)] = self.rng.uniform(lo, hi)
                 self.links.set_between(a, b, LinkSpec(delay=self.delay[(a, b)]))
+        # dead contacts leave routing tables within half a TTL (at the default minute, nodes
+        # that make few lookups hand them out, and lookups wait out their timeouts)
         dht = DHTConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, cfg.ttl / 2))
         for i in range(cfg.dht_nodes):
             peers = (self.nodes[0].address,) if self.nodes else ()
@@ -196,7 +201,7 @@ class _Sim:
             self.nodes.append(node)
             self.stacks.append(stack)
             if i % 100 == 99:
-                print(f"  {i + 1} DHT nodes up", flush=True)
+                log.info("%d DHT nodes up", i + 1)
             region = REGIONS[i % len(REGIONS)]
             self.region[i] = region
             self.links.place(("127.0.0.1", node.port), region)
@@ -459,6 +464,7 @@ class _Sim:
         left = trio.current_time()
         for s in gone:
             await self.kill(s)
+        log.info("mass departure: %d of %d servers left", len(gone), len(alive))
         while self.uncovered_blocks() == 0:  # the departure may leave every block covered
             await trio.sleep(0.05)
             if trio.current_time() - left > 1.0:
@@ -475,9 +481,13 @@ async def run_simulation(config: SimConfig) -> SimReport:
     try:
         await sim.open_nodes()
         async with trio.open_nursery() as nursery:
-            for i in range(config.servers):  # they start spread evenly, then churn
-                start = (i * config.span) % (config.blocks - config.span + 1)
-                await sim.add_server(nursery, LayerRange(start, start + config.span))
+            async with trio.open_nursery() as starting:  # all at once, spread evenly
+                for i in range(config.servers):
+                    start = (i * config.span) % (config.blocks - config.span + 1)
+                    starting.start_soon(
+                        sim.add_server, nursery, LayerRange(start, start + config.span)
+                    )
+            log.info("%d servers up; running for %.0f s", config.servers, config.duration)
             sim.started = trio.current_time()
             sent_before = sum(n for n, _ in sim.links.sent.values())
             bytes_before = sum(b for _, b in sim.links.sent.values())
@@ -497,8 +507,10 @@ async def run_simulation(config: SimConfig) -> SimReport:
             sim.report.bytes_per_node_minute = size / honest / minutes
             sim.report.lost_datagrams = sim.links.lost
             nursery.cancel_scope.cancel()
+        log.info("run over; closing %d DHT nodes", len(sim.stacks))
     finally:
-        with trio.CancelScope(shield=True):
-            for i in reversed(range(len(sim.stacks))):
-                await sim.stacks[i].aclose()
+        with trio.CancelScope(shield=True):  # all at once: one by one takes minutes at 1,000
+            async with trio.open_nursery() as nursery:
+                for stack in sim.stacks:
+                    nursery.start_soon(stack.aclose)
     return sim.report
