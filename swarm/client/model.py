@@ -253,7 +253,7 @@ class AsyncRemoteModel:
         stop: Sequence[str] = (),
         *,
         verify: str | None = None,
-        speculative: str | None = None,
+        speculative: str | Speculator | None = None,
     ) -> TokenStream:
         """Generate token by token: ``async with model.stream(...) as events: async for ...``
         yields `Token` s, a `RolledBack` after a proven lie, and a last `Done`.
@@ -279,7 +279,8 @@ class AsyncRemoteModel:
         ``speculative`` (``auto``, ``off``, ``ngram``, or the draft model of
         ``config.speculation``) overrides ``config.speculation.mode`` for this generation:
         guessed tokens checked several per round trip; the tokens are those of plain
-        decoding (greedy exactly; sampling the same for a seed).
+        decoding (greedy exactly; sampling the same for a seed). A `Speculator` object
+        (one per generation) is used as it is: benchmarks and tests bring their drafters.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
@@ -297,7 +298,9 @@ class AsyncRemoteModel:
             max_new_tokens,
             stop,
             heads=self.heads,
-            speculator=self.speculator(speculative),
+            speculator=(
+                speculative if isinstance(speculative, Speculator) else self.speculator(speculative)
+            ),
         )
         attempts = _Fresh(self, sessions, ids, len(ids) + max_new_tokens)
         return TokenStream(self._run(loop, attempts, sessions), loop)
@@ -354,9 +357,13 @@ class AsyncRemoteModel:
         max_new_tokens: int = 32,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
+        *,
+        speculative: str | Speculator | None = None,
     ) -> GenerationResult:
         """Generate and return ids, text, route and timings. Raises what `stream` raises."""
-        async with self.stream(prompt, max_new_tokens, sampling, stop) as events:
+        async with self.stream(
+            prompt, max_new_tokens, sampling, stop, speculative=speculative
+        ) as events:
             async for _ in events:
                 pass
         return events.result
