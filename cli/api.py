@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import DefaultModelArgument, PeersOption, VerboseOption, model_path
+from .options import (
+    DefaultModelArgument,
+    PeersOption,
+    SpeculativeOption,
+    VerboseOption,
+    model_path,
+)
 
 if TYPE_CHECKING:
     from swarm.api import GatewayConfig
@@ -98,6 +104,32 @@ def api(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    speculative: SpeculativeOption = "auto",
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Host name a keyless gateway answers to, besides IP addresses and "
+            "localhost (repeatable).",
+        ),
+    ] = None,
+    max_redundancy: Annotated[
+        int, typer.Option(help="Largest K of redundant:K a request may ask.")
+    ] = 3,
+    max_connections: Annotated[int, typer.Option(help="Open HTTP connections at most.")] = 512,
+    max_connections_per_host: Annotated[
+        int, typer.Option(help="Open HTTP connections from one address at most.")
+    ] = 64,
+    send_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client may leave a send unread before it loses "
+            "its connection (and its generation)."
+        ),
+    ] = 30.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may take to arrive.")
+    ] = 30.0,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve MODEL on the swarm behind an OpenAI-compatible HTTP API."""
@@ -106,7 +138,7 @@ def api(
     import trio
 
     from swarm.api import GatewayConfig
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
 
@@ -124,10 +156,17 @@ def api(
         queue=queue,
         verify=verify,
         max_length=max_length,
+        allowed_hosts=tuple(allowed_host or ()),
+        max_redundancy=max_redundancy,
+        max_connections=max_connections,
+        max_connections_per_host=max_connections_per_host,
+        send_timeout_s=send_timeout,
+        body_timeout_s=body_timeout,
     )
     client_config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+        speculation=SpeculationConfig(mode=speculative),
     )
     if reputation is not None:
         client_config = dataclasses.replace(

@@ -9,6 +9,7 @@ page at ``/``; OpenAPI docs at ``/docs``. Every error is OpenAI's error body (se
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swarm import __version__
 from swarm.api.errors import ApiError, error_body, error_from_exception
 from swarm.api.gateway import Gateway
-from swarm.api.jobs import chat_job, completion_job
+from swarm.api.jobs import chat_job, check_request, completion_job
 from swarm.api.middleware import GuardMiddleware
 from swarm.api.receipts import receipt_json
 from swarm.api.responses import GenerationResponse
@@ -37,6 +38,7 @@ from swarm.api.schemas import (
     dump,
 )
 from swarm.api.status import health_report, status_report
+from swarm.net.transport import host_key
 
 __all__ = ["create_app"]
 
@@ -59,8 +61,26 @@ def create_app(gateway: Gateway) -> Any:
     _add_swarm_routes(app, gateway)
     config = gateway.config
     return GuardMiddleware(
-        app, api_keys=config.api_keys, max_body_bytes=config.max_body_bytes, metrics=gateway.metrics
+        app,
+        api_keys=config.api_keys,
+        max_body_bytes=config.max_body_bytes,
+        metrics=gateway.metrics,
+        body_timeout_s=config.body_timeout_s,
+        allowed_hosts=config.allowed_hosts,
     )
+
+
+def _key(request: Request) -> str | None:
+    """The fingerprint of the API key the request came with (None without keys)."""
+    key = request.scope.get("state", {}).get("swarm_key")
+    return key if isinstance(key, str) else None
+
+
+def _groups(request: Request) -> tuple[str, ...]:
+    """What the request counts against in admission: its client's host and its key."""
+    host = request.client.host if request.client else "?"
+    key = _key(request)
+    return (f"host:{host_key(host)}",) + ((f"key:{key}",) if key else ())
 
 
 def _json_error(error: ApiError) -> JSONResponse:
@@ -127,20 +147,26 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
         response_model=ChatCompletion,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
-    async def chat_completions(body: ChatRequest) -> Response:
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """A chat completion (``"stream": true`` for server-sent events)."""
-        job = chat_job(body, facts)
-        return GenerationResponse(gateway, job, gateway.admission.reserve())
+        check_request(body, facts)  # cheap; rendering and tokenizing wait for admission
+        ticket = gateway.admission.reserve(_groups(request))
+        return GenerationResponse(
+            gateway, functools.partial(chat_job, body, facts), ticket, owner=_key(request)
+        )
 
     @app.post(
         "/v1/completions",
         response_model=Completion,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         """A text completion (``"stream": true`` for server-sent events)."""
-        job = completion_job(body, facts)
-        return GenerationResponse(gateway, job, gateway.admission.reserve())
+        check_request(body, facts)
+        ticket = gateway.admission.reserve(_groups(request))
+        return GenerationResponse(
+            gateway, functools.partial(completion_job, body, facts), ticket, owner=_key(request)
+        )
 
 
 def _add_swarm_routes(app: FastAPI, gateway: Gateway) -> None:
@@ -155,9 +181,9 @@ def _add_swarm_routes(app: FastAPI, gateway: Gateway) -> None:
         return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/swarm/receipts/{completion_id}")
-    async def receipts(completion_id: str) -> dict[str, Any]:
-        """The signed step receipts of a recent completion."""
-        found = gateway.receipts.get(completion_id)
+    async def receipts(completion_id: str, request: Request) -> dict[str, Any]:
+        """The signed step receipts of a recent completion (only for the key that made it)."""
+        found = gateway.receipts.get(completion_id, owner=_key(request))
         if found is None:
             raise ApiError(
                 404,

@@ -23,8 +23,23 @@ class GatewayConfig:
     Access:
 
     - ``api_keys`` (()): accepted ``Authorization: Bearer`` keys; empty means no key is
-      needed. ``/health`` never needs one.
+      needed. ``/health`` never needs one. A completion's receipts are readable only with
+      the key that asked for it.
+    - ``allowed_hosts`` (()): ``Host`` header names accepted when no key is set, besides
+      loopback names and the bound address (a web page a local user opens cannot reach a
+      keyless gateway through DNS rebinding: its requests name the attacker's host).
     - ``max_body_bytes`` (1 MiB): a request body past it gets 413.
+
+    Connections (per connection: an untrusted peer holds nothing for long):
+
+    - ``max_connections`` (512): open HTTP connections at most, ``max_connections_per_host``
+      (64) from one address (a public IPv6 /64 is one host); past either a new connection is
+      closed at once.
+    - ``body_timeout_s`` (30): the whole request body must arrive within it (408).
+    - ``send_timeout_s`` (30): a send to a client that does not read for that long ends the
+      connection; its generation is cancelled, its swarm sessions closed, its slot freed.
+    - A connection whose request head is not complete 75 s after it opened or after its last
+      answer is closed (Hypercorn's keep-alive timer runs until a whole head arrived).
 
     Load:
 
@@ -32,10 +47,15 @@ class GatewayConfig:
     - ``queue`` (32): requests waiting for a slot; past it a request gets 429.
     - ``retry_after_s`` (1): the ``Retry-After`` of a 429.
     - ``queue_timeout_s`` (60): a queued request that waits longer gets 429 too.
+    - Slots and queue are shared per client address and per key (`swarm.api.admission`).
+    - ``prepare_threads`` (2): worker threads that render and tokenize prompts (never the
+      event loop).
 
     Generation:
 
     - ``verify`` ("none"): the policy of a request that names none (``"swarm": {"verify"}``).
+    - ``max_redundancy`` (3): the most times a request's policy may run each step
+      (``redundant:K`` with K above it gets 400; spot-check counts as 2).
     - ``default_max_tokens`` (256): tokens to generate when a request gives no limit.
     - ``max_length`` (0): tokens a session may hold (prompt + answer) at most; a request past
       it gets 400; 0 means the model's ``max_position_embeddings``.
@@ -62,6 +82,13 @@ class GatewayConfig:
     receipts_keep: int = 1000
     receipts_ttl_s: float = 3600.0
     refresh_s: float = 5.0
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 512
+    max_connections_per_host: int = 64
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
+    prepare_threads: int = 2
+    max_redundancy: int = 3
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -70,12 +97,27 @@ class GatewayConfig:
             raise ConfigError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
         if self.queue < 0:
             raise ConfigError(f"queue must be 0 or more, got {self.queue}")
-        for name in ("max_body_bytes", "default_max_tokens", "receipts_keep", "retry_after_s"):
+        for name in (
+            "max_body_bytes",
+            "default_max_tokens",
+            "receipts_keep",
+            "retry_after_s",
+            "max_connections",
+            "max_connections_per_host",
+            "prepare_threads",
+            "max_redundancy",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GatewayConfig.{name} must be at least 1")
         if self.max_length < 0:
             raise ConfigError(f"max_length must be 0 or more, got {self.max_length}")
-        for name in ("queue_timeout_s", "receipts_ttl_s", "refresh_s"):
+        for name in (
+            "queue_timeout_s",
+            "receipts_ttl_s",
+            "refresh_s",
+            "body_timeout_s",
+            "send_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"GatewayConfig.{name} must be positive")
         if any(not key for key in self.api_keys):

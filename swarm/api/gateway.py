@@ -3,22 +3,28 @@
 One `AsyncRemoteModel` (DHT node, connection pool, route knowledge, bans, reputation), the
 admission slots, the receipt store, the metrics, and the latest view of the servers, which
 `Gateway.run_background` keeps fresh (a DHT lookup every ``refresh_s``) together with
-canary probes of every server (known answers computed from the gateway's own copy of the
-checkpoint, one range at a time). Routes, ``/health`` and the status page read that view.
+canary probes (known answers computed from the gateway's own copy of the checkpoint, one
+layer at a time). Only servers whose records are proven are probed (they answered the
+client's ping as their `PeerId` at their address), and at most `NEW_CANARY_RANGES` new
+ranges are computed per round, so forged records can neither steer the gateway's dials nor
+its CPU. Routes, ``/health`` and the status page read that view.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from swarm.api.admission import Admission
 from swarm.api.config import GatewayConfig
-from swarm.api.jobs import ModelFacts
+from swarm.api.http import ConnectionGate
+from swarm.api.jobs import ModelFacts, longest_token
 from swarm.api.metrics import GatewayMetrics
 from swarm.api.receipts import ReceiptStore
 from swarm.client.model import AsyncRemoteModel
@@ -33,6 +39,8 @@ __all__ = ["Gateway"]
 log = logging.getLogger(__name__)
 
 _KEEP_LATENCIES = 64
+NEW_CANARY_RANGES = 2  # ranges whose answers are computed per probe round, at most
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,11 +63,27 @@ class Gateway:
             config.max_concurrent, config.queue, config.retry_after_s, config.queue_timeout_s
         )
         self.receipts = ReceiptStore(config.receipts_keep, config.receipts_ttl_s)
+        self.connections = ConnectionGate(config.max_connections, config.max_connections_per_host)
+        self._cpu = trio.CapacityLimiter(config.prepare_threads)
         self.metrics = GatewayMetrics(
             running=lambda: self.admission.statistics().running,
             queued=lambda: self.admission.statistics().queued,
             banned=lambda: len(self.banned()),
             clock=time.monotonic,
+        )
+        connections = self.connections.statistics
+        self.metrics.gauge(
+            "swarm_api_connections", "Open HTTP connections", lambda: connections().open
+        )
+        self.metrics.gauge(
+            "swarm_api_connections_refused",
+            "Connections refused (caps)",
+            lambda: connections().refused,
+        )
+        self.metrics.gauge(
+            "swarm_api_send_timeouts",
+            "Connections closed: client did not read",
+            lambda: connections().send_timeouts,
         )
         self.servers: list[ServerView] = []
         self.refreshed_at: float | None = None  # time.time() of the last good refresh
@@ -86,8 +110,15 @@ class Gateway:
             max_length=config.max_length or positions,
             default_max_tokens=config.default_max_tokens,
             default_verify=config.verify,
+            max_redundancy=config.max_redundancy,
+            token_chars=longest_token(model.tokenizer),
         )
         return cls(model, config, facts)
+
+    async def prepare(self, work: Callable[[], T]) -> T:
+        """Run CPU work of a request (rendering, tokenizing) in one of ``prepare_threads``
+        worker threads, never on the event loop; waits for a free thread."""
+        return await trio.to_thread.run_sync(work, limiter=self._cpu)
 
     @property
     def num_layers(self) -> int:
@@ -126,10 +157,18 @@ class Gateway:
             await trio.sleep(self.config.refresh_s)
 
     async def probe_servers(self) -> None:
-        """One canary per online server (answers computed once per range, in a thread)."""
-        online = [s for s in self.servers if s.state == ServerState.ONLINE]
+        """One canary per online server whose record is proven (answers computed once per
+        range, in a thread, at most `NEW_CANARY_RANGES` new ones per call)."""
+        directory = self.model.directory
+        online = [s for s in self.servers if s.state == ServerState.ONLINE and directory.reached(s)]
         canaries = self._canaries
-        missing = sorted({s.layers for s in online} - set(canaries.by_range))
+        announced = {s.layers for s in online}
+        for stale in set(canaries.by_range) - announced:
+            del canaries.by_range[stale]
+        known = {s.peer_id for s in self.servers}
+        for gone in set(canaries.health) - known:
+            del canaries.health[gone]
+        missing = sorted(announced - set(canaries.by_range))[:NEW_CANARY_RANGES]
         if missing:
             try:
                 made = await trio.to_thread.run_sync(make_canaries, Path(self.model.path), missing)
@@ -156,7 +195,8 @@ class Gateway:
 
         async with trio.open_nursery() as nursery:
             for server in online:
-                nursery.start_soon(one, server)
+                if server.layers in canaries.by_range:
+                    nursery.start_soon(one, server)
 
 
 def _default_name(path: Path) -> str:

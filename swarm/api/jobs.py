@@ -1,8 +1,15 @@
 """From an OpenAI request to a `GenerationJob`: the prompt's ids, limits, sampling, policy.
 
-Everything a request can get wrong is found here, before it takes a slot: an unknown model
-(404), unsupported options, a chat without a template, no room for one token, a bad policy
-(400). Each is an `ApiError` naming the field.
+Everything a request can get wrong is found here: an unknown model (404), unsupported
+options, a chat without a template, no room for one token, a bad policy or a policy past the
+gateway's caps (400). Each is an `ApiError` naming the field.
+
+Two stages, so that untrusted text costs the event loop nothing: `check_request` is cheap
+(no rendering, no tokenizing; a prompt whose characters cannot fit the model's length in
+tokens is refused by counting them) and runs before the request is admitted;
+`chat_job` / `completion_job` render and tokenize, and the gateway runs them in a worker
+thread after admission (`Gateway.prepare`). Tokenizing goes through ``encode_batch``, which
+releases the GIL (``encode`` holds it for the whole call: 1 s for 256 KiB of one word).
 """
 
 from __future__ import annotations
@@ -18,9 +25,16 @@ from swarm.api.schemas import ChatRequest, CompletionRequest, unsupported_option
 from swarm.client.sampling import SamplingConfig
 from swarm.errors import ConfigError
 from swarm.shards import ChatTemplate
-from swarm.verify.policy import parse_policy
+from swarm.verify.policy import PolicyKind, parse_policy
 
-__all__ = ["GenerationJob", "ModelFacts", "chat_job", "completion_job"]
+__all__ = [
+    "GenerationJob",
+    "ModelFacts",
+    "chat_job",
+    "check_request",
+    "completion_job",
+    "longest_token",
+]
 
 Kind = Literal["chat", "completion"]
 
@@ -37,6 +51,20 @@ class ModelFacts:
     max_length: int  # prompt + answer, at most
     default_max_tokens: int
     default_verify: str
+    max_redundancy: int = 3  # the largest K of "redundant:K" a request may ask
+    token_chars: int = 64  # no token spans more characters than this (`longest_token`)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Text longer than this cannot fit ``max_length`` tokens (twice the bound, for
+        normalizers that merge characters)."""
+        return 2 * self.token_chars * self.max_length
+
+
+def longest_token(tokenizer: Tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its vocabulary's longest
+    entry, added tokens included): a text of n characters needs at least n / this tokens."""
+    return max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
 
 @dataclass(frozen=True)
@@ -52,15 +80,48 @@ class GenerationJob:
     verify: str
     stream: bool
     include_usage: bool
+    speculative: str | None = None  # None: the client's configured mode
 
     @property
     def endpoint(self) -> str:
         return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
 
 
-def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
-    """The job of a chat request (its messages rendered with the chat template)."""
+def check_request(request: ChatRequest | CompletionRequest, facts: ModelFacts) -> None:
+    """The checks that cost no rendering or tokenizing (run before admission)."""
     _check_common(request, facts)
+    if isinstance(request, ChatRequest):
+        if facts.template is None:
+            raise ApiError(
+                400,
+                f"model {facts.name} has no chat template (a base model?): "
+                "use /v1/completions, or start the gateway with --chat-template "
+                "FILE",
+                code="no_chat_template",
+                param="messages",
+            )
+        chars, param = sum(len(m.text()) for m in request.messages), "messages"
+    elif isinstance(request.prompt, str):
+        chars, param = len(request.prompt), "prompt"
+    else:
+        chars = sum(len(p) for p in request.prompt if isinstance(p, str))
+        chars, param = max(chars, len(request.prompt)), "prompt"
+    if chars > facts.max_prompt_chars:
+        raise ApiError(
+            400,
+            f"the prompt ({chars} characters) cannot fit the model's "
+            f"max_length of {facts.max_length} tokens; shorten it",
+            code="context_length_exceeded",
+            param=param,
+        )
+    _check_policy(request, facts)
+
+
+def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
+    """The job of a chat request (its messages rendered with the chat template).
+
+    CPU work (rendering, tokenizing): run it in a worker thread."""
+    check_request(request, facts)
     if facts.template is None:
         raise ApiError(
             400,
@@ -84,7 +145,7 @@ def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
     except ConfigError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
     # the rendered text holds the special tokens the template writes (BOS included)
-    ids = list(facts.tokenizer.encode(text, add_special_tokens=False).ids)
+    ids = _encode(facts, text, add_special_tokens=False)
     limit = request.max_completion_tokens
     param = "max_completion_tokens"
     if limit is None:
@@ -93,8 +154,8 @@ def chat_job(request: ChatRequest, facts: ModelFacts) -> GenerationJob:
 
 
 def completion_job(request: CompletionRequest, facts: ModelFacts) -> GenerationJob:
-    """The job of a completion request."""
-    _check_common(request, facts)
+    """The job of a completion request (CPU work: run it in a worker thread)."""
+    check_request(request, facts)
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -106,12 +167,37 @@ def completion_job(request: CompletionRequest, facts: ModelFacts) -> GenerationJ
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = list(facts.tokenizer.encode(prompt).ids)
+        ids = _encode(facts, prompt, add_special_tokens=True)
     else:
         ids = [int(i) for i in prompt]  # type: ignore[arg-type]
         if any(not 0 <= i < facts.vocab_size for i in ids):
             raise ApiError(400, f"token ids must be in [0, {facts.vocab_size})", param="prompt")
     return _job("completion", request, facts, ids, request.max_tokens, "max_tokens")
+
+
+def _encode(facts: ModelFacts, text: str, *, add_special_tokens: bool) -> list[int]:
+    # encode_batch releases the GIL while it works; encode holds it throughout
+    (encoding,) = facts.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+    return list(encoding.ids)
+
+
+def _check_policy(request: ChatRequest | CompletionRequest, facts: ModelFacts) -> None:
+    verify = (request.swarm.verify if request.swarm else None) or facts.default_verify
+    try:
+        policy = parse_policy(verify)
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), param="swarm.verify") from exc
+    # what the policy costs the servers per step, at most: K runs, or one re-run
+    runs = {PolicyKind.REDUNDANT: policy.replicas, PolicyKind.SPOT_CHECK: 2}.get(policy.kind, 1)
+    if runs > facts.max_redundancy:
+        raise ApiError(
+            400,
+            f"swarm.verify: {policy} runs each step up to {runs} times; this "
+            f"gateway allows at most {facts.max_redundancy} (redundant:"
+            f"{facts.max_redundancy})",
+            code="policy_not_allowed",
+            param="swarm.verify",
+        )
 
 
 def _role(role: str) -> str:
@@ -165,12 +251,11 @@ def _job(
     max_new = limit if limit is not None else min(facts.default_max_tokens, room)
     verify = (request.swarm.verify if request.swarm else None) or facts.default_verify
     try:
-        parse_policy(verify)
+        sampling = SamplingConfig(
+            temperature=request.temperature, top_p=request.top_p, seed=request.seed
+        )
     except ConfigError as exc:
-        raise ApiError(400, str(exc), param="swarm.verify") from exc
-    sampling = SamplingConfig(
-        temperature=request.temperature, top_p=request.top_p, seed=request.seed
-    )
+        raise ApiError(400, str(exc), param="seed") from exc
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     return GenerationJob(
         kind=kind,
@@ -182,4 +267,5 @@ def _job(
         verify=verify,
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        speculative=request.swarm.speculative if request.swarm else None,
     )

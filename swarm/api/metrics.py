@@ -67,8 +67,13 @@ class GatewayMetrics:
         Gauge("swarm_api_banned_servers", "Servers the client bans now", registry=r).set_function(
             banned
         )
+        self._registry = r
         self._clock = clock
         self._recent: deque[tuple[float, float, float | None]] = deque(maxlen=256)
+
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Add a gauge that reads its value from ``read`` when scraped."""
+        Gauge(name, documentation, registry=self._registry).set_function(read)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -1,25 +1,35 @@
-"""Pure ASGI middleware of the gateway: counting, API keys, body size.
+"""Pure ASGI middleware of the gateway: counting, API keys, Host, body size and time.
 
 `GuardMiddleware` sits outside FastAPI: it counts every request by endpoint and status
 (the status of the answer that started, or 499 when the client left first), refuses a
 request without a valid ``Authorization: Bearer`` key (401; ``/health`` is open; the
-status page may pass the key as ``?key=``, since a browser cannot set the header), and
-refuses a body over ``max_body_bytes`` (413), whether or not it announced its length (the
-body is read whole, bounded, before the app sees the request). All refusals carry OpenAI's
-error body.
+status page may pass the key as ``?key=``, since a browser cannot set the header), refuses
+a body over ``max_body_bytes`` (413), whether or not it announced its length (the body is
+read whole, bounded, before the app sees the request), and a body that does not arrive
+within ``body_timeout_s`` (408). A keyless gateway answers only requests whose ``Host`` is
+an IP address, a loopback name or an allowed name (421 otherwise): a page in a local user's
+browser that rebinds its own domain name to the gateway's address still sends its own name.
+All refusals carry OpenAI's error body.
+
+The key a request was let in with is passed on as a short fingerprint in
+``scope["state"]["swarm_key"]`` (None without keys), for per-key shares and receipts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+import trio
+
 from swarm.api.errors import ApiError
 from swarm.api.metrics import GatewayMetrics
 
-__all__ = ["GuardMiddleware", "endpoint_label"]
+__all__ = ["GuardMiddleware", "endpoint_label", "host_allowed", "key_fingerprint"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,6 +55,34 @@ _ENDPOINTS = frozenset(
 )
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def key_fingerprint(key: bytes) -> str:
+    """What identifies an API key in memory (its shares, its receipts): not the key."""
+    return hashlib.sha256(b"swarm-api-key:" + key).hexdigest()[:16]
+
+
+def host_allowed(host_header: bytes, allowed: frozenset[str]) -> bool:
+    """Whether a keyless gateway answers a request with this ``Host``: an IP address (a
+    rebinding page cannot send one in its own name), a loopback name, or an allowed one."""
+    text = host_header.decode("latin-1").strip().lower()
+    if text.startswith("["):  # [v6]:port
+        name = text[1 : text.find("]")] if "]" in text else text[1:]
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    name = name.rstrip(".")
+    if not name:
+        return False
+    if name in LOOPBACK_NAMES or name in allowed or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def endpoint_label(path: str) -> str:
     """A bounded label for a path (ids and unknown paths folded)."""
     if path in _ENDPOINTS:
@@ -65,11 +103,15 @@ class GuardMiddleware:
         api_keys: tuple[str, ...],
         max_body_bytes: int,
         metrics: GatewayMetrics,
+        body_timeout_s: float = 30.0,
+        allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,7 +127,10 @@ class GuardMiddleware:
 
         try:
             error = self._refusal(scope)
-            body, body_error = await self._read_body(receive)  # also when refused: see below
+            body: bytes = b""
+            body_error: ApiError | None = self._too_slow()
+            with trio.move_on_after(self.body_timeout_s):
+                body, body_error = await self._read_body(receive)  # also when refused
             error = error or body_error
             if error is not None:
                 await _send_error(counting_send, error)
@@ -97,7 +142,19 @@ class GuardMiddleware:
     def _refusal(self, scope: Scope) -> ApiError | None:
         headers = dict(scope["headers"])
         path = scope["path"]
-        if not self.api_keys or path in OPEN_PATHS:
+        state = scope.setdefault("state", {})
+        state["swarm_key"] = None
+        if not self.api_keys:
+            if host_allowed(headers.get(b"host", b""), self.allowed_hosts):
+                return None
+            return ApiError(
+                421,
+                "this gateway has no API key and answers only requests to "
+                "an IP address or a loopback name (Host header); start it with "
+                "--allowed-host NAME to be reached by that name",
+                code="host_not_allowed",
+            )
+        if path in OPEN_PATHS:
             return None
         given = headers.get(b"authorization", b"")
         key = given[7:].strip() if given[:7].lower() == b"bearer " else b""
@@ -105,6 +162,7 @@ class GuardMiddleware:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             key = query.get("key", [""])[0].encode()
         if any(secrets.compare_digest(key, k) for k in self.api_keys):
+            state["swarm_key"] = key_fingerprint(key)
             return None
         why = "invalid API key" if key else "no API key: send Authorization: Bearer KEY"
         return ApiError(
@@ -113,6 +171,13 @@ class GuardMiddleware:
             type="authentication_error",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def _too_slow(self) -> ApiError:
+        return ApiError(
+            408,
+            f"the request body did not arrive within {self.body_timeout_s:g} s",
+            code="request_timeout",
         )
 
     def _too_large(self) -> ApiError:

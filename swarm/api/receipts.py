@@ -4,7 +4,9 @@ Every answer's ``swarm`` object carries the digests of the servers' signed step 
 the full receipts (`receipt_json`: every field, bytes in hex) are kept here under the
 completion's id for ``GET /v1/swarm/receipts/{id}``, so a caller can check the signatures
 later (`swarm.verify.check_receipt`). The store forgets the oldest completion past
-``keep`` and any completion older than ``ttl_s``.
+``keep`` and any completion older than ``ttl_s``. Each entry remembers the key that made
+it (a fingerprint; None on a keyless gateway), and only that key reads it: another key gets
+the same answer as for an unknown id.
 """
 
 from __future__ import annotations
@@ -52,24 +54,31 @@ class ReceiptStore:
         self.keep = keep
         self.ttl_s = ttl_s
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, tuple[Receipt, ...]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, str | None, tuple[Receipt, ...]]] = (
+            OrderedDict()
+        )
 
     def __len__(self) -> int:
         self._expire()
         return len(self._entries)
 
-    def put(self, completion_id: str, receipts: Sequence[Receipt]) -> None:
-        self._entries[completion_id] = (self._clock(), tuple(receipts))
+    def put(
+        self, completion_id: str, receipts: Sequence[Receipt], owner: str | None = None
+    ) -> None:
+        self._entries[completion_id] = (self._clock(), owner, tuple(receipts))
         self._entries.move_to_end(completion_id)
         while len(self._entries) > self.keep:
             self._entries.popitem(last=False)
         self._expire()
 
-    def get(self, completion_id: str) -> tuple[Receipt, ...] | None:
-        """The receipts of a completion, or None when unknown or forgotten."""
+    def get(self, completion_id: str, owner: str | None = None) -> tuple[Receipt, ...] | None:
+        """The receipts of a completion made by ``owner``, or None when unknown, forgotten
+        or made by another key."""
         self._expire()
         entry = self._entries.get(completion_id)
-        return entry[1] if entry is not None else None
+        if entry is None or entry[1] != owner:
+            return None
+        return entry[2]
 
     def _expire(self) -> None:
         oldest = self._clock() - self.ttl_s

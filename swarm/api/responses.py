@@ -1,12 +1,15 @@
 """`GenerationResponse`: one generation run as one ASGI response, streamed or not.
 
-The endpoint checks the request and takes an admission ticket; this response then waits
-for a slot, runs the generation in the response's own task and answers: JSON, or
+The endpoint checks the request cheaply and takes an admission ticket; this response then
+renders and tokenizes the prompt in a worker thread (`Gateway.prepare`), waits for a slot,
+runs the generation in the response's own task and answers: JSON, or
 server-sent events (``data: {chunk}`` lines ending ``data: [DONE]``). Nothing is sent until
 the first token exists, so a failure before it (no route, a queue timeout) is still a
 proper HTTP error; a failure after it ends the stream with an error event. A task watches
 the connection meanwhile: when the client goes away the generation is cancelled at once,
-which closes its swarm sessions (servers free their caches). The ticket is released
+which closes its swarm sessions (servers free their caches). A client that stops reading
+is a client gone: the HTTP server closes a connection whose send stalls past its deadline
+(`swarm.api.http`), which this response sees as a disconnect. The ticket is released
 whatever happens.
 """
 
@@ -59,15 +62,23 @@ Send = Callable[[Message], Awaitable[None]]
 class GenerationResponse(Response):
     """The answer to a checked generation request (see the module docstring)."""
 
-    def __init__(self, gateway: Gateway, job: GenerationJob, ticket: Ticket) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        prepare: Callable[[], GenerationJob],
+        ticket: Ticket,
+        *,
+        owner: str | None = None,
+    ) -> None:
         super().__init__(status_code=200)
         self.gateway = gateway
-        self.job = job
+        self.prepare = prepare  # CPU work: run in a worker thread
+        self.job: GenerationJob
         self.ticket = ticket
+        self.owner = owner  # the key fingerprint the receipts are kept for
         self.created = int(time.time())
         self.name = gateway.facts.name
-        # tokens stream as they come only where no check can roll them back
-        self._answer_text = AnswerText(hold=job.verify != "none")
+        self._answer_text: AnswerText  # set once the job is prepared
         self._started = False
         self._send: Send | None = None
 
@@ -82,7 +93,14 @@ class GenerationResponse(Response):
             self.ticket.release()
 
     async def _answer(self) -> None:
-        job = self.job
+        try:
+            self.job = job = await self.gateway.prepare(self.prepare)
+        except Exception as raised:
+            error = error_from_exception(raised)
+            await self._send_json(error.status, error.body(), error.headers)
+            return
+        # tokens stream as they come only where no check can roll them back
+        self._answer_text = AnswerText(hold=job.verify != "none")
         try:
             async with self.ticket:
                 stream = self.gateway.model.stream(
@@ -91,6 +109,7 @@ class GenerationResponse(Response):
                     job.sampling,
                     job.stop,
                     verify=job.verify,
+                    speculative=job.speculative,
                 )
                 async with stream as events:
                     async for event in events:
@@ -113,7 +132,7 @@ class GenerationResponse(Response):
     def _finish(self, tokens: TokenStream) -> SwarmReport:
         """Keep the receipts, count tokens and checks, and build the ``swarm`` object."""
         gateway, result = self.gateway, tokens.result
-        gateway.receipts.put(self.job.id, tokens.receipts)
+        gateway.receipts.put(self.job.id, tokens.receipts, self.owner)
         metrics = gateway.metrics
         metrics.tokens_in.inc(len(self.job.prompt))
         metrics.tokens_out.inc(len(result.ids))

@@ -4,13 +4,18 @@ Requests accept OpenAI's fields; fields swarm does not implement are not ignored
 `unsupported_options` names every one a request set to something other than its neutral
 value (``n: 2``, ``tools``, ``logprobs: true``...), and the gateway answers 400 naming it.
 The ``swarm`` field is ours: ``{"verify": "spot-check:0.2"}`` picks the request's policy.
+
+Every request body is checked whole before its fields are: no string anywhere in it may hold
+a lone surrogate (JSON's ``"\\ud800"`` decodes to one, and no tokenizer or encoder accepts
+it), and integers are 64-bit (``seed`` is a signed or unsigned 64-bit value, as generators
+take it). Each failure is a 400 naming the field, never a 500 from deep inside.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ChatCompletion",
@@ -69,11 +74,47 @@ class SwarmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     verify: str | None = Field(None, description="none, spot-check:P, redundant:K or optimistic")
+    speculative: Literal["auto", "off", "ngram"] | None = Field(
+        None,
+        description="guessed tokens per round trip (the tokens are those of plain decoding); "
+        "default: the gateway's --speculative",
+    )
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_MAX_DEPTH = 32
+
+
+def check_json_value(value: Any, where: str = "body", depth: int = 0) -> None:
+    """Raise `ValueError` naming the place of the first lone surrogate, out-of-range integer
+    or too deep nesting in a decoded JSON value."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where}: not valid Unicode text (a lone surrogate at character {exc.start})"
+            ) from None
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"{where}: the integer is out of the 64-bit range")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_value(key, where, depth + 1)
+            check_json_value(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_value(item, f"{where}.{i}", depth + 1)
 
 
 class _Sampling(BaseModel):
@@ -84,11 +125,17 @@ class _Sampling(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     swarm: SwarmOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json_text(cls, data: Any) -> Any:
+        check_json_value(data)
+        return data
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

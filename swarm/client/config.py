@@ -117,17 +117,25 @@ class PipelineConfig:
 class PingConfig:
     """The client's own pings to servers (routing costs): ``timeout`` (2 s), ``concurrency``
     (8 servers at once), ``max_servers`` (32 servers pinged per refresh), ``ema`` (0.5:
-    weight of a new sample)."""
+    weight of a new sample), ``interval_s`` (30: a server that answered is pinged again at
+    most this often; one that did not is retried after a backoff from this doubling up to 20
+    times it), ``new_per_host`` (2: servers never reached that are dialed per refresh at one
+    host, so forged records naming one victim's address cannot turn the client into a
+    dialer)."""
 
     timeout: float = 2.0
     concurrency: int = 8
     max_servers: int = 32
     ema: float = 0.5
+    interval_s: float = 30.0
+    new_per_host: int = 2
 
     def __post_init__(self) -> None:
-        _positive("PingConfig", timeout=self.timeout)
-        if self.concurrency < 1 or self.max_servers < 0:
-            raise ConfigError("PingConfig.concurrency must be >= 1 and max_servers >= 0")
+        _positive("PingConfig", timeout=self.timeout, interval_s=self.interval_s)
+        if self.concurrency < 1 or self.max_servers < 0 or self.new_per_host < 1:
+            raise ConfigError(
+                "PingConfig.concurrency and new_per_host must be >= 1, max_servers >= 0"
+            )
         if not 0 < self.ema <= 1:
             raise ConfigError(f"PingConfig.ema must be in (0, 1], got {self.ema}")
 

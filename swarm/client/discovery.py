@@ -3,6 +3,13 @@
 The client fetches every block key of the model and turns the records into one `ServerView`
 per peer with `swarm.directory.servers_from_records` (the same strict decoder the servers
 use).
+
+A record is only a claim: anyone may sign one naming any address. The client's ping proves
+it (the handshake succeeds only as the record's `PeerId` at its address: `Discovery.reached`),
+and pings are rationed so that forged records cannot make the client a dialer of someone
+else's address (`PingSchedule`): a server that answered is pinged again every
+``pings.interval_s``, one that did not after a doubling backoff, and per refresh at most
+``pings.new_per_host`` never-reached records per host are dialed.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from swarm.types import PeerId, ServerState, parse_address
 
 __all__ = [
     "Discovery",
+    "PingSchedule",
     "PingTable",
     "ServerDirectory",
     "StaticDirectory",
@@ -88,6 +96,10 @@ class ServerDirectory(Protocol):
         """Why no server may be found, if the source knows ("": nothing to say)."""
         ...
 
+    def reached(self, server: ServerView) -> bool:
+        """Whether ``server`` proved its record (answered as its `PeerId` at its address)."""
+        ...
+
 
 class StaticDirectory:
     """A fixed list of servers (tests, or a client told its servers directly)."""
@@ -104,6 +116,9 @@ class StaticDirectory:
     def absence_hint(self) -> str:
         return ""
 
+    def reached(self, server: ServerView) -> bool:
+        return True  # a list given directly is trusted
+
 
 class PingTable:
     """The client's round-trip times to servers: an exponential moving average per peer."""
@@ -118,6 +133,64 @@ class PingTable:
         new = rtt if old is None else (1 - self.weight) * old + self.weight * rtt
         self.rtts[peer] = new
         return new
+
+
+class PingSchedule:
+    """When each announced (peer, address) may be dialed again, and which were reached."""
+
+    def __init__(self, interval_s: float, new_per_host: int, max_backoff: float = 20.0) -> None:
+        self.interval_s = interval_s
+        self.new_per_host = new_per_host
+        self.max_backoff = max_backoff
+        self._next: dict[tuple[PeerId, str], float] = {}  # earliest next dial
+        self._failures: dict[tuple[PeerId, str], int] = {}
+        self._reached: set[tuple[PeerId, str]] = set()
+
+    def reached(self, server: ServerView) -> bool:
+        """Whether ``server`` answered as its `PeerId` at its announced address."""
+        return (server.peer_id, server.address) in self._reached
+
+    def due(self, servers: Sequence[ServerView], now: float, limit: int) -> list[ServerView]:
+        """The servers to ping now: reached ones first, at most ``limit``, at most
+        ``new_per_host`` never-reached ones per host."""
+        fresh: dict[str, int] = {}
+        out = []
+        ordered = sorted(servers, key=lambda s: not self.reached(s))
+        for server in ordered:
+            key = (server.peer_id, server.address)
+            if self._next.get(key, now) > now:
+                continue
+            if key not in self._reached:
+                host = server.address.rsplit(":", 1)[0]
+                if fresh.get(host, 0) >= self.new_per_host:
+                    continue
+                fresh[host] = fresh.get(host, 0) + 1
+            out.append(server)
+            if len(out) >= limit:
+                break
+        return out
+
+    def answered(self, server: ServerView, now: float) -> None:
+        key = (server.peer_id, server.address)
+        self._reached.add(key)
+        self._failures.pop(key, None)
+        self._next[key] = now + self.interval_s
+
+    def failed(self, server: ServerView, now: float) -> None:
+        key = (server.peer_id, server.address)
+        self._reached.discard(key)
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        backoff = min(2.0 ** (failures - 1), self.max_backoff)
+        self._next[key] = now + self.interval_s * backoff
+
+    def forget_except(self, servers: Sequence[ServerView]) -> None:
+        """Drop what is known of records no longer announced (bounded memory)."""
+        keep = {(s.peer_id, s.address) for s in servers}
+        for table in (self._next, self._failures):
+            for key in [k for k in table if k not in keep]:
+                del table[key]
+        self._reached &= keep
 
 
 async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) -> float:
@@ -155,6 +228,7 @@ class Discovery:
         self.num_layers = num_layers
         self.config = config
         self._pings = PingTable(config.pings.ema)
+        self._schedule = PingSchedule(config.pings.interval_s, config.pings.new_per_host)
         self._servers: list[ServerView] = []
         self.refreshes = 0
         self._hint = ""
@@ -199,10 +273,18 @@ class Discovery:
         the same model family (our local weights differ from theirs)."""
         return self._hint
 
+    def reached(self, server: ServerView) -> bool:
+        """Whether ``server``'s record is proven: it answered a ping as its `PeerId` at its
+        announced address (and has not failed one since)."""
+        return self._schedule.reached(server)
+
     async def measure_pings(self) -> None:
-        """Ping the online servers (at most ``ping_max_servers``) concurrently."""
+        """Ping the online servers that are due (`PingSchedule`; at most
+        ``pings.max_servers``), ``pings.concurrency`` at a time."""
         online = [s for s in self._servers if s.state == ServerState.ONLINE]
-        targets = online[: self.config.pings.max_servers]
+        schedule = self._schedule
+        schedule.forget_except(online)
+        targets = schedule.due(online, trio.current_time(), self.config.pings.max_servers)
         limit = trio.Semaphore(self.config.pings.concurrency)
 
         async def one(server: ServerView) -> None:
@@ -211,7 +293,9 @@ class Discovery:
                     rtt = await ping_server(self.pool, server, self.config.pings.timeout)
                 except (SwarmError, trio.TooSlowError) as exc:
                     log.info("ping to %s failed: %s", server.peer_id, exc)
+                    schedule.failed(server, trio.current_time())
                     return
+                schedule.answered(server, trio.current_time())
                 self._pings.update(server.peer_id, rtt)
 
         async with trio.open_nursery() as nursery:

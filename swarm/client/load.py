@@ -79,6 +79,9 @@ class _LoadedDirectory:
     def absence_hint(self) -> str:
         return self._load.inner.absence_hint()
 
+    def reached(self, server: ServerView) -> bool:
+        return self._load.inner.reached(server)
+
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         views = await self._load.inner.servers(refresh=refresh)
         own = self._load.sessions

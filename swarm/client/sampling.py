@@ -43,6 +43,8 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must fit 64 bits (-2**63 .. 2**64-1), got {self.seed}")
 
 
 def sampling_config(

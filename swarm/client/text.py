@@ -137,8 +137,7 @@ class StopText:
             return "", self.stopped
         start = max(0, len(self.text) - self._hold)  # a stop string may begin in held text
         self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0),
-                  default=-1)  # fmt: skip
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
             return self._emit(len(self.text)), True

@@ -1,8 +1,9 @@
 """Health monitoring: canary inputs with known answers, and per-server health records.
 
 A canary is a seeded random hidden-state sequence for one layer range; its known answer is
-computed from a local reference copy of the weights, one range at a time (only that range
-is loaded, then dropped, so memory stays bounded by the largest range). The monitor sends
+computed from a local reference copy of the weights one layer at a time (each layer is
+loaded, run and dropped, so memory stays bounded by one layer whatever range a record
+claims). The monitor sends
 canaries to each server through the stateless ``forward`` RPC and compares the answers with
 the calibrated thresholds of `swarm.verify.compare`.
 """
@@ -81,17 +82,20 @@ class ServerHealth:
 def make_canaries(
     path: Path, ranges: list[LayerRange], *, seq: int = 8, seed: int = 0
 ) -> dict[LayerRange, Canary]:
-    """Known answers for each distinct range, loading one range at a time (float32)."""
+    """Known answers for each distinct range (float32), each range's input seeded by
+    ``seed`` and the range; layers are loaded one at a time (memory: one layer)."""
     config = ModelConfig.from_pretrained(path)
-    gen = torch.Generator().manual_seed(seed)
     out: dict[LayerRange, Canary] = {}
     for layers in sorted(set(ranges)):
+        gen = torch.Generator().manual_seed(hash((seed, layers.start, layers.stop)) & 0xFFFFFFFF)
         hidden = torch.randn(1, seq, config.hidden_size, generator=gen)  # (1, seq, hidden)
         positions = torch.arange(seq).view(1, seq)
-        span = load_span(path, layers)
-        with torch.no_grad():
-            answer = span(hidden, positions)
-        del span  # bounded memory: one range's weights at a time
+        answer = hidden
+        for layer in range(layers.start, layers.stop):
+            span = load_span(path, LayerRange(layer, layer + 1))
+            with torch.no_grad():
+                answer = span(answer, positions)  # (1, seq, hidden)
+            del span  # bounded memory: one layer's weights at a time
         out[layers] = Canary(layers, hidden, positions, answer)
     return out
 

@@ -45,6 +45,7 @@ from .conftest import (
 
 pytestmark = pytest.mark.slow
 
+OTHER_KEY = "other-key-4567"
 QUESTION = "What does the list type do?"
 PROMPT = "The list"
 NEW_TOKENS = 24
@@ -56,7 +57,16 @@ def swarm(process_group: tuple) -> Iterator[ApiSwarm]:
     local = start_dht(group, home)
     local.start_servers([("0:3", None), ("0:3", None), ("3:6", None), ("3:6", None)])
     local.start_gateway(
-        "--api-key", API_KEY, "--max-concurrent", "16", "--queue", "2", "--canary-interval", "2"
+        "--api-key",
+        API_KEY,
+        "--api-key",
+        OTHER_KEY,
+        "--max-concurrent",
+        "16",
+        "--queue",
+        "2",
+        "--canary-interval",
+        "2",
     )
     yield local
 
@@ -181,6 +191,8 @@ def test_receipts_are_signed_and_fetchable(swarm: ApiSwarm) -> None:
         report = answer["swarm"]
         fetched = http.get(report["receipts_url"]).json()
         assert_openai_error(http.get("/v1/swarm/receipts/cmpl-unknown"), 404)
+    with swarm.client(OTHER_KEY) as other:  # another key: as if the id were unknown
+        assert_openai_error(other.get(report["receipts_url"]), 404)
     assert [r["digest"] for r in fetched["receipts"]] == report["receipts"]
     route = {(hop["start"], hop["stop"]): hop["peer"] for hop in report["route"]}
     for item in fetched["receipts"]:

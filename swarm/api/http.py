@@ -1,0 +1,193 @@
+"""`serve_http`: Hypercorn's HTTP protocols on trio, with limits per connection.
+
+Hypercorn's own trio server accepts every connection and sends every byte with
+cancellation shielded and no deadline: a client that stops reading holds the sending task,
+and with it the generation and its admission slot, for as long as the connection lives;
+1,100 half-sent requests filled the process's file table. This module serves the same
+protocol code (`hypercorn.protocol`) through its own connection handler:
+
+- a connection cap, in all and per host (`ConnectionGate`): a connection past either is
+  closed as soon as it is accepted, so one host cannot take the file table;
+- a send deadline: a write that cannot complete within ``send_timeout_s`` (the client's
+  receive window stayed shut) closes the connection. The application then sees
+  ``http.disconnect``, so a generation in flight is cancelled and its slot freed;
+- a connection the client closed ends at once (Hypercorn's keeps its keep-alive timer, and
+  with it the socket, for the whole keep-alive time after the peer is gone).
+
+Reads need no new deadline: until a request's head is complete, Hypercorn's keep-alive timer
+closes the connection (``keep_alive_timeout``), and the gateway's middleware bounds the time
+a body may take. Hypercorn's ``read_timeout`` would also end long streams whose client
+rightly sends nothing, so it stays unset.
+
+Built on Hypercorn's `TCPServer`, `Lifespan` and `WorkerContext` (checked with 0.17-0.18).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+from swarm.net.transport import host_key
+
+__all__ = ["ConnectionGate", "ConnectionStatistics", "serve_http"]
+
+
+@dataclass(frozen=True)
+class ConnectionStatistics:
+    open: int
+    hosts: int
+    refused: int  # connections closed at once: over the total or the host's cap
+    send_timeouts: int  # connections closed because the client did not read
+
+
+class ConnectionGate:
+    """Counts open connections in all and per host; refuses past ``total`` or ``per_host``."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total = total
+        self.per_host = per_host
+        self._open: Counter[str] = Counter()
+        self._count = 0
+        self._refused = 0
+        self.send_timeouts = 0
+
+    def enter(self, host: str) -> bool:
+        """Count a connection from ``host`` in; False (and nothing counted) past a cap."""
+        if self._count >= self.total or self._open[host] >= self.per_host:
+            self._refused += 1
+            return False
+        self._count += 1
+        self._open[host] += 1
+        return True
+
+    def leave(self, host: str) -> None:
+        self._count -= 1
+        self._open[host] -= 1
+        if self._open[host] <= 0:
+            del self._open[host]
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(self._count, len(self._open), self._refused, self.send_timeouts)
+
+
+class _GuardedTCPServer(TCPServer):
+    """Hypercorn's connection handler with the gate and the send deadline."""
+
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        send_timeout_s: float,
+        app: Any,
+        config: HypercornConfig,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SocketStream,
+    ) -> None:
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        self._gate = gate
+        self._send_timeout_s = send_timeout_s
+
+    async def run(self) -> None:
+        try:
+            host = host_key(str(self.stream.socket.getpeername()[0]))
+        except (OSError, AttributeError, IndexError):
+            host = "?"
+        if not self._gate.enter(host):
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            return
+        try:
+            await super().run()
+        finally:
+            self._gate.leave(host)
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The peer closed (or the stream broke): stop the keep-alive timer now. Hypercorn's
+        # own handler leaves it running, so a closed connection held its task, its socket
+        # and here its place under the caps for the whole keep-alive time (75 s).
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            stalled = False
+            try:
+                # shielded from outside cancellation (a half-sent frame would corrupt the
+                # stream) but not from its own deadline
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self._send_timeout_s
+                    await self.stream.send_all(event.data)
+                stalled = scope.cancelled_caught
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            else:
+                if not stalled:
+                    return
+                self._gate.send_timeouts += 1
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()  # also ends the read loop
+            await self.protocol.handle(Closed())
+
+
+async def serve_http(
+    app: Callable[..., Awaitable[None]],
+    config: HypercornConfig,
+    gate: ConnectionGate,
+    send_timeout_s: float,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` on ``config.bind`` until cancelled; ``task_status`` gets the
+    bound URLs. Plain HTTP only (HTTP/1.1, and HTTP/2 by prior knowledge or upgrade)."""
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        try:
+            async with trio.open_nursery() as server_nursery:
+                sockets = config.create_sockets()
+                listeners, binds = [], []
+                for sock in sockets.insecure_sockets:
+                    sock.listen(config.backlog)
+                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                handler = functools.partial(
+                    _GuardedTCPServer,
+                    gate,
+                    send_timeout_s,
+                    wrapped,
+                    config,
+                    context,
+                    ConnectionState(lifespan_state.copy()),
+                )
+                await server_nursery.start(
+                    functools.partial(
+                        trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                    )
+                )
+                task_status.started(binds)
+                await trio.sleep_forever()
+        finally:
+            await context.terminated.set()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(config.graceful_timeout):
+                    await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
