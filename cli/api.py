@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import DefaultModelArgument, PeersOption, VerboseOption, model_path
+from .options import (
+    DefaultModelArgument,
+    PeersOption,
+    SpeculativeOption,
+    VerboseOption,
+    model_path,
+)
 
 if TYPE_CHECKING:
     from swarm.api import GatewayConfig
@@ -98,6 +104,7 @@ def api(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
+    speculative: SpeculativeOption = "auto",
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -131,7 +138,7 @@ def api(
     import trio
 
     from swarm.api import GatewayConfig
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
 
@@ -159,6 +166,7 @@ def api(
     client_config = ClientConfig(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
+        speculation=SpeculationConfig(mode=speculative),
     )
     if reputation is not None:
         client_config = dataclasses.replace(

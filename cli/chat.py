@@ -19,6 +19,7 @@ from .options import (
     DefaultModelArgument,
     PeersOption,
     QuantRequirement,
+    SpeculativeOption,
     VerboseOption,
     model_path,
     parse_quantization,
@@ -27,7 +28,7 @@ from .output import EventWriter
 
 if TYPE_CHECKING:
     from swarm.client.chat import Chat
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
 
 __all__ = ["chat"]
@@ -52,6 +53,7 @@ def chat(
         str, typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic.")
     ] = "none",
     quant: QuantRequirement = None,
+    speculative: SpeculativeOption = "auto",
     verbose: VerboseOption = False,
 ) -> None:
     """Chat with MODEL on the swarm reached through --initial-peers."""
@@ -73,6 +75,7 @@ def chat(
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
+        speculation=SpeculationConfig(mode=speculative),
     )
     chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
     sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)

@@ -66,6 +66,7 @@ async def _serve(identity: Identity, config: DHTConfig, relay: bool) -> None:
 
     from swarm.dht import DHTNode
     from swarm.directory import AnnouncementProver
+    from swarm.errors import unwrap_group
     from swarm.server.relay_node import serve_relay_node
 
     # a bootstrap node stores records too: it keeps those of servers that answer first
@@ -76,7 +77,9 @@ async def _serve(identity: Identity, config: DHTConfig, relay: bool) -> None:
                 relay_node = functools.partial(serve_relay_node, swarm_key=config.swarm_key)
                 try:  # the DHT's port number on TCP if it is free, else any
                     port, _ = await n.start(relay_node, identity, node, config.host, node.port)
-                except OSError:
+                except BaseException as exc:  # the listener's OSError may come in a group
+                    if not isinstance(unwrap_group(exc), OSError):
+                        raise
                     port, _ = await n.start(relay_node, identity, node, config.host, 0)
                 print(f"relay and dial-back on tcp {config.host}:{port}", flush=True)
             print(f"DHT node {identity.peer_id} listening on {node.address}", flush=True)

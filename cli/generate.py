@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .coverage import fill_hint
-from .options import QuantRequirement, VerboseOption, parse_quantization
+from .options import QuantRequirement, SpeculativeOption, VerboseOption, parse_quantization
 from .output import EventWriter, warn
 
 if TYPE_CHECKING:
@@ -86,12 +86,13 @@ def generate(
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
     quant: QuantRequirement = None,
+    speculative: SpeculativeOption = "auto",
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
     import trio
 
-    from swarm.client.config import ClientConfig, PipelineConfig
+    from swarm.client.config import ClientConfig, PipelineConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key
@@ -111,6 +112,7 @@ def generate(
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
         pipeline=PipelineConfig(use_push=not no_push),
+        speculation=SpeculationConfig(mode=speculative),
     )
     if reputation is not None:
         config = dataclasses.replace(

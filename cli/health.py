@@ -219,8 +219,7 @@ async def _monitor(
                 async def connect(host: str = host, port: int = port, s: ServerView = s) -> object:
                     return await pool.get(host, port, s.peer_id)
 
-                numerics = s.dtype if s.quantization == "none" else f"{s.dtype}+{s.quantization}"
-                result = await probe_safely(connect, canaries[s.layers], numerics, timeout)
+                result = await probe_safely(connect, canaries[s.layers], s.numerics, timeout)
                 entry = health.setdefault(s.peer_id, ServerHealth(s.peer_id, s.layers))
                 entry.add(result)
             round_no += 1

@@ -23,6 +23,7 @@ __all__ = [
     "KeyOption",
     "PeersOption",
     "PrivateGroupsOption",
+    "SpeculativeOption",
     "VerboseOption",
     "identity_path",
     "model_path",
@@ -31,6 +32,18 @@ __all__ = [
 
 # Named identities (`swarm serve --identity-name NAME`) live here, one key file per name.
 IDENTITY_DIR = Path("~/.config/swarm/identities")
+
+SpeculativeOption = Annotated[
+    str,
+    typer.Option(
+        "--speculative",
+        help=(
+            "Guessed tokens per round trip: auto (prompt lookup, as many as pay), off, ngram "
+            "(prompt lookup, always), or a draft model (folder, hub name or GGUF) with the "
+            "model's tokenizer. The tokens are those of plain decoding."
+        ),
+    ),
+]
 
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Log more; show the traceback of an error.")

@@ -185,7 +185,7 @@ class Gateway:
                 return await self.model.pool.get(host, port, server.peer_id)
 
             result = await probe_safely(
-                connect, canaries.by_range[server.layers], server.dtype, timeout
+                connect, canaries.by_range[server.layers], server.numerics, timeout
             )
             entry = canaries.health.setdefault(
                 server.peer_id, ServerHealth(server.peer_id, server.layers)

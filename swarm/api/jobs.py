@@ -80,6 +80,7 @@ class GenerationJob:
     verify: str
     stream: bool
     include_usage: bool
+    speculative: str | None = None  # None: the client's configured mode
 
     @property
     def endpoint(self) -> str:
@@ -266,4 +267,5 @@ def _job(
         verify=verify,
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        speculative=request.swarm.speculative if request.swarm else None,
     )

@@ -109,6 +109,7 @@ class GenerationResponse(Response):
                     job.sampling,
                     job.stop,
                     verify=job.verify,
+                    speculative=job.speculative,
                 )
                 async with stream as events:
                     async for event in events:

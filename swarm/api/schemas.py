@@ -74,6 +74,11 @@ class SwarmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     verify: str | None = Field(None, description="none, spot-check:P, redundant:K or optimistic")
+    speculative: Literal["auto", "off", "ngram"] | None = Field(
+        None,
+        description="guessed tokens per round trip (the tokens are those of plain decoding); "
+        "default: the gateway's --speculative",
+    )
 
 
 class StreamOptions(BaseModel):

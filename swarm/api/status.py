@@ -55,6 +55,7 @@ def status_report(gateway: Gateway) -> dict[str, Any]:
                 "active_sessions": view.active_sessions,
                 "free_cache_tokens": view.free_cache_tokens,
                 "dtype": view.dtype,
+                "quantization": view.quantization,
                 "ping_ms": round(ping * 1e3, 2) if ping is not None else None,
                 "banned": view.peer_id in banned,
                 "canary": None

@@ -71,7 +71,9 @@ class Token:
 
     id: int
     text: str
-    seconds: float  # since the step's input was ready (the first: since generation began)
+    # its share of its round's time, from when the round's input was ready (several tokens
+    # come from one round when guesses are accepted); the answer's first: since it began
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -289,10 +291,14 @@ class TokenLoop:
                 stats = self.speculator.statistics()
                 result.speculation = stats if stats.drafted else None
             position += len(ids) + verdict.accepted
-            seconds = trio.current_time() - t0
-            for token in verdict.tokens:
-                yield self._accept(token, seconds, stepped)
-                seconds = 0.0  # the round's other tokens came with the first
+            waited = trio.current_time() - t0
+            for i, token in enumerate(verdict.tokens):
+                # a round's time is shared by the tokens it yields (per-token figures stay
+                # comparable with plain decoding); the answer's first token took all of it
+                first = not result.ids and i == 0
+                yield self._accept(
+                    token, waited if first else waited / len(verdict.tokens), stepped
+                )
                 if self._done or len(result.ids) >= self.max_new_tokens:
                     break
             context += verdict.tokens

@@ -253,7 +253,7 @@ class AsyncRemoteModel:
         stop: Sequence[str] = (),
         *,
         verify: str | None = None,
-        speculative: str | None = None,
+        speculative: str | Speculator | None = None,
     ) -> TokenStream:
         """Generate token by token: ``async with model.stream(...) as events: async for ...``
         yields `Token` s, a `RolledBack` after a proven lie, and a last `Done`.
@@ -271,15 +271,17 @@ class AsyncRemoteModel:
         and how often that happened. Under ``optimistic`` the check runs after the last
         token, before `Done`.
 
-        ``verify`` (a policy, see `swarm.verify.policy`) checks this generation alone under
-        that policy instead of ``config.verify``: it gets its own verifier, so
-        ``result.verification`` counts only its own audits and detections, while bans and
-        reputation stay shared with the client's other generations.
+        ``result.verification`` counts this generation's audits and detections alone (the
+        client's totals are ``model.verifier``'s); ``verify`` (a policy, see
+        `swarm.verify.policy`) checks this generation under that policy instead of
+        ``config.verify``. Bans and reputation stay shared with the client's other
+        generations.
 
         ``speculative`` (``auto``, ``off``, ``ngram``, or the draft model of
         ``config.speculation``) overrides ``config.speculation.mode`` for this generation:
         guessed tokens checked several per round trip; the tokens are those of plain
-        decoding (greedy exactly; sampling the same for a seed).
+        decoding (greedy exactly; sampling the same for a seed). A `Speculator` object
+        (one per generation) is used as it is: benchmarks and tests bring their drafters.
         """
         ids = self.encode(prompt)
         if max_new_tokens < 1:
@@ -297,22 +299,28 @@ class AsyncRemoteModel:
             max_new_tokens,
             stop,
             heads=self.heads,
-            speculator=self.speculator(speculative),
+            speculator=(
+                speculative if isinstance(speculative, Speculator) else self.speculator(speculative)
+            ),
         )
         attempts = _Fresh(self, sessions, ids, len(ids) + max_new_tokens)
         return TokenStream(self._run(loop, attempts, sessions), loop)
 
     @asynccontextmanager
     async def open_chain(
-        self, max_length: int, sessions: VerifiedSessions | None = None
+        self,
+        max_length: int,
+        sessions: VerifiedSessions | None = None,
+        verifier: Verifier | None = None,
     ) -> AsyncIterator[CheckedChain]:
         """A verified chain of ``max_length`` positions for one generation, counted in this
         client's own load while it is open (every generation and chat turn opens its chains
-        here, one plan at a time, so each plan sees the chains opened before it)."""
+        here, one plan at a time, so each plan sees the chains opened before it); its checks
+        are counted by ``verifier`` (a generation's own, default: the client's)."""
         sessions = sessions or self.sessions
         async with AsyncExitStack() as stack:
             async with self.load.opening():
-                checked = await stack.enter_async_context(sessions.open(max_length))
+                checked = await stack.enter_async_context(sessions.open(max_length, verifier))
                 peers = self.load.add(hop.server.peer_id for hop in checked.chain.route)
             stack.callback(self.load.remove, peers)
             yield checked
@@ -342,11 +350,15 @@ class AsyncRemoteModel:
     async def _run(
         self, loop: TokenLoop, attempts: _Fresh, sessions: VerifiedSessions
     ) -> AsyncGenerator[Event, None]:
-        async for event in loop.events(attempts):
-            if isinstance(event, Done) and sessions.verifier is not None:
-                loop.result.verification = sessions.verifier.statistics()
-                sessions.save_reputation()
-            yield event
+        own = attempts.verifier
+        try:
+            async for event in loop.events(attempts):
+                if isinstance(event, Done) and own is not None:
+                    loop.result.verification = own.statistics()  # this generation's alone
+                    sessions.save_reputation()
+                yield event
+        finally:
+            sessions.fold(own)  # the client's totals (``model.verifier``)
 
     async def generate_detailed(
         self,
@@ -354,9 +366,13 @@ class AsyncRemoteModel:
         max_new_tokens: int = 32,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
+        *,
+        speculative: str | Speculator | None = None,
     ) -> GenerationResult:
         """Generate and return ids, text, route and timings. Raises what `stream` raises."""
-        async with self.stream(prompt, max_new_tokens, sampling, stop) as events:
+        async with self.stream(
+            prompt, max_new_tokens, sampling, stop, speculative=speculative
+        ) as events:
             async for _ in events:
                 pass
         return events.result
@@ -391,10 +407,11 @@ class _Fresh:
         self, model: AsyncRemoteModel, sessions: VerifiedSessions, prompt: list[int], length: int
     ) -> None:
         self.model, self.sessions, self.prompt, self.length = model, sessions, prompt, length
+        self.verifier = sessions.for_generation()  # this generation's audits and detections
 
     @asynccontextmanager
     async def open(self, answer: list[int]) -> AsyncIterator[Attempt]:
-        async with self.model.open_chain(self.length, self.sessions) as checked:
+        async with self.model.open_chain(self.length, self.sessions, self.verifier) as checked:
             yield Attempt(checked, 0, self.prompt + answer, len(answer))
 
     def finished(self, attempt: Attempt, answer: list[int]) -> None:

@@ -12,6 +12,7 @@ material kept in ``evidence_dir``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Collection
@@ -157,10 +158,35 @@ class VerifiedSessions:
         response = await call_forward(conn, request, timeout=self.config.step_timeout)
         return response.hidden_states.float()  # (batch, seq, hidden)
 
+    def for_generation(self) -> Verifier | None:
+        """A verifier for one generation: the shared policy, reputation, stake, evidence
+        reporter and norms, and counts of its own (audits, detections: its
+        ``statistics()``); `fold` adds them to the client's when the generation ends."""
+        if self.verifier is None:
+            return None
+        own = dataclasses.replace(self.verifier, detections=[], unchecked_ranges=set())
+        own.audits = own.reruns = own.rerun_tokens = own.unchecked = 0
+        return own
+
+    def fold(self, own: Verifier | None) -> None:
+        """Add a generation's counts (from `for_generation`) to the client's verifier."""
+        shared = self.verifier
+        if own is None or shared is None or own is shared:
+            return
+        shared.audits += own.audits
+        shared.reruns += own.reruns
+        shared.rerun_tokens += own.rerun_tokens
+        shared.detections += own.detections
+        shared.unchecked += own.unchecked
+        shared.unchecked_ranges |= own.unchecked_ranges
+
     @asynccontextmanager
-    async def open(self, max_length: int) -> AsyncIterator[CheckedChain]:
-        """One generation's session (and under ``redundant:K`` its hops' K-1 replicas), with
-        the checks that belong to that generation alone."""
+    async def open(
+        self, max_length: int, verifier: Verifier | None = None
+    ) -> AsyncIterator[CheckedChain]:
+        """One generation's chain (and under ``redundant:K`` its hops' K-1 replicas), with
+        the checks that belong to that generation alone, counted by ``verifier`` (from
+        `for_generation`; default: the client's own)."""
         layers = LayerRange(0, self.num_layers)
         record = self.verifier.reputation if self.verifier is not None else self._reputation
         excluded = record.banned() if record is not None else set()  # proven liars, any policy
@@ -185,7 +211,7 @@ class VerifiedSessions:
             if self.verifier is not None and self.verifier.policy.kind is PolicyKind.REDUNDANT:
                 replicas = Replicas(open_range, stack)
                 await replicas.open_for(chain, self.verifier.policy.replicas - 1)
-            yield CheckedChain(self, chain, replicas)
+            yield CheckedChain(self, chain, replicas, verifier or self.verifier)
 
 
 class CheckedChain:
@@ -194,10 +220,17 @@ class CheckedChain:
     reputation and bans are shared with other generations (through ``shared``). Made by
     `VerifiedSessions.open`; one per generation, never shared by concurrent ones."""
 
-    def __init__(self, shared: VerifiedSessions, chain: Chain, replicas: Replicas | None) -> None:
+    def __init__(
+        self,
+        shared: VerifiedSessions,
+        chain: Chain,
+        replicas: Replicas | None,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.shared = shared
         self.chain = chain
         self.replicas = replicas
+        self.verifier = verifier
 
     async def _forward(
         self, peer: PeerId, layers: LayerRange, hidden: torch.Tensor, positions: torch.Tensor
@@ -227,7 +260,7 @@ class CheckedChain:
 
     async def check_step(self, result: StepResult) -> int | None:
         """Spot-check / redundant after one step; the position to roll back to, if any."""
-        verifier = self.shared.verifier
+        verifier = self.verifier
         if verifier is None or not verifier.policy.checks_steps:
             return None
         if self.replicas is not None:
@@ -244,7 +277,7 @@ class CheckedChain:
     async def challenge(self, result: StepResult) -> int | None:
         """Optimistic: challenge every hop over its whole history (up to ``result``'s step)
         before the generation returns."""
-        verifier = self.shared.verifier
+        verifier = self.verifier
         if verifier is None or verifier.policy.kind is not PolicyKind.OPTIMISTIC:
             return None
         records = [await self._record(hop) for hop in result.hops]

@@ -60,6 +60,12 @@ class ServerView:
     room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
 
     @property
+    def numerics(self) -> str:
+        """What canaries compare this server's answers by (`swarm.verify.compare`): its
+        dtype, plus its quantization when it has one (``"float32+int4"``)."""
+        return self.dtype if self.quantization == "none" else f"{self.dtype}+{self.quantization}"
+
+    @property
     def newcomer_tokens(self) -> int:
         """The most cache a new session here can get: free, or reclaimable from peers
         beyond their shares (a server whose room is only borrowed still takes sessions)."""

@@ -246,8 +246,8 @@ def measure_span(
 
 
 class SpanMeasurement:
-    """`measure_span` cut into short jobs (a prefill, one round of decode steps over the
-    batch sizes, one chunk forward), so that a server already online can run them between
+    """`measure_span` cut into short jobs (a prefill, one batched decode step, one chunk
+    forward), so that a server already online can run them between
     its sessions' steps. Iterate `jobs` and run each job (on the worker thread) before
     asking for the next: later jobs depend on earlier results. Then `result`."""
 
@@ -280,24 +280,24 @@ class SpanMeasurement:
                 span(prompt, torch.arange(prefix).view(1, -1).to(device), template)
             groups.extend([template.clone() for _ in range(b)] for b in self.batch_sizes)
 
-        def decode_round(warm_up: bool) -> None:
-            # the sizes take turns in each round, so a burst of other load on the machine
-            # hits a round's sizes alike and their ratios stay true
-            times = []
+        def decode(caches: list[KVCache], times: list[float]) -> None:
             with torch.inference_mode():
-                for caches in groups:
-                    started = time.perf_counter()
-                    span.forward_batch([BatchItem(one, position, c) for c in caches])
-                    _synchronize(device)
-                    times.append(time.perf_counter() - started)
-                    for cache in caches:
-                        cache.truncate(prefix)  # the same step again next round
-            if not warm_up:
-                self._rounds.append(times)
+                started = time.perf_counter()
+                span.forward_batch([BatchItem(one, position, c) for c in caches])
+                _synchronize(device)
+                times.append(time.perf_counter() - started)
+                for cache in caches:
+                    cache.truncate(prefix)  # the same step again next round
 
         yield prepare
+        # the sizes take turns in each round, so a burst of other load on the machine hits a
+        # round's sizes alike and their ratios stay true; one job per step keeps each short
         for round_ in range(self.repeats + 1):  # the first round is a warm-up
-            yield functools.partial(decode_round, round_ == 0)
+            times: list[float] = []
+            for caches in groups:
+                yield functools.partial(decode, caches, times)
+            if round_:
+                self._rounds.append(times)
         groups.clear()
         first = min(times[0] for times in self._rounds)
         self._decode = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import trio
+from pydantic import ValidationError
 
 from swarm.api.admission import Admission
 from swarm.api.errors import ApiError, error_from_exception
@@ -121,6 +122,11 @@ def test_request_checks_name_the_field() -> None:
         completion_job(CompletionRequest(**{**base, "prompt": [1, 99999]}), facts)
     default = completion_job(CompletionRequest(model="m", prompt="The list"), facts)
     assert default.max_new_tokens == 16 and default.verify == "none"
+    assert default.speculative is None  # the gateway's --speculative
+    guessed = {**base, "swarm": {"speculative": "ngram"}}
+    assert completion_job(CompletionRequest(**guessed), facts).speculative == "ngram"
+    with pytest.raises(ValidationError, match="speculative"):  # a request names no files
+        CompletionRequest(**{**base, "swarm": {"speculative": "/etc/passwd"}})
 
 
 def test_chat_needs_a_template() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 
+import pytest
 import trio
 
 from swarm.client.config import ClientConfig
@@ -21,6 +22,8 @@ from swarm.testing.swarm import LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, Reachability
 
 from .conftest import NEW_TOKENS, PROMPT
+
+pytestmark = pytest.mark.slow  # in-process swarms with relays, on real deadlines
 
 R, U, N = Reachability.REACHABLE, Reachability.UNREACHABLE, Reachability.UNKNOWN
 # ask every helper, keep relays fixed (servers here do not relay for each other)

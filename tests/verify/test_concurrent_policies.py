@@ -59,6 +59,11 @@ async def _four_at_once(
                     nursery.start_soon(one, i)
             assert model.verifier is not None
             named = {peer for peer, _ in model.verifier.detections}
+            # each result counts its own generation's checks; the client's verifier, all
+            own = [r.verification for r in results.values()]
+            assert all(v is not None for v in own)
+            assert sum(v.audits for v in own if v) == model.verifier.audits
+            assert sum(len(v.detections) for v in own if v) == len(model.verifier.detections)
         return [results[i] for i in range(len(PROMPTS))], named, liar_id
 
 

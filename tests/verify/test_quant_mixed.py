@@ -93,3 +93,25 @@ async def test_a_client_requiring_int4_routes_only_through_int4(
             async with AsyncRemoteModel.open(q4_model, config) as model:
                 result = await model.generate_detailed(PROMPT[:4], 6)
     assert {hop["peer"] for hop in result.route} == {str(int4.server.identity.peer_id)}
+
+
+def test_canaries_judge_a_quantized_server_by_its_numerics(q4_model: Path) -> None:
+    """The gateway's and `swarm status`'s canaries are computed in float32; an honest int4
+    server's answer fails float32's own thresholds (bfloat16 inside the kernels) and passes
+    those of its announced numerics."""
+    import torch
+
+    from swarm.directory.servers import ServerView
+    from swarm.shards import load_span
+    from swarm.types import PeerId
+    from swarm.verify.compare import compare, thresholds_for
+
+    x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8)[None]
+    with torch.inference_mode():
+        canary = load_span(q4_model, WHOLE)(x, positions)
+        answer = load_span(q4_model, WHOLE, quant=Quantization.INT4)(x, positions)
+    view = ServerView(PeerId(b"\1" * 32), "127.0.0.1:1", WHOLE, 1.0, 100, quantization="int4")
+    assert view.numerics == "float32+int4"
+    assert not compare(canary, answer, thresholds_for("float32", "float32")).ok
+    assert compare(canary, answer, thresholds_for("float32", view.numerics)).ok

@@ -88,11 +88,19 @@ class DraftModel:
     tokenizer: the weights, shared by the `ModelDrafter` of every generation. Build with
     `DraftModel.load`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, layers: int | None = None) -> None:
         self.path = path
         self.config = ModelConfig.from_pretrained(path)
+        depth = self.config.num_hidden_layers if layers is None else layers
         self.head = load_head(path)
-        self.span = load_span(path, LayerRange(0, self.config.num_hidden_layers))
+        self.span = load_span(path, LayerRange(0, depth))
+
+    @classmethod
+    def early_exit(cls, model: str | Path, layers: int) -> DraftModel:
+        """The target itself cut after its first ``layers`` layers (its own final norm and
+        head on top): a self-speculative drafter that needs no second checkpoint (weaker
+        guesses than a trained draft model; no tokenizer check needed)."""
+        return cls(resolve_checkpoint(model), layers)
 
     @classmethod
     def load(cls, model: str | Path, target_tokenizer: Tokenizer | None) -> DraftModel:
