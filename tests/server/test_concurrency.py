@@ -163,7 +163,9 @@ async def test_long_forwards_while_a_session_decodes(
                 continue
             assert len(chunks) >= tokens // queue.prefill_chunk
             assert max(r.bulk_tokens for r in chunks) <= queue.prefill_chunk
-            assert len(waited) >= len(chunks) // 2  # the session stepped along
+            # the session stepped along: each step waits two chunks at most, so at least half as
+            # many steps as chunks, less the partial ones at either end
+            assert len(waited) >= len(chunks) // 2 - 1, (len(waited), len(chunks))
             assert max(waited) <= 2, waited  # never behind the whole forward
             if tokens == 4096:
                 with torch.no_grad():

@@ -18,9 +18,15 @@ from swarm.types import LayerRange
 WHOLE = LayerRange(0, 2)
 
 
+class _Cache:
+    """What a session reads of its cache here (its length); no torch work."""
+
+    length = 0
+
+
 def _table(limits: SessionLimits) -> SessionTable:
     # the reaper never looks at caches or spans: stand-ins keep this free of torch work
-    return SessionTable(limits, lambda layers, batch, length: object(), lambda layers: object())  # type: ignore[arg-type,return-value]
+    return SessionTable(limits, lambda layers, batch, length: _Cache(), lambda layers: object())  # type: ignore[arg-type,return-value]
 
 
 async def test_unused_sessions_are_reaped_on_a_timer(
