@@ -79,6 +79,7 @@ class ServingState:
     throughput: float = 0.0
     state: ServerState = ServerState.JOINING  # joining -> online -> draining
     timings: SpanTimings | None = None  # measured at start-up (None: not measured)
+    timings_final: bool = False  # False: a first estimate, too rough to refuse work by
     moving_to: LayerRange | None = None  # rebalancing: loading this range to move there
     last_move: RangeMove | None = None  # the latest move, announced for status pages
     reachability: Reachability = Reachability.UNKNOWN  # set by the ReachabilityKeeper
@@ -204,7 +205,7 @@ class ServingHandlers:
                 f"{limits.max_length * limits.max_batch}"
             )
         timings = self.state.timings
-        if timings is None:
+        if timings is None or not self.state.timings_final:  # a first estimate: no refusal
             return
         seconds, budget = 2 * timings.forward_seconds(rows, seq), self.config.forward_deadline
         if seconds > budget:

@@ -389,7 +389,7 @@ class Server:
                     lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
                     Priority.FORWARD,
                 )
-                self._apply_timings(first, state, queue)
+                self._apply_timings(first, state, queue, final=False)
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
@@ -465,11 +465,13 @@ class Server:
         )  # fmt: skip
 
     def _apply_timings(
-        self, timings: SpanTimings, state: ServingState, queue: ComputeQueue
+        self, timings: SpanTimings, state: ServingState, queue: ComputeQueue, *, final: bool
     ) -> None:
-        """Serve by ``timings``: the announced throughput, the prefill chunk, the shared batch."""
+        """Serve by ``timings``: the announced throughput, the prefill chunk, the shared batch
+        (and, once ``final``, the refusal of forwards it predicts too slow)."""
         compute = self.config.compute
         state.timings, state.throughput = timings, timings.throughput(1)
+        state.timings_final = final
         queue.prefill_chunk = compute.prefill_chunk or timings.prefill_chunk()
         queue.shared_batch = timings.batch_within(compute.max_slowdown)
 
@@ -479,7 +481,7 @@ class Server:
         measurement = SpanMeasurement(span)
         for job in measurement.jobs():
             await queue.submit(job, Priority.FORWARD)
-        self._apply_timings(measurement.result(), state, queue)
+        self._apply_timings(measurement.result(), state, queue, final=True)
         log.info("throughput measured online: %.1f tokens/s", state.throughput)
 
     async def _drain(

@@ -85,7 +85,7 @@ class SpeculationPlanner:
         for k in range(1, self.max_k + 1):
             seconds = base + k * (extra + self._draft_seconds)
             rate = expected_tokens(a, k) / seconds
-            if rate > best_rate * 1.02:  # a clear gain, not noise
+            if rate > best_rate * 1.10:  # a clear gain: guesses that barely pay cost more
                 best_k, best_rate = k, rate
         if best_k == 0 and self._since_draft >= self.explore_every:
             return 1  # the estimates may be stale: one cheap guess measures them again
