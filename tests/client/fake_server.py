@@ -67,6 +67,7 @@ class FakeServer:
         self.release = trio.Event()
         self.opened = 0  # sessions opened
         self.die_at_step: int | None = None
+        self.step_delay = 0.0  # seconds every step takes before it computes (a slow server)
         self.refuse_open = False
         self.died = trio.Event()
         self.steps_from_client = 0
@@ -143,6 +144,8 @@ class FakeServer:
             if step == self.hold_at_step:
                 self.holding.set()
                 await self.release.wait()
+            if self.step_delay:
+                await trio.sleep(self.step_delay)
             if step == self.die_at_step:
                 self.died.set()
                 await trio.sleep_forever()

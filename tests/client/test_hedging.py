@@ -142,7 +142,36 @@ async def test_a_late_hop_that_answers_mid_replay_wins(
     assert replica.opened == 1 and replica.steps_from_client == 1  # it got as far as the replay
     assert route == [s.identity.peer_id for s in servers[:3]]
     assert not session.bans.is_banned(slow.identity.peer_id)
-    assert session.bans.penalties.penalty(slow.identity.peer_id) == 0
+    # it won, but late enough to cost a hedge: routes through it cost a little more
+    assert session.bans.penalties.penalty(slow.identity.peer_id) > 0
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 1.6])
+async def test_a_steadily_slow_hop_is_raced_by_what_the_swarm_can_do(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock, slowdown: float
+) -> None:
+    """Issue 25 item 5: a server 5 s a step from its first step (or slowing 1.6x a step) was
+    never raced, its own history being its only yardstick, once 3x that passed the step
+    timeout. An idle replica announcing 50 tokens/s makes 0.5 s the deadline: the slow hop is
+    raced at its first decode step, loses, is penalised and replaced; the outputs are the same."""
+    steps = make_inputs(3)
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    slow.step_delay = 5.0
+    config = ClientConfig(step_timeout=12.0)
+    async with run_servers(servers), open_session(servers, config, [100, 100, 100, 50]) as s:
+        assert s.route[1].server.peer_id == slow.identity.peer_id
+        got = []
+        for x, pos in steps:
+            got.append((await s.step(x, pos)).output)
+            slow.step_delay *= slowdown
+        stats = s.statistics()
+        route = [hop.server.peer_id for hop in s.route]
+    assert_same(got, reference_outputs(full_span, steps))
+    assert stats.hedges and stats.hedges[0].winner is HedgeWinner.REPLACEMENT
+    assert stats.hedges[0].deadline <= 1.0  # the swarm's yardstick, not 3 x 5 s
+    assert route[1] == replica.identity.peer_id
+    assert s.bans.penalties.penalty(slow.identity.peer_id) > 0
 
 
 async def test_without_a_replica_the_step_timeout_still_rules(

@@ -37,7 +37,7 @@ import trio
 
 from swarm.client.bans import BanList
 from swarm.client.chain.failures import FailurePolicy
-from swarm.client.chain.hedging import HedgeRecord, step_hop
+from swarm.client.chain.hedging import HedgeRecord, alternative_seconds, step_hop
 from swarm.client.chain.hop import HopFailure, HopState, close_hop, rewire, run_step
 from swarm.client.chain.opening import HopOpener
 from swarm.client.chain.results import HopStep, StepResult
@@ -149,6 +149,14 @@ class Chain:
     def route(self) -> list[Hop]:
         """The hops in use now."""
         return [state.hop for state in self._hops]
+
+    async def alternative(self, k: int, tokens: int) -> float | None:
+        """What the best other server for hop ``k``'s layers should take for a step of
+        ``tokens`` tokens, from the directory's records (`alternative_seconds`); the hedge
+        deadline's yardstick beside the hop's own history."""
+        directory = self.opener.directory
+        servers = await directory.servers()
+        return alternative_seconds(self._hops[k], servers, tokens, directory.pings)
 
     @property
     def tokens(self) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,13 +39,21 @@ import trio
 
 from swarm.client.chain.hop import HopFailure, HopState, StepAnswer, close_hop, run_step
 from swarm.client.config import ClientConfig
+from swarm.directory import ServerView
 from swarm.errors import DeadlineExceeded, SessionError, SwarmError
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange, PeerId, ServerState
 
 if TYPE_CHECKING:
     from swarm.client.chain.chain import Chain
 
-__all__ = ["HedgeRecord", "HedgeWinner", "hedge_deadline", "step_hop", "usual_seconds"]
+__all__ = [
+    "HedgeRecord",
+    "HedgeWinner",
+    "alternative_seconds",
+    "hedge_deadline",
+    "step_hop",
+    "usual_seconds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +87,52 @@ def usual_seconds(times: Sequence[tuple[int, float]], tokens: int) -> float | No
     return max(decode or 0.0, tokens * rate)
 
 
-def hedge_deadline(state: HopState, tokens: int, config: ClientConfig) -> float | None:
+def hedge_deadline(
+    state: HopState, tokens: int, config: ClientConfig, alternative: float | None = None
+) -> float | None:
     """Seconds into a step of ``tokens`` tokens after which hop ``state`` is raced by a
-    replacement; None: never (hedging off, no history yet, or not before ``step_timeout``)."""
+    replacement; None: never (hedging off, or no yardstick, or not before ``step_timeout``).
+
+    The yardstick is the faster of the hop's own usual time and twice ``alternative``, what
+    the best other server for its layers should take (`alternative_seconds`): a hop is judged
+    against what the swarm can do, not only against its own past, so a server that is
+    steadily slow is raced as soon as another could do better, however slow it always was.
+    """
     if config.hedging.after is None:
         return None
     usual = usual_seconds(state.history.step_times(), tokens)
-    if usual is None:
+    # the alternative counts at twice its estimate: it was announced, not seen, and a loaded
+    # machine makes every hop a little slower than its record
+    doubled = None if alternative is None else 2 * alternative
+    known = [s for s in (usual, doubled) if s is not None]
+    if not known:
         return None
-    deadline = max(config.hedging.floor, config.hedging.after * usual)
+    deadline = max(config.hedging.floor, config.hedging.after * min(known))
     return deadline if deadline < config.step_timeout else None
+
+
+def alternative_seconds(
+    state: HopState, servers: Sequence[ServerView], tokens: int, pings: Mapping[PeerId, float]
+) -> float | None:
+    """What the best other online server covering hop ``state``'s layers should take for a
+    step of ``tokens`` tokens: its announced throughput scaled to the hop's share of its
+    span, plus the client's round trip to it (None: no other server)."""
+    hop = state.hop
+    best = None
+    for server in servers:
+        if (
+            server.peer_id == hop.server.peer_id
+            or server.state is not ServerState.ONLINE
+            or server.throughput <= 0
+            or not (
+                server.layers.start <= hop.layers.start and hop.layers.stop <= server.layers.stop
+            )
+        ):
+            continue
+        share = len(hop.layers) / max(1, len(server.layers))
+        seconds = tokens * share / server.throughput + pings.get(server.peer_id, 0.0)
+        best = seconds if best is None else min(best, seconds)
+    return best
 
 
 class HedgeWinner(enum.Enum):
@@ -129,7 +173,7 @@ async def step_hop(
     input was refused as malformed.
     """
     config, state = chain.config, chain.hop(k)
-    deadline = hedge_deadline(state, x.shape[1], config)
+    deadline = hedge_deadline(state, x.shape[1], config, await chain.alternative(k, x.shape[1]))
     if deadline is None:
         answer = await run_step(
             state,
@@ -265,6 +309,8 @@ class _Race:
         if self.winner is HedgeWinner.ORIGINAL:
             assert self.answer is not None
             self.state.history.record(self.x, self.positions, self.answer)
+            if self.hedged:  # late enough to be raced: a hedge was spent on it
+                self.chain.policy.slow(self.state.hop.server.peer_id)
             return 1
         if self.winner is HedgeWinner.REPLACEMENT:
             if self.failure is not None:
