@@ -104,7 +104,7 @@ def api(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
-    speculative: SpeculativeOption = "auto",
+    speculative: SpeculativeOption = "off",
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(

@@ -28,7 +28,7 @@ from .output import EventWriter
 
 if TYPE_CHECKING:
     from swarm.client.chat import Chat
-    from swarm.client.config import ClientConfig, SpeculationConfig
+    from swarm.client.config import ClientConfig
     from swarm.client.sampling import SamplingConfig
 
 __all__ = ["chat"]
@@ -53,13 +53,13 @@ def chat(
         str, typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic.")
     ] = "none",
     quant: QuantRequirement = None,
-    speculative: SpeculativeOption = "auto",
+    speculative: SpeculativeOption = "off",
     verbose: VerboseOption = False,
 ) -> None:
     """Chat with MODEL on the swarm reached through --initial-peers."""
     import trio
 
-    from swarm.client.config import ClientConfig
+    from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
     from swarm.net.swarm_key import load_swarm_key

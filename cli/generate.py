@@ -86,7 +86,7 @@ def generate(
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
     quant: QuantRequirement = None,
-    speculative: SpeculativeOption = "auto",
+    speculative: SpeculativeOption = "off",
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""

@@ -38,9 +38,10 @@ SpeculativeOption = Annotated[
     typer.Option(
         "--speculative",
         help=(
-            "Guessed tokens per round trip: auto (prompt lookup, as many as pay), off, ngram "
-            "(prompt lookup, always), or a draft model (folder, hub name or GGUF) with the "
-            "model's tokenizer. The tokens are those of plain decoding."
+            "Guessed tokens per round trip: off (default), auto (prompt lookup, as many as "
+            "pay), ngram (prompt lookup, always), or a draft model (folder, hub name or GGUF) "
+            "with the model's tokenizer. The tokens are plain decoding's, but for rounding: "
+            "a near-tie can tip otherwise, mostly on quantized servers."
         ),
     ),
 ]

@@ -167,16 +167,19 @@ class SpeculationConfig:
     """Speculative decoding (DESIGN §13): a step carries guessed tokens, so one round trip
     through the chain can yield several tokens; the answer is the one plain decoding gives.
 
-    - ``mode`` ("auto"): ``"off"``; ``"ngram"`` (prompt lookup: guesses copied from earlier
+    - ``mode`` ("off"): ``"off"``; ``"ngram"`` (prompt lookup: guesses copied from earlier
       text, drafted whenever a match is found); ``"auto"`` (prompt lookup, with k chosen each
       round from the measured acceptance and the cost of a round, 0 when it does not pay);
       or the path or hub name of a draft model whose tokenizer is the target's (k chosen as
-      in ``auto``).
+      in ``auto``). Off by default: a step of several positions is computed with other
+      rounding than a step of one (MKL's kernels by row count; quantized servers multiply in
+      bfloat16), so where two tokens are nearly tied the answer can differ from plain
+      decoding's; with batch-invariant numerics it is the same.
     - ``max_k`` (8): the most tokens guessed in one round.
     - ``fixed_k`` (None): guess exactly this many every round (tests and benchmarks).
     """
 
-    mode: str = "auto"
+    mode: str = "off"
     max_k: int = 8
     fixed_k: int | None = None
 

@@ -10,7 +10,8 @@ import trio
 
 from swarm.lab.processes import swarm_command
 from swarm.lab.reference import generate_locally
-from swarm.shards import load_chat_template, load_tokenizer
+from swarm.server.config import ServerConfig
+from swarm.shards import Quantization, load_chat_template, load_tokenizer
 from swarm.testing.checkpoints import write_random_gguf
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange
@@ -35,7 +36,11 @@ async def test_chat_command_turns_reset_and_exit(tmp_path: Path) -> None:
     lines = "the cat sat\n/reset\non the mat\n/exit\n"
     env = {**os.environ, "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     with trio.fail_after(180):
-        async with open_local_swarm(model, [LayerRange(0, 1), LayerRange(1, 2)]) as local:
+        # float weights, as the reference computes (a Q8_0 file is served int8 by default,
+        # and a random model's near-ties tip with the rounding)
+        config = ServerConfig(model=model, announce_ttl=30.0, quant=Quantization.NONE)
+        ranges = [LayerRange(0, 1), LayerRange(1, 2)]
+        async with open_local_swarm(model, ranges, config=config) as local:
             argv = swarm_command(
                 "chat",
                 str(model),
