@@ -91,7 +91,7 @@ def hedge_deadline(
     state: HopState, tokens: int, config: ClientConfig, alternative: float | None = None
 ) -> float | None:
     """Seconds into a step of ``tokens`` tokens after which hop ``state`` is raced by a
-    replacement; None: never (hedging off, or no yardstick, or not before ``step_timeout``).
+    replacement; None: never (hedging off, no history yet, or not before ``step_timeout``).
 
     The yardstick is the faster of the hop's own usual time and twice ``alternative``, what
     the best other server for its layers should take (`alternative_seconds`): a hop is judged
@@ -101,13 +101,12 @@ def hedge_deadline(
     if config.hedging.after is None:
         return None
     usual = usual_seconds(state.history.step_times(), tokens)
+    if usual is None:
+        return None  # a hop's first step (a prompt) is judged by the step timeout alone
     # the alternative counts at twice its estimate: it was announced, not seen, and a loaded
     # machine makes every hop a little slower than its record
-    doubled = None if alternative is None else 2 * alternative
-    known = [s for s in (usual, doubled) if s is not None]
-    if not known:
-        return None
-    deadline = max(config.hedging.floor, config.hedging.after * min(known))
+    yardstick = usual if alternative is None else min(usual, 2 * alternative)
+    deadline = max(config.hedging.floor, config.hedging.after * yardstick)
     return deadline if deadline < config.step_timeout else None
 
 
