@@ -47,7 +47,7 @@ browser:
 	fi
 
 test: lint typecheck browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # the fast tier: no process started, no wall clock waited on (tests/conftest.py guards it)
 test-fast: setup

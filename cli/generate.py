@@ -149,32 +149,59 @@ class _Job:
 
 
 async def _run(job: _Job, as_json: bool) -> None:
+    import trio
+
     from swarm.client.model import AsyncRemoteModel
+    from swarm.errors import RoutingError
 
     async with AsyncRemoteModel.open(job.path, job.config) as model:
         _warn_about_length(model, job)
-        await wait_for_coverage(model, job)
-        if as_json:
-            result = await model.generate_detailed(
-                job.request, job.max_new_tokens, job.sampling, job.stop
-            )
-            out = asdict(result)
-            if result.text is None:
-                del out["text"]
-            print(json.dumps(out), flush=True)
-            return
-        as_text = isinstance(job.request, str) and model.tokenizer is not None
-        policy = job.config.verify != "none"
-        write = EventWriter(as_ids=not as_text, may_roll_back=policy)
-        async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as events:
-            async for event in events:
-                write(event)
-        sys.stdout.write("\n")
-        if write.rollbacks:
-            warn(
-                f"verification proved a lie and rolled back {write.rollbacks} time(s); "
-                "the text above is the final one"
-            )
+        deadline = trio.current_time() + job.wait
+        while True:
+            await wait_for_coverage(model, job, deadline)
+            answered = _Answered()
+            try:
+                await _generate(model, job, as_json, answered)
+                return
+            except RoutingError as exc:
+                # a record seen in the wait may be a crashed server's, outliving it until
+                # its TTL: with nothing printed yet and time left, wait on for coverage
+                if answered.any or trio.current_time() >= deadline:
+                    raise
+                warn(f"{exc}; waiting on for coverage (--wait)")
+                await trio.sleep(min(1.0, deadline - trio.current_time()))
+
+
+class _Answered:
+    """Whether a generation printed anything yet (then it cannot start over)."""
+
+    any = False
+
+
+async def _generate(model: AsyncRemoteModel, job: _Job, as_json: bool, answered: _Answered) -> None:
+    if as_json:
+        result = await model.generate_detailed(
+            job.request, job.max_new_tokens, job.sampling, job.stop
+        )
+        out = asdict(result)
+        if result.text is None:
+            del out["text"]
+        answered.any = True
+        print(json.dumps(out), flush=True)
+        return
+    as_text = isinstance(job.request, str) and model.tokenizer is not None
+    policy = job.config.verify != "none"
+    write = EventWriter(as_ids=not as_text, may_roll_back=policy)
+    async with model.stream(job.request, job.max_new_tokens, job.sampling, job.stop) as events:
+        async for event in events:
+            answered.any = True
+            write(event)
+    sys.stdout.write("\n")
+    if write.rollbacks:
+        warn(
+            f"verification proved a lie and rolled back {write.rollbacks} time(s); "
+            "the text above is the final one"
+        )
 
 
 def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:
@@ -188,25 +215,26 @@ def _warn_about_length(model: AsyncRemoteModel, job: _Job) -> None:
         )
 
 
-async def wait_for_coverage(model: AsyncRemoteModel, job: _Job) -> None:
-    """Return once online servers cover every block; after ``job.wait`` seconds (one look
-    when 0) raise `RoutingError` naming the missing blocks and the `swarm serve` that fills
-    them."""
+async def wait_for_coverage(model: AsyncRemoteModel, job: _Job, deadline: float) -> None:
+    """Return once online servers that did not fail their last ping cover every block; at
+    ``deadline`` (after one look when ``--wait`` is 0) raise `RoutingError` naming the
+    missing blocks and the `swarm serve` that fills them."""
     import trio
 
     from swarm.directory import missing_ranges
     from swarm.errors import RoutingError
 
-    deadline = trio.current_time() + job.wait
+    directory = model.directory
     for look in itertools.count(1):
-        servers = await model.directory.servers(refresh=True)
-        gaps = missing_ranges(servers, model.model_config.num_hidden_layers)
+        servers = await directory.servers(refresh=True)
+        live = [s for s in servers if not directory.unreachable(s)]
+        gaps = missing_ranges(live, model.model_config.num_hidden_layers)
         if not gaps:
             return
         left = deadline - trio.current_time()
         if left <= 0 and look >= 2:  # a second look, as routing does, for a slow DHT reply
             waited = f" after waiting {job.wait:g} s" if job.wait else " (--wait S waits for it)"
-            hint = model.directory.absence_hint() or fill_hint(
+            hint = directory.absence_hint() or fill_hint(
                 gaps, str(job.path), job.config.initial_peers
             )
             raise RoutingError(hint + waited)

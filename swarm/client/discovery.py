@@ -100,6 +100,11 @@ class ServerDirectory(Protocol):
         """Whether ``server`` proved its record (answered as its `PeerId` at its address)."""
         ...
 
+    def unreachable(self, server: ServerView) -> bool:
+        """Whether the last ping to ``server`` failed (a crashed server's record outlives
+        it until its TTL runs out)."""
+        ...
+
 
 class StaticDirectory:
     """A fixed list of servers (tests, or a client told its servers directly)."""
@@ -118,6 +123,9 @@ class StaticDirectory:
 
     def reached(self, server: ServerView) -> bool:
         return True  # a list given directly is trusted
+
+    def unreachable(self, server: ServerView) -> bool:
+        return False
 
 
 class PingTable:
@@ -169,6 +177,11 @@ class PingSchedule:
             if len(out) >= limit:
                 break
         return out
+
+    def unreachable(self, server: ServerView) -> bool:
+        """Whether the last ping to ``server`` at its announced address failed."""
+        key = (server.peer_id, server.address)
+        return key not in self._reached and self._failures.get(key, 0) > 0
 
     def answered(self, server: ServerView, now: float) -> None:
         key = (server.peer_id, server.address)
@@ -277,6 +290,10 @@ class Discovery:
         """Whether ``server``'s record is proven: it answered a ping as its `PeerId` at its
         announced address (and has not failed one since)."""
         return self._schedule.reached(server)
+
+    def unreachable(self, server: ServerView) -> bool:
+        """Whether the last ping to ``server`` failed (and none answered since)."""
+        return self._schedule.unreachable(server)
 
     async def measure_pings(self) -> None:
         """Ping the online servers that are due (`PingSchedule`; at most

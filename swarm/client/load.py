@@ -82,6 +82,9 @@ class _LoadedDirectory:
     def reached(self, server: ServerView) -> bool:
         return self._load.inner.reached(server)
 
+    def unreachable(self, server: ServerView) -> bool:
+        return self._load.inner.unreachable(server)
+
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         views = await self._load.inner.servers(refresh=refresh)
         own = self._load.sessions

@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from swarm.client.config import ClientConfig, PingConfig
 from swarm.dht import DHTConfig, DHTNode
 from swarm.identity import Identity
 from swarm.net.methods import HandlerRegistry
@@ -67,6 +69,14 @@ class LocalSwarm:
     @property
     def dht_address(self) -> str:
         return self.dht.address
+
+    def client_config(self, **changes: Any) -> ClientConfig:
+        """A client of this swarm: its DHT address as the initial peer, and a ping schedule
+        that dials every server at once (they all share one host, 127.0.0.1, where a real
+        client dials ``pings.new_per_host`` never-reached servers per host and refresh, and
+        an unpinged server would lose routes to a pinged one by the luck of the order)."""
+        pings = PingConfig(new_per_host=1 + len(self.servers))
+        return ClientConfig(initial_peers=(self.dht_address,), pings=pings, **changes)
 
     async def add_server(
         self,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import trio
 
-from swarm.client.config import ClientConfig
+from swarm.client.config import ClientConfig, HedgeConfig
 from swarm.client.model import AsyncRemoteModel, GenerationResult, Token
 from swarm.net.messages import PushRequest
 from swarm.net.methods import HandlerRegistry
@@ -24,7 +24,7 @@ from swarm.server.sessions import SessionLimits
 from swarm.shards import KVCache, Span
 from swarm.testing.adversaries import hanging
 from swarm.testing.links import LinkEmulator, LinkSpec
-from swarm.testing.swarm import LocalServer, open_local_swarm
+from swarm.testing.swarm import LocalServer, LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, PeerId
 
 from .conftest import NEW_TOKENS, PROMPT
@@ -38,6 +38,12 @@ def ports(result: GenerationResult) -> list[int]:
     return [hop["port"] for hop in result.route]
 
 
+def routing_only(local: LocalSwarm) -> ClientConfig:
+    """A client whose route is the planner's alone (every server pinged, no hedging: a step
+    that a loaded machine stalls past the hedge floor does not swap a hop for a replica)."""
+    return local.client_config(hedging=HedgeConfig(after=None))
+
+
 def slow_down(links: LinkEmulator, server: LocalServer, dialers: list[str]) -> None:
     for dialer in dialers:
         links.set(dialer, server.address, SLOW)
@@ -48,7 +54,7 @@ async def test_routes_avoid_a_slow_replica(model12: Path, reference: list[int]) 
     with trio.fail_after(120):
         async with LinkEmulator() as links, open_local_swarm(model12, links=links) as local:
             s0, s1, s2 = [await local.add_server(layers) for layers in spans]
-            config = ClientConfig(initial_peers=(local.dht_address,))
+            config = routing_only(local)
             slow_down(links, s1, ["client"])
             async with AsyncRemoteModel.open(
                 model12, config, transport=links.transport("client")
@@ -78,7 +84,7 @@ async def test_full_cache_sends_new_sessions_elsewhere(model12: Path, reference:
             s1 = await local.add_server(LayerRange(0, 12), limits=one_session)
             s2 = await local.add_server(LayerRange(6, 12))
             slow_down(links, s0, ["client"])  # the whole-model server is the best route
-            config = ClientConfig(initial_peers=(local.dht_address,))
+            config = routing_only(local)
             transport = links.transport("client")
             async with (
                 AsyncRemoteModel.open(model12, config, transport=transport) as first,
