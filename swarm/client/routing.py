@@ -25,9 +25,14 @@ Edge cost, in seconds for one step of one token:
            opened since the last announcement);
   return   half the client's ping to the last server, whose output comes back to it.
 Each edge's cost is multiplied by a random factor in [1, 1 + `RouteCosts.jitter`] so that
-near-equal routes are picked at random and load spreads, and by ``1 + penalty`` for a server
-the client recently found too slow (`Penalties`). A server without enough free
-cache for the session is not an edge; banned and not-online servers are skipped.
+near-equal routes are picked at random and load spreads, by ``1 + penalty`` for a server
+the client recently found too slow (`Penalties`), and by ``1 + RouteCosts.unproven`` for a
+server whose record is not proven yet (it has not answered the client's ping as its `PeerId`
+at its address: anyone may sign a record naming any address). An unproven record stays
+usable while its proof waits, ranked lower: of two servers of otherwise equal cost the
+proven one is taken, and an unproven one still carries a route nothing else covers.
+A server without enough free cache for the session is not an edge; banned and not-online
+servers are skipped.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class RouteCosts:
     load_penalty: float = 0.25  # relative slowdown per active session, beyond throughput
     jitter: float = 0.05  # relative random noise added to each edge for tie-breaking
     relay_busy: float = 0.02  # added through a relay with all its circuits in use
+    unproven: float = 0.5  # relative extra cost of a server whose record is not proven
 
 
 def _rtt(
@@ -107,13 +113,16 @@ def plan_route(
     cache_tokens_needed: int = 0,
     banned: Collection[PeerId] = (),
     penalties: Mapping[PeerId, float] | None = None,
+    unproven: Collection[PeerId] = (),
     costs: RouteCosts | None = None,
     rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of servers covering `layers`.
 
     ``banned`` servers are never used; a server with a ``penalties`` entry p costs 1 + p
-    times as much (still used when nothing cheaper covers its layers).
+    times as much, an ``unproven`` one (its record not yet proven by a ping)
+    1 + ``costs.unproven`` times as much; both are still used when nothing cheaper covers
+    their layers.
 
     Raises `RoutingError` naming the first block no usable server covers.
     Cost: O(E log E) with E the number of (boundary, server) pairs; a few hundred
@@ -153,6 +162,8 @@ def plan_route(
             if end >= layers.stop:  # the last hop also sends its output back to the client
                 step += pings.get(server.peer_id, _unknown_rtt(server, costs)) / 2
             step *= (1.0 + rng.uniform(0.0, costs.jitter)) * (1.0 + penalty.get(server.peer_id, 0))
+            if server.peer_id in unproven:
+                step *= 1.0 + costs.unproven
             state = (end, i)
             if cost + step < best.get(state, float("inf")):
                 best[state] = cost + step

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_THROUGHPUT = 1e7  # tokens/s through a span; far above any real server
 MAX_CACHE_TOKENS = 1 << 34
 MAX_SESSIONS = 1 << 20
+RELAY_LOAD_MARGIN = 0.1  # a relayed server's other relay is used when this much less loaded
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def with_relay_loads(
     servers: Sequence[ServerView], relays: Sequence[RelayView]
 ) -> list[ServerView]:
     """``servers`` with each relayed one dialed through the least loaded of its announced
-    relays that announce themselves in ``relays`` (its first when none does), and that
+    relays that announce themselves in ``relays`` (the earlier announced unless another is
+    `RELAY_LOAD_MARGIN` less loaded; its first when none announces itself), and that
     relay's load in `ServerView.relay_load`. A relay's load comes from its own signed
     record, not from the relayed server's."""
     loads = {view.peer_id: view.load for view in relays}
@@ -168,7 +170,10 @@ def with_relay_loads(
         if not known:
             out.append(server)
             continue
-        best = min(known, key=lambda hop: loads[hop.peer_id])
+        best = known[0]
+        for hop in known[1:]:  # a clearly lighter one only, so the choice does not flap
+            if loads[hop.peer_id] < loads[best.peer_id] - RELAY_LOAD_MARGIN:
+                best = hop
         out.append(
             replace(
                 server,

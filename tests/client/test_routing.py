@@ -179,3 +179,50 @@ def test_a_relayed_server_is_dialed_through_its_least_loaded_relay() -> None:
     assert with_relay_loads([view], [RelayView(r3, "10.0.0.2", 9, 0, 0)])[0].relay_load == 1.0
     # no relay of its announces itself: dialed through its first, load unknown (0)
     assert with_relay_loads([view], [])[0] == view
+
+
+def test_an_unproven_record_ranks_lower_but_still_covers() -> None:
+    # a record stays usable while its proof (the client's ping) waits, ranked lower
+    proven, unproven = server("proven", 0, 12), server("unproven", 0, 12)
+    rng = random.Random(0)
+    for _ in range(50):
+        route = plan_route(
+            [unproven, proven], LayerRange(0, 12), unproven={unproven.peer_id}, rng=rng
+        )
+        assert spans(route) == [("proven", 0, 12)]
+    # the only cover of 4:8 is unproven: still used there, and only there
+    halves = [server("a", 0, 4), server("b", 8, 12), server("only", 4, 8)]
+    route = plan_route(halves, LayerRange(0, 12), unproven={halves[2].peer_id}, rng=rng)
+    assert spans(route) == [("a", 0, 4), ("only", 4, 8), ("b", 8, 12)]
+
+
+def test_the_opener_ranks_servers_the_directory_has_not_reached_lower() -> None:
+    import trio
+
+    from swarm.client.bans import BanList
+    from swarm.client.chain.failures import FailurePolicy
+    from swarm.client.chain.opening import HopOpener
+    from swarm.client.config import ClientConfig
+    from swarm.client.discovery import StaticDirectory
+
+    proven, unproven = server("proven", 0, 12), server("unproven", 0, 12)
+
+    class HalfProven(StaticDirectory):
+        def reached(self, view: ServerView) -> bool:
+            return view.peer_id != unproven.peer_id
+
+    config = ClientConfig()
+    opener = HopOpener(
+        None,  # type: ignore[arg-type]  # planning dials nobody
+        HalfProven([unproven, proven]),
+        config,
+        max_length=16,
+        batch_size=1,
+        failures=FailurePolicy(config, BanList(1.0, 2.0, 10.0)),
+        rng=random.Random(0),
+    )
+
+    async def picks() -> list[str]:
+        return [spans(await opener.plan(LayerRange(0, 12)))[0][0] for _ in range(30)]
+
+    assert set(trio.run(picks)) == {"proven"}
