@@ -2,7 +2,9 @@
 
 The client fetches every block key of the model and turns the records into one `ServerView`
 per peer with `swarm.directory.servers_from_records` (the same strict decoder the servers
-use).
+use). Where servers are relayed, the relays' own records under `relay_key` say how busy
+each relay is: a relayed server is dialed through its least loaded relay, and the planner
+counts that relay's load (`swarm.directory.with_relay_loads`).
 
 A record is only a claim: anyone may sign one naming any address. The client's ping proves
 it (the handshake succeeds only as the record's `PeerId` at its address: `Discovery.reached`),
@@ -29,7 +31,10 @@ from swarm.directory import (
     block_keys,
     mismatch_hint,
     other_model_ids,
+    relay_key,
+    relays_from_records,
     servers_from_records,
+    with_relay_loads,
 )
 from swarm.errors import ConfigError, DHTError, SwarmError
 from swarm.net.pool import ConnectionPool, open_connection_pool
@@ -267,6 +272,10 @@ class Discovery:
             limit = self.config.request_timeout
             raise DHTError(f"DHT lookup of {self.model_id} took over {limit} s")
         found = servers_from_records(records, self.model_id, self.num_layers)
+        if any(s.relays for s in found):  # relayed servers: through which relay, how busy
+            with trio.move_on_after(self.config.request_timeout):
+                relays = relays_from_records(await self.dht.get(relay_key()))
+                found = with_relay_loads(found, relays)
         wanted = self.config.quant
         self._servers = [s for s in found if wanted is None or s.quantization == wanted]
         self.refreshes += 1

@@ -10,7 +10,13 @@ cover past ``stop``; the last hop then runs only up to ``stop``.
 Edge cost, in seconds for one step of one token:
   network  half the round-trip time into the server: the client's own measured ping for
            the first hop, else the previous server's announced ping to it, else the
-           client's ping, else `RouteCosts.unknown_rtt`;
+           client's ping, else `RouteCosts.unknown_rtt`. Pings to a relayed server are
+           measured through its relay (its `ServerView.address` is the relay's, and both
+           the client and the servers that announce pings dial that), so they already hold
+           the extra leg; one never measured counts `unknown_rtt` for each of its two legs;
+  relay    for a relayed server, `RouteCosts.per_hop` for the splice plus
+           `RouteCosts.relay_busy` × the relay's announced share of circuits in use
+           (`ServerView.relay_load`): a busy relay queues and throttles what it forwards;
   compute  blocks used / blocks served / announced tokens-per-second of the server (which
            a batching server measures at the batch a newcomer would join: its current
            sessions plus one, so it already falls as the server fills);
@@ -19,9 +25,14 @@ Edge cost, in seconds for one step of one token:
            opened since the last announcement);
   return   half the client's ping to the last server, whose output comes back to it.
 Each edge's cost is multiplied by a random factor in [1, 1 + `RouteCosts.jitter`] so that
-near-equal routes are picked at random and load spreads, and by ``1 + penalty`` for a server
-the client recently found too slow (`Penalties`). A server without enough free
-cache for the session is not an edge; banned and not-online servers are skipped.
+near-equal routes are picked at random and load spreads, by ``1 + penalty`` for a server
+the client recently found too slow (`Penalties`), and by ``1 + RouteCosts.unproven`` for a
+server whose record is not proven yet (it has not answered the client's ping as its `PeerId`
+at its address: anyone may sign a record naming any address). An unproven record stays
+usable while its proof waits, ranked lower: of two servers of otherwise equal cost the
+proven one is taken, and an unproven one still carries a route nothing else covers.
+A server without enough free cache for the session is not an edge; banned and not-online
+servers are skipped.
 """
 
 from __future__ import annotations
@@ -55,6 +66,8 @@ class RouteCosts:
     per_hop: float = 0.0005  # serialization and scheduling on each hop
     load_penalty: float = 0.25  # relative slowdown per active session, beyond throughput
     jitter: float = 0.05  # relative random noise added to each edge for tie-breaking
+    relay_busy: float = 0.02  # added through a relay with all its circuits in use
+    unproven: float = 0.5  # relative extra cost of a server whose record is not proven
 
 
 def _rtt(
@@ -63,11 +76,20 @@ def _rtt(
     client_pings: Mapping[PeerId, float],
     costs: RouteCosts,
 ) -> float:
-    if prev is None:
-        return client_pings.get(server.peer_id, costs.unknown_rtt)
-    if server.peer_id in prev.next_pings:
+    if prev is not None and server.peer_id in prev.next_pings:
         return prev.next_pings[server.peer_id]
-    return client_pings.get(server.peer_id, costs.unknown_rtt)
+    return client_pings.get(server.peer_id, _unknown_rtt(server, costs))
+
+
+def _unknown_rtt(server: ServerView, costs: RouteCosts) -> float:
+    """What an unmeasured path is taken to cost: a relayed one has two legs."""
+    return costs.unknown_rtt * (2 if server.relays else 1)
+
+
+def _relay_cost(server: ServerView, costs: RouteCosts) -> float:
+    if not server.relays:
+        return 0.0
+    return costs.per_hop + costs.relay_busy * min(max(server.relay_load, 0.0), 1.0)
 
 
 def _edge_cost(
@@ -80,7 +102,7 @@ def _edge_cost(
     network = _rtt(prev, server, client_pings, costs) / 2
     compute = blocks / len(server.layers) / max(server.throughput, 1e-9)
     load = compute * costs.load_penalty * server.active_sessions
-    return network + compute + load + costs.per_hop
+    return network + compute + load + costs.per_hop + _relay_cost(server, costs)
 
 
 def plan_route(
@@ -91,13 +113,16 @@ def plan_route(
     cache_tokens_needed: int = 0,
     banned: Collection[PeerId] = (),
     penalties: Mapping[PeerId, float] | None = None,
+    unproven: Collection[PeerId] = (),
     costs: RouteCosts | None = None,
     rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of servers covering `layers`.
 
     ``banned`` servers are never used; a server with a ``penalties`` entry p costs 1 + p
-    times as much (still used when nothing cheaper covers its layers).
+    times as much, an ``unproven`` one (its record not yet proven by a ping)
+    1 + ``costs.unproven`` times as much; both are still used when nothing cheaper covers
+    their layers.
 
     Raises `RoutingError` naming the first block no usable server covers.
     Cost: O(E log E) with E the number of (boundary, server) pairs; a few hundred
@@ -135,8 +160,10 @@ def plan_route(
             end = min(server.layers.stop, layers.stop)
             step = _edge_cost(prev, server, end - boundary, pings, costs)
             if end >= layers.stop:  # the last hop also sends its output back to the client
-                step += pings.get(server.peer_id, costs.unknown_rtt) / 2
+                step += pings.get(server.peer_id, _unknown_rtt(server, costs)) / 2
             step *= (1.0 + rng.uniform(0.0, costs.jitter)) * (1.0 + penalty.get(server.peer_id, 0))
+            if server.peer_id in unproven:
+                step *= 1.0 + costs.unproven
             state = (end, i)
             if cost + step < best.get(state, float("inf")):
                 best[state] = cost + step
@@ -178,5 +205,5 @@ def route_cost(
         total += _edge_cost(prev, hop.server, len(hop.layers), pings, costs)
         prev = hop.server
     if prev is not None:
-        total += pings.get(prev.peer_id, costs.unknown_rtt) / 2
+        total += pings.get(prev.peer_id, _unknown_rtt(prev, costs)) / 2
     return total

@@ -25,6 +25,7 @@ from swarm.directory.servers import (
     decode_announcement,
     dial_address,
     servers_from_records,
+    with_relay_loads,
 )
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "servers_from_records",
     "servers_per_block",
     "spread",
+    "with_relay_loads",
 ]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from swarm.dht.records import Record
 from swarm.directory.keys import block_key
+from swarm.directory.relays import RelayView
 from swarm.errors import ProtocolError
 from swarm.net.messages import RangeMove, RelayHop, ServerAnnouncement, message_from_wire
 from swarm.types import LayerRange, PeerId, Reachability, ServerState, format_address
@@ -29,6 +30,7 @@ __all__ = [
     "decode_announcement",
     "dial_address",
     "servers_from_records",
+    "with_relay_loads",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_THROUGHPUT = 1e7  # tokens/s through a span; far above any real server
 MAX_CACHE_TOKENS = 1 << 34
 MAX_SESSIONS = 1 << 20
+RELAY_LOAD_MARGIN = 0.1  # a relayed server's other relay is used when this much less loaded
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class ServerView:
     last_move: RangeMove | None = None  # its latest move (who moved where, and why)
     quantization: str = "none"  # how its weights are kept: none, int8, int4
     room_tokens: int = 0  # free plus reclaimable cache for a newcomer (see ServerAnnouncement)
+    # the share of its circuits the relay it is dialed through has in use, from that relay's
+    # own announcement (`RelayView.load`); 0 when direct or when the relay's load is unknown
+    relay_load: float = 0.0
 
     @property
     def numerics(self) -> str:
@@ -147,6 +153,35 @@ def servers_from_records(
             if held is None or record.seq > held[0]:
                 best[peer] = (record.seq, ann)
     return [_view(peer, ann) for peer, (_seq, ann) in best.items()]
+
+
+def with_relay_loads(
+    servers: Sequence[ServerView], relays: Sequence[RelayView]
+) -> list[ServerView]:
+    """``servers`` with each relayed one dialed through the least loaded of its announced
+    relays that announce themselves in ``relays`` (the earlier announced unless another is
+    `RELAY_LOAD_MARGIN` less loaded; its first when none announces itself), and that
+    relay's load in `ServerView.relay_load`. A relay's load comes from its own signed
+    record, not from the relayed server's."""
+    loads = {view.peer_id: view.load for view in relays}
+    out = []
+    for server in servers:
+        known = [hop for hop in server.relays if hop.peer_id in loads]
+        if not known:
+            out.append(server)
+            continue
+        best = known[0]
+        for hop in known[1:]:  # a clearly lighter one only, so the choice does not flap
+            if loads[hop.peer_id] < loads[best.peer_id] - RELAY_LOAD_MARGIN:
+                best = hop
+        out.append(
+            replace(
+                server,
+                address=format_address(best.host, best.port),
+                relay_load=loads[best.peer_id],
+            )
+        )
+    return out
 
 
 def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:

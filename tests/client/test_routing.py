@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
-from swarm.client.routing import ServerView, plan_route, route_cost
+from swarm.client.routing import Hop, ServerView, plan_route, route_cost
+from swarm.directory import RelayView, with_relay_loads
 from swarm.errors import RoutingError
 from swarm.identity import Identity
+from swarm.net.messages import RelayHop
 from swarm.types import LayerRange, PeerId
 
 
@@ -109,3 +112,117 @@ def test_a_penalised_server_is_avoided_but_still_used_when_alone() -> None:
         assert spans(route) == [("other", 0, 12)]
     route = plan_route([slow], LayerRange(0, 12), penalties={slow.peer_id: 100.0}, rng=rng)
     assert spans(route) == [("slow", 0, 12)]
+
+
+def relayed(name: str, start: int, stop: int, load: float = 0.0, **kw: object) -> ServerView:
+    """A server dialed through a relay (its address is the relay's) whose load is ``load``."""
+    relay = Identity.from_seed(f"relay-{name}".encode()).peer_id
+    hop = RelayHop(peer_id=relay, host=f"relay-{name}", port=1)
+    return server(name, start, stop, relays=(hop,), relay_load=load, **kw)
+
+
+def test_a_direct_replica_beats_a_relayed_one_of_equal_compute() -> None:
+    direct, via = server("direct", 0, 12), relayed("via", 0, 12)
+    # never pinged: the relayed path counts two unknown legs
+    for seed in range(20):
+        route = plan_route([via, direct], LayerRange(0, 12), rng=random.Random(seed))
+        assert spans(route) == [("direct", 0, 12)]
+    # pinged: the client's ping to the relayed one went through its relay (two legs)
+    pings = {direct.peer_id: 0.010, via.peer_id: 0.020}
+    for seed in range(20):
+        route = plan_route(
+            [via, direct], LayerRange(0, 12), client_pings=pings, rng=random.Random(seed)
+        )
+        assert spans(route) == [("direct", 0, 12)]
+    # the next hop after a server: that server's announced ping, also through the relay
+    a = server("a", 0, 6, next_pings={direct.peer_id: 0.010, via.peer_id: 0.020})
+    d2, v2 = server("direct", 6, 12), relayed("via", 6, 12)
+    back = {a.peer_id: 0.01, d2.peer_id: 0.01, v2.peer_id: 0.01}
+    for seed in range(20):
+        route = plan_route(
+            [a, v2, d2], LayerRange(0, 12), client_pings=back, rng=random.Random(seed)
+        )
+        assert spans(route) == [("a", 0, 6), ("direct", 6, 12)]
+    assert route_cost([Hop(via, LayerRange(0, 12))], client_pings=pings) > route_cost(
+        [Hop(direct, LayerRange(0, 12))], client_pings=pings
+    )
+
+
+def test_a_less_loaded_relay_beats_a_loaded_one() -> None:
+    busy, idle = relayed("busy", 0, 12, load=0.9), relayed("idle", 0, 12, load=0.1)
+    pings = {busy.peer_id: 0.02, idle.peer_id: 0.02}  # the same measured paths
+    for seed in range(20):
+        route = plan_route(
+            [busy, idle], LayerRange(0, 12), client_pings=pings, rng=random.Random(seed)
+        )
+        assert spans(route) == [("idle", 0, 12)]
+    # a direct server's relay_load means nothing (it has no relay)
+    direct = server("direct", 0, 12, relay_load=1.0)
+    assert route_cost([Hop(direct, LayerRange(0, 12))], client_pings=pings) == pytest.approx(
+        route_cost([Hop(server("direct", 0, 12), LayerRange(0, 12))], client_pings=pings)
+    )
+
+
+def test_a_relayed_server_is_dialed_through_its_least_loaded_relay() -> None:
+    r1, r2, r3 = (Identity.from_seed(n).peer_id for n in (b"r1", b"r2", b"r3"))
+    hops = tuple(
+        RelayHop(peer_id=p, host=f"10.0.0.{i}", port=9) for i, p in enumerate((r1, r2, r3))
+    )
+    view = replace(server("x", 0, 12, relays=hops), address="10.0.0.0:9")
+    plain = server("plain", 0, 12)
+    loads = [RelayView(r2, "10.0.0.1", 9, circuits=1, max_circuits=10),
+             RelayView(r1, "10.0.0.0", 9, circuits=8, max_circuits=10)]  # fmt: skip
+    out = with_relay_loads([view, plain], loads)
+    assert out[0].address == "10.0.0.1:9" and out[0].relay_load == pytest.approx(0.1)
+    assert out[1] == plain
+    # a relay that announces no circuits counts as full
+    assert with_relay_loads([view], [RelayView(r3, "10.0.0.2", 9, 0, 0)])[0].relay_load == 1.0
+    # no relay of its announces itself: dialed through its first, load unknown (0)
+    assert with_relay_loads([view], [])[0] == view
+
+
+def test_an_unproven_record_ranks_lower_but_still_covers() -> None:
+    # a record stays usable while its proof (the client's ping) waits, ranked lower
+    proven, unproven = server("proven", 0, 12), server("unproven", 0, 12)
+    rng = random.Random(0)
+    for _ in range(50):
+        route = plan_route(
+            [unproven, proven], LayerRange(0, 12), unproven={unproven.peer_id}, rng=rng
+        )
+        assert spans(route) == [("proven", 0, 12)]
+    # the only cover of 4:8 is unproven: still used there, and only there
+    halves = [server("a", 0, 4), server("b", 8, 12), server("only", 4, 8)]
+    route = plan_route(halves, LayerRange(0, 12), unproven={halves[2].peer_id}, rng=rng)
+    assert spans(route) == [("a", 0, 4), ("only", 4, 8), ("b", 8, 12)]
+
+
+def test_the_opener_ranks_servers_the_directory_has_not_reached_lower() -> None:
+    import trio
+
+    from swarm.client.bans import BanList
+    from swarm.client.chain.failures import FailurePolicy
+    from swarm.client.chain.opening import HopOpener
+    from swarm.client.config import ClientConfig
+    from swarm.client.discovery import StaticDirectory
+
+    proven, unproven = server("proven", 0, 12), server("unproven", 0, 12)
+
+    class HalfProven(StaticDirectory):
+        def reached(self, view: ServerView) -> bool:
+            return view.peer_id != unproven.peer_id
+
+    config = ClientConfig()
+    opener = HopOpener(
+        None,  # type: ignore[arg-type]  # planning dials nobody
+        HalfProven([unproven, proven]),
+        config,
+        max_length=16,
+        batch_size=1,
+        failures=FailurePolicy(config, BanList(1.0, 2.0, 10.0)),
+        rng=random.Random(0),
+    )
+
+    async def picks() -> list[str]:
+        return [spans(await opener.plan(LayerRange(0, 12)))[0][0] for _ in range(30)]
+
+    assert set(trio.run(picks)) == {"proven"}

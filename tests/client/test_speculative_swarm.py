@@ -17,7 +17,7 @@ import trio
 
 from swarm.client.config import ClientConfig, HedgeConfig, RecordsConfig, SpeculationConfig
 from swarm.client.discovery import StaticDirectory
-from swarm.client.model import AsyncRemoteModel
+from swarm.client.model import AsyncRemoteModel, GenerationResult
 from swarm.client.sampling import SamplingConfig
 from swarm.errors import ConfigError
 from swarm.lab.liar import LyingHandlers
@@ -239,3 +239,29 @@ async def test_concurrent_generations_share_head_passes_off_the_loop(target: Pat
     assert requests == sum(len(ids) for ids in alone)
     assert calls < requests  # rows due together shared a pass
     assert threading.get_ident() not in threads
+
+
+async def test_concurrent_speculative_generations_each_equal_their_lone_plain_run(
+    target: Path,
+) -> None:
+    """Four speculative generations at once on one client (prompt lookup at k = 4, prompts
+    that it guesses well and badly): each gives the tokens of its own plain run alone, and
+    guesses were accepted (rounds fewer than tokens) while they shared the servers."""
+    prompts = [REPEATS, [7, 300, 12, 5000, 9, 41, 42, 43, 77], [50, 51, 52] * 5, [11]]
+    with trio.fail_after(300):
+        async with open_local_swarm(target, RANGES) as local:
+            async with AsyncRemoteModel.open(target, _config(local.dht_address, "off")) as plain:
+                alone = [(await plain.generate_detailed(p, NEW)).ids for p in prompts]
+            config = _config(local.dht_address, "ngram", 4)
+            async with AsyncRemoteModel.open(target, config) as model:
+                got: dict[int, GenerationResult] = {}
+
+                async def one(i: int) -> None:
+                    got[i] = await model.generate_detailed(prompts[i], NEW)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(prompts)):
+                        nursery.start_soon(one, i)
+    assert [got[i].ids for i in range(len(prompts))] == alone
+    assert got[0].rounds < len(got[0].ids)
+    assert sum(r.speculation.accepted for r in got.values() if r.speculation) > 0

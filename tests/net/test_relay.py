@@ -14,6 +14,8 @@ import pytest
 import torch
 import trio
 
+from swarm.client.discovery import ping_server
+from swarm.directory import ServerView
 from swarm.errors import (
     LimitExceeded,
     PeerIdMismatch,
@@ -23,16 +25,22 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.net.handshake import open_channel
-from swarm.net.messages import ForwardRequest, ForwardResponse
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InfoRequest,
+    InfoResponse,
+    RelayHop,
+)
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
 from swarm.net.relay import RelayLimits, RelayService, hold_reservation
 from swarm.net.rpc import CallContext
 from swarm.net.rpc_server import RpcServer
-from swarm.net.surface import FORWARD, call_forward
+from swarm.net.surface import FORWARD, INFO, call_forward
 from swarm.net.transport import TCPTransport, Transport
 from swarm.testing.reach import TappedTransport
-from swarm.types import LayerRange
+from swarm.types import LayerRange, ServerState
 
 from .conftest import ALICE, BOB
 
@@ -42,10 +50,18 @@ KEY = b"R" * 32
 
 
 class Echo:
-    """The relayed peer's handlers: ``forward`` answers its input."""
+    """The relayed peer's handlers: ``forward`` answers its input; ``info`` (pings)."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.infos = 0
+
+    async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
+        self.infos += 1
+        return InfoResponse(
+            layer_range=LayerRange(0, 1), state=ServerState.ONLINE, load=0.0,
+            free_cache_tokens=0, version="test", throughput=1.0, relayed=True,
+        )  # fmt: skip
 
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
         self.calls += 1
@@ -77,7 +93,9 @@ async def relayed_peer(
     )
     echo = Echo()
     relayed_rpc = RpcServer(
-        RELAYED, HandlerRegistry([FORWARD.bind(echo.rpc_forward)]), swarm_key=swarm_key
+        RELAYED,
+        HandlerRegistry([FORWARD.bind(echo.rpc_forward), INFO.bind(echo.rpc_info)]),
+        swarm_key=swarm_key,
     )
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -216,3 +234,20 @@ async def test_a_private_swarms_relay_splices_only_members() -> None:
             await echo_through(setup.port, b"outsider", swarm_key=b"X" * 32)
         with pytest.raises(SwarmKeyMismatch):
             await echo_through(setup.port, b"outsider")
+
+
+async def test_a_ping_to_a_relayed_server_goes_through_its_relay() -> None:
+    """The client's ping (what the route planner counts) to a relayed server is measured
+    over the relay: a circuit carries it, so the RTT holds both legs. (Servers' announced
+    next-hop pings dial `ServerView.address` the same way.)"""
+    async with relayed_peer() as setup:
+        hop = RelayHop(peer_id=RELAY.peer_id, host="127.0.0.1", port=setup.port)
+        view = ServerView(
+            RELAYED.peer_id, f"127.0.0.1:{setup.port}", LayerRange(0, 1), 1.0, 0, relays=(hop,)
+        )
+        async with open_connection_pool(ALICE) as pool:
+            rtt = await ping_server(pool, view, timeout=10.0)
+        assert rtt > 0
+        assert setup.echo.infos == 1
+        stats = setup.relay.statistics()
+        assert stats.circuits_total == 1 and stats.bytes_relayed > 0

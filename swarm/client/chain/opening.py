@@ -63,7 +63,8 @@ class HopOpener:
 
     async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
-        ones costing more (asks the directory again once). Raises `RoutingError`."""
+        ones and those whose records the directory has not proven (`ServerDirectory.reached`)
+        costing more (asks the directory again once). Raises `RoutingError`."""
         refreshes: tuple[bool, ...] = (False, True)
         wait = self.failures.take_refresh_wait()
         if wait > 0:  # a relayed path broke: give its server time to re-announce
@@ -79,6 +80,7 @@ class HopOpener:
                     cache_tokens_needed=self.max_length * self.batch_size,
                     banned=self.bans.banned() | self.excluded | set(avoid),
                     penalties=self.bans.penalties.current(),
+                    unproven={s.peer_id for s in servers if not self.directory.reached(s)},
                     rng=self.rng,
                 )
             except RoutingError as exc:
