@@ -130,6 +130,10 @@ def api(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request body may take to arrive.")
     ] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a request head may take to arrive after its first byte."),
+    ] = 10.0,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve MODEL on the swarm behind an OpenAI-compatible HTTP API."""
@@ -162,6 +166,7 @@ def api(
         max_connections_per_host=max_connections_per_host,
         send_timeout_s=send_timeout,
         body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
     )
     client_config = ClientConfig(
         initial_peers=tuple(initial_peers),

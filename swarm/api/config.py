@@ -38,8 +38,10 @@ class GatewayConfig:
     - ``body_timeout_s`` (30): the whole request body must arrive within it (408).
     - ``send_timeout_s`` (30): a send to a client that does not read for that long ends the
       connection; its generation is cancelled, its swarm sessions closed, its slot freed.
-    - A connection whose request head is not complete 75 s after it opened or after its last
-      answer is closed (Hypercorn's keep-alive timer runs until a whole head arrived).
+    - ``header_timeout_s`` (10): a request head must be complete this long after its first
+      byte, or the connection is closed (a head that trickles in holds nothing for long).
+    - A connection that sends nothing for 75 s after it opened or after its last answer is
+      closed (Hypercorn's keep-alive timer, which runs until a whole head arrived).
 
     Load:
 
@@ -87,6 +89,7 @@ class GatewayConfig:
     max_connections_per_host: int = 64
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
     prepare_threads: int = 2
     max_redundancy: int = 3
 
@@ -117,6 +120,7 @@ class GatewayConfig:
             "refresh_s",
             "body_timeout_s",
             "send_timeout_s",
+            "header_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"GatewayConfig.{name} must be positive")

@@ -85,6 +85,11 @@ class Gateway:
             "Connections closed: client did not read",
             lambda: connections().send_timeouts,
         )
+        self.metrics.gauge(
+            "swarm_api_header_timeouts",
+            "Connections closed: request head too slow",
+            lambda: connections().header_timeouts,
+        )
         self.servers: list[ServerView] = []
         self.refreshed_at: float | None = None  # time.time() of the last good refresh
         self.refresh_error: str | None = None

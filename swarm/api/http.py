@@ -11,13 +11,17 @@ protocol code (`hypercorn.protocol`) through its own connection handler:
 - a send deadline: a write that cannot complete within ``send_timeout_s`` (the client's
   receive window stayed shut) closes the connection. The application then sees
   ``http.disconnect``, so a generation in flight is cancelled and its slot freed;
+- a header deadline (nginx's ``client_header_timeout``): once the first byte of a request
+  head arrives, the whole head must follow within ``header_timeout_s``, or the connection is
+  closed (Hypercorn's keep-alive timer alone let a head trickle in for its whole 75 s);
 - a connection the client closed ends at once (Hypercorn's keeps its keep-alive timer, and
   with it the socket, for the whole keep-alive time after the peer is gone).
 
-Reads need no new deadline: until a request's head is complete, Hypercorn's keep-alive timer
-closes the connection (``keep_alive_timeout``), and the gateway's middleware bounds the time
-a body may take. Hypercorn's ``read_timeout`` would also end long streams whose client
-rightly sends nothing, so it stays unset.
+An idle connection that sends nothing is closed by Hypercorn's keep-alive timer
+(``keep_alive_timeout``, which runs until a whole head arrived), and the gateway's
+middleware bounds the time a body may take. Hypercorn's ``read_timeout`` would also end long
+streams whose client rightly sends nothing, so it stays unset. (Bytes of a pipelined next
+head that arrived with the previous request are left to the keep-alive timer.)
 
 Built on Hypercorn's `TCPServer`, `Lifespan` and `WorkerContext` (checked with 0.17-0.18).
 """
@@ -25,6 +29,7 @@ Built on Hypercorn's `TCPServer`, `Lifespan` and `WorkerContext` (checked with 0
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,9 +37,9 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
@@ -50,6 +55,7 @@ class ConnectionStatistics:
     hosts: int
     refused: int  # connections closed at once: over the total or the host's cap
     send_timeouts: int  # connections closed because the client did not read
+    header_timeouts: int  # connections closed because a request head took too long
 
 
 class ConnectionGate:
@@ -62,6 +68,7 @@ class ConnectionGate:
         self._count = 0
         self._refused = 0
         self.send_timeouts = 0
+        self.header_timeouts = 0
 
     def enter(self, host: str) -> bool:
         """Count a connection from ``host`` in; False (and nothing counted) past a cap."""
@@ -79,16 +86,19 @@ class ConnectionGate:
             del self._open[host]
 
     def statistics(self) -> ConnectionStatistics:
-        return ConnectionStatistics(self._count, len(self._open), self._refused, self.send_timeouts)
+        return ConnectionStatistics(
+            self._count, len(self._open), self._refused, self.send_timeouts, self.header_timeouts
+        )
 
 
 class _GuardedTCPServer(TCPServer):
-    """Hypercorn's connection handler with the gate and the send deadline."""
+    """Hypercorn's connection handler with the gate, the send and the header deadlines."""
 
     def __init__(
         self,
         gate: ConnectionGate,
         send_timeout_s: float,
+        header_timeout_s: float,
         app: Any,
         config: HypercornConfig,
         context: WorkerContext,
@@ -98,6 +108,9 @@ class _GuardedTCPServer(TCPServer):
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self._gate = gate
         self._send_timeout_s = send_timeout_s
+        self._header_timeout_s = header_timeout_s
+        self._awaiting_head = True  # no request in progress: the next bytes start a head
+        self._head_timer = trio.CancelScope(deadline=math.inf)  # armed by a head's first byte
 
     async def run(self) -> None:
         try:
@@ -109,18 +122,45 @@ class _GuardedTCPServer(TCPServer):
                 await self.stream.aclose()
             return
         try:
-            await super().run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_head)
+                await super().run()
+                nursery.cancel_scope.cancel()
         finally:
             self._gate.leave(host)
 
+    async def _watch_head(self) -> None:
+        """Close the connection when ``_head_timer``'s deadline passes (a head begun but not
+        complete within ``header_timeout_s``)."""
+        with self._head_timer:
+            await trio.sleep_forever()
+        self._gate.header_timeouts += 1
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()  # ends the read loop, and with it the connection
+
     async def _read_data(self) -> None:
-        await super()._read_data()
+        # Hypercorn's loop (0.17-0.18), plus the header deadline's start.
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or math.inf):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if data and self._awaiting_head and self._head_timer.deadline == math.inf:
+                self._head_timer.deadline = trio.current_time() + self._header_timeout_s
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
         # The peer closed (or the stream broke): stop the keep-alive timer now. Hypercorn's
         # own handler leaves it running, so a closed connection held its task, its socket
         # and here its place under the caps for the whole keep-alive time (75 s).
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):  # idle: between requests; not idle: a head is whole
+            self._awaiting_head = event.idle
+            self._head_timer.deadline = math.inf
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
@@ -150,10 +190,14 @@ async def serve_http(
     gate: ConnectionGate,
     send_timeout_s: float,
     *,
+    header_timeout_s: float = 10.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` on ``config.bind`` until cancelled; ``task_status`` gets the
-    bound URLs. Plain HTTP only (HTTP/1.1, and HTTP/2 by prior knowledge or upgrade)."""
+    bound URLs. Plain HTTP only (HTTP/1.1, and HTTP/2 by prior knowledge or upgrade).
+
+    ``gate`` caps the connections, ``send_timeout_s`` bounds every send, and a request head
+    must be whole ``header_timeout_s`` after its first byte."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -173,6 +217,7 @@ async def serve_http(
                     _GuardedTCPServer,
                     gate,
                     send_timeout_s,
+                    header_timeout_s,
                     wrapped,
                     config,
                     context,
@@ -189,5 +234,8 @@ async def serve_http(
             await context.terminated.set()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(config.graceful_timeout):
-                    await lifespan.wait_for_shutdown()
+                    try:
+                        await lifespan.wait_for_shutdown()
+                    except trio.ClosedResourceError:
+                        pass  # cancelled from outside: the lifespan task has ended already
             lifespan_nursery.cancel_scope.cancel()

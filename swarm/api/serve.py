@@ -8,8 +8,8 @@
 
 The HTTP server, the background refresh of the servers and every generation run in the
 same trio loop as the shared `AsyncRemoteModel` (no thread bridge); prompts are rendered and
-tokenized in worker threads. Connections are capped and every send has a deadline
-(`swarm.api.http`).
+tokenized in worker threads. Connections are capped, and every send and every request head
+has a deadline (`swarm.api.http`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ async def serve_gateway(
         nursery.start_soon(gateway.run_background, canary_s)
         binds: list[str] = await nursery.start(
             functools.partial(
-                serve_http, app, hypercorn, gateway.connections, config.send_timeout_s
+                serve_http,
+                app,
+                hypercorn,
+                gateway.connections,
+                config.send_timeout_s,
+                header_timeout_s=config.header_timeout_s,
             )
         )
         task_status.started(GatewayReady(binds[0], gateway))

@@ -1,0 +1,110 @@
+"""The gateway's HTTP layer (`swarm.api.http.serve_http`) on a real loopback socket, port 0,
+under trio's virtual clock (no process, no real wait): the header deadline and the
+connection cap."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import trio
+import trio.testing
+from hypercorn.config import Config as HypercornConfig
+
+from swarm.api.http import ConnectionGate, serve_http
+
+HEADER_TIMEOUT_S = 2.0
+KEEP_ALIVE_S = 75.0
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _serve(nursery: trio.Nursery, gate: ConnectionGate) -> int:
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    binds = await nursery.start(
+        functools.partial(serve_http, _app, config, gate, 30.0, header_timeout_s=HEADER_TIMEOUT_S)
+    )
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+async def _closed_within(stream: trio.SocketStream, seconds: float) -> bool:
+    """Whether the server closes ``stream`` within ``seconds`` (reading what it sends)."""
+    with trio.move_on_after(seconds):
+        while True:
+            try:
+                if await stream.receive_some(4096) == b"":
+                    return True
+            except trio.BrokenResourceError:
+                return True
+    return False
+
+
+async def test_a_trickling_head_is_cut_at_the_header_deadline_not_the_keep_alive(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0.02  # loopback bytes land long before that
+    gate = ConnectionGate(total=8, per_host=8)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, gate)
+        # a whole request is answered; its connection then idles in keep-alive
+        kept = await trio.open_tcp_stream("127.0.0.1", port)
+        await kept.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while not answer.endswith(b"ok"):
+                answer += await kept.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        # a head that trickles in, a byte every second (never silent for long)
+        slow = await trio.open_tcp_stream("127.0.0.1", port)
+        start = trio.current_time()
+        await slow.send_all(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        closed_at = None
+        for _ in range(30):
+            if await _closed_within(slow, 1.0):
+                closed_at = trio.current_time()
+                break
+            try:
+                await slow.send_all(b"a")
+            except trio.BrokenResourceError:
+                closed_at = trio.current_time()
+                break
+        assert closed_at is not None, "a trickling head held its connection for 30 s"
+        assert closed_at - start <= HEADER_TIMEOUT_S + 1.0  # virtual seconds
+        assert gate.statistics().header_timeouts == 1
+        # the silent kept-alive connection is no head: Hypercorn's keep-alive ends it
+        assert not await _closed_within(kept, 1.0)
+        assert await _closed_within(kept, KEEP_ALIVE_S)
+        assert gate.statistics().header_timeouts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_connections_past_the_cap_are_closed_at_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0.02
+    gate = ConnectionGate(total=3, per_host=2)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, gate)
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await _closed_within(extra, 1.0)  # past the host's cap
+        assert not any([await _closed_within(s, 1.0) for s in held])
+        assert gate.statistics().open == 2 and gate.statistics().refused == 1
+        for stream in held:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
