@@ -230,19 +230,17 @@ def test_clients_that_never_read_lose_their_slots(
             30,
             "the stalled streams run",
         )
-        started = time.monotonic()
+        deadline = time.monotonic() + 40  # against a gateway whose slots stay taken
         status = short_completion(swarm, "127.0.0.9", timeout=50)
-        while status == 429 and time.monotonic() - started < 40:  # a full queue: retry
+        while status == 429 and time.monotonic() < deadline:  # a full queue: retry
             time.sleep(1)
             status = short_completion(swarm, "127.0.0.9", timeout=50)
-        assert status == 200
-        served_after = time.monotonic() - started
+        assert status == 200  # served while the stalled streams were still connected
         wait_for(
             lambda: gauges(swarm).get("swarm_api_active_sessions") == 0,
             30,
             "every stalled stream lost its slot",
         )
-    assert served_after < 40
 
 
 # ---- item 3: slowloris ----

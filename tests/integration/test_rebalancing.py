@@ -179,14 +179,14 @@ async def test_coverage_returns_after_the_only_servers_of_a_range_die(model4: Pa
             for i in second_half:
                 await local.servers[i].stopped.wait()
             assert coverage(local) == [2, 2, 0, 0]
-            killed = trio.current_time()
             logging.getLogger("swarm").warning("KILLED")
+            moves = moves_so_far(local)
+            # the dead records' TTL (6 s), then a few periods: the test's fail_after is the
+            # deadline against a swarm that never heals; how fast it heals is internet.py's
             while min(coverage(local)) == 0:
                 await trio.sleep(0.5)
-            healed = trio.current_time() - killed
-            # the dead records' TTL, then at most a few periods (each at most 1.5 x PERIOD)
-            assert healed < 6.0 + 4 * 1.5 * PERIOD + 2.0 + 10.0  # + settle, load on a busy machine
             assert coverage(local) == [1, 1, 1, 1]
+            assert moves_so_far(local) > moves  # healed by servers that moved
             config = ClientConfig(
                 initial_peers=(local.dht_address,), hedging=HedgeConfig(after=None)
             )
