@@ -127,6 +127,13 @@ def api(
             "its connection (and its generation)."
         ),
     ] = 30.0,
+    send_budget: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the sends of one answer may wait for a slow reader in all before "
+            "it loses its connection (and its generation)."
+        ),
+    ] = 60.0,
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request body may take to arrive.")
     ] = 30.0,
@@ -165,6 +172,7 @@ def api(
         max_connections=max_connections,
         max_connections_per_host=max_connections_per_host,
         send_timeout_s=send_timeout,
+        send_budget_s=send_budget,
         body_timeout_s=body_timeout,
         header_timeout_s=header_timeout,
     )

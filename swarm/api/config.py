@@ -38,6 +38,9 @@ class GatewayConfig:
     - ``body_timeout_s`` (30): the whole request body must arrive within it (408).
     - ``send_timeout_s`` (30): a send to a client that does not read for that long ends the
       connection; its generation is cancelled, its swarm sessions closed, its slot freed.
+    - ``send_budget_s`` (60): the same once the sends of one request have waited that long
+      in all (a client that reads just fast enough to dodge ``send_timeout_s`` still loses
+      its slot; one that keeps up never waits).
     - ``header_timeout_s`` (10): a request head must be complete this long after its first
       byte, or the connection is closed (a head that trickles in holds nothing for long).
     - A connection that sends nothing for 75 s after it opened or after its last answer is
@@ -89,6 +92,7 @@ class GatewayConfig:
     max_connections_per_host: int = 64
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
+    send_budget_s: float = 60.0
     header_timeout_s: float = 10.0
     prepare_threads: int = 2
     max_redundancy: int = 3
@@ -120,6 +124,7 @@ class GatewayConfig:
             "refresh_s",
             "body_timeout_s",
             "send_timeout_s",
+            "send_budget_s",
             "header_timeout_s",
         ):
             if not getattr(self, name) > 0:

@@ -11,6 +11,11 @@ protocol code (`hypercorn.protocol`) through its own connection handler:
 - a send deadline: a write that cannot complete within ``send_timeout_s`` (the client's
   receive window stayed shut) closes the connection. The application then sees
   ``http.disconnect``, so a generation in flight is cancelled and its slot freed;
+- a send budget per request: a client that reads just fast enough to finish every write
+  within its deadline still paces the generation and holds its slot; once the writes of one
+  request have waited ``send_budget_s`` in all (each beyond a scheduling slack of
+  ``SEND_SLACK_S``), the connection is closed the same way. A reader that keeps up never
+  waits, so it never spends the budget; only a client slower than the swarm does;
 - a header deadline (nginx's ``client_header_timeout``): once the first byte of a request
   head arrives, the whole head must follow within ``header_timeout_s``, or the connection is
   closed (Hypercorn's keep-alive timer alone let a head trickle in for its whole 75 s);
@@ -46,7 +51,20 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from swarm.net.transport import host_key
 
-__all__ = ["ConnectionGate", "ConnectionStatistics", "serve_http"]
+__all__ = ["ConnectionGate", "ConnectionStatistics", "HttpLimits", "serve_http"]
+
+SEND_SLACK_S = 0.05  # a write's wait up to this long is scheduling, not a slow client
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The deadlines of one connection (seconds; `swarm.api.config.GatewayConfig` documents
+    the defaults): one write's, the writes of one request's in all, and a request head's
+    from its first byte."""
+
+    send_timeout_s: float = 30.0
+    send_budget_s: float = 60.0
+    header_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,7 @@ class ConnectionStatistics:
     open: int
     hosts: int
     refused: int  # connections closed at once: over the total or the host's cap
-    send_timeouts: int  # connections closed because the client did not read
+    send_timeouts: int  # connections closed because the client did not read (fast enough)
     header_timeouts: int  # connections closed because a request head took too long
 
 
@@ -97,8 +115,7 @@ class _GuardedTCPServer(TCPServer):
     def __init__(
         self,
         gate: ConnectionGate,
-        send_timeout_s: float,
-        header_timeout_s: float,
+        limits: HttpLimits,
         app: Any,
         config: HypercornConfig,
         context: WorkerContext,
@@ -107,8 +124,8 @@ class _GuardedTCPServer(TCPServer):
     ) -> None:
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self._gate = gate
-        self._send_timeout_s = send_timeout_s
-        self._header_timeout_s = header_timeout_s
+        self._limits = limits
+        self._send_waited = 0.0  # seconds the writes of this request waited (beyond slack)
         self._awaiting_head = True  # no request in progress: the next bytes start a head
         self._head_timer = trio.CancelScope(deadline=math.inf)  # armed by a head's first byte
 
@@ -131,7 +148,7 @@ class _GuardedTCPServer(TCPServer):
 
     async def _watch_head(self) -> None:
         """Close the connection when ``_head_timer``'s deadline passes (a head begun but not
-        complete within ``header_timeout_s``)."""
+        complete within ``limits.header_timeout_s``)."""
         with self._head_timer:
             await trio.sleep_forever()
         self._gate.header_timeouts += 1
@@ -147,7 +164,7 @@ class _GuardedTCPServer(TCPServer):
             except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                 break
             if data and self._awaiting_head and self._head_timer.deadline == math.inf:
-                self._head_timer.deadline = trio.current_time() + self._header_timeout_s
+                self._head_timer.deadline = trio.current_time() + self._limits.header_timeout_s
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
@@ -161,6 +178,8 @@ class _GuardedTCPServer(TCPServer):
         if isinstance(event, Updated):  # idle: between requests; not idle: a head is whole
             self._awaiting_head = event.idle
             self._head_timer.deadline = math.inf
+            if not event.idle:
+                self._send_waited = 0.0  # a new request: a new send budget
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
@@ -169,10 +188,13 @@ class _GuardedTCPServer(TCPServer):
             try:
                 # shielded from outside cancellation (a half-sent frame would corrupt the
                 # stream) but not from its own deadline
+                limits, start = self._limits, trio.current_time()
+                budget = limits.send_budget_s - self._send_waited + SEND_SLACK_S
                 with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + self._send_timeout_s
+                    scope.deadline = start + min(limits.send_timeout_s, budget)
                     await self.stream.send_all(event.data)
                 stalled = scope.cancelled_caught
+                self._send_waited += max(0.0, trio.current_time() - start - SEND_SLACK_S)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             else:
@@ -188,16 +210,15 @@ async def serve_http(
     app: Callable[..., Awaitable[None]],
     config: HypercornConfig,
     gate: ConnectionGate,
-    send_timeout_s: float,
+    limits: HttpLimits,
     *,
-    header_timeout_s: float = 10.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` on ``config.bind`` until cancelled; ``task_status`` gets the
     bound URLs. Plain HTTP only (HTTP/1.1, and HTTP/2 by prior knowledge or upgrade).
 
-    ``gate`` caps the connections, ``send_timeout_s`` bounds every send, and a request head
-    must be whole ``header_timeout_s`` after its first byte."""
+    ``gate`` caps the connections; ``limits`` bounds each write, the writes of each request
+    in all, and each request head."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -216,8 +237,7 @@ async def serve_http(
                 handler = functools.partial(
                     _GuardedTCPServer,
                     gate,
-                    send_timeout_s,
-                    header_timeout_s,
+                    limits,
                     wrapped,
                     config,
                     context,

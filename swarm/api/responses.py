@@ -8,8 +8,10 @@ the first token exists, so a failure before it (no route, a queue timeout) is st
 proper HTTP error; a failure after it ends the stream with an error event. A task watches
 the connection meanwhile: when the client goes away the generation is cancelled at once,
 which closes its swarm sessions (servers free their caches). A client that stops reading
-is a client gone: the HTTP server closes a connection whose send stalls past its deadline
-(`swarm.api.http`), which this response sees as a disconnect. The ticket is released
+is a client gone: the HTTP server closes a connection whose send stalls past its deadline,
+or whose sends for this answer waited past the send budget in all (a reader that trickles
+just fast enough to dodge the deadline; `swarm.api.http`), which this response sees as a
+disconnect. The ticket is released
 whatever happens.
 """
 

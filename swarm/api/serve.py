@@ -25,7 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from swarm.api.app import create_app
 from swarm.api.config import GatewayConfig
 from swarm.api.gateway import Gateway
-from swarm.api.http import serve_http
+from swarm.api.http import HttpLimits, serve_http
 from swarm.client.model import AsyncRemoteModel
 from swarm.shards import ChatTemplate
 
@@ -87,8 +87,7 @@ async def serve_gateway(
                 app,
                 hypercorn,
                 gateway.connections,
-                config.send_timeout_s,
-                header_timeout_s=config.header_timeout_s,
+                HttpLimits(config.send_timeout_s, config.send_budget_s, config.header_timeout_s),
             )
         )
         task_status.started(GatewayReady(binds[0], gateway))

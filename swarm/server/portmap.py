@@ -1,25 +1,30 @@
-"""Port mapping on the home router: UPnP IGD through the `miniupnpc` library (no SSDP or
-SOAP written here). A server that finds itself unreachable asks its router to forward its
-RPC port (`keep_port_mapped`), renews the lease at half its life, and removes the mapping
-when it stops; the reachability check then dials the mapped public address back
+"""Port mapping on the home router. A server that finds itself unreachable asks its router
+to forward its RPC port (`keep_port_mapped`), renews the lease at half its life, and removes
+the mapping when it stops; the reachability check then dials the mapped public address back
 (`swarm.server.reachability`).
 
-`miniupnpc` is an optional dependency (``pip install 'swarm[nat]'``); without it, or without
-a router that answers, mapping is skipped (logged) and relays take over. Its calls block, so
-they run in a worker thread, each within ``timeout``. NAT-PMP / PCP are not tried (no
-maintained Python library for them was found; see benchmarks/README.md).
+Each way of asking is a `PortMapper` (``map`` / ``unmap``); `keep_port_mapped` tries them in
+turn and keeps the first that maps:
+
+- `UPnPPortMapper`: UPnP IGD through the `miniupnpc` library (no SSDP or SOAP written here),
+  an optional dependency (``pip install 'swarm[nat]'``); its calls block, so they run in a
+  worker thread, each within ``timeout``;
+- `swarm.server.natpmp.NatPmpPortMapper`: NAT-PMP (RFC 6886), two small UDP messages.
+
+Without a library or a router that answers, mapping is skipped (logged) and relays take over.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-__all__ = ["PortMapping", "UPnPPortMapper", "keep_port_mapped"]
+__all__ = ["PortMapper", "PortMapping", "UPnPPortMapper", "keep_port_mapped"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,18 @@ class PortMapping:
     internal_host: str
     internal_port: int
     lease: int  # seconds; renewed at half
+
+
+class PortMapper(Protocol):
+    """A way to ask the router for a forwarded port."""
+
+    async def map(self, internal_host: str, internal_port: int) -> PortMapping | None:
+        """Map (or renew) ``internal_port``; None (logged) when it cannot."""
+        ...
+
+    async def unmap(self, mapping: PortMapping) -> None:
+        """Remove ``mapping`` (best effort, logged; never raises)."""
+        ...
 
 
 class UPnPPortMapper:
@@ -113,28 +130,44 @@ class UPnPPortMapper:
 
 
 async def keep_port_mapped(
-    mapper: UPnPPortMapper,
+    mappers: Sequence[PortMapper],
     internal_host: str,
     internal_port: int,
     *,
     task_status: trio.TaskStatus[PortMapping | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Map the port, report the mapping (None: none made, and return), renew it every half
-    lease until cancelled, then remove it."""
-    mapping = await mapper.map(internal_host, internal_port)
+    """Map the port with the first of ``mappers`` that can, report the mapping (None: none
+    made, and return), renew it through the same mapper at half of each granted lease until
+    cancelled, then remove it."""
+    mapping, mapper = None, None
+    for mapper in mappers:
+        mapping = await mapper.map(internal_host, internal_port)
+        if mapping is not None:
+            break
     task_status.started(mapping)
-    if mapping is None:
+    if mapping is None or mapper is None:
         return
     log.info(
         "router forwards %s:%s to %s:%s (lease %s s)",
         mapping.external_host, mapping.external_port, internal_host, internal_port, mapping.lease,
     )  # fmt: skip
     try:
+        lease = mapping.lease
         while True:
-            await trio.sleep(mapping.lease / 2)
+            await trio.sleep(max(lease / 2, 1.0))
             renewed = await mapper.map(internal_host, internal_port)
             if renewed is None:
-                log.warning("renewing the port mapping failed (lease %s s)", mapping.lease)
+                log.warning("renewing the port mapping failed (lease %s s)", lease)
+                continue
+            lease = renewed.lease
+            if (renewed.external_host, renewed.external_port) != (
+                mapping.external_host, mapping.external_port,
+            ):  # fmt: skip
+                log.warning(
+                    "the router moved the mapping to %s:%s (announced: %s:%s)",
+                    renewed.external_host, renewed.external_port,
+                    mapping.external_host, mapping.external_port,
+                )  # fmt: skip
     finally:
         with trio.CancelScope(shield=True):
             await mapper.unmap(mapping)

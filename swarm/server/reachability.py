@@ -8,7 +8,8 @@ A `ReachabilityKeeper` owns the server's answer to "can I be dialed?" and what f
   cast decides (`decide`): one lying helper among three cannot flip it. With no votes the
   answer is ``unknown``. Done at start and every ``recheck_interval``.
 - **port mapping**: when the first check says not ``reachable``, ask the router to forward
-  the port (`swarm.server.portmap`) and check the mapped address; announce it if it works.
+  the port (`swarm.server.portmap`: UPnP IGD, then NAT-PMP) and check the mapped address;
+  announce it if it works.
 - **relays**: while not ``reachable``, keep reservations at ``relays`` relays (different
   address groups first; `swarm.net.relay.hold_reservation`) and have the server
   re-announce whenever the set changes: a relay that dies is replaced by another.
@@ -30,7 +31,8 @@ from swarm.net.messages import DialBackRequest, RelayHop
 from swarm.net.pool import ConnectionPool
 from swarm.net.relay import RelayLimits, RelayService, hold_reservation
 from swarm.net.surface import call_dial_back
-from swarm.server.portmap import PortMapping, UPnPPortMapper, keep_port_mapped
+from swarm.server.natpmp import NatPmpPortMapper
+from swarm.server.portmap import PortMapper, PortMapping, UPnPPortMapper, keep_port_mapped
 from swarm.server.relay_node import keep_relay_announced
 from swarm.types import PeerId, Reachability
 
@@ -46,8 +48,10 @@ class ReachabilityConfig:
     reservations kept while not reachable, a lost one replaced after ``retry`` (1 s);
     ``offer_relay`` (True): relay for others while reachable, within ``relay_limits``;
     ``attach_timeout`` (10 s): how long start-up waits for a first relay;
-    ``port_mapping`` (True): when not reachable, ask the router (UPnP IGD at ``igd_url``,
-    or discovered when None) to forward the port for ``mapping_lease`` (3600 s) at a time."""
+    ``port_mapping`` (True): when not reachable, ask the router to forward the port for
+    ``mapping_lease`` (3600 s) at a time: by UPnP IGD (at ``igd_url``, or discovered when
+    None), else by NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
+    gateway when None)."""
 
     helpers: int = 3
     check_timeout: float = 10.0
@@ -59,6 +63,7 @@ class ReachabilityConfig:
     attach_timeout: float = 10.0
     port_mapping: bool = True
     igd_url: str | None = None
+    natpmp_gateway: str | None = None
     mapping_lease: int = 3600
 
     def __post_init__(self) -> None:
@@ -190,12 +195,16 @@ class ReachabilityKeeper:
 
     async def _try_port_mapping(self, nursery: trio.Nursery, listen_host: str, port: int) -> None:
         """Map the port and check the mapped address; keep the mapping only if it works."""
-        mapper = UPnPPortMapper(self.config.igd_url, lease=self.config.mapping_lease)
+        lease = self.config.mapping_lease
+        mappers: list[PortMapper] = [
+            UPnPPortMapper(self.config.igd_url, lease=lease),
+            NatPmpPortMapper(self.config.natpmp_gateway, lease=lease),
+        ]
         scope = trio.CancelScope()
 
         async def hold(*, task_status: trio.TaskStatus[PortMapping | None]) -> None:
             with scope:
-                await keep_port_mapped(mapper, listen_host, port, task_status=task_status)
+                await keep_port_mapped(mappers, listen_host, port, task_status=task_status)
 
         mapped: PortMapping | None = await nursery.start(hold)
         if mapped is None:

@@ -1,6 +1,6 @@
 """The gateway's HTTP layer (`swarm.api.http.serve_http`) on a real loopback socket, port 0,
-under trio's virtual clock (no process, no real wait): the header deadline and the
-connection cap."""
+under trio's virtual clock (no process, no real wait): the header deadline, the connection
+cap, and the send budget that a trickling reader spends."""
 
 from __future__ import annotations
 
@@ -11,34 +11,56 @@ import trio
 import trio.testing
 from hypercorn.config import Config as HypercornConfig
 
-from swarm.api.http import ConnectionGate, serve_http
+from swarm.api.http import ConnectionGate, HttpLimits, serve_http
 
 HEADER_TIMEOUT_S = 2.0
 KEEP_ALIVE_S = 75.0
+SEND_TIMEOUT_S = 30.0
+SEND_BUDGET_S = 5.0
+CHUNK = 1 << 18  # bytes per streamed piece: far more than the socket buffers hold
 
 
-async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    headers = [(b"content-length", b"2")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": b"ok"})
+class _App:
+    """``GET /`` answers "ok"; ``GET /stream`` streams CHUNK-byte pieces until the client
+    disconnects (`disconnected` is then set), as a generation would."""
+
+    def __init__(self) -> None:
+        self.disconnected = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] != "/stream":
+            headers = [(b"content-length", b"2")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, receive, nursery.cancel_scope)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * CHUNK, "more_body": True})
+
+    async def _watch(self, receive: Any, scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected.set()
+        scope.cancel()
 
 
-async def _serve(nursery: trio.Nursery, gate: ConnectionGate) -> int:
+async def _serve(nursery: trio.Nursery, gate: ConnectionGate, app: Any = None) -> int:
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.keep_alive_timeout = KEEP_ALIVE_S
-    binds = await nursery.start(
-        functools.partial(serve_http, _app, config, gate, 30.0, header_timeout_s=HEADER_TIMEOUT_S)
-    )
+    limits = HttpLimits(SEND_TIMEOUT_S, SEND_BUDGET_S, HEADER_TIMEOUT_S)
+    binds = await nursery.start(functools.partial(serve_http, app or _App(), config, gate, limits))
     return int(binds[0].rsplit(":", 1)[1])
 
 
@@ -107,4 +129,55 @@ async def test_connections_past_the_cap_are_closed_at_once(
         assert gate.statistics().open == 2 and gate.statistics().refused == 1
         for stream in held:
             await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_trickling_reader_spends_its_send_budget_and_loses_the_stream(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # it reads 64 KiB a second: every write completes well within SEND_TIMEOUT_S, yet the
+    # stream waits on it, and after SEND_BUDGET_S of such waits in all the connection ends
+    mock_clock.autojump_threshold = 0.02
+    gate, app = ConnectionGate(total=8, per_host=8), _App()
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, gate, app)
+        reader = await trio.open_tcp_stream("127.0.0.1", port)
+        await reader.send_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        received, closed = 0, False
+        for _ in range(120):
+            with trio.move_on_after(1.0):
+                await trio.sleep_forever()
+            try:
+                data = await reader.receive_some(1 << 16)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                closed = True
+                break
+            received += len(data)
+        assert closed, "a trickling reader kept its stream for 120 s"
+        assert received > CHUNK  # it did read: no single write stalled past its deadline
+        with trio.fail_after(5):
+            await app.disconnected.wait()  # the application saw it go: its slot is freed
+        assert gate.statistics().send_timeouts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_that_keeps_up_never_spends_the_budget(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0.02
+    gate, app = ConnectionGate(total=8, per_host=8), _App()
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, gate, app)
+        reader = await trio.open_tcp_stream("127.0.0.1", port)
+        await reader.send_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        received = 0
+        with trio.fail_after(30):
+            while received < 40 * CHUNK:  # what a trickle would take 160 s to read
+                data = await reader.receive_some(1 << 20)
+                assert data, "a reader that keeps up lost its stream"
+                received += len(data)
+        assert gate.statistics().send_timeouts == 0 and not app.disconnected.is_set()
+        await reader.aclose()
         nursery.cancel_scope.cancel()
