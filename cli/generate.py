@@ -87,6 +87,13 @@ def generate(
     ] = None,
     quant: QuantRequirement = None,
     speculative: SpeculativeOption = "off",
+    direct: Annotated[
+        bool,
+        typer.Option(
+            help="Try a direct connection to relayed servers (TCP simultaneous open "
+            "coordinated through the relay); the --json route marks them upgraded."
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
@@ -95,6 +102,7 @@ def generate(
     from swarm.client.config import ClientConfig, PipelineConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
+    from swarm.net.punch import PunchConfig
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards.generation import GenerationDefaults
     from swarm.shards.hub import resolve_checkpoint
@@ -113,6 +121,7 @@ def generate(
         quant=None if quant is None else parse_quantization(quant).value,
         pipeline=PipelineConfig(use_push=not no_push),
         speculation=SpeculationConfig(mode=speculative),
+        direct=PunchConfig() if direct else None,
     )
     if reputation is not None:
         config = dataclasses.replace(

@@ -4,7 +4,9 @@ The client fetches every block key of the model and turns the records into one `
 per peer with `swarm.directory.servers_from_records` (the same strict decoder the servers
 use). Where servers are relayed, the relays' own records under `relay_key` say how busy
 each relay is: a relayed server is dialed through its least loaded relay, and the planner
-counts that relay's load (`swarm.directory.with_relay_loads`).
+counts that relay's load (`swarm.directory.with_relay_loads`). With ``config.direct``, a
+relayed server that answered its ping is offered a direct connection (`ConnectionPool.upgrade`),
+and is reported `ServerView.upgraded` while the channel to it is direct.
 
 A record is only a claim: anyone may sign one naming any address. The client's ping proves
 it (the handshake succeeds only as the record's `PeerId` at its address: `Discovery.reached`),
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Protocol
 
 import trio
@@ -258,7 +261,12 @@ class Discovery:
     async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
         if refresh or self.refreshes == 0:
             await self.refresh()
-        return list(self._servers)
+        return [self._as_reached(s) for s in self._servers]
+
+    def _as_reached(self, server: ServerView) -> ServerView:
+        """``server``, marked `ServerView.upgraded` while our channel to it is direct."""
+        upgraded = bool(server.relays) and self.pool.is_direct(server.peer_id)
+        return replace(server, upgraded=True) if upgraded else server
 
     async def refresh(self) -> list[ServerView]:
         """Fetch the announcements again and ping the servers.
@@ -288,7 +296,7 @@ class Discovery:
         else:
             self._hint = ""
         await self.measure_pings()
-        return list(self._servers)
+        return [self._as_reached(s) for s in self._servers]
 
     def absence_hint(self) -> str:
         """Set when the last refresh found no server of our id but servers of another id of
@@ -323,6 +331,10 @@ class Discovery:
                     return
                 schedule.answered(server, trio.current_time())
                 self._pings.update(server.peer_id, rtt)
+                punch = self.config.direct
+                if punch is not None and server.relays and not server.upgraded:
+                    relay_host = parse_address(server.address)[0]
+                    await self.pool.upgrade(server.peer_id, towards=relay_host, punch=punch)
 
         async with trio.open_nursery() as nursery:
             for server in targets:

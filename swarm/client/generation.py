@@ -159,8 +159,10 @@ class GenerationResult:
 
 
 def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
-    """``[{peer, host, port, start, stop, path}]`` of a route (``path``: ``direct``, or
-    ``relayed`` when ``host:port`` is the relay the hop is dialed through)."""
+    """``[{peer, host, port, start, stop, path, upgraded}]`` of a route (``path``:
+    ``direct``, or ``relayed`` when ``host:port`` is the relay the hop is dialed through;
+    ``upgraded``: a relayed server reached by a direct connection made through its relay,
+    whose ``path`` is then ``direct``)."""
     out = []
     for hop in hops:
         host, _, port = hop.server.address.rpartition(":")
@@ -172,6 +174,7 @@ def route_dicts(hops: Sequence[Hop]) -> list[dict[str, Any]]:
                 "start": hop.layers.start,
                 "stop": hop.layers.stop,
                 "path": hop.server.path,
+                "upgraded": hop.server.upgraded,
             }
         )
     return out

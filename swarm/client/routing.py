@@ -17,6 +17,7 @@ Edge cost, in seconds for one step of one token:
   relay    for a relayed server, `RouteCosts.per_hop` for the splice plus
            `RouteCosts.relay_busy` × the relay's announced share of circuits in use
            (`ServerView.relay_load`): a busy relay queues and throttles what it forwards;
+           nothing once the client's channel to it was upgraded to a direct connection;
   compute  blocks used / blocks served / announced tokens-per-second of the server (which
            a batching server measures at the batch a newcomer would join: its current
            sessions plus one, so it already falls as the server fills);
@@ -83,11 +84,11 @@ def _rtt(
 
 def _unknown_rtt(server: ServerView, costs: RouteCosts) -> float:
     """What an unmeasured path is taken to cost: a relayed one has two legs."""
-    return costs.unknown_rtt * (2 if server.relays else 1)
+    return costs.unknown_rtt * (2 if server.path == "relayed" else 1)
 
 
 def _relay_cost(server: ServerView, costs: RouteCosts) -> float:
-    if not server.relays:
+    if server.path != "relayed":  # direct, or upgraded to a direct connection
         return 0.0
     return costs.per_hop + costs.relay_busy * min(max(server.relay_load, 0.0), 1.0)
 

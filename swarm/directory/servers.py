@@ -64,6 +64,9 @@ class ServerView:
     # the share of its circuits the relay it is dialed through has in use, from that relay's
     # own announcement (`RelayView.load`); 0 when direct or when the relay's load is unknown
     relay_load: float = 0.0
+    # relayed, but this client's channel to it was upgraded to a direct connection
+    # (`swarm.net.pool.ConnectionPool.upgrade`): it costs and reports as direct
+    upgraded: bool = False
 
     @property
     def numerics(self) -> str:
@@ -79,8 +82,9 @@ class ServerView:
 
     @property
     def path(self) -> str:
-        """``"relayed"`` when dials go through a relay, else ``"direct"``."""
-        return "relayed" if self.relays else "direct"
+        """``"relayed"`` when dials go through a relay (and no direct connection was made
+        to it), else ``"direct"``."""
+        return "relayed" if self.relays and not self.upgraded else "direct"
 
 
 def dial_address(ann: ServerAnnouncement) -> tuple[str, int]:

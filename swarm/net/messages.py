@@ -48,6 +48,9 @@ __all__ = [
     "NewPushTarget",
     "NewPusher",
     "PingEntry",
+    "PunchAddress",
+    "PunchConnect",
+    "PunchSync",
     "PushRequest",
     "PushTarget",
     "RangeMove",
@@ -327,3 +330,25 @@ class RelayCircuit(Message):
     """Relay to relayed peer: a dialer waits; connect back with this token."""
 
     token: bytes = bounded(max_len=32)
+
+
+@message("punch_address")
+class PunchAddress(Message):
+    """Where a peer will listen and dial from for a direct connection (`swarm.net.punch`)."""
+
+    host: str = bounded(max_len=255)
+    port: int = bounded(ge=1, le=65535)
+
+
+@message("punch_connect")
+class PunchConnect(Message):
+    """Each side's first message on a ``hole_punch`` stream (DCUtR's CONNECT): the
+    addresses it listens on and dials from for the direct connection."""
+
+    addresses: tuple[PunchAddress, ...] = bounded(max_len=4)
+
+
+@message("punch_sync")
+class PunchSync(Message):
+    """The initiator's go (DCUtR's SYNC): the other side dials on receiving it, the
+    initiator half the measured round trip later, so both dial at about the same moment."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,17 +11,21 @@ from typing import TypeVar
 
 import trio
 
+from swarm.errors import SwarmError
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
 from swarm.net.handshake import open_channel
 from swarm.net.messages import Message
 from swarm.net.methods import HandlerRegistry
+from swarm.net.punch import DEFAULT_PUNCH_CONFIG, PunchConfig, dial_direct
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
 
 __all__ = ["ConnectionPool", "PoolStatistics", "open_connection_pool"]
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 PoolKey = PeerId | tuple[str, int]
@@ -40,8 +45,8 @@ class ConnectionPool:
     recently used channel is closed, and a channel idle for over half of
     ``config.idle_timeout`` is replaced rather than reused (servers close channels idle for
     ``idle_timeout``; a call must not race that close). Channels draw on ``receive_budget``
-    if one is given (a server passes the one its `RpcServer` uses). Make one with
-    `open_connection_pool`.
+    if one is given (a server passes the one its `RpcServer` uses). A relayed channel may be
+    replaced by a direct connection (`upgrade`). Make one with `open_connection_pool`.
     """
 
     def __init__(
@@ -63,6 +68,9 @@ class ConnectionPool:
         self.config = config
         self._conns: OrderedDict[PoolKey, RpcConnection] = OrderedDict()
         self._dialing: dict[PoolKey, trio.Lock] = {}
+        self._upgrading: dict[PeerId, trio.Lock] = {}
+        self._direct: dict[PoolKey, RpcConnection] = {}  # channels that `upgrade` made
+        self._punch_failed: dict[PeerId, float] = {}  # when an upgrade to it last failed
         self.dials = 0
 
     async def get(self, host: str, port: int, expected_peer: PeerId | None = None) -> RpcConnection:
@@ -97,6 +105,54 @@ class ConnectionPool:
         self._dialing.pop(key, None)
         await self._evict()
         return conn
+
+    def is_direct(self, peer: PeerId) -> bool:
+        """Whether the channel to ``peer`` is a direct connection that `upgrade` made."""
+        conn = self._conns.get(peer)
+        return conn is not None and not conn.is_closed and self._direct.get(peer) is conn
+
+    async def upgrade(
+        self, peer: PeerId, *, towards: str, punch: PunchConfig = DEFAULT_PUNCH_CONFIG
+    ) -> bool:
+        """Replace the (relayed) channel to ``peer`` by a direct connection made by
+        `swarm.net.punch.dial_direct` (``towards``: the relay's host). True when the channel
+        to ``peer`` is direct now; False (logged) when there is no channel to it or no
+        direct connection was made (or one failed within ``punch.retry_after``), and the
+        relayed channel stays. Calls and streams already on the relayed channel go on
+        there; new ones take the direct one. Costs up to ``punch.window`` plus the
+        exchange's round trips when it fails."""
+        lock = self._upgrading.setdefault(peer, trio.Lock())
+        async with lock:
+            if self.is_direct(peer):
+                return True
+            failed = self._punch_failed.get(peer)
+            if failed is not None and trio.current_time() - failed < punch.retry_after:
+                return False
+            conn = self._live(peer)
+            if conn is None:
+                return False
+            try:
+                channel = await dial_direct(
+                    conn, self.identity, peer, towards=towards, swarm_key=self.swarm_key,
+                    config=self.config, punch=punch, receive_budget=self.receive_budget,
+                )  # fmt: skip
+            except (SwarmError, OSError) as exc:
+                log.info("no direct connection to %s (the relay stays): %s", peer, exc)
+                now = trio.current_time()
+                for old in [
+                    p for p, t in self._punch_failed.items() if now - t > punch.retry_after
+                ]:
+                    del self._punch_failed[old]  # bounded: only recent failures are kept
+                self._punch_failed[peer] = now
+                return False
+            self._punch_failed.pop(peer, None)
+            direct = RpcConnection(channel, self.handlers, self.config)
+            await self._nursery.start(self._run, peer, direct)
+            self._conns[peer] = direct
+            self._direct[peer] = direct
+        self._upgrading.pop(peer, None)
+        await self._evict()
+        return True
 
     async def call(
         self,
@@ -151,6 +207,8 @@ class ConnectionPool:
         finally:
             if self._conns.get(key) is conn:
                 del self._conns[key]
+            if self._direct.get(key) is conn:
+                del self._direct[key]
 
     async def _evict(self) -> None:
         while len(self._conns) > self.config.max_pool_connections:

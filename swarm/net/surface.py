@@ -23,6 +23,10 @@ method             shape      caller sends        callee answers
 ``relay_reserve``  stream     `RelayReserve`      `RelayReady` (and heartbeats), `RelayCircuit`
                                                   per dialer waiting (`swarm.net.relay`)
 =================  =========  ==================  ===========================================
+
+A relayed peer also offers ``hole_punch`` (stream: the caller sends `PunchConnect`, then
+`PunchSync`; the callee answers `PunchConnect`; `swarm.net.punch`) to upgrade a relayed
+channel to a direct one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from swarm.net.messages import (
     InfoResponse,
     NewPusher,
     NewPushTarget,
+    PunchConnect,
+    PunchSync,
     PushRequest,
     RelayCircuit,
     RelayReady,
@@ -58,6 +64,7 @@ __all__ = [
     "DIAL_BACK",
     "FORWARD",
     "HELPER_METHODS",
+    "HOLE_PUNCH",
     "INFERENCE",
     "INFO",
     "PUSH",
@@ -65,11 +72,13 @@ __all__ = [
     "SERVER_METHODS",
     "InferenceDown",
     "InferenceUp",
+    "PunchUp",
     "RelayDown",
     "call_dial_back",
     "call_forward",
     "call_info",
     "notify_push",
+    "open_hole_punch",
     "open_inference",
     "open_relay_reserve",
     "server_registry",
@@ -93,6 +102,10 @@ RelayDown = RelayReady | RelayCircuit
 DIAL_BACK = Unary("dial_back", DialBackRequest, DialBackResponse)
 RELAY_RESERVE: Streaming[RelayReserve, RelayDown] = Streaming(
     "relay_reserve", up=(RelayReserve,), down=(RelayReady, RelayCircuit)
+)
+PunchUp = PunchConnect | PunchSync
+HOLE_PUNCH: Streaming[PunchUp, PunchConnect] = Streaming(
+    "hole_punch", up=(PunchConnect, PunchSync), down=(PunchConnect,)
 )
 HELPER_METHODS: frozenset[str] = frozenset(m.name for m in (DIAL_BACK, RELAY_RESERVE))
 
@@ -145,3 +158,10 @@ def open_relay_reserve(
     """A ``relay_reserve`` stream (``timeout`` bounds each receive): send `RelayReserve`,
     receive `RelayReady`, then heartbeats and `RelayCircuit` offers."""
     return RELAY_RESERVE.open(conn, timeout=timeout)
+
+
+def open_hole_punch(
+    conn: RpcConnection, *, timeout: float | None = None
+) -> AbstractAsyncContextManager[TypedStream[PunchUp, PunchConnect]]:
+    """A ``hole_punch`` stream: send `PunchConnect`, receive the peer's, send `PunchSync`."""
+    return HOLE_PUNCH.open(conn, timeout=timeout)

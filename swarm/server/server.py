@@ -47,6 +47,7 @@ from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
+from swarm.net.punch import HolePunchService
 from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
@@ -166,6 +167,7 @@ class Server:
         self.announcer: Announcer | None = None
         self.reachability: ReachabilityKeeper | None = None
         self.relay: RelayService | None = None
+        self.hole_punch: HolePunchService | None = None  # direct connections through relays
         self.rebalancer: Rebalancer | None = None
         self._pinned = config.layers is not None  # an explicit range rebalances only if told
 
@@ -301,7 +303,13 @@ class Server:
             dial_back = DialBackService(
                 self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
             )
-            helpers = [dial_back.binding()]
+
+            async def serve_inbound(stream: trio.abc.Stream) -> None:
+                await rpc.handle_stream(stream)
+
+            # answers dialers that reached us through a relay and try a direct connection
+            punch = self.hole_punch = HolePunchService(serve_inbound)
+            helpers = [dial_back.binding(), punch.binding()]
             if reach.offer_relay:
                 self.relay = RelayService(
                     self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits
@@ -317,6 +325,7 @@ class Server:
                 relay=self.relay,
             )
             await nursery.start(queue.run)
+            await nursery.start(punch.run)
             await nursery.start(sessions.run_reaper)
             try:
                 port = await nursery.start(rpc.serve, cfg.host, cfg.port)

@@ -15,6 +15,7 @@ from swarm.client.generation import Token
 from swarm.client.model import AsyncRemoteModel
 from swarm.identity import Identity
 from swarm.net.pool import open_connection_pool
+from swarm.net.punch import PunchConfig
 from swarm.net.surface import call_info
 from swarm.server.reachability import ReachabilityConfig, decide
 from swarm.testing.reach import RelayNode, Undialable, open_relay_node
@@ -99,6 +100,35 @@ async def test_a_generation_through_a_relayed_middle_server(
             # the client's circuit and the first server's push both went through a relay
             assert sum(n.relay.statistics().circuits_total for n in nodes) >= 2
             assert middle.server.handlers is not None
+
+
+async def test_a_relayed_server_reached_by_a_direct_connection(
+    model12: Path, reference: list[int]
+) -> None:
+    """With ``ClientConfig.direct``, the client's ping reaches the relayed server through its
+    relay, then a simultaneous open coordinated over that channel gives a direct one, and
+    the generation runs on it (loopback: no NAT in between, see tests/net/test_punch.py)."""
+    with trio.fail_after(120):
+        async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
+            nodes = await relays(stack, local, 2)
+            hidden = await local.add_server(
+                LayerRange(0, 12), reachability=REACH, transport=Undialable()
+            )
+            assert hidden.ready.reachability == U and len(hidden.ready.relays) == 2
+            config = ClientConfig(
+                initial_peers=(local.dht_address,), direct=PunchConfig(window=2.0)
+            )
+            async with AsyncRemoteModel.open(model12, config) as model:
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                relayed = sum(n.relay.statistics().bytes_relayed for n in nodes)
+                again = await model.generate_detailed(PROMPT, NEW_TOKENS)
+            assert result.ids == again.ids == reference
+            assert [(h["path"], h["upgraded"]) for h in result.route] == [("direct", True)]
+            assert hidden.server.hole_punch is not None
+            assert hidden.server.hole_punch.upgraded == 1
+            # the ping went through a relay; the generations did not add a byte there
+            assert sum(n.relay.statistics().circuits_total for n in nodes) >= 1
+            assert sum(n.relay.statistics().bytes_relayed for n in nodes) == relayed
 
 
 async def test_killing_the_relay_mid_generation(model12: Path, reference: list[int]) -> None:

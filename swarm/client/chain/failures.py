@@ -75,7 +75,7 @@ class FailurePolicy:
 
     def _path_lost(self, failure: HopFailure) -> bool:
         server = failure.hop.server
-        if server.path != "relayed" or not isinstance(failure.cause, TransportError):
+        if not server.relays or not isinstance(failure.cause, TransportError):
             return False
         tries = self._lost_paths.get(server.peer_id, 0) + 1
         if tries > _PATH_RETRIES:

@@ -1,0 +1,162 @@
+"""Direct connections by TCP simultaneous open, coordinated over a relayed channel
+(`swarm.net.punch`), on loopback. Loopback has no NAT: what is shown is the coordination
+(the exchange over the relay, both sides dialing from a port they also listen on, one
+connection whichever SYN lands first), the handshake over the direct socket, and the
+fallback; not that a real NAT lets the crossing SYNs through."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+import trio
+
+from swarm.errors import PeerIdMismatch, RemoteError
+from swarm.identity import Identity
+from swarm.net.messages import ForwardRequest, ForwardResponse
+from swarm.net.methods import HandlerRegistry
+from swarm.net.pool import open_connection_pool
+from swarm.net.punch import HolePunchService, PunchConfig, PunchPoint, dial_direct
+from swarm.net.relay import RelayService, hold_reservation
+from swarm.net.rpc import CallContext, RpcConnection
+from swarm.net.rpc_server import RpcServer
+from swarm.net.surface import FORWARD, call_forward
+from swarm.net.transport import TCPTransport
+from swarm.types import LayerRange
+
+from .conftest import ALICE, BOB
+
+RELAY = Identity.from_seed(b"punch-relay")
+RELAYED = Identity.from_seed(b"punch-relayed")
+QUICK = PunchConfig(window=2.0, exchange_timeout=5.0)
+
+
+async def test_two_peers_dialing_each_other_at_the_agreed_moment_get_one_channel() -> None:
+    async def meet(
+        got: dict[str, trio.SocketStream | None],
+        name: str, me: PunchPoint, other: PunchPoint, delay: float,
+    ) -> None:  # fmt: skip
+        await trio.sleep(delay)
+        got[name] = await me.meet([(other.host, other.port)], window=2.0, retry=0.01)
+
+    for stagger in (0.0, 0.02):  # both at once, and one a little after the other
+        with trio.fail_after(10), PunchPoint("127.0.0.1") as a, PunchPoint("127.0.0.1") as b:
+            got: dict[str, trio.SocketStream | None] = {}
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(meet, got, "a", a, b, 0.0)
+                nursery.start_soon(meet, got, "b", b, a, stagger)
+            sa, sb = got["a"], got["b"]
+            assert sa is not None and sb is not None
+            # the two ends of one TCP connection, between the two punch ports
+            assert sa.socket.getsockname() == sb.socket.getpeername() == ("127.0.0.1", a.port)
+            assert sb.socket.getsockname() == sa.socket.getpeername() == ("127.0.0.1", b.port)
+            await sa.send_all(b"from a")
+            assert await sb.receive_some(64) == b"from a"
+            await sb.send_all(b"from b")
+            assert await sa.receive_some(64) == b"from b"
+            await sa.aclose()
+            await sb.aclose()
+
+
+async def test_nobody_at_the_other_end_gives_none_within_the_window() -> None:
+    with trio.fail_after(10), PunchPoint("127.0.0.1") as a:
+        with PunchPoint("127.0.0.1") as gone:
+            address = (gone.host, gone.port)
+        assert await a.meet([address], window=0.2, retry=0.01) is None
+
+
+class Echo:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
+        self.calls += 1
+        return ForwardResponse(hidden_states=request.hidden_states)
+
+
+@dataclass
+class Setup:
+    port: int  # the relay's
+    relay: RelayService
+    echo: Echo
+    punch: HolePunchService | None
+
+
+@asynccontextmanager
+async def relayed_peer(*, offer_punch: bool = True) -> AsyncIterator[Setup]:
+    """A relay on 127.0.0.1 and a peer listening nowhere, reserved there, that offers
+    ``hole_punch`` (or not)."""
+    relay = RelayService(RELAY)
+    relay_rpc = RpcServer(RELAY, HandlerRegistry([relay.binding()]), relay=relay)
+    echo = Echo()
+    bindings = [FORWARD.bind(echo.rpc_forward)]
+    registry = HandlerRegistry(bindings)
+    relayed_rpc = RpcServer(RELAYED, registry)
+    punch = HolePunchService(relayed_rpc.handle_stream, QUICK) if offer_punch else None
+    if punch is not None:
+        relayed_rpc.handlers = registry.with_bindings([punch.binding()])
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            if punch is not None:
+                await nursery.start(punch.run)
+            port = await nursery.start(relay_rpc.serve, "127.0.0.1", 0)
+            async with open_connection_pool(RELAYED) as pool:
+                conn = await pool.get("127.0.0.1", port, RELAY.peer_id)
+                await nursery.start(
+                    hold_reservation, conn, TCPTransport(), "127.0.0.1", port,
+                    relayed_rpc.handle_stream,
+                )  # fmt: skip
+                yield Setup(port, relay, echo, punch)
+                nursery.cancel_scope.cancel()
+
+
+def payload(n: int) -> ForwardRequest:
+    ids = torch.arange(n, dtype=torch.int64).reshape(1, -1, 1)
+    return ForwardRequest(
+        hidden_states=ids, positions=torch.zeros(1, n, dtype=torch.int64),
+        layer_range=LayerRange(0, 1),
+    )  # fmt: skip
+
+
+async def _forward(conn: RpcConnection) -> None:
+    answer = await call_forward(conn, payload(64), timeout=10.0)
+    assert answer.hidden_states.flatten().tolist() == list(range(64))
+
+
+async def test_a_relayed_channel_is_upgraded_to_a_direct_one() -> None:
+    async with relayed_peer() as setup, open_connection_pool(ALICE) as pool:
+        relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        await _forward(relayed)  # through the relay
+        assert not pool.is_direct(RELAYED.peer_id)
+        assert await pool.upgrade(RELAYED.peer_id, towards="127.0.0.1", punch=QUICK)
+        direct = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        assert direct is not relayed and pool.is_direct(RELAYED.peer_id)
+        assert direct.channel.remote_peer_id == RELAYED.peer_id  # the handshake proved it again
+        assert setup.punch is not None and setup.punch.upgraded == 1
+        before = setup.relay.statistics().bytes_relayed
+        await _forward(direct)
+        assert setup.relay.statistics().bytes_relayed == before  # not a byte via the relay
+        assert setup.echo.calls == 2
+        await _forward(relayed)  # the relayed channel still works (its streams may go on)
+        assert await pool.upgrade(RELAYED.peer_id, towards="127.0.0.1")  # already direct
+
+
+async def test_without_hole_punching_the_relayed_channel_stays() -> None:
+    async with relayed_peer(offer_punch=False) as setup, open_connection_pool(ALICE) as pool:
+        relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        with pytest.raises(RemoteError):
+            await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1", punch=QUICK)
+        assert not await pool.upgrade(RELAYED.peer_id, towards="127.0.0.1", punch=QUICK)
+        assert await pool.get("127.0.0.1", setup.port, RELAYED.peer_id) is relayed
+        await _forward(relayed)
+
+
+async def test_the_direct_handshake_still_checks_the_peer_id() -> None:
+    async with relayed_peer() as setup, open_connection_pool(ALICE) as pool:
+        relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        with pytest.raises(PeerIdMismatch):  # asking for BOB: the direct peer proves RELAYED
+            await dial_direct(relayed, ALICE, BOB.peer_id, towards="127.0.0.1", punch=QUICK)
