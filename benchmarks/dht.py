@@ -30,7 +30,7 @@ import time
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import DHTConfig, DHTNode, TimingConfig
 from swarm.dht.protocol import SwarmProtocol
 from swarm.identity import Identity
 from swarm.testing.dht import DHTCluster, open_dht_cluster
@@ -166,15 +166,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[30, 100, 300])
     parser.add_argument("--gets", type=int, default=200)
-    parser.add_argument("--rpc-timeout", type=float, default=DHTConfig().rpc_timeout)
+    parser.add_argument("--rpc-timeout", type=float, default=DHTConfig().timing.rpc_timeout)
     parser.add_argument("--churn", type=int, nargs="*", default=[0, 8, 200])
     parser.add_argument("--churn-servers", type=int, default=30)
     args = parser.parse_args()
     _Work.install()
-    config = dataclasses.replace(DHTConfig(), rpc_timeout=args.rpc_timeout)
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=args.rpc_timeout))
     print(
-        f"DHTConfig: rpc_timeout {config.rpc_timeout} s, k={config.ksize}, "
-        f"alpha={config.alpha}, get_quorum={config.get_quorum}"
+        f"DHTConfig: rpc_timeout {config.timing.rpc_timeout} s, k={config.kademlia.ksize}, "
+        f"alpha={config.kademlia.alpha}, get_quorum={config.kademlia.get_quorum}"
     )
     for size in args.sizes:
         trio.run(bench, size, args.gets, config)

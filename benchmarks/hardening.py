@@ -30,7 +30,13 @@ from typing import Any
 import torch
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, Record
+from swarm.dht import (
+    AdmissionConfig,
+    DHTConfig,
+    DHTNode,
+    ProofConfig,
+    Record,
+)
 from swarm.dht.proofs import ProofCache, run_proofs
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import make_record
@@ -92,7 +98,10 @@ class _Silent:
 
 
 async def proof_starvation() -> None:
-    config = DHTConfig(proof_timeout=0.5, proof_concurrency=4, proof_rate=50.0, store_burst=10_000)
+    config = DHTConfig(
+        proofs=ProofConfig(timeout=0.5, concurrency=4, rate=50.0),
+        admission=AdmissionConfig(store_burst=10_000),
+    )
     newcomer = Identity.from_seed(b"newcomer")
     prover = _Silent(newcomer.peer_id)
     stats = StatsCounter()

@@ -45,7 +45,7 @@ def dht(
     """Run a bootstrap-only DHT node: print its host:port, serve until Ctrl-C / SIGTERM."""
     import trio
 
-    from swarm.dht import DHTConfig
+    from swarm.dht import AdmissionConfig, DHTConfig
     from swarm.identity import Identity
     from swarm.net.swarm_key import load_swarm_key
 
@@ -55,7 +55,9 @@ def dht(
         port=port,
         initial_peers=tuple(initial_peers or ()),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
-        private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+        admission=AdmissionConfig(
+            private_groups=private_groups,  # type: ignore[arg-type]  # a name, checked
+        ),
     )
     ident = Identity.load_or_create(identity)
     trio.run(_serve, ident, config, relay)

@@ -154,7 +154,7 @@ def serve(
     """
     import trio
 
-    from swarm.dht import DHTConfig
+    from swarm.dht import AdmissionConfig, DHTConfig
     from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
@@ -192,7 +192,9 @@ def serve(
             host=host,
             port=dht_port,
             initial_peers=tuple(initial_peers or ()),
-            private_groups=private_groups,  # type: ignore[arg-type]  # checked by DHTConfig
+            admission=AdmissionConfig(
+                private_groups=private_groups,  # type: ignore[arg-type]  # a name, checked
+            ),
         ),
         limits=SessionLimits(
             max_sessions=max_sessions, max_length=max_length, cache_tokens=cache_tokens or 65536

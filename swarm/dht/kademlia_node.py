@@ -49,7 +49,7 @@ class KademliaNode(Server):  # type: ignore[misc]
         links: DatagramLinks | None = None,
     ) -> None:
         storage = RecordStorage(config, stats, proofs)
-        super().__init__(ksize=config.ksize, alpha=config.alpha, storage=storage)
+        super().__init__(ksize=config.kademlia.ksize, alpha=config.kademlia.alpha, storage=storage)
         self.config = config
         self.stats = stats
         self.links = links
@@ -79,7 +79,7 @@ class KademliaNode(Server):  # type: ignore[misc]
 
     async def _liveness_loop(self) -> None:
         """Ping contacts not heard from for a while; one that misses two in a row leaves."""
-        proto, interval = self._proto(), self.config.contact_check_interval
+        proto, interval = self._proto(), self.config.timing.contact_check_interval
         while True:
             await asyncio.sleep(interval)
             stale = proto.stale_contacts(interval, _CHECKS_PER_INTERVAL)
@@ -87,13 +87,13 @@ class KademliaNode(Server):  # type: ignore[misc]
 
     async def _check_contact(self, node: Node) -> None:
         proto = self._proto()
-        for _ in range(self.config.evict_after_failures):
+        for _ in range(self.config.kademlia.evict_after_failures):
             if (await proto.call_ping(node)).ok:
                 return
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh_interval)
+            await asyncio.sleep(self.config.timing.refresh_interval)
             await self._refresh_table()
 
     async def _refresh_table(self) -> None:
@@ -165,7 +165,7 @@ class KademliaNode(Server):  # type: ignore[misc]
         if not nearest:
             return local
         crawl = RecordCrawl(
-            proto, target, nearest, self.ksize, self.alpha, self.config.get_quorum, check
+            proto, target, nearest, self.ksize, self.alpha, self.config.kademlia.get_quorum, check
         )
         return local + await crawl.find()
 

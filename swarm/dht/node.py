@@ -50,7 +50,7 @@ class DHTNode:
         self._runner = runner
         self._kad = kad
         self._stats: StatsCounter = kad.stats
-        self._announce_limit = trio.Semaphore(config.announce_concurrency)
+        self._announce_limit = trio.Semaphore(config.kademlia.announce_concurrency)
         self._seq: dict[str, int] = {}
         self._last_expiry: dict[str, float] = {}
         self.port = 0
@@ -73,8 +73,8 @@ class DHTNode:
         datagram this node sends goes through it (`swarm.dht.links`; link emulation).
 
         Raises `DHTError` if the socket cannot be bound, an initial peer's host cannot be
-        resolved, or none of the initial peers answered within ``config.bootstrap_timeout``.
-        A full node then spends up to ``config.join_crawl_timeout`` looking up its own
+        resolved, or none of the initial peers answered within ``config.timing.bootstrap_timeout``.
+        A full node then spends up to ``config.timing.join_crawl_timeout`` looking up its own
         neighbourhood (never an error: a slow crawl only leaves it fewer contacts at first);
         a client-only node (``config.client_only``) skips that step.
         """
@@ -139,15 +139,15 @@ class DHTNode:
             return
         addrs = await _resolve(self.config.initial_peers)
         answered = 0
-        with trio.move_on_after(self.config.bootstrap_timeout):
+        with trio.move_on_after(self.config.timing.bootstrap_timeout):
             answered = await self._runner.run(lambda: self._kad.reach(addrs))
         if not answered:
             raise DHTError(
-                f"none of the initial DHT peers answered within {self.config.bootstrap_timeout}"
-                " s: " + ", ".join(self.config.initial_peers)
+                "none of the initial DHT peers answered within "
+                f"{self.config.timing.bootstrap_timeout} s: " + ", ".join(self.config.initial_peers)
             )
         if not self.config.client_only:
-            with trio.move_on_after(self.config.join_crawl_timeout):
+            with trio.move_on_after(self.config.timing.join_crawl_timeout):
                 await self._runner.run(self._kad.find_neighbourhood)
 
     @property
@@ -165,10 +165,12 @@ class DHTNode:
         ``ttl`` seconds from now. Returns how many remote nodes acknowledged it (0 when alone).
 
         Raises `RecordError` if the value is not a msgpack-able ``{str: ...}`` map, the signed
-        record exceeds ``config.max_record_bytes``, or ``ttl`` is not in (0, ``max_ttl``].
+        record exceeds ``config.storage.max_record_bytes``, or ``ttl`` is not in (0, ``max_ttl``].
         """
-        if not 0 < ttl <= self.config.max_ttl:
-            raise RecordError(f"ttl {ttl} for {key!r} must be in (0, {self.config.max_ttl}]")
+        if not 0 < ttl <= self.config.storage.max_ttl:
+            raise RecordError(
+                f"ttl {ttl} for {key!r} must be in (0, {self.config.storage.max_ttl}]"
+            )
         expires_at = time.time() + ttl
         acks = await self._publish(key, value, expires_at)
         self._last_expiry[key] = expires_at
@@ -185,7 +187,7 @@ class DHTNode:
     async def _publish(self, key: str, value: Mapping[str, Any] | None, expires_at: float) -> int:
         seq = max(time.time_ns(), self._seq.get(key, 0) + 1)
         record = make_record(
-            self.identity, key, value, expires_at, seq, self.config.max_record_bytes
+            self.identity, key, value, expires_at, seq, self.config.storage.max_record_bytes
         )
         self._seq[key] = seq
         dkey = key_digest(key)
@@ -200,8 +202,8 @@ class DHTNode:
 
     async def get(self, key: str) -> dict[PeerId, Record]:
         """The live records under ``key``, one per announcing peer (the highest ``seq``),
-        merged from our copy and up to ``config.get_quorum`` replicas. Retracted and expired
-        records are left out; forged ones are dropped and counted in `statistics`."""
+        merged from our copy and up to ``config.kademlia.get_quorum`` replicas. Retracted and
+        expired records are left out; forged ones are dropped and counted in `statistics`."""
         self._stats.event("gets")
         checked: dict[bytes, Record | DropReason] = {}
         cfg = self.config
@@ -214,9 +216,9 @@ class DHTNode:
                     blob,
                     key,
                     now=time.time(),
-                    max_bytes=cfg.max_record_bytes,
-                    max_ttl=cfg.max_ttl,
-                    clock_skew=cfg.clock_skew,
+                    max_bytes=cfg.storage.max_record_bytes,
+                    max_ttl=cfg.storage.max_ttl,
+                    clock_skew=cfg.storage.clock_skew,
                 )
             return result
 

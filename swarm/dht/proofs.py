@@ -9,7 +9,7 @@ expects ``peer_id``). Storing nodes keep proven records before unproven ones whe
 full (`swarm.dht.storage`).
 
 Costs are bounded here, not by the prover: each claim is proven at most once per
-``DHTConfig.proof_ttl`` (verdicts are cached, pending claims deduplicated, at most
+``DHTConfig.proofs.ttl`` (verdicts are cached, pending claims deduplicated, at most
 ``_MAX_CLAIMS`` remembered), at most ``proof_concurrency`` proofs run at once, at most
 ``proof_rate`` start per second, each within ``proof_timeout``. A record refused from a full
 key still has its claim proven, so the signer's next re-announce gets in as proven.
@@ -59,7 +59,7 @@ class RecordProver(Protocol):
         ...
 
     async def prove(self, claim: Hashable) -> bool:
-        """Whether the claim holds (trio; cancelled after ``DHTConfig.proof_timeout``; an
+        """Whether the claim holds (trio; cancelled after ``DHTConfig.proofs.timeout``; an
         exception counts as False)."""
         ...
 
@@ -73,14 +73,14 @@ class ProofCache:
 
     def __init__(self, prover: RecordProver, config: DHTConfig, stats: StatsCounter) -> None:
         self._prover = prover
-        self._ttl = config.proof_ttl
+        self._ttl = config.proofs.ttl
         self._stats = stats
         self._verdicts: OrderedDict[Hashable, tuple[bool, float]] = OrderedDict()
         # claims asked for: when to ask again if no verdict came (one may be dropped), and
         # the group that asked
         self._pending: dict[Hashable, tuple[float, str]] = {}
         self._pending_by_group: Counter[str] = Counter()
-        self._retry_after = 4 * config.proof_timeout + _RETRY_QUEUE / config.proof_rate
+        self._retry_after = 4 * config.proofs.timeout + _RETRY_QUEUE / config.proofs.rate
         self.submit: Callable[[Hashable, str], None] = lambda claim, group: None
 
     def claim(self, record: Record) -> Hashable | None:
@@ -198,14 +198,14 @@ async def run_proofs(
     """Prove claims as they arrive, ``(claim, group)`` pairs, fairly over groups (a
     `ClaimQueue`), rate- and concurrency-limited, and ``settle`` each verdict; runs until
     ``claims`` is closed or the task is cancelled."""
-    limit = trio.CapacityLimiter(config.proof_concurrency)
-    interval = 1.0 / config.proof_rate
+    limit = trio.CapacityLimiter(config.proofs.concurrency)
+    interval = 1.0 / config.proofs.rate
     queue = ClaimQueue(stats)
 
     async def one(claim: Hashable, slot: object) -> None:
         ok = False
         try:
-            with trio.move_on_after(config.proof_timeout):
+            with trio.move_on_after(config.proofs.timeout):
                 ok = bool(await prover.prove(claim))
         except Exception:  # the prover is the caller's code: a failure is a failed proof
             log.debug("the record prover failed", exc_info=True)

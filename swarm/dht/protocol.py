@@ -23,7 +23,7 @@ Differences from stock ``KademliaProtocol`` (each guards a flaw of kademlia 2.2.
   one carrying the token, and the requester asks again echoing it (once per responder and
   token lifetime; a request without a token is padded so the usual find_node reply fits), so
   a forged source address cannot turn our replies into a reflected flood;
-- the RPC timeout is ``DHTConfig.rpc_timeout``; a reply too large for one datagram is counted
+- the RPC timeout is ``DHTConfig.timing.rpc_timeout``; a reply too large for one datagram is counted
   and not sent; the background tasks it starts are tracked and cancelled by `aclose`.
 """
 
@@ -139,18 +139,24 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
     def __init__(
         self, source_node: Node, storage: RecordStorage, config: DHTConfig, stats: StatsCounter
     ) -> None:
-        super().__init__(source_node, storage, config.ksize)
-        self._wait_timeout = config.rpc_timeout
+        super().__init__(source_node, storage, config.kademlia.ksize)
+        self._wait_timeout = config.timing.rpc_timeout
         self._config = config
         self._stats = stats
         self._seal = DatagramSeal(config.swarm_key) if config.swarm_key else None
-        self._groups = SourceGroups(config.cap_private_addresses, config.private_groups)
+        self._groups = SourceGroups(
+            config.admission.cap_private_addresses, config.admission.private_groups
+        )
         self.router = ContactTable(self, config, source_node, self._groups, self.spawn)
         self._tokens = AddressTokens()
         self._tokens_from: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._waiting: dict[bytes, _Waiting] = {}
-        self._request_limits = RateLimiter(config.request_rate, config.request_burst)
-        self._handoff_limit = RateLimiter(config.handoff_rate, max(1.0, 2 * config.handoff_rate))
+        self._request_limits = RateLimiter(
+            config.admission.request_rate, config.admission.request_burst
+        )
+        self._handoff_limit = RateLimiter(
+            config.storage.handoff_rate, max(1.0, 2 * config.storage.handoff_rate)
+        )
         self._failures: dict[bytes, int] = {}
         self._last_seen: dict[bytes, float] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -306,7 +312,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         answer = result if isinstance(result, Answer) else Answer(*result)
         if not answer.ok:
             failures = self._failures.get(node.id, 0) + 1
-            if failures >= self._config.evict_after_failures:
+            if failures >= self._config.kademlia.evict_after_failures:
                 self._forget(node)
             else:
                 self._failures[node.id] = failures
@@ -346,7 +352,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         hold (we being the closest node to them we know apart from it, and it closer than the
         farthest of the k): at most ``handoff_keys`` keys, within ``handoff_rate`` for the
         whole node."""
-        for dkey in self.storage.keys_near(node.id, self._config.handoff_keys):
+        for dkey in self.storage.keys_near(node.id, self._config.storage.handoff_keys):
             keynode = Node(dkey)
             neighbors = self.router.find_neighbors(keynode, exclude=node)
             if neighbors:

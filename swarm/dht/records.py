@@ -113,8 +113,8 @@ def make_record(
     if len(encoded) > max_bytes:
         raise RecordError(
             f"record for {key!r} is {len(encoded)} bytes signed; a DHT record holds at most "
-            f"{max_bytes} bytes (DHTConfig.max_record_bytes) so that a key's records fit one "
-            "datagram: announce less data"
+            f"{max_bytes} bytes (DHTConfig.storage.max_record_bytes) so that a key's records "
+            "fit one datagram: announce less data"
         )
     return Record(key, identity.peer_id, pub, value, expires_at, seq, encoded)
 

@@ -3,7 +3,8 @@
 The protocol (`swarm.dht.protocol`) adds a contact only once it is verified; the table then
 refuses it if its address already belongs to another contact (one ``ip:port`` is one node,
 however many ids it claims), or if its IP or subnet already holds its share of the table or
-of the bucket it falls in (`DHTConfig.max_contacts_per_*`; groups as in `swarm.dht.sources`).
+of the bucket it falls in (`AdmissionConfig.max_contacts_per_*`; groups as in
+`swarm.dht.sources`).
 A contact promoted from a bucket's replacement cache is held to the same caps. The stock
 table's fire-and-forget ping of a full bucket's head goes through the protocol's tracked tasks.
 """
@@ -44,7 +45,7 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         groups: SourceGroups,
         spawn: Callable[[Coroutine[Any, Any, Any]], Any],
     ) -> None:
-        super().__init__(protocol, config.ksize, node)
+        super().__init__(protocol, config.kademlia.ksize, node)
         self._config = config
         self._groups = groups
         self._spawn = spawn
@@ -85,15 +86,15 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         """Whether ``node`` (not yet held) fits the per-IP and per-subnet caps."""
         cfg, index = self._config, self._current()
         ip_key, subnet_key = self._groups.keys(node.ip, node.port)
-        if index.per_ip[ip_key] >= cfg.max_contacts_per_ip:
+        if index.per_ip[ip_key] >= cfg.admission.max_contacts_per_ip:
             return False
-        if index.per_subnet[subnet_key] >= cfg.max_contacts_per_subnet:
+        if index.per_subnet[subnet_key] >= cfg.admission.max_contacts_per_subnet:
             return False
         bucket = self.buckets[self.get_bucket_for(node)]
         in_bucket = sum(
             self._groups.subnet(held.ip, held.port) == subnet_key for held in bucket.nodes.values()
         )
-        return in_bucket < cfg.max_contacts_per_subnet_in_bucket
+        return in_bucket < cfg.admission.max_contacts_per_subnet_in_bucket
 
     def add_verified(self, node: Node, *, displace: bool) -> bool:
         """Add (or refresh) a verified contact; True if it is in the table afterwards.

@@ -6,14 +6,15 @@ storage fairness and rate limits all count per group, so an identity factory beh
 subnet counts as one party however many node ids or record signers it makes.
 
 Loopback, private and link-local addresses (a LAN, a test on one machine) are grouped as
-`PrivateGroups` says (``DHTConfig.private_groups``, ``--private-groups`` on the CLI) for
+`PrivateGroups` says (``DHTConfig.admission.private_groups``, ``--private-groups`` on the CLI) for
 what a node *stores* and *proves*: by default one group per host (IP), so one machine with
 many ports is one party, as a public /24 is; on a LAN every machine has its own address, so
 LAN peers stay apart, and only processes sharing one machine (or one NAT address) share a
 share. ``endpoint`` (one ``ip:port`` each) suits tests that play many hosts on one
 machine; ``subnet`` groups a private /24 or /64 as a public one. Routing-table caps and
 request rates for those addresses count per endpoint unless
-``DHTConfig.cap_private_addresses`` (a local swarm of many processes must be able to form).
+``DHTConfig.admission.cap_private_addresses`` (a local swarm of many processes must be able to
+form).
 
 Groups of groups (`super_group`): a public /16 or /48, the host of an endpoint, the subnet of
 a private host. When every group holds its fair part of a full key, the largest group of

@@ -79,7 +79,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         self._expiries: list[tuple[float, bytes, bytes]] = []
         self._bytes = 0
         self._records = 0
-        self._rates = RateLimiter(config.store_rate, config.store_burst)
+        self._rates = RateLimiter(config.admission.store_rate, config.admission.store_burst)
 
     def merge(
         self, dkey: bytes, blobs: object, source: str = LOCAL_SOURCE, now: float | None = None
@@ -89,7 +89,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
 
         Rejected records are counted by reason; never raises on peer input.
         """
-        if not isinstance(blobs, list) or len(blobs) > self._config.max_records_per_key:
+        if not isinstance(blobs, list) or len(blobs) > self._config.storage.max_records_per_key:
             self._stats.drop(DropReason.MALFORMED)
             return 0
         now = time.time() if now is None else now
@@ -111,9 +111,9 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             blob,
             None,
             now=now,
-            max_bytes=cfg.max_record_bytes,
-            max_ttl=cfg.max_ttl,
-            clock_skew=cfg.clock_skew,
+            max_bytes=cfg.storage.max_record_bytes,
+            max_ttl=cfg.storage.max_ttl,
+            clock_skew=cfg.storage.clock_skew,
         )
         if isinstance(result, DropReason):
             self._stats.drop(result)
@@ -138,7 +138,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             self._insert(dkey, _Held(record, group, _cost(record), *proof))
             return True
         new = _Held(record, group, _cost(record), *self._proof_of(record, group))
-        if len(slot) >= self._config.max_records_per_key:
+        if len(slot) >= self._config.storage.max_records_per_key:
             victim = _key_victim(slot, new)
             if victim is None:
                 self._stats.drop(DropReason.KEY_FULL)
@@ -168,8 +168,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         cfg = self._config
         for _ in range(_MAX_EVICTIONS_PER_STORE):
             key_cost = _KEY_OVERHEAD if dkey not in self._data else 0
-            keys_full = key_cost > 0 and len(self._data) >= cfg.max_keys
-            if not keys_full and self._bytes + cost + key_cost <= cfg.max_stored_bytes:
+            keys_full = key_cost > 0 and len(self._data) >= cfg.storage.max_keys
+            if not keys_full and self._bytes + cost + key_cost <= cfg.storage.max_stored_bytes:
                 return True
             victim = self._node_victim(group)
             if victim is None:

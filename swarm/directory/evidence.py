@@ -43,12 +43,12 @@ class DHTEvidenceBoard:
 
     Publishing is best effort and bounded by ``timeout``: a DHT that cannot take it is
     logged, never raised, since the evidence is also kept locally by the reporter. Records
-    live ``ttl`` seconds (at most what storing nodes accept, ``DHTConfig.max_ttl``).
+    live ``ttl`` seconds (at most what storing nodes accept, ``DHTConfig.storage.max_ttl``).
     """
 
     def __init__(self, dht: DHTNode, *, ttl: float | None = None, timeout: float = 10.0) -> None:
         self.dht = dht
-        longest = dht.config.max_ttl
+        longest = dht.config.storage.max_ttl
         self.ttl = longest if ttl is None else min(ttl, longest)
         self.timeout = timeout
 

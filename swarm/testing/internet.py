@@ -37,7 +37,7 @@ from itertools import pairwise
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import DHTConfig, DHTNode, TimingConfig
 from swarm.directory import ServerView, block_key, block_keys, servers_from_records
 from swarm.errors import SwarmError
 from swarm.identity import Identity
@@ -184,20 +184,17 @@ class _Sim:
                 self.links.set_between(a, b, LinkSpec(delay=self.delay[(a, b)]))
         # dead contacts leave routing tables within half a TTL (at the default minute, nodes
         # that make few lookups hand them out, and lookups wait out their timeouts)
-        dht = DHTConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, cfg.ttl / 2))
+        timing = TimingConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, cfg.ttl / 2))
         for i in range(cfg.dht_nodes):
             peers = (self.nodes[0].address,) if self.nodes else ()
             stack = AsyncExitStack()
             node = await stack.enter_async_context(
                 DHTNode.open(
                     Identity.from_seed(f"sim-{cfg.seed}-{i}".encode()),
-                    DHTConfig(
-                        initial_peers=peers, rpc_timeout=dht.rpc_timeout,
-                        contact_check_interval=dht.contact_check_interval,
-                    ),
+                    DHTConfig(initial_peers=peers, timing=timing),
                     links=self.links,
                 )
-            )  # fmt: skip
+            )
             self.nodes.append(node)
             self.stacks.append(stack)
             if i % 100 == 99:

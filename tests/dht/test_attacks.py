@@ -17,7 +17,14 @@ from typing import Any
 import trio
 from kademlia.node import Node
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import (
+    AdmissionConfig,
+    DHTConfig,
+    DHTNode,
+    KademliaConfig,
+    StorageConfig,
+    TimingConfig,
+)
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import make_record
 from swarm.dht.sources import PrivateGroups
@@ -26,7 +33,10 @@ from swarm.identity import Identity
 from swarm.testing.dht import DHTCluster, open_dht_cluster
 
 # every node here plays its own host on one machine: group loopback endpoints apart
-FAST = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0, private_groups=PrivateGroups.ENDPOINT)
+FAST = DHTConfig(
+    timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0),
+    admission=AdmissionConfig(private_groups=PrivateGroups.ENDPOINT),
+)
 BLOCKS = [f"victim-model/block/{i}" for i in range(4)]
 
 
@@ -61,12 +71,14 @@ async def test_forty_identities_flooding_every_block_key_leave_real_records_read
                     await server.announce(key, {"addr": server.address}, 60.0)
             config = DHTConfig(
                 initial_peers=(cluster.nodes[0].address,),
-                rpc_timeout=0.5,
-                private_groups=PrivateGroups.ENDPOINT,
+                timing=TimingConfig(rpc_timeout=0.5),
+                admission=AdmissionConfig(private_groups=PrivateGroups.ENDPOINT),
             )
             async with DHTNode.open(Identity.from_seed(b"flooder"), config) as attacker:
                 forty = [Identity.from_seed(f"sybil-{i}".encode()) for i in range(40)]
-                expires = time.time() + FAST.max_ttl  # the longest life storing nodes accept
+                expires = (
+                    time.time() + FAST.storage.max_ttl
+                )  # the longest life storing nodes accept
                 for target in cluster.nodes:
                     node = await _node_of(target)
                     for key in BLOCKS:
@@ -97,7 +109,9 @@ async def test_thousands_of_fresh_ids_from_one_address_get_one_contact() -> None
             writer = cluster.nodes[2]
             for key in BLOCKS:
                 await writer.announce(key, {"addr": writer.address}, 60.0)
-            config = DHTConfig(initial_peers=(cluster.nodes[0].address,), rpc_timeout=0.5)
+            config = DHTConfig(
+                initial_peers=(cluster.nodes[0].address,), timing=TimingConfig(rpc_timeout=0.5)
+            )
             async with DHTNode.open(Identity.from_seed(b"poisoner"), config) as attacker:
                 targets = [("127.0.0.1", n.port) for n in cluster.nodes]
 
@@ -132,7 +146,7 @@ def _ping_datagram(node_id: bytes) -> bytes:
 
 async def test_a_full_node_answers_a_new_id_quickly_and_sends_nothing_else() -> None:
     keys = 3000
-    config = DHTConfig(rpc_timeout=0.5, max_keys=keys)
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=0.5), storage=StorageConfig(max_keys=keys))
     async with DHTNode.open(Identity.from_seed(b"full"), config) as full:
         writer = Identity.from_seed(b"filler")
         expires = time.time() + 300
@@ -166,7 +180,9 @@ async def test_a_full_node_answers_a_new_id_quickly_and_sends_nothing_else() -> 
 async def _join_announce_get(cluster: DHTCluster, seed: str) -> int:
     """Requests that timed out while a new full node joined, announced one record and read
     it back. The node stays in the cluster (a server that started)."""
-    config = DHTConfig(initial_peers=(cluster.nodes[0].address,), rpc_timeout=0.5)
+    config = DHTConfig(
+        initial_peers=(cluster.nodes[0].address,), timing=TimingConfig(rpc_timeout=0.5)
+    )
     node = await cluster.add(Identity.from_seed(seed.encode()), config)
     await node.announce(BLOCKS[0], {"addr": node.address}, 30.0)
     assert node.peer_id in await node.get(BLOCKS[0])
@@ -178,7 +194,9 @@ async def _join_timeouts(cluster: DHTCluster, seed: str) -> int:
 
 
 async def test_two_hundred_clients_coming_and_going_do_not_slow_joins() -> None:
-    client = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0, client_only=True)
+    client = DHTConfig(
+        client_only=True, timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0)
+    )
     with trio.fail_after(240):
         async with open_dht_cluster(10, FAST, seed="churn") as cluster:
             for server in cluster.nodes[1:4]:
@@ -196,7 +214,10 @@ async def test_two_hundred_clients_coming_and_going_do_not_slow_joins() -> None:
 
 
 async def test_three_nodes_replying_with_no_records_do_not_end_a_lookup() -> None:
-    config = DHTConfig(ksize=4, rpc_timeout=0.5, bootstrap_timeout=5.0)
+    config = DHTConfig(
+        kademlia=KademliaConfig(ksize=4),
+        timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0),
+    )
     key = BLOCKS[2]
     dkey = key_digest(key)
     with trio.fail_after(60):
@@ -238,7 +259,10 @@ def _flip(dkey: bytes, bit: int) -> bytes:
 async def test_many_nodes_behind_one_ip_hold_a_few_places_in_any_table() -> None:
     """With the per-IP caps applied to loopback: honest nodes each on their own /24, twenty
     real nodes of one attacker on one IP (many ports)."""
-    config = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0, cap_private_addresses=True)
+    config = DHTConfig(
+        timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0),
+        admission=AdmissionConfig(cap_private_addresses=True),
+    )
     cluster = DHTCluster()
     try:
         with trio.fail_after(60):
@@ -258,7 +282,7 @@ async def test_many_nodes_behind_one_ip_hold_a_few_places_in_any_table() -> None
                 await node.get(BLOCKS[i % 4])  # and they keep talking
             for node in cluster.nodes[:8]:
                 hosts = [ip for ip, _ in await node.routing_addresses()]
-                assert hosts.count("127.66.0.1") <= config.max_contacts_per_ip, hosts
+                assert hosts.count("127.66.0.1") <= config.admission.max_contacts_per_ip, hosts
                 found = await node.get_many(BLOCKS)
                 assert all(set(found[k]) == {writer.peer_id} for k in BLOCKS)
             assert sum(n.statistics().contacts_refused for n in cluster.nodes[:8]) > 0
@@ -270,7 +294,9 @@ async def test_client_only_nodes_ask_and_store_but_nobody_adds_them() -> None:
     with trio.fail_after(30):
         async with open_dht_cluster(6, FAST, seed="clients") as cluster:
             config = DHTConfig(
-                initial_peers=(cluster.nodes[0].address,), rpc_timeout=0.5, client_only=True
+                initial_peers=(cluster.nodes[0].address,),
+                client_only=True,
+                timing=TimingConfig(rpc_timeout=0.5),
             )
             async with DHTNode.open(Identity.from_seed(b"a-client"), config) as client:
                 assert await client.announce(BLOCKS[0], {"evidence": 1}, 30.0) > 0
@@ -285,7 +311,9 @@ async def test_client_only_nodes_ask_and_store_but_nobody_adds_them() -> None:
 
 
 async def test_contacts_that_stop_answering_leave_without_any_lookup() -> None:
-    config = DHTConfig(rpc_timeout=0.3, bootstrap_timeout=5.0, contact_check_interval=0.3)
+    config = DHTConfig(
+        timing=TimingConfig(rpc_timeout=0.3, bootstrap_timeout=5.0, contact_check_interval=0.3)
+    )
     with trio.fail_after(30):
         async with open_dht_cluster(6, config, seed="leavers") as cluster:
             gone = cluster.nodes[3].port
@@ -297,16 +325,14 @@ async def test_contacts_that_stop_answering_leave_without_any_lookup() -> None:
 
 
 async def test_joining_needs_the_initial_peers_not_a_finished_crawl() -> None:
-    slow = DHTConfig(rpc_timeout=3.0, bootstrap_timeout=5.0)
+    slow = DHTConfig(timing=TimingConfig(rpc_timeout=3.0, bootstrap_timeout=5.0))
     with trio.fail_after(30):
         async with open_dht_cluster(8, slow, seed="slowcrawl") as cluster:
             for index in range(2, 8):  # dead, but still in node 0's table
                 await cluster.stop(index)
             config = DHTConfig(
                 initial_peers=(cluster.nodes[0].address,),
-                rpc_timeout=3.0,
-                bootstrap_timeout=1.0,
-                join_crawl_timeout=0.5,
+                timing=TimingConfig(rpc_timeout=3.0, bootstrap_timeout=1.0, join_crawl_timeout=0.5),
             )
             async with DHTNode.open(Identity.from_seed(b"joiner"), config) as node:
                 # ready before any request to the dead (3 s each) could time out

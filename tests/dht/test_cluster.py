@@ -8,18 +8,21 @@ import msgpack
 import pytest
 import trio
 
-from swarm.dht import DHTConfig
+from swarm.dht import (
+    DHTConfig,
+    TimingConfig,
+)
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import Record, make_record
 from swarm.errors import RecordError
 from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
-FAST = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0)
+FAST = DHTConfig(timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0))
 # where no node goes away a timeout is only a ceiling: a generous one costs nothing, and
 # keeps a loaded machine (the nodes' shared loop thread waits for the CPU) from losing
 # live contacts to it
-STEADY = DHTConfig(rpc_timeout=3.0, bootstrap_timeout=15.0)
+STEADY = DHTConfig(timing=TimingConfig(rpc_timeout=3.0, bootstrap_timeout=15.0))
 KEYS = [f"model-x/block/{i}" for i in range(12)]
 
 

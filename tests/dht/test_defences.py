@@ -10,7 +10,11 @@ from typing import Any
 
 from kademlia.node import Node
 
-from swarm.dht import DHTConfig
+from swarm.dht import (
+    AdmissionConfig,
+    DHTConfig,
+    StorageConfig,
+)
 from swarm.dht.protocol import SwarmProtocol
 from swarm.dht.records import make_record
 from swarm.dht.routing import ContactTable
@@ -62,8 +66,8 @@ def test_rate_limiter_refills_and_forgets() -> None:
     assert [limiter.allow("a", now=0.5) for _ in range(4)] == [True, True, True, False]
 
 
-def _table(**overrides: Any) -> ContactTable:
-    config = DHTConfig(**overrides)
+def _table(**caps: Any) -> ContactTable:
+    config = DHTConfig(admission=AdmissionConfig(**caps))
     return ContactTable(None, config, Node(bytes(20)), SourceGroups(False), lambda coro: None)
 
 
@@ -96,7 +100,7 @@ def test_contact_caps_per_address_ip_and_subnet() -> None:
 
 def test_storage_caps_keys_and_gives_room_to_the_least_represented() -> None:
     stats = StatsCounter()
-    store = RecordStorage(DHTConfig(max_keys=10), stats)
+    store = RecordStorage(DHTConfig(storage=StorageConfig(max_keys=10)), stats)
     for i in range(10):
         assert store.merge(*_record(f"hog/{i}"), source="hog") == 1
     assert store.merge(*_record("hog/10"), source="hog") == 0  # full, and the hog's own
@@ -104,14 +108,16 @@ def test_storage_caps_keys_and_gives_room_to_the_least_represented() -> None:
     assert store.merge(*_record("fair/0", Identity.from_seed(b"f")), source="fair") == 1
     assert stats.snapshot().keys_stored == 10
     assert store.records(_record("hog/0")[0]) == []  # the hog's oldest gave way
-    small = RecordStorage(DHTConfig(max_stored_bytes=4000), StatsCounter())
+    small = RecordStorage(DHTConfig(storage=StorageConfig(max_stored_bytes=4000)), StatsCounter())
     taken = sum(small.merge(*_record(f"k/{i}"), source="one") for i in range(20))
     assert 0 < taken < 20 and small._bytes <= 4000
 
 
 def test_store_rate_per_source_group() -> None:
     stats = StatsCounter()
-    store = RecordStorage(DHTConfig(store_rate=0.001, store_burst=5), stats)
+    store = RecordStorage(
+        DHTConfig(admission=AdmissionConfig(store_rate=0.001, store_burst=5)), stats
+    )
     taken = [store.merge(*_record(f"r/{i}"), source="fast") for i in range(8)]
     assert taken == [1] * 5 + [0] * 3
     assert stats.snapshot().dropped["rate_limited"] == 3
@@ -189,7 +195,7 @@ def test_a_sender_becomes_a_contact_only_by_echoing_its_token() -> None:
 
 
 def test_requests_beyond_the_rate_get_no_reply() -> None:
-    config = DHTConfig(request_rate=0.001, request_burst=3)
+    config = DHTConfig(admission=AdmissionConfig(request_rate=0.001, request_burst=3))
     stats = StatsCounter()
     proto = SwarmProtocol(Node(os.urandom(20)), RecordStorage(config, stats), config, stats)
     wire = _Wire()

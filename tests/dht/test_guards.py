@@ -11,7 +11,11 @@ import pytest
 import trio
 from kademlia.node import Node
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import (
+    DHTConfig,
+    DHTNode,
+    TimingConfig,
+)
 from swarm.dht.protocol import Answer, SwarmProtocol
 from swarm.dht.records import make_record
 from swarm.dht.stats import StatsCounter
@@ -19,7 +23,7 @@ from swarm.dht.storage import RecordStorage
 from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
-FAST = DHTConfig(rpc_timeout=0.3, bootstrap_timeout=5.0)
+FAST = DHTConfig(timing=TimingConfig(rpc_timeout=0.3, bootstrap_timeout=5.0))
 
 
 def _protocol(config: DHTConfig, node_id: bytes) -> tuple[SwarmProtocol, list[Any]]:
@@ -67,8 +71,8 @@ def test_a_verified_contact_is_handed_the_stored_digest_near_it_only() -> None:
     proto.router.find_neighbors = lambda *a, **k: lookups.append(a) or find_neighbors(*a, **k)  # type: ignore[method-assign]
     _answered(proto, Node(_xor(dkey, 100), "127.0.0.1", 2))  # closer than it: gets the key
     assert (2, dkey) in spawned  # (and perhaps a few filler keys that happen to be near it)
-    assert len(lookups) <= FAST.handoff_keys  # work in keys near it only, not in all 501
-    assert len(spawned) <= FAST.handoff_keys
+    assert len(lookups) <= FAST.storage.handoff_keys  # work in keys near it only, not in all 501
+    assert len(spawned) <= FAST.storage.handoff_keys
     spawned.clear()
     _answered(proto, Node(_xor(dkey, 155), "127.0.0.1", 3))  # farther: does not
     assert (3, dkey) not in spawned
@@ -143,7 +147,7 @@ async def test_malformed_datagrams_are_counted_and_harmless() -> None:
 async def test_hundreds_of_concurrent_announces_all_land() -> None:
     keys = [f"m/block/{i}" for i in range(20)]
     with trio.fail_after(120):  # no node goes away: a generous timeout is only a ceiling
-        async with open_dht_cluster(20, DHTConfig(rpc_timeout=3.0)) as cluster:
+        async with open_dht_cluster(20, DHTConfig(timing=TimingConfig(rpc_timeout=3.0))) as cluster:
             async with trio.open_nursery() as nursery:  # 400 announces at once
                 for node in cluster.nodes:
                     for key in keys:
@@ -156,6 +160,9 @@ async def test_hundreds_of_concurrent_announces_all_land() -> None:
 
 async def test_initial_peers_may_be_hostnames() -> None:
     async with open_dht_cluster(1, FAST) as cluster:
-        config = DHTConfig(initial_peers=(f"localhost:{cluster.nodes[0].port}",), rpc_timeout=0.3)
+        config = DHTConfig(
+            initial_peers=(f"localhost:{cluster.nodes[0].port}",),
+            timing=TimingConfig(rpc_timeout=0.3),
+        )
         async with DHTNode.open(Identity.from_seed(b"h"), config) as node:
             assert await node.routing_addresses() == [("127.0.0.1", cluster.nodes[0].port)]

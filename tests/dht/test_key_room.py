@@ -14,7 +14,14 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, Record
+from swarm.dht import (
+    AdmissionConfig,
+    DHTConfig,
+    DHTNode,
+    Record,
+    StorageConfig,
+    TimingConfig,
+)
 from swarm.dht.proofs import ProofCache
 from swarm.dht.records import make_record
 from swarm.dht.sources import PrivateGroups, SourceGroups, super_group
@@ -55,13 +62,14 @@ def test_private_addresses_group_per_host_by_default() -> None:
     assert super_group("93.184.216.0/24") == "93.184.0.0/16"
     assert super_group("2a01:4f8:1:2::/64") == "2a01:4f8:1::/48"
     assert super_group("127.0.0.1") == "127.0.0.0/24"
-    assert DHTConfig(private_groups="endpoint").private_groups is PrivateGroups.ENDPOINT  # type: ignore[arg-type]
+    endpoint = AdmissionConfig(private_groups="endpoint")  # type: ignore[arg-type]
+    assert endpoint.private_groups is PrivateGroups.ENDPOINT
     with pytest.raises(ConfigError, match="private_groups"):
-        DHTConfig(private_groups="nope")  # type: ignore[arg-type]
+        DHTConfig(admission=AdmissionConfig(private_groups="nope"))  # type: ignore[arg-type]
 
 
 def _proven_store(max_records: int = 8) -> tuple[RecordStorage, ProofCache]:
-    config = DHTConfig(max_records_per_key=max_records)
+    config = DHTConfig(storage=StorageConfig(max_records_per_key=max_records))
     stats = StatsCounter()
     cache = ProofCache(ProveAll(), config, stats)
     return RecordStorage(config, stats, cache), cache
@@ -114,7 +122,7 @@ async def test_one_host_with_many_ports_does_not_lock_a_new_server_out() -> None
     newcomer); a new server on another host was absent from every key. In-process nodes
     without a prover (proofs only add a tier above this): the attacker's writers on
     127.0.0.1, the newcomer on 127.0.0.2."""
-    config = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0)
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0))
     with trio.fail_after(90):
         async with AsyncExitStack() as stack:
             nodes: list[DHTNode] = []
@@ -126,11 +134,11 @@ async def test_one_host_with_many_ports_does_not_lock_a_new_server_out() -> None
             writer = DHTConfig(
                 **{**config.__dict__, "initial_peers": (nodes[0].address,), "client_only": True}
             )
-            for i in range(config.max_records_per_key):  # one host's ports fill the key
+            for i in range(config.storage.max_records_per_key):  # one host's ports fill the key
                 sybil = Identity.from_seed(f"port-sybil{i}".encode())
                 s = await stack.enter_async_context(DHTNode.open(sybil, writer))
-                await s.announce(KEY, {"addr": f"127.0.0.1:{20000 + i}"}, config.max_ttl)
-            assert len(await nodes[0].get(KEY)) == config.max_records_per_key
+                await s.announce(KEY, {"addr": f"127.0.0.1:{20000 + i}"}, config.storage.max_ttl)
+            assert len(await nodes[0].get(KEY)) == config.storage.max_records_per_key
             newcomer = Identity.from_seed(b"honest-newcomer")
             elsewhere = DHTConfig(**{**writer.__dict__, "host": "127.0.0.2"})
             me = await stack.enter_async_context(DHTNode.open(newcomer, elsewhere))

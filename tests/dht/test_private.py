@@ -9,7 +9,11 @@ import pytest
 import trio
 from kademlia.node import Node
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import (
+    DHTConfig,
+    DHTNode,
+    TimingConfig,
+)
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import make_record
 from swarm.errors import DHTError
@@ -17,7 +21,7 @@ from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
 KEY = b"s" * 32
-MEMBER = DHTConfig(swarm_key=KEY, rpc_timeout=0.3, bootstrap_timeout=2.0)
+MEMBER = DHTConfig(swarm_key=KEY, timing=TimingConfig(rpc_timeout=0.3, bootstrap_timeout=2.0))
 
 
 async def test_outsider_learns_nothing_and_stores_nothing() -> None:
@@ -32,14 +36,15 @@ async def test_outsider_learns_nothing_and_stores_nothing() -> None:
                 config = DHTConfig(
                     swarm_key=key,
                     initial_peers=(member.address,),
-                    rpc_timeout=0.3,
-                    bootstrap_timeout=1.0,
+                    timing=TimingConfig(rpc_timeout=0.3, bootstrap_timeout=1.0),
                 )
                 with pytest.raises(DHTError, match="none of the initial DHT peers"):
                     async with DHTNode.open(Identity.from_seed(b"outsider"), config):
                         pass
             outsider_id = Identity.from_seed(b"outsider")
-            async with DHTNode.open(outsider_id, DHTConfig(rpc_timeout=0.3)) as outsider:
+            async with DHTNode.open(
+                outsider_id, DHTConfig(timing=TimingConfig(rpc_timeout=0.3))
+            ) as outsider:
                 dkey = key_digest("secret/block/0")
                 blob = make_record(outsider_id, "secret/block/0", {}, time.time() + 30, 1, 1200)
                 member_id = await member.run_on_loop(lambda kad: kad.node.id)

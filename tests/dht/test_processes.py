@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import (
+    DHTConfig,
+    DHTNode,
+    TimingConfig,
+)
 from swarm.identity import Identity
 from swarm.net.swarm_key import create_swarm_key
 
@@ -55,8 +59,7 @@ async def test_swarm_dht_command_serves_until_sigterm(tmp_path: Path) -> None:
         config = DHTConfig(
             initial_peers=(address,),
             swarm_key=load_swarm_key(tmp_path / "swarm.key"),
-            rpc_timeout=0.5,
-            bootstrap_timeout=5,
+            timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5),
         )
         async with DHTNode.open(Identity.from_seed(b"cli-user"), config) as node:
             assert [p for _, p in await node.routing_addresses()] == [int(address.split(":")[1])]
@@ -76,7 +79,9 @@ async def test_three_processes_of_ten_nodes() -> None:
             procs.append(await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE))
             address = (await _read_line(procs[-1], 60)).split()[-1]
             first = first or address
-        config = DHTConfig(initial_peers=(first,), rpc_timeout=0.5, bootstrap_timeout=5)
+        config = DHTConfig(
+            initial_peers=(first,), timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5)
+        )
         async with DHTNode.open(Identity.from_seed(b"reader"), config) as reader:
             with trio.fail_after(30):
                 found = await reader.get_many(keys)

@@ -9,7 +9,15 @@ from contextlib import AsyncExitStack
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, Record
+from swarm.dht import (
+    AdmissionConfig,
+    DHTConfig,
+    DHTNode,
+    ProofConfig,
+    Record,
+    StorageConfig,
+    TimingConfig,
+)
 from swarm.dht.proofs import ProofCache, run_proofs
 from swarm.dht.records import make_record
 from swarm.dht.stats import StatsCounter
@@ -43,7 +51,7 @@ def _blob(identity: Identity, seq: int = 1, **value: object) -> list[bytes]:
 
 
 def test_a_proven_record_takes_the_place_of_an_unproven_one() -> None:
-    config = DHTConfig(max_records_per_key=4)
+    config = DHTConfig(storage=StorageConfig(max_records_per_key=4))
     server = Identity.from_seed(b"server")
     prover = FakeProver({server.peer_id})
     stats = StatsCounter()
@@ -68,7 +76,10 @@ def test_a_proven_record_takes_the_place_of_an_unproven_one() -> None:
 
 
 async def test_a_server_proves_its_way_into_a_key_full_of_sybils() -> None:
-    config = DHTConfig(max_records_per_key=8, rpc_timeout=0.5, bootstrap_timeout=5.0)
+    config = DHTConfig(
+        storage=StorageConfig(max_records_per_key=8),
+        timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0),
+    )
     server = Identity.from_seed(b"proven-server")
     prover = FakeProver({server.peer_id})
     with trio.fail_after(60):
@@ -84,7 +95,7 @@ async def test_a_server_proves_its_way_into_a_key_full_of_sybils() -> None:
             for i in range(8):  # eight sybils, each its own endpoint (group): a full key
                 sybil = Identity.from_seed(f"sybil{i}".encode())
                 s = await stack.enter_async_context(DHTNode.open(sybil, writer))
-                await s.announce(KEY, {"addr": f"6.6.6.{i}:1"}, config.max_ttl)
+                await s.announce(KEY, {"addr": f"6.6.6.{i}:1"}, config.storage.max_ttl)
             me = await stack.enter_async_context(DHTNode.open(server, writer))
             assert await me.announce(KEY, {"addr": me.address}, 60.0) == 0  # full everywhere
             while sum(n.statistics().proofs_passed for n in nodes) < len(nodes):
@@ -110,7 +121,10 @@ async def _flood_then_newcomer(groups: int, per_group: int) -> tuple[float, int]
     """``groups`` x ``per_group`` forged records (each a fresh identity naming a silent
     listener) reach a storing node, then one honest newcomer's record from its own group:
     (seconds until the newcomer is proven, records held while its proof waited)."""
-    config = DHTConfig(proof_timeout=0.2, proof_concurrency=2, proof_rate=50.0, store_burst=10_000)
+    config = DHTConfig(
+        proofs=ProofConfig(timeout=0.2, concurrency=2, rate=50.0),
+        admission=AdmissionConfig(store_burst=10_000),
+    )
     newcomer = Identity.from_seed(b"newcomer")
     prover = SilentProver({newcomer.peer_id})
     stats = StatsCounter()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import msgpack
 import pytest
 
-from swarm.dht import DHTConfig
+from swarm.dht import (
+    DHTConfig,
+    StorageConfig,
+)
 from swarm.dht.datagrams import DatagramSeal
 from swarm.dht.records import DropReason, Record, check_record, make_record
 from swarm.dht.stats import StatsCounter
@@ -77,9 +81,9 @@ def test_a_record_too_large_is_refused_with_a_clear_error() -> None:
         sign(bad=object())
 
 
-def storage(**overrides: object) -> tuple[RecordStorage, StatsCounter]:
+def storage(**limits: Any) -> tuple[RecordStorage, StatsCounter]:
     stats = StatsCounter()
-    return RecordStorage(DHTConfig(**overrides), stats), stats  # type: ignore[arg-type]
+    return RecordStorage(DHTConfig(storage=StorageConfig(**limits)), stats), stats
 
 
 DKEY = hashlib.sha1(KEY.encode()).digest()
@@ -132,7 +136,7 @@ def test_config_refuses_what_cannot_work() -> None:
     with pytest.raises(ConfigError, match="host:port"):
         DHTConfig(initial_peers=("nohost",))
     with pytest.raises(ConfigError, match="datagram"):
-        DHTConfig(max_records_per_key=100, max_record_bytes=7000)
+        DHTConfig(storage=StorageConfig(max_records_per_key=100, max_record_bytes=7000))
     with pytest.raises(ConfigError, match="swarm key"):
         DHTConfig(swarm_key=b"short")
 

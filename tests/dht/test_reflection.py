@@ -12,7 +12,11 @@ from typing import Any
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode
+from swarm.dht import (
+    DHTConfig,
+    DHTNode,
+    TimingConfig,
+)
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import make_record
 from swarm.dht.wire import AMPLIFICATION, Response, decode_datagram, encode_request
@@ -20,7 +24,7 @@ from swarm.identity import Identity
 from swarm.testing.dht import open_dht_cluster
 
 KEY = "reflect-model/block/0"
-FAST = DHTConfig(rpc_timeout=0.5, bootstrap_timeout=5.0)
+FAST = DHTConfig(timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0))
 
 
 def _fill(kad: Any, records: int = 40) -> int:
@@ -116,10 +120,9 @@ async def test_lookups_still_read_full_keys_and_count_their_datagrams() -> None:
             for node in cluster.nodes:
                 await node.run_on_loop(_fill)
             client_cfg = DHTConfig(
-                rpc_timeout=0.5,
-                bootstrap_timeout=5.0,
                 client_only=True,
                 initial_peers=(cluster.nodes[0].address,),
+                timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=5.0),
             )
             async with DHTNode.open(Identity.from_seed(b"reader"), client_cfg) as reader:
                 first = reader.statistics()

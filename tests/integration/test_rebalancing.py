@@ -13,7 +13,10 @@ import trio
 
 from swarm.client.config import ClientConfig, HedgeConfig
 from swarm.client.model import AsyncRemoteModel
-from swarm.dht import DHTConfig
+from swarm.dht import (
+    DHTConfig,
+    TimingConfig,
+)
 from swarm.directory import ServerView, block_keys, servers_from_records
 from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.lab.reference import generate_locally
@@ -40,7 +43,7 @@ def model4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Nodes ping contacts they have not heard from for this long (a bootstrap node that makes no
 # lookups of its own otherwise hands out dead contacts for a minute, and every lookup that
 # meets one waits out an RPC timeout; the default suits real swarms' minutes-long TTLs).
-DHT = DHTConfig(contact_check_interval=2.0)
+DHT = DHTConfig(timing=TimingConfig(contact_check_interval=2.0))
 
 
 def base_config(model: Path) -> ServerConfig:

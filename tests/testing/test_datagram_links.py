@@ -7,7 +7,10 @@ import time
 
 import trio
 
-from swarm.dht import DHTConfig
+from swarm.dht import (
+    DHTConfig,
+    TimingConfig,
+)
 from swarm.testing.dht import open_dht_cluster
 from swarm.testing.links import DatagramLinkEmulator, LinkSpec
 
@@ -20,7 +23,7 @@ async def _timed_get(cluster_node: object, key: str) -> tuple[int, float]:
 
 async def test_regions_delay_lookups_by_their_round_trips() -> None:
     links = DatagramLinkEmulator()
-    config = DHTConfig(rpc_timeout=2.0)
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=2.0))
     with trio.fail_after(60):
         async with open_dht_cluster(4, config, seed="links", links=links) as cluster:
             await cluster.nodes[0].announce("k", {"v": 1}, 60.0)
@@ -38,7 +41,7 @@ async def test_regions_delay_lookups_by_their_round_trips() -> None:
 
 async def test_a_node_whose_datagrams_are_all_lost_is_not_heard() -> None:
     links = DatagramLinkEmulator()
-    config = DHTConfig(rpc_timeout=0.5)
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=0.5))
     with trio.fail_after(60):
         async with open_dht_cluster(3, config, seed="lossy", links=links) as cluster:
             await cluster.nodes[1].announce("k", {"v": 1}, 60.0)
