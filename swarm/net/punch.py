@@ -31,8 +31,9 @@ punch port; R also dials D's punch port at the address its relay saw D connect f
 (endpoint-independent mapping with port preservation, common at home) those are where the
 crossing SYNs arrive; a NAT that picks another port is not predicted, and D learns no
 observed address of its own (R's dial at D's public address covers that side).
-A peer answering ``hole_punch`` dials addresses
-its caller names (at most ``max_concurrent`` at once, a TCP connect and no byte sent).
+A peer answering ``hole_punch`` dials only addresses
+it would dial back (`may_punch`), each ``max_dials`` times at most, for a few punches per
+caller host (``host_rate``) and ``max_concurrent`` at once: a TCP connect, no byte sent.
 On loopback SYNs cannot cross (delivery is immediate), so there one side's listener
 accepts the other's dial; a true simultaneous open needs a network with delay.
 """
@@ -51,9 +52,11 @@ from swarm.errors import ConfigError, ConnectError, LimitExceeded, SwarmError
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.dialback import is_local_host, may_dial_back
 from swarm.net.handshake import secure_outbound
 from swarm.net.messages import PunchAddress, PunchConnect, PunchSync
 from swarm.net.methods import Binding, TypedStream
+from swarm.net.quota import TokenBuckets
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.surface import HOLE_PUNCH, PunchUp, open_hole_punch
 from swarm.types import PeerId
@@ -65,6 +68,7 @@ __all__ = [
     "PunchPoint",
     "dial_direct",
     "local_address_towards",
+    "may_punch",
     "with_observed",
 ]
 
@@ -78,23 +82,29 @@ class PunchConfig:
     each message of the exchange over the relay; ``max_concurrent`` (4) punches a relayed
     peer answers at once (more are refused: each costs it a port and dials);
     ``retry_after`` (300 s): a dialer whose punch to a peer failed does not try that peer
-    again sooner."""
+    again sooner; ``max_dials`` (10) connects per address and punch (refused ones are
+    retried); ``host_rate`` (0.2 per second, after a burst of ``host_burst``, 4): punches a
+    relayed peer answers per caller host."""
 
     window: float = 5.0
     retry: float = 0.05
     exchange_timeout: float = 10.0
     max_concurrent: int = 4
     retry_after: float = 300.0
+    max_dials: int = 10
+    host_rate: float = 0.2
+    host_burst: float = 4.0
 
     def __post_init__(self) -> None:
-        for name in ("window", "retry", "exchange_timeout", "retry_after"):
+        for name in ("window", "retry", "exchange_timeout", "retry_after", "host_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"punch {name} must be positive")
-        if self.max_concurrent < 1:
-            raise ConfigError("punch max_concurrent must be at least 1")
+        if self.max_concurrent < 1 or self.max_dials < 1 or self.host_burst < 1:
+            raise ConfigError("punch max_concurrent, max_dials and host_burst must be >= 1")
 
 
 DEFAULT_PUNCH_CONFIG = PunchConfig()
+DEFAULT_PUNCH_CONFIG_DIALS = DEFAULT_PUNCH_CONFIG.max_dials
 
 
 def local_address_towards(host: str) -> str:
@@ -150,11 +160,15 @@ class PunchPoint:
         self._listener.close()
 
     async def meet(
-        self, remote: Sequence[tuple[str, int]], window: float, retry: float
+        self,
+        remote: Sequence[tuple[str, int]],
+        window: float,
+        retry: float,
+        max_dials: int = DEFAULT_PUNCH_CONFIG_DIALS,
     ) -> trio.SocketStream | None:
         """Dial every ``remote`` address from this port (again after ``retry`` when
-        refused) while accepting on it, for up to ``window`` seconds: the first connection
-        made either way, or None. Later ones are closed."""
+        refused, ``max_dials`` times at most) while accepting on it, for up to ``window``
+        seconds: the first connection made either way, or None. Later ones are closed."""
         got: list[trio.SocketStream] = []
 
         async with trio.open_nursery() as nursery:
@@ -168,7 +182,7 @@ class PunchPoint:
                 take(trio.SocketStream(sock))
 
             async def dial(address: tuple[str, int]) -> None:
-                while True:
+                for _ in range(max_dials):
                     try:
                         sock = trio.socket.from_stdlib_socket(_reusable(self.host, self.port))
                     except OSError as exc:
@@ -196,6 +210,16 @@ class PunchPoint:
         for extra in got[1:]:
             await trio.aclose_forcefully(extra)
         return got[0] if got else None
+
+
+def may_punch(target: str, caller_host: str | None, ours: Iterable[str]) -> bool:
+    """Whether a relayed peer dials ``target`` for a caller seen at ``caller_host`` (a
+    `host_key`): what it would dial back (`may_dial_back`: the caller's own host, or a
+    private address for a caller on one), or a private address when the caller comes
+    from one of our own observed addresses (``ours``: behind the same NAT)."""
+    if may_dial_back(target, caller_host):
+        return True
+    return caller_host in set(ours) and is_local_host(target)
 
 
 def _addresses(msg: PunchConnect) -> list[tuple[str, int]]:
@@ -253,7 +277,8 @@ async def dial_direct(
                 await stream.send(PunchSync())
                 await stream.send_end()
                 await trio.sleep(rtt / 2)  # the peer dials when the sync arrives
-                direct = await point.meet(_addresses(theirs), punch.window, punch.retry)
+                remote = _addresses(theirs)
+                direct = await point.meet(remote, punch.window, punch.retry, punch.max_dials)
         except trio.EndOfChannel:
             raise ConnectError("the peer ended the hole punch") from None
     if direct is None:
@@ -282,6 +307,7 @@ class HolePunchService:
         self._observed_hosts = observed_hosts
         self.config = config
         self._limit = trio.Semaphore(config.max_concurrent)
+        self._per_host = TokenBuckets(config.host_rate, config.host_burst)
         self._nursery: trio.Nursery | None = None
         self.upgraded = 0  # direct connections handed to serve_inbound
 
@@ -300,6 +326,8 @@ class HolePunchService:
     ) -> None:
         if self._nursery is None:
             raise LimitExceeded("hole punching is not running")
+        if not self._per_host.try_take(ctx.peer_host or "?", 1.0):
+            raise LimitExceeded("too many hole punches from this host")
         try:
             self._limit.acquire_nowait()
         except trio.WouldBlock:
@@ -307,8 +335,10 @@ class HolePunchService:
         try:
             timeout = self.config.exchange_timeout
             theirs = await stream.receive(PunchConnect, timeout=timeout)
-            given = _addresses(theirs)
+            ours = tuple(self._observed_hosts())
+            given = [a for a in _addresses(theirs) if may_punch(a[0], ctx.peer_host, ours)]
             if not given:
+                log.info("hole punch from %s names no address we dial", ctx.peer_id)
                 return
             # also where the relay saw the caller (its NAT's address, if it keeps the port)
             remote = with_observed(given, [ctx.peer_host or ""])
@@ -318,7 +348,8 @@ class HolePunchService:
                     PunchConnect(addresses=tuple(PunchAddress(host=h, port=p) for h, p in mine))
                 )
                 await stream.receive(PunchSync, timeout=timeout)
-                direct = await point.meet(remote, self.config.window, self.config.retry)
+                config = self.config
+                direct = await point.meet(remote, config.window, config.retry, config.max_dials)
             if direct is None:
                 log.info("no direct connection from %s within the window", ctx.peer_id)
                 return

@@ -14,7 +14,7 @@ import pytest
 import torch
 import trio
 
-from swarm.errors import PeerIdMismatch, RemoteError
+from swarm.errors import LimitExceeded, PeerIdMismatch, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
     ForwardRequest,
@@ -30,6 +30,7 @@ from swarm.net.punch import (
     PunchConfig,
     PunchPoint,
     dial_direct,
+    may_punch,
     with_observed,
 )
 from swarm.net.relay import RelayService, hold_reservation
@@ -99,7 +100,9 @@ class Setup:
 
 
 @asynccontextmanager
-async def relayed_peer(*, offer_punch: bool = True) -> AsyncIterator[Setup]:
+async def relayed_peer(
+    *, offer_punch: bool = True, config: PunchConfig = QUICK
+) -> AsyncIterator[Setup]:
     """A relay on 127.0.0.1 and a peer listening nowhere, reserved there, that offers
     ``hole_punch`` (or not)."""
     relay = RelayService(RELAY)
@@ -108,7 +111,7 @@ async def relayed_peer(*, offer_punch: bool = True) -> AsyncIterator[Setup]:
     bindings = [FORWARD.bind(echo.rpc_forward)]
     registry = HandlerRegistry(bindings)
     relayed_rpc = RpcServer(RELAYED, registry)
-    punch = HolePunchService(relayed_rpc.handle_stream, QUICK) if offer_punch else None
+    punch = HolePunchService(relayed_rpc.handle_stream, config) if offer_punch else None
     if punch is not None:
         relayed_rpc.handlers = registry.with_bindings([punch.binding()])
     with trio.fail_after(60):
@@ -206,3 +209,23 @@ async def test_the_relayed_peer_dials_the_callers_address_as_its_relay_saw_it() 
             assert direct.socket.getsockname() == ("127.0.0.2", point.port)
             await direct.aclose()
         assert setup.punch is not None and setup.punch.upgraded == 1
+
+
+def test_a_relayed_peer_dials_only_what_it_would_dial_back() -> None:
+    public = "93.184.216.34"  # (documentation ranges count as private in ipaddress)
+    assert may_punch(public, public, ())  # the caller's own address
+    assert not may_punch("151.101.1.69", public, ())  # a third party's
+    assert not may_punch("192.168.1.5", public, ())  # someone's LAN
+    assert may_punch("192.168.1.5", public, (public,))  # ours: behind the same NAT
+    assert may_punch("127.0.0.5", "127.0.0.1", ())  # one machine
+
+
+async def test_punches_per_caller_host_are_limited() -> None:
+    config = PunchConfig(window=2.0, exchange_timeout=5.0, host_rate=0.001, host_burst=1)
+    async with relayed_peer(config=config) as setup, open_connection_pool(ALICE) as pool:
+        relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        first = await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1")
+        await first.aclose()
+        with pytest.raises(LimitExceeded):
+            await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1")
+        await _forward(relayed)  # the relayed channel is untouched
