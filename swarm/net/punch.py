@@ -24,11 +24,14 @@ connection is a channel like any other (the relayed one stays until the caller d
 Failure (no connection within ``window``, a peer without ``hole_punch``, a refusal) leaves
 the relayed channel as it was: `dial_direct` raises `ConnectError` and callers fall back.
 
-What is exchanged are the addresses of the interfaces each side reaches the other by (D:
-towards the relay; R: towards D's address); observed public addresses are not learned
-(no identify/STUN), so this reaches only peers whose interface addresses are routable to
-each other (a LAN, a VPN, a public address behind a firewall that lets the crossing SYN
-in), not yet two peers behind two NATs. A peer answering ``hole_punch`` dials addresses
+What is exchanged: each side's interface address towards the other (D: towards the relay;
+R: towards D's address), and R adds the addresses its relays see it connect from with its
+punch port; R also dials D's punch port at the address its relay saw D connect from
+(`RelayReady.observed`, `RelayCircuit.dialer`). Behind a NAT that keeps the source port
+(endpoint-independent mapping with port preservation, common at home) those are where the
+crossing SYNs arrive; a NAT that picks another port is not predicted, and D learns no
+observed address of its own (R's dial at D's public address covers that side).
+A peer answering ``hole_punch`` dials addresses
 its caller names (at most ``max_concurrent`` at once, a TCP connect and no byte sent).
 On loopback SYNs cannot cross (delivery is immediate), so there one side's listener
 accepts the other's dial; a true simultaneous open needs a network with delay.
@@ -36,9 +39,10 @@ accepts the other's dial; a true simultaneous open needs a network with delay.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -61,6 +65,7 @@ __all__ = [
     "PunchPoint",
     "dial_direct",
     "local_address_towards",
+    "with_observed",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,6 +202,27 @@ def _addresses(msg: PunchConnect) -> list[tuple[str, int]]:
     return [(a.host, a.port) for a in msg.addresses]
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def with_observed(
+    addresses: Sequence[tuple[str, int]], observed: Iterable[str], limit: int = 4
+) -> list[tuple[str, int]]:
+    """``addresses`` and, for each of their ports, each ``observed`` IPv4 host (as a relay
+    saw that side connect: where a NAT that keeps the port forwards it), distinct, the
+    given ones first, at most ``limit``."""
+    out = list(dict.fromkeys(addresses))
+    for host in dict.fromkeys(h for h in observed if _is_ipv4(h)):
+        for port in dict.fromkeys(p for _h, p in addresses):
+            if (host, port) not in out:
+                out.append((host, port))
+    return out[:limit]
+
+
 async def dial_direct(
     conn: RpcConnection,
     identity: Identity,
@@ -250,8 +276,10 @@ class HolePunchService:
         self,
         serve_inbound: Callable[[trio.abc.Stream], Awaitable[None]],
         config: PunchConfig = DEFAULT_PUNCH_CONFIG,
+        observed_hosts: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._serve_inbound = serve_inbound
+        self._observed_hosts = observed_hosts
         self.config = config
         self._limit = trio.Semaphore(config.max_concurrent)
         self._nursery: trio.Nursery | None = None
@@ -279,11 +307,16 @@ class HolePunchService:
         try:
             timeout = self.config.exchange_timeout
             theirs = await stream.receive(PunchConnect, timeout=timeout)
-            remote = _addresses(theirs)
-            if not remote:
+            given = _addresses(theirs)
+            if not given:
                 return
-            with PunchPoint(local_address_towards(remote[0][0])) as point:
-                await stream.send(PunchConnect(addresses=(point.address,)))
+            # also where the relay saw the caller (its NAT's address, if it keeps the port)
+            remote = with_observed(given, [ctx.peer_host or ""])
+            with PunchPoint(local_address_towards(given[0][0])) as point:
+                mine = with_observed([(point.host, point.port)], self._observed_hosts())
+                await stream.send(
+                    PunchConnect(addresses=tuple(PunchAddress(host=h, port=p) for h, p in mine))
+                )
                 await stream.receive(PunchSync, timeout=timeout)
                 direct = await point.meet(remote, self.config.window, self.config.retry)
             if direct is None:
