@@ -27,10 +27,10 @@ from swarm.net.surface import DIAL_BACK
 from swarm.net.transport import TCPTransport, Transport, host_key
 from swarm.types import Reachability
 
-__all__ = ["DialBackService", "may_dial_back"]
+__all__ = ["DialBackService", "is_local_host", "may_dial_back"]
 
 
-def _is_local(host: str) -> bool:
+def is_local_host(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host.split("/")[0])
     except ValueError:
@@ -45,7 +45,7 @@ def may_dial_back(target_host: str, caller_host: str | None) -> bool:
         return True
     if host_key(target_host) == caller_host:
         return True
-    return _is_local(target_host) and _is_local(caller_host)
+    return is_local_host(target_host) and is_local_host(caller_host)
 
 
 class DialBackService:

@@ -323,13 +323,18 @@ class RelayReady(Message):
     every ``heartbeat`` seconds, so the relayed peer notices a relay that went silent)."""
 
     heartbeat: float = bounded(ge=0.1, le=3600.0)
+    # the address the relay sees the relayed peer connect from ("": not known); with the
+    # port a NAT keeps, where others may reach a port it opens (`swarm.net.punch`)
+    observed: str = bounded(max_len=64, default="")
 
 
 @message("relay_circuit")
 class RelayCircuit(Message):
-    """Relay to relayed peer: a dialer waits; connect back with this token."""
+    """Relay to relayed peer: a dialer waits; connect back with this token. ``dialer``:
+    the address the relay sees the dialer connect from ("": not known)."""
 
     token: bytes = bounded(max_len=32)
+    dialer: str = bounded(max_len=64, default="")
 
 
 @message("punch_address")

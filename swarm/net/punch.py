@@ -24,21 +24,26 @@ connection is a channel like any other (the relayed one stays until the caller d
 Failure (no connection within ``window``, a peer without ``hole_punch``, a refusal) leaves
 the relayed channel as it was: `dial_direct` raises `ConnectError` and callers fall back.
 
-What is exchanged are the addresses of the interfaces each side reaches the other by (D:
-towards the relay; R: towards D's address); observed public addresses are not learned
-(no identify/STUN), so this reaches only peers whose interface addresses are routable to
-each other (a LAN, a VPN, a public address behind a firewall that lets the crossing SYN
-in), not yet two peers behind two NATs. A peer answering ``hole_punch`` dials addresses
-its caller names (at most ``max_concurrent`` at once, a TCP connect and no byte sent).
+What is exchanged: each side's interface address towards the other (D: towards the relay;
+R: towards D's address), and R adds the addresses its relays see it connect from with its
+punch port; R also dials D's punch port at the address its relay saw D connect from
+(`RelayReady.observed`, `RelayCircuit.dialer`). Behind a NAT that keeps the source port
+(endpoint-independent mapping with port preservation, common at home) those are where the
+crossing SYNs arrive; a NAT that picks another port is not predicted, and D learns no
+observed address of its own (R's dial at D's public address covers that side).
+A peer answering ``hole_punch`` dials only addresses
+it would dial back (`may_punch`), each ``max_dials`` times at most, for a few punches per
+caller host (``host_rate``) and ``max_concurrent`` at once: a TCP connect, no byte sent.
 On loopback SYNs cannot cross (delivery is immediate), so there one side's listener
 accepts the other's dial; a true simultaneous open needs a network with delay.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -47,9 +52,11 @@ from swarm.errors import ConfigError, ConnectError, LimitExceeded, SwarmError
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.dialback import is_local_host, may_dial_back
 from swarm.net.handshake import secure_outbound
 from swarm.net.messages import PunchAddress, PunchConnect, PunchSync
 from swarm.net.methods import Binding, TypedStream
+from swarm.net.quota import TokenBuckets
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.surface import HOLE_PUNCH, PunchUp, open_hole_punch
 from swarm.types import PeerId
@@ -61,6 +68,8 @@ __all__ = [
     "PunchPoint",
     "dial_direct",
     "local_address_towards",
+    "may_punch",
+    "with_observed",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,23 +82,29 @@ class PunchConfig:
     each message of the exchange over the relay; ``max_concurrent`` (4) punches a relayed
     peer answers at once (more are refused: each costs it a port and dials);
     ``retry_after`` (300 s): a dialer whose punch to a peer failed does not try that peer
-    again sooner."""
+    again sooner; ``max_dials`` (10) connects per address and punch (refused ones are
+    retried); ``host_rate`` (0.2 per second, after a burst of ``host_burst``, 4): punches a
+    relayed peer answers per caller host."""
 
     window: float = 5.0
     retry: float = 0.05
     exchange_timeout: float = 10.0
     max_concurrent: int = 4
     retry_after: float = 300.0
+    max_dials: int = 10
+    host_rate: float = 0.2
+    host_burst: float = 4.0
 
     def __post_init__(self) -> None:
-        for name in ("window", "retry", "exchange_timeout", "retry_after"):
+        for name in ("window", "retry", "exchange_timeout", "retry_after", "host_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"punch {name} must be positive")
-        if self.max_concurrent < 1:
-            raise ConfigError("punch max_concurrent must be at least 1")
+        if self.max_concurrent < 1 or self.max_dials < 1 or self.host_burst < 1:
+            raise ConfigError("punch max_concurrent, max_dials and host_burst must be >= 1")
 
 
 DEFAULT_PUNCH_CONFIG = PunchConfig()
+DEFAULT_PUNCH_CONFIG_DIALS = DEFAULT_PUNCH_CONFIG.max_dials
 
 
 def local_address_towards(host: str) -> str:
@@ -145,11 +160,15 @@ class PunchPoint:
         self._listener.close()
 
     async def meet(
-        self, remote: Sequence[tuple[str, int]], window: float, retry: float
+        self,
+        remote: Sequence[tuple[str, int]],
+        window: float,
+        retry: float,
+        max_dials: int = DEFAULT_PUNCH_CONFIG_DIALS,
     ) -> trio.SocketStream | None:
         """Dial every ``remote`` address from this port (again after ``retry`` when
-        refused) while accepting on it, for up to ``window`` seconds: the first connection
-        made either way, or None. Later ones are closed."""
+        refused, ``max_dials`` times at most) while accepting on it, for up to ``window``
+        seconds: the first connection made either way, or None. Later ones are closed."""
         got: list[trio.SocketStream] = []
 
         async with trio.open_nursery() as nursery:
@@ -163,7 +182,7 @@ class PunchPoint:
                 take(trio.SocketStream(sock))
 
             async def dial(address: tuple[str, int]) -> None:
-                while True:
+                for _ in range(max_dials):
                     try:
                         sock = trio.socket.from_stdlib_socket(_reusable(self.host, self.port))
                     except OSError as exc:
@@ -193,8 +212,39 @@ class PunchPoint:
         return got[0] if got else None
 
 
+def may_punch(target: str, caller_host: str | None, ours: Iterable[str]) -> bool:
+    """Whether a relayed peer dials ``target`` for a caller seen at ``caller_host`` (a
+    `host_key`): what it would dial back (`may_dial_back`: the caller's own host, or a
+    private address for a caller on one), or a private address when the caller comes
+    from one of our own observed addresses (``ours``: behind the same NAT)."""
+    if may_dial_back(target, caller_host):
+        return True
+    return caller_host in set(ours) and is_local_host(target)
+
+
 def _addresses(msg: PunchConnect) -> list[tuple[str, int]]:
     return [(a.host, a.port) for a in msg.addresses]
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def with_observed(
+    addresses: Sequence[tuple[str, int]], observed: Iterable[str], limit: int = 4
+) -> list[tuple[str, int]]:
+    """``addresses`` and, for each of their ports, each ``observed`` IPv4 host (as a relay
+    saw that side connect: where a NAT that keeps the port forwards it), distinct, the
+    given ones first, at most ``limit``."""
+    out = list(dict.fromkeys(addresses))
+    for host in dict.fromkeys(h for h in observed if _is_ipv4(h)):
+        for port in dict.fromkeys(p for _h, p in addresses):
+            if (host, port) not in out:
+                out.append((host, port))
+    return out[:limit]
 
 
 async def dial_direct(
@@ -227,7 +277,8 @@ async def dial_direct(
                 await stream.send(PunchSync())
                 await stream.send_end()
                 await trio.sleep(rtt / 2)  # the peer dials when the sync arrives
-                direct = await point.meet(_addresses(theirs), punch.window, punch.retry)
+                remote = _addresses(theirs)
+                direct = await point.meet(remote, punch.window, punch.retry, punch.max_dials)
         except trio.EndOfChannel:
             raise ConnectError("the peer ended the hole punch") from None
     if direct is None:
@@ -250,10 +301,13 @@ class HolePunchService:
         self,
         serve_inbound: Callable[[trio.abc.Stream], Awaitable[None]],
         config: PunchConfig = DEFAULT_PUNCH_CONFIG,
+        observed_hosts: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._serve_inbound = serve_inbound
+        self._observed_hosts = observed_hosts
         self.config = config
         self._limit = trio.Semaphore(config.max_concurrent)
+        self._per_host = TokenBuckets(config.host_rate, config.host_burst)
         self._nursery: trio.Nursery | None = None
         self.upgraded = 0  # direct connections handed to serve_inbound
 
@@ -272,6 +326,8 @@ class HolePunchService:
     ) -> None:
         if self._nursery is None:
             raise LimitExceeded("hole punching is not running")
+        if not self._per_host.try_take(ctx.peer_host or "?", 1.0):
+            raise LimitExceeded("too many hole punches from this host")
         try:
             self._limit.acquire_nowait()
         except trio.WouldBlock:
@@ -279,13 +335,21 @@ class HolePunchService:
         try:
             timeout = self.config.exchange_timeout
             theirs = await stream.receive(PunchConnect, timeout=timeout)
-            remote = _addresses(theirs)
-            if not remote:
+            ours = tuple(self._observed_hosts())
+            given = [a for a in _addresses(theirs) if may_punch(a[0], ctx.peer_host, ours)]
+            if not given:
+                log.info("hole punch from %s names no address we dial", ctx.peer_id)
                 return
-            with PunchPoint(local_address_towards(remote[0][0])) as point:
-                await stream.send(PunchConnect(addresses=(point.address,)))
+            # also where the relay saw the caller (its NAT's address, if it keeps the port)
+            remote = with_observed(given, [ctx.peer_host or ""])
+            with PunchPoint(local_address_towards(given[0][0])) as point:
+                mine = with_observed([(point.host, point.port)], self._observed_hosts())
+                await stream.send(
+                    PunchConnect(addresses=tuple(PunchAddress(host=h, port=p) for h, p in mine))
+                )
                 await stream.receive(PunchSync, timeout=timeout)
-                direct = await point.meet(remote, self.config.window, self.config.retry)
+                config = self.config
+                direct = await point.meet(remote, config.window, config.retry, config.max_dials)
             if direct is None:
                 log.info("no direct connection from %s within the window", ctx.peer_id)
                 return

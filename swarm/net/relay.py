@@ -57,7 +57,7 @@ from swarm.net.methods import Binding, TypedStream
 from swarm.net.quota import TokenBuckets
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.surface import RELAY_RESERVE, RelayDown, open_relay_reserve
-from swarm.net.transport import Transport
+from swarm.net.transport import RelayedStream, Transport
 from swarm.types import PeerId
 
 __all__ = [
@@ -131,7 +131,8 @@ class RelayStatistics:
 class _Reservation:
     def __init__(self, peer_id: PeerId) -> None:
         self.peer_id = peer_id
-        self.offers_send, self.offers = trio.open_memory_channel[bytes](16)
+        # (token, the dialer's address) of each circuit waiting for a connect-back
+        self.offers_send, self.offers = trio.open_memory_channel[tuple[bytes, str]](16)
         self.scope = trio.CancelScope()
 
 
@@ -209,15 +210,16 @@ class RelayService:
         log.info("relaying for %s", peer)
         try:
             with reservation.scope:
-                await stream.send(RelayReady(heartbeat=self.limits.heartbeat))
+                ready = RelayReady(heartbeat=self.limits.heartbeat, observed=ctx.peer_host or "")
+                await stream.send(ready)
                 while True:
-                    token = None
+                    offer = None
                     with trio.move_on_after(self.limits.heartbeat):
-                        token = await reservation.offers.receive()
-                    if token is None:
-                        await stream.send(RelayReady(heartbeat=self.limits.heartbeat))
+                        offer = await reservation.offers.receive()
+                    if offer is None:
+                        await stream.send(ready)
                     else:
-                        await stream.send(RelayCircuit(token=token))
+                        await stream.send(RelayCircuit(token=offer[0], dialer=offer[1]))
         finally:
             if self._reservations.get(peer) is reservation:
                 del self._reservations[peer]
@@ -290,7 +292,7 @@ class RelayService:
         self._pending[token] = pending
         try:
             try:
-                reservation.offers_send.send_nowait(token)
+                reservation.offers_send.send_nowait((token, "" if who == "?" else who))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 await self._refuse(stream, RelayRefusal.UNAVAILABLE, who, reservation.peer_id)
                 return
@@ -384,11 +386,13 @@ async def hold_reservation(
     port: int,
     serve_inbound: Callable[[trio.abc.Stream], Awaitable[None]],
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The relayed peer's side: reserve at the relay on ``conn`` (at ``host:port``), report
-    started once the relay accepted, then connect back for every circuit offered and hand
-    each such stream to ``serve_inbound`` (the peer's own `RpcServer.handle_stream`).
+    started once the relay accepted (with the address the relay sees us at, "" when it
+    does not say), then connect back for every circuit offered and hand each such stream
+    to ``serve_inbound`` (the peer's own `RpcServer.handle_stream`) as a `RelayedStream`
+    naming the dialer's address as the relay saw it.
 
     Returns never; raises `ConnectionClosed` / `DeadlineExceeded` (no message for three
     heartbeats) / `RemoteError` when the reservation is lost.
@@ -398,14 +402,12 @@ async def hold_reservation(
             await stream.send(RelayReserve())
             ready = await stream.receive(RelayReady)
             within = 3 * ready.heartbeat  # a relay silent this long is gone
-            task_status.started()
+            task_status.started(ready.observed)
             async with trio.open_nursery() as nursery:
                 while True:
                     msg = await stream.receive_any(timeout=within)
                     if isinstance(msg, RelayCircuit):
-                        nursery.start_soon(
-                            _connect_back, transport, host, port, msg.token, serve_inbound
-                        )
+                        nursery.start_soon(_connect_back, transport, host, port, msg, serve_inbound)
     except trio.EndOfChannel:
         raise ConnectionClosed("the relay ended the reservation") from None
     except BaseExceptionGroup as group:
@@ -419,7 +421,7 @@ async def _connect_back(
     transport: Transport,
     host: str,
     port: int,
-    token: bytes,
+    circuit: RelayCircuit,
     serve_inbound: Callable[[trio.abc.Stream], Awaitable[None]],
 ) -> None:
     try:
@@ -429,5 +431,5 @@ async def _connect_back(
         return
     async with stream:
         with _quiet():
-            await stream.send_all(connect_back_hello(token))
-            await serve_inbound(stream)
+            await stream.send_all(connect_back_hello(circuit.token))
+            await serve_inbound(RelayedStream(stream, circuit.dialer))

@@ -16,7 +16,15 @@ import trio
 
 from swarm.errors import ConnectError, ConnectionClosed, SwarmError, map_exceptions
 
-__all__ = ["STREAM_LOST", "StreamHandler", "TCPTransport", "Transport", "host_key", "remote_host"]
+__all__ = [
+    "STREAM_LOST",
+    "RelayedStream",
+    "StreamHandler",
+    "TCPTransport",
+    "Transport",
+    "host_key",
+    "remote_host",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,34 @@ STREAM_LOST: dict[type[BaseException], type[SwarmError]] = {
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
+class RelayedStream(trio.abc.Stream):
+    """A stream a relay carries to us from a dialer at ``dialer_host`` (as the relay saw
+    it): `remote_host` names the dialer, not the relay."""
+
+    def __init__(self, inner: trio.abc.Stream, dialer_host: str) -> None:
+        self.inner = inner
+        self.dialer_host = dialer_host
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def remote_host(stream: trio.abc.Stream) -> str | None:
     """The host an accepted TCP stream comes from, as `host_key` names it (what per-host
-    caps and fair shares count); ``None`` for a stream that is not a socket (an in-memory
-    test stream) or whose socket is already closed."""
+    caps and fair shares count): for a `RelayedStream` the dialer's, as its relay saw it;
+    ``None`` for a stream that is not a socket (an in-memory test stream) or whose socket
+    is already closed."""
+    if isinstance(stream, RelayedStream):
+        return host_key(stream.dialer_host) if stream.dialer_host else remote_host(stream.inner)
     if not isinstance(stream, trio.SocketStream):
         return None
     try:

@@ -127,6 +127,7 @@ class ReachabilityKeeper:
         self._first_relay = trio.Event()
         self._any_relay = False
         self._claimed: set[PeerId] = set()  # relays being attached to now
+        self._observed: dict[int, str] = {}  # where each attached relay sees us come from
         self.address: tuple[str, int] = ("", 0)  # to announce (port 0: not yet); by `run`
         self.mapping: PortMapping | None = None  # a router's port mapping that works
 
@@ -140,6 +141,12 @@ class ReachabilityKeeper:
         if self.verdict == Reachability.REACHABLE:
             return ()
         return tuple(hop for hop, _view in self._attached.values())
+
+    @property
+    def observed_hosts(self) -> tuple[str, ...]:
+        """The addresses our relays see us connect from (distinct; none while reachable
+        or before a relay says)."""
+        return tuple(dict.fromkeys(h for h in self._observed.values() if h))
 
     async def _candidates(self) -> list[RelayView]:
         found = await self._dht.get(relay_key())
@@ -242,6 +249,7 @@ class ReachabilityKeeper:
                         break
                 nursery.cancel_scope.cancel()
             self._attached.clear()
+            self._observed.clear()
             await self._changed()
 
     def _pick(self, candidates: list[RelayView]) -> RelayView | None:
@@ -269,10 +277,11 @@ class ReachabilityKeeper:
             try:
                 conn = await self._pool.get(relay.host, relay.port, relay.peer_id)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(
+                    observed: str = await nursery.start(
                         hold_reservation, conn, self._pool.transport,
                         relay.host, relay.port, self._serve_inbound,
                     )  # fmt: skip
+                    self._observed[index] = observed
                     hop = RelayHop(peer_id=relay.peer_id, host=relay.host, port=relay.port)
                     self._attached[index] = (hop, relay)
                     log.info("attached to relay %s at %s:%s", relay.peer_id, relay.host, relay.port)
@@ -286,6 +295,7 @@ class ReachabilityKeeper:
             finally:
                 self._claimed.discard(relay.peer_id)
             self._failed[relay.peer_id] = trio.current_time()
+            self._observed.pop(index, None)
             if self._attached.pop(index, None) is not None:
                 await self._changed()
             await trio.sleep(self.config.retry)

@@ -308,7 +308,11 @@ class Server:
                 await rpc.handle_stream(stream)
 
             # answers dialers that reached us through a relay and try a direct connection
-            punch = self.hole_punch = HolePunchService(serve_inbound)
+            def observed_hosts() -> tuple[str, ...]:
+                keeper = self.reachability
+                return keeper.observed_hosts if keeper is not None else ()
+
+            punch = self.hole_punch = HolePunchService(serve_inbound, observed_hosts=observed_hosts)
             helpers = [dial_back.binding(), punch.binding()]
             if reach.offer_relay:
                 self.relay = RelayService(

@@ -46,6 +46,10 @@ class RMSNorm(nn.Module):
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Steps of at most this many tokens after a cache attend one query at a time (`Attention`):
+# as many as a speculative step carries (k + 1 <= 9) and as the quantized layers' row-by-row
+# kernels take (`swarm.shards.quant.DENSE_ROWS`).
+ROW_BY_ROW_TOKENS = 16
 
 
 def decode_attention(
@@ -189,18 +193,42 @@ class Attention(nn.Module):
         v = v.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)  # (batch, kv_heads, seq, d)
         if part.cache is not None:
             k, v = part.cache.update(index, k, v)  # (batch, kv_heads, total, head_dim)
-        if seq == 1 and q.device.type == "cpu" and q.dtype in HALF_DTYPES:
-            out = decode_attention(q, k, v, part.mask.mask)  # (batch, heads, 1, head_dim)
+        start = k.shape[2] - seq
+        if seq == 1 or start == 0 or seq > ROW_BY_ROW_TOKENS:
+            out = self._attend(q, k, v, part.mask)  # (batch, heads, seq, head_dim)
         else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=part.mask.mask,
-                is_causal=part.mask.is_causal,
-                enable_gqa=self.kv_heads != self.heads,
-            )  # (batch, heads, seq, head_dim)
+            # a few tokens after a cache (a speculative step, a short turn): each query as a
+            # step of its own would attend, so a token's output does not depend on how many
+            # came with it (quantized layers round to bfloat16, where any difference in a
+            # sum's order can flip a greedy near-tie between a speculative and a plain run)
+            rows = []
+            for i in range(seq):
+                mask = part.mask.mask
+                row = None if mask is None else mask[:, :, i : i + 1, : start + i + 1]
+                if row is not None and bool(row.all()):
+                    row = None  # no padding: the causal part is all True for this query
+                keys, values = k[:, :, : start + i + 1], v[:, :, : start + i + 1]
+                rows.append(
+                    self._attend(q[:, :, i : i + 1], keys, values, AttentionMask(row, False))
+                )
+            out = torch.cat(rows, dim=2)  # (batch, heads, seq, head_dim)
         return out.transpose(1, 2).reshape(batch * seq, self.heads * dim)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        """Attention of ``q`` (batch, heads, seq, head_dim) over ``k``/``v`` (batch, kv_heads,
+        total, head_dim) under ``mask``. Returns (batch, heads, seq, head_dim)."""
+        if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in HALF_DTYPES:
+            return decode_attention(q, k, v, mask.mask)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask.mask,
+            is_causal=mask.is_causal,
+            enable_gqa=self.kv_heads != self.heads,
+        )
 
     def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
         """Attention over tokens of several independent groups laid end to end: ``x``

@@ -1,7 +1,10 @@
 """Adversarial peers for tests and benchmarks: the lab's liars (`swarm.lab.liar`) and more.
 
 A spec string names how a server lies (or fails): ``hang`` opens inference sessions, then
-never answers a step (nor forward nor push); every other spec is a liar of `swarm.lab.liar`
+never answers a step (nor forward nor push); ``slow:SECONDS[:FACTOR]`` answers honestly but
+waits before every computation, SECONDS for the first and FACTOR times longer for each
+next (a server that is steadily slow, or one that slows down); every other spec is a liar
+of `swarm.lab.liar`
 (``noise:R``, ``skip``, ``zeros``, ``cheat:Q[:KIND]``, ``after:N[:KIND]``,
 ``other-weights:SEED``, ``collude:SEED``). They attach through ``wrap_handlers`` (the
 handler-wrapping seam of `Server`), never through production config.
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import trio
 
+from swarm.errors import ConfigError
 from swarm.lab.liar import LyingHandlers, corruptor, liar_wrapper, perturb_weights
 from swarm.net.messages import (
     ForwardRequest,
@@ -24,11 +29,14 @@ from swarm.net.messages import (
 from swarm.net.methods import HandlerRegistry
 from swarm.net.rpc import CallContext
 from swarm.net.surface import FORWARD, INFERENCE, INFO, PUSH, server_registry
+from swarm.server.compute import Priority
 from swarm.server.handlers import ServerStream, ServingHandlers
+from swarm.shards import KVCache, Span
 
 __all__ = [
     "HangingHandlers",
     "LyingHandlers",
+    "SlowingHandlers",
     "adversary_wrapper",
     "corruptor",
     "hanging",
@@ -70,7 +78,53 @@ def hanging(honest: ServingHandlers) -> HandlerRegistry:
     return HangingHandlers(honest).registry()
 
 
+class SlowingHandlers(ServingHandlers):
+    """The honest server's handlers, each computation delayed: ``delay_s`` seconds for the
+    first, ``factor`` times the previous delay for each next (1: steadily slow)."""
+
+    def __init__(self, honest: ServingHandlers, delay_s: float, factor: float = 1.0) -> None:
+        super().__init__(
+            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
+        )
+        self.delay_s = delay_s
+        self.factor = factor
+
+    async def compute(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        delay, self.delay_s = self.delay_s, self.delay_s * self.factor
+        await trio.sleep(delay)
+        return await super().compute(span, hidden, positions, cache, priority)
+
+
+def slowing(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
+    """A ``wrap_handlers`` function for ``slow:SECONDS[:FACTOR]`` (`SlowingHandlers`).
+    Raises `ConfigError` for a malformed spec."""
+    _, _, args = spec.partition(":")
+    parts = args.split(":")
+    try:
+        delay, factor = float(parts[0]), float(parts[1]) if len(parts) > 1 else 1.0
+    except ValueError as exc:
+        raise ConfigError(f"adversary {spec!r}: use slow:SECONDS[:FACTOR]") from exc
+    if len(parts) > 2 or not (delay >= 0 and factor > 0):
+        raise ConfigError(f"adversary {spec!r}: use slow:SECONDS[:FACTOR], both positive")
+
+    def wrap(honest: ServingHandlers) -> HandlerRegistry:
+        return SlowingHandlers(honest, delay, factor).registry()
+
+    return wrap
+
+
 def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
     """A ``wrap_handlers`` function for `Server` that makes it behave as ``spec`` says.
     Raises `ConfigError` for an unknown or malformed spec."""
-    return hanging if spec == "hang" else liar_wrapper(spec)
+    if spec == "hang":
+        return hanging
+    if spec.startswith("slow:"):
+        return slowing(spec)
+    return liar_wrapper(spec)

@@ -174,6 +174,42 @@ async def test_a_steadily_slow_hop_is_raced_by_what_the_swarm_can_do(
     assert s.bans.penalties.penalty(slow.identity.peer_id) > 0
 
 
+async def test_an_unproven_record_is_no_yardstick(
+    checkpoint: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A record the client has not proven (no answer to its ping as that peer at that
+    address) may claim any throughput: it does not set the hedge deadline, which then comes
+    from the hop's own history (its 5-token prompt: 1 s a token, so 3 s), not 0.5 s."""
+    import random
+
+    from swarm.client.discovery import StaticDirectory
+    from swarm.directory import ServerView
+    from swarm.net.pool import open_connection_pool
+    from swarm.types import LayerRange
+
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    slow.step_delay = 5.0
+
+    class ReplicaUnproven(StaticDirectory):
+        def reached(self, server: ServerView) -> bool:
+            return server.peer_id != replica.identity.peer_id
+
+    config = ClientConfig(step_timeout=12.0)
+    async with run_servers(servers), open_connection_pool(config.identity) as pool:
+        views = [s.view(t) for s, t in zip(servers, [100, 100, 100, 50], strict=True)]
+        directory = ReplicaUnproven(views)
+        async with Chain.open(
+            pool, directory, config, layers=LayerRange(0, 6), max_length=32, rng=random.Random(0)
+        ) as chain:
+            assert chain.route[1].server.peer_id == slow.identity.peer_id
+            for x, pos in make_inputs(3)[:2]:
+                await chain.step(x, pos)
+            stats = chain.statistics()
+    (hedge,) = stats.hedges  # raced by its own history, as before the swarm's yardstick
+    assert hedge.deadline == pytest.approx(3.0, abs=0.1)  # not the replica's claimed 0.5 s
+
+
 async def test_without_a_replica_the_step_timeout_still_rules(
     checkpoint: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

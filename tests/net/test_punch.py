@@ -14,16 +14,29 @@ import pytest
 import torch
 import trio
 
-from swarm.errors import PeerIdMismatch, RemoteError
+from swarm.errors import LimitExceeded, PeerIdMismatch, RemoteError
 from swarm.identity import Identity
-from swarm.net.messages import ForwardRequest, ForwardResponse
+from swarm.net.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    PunchAddress,
+    PunchConnect,
+    PunchSync,
+)
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
-from swarm.net.punch import HolePunchService, PunchConfig, PunchPoint, dial_direct
+from swarm.net.punch import (
+    HolePunchService,
+    PunchConfig,
+    PunchPoint,
+    dial_direct,
+    may_punch,
+    with_observed,
+)
 from swarm.net.relay import RelayService, hold_reservation
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.rpc_server import RpcServer
-from swarm.net.surface import FORWARD, call_forward
+from swarm.net.surface import FORWARD, call_forward, open_hole_punch
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
 
@@ -87,7 +100,9 @@ class Setup:
 
 
 @asynccontextmanager
-async def relayed_peer(*, offer_punch: bool = True) -> AsyncIterator[Setup]:
+async def relayed_peer(
+    *, offer_punch: bool = True, config: PunchConfig = QUICK
+) -> AsyncIterator[Setup]:
     """A relay on 127.0.0.1 and a peer listening nowhere, reserved there, that offers
     ``hole_punch`` (or not)."""
     relay = RelayService(RELAY)
@@ -96,7 +111,7 @@ async def relayed_peer(*, offer_punch: bool = True) -> AsyncIterator[Setup]:
     bindings = [FORWARD.bind(echo.rpc_forward)]
     registry = HandlerRegistry(bindings)
     relayed_rpc = RpcServer(RELAYED, registry)
-    punch = HolePunchService(relayed_rpc.handle_stream, QUICK) if offer_punch else None
+    punch = HolePunchService(relayed_rpc.handle_stream, config) if offer_punch else None
     if punch is not None:
         relayed_rpc.handlers = registry.with_bindings([punch.binding()])
     with trio.fail_after(60):
@@ -160,3 +175,57 @@ async def test_the_direct_handshake_still_checks_the_peer_id() -> None:
         relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
         with pytest.raises(PeerIdMismatch):  # asking for BOB: the direct peer proves RELAYED
             await dial_direct(relayed, ALICE, BOB.peer_id, towards="127.0.0.1", punch=QUICK)
+
+
+def test_observed_addresses_join_the_given_ones() -> None:
+    given = [("10.0.0.5", 4000)]
+    assert with_observed(given, ["203.0.113.9", "203.0.113.9", "", "2001:db8::/64"]) == [
+        ("10.0.0.5", 4000),
+        ("203.0.113.9", 4000),
+    ]
+    assert with_observed(given, ["10.0.0.5"]) == given  # nothing new
+    many = [f"198.51.100.{i}" for i in range(10)]
+    assert len(with_observed(given, many)) == 4  # what a PunchConnect may carry
+
+
+async def test_the_relayed_peer_dials_the_callers_address_as_its_relay_saw_it() -> None:
+    """A caller behind a NAT announces an address nobody can reach (its LAN's); the relay
+    saw it come from 127.0.0.2, and the relayed peer's dial there is what connects."""
+    async with relayed_peer() as setup:
+        transport = TCPTransport("127.0.0.2")  # the caller's "public" address
+        async with open_connection_pool(ALICE, transport=transport) as pool:
+            relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+            with trio.fail_after(10), PunchPoint("127.0.0.2") as point:
+                lan = PunchAddress(host="192.0.2.1", port=point.port)  # unroutable here
+                async with open_hole_punch(relayed, timeout=5.0) as stream:
+                    await stream.send(PunchConnect(addresses=(lan,)))
+                    theirs = await stream.receive(PunchConnect)
+                    await stream.send(PunchSync())
+                    await stream.send_end()
+                    assert theirs.addresses  # R's own; we only accept here, so a
+                    # connection can come only from R dialing 127.0.0.2 (192.0.2.1 is void)
+                    direct = await point.meet([], window=2.0, retry=0.01)
+            assert direct is not None
+            assert direct.socket.getsockname() == ("127.0.0.2", point.port)
+            await direct.aclose()
+        assert setup.punch is not None and setup.punch.upgraded == 1
+
+
+def test_a_relayed_peer_dials_only_what_it_would_dial_back() -> None:
+    public = "93.184.216.34"  # (documentation ranges count as private in ipaddress)
+    assert may_punch(public, public, ())  # the caller's own address
+    assert not may_punch("151.101.1.69", public, ())  # a third party's
+    assert not may_punch("192.168.1.5", public, ())  # someone's LAN
+    assert may_punch("192.168.1.5", public, (public,))  # ours: behind the same NAT
+    assert may_punch("127.0.0.5", "127.0.0.1", ())  # one machine
+
+
+async def test_punches_per_caller_host_are_limited() -> None:
+    config = PunchConfig(window=2.0, exchange_timeout=5.0, host_rate=0.001, host_burst=1)
+    async with relayed_peer(config=config) as setup, open_connection_pool(ALICE) as pool:
+        relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+        first = await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1")
+        await first.aclose()
+        with pytest.raises(LimitExceeded):
+            await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1")
+        await _forward(relayed)  # the relayed channel is untouched

@@ -55,6 +55,7 @@ class Echo:
     def __init__(self) -> None:
         self.calls = 0
         self.infos = 0
+        self.hosts: list[str | None] = []  # the caller's host as each forward saw it
 
     async def rpc_info(self, request: InfoRequest, ctx: CallContext) -> InfoResponse:
         self.infos += 1
@@ -65,6 +66,7 @@ class Echo:
 
     async def rpc_forward(self, request: ForwardRequest, ctx: CallContext) -> ForwardResponse:
         self.calls += 1
+        self.hosts.append(ctx.peer_host)
         return ForwardResponse(hidden_states=request.hidden_states)
 
 
@@ -73,6 +75,7 @@ class Relayed:
     port: int  # the relay's
     relay: RelayService
     echo: Echo
+    observed: str  # where the relay saw the relayed peer come from
 
 
 @asynccontextmanager
@@ -102,11 +105,11 @@ async def relayed_peer(
             port = await nursery.start(relay_rpc.serve, "127.0.0.1", 0)
             async with open_connection_pool(RELAYED, swarm_key=swarm_key) as pool:
                 conn = await pool.get("127.0.0.1", port, RELAY.peer_id)
-                await nursery.start(
+                observed = await nursery.start(
                     hold_reservation, conn, TCPTransport(), "127.0.0.1", port,
                     relayed_rpc.handle_stream,
                 )  # fmt: skip
-                yield Relayed(port, relay, echo)
+                yield Relayed(port, relay, echo, observed)
                 nursery.cancel_scope.cancel()
 
 
@@ -251,3 +254,13 @@ async def test_a_ping_to_a_relayed_server_goes_through_its_relay() -> None:
         assert setup.echo.infos == 1
         stats = setup.relay.statistics()
         assert stats.circuits_total == 1 and stats.bytes_relayed > 0
+
+
+async def test_the_relayed_peer_sees_the_dialers_address_and_its_own() -> None:
+    """Per-host caps and fair shares at a relayed peer count the dialer's address (as the
+    relay saw it), not the relay's; the relay tells the relayed peer where it sees it."""
+    async with relayed_peer() as setup:
+        assert setup.observed == "127.0.0.1"
+        assert await echo_through(setup.port, b"12345678", local_host="127.0.0.2") == b"12345678"
+        assert await echo_through(setup.port, b"12345678") == b"12345678"
+    assert setup.echo.hosts == ["127.0.0.2", "127.0.0.1"]

@@ -1,12 +1,20 @@
-"""The testing adversaries lie the way their specs say."""
+"""The testing adversaries lie (or dawdle) the way their specs say."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import trio
+import trio.testing
 
 from swarm.errors import ConfigError
-from swarm.testing.adversaries import adversary_wrapper, corruptor, perturb_weights
+from swarm.server.compute import Priority
+from swarm.testing.adversaries import (
+    SlowingHandlers,
+    adversary_wrapper,
+    corruptor,
+    perturb_weights,
+)
 
 
 def pair(seq: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,3 +55,26 @@ def test_other_weights_perturbs_in_place_and_bad_specs_are_refused() -> None:
     for spec in ("nois:1", "noise:x", "cheat:y", "after:z", "other-weights:q", "collude:"):
         with pytest.raises(ConfigError):
             adversary_wrapper(spec)
+
+
+async def test_slow_waits_longer_each_time_and_bad_specs_are_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Queue:  # the honest computation: the input back
+        async def run_span(self, span: object, hidden: torch.Tensor, *_: object) -> torch.Tensor:
+            return hidden
+
+    handlers = SlowingHandlers.__new__(SlowingHandlers)  # no server behind it
+    handlers.delay_s, handlers.factor, handlers.queue = 0.5, 2.0, Queue()  # type: ignore[assignment]
+    x, _ = pair()
+    waits = []
+    for _ in range(3):
+        start = trio.current_time()
+        out = await handlers.compute(None, x, x, None, Priority.INFERENCE)  # type: ignore[arg-type]
+        waits.append(trio.current_time() - start)
+        assert torch.equal(out, x)  # honest answers, only late
+    assert waits == pytest.approx([0.5, 1.0, 2.0])
+    for spec in ("slow:", "slow:x", "slow:1:0", "slow:-1", "slow:1:2:3"):
+        with pytest.raises(ConfigError):
+            adversary_wrapper(spec)
+    assert callable(adversary_wrapper("slow:5")) and callable(adversary_wrapper("slow:0.2:1.6"))

@@ -152,10 +152,11 @@ class Chain:
 
     async def alternative(self, k: int, tokens: int) -> float | None:
         """What the best other server for hop ``k``'s layers should take for a step of
-        ``tokens`` tokens, from the directory's records (`alternative_seconds`); the hedge
-        deadline's yardstick beside the hop's own history."""
+        ``tokens`` tokens, from the records the directory has proven (`alternative_seconds`);
+        the hedge deadline's yardstick beside the hop's own history. An unproven record may
+        claim any throughput, so it sets no deadline (it may still serve a replacement)."""
         directory = self.opener.directory
-        servers = await directory.servers()
+        servers = [s for s in await directory.servers() if directory.reached(s)]
         return alternative_seconds(self._hops[k], servers, tokens, directory.pings)
 
     @property

@@ -115,7 +115,8 @@ def alternative_seconds(
 ) -> float | None:
     """What the best other online server covering hop ``state``'s layers should take for a
     step of ``tokens`` tokens: its announced throughput scaled to the hop's share of its
-    span, plus the client's round trip to it (None: no other server)."""
+    span, plus the client's round trip to it (None: no other server). The caller passes
+    only ``servers`` whose records are proven (`Chain.alternative`)."""
     hop = state.hop
     best = None
     for server in servers:
