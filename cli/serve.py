@@ -229,7 +229,7 @@ def _check_model_and_device(model: Path, device: str) -> int:
     from swarm.errors import ConfigError
     from swarm.server.server import resolve_device
     from swarm.shards import ModelConfig
-    from swarm.shards.gguf import is_gguf
+    from swarm.shards.gguf_header import is_gguf
 
     if not (model.is_dir() or is_gguf(model)):
         raise ConfigError(
