@@ -25,6 +25,7 @@ from swarm.directory import (
 from swarm.errors import SwarmError
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
+from swarm.net.punch import PunchConfig
 from swarm.net.surface import call_info
 from swarm.server.balance import delivered_throughput
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
@@ -73,8 +74,10 @@ class Announcer:
         ttl: float,
         ping_timeout: float,
         make_announcement: Callable[[tuple[PingEntry, ...]], ServerAnnouncement],
+        direct: PunchConfig | None = None,
     ) -> None:
         self.dht = dht
+        self.direct = direct  # try direct connections to relayed next servers (pushes)
         self.pool = pool
         self.model_id = model_id
         self.layers = layers
@@ -141,6 +144,10 @@ class Announcer:
                 rtt = trio.current_time() - started
                 old = self.pings.get(peer)
                 self.pings[peer] = rtt if old is None else 0.8 * old + 0.2 * rtt
+            if self.direct is not None and view.relays and not self.pool.is_direct(peer):
+                # our pushes to it go the direct way from now on, and so do the next pings
+                relay_host = parse_address(view.address)[0]
+                await self.pool.upgrade(peer, towards=relay_host, punch=self.direct)
 
         async with trio.open_nursery() as nursery:
             for view in targets:
