@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from swarm.errors import ConfigError, ShardError
-from swarm.shards.gguf import gguf_metadata, is_gguf
+from swarm.shards.gguf import gguf_metadata
+from swarm.shards.gguf_header import is_gguf
 
 __all__ = ["ChatTemplate", "load_chat_template"]
 

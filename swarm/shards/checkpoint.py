@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 
 from swarm.errors import ShardError
-from swarm.shards.config import ModelConfig
-from swarm.shards.gguf import gguf_tensor_infos, is_gguf, read_gguf_int4, read_gguf_tensors
+from swarm.shards.gguf import gguf_tensor_infos, read_gguf_int4, read_gguf_tensors
+from swarm.shards.gguf_header import is_gguf
 from swarm.shards.quant import Quantization, QuantLinear, quantize_linear
 from swarm.types import LayerRange
 
@@ -30,7 +30,6 @@ __all__ = [
     "SINGLE_FILE",
     "TensorLayout",
     "checkpoint_names",
-    "is_gguf",
     "layer_matrix_types",
     "read_quantized",
     "read_tensors",
@@ -252,7 +251,6 @@ def read_quantized(
     shape: tuple[int, ...],
     kind: Quantization,
     dtype: torch.dtype,
-    config: ModelConfig,
 ) -> QuantLinear:
     """The projection matrix ``name`` (checkpoint name, expected ``shape``) as an int8 or int4
     linear layer whose scales are in ``dtype`` (see :mod:`swarm.shards.quant`). GGUF Q4_0 and
@@ -263,7 +261,7 @@ def read_quantized(
         ShardError: as :func:`read_tensors`.
     """
     if kind is Quantization.INT4 and is_gguf(path):
-        exact = read_gguf_int4(path, name, shape, config, dtype)
+        exact = read_gguf_int4(path, name, shape, dtype)
         if exact is not None:
             return exact
     weight = read_tensors(path, {name: shape}, lambda t: t.to(torch.float32))[name]

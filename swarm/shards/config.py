@@ -8,7 +8,8 @@ grouped-query attention, an explicit ``head_dim``, RoPE (``default``, ``linear``
 Both config layouts are read: the classic one (``rope_theta`` + ``rope_scaling``) and the one
 ``transformers`` 5 writes (``rope_parameters`` holding ``rope_theta`` and ``rope_type``).
 A GGUF file's ``llama.*`` metadata is translated into the same fields by
-:mod:`swarm.shards.gguf`.
+:mod:`swarm.shards.gguf` (and its Llama 3.1 ``rope_freqs`` checked here); a folder's
+``generation_config.json`` adds end-of-turn ids (:mod:`swarm.shards.generation`).
 Anything we cannot compute exactly is refused with a :class:`~swarm.errors.ShardError` that
 names the field and its value, rather than silently computing something else.
 """
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from swarm.errors import ShardError
+from swarm.shards.generation import GenerationDefaults
+from swarm.shards.gguf import gguf_config_fields, gguf_rope_factors
+from swarm.shards.gguf_header import is_gguf
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig", "RopeScaling"]
 
@@ -81,17 +85,15 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         """Read ``<path>/config.json``, or the metadata of ``path`` when it is a GGUF file
-        (see :func:`swarm.shards.gguf.gguf_config`). The end-of-sequence ids of a folder's
+        (see :func:`swarm.shards.gguf.gguf_config_fields`). The end-of-sequence ids of a folder's
         ``generation_config.json`` (Llama 3 Instruct ends a turn with ``<|eot_id|>``, which
         only that file names) are added to ``eos_token_id``, as ``transformers`` stops on them.
 
         Raises:
             ShardError: the file is missing or not JSON, or the config is unsupported.
         """
-        from swarm.shards.gguf import gguf_config, is_gguf
-
         if is_gguf(path):
-            return gguf_config(path)
+            return _from_gguf(path)
         file = Path(path) / "config.json"
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
@@ -104,8 +106,6 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ShardError(f"{file}: config.json is not a JSON object")
         config = cls.from_dict(raw)
-        from swarm.shards.generation import GenerationDefaults
-
         extra = GenerationDefaults.from_pretrained(path).eos_token_id
         eos = tuple(dict.fromkeys((*config.eos_token_id, *extra)))
         return (
@@ -192,6 +192,27 @@ def _check_unsupported(raw: Mapping[str, Any], architecture: str) -> None:
             f"sliding_window={window} (< max_position_embeddings={max_pos}): "
             "sliding-window attention is not supported"
         )
+
+
+def _from_gguf(path: str | Path) -> ModelConfig:
+    """The config of a GGUF file: its metadata's fields, with Llama 3.1 RoPE scaling stored
+    as the ``rope_freqs.weight`` tensor becoming a ``"factors"`` :class:`RopeScaling`."""
+    config = ModelConfig.from_dict(gguf_config_fields(path))
+    factors = gguf_rope_factors(path)
+    if factors is None:
+        return config
+    if config.rope_scaling is not None:
+        raise ShardError(
+            f"{Path(path).name}: rope_freqs.weight together with llama.rope.scaling.type "
+            f"{config.rope_scaling.rope_type!r} is not supported"
+        )
+    if len(factors) != config.head_dim // 2 or not all(f > 0 for f in factors):
+        raise ShardError(
+            f"{Path(path).name}: rope_freqs.weight has {len(factors)} entries (expected "
+            f"head_dim/2 = {config.head_dim // 2} positive factors)"
+        )
+    scaling = RopeScaling("factors", 1.0, frequency_factors=factors)
+    return dataclasses.replace(config, rope_scaling=scaling)
 
 
 def _rope(raw: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm.errors import ShardError
-from swarm.shards.gguf import is_gguf
+from swarm.shards.gguf_header import is_gguf
 
 __all__ = ["GenerationDefaults", "Sampling"]
 

@@ -4,10 +4,11 @@ A GGUF file (llama.cpp's format) holds the config, the tokenizer and the chat te
 metadata, and every tensor, often quantized, in one memory-mapped file. This module is the one
 place that reads GGUF files:
 
-- :func:`is_gguf` tells a GGUF file from a Hugging Face folder;
-- :func:`gguf_config` builds a :class:`~swarm.shards.config.ModelConfig` from the ``llama.*``
-  keys, refusing what our blocks do not compute (another architecture, a multi-part file,
-  MoE, biases, RoPE variants other than plain, linear and Llama 3.1's ``rope_freqs``);
+- :func:`gguf_config_fields` translates the ``llama.*`` keys into the fields of a Hugging
+  Face ``config.json`` (which :class:`~swarm.shards.config.ModelConfig` reads), refusing what
+  our blocks do not compute (another architecture, a multi-part file, MoE, biases, RoPE
+  variants other than plain and linear), and :func:`gguf_rope_factors` reads Llama 3.1's
+  ``rope_freqs``;
 - :func:`read_gguf_tensors` dequantizes only the named tensors (F32, F16, BF16, Q8_0, Q4_0,
   Q4_1, the K-quants and whatever else ``gguf.quants.dequantize`` supports) and undoes
   llama.cpp's reordering of the Q/K projection rows, so the weights equal the Hugging Face
@@ -16,7 +17,8 @@ place that reads GGUF files:
   and the model id what they need.
 
 Which of our parameters is which GGUF tensor is decided in :mod:`swarm.shards.checkpoint`.
-The header is parsed by :mod:`swarm.shards.gguf_header`, which bounds every count in it
+Telling a GGUF file from a folder (:func:`~swarm.shards.gguf_header.is_gguf`) and parsing
+the header belong to :mod:`swarm.shards.gguf_header`, which bounds every count in it
 against the file's size before allocating (GGUF files are untrusted input); the parsed header
 is cached per file (path, size and modification time) as plain Python values. Tensor data is
 read through gguf's dequantization from the file's memory map.
@@ -24,7 +26,6 @@ read through gguf's dequantization from the file's memory map.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,37 +36,22 @@ import numpy as np
 import torch
 
 from swarm.errors import ShardError
-from swarm.shards.config import ModelConfig, RopeScaling
 from swarm.shards.gguf_header import RawTensor, parse_header
 from swarm.shards.quant import Int4Linear, int4_from_gguf_blocks
 
 __all__ = [
     "GGUFTensorInfo",
-    "gguf_config",
+    "gguf_config_fields",
     "gguf_metadata",
+    "gguf_rope_factors",
     "gguf_tensor_infos",
-    "is_gguf",
+    "read_gguf_int4",
     "read_gguf_tensors",
 ]
 
-_MAGIC = b"GGUF"
 # Metadata arrays longer than this are handed out only when asked for by name (the
 # vocabulary, merges and token types), so callers do not copy them for nothing.
 _SMALL_ARRAY = 64
-
-
-def is_gguf(path: str | Path) -> bool:
-    """True when ``path`` is a file ending in ``.gguf`` or starting with the GGUF magic."""
-    file = Path(path)
-    if not file.is_file():
-        return False
-    if file.suffix.lower() == ".gguf":
-        return True
-    try:
-        with file.open("rb") as f:
-            return f.read(4) == _MAGIC
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -139,15 +125,16 @@ def gguf_tensor_infos(path: str | Path) -> dict[str, GGUFTensorInfo]:
     }
 
 
-def gguf_config(path: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` described by the ``llama.*`` metadata of a GGUF file.
+def gguf_config_fields(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` fields (Hugging Face layout, for
+    :meth:`~swarm.shards.config.ModelConfig.from_dict`) described by the ``llama.*`` metadata
+    of a GGUF file. Llama 3.1 RoPE scaling is not among them: see :func:`gguf_rope_factors`.
 
     Raises:
         ShardError: the file is unreadable, split into several parts, of an architecture
             other than ``llama``, or uses something our blocks do not compute (mixture of
             experts, per-layer head counts, partial rotary, RoPE scaling other than linear,
-            attention biases); the message names it. Llama 3.1 RoPE scaling stored as the
-            ``rope_freqs.weight`` tensor becomes a ``"factors"`` :class:`RopeScaling`.
+            attention biases); the message names it.
     """
     meta = gguf_metadata(path)
     tensors = gguf_tensor_infos(path)
@@ -180,27 +167,29 @@ def gguf_config(path: str | Path) -> ModelConfig:
         "eos_token_id": list(dict.fromkeys(int(i) for i in eos if i is not None)),
         "torch_dtype": _stored_dtype(tensors),
     }
-    config = ModelConfig.from_dict(raw)
-    if "rope_freqs.weight" in tensors:
-        config = dataclasses.replace(config, rope_scaling=_frequency_factors(path, config))
-    return config
+    return raw
 
 
-def _frequency_factors(path: str | Path, config: ModelConfig) -> RopeScaling:
-    """Llama 3.1-style scaling as llama.cpp stores it: one factor per rotary frequency."""
-    if config.rope_scaling is not None:
-        raise ShardError(
-            f"{Path(path).name}: rope_freqs.weight together with llama.rope.scaling.type "
-            f"{config.rope_scaling.rope_type!r} is not supported"
-        )
-    tensor = next(t for t in _parsed(path).tensors if t.name == "rope_freqs.weight")
-    factors = dequantize_tensor(path, tensor).reshape(-1)
-    if factors.shape[0] != config.head_dim // 2 or not bool((factors > 0).all()):
-        raise ShardError(
-            f"{Path(path).name}: rope_freqs.weight has {factors.shape[0]} entries (expected "
-            f"head_dim/2 = {config.head_dim // 2} positive factors)"
-        )
-    return RopeScaling("factors", 1.0, frequency_factors=tuple(float(f) for f in factors))
+def gguf_rope_factors(path: str | Path) -> tuple[float, ...] | None:
+    """Llama 3.1-style RoPE scaling as llama.cpp stores it, the ``rope_freqs.weight`` tensor:
+    one factor per rotary frequency (unchecked: the config checks them against its
+    ``head_dim``); None when the file has no such tensor.
+
+    Raises:
+        ShardError: the file is unreadable or the tensor's type cannot be dequantized.
+    """
+    tensor = next((t for t in _parsed(path).tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    return tuple(float(f) for f in dequantize_tensor(path, tensor).reshape(-1))
+
+
+def _heads(path: str | Path) -> tuple[int, int]:
+    """(query heads, key/value heads) of a GGUF file: the row groups of its Q and K
+    projections, which llama.cpp reorders per head."""
+    meta = gguf_metadata(path)
+    heads = _key_int(meta, "llama.attention.head_count")
+    return heads, _key_int(meta, "llama.attention.head_count_kv", heads)
 
 
 def _check_supported(
@@ -277,7 +266,7 @@ def read_gguf_tensors(
             dequantized.
     """
     by_name = {t.name: t for t in _parsed(path).tensors}
-    config = gguf_config(path)
+    heads, kv_heads = _heads(path)
     out: dict[str, torch.Tensor] = {}
     for name, shape in wanted.items():
         tensor = by_name.get(name)
@@ -291,9 +280,9 @@ def read_gguf_tensors(
             )
         values = torch.from_numpy(dequantize_tensor(path, tensor)).reshape(stored)  # (rows, cols)
         if name.endswith(".attn_q.weight"):
-            values = unpermute_rows(values, config.num_attention_heads)
+            values = unpermute_rows(values, heads)
         elif name.endswith(".attn_k.weight"):
-            values = unpermute_rows(values, config.num_key_value_heads)
+            values = unpermute_rows(values, kv_heads)
         out[name] = convert(values)
         del values
     return out
@@ -334,7 +323,6 @@ def read_gguf_int4(
     path: str | Path,
     name: str,
     shape: tuple[int, ...],
-    config: ModelConfig,
     dtype: torch.dtype,
 ) -> Int4Linear | None:
     """The Q4_0/Q4_1 tensor ``name`` as an int4 layer, exactly (see
@@ -356,11 +344,8 @@ def read_gguf_int4(
         q, scales, zeros = int4_from_gguf_blocks(tensor_bytes(path, tensor), tensor.type_name)
     except ShardError:
         return None
-    heads = {
-        "attn_q.weight": config.num_attention_heads,
-        "attn_k.weight": config.num_key_value_heads,
-    }
-    for suffix, count in heads.items():
+    heads, kv_heads = _heads(path)
+    for suffix, count in (("attn_q.weight", heads), ("attn_k.weight", kv_heads)):
         if name.endswith(suffix):
             q, scales, zeros = (unpermute_rows(t, count) for t in (q, scales, zeros))
     linear = Int4Linear.pack(q, scales, zeros, None, dtype)

@@ -28,7 +28,7 @@ import numpy as np
 
 from swarm.errors import ShardError
 
-__all__ = ["GGUFHeader", "RawTensor", "parse_header"]
+__all__ = ["GGUFHeader", "RawTensor", "is_gguf", "parse_header"]
 
 MAX_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
@@ -36,6 +36,7 @@ MAX_ARRAY = 1 << 24  # elements in one metadata array (the largest vocabularies 
 MAX_DEPTH = 3  # arrays of arrays of scalars; llama.cpp writes none deeper
 MAX_DIMS = 4  # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
+_MAGIC = b"GGUF"
 
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> (struct format, numpy dtype) of the fixed-size scalar types.
@@ -75,6 +76,21 @@ class GGUFHeader:
 
     metadata: dict[str, Any]
     tensors: tuple[RawTensor, ...]
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True when ``path`` is a file ending in ``.gguf`` or starting with the GGUF magic (a
+    Hugging Face checkpoint is a folder)."""
+    file = Path(path)
+    if not file.is_file():
+        return False
+    if file.suffix.lower() == ".gguf":
+        return True
+    try:
+        with file.open("rb") as f:
+            return f.read(4) == _MAGIC
+    except OSError:
+        return False
 
 
 def parse_header(path: str | Path) -> GGUFHeader:
@@ -131,7 +147,7 @@ class _Parser:
             raise self.fail(f"{what}: not valid UTF-8 ({exc.reason})") from exc
 
     def header(self) -> GGUFHeader:
-        if self.take(4, "the magic") != b"GGUF":
+        if self.take(4, "the magic") != _MAGIC:
             raise self.fail("the magic is not 'GGUF'")
         version = self.scalar("<I", "the version")
         if version not in (2, 3):

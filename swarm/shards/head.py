@@ -9,8 +9,9 @@ from torch import nn
 
 from swarm.errors import ShardError
 from swarm.shards.blocks import RMSNorm
-from swarm.shards.checkpoint import checkpoint_names, is_gguf, read_tensors
+from swarm.shards.checkpoint import checkpoint_names, read_tensors
 from swarm.shards.config import ModelConfig
+from swarm.shards.gguf_header import is_gguf
 
 __all__ = ["Head", "load_head"]
 

@@ -20,12 +20,12 @@ from swarm.shards.blocks import Block, RaggedBatch, RaggedPart, build_attention_
 from swarm.shards.cache import KVCache
 from swarm.shards.checkpoint import (
     checkpoint_names,
-    is_gguf,
     layer_matrix_types,
     read_quantized,
     read_tensors,
 )
 from swarm.shards.config import ModelConfig
+from swarm.shards.gguf_header import is_gguf
 from swarm.shards.quant import QUANTIZED_LINEARS, Quantization, serving_quantization
 from swarm.shards.rope import inverse_frequencies, rope_cos_sin
 from swarm.types import LayerRange
@@ -271,7 +271,7 @@ def load_span(
         dense = span.get_submodule(module)
         if not isinstance(dense, nn.Linear):
             raise ShardError(f"{module} is not a linear layer")  # a bug in our modules
-        linear = read_quantized(path, names[key], shapes[key], kind, dtype, config)
+        linear = read_quantized(path, names[key], shapes[key], kind, dtype)
         if dense.bias is not None:
             linear.bias = dense.bias.detach()
         span.set_submodule(module, linear)

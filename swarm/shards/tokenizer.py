@@ -28,7 +28,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from swarm.errors import ShardError
-from swarm.shards.gguf import gguf_metadata, is_gguf
+from swarm.shards.gguf import gguf_metadata
+from swarm.shards.gguf_header import is_gguf
 
 __all__ = ["bytes_to_unicode", "gguf_tokenizer", "load_tokenizer"]
 
