@@ -145,6 +145,13 @@ def serve(
             "miniupnpc package; else NAT-PMP) to forward the port (--no-port-mapping: never)."
         ),
     ] = True,
+    direct: Annotated[
+        bool,
+        typer.Option(
+            help="Try a direct connection (TCP simultaneous open coordinated through the "
+            "relay) to relayed next-hop servers, so pushes to them skip the relay."
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -155,6 +162,7 @@ def serve(
     import trio
 
     from swarm.dht import AdmissionConfig, DHTConfig
+    from swarm.net.punch import PunchConfig
     from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
@@ -204,7 +212,11 @@ def serve(
             max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk, batching=batching
         ),
         announce_ttl=announce_ttl,
-        reachability=ReachabilityConfig(offer_relay=relay, port_mapping=port_mapping),
+        reachability=ReachabilityConfig(
+            offer_relay=relay,
+            port_mapping=port_mapping,
+            direct=PunchConfig() if direct else None,
+        ),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )
     trio.run(_run, config, WRAP_HANDLERS.get())

@@ -25,7 +25,9 @@ from swarm.directory import (
 from swarm.errors import SwarmError
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
+from swarm.net.punch import PunchConfig
 from swarm.net.surface import call_info
+from swarm.server.balance import delivered_throughput
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
@@ -43,14 +45,16 @@ async def choose_layers(
     dht: DHTNode, model_id: str, num_layers: int, num_blocks: int
 ) -> LayerRange:
     """The window of `num_blocks` consecutive blocks with the least announced throughput
-    (online and joining servers count; ties go to the earliest window). Announcements are
-    read with `swarm.directory.servers_from_records`, as clients read them."""
+    (online and joining servers count, relayed ones at their share:
+    `swarm.server.balance.delivered_throughput`; ties go to the earliest window).
+    Announcements are read with `swarm.directory.servers_from_records`, as clients read
+    them."""
     found = await dht.get_many(block_keys(model_id, num_layers))
     per_block = [0.0] * num_layers
     for view in servers_from_records(found, model_id, num_layers):
         if view.state != ServerState.DRAINING:
             for block in view.layers:
-                per_block[block] += view.throughput
+                per_block[block] += delivered_throughput(view)
     num_blocks = min(num_blocks, num_layers)
     windows = [sum(per_block[s : s + num_blocks]) for s in range(num_layers - num_blocks + 1)]
     start = min(range(len(windows)), key=lambda s: (windows[s], s))
@@ -70,8 +74,10 @@ class Announcer:
         ttl: float,
         ping_timeout: float,
         make_announcement: Callable[[tuple[PingEntry, ...]], ServerAnnouncement],
+        direct: PunchConfig | None = None,
     ) -> None:
         self.dht = dht
+        self.direct = direct  # try direct connections to relayed next servers (pushes)
         self.pool = pool
         self.model_id = model_id
         self.layers = layers
@@ -138,6 +144,10 @@ class Announcer:
                 rtt = trio.current_time() - started
                 old = self.pings.get(peer)
                 self.pings[peer] = rtt if old is None else 0.8 * old + 0.2 * rtt
+            if self.direct is not None and view.relays and not self.pool.is_direct(peer):
+                # our pushes to it go the direct way from now on, and so do the next pings
+                relay_host = parse_address(view.address)[0]
+                await self.pool.upgrade(peer, towards=relay_host, punch=self.direct)
 
         async with trio.open_nursery() as nursery:
             for view in targets:

@@ -29,6 +29,7 @@ from swarm.directory import RelayView, relay_key, relays_from_records, spread
 from swarm.errors import ConfigError, SwarmError, unwrap_group
 from swarm.net.messages import DialBackRequest, RelayHop
 from swarm.net.pool import ConnectionPool
+from swarm.net.punch import PunchConfig
 from swarm.net.relay import RelayLimits, RelayService, hold_reservation
 from swarm.net.surface import call_dial_back
 from swarm.server.natpmp import NatPmpPortMapper
@@ -51,7 +52,9 @@ class ReachabilityConfig:
     ``port_mapping`` (True): when not reachable, ask the router to forward the port for
     ``mapping_lease`` (3600 s) at a time: by UPnP IGD (at ``igd_url``, or discovered when
     None), else by NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
-    gateway when None)."""
+    gateway when None); ``direct`` (None): a `PunchConfig` to try a direct connection
+    (`swarm.net.punch`) to each relayed server after our next-hop ping reached it through
+    its relay, so that pushes to it skip the relay (None: they go through it)."""
 
     helpers: int = 3
     check_timeout: float = 10.0
@@ -65,6 +68,7 @@ class ReachabilityConfig:
     igd_url: str | None = None
     natpmp_gateway: str | None = None
     mapping_lease: int = 3600
+    direct: PunchConfig | None = None
 
     def __post_init__(self) -> None:
         if self.helpers < 1 or self.relays < 0:

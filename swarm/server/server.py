@@ -371,6 +371,7 @@ class Server:
                 cfg.announce_ttl,
                 cfg.ping_timeout,
                 make,
+                direct=reach.direct,
             )
             self.announcer = announcer
             await announcer.announce()  # joining

@@ -4,6 +4,7 @@ it with pushes into and out of it, and a relay killed mid-generation."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 
@@ -102,19 +103,25 @@ async def test_a_generation_through_a_relayed_middle_server(
             assert middle.server.handlers is not None
 
 
-async def test_a_relayed_server_reached_by_a_direct_connection(
+async def test_a_relayed_server_reached_by_direct_connections(
     model12: Path, reference: list[int]
 ) -> None:
-    """With ``ClientConfig.direct``, the client's ping reaches the relayed server through its
-    relay, then a simultaneous open coordinated over that channel gives a direct one, and
-    the generation runs on it (loopback: no NAT in between, see tests/net/test_punch.py)."""
+    """With ``ClientConfig.direct`` and ``ReachabilityConfig.direct`` (the server before it),
+    the pings reach the relayed server through its relay, then a simultaneous open
+    coordinated over each such channel gives a direct one, and the generation (the client's
+    steps and the first server's pushes) runs on them (loopback: no NAT in between, see
+    tests/net/test_punch.py)."""
     with trio.fail_after(120):
         async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
             nodes = await relays(stack, local, 2)
             hidden = await local.add_server(
-                LayerRange(0, 12), reachability=REACH, transport=Undialable()
+                LayerRange(6, 12), reachability=REACH, transport=Undialable()
             )
             assert hidden.ready.reachability == U and len(hidden.ready.relays) == 2
+            direct = dataclasses.replace(REACH, direct=PunchConfig(window=2.0))
+            first = await local.add_server(LayerRange(0, 6), reachability=direct)
+            assert first.server.announcer is not None
+            assert first.server.announcer.pool.is_direct(hidden.ready.peer_id)  # for pushes
             config = ClientConfig(
                 initial_peers=(local.dht_address,), direct=PunchConfig(window=2.0)
             )
@@ -123,11 +130,12 @@ async def test_a_relayed_server_reached_by_a_direct_connection(
                 relayed = sum(n.relay.statistics().bytes_relayed for n in nodes)
                 again = await model.generate_detailed(PROMPT, NEW_TOKENS)
             assert result.ids == again.ids == reference
-            assert [(h["path"], h["upgraded"]) for h in result.route] == [("direct", True)]
+            paths = [(h["path"], h["upgraded"]) for h in result.route]
+            assert paths == [("direct", False), ("direct", True)]
             assert hidden.server.hole_punch is not None
-            assert hidden.server.hole_punch.upgraded == 1
-            # the ping went through a relay; the generations did not add a byte there
-            assert sum(n.relay.statistics().circuits_total for n in nodes) >= 1
+            assert hidden.server.hole_punch.upgraded == 2  # the first server's, the client's
+            # the pings went through a relay; the generations did not add a byte there
+            assert sum(n.relay.statistics().circuits_total for n in nodes) >= 2
             assert sum(n.relay.statistics().bytes_relayed for n in nodes) == relayed
 
 
