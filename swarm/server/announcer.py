@@ -27,6 +27,7 @@ from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.pool import ConnectionPool
 from swarm.net.punch import PunchConfig
 from swarm.net.surface import call_info
+from swarm.server.balance import delivered_throughput
 from swarm.types import LayerRange, PeerId, ServerState, parse_address
 
 __all__ = [
@@ -44,14 +45,16 @@ async def choose_layers(
     dht: DHTNode, model_id: str, num_layers: int, num_blocks: int
 ) -> LayerRange:
     """The window of `num_blocks` consecutive blocks with the least announced throughput
-    (online and joining servers count; ties go to the earliest window). Announcements are
-    read with `swarm.directory.servers_from_records`, as clients read them."""
+    (online and joining servers count, relayed ones at their share:
+    `swarm.server.balance.delivered_throughput`; ties go to the earliest window).
+    Announcements are read with `swarm.directory.servers_from_records`, as clients read
+    them."""
     found = await dht.get_many(block_keys(model_id, num_layers))
     per_block = [0.0] * num_layers
     for view in servers_from_records(found, model_id, num_layers):
         if view.state != ServerState.DRAINING:
             for block in view.layers:
-                per_block[block] += view.throughput
+                per_block[block] += delivered_throughput(view)
     num_blocks = min(num_blocks, num_layers)
     windows = [sum(per_block[s : s + num_blocks]) for s in range(num_layers - num_blocks + 1)]
     start = min(range(len(windows)), key=lambda s: (windows[s], s))

@@ -13,6 +13,16 @@ blocks, or a least block throughput that rises so that ``before < quality × aft
 (``quality`` 0.75 as in Petals' ``balance_quality``). It never moves a server off a block
 that no other online, staying server covers, whatever the gain.
 
+Relayed servers count at a share of what they announce (`delivered_throughput`): a server
+that can be dialed only through a relay (it announces relays, or announces itself
+unreachable) announces the throughput its own compute measured, but every byte of its
+activations crosses the relay twice, spliced between two channels that other circuits share;
+Petals counts such a server at 0.2 of its network throughput, and so do we by default
+(``BalanceConfig.relayed_share``). Announcements carry no delivered figure (what clients
+actually got from a server), so this share is a stated factor, not a measurement. A gap that
+only relayed servers cover thus still attracts a direct server when the gain clears
+``quality``.
+
 The trio loop around it (randomised periods, cooldown, re-check) is
 `swarm.server.rebalancer`.
 """
@@ -26,9 +36,10 @@ from dataclasses import dataclass
 
 from swarm.directory import ServerView
 from swarm.errors import ConfigError
-from swarm.types import LayerRange, MoveReason, PeerId, ServerState
+from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
 __all__ = [
+    "RELAYED_SHARE",
     "BalanceConfig",
     "Bottleneck",
     "Decision",
@@ -37,8 +48,12 @@ __all__ = [
     "bottleneck",
     "choose_start",
     "decide",
+    "delivered_throughput",
+    "relayed",
     "yielding",
 ]
+
+RELAYED_SHARE = 0.2  # of its announced throughput, a relayed server counts (Petals: 0.2)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class BalanceConfig:
       for other servers' intents to land in the DHT, then confirm (see `yielding`).
     - ``drain_timeout`` (30 s): how long a move lets the old range's sessions finish before
       handing them back to their clients (``unavailable``: they move on without a ban).
+    - ``relayed_share`` (0.2): the share of its announced throughput that a server reachable
+      only through a relay counts for (see `delivered_throughput`).
     """
 
     enabled: bool | None = None
@@ -68,6 +85,7 @@ class BalanceConfig:
     recheck: float = 0.2
     settle: float = 5.0
     drain_timeout: float = 30.0
+    relayed_share: float = RELAYED_SHARE
 
     def __post_init__(self) -> None:
         if not self.period > 0:
@@ -82,6 +100,8 @@ class BalanceConfig:
             raise ConfigError(f"balance settle must be >= 0, got {self.settle}")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if not 0 < self.relayed_share <= 1:
+            raise ConfigError(f"relayed share must be in (0, 1], got {self.relayed_share}")
 
     def rebalances(self, *, pinned: bool) -> bool:
         """Whether a server whose range was given (``pinned``) or chosen rebalances."""
@@ -155,18 +175,37 @@ def _counted_range(view: ServerView) -> LayerRange | None:
     return view.moving_to if view.moving_to is not None else view.layers
 
 
+def relayed(view: ServerView) -> bool:
+    """Whether clients reach the server of ``view`` only through a relay: it announces
+    relays, or it announced itself unreachable (then a relay is all that could reach it)."""
+    return bool(view.relays) or view.reachability == Reachability.UNREACHABLE
+
+
+def delivered_throughput(view: ServerView, relayed_share: float = RELAYED_SHARE) -> float:
+    """The throughput ``view``'s server counts for in the swarm's balance: its announced
+    one, times ``relayed_share`` when it is `relayed` (a stated factor, as Petals' 0.2:
+    announcements carry no measure of what a server delivered to clients)."""
+    return view.throughput * (relayed_share if relayed(view) else 1.0)
+
+
 def block_throughputs(
-    views: Iterable[ServerView], num_layers: int, *, without: PeerId | None = None
+    views: Iterable[ServerView],
+    num_layers: int,
+    *,
+    without: PeerId | None = None,
+    relayed_share: float = RELAYED_SHARE,
 ) -> list[float]:
-    """Per block: the sum of the throughputs of the servers that serve it (online and
-    joining; a moving server at its ``moving_to``; draining ones and ``without`` left out)."""
+    """Per block: the sum of the `delivered_throughput`s of the servers that serve it
+    (online and joining; a moving server at its ``moving_to``; draining ones and
+    ``without`` left out)."""
     per_block = [0.0] * num_layers
     for view in views:
         layers = _counted_range(view)
         if view.peer_id == without or layers is None:
             continue
+        throughput = delivered_throughput(view, relayed_share)
         for block in range(layers.start, min(layers.stop, num_layers)):
-            per_block[block] += view.throughput
+            per_block[block] += throughput
     return per_block
 
 
@@ -223,11 +262,17 @@ def decide(
     num_layers: int,
     *,
     quality: float = 0.75,
+    relayed_share: float = RELAYED_SHARE,
 ) -> Decision:
     """Whether this server (``me``, serving ``current`` at ``throughput`` tokens/s) should
     move, and where, given the other servers' announcements ``views`` (our own, if among
-    them, is ignored: we count ourselves at ``current``)."""
-    others = block_throughputs(views, num_layers, without=me)
+    them, counts only for whether we are `relayed`: we count ourselves at ``current``).
+    Servers reachable only through a relay count at ``relayed_share`` of their throughput
+    (`delivered_throughput`), ourselves included."""
+    others = block_throughputs(views, num_layers, without=me, relayed_share=relayed_share)
+    own = next((view for view in views if view.peer_id == me), None)
+    if own is not None and relayed(own):
+        throughput *= relayed_share
     before = bottleneck(_with(others, current, throughput))
     if len(current) >= num_layers:
         return Decision(current, current, before, before, stay=Stay.WHOLE_MODEL)

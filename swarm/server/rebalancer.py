@@ -105,7 +105,7 @@ class Rebalancer:
             views = yielding(views, self.me)
         decision = decide(
             views, self.me, self._current(), self._throughput(), self.num_layers,
-            quality=self.config.quality,
+            quality=self.config.quality, relayed_share=self.config.relayed_share,
         )  # fmt: skip
         self._checks += 1
         self._last = decision

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -13,16 +14,19 @@ import trio.testing
 from swarm.directory import ServerView
 from swarm.errors import ConfigError
 from swarm.identity import Identity
+from swarm.net.messages import RelayHop
 from swarm.server.balance import (
+    RELAYED_SHARE,
     BalanceConfig,
     Decision,
     Stay,
     block_throughputs,
     choose_start,
     decide,
+    delivered_throughput,
 )
 from swarm.server.rebalancer import Rebalancer
-from swarm.types import LayerRange, MoveReason, PeerId, ServerState
+from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
 L = LayerRange
 
@@ -246,3 +250,40 @@ async def test_checks_come_at_randomised_periods(autojump_clock: trio.testing.Mo
     waits = [a.next_wait() for _ in range(200)]
     assert 5.0 <= min(waits) and max(waits) <= 15.0
     assert len({round(w, 3) for w in waits}) > 150
+
+
+def relayed_view(name: str, layers: LayerRange, throughput: float = 1.0) -> ServerView:
+    hop = RelayHop(peer("relay-" + name), "127.0.0.1", 2)
+    return dataclasses.replace(
+        view(name, layers, throughput), relays=(hop,), reachability=Reachability.UNREACHABLE
+    )
+
+
+def test_a_gap_covered_only_by_a_relayed_server_attracts_a_direct_one() -> None:
+    # announced: 2 + 2 on 0:2, 2 (relayed) on 2:4: balanced if relayed counted in full
+    views = [view("a", L(0, 2), 2), view("b", L(0, 2), 2), relayed_view("c", L(2, 4), 2)]
+    assert delivered_throughput(views[2]) == pytest.approx(2 * RELAYED_SHARE)
+    d = decide(views, peer("b"), L(0, 2), 2.0, 4)
+    # counted at 0.2: bottleneck 0.4 (2:4) -> 2.0 (0:2 keeps "a"): 0.4 < 0.75 * 2.0
+    assert d.move and d.reason is MoveReason.BOTTLENECK and d.target == L(2, 4)
+    assert d.before.throughput == pytest.approx(0.4) and d.after.throughput == pytest.approx(2)
+    # at a share of 1 the relay costs nothing, and nobody moves
+    assert not decide(views, peer("b"), L(0, 2), 2.0, 4, relayed_share=1.0).move
+    # the margin still decides: a direct server whose gain is too small stays
+    small = [view("a", L(0, 2), 2), view("b", L(0, 2), 0.2), relayed_view("c", L(2, 4), 5)]
+    # 2:4 counts 1.0; "b" moving there: 1.2 on 2:4, 2 on 0:2 -> 1.0 < 0.75 * 1.2 is false
+    d = decide(small, peer("b"), L(0, 2), 0.2, 4)
+    assert d.target == L(2, 4) and not d.move and d.stay is Stay.BALANCED
+
+
+def test_a_relayed_server_counts_itself_at_its_share() -> None:
+    # "c" is relayed: its own 2 tokens/s count 0.4 wherever it goes, so moving it from
+    # 0:2 (which "a" also covers) to the gap covers it, but the bottleneck is then 0.4
+    views = [view("a", L(0, 2), 2), relayed_view("c", L(0, 2), 2)]
+    d = decide(views, peer("c"), L(0, 2), 2.0, 4)
+    assert d.move and d.reason is MoveReason.UNCOVERED
+    assert d.after.throughput == pytest.approx(0.4)
+    per_block = block_throughputs(views, 4)
+    assert per_block == pytest.approx([2.4, 2.4, 0, 0])
+    with pytest.raises(ConfigError):
+        BalanceConfig(relayed_share=0)
