@@ -27,10 +27,18 @@ Scenarios: ``steady`` (the slow server takes 5 s for every computation) and ``sl
 alternative set to None (`OwnHistoryChain`), everything else equal (`ClientConfig`'s
 defaults: hedge after 3x, floor 0.5 s, step timeout 30 s).
 
+Two more scenarios measure what hedging costs where the first server is not steadily slow
+(``--scenarios honest hiccup --tokens 300``): ``honest`` (two honest replicas, neither
+penalised: the hedge rate when nobody is slow) and ``hiccup`` (``slow-every:16:SECONDS``,
+``--hiccup`` seconds, 1.5: a server that waits before one computation in 16 and is
+otherwise as fast as the replica). In these two the old rule is 3cf7c1e's whole rule:
+besides the yardstick, an original that answers first after being raced costs it
+nothing (`OwnHistoryChain`'s policy); the new code penalises it (a hedge was spent on it).
+
 Printed per run: seconds per token (the decode steps' mean, and the last one), the
-prompt's seconds, hedges (and who won), the slow server's penalty at the end, and
-whether the route ended on the replica. Real seconds: a loaded machine stretches them,
-not the hedge counts.
+prompt's seconds, hedges (won by the replica / lost to the original), hedges per 100
+tokens, the first server's penalty at the end, and whether the route ended on the other
+server. Real seconds: a loaded machine stretches them, not the hedge counts.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -52,15 +61,39 @@ import trio
 
 from swarm.client.bans import BanList
 from swarm.client.chain import Chain
+from swarm.client.chain.failures import FailurePolicy
+from swarm.client.chain.hedging import HedgeWinner
+from swarm.client.config import ClientConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.lab.checkpoints import write_random_llama
 from swarm.server.config import ServerConfig
 from swarm.testing.adversaries import adversary_wrapper
 from swarm.testing.swarm import open_local_swarm
-from swarm.types import LayerRange
+from swarm.types import LayerRange, PeerId
 
-LAYERS, HIDDEN = 6, 64
-SCENARIOS = {"steady": "slow:5", "slowing": "slow:0.2:1.6"}
+LAYERS = 6
+SCENARIOS: dict[str, str | None] = {
+    "steady": "slow:5",
+    "slowing": "slow:0.2:1.6",
+    "honest": None,
+    "hiccup": "slow-every:16:{hiccup}",
+}
+
+
+class OldPolicy(FailurePolicy):
+    """3cf7c1e's penalty rule: only a hop that lost its race to the replacement is
+    penalised; one that answered first after being raced costs nothing."""
+
+    def __init__(self, chain: Chain, config: ClientConfig, bans: BanList) -> None:
+        super().__init__(config, bans)
+        self.chain = chain
+
+    def slow(self, peer: PeerId) -> None:
+        # the race's record is appended before it settles: it names the winner
+        last = self.chain.hedges[-1] if self.chain.hedges else None
+        if last is not None and last.slow == peer and last.winner is HedgeWinner.ORIGINAL:
+            return
+        super().slow(peer)
 
 
 class OwnHistoryChain(Chain):
@@ -68,6 +101,16 @@ class OwnHistoryChain(Chain):
 
     async def alternative(self, k: int, tokens: int) -> float | None:
         return None
+
+
+class OldChain(OwnHistoryChain):
+    """3cf7c1e's whole rule: its yardstick (`OwnHistoryChain`) and its penalties
+    (`OldPolicy`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy = OldPolicy(self, self.config, self.policy.bans)
+        self.opener.failures = self.policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +122,21 @@ class Run:
     prompt: float
     hedges: int
     won_by_replacement: int
+    lost_to_original: int
     penalty: float
-    on_replica: bool
+    moved: bool
+    hedged_steps: tuple[str, ...]  # step and winner (o: the original, r: the replacement)
 
 
-async def run(path: Path, scenario: str, rule: str, prompt: int, tokens: int) -> Run:
+async def run(
+    path: Path, scenario: str, rule: str, prompt: int, tokens: int, hiccup: float, hidden: int
+) -> Run:
     torch.manual_seed(0)
     base = ServerConfig(model=path, announce_ttl=30.0)
+    spec = SCENARIOS[scenario]
     async with open_local_swarm(path, [], config=base) as local:
-        slow = await local.add_server(
-            LayerRange(0, LAYERS), wrap_handlers=adversary_wrapper(SCENARIOS[scenario])
-        )
+        wrap = None if spec is None else adversary_wrapper(spec.format(hiccup=hiccup))
+        slow = await local.add_server(LayerRange(0, LAYERS), wrap_handlers=wrap)
         replica = await local.add_server(LayerRange(0, LAYERS))
         config = local.client_config()
         slow_peer, replica_peer = slow.ready.peer_id, replica.ready.peer_id
@@ -97,8 +144,10 @@ async def run(path: Path, scenario: str, rule: str, prompt: int, tokens: int) ->
             bans = BanList(
                 config.failures.ban_base_s, config.failures.ban_backoff, config.failures.ban_max_s
             )
-            bans.penalties.penalise(replica_peer, 10.0, 3600.0)  # the route starts on `slow`
-            kind = OwnHistoryChain if rule == "old" else Chain
+            if spec is not None:  # the route starts on `slow`
+                bans.penalties.penalise(replica_peer, 10.0, 3600.0)
+            old: type[Chain] = OldChain if scenario in ("honest", "hiccup") else OwnHistoryChain
+            kind = old if rule == "old" else Chain
             times: list[float] = []
             with trio.fail_after(30 + 60 * (tokens + 1)):
                 async with kind.open(
@@ -110,19 +159,21 @@ async def run(path: Path, scenario: str, rule: str, prompt: int, tokens: int) ->
                     bans=bans,
                     rng=random.Random(0),
                 ) as chain:
-                    assert chain.route[0].server.peer_id == slow_peer
+                    first = chain.route[0].server.peer_id
+                    assert spec is None or first == slow_peer
                     position = 0
                     for n in [prompt] + [1] * tokens:
-                        x = torch.randn(1, n, HIDDEN)  # (batch, n, hidden)
+                        x = torch.randn(1, n, hidden)  # (batch, n, hidden)
                         positions = torch.arange(position, position + n).unsqueeze(0)
                         start = time.perf_counter()
                         await chain.step(x, positions)
                         times.append(time.perf_counter() - start)
                         position += n
                     stats = chain.statistics()
-                    on_replica = chain.route[0].server.peer_id == replica_peer
+                    moved = chain.route[0].server.peer_id != first
     decode = times[1:]
-    won = sum(1 for h in stats.hedges if h.winner.value == "replacement")
+    won = sum(1 for h in stats.hedges if h.winner is HedgeWinner.REPLACEMENT)
+    lost = sum(1 for h in stats.hedges if h.winner is HedgeWinner.ORIGINAL)
     return Run(
         scenario,
         rule,
@@ -131,8 +182,10 @@ async def run(path: Path, scenario: str, rule: str, prompt: int, tokens: int) ->
         times[0],
         len(stats.hedges),
         won,
-        bans.penalties.penalty(slow_peer),
-        on_replica,
+        lost,
+        bans.penalties.penalty(first),
+        moved,
+        tuple(f"{h.step}{h.winner.value[0]}" for h in stats.hedges),
     )
 
 
@@ -140,26 +193,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=1, help="tokens of the first step")
     parser.add_argument("--tokens", type=int, default=8, help="decode steps after the prompt")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--steps", action="store_true", help="list the hedged steps")
+    parser.add_argument("--hidden", type=int, default=64, help="the model's hidden size")
+    parser.add_argument("--scenarios", nargs="+", default=["steady", "slowing"], choices=SCENARIOS)
+    parser.add_argument(
+        "--hiccup", type=float, default=0.7, help="seconds of the hiccup scenario's delay"
+    )
     parser.add_argument("--rules", nargs="+", default=["old", "new"], choices=["old", "new"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_random_llama(Path(tmp) / "tiny", num_layers=LAYERS, hidden=HIDDEN)
+        path = write_random_llama(Path(tmp) / "tiny", num_layers=LAYERS, hidden=args.hidden)
         print(
             f"{'scenario':<9} {'rule':<4} {'s/token':>8} {'last':>7} {'prompt':>7} "
-            f"{'hedges':>6} {'won':>4} {'penalty':>7} {'moved':>5}"
+            f"{'hedges':>6} {'won':>4} {'lost':>4} {'/100tok':>7} {'penalty':>7} {'moved':>5}"
         )
         for scenario in args.scenarios:
             for rule in args.rules:
-                r = trio.run(run, path, scenario, rule, args.prompt, args.tokens)
+                r = trio.run(
+                    run, path, scenario, rule, args.prompt, args.tokens, args.hiccup, args.hidden
+                )
+                rate = 100 * r.hedges / args.tokens
                 print(
                     f"{r.scenario:<9} {r.rule:<4} {r.per_token:>8.2f} {r.last_token:>7.2f} "
                     f"{r.prompt:>7.2f} {r.hedges:>6} {r.won_by_replacement:>4} "
-                    f"{r.penalty:>7.2f} {'yes' if r.on_replica else 'no':>5}",
+                    f"{r.lost_to_original:>4} {rate:>7.2f} "
+                    f"{r.penalty:>7.2f} {'yes' if r.moved else 'no':>5}",
                     flush=True,
                 )
+                if args.steps:
+                    print(f"  hedged steps: {' '.join(r.hedged_steps) or '-'}", flush=True)
 
 
 if __name__ == "__main__":

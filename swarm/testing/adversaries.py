@@ -3,7 +3,9 @@
 A spec string names how a server lies (or fails): ``hang`` opens inference sessions, then
 never answers a step (nor forward nor push); ``slow:SECONDS[:FACTOR]`` answers honestly but
 waits before every computation, SECONDS for the first and FACTOR times longer for each
-next (a server that is steadily slow, or one that slows down); every other spec is a liar
+next (a server that is steadily slow, or one that slows down); ``slow-every:N:SECONDS``
+answers honestly and waits SECONDS before every Nth computation only (a server that
+hiccups now and then); every other spec is a liar
 of `swarm.lab.liar`
 (``noise:R``, ``skip``, ``zeros``, ``cheat:Q[:KIND]``, ``after:N[:KIND]``,
 ``other-weights:SEED``, ``collude:SEED``). They attach through ``wrap_handlers`` (the
@@ -37,6 +39,7 @@ __all__ = [
     "HangingHandlers",
     "LyingHandlers",
     "SlowingHandlers",
+    "StutteringHandlers",
     "adversary_wrapper",
     "corruptor",
     "hanging",
@@ -120,6 +123,50 @@ def slowing(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
     return wrap
 
 
+class StutteringHandlers(ServingHandlers):
+    """The honest server's handlers, every ``every``-th computation (the ``every``-th,
+    ``2 * every``-th, ...) delayed by ``delay_s`` seconds, the others not at all."""
+
+    def __init__(self, honest: ServingHandlers, every: int, delay_s: float) -> None:
+        super().__init__(
+            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
+        )
+        self.every = every
+        self.delay_s = delay_s
+        self.computations = 0
+
+    async def compute(
+        self,
+        span: Span,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        priority: Priority,
+    ) -> torch.Tensor:
+        self.computations += 1
+        if self.computations % self.every == 0:
+            await trio.sleep(self.delay_s)
+        return await super().compute(span, hidden, positions, cache, priority)
+
+
+def stuttering(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
+    """A ``wrap_handlers`` function for ``slow-every:N:SECONDS`` (`StutteringHandlers`).
+    Raises `ConfigError` for a malformed spec."""
+    usage = f"adversary {spec!r}: use slow-every:N:SECONDS, N >= 1 and SECONDS >= 0"
+    parts = spec.split(":")[1:]
+    try:
+        every, delay = int(parts[0]), float(parts[1])
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(usage) from exc
+    if len(parts) != 2 or every < 1 or not delay >= 0:
+        raise ConfigError(usage)
+
+    def wrap(honest: ServingHandlers) -> HandlerRegistry:
+        return StutteringHandlers(honest, every, delay).registry()
+
+    return wrap
+
+
 def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
     """A ``wrap_handlers`` function for `Server` that makes it behave as ``spec`` says.
     Raises `ConfigError` for an unknown or malformed spec."""
@@ -127,4 +174,6 @@ def adversary_wrapper(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]
         return hanging
     if spec.startswith("slow:"):
         return slowing(spec)
+    if spec.startswith("slow-every:"):
+        return stuttering(spec)
     return liar_wrapper(spec)

@@ -9,6 +9,7 @@ with nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -204,7 +205,7 @@ async def test_two_hundred_clients_coming_and_going_do_not_slow_joins() -> None:
             assert await _join_timeouts(cluster, "first") == 0
             for i in range(200):
                 peers = (cluster.nodes[i % 10].address,)
-                config = DHTConfig(**{**client.__dict__, "initial_peers": peers})
+                config = dataclasses.replace(client, initial_peers=peers)
                 async with DHTNode.open(Identity.from_seed(f"client{i}".encode()), config) as c:
                     assert len(await c.get(BLOCKS[1])) == 3
             # what slowed joins: asking dead contacts; the clients left none behind
@@ -233,7 +234,7 @@ async def test_three_nodes_replying_with_no_records_do_not_end_a_lookup() -> Non
                 peer = (cluster.nodes[0].address,)
                 fake = await cluster.add(
                     Identity.from_seed(f"fake{i}".encode()),
-                    DHTConfig(**{**config.__dict__, "initial_peers": peer}),
+                    dataclasses.replace(config, initial_peers=peer),
                 )
 
                 def lie(kad: Any, bit: int = i) -> None:
@@ -268,16 +269,16 @@ async def test_many_nodes_behind_one_ip_hold_a_few_places_in_any_table() -> None
         with trio.fail_after(60):
             for i in range(8):
                 peers = (cluster.nodes[0].address,) if cluster.nodes else ()
-                host_config = DHTConfig(**{**config.__dict__, "host": f"127.0.{i + 1}.1"})
-                host_config = DHTConfig(**{**host_config.__dict__, "initial_peers": peers})
+                host_config = dataclasses.replace(config, host=f"127.0.{i + 1}.1")
+                host_config = dataclasses.replace(host_config, initial_peers=peers)
                 await cluster.add(Identity.from_seed(f"honest{i}".encode()), host_config)
             writer = cluster.nodes[3]
             for key in BLOCKS:
                 await writer.announce(key, {"addr": writer.address}, 60.0)
             entry = (cluster.nodes[0].address, cluster.nodes[5].address)
             for i in range(20):
-                sybil = DHTConfig(**{**config.__dict__, "host": "127.66.0.1"})
-                sybil = DHTConfig(**{**sybil.__dict__, "initial_peers": (entry[i % 2],)})
+                sybil = dataclasses.replace(config, host="127.66.0.1")
+                sybil = dataclasses.replace(sybil, initial_peers=(entry[i % 2],))
                 node = await cluster.add(Identity.from_seed(f"sybil{i}".encode()), sybil)
                 await node.get(BLOCKS[i % 4])  # and they keep talking
             for node in cluster.nodes[:8]:

@@ -4,6 +4,7 @@ a full key where every group holds its part gives way from the largest group of 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -128,11 +129,11 @@ async def test_one_host_with_many_ports_does_not_lock_a_new_server_out() -> None
             nodes: list[DHTNode] = []
             for i in range(2):  # two storing nodes, as in the break
                 peers = (nodes[0].address,) if nodes else ()
-                cfg = DHTConfig(**{**config.__dict__, "initial_peers": peers})
+                cfg = dataclasses.replace(config, initial_peers=peers)
                 node = DHTNode.open(Identity.from_seed(f"room{i}".encode()), cfg)
                 nodes.append(await stack.enter_async_context(node))
-            writer = DHTConfig(
-                **{**config.__dict__, "initial_peers": (nodes[0].address,), "client_only": True}
+            writer = dataclasses.replace(
+                config, initial_peers=(nodes[0].address,), client_only=True
             )
             for i in range(config.storage.max_records_per_key):  # one host's ports fill the key
                 sybil = Identity.from_seed(f"port-sybil{i}".encode())
@@ -140,7 +141,7 @@ async def test_one_host_with_many_ports_does_not_lock_a_new_server_out() -> None
                 await s.announce(KEY, {"addr": f"127.0.0.1:{20000 + i}"}, config.storage.max_ttl)
             assert len(await nodes[0].get(KEY)) == config.storage.max_records_per_key
             newcomer = Identity.from_seed(b"honest-newcomer")
-            elsewhere = DHTConfig(**{**writer.__dict__, "host": "127.0.0.2"})
+            elsewhere = dataclasses.replace(writer, host="127.0.0.2")
             me = await stack.enter_async_context(DHTNode.open(newcomer, elsewhere))
             assert await me.announce(KEY, {"addr": "127.0.0.2:30000"}, 60.0) == len(nodes)
             for node in nodes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Hashable
@@ -87,11 +88,11 @@ async def test_a_server_proves_its_way_into_a_key_full_of_sybils() -> None:
             nodes: list[DHTNode] = []
             for i in range(6):  # storing nodes, each with the prover
                 peers = (nodes[0].address,) if nodes else ()
-                cfg = DHTConfig(**{**config.__dict__, "initial_peers": peers})
+                cfg = dataclasses.replace(config, initial_peers=peers)
                 node = DHTNode.open(Identity.from_seed(f"store{i}".encode()), cfg, prover=prover)
                 nodes.append(await stack.enter_async_context(node))
-            joined = DHTConfig(**{**config.__dict__, "initial_peers": (nodes[0].address,)})
-            writer = DHTConfig(**{**joined.__dict__, "client_only": True})
+            joined = dataclasses.replace(config, initial_peers=(nodes[0].address,))
+            writer = dataclasses.replace(joined, client_only=True)
             for i in range(8):  # eight sybils, each its own endpoint (group): a full key
                 sybil = Identity.from_seed(f"sybil{i}".encode())
                 s = await stack.enter_async_context(DHTNode.open(sybil, writer))

@@ -11,6 +11,7 @@ from swarm.errors import ConfigError
 from swarm.server.compute import Priority
 from swarm.testing.adversaries import (
     SlowingHandlers,
+    StutteringHandlers,
     adversary_wrapper,
     corruptor,
     perturb_weights,
@@ -78,3 +79,28 @@ async def test_slow_waits_longer_each_time_and_bad_specs_are_refused(
         with pytest.raises(ConfigError):
             adversary_wrapper(spec)
     assert callable(adversary_wrapper("slow:5")) and callable(adversary_wrapper("slow:0.2:1.6"))
+
+
+async def test_slow_every_n_waits_on_every_nth_computation_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Queue:  # the honest computation: the input back
+        async def run_span(self, span: object, hidden: torch.Tensor, *_: object) -> torch.Tensor:
+            return hidden
+
+    handlers = StutteringHandlers.__new__(StutteringHandlers)  # no server behind it
+    handlers.every, handlers.delay_s, handlers.computations = 3, 0.75, 0
+    handlers.queue = Queue()  # type: ignore[assignment]
+    x, _ = pair()
+    waits = []
+    for _ in range(7):
+        start = trio.current_time()
+        out = await handlers.compute(None, x, x, None, Priority.INFERENCE)  # type: ignore[arg-type]
+        waits.append(trio.current_time() - start)
+        assert torch.equal(out, x)  # honest answers, only late now and then
+    assert waits == pytest.approx([0, 0, 0.75, 0, 0, 0.75, 0])
+    for spec in ("slow-every:", "slow-every:16", "slow-every:x:1", "slow-every:0:1",
+                 "slow-every:16:-1", "slow-every:16:1:2", "slow-every:1.5:1"):  # fmt: skip
+        with pytest.raises(ConfigError):
+            adversary_wrapper(spec)
+    assert callable(adversary_wrapper("slow-every:16:1.5"))
