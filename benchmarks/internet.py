@@ -30,7 +30,7 @@ def main() -> None:
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=int, default=getattr(defaults, name))
     for name in (
-        "loss", "sybil_share", "duration", "period", "ttl", "churn_per_minute",
+        "loss", "sybil_share", "junk_sybils", "duration", "period", "ttl", "churn_per_minute",
         "mass_leave_at", "mass_leave_share", "load_seconds",
     ):  # fmt: skip
         parser.add_argument(

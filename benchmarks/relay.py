@@ -1,7 +1,7 @@
 """Relays (issue 22): what a relayed hop costs, what a relay costs, how fast relaying heals.
 
     python benchmarks/relay.py                    # everything below
-    python benchmarks/relay.py --only chain       # one part: chain, relay, attach
+    python benchmarks/relay.py --only chain       # one part: chain, relay, attach, punch
 
 1. chain: an in-process swarm of a tiny model (hidden 256, 8 layers) with two relay nodes;
    servers [0,3) [3,6) [6,8); the middle one either direct or behind `Undialable` (it
@@ -15,6 +15,11 @@
 3. attach: time from a relayed server's start to ready (dial-back check, two relays
    attached, announced), against a direct server's; and from killing the relay a server
    uses to having two relays again (re-attach and re-announce).
+4. punch: direct connections through the relay (`swarm.net.punch`), loopback only (the
+   punched sockets are raw TCP, outside the link emulator): the time `dial_direct` takes
+   over a relayed channel (exchange, simultaneous open, handshake), and the 3-server
+   chain's per-token latency with the middle hop direct, relayed, and relayed but
+   upgraded (the client and the first server both punched to it). Modes alternate.
 
 Figures go in benchmarks/README.md. Not a test: nothing here asserts timings.
 """
@@ -22,6 +27,7 @@ Figures go in benchmarks/README.md. Not a test: nothing here asserts timings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import statistics
@@ -43,7 +49,8 @@ from swarm.net.handshake import open_channel
 from swarm.net.messages import ForwardRequest, ForwardResponse
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
-from swarm.net.relay import hold_reservation
+from swarm.net.punch import HolePunchService, PunchConfig, dial_direct
+from swarm.net.relay import RelayService, hold_reservation
 from swarm.net.rpc import CallContext
 from swarm.net.rpc_server import RpcServer
 from swarm.net.surface import FORWARD, call_forward
@@ -208,9 +215,87 @@ async def attach_times(path: Path) -> None:
     )
 
 
+async def punch_chain_once(path: Path, mode: str, rounds: int) -> list[float]:
+    punch = PunchConfig(window=2.0)
+    async with open_local_swarm(path) as local, AsyncExitStack() as stack:
+        for _ in range(2):
+            await stack.enter_async_context(open_relay_node(local.dht_address))
+        middle = None if mode == "direct" else Undialable()
+        await local.add_server(LayerRange(3, 6), reachability=REACH, transport=middle)
+        await local.add_server(LayerRange(6, 8), reachability=REACH)
+        reach = dataclasses.replace(REACH, direct=punch if mode == "upgraded" else None)
+        await local.add_server(LayerRange(0, 3), reachability=reach)
+        config = ClientConfig(
+            initial_peers=(local.dht_address,), direct=punch if mode == "upgraded" else None
+        )
+        async with AsyncRemoteModel.open(path, config) as m:
+            await m.generate(PROMPT, 4)
+            times: list[float] = []
+            for _ in range(rounds):
+                result = await m.generate_detailed(PROMPT, NEW_TOKENS)
+                hop = result.route[1]
+                assert (hop["path"], hop["upgraded"]) == {
+                    "direct": ("direct", False),
+                    "relayed": ("relayed", False),
+                    "upgraded": ("direct", True),
+                }[mode], hop
+                times.extend(result.timings[1:])
+    return times
+
+
+async def upgrade_times(trials: int) -> list[float]:
+    relay_id, relayed_id, dialer = (Identity.generate() for _ in range(3))
+    relay_service = RelayService(relay_id)
+    relay_rpc = RpcServer(relay_id, HandlerRegistry([relay_service.binding()]), relay=relay_service)
+    config = PunchConfig(window=2.0, host_rate=100.0, host_burst=100.0)
+    registry = HandlerRegistry([FORWARD.bind(Echo().rpc_forward)])
+    relayed_rpc = RpcServer(relayed_id, registry)
+    service = HolePunchService(relayed_rpc.handle_stream, config)
+    relayed_rpc.handlers = registry.with_bindings([service.binding()])
+    took = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        port = await nursery.start(relay_rpc.serve, "127.0.0.1", 0)
+        async with open_connection_pool(relayed_id) as pool, open_connection_pool(dialer) as mine:
+            conn = await pool.get("127.0.0.1", port, relay_id.peer_id)
+            await nursery.start(
+                hold_reservation, conn, TCPTransport(), "127.0.0.1", port, relayed_rpc.handle_stream
+            )
+            relayed = await mine.get("127.0.0.1", port, relayed_id.peer_id)
+            for _ in range(trials):
+                started = time.perf_counter()
+                channel = await dial_direct(
+                    relayed, dialer, relayed_id.peer_id, towards="127.0.0.1", punch=config
+                )
+                took.append(time.perf_counter() - started)
+                await channel.aclose()
+            nursery.cancel_scope.cancel()
+    return took
+
+
+def punch(workdir: Path, rounds: int) -> None:
+    took = trio.run(upgrade_times, 20)
+    print(
+        f"[punch] dial_direct over a relayed channel on loopback: median "
+        f"{statistics.median(took) * 1e3:.1f} ms, max {max(took) * 1e3:.1f} ms (20 trials)",
+        flush=True,
+    )
+    path = tiny(workdir)
+    samples: dict[str, list[float]] = {"direct": [], "relayed": [], "upgraded": []}
+    for _ in range(2):  # alternate
+        for mode in samples:
+            samples[mode] += trio.run(punch_chain_once, path, mode, rounds)
+    medians = {mode: statistics.median(v) for mode, v in samples.items()}
+    print(
+        "[punch, loopback] middle hop "
+        + ", ".join(f"{m} {t * 1e3:.2f} ms/token ({1 / t:.1f} tok/s)" for m, t in medians.items()),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("chain", "relay", "attach"))
+    parser.add_argument("--only", choices=("chain", "relay", "attach", "punch"))
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +306,8 @@ def main() -> None:
             relay(workdir)
         if args.only in (None, "attach"):
             trio.run(attach_times, tiny(workdir))
+        if args.only in (None, "punch"):
+            punch(workdir, args.rounds)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def serve(
         bool,
         typer.Option(
             help="When others cannot dial this server, ask the router (UPnP IGD, needs the "
-            "miniupnpc package; else NAT-PMP) to forward the port (--no-port-mapping: never)."
+            "miniupnpc package; else PCP or NAT-PMP) to forward the port "
+            "(--no-port-mapping: never)."
         ),
     ] = True,
     direct: Annotated[

@@ -47,6 +47,7 @@ def status_report(gateway: Gateway) -> dict[str, Any]:
                 "short": view.peer_id.short(),
                 "address": view.address,
                 "path": view.path,
+                "upgraded": view.upgraded,
                 "reachability": str(view.reachability),
                 "state": str(view.state),
                 "start": view.layers.start,

@@ -14,6 +14,15 @@ most `GRACE_FACTOR` × its round-trip time (at least `MIN_GRACE` s) for the othe
 straggler stays in the lookup as contacted: its reply is used in a later round if it has come
 by then, and before concluding that everyone was asked the lookup waits for the stragglers
 left, so skipping them never loses records; their timeouts still evict dead contacts.
+
+Both crawls also keep the provenance of each contact they learned (`_Provenance`), because a
+liar's reply can otherwise steer a lookup for ever: twenty made-up ids closer to the key than
+any real node, at addresses where nothing answers (or all at the liar's own address), then
+twenty more from the next liar, each round waiting out an RPC timeout. A contact at an address
+the lookup already holds under another id is dropped (an address hosts one node); once
+`DISTRUST_AFTER` of a replier's contacts failed to answer, and more failed than answered, the
+replier is distrusted for the rest of the lookup: its uncontacted contacts leave the lookup
+and its later replies are ignored.
 """
 
 from __future__ import annotations
@@ -28,8 +37,16 @@ from kademlia.node import Node
 
 from swarm.dht.records import DropReason, Record
 
-__all__ = ["GRACE_FACTOR", "MIN_GRACE", "NodeCrawl", "RecordCrawl", "parse_node_list"]
+__all__ = [
+    "DISTRUST_AFTER",
+    "GRACE_FACTOR",
+    "MIN_GRACE",
+    "NodeCrawl",
+    "RecordCrawl",
+    "parse_node_list",
+]
 
+DISTRUST_AFTER = 2  # failed contacts from one replier before its contacts are dropped
 GRACE_FACTOR = 4.0
 MIN_GRACE = 0.05  # seconds; a live node that misses it is waited for before the lookup ends
 
@@ -81,7 +98,64 @@ def _split(
     return done, {node_id: task for node_id, task in tasks.items() if not task.done()}
 
 
-class _GraceRounds:
+class _Provenance:
+    """Which replier gave the lookup each contact, and the distrust of liars (see the
+    module docstring). State lives in the crawl (one lookup)."""
+
+    nearest: Any
+
+    def _provenance(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.__dict__.setdefault(
+            "_provenance_state",
+            {"origin": {}, "failed": {}, "answered": {}, "distrusted": set(), "dead": set()},
+        )
+        return state
+
+    def _learn(self, replier: bytes, nodes: list[Node]) -> None:
+        """Push ``nodes`` (from ``replier``'s reply) unless the replier is distrusted."""
+        st = self._provenance()
+        if replier in st["distrusted"]:
+            return
+        origin = st["origin"]
+        if replier in origin:
+            st["answered"][origin[replier]] = st["answered"].get(origin[replier], 0) + 1
+        held = {(n.ip, n.port): n.id for _, n in self.nearest.heap}
+        source = self.nearest.get_node(replier)
+        if source is not None:
+            held.setdefault((source.ip, source.port), source.id)
+        fresh = []
+        for node in nodes:
+            if node.id in st["dead"] or node.id in st["distrusted"]:
+                continue
+            if held.setdefault((node.ip, node.port), node.id) != node.id:
+                continue  # another id at an address the lookup already holds
+            origin.setdefault(node.id, replier)
+            fresh.append(node)
+        self.nearest.push(fresh)
+
+    def _forget(self, dead: list[bytes]) -> None:
+        """``dead`` did not answer: drop them, and distrust a replier whose contacts fail."""
+        st = self._provenance()
+        st["dead"].update(dead)
+        drop = set(dead)
+        for node_id in dead:
+            replier = st["origin"].get(node_id)
+            if replier is None or replier in st["distrusted"]:
+                continue
+            failed = st["failed"][replier] = st["failed"].get(replier, 0) + 1
+            if failed >= DISTRUST_AFTER and failed > st["answered"].get(replier, 0):
+                st["distrusted"].add(replier)
+                drop.add(replier)
+                contacted = self.nearest.contacted
+                drop.update(
+                    n.id
+                    for _, n in self.nearest.heap
+                    if st["origin"].get(n.id) == replier and n.id not in contacted
+                )
+        self.nearest.remove(list(drop))
+
+
+class _GraceRounds(_Provenance):
     """`SpiderCrawl._find` that does not wait for stragglers (see the module docstring)."""
 
     protocol: Any
@@ -135,8 +209,8 @@ class NodeCrawl(_GraceRounds, NodeSpiderCrawl):  # type: ignore[misc]
             if not answered:
                 toremove.append(peer_id)
             else:
-                self.nearest.push(parse_node_list(reply))
-        self.nearest.remove(toremove)
+                self._learn(peer_id, parse_node_list(reply))
+        self._forget(toremove)
         if self.nearest.have_contacted_all():
             late = await self._last_stragglers()
             if late is not None:
@@ -179,11 +253,12 @@ class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
                 listed = value if isinstance(value, list) else []
                 blobs = [b for b in listed if isinstance(b, bytes)]
                 self.blobs.extend(blobs)
+                self._learn(peer_id, [])  # counts the answer for whoever gave us this peer
                 if any(isinstance(self._check(b), Record) for b in blobs):
                     self.replicas += 1
             else:
-                self.nearest.push(parse_node_list(reply))
-        self.nearest.remove(toremove)
+                self._learn(peer_id, parse_node_list(reply))
+        self._forget(toremove)
         if self.replicas >= self.quorum:
             return self.blobs
         if self.nearest.have_contacted_all():

@@ -115,12 +115,14 @@ class ConnectionPool:
         self, peer: PeerId, *, towards: str, punch: PunchConfig = DEFAULT_PUNCH_CONFIG
     ) -> bool:
         """Replace the (relayed) channel to ``peer`` by a direct connection made by
-        `swarm.net.punch.dial_direct` (``towards``: the relay's host). True when the channel
-        to ``peer`` is direct now; False (logged) when there is no channel to it or no
-        direct connection was made (or one failed within ``punch.retry_after``), and the
-        relayed channel stays. Calls and streams already on the relayed channel go on
-        there; new ones take the direct one. Costs up to ``punch.window`` plus the
-        exchange's round trips when it fails."""
+        `swarm.net.punch.dial_direct` (``towards``: the relay's host).
+
+        True when the channel to ``peer`` is direct now: calls and streams already on the
+        relayed channel go on there, new ones take the direct one, and the relayed channel
+        is closed once nothing runs on it. False (logged) when there is no channel to it,
+        or no direct connection was made (or one failed within ``punch.retry_after``): the
+        relayed channel stays. Costs up to ``punch.window`` plus the exchange's round
+        trips when it fails."""
         lock = self._upgrading.setdefault(peer, trio.Lock())
         async with lock:
             if self.is_direct(peer):
@@ -150,9 +152,17 @@ class ConnectionPool:
             await self._nursery.start(self._run, peer, direct)
             self._conns[peer] = direct
             self._direct[peer] = direct
+            self._nursery.start_soon(self._retire, conn)
         self._upgrading.pop(peer, None)
         await self._evict()
         return True
+
+    async def _retire(self, conn: RpcConnection) -> None:
+        """Close a channel that was replaced once nothing runs on it any more (its relay
+        circuit then counts against the relay's quotas no longer). Polls every second."""
+        while conn.busy and not conn.is_closed:
+            await trio.sleep(1.0)
+        await conn.aclose()
 
     async def call(
         self,

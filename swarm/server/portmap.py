@@ -9,7 +9,8 @@ turn and keeps the first that maps:
 - `UPnPPortMapper`: UPnP IGD through the `miniupnpc` library (no SSDP or SOAP written here),
   an optional dependency (``pip install 'swarm[nat]'``); its calls block, so they run in a
   worker thread, each within ``timeout``;
-- `swarm.server.natpmp.NatPmpPortMapper`: NAT-PMP (RFC 6886), two small UDP messages.
+- `swarm.server.natpmp.NatPmpPortMapper`: PCP (RFC 6887), or NAT-PMP (RFC 6886) for a
+  gateway that answers PCP in NAT-PMP: small UDP messages.
 
 Without a library or a router that answers, mapping is skipped (logged) and relays take over.
 """

@@ -8,7 +8,7 @@ A `ReachabilityKeeper` owns the server's answer to "can I be dialed?" and what f
   cast decides (`decide`): one lying helper among three cannot flip it. With no votes the
   answer is ``unknown``. Done at start and every ``recheck_interval``.
 - **port mapping**: when the first check says not ``reachable``, ask the router to forward
-  the port (`swarm.server.portmap`: UPnP IGD, then NAT-PMP) and check the mapped address;
+  the port (`swarm.server.portmap`: UPnP IGD, then PCP / NAT-PMP) and check the mapped address;
   announce it if it works.
 - **relays**: while not ``reachable``, keep reservations at ``relays`` relays (different
   address groups first; `swarm.net.relay.hold_reservation`) and have the server
@@ -51,7 +51,7 @@ class ReachabilityConfig:
     ``attach_timeout`` (10 s): how long start-up waits for a first relay;
     ``port_mapping`` (True): when not reachable, ask the router to forward the port for
     ``mapping_lease`` (3600 s) at a time: by UPnP IGD (at ``igd_url``, or discovered when
-    None), else by NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
+    None), else by PCP or NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
     gateway when None); ``direct`` (None): a `PunchConfig` to try a direct connection
     (`swarm.net.punch`) to each relayed server after our next-hop ping reached it through
     its relay, so that pushes to it skip the relay (None: they go through it)."""

@@ -22,7 +22,10 @@ class Head(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # a weight given is not initialised: `load_head` builds this on the meta device,
+        # where nn.Embedding's own normal_ init would import torch._dynamo (seconds)
+        weight = torch.empty(config.vocab_size, config.hidden_size)  # (vocab, hidden)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

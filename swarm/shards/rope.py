@@ -18,9 +18,11 @@ __all__ = ["apply_rope", "inverse_frequencies", "rope_cos_sin"]
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Per-pair inverse frequencies, scaled per ``config.rope_scaling``. Shape (head_dim // 2,)."""
+    """Per-pair inverse frequencies, scaled per ``config.rope_scaling``. Shape (head_dim // 2,),
+    on the CPU (also inside ``torch.device("meta")``: there a division runs through PyTorch's
+    reference implementations, whose first use imports torch._dynamo, seconds of start-up)."""
     dim = config.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (config.rope_theta**exponents)  # (head_dim/2,)
     scaling = config.rope_scaling
     if scaling is None:
@@ -28,7 +30,8 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
     if scaling.rope_type == "factors":  # llama.cpp's rope_freqs: theta_i / factor_i
-        return inv_freq / torch.tensor(scaling.frequency_factors, dtype=torch.float32)
+        factors = torch.tensor(scaling.frequency_factors, dtype=torch.float32, device="cpu")
+        return inv_freq / factors
     return _llama3_scale(inv_freq, config)
 
 

@@ -5,7 +5,11 @@ Real: N `DHTNode`s on loopback whose datagrams cross emulated links
 (`DatagramLinkEmulator`: 3 regions, a one-way delay per region pair, loss), signed
 `ServerAnnouncement`s under the real block keys, the real strict decoder, and the real
 rebalancing (`swarm.server.rebalancer.Rebalancer` with `swarm.server.balance.decide`) reading
-them. Sybils are DHT nodes that answer nothing (every datagram they send is lost).
+them. Sybils are DHT nodes that answer nothing (every datagram they send is lost) or, a
+share ``junk_sybils`` of them, answer every lookup with junk (`swarm.testing.sybils`:
+contacts pointing at nothing or at themselves, malformed contacts, tampered, re-signed and
+unsigned records under the real block keys); the report counts forged records that any
+lookup or read accepted (none should be).
 
 Modelled: a server is one of the DHT nodes plus a layer range and a throughput; it
 announces and rebalances for real, but serves no RPC (a move costs ``load_seconds``). A
@@ -30,14 +34,14 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from itertools import pairwise
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, TimingConfig
+from swarm.dht import DHTConfig, DHTNode, Record, TimingConfig
 from swarm.directory import ServerView, block_key, block_keys, servers_from_records
 from swarm.errors import SwarmError
 from swarm.identity import Identity
@@ -45,6 +49,7 @@ from swarm.net.messages import RangeMove, ServerAnnouncement
 from swarm.server.balance import BalanceConfig, Decision, block_throughputs, choose_start
 from swarm.server.rebalancer import Rebalancer
 from swarm.testing.links import DatagramLinkEmulator, LinkSpec
+from swarm.testing.sybils import FORGED_MARK, JunkAnswerer, answer_with_junk
 from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = ["SimConfig", "SimReport", "run_simulation"]
@@ -67,6 +72,7 @@ class SimConfig:
     inter: tuple[float, float] = (0.040, 0.120)  # one-way seconds across regions
     loss: float = 0.01
     sybil_share: float = 0.1
+    junk_sybils: float = 0.0  # of the sybils, the share that answer junk (the rest: nothing)
     clients: int = 3
     tokens: int = 16  # per generation
     duration: float = 30.0
@@ -96,6 +102,9 @@ class SimReport:
     bytes_per_node_minute: float = 0.0
     moves: int = 0
     lost_datagrams: int = 0
+    junk_replies: int = 0  # find_node / find_value replies the junk-answering sybils sent
+    forged_sent: int = 0  # forged or junk records among them
+    forged_accepted: int = 0  # records or server views from a forgery that a read accepted
 
     def summary(self) -> dict[str, object]:
         def pct(values: Sequence[float], q: float) -> float:
@@ -128,6 +137,9 @@ class SimReport:
             "dht_bytes_per_node_minute": self.bytes_per_node_minute,
             "datagrams_lost": self.lost_datagrams,
             "moves": self.moves,
+            "junk_replies": self.junk_replies,
+            "forged_records_sent": self.forged_sent,
+            "forged_records_accepted": self.forged_accepted,
         }
 
 
@@ -166,6 +178,7 @@ class _Sim:
         self.stacks: list[AsyncExitStack] = []
         self.region: dict[int, str] = {}
         self.sybils: set[int] = set()
+        self.liars: list[JunkAnswerer] = []
         self.servers: list[_Server] = []
         self.free_nodes: list[int] = []
         self.delay: dict[tuple[str, str], float] = {}
@@ -208,8 +221,15 @@ class _Sim:
         self.rng.shuffle(candidates)
         n_sybils = int(cfg.sybil_share * cfg.dht_nodes)
         self.sybils = set(candidates[:n_sybils])
-        for i in self.sybils:  # from now on they answer nothing
-            self.links.silence(("127.0.0.1", self.nodes[i].port))
+        n_junk = round(cfg.junk_sybils * n_sybils)
+        keys = block_keys(MODEL, cfg.blocks)
+        for k, i in enumerate(candidates[:n_sybils]):  # from now on they lie
+            if k < n_junk:
+                identity = Identity.from_seed(f"sim-{cfg.seed}-{i}".encode())
+                liar = await answer_with_junk(self.nodes[i], identity, keys=keys, seed=i)
+                self.liars.append(liar)
+            else:
+                self.links.silence(("127.0.0.1", self.nodes[i].port))
         self.free_nodes = candidates[n_sybils:]
 
     async def close_node(self, index: int) -> None:
@@ -244,7 +264,23 @@ class _Sim:
 
     async def read(self, node: DHTNode) -> list[ServerView]:
         found = await node.get_many(block_keys(MODEL, self.cfg.blocks))
-        return servers_from_records(found, MODEL, self.cfg.blocks)
+        for records in found.values():
+            self.count_forged(records.values())
+        views = servers_from_records(found, MODEL, self.cfg.blocks)
+        servers = {s.peer_id for s in self.servers}
+        self.report.forged_accepted += sum(1 for v in views if v.peer_id not in servers)
+        return views
+
+    def count_forged(self, records: Iterable[Record]) -> None:
+        """Count the records a lookup accepted that a sybil forged: they carry its mark and
+        another peer's id (a sybil's own record under its own id is validly signed, so the
+        DHT keeps it; the directory's decoder must drop it, which `read` checks)."""
+        liars = {liar.identity.peer_id for liar in self.liars}
+        self.report.forged_accepted += sum(
+            1
+            for r in records
+            if r.value is not None and FORGED_MARK in r.value and r.peer_id not in liars
+        )
 
     async def run_server(self, s: _Server, *, task_status: trio.TaskStatus[None]) -> None:
         cfg = self.cfg
@@ -426,6 +462,7 @@ class _Sim:
             except SwarmError:
                 continue
             self.report.lookup_seconds.append(trio.current_time() - started)
+            self.count_forged(found.values())
             if settled:
                 self.report.lookup_recall.append(len(settled & set(found)) / len(settled))
 
@@ -503,6 +540,8 @@ async def run_simulation(config: SimConfig) -> SimReport:
             sim.report.datagrams_per_node_minute = sent / honest / minutes
             sim.report.bytes_per_node_minute = size / honest / minutes
             sim.report.lost_datagrams = sim.links.lost
+            sim.report.junk_replies = sum(liar.replies for liar in sim.liars)
+            sim.report.forged_sent = sum(liar.forged for liar in sim.liars)
             nursery.cancel_scope.cancel()
         log.info("run over; closing %d DHT nodes", len(sim.stacks))
     finally:

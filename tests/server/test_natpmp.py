@@ -110,3 +110,33 @@ async def test_a_real_renewal_and_removal_through_the_fake_gateway() -> None:
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
             assert gateway.requests[-1] == (2, 40002, 0, 0) and gateway.mappings == {}
+
+
+async def test_pcp_map_renew_and_remove() -> None:
+    """A gateway that speaks PCP is asked in PCP (60-byte MAP requests, one nonce for the
+    mapping's life) and never in NAT-PMP."""
+    with trio.fail_after(20):
+        async with open_fake_natpmp(external_ip="203.0.113.7", speaks_pcp=True) as gateway:
+            mapper = NatPmpPortMapper(gateway.address, lease=3600)
+            mapping = await mapper.map("0.0.0.0", 40003)
+            assert mapping == PortMapping("203.0.113.7", 40003, "127.0.0.1", 40003, 3600)
+            assert gateway.mappings == {40003: (40003, 3600)} and gateway.requests == []
+            assert await mapper.map("0.0.0.0", 40003) == mapping  # renewed
+            await mapper.unmap(mapping)
+            assert gateway.mappings == {}
+            lifetimes = [lifetime for _i, _e, lifetime, _n in gateway.pcp]
+            assert lifetimes == [3600, 3600, 0]
+            assert len({nonce for *_rest, nonce in gateway.pcp}) == 1  # one nonce throughout
+        async with open_fake_natpmp(speaks_pcp=True, result=2) as gateway:  # NOT_AUTHORIZED
+            assert await NatPmpPortMapper(gateway.address).map("127.0.0.1", 40003) is None
+            assert gateway.mappings == {} and len(gateway.pcp) == 1
+
+
+async def test_a_natpmp_gateway_is_asked_in_natpmp_after_one_pcp_try() -> None:
+    with trio.fail_after(20):
+        async with open_fake_natpmp() as gateway:  # answers PCP with "unsupported version"
+            mapper = NatPmpPortMapper(gateway.address)
+            assert await mapper.map("127.0.0.1", 40004) is not None
+            assert await mapper.map("127.0.0.1", 40004) is not None
+            assert [r[0] for r in gateway.requests] == [0, 2, 0, 2]  # NAT-PMP both times
+            assert gateway.pcp == [] and gateway.other_versions == 1  # one PCP try

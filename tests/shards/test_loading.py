@@ -210,3 +210,35 @@ def test_our_writer_matches_transformers(tmp_path: Path) -> None:
     with torch.inference_mode():
         ours = head.logits(span(head.embed(ids), torch.arange(10)[None]))
         torch.testing.assert_close(ours, ref(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+LOAD_AND_LIST = """
+import sys
+from swarm.shards import load_head, load_span
+from swarm.shards.quant import Quantization
+from swarm.types import LayerRange
+path = sys.argv[1]
+load_span(path, LayerRange(0, 2))
+load_span(path, LayerRange(0, 2), quant=Quantization.INT8)
+load_head(path)
+print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""
+
+
+@pytest.mark.slow  # a fresh process: what a server start or a client open imports
+def test_loading_imports_no_compiler(tmp_path: Path) -> None:
+    """Building a span or a head on the meta device ran PyTorch reference ops (a division,
+    a normal_ init) whose first use imports torch._dynamo: seconds of every `swarm serve`
+    start and client open (1.8 s of a tiny model's open)."""
+    import subprocess
+    import sys
+
+    path = write_random_llama(tmp_path / "m", num_layers=2, vocab=64)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_LIST, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

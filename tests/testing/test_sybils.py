@@ -1,0 +1,26 @@
+"""Junk-answering sybil DHT nodes in the internet simulation (`swarm.testing.sybils`): the
+real records are still found, and no forged one is ever accepted. Logical outcomes only."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from swarm.testing.internet import SimConfig, run_simulation
+
+pytestmark = pytest.mark.slow  # about 20 s of real DHT traffic on loopback
+
+
+async def test_records_are_found_and_forgeries_refused_among_junk_answering_sybils() -> None:
+    config = SimConfig(
+        dht_nodes=30, servers=6, blocks=4, clients=1, period=30.0, ttl=10.0, duration=15.0,
+        sybil_share=0.3, junk_sybils=1.0, mass_leave_at=0.0, churn_per_minute=0.0, seed=2,
+    )  # fmt: skip
+    with trio.fail_after(120):
+        report = await run_simulation(config)
+    summary = report.summary()
+    assert report.junk_replies > 0 and report.forged_sent > 0  # the sybils lied
+    assert report.lookup_seconds, "no lookup finished"
+    assert summary["recall"] > 0.3  # records found (1.0 on an idle machine)
+    assert report.forged_accepted == 0
+    assert report.succeeded > 0
