@@ -517,7 +517,9 @@ async def run_simulation(config: SimConfig) -> SimReport:
     try:
         await sim.open_nodes()
         async with open_workers(sim.worker_specs()) as workers:
-            await sim.open_rest()
+            await sim.open_rest()  # while the workers open theirs
+            for worker in workers:
+                await worker.wait_ready()
             await _run(sim, workers)
     finally:
         log.info("run over; closing %d DHT nodes", len(sim.nodes))

@@ -98,24 +98,43 @@ class DHTSlice:
     def identity(self, index: int) -> Identity:
         return Identity.from_seed(f"sim-{self.seed}-{self.name}{index}".encode())
 
-    async def open(self, count: int, bootstrap: Sequence[str] = ()) -> None:
-        """Open ``count`` nodes; each joins through ``bootstrap`` and this slice's first."""
+    async def open(self, count: int, bootstrap: Sequence[str] = (), *, parallel: int = 16) -> None:
+        """Open ``count`` nodes, ``parallel`` at a time (a join is a few emulated round
+        trips: one by one, hundreds take minutes); each joins through ``bootstrap`` and this
+        slice's first node."""
         # dead contacts leave routing tables within half a TTL (at the default minute, nodes
         # that make few lookups hand them out, and lookups wait out their timeouts)
         timing = TimingConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, self.ttl / 2))
-        for _ in range(count):
-            index = len(self.nodes)
-            peers = tuple(bootstrap) + ((self.nodes[0].address,) if self.nodes else ())
-            stack = AsyncExitStack()
+        opened: dict[int, tuple[DHTNode, AsyncExitStack]] = {}
+
+        async def one(index: int, peers: tuple[str, ...]) -> None:
+            stack = AsyncExitStack()  # a node without a prover may be closed from any task
             node = await stack.enter_async_context(
                 DHTNode.open(
-                    self.identity(index),
-                    DHTConfig(initial_peers=peers, timing=timing),
+                    self.identity(index), DHTConfig(initial_peers=peers, timing=timing),
                     links=self.links,
                 )
-            )
-            self.nodes.append(node)
-            self.stacks.append(stack)
+            )  # fmt: skip
+            opened[index] = (node, stack)
+
+        first = len(self.nodes)
+        if not self.nodes and count > 0:
+            await one(first, tuple(bootstrap))
+            count -= 1
+            self.nodes.append(opened[first][0])
+            self.stacks.append(opened[first][1])
+        peers = (*bootstrap, self.nodes[0].address) if self.nodes else tuple(bootstrap)
+        base = len(self.nodes)
+        try:
+            for batch in range(0, count, parallel):
+                async with trio.open_nursery() as nursery:
+                    for index in range(base + batch, base + min(count, batch + parallel)):
+                        nursery.start_soon(one, index, peers)
+        finally:  # in order, and every node opened (even when one failed) to close later
+            for index in sorted(opened):
+                if index >= base:
+                    self.nodes.append(opened[index][0])
+                    self.stacks.append(opened[index][1])
 
     def joined(self) -> None:
         """Add loss once the nodes have joined (a lost join ping fails a join)."""

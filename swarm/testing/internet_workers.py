@@ -111,7 +111,8 @@ class Worker:
 
 @asynccontextmanager
 async def open_workers(specs: Sequence[WorkerSpec]) -> AsyncIterator[list[Worker]]:
-    """Start a worker per spec and wait until each is ready; kill any still running on exit."""
+    """Start a worker per spec (call `wait_ready` on each before using it: they open their
+    nodes meanwhile, while the caller opens its own); kill any still running on exit."""
     workers: list[Worker] = []
     try:
         for spec in specs:
@@ -122,9 +123,6 @@ async def open_workers(specs: Sequence[WorkerSpec]) -> AsyncIterator[list[Worker
                 stdout=PIPE,
             )  # fmt: skip
             workers.append(Worker(spec, process))
-        async with trio.open_nursery() as nursery:
-            for worker in workers:
-                nursery.start_soon(worker.wait_ready)
         yield workers
     finally:
         with trio.CancelScope(shield=True):
