@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = SimConfig()
     for name in (
-        "dht_nodes", "servers", "blocks", "span", "clients", "tokens", "seed",
+        "dht_nodes", "servers", "blocks", "span", "clients", "tokens", "seed", "processes",
     ):  # fmt: skip
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=int, default=getattr(defaults, name))

@@ -35,29 +35,25 @@ import random
 import statistics
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from itertools import pairwise
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, Record, TimingConfig
+from swarm.dht import DHTNode, Record
 from swarm.directory import ServerView, block_key, block_keys, servers_from_records
 from swarm.errors import SwarmError
-from swarm.identity import Identity
 from swarm.net.messages import RangeMove, ServerAnnouncement
 from swarm.server.balance import BalanceConfig, Decision, block_throughputs, choose_start
 from swarm.server.rebalancer import Rebalancer
-from swarm.testing.links import DatagramLinkEmulator, LinkSpec
-from swarm.testing.sybils import FORGED_MARK, JunkAnswerer, answer_with_junk
+from swarm.testing.internet_plane import MODEL, REGIONS, DHTSlice, SliceStatistics, region_of
+from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
+from swarm.testing.sybils import FORGED_MARK
 from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = ["SimConfig", "SimReport", "run_simulation"]
 
 log = logging.getLogger(__name__)
-
-MODEL = "sim-llama-000000000000"
-REGIONS = ("eu", "us", "asia")
 
 
 @dataclass(frozen=True)
@@ -84,6 +80,7 @@ class SimConfig:
     mass_leave_gap: bool = False  # also every server of one block leaves (a certain gap)
     load_seconds: float = 0.5  # a move's load and drain
     seed: int = 0
+    processes: int = 1  # DHT nodes split over this many processes (`internet_workers`)
 
 
 @dataclass
@@ -105,6 +102,7 @@ class SimReport:
     junk_replies: int = 0  # find_node / find_value replies the junk-answering sybils sent
     forged_sent: int = 0  # forged or junk records among them
     forged_accepted: int = 0  # records or server views from a forgery that a read accepted
+    slices: list[SliceStatistics] = field(default_factory=list)  # per process, this one first
 
     def summary(self) -> dict[str, object]:
         def pct(values: Sequence[float], q: float) -> float:
@@ -140,6 +138,8 @@ class SimReport:
             "junk_replies": self.junk_replies,
             "forged_records_sent": self.forged_sent,
             "forged_records_accepted": self.forged_accepted,
+            "processes": len(self.slices),
+            "dht_nodes_per_process": [s.honest for s in self.slices],
         }
 
 
@@ -172,68 +172,71 @@ class _Sim:
     def __init__(self, config: SimConfig) -> None:
         self.cfg = config
         self.rng = random.Random(config.seed)
-        self.links = DatagramLinkEmulator(seed=config.seed)
+        self.plane = DHTSlice(
+            seed=config.seed, name="", intra=config.intra, inter=config.inter,
+            loss=config.loss, ttl=config.ttl, blocks=config.blocks,
+        )  # fmt: skip
+        self.links = self.plane.links
+        self.delay = self.plane.delay
+        self.nodes = self.plane.nodes
+        self.liars = self.plane.liars
         self.report = SimReport(config)
-        self.nodes: list[DHTNode] = []
-        self.stacks: list[AsyncExitStack] = []
         self.region: dict[int, str] = {}
         self.sybils: set[int] = set()
-        self.liars: list[JunkAnswerer] = []
         self.servers: list[_Server] = []
         self.free_nodes: list[int] = []
-        self.delay: dict[tuple[str, str], float] = {}
         self.started = 0.0
 
     # ---- the DHT plane ----
-    async def open_nodes(self) -> None:
+    def worker_specs(self) -> list[WorkerSpec]:
+        """What each worker process hosts: an equal share of the nodes (and of the sybils)."""
         cfg = self.cfg
-        for a in REGIONS:
-            for b in REGIONS:
-                if (b, a) in self.delay:
-                    self.delay[(a, b)] = self.delay[(b, a)]
-                    continue
-                lo, hi = cfg.intra if a == b else cfg.inter
-                self.delay[(a, b)] = self.rng.uniform(lo, hi)
-                self.links.set_between(a, b, LinkSpec(delay=self.delay[(a, b)]))
-        # dead contacts leave routing tables within half a TTL (at the default minute, nodes
-        # that make few lookups hand them out, and lookups wait out their timeouts)
-        timing = TimingConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, cfg.ttl / 2))
-        for i in range(cfg.dht_nodes):
-            peers = (self.nodes[0].address,) if self.nodes else ()
-            stack = AsyncExitStack()
-            node = await stack.enter_async_context(
-                DHTNode.open(
-                    Identity.from_seed(f"sim-{cfg.seed}-{i}".encode()),
-                    DHTConfig(initial_peers=peers, timing=timing),
-                    links=self.links,
+        per = cfg.dht_nodes // cfg.processes if cfg.processes > 1 else 0
+        specs = []
+        for w in range(1, cfg.processes):
+            specs.append(
+                WorkerSpec(
+                    name=f"w{w}-",
+                    nodes=per,
+                    sybils=int(cfg.sybil_share * per),
+                    junk=cfg.junk_sybils,
+                    bootstrap=self.nodes[0].address,
+                    seed=cfg.seed,
+                    intra=cfg.intra,
+                    inter=cfg.inter,
+                    loss=cfg.loss,
+                    ttl=cfg.ttl,
+                    blocks=cfg.blocks,
                 )
             )
-            self.nodes.append(node)
-            self.stacks.append(stack)
-            if i % 100 == 99:
-                log.info("%d DHT nodes up", i + 1)
-            region = REGIONS[i % len(REGIONS)]
-            self.region[i] = region
-            self.links.place(("127.0.0.1", node.port), region)
-        for (a, b), delay in self.delay.items():  # loss once joined (a lost join ping fails it)
-            self.links.set_between(a, b, LinkSpec(delay=delay, loss=cfg.loss))
-        candidates = list(range(1, cfg.dht_nodes))
+        return specs
+
+    def local_nodes(self) -> int:
+        cfg = self.cfg
+        per = cfg.dht_nodes // cfg.processes if cfg.processes > 1 else 0
+        return cfg.dht_nodes - per * (cfg.processes - 1)
+
+    async def open_nodes(self) -> None:
+        """Open this process's nodes (workers' join through the first; see `run_simulation`)."""
+        await self.plane.open(1)
+
+    async def open_rest(self) -> None:
+        cfg = self.cfg
+        local = self.local_nodes()
+        await self.plane.open(local - 1)
+        for i, node in enumerate(self.nodes):
+            self.region[i] = region_of(("127.0.0.1", node.port))
+        log.info("%d DHT nodes up in this process", local)
+        self.plane.joined()
+        candidates = list(range(1, local))
         self.rng.shuffle(candidates)
-        n_sybils = int(cfg.sybil_share * cfg.dht_nodes)
-        self.sybils = set(candidates[:n_sybils])
-        n_junk = round(cfg.junk_sybils * n_sybils)
-        keys = block_keys(MODEL, cfg.blocks)
-        for k, i in enumerate(candidates[:n_sybils]):  # from now on they lie
-            if k < n_junk:
-                identity = Identity.from_seed(f"sim-{cfg.seed}-{i}".encode())
-                liar = await answer_with_junk(self.nodes[i], identity, keys=keys, seed=i)
-                self.liars.append(liar)
-            else:
-                self.links.silence(("127.0.0.1", self.nodes[i].port))
+        n_sybils = int(cfg.sybil_share * local)
+        await self.plane.turn_sybils(candidates, n_sybils, cfg.junk_sybils)
+        self.sybils = set(self.plane.sybils)
         self.free_nodes = candidates[n_sybils:]
 
     async def close_node(self, index: int) -> None:
-        await self.stacks[index].aclose()
+        await self.plane.stacks[index].aclose()
 
     def honest_node(self) -> DHTNode:
         """A random live node that is not a sybil (clients and probes ask through it)."""
@@ -272,14 +275,11 @@ class _Sim:
         return views
 
     def count_forged(self, records: Iterable[Record]) -> None:
-        """Count the records a lookup accepted that a sybil forged: they carry its mark and
-        another peer's id (a sybil's own record under its own id is validly signed, so the
-        DHT keeps it; the directory's decoder must drop it, which `read` checks)."""
-        liars = {liar.identity.peer_id for liar in self.liars}
+        """Count the records a lookup accepted that a sybil forged: they carry its mark (a
+        sybil's own junk record, under its own id, is validly signed, so the DHT keeps it;
+        the directory's decoder must drop it, which `read` checks)."""
         self.report.forged_accepted += sum(
-            1
-            for r in records
-            if r.value is not None and FORGED_MARK in r.value and r.peer_id not in liars
+            1 for r in records if r.value is not None and FORGED_MARK in r.value
         )
 
     async def run_server(self, s: _Server, *, task_status: trio.TaskStatus[None]) -> None:
@@ -510,43 +510,62 @@ class _Sim:
 
 
 async def run_simulation(config: SimConfig) -> SimReport:
-    """Run one simulated swarm for ``config.duration`` seconds and return its figures."""
+    """Run one simulated swarm for ``config.duration`` seconds and return its figures
+    (with ``config.processes`` > 1, part of the DHT nodes in worker processes, which it
+    starts and stops)."""
     sim = _Sim(config)
     try:
         await sim.open_nodes()
-        async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as starting:  # all at once, spread evenly
-                for i in range(config.servers):
-                    start = (i * config.span) % (config.blocks - config.span + 1)
-                    starting.start_soon(
-                        sim.add_server, nursery, LayerRange(start, start + config.span)
-                    )
-            log.info("%d servers up; running for %.0f s", config.servers, config.duration)
-            sim.started = trio.current_time()
-            sent_before = sum(n for n, _ in sim.links.sent.values())
-            bytes_before = sum(b for _, b in sim.links.sent.values())
-            nursery.start_soon(sim.watch_coverage)
-            nursery.start_soon(sim.probe_lookups)
-            nursery.start_soon(sim.churn, nursery)
-            if config.mass_leave_at > 0:
-                nursery.start_soon(sim.mass_leave)
-            for c in range(config.clients):
-                nursery.start_soon(sim.run_client, c)
-            await trio.sleep(config.duration)
-            minutes = config.duration / 60.0
-            honest = config.dht_nodes - len(sim.sybils)
-            sent = sum(n for n, _ in sim.links.sent.values()) - sent_before
-            size = sum(b for _, b in sim.links.sent.values()) - bytes_before
-            sim.report.datagrams_per_node_minute = sent / honest / minutes
-            sim.report.bytes_per_node_minute = size / honest / minutes
-            sim.report.lost_datagrams = sim.links.lost
-            sim.report.junk_replies = sum(liar.replies for liar in sim.liars)
-            sim.report.forged_sent = sum(liar.forged for liar in sim.liars)
-            nursery.cancel_scope.cancel()
-        log.info("run over; closing %d DHT nodes", len(sim.stacks))
+        async with open_workers(sim.worker_specs()) as workers:
+            await sim.open_rest()
+            await _run(sim, workers)
     finally:
-        with trio.CancelScope(shield=True):  # all at once: one by one takes minutes at 1,000
-            async with trio.open_nursery() as nursery:
-                for stack in sim.stacks:
-                    nursery.start_soon(stack.aclose)
+        log.info("run over; closing %d DHT nodes", len(sim.nodes))
+        await sim.plane.aclose()
     return sim.report
+
+
+def _windowed(after: SliceStatistics, before: SliceStatistics) -> SliceStatistics:
+    return SliceStatistics(
+        honest=after.honest,
+        datagrams=after.datagrams - before.datagrams,
+        bytes=after.bytes - before.bytes,
+        lost=after.lost - before.lost,
+        junk_replies=after.junk_replies - before.junk_replies,
+        forged_sent=after.forged_sent - before.forged_sent,
+    )
+
+
+async def _run(sim: _Sim, workers: list[Worker]) -> None:
+    config = sim.cfg
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as starting:  # all at once, spread evenly
+            for i in range(config.servers):
+                start = (i * config.span) % (config.blocks - config.span + 1)
+                starting.start_soon(sim.add_server, nursery, LayerRange(start, start + config.span))
+        log.info("%d servers up; running for %.0f s", config.servers, config.duration)
+        sim.started = trio.current_time()
+        before = sim.plane.statistics()
+        for worker in workers:
+            await worker.go()
+        nursery.start_soon(sim.watch_coverage)
+        nursery.start_soon(sim.probe_lookups)
+        nursery.start_soon(sim.churn, nursery)
+        if config.mass_leave_at > 0:
+            nursery.start_soon(sim.mass_leave)
+        for c in range(config.clients):
+            nursery.start_soon(sim.run_client, c)
+        await trio.sleep(config.duration)
+        nursery.cancel_scope.cancel()
+    slices = [_windowed(sim.plane.statistics(), before)]
+    for worker in workers:
+        slices.append(await worker.stop())
+    minutes = config.duration / 60.0
+    honest = sum(s.honest for s in slices)
+    report = sim.report
+    report.slices = slices
+    report.datagrams_per_node_minute = sum(s.datagrams for s in slices) / honest / minutes
+    report.bytes_per_node_minute = sum(s.bytes for s in slices) / honest / minutes
+    report.lost_datagrams = sum(s.lost for s in slices)
+    report.junk_replies = sum(s.junk_replies for s in slices)
+    report.forged_sent = sum(s.forged_sent for s in slices)

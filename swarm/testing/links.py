@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -202,10 +202,19 @@ class DatagramLinkEmulator:
     Called on the DHT loop thread only.
     """
 
-    def __init__(self, default: LinkSpec | None = None, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        default: LinkSpec | None = None,
+        *,
+        seed: int = 0,
+        region_of: Callable[[tuple[str, int]], str | None] | None = None,
+    ) -> None:
         self.default = default or LinkSpec()
         self._links: dict[tuple[tuple[str, int], tuple[str, int]], LinkSpec] = {}
         self._regions: dict[tuple[str, int], str] = {}
+        # where an address not `place`d is (the same function in every process of a swarm
+        # split across processes places every node alike without telling each other)
+        self._region_of = region_of
         self._between: dict[tuple[str, str], LinkSpec] = {}
         self._rng = random.Random(seed)
         self.sent: dict[tuple[str, int], list[int]] = {}  # source -> [datagrams, bytes]
@@ -224,6 +233,12 @@ class DatagramLinkEmulator:
         """Put the node at ``address`` in ``region``."""
         self._regions[address] = region
 
+    def _region(self, address: tuple[str, int]) -> str | None:
+        region = self._regions.get(address)
+        if region is None and self._region_of is not None:
+            region = self._region_of(address)
+        return region
+
     def set_between(self, a: str, b: str, spec: LinkSpec) -> None:
         """The behaviour of datagrams between regions ``a`` and ``b`` (both directions;
         ``a == b`` is the inside of a region)."""
@@ -233,7 +248,7 @@ class DatagramLinkEmulator:
         spec = self._links.get((source, target))
         if spec is not None:
             return spec
-        a, b = self._regions.get(source), self._regions.get(target)
+        a, b = self._region(source), self._region(target)
         if a is not None and b is not None:
             return self._between.get((a, b), self.default)
         return self.default

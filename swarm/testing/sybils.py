@@ -12,8 +12,8 @@ with junk, drawn per reply:
   sybil under the victim's peer id, or with its signature cut, plus random bytes; the real
   records themselves are withheld;
 - for the block keys it was told (``keys``), a record the sybil signed for itself whose
-  value is no announcement (the DHT keeps it: it is validly signed; the directory's strict
-  decoder must drop it).
+  value is no announcement, marked `JUNK_MARK` (the DHT keeps it: it is validly signed;
+  the directory's strict decoder must drop it).
 
 The honest side must find the real records anyway, and accept no forged one (a forged
 record that got through would carry `FORGED_MARK` or a bumped ``seq``).
@@ -37,9 +37,10 @@ from swarm.dht.protocol import key_digest
 from swarm.dht.records import RECORD_VERSION, make_record
 from swarm.identity import Identity
 
-__all__ = ["FORGED_MARK", "JunkAnswerer", "answer_with_junk"]
+__all__ = ["FORGED_MARK", "JUNK_MARK", "JunkAnswerer", "answer_with_junk"]
 
-FORGED_MARK = "forged-by-sybil"
+FORGED_MARK = "forged-by-sybil"  # in the value of a record claiming another peer's id
+JUNK_MARK = "junk-by-sybil"  # in the value of a sybil's own (validly signed) junk record
 _MAX_BYTES = 4096
 
 
@@ -109,7 +110,7 @@ class JunkAnswerer:
         key = self.keys.get(dkey)
         if key is not None:  # validly signed by the sybil itself, but no announcement
             own = make_record(
-                self.identity, key, {FORGED_MARK: 1, "layer_range": "junk"},
+                self.identity, key, {JUNK_MARK: 1, "layer_range": "junk"},
                 time.time() + 60, 1, _MAX_BYTES,
             )  # fmt: skip
             out.append(own.encoded)

@@ -1,0 +1,160 @@
+"""The DHT plane of the internet simulation: one process's slice of the DHT nodes.
+
+A `DHTSlice` opens some of the simulated swarm's DHT nodes in this process, all of them
+sending through one `DatagramLinkEmulator`, and turns a share of them into sybils (silent,
+or answering junk: `swarm.testing.sybils`). A swarm split across processes
+(`SimConfig.processes`) has one slice per process: each emulates the delay and loss of the
+datagrams its own nodes send, so every datagram crosses exactly one emulated link whichever
+processes its ends live in. Every process places every address in the same region
+(`region_of`, from the port) and draws the same delays (`region_delays`, from the seed), so
+the slices agree on the distances without telling each other.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import trio
+
+from swarm.dht import DHTConfig, DHTNode, TimingConfig
+from swarm.directory import block_keys
+from swarm.identity import Identity
+from swarm.testing.links import DatagramLinkEmulator, LinkSpec
+from swarm.testing.sybils import JunkAnswerer, answer_with_junk
+
+__all__ = ["MODEL", "REGIONS", "DHTSlice", "SliceStatistics", "region_delays", "region_of"]
+
+MODEL = "sim-llama-000000000000"
+REGIONS = ("eu", "us", "asia")
+
+
+def region_of(address: tuple[str, int]) -> str:
+    """The region of the node at ``address`` (by its port: the same in every process)."""
+    return REGIONS[address[1] % len(REGIONS)]
+
+
+def region_delays(
+    seed: int, intra: tuple[float, float], inter: tuple[float, float]
+) -> dict[tuple[str, str], float]:
+    """One-way seconds between each pair of regions (symmetric), drawn from ``seed``."""
+    rng = random.Random(f"delays-{seed}")
+    delay: dict[tuple[str, str], float] = {}
+    for a in REGIONS:
+        for b in REGIONS:
+            if (b, a) in delay:
+                delay[(a, b)] = delay[(b, a)]
+            else:
+                lo, hi = intra if a == b else inter
+                delay[(a, b)] = rng.uniform(lo, hi)
+    return delay
+
+
+@dataclass(frozen=True)
+class SliceStatistics:
+    """What a slice's nodes sent (datagrams, bytes), lost, and the junk its sybils told."""
+
+    honest: int
+    datagrams: int
+    bytes: int
+    lost: int
+    junk_replies: int
+    forged_sent: int
+
+
+class DHTSlice:
+    """Some of the simulation's DHT nodes, in this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        name: str,
+        intra: tuple[float, float],
+        inter: tuple[float, float],
+        loss: float,
+        ttl: float,
+        blocks: int,
+    ) -> None:
+        self.name = name
+        self.seed = seed
+        self.loss = loss
+        self.ttl = ttl
+        self.blocks = blocks
+        self.delay = region_delays(seed, intra, inter)
+        self.links = DatagramLinkEmulator(
+            seed=zlib.crc32(f"{seed}-{name}".encode()), region_of=region_of
+        )
+        for (a, b), delay in self.delay.items():
+            self.links.set_between(a, b, LinkSpec(delay=delay))
+        self.nodes: list[DHTNode] = []
+        self.stacks: list[AsyncExitStack] = []
+        self.sybils: set[int] = set()
+        self.liars: list[JunkAnswerer] = []
+
+    def identity(self, index: int) -> Identity:
+        return Identity.from_seed(f"sim-{self.seed}-{self.name}{index}".encode())
+
+    async def open(self, count: int, bootstrap: Sequence[str] = ()) -> None:
+        """Open ``count`` nodes; each joins through ``bootstrap`` and this slice's first."""
+        # dead contacts leave routing tables within half a TTL (at the default minute, nodes
+        # that make few lookups hand them out, and lookups wait out their timeouts)
+        timing = TimingConfig(rpc_timeout=1.0, contact_check_interval=max(2.0, self.ttl / 2))
+        for _ in range(count):
+            index = len(self.nodes)
+            peers = tuple(bootstrap) + ((self.nodes[0].address,) if self.nodes else ())
+            stack = AsyncExitStack()
+            node = await stack.enter_async_context(
+                DHTNode.open(
+                    self.identity(index),
+                    DHTConfig(initial_peers=peers, timing=timing),
+                    links=self.links,
+                )
+            )
+            self.nodes.append(node)
+            self.stacks.append(stack)
+
+    def joined(self) -> None:
+        """Add loss once the nodes have joined (a lost join ping fails a join)."""
+        for (a, b), delay in self.delay.items():
+            self.links.set_between(a, b, LinkSpec(delay=delay, loss=self.loss))
+
+    async def turn_sybils(self, candidates: Sequence[int], count: int, junk_share: float) -> None:
+        """Make the first ``count`` of ``candidates`` sybils: ``junk_share`` of them answer
+        junk, the rest nothing (every datagram they send is lost)."""
+        keys = block_keys(MODEL, self.blocks)
+        n_junk = round(junk_share * count)
+        for k, index in enumerate(candidates[:count]):
+            self.sybils.add(index)
+            node = self.nodes[index]
+            if k < n_junk:
+                liar = await answer_with_junk(
+                    node,
+                    self.identity(index),
+                    keys=keys,
+                    seed=zlib.crc32(f"{self.seed}-{self.name}{index}".encode()),
+                )
+                self.liars.append(liar)
+            else:
+                self.links.silence(("127.0.0.1", node.port))
+
+    def statistics(self) -> SliceStatistics:
+        sent = self.links.sent.values()
+        return SliceStatistics(
+            honest=len(self.nodes) - len(self.sybils),
+            datagrams=sum(n for n, _ in sent),
+            bytes=sum(b for _, b in sent),
+            lost=self.links.lost,
+            junk_replies=sum(liar.replies for liar in self.liars),
+            forged_sent=sum(liar.forged for liar in self.liars),
+        )
+
+    async def aclose(self) -> None:
+        """Close every node at once (one by one takes minutes at a thousand)."""
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for stack in self.stacks:
+                    nursery.start_soon(stack.aclose)
