@@ -1,8 +1,9 @@
 """Prometheus metrics of the gateway (``GET /metrics``), on a registry of its own.
 
 Requests by endpoint and status, tokens in and out, time to first token and per-token
-latency, generations running, requests queued, and what verification did (audits,
-detections, rollbacks) and the servers the client has banned. Gauges of the moment
+latency, generations running, requests queued, generations cancelled because their client
+left, what verification did (audits, detections, rollbacks) and the servers the client has
+banned. Gauges of the moment
 (running, queued, banned) are read when scraped; counters add up as answers finish.
 """
 
@@ -62,6 +63,11 @@ class GatewayMetrics:
         self.audits = Counter("swarm_api_audits", "Verification audits run", registry=r)
         self.detections = Counter("swarm_api_detections", "Peers caught lying", registry=r)
         self.rollbacks = Counter("swarm_api_rollbacks", "Generations rolled back", registry=r)
+        self.cancelled = Counter(
+            "swarm_api_cancelled_generations",
+            "Generations cancelled before their end because the client left",
+            registry=r,
+        )
         Gauge("swarm_api_active_sessions", "Generations running", registry=r).set_function(running)
         Gauge("swarm_api_queue_length", "Requests waiting", registry=r).set_function(queued)
         Gauge("swarm_api_banned_servers", "Servers the client bans now", registry=r).set_function(

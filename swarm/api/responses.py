@@ -7,7 +7,8 @@ server-sent events (``data: {chunk}`` lines ending ``data: [DONE]``). Nothing is
 the first token exists, so a failure before it (no route, a queue timeout) is still a
 proper HTTP error; a failure after it ends the stream with an error event. A task watches
 the connection meanwhile: when the client goes away the generation is cancelled at once,
-which closes its swarm sessions (servers free their caches). A client that stops reading
+which closes its swarm sessions (servers free their caches) and counts it in
+``swarm_api_cancelled_generations``. A client that stops reading
 is a client gone: the HTTP server closes a connection whose send stalls past its deadline,
 or whose sends for this answer waited past the send budget in all (a reader that trickles
 just fast enough to dodge the deadline; `swarm.api.http`), which this response sees as a
@@ -82,17 +83,27 @@ class GenerationResponse(Response):
         self.name = gateway.facts.name
         self._answer_text: AnswerText  # set once the job is prepared
         self._started = False
+        self._client_left = False
         self._send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(self._cancel_on_disconnect, receive, nursery.cancel_scope)
                 await self._answer()
                 nursery.cancel_scope.cancel()
         finally:
             self.ticket.release()
+
+    async def _cancel_on_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the client disconnects (the request body was read already)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._client_left = True
+                scope.cancel()
+                return
 
     async def _answer(self) -> None:
         try:
@@ -113,10 +124,16 @@ class GenerationResponse(Response):
                     verify=job.verify,
                     speculative=job.speculative,
                 )
-                async with stream as events:
-                    async for event in events:
-                        if job.stream:
-                            await self._stream_event(event)
+                ended = False
+                try:
+                    async with stream as events:
+                        async for event in events:
+                            if job.stream:
+                                await self._stream_event(event)
+                    ended = True
+                finally:
+                    if not ended and self._client_left:  # cancelled by the watcher
+                        self.gateway.metrics.cancelled.inc()
             report = self._finish(events)
         except Exception as raised:
             error = error_from_exception(unwrap_group(raised))
@@ -281,12 +298,3 @@ class GenerationResponse(Response):
 
 def _finish_reason(result: GenerationResult) -> FinishReason:
     return "length" if result.stop_reason == "length" else "stop"
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` when the client disconnects (the request body was read already)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return

@@ -75,12 +75,19 @@ class HedgeConfig:
     - ``slow_penalty`` (1.0), ``slow_penalty_half_life_s`` (60): a server that lost a hedged
       step is not banned but penalised: routes through it cost ``1 + penalty`` times as
       much, the penalty halving every half-life (and adding up when it is slow again).
+    - ``move_after`` (2), ``move_window`` (64): a hop whose server was raced and still
+      answered first ``move_after`` times within its last ``move_window`` steps is moved
+      before its next step (another server opens and replays its history, as a hedge's
+      replacement does): a server slow on one step in sixteen would otherwise keep its
+      place and cost a wasted replay every sixteen tokens. None: never move such a hop.
     """
 
     after: float | None = 3.0
     floor: float = 0.5
     slow_penalty: float = 1.0
     slow_penalty_half_life_s: float = 60.0
+    move_after: int | None = 2
+    move_window: int = 64
 
     def __post_init__(self) -> None:
         _positive(
@@ -90,6 +97,11 @@ class HedgeConfig:
             raise ConfigError(f"HedgeConfig.after must be >= 1 or None, got {self.after}")
         if not self.slow_penalty >= 0:
             raise ConfigError(f"HedgeConfig.slow_penalty must be >= 0, got {self.slow_penalty}")
+        if (self.move_after is not None and self.move_after < 1) or self.move_window < 1:
+            raise ConfigError(
+                f"HedgeConfig.move_after must be >= 1 or None and move_window >= 1, got "
+                f"{self.move_after} and {self.move_window}"
+            )
 
 
 @dataclass(frozen=True)

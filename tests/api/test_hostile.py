@@ -13,10 +13,8 @@ over-cap policies get 4xx; a foreign Host gets 421; the keyless public bind is w
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import re
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -84,9 +82,9 @@ def wait_for(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def timed_stream(swarm: ApiSwarm, tokens: int, source: str | None = None) -> list[float]:
-    """Gaps between the events of one streamed completion (after the first); a 429 (the
-    gateway full of other clients, as a tiny one is under a flood) is retried for 30 s."""
+def streamed_events(swarm: ApiSwarm, tokens: int, source: str | None = None) -> list[object]:
+    """The events of one streamed completion, to its ``[DONE]``; a 429 (the gateway full of
+    other clients, as a tiny one is under a flood) is retried for 30 s."""
     body = {
         "model": MODEL_NAME,
         "prompt": "The list",
@@ -94,20 +92,20 @@ def timed_stream(swarm: ApiSwarm, tokens: int, source: str | None = None) -> lis
         "stream": True,
         "temperature": 0,
     }
-    stamps: list[float] = []
+    events: list[object] = []
     deadline = time.monotonic() + 30
     with client(swarm, source, timeout=120) as http:
-        while not stamps:
+        while not events:
             with http.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code == 429 and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
                 assert response.status_code == 200, response.read()
                 for event in sse_events(response.iter_lines()):
-                    stamps.append(time.monotonic())
+                    events.append(event)
                     if event == "[DONE]":
                         break
-    return [b - a for a, b in itertools.pairwise(stamps[1:])]
+    return events
 
 
 def short_completion(swarm: ApiSwarm, source: str | None = None, timeout: float = 60.0) -> int:
@@ -166,6 +164,10 @@ def test_keyless_public_bind_warns_and_checks_host(swarm: ApiSwarm) -> None:
 
 
 # ---- item 1: tokenizing on the event loop ----
+# That tokenizing never runs on the event loop is shown in-process by
+# tests/api/test_app.py (a tokenizer held mid-encode while the loop answers); here, a real
+# flood of such prompts gets only 400 / 429 while a stream and /health are still answered.
+# How fast they are answered meanwhile is measured by benchmarks/gateway_attacks.py.
 
 
 def _flood_body(chars: int) -> bytes:
@@ -179,36 +181,34 @@ def _flood_body(chars: int) -> bytes:
         (100_000, ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")),  # just fitting
     ],
 )
-def test_prompts_costly_to_tokenize_do_not_stall_a_stream(
+def test_a_flood_of_prompts_costly_to_tokenize_gets_4xx_and_streams_still_end(
     swarm: ApiSwarm, chars: int, sources: tuple[str | None, ...]
 ) -> None:
     flood = Flood(
         swarm.url, _flood_body(chars), threads=len(sources) if sources[0] else 2, sources=sources
     ).start()
     try:
-        time.sleep(1.0)
-        health: list[float] = []
+        wait_for(lambda: sum(flood.statuses.values()) >= 2, 60, "the flood is answered")
+        health: list[int] = []
         stop = threading.Event()
 
         def poll() -> None:
             with client(swarm) as http:
                 while not stop.is_set():
-                    started = time.monotonic()
-                    http.get("/health")
-                    health.append(time.monotonic() - started)
-                    time.sleep(0.2)
+                    health.append(http.get("/health").status_code)
+                    stop.wait(0.2)
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        gaps = timed_stream(swarm, 40)
+        events = streamed_events(swarm, 40)
         stop.set()
-        poller.join(timeout=30)
+        poller.join(timeout=70)
+        assert not poller.is_alive(), "/health did not answer"
     finally:
         flood.stop()
-    assert sum(flood.statuses.values()) >= 2, flood.statuses
+    assert events[-1] == "[DONE]" and len(events) >= 2, events  # the stream ran to its end
+    assert health and set(health) <= {200, 503}, health  # answered all along
     assert set(flood.statuses) <= {400, 429}, flood.statuses
-    assert statistics.median(gaps) < 0.5, sorted(gaps)
-    assert max(health) < 1.5, sorted(health)
 
 
 # ---- item 2: clients that never read ----

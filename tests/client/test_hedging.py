@@ -22,9 +22,11 @@ from swarm.client.config import ClientConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
 from swarm.shards import Span
+from swarm.types import PeerId
 
 from .fake_server import FakeServer, run_servers
 from .pipeline import (
+    HIDDEN,
     assert_same,
     make_checkpoint,
     make_full_span,
@@ -265,3 +267,63 @@ def test_penalties_decay_and_add_up() -> None:
     assert penalties.current() == {}  # forgotten
     bans = BanList(5, 2, 300, clock=lambda: now[0])
     assert bans.penalties.penalty(peer) == 0 and not bans.is_banned(peer)
+
+
+def _long_inputs(singles: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A 5-token prefill, then ``singles`` single-token steps."""
+    gen = torch.Generator().manual_seed(7)
+    steps, pos = [], 0
+    for n in (5, *[1] * singles):
+        steps.append((torch.randn(1, n, HIDDEN, generator=gen), torch.arange(pos, pos + n)[None]))
+        pos += n
+    return steps
+
+
+async def test_a_hop_raced_and_late_twice_is_moved_before_its_next_step(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 25 item 5: a server slow on some steps only, whose replica replays slower than
+    it ends its late step, won every race and kept its place (18 wasted replays in 300
+    tokens). After two such races it is moved before its next step: the replica opens,
+    replays the history and takes the hop; the outputs are the same."""
+    steps = _long_inputs(16)
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    replica.step_delay = 2.0  # a race's replay ends after the late original's answer
+    late_steps = {2, 14}  # far enough apart that the hop's usual time is its fast one again
+    got: list[torch.Tensor] = []
+    route_at: dict[int, PeerId] = {}
+    async with run_servers(servers), open_session(servers, ClientConfig(), THROUGHPUTS) as s:
+        for step, (x, pos) in enumerate(steps):
+            slow.step_delay = 0.8 if step in late_steps else 0.0
+            if step == max(late_steps) + 1:
+                replica.step_delay = 0.0
+            got.append((await s.step(x, pos)).output)
+            route_at[step] = s.route[1].server.peer_id
+        stats = s.statistics()
+    assert_same(got, reference_outputs(full_span, steps))
+    assert [(h.step, h.winner) for h in stats.hedges] == [
+        (step, HedgeWinner.ORIGINAL) for step in sorted(late_steps)
+    ]
+    moved_at = max(late_steps) + 1
+    assert all(route_at[i] == slow.identity.peer_id for i in range(moved_at))
+    assert all(route_at[i] == replica.identity.peer_id for i in range(moved_at, len(steps)))
+
+
+async def test_a_hop_raced_and_late_once_keeps_its_place(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One late step in the window is a hiccup, not a pattern: the hop stays."""
+    steps = _long_inputs(5)
+    servers = _chain(checkpoint)
+    slow, replica = servers[1], servers[3]
+    replica.step_delay = 2.0
+    async with run_servers(servers), open_session(servers, ClientConfig(), THROUGHPUTS) as s:
+        got = []
+        for step, (x, pos) in enumerate(steps):
+            slow.step_delay = 0.8 if step == 2 else 0.0
+            got.append((await s.step(x, pos)).output)
+        stats = s.statistics()
+        assert s.route[1].server.peer_id == slow.identity.peer_id
+    assert_same(got, reference_outputs(full_span, steps))
+    assert [h.winner for h in stats.hedges] == [HedgeWinner.ORIGINAL]

@@ -173,6 +173,10 @@ async def step_hop(
     input was refused as malformed.
     """
     config, state = chain.config, chain.hop(k)
+    if raced_and_late(chain.hedges, state.hop.server.peer_id, step, config):
+        moved = await _move(chain, k, step, x, positions)
+        if moved:
+            return moved
     deadline = hedge_deadline(state, x.shape[1], config, await chain.alternative(k, x.shape[1]))
     if deadline is None:
         answer = await run_step(
@@ -192,6 +196,51 @@ async def step_hop(
     if race.hedged:
         chain.hedges.append(race.record(deadline))
     return await race.settle()
+
+
+def raced_and_late(
+    hedges: Sequence[HedgeRecord], server: PeerId, step: int, config: ClientConfig
+) -> bool:
+    """Whether ``server`` was raced and still answered first (the replacement's replay
+    wasted) ``hedging.move_after`` times within the last ``hedging.move_window`` steps."""
+    limit = config.hedging.move_after
+    if limit is None:
+        return False
+    window = config.hedging.move_window
+    late = sum(
+        1
+        for h in hedges
+        if h.slow == server and h.winner is HedgeWinner.ORIGINAL and step - h.step <= window
+    )
+    return late >= limit
+
+
+async def _move(chain: Chain, k: int, step: int, x: torch.Tensor, positions: torch.Tensor) -> int:
+    """Move hop ``k`` to other servers before ``step`` (opened, its history replayed, then
+    ``step`` run through them) and splice them in; returns how many hops stand in its
+    place, or 0 when no other server could take it (the hop stays)."""
+    slow = chain.hop(k).hop.server.peer_id
+    try:
+        new = await chain.replace(k, step, {slow})
+    except HopFailure as failure:
+        chain.policy.ban(failure)
+        return 0
+    except SwarmError as exc:
+        log.info("%s keeps its place: no other server takes it (%s)", slow, exc)
+        return 0
+    try:
+        await chain.run_through(new, step, x, positions)
+    except (HopFailure, SessionError) as exc:
+        if isinstance(exc, HopFailure):
+            chain.policy.ban(exc)
+        await _close_all(new)
+        return 0
+    except BaseException:
+        await _close_all(new)
+        raise
+    log.info("moving %s: raced and late %d times", slow, chain.config.hedging.move_after)
+    await chain.splice(k, new, step)
+    return len(new)
 
 
 class _Race:
