@@ -189,16 +189,18 @@ class _Sim:
 
     # ---- the DHT plane ----
     def worker_specs(self) -> list[WorkerSpec]:
-        """What each worker process hosts: an equal share of the nodes (and of the sybils)."""
+        """What each worker process hosts: an equal share of the nodes the coordinator does
+        not (see `local_nodes`), and as large a share of the sybils."""
         cfg = self.cfg
-        per = cfg.dht_nodes // cfg.processes if cfg.processes > 1 else 0
+        rest = cfg.dht_nodes - self.local_nodes()
         specs = []
         for w in range(1, cfg.processes):
+            nodes = rest // (cfg.processes - 1) + (w <= rest % (cfg.processes - 1))
             specs.append(
                 WorkerSpec(
                     name=f"w{w}-",
-                    nodes=per,
-                    sybils=int(cfg.sybil_share * per),
+                    nodes=nodes,
+                    sybils=int(cfg.sybil_share * nodes),
                     junk=cfg.junk_sybils,
                     bootstrap=self.nodes[0].address,
                     seed=cfg.seed,
@@ -212,9 +214,14 @@ class _Sim:
         return specs
 
     def local_nodes(self) -> int:
+        """How many DHT nodes the coordinator hosts: all of them in one process; else half
+        a worker's share (it also runs every server, client and probe), but enough for the
+        servers, the arrivals churn brings and the clients' nodes."""
         cfg = self.cfg
-        per = cfg.dht_nodes // cfg.processes if cfg.processes > 1 else 0
-        return cfg.dht_nodes - per * (cfg.processes - 1)
+        if cfg.processes <= 1:
+            return cfg.dht_nodes
+        needed = math.ceil((cfg.servers * 1.5 + cfg.clients + 2) / (1 - cfg.sybil_share))
+        return min(cfg.dht_nodes, max(cfg.dht_nodes // (2 * cfg.processes - 1), needed))
 
     async def open_nodes(self) -> None:
         """Open this process's nodes (workers' join through the first; see `run_simulation`)."""
