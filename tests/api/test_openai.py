@@ -349,7 +349,10 @@ def test_overload_gets_429_with_retry_after(swarm: ApiSwarm) -> None:
     }
 
     def one(_: int) -> tuple[int, str | None]:
-        with swarm.client() as http, http.stream("POST", "/v1/completions", json=body) as r:
+        # longer than the gateway's 60 s queue timeout: a queued request waits for its 429
+        # (on a loaded machine the 16 admitted streams can hold the queue that long)
+        client = swarm.client(timeout=180.0)
+        with client as http, http.stream("POST", "/v1/completions", json=body) as r:
             for _line in r.iter_lines():
                 pass
             return r.status_code, r.headers.get("retry-after")
