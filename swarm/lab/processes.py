@@ -196,6 +196,7 @@ class ProcessGroup:
             text=True,
             env=self._env,
             process_group=pgid,  # 0: a new group, led by this process
+            preexec_fn=_interruptible,
         )
 
     def signal_all(self, sig: int) -> None:
@@ -269,3 +270,12 @@ def _pgid_of(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def _interruptible() -> None:
+    """In the child before exec: SIGINT and SIGQUIT back to their defaults. A runner started
+    in the background of a non-interactive shell (`nohup cmd &`) ignores both, children
+    inherit that, and Python then installs no KeyboardInterrupt handler: a test's Ctrl-C
+    would be ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)

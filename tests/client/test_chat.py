@@ -15,6 +15,8 @@ from swarm.client.chat import Chat, Turn
 from swarm.client.config import ClientConfig, RecordsConfig, SpeculationConfig
 from swarm.client.model import AsyncRemoteModel
 from swarm.lab.reference import LocalModel
+from swarm.server.compute import ComputeConfig
+from swarm.server.config import ServerConfig
 from swarm.shards import ChatTemplate, load_tokenizer
 from swarm.testing.checkpoints import GGUF_CHAT_TEMPLATE, write_random_gguf
 from swarm.testing.swarm import open_local_swarm
@@ -61,7 +63,15 @@ async def _converse(
     speculation: SpeculationConfig = PLAIN,
 ) -> tuple[list[Turn], int]:
     with trio.fail_after(120):
-        async with open_local_swarm(path, [LayerRange(0, 2), LayerRange(2, 4)]) as swarm:
+        # one prompt, one pass: the measured prefill chunk (16 tokens on a busy machine)
+        # would split it, and an int8 layer multiplies up to 16 rows in bfloat16 and more
+        # rows densely in float32, so the answer would depend on the machine's load
+        whole = ServerConfig(
+            model=path, announce_ttl=30.0, compute=ComputeConfig(prefill_chunk=4096)
+        )
+        async with open_local_swarm(
+            path, [LayerRange(0, 2), LayerRange(2, 4)], config=whole
+        ) as swarm:
             config = ClientConfig(
                 initial_peers=(swarm.dht_address,),
                 records=RecordsConfig(
