@@ -81,16 +81,17 @@ def hanging(honest: ServingHandlers) -> HandlerRegistry:
     return HangingHandlers(honest).registry()
 
 
-class SlowingHandlers(ServingHandlers):
-    """The honest server's handlers, each computation delayed: ``delay_s`` seconds for the
-    first, ``factor`` times the previous delay for each next (1: steadily slow)."""
+class _DelayingHandlers(ServingHandlers):
+    """The honest server's handlers, each computation started ``next_delay()`` seconds late
+    (honest answers, only late)."""
 
-    def __init__(self, honest: ServingHandlers, delay_s: float, factor: float = 1.0) -> None:
+    def __init__(self, honest: ServingHandlers) -> None:
         super().__init__(
             honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
         )
-        self.delay_s = delay_s
-        self.factor = factor
+
+    def next_delay(self) -> float:
+        raise NotImplementedError
 
     async def compute(
         self,
@@ -100,9 +101,24 @@ class SlowingHandlers(ServingHandlers):
         cache: KVCache | None,
         priority: Priority,
     ) -> torch.Tensor:
-        delay, self.delay_s = self.delay_s, self.delay_s * self.factor
-        await trio.sleep(delay)
+        delay = self.next_delay()
+        if delay:
+            await trio.sleep(delay)
         return await super().compute(span, hidden, positions, cache, priority)
+
+
+class SlowingHandlers(_DelayingHandlers):
+    """The honest server's handlers, each computation delayed: ``delay_s`` seconds for the
+    first, ``factor`` times the previous delay for each next (1: steadily slow)."""
+
+    def __init__(self, honest: ServingHandlers, delay_s: float, factor: float = 1.0) -> None:
+        super().__init__(honest)
+        self.delay_s = delay_s
+        self.factor = factor
+
+    def next_delay(self) -> float:
+        delay, self.delay_s = self.delay_s, self.delay_s * self.factor
+        return delay
 
 
 def slowing(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
@@ -123,30 +139,19 @@ def slowing(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
     return wrap
 
 
-class StutteringHandlers(ServingHandlers):
+class StutteringHandlers(_DelayingHandlers):
     """The honest server's handlers, every ``every``-th computation (the ``every``-th,
     ``2 * every``-th, ...) delayed by ``delay_s`` seconds, the others not at all."""
 
     def __init__(self, honest: ServingHandlers, every: int, delay_s: float) -> None:
-        super().__init__(
-            honest.config, honest.span, honest.state, honest.sessions, honest.queue, honest.pool
-        )
+        super().__init__(honest)
         self.every = every
         self.delay_s = delay_s
         self.computations = 0
 
-    async def compute(
-        self,
-        span: Span,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        priority: Priority,
-    ) -> torch.Tensor:
+    def next_delay(self) -> float:
         self.computations += 1
-        if self.computations % self.every == 0:
-            await trio.sleep(self.delay_s)
-        return await super().compute(span, hidden, positions, cache, priority)
+        return self.delay_s if self.computations % self.every == 0 else 0.0
 
 
 def stuttering(spec: str) -> Callable[[ServingHandlers], HandlerRegistry]:
