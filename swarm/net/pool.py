@@ -109,9 +109,10 @@ class ConnectionPool:
         await self._evict()
         return conn
 
-    def is_direct(self, peer: PeerId) -> bool:
-        """Whether the channel to ``peer`` is a direct connection that `upgrade` made."""
-        conn = self._conns.get(peer)
+    def is_direct(self, peer: PeerId, conn: RpcConnection | None = None) -> bool:
+        """Whether the channel to ``peer`` (or ``conn``, one that `get` gave for ``peer``)
+        is a direct connection that `upgrade` made."""
+        conn = self._conns.get(peer) if conn is None else conn
         return conn is not None and not conn.is_closed and self._direct.get(peer) is conn
 
     async def upgrade(

@@ -83,7 +83,7 @@ class PunchConfig:
     trip, until one connects; each tries for ``window`` (5 s) from the agreed moment, dialing
     again after ``retry`` (0.05 s) when refused, ``max_dials`` (10) times per address, at most
     ``max_targets`` (2) of the addresses the peer names; ``exchange_timeout`` (10 s) for each
-    message over the relay. A caller waits ``wait`` (1 s) for an upgrade before it goes on over
+    message over the relay. A caller waits ``wait`` (0.5 s) for an upgrade before it goes on over
     the relay (the punch goes on beside it). A peer whose upgrade failed is tried again after
     ``retry_after`` (300 s), doubling with each further failure up to ``max_retry_after``
     (3600 s).
@@ -98,7 +98,7 @@ class PunchConfig:
     retry: float = 0.05
     exchange_timeout: float = 10.0
     attempts: int = 3
-    wait: float = 1.0
+    wait: float = 0.5
     max_concurrent: int = 4
     retry_after: float = 300.0
     max_retry_after: float = 3600.0

@@ -125,8 +125,12 @@ async def test_a_relayed_server_reached_by_direct_connections(
             with trio.fail_after(10):  # the punch runs beside the relayed channel
                 while not first.server.announcer.pool.is_direct(hidden.ready.peer_id):
                     await trio.sleep(0.05)  # for pushes
-            config = ClientConfig(initial_peers=(local.dht_address,))
-            assert config.direct is not None  # the default
+            default_punch = ClientConfig(initial_peers=()).direct
+            assert default_punch is not None  # on by default
+            # the default but for how long the refresh waits for the punch (0.5 s, ample on
+            # loopback): a long wait keeps the first route's path deterministic under load
+            punch = dataclasses.replace(default_punch, wait=10.0)
+            config = ClientConfig(initial_peers=(local.dht_address,), direct=punch)
             async with AsyncRemoteModel.open(model12, config) as model:
                 result = await model.generate_detailed(PROMPT, NEW_TOKENS)
                 relayed = sum(n.relay.statistics().bytes_relayed for n in nodes)
