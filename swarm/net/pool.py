@@ -130,36 +130,44 @@ class ConnectionPool:
         windows plus the exchanges' round trips when it fails: see `try_upgrade` for the
         way that does not hold the caller up."""
         lock = self._upgrading.setdefault(peer, trio.Lock())
-        async with lock:
-            if self.is_direct(peer):
-                return True
-            backoff = self._punch_backoff(punch)
-            if not backoff.allowed(peer, trio.current_time()):
-                return False
-            conn = self._live(peer)
-            if conn is None:
-                return False
-            try:
-                channel = await dial_direct(
-                    conn, self.identity, peer, towards=towards, swarm_key=self.swarm_key,
-                    config=self.config, punch=punch, receive_budget=self.receive_budget,
-                    admission=self._punch_admission(punch),
-                )  # fmt: skip
-            except (SwarmError, OSError) as exc:
-                wait = backoff.failed(peer, trio.current_time())
-                log.info(
-                    "no direct connection to %s (the relay stays; next try in %.0f s): %s",
-                    peer, wait, exc,
-                )  # fmt: skip
-                return False
-            backoff.succeeded(peer)
-            direct = RpcConnection(channel, self.handlers, self.config)
-            await self._nursery.start(self._run, peer, direct)
-            self._conns[peer] = direct
-            self._direct[peer] = direct
-            self._nursery.start_soon(self._retire, conn)
-        self._upgrading.pop(peer, None)
-        await self._evict()
+        try:
+            async with lock:
+                upgraded = await self._upgrade_locked(peer, towards, punch)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._upgrading.pop(peer, None)  # bounded: no lock kept per peer tried
+        if upgraded:
+            await self._evict()
+        return upgraded
+
+    async def _upgrade_locked(self, peer: PeerId, towards: str, punch: PunchConfig) -> bool:
+        if self.is_direct(peer):
+            return True
+        backoff = self._punch_backoff(punch)
+        if not backoff.allowed(peer, trio.current_time()):
+            return False
+        conn = self._live(peer)
+        if conn is None:
+            return False
+        try:
+            channel = await dial_direct(
+                conn, self.identity, peer, towards=towards, swarm_key=self.swarm_key,
+                config=self.config, punch=punch, receive_budget=self.receive_budget,
+                admission=self._punch_admission(punch),
+            )  # fmt: skip
+        except (SwarmError, OSError) as exc:
+            wait = backoff.failed(peer, trio.current_time())
+            log.info(
+                "no direct connection to %s (the relay stays; next try in %.0f s): %s",
+                peer, wait, exc,
+            )  # fmt: skip
+            return False
+        backoff.succeeded(peer)
+        direct = RpcConnection(channel, self.handlers, self.config)
+        await self._nursery.start(self._run, peer, direct)
+        self._conns[peer] = direct
+        self._direct[peer] = direct
+        self._nursery.start_soon(self._retire, conn)
         return True
 
     async def try_upgrade(

@@ -369,3 +369,32 @@ async def test_punches_per_caller_host_are_limited() -> None:
         with pytest.raises(LimitExceeded):
             await dial_direct(relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1")
         await _forward(relayed)  # the relayed channel is untouched
+
+
+async def test_a_peer_flooding_punches_is_refused_while_others_still_get_theirs() -> None:
+    """ALICE asks again and again: past her burst she is refused (`limit_exceeded`), her
+    relayed channel keeps working, and BOB (another host, 127.0.0.2) still gets a punch."""
+    config = PunchConfig(window=2.0, exchange_timeout=5.0, peer_rate=0.001, peer_burst=2)
+    async with relayed_peer(config=config) as setup:
+        async with open_connection_pool(ALICE) as pool:
+            relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+            refused = 0
+            for _ in range(6):
+                try:
+                    channel = await dial_direct(
+                        relayed, ALICE, RELAYED.peer_id, towards="127.0.0.1", punch=config
+                    )
+                except LimitExceeded:
+                    refused += 1
+                else:
+                    await channel.aclose()
+            assert refused == 4  # two answered, then the flood is cut off
+            await _forward(relayed)
+        async with open_connection_pool(BOB, transport=TCPTransport("127.0.0.2")) as pool:
+            relayed = await pool.get("127.0.0.1", setup.port, RELAYED.peer_id)
+            channel = await dial_direct(
+                relayed, BOB, RELAYED.peer_id, towards="127.0.0.1", punch=config
+            )
+            await channel.aclose()
+        assert setup.punch is not None
+        assert setup.punch.upgraded == 3 and setup.punch.refused == 4
