@@ -11,7 +11,7 @@ import torch
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.punch import PunchConfig
+from swarm.net.punch import DEFAULT_PUNCH_CONFIG, PunchConfig
 from swarm.types import FLOAT_DTYPES, DtypeName, QuantName, parse_address, torch_dtype
 from swarm.verify.policy import VerifyPolicy, parse_policy
 
@@ -249,10 +249,12 @@ class ClientConfig:
       ``optimistic`` (`swarm.verify`).
     - ``quant`` (None): route only through servers whose weights are kept this way
       (``"none"``, ``"int8"``, ``"int4"``, as they announce); None: any.
-    - ``direct`` (None): a `PunchConfig` to try a direct connection (TCP simultaneous open
-      coordinated through the relay, `swarm.net.punch`) to each relayed server once the
-      client's ping reached it through its relay; the route then reports it ``direct``
-      (``upgraded``). None: relayed servers stay relayed.
+    - ``direct`` (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct connection (TCP
+      simultaneous open coordinated through the relay, `swarm.net.punch`) to each relayed
+      server once the client's ping reached it through its relay, beside the relayed
+      channel (a refresh waits ``direct.wait`` for it at most; a failed punch leaves the
+      relay, and the server is tried again only after a backoff); the route then reports
+      it ``direct`` (``upgraded``). None (``--no-direct``): relayed servers stay relayed.
 
     Groups: ``failures`` (`FailureConfig`: bans, retries, recoveries), ``hedging``
     (`HedgeConfig`), ``pipeline`` (`PipelineConfig`: push, wire dtype), ``pings``
@@ -269,7 +271,7 @@ class ClientConfig:
     step_timeout: float = 30.0
     verify: str = "none"
     quant: QuantName | None = None
-    direct: PunchConfig | None = None
+    direct: PunchConfig | None = DEFAULT_PUNCH_CONFIG
     failures: FailureConfig = field(default_factory=FailureConfig)
     hedging: HedgeConfig = field(default_factory=HedgeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

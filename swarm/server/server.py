@@ -47,7 +47,7 @@ from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
-from swarm.net.punch import HolePunchService
+from swarm.net.punch import DEFAULT_PUNCH_CONFIG, HolePunchService
 from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
@@ -304,16 +304,20 @@ class Server:
                 self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
             )
 
-            async def serve_inbound(stream: trio.abc.Stream) -> None:
-                await rpc.handle_stream(stream)
+            async def serve_inbound(stream: trio.abc.Stream, peer: PeerId) -> None:
+                await rpc.handle_stream(stream, expected_peer=peer)
 
             # answers dialers that reached us through a relay and try a direct connection
             def observed_hosts() -> tuple[str, ...]:
                 keeper = self.reachability
                 return keeper.observed_hosts if keeper is not None else ()
 
-            punch = self.hole_punch = HolePunchService(serve_inbound, observed_hosts=observed_hosts)
-            helpers = [dial_back.binding(), punch.binding()]
+            punch = self.hole_punch = HolePunchService(
+                serve_inbound, reach.direct or DEFAULT_PUNCH_CONFIG, observed_hosts=observed_hosts
+            )
+            # a wrapper may serve its own version of a helper (tests: a punch that never dials)
+            offered = (dial_back.binding(), punch.binding())
+            helpers = [b for b in offered if b.name not in served.names]
             if reach.offer_relay:
                 self.relay = RelayService(
                     self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits

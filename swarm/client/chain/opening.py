@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -241,6 +242,10 @@ class HopOpener:
         except BaseException:
             await stack.aclose()
             raise
+        if hop.server.relays:  # the path this stream takes, whatever the plan assumed
+            used = self.pool.is_direct(hop.server.peer_id, conn)
+            if used != hop.server.upgraded:
+                hop = Hop(dataclasses.replace(hop.server, upgraded=used), hop.layers)
         state = HopState(hop, session_id, stream, stack, first_step)
         state.push_to = push_to if cfg.pipeline.use_push else None
         return state
