@@ -31,7 +31,7 @@ def main() -> None:
         parser.add_argument(flag, type=int, default=getattr(defaults, name))
     for name in (
         "loss", "sybil_share", "junk_sybils", "duration", "period", "ttl", "churn_per_minute",
-        "mass_leave_at", "mass_leave_share", "load_seconds",
+        "mass_leave_at", "mass_leave_share", "load_seconds", "client_wait", "heal_grace",
     ):  # fmt: skip
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)

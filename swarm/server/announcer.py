@@ -147,7 +147,7 @@ class Announcer:
             if self.direct is not None and view.relays and not self.pool.is_direct(peer):
                 # our pushes to it go the direct way from now on, and so do the next pings
                 relay_host = parse_address(view.address)[0]
-                await self.pool.upgrade(peer, towards=relay_host, punch=self.direct)
+                await self.pool.try_upgrade(peer, towards=relay_host, punch=self.direct)
 
         async with trio.open_nursery() as nursery:
             for view in targets:
