@@ -231,13 +231,12 @@ async def punch_chain_once(path: Path, mode: str, rounds: int) -> tuple[list[flo
             await stack.enter_async_context(open_relay_node(local.dht_address))
         middle = None if mode == "direct" else Undialable()
         wrap = never.wrap if mode == "failing" else None
+        reach = dataclasses.replace(REACH, direct=punch)  # None: no punches, nor answers
         await local.add_server(
-            LayerRange(3, 6), reachability=REACH, transport=middle, wrap_handlers=wrap
+            LayerRange(3, 6), reachability=reach, transport=middle, wrap_handlers=wrap
         )
         await local.add_server(LayerRange(6, 8), reachability=REACH)
-        await local.add_server(
-            LayerRange(0, 3), reachability=dataclasses.replace(REACH, direct=punch)
-        )
+        await local.add_server(LayerRange(0, 3), reachability=reach)
         config = ClientConfig(initial_peers=(local.dht_address,), direct=punch)
         started = trio.current_time()
         async with AsyncRemoteModel.open(path, config) as m:

@@ -53,6 +53,7 @@ class RpcServerStatistics:
     refused_per_ip: int
     refused_per_peer: int
     refused_full: int  # at max_connections with no idle channel to close
+    refused_unexpected: int  # a punched connection reached by another peer than the caller
     evicted_handshakes: int  # closed to make room under max_handshakes
     evicted_idle: int  # closed to make room under max_connections
     closed_idle: int  # closed by idle_timeout
@@ -282,6 +283,7 @@ class RpcServer:
             refused_per_ip=c["refused_per_ip"],
             refused_per_peer=c["refused_per_peer"],
             refused_full=c["refused_full"],
+            refused_unexpected=c["refused_unexpected"],
             evicted_handshakes=c["evicted_handshakes"],
             evicted_idle=c["evicted_idle"],
             closed_idle=c["closed_idle"],

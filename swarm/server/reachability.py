@@ -55,8 +55,8 @@ class ReachabilityConfig:
     gateway when None); ``direct`` (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct
     connection (`swarm.net.punch`) to each relayed server after our next-hop ping reached it
     through its relay, beside the relayed channel, so that pushes to it skip the relay
-    (None, ``--no-direct``: they go through it). Answering others' punches (when we are
-    relayed) follows ``direct`` too, or the defaults when it is None."""
+    (None, ``--no-direct``: they go through it). It also rations the punches we answer when
+    we are relayed; with None we answer none (dialers stay on the relay)."""
 
     helpers: int = 3
     check_timeout: float = 10.0

@@ -47,7 +47,7 @@ from swarm.net.handshake import open_channel
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.net.methods import HandlerRegistry
 from swarm.net.pool import open_connection_pool
-from swarm.net.punch import DEFAULT_PUNCH_CONFIG, HolePunchService
+from swarm.net.punch import HolePunchService
 from swarm.net.relay import RelayService
 from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
@@ -312,11 +312,14 @@ class Server:
                 keeper = self.reachability
                 return keeper.observed_hosts if keeper is not None else ()
 
-            punch = self.hole_punch = HolePunchService(
-                serve_inbound, reach.direct or DEFAULT_PUNCH_CONFIG, observed_hosts=observed_hosts
+            # --no-direct (reach.direct None): no hole punches answered either
+            punch = self.hole_punch = (
+                None
+                if reach.direct is None
+                else HolePunchService(serve_inbound, reach.direct, observed_hosts=observed_hosts)
             )
             # a wrapper may serve its own version of a helper (tests: a punch that never dials)
-            offered = (dial_back.binding(), punch.binding())
+            offered = [dial_back.binding()] + ([] if punch is None else [punch.binding()])
             helpers = [b for b in offered if b.name not in served.names]
             if reach.offer_relay:
                 self.relay = RelayService(
@@ -333,7 +336,8 @@ class Server:
                 relay=self.relay,
             )
             await nursery.start(queue.run)
-            await nursery.start(punch.run)
+            if punch is not None:
+                await nursery.start(punch.run)
             await nursery.start(sessions.run_reaper)
             try:
                 port = await nursery.start(rpc.serve, cfg.host, cfg.port)

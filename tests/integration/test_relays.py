@@ -102,6 +102,7 @@ async def test_a_generation_through_a_relayed_middle_server(
             # the client's circuit and the first server's push both went through a relay
             assert sum(n.relay.statistics().circuits_total for n in nodes) >= 2
             assert middle.server.handlers is not None
+            assert middle.server.hole_punch is None  # --no-direct: no punches answered either
 
 
 async def test_a_relayed_server_reached_by_direct_connections(
@@ -115,11 +116,11 @@ async def test_a_relayed_server_reached_by_direct_connections(
     with trio.fail_after(120):
         async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
             nodes = await relays(stack, local, 2)
+            default = dataclasses.replace(REACH, direct=ReachabilityConfig().direct)
             hidden = await local.add_server(
-                LayerRange(6, 12), reachability=REACH, transport=Undialable()
+                LayerRange(6, 12), reachability=default, transport=Undialable()
             )
             assert hidden.ready.reachability == U and len(hidden.ready.relays) == 2
-            default = dataclasses.replace(REACH, direct=ReachabilityConfig().direct)
             first = await local.add_server(LayerRange(0, 6), reachability=default)
             assert first.server.announcer is not None
             with trio.fail_after(10):  # the punch runs beside the relayed channel

@@ -333,6 +333,7 @@ async def test_the_direct_socket_is_served_only_to_the_peer_that_asked() -> None
             channel = await open_channel(TCPTransport(), "127.0.0.1", port, ALICE)
             assert channel.remote_peer_id == RELAYED.peer_id
             await channel.aclose()
+            assert rpc.statistics().refused_unexpected == 1
             nursery.cancel_scope.cancel()
 
 
