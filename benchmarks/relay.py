@@ -18,8 +18,10 @@
 4. punch: direct connections through the relay (`swarm.net.punch`), loopback only (the
    punched sockets are raw TCP, outside the link emulator): the time `dial_direct` takes
    over a relayed channel (exchange, simultaneous open, handshake), and the 3-server
-   chain's per-token latency with the middle hop direct, relayed, and relayed but
-   upgraded (the client and the first server both punched to it). Modes alternate.
+   chain's per-token latency with the middle hop direct, relayed, relayed but upgraded
+   (the defaults: the client and the first server both punch to it), and relayed with
+   upgrades on but a middle server whose punches never connect (`NeverPunches`: the
+   fallback), with the time from opening the model to a first answer. Modes alternate.
 
 Figures go in benchmarks/README.md. Not a test: nothing here asserts timings.
 """
@@ -59,14 +61,16 @@ from swarm.server.reachability import ReachabilityConfig
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.links import LinkEmulator, LinkSpec
 from swarm.testing.processes import ProcessGroup
-from swarm.testing.reach import Undialable, open_relay_node
+from swarm.testing.reach import NeverPunches, Undialable, open_relay_node
 from swarm.testing.swarm import open_local_swarm
 from swarm.types import LayerRange, PeerId
 
 PROMPT = list(range(100, 116))
 NEW_TOKENS = 32
 TINY = {"num_layers": 8, "hidden": 256, "heads": 8, "kv_heads": 8, "intermediate": 688}
-REACH = ReachabilityConfig(check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False)
+REACH = ReachabilityConfig(
+    check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False, direct=None
+)  # direct upgrades (on by default) only where a part says so
 
 
 def tiny(workdir: Path) -> Path:
@@ -85,7 +89,7 @@ async def chain_once(path: Path, relayed: bool, delay: float, rounds: int) -> li
         middle = Undialable() if relayed else None
         await local.add_server(LayerRange(3, 6), reachability=REACH, transport=middle)
         await local.add_server(LayerRange(6, 8), reachability=REACH)
-        config = ClientConfig(initial_peers=(local.dht_address,))
+        config = ClientConfig(initial_peers=(local.dht_address,), direct=None)
         async with AsyncRemoteModel.open(path, config, transport=links.transport("client")) as m:
             await m.generate(PROMPT, 4)
             times: list[float] = []
@@ -215,21 +219,29 @@ async def attach_times(path: Path) -> None:
     )
 
 
-async def punch_chain_once(path: Path, mode: str, rounds: int) -> list[float]:
-    punch = PunchConfig(window=2.0)
+async def punch_chain_once(path: Path, mode: str, rounds: int) -> tuple[list[float], float]:
+    """Per-token times of the chain with the middle hop ``mode`` (direct, relayed, upgraded:
+    relayed with the defaults' upgrade, failing: relayed, upgrades on, but its punches never
+    connect), and the seconds from opening the model to the end of a first 4-token answer."""
+    upgrading = mode in ("upgraded", "failing")
+    punch = PunchConfig() if upgrading else None
+    never = NeverPunches()
     async with open_local_swarm(path) as local, AsyncExitStack() as stack:
         for _ in range(2):
             await stack.enter_async_context(open_relay_node(local.dht_address))
         middle = None if mode == "direct" else Undialable()
-        await local.add_server(LayerRange(3, 6), reachability=REACH, transport=middle)
-        await local.add_server(LayerRange(6, 8), reachability=REACH)
-        reach = dataclasses.replace(REACH, direct=punch if mode == "upgraded" else None)
-        await local.add_server(LayerRange(0, 3), reachability=reach)
-        config = ClientConfig(
-            initial_peers=(local.dht_address,), direct=punch if mode == "upgraded" else None
+        wrap = never.wrap if mode == "failing" else None
+        reach = dataclasses.replace(REACH, direct=punch)  # None: no punches, nor answers
+        await local.add_server(
+            LayerRange(3, 6), reachability=reach, transport=middle, wrap_handlers=wrap
         )
+        await local.add_server(LayerRange(6, 8), reachability=REACH)
+        await local.add_server(LayerRange(0, 3), reachability=reach)
+        config = ClientConfig(initial_peers=(local.dht_address,), direct=punch)
+        started = trio.current_time()
         async with AsyncRemoteModel.open(path, config) as m:
             await m.generate(PROMPT, 4)
+            first = trio.current_time() - started
             times: list[float] = []
             for _ in range(rounds):
                 result = await m.generate_detailed(PROMPT, NEW_TOKENS)
@@ -238,16 +250,18 @@ async def punch_chain_once(path: Path, mode: str, rounds: int) -> list[float]:
                     "direct": ("direct", False),
                     "relayed": ("relayed", False),
                     "upgraded": ("direct", True),
+                    "failing": ("relayed", False),
                 }[mode], hop
                 times.extend(result.timings[1:])
-    return times
+    return times, first
 
 
 async def upgrade_times(trials: int) -> list[float]:
     relay_id, relayed_id, dialer = (Identity.generate() for _ in range(3))
     relay_service = RelayService(relay_id)
     relay_rpc = RpcServer(relay_id, HandlerRegistry([relay_service.binding()]), relay=relay_service)
-    config = PunchConfig(window=2.0, host_rate=100.0, host_burst=100.0)
+    many = {f"{k}_{x}": 100.0 for k in ("peer", "host", "group") for x in ("rate", "burst")}
+    config = PunchConfig(window=2.0, **many)
     registry = HandlerRegistry([FORWARD.bind(Echo().rpc_forward)])
     relayed_rpc = RpcServer(relayed_id, registry)
     service = HolePunchService(relayed_rpc.handle_stream, config)
@@ -281,14 +295,23 @@ def punch(workdir: Path, rounds: int) -> None:
         flush=True,
     )
     path = tiny(workdir)
-    samples: dict[str, list[float]] = {"direct": [], "relayed": [], "upgraded": []}
+    modes = ("direct", "relayed", "upgraded", "failing")
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    firsts: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(2):  # alternate
-        for mode in samples:
-            samples[mode] += trio.run(punch_chain_once, path, mode, rounds)
+        for mode in modes:
+            times, first = trio.run(punch_chain_once, path, mode, rounds)
+            samples[mode] += times
+            firsts[mode].append(first)
     medians = {mode: statistics.median(v) for mode, v in samples.items()}
     print(
         "[punch, loopback] middle hop "
         + ", ".join(f"{m} {t * 1e3:.2f} ms/token ({1 / t:.1f} tok/s)" for m, t in medians.items()),
+        flush=True,
+    )
+    print(
+        "[punch, loopback] open to first 4-token answer: "
+        + ", ".join(f"{m} {' / '.join(f'{t:.2f}' for t in v)} s" for m, v in firsts.items()),
         flush=True,
     )
 

@@ -16,6 +16,7 @@ import typer
 
 from .options import (
     DefaultModelArgument,
+    DirectOption,
     PeersOption,
     SpeculativeOption,
     VerboseOption,
@@ -105,6 +106,7 @@ def api(
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
     speculative: SpeculativeOption = "off",
+    direct: DirectOption = True,
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -151,6 +153,7 @@ def api(
     from swarm.api import GatewayConfig
     from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.errors import ConfigError
+    from swarm.net.punch import DEFAULT_PUNCH_CONFIG
     from swarm.net.swarm_key import load_swarm_key
 
     if not initial_peers:
@@ -180,6 +183,7 @@ def api(
         initial_peers=tuple(initial_peers),
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
         speculation=SpeculationConfig(mode=speculative),
+        direct=DEFAULT_PUNCH_CONFIG if direct else None,
     )
     if reputation is not None:
         client_config = dataclasses.replace(

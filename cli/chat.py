@@ -17,6 +17,7 @@ import typer
 
 from .options import (
     DefaultModelArgument,
+    DirectOption,
     PeersOption,
     QuantRequirement,
     SpeculativeOption,
@@ -54,6 +55,7 @@ def chat(
     ] = "none",
     quant: QuantRequirement = None,
     speculative: SpeculativeOption = "off",
+    direct: DirectOption = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Chat with MODEL on the swarm reached through --initial-peers."""
@@ -62,6 +64,7 @@ def chat(
     from swarm.client.config import ClientConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
+    from swarm.net.punch import DEFAULT_PUNCH_CONFIG
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards.generation import GenerationDefaults
 
@@ -76,6 +79,7 @@ def chat(
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
         speculation=SpeculationConfig(mode=speculative),
+        direct=DEFAULT_PUNCH_CONFIG if direct else None,
     )
     chosen = GenerationDefaults.from_pretrained(path).resolve(temperature, top_k, top_p)
     sampling = SamplingConfig(chosen.temperature, chosen.top_k, chosen.top_p, seed)

@@ -91,9 +91,10 @@ def generate(
         bool,
         typer.Option(
             help="Try a direct connection to relayed servers (TCP simultaneous open "
-            "coordinated through the relay); the --json route marks them upgraded."
+            "coordinated through the relay, beside the relayed channel: a failed one keeps "
+            "the relay); the --json route marks them upgraded. --no-direct: never."
         ),
-    ] = False,
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Generate from PROMPT (or --ids) on the swarm reached through --initial-peers."""
@@ -102,7 +103,7 @@ def generate(
     from swarm.client.config import ClientConfig, PipelineConfig, SpeculationConfig
     from swarm.client.sampling import SamplingConfig
     from swarm.errors import ConfigError
-    from swarm.net.punch import PunchConfig
+    from swarm.net.punch import DEFAULT_PUNCH_CONFIG
     from swarm.net.swarm_key import load_swarm_key
     from swarm.shards.generation import GenerationDefaults
     from swarm.shards.hub import resolve_checkpoint
@@ -121,7 +122,7 @@ def generate(
         quant=None if quant is None else parse_quantization(quant).value,
         pipeline=PipelineConfig(use_push=not no_push),
         speculation=SpeculationConfig(mode=speculative),
-        direct=PunchConfig() if direct else None,
+        direct=DEFAULT_PUNCH_CONFIG if direct else None,
     )
     if reputation is not None:
         config = dataclasses.replace(

@@ -39,7 +39,8 @@ async def _discovery(
     if not initial_peers:
         raise ConfigError("no --initial-peers: give the host:port of a DHT node")
     key = load_swarm_key(swarm_key) if swarm_key else None
-    config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=key)
+    # a look, not a session: no direct upgrades (the table shows the announced paths)
+    config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=key, direct=None)
     layers = ModelConfig.from_pretrained(model).num_hidden_layers
     async with join_as_client(config) as (pool, dht):
         yield Discovery(dht, pool, model_id(model), layers, config), pool, layers

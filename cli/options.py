@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IDENTITY_DIR",
     "DefaultModelArgument",
+    "DirectOption",
     "KeyOption",
     "PeersOption",
     "PrivateGroupsOption",
@@ -43,6 +44,15 @@ SpeculativeOption = Annotated[
             "with the model's tokenizer. The tokens are plain decoding's, but for rounding: "
             "a near-tie can tip otherwise, mostly on quantized servers."
         ),
+    ),
+]
+
+DirectOption = Annotated[
+    bool,
+    typer.Option(
+        help="Try a direct connection to relayed servers (TCP simultaneous open coordinated "
+        "through the relay, beside the relayed channel: a failed one keeps the relay). "
+        "--no-direct: never."
     ),
 ]
 

@@ -150,9 +150,10 @@ def serve(
         bool,
         typer.Option(
             help="Try a direct connection (TCP simultaneous open coordinated through the "
-            "relay) to relayed next-hop servers, so pushes to them skip the relay."
+            "relay) to relayed next-hop servers, so pushes to them skip the relay (a failed "
+            "one keeps the relay). --no-direct: never."
         ),
-    ] = False,
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -163,7 +164,7 @@ def serve(
     import trio
 
     from swarm.dht import AdmissionConfig, DHTConfig
-    from swarm.net.punch import PunchConfig
+    from swarm.net.punch import DEFAULT_PUNCH_CONFIG
     from swarm.server.balance import BalanceConfig
     from swarm.server.compute import ComputeConfig
     from swarm.server.config import ServerConfig
@@ -216,7 +217,7 @@ def serve(
         reachability=ReachabilityConfig(
             offer_relay=relay,
             port_mapping=port_mapping,
-            direct=PunchConfig() if direct else None,
+            direct=DEFAULT_PUNCH_CONFIG if direct else None,
         ),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
     )

@@ -11,7 +11,7 @@ import torch
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.punch import PunchConfig
+from swarm.net.punch import DEFAULT_PUNCH_CONFIG, PunchConfig
 from swarm.types import FLOAT_DTYPES, DtypeName, QuantName, parse_address, torch_dtype
 from swarm.verify.policy import VerifyPolicy, parse_policy
 
@@ -43,6 +43,13 @@ class FailureConfig:
       of routes for ``min(base * backoff ** (failures - 1), max)`` seconds.
     - ``max_open_retries`` (4): servers that may fail while a chain's route is opened.
     - ``max_recoveries`` (8): hop failures one chain survives; beyond, `SessionError`.
+    - ``route_wait_s`` (60): when a failed hop's layers have no other usable server, its
+      recovery keeps asking the directory (after 1 s, then doubling up to 4 s between
+      looks) for this many seconds before it gives up with `RoutingError`: volunteers
+      leave without notice, and the swarm's rebalancing covers a block whose last server
+      left within a few balance periods once that server's records expire, so a generation
+      that waits keeps its tokens instead of starting over. 0: give up at once. Opening a
+      chain does not wait (``swarm generate --wait`` does that before it starts).
     """
 
     ban_base_s: float = 5.0
@@ -50,6 +57,7 @@ class FailureConfig:
     ban_max_s: float = 300.0
     max_open_retries: int = 4
     max_recoveries: int = 8
+    route_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         _positive("FailureConfig", ban_base_s=self.ban_base_s, ban_max_s=self.ban_max_s)
@@ -57,6 +65,14 @@ class FailureConfig:
             raise ConfigError(f"FailureConfig.ban_backoff must be >= 1, got {self.ban_backoff}")
         if self.max_open_retries < 0 or self.max_recoveries < 0:
             raise ConfigError("FailureConfig.max_open_retries and max_recoveries must be >= 0")
+        if not self.route_wait_s >= 0:
+            raise ConfigError(f"FailureConfig.route_wait_s must be >= 0, got {self.route_wait_s}")
+
+    @staticmethod
+    def route_look_s(looks: int) -> float:
+        """Seconds to wait before looking for a route again after ``looks`` looks found none
+        (1 s, then doubling up to 4 s; see ``route_wait_s``)."""
+        return min(2.0 ** max(looks - 1, 0), 4.0)
 
 
 @dataclass(frozen=True)
@@ -233,10 +249,12 @@ class ClientConfig:
       ``optimistic`` (`swarm.verify`).
     - ``quant`` (None): route only through servers whose weights are kept this way
       (``"none"``, ``"int8"``, ``"int4"``, as they announce); None: any.
-    - ``direct`` (None): a `PunchConfig` to try a direct connection (TCP simultaneous open
-      coordinated through the relay, `swarm.net.punch`) to each relayed server once the
-      client's ping reached it through its relay; the route then reports it ``direct``
-      (``upgraded``). None: relayed servers stay relayed.
+    - ``direct`` (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct connection (TCP
+      simultaneous open coordinated through the relay, `swarm.net.punch`) to each relayed
+      server once the client's ping reached it through its relay, beside the relayed
+      channel (a refresh waits ``direct.wait`` for it at most; a failed punch leaves the
+      relay, and the server is tried again only after a backoff); the route then reports
+      it ``direct`` (``upgraded``). None (``--no-direct``): relayed servers stay relayed.
 
     Groups: ``failures`` (`FailureConfig`: bans, retries, recoveries), ``hedging``
     (`HedgeConfig`), ``pipeline`` (`PipelineConfig`: push, wire dtype), ``pings``
@@ -253,7 +271,7 @@ class ClientConfig:
     step_timeout: float = 30.0
     verify: str = "none"
     quant: QuantName | None = None
-    direct: PunchConfig | None = None
+    direct: PunchConfig | None = DEFAULT_PUNCH_CONFIG
     failures: FailureConfig = field(default_factory=FailureConfig)
     hedging: HedgeConfig = field(default_factory=HedgeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

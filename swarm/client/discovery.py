@@ -5,8 +5,9 @@ per peer with `swarm.directory.servers_from_records` (the same strict decoder th
 use). Where servers are relayed, the relays' own records under `relay_key` say how busy
 each relay is: a relayed server is dialed through its least loaded relay, and the planner
 counts that relay's load (`swarm.directory.with_relay_loads`). With ``config.direct``, a
-relayed server that answered its ping is offered a direct connection (`ConnectionPool.upgrade`),
-and is reported `ServerView.upgraded` while the channel to it is direct.
+relayed server that answered its ping is offered a direct connection (`ConnectionPool.try_upgrade`:
+the punch runs beside the relayed channel and the refresh waits ``direct.wait`` at most), and is
+reported `ServerView.upgraded` while the channel to it is direct.
 
 A record is only a claim: anyone may sign one naming any address. The client's ping proves
 it (the handshake succeeds only as the record's `PeerId` at its address: `Discovery.reached`),
@@ -334,7 +335,7 @@ class Discovery:
                 punch = self.config.direct
                 if punch is not None and server.relays and not server.upgraded:
                     relay_host = parse_address(server.address)[0]
-                    await self.pool.upgrade(server.peer_id, towards=relay_host, punch=punch)
+                    await self.pool.try_upgrade(server.peer_id, towards=relay_host, punch=punch)
 
         async with trio.open_nursery() as nursery:
             for server in targets:

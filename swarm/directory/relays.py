@@ -7,7 +7,6 @@ Servers read them here to choose dial-back peers and relays across address group
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from swarm.dht.records import Record
 from swarm.errors import ProtocolError
 from swarm.net.messages import RelayAnnouncement, message_from_wire
+from swarm.net.transport import address_group
 from swarm.types import PeerId
 
 __all__ = ["RelayView", "address_group", "decode_relay", "relays_from_records", "spread"]
@@ -57,21 +57,6 @@ def relays_from_records(records: Mapping[PeerId, Record]) -> list[RelayView]:
             continue
         out.append(RelayView(peer, ann.host, ann.port, ann.circuits, ann.max_circuits))
     return out
-
-
-def address_group(host: str) -> str:
-    """What one operator plausibly controls: a public IPv4 /16 or IPv6 /48; a loopback,
-    private or link-local address itself (a LAN or one machine); a name itself."""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_private or addr.is_loopback or addr.is_link_local:
-        return str(addr)
-    prefix = 16 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
 def spread(candidates: Sequence[RelayView], count: int) -> list[RelayView]:

@@ -105,11 +105,14 @@ class Refusal(IntEnum):
 
     PEER_LIMIT = 1
     SERVER_FULL = 2
+    UNEXPECTED_PEER = 3  # a connection made for one peer (a hole punch) reached by another
 
     @property
     def message(self) -> str:
         if self is Refusal.PEER_LIMIT:
             return "the server already has its maximum of channels from this peer"
+        if self is Refusal.UNEXPECTED_PEER:
+            return "this connection was made for another peer"
         return "the server is at its channel limit and has no idle channel to close"
 
 

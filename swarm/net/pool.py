@@ -19,6 +19,7 @@ from swarm.net.handshake import open_channel
 from swarm.net.messages import Message
 from swarm.net.methods import HandlerRegistry
 from swarm.net.punch import DEFAULT_PUNCH_CONFIG, PunchConfig, dial_direct
+from swarm.net.punch_guard import PunchAdmission, PunchBackoff
 from swarm.net.rpc import RpcConnection
 from swarm.net.transport import TCPTransport, Transport
 from swarm.types import PeerId
@@ -70,7 +71,9 @@ class ConnectionPool:
         self._dialing: dict[PoolKey, trio.Lock] = {}
         self._upgrading: dict[PeerId, trio.Lock] = {}
         self._direct: dict[PoolKey, RpcConnection] = {}  # channels that `upgrade` made
-        self._punch_failed: dict[PeerId, float] = {}  # when an upgrade to it last failed
+        self._upgrades: dict[PeerId, trio.Event] = {}  # `try_upgrade`s running
+        self._admission: PunchAdmission | None = None  # made by the first punch's config
+        self._backoff: PunchBackoff | None = None
         self.dials = 0
 
     async def get(self, host: str, port: int, expected_peer: PeerId | None = None) -> RpcConnection:
@@ -106,9 +109,10 @@ class ConnectionPool:
         await self._evict()
         return conn
 
-    def is_direct(self, peer: PeerId) -> bool:
-        """Whether the channel to ``peer`` is a direct connection that `upgrade` made."""
-        conn = self._conns.get(peer)
+    def is_direct(self, peer: PeerId, conn: RpcConnection | None = None) -> bool:
+        """Whether the channel to ``peer`` (or ``conn``, one that `get` gave for ``peer``)
+        is a direct connection that `upgrade` made."""
+        conn = self._conns.get(peer) if conn is None else conn
         return conn is not None and not conn.is_closed and self._direct.get(peer) is conn
 
     async def upgrade(
@@ -120,42 +124,94 @@ class ConnectionPool:
         True when the channel to ``peer`` is direct now: calls and streams already on the
         relayed channel go on there, new ones take the direct one, and the relayed channel
         is closed once nothing runs on it. False (logged) when there is no channel to it,
-        or no direct connection was made (or one failed within ``punch.retry_after``): the
-        relayed channel stays. Costs up to ``punch.window`` plus the exchange's round
-        trips when it fails."""
+        or no direct connection was made: the relayed channel stays, and ``peer`` is not
+        tried again for ``punch.retry_after`` seconds, doubling with each failure in a row up
+        to ``punch.max_retry_after`` (`PunchBackoff`). Costs up to ``punch.attempts``
+        windows plus the exchanges' round trips when it fails: see `try_upgrade` for the
+        way that does not hold the caller up."""
         lock = self._upgrading.setdefault(peer, trio.Lock())
-        async with lock:
-            if self.is_direct(peer):
-                return True
-            failed = self._punch_failed.get(peer)
-            if failed is not None and trio.current_time() - failed < punch.retry_after:
-                return False
-            conn = self._live(peer)
-            if conn is None:
-                return False
-            try:
-                channel = await dial_direct(
-                    conn, self.identity, peer, towards=towards, swarm_key=self.swarm_key,
-                    config=self.config, punch=punch, receive_budget=self.receive_budget,
-                )  # fmt: skip
-            except (SwarmError, OSError) as exc:
-                log.info("no direct connection to %s (the relay stays): %s", peer, exc)
-                now = trio.current_time()
-                for old in [
-                    p for p, t in self._punch_failed.items() if now - t > punch.retry_after
-                ]:
-                    del self._punch_failed[old]  # bounded: only recent failures are kept
-                self._punch_failed[peer] = now
-                return False
-            self._punch_failed.pop(peer, None)
-            direct = RpcConnection(channel, self.handlers, self.config)
-            await self._nursery.start(self._run, peer, direct)
-            self._conns[peer] = direct
-            self._direct[peer] = direct
-            self._nursery.start_soon(self._retire, conn)
-        self._upgrading.pop(peer, None)
-        await self._evict()
+        try:
+            async with lock:
+                upgraded = await self._upgrade_locked(peer, towards, punch)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._upgrading.pop(peer, None)  # bounded: no lock kept per peer tried
+        if upgraded:
+            await self._evict()
+        return upgraded
+
+    async def _upgrade_locked(self, peer: PeerId, towards: str, punch: PunchConfig) -> bool:
+        if self.is_direct(peer):
+            return True
+        backoff = self._punch_backoff(punch)
+        if not backoff.allowed(peer, trio.current_time()):
+            return False
+        conn = self._live(peer)
+        if conn is None:
+            return False
+        try:
+            channel = await dial_direct(
+                conn, self.identity, peer, towards=towards, swarm_key=self.swarm_key,
+                config=self.config, punch=punch, receive_budget=self.receive_budget,
+                admission=self._punch_admission(punch),
+            )  # fmt: skip
+        except (SwarmError, OSError) as exc:
+            wait = backoff.failed(peer, trio.current_time())
+            log.info(
+                "no direct connection to %s (the relay stays; next try in %.0f s): %s",
+                peer, wait, exc,
+            )  # fmt: skip
+            return False
+        backoff.succeeded(peer)
+        direct = RpcConnection(channel, self.handlers, self.config)
+        await self._nursery.start(self._run, peer, direct)
+        self._conns[peer] = direct
+        self._direct[peer] = direct
+        self._nursery.start_soon(self._retire, conn)
         return True
+
+    async def try_upgrade(
+        self, peer: PeerId, *, towards: str, punch: PunchConfig = DEFAULT_PUNCH_CONFIG
+    ) -> bool:
+        """`upgrade` beside the relayed channel: start it in the pool's own task (unless
+        one runs for ``peer`` already, or ``peer`` is in its backoff) and wait for it at
+        most ``punch.wait`` seconds. True when the channel to ``peer`` is direct by then;
+        otherwise the caller goes on over the relay and a later `get` finds the direct
+        channel if the upgrade succeeds. Never raises for a failed punch."""
+        if self.is_direct(peer):
+            return True
+        done = self._upgrades.get(peer)
+        if done is None:
+            if not self._punch_backoff(punch).allowed(peer, trio.current_time()):
+                return False
+            done = self._upgrades[peer] = trio.Event()
+
+            async def run() -> None:
+                try:
+                    await self.upgrade(peer, towards=towards, punch=punch)
+                finally:
+                    del self._upgrades[peer]
+                    done.set()
+
+            self._nursery.start_soon(run)
+        with trio.move_on_after(punch.wait):
+            await done.wait()
+        return self.is_direct(peer)
+
+    def _punch_admission(self, punch: PunchConfig) -> PunchAdmission:
+        """The per-address-group budget of our punch dials (one per pool)."""
+        if self._admission is None:
+            self._admission = punch.admission()
+        return self._admission
+
+    def _punch_backoff(self, punch: PunchConfig) -> PunchBackoff:
+        if self._backoff is None:
+            self._backoff = PunchBackoff(punch.retry_after, punch.max_retry_after)
+        return self._backoff
+
+    def punch_failures(self, peer: PeerId) -> int:
+        """Failed direct upgrades to ``peer`` in a row (0: none, or it was upgraded since)."""
+        return 0 if self._backoff is None else self._backoff.failures(peer)
 
     async def _retire(self, conn: RpcConnection) -> None:
         """Close a channel that was replaced once nothing runs on it any more (its relay

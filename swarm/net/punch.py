@@ -31,9 +31,11 @@ punch port; R also dials D's punch port at the address its relay saw D connect f
 (endpoint-independent mapping with port preservation, common at home) those are where the
 crossing SYNs arrive; a NAT that picks another port is not predicted, and D learns no
 observed address of its own (R's dial at D's public address covers that side).
-A peer answering ``hole_punch`` dials only addresses
-it would dial back (`may_punch`), each ``max_dials`` times at most, for a few punches per
-caller host (``host_rate``) and ``max_concurrent`` at once: a TCP connect, no byte sent.
+Who may ask, what is dialed, and when a failed peer is tried again is the policy of
+`swarm.net.punch_guard`: a peer answering ``hole_punch`` dials only the caller's address as
+its relay saw it, for a few punches per caller, host and address group, ``max_concurrent``
+at once; the initiator makes up to ``attempts`` exchanges (DCUtR's three) and dials at most
+two of the addresses named; the handshake on the direct socket checks both `PeerId`s.
 On loopback SYNs cannot cross (delivery is immediate), so there one side's listener
 accepts the other's dial; a true simultaneous open needs a network with delay.
 """
@@ -52,11 +54,10 @@ from swarm.errors import ConfigError, ConnectError, LimitExceeded, SwarmError
 from swarm.identity import Identity
 from swarm.net.channel import ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.dialback import is_local_host, may_dial_back
 from swarm.net.handshake import secure_outbound
 from swarm.net.messages import PunchAddress, PunchConnect, PunchSync
 from swarm.net.methods import Binding, TypedStream
-from swarm.net.quota import TokenBuckets
+from swarm.net.punch_guard import PunchAdmission, initiator_targets, punch_targets
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.surface import HOLE_PUNCH, PunchUp, open_hole_punch
 from swarm.types import PeerId
@@ -68,7 +69,6 @@ __all__ = [
     "PunchPoint",
     "dial_direct",
     "local_address_towards",
-    "may_punch",
     "with_observed",
 ]
 
@@ -77,30 +77,62 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PunchConfig:
-    """``window`` (5 s): how long both sides try to connect from the agreed moment;
-    ``retry`` (0.05 s) between dials refused within it; ``exchange_timeout`` (10 s) for
-    each message of the exchange over the relay; ``max_concurrent`` (4) punches a relayed
-    peer answers at once (more are refused: each costs it a port and dials);
-    ``retry_after`` (300 s): a dialer whose punch to a peer failed does not try that peer
-    again sooner; ``max_dials`` (10) connects per address and punch (refused ones are
-    retried); ``host_rate`` (0.2 per second, after a burst of ``host_burst``, 4): punches a
-    relayed peer answers per caller host."""
+    """How direct upgrades are tried (the initiator) and answered (the relayed peer).
+
+    The initiator: ``attempts`` (3, as DCUtR) exchanges, each with a fresh port and round
+    trip, until one connects; each tries for ``window`` (5 s) from the agreed moment, dialing
+    again after ``retry`` (0.05 s) when refused, ``max_dials`` (10) times per address, at most
+    ``max_targets`` (2) of the addresses the peer names; ``exchange_timeout`` (10 s) for each
+    message over the relay. A caller waits ``wait`` (0.5 s) for an upgrade before it goes on over
+    the relay (the punch goes on beside it). A peer whose upgrade failed is tried again after
+    ``retry_after`` (300 s), doubling with each further failure up to ``max_retry_after``
+    (3600 s).
+
+    The relayed peer answers ``max_concurrent`` (4) punches at once, and per caller
+    ``peer_rate`` (0.05 per second after a burst of ``peer_burst``, 6: two upgrades of three
+    attempts), per caller host ``host_rate`` / ``host_burst`` (0.2, 6) and per address group
+    ``group_rate`` / ``group_burst`` (1, 24), which also bounds an initiator's dials to one
+    group (`swarm.net.punch_guard`)."""
 
     window: float = 5.0
     retry: float = 0.05
     exchange_timeout: float = 10.0
+    attempts: int = 3
+    wait: float = 0.5
     max_concurrent: int = 4
     retry_after: float = 300.0
+    max_retry_after: float = 3600.0
     max_dials: int = 10
+    max_targets: int = 2
+    peer_rate: float = 0.05
+    peer_burst: float = 6.0
     host_rate: float = 0.2
-    host_burst: float = 4.0
+    host_burst: float = 6.0
+    group_rate: float = 1.0
+    group_burst: float = 24.0
 
     def __post_init__(self) -> None:
-        for name in ("window", "retry", "exchange_timeout", "retry_after", "host_rate"):
+        positive = (
+            "window", "retry", "exchange_timeout", "retry_after", "max_retry_after",
+            "peer_rate", "host_rate", "group_rate",
+        )  # fmt: skip
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"punch {name} must be positive")
-        if self.max_concurrent < 1 or self.max_dials < 1 or self.host_burst < 1:
-            raise ConfigError("punch max_concurrent, max_dials and host_burst must be >= 1")
+        if self.wait < 0:
+            raise ConfigError("punch wait must be 0 or more seconds")
+        counts = ("attempts", "max_concurrent", "max_dials", "max_targets")
+        bursts = ("peer_burst", "host_burst", "group_burst")
+        if any(getattr(self, n) < 1 for n in (*counts, *bursts)):
+            raise ConfigError(f"punch {', '.join((*counts, *bursts))} must be >= 1")
+
+    def admission(self) -> PunchAdmission:
+        """The rate limits these figures describe (one per service or pool)."""
+        return PunchAdmission(
+            peer_rate=self.peer_rate, peer_burst=self.peer_burst,
+            host_rate=self.host_rate, host_burst=self.host_burst,
+            group_rate=self.group_rate, group_burst=self.group_burst,
+        )  # fmt: skip
 
 
 DEFAULT_PUNCH_CONFIG = PunchConfig()
@@ -212,16 +244,6 @@ class PunchPoint:
         return got[0] if got else None
 
 
-def may_punch(target: str, caller_host: str | None, ours: Iterable[str]) -> bool:
-    """Whether a relayed peer dials ``target`` for a caller seen at ``caller_host`` (a
-    `host_key`): what it would dial back (`may_dial_back`: the caller's own host, or a
-    private address for a caller on one), or a private address when the caller comes
-    from one of our own observed addresses (``ours``: behind the same NAT)."""
-    if may_dial_back(target, caller_host):
-        return True
-    return caller_host in set(ours) and is_local_host(target)
-
-
 def _addresses(msg: PunchConnect) -> list[tuple[str, int]]:
     return [(a.host, a.port) for a in msg.addresses]
 
@@ -257,49 +279,76 @@ async def dial_direct(
     config: NetConfig = DEFAULT_NET_CONFIG,
     punch: PunchConfig = DEFAULT_PUNCH_CONFIG,
     receive_budget: ReceiveBudget | None = None,
+    admission: PunchAdmission | None = None,
 ) -> SecureChannel:
     """The initiator's side: over ``conn`` (a relayed channel to ``expected_peer``), agree
     on a moment with the peer, connect to it directly, and run the handshake as the
     initiator (the peer must prove ``expected_peer`` again). ``towards``: the host the
     relayed channel was dialed at (the relay), whose interface our punch port binds to.
+    Up to ``punch.attempts`` exchanges (DCUtR's retries, each with a fresh round trip);
+    of the addresses the peer names we dial `initiator_targets`, each within
+    ``admission``'s per-address-group budget when one is given.
 
     Raises `ConnectError` when no direct connection is made (the caller keeps ``conn``),
-    `RemoteError` when the peer refuses, and what `secure_outbound` raises.
+    `RemoteError` (`LimitExceeded`) when the peer refuses, and what `secure_outbound`
+    raises (`PeerIdMismatch` when someone else answers on the direct socket).
     """
+    direct = None
+    for attempt in range(1, punch.attempts + 1):
+        direct, rtt = await _attempt(conn, towards, punch, admission)
+        if direct is not None:
+            break
+        log.info("no direct connection to %s (attempt %d)", expected_peer, attempt)
+    if direct is None:
+        raise ConnectError(f"no direct connection to {expected_peer} in {punch.attempts} attempts")
+    log.info("direct connection to %s (relay round trip %.1f ms)", expected_peer, rtt * 1e3)
+    try:
+        return await secure_outbound(
+            direct, identity, expected_peer=expected_peer, swarm_key=swarm_key, config=config,
+            receive_budget=receive_budget,
+        )  # fmt: skip
+    except BaseException:
+        await trio.aclose_forcefully(direct)
+        raise
+
+
+async def _attempt(
+    conn: RpcConnection, towards: str, punch: PunchConfig, admission: PunchAdmission | None
+) -> tuple[trio.SocketStream | None, float]:
+    """One exchange and simultaneous open: the direct socket (or None) and the round trip."""
     with PunchPoint(local_address_towards(towards)) as point:
         started = trio.current_time()
-        timeout = punch.exchange_timeout
         try:
-            async with open_hole_punch(conn, timeout=timeout) as stream:
+            async with open_hole_punch(conn, timeout=punch.exchange_timeout) as stream:
                 await stream.send(PunchConnect(addresses=(point.address,)))
                 theirs = await stream.receive(PunchConnect)
                 rtt = trio.current_time() - started
                 await stream.send(PunchSync())
                 await stream.send_end()
                 await trio.sleep(rtt / 2)  # the peer dials when the sync arrives
-                remote = _addresses(theirs)
+                named = initiator_targets(_addresses(theirs), point.host, punch.max_targets)
+                remote = [a for a in named if admission is None or admission.may_dial(a[0])]
                 direct = await point.meet(remote, punch.window, punch.retry, punch.max_dials)
         except trio.EndOfChannel:
             raise ConnectError("the peer ended the hole punch") from None
-    if direct is None:
-        raise ConnectError(f"no direct connection to {expected_peer} within {punch.window} s")
-    log.info("direct connection to %s (relay round trip %.1f ms)", expected_peer, rtt * 1e3)
-    return await secure_outbound(
-        direct, identity, expected_peer=expected_peer, swarm_key=swarm_key, config=config,
-        receive_budget=receive_budget,
-    )  # fmt: skip
+    return direct, rtt
 
 
 class HolePunchService:
     """The relayed peer's side of ``hole_punch``: on a caller's `PunchConnect`, bind a
     punch port, answer with its address, and dial the caller when its `PunchSync` comes;
     a connection made is served by ``serve_inbound`` (the peer's `RpcServer.handle_stream`,
-    which runs the handshake as for any inbound stream) inside `run`'s nursery, so it
-    outlives the call. Start `run` before serving `binding`."""
+    which runs the handshake as for any inbound stream and refuses any `PeerId` but the
+    caller's) inside `run`'s nursery, so it outlives the call. Start `run` before serving
+    `binding`.
+
+    Answered only over a relayed channel whose relay named the caller's address, which is
+    the only address dialed (`punch_targets`); rationed per caller, host and address group
+    (`PunchAdmission`) and ``max_concurrent`` at once: refusals are `LimitExceeded`."""
 
     def __init__(
         self,
-        serve_inbound: Callable[[trio.abc.Stream], Awaitable[None]],
+        serve_inbound: Callable[[trio.abc.Stream, PeerId], Awaitable[None]],
         config: PunchConfig = DEFAULT_PUNCH_CONFIG,
         observed_hosts: Callable[[], Iterable[str]] = tuple,
     ) -> None:
@@ -307,9 +356,10 @@ class HolePunchService:
         self._observed_hosts = observed_hosts
         self.config = config
         self._limit = trio.Semaphore(config.max_concurrent)
-        self._per_host = TokenBuckets(config.host_rate, config.host_burst)
+        self._admission = config.admission()
         self._nursery: trio.Nursery | None = None
         self.upgraded = 0  # direct connections handed to serve_inbound
+        self.refused = 0  # punches refused by the limits or for want of a relayed caller
 
     def binding(self) -> Binding:
         return HOLE_PUNCH.bind(self.rpc_hole_punch)
@@ -321,29 +371,39 @@ class HolePunchService:
             task_status.started()
             await trio.sleep_forever()
 
-    async def rpc_hole_punch(
-        self, stream: TypedStream[PunchConnect, PunchUp], ctx: CallContext
-    ) -> None:
+    def _check(self, ctx: CallContext) -> str:
+        """The caller's host as its relay saw it; raises `LimitExceeded` to refuse."""
         if self._nursery is None:
             raise LimitExceeded("hole punching is not running")
-        if not self._per_host.try_take(ctx.peer_host or "?", 1.0):
-            raise LimitExceeded("too many hole punches from this host")
+        host = ctx.peer_host
+        if not ctx.via_relay or not host:
+            self.refused += 1
+            raise LimitExceeded("hole punching is only for callers that came through a relay")
+        refusal = self._admission.admit(ctx.peer_id, host)
+        if refusal is not None:
+            self.refused += 1
+            raise LimitExceeded(refusal)
         try:
             self._limit.acquire_nowait()
         except trio.WouldBlock:
+            self.refused += 1
             raise LimitExceeded("too many hole punches at once") from None
+        return host
+
+    async def rpc_hole_punch(
+        self, stream: TypedStream[PunchConnect, PunchUp], ctx: CallContext
+    ) -> None:
+        host = self._check(ctx)
         try:
             timeout = self.config.exchange_timeout
             theirs = await stream.receive(PunchConnect, timeout=timeout)
             ours = tuple(self._observed_hosts())
-            given = [a for a in _addresses(theirs) if may_punch(a[0], ctx.peer_host, ours)]
-            if not given:
+            remote = punch_targets(_addresses(theirs), host, ours, self.config.max_targets)
+            if not remote:
                 log.info("hole punch from %s names no address we dial", ctx.peer_id)
                 return
-            # also where the relay saw the caller (its NAT's address, if it keeps the port)
-            remote = with_observed(given, [ctx.peer_host or ""])
-            with PunchPoint(local_address_towards(given[0][0])) as point:
-                mine = with_observed([(point.host, point.port)], self._observed_hosts())
+            with PunchPoint(local_address_towards(remote[0][0])) as point:
+                mine = with_observed([(point.host, point.port)], ours)
                 await stream.send(
                     PunchConnect(addresses=tuple(PunchAddress(host=h, port=p) for h, p in mine))
                 )
@@ -353,13 +413,14 @@ class HolePunchService:
             if direct is None:
                 log.info("no direct connection from %s within the window", ctx.peer_id)
                 return
+            assert self._nursery is not None  # local invariant: `_check` saw it
             self.upgraded += 1
-            self._nursery.start_soon(self._serve, direct)
+            self._nursery.start_soon(self._serve, direct, ctx.peer_id)
         except (OSError, SwarmError, trio.EndOfChannel) as exc:
             log.info("hole punch with %s failed: %s", ctx.peer_id, exc)
         finally:
             self._limit.release()
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, peer: PeerId) -> None:
         async with stream:
-            await self._serve_inbound(stream)
+            await self._serve_inbound(stream, peer)

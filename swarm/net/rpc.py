@@ -71,11 +71,14 @@ class RpcStatistics:
 @dataclass(frozen=True)
 class CallContext:
     """What a handler knows about the call: the authenticated caller, the method, and the
-    caller's IP address as the socket saw it (None when the transport has none)."""
+    caller's IP address as the socket saw it (None when the transport has none);
+    ``via_relay``: the channel reached us through a relay that named the caller's address
+    (``peer_host`` is then that address, as the relay saw it)."""
 
     peer_id: PeerId
     method: str
     peer_host: str | None = None
+    via_relay: bool = False
 
 
 class _Pending:
@@ -164,10 +167,12 @@ class RpcConnection:
         handlers: HandlerRegistry | None = None,
         config: NetConfig = DEFAULT_NET_CONFIG,
         remote_host: str | None = None,
+        via_relay: bool = False,
     ) -> None:
         self.channel = channel
         self.remote_peer_id = channel.remote_peer_id
         self.remote_host = remote_host
+        self.via_relay = via_relay  # see `CallContext.via_relay`
         self._handlers = handlers
         self._config = config
         self._next_id = 0
@@ -401,7 +406,7 @@ class RpcConnection:
         )
         self._serving[call_id] = (scope, stream)
         self.calls_served += 1
-        ctx = CallContext(self.remote_peer_id, method, self.remote_host)
+        ctx = CallContext(self.remote_peer_id, method, self.remote_host, self.via_relay)
         self._nursery.start_soon(
             self._run_handler, binding, call_id, scope, stream, body, ctx, one_way
         )

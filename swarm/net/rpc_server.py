@@ -35,7 +35,7 @@ from swarm.net.handshake import Hello, Refusal, read_hello, secure_inbound
 from swarm.net.methods import HandlerRegistry
 from swarm.net.relay import RelayService
 from swarm.net.rpc import RpcConnection
-from swarm.net.transport import TCPTransport, Transport, remote_host
+from swarm.net.transport import RelayedStream, TCPTransport, Transport, remote_host
 from swarm.types import PeerId
 
 __all__ = ["RpcServer", "RpcServerStatistics"]
@@ -53,6 +53,7 @@ class RpcServerStatistics:
     refused_per_ip: int
     refused_per_peer: int
     refused_full: int  # at max_connections with no idle channel to close
+    refused_unexpected: int  # a punched connection reached by another peer than the caller
     evicted_handshakes: int  # closed to make room under max_handshakes
     evicted_idle: int  # closed to make room under max_connections
     closed_idle: int  # closed by idle_timeout
@@ -116,9 +117,13 @@ class RpcServer:
         """Listen on ``host:port`` until cancelled; reports the bound port."""
         await self.transport.serve(self.handle_stream, host, port, task_status=task_status)
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def handle_stream(
+        self, stream: trio.abc.Stream, expected_peer: PeerId | None = None
+    ) -> None:
         """Handshake on an accepted stream, then serve calls until the channel closes, it is
-        idle for ``idle_timeout``, or the server closes it to make room."""
+        idle for ``idle_timeout``, or the server closes it to make room. With
+        ``expected_peer`` (a connection made for one peer: a hole punch) any other `PeerId`
+        is refused (`Refusal.UNEXPECTED_PEER`) once the handshake proves it."""
         host = remote_host(stream)
         if host is not None and self._per_host[host] >= self.config.max_connections_per_ip:
             self._counts["refused_per_ip"] += 1
@@ -134,12 +139,14 @@ class RpcServer:
             self._per_host[host] += 1
         try:
             with slot.scope:
-                await self._serve_slot(stream, slot)
+                await self._serve_slot(stream, slot, expected_peer)
         finally:
             self._forget(slot)
             await trio.aclose_forcefully(stream)
 
-    async def _serve_slot(self, stream: trio.abc.Stream, slot: _Slot) -> None:
+    async def _serve_slot(
+        self, stream: trio.abc.Stream, slot: _Slot, expected_peer: PeerId | None
+    ) -> None:
         reader = ExactReader(stream)
         try:
             with trio.fail_after(self.config.handshake_timeout):
@@ -148,7 +155,7 @@ class RpcServer:
             self._counts["handshake_failures"] += 1
             log.info("inbound handshake failed: %s", exc or "no hello in time")
             return
-        if self.relay is not None and self._for_relay(hello):
+        if self.relay is not None and expected_peer is None and self._for_relay(hello):
             self._handshaking.pop(slot, None)  # the relay's quotas apply from here
             if hello.token is not None:
                 await self.relay.connect_back(stream, reader, hello.token)
@@ -161,7 +168,7 @@ class RpcServer:
                 self.identity,
                 swarm_key=self.swarm_key,
                 config=self.config,
-                admit=lambda peer_id: self._admit(slot, peer_id),
+                admit=lambda peer_id: self._admit(slot, peer_id, expected_peer),
                 receive_budget=self.receive_budget,
                 hello=(reader, hello),
             )
@@ -170,7 +177,10 @@ class RpcServer:
                 self._counts["handshake_failures"] += 1
             log.info("inbound handshake failed: %s", exc)
             return
-        conn = RpcConnection(channel, self.handlers, self.config, remote_host=slot.host)
+        conn = RpcConnection(
+            channel, self.handlers, self.config, remote_host=slot.host,
+            via_relay=isinstance(stream, RelayedStream) and bool(stream.dialer_host),
+        )  # fmt: skip
         slot.conn = conn
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_when_idle, conn)
@@ -184,8 +194,13 @@ class RpcServer:
         assert self.relay is not None  # local invariant: checked by the caller
         return target is not None and target != self.identity.peer_id and self.relay.serves(target)
 
-    def _admit(self, slot: _Slot, peer_id: PeerId) -> Refusal | None:
+    def _admit(
+        self, slot: _Slot, peer_id: PeerId, expected_peer: PeerId | None = None
+    ) -> Refusal | None:
         """Called by the handshake once ``peer_id`` is proven: make room or refuse."""
+        if expected_peer is not None and peer_id != expected_peer:
+            self._counts["refused_unexpected"] += 1
+            return Refusal.UNEXPECTED_PEER
         if not slot.live:
             return Refusal.SERVER_FULL  # evicted while its handshake was finishing
         if self._per_peer[peer_id] >= self.config.max_connections_per_peer:
@@ -268,6 +283,7 @@ class RpcServer:
             refused_per_ip=c["refused_per_ip"],
             refused_per_peer=c["refused_per_peer"],
             refused_full=c["refused_full"],
+            refused_unexpected=c["refused_unexpected"],
             evicted_handshakes=c["evicted_handshakes"],
             evicted_idle=c["evicted_idle"],
             closed_idle=c["closed_idle"],

@@ -22,6 +22,7 @@ __all__ = [
     "StreamHandler",
     "TCPTransport",
     "Transport",
+    "address_group",
     "host_key",
     "remote_host",
 ]
@@ -91,6 +92,22 @@ def host_key(ip: str) -> str:
         if not (addr.is_private or addr.is_loopback or addr.is_link_local):
             return str(ipaddress.ip_network(f"{addr}/64", strict=False))
     return str(addr)
+
+
+def address_group(host: str) -> str:
+    """What one operator plausibly controls: a public IPv4 /16 or IPv6 /48; a loopback,
+    private or link-local address itself (a LAN or one machine); a name itself. A
+    `host_key` (an IPv6 /64) counts as its address."""
+    try:
+        addr = ipaddress.ip_address(host.split("/")[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_private or addr.is_loopback or addr.is_link_local:
+        return str(addr)
+    prefix = 16 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
 class Transport(Protocol):

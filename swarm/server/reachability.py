@@ -32,7 +32,7 @@ from swarm.directory import RelayView, relay_key, relays_from_records, spread
 from swarm.errors import ConfigError, SwarmError, unwrap_group
 from swarm.net.messages import DialBackRequest, RelayHop
 from swarm.net.pool import ConnectionPool
-from swarm.net.punch import PunchConfig
+from swarm.net.punch import DEFAULT_PUNCH_CONFIG, PunchConfig
 from swarm.net.relay import RelayLimits, RelayService, hold_reservation
 from swarm.net.surface import call_dial_back
 from swarm.server.natpmp import NatPmpPortMapper
@@ -56,9 +56,11 @@ class ReachabilityConfig:
     ``mapping_lease`` (3600 s) at a time: by UPnP IGD (at ``igd_url``, or discovered when
     None), else by PCP or NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
     gateway when None; neither is discovered for a server listening on loopback); ``direct``
-    (None): a `PunchConfig` to try a direct connection
-    (`swarm.net.punch`) to each relayed server after our next-hop ping reached it through
-    its relay, so that pushes to it skip the relay (None: they go through it)."""
+    (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct connection (`swarm.net.punch`)
+    to each relayed server after our next-hop ping reached it through its relay, beside the
+    relayed channel, so that pushes to it skip the relay (None, ``--no-direct``: they go
+    through it). It also rations the punches we answer when we are relayed; with None we
+    answer none (dialers stay on the relay)."""
 
     helpers: int = 3
     check_timeout: float = 10.0
@@ -72,7 +74,7 @@ class ReachabilityConfig:
     igd_url: str | None = None
     natpmp_gateway: str | None = None
     mapping_lease: int = 3600
-    direct: PunchConfig | None = None
+    direct: PunchConfig | None = DEFAULT_PUNCH_CONFIG
 
     def __post_init__(self) -> None:
         if self.helpers < 1 or self.relays < 0:

@@ -304,16 +304,23 @@ class Server:
                 self.identity, transport=self.transport, swarm_key=self.swarm_key, config=cfg.net
             )
 
-            async def serve_inbound(stream: trio.abc.Stream) -> None:
-                await rpc.handle_stream(stream)
+            async def serve_inbound(stream: trio.abc.Stream, peer: PeerId) -> None:
+                await rpc.handle_stream(stream, expected_peer=peer)
 
             # answers dialers that reached us through a relay and try a direct connection
             def observed_hosts() -> tuple[str, ...]:
                 keeper = self.reachability
                 return keeper.observed_hosts if keeper is not None else ()
 
-            punch = self.hole_punch = HolePunchService(serve_inbound, observed_hosts=observed_hosts)
-            helpers = [dial_back.binding(), punch.binding()]
+            # --no-direct (reach.direct None): no hole punches answered either
+            punch = self.hole_punch = (
+                None
+                if reach.direct is None
+                else HolePunchService(serve_inbound, reach.direct, observed_hosts=observed_hosts)
+            )
+            # a wrapper may serve its own version of a helper (tests: a punch that never dials)
+            offered = [dial_back.binding()] + ([] if punch is None else [punch.binding()])
+            helpers = [b for b in offered if b.name not in served.names]
             if reach.offer_relay:
                 self.relay = RelayService(
                     self.identity, swarm_key=self.swarm_key, limits=reach.relay_limits
@@ -329,7 +336,8 @@ class Server:
                 relay=self.relay,
             )
             await nursery.start(queue.run)
-            await nursery.start(punch.run)
+            if punch is not None:
+                await nursery.start(punch.run)
             await nursery.start(sessions.run_reaper)
             try:
                 port = await nursery.start(rpc.serve, cfg.host, cfg.port)
@@ -372,6 +380,7 @@ class Server:
                 cfg.ping_timeout,
                 make,
                 direct=reach.direct,
+                probe_hidden=span.config.hidden_size,
             )
             self.announcer = announcer
             await announcer.announce()  # joining

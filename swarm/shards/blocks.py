@@ -17,6 +17,7 @@ from torch import nn
 
 from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
+from swarm.shards.quant import QuantLinear, fuse_linears
 from swarm.shards.rope import apply_rope
 
 __all__ = [
@@ -40,6 +41,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one kernel instead of seven, bit for bit the same sums (checked in the tests)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.to(torch.float32)  # (..., size)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., size)
         return self.weight * h.to(dtype)
@@ -154,6 +158,35 @@ class Attention(nn.Module):
         self.k = nn.Linear(hidden, kv_out, bias=qkv_bias)
         self.v = nn.Linear(hidden, kv_out, bias=qkv_bias)
         self.o = nn.Linear(q_out, hidden, bias=config.attention_bias)
+        self.qkv: QuantLinear | None = None  # q, k and v side by side (`fuse_projections`)
+        self._sizes = [q_out, kv_out, kv_out]
+
+    def fuse_projections(self) -> None:
+        """Multiply q, k and v as one quantized matrix (their rows stacked): one kernel call
+        and one cast of the input instead of three, each output bit for bit what its own
+        layer gives (per output row the same sums). Float layers stay apart (a dense matmul
+        of another width may sum in another order). Drops the separate layers."""
+        fused = fuse_linears([self.q, self.k, self.v])
+        if fused is not None:
+            self.qkv = fused
+            del self.q, self.k, self.v
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` (..., hidden) -> q (..., heads, head_dim) and k (..., kv_heads, head_dim)
+        after RoPE with ``cos``/``sin`` (..., 1, head_dim), and v (..., kv_heads*head_dim).
+        Fused, q and k go through RoPE as one tensor (the same values, half the calls)."""
+        lead, dim = x.shape[:-1], self.head_dim
+        if self.qkv is None:
+            q = apply_rope(self.q(x).view(*lead, self.heads, dim), cos, sin)
+            k = apply_rope(self.k(x).view(*lead, self.kv_heads, dim), cos, sin)
+            return q, k, self.v(x)
+        qkv = self.qkv(x)  # (..., q_out + 2 * kv_out)
+        q_out, kv_out, _ = self._sizes
+        qk = qkv[..., : q_out + kv_out].reshape(*lead, self.heads + self.kv_heads, dim)
+        q, k = torch.split(apply_rope(qk, cos, sin), [self.heads, self.kv_heads], dim=-2)
+        return q, k, qkv[..., q_out + kv_out :]
 
     def forward(
         self,
@@ -166,29 +199,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         part = RaggedPart(batch, seq, cos, sin, mask, cache)
-        out = self.attend(self.q(x), self.k(x), self.v(x), part, index)  # (batch*seq, q_out)
+        q, k, v = self.project(x, cos.transpose(1, 2), sin.transpose(1, 2))
+        # q: (batch, seq, heads, head_dim) -> (batch, heads, seq, head_dim); k likewise
+        out = self._attend_rotated(q.transpose(1, 2), k.transpose(1, 2), v, part, index)
         projected: torch.Tensor = self.o(out.view(batch, seq, -1))  # (batch, seq, hidden)
         return projected
-
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: RaggedPart, index: int
-    ) -> torch.Tensor:
-        """Attention of one sequence group's projected tokens: ``q`` (..., heads*head_dim),
-        ``k``/``v`` (..., kv_heads*head_dim) with ``part.batch * part.seq`` tokens, against
-        ``part.cache`` (which stores the new keys/values). Returns (batch*seq, heads*head_dim)."""
-        batch, seq, dim = part.batch, part.seq, self.head_dim
-        q = q.reshape(batch, seq, self.heads, dim).transpose(1, 2)
-        k = k.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)
-        # q: (batch, heads, seq, head_dim); k: (batch, kv_heads, seq, head_dim)
-        q = apply_rope(q, part.cos, part.sin)
-        k = apply_rope(k, part.cos, part.sin)
-        return self._attend_rotated(q, k, v, part, index)
 
     def _attend_rotated(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: RaggedPart, index: int
     ) -> torch.Tensor:
-        """`attend` after RoPE: ``q`` (batch, heads, seq, head_dim), ``k`` (batch, kv_heads,
-        seq, head_dim), ``v`` as in `attend`."""
+        """Attention of one sequence group's tokens after RoPE, against ``part.cache`` (which
+        stores the new keys/values): ``q`` (batch, heads, seq, head_dim), ``k`` (batch,
+        kv_heads, seq, head_dim), ``v`` (..., kv_heads*head_dim) with ``part.batch *
+        part.seq`` tokens. Returns (batch*seq, heads*head_dim)."""
         batch, seq, dim = part.batch, part.seq, self.head_dim
         v = v.reshape(batch, seq, self.kv_heads, dim).transpose(1, 2)  # (batch, kv_heads, seq, d)
         if part.cache is not None:
@@ -236,12 +259,8 @@ class Attention(nn.Module):
         ``ragged.parts``. The projections and RoPE run over all tokens at once; attention
         runs per group against that group's own cache, mask and positions. Returns
         (tokens, hidden)."""
-        tokens, dim = x.shape[0], self.head_dim
-        q = self.q(x).view(tokens, self.heads, dim)  # (tokens, heads, head_dim)
-        k = self.k(x).view(tokens, self.kv_heads, dim)  # (tokens, kv_heads, head_dim)
-        v = self.v(x)  # (tokens, kv_out)
-        q = apply_rope(q, ragged.cos, ragged.sin)
-        k = apply_rope(k, ragged.cos, ragged.sin)
+        dim = self.head_dim
+        q, k, v = self.project(x, ragged.cos, ragged.sin)  # (tokens, heads, head_dim), ...
         sizes = [p.batch * p.seq for p in ragged.parts]
         outs = []
         for qi, ki, vi, part in zip(
@@ -267,9 +286,21 @@ class MLP(nn.Module):
         self.gate = nn.Linear(hidden, inner, bias=bias)
         self.up = nn.Linear(hidden, inner, bias=bias)
         self.down = nn.Linear(inner, hidden, bias=bias)
+        self.gate_up: QuantLinear | None = None  # gate and up side by side (`fuse_projections`)
+
+    def fuse_projections(self) -> None:
+        """Multiply gate and up as one quantized matrix (see `Attention.fuse_projections`)."""
+        fused = fuse_linears([self.gate, self.up])
+        if fused is not None:
+            self.gate_up = fused
+            del self.gate, self.up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down(F.silu(self.gate(x)) * self.up(x))  # (batch, seq, hidden)
+        if self.gate_up is None:
+            gate, up = self.gate(x), self.up(x)
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., inner) each
+        out: torch.Tensor = self.down(F.silu(gate) * up)  # (batch, seq, hidden)
         return out
 
 
@@ -282,6 +313,11 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+
+    def fuse_projections(self) -> None:
+        """Fuse the quantized projections that share an input (q/k/v, gate/up)."""
+        self.attn.fuse_projections()
+        self.mlp.fuse_projections()
 
     def forward(
         self,

@@ -25,6 +25,7 @@ devices :func:`serving_quantization` keeps the weights in float (dequantized as 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ __all__ = [
     "Int8Linear",
     "QuantLinear",
     "Quantization",
+    "fuse_linears",
     "int4_from_gguf_blocks",
     "quantize_linear",
     "serving_quantization",
@@ -198,6 +200,38 @@ class Int4Linear(QuantLinear):
         eye = torch.eye(self.in_features)  # (in, in) float32
         out = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros)
         return out.t()  # (out, in)
+
+
+def fuse_linears(layers: Sequence[nn.Module]) -> QuantLinear | None:
+    """One quantized layer whose outputs are ``layers``' side by side (their rows stacked),
+    each output the same sums as its own layer's; None where they cannot be fused: not all
+    quantized alike (kind, group, input size), or some with a bias and some without."""
+    first = layers[0]
+    if not isinstance(first, QuantLinear) or any(type(x) is not type(first) for x in layers):
+        return None
+    quantized = [x for x in layers if isinstance(x, QuantLinear)]
+    if any(x.in_features != first.in_features for x in quantized):
+        return None
+    biases = [x.bias for x in quantized]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
+    fused: QuantLinear
+    if isinstance(first, Int8Linear):
+        int8 = [x for x in quantized if isinstance(x, Int8Linear)]
+        weight = torch.cat([x.weight for x in int8])  # (sum of outs, in)
+        fused = Int8Linear(weight, torch.cat([x.scales for x in int8]), bias)
+    elif isinstance(first, Int4Linear):
+        int4 = [x for x in quantized if isinstance(x, Int4Linear)]
+        if any(x.group != first.group for x in int4):
+            return None
+        packed = torch.cat([x.packed for x in int4])  # (sum of outs, in/2): rows apart
+        scales_zeros = torch.cat([x.scales_zeros for x in int4], dim=1)  # (groups, outs, 2)
+        fused = Int4Linear(packed, scales_zeros, first.in_features, bias, first.group)
+    else:
+        return None
+    fused.exact = all(x.exact for x in quantized)
+    return fused
 
 
 def quantize_linear(

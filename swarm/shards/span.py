@@ -280,6 +280,8 @@ def load_span(
     span.inv_freq = inverse_frequencies(config).to(device)
     span.requires_grad_(False)
     if matrices:
+        for block in span.blocks:
+            block.fuse_projections()  # type: ignore[operator]
         _return_freed_memory()
     return span.eval()
 

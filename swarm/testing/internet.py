@@ -15,9 +15,13 @@ Modelled: a server is one of the DHT nodes plus a layer range and a throughput; 
 announces and rebalances for real, but serves no RPC (a move costs ``load_seconds``). A
 client plans a route over what it read from the DHT (Dijkstra over block boundaries, cost =
 one-way link delays + blocks / throughput) and "generates" by sleeping the route's per-token
-cost; a hop that died meanwhile costs a re-plan from a fresh read and a replay (a recovery),
-or fails the generation when no route exists. An oracle plans the same way over the live
-servers as they really are, for the route-cost ratio.
+cost, with the product client's failure policy (`swarm.client.config.FailureConfig`'s
+defaults and its `BanList`): it waits up to ``client_wait`` for a route before it starts
+(``swarm generate --wait``); a hop that died meanwhile is banned and costs a re-plan from a
+fresh read (a recovery, waiting up to ``route_wait_s`` for a route, at most
+``max_recoveries`` of them); one that moved is passed over for the range it left. Each
+failed generation is counted under its cause (`SimReport.failures`). An oracle plans the
+same way over the live servers as they really are, for the route-cost ratio.
 
 Churn: departures (abrupt: the node's socket closes, its records stay until they expire) and
 arrivals (a new server takes the weakest window, as ``--layers auto`` does) at a rate per
@@ -28,32 +32,71 @@ has an online server again (0 when no block lost its last server).
 
 from __future__ import annotations
 
+import enum
 import heapq
 import logging
 import math
 import random
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
 import trio
 
+from swarm.client.bans import BanList
+from swarm.client.config import FailureConfig
 from swarm.dht import DHTNode, Record
-from swarm.directory import ServerView, block_key, block_keys, servers_from_records
+from swarm.directory import (
+    ServerView,
+    block_key,
+    block_keys,
+    delivered_by_peers,
+    servers_from_records,
+)
 from swarm.errors import SwarmError
-from swarm.net.messages import RangeMove, ServerAnnouncement
-from swarm.server.balance import BalanceConfig, Decision, block_throughputs, choose_start
+from swarm.net.messages import PingEntry, RangeMove, RelayHop, ServerAnnouncement
+from swarm.server.announcer import MAX_PINGS
+from swarm.server.balance import (
+    BalanceConfig,
+    Decision,
+    block_throughputs,
+    choose_start,
+    delivered_throughput,
+)
 from swarm.server.rebalancer import Rebalancer
 from swarm.testing.internet_plane import MODEL, REGIONS, DHTSlice, SliceStatistics, region_of
 from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
 from swarm.testing.sybils import FORGED_MARK
-from swarm.types import LayerRange, PeerId, ServerState
+from swarm.types import LayerRange, PeerId, Reachability, ServerState
 
-__all__ = ["SimConfig", "SimReport", "run_simulation"]
+__all__ = ["Failure", "ServerKind", "SimConfig", "SimReport", "run_simulation"]
 
 log = logging.getLogger(__name__)
+
+
+class Failure(enum.StrEnum):
+    """Why a simulated generation failed (`SimReport.failures`)."""
+
+    # no route before it started, after ``client_wait``: a block had no live server ...
+    START_UNCOVERED = "no route to start: a block had no live server"
+    # ... every block had one, but the client's lookups missed live servers' records
+    START_MISSED = "no route to start: lookups missed live records"
+    START_OTHER = "no route to start: other"  # (e.g. a record not yet updated after a move)
+    # the same, for a recovery's re-plan after ``route_wait_s``
+    RECOVERY_UNCOVERED = "no route to recover: a block had no live server"
+    RECOVERY_MISSED = "no route to recover: lookups missed live records"
+    RECOVERY_OTHER = "no route to recover: other"
+    GAVE_UP = "more hop failures than max_recoveries"
+
+
+class ServerKind(enum.StrEnum):
+    """How a simulated server delivers what it announces."""
+
+    FAST = "fast"  # delivers what it announces
+    SLOW = "slow"  # delivers ``slow_delivers`` of it (overloaded, or it overstates)
+    RELAYED = "relayed"  # reachable only through a relay; delivers ``relayed_delivers`` of it
 
 
 @dataclass(frozen=True)
@@ -84,6 +127,17 @@ class SimConfig:
     # after ``duration``, run on up to this many seconds while the mass departure's gap is
     # not healed yet (a busy machine slows the DHT; tests give it room, figures do not)
     heal_grace: float = 0.0
+    # a client waits this long for a route before it starts a generation, as `swarm
+    # generate --wait` does (0: a generation without a route fails at once)
+    client_wait: float = 60.0
+    slow_share: float = 0.2  # of the servers, slow ones (`ServerKind.SLOW`)
+    slow_delivers: float = 0.25
+    relayed_share: float = 0.2  # of the servers, relayed ones (`ServerKind.RELAYED`)
+    relayed_delivers: float = 0.3
+    # servers announce what the servers of the block after their range delivered, as the
+    # product's announcer measures it (modelled: the truth, as the best of its probes would
+    # be on an idle path); False: nobody measures, everyone counts what it announces
+    probes: bool = True
 
 
 @dataclass
@@ -94,9 +148,14 @@ class SimReport:
     route_ratio: list[float] = field(default_factory=list)  # planned cost / oracle cost
     uncovered: list[tuple[float, int]] = field(default_factory=list)  # (t, blocks uncovered)
     heal_seconds: float | None = None  # after the mass departure (None: never healed)
-    generations: int = 0
+    generations: int = 0  # finished (succeeded or failed)
+    started: int = 0  # started: those not finished when the run ended were still going
     succeeded: int = 0
     recoveries: int = 0
+    failures: dict[Failure, int] = field(default_factory=dict)  # failed generations, by cause
+    stale_picks: int = 0  # hops planned onto a server already gone or moved (stale record)
+    start_waits: list[float] = field(default_factory=list)  # seconds a client waited to start
+    recovery_waits: list[float] = field(default_factory=list)  # ... a recovery for a route
     token_seconds: list[float] = field(default_factory=list)
     datagrams_per_node_minute: float = 0.0
     bytes_per_node_minute: float = 0.0
@@ -107,6 +166,9 @@ class SimReport:
     forged_accepted: int = 0  # records or server views from a forgery that a read accepted
     slices: list[SliceStatistics] = field(default_factory=list)  # per process, this one first
     seconds: float = 0.0  # how long it ran: ``duration``, plus any ``heal_grace`` used
+    # per kind of server, as the balance counted them at the last look: servers, announced,
+    # delivered and counted tokens/s (sums over live servers), and how many peers measured
+    throughput: dict[ServerKind, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         def pct(values: Sequence[float], q: float) -> float:
@@ -132,7 +194,15 @@ class SimReport:
             ),
             "generations": self.generations,
             "success_rate": self.succeeded / self.generations if self.generations else math.nan,
+            "generations_unfinished_at_the_end": self.started - self.generations,
             "recoveries": self.recoveries,
+            "failures": {str(k): v for k, v in sorted(self.failures.items())},
+            "stale_picks": self.stale_picks,
+            "generations_that_waited_to_start": sum(1 for w in self.start_waits if w > 0),
+            "start_wait_s_p50_max": (pct(self.start_waits, 0.5), max(self.start_waits, default=0)),
+            "recoveries_that_waited_for_a_route": sum(1 for w in self.recovery_waits if w > 0),
+            "recovery_wait_s_max": max(self.recovery_waits, default=0.0),
+            "tokens": len(self.token_seconds),
             "token_ms_p50": 1e3 * pct(self.token_seconds, 0.5),
             "token_ms_p90": 1e3 * pct(self.token_seconds, 0.9),
             "dht_datagrams_per_node_minute": self.datagrams_per_node_minute,
@@ -144,6 +214,7 @@ class SimReport:
             "forged_records_accepted": self.forged_accepted,
             "processes": len(self.slices),
             "dht_nodes_per_process": [s.honest for s in self.slices],
+            "throughput_by_kind": {str(k): v for k, v in self.throughput.items()},
         }
 
 
@@ -152,8 +223,10 @@ class _Server:
     index: int
     node: DHTNode
     region: str
-    throughput: float
+    throughput: float  # announced
     layers: LayerRange
+    kind: ServerKind = ServerKind.FAST
+    delivered: float = 0.0  # what it really delivers (tokens/s through its span)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     alive: bool = True
     moving: bool = False
@@ -167,9 +240,11 @@ class _Server:
         return self.node.peer_id
 
     def view(self) -> ServerView:
-        return ServerView(
-            self.peer_id, f"127.0.0.1:{self.port}", self.layers, self.throughput, 1000
-        )
+        """As it really is (for the oracle): at the throughput it delivers."""
+        return ServerView(self.peer_id, f"127.0.0.1:{self.port}", self.layers, self.delivered, 1000)
+
+
+_THROUGHPUT_COLUMNS = ("servers", "announced", "delivered", "counted", "measured_by_peers")
 
 
 class _Sim:
@@ -190,6 +265,7 @@ class _Sim:
         self.servers: list[_Server] = []
         self.free_nodes: list[int] = []
         self.started = 0.0
+        self.failure_config = FailureConfig()  # the product client's defaults
 
     # ---- the DHT plane ----
     def worker_specs(self) -> list[WorkerSpec]:
@@ -266,11 +342,29 @@ class _Sim:
                 covered[b] = True
         return covered.count(False)
 
+    def next_pings(self, s: _Server) -> tuple[PingEntry, ...]:
+        """What ``s``'s announcer would measure of the servers of the block after its range:
+        the one-way delay there and back, and (with ``probes``) what they deliver."""
+        if s.layers.stop >= self.cfg.blocks:
+            return ()
+        nxt = [t for t in self.truth() if s.layers.stop in t.layers and t is not s][:MAX_PINGS]
+        return tuple(
+            PingEntry(
+                t.peer_id,
+                2 * self.delay[(s.region, t.region)],
+                t.delivered if self.cfg.probes else 0.0,
+            )
+            for t in nxt
+        )
+
     async def announce(self, s: _Server, state: ServerState = ServerState.ONLINE) -> None:
+        relayed = s.kind is ServerKind.RELAYED
         value = ServerAnnouncement(
             host="127.0.0.1", port=s.port, layer_range=s.layers, state=state, dtype="float32",
             throughput=s.throughput, free_cache_tokens=1000, active_sessions=0, version="sim",
-            moving_to=s.moving_to, last_move=s.last_move,
+            moving_to=s.moving_to, last_move=s.last_move, next_pings=self.next_pings(s),
+            reachability=Reachability.UNREACHABLE if relayed else Reachability.UNKNOWN,
+            relays=(RelayHop(self.nodes[0].peer_id, "127.0.0.1", 1),) if relayed else (),
         ).to_wire()  # fmt: skip
         async with trio.open_nursery() as nursery:
             for b in s.layers:
@@ -340,9 +434,18 @@ class _Sim:
             views = await self.read(node)
             start = choose_start(block_throughputs(views, self.cfg.blocks), self.cfg.span)
             layers = LayerRange(start, start + self.cfg.span)
+        cfg = self.cfg
+        announced = self.rng.uniform(0.5, 2.0) * 50.0
+        draw = self.rng.random()
+        if draw < cfg.slow_share:
+            kind, delivers = ServerKind.SLOW, cfg.slow_delivers
+        elif draw < cfg.slow_share + cfg.relayed_share:
+            kind, delivers = ServerKind.RELAYED, cfg.relayed_delivers
+        else:
+            kind, delivers = ServerKind.FAST, 1.0
         s = _Server(
-            index, node, self.region[index], self.rng.uniform(0.5, 2.0) * 50.0, layers,
-            port=20000 + index,
+            index, node, self.region[index], announced, layers, kind=kind,
+            delivered=announced * delivers, port=20000 + index,
         )  # fmt: skip
         self.servers.append(s)
         await nursery.start(self.run_server, s)
@@ -354,15 +457,18 @@ class _Sim:
 
     # ---- clients ----
     def plan(
-        self, views: Sequence[ServerView], client_region: str
+        self, views: Sequence[ServerView], client_region: str, banned: Collection[PeerId] = ()
     ) -> tuple[float, list[ServerView]]:
         """Cheapest chain over block boundaries: per hop the one-way delay from the previous
-        hop (or the client) plus blocks / throughput; the last hop's delay back included."""
+        hop (or the client) plus blocks / throughput; the last hop's delay back included.
+        Like `swarm.client.routing.plan_route`: online servers only, ``banned`` ones left
+        out, and a server that announced a move (``moving_to``) still used: it serves its
+        old range until it drains."""
         blocks = self.cfg.blocks
         region_of = {s.peer_id: s.region for s in self.servers}
         usable = [
             v for v in views
-            if v.state == ServerState.ONLINE and v.moving_to is None and v.peer_id in region_of
+            if v.state == ServerState.ONLINE and v.peer_id not in banned and v.peer_id in region_of
         ]  # fmt: skip
         best: dict[tuple[int, str], float] = {(0, client_region): 0.0}
         back: dict[tuple[int, str], tuple[tuple[int, str], ServerView]] = {}
@@ -397,65 +503,164 @@ class _Sim:
         return total, route[::-1]
 
     async def run_client(self, index: int) -> None:
+        """Generate one after another, as the product's client does (`swarm.client`): a
+        generation starts once a route exists (looking again every second for up to
+        ``client_wait``, as ``swarm generate --wait`` does), servers that failed it are
+        banned with the product's backoff (`BanList`, `FailureConfig`), a failed hop is
+        recovered onto a fresh route (waiting for one up to ``FailureConfig.route_wait_s``)
+        at most ``FailureConfig.max_recoveries`` times."""
         region = REGIONS[index % len(REGIONS)]
+        f = self.failure_config
+        bans = BanList(f.ban_base_s, f.ban_backoff, f.ban_max_s)
         while True:
-            node = self.honest_node()
-            try:
-                views = await self.read(node)
-            except SwarmError:
-                continue
-            cost, route = self.plan(views, region)
-            oracle, _ = self.plan([s.view() for s in self.truth()], region)
+            self.report.started += 1
+            views, route, waited = await self.find_route(region, bans, (), self.cfg.client_wait)
+            self.report.start_waits.append(waited)
             if not route:
-                self.report.generations += 1  # no route: this one fails (a client would wait)
-                await trio.sleep(0.5)
+                self.report.generations += 1
+                self.fail(self.no_route_cause(views, recovering=False))
                 continue
+            cost = self._route_cost(route, region)[0]
+            oracle, _ = self.plan([s.view() for s in self.truth()], region)
             if math.isfinite(oracle) and oracle > 0:
                 self.report.route_ratio.append(cost / oracle)
-            ok = await self.generate(route, region)
+            began = trio.current_time()
+            cause = await self.generate(route, region, bans)
+            log.debug("generation: %.1f s, %s", trio.current_time() - began, cause or "ok")
             self.report.generations += 1  # counted when it ended (the last may not)
-            self.report.succeeded += ok
+            if cause is None:
+                self.report.succeeded += 1
+            else:
+                self.fail(cause)
 
-    async def generate(self, route: list[ServerView], region: str) -> bool:
-        """Sleep each token's modelled cost; a dead or moved hop costs a re-plan (a fresh
-        read) and the replay of the tokens so far on the new route."""
-        done = 0
-        alive = {s.peer_id: s for s in self.servers}
-        recoveries = 0
-        while done < self.cfg.tokens:
-            cost, _ = self._route_cost(route, region)
-            started = trio.current_time()
-            await trio.sleep(cost)
-            broken = [v for v in route if not self._serves(alive.get(v.peer_id), v.layers)]
-            if broken:
-                recoveries += 1
-                if recoveries > 3:
-                    return False
+    async def find_route(
+        self,
+        region: str,
+        bans: BanList,
+        gone: Collection[tuple[PeerId, LayerRange]],
+        wait: float,
+    ) -> tuple[list[ServerView], list[ServerView], float]:
+        """Read the directory and plan (a second read when the first finds no route, as
+        `HopOpener.plan` does); with ``wait`` > 0, keep looking that long, spaced as
+        `FailureConfig.route_look_s`. Records of a server for a range it was found to have
+        left (``gone``: it moved) are passed over, as stale. Returns the last views read,
+        the route ([]: none) and the seconds it waited between looks (0 when the first look
+        found a route)."""
+        started = trio.current_time()
+        deadline = started + wait
+        views: list[ServerView] = []
+        looks = 0
+        while True:
+            looks += 1
+            for _ in range(2):
                 try:
                     views = await self.read(self.honest_node())
                 except SwarmError:
                     views = []
-                _, route = self.plan(views, region)
+                fresh = [v for v in views if (v.peer_id, v.layers) not in gone]
+                _, route = self.plan(fresh, region, bans.banned())
+                if route:
+                    self.count_stale(route)
+                    return views, route, (trio.current_time() - started if looks > 1 else 0.0)
+            left = deadline - trio.current_time()
+            if left <= 0:
+                return views, [], trio.current_time() - started
+            await trio.sleep(min(self.failure_config.route_look_s(looks), left))
+
+    def fail(self, cause: Failure) -> None:
+        self.report.failures[cause] = self.report.failures.get(cause, 0) + 1
+
+    def no_route_cause(self, views: Sequence[ServerView], *, recovering: bool) -> Failure:
+        if self.uncovered_blocks():
+            return Failure.RECOVERY_UNCOVERED if recovering else Failure.START_UNCOVERED
+        seen = {v.peer_id for v in views}
+        if any(s.peer_id not in seen for s in self.truth()):
+            return Failure.RECOVERY_MISSED if recovering else Failure.START_MISSED
+        return Failure.RECOVERY_OTHER if recovering else Failure.START_OTHER
+
+    def count_stale(self, route: Sequence[ServerView]) -> None:
+        alive = {s.peer_id: s for s in self.servers}
+        self.report.stale_picks += sum(
+            1 for v in route if not self._serves(alive.get(v.peer_id), v.layers)
+        )
+
+    async def generate(self, route: list[ServerView], region: str, bans: BanList) -> Failure | None:
+        """Sleep each token's modelled cost; a hop whose server died meanwhile is banned, one
+        that moved or is moving is not (it answers ``unavailable``: blameless; its records
+        for the range it left are passed over), and the chain is re-planned from a fresh
+        read (a recovery; the replay of the tokens so far is not modelled). Returns None, or
+        why the generation failed."""
+        done = 0
+        recoveries = 0
+        gone: set[tuple[PeerId, LayerRange]] = set()
+        max_recoveries = self.failure_config.max_recoveries
+        while done < self.cfg.tokens:
+            cost, _ = self._route_cost(route, region)
+            started = trio.current_time()
+            await trio.sleep(cost)
+            alive = {s.peer_id: s for s in self.servers}  # (arrivals since it started too)
+            broken = [v for v in route if not self._serves(alive.get(v.peer_id), v.layers)]
+            if broken:
+                for v in broken:
+                    server = alive.get(v.peer_id)
+                    if server is None or not server.alive:
+                        bans.ban(v.peer_id)
+                    else:  # moving or moved: blameless, not banned
+                        gone.add((v.peer_id, v.layers))
+                recoveries += 1
+                if recoveries > max_recoveries:
+                    return Failure.GAVE_UP
+                views, route, waited = await self.find_route(
+                    region, bans, gone, self.failure_config.route_wait_s
+                )
+                self.report.recovery_waits.append(waited)
                 if not route:
-                    return False
+                    return self.no_route_cause(views, recovering=True)
                 self.report.recoveries += 1
                 continue
             done += 1
             self.report.token_seconds.append(trio.current_time() - started)
-        return True
+        return None
 
     @staticmethod
     def _serves(s: _Server | None, layers: LayerRange) -> bool:
         return s is not None and s.alive and not s.moving and s.layers == layers
 
     def _route_cost(self, route: list[ServerView], region: str) -> tuple[float, str]:
-        region_of = {s.peer_id: s.region for s in self.servers}
+        """A token's real cost along ``route``: link delays, and each hop's compute at the
+        throughput its server really delivers (not the one it announces)."""
+        by_peer = {s.peer_id: s for s in self.servers}
         total, at = 0.0, region
         for v in route:
-            r = region_of[v.peer_id]
-            total += self.delay[(at, r)] + 1.0 / v.throughput
-            at = r
+            server = by_peer[v.peer_id]
+            total += self.delay[(at, server.region)] + 1.0 / server.delivered
+            at = server.region
         return total + self.delay[(at, region)], at
+
+    async def watch_throughput(self) -> None:
+        """Every few seconds, read the directory as a server does and record, per kind of
+        server, what the balance counts them at (`delivered_throughput`) beside what they
+        announce and really deliver."""
+        while True:
+            await trio.sleep(5.0)
+            try:
+                views = await self.read(self.honest_node())
+            except SwarmError:
+                continue
+            measured = delivered_by_peers(views)
+            live = {s.peer_id: s for s in self.truth()}
+            sums: dict[ServerKind, dict[str, float]] = {}
+            for v in views:
+                server = live.get(v.peer_id)
+                if server is None or v.layers != server.layers:
+                    continue
+                row = sums.setdefault(server.kind, dict.fromkeys(_THROUGHPUT_COLUMNS, 0.0))
+                row["servers"] += 1
+                row["announced"] += v.throughput
+                row["delivered"] += server.delivered
+                row["counted"] += delivered_throughput(v, measured=measured.get(v.peer_id))
+                row["measured_by_peers"] += v.peer_id in measured
+            self.report.throughput = dict(sorted(sums.items()))
 
     # ---- probes ----
     async def probe_lookups(self) -> None:
@@ -563,6 +768,7 @@ async def _run(sim: _Sim, workers: list[Worker]) -> None:
             await worker.go()
         nursery.start_soon(sim.watch_coverage)
         nursery.start_soon(sim.probe_lookups)
+        nursery.start_soon(sim.watch_throughput)
         nursery.start_soon(sim.churn, nursery)
         if config.mass_leave_at > 0:
             nursery.start_soon(sim.mass_leave)

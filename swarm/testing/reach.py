@@ -15,17 +15,26 @@ import trio
 
 from swarm.dht import DHTConfig, DHTNode
 from swarm.identity import Identity
-from swarm.net.messages import DialBackRequest, DialBackResponse
-from swarm.net.methods import HandlerRegistry
+from swarm.net.messages import (
+    DialBackRequest,
+    DialBackResponse,
+    PunchAddress,
+    PunchConnect,
+    PunchSync,
+)
+from swarm.net.methods import HandlerRegistry, TypedStream
+from swarm.net.punch import PunchPoint
 from swarm.net.relay import RelayLimits, RelayService
 from swarm.net.rpc import CallContext
-from swarm.net.surface import DIAL_BACK
+from swarm.net.surface import DIAL_BACK, HOLE_PUNCH, PunchUp
 from swarm.net.transport import StreamHandler, TCPTransport, Transport
+from swarm.server.handlers import ServingHandlers
 from swarm.server.relay_node import serve_relay_node
 from swarm.types import PeerId, Reachability
 
 __all__ = [
     "LyingDialBack",
+    "NeverPunches",
     "RelayNode",
     "TappedTransport",
     "Undialable",
@@ -128,6 +137,36 @@ class LyingDialBack:
     def wrap(self, honest: HandlerRegistry) -> HandlerRegistry:
         """The helper's registry with this liar in place of its honest ``dial_back``."""
         return honest.replace(DIAL_BACK.bind(self.rpc_dial_back))
+
+
+class NeverPunches:
+    """A relayed peer's ``hole_punch`` that goes through the exchange but never dials, and
+    names an address where nothing listens (a port it bound and let go): as a peer behind a
+    NAT that no SYN gets through looks to the initiator. Counts the exchanges in ``calls``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def rpc_hole_punch(
+        self, stream: TypedStream[PunchConnect, PunchUp], ctx: CallContext
+    ) -> None:
+        self.calls += 1
+        await stream.receive(PunchConnect, timeout=10.0)
+        with PunchPoint("127.0.0.1") as gone:
+            dead = gone.address
+        await stream.send(PunchConnect(addresses=(PunchAddress(host=dead.host, port=dead.port),)))
+        await stream.receive(PunchSync, timeout=10.0)
+
+    def wrap(self, handlers: ServingHandlers) -> HandlerRegistry:
+        """A server's registry (``wrap_handlers``) that serves this ``hole_punch``."""
+        return handlers.registry().with_bindings([HOLE_PUNCH.bind(self.rpc_hole_punch)])
+
+    def binding_for(self, honest: HandlerRegistry) -> HandlerRegistry:
+        """``honest`` with this ``hole_punch`` in place of (or besides) its own."""
+        binding = HOLE_PUNCH.bind(self.rpc_hole_punch)
+        if HOLE_PUNCH.name in honest.names:
+            return honest.replace(binding)
+        return honest.with_bindings([binding])
 
 
 @dataclass

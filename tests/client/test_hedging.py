@@ -18,7 +18,7 @@ import trio.testing
 
 from swarm.client.bans import BanList, Penalties
 from swarm.client.chain import Chain, HedgeWinner, usual_seconds
-from swarm.client.config import ClientConfig, HedgeConfig, PipelineConfig
+from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
 from swarm.shards import Span
@@ -217,9 +217,11 @@ async def test_without_a_replica_the_step_timeout_still_rules(
 ) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].hang_at_step = HEDGED_STEP
-    config = ClientConfig(
-        step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3)
-    )  # on the virtual clock
+    config = ClientConfig(  # on the virtual clock; the recovery looks for a route for 3 s,
+        step_timeout=1.0,  # less than the hanging server's 5 s ban (then it would retry it)
+        pipeline=PipelineConfig(push_grace=0.3),
+        failures=FailureConfig(route_wait_s=3.0),
+    )
     async with run_servers(servers), open_session(servers, config) as session:
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,13 @@ import torch
 import trio
 import trio.testing
 
+from swarm.client.chain import Chain
 from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
+from swarm.client.routing import ServerView
 from swarm.errors import RoutingError, SessionError
+from swarm.net.pool import open_connection_pool
 from swarm.shards import Span
-from swarm.types import LayerRange
+from swarm.types import LayerRange, PeerId
 
 from .fake_server import run_servers
 from .pipeline import (
@@ -121,10 +126,79 @@ async def test_no_replacement_is_a_clear_error(
 ) -> None:
     servers = make_servers(checkpoint, [(0, 3), (3, 6)])
     servers[1].die_at_step = 1
-    config = ClientConfig(step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3))
+    config = ClientConfig(
+        step_timeout=1.0,
+        pipeline=PipelineConfig(push_grace=0.3),
+        failures=FailureConfig(route_wait_s=10.0),
+    )
     async with run_servers(servers), open_session(servers, config) as session:
+        started = trio.current_time()
         with pytest.raises(RoutingError, match="banned"):
             await run_all(session, make_inputs())
+        assert trio.current_time() - started >= 10.0  # it looked for a route that long
+
+
+class _ChangingDirectory:
+    """A directory whose list of servers the test changes while a chain runs."""
+
+    def __init__(self, servers: Sequence[ServerView]) -> None:
+        self.listed = list(servers)
+        self.looks = 0
+        self.pings: Mapping[PeerId, float] = {}
+
+    async def servers(self, *, refresh: bool = False) -> Sequence[ServerView]:
+        self.looks += 1
+        return list(self.listed)
+
+    def absence_hint(self) -> str:
+        return ""
+
+    def reached(self, server: ServerView) -> bool:
+        return True
+
+    def unreachable(self, server: ServerView) -> bool:
+        return False
+
+
+async def test_recovery_waits_for_the_gap_to_be_covered(
+    checkpoint: Path, full_span: Span, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The only server of [3,6) dies mid-generation; 5 s later another one covers [3,6)
+    (as rebalancing would): the recovery waits for it and the outputs are the reference's,
+    where it used to give up at once with `RoutingError`. (5 s: within the fake servers'
+    10 s limit on a session without input; real servers close idle sessions after 120 s,
+    past the default wait.)"""
+    steps = make_inputs(3)
+    servers = make_servers(checkpoint, [(0, 3), (3, 6), (3, 6)])
+    servers[1].die_at_step = 2
+    directory = _ChangingDirectory([])
+    config = ClientConfig(step_timeout=1.0, pipeline=PipelineConfig(push_grace=0.3))
+    assert config.failures.route_wait_s >= 30.0  # the default waits
+
+    async def cover_the_gap_later() -> None:
+        await servers[1].died.wait()
+        await trio.sleep(5.0)
+        directory.listed = [servers[0].view(), servers[2].view()]
+
+    async with (
+        run_servers(servers),
+        open_connection_pool(config.identity) as pool,
+        trio.open_nursery() as nursery,
+    ):
+        directory.listed = [servers[0].view(), servers[1].view()]  # (bound ports now)
+        nursery.start_soon(cover_the_gap_later)
+        async with Chain.open(
+            pool, directory, config, layers=LayerRange(0, 6), max_length=32, rng=random.Random(0)
+        ) as chain:
+            with trio.fail_after(120):
+                got = [(await chain.step(h, p)).output for h, p in steps]
+            route, stats = chain.route, chain.statistics()
+    assert_same(got, reference_outputs(full_span, steps))
+    assert stats.recoveries == 1
+    assert [h.server.peer_id for h in route] == [
+        s.identity.peer_id for s in (servers[0], servers[2])
+    ]
+    assert directory.looks > 3  # it looked again while it waited
 
 
 async def test_wrong_input_is_not_retried(checkpoint: Path) -> None:

@@ -1,6 +1,7 @@
 """Real processes: `swarm dht` (a relay) and three servers, the middle one announcing an
 address where nothing listens; it finds itself unreachable, joins through relays, and
-`swarm generate` gives the single-process tokens through it, pushes in and out."""
+`swarm generate` gives the single-process tokens through it, pushes in and out, relayed
+with ``--no-direct`` and over a direct connection made through the relay by default."""
 
 from __future__ import annotations
 
@@ -38,12 +39,19 @@ def test_swarm_generate_through_a_relayed_middle_server(
             "generate", str(model12), "--ids", ",".join(map(str, PROMPT)),
             "--initial-peers", dht, "--max-new-tokens", str(NEW_TOKENS), "--json",
         )  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*argv, "--no-direct"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["ids"] == reference
         assert [hop["path"] for hop in result["route"]] == ["direct", "relayed", "direct"]
         assert result["route"][1]["host"] == "127.0.0.1"  # a relay's address, not 127.0.0.9
+        # by default the client upgrades its channel to the relayed server (loopback)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["ids"] == reference
+        paths = [(hop["path"], hop["upgraded"]) for hop in result["route"]]
+        assert paths == [("direct", False), ("direct", True), ("direct", False)]
         status = subprocess.run(
             swarm_command("status", str(model12), "--initial-peers", dht),
             capture_output=True, text=True, timeout=120,

@@ -19,7 +19,7 @@ from swarm.net.pool import open_connection_pool
 from swarm.net.punch import PunchConfig
 from swarm.net.surface import call_info
 from swarm.server.reachability import ReachabilityConfig, decide
-from swarm.testing.reach import RelayNode, Undialable, open_relay_node
+from swarm.testing.reach import NeverPunches, RelayNode, Undialable, open_relay_node
 from swarm.testing.swarm import LocalSwarm, open_local_swarm
 from swarm.types import LayerRange, Reachability
 
@@ -28,9 +28,10 @@ from .conftest import NEW_TOKENS, PROMPT
 pytestmark = pytest.mark.slow  # in-process swarms with relays, on real deadlines
 
 R, U, N = Reachability.REACHABLE, Reachability.UNREACHABLE, Reachability.UNKNOWN
-# ask every helper, keep relays fixed (servers here do not relay for each other)
+# ask every helper, keep relays fixed (servers here do not relay for each other); no direct
+# upgrades where a test is about the relayed path (they are on by default)
 REACH = ReachabilityConfig(
-    helpers=9, check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False
+    helpers=9, check_timeout=5.0, retry=0.3, offer_relay=False, port_mapping=False, direct=None
 )
 
 
@@ -93,7 +94,7 @@ async def test_a_generation_through_a_relayed_middle_server(
             )
             await local.add_server(LayerRange(8, 12), reachability=REACH)
             assert middle.ready.reachability == U and len(middle.ready.relays) == 2
-            config = ClientConfig(initial_peers=(local.dht_address,))
+            config = ClientConfig(initial_peers=(local.dht_address,), direct=None)
             async with AsyncRemoteModel.open(model12, config) as model:
                 result = await model.generate_detailed(PROMPT, NEW_TOKENS)
             assert result.ids == reference
@@ -101,30 +102,36 @@ async def test_a_generation_through_a_relayed_middle_server(
             # the client's circuit and the first server's push both went through a relay
             assert sum(n.relay.statistics().circuits_total for n in nodes) >= 2
             assert middle.server.handlers is not None
+            assert middle.server.hole_punch is None  # --no-direct: no punches answered either
 
 
 async def test_a_relayed_server_reached_by_direct_connections(
     model12: Path, reference: list[int]
 ) -> None:
-    """With ``ClientConfig.direct`` and ``ReachabilityConfig.direct`` (the server before it),
-    the pings reach the relayed server through its relay, then a simultaneous open
-    coordinated over each such channel gives a direct one, and the generation (the client's
-    steps and the first server's pushes) runs on them (loopback: no NAT in between, see
+    """By default (``ClientConfig.direct`` and ``ReachabilityConfig.direct`` on), the pings
+    reach the relayed server through its relay, then a simultaneous open coordinated over
+    each such channel gives a direct one, and the generation (the client's steps and the
+    first server's pushes) runs on them (loopback: no NAT in between, see
     tests/net/test_punch.py)."""
     with trio.fail_after(120):
         async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
             nodes = await relays(stack, local, 2)
+            default = dataclasses.replace(REACH, direct=ReachabilityConfig().direct)
             hidden = await local.add_server(
-                LayerRange(6, 12), reachability=REACH, transport=Undialable()
+                LayerRange(6, 12), reachability=default, transport=Undialable()
             )
             assert hidden.ready.reachability == U and len(hidden.ready.relays) == 2
-            direct = dataclasses.replace(REACH, direct=PunchConfig(window=2.0))
-            first = await local.add_server(LayerRange(0, 6), reachability=direct)
+            first = await local.add_server(LayerRange(0, 6), reachability=default)
             assert first.server.announcer is not None
-            assert first.server.announcer.pool.is_direct(hidden.ready.peer_id)  # for pushes
-            config = ClientConfig(
-                initial_peers=(local.dht_address,), direct=PunchConfig(window=2.0)
-            )
+            with trio.fail_after(10):  # the punch runs beside the relayed channel
+                while not first.server.announcer.pool.is_direct(hidden.ready.peer_id):
+                    await trio.sleep(0.05)  # for pushes
+            default_punch = ClientConfig(initial_peers=()).direct
+            assert default_punch is not None  # on by default
+            # the default but for how long the refresh waits for the punch (0.5 s, ample on
+            # loopback): a long wait keeps the first route's path deterministic under load
+            punch = dataclasses.replace(default_punch, wait=10.0)
+            config = ClientConfig(initial_peers=(local.dht_address,), direct=punch)
             async with AsyncRemoteModel.open(model12, config) as model:
                 result = await model.generate_detailed(PROMPT, NEW_TOKENS)
                 relayed = sum(n.relay.statistics().bytes_relayed for n in nodes)
@@ -139,6 +146,44 @@ async def test_a_relayed_server_reached_by_direct_connections(
             assert sum(n.relay.statistics().bytes_relayed for n in nodes) == relayed
 
 
+async def test_a_punch_that_never_connects_falls_back_to_the_relay(
+    model12: Path, reference: list[int]
+) -> None:
+    """The relayed server answers hole punches but no connection is ever made (as behind a
+    NAT no SYN crosses): the client and the first server go on over the relay, the
+    generation gives the reference tokens, and the punches end after DCUtR's 3 attempts
+    each, with no new ones for the next generation (backoff)."""
+    never = NeverPunches()
+    punch = PunchConfig(window=0.5, wait=0.2)
+    with trio.fail_after(120):
+        async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
+            nodes = await relays(stack, local, 2)
+            hidden = await local.add_server(
+                LayerRange(6, 12), reachability=REACH, transport=Undialable(),
+                wrap_handlers=never.wrap,
+            )  # fmt: skip
+            first = await local.add_server(
+                LayerRange(0, 6), reachability=dataclasses.replace(REACH, direct=punch)
+            )
+            config = ClientConfig(initial_peers=(local.dht_address,), direct=punch)
+            async with AsyncRemoteModel.open(model12, config) as model:
+                result = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                assert first.server.announcer is not None
+                pools = (model.pool, first.server.announcer.pool)
+                with trio.fail_after(30):  # the punches end: 3 attempts each, both sides
+                    while any(p.punch_failures(hidden.ready.peer_id) == 0 for p in pools):
+                        await trio.sleep(0.05)
+                calls = never.calls
+                again = await model.generate_detailed(PROMPT, NEW_TOKENS)
+                assert never.calls == calls  # both back off: not punched again
+            assert result.ids == again.ids == reference
+            assert [h["path"] for h in result.route] == ["direct", "relayed"]
+            assert [h["path"] for h in again.route] == ["direct", "relayed"]
+            assert calls == 6  # the client's three and the first server's three
+            assert not first.server.announcer.pool.is_direct(hidden.ready.peer_id)
+            assert sum(n.relay.statistics().circuits_total for n in nodes) >= 2
+
+
 async def test_killing_the_relay_mid_generation(model12: Path, reference: list[int]) -> None:
     with trio.fail_after(180):
         async with open_local_swarm(model12) as local, AsyncExitStack() as stack:
@@ -150,7 +195,7 @@ async def test_killing_the_relay_mid_generation(model12: Path, reference: list[i
             await local.add_server(LayerRange(8, 12), reachability=REACH)
             keeper = middle.server.reachability
             assert keeper is not None
-            config = ClientConfig(initial_peers=(local.dht_address,))
+            config = ClientConfig(initial_peers=(local.dht_address,), direct=None)
             async with AsyncRemoteModel.open(model12, config) as model:
                 async with aclosing(model.stream(PROMPT, NEW_TOKENS)) as tokens:
                     got = []

@@ -84,7 +84,7 @@ def test_batched_and_cached_steps_use_the_quantized_layers(files: dict[str, Path
     from swarm.shards import KVCache
 
     span = load_span(files["Q4_1"], LayerRange(0, 4), quant=None)
-    assert isinstance(span.blocks[0].attn.q, Int4Linear)  # type: ignore[union-attr,index]
+    assert isinstance(span.blocks[0].attn.qkv, Int4Linear)  # type: ignore[union-attr,index]
     gen = torch.Generator().manual_seed(2)
     a, b = torch.randn(1, 5, 64, generator=gen), torch.randn(1, 3, 64, generator=gen)
     with torch.inference_mode():
@@ -213,3 +213,56 @@ def test_a_short_step_gives_each_token_the_bits_of_single_steps(
 
 def _positions(seq: int, start: int = 0) -> torch.Tensor:
     return torch.arange(start, start + seq).view(1, -1)  # (1, seq)
+
+
+@pytest.mark.parametrize("kind", [Quantization.INT8, Quantization.INT4])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 128])
+def test_fused_projections_give_each_layer_its_own_outputs_bit_for_bit(
+    kind: Quantization, rows: int
+) -> None:
+    from swarm.shards.quant import fuse_linears
+
+    gen = torch.Generator().manual_seed(rows)
+    layers = [
+        quantize_linear(torch.randn(out, 96, generator=gen), None, kind, torch.float32)
+        for out in (64, 32, 32)
+    ]
+    fused = fuse_linears(layers)
+    assert fused is not None and type(fused) is type(layers[0])
+    x = torch.randn(rows, 96, generator=gen)
+    with torch.inference_mode():
+        pieces = fused(x).split([64, 32, 32], dim=-1)
+        for layer, piece in zip(layers, pieces, strict=True):
+            assert torch.equal(layer(x), piece)
+    with_bias = quantize_linear(torch.randn(32, 96), torch.ones(32), kind, torch.float32)
+    assert fuse_linears([layers[0], with_bias]) is None  # a bias on some only
+    other = Quantization.INT4 if kind is Quantization.INT8 else Quantization.INT8
+    mixed = [layers[0], quantize_linear(torch.randn(16, 96), None, other, torch.float32)]
+    assert fuse_linears(mixed) is None
+    assert fuse_linears([torch.nn.Linear(96, 16), torch.nn.Linear(96, 16)]) is None  # float
+
+
+def test_a_quantized_span_fuses_its_projections_and_float_spans_do_not(
+    files: dict[str, Path],
+) -> None:
+    quantized = load_span(files["Q4_1"], LayerRange(0, 1), quant=None)
+    block = quantized.blocks[0]
+    assert isinstance(block.attn.qkv, Int4Linear) and isinstance(block.mlp.gate_up, Int4Linear)  # type: ignore[union-attr]
+    assert not hasattr(block.attn, "q") and not hasattr(block.mlp, "up")
+    assert block.attn.qkv.exact  # type: ignore[union-attr]
+    plain = load_span(files["Q4_1"], LayerRange(0, 1), quant=Quantization.NONE)
+    assert plain.blocks[0].attn.qkv is None and plain.blocks[0].mlp.gate_up is None  # type: ignore[union-attr]
+
+
+def test_float32_rms_norm_is_the_reference_formula_bit_for_bit() -> None:
+    from swarm.shards.blocks import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1, 1, 576), (2, 9, 64), (1, 128, 576), (7, 1024)]:
+        for scale in (1e-3, 1.0, 1e3):
+            norm = RMSNorm(shape[-1], 1e-5)
+            norm.weight.data = torch.randn(shape[-1], generator=gen)
+            x = torch.randn(shape, generator=gen) * scale
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            with torch.inference_mode():
+                assert torch.equal(norm(x), norm.weight * h)

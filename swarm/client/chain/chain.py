@@ -249,8 +249,11 @@ class Chain:
 
     # ---- replacing hops ----
 
-    async def replace(self, k: int, step: int, avoid: Collection[PeerId] = ()) -> list[HopState]:
+    async def replace(
+        self, k: int, step: int, avoid: Collection[PeerId] = (), *, route_wait: float = 0.0
+    ) -> list[HopState]:
         """Open sub-sessions for hop ``k``'s layers (to redo ``step`` there) holding its cache.
+        While no server can take them, look again for up to ``route_wait`` seconds.
 
         They start at the last finished step, ``step - 1``, where hop ``k``'s whole history is
         replayed as one multi-token entry; they push on to hop ``k+1`` and take pushes from
@@ -264,7 +267,7 @@ class Chain:
         history = failed.history
         replay_step = step - 1 if len(history) else step
         new = await self.opener.open_range(
-            failed.hop.layers, replay_step, next_target, before, avoid
+            failed.hop.layers, replay_step, next_target, before, avoid, route_wait=route_wait
         )
         try:
             if len(history):
@@ -308,7 +311,10 @@ class Chain:
     async def recover(self, k: int, step: int, failure: HopFailure) -> None:
         """Replace hop ``k`` (failed at ``step``) by new hops that hold the same cache.
 
-        Raises `SessionError` past ``max_recoveries``, `RoutingError` with no servers left.
+        Where no other server covers its layers, look again for up to
+        ``failures.route_wait_s`` (a block whose last server left is covered again by the
+        swarm's rebalancing). Raises `SessionError` past ``max_recoveries``, `RoutingError`
+        when no servers are left for the hop's layers after that wait.
         """
         avoid: set[PeerId] = set()
         while True:
@@ -320,7 +326,9 @@ class Chain:
                     f"gave up after {self.recoveries - 1} recoveries; last failure: {failure}"
                 ) from failure.cause
             try:
-                new = await self.replace(k, step, avoid)
+                new = await self.replace(
+                    k, step, avoid, route_wait=self.config.failures.route_wait_s
+                )
                 await self.splice(k, new, step)
                 self.routes.append(self.route)
                 return

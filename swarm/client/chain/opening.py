@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -61,10 +62,28 @@ class HopOpener:
         self.rng = rng
         self.excluded = set(excluded)  # never routed to (verification bans)
 
-    async def plan(self, layers: LayerRange, avoid: Collection[PeerId] = ()) -> list[Hop]:
+    async def plan(
+        self, layers: LayerRange, avoid: Collection[PeerId] = (), *, route_wait: float = 0.0
+    ) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
         ones and those whose records the directory has not proven (`ServerDirectory.reached`)
-        costing more (asks the directory again once). Raises `RoutingError`."""
+        costing more (asks the directory again once; with ``route_wait`` > 0, on asking
+        for that many seconds, after 1 s and then doubling up to 4 s between looks, while
+        no route exists). Raises `RoutingError`."""
+        deadline = trio.current_time() + route_wait
+        looks = 0
+        while True:
+            looks += 1
+            try:
+                return await self._plan_once(layers, avoid)
+            except RoutingError as exc:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise
+                log.info("%s; looking again for %.0f s more", exc, left)
+            await trio.sleep(min(self.config.failures.route_look_s(looks), left))
+
+    async def _plan_once(self, layers: LayerRange, avoid: Collection[PeerId]) -> list[Hop]:
         refreshes: tuple[bool, ...] = (False, True)
         wait = self.failures.take_refresh_wait()
         if wait > 0:  # a relayed path broke: give its server time to re-announce
@@ -97,9 +116,12 @@ class HopOpener:
         next_target: PushTarget | None,
         push_from: PeerId | None,
         avoid: Collection[PeerId] = (),
+        *,
+        route_wait: float = 0.0,
     ) -> list[HopState]:
         """Open sub-sessions covering ``layers``, pushing on to ``next_target``; the first
         takes pushes from ``push_from`` only (the server before ``layers``; None: none).
+        While no route exists, look again for up to ``route_wait`` seconds (`plan`).
 
         A server that fails to open is banned (one that is only full or draining is avoided
         instead, see `blameless`) and the rest of the range re-planned, up to
@@ -110,7 +132,7 @@ class HopOpener:
         avoid = set(avoid)
         try:
             while start < layers.stop:
-                plan = await self.plan(LayerRange(start, layers.stop), avoid)
+                plan = await self.plan(LayerRange(start, layers.stop), avoid, route_wait=route_wait)
                 before = opened[-1].hop.server.peer_id if opened else push_from
                 states, failure = await self._open_plan(plan, first_step, next_target, before)
                 opened += states
@@ -220,6 +242,10 @@ class HopOpener:
         except BaseException:
             await stack.aclose()
             raise
+        if hop.server.relays:  # the path this stream takes, whatever the plan assumed
+            used = self.pool.is_direct(hop.server.peer_id, conn)
+            if used != hop.server.upgraded:
+                hop = Hop(dataclasses.replace(hop.server, upgraded=used), hop.layers)
         state = HopState(hop, session_id, stream, stack, first_step)
         state.push_to = push_to if cfg.pipeline.use_push else None
         return state
