@@ -32,11 +32,16 @@ def main() -> None:
     for name in (
         "loss", "sybil_share", "junk_sybils", "duration", "period", "ttl", "churn_per_minute",
         "mass_leave_at", "mass_leave_share", "load_seconds", "client_wait", "heal_grace",
+        "slow_share", "slow_delivers", "relayed_share", "relayed_delivers",
     ):  # fmt: skip
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
     parser.add_argument("--mass-leave-gap", action="store_true")
+    parser.add_argument(
+        "--no-probes", dest="probes", action="store_false",
+        help="servers announce no measure of what their next servers delivered",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(message)s")
     logging.getLogger("swarm.testing.internet").setLevel(logging.INFO)

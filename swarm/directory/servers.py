@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from swarm.dht.records import Record
@@ -28,6 +28,7 @@ __all__ = [
     "MAX_THROUGHPUT",
     "ServerView",
     "decode_announcement",
+    "delivered_by_peers",
     "dial_address",
     "servers_from_records",
     "with_relay_loads",
@@ -53,6 +54,8 @@ class ServerView:
     active_sessions: int = 0
     state: ServerState = ServerState.ONLINE
     next_pings: Mapping[PeerId, float] = field(default_factory=dict)  # RTT in seconds
+    # tokens/s that servers of the block after its range delivered when it probed them
+    next_delivered: Mapping[PeerId, float] = field(default_factory=dict)
     dtype: str = "float32"  # what the server computes in
     reachability: Reachability = Reachability.UNKNOWN
     relays: tuple[RelayHop, ...] = ()  # non-empty: dialed through the first (`address`)
@@ -198,6 +201,7 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         active_sessions=ann.active_sessions,
         state=ann.state,
         next_pings={p.peer_id: p.rtt for p in ann.next_pings},
+        next_delivered={p.peer_id: p.tps for p in ann.next_pings if p.tps > 0},
         dtype=ann.dtype,
         reachability=ann.reachability,
         relays=ann.relays,
@@ -207,3 +211,16 @@ def _view(peer: PeerId, ann: ServerAnnouncement) -> ServerView:
         quantization=ann.quantization,
         room_tokens=ann.room_tokens,
     )
+
+
+def delivered_by_peers(views: Iterable[ServerView]) -> dict[PeerId, float]:
+    """Per server, the tokens per second that *other* servers measured it delivering (their
+    announced `ServerView.next_delivered`): the lower median of their figures, so that
+    neither one peer that measured it slow nor a few that claim it fast decide alone. A
+    server's figures about itself are ignored; a server nobody measured is absent."""
+    figures: dict[PeerId, list[float]] = {}
+    for view in views:
+        for peer, tps in view.next_delivered.items():
+            if peer != view.peer_id:
+                figures.setdefault(peer, []).append(tps)
+    return {peer: sorted(tps)[(len(tps) - 1) // 2] for peer, tps in figures.items()}

@@ -233,10 +233,13 @@ class PushRequest(Message):
 
 @message("ping")
 class PingEntry(Message):
-    """A measured round-trip time to another server."""
+    """What a server measured of another one (a server of the block after its range): the
+    round-trip time of an ``info`` call, and ``tps``, the tokens per second the other one
+    delivered through its whole span for a timed one-token ``forward`` (0: not measured)."""
 
     peer_id: PeerId
     rtt: float = bounded(ge=0.0, le=3600.0)
+    tps: float = bounded(ge=0.0, le=1e7, default=0.0)
 
 
 @message("relay_hop")

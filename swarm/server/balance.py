@@ -13,15 +13,21 @@ blocks, or a least block throughput that rises so that ``before < quality × aft
 (``quality`` 0.75 as in Petals' ``balance_quality``). It never moves a server off a block
 that no other online, staying server covers, whatever the gain.
 
-Relayed servers count at a share of what they announce (`delivered_throughput`): a server
-that can be dialed only through a relay (it announces relays, or announces itself
-unreachable) announces the throughput its own compute measured, but every byte of its
-activations crosses the relay twice, spliced between two channels that other circuits share;
-Petals counts such a server at 0.2 of its network throughput, and so do we by default
-(``BalanceConfig.relayed_share``). Announcements carry no delivered figure (what clients
-actually got from a server), so this share is a stated factor, not a measurement. A gap that
-only relayed servers cover thus still attracts a direct server when the gain clears
-``quality``.
+Servers count with the throughput they deliver, not only what they announce
+(`delivered_throughput`): a server announces what its own compute measured, but the servers
+of the block before its range probe it (a timed one-token ``forward`` through its span,
+`swarm.server.announcer`) and announce what it delivered (`PingEntry.tps`); it then counts
+for `PROBE_SLACK` times the lower median of those figures
+(`swarm.directory.delivered_by_peers`) where that is less than its announcement, never
+more, so a slow server, or one that overstates, counts for what others got from it, and
+claiming more than it delivers gains it nothing. The servers of block 0 have no server
+before them and count their announcement. A server nobody measured counts its
+announcement, except one that can be dialed only through a relay (it announces relays, or
+announces itself unreachable): every byte of its activations crosses the relay twice,
+spliced between channels that other circuits share, and until a peer measured it, it
+counts at a stated share of its announcement (Petals' 0.2;
+``BalanceConfig.relayed_share``). A gap that only slow or relayed servers cover thus
+still attracts a fast direct server when the gain clears ``quality``.
 
 The trio loop around it (randomised periods, cooldown, re-check) is
 `swarm.server.rebalancer`.
@@ -34,11 +40,12 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from swarm.directory import ServerView
+from swarm.directory import ServerView, delivered_by_peers
 from swarm.errors import ConfigError
 from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
 __all__ = [
+    "PROBE_SLACK",
     "RELAYED_SHARE",
     "BalanceConfig",
     "Bottleneck",
@@ -54,6 +61,11 @@ __all__ = [
 ]
 
 RELAYED_SHARE = 0.2  # of its announced throughput, a relayed server counts (Petals: 0.2)
+# A peer's probe is one timed one-token call, which carries fixed costs (a thread hand-off,
+# serialization) that a server's own in-process measurement does not: an honest server on
+# loopback measures at about half of what it announces. It counts for at most this many
+# times what its peers measured, so only a clear shortfall discounts it.
+PROBE_SLACK = 2.0
 
 
 @dataclass(frozen=True)
@@ -181,10 +193,15 @@ def relayed(view: ServerView) -> bool:
     return bool(view.relays) or view.reachability == Reachability.UNREACHABLE
 
 
-def delivered_throughput(view: ServerView, relayed_share: float = RELAYED_SHARE) -> float:
-    """The throughput ``view``'s server counts for in the swarm's balance: its announced
-    one, times ``relayed_share`` when it is `relayed` (a stated factor, as Petals' 0.2:
-    announcements carry no measure of what a server delivered to clients)."""
+def delivered_throughput(
+    view: ServerView, relayed_share: float = RELAYED_SHARE, measured: float | None = None
+) -> float:
+    """The throughput ``view``'s server counts for in the swarm's balance: the least of its
+    announced one and `PROBE_SLACK` times what peers ``measured`` it delivering
+    (`delivered_by_peers`; never more than it announced); unmeasured, its announced one,
+    times ``relayed_share`` when it is `relayed` (a stated factor, as Petals' 0.2)."""
+    if measured is not None:
+        return min(view.throughput, PROBE_SLACK * measured)
     return view.throughput * (relayed_share if relayed(view) else 1.0)
 
 
@@ -197,13 +214,16 @@ def block_throughputs(
 ) -> list[float]:
     """Per block: the sum of the `delivered_throughput`s of the servers that serve it
     (online and joining; a moving server at its ``moving_to``; draining ones and
-    ``without`` left out)."""
+    ``without`` left out), with what peers measured them delivering from ``views``' own
+    next-hop figures (`delivered_by_peers`)."""
+    views = list(views)
+    measured = delivered_by_peers(views)
     per_block = [0.0] * num_layers
     for view in views:
         layers = _counted_range(view)
         if view.peer_id == without or layers is None:
             continue
-        throughput = delivered_throughput(view, relayed_share)
+        throughput = delivered_throughput(view, relayed_share, measured.get(view.peer_id))
         for block in range(layers.start, min(layers.stop, num_layers)):
             per_block[block] += throughput
     return per_block
@@ -267,12 +287,14 @@ def decide(
     """Whether this server (``me``, serving ``current`` at ``throughput`` tokens/s) should
     move, and where, given the other servers' announcements ``views`` (our own, if among
     them, counts only for whether we are `relayed`: we count ourselves at ``current``).
-    Servers reachable only through a relay count at ``relayed_share`` of their throughput
-    (`delivered_throughput`), ourselves included."""
+    Every server, ourselves included, counts with what it delivers
+    (`delivered_throughput`: what peers measured, else a relayed one at
+    ``relayed_share`` of its throughput)."""
     others = block_throughputs(views, num_layers, without=me, relayed_share=relayed_share)
     own = next((view for view in views if view.peer_id == me), None)
-    if own is not None and relayed(own):
-        throughput *= relayed_share
+    if own is not None:
+        mine = dataclasses.replace(own, throughput=throughput)
+        throughput = delivered_throughput(mine, relayed_share, delivered_by_peers(views).get(me))
     before = bottleneck(_with(others, current, throughput))
     if len(current) >= num_layers:
         return Decision(current, current, before, before, stay=Stay.WHOLE_MODEL)

@@ -380,6 +380,7 @@ class Server:
                 cfg.ping_timeout,
                 make,
                 direct=reach.direct,
+                probe_hidden=span.config.hidden_size,
             )
             self.announcer = announcer
             await announcer.announce()  # joining

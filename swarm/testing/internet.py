@@ -48,17 +48,30 @@ import trio
 from swarm.client.bans import BanList
 from swarm.client.config import FailureConfig
 from swarm.dht import DHTNode, Record
-from swarm.directory import ServerView, block_key, block_keys, servers_from_records
+from swarm.directory import (
+    ServerView,
+    block_key,
+    block_keys,
+    delivered_by_peers,
+    servers_from_records,
+)
 from swarm.errors import SwarmError
-from swarm.net.messages import RangeMove, ServerAnnouncement
-from swarm.server.balance import BalanceConfig, Decision, block_throughputs, choose_start
+from swarm.net.messages import PingEntry, RangeMove, RelayHop, ServerAnnouncement
+from swarm.server.announcer import MAX_PINGS
+from swarm.server.balance import (
+    BalanceConfig,
+    Decision,
+    block_throughputs,
+    choose_start,
+    delivered_throughput,
+)
 from swarm.server.rebalancer import Rebalancer
 from swarm.testing.internet_plane import MODEL, REGIONS, DHTSlice, SliceStatistics, region_of
 from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
 from swarm.testing.sybils import FORGED_MARK
-from swarm.types import LayerRange, PeerId, ServerState
+from swarm.types import LayerRange, PeerId, Reachability, ServerState
 
-__all__ = ["Failure", "SimConfig", "SimReport", "run_simulation"]
+__all__ = ["Failure", "ServerKind", "SimConfig", "SimReport", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +89,14 @@ class Failure(enum.StrEnum):
     RECOVERY_MISSED = "no route to recover: lookups missed live records"
     RECOVERY_OTHER = "no route to recover: other"
     GAVE_UP = "more hop failures than max_recoveries"
+
+
+class ServerKind(enum.StrEnum):
+    """How a simulated server delivers what it announces."""
+
+    FAST = "fast"  # delivers what it announces
+    SLOW = "slow"  # delivers ``slow_delivers`` of it (overloaded, or it overstates)
+    RELAYED = "relayed"  # reachable only through a relay; delivers ``relayed_delivers`` of it
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,14 @@ class SimConfig:
     # a client waits this long for a route before it starts a generation, as `swarm
     # generate --wait` does (0: a generation without a route fails at once)
     client_wait: float = 60.0
+    slow_share: float = 0.2  # of the servers, slow ones (`ServerKind.SLOW`)
+    slow_delivers: float = 0.25
+    relayed_share: float = 0.2  # of the servers, relayed ones (`ServerKind.RELAYED`)
+    relayed_delivers: float = 0.3
+    # servers announce what the servers of the block after their range delivered, as the
+    # product's announcer measures it (modelled: the truth, as the best of its probes would
+    # be on an idle path); False: nobody measures, everyone counts what it announces
+    probes: bool = True
 
 
 @dataclass
@@ -137,6 +166,9 @@ class SimReport:
     forged_accepted: int = 0  # records or server views from a forgery that a read accepted
     slices: list[SliceStatistics] = field(default_factory=list)  # per process, this one first
     seconds: float = 0.0  # how long it ran: ``duration``, plus any ``heal_grace`` used
+    # per kind of server, as the balance counted them at the last look: servers, announced,
+    # delivered and counted tokens/s (sums over live servers), and how many peers measured
+    throughput: dict[ServerKind, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         def pct(values: Sequence[float], q: float) -> float:
@@ -182,6 +214,7 @@ class SimReport:
             "forged_records_accepted": self.forged_accepted,
             "processes": len(self.slices),
             "dht_nodes_per_process": [s.honest for s in self.slices],
+            "throughput_by_kind": {str(k): v for k, v in self.throughput.items()},
         }
 
 
@@ -190,8 +223,10 @@ class _Server:
     index: int
     node: DHTNode
     region: str
-    throughput: float
+    throughput: float  # announced
     layers: LayerRange
+    kind: ServerKind = ServerKind.FAST
+    delivered: float = 0.0  # what it really delivers (tokens/s through its span)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     alive: bool = True
     moving: bool = False
@@ -205,9 +240,11 @@ class _Server:
         return self.node.peer_id
 
     def view(self) -> ServerView:
-        return ServerView(
-            self.peer_id, f"127.0.0.1:{self.port}", self.layers, self.throughput, 1000
-        )
+        """As it really is (for the oracle): at the throughput it delivers."""
+        return ServerView(self.peer_id, f"127.0.0.1:{self.port}", self.layers, self.delivered, 1000)
+
+
+_THROUGHPUT_COLUMNS = ("servers", "announced", "delivered", "counted", "measured_by_peers")
 
 
 class _Sim:
@@ -305,11 +342,29 @@ class _Sim:
                 covered[b] = True
         return covered.count(False)
 
+    def next_pings(self, s: _Server) -> tuple[PingEntry, ...]:
+        """What ``s``'s announcer would measure of the servers of the block after its range:
+        the one-way delay there and back, and (with ``probes``) what they deliver."""
+        if s.layers.stop >= self.cfg.blocks:
+            return ()
+        nxt = [t for t in self.truth() if s.layers.stop in t.layers and t is not s][:MAX_PINGS]
+        return tuple(
+            PingEntry(
+                t.peer_id,
+                2 * self.delay[(s.region, t.region)],
+                t.delivered if self.cfg.probes else 0.0,
+            )
+            for t in nxt
+        )
+
     async def announce(self, s: _Server, state: ServerState = ServerState.ONLINE) -> None:
+        relayed = s.kind is ServerKind.RELAYED
         value = ServerAnnouncement(
             host="127.0.0.1", port=s.port, layer_range=s.layers, state=state, dtype="float32",
             throughput=s.throughput, free_cache_tokens=1000, active_sessions=0, version="sim",
-            moving_to=s.moving_to, last_move=s.last_move,
+            moving_to=s.moving_to, last_move=s.last_move, next_pings=self.next_pings(s),
+            reachability=Reachability.UNREACHABLE if relayed else Reachability.UNKNOWN,
+            relays=(RelayHop(self.nodes[0].peer_id, "127.0.0.1", 1),) if relayed else (),
         ).to_wire()  # fmt: skip
         async with trio.open_nursery() as nursery:
             for b in s.layers:
@@ -379,9 +434,18 @@ class _Sim:
             views = await self.read(node)
             start = choose_start(block_throughputs(views, self.cfg.blocks), self.cfg.span)
             layers = LayerRange(start, start + self.cfg.span)
+        cfg = self.cfg
+        announced = self.rng.uniform(0.5, 2.0) * 50.0
+        draw = self.rng.random()
+        if draw < cfg.slow_share:
+            kind, delivers = ServerKind.SLOW, cfg.slow_delivers
+        elif draw < cfg.slow_share + cfg.relayed_share:
+            kind, delivers = ServerKind.RELAYED, cfg.relayed_delivers
+        else:
+            kind, delivers = ServerKind.FAST, 1.0
         s = _Server(
-            index, node, self.region[index], self.rng.uniform(0.5, 2.0) * 50.0, layers,
-            port=20000 + index,
+            index, node, self.region[index], announced, layers, kind=kind,
+            delivered=announced * delivers, port=20000 + index,
         )  # fmt: skip
         self.servers.append(s)
         await nursery.start(self.run_server, s)
@@ -563,13 +627,40 @@ class _Sim:
         return s is not None and s.alive and not s.moving and s.layers == layers
 
     def _route_cost(self, route: list[ServerView], region: str) -> tuple[float, str]:
-        region_of = {s.peer_id: s.region for s in self.servers}
+        """A token's real cost along ``route``: link delays, and each hop's compute at the
+        throughput its server really delivers (not the one it announces)."""
+        by_peer = {s.peer_id: s for s in self.servers}
         total, at = 0.0, region
         for v in route:
-            r = region_of[v.peer_id]
-            total += self.delay[(at, r)] + 1.0 / v.throughput
-            at = r
+            server = by_peer[v.peer_id]
+            total += self.delay[(at, server.region)] + 1.0 / server.delivered
+            at = server.region
         return total + self.delay[(at, region)], at
+
+    async def watch_throughput(self) -> None:
+        """Every few seconds, read the directory as a server does and record, per kind of
+        server, what the balance counts them at (`delivered_throughput`) beside what they
+        announce and really deliver."""
+        while True:
+            await trio.sleep(5.0)
+            try:
+                views = await self.read(self.honest_node())
+            except SwarmError:
+                continue
+            measured = delivered_by_peers(views)
+            live = {s.peer_id: s for s in self.truth()}
+            sums: dict[ServerKind, dict[str, float]] = {}
+            for v in views:
+                server = live.get(v.peer_id)
+                if server is None or v.layers != server.layers:
+                    continue
+                row = sums.setdefault(server.kind, dict.fromkeys(_THROUGHPUT_COLUMNS, 0.0))
+                row["servers"] += 1
+                row["announced"] += v.throughput
+                row["delivered"] += server.delivered
+                row["counted"] += delivered_throughput(v, measured=measured.get(v.peer_id))
+                row["measured_by_peers"] += v.peer_id in measured
+            self.report.throughput = dict(sorted(sums.items()))
 
     # ---- probes ----
     async def probe_lookups(self) -> None:
@@ -677,6 +768,7 @@ async def _run(sim: _Sim, workers: list[Worker]) -> None:
             await worker.go()
         nursery.start_soon(sim.watch_coverage)
         nursery.start_soon(sim.probe_lookups)
+        nursery.start_soon(sim.watch_throughput)
         nursery.start_soon(sim.churn, nursery)
         if config.mass_leave_at > 0:
             nursery.start_soon(sim.mass_leave)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from swarm.client.bans import BanList
 from swarm.client.discovery import PingTable
 from swarm.dht.records import Record, make_record
-from swarm.directory import block_keys, servers_from_records
+from swarm.directory import block_keys, delivered_by_peers, servers_from_records
 from swarm.identity import Identity
 from swarm.net.messages import PingEntry, ServerAnnouncement
 from swarm.types import LayerRange, PeerId
@@ -92,3 +92,19 @@ def test_cli_generate_input_errors(tmp_path: object) -> None:
     assert bad_ids.exit_code != 0
     missing = runner.invoke(app, ["generate", "/nonexistent", "hi", "--initial-peers", "h:1"])
     assert missing.exit_code != 0
+
+
+def test_probed_speeds_decode_and_peers_figures_take_the_lower_median() -> None:
+    a, b, c, d = (Identity.from_seed(s) for s in (b"a", b"b", b"c", b"d"))
+    records: dict[str, dict[PeerId, Record]] = {key: {} for key in block_keys(MODEL, 8)}
+    pings = (PingEntry(d.peer_id, 0.01, 5.0), PingEntry(c.peer_id, 0.02))  # c: not probed
+    records[block_keys(MODEL, 8)[0]][a.peer_id] = _record(a, 0, _ann(0, 4, next_pings=pings))
+    pings_b = (PingEntry(d.peer_id, 0.01, 9.0),)
+    records[block_keys(MODEL, 8)[1]][b.peer_id] = _record(b, 1, _ann(0, 4, next_pings=pings_b))
+    selfish = (PingEntry(d.peer_id, 0.01, 1e6),)  # d about itself: ignored
+    records[block_keys(MODEL, 8)[4]][d.peer_id] = _record(d, 4, _ann(4, 8, next_pings=selfish))
+    views = servers_from_records(records, MODEL, 8)
+    by_id = {v.peer_id: v for v in views}
+    assert by_id[a.peer_id].next_delivered == {d.peer_id: 5.0}
+    assert by_id[a.peer_id].next_pings == {d.peer_id: 0.01, c.peer_id: 0.02}
+    assert delivered_by_peers(views) == {d.peer_id: 5.0}  # of 5 and 9, the lower

@@ -16,6 +16,7 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.net.messages import RelayHop
 from swarm.server.balance import (
+    PROBE_SLACK,
     RELAYED_SHARE,
     BalanceConfig,
     Decision,
@@ -287,3 +288,52 @@ def test_a_relayed_server_counts_itself_at_its_share() -> None:
     assert per_block == pytest.approx([2.4, 2.4, 0, 0])
     with pytest.raises(ConfigError):
         BalanceConfig(relayed_share=0)
+
+
+def measured_by(name: str, layers: LayerRange, figures: dict[str, float]) -> ServerView:
+    """A server of ``layers`` that announces what servers ``figures`` names delivered when
+    it probed them (tokens/s)."""
+    measured = {peer(other): tps for other, tps in figures.items()}
+    return dataclasses.replace(view(name, layers, 1.0), next_delivered=measured)
+
+
+def test_a_slow_server_counts_with_what_its_peers_measured_it_delivering() -> None:
+    # "slow" announces 10 tokens/s on 2:4; the servers before it measured 1 and 1.5: it
+    # counts for PROBE_SLACK x the lower median
+    probes = [measured_by("p", L(0, 2), {"slow": 1.0}), measured_by("q", L(0, 2), {"slow": 1.5})]
+    slow = view("slow", L(2, 4), 10.0)
+    assert PROBE_SLACK == 2.0
+    assert block_throughputs([*probes, slow], 4) == pytest.approx([2, 2, 2, 2])
+    assert delivered_throughput(slow, measured=1.0) == 2.0
+    # an honest server measured at half its announcement (a probe's fixed costs) counts fully
+    assert delivered_throughput(slow, measured=5.0) == 10.0
+    # claiming more than it delivers gains nothing, and a peer that measured it faster than
+    # it announced does not raise it either
+    assert block_throughputs([*probes, view("slow", L(2, 4), 1e6)], 4)[2] == pytest.approx(2)
+    fast = [measured_by("p", L(0, 2), {"slow": 50.0}), slow]
+    assert block_throughputs(fast, 4)[2] == pytest.approx(10)
+    # its own figures about itself count for nothing
+    selfish = dataclasses.replace(slow, next_delivered={peer("slow"): 10.0})
+    assert block_throughputs([probes[0], selfish], 4)[2] == pytest.approx(2)
+
+
+def test_a_gap_served_by_an_overstating_server_attracts_a_fast_one() -> None:
+    # 0:2 has "a" and "b" (10 each); 2:4 only "slow", which announces 10 but was measured
+    # delivering 0.5 by "a" (counts 1): counted as announced, the swarm looks balanced
+    a = measured_by("a", L(0, 2), {"slow": 0.5})
+    a = dataclasses.replace(a, throughput=10.0)
+    views = [a, view("b", L(0, 2), 10.0), view("slow", L(2, 4), 10.0)]
+    d = decide(views, peer("b"), L(0, 2), 10.0, 4)
+    assert d.move and d.target == L(2, 4) and d.reason is MoveReason.BOTTLENECK
+    assert d.before.throughput == pytest.approx(1.0) and d.after.throughput == pytest.approx(10)
+    unmeasured = [dataclasses.replace(a, next_delivered={}), *views[1:]]
+    assert not decide(unmeasured, peer("b"), L(0, 2), 10.0, 4).move
+    # a server measured slow counts itself slow too: "slow" gains nothing by moving
+    assert decide(views, peer("slow"), L(2, 4), 10.0, 4).before.throughput == pytest.approx(1)
+
+
+def test_a_measured_relayed_server_counts_what_it_delivered_not_the_share() -> None:
+    probe = measured_by("p", L(0, 2), {"c": 0.75})
+    relayed = relayed_view("c", L(2, 4), 2.0)
+    assert block_throughputs([probe, relayed], 4)[2] == pytest.approx(1.5)
+    assert block_throughputs([relayed], 4)[2] == pytest.approx(2 * RELAYED_SHARE)  # unmeasured

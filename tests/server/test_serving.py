@@ -10,6 +10,7 @@ import pytest
 import torch
 import trio
 
+from swarm.directory import block_keys, delivered_by_peers, servers_from_records
 from swarm.errors import ErrorCode, LimitExceeded, RemoteError
 from swarm.identity import Identity
 from swarm.net.messages import (
@@ -211,3 +212,19 @@ async def test_layers_auto_takes_the_least_served_blocks(model_path: Path) -> No
         assert auto.ready.layers == LayerRange(3, 6)
         everything = await local.add_server(None)  # num_blocks defaults to the whole model
         assert everything.ready.layers == LayerRange(0, 6)
+
+
+async def test_a_server_announces_how_fast_its_next_server_delivered(model_path: Path) -> None:
+    """Before it goes online a server probes the servers of the block after its range with a
+    timed one-token ``forward`` and announces what they delivered (`PingEntry.tps`), which
+    rebalancing counts them at (`swarm.directory.delivered_by_peers`)."""
+    async with open_local_swarm(model_path, [LayerRange(3, 6)]) as local:
+        second = await local.add_server(LayerRange(0, 3))
+        first = local.servers[0].ready
+        model = second.ready.model_id
+        found = await local.dht.get_many(block_keys(model, 6))
+        views = {v.peer_id: v for v in servers_from_records(found, model, 6)}
+    measured = views[second.ready.peer_id].next_delivered
+    assert set(measured) == {first.peer_id}
+    assert 0 < measured[first.peer_id] <= 1e4
+    assert delivered_by_peers(views.values()) == measured

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from swarm.testing.internet import Failure, SimConfig, run_simulation
+from swarm.testing.internet import Failure, ServerKind, SimConfig, run_simulation
 
 pytestmark = pytest.mark.slow  # about a minute of real DHT traffic on loopback
 
@@ -16,6 +16,7 @@ async def test_a_small_swarm_under_churn_heals_and_serves() -> None:
     config = SimConfig(
         dht_nodes=40, servers=8, blocks=6, clients=2, period=5.0, ttl=10.0, duration=40.0,
         mass_leave_at=12.0, mass_leave_gap=True, churn_per_minute=1.0, seed=1, heal_grace=60.0,
+        slow_share=0.4, relayed_share=0.2,
     )  # fmt: skip
     with trio.fail_after(240):
         report = await run_simulation(config)
@@ -30,4 +31,13 @@ async def test_a_small_swarm_under_churn_heals_and_serves() -> None:
     # with the product's failure policy (bans, 8 recoveries, waiting for a route), a client
     # never gives up for re-planning onto dead servers' records over and over
     assert Failure.GAVE_UP not in report.failures, report.failures
+    # servers count in the balance with what their peers measured them delivering: never
+    # more than they announce, and slow ones, once measured, less
+    rows = report.throughput
+    assert any(row["measured_by_peers"] for row in rows.values()), rows
+    for row in rows.values():
+        assert row["counted"] <= row["announced"] + 1e-6, rows
+    slow = rows.get(ServerKind.SLOW)
+    if slow is not None and slow["measured_by_peers"]:
+        assert slow["counted"] < slow["announced"], rows
     assert summary["dht_datagrams_per_node_minute"] > 0
