@@ -105,7 +105,7 @@ def api(
     reputation: Annotated[
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
-    speculative: SpeculativeOption = "off",
+    speculative: SpeculativeOption = "auto",
     direct: DirectOption = True,
     allowed_host: Annotated[
         list[str] | None,

@@ -54,7 +54,7 @@ def chat(
         str, typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic.")
     ] = "none",
     quant: QuantRequirement = None,
-    speculative: SpeculativeOption = "off",
+    speculative: SpeculativeOption = "auto",
     direct: DirectOption = True,
     verbose: VerboseOption = False,
 ) -> None:

@@ -86,7 +86,7 @@ def generate(
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
     quant: QuantRequirement = None,
-    speculative: SpeculativeOption = "off",
+    speculative: SpeculativeOption = "auto",
     direct: Annotated[
         bool,
         typer.Option(

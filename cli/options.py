@@ -39,10 +39,11 @@ SpeculativeOption = Annotated[
     typer.Option(
         "--speculative",
         help=(
-            "Guessed tokens per round trip: off (default), auto (prompt lookup, as many as "
-            "pay), ngram (prompt lookup, always), or a draft model (folder, hub name or GGUF) "
-            "with the model's tokenizer. The tokens are plain decoding's, but for rounding: "
-            "a near-tie can tip otherwise, mostly on quantized servers."
+            "Guessed tokens per round trip: auto (default: prompt lookup, as many as pay, "
+            "none where they don't), off, ngram (prompt lookup, always), or a draft model "
+            "(folder, hub name or GGUF) with the model's tokenizer. The tokens are plain "
+            "decoding's, sampled ones too for a seed (the target draws each token with the "
+            "seed's noise for its position and a guess stands only where it agrees)."
         ),
     ),
 ]

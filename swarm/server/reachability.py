@@ -9,7 +9,9 @@ A `ReachabilityKeeper` owns the server's answer to "can I be dialed?" and what f
   answer is ``unknown``. Done at start and every ``recheck_interval``.
 - **port mapping**: when the first check says not ``reachable``, ask the router to forward
   the port (`swarm.server.portmap`: UPnP IGD, then PCP / NAT-PMP) and check the mapped address;
-  announce it if it works.
+  announce it if it works. A server listening on a loopback address asks only the routers it
+  was given (``igd_url``, ``natpmp_gateway``): no router forwards to a host's loopback, and
+  discovering one by SSDP took 8 s of every such start (a local swarm's, each test's).
 - **relays**: while not ``reachable``, keep reservations at ``relays`` relays (different
   address groups first; `swarm.net.relay.hold_reservation`) and have the server
   re-announce whenever the set changes: a relay that dies is replaced by another.
@@ -18,6 +20,7 @@ A `ReachabilityKeeper` owns the server's answer to "can I be dialed?" and what f
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,11 +55,12 @@ class ReachabilityConfig:
     ``port_mapping`` (True): when not reachable, ask the router to forward the port for
     ``mapping_lease`` (3600 s) at a time: by UPnP IGD (at ``igd_url``, or discovered when
     None), else by PCP or NAT-PMP (at ``natpmp_gateway``, ``host`` or ``host:port``, or the default
-    gateway when None); ``direct`` (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct
-    connection (`swarm.net.punch`) to each relayed server after our next-hop ping reached it
-    through its relay, beside the relayed channel, so that pushes to it skip the relay
-    (None, ``--no-direct``: they go through it). It also rations the punches we answer when
-    we are relayed; with None we answer none (dialers stay on the relay)."""
+    gateway when None; neither is discovered for a server listening on loopback); ``direct``
+    (`DEFAULT_PUNCH_CONFIG`): a `PunchConfig` to try a direct connection (`swarm.net.punch`)
+    to each relayed server after our next-hop ping reached it through its relay, beside the
+    relayed channel, so that pushes to it skip the relay (None, ``--no-direct``: they go
+    through it). It also rations the punches we answer when we are relayed; with None we
+    answer none (dialers stay on the relay)."""
 
     helpers: int = 3
     check_timeout: float = 10.0
@@ -104,6 +108,16 @@ def decide(votes: Sequence[Reachability]) -> ReachabilityReport:
     elif no > yes:
         verdict = Reachability.UNREACHABLE
     return ReachabilityReport(verdict, yes, no, abstained)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ReachabilityKeeper:
@@ -209,10 +223,15 @@ class ReachabilityKeeper:
     async def _try_port_mapping(self, nursery: trio.Nursery, listen_host: str, port: int) -> None:
         """Map the port and check the mapped address; keep the mapping only if it works."""
         lease = self.config.mapping_lease
-        mappers: list[PortMapper] = [
-            UPnPPortMapper(self.config.igd_url, lease=lease),
-            NatPmpPortMapper(self.config.natpmp_gateway, lease=lease),
-        ]
+        cfg, loopback = self.config, _is_loopback(listen_host)
+        mappers: list[PortMapper] = []
+        if cfg.igd_url is not None or not loopback:
+            mappers.append(UPnPPortMapper(cfg.igd_url, lease=lease))
+        if cfg.natpmp_gateway is not None or not loopback:
+            mappers.append(NatPmpPortMapper(cfg.natpmp_gateway, lease=lease))
+        if not mappers:
+            log.info("port mapping skipped: no router forwards to loopback (%s)", listen_host)
+            return
         scope = trio.CancelScope()
 
         async def hold(*, task_status: trio.TaskStatus[PortMapping | None]) -> None:

@@ -73,3 +73,16 @@ def test_generate_samples_as_generation_config_says(
     assert result.exit_code == 0, result.output
     sampling = seen["job"].sampling
     assert (sampling.temperature, sampling.top_k, sampling.top_p) == want
+
+
+def test_generate_chat_and_api_guess_tokens_by_default() -> None:
+    """`--speculative auto` is the default where tokens are generated (issue 21): the help of
+    each command says so, and each command's parameter defaults to it."""
+    import inspect
+
+    from swarm_cli import api, chat, generate
+
+    for command in (generate.generate, chat.chat, api.api):
+        assert inspect.signature(command).parameters["speculative"].default == "auto"
+    shown = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    assert "auto (default" in shown.output

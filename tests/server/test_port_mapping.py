@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from swarm.server import reachability
 from swarm.server.reachability import ReachabilityConfig
 from swarm.testing.checkpoints import make_tiny_checkpoint
 from swarm.testing.igd import open_fake_igd
@@ -132,3 +133,39 @@ async def test_no_port_mapping_asks_no_router(model: Path) -> None:
             assert server.ready.reachability == Reachability.UNREACHABLE
             assert len(server.ready.relays) == 2
             assert gateway.requests == []
+
+
+@pytest.mark.parametrize(("host", "looks"), [("127.0.0.1", False), ("0.0.0.0", True)])
+async def test_a_server_on_loopback_looks_for_no_router(
+    model: Path, monkeypatch: pytest.MonkeyPatch, host: str, looks: bool
+) -> None:
+    """No router forwards to loopback: a server listening there discovers none (SSDP took 8 s
+    of every such start), one listening on every address does. Both announce an address
+    that no helper can dial (198.51.100.1, a documentation range), so neither is reachable."""
+    made: list[str] = []
+
+    class Recording:
+        def __init__(self, where: str | None, *, lease: int) -> None:
+            made.append(f"{where}")
+
+        async def map(self, internal_host: str, internal_port: int) -> None:
+            return None
+
+        async def unmap(self, mapping: object) -> None:
+            return None
+
+    monkeypatch.setattr(reachability, "UPnPPortMapper", Recording)
+    monkeypatch.setattr(reachability, "NatPmpPortMapper", Recording)
+    with trio.fail_after(120):
+        async with (
+            open_local_swarm(model) as local,
+            AsyncExitStack() as stack,
+        ):
+            for _ in range(2):
+                await stack.enter_async_context(open_relay_node(local.dht_address))
+            reach = ReachabilityConfig(check_timeout=1.0, offer_relay=False)
+            server = await local.add_server(
+                LayerRange(0, 2), reachability=reach, host=host, public_host="198.51.100.1"
+            )
+            assert server.ready.reachability != Reachability.REACHABLE
+    assert made == (["None", "None"] if looks else [])
