@@ -15,8 +15,11 @@ two rows as for one (MKL's float32 here), batching cannot give what it gives whe
 is bound by reading the weights (bfloat16 here, every model on a GPU).
 
 The users are 16 client processes (this script with ``--worker``), each holding the head
-and one session at a time: one client process serving every session (sampling, two hops
-of RPC each) would spread the sessions' steps apart in time. For each level, that many
+and one session at a time. ``--clients one`` runs every session instead from one client
+process, as trio tasks of one ``AsyncRemoteModel`` (the gateway's case, and a README user's
+with several threads): their head forwards are batched (`swarm.client.heads`), and the
+figure to compare is its ``x1-session`` column against the many-process one (issue 21
+item 5: within 15 %). For each level, that many
 workers run one greedy generation each, all released at once; wall time runs from the
 release to the last answer.
 
@@ -64,6 +67,29 @@ async def worker(path: Path, dht: str, prompt: int, new: int) -> None:
             print(json.dumps(out), flush=True)
 
 
+async def many_worker(path: Path, dht: str, prompt: int, new: int) -> None:
+    """``--clients one``: wait for a line ``n`` on stdin, run n generations at once from this
+    one client, print their timings as a JSON list; repeat."""
+    config = ClientConfig(initial_peers=(dht,), step_timeout=300.0)
+    async with AsyncRemoteModel.open(path, config) as model:
+        await model.generate(list(range(3, 3 + prompt)), 2)  # warm-up: connections, pings
+        print("ready", flush=True)
+        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+            outs: list[dict[str, object]] = []
+            async with trio.open_nursery() as nursery:
+                for seed in range(int(line)):
+                    nursery.start_soon(_one_of_many, model, seed, prompt, new, outs)
+            print(json.dumps(outs), flush=True)
+
+
+async def _one_of_many(
+    model: AsyncRemoteModel, seed: int, prompt: int, new: int, outs: list[dict[str, object]]
+) -> None:
+    ids = [3 + (seed * 7919 + k * 31) % 2000 for k in range(prompt)]
+    result = await model.generate_detailed(ids, new)
+    outs.append({"ttft": result.ttft, "steps": result.timings[1:], "tokens": len(result.ids)})
+
+
 def _quantile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
@@ -90,19 +116,27 @@ def run_mode(
             "--new-tokens",
             str(args.new_tokens),
         ]
+        one_client = args.clients == "one"
+        if one_client:
+            argv[2] = "--many-worker"
         workers = [
             subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for _ in range(max(levels))
+            for _ in range(1 if one_client else max(levels))
         ]
         try:
             for w in workers:
                 assert w.stdout is not None and w.stdout.readline().strip() == "ready"
             for n in levels:
                 started = time.perf_counter()
-                for i, w in enumerate(workers[:n]):
-                    w.stdin.write(f"{i}\n")  # type: ignore[union-attr]
-                    w.stdin.flush()  # type: ignore[union-attr]
-                results = [json.loads(w.stdout.readline()) for w in workers[:n]]  # type: ignore[union-attr]
+                if one_client:
+                    workers[0].stdin.write(f"{n}\n")  # type: ignore[union-attr]
+                    workers[0].stdin.flush()  # type: ignore[union-attr]
+                    results = json.loads(workers[0].stdout.readline())  # type: ignore[union-attr]
+                else:
+                    for i, w in enumerate(workers[:n]):
+                        w.stdin.write(f"{i}\n")  # type: ignore[union-attr]
+                        w.stdin.flush()  # type: ignore[union-attr]
+                    results = [json.loads(w.stdout.readline()) for w in workers[:n]]  # type: ignore[union-attr]
                 wall = time.perf_counter() - started
                 steps = [s for r in results for s in r["steps"]]
                 rows.append(
@@ -114,7 +148,8 @@ def run_mode(
                         "ttft_p50": statistics.median(r["ttft"] for r in results),
                     }
                 )
-                print(f"  {dtype} {mode_name(batching)}: {n} sessions done", flush=True)
+                done = f"{dtype} {mode_name(batching)} {args.clients}: {n} sessions done"
+                print(f"  {done}", flush=True)
         finally:
             for w in workers:
                 w.kill()
@@ -133,12 +168,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swarm-batching"))
     parser.add_argument("--modes", default="on,off")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--clients", choices=["processes", "one"], default="processes")
     parser.add_argument("--worker", metavar="DHT", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--many-worker", metavar="DHT", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = args.workdir / "heavy-v2048"
     if args.worker:
         trio.run(worker, path, args.worker, args.prompt_length, args.new_tokens)
+        return
+    if args.many_worker:
+        trio.run(many_worker, path, args.many_worker, args.prompt_length, args.new_tokens)
         return
     if not (path / "config.json").exists():
         write_random_llama(path, seed=0, std=0.02, vocab=2048, **HEAVY)  # type: ignore[arg-type]

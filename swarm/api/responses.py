@@ -170,6 +170,7 @@ class GenerationResponse(Response):
             else [],
             rollbacks=result.rollbacks,
             recoveries=result.recoveries,
+            rounds=result.rounds,
             receipts=[receipt_digest(r) for r in tokens.receipts],
             receipts_url=f"/v1/swarm/receipts/{self.job.id}",
         )

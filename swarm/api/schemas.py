@@ -205,6 +205,9 @@ class SwarmReport(BaseModel):
     detections: list[SwarmDetection]
     rollbacks: int
     recoveries: int
+    rounds: int = Field(
+        0, description="steps through the chain: fewer than the tokens where guesses held"
+    )
     receipts: list[str] = Field(description="hex SHA-256 of each signed step receipt")
     receipts_url: str
     # streaming only: the final text, when a verification rollback changed text already sent

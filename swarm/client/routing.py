@@ -18,9 +18,12 @@ Edge cost, in seconds for one step of one token:
            `RouteCosts.relay_busy` × the relay's announced share of circuits in use
            (`ServerView.relay_load`): a busy relay queues and throttles what it forwards;
            nothing once the client's channel to it was upgraded to a direct connection;
-  compute  blocks used / blocks served / announced tokens-per-second of the server (which
-           a batching server measures at the batch a newcomer would join: its current
-           sessions plus one, so it already falls as the server fills);
+  compute  blocks used / blocks served / tokens-per-second of the server: the one it
+           announced (which a batching server measures at the batch a newcomer would join:
+           its current sessions plus one, so it already falls as the server fills), or,
+           where that is less, what the servers before it measured it delivering
+           (`swarm.directory.counted_throughput`, from proven records: a server that
+           overstates, or is slower than it says, costs what it delivers);
   load     compute × `RouteCosts.load_penalty` × the server's active sessions: what the
            announced figure leaves out (prompts chunked between the steps, sessions that
            opened since the last announcement);
@@ -44,7 +47,7 @@ import random
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from swarm.directory import ServerView
+from swarm.directory import ServerView, counted_throughput, delivered_by_peers
 from swarm.errors import RoutingError
 from swarm.types import LayerRange, PeerId, ServerState
 
@@ -99,9 +102,11 @@ def _edge_cost(
     blocks: int,
     client_pings: Mapping[PeerId, float],
     costs: RouteCosts,
+    throughput: float | None = None,
 ) -> float:
     network = _rtt(prev, server, client_pings, costs) / 2
-    compute = blocks / len(server.layers) / max(server.throughput, 1e-9)
+    speed = server.throughput if throughput is None else throughput
+    compute = blocks / len(server.layers) / max(speed, 1e-9)
     load = compute * costs.load_penalty * server.active_sessions
     return network + compute + load + costs.per_hop + _relay_cost(server, costs)
 
@@ -133,6 +138,10 @@ def plan_route(
     pings = client_pings or {}
     penalty = penalties or {}
     rng = rng or random.Random()
+    servers = list(servers)
+    # what servers measured of others, from proven records only: anyone may sign a record
+    # that claims its next servers are slow
+    measured = delivered_by_peers(s for s in servers if s.peer_id not in unproven)
     usable = [
         s
         for s in servers
@@ -143,6 +152,7 @@ def plan_route(
         and s.layers.start < layers.stop
         and s.layers.stop > layers.start
     ]
+    speed = [counted_throughput(s, measured.get(s.peer_id)) for s in usable]
     # Dijkstra; a state is (boundary, index of the last server or -1 for the client).
     counter = itertools.count()
     best: dict[tuple[int, int], float] = {(layers.start, -1): 0.0}
@@ -159,7 +169,7 @@ def plan_route(
             if not (server.layers.start <= boundary < server.layers.stop):
                 continue
             end = min(server.layers.stop, layers.stop)
-            step = _edge_cost(prev, server, end - boundary, pings, costs)
+            step = _edge_cost(prev, server, end - boundary, pings, costs, speed[i])
             if end >= layers.stop:  # the last hop also sends its output back to the client
                 step += pings.get(server.peer_id, _unknown_rtt(server, costs)) / 2
             step *= (1.0 + rng.uniform(0.0, costs.jitter)) * (1.0 + penalty.get(server.peer_id, 0))

@@ -21,7 +21,9 @@ from swarm.directory.prover import AnnouncementProver
 from swarm.directory.relays import RelayView, address_group, relays_from_records, spread
 from swarm.directory.servers import (
     MAX_THROUGHPUT,
+    PROBE_SLACK,
     ServerView,
+    counted_throughput,
     decode_announcement,
     delivered_by_peers,
     dial_address,
@@ -31,6 +33,7 @@ from swarm.directory.servers import (
 
 __all__ = [
     "MAX_THROUGHPUT",
+    "PROBE_SLACK",
     "AnnouncementProver",
     "DHTEvidenceBoard",
     "RelayView",
@@ -39,6 +42,7 @@ __all__ = [
     "announce_model_id",
     "block_key",
     "block_keys",
+    "counted_throughput",
     "decode_announcement",
     "delivered_by_peers",
     "dial_address",

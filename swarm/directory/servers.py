@@ -26,7 +26,9 @@ __all__ = [
     "MAX_CACHE_TOKENS",
     "MAX_SESSIONS",
     "MAX_THROUGHPUT",
+    "PROBE_SLACK",
     "ServerView",
+    "counted_throughput",
     "decode_announcement",
     "delivered_by_peers",
     "dial_address",
@@ -39,6 +41,11 @@ log = logging.getLogger(__name__)
 MAX_THROUGHPUT = 1e7  # tokens/s through a span; far above any real server
 MAX_CACHE_TOKENS = 1 << 34
 MAX_SESSIONS = 1 << 20
+# A peer's probe (`PingEntry.tps`) is one timed one-token call, which carries fixed costs (a
+# thread hand-off, serialization) that a server's own in-process measurement does not: a
+# server counts for at most this many times what its peers measured, so only a clear
+# shortfall discounts it (`counted_throughput`).
+PROBE_SLACK = 2.0
 RELAY_LOAD_MARGIN = 0.1  # a relayed server's other relay is used when this much less loaded
 
 
@@ -224,3 +231,12 @@ def delivered_by_peers(views: Iterable[ServerView]) -> dict[PeerId, float]:
             if peer != view.peer_id:
                 figures.setdefault(peer, []).append(tps)
     return {peer: sorted(tps)[(len(tps) - 1) // 2] for peer, tps in figures.items()}
+
+
+def counted_throughput(view: ServerView, measured: float | None) -> float:
+    """The tokens/s ``view``'s server is taken to deliver: its announced throughput, or
+    `PROBE_SLACK` times what its peers ``measured`` (`delivered_by_peers`) where that is
+    less; never more than it announced."""
+    if measured is None:
+        return view.throughput
+    return min(view.throughput, PROBE_SLACK * measured)

@@ -40,7 +40,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from swarm.directory import ServerView, delivered_by_peers
+from swarm.directory import PROBE_SLACK, ServerView, counted_throughput, delivered_by_peers
 from swarm.errors import ConfigError
 from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
@@ -61,11 +61,6 @@ __all__ = [
 ]
 
 RELAYED_SHARE = 0.2  # of its announced throughput, a relayed server counts (Petals: 0.2)
-# A peer's probe is one timed one-token call, which carries fixed costs (a thread hand-off,
-# serialization) that a server's own in-process measurement does not: an honest server on
-# loopback measures at about half of what it announces. It counts for at most this many
-# times what its peers measured, so only a clear shortfall discounts it.
-PROBE_SLACK = 2.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +196,7 @@ def delivered_throughput(
     (`delivered_by_peers`; never more than it announced); unmeasured, its announced one,
     times ``relayed_share`` when it is `relayed` (a stated factor, as Petals' 0.2)."""
     if measured is not None:
-        return min(view.throughput, PROBE_SLACK * measured)
+        return counted_throughput(view, measured)
     return view.throughput * (relayed_share if relayed(view) else 1.0)
 
 

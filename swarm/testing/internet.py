@@ -52,6 +52,7 @@ from swarm.directory import (
     ServerView,
     block_key,
     block_keys,
+    counted_throughput,
     delivered_by_peers,
     servers_from_records,
 )
@@ -462,14 +463,17 @@ class _Sim:
         """Cheapest chain over block boundaries: per hop the one-way delay from the previous
         hop (or the client) plus blocks / throughput; the last hop's delay back included.
         Like `swarm.client.routing.plan_route`: online servers only, ``banned`` ones left
-        out, and a server that announced a move (``moving_to``) still used: it serves its
-        old range until it drains."""
+        out, a server that announced a move (``moving_to``) still used (it serves its old
+        range until it drains), and each at the throughput its peers measured it
+        delivering where that is less than it announces (`counted_throughput`)."""
         blocks = self.cfg.blocks
         region_of = {s.peer_id: s.region for s in self.servers}
         usable = [
             v for v in views
             if v.state == ServerState.ONLINE and v.peer_id not in banned and v.peer_id in region_of
         ]  # fmt: skip
+        measured = delivered_by_peers(views)  # as `plan_route`: what peers measured counts
+        speed = {v.peer_id: counted_throughput(v, measured.get(v.peer_id)) for v in usable}
         best: dict[tuple[int, str], float] = {(0, client_region): 0.0}
         back: dict[tuple[int, str], tuple[tuple[int, str], ServerView]] = {}
         queue: list[tuple[float, int, str]] = [(0.0, 0, client_region)]
@@ -482,7 +486,7 @@ class _Sim:
                     continue
                 r = region_of[v.peer_id]
                 used = (v.layers.stop - at) / len(v.layers)  # throughput is the whole span's
-                step = self.delay[(region, r)] + used / v.throughput
+                step = self.delay[(region, r)] + used / speed[v.peer_id]
                 key = (v.layers.stop, r)
                 if cost + step < best.get(key, math.inf):
                     best[key] = cost + step

@@ -147,7 +147,9 @@ def test_completions_equal_swarm_generate(swarm: ApiSwarm, client: openai.OpenAI
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["text"]
     report = chunks[-1].model_extra["swarm"]  # type: ignore[index]
-    assert len(report["receipts"]) == 2 * len(expected["ids"])  # two hops per step
+    # two hops per step; a step yields one token, or more where --speculative guesses held
+    assert 1 <= report["rounds"] <= len(expected["ids"])
+    assert len(report["receipts"]) == 2 * report["rounds"]
     # the same ids as a prompt give the same answer
     ids = load_tokenizer(MODEL).encode(PROMPT).ids  # type: ignore[union-attr]
     again = client.completions.create(

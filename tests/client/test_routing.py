@@ -226,3 +226,16 @@ def test_the_opener_ranks_servers_the_directory_has_not_reached_lower() -> None:
         return [spans(await opener.plan(LayerRange(0, 12)))[0][0] for _ in range(30)]
 
     assert set(trio.run(picks)) == {"proven"}
+
+
+def test_a_server_costs_what_its_peers_measured_it_delivering() -> None:
+    # "liar" announces 1,000 tokens/s on [2,4) but "head", before it, measured 10; the
+    # honest replica announces (and delivers) 100: the route takes the replica
+    liar, honest = server("liar", 2, 4, throughput=1000.0), server("honest", 2, 4)
+    head = server("head", 0, 2, next_delivered={liar.peer_id: 10.0})
+    servers = [head, liar, honest]
+    route = plan_route(servers, LayerRange(0, 4), rng=random.Random(0))
+    assert spans(route) == [("head", 0, 2), ("honest", 2, 4)]
+    # a measurement in an unproven record counts for nothing: the claim stands
+    route = plan_route(servers, LayerRange(0, 4), rng=random.Random(0), unproven={head.peer_id})
+    assert spans(route) == [("head", 0, 2), ("liar", 2, 4)]
