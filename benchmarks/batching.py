@@ -126,6 +126,7 @@ def run_mode(
         try:
             for w in workers:
                 assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+            time.sleep(args.settle)  # the servers measure their capacity once online
             for n in levels:
                 started = time.perf_counter()
                 if one_client:
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--modes", default="on,off")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--clients", choices=["processes", "one"], default="processes")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds before the first level")
     parser.add_argument("--worker", metavar="DHT", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--many-worker", metavar="DHT", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
