@@ -32,7 +32,8 @@ def main() -> None:
     for name in (
         "loss", "sybil_share", "junk_sybils", "duration", "period", "ttl", "churn_per_minute",
         "mass_leave_at", "mass_leave_share", "load_seconds", "client_wait", "heal_grace",
-        "slow_share", "slow_delivers", "relayed_share", "relayed_delivers",
+        "slow_share", "slow_delivers", "relayed_share", "relayed_delivers", "watch",
+        "ping_timeout",
     ):  # fmt: skip
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)

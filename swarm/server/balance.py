@@ -83,6 +83,10 @@ class BalanceConfig:
       handing them back to their clients (``unavailable``: they move on without a ban).
     - ``relayed_share`` (0.2): the share of its announced throughput that a server reachable
       only through a relay counts for (see `delivered_throughput`).
+    - ``watch`` (0.25): ping the servers of the blocks on either side of this server's range
+      every ``watch × period`` seconds; one that fails our ping counts as gone, and a gap
+      it leaves starts an early check (`swarm.server.liveness`). 0: no watch (a dead
+      server's gap is seen when its records expire).
     """
 
     enabled: bool | None = None
@@ -93,6 +97,7 @@ class BalanceConfig:
     settle: float = 5.0
     drain_timeout: float = 30.0
     relayed_share: float = RELAYED_SHARE
+    watch: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.period > 0:
@@ -109,6 +114,8 @@ class BalanceConfig:
             raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.relayed_share <= 1:
             raise ConfigError(f"relayed share must be in (0, 1], got {self.relayed_share}")
+        if not 0 <= self.watch <= 1:
+            raise ConfigError(f"balance watch must be in [0, 1], got {self.watch}")
 
     def rebalances(self, *, pinned: bool) -> bool:
         """Whether a server whose range was given (``pinned``) or chosen rebalances."""

@@ -16,6 +16,14 @@ one block do not both leave it:
    withdraw the intent (``intend(None)``).
 
 No move within ``cooldown`` of the last one.
+
+With a `swarm.server.liveness.PeerWatch` (``watch``), the loop also pings the servers of
+the blocks on either side of this server's range every ``BalanceConfig.watch × period``
+seconds; a check counts the peers that failed our own pings as gone (whatever their
+records still say), and a ping round that finds a block's last servers gone starts an
+early check, after a random ``[0, EARLY_JITTER] × period`` (and the re-check, intent and
+settle above, as for any move). So a gap left by servers that died is seen within a watch
+interval instead of when their records expire.
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ import trio
 from swarm.directory import ServerView
 from swarm.errors import SwarmError
 from swarm.server.balance import BalanceConfig, Decision, Stay, decide, yielding
+from swarm.server.liveness import PeerWatch
 from swarm.types import LayerRange, PeerId
 
-__all__ = ["Rebalancer", "RebalancerStatistics"]
+__all__ = ["EARLY_JITTER", "Rebalancer", "RebalancerStatistics"]
 
 log = logging.getLogger(__name__)
+
+EARLY_JITTER = 0.1  # an early check waits a random [0, this] x period first
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class RebalancerStatistics:
     checks: int
     moves: int
     last: Decision | None  # the latest check's decision (None before the first)
+    early_checks: int = 0  # checks started by the watch's news (a gap seen early)
 
 
 class Rebalancer:
@@ -65,6 +77,7 @@ class Rebalancer:
         intend: Callable[[LayerRange | None], Awaitable[None]],
         move: Callable[[Decision], Awaitable[None]],
         rng: random.Random | None = None,
+        watch: PeerWatch | None = None,
     ) -> None:
         self.config = config
         self.me = me
@@ -79,9 +92,12 @@ class Rebalancer:
         self._moves = 0
         self._last: Decision | None = None
         self._last_move_at: float | None = None
+        self.watch = watch
+        self._early = 0
+        self._news_seen = 0
 
     def statistics(self) -> RebalancerStatistics:
-        return RebalancerStatistics(self._checks, self._moves, self._last)
+        return RebalancerStatistics(self._checks, self._moves, self._last, self._early)
 
     def next_wait(self) -> float:
         """Seconds until the next check: uniform in ``[0.5, 1.5] × period``."""
@@ -96,6 +112,9 @@ class Rebalancer:
         except SwarmError as exc:
             log.info("rebalancing: reading announcements failed: %s", exc)
             return None
+        if self.watch is not None:
+            self.watch.saw(views)
+            views = self.watch.present(views)  # peers that failed our own pings are gone
         if all(view.peer_id != self.me for view in views):
             # a lookup that timed out returned a part; decide counts us from what we know,
             # and a part can only hide other servers of our blocks (we then stay) or show
@@ -155,8 +174,29 @@ class Rebalancer:
         return final
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Check and move until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.next_wait())
-            await self.step()
+        """Check and move until cancelled (and, with a ``watch``, ping the neighbours)."""
+        watch, interval = self.watch, self.config.watch * self.config.period
+        if watch is None or interval <= 0:
+            task_status.started()
+            while True:
+                await trio.sleep(self.next_wait())
+                await self.step()
+        async with trio.open_nursery() as nursery:
+            try:
+                watch.saw(await self._read())  # whom to watch before the first check
+            except SwarmError as exc:
+                log.info("rebalancing: reading announcements failed: %s", exc)
+            await nursery.start(watch.run, interval, self._current)
+            task_status.started()
+            while True:
+                await self._wait_turn(watch)
+                await self.step()
+
+    async def _wait_turn(self, watch: PeerWatch) -> None:
+        """Until the next periodic check, or an early one when the watch found a gap."""
+        with trio.move_on_after(self.next_wait()):
+            self._news_seen = await watch.wait_news(self._news_seen)
+            self._early += 1
+            log.info("rebalancing: a neighbour did not answer and left a gap; checking early")
+            await trio.sleep(self.config.period * EARLY_JITTER * self._rng.random())
+        self._news_seen = watch.news  # a check reads everything the news was about

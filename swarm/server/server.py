@@ -65,6 +65,7 @@ from swarm.server.capacity import (
 from swarm.server.compute import ComputeQueue, Priority
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
+from swarm.server.liveness import PeerWatch, info_ping
 from swarm.server.moving import RangeMover
 from swarm.server.reachability import ReachabilityKeeper
 from swarm.server.rebalancer import Rebalancer
@@ -481,10 +482,13 @@ class Server:
             load=load, holds_both=holds_both, drop=drop,
             drain_timeout=cfg.balance.drain_timeout, on_failure=self.request_stop,
         )  # fmt: skip
+        me = self.identity.peer_id
+        watch = PeerWatch(me, num_layers, info_ping(announcer.pool, cfg.ping_timeout))
         return Rebalancer(
-            cfg.balance, self.identity.peer_id, num_layers,
+            cfg.balance, me, num_layers,
             read=read, current=lambda: handlers.span.layers,
             throughput=lambda: handlers.state.throughput, intend=mover.intend, move=mover.move,
+            watch=watch,
         )  # fmt: skip
 
     def _apply_timings(

@@ -66,6 +66,7 @@ from swarm.server.balance import (
     choose_start,
     delivered_throughput,
 )
+from swarm.server.liveness import PeerWatch
 from swarm.server.rebalancer import Rebalancer
 from swarm.testing.internet_plane import MODEL, REGIONS, DHTSlice, SliceStatistics, region_of
 from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
@@ -139,6 +140,13 @@ class SimConfig:
     # product's announcer measures it (modelled: the truth, as the best of its probes would
     # be on an idle path); False: nobody measures, everyone counts what it announces
     probes: bool = True
+    # servers ping the servers of the blocks beside their range every ``watch`` x period and
+    # count those that fail as gone (`swarm.server.liveness`, as the product's servers do;
+    # `BalanceConfig.watch`); 0: they see a dead server's gap only when its records expire
+    watch: float = 0.25
+    # a ping to a dead server fails after this long (the product's default `ping_timeout`:
+    # a machine that vanished answers nothing, it does not refuse)
+    ping_timeout: float = 2.0
 
 
 @dataclass
@@ -264,6 +272,7 @@ class _Sim:
         self.region: dict[int, str] = {}
         self.sybils: set[int] = set()
         self.servers: list[_Server] = []
+        self.by_peer: dict[PeerId, _Server] = {}
         self.free_nodes: list[int] = []
         self.started = 0.0
         self.failure_config = FailureConfig()  # the product client's defaults
@@ -407,13 +416,24 @@ class _Sim:
             s.since = trio.current_time()
             self.report.moves += 1
 
+        async def ping(view: ServerView) -> bool:
+            """A modelled ``info`` call: answered after the round trip by a live server, or
+            not, after ``ping_timeout``, by a dead one (its record outlives it)."""
+            target = self.by_peer.get(view.peer_id)
+            if target is None or not target.alive:
+                await trio.sleep(cfg.ping_timeout)
+                return False
+            await trio.sleep(2 * self.delay[(s.region, target.region)])
+            return True
+
         balance = BalanceConfig(
-            enabled=True, period=cfg.period, settle=min(2.0, cfg.period / 2), recheck=0.2
-        )
+            enabled=True, period=cfg.period, settle=min(2.0, cfg.period / 2), recheck=0.2,
+            watch=cfg.watch,
+        )  # fmt: skip
         rebalancer = Rebalancer(
             balance, s.peer_id, cfg.blocks, read=lambda: self.read(s.node),
             current=lambda: s.layers, throughput=lambda: s.throughput, intend=intend, move=move,
-            rng=random.Random(self.rng.random()),
+            rng=random.Random(self.rng.random()), watch=PeerWatch(s.peer_id, cfg.blocks, ping),
         )  # fmt: skip
         with s.scope:
             await self.announce(s)
@@ -449,6 +469,7 @@ class _Sim:
             delivered=announced * delivers, port=20000 + index,
         )  # fmt: skip
         self.servers.append(s)
+        self.by_peer[s.peer_id] = s
         await nursery.start(self.run_server, s)
 
     async def kill(self, s: _Server) -> None:

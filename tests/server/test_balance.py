@@ -26,6 +26,7 @@ from swarm.server.balance import (
     decide,
     delivered_throughput,
 )
+from swarm.server.liveness import PeerWatch
 from swarm.server.rebalancer import Rebalancer
 from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
@@ -149,10 +150,23 @@ class Directory:
     def __init__(self, views: Sequence[ServerView]) -> None:
         self.views = {v.peer_id: v for v in views}
         self.moves: list[tuple[float, str, LayerRange, LayerRange]] = []
-        self.names = {v.peer_id: name for name, v in zip("abcdefgh", views, strict=False)}
+        self.names = {v.peer_id: f"s{i}" for i, v in enumerate(views)}
+        self.unreachable: set[PeerId] = set()  # their pings fail (their records stay)
+
+    def watch(self, me: PeerId) -> PeerWatch:
+        async def ping(server: ServerView) -> bool:
+            await trio.sleep(0.05)
+            return server.peer_id not in self.unreachable
+
+        return PeerWatch(me, 4, ping)
 
     def rebalancer(
-        self, me: PeerId, config: BalanceConfig, seed: int, load: float = 5.0
+        self,
+        me: PeerId,
+        config: BalanceConfig,
+        seed: int,
+        load: float = 5.0,
+        watch: PeerWatch | None = None,
     ) -> Rebalancer:
         async def read() -> list[ServerView]:
             seen = list(self.views.values())  # what the DHT held when asked
@@ -175,14 +189,15 @@ class Directory:
         return Rebalancer(
             config, me, 4, read=read, current=lambda: self.views[me].layers,
             throughput=lambda: self.views[me].throughput, intend=intend, move=move,
-            rng=random.Random(seed),
+            rng=random.Random(seed), watch=watch,
         )  # fmt: skip
 
-    def coverage(self) -> list[int]:
+    def coverage(self, without: Sequence[PeerId] = ()) -> list[int]:
         counts = [0] * 4
         for v in self.views.values():
-            for block in v.layers:
-                counts[block] += 1
+            if v.peer_id not in without:
+                for block in v.layers:
+                    counts[block] += 1
         return counts
 
 
@@ -337,3 +352,104 @@ def test_a_measured_relayed_server_counts_what_it_delivered_not_the_share() -> N
     relayed = relayed_view("c", L(2, 4), 2.0)
     assert block_throughputs([probe, relayed], 4)[2] == pytest.approx(1.5)
     assert block_throughputs([relayed], 4)[2] == pytest.approx(2 * RELAYED_SHARE)  # unmeasured
+
+
+def test_the_watch_pings_the_blocks_on_either_side_so_block_0_is_watched_too() -> None:
+    # 0:2 | 2:4 | 4:6 on a 6-block model: the servers of 2:4 ping block 1 (0:2's) and block
+    # 4; those of 4:6 ping block 3 only; those of 0:2 ping block 2 only
+    views = [view("a", L(0, 2)), view("b", L(2, 4)), view("c", L(4, 6))]
+    views.append(view("d", L(3, 5), state=ServerState.DRAINING))  # not online: not pinged
+
+    async def never(server: ServerView) -> bool:
+        raise AssertionError
+
+    def targets(name: str, layers: LayerRange) -> set[PeerId]:
+        watch = PeerWatch(peer(name), 6, never)
+        watch.saw(views)
+        return {v.peer_id for v in watch.targets(layers)}
+
+    assert targets("b", L(2, 4)) == {peer("a"), peer("c")}
+    assert targets("c", L(4, 6)) == {peer("b")}
+    assert targets("a", L(0, 2)) == {peer("b")}
+
+
+def test_the_watch_pings_at_most_per_block_and_those_that_answered_first() -> None:
+    views = [view(f"s{i}", L(0, 2)) for i in range(8)]
+
+    async def never(server: ServerView) -> bool:
+        raise AssertionError
+
+    watch = PeerWatch(peer("me"), 4, never, per_block=3)
+    watch.saw(views)
+    assert len(watch.targets(L(2, 4))) == 3
+    watch._answered.add(peer("s7"))  # (as a round that reached it would)
+    assert watch.targets(L(2, 4))[0].peer_id == peer("s7")
+
+
+@pytest.mark.parametrize("watch", [0.25, 0.0])
+async def test_a_dead_servers_gap_is_filled_before_its_records_expire(
+    autojump_clock: trio.testing.MockClock, watch: float
+) -> None:
+    # d served 0:2 alone and died; its record is still read (it expires later than this
+    # test looks). a and b, on 2:4, ping block 1: d does not answer, and one of them moves
+    # to 0:2 within about a period; without the watch, nobody sees the gap
+    directory = Directory([view("d", L(0, 2)), view("a", L(2, 4)), view("b", L(2, 4))])
+    directory.unreachable.add(peer("d"))
+    config = BalanceConfig(enabled=True, period=10.0, settle=1.0, watch=watch)
+    async with trio.open_nursery() as nursery:
+        for name, seed in (("a", 1), ("b", 2)):
+            me = peer(name)
+            rebalancer = directory.rebalancer(me, config, seed, watch=directory.watch(me))
+            await nursery.start(rebalancer.run)
+        with trio.move_on_after(15.0):  # 1.5 periods
+            while True:
+                await trio.sleep(0.1)
+                assert directory.coverage(without=[peer("d")])[2:] != [0, 0]
+        nursery.cancel_scope.cancel()
+    if watch:
+        assert [(m[2], m[3]) for m in directory.moves] == [(L(2, 4), L(0, 2))]
+        assert directory.coverage(without=[peer("d")]) == [1, 1, 1, 1]
+    else:
+        assert directory.moves == []
+
+
+async def test_a_peer_we_cannot_reach_costs_a_move_but_never_coverage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # d is alive (its blocks are covered) but drops our pings: a or b moves to 0:2, a wasted
+    # move, but 2:4 keeps its other server, and nobody moves twice
+    directory = Directory([view("d", L(0, 2)), view("a", L(2, 4)), view("b", L(2, 4))])
+    directory.unreachable.add(peer("d"))
+    config = BalanceConfig(enabled=True, period=10.0, settle=1.0)
+    async with trio.open_nursery() as nursery:
+        for name, seed in (("a", 3), ("b", 4)):
+            me = peer(name)
+            rebalancer = directory.rebalancer(me, config, seed, watch=directory.watch(me))
+            await nursery.start(rebalancer.run)
+        with trio.move_on_after(200.0):
+            while True:
+                await trio.sleep(0.1)
+                assert all(directory.coverage())  # d still serves 0:2 for real
+        nursery.cancel_scope.cancel()
+    assert len(directory.moves) == 1
+
+
+async def test_many_identities_that_drop_pings_cannot_make_servers_herd(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # eight identities announce 0:2 and answer no ping; a, b and c serve 2:4. The gap at 0:2
+    # is real (nobody honest serves it): one honest server fills it, the others stay
+    sybils = [view(f"s{i}", L(0, 2), 100.0) for i in range(8)]
+    honest = [view(n, L(2, 4)) for n in "abc"]
+    directory = Directory([*sybils, *honest])
+    directory.unreachable.update(v.peer_id for v in sybils)
+    config = BalanceConfig(enabled=True, period=10.0, settle=1.0)
+    async with trio.open_nursery() as nursery:
+        for seed, v in enumerate(honest):
+            watch = directory.watch(v.peer_id)
+            rebalancer = directory.rebalancer(v.peer_id, config, seed, watch=watch)
+            await nursery.start(rebalancer.run)
+        await trio.sleep(100.0)
+        nursery.cancel_scope.cancel()
+    assert len(directory.moves) == 1
+    assert directory.coverage(without=[v.peer_id for v in sybils]) == [1, 1, 3 - 1, 3 - 1]
