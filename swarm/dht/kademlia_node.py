@@ -26,7 +26,7 @@ from swarm.dht.crawling import NodeCrawl, RecordCrawl
 from swarm.dht.links import DatagramLinks
 from swarm.dht.proofs import ProofCache
 from swarm.dht.protocol import SwarmProtocol
-from swarm.dht.records import DropReason, Record
+from swarm.dht.records import DropReason, Record, VerifiedRecords
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
 
@@ -48,7 +48,9 @@ class KademliaNode(Server):  # type: ignore[misc]
         proofs: ProofCache | None = None,
         links: DatagramLinks | None = None,
     ) -> None:
-        storage = RecordStorage(config, stats, proofs)
+        # signatures this node verified, shared by its storage (stores) and its reads
+        self.verified = VerifiedRecords()
+        storage = RecordStorage(config, stats, proofs, self.verified)
         super().__init__(ksize=config.kademlia.ksize, alpha=config.kademlia.alpha, storage=storage)
         self.config = config
         self.stats = stats

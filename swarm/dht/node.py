@@ -14,6 +14,7 @@ else. All kademlia state lives on the shared DHT loop thread (`swarm.dht.runner`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -219,6 +220,7 @@ class DHTNode:
                     max_bytes=cfg.storage.max_record_bytes,
                     max_ttl=cfg.storage.max_ttl,
                     clock_skew=cfg.storage.clock_skew,
+                    verified=self._kad.verified,
                 )
             return result
 
@@ -252,8 +254,14 @@ class DHTNode:
         return {pid: r for pid, r in best.items() if not r.retracted}
 
     def statistics(self) -> DHTStatistics:
-        """Counters of this node: records dropped by reason, records held, routing table."""
-        return self._stats.snapshot()
+        """Counters of this node: records dropped by reason, records held, routing table,
+        signatures verified and checks spared by the node's `VerifiedRecords`."""
+        verified = self._kad.verified
+        return dataclasses.replace(
+            self._stats.snapshot(),
+            signatures_verified=verified.verified,
+            signatures_cached=verified.hits,
+        )
 
     async def routing_addresses(self) -> list[tuple[str, int]]:
         """(ip, port) of the contacts in our routing table."""

@@ -14,14 +14,23 @@ A record on the wire is a msgpack array::
 - ``signature``: Ed25519 over a domain tag plus the msgpack of the first seven fields.
 
 `check_record` is run by storing nodes and again by readers: a record that fails any check is
-dropped and counted under a `DropReason`.
+dropped and counted under a `DropReason`. A node sees the same record many times (every
+replica of a lookup, every read of a key until the record is re-announced); with a
+`VerifiedRecords`, `check_record` verifies the signature of given bytes once and then
+remembers their SHA-256: the encoded record holds every field the signature covers (key,
+public key, peer id, value, expiry, seq) and the signature itself, so a record with any
+byte changed is verified afresh. The checks that depend on the moment (expiry, TTL) and on
+the key asked for run every time.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +41,18 @@ from swarm.errors import RecordError
 from swarm.identity import Identity, verify_signature
 from swarm.types import PeerId
 
-__all__ = ["RECORD_VERSION", "DropReason", "Record", "check_record", "make_record"]
+__all__ = [
+    "RECORD_VERSION",
+    "VERIFIED_CAPACITY",
+    "DropReason",
+    "Record",
+    "VerifiedRecords",
+    "check_record",
+    "make_record",
+]
 
 RECORD_VERSION = 1
+VERIFIED_CAPACITY = 4096  # digests a node remembers (32 bytes each, plus the dict's overhead)
 _SIGNING_TAG = b"swarm-dht-record-v1\0"
 
 
@@ -77,6 +95,40 @@ class Record:
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at <= (time.time() if now is None else now)
+
+
+class VerifiedRecords:
+    """The SHA-256 digests of encoded records whose signer and signature checked out, the
+    most recently seen ``capacity`` of them (thread-safe: a node checks records on its DHT
+    loop thread and, merging a read, on trio's)."""
+
+    def __init__(self, capacity: int = VERIFIED_CAPACITY) -> None:
+        self.capacity = capacity
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0  # checks that found the bytes already verified
+        self.verified = 0  # signatures verified (and found good or bad)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def seen(self, digest: bytes) -> bool:
+        """Whether ``digest`` is of bytes verified before (counts a hit; refreshes it)."""
+        with self._lock:
+            if digest in self._digests:
+                self._digests.move_to_end(digest)
+                self.hits += 1
+                return True
+            self.verified += 1
+            return False
+
+    def add(self, digest: bytes) -> None:
+        """Remember ``digest`` as verified, forgetting the least recent past ``capacity``."""
+        with self._lock:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self.capacity:
+                self._digests.popitem(last=False)
 
 
 def _signed_part(
@@ -170,11 +222,14 @@ def check_record(
     max_bytes: int,
     max_ttl: float,
     clock_skew: float,
+    verified: VerifiedRecords | None = None,
 ) -> Record | DropReason:
     """Decode and verify one record from a peer; returns the `Record`, or why it was dropped.
 
     ``key`` is the DHT key the record must be bound to (None on storing nodes, which only know
-    the key's SHA-1; they compare the digest themselves). Never raises on peer input.
+    the key's SHA-1; they compare the digest themselves). With ``verified``, the signer and
+    signature of bytes already verified there are not verified again (the other checks
+    are). Never raises on peer input.
     """
     if not isinstance(blob, bytes):
         return DropReason.MALFORMED
@@ -187,10 +242,15 @@ def check_record(
     _, rkey, pub, pid, value_bytes, expires_at, seq, sig = fields
     if key is not None and rkey != key:
         return DropReason.WRONG_KEY
-    if PeerId.from_public_key(pub).digest != pid:
-        return DropReason.SUBKEY_MISMATCH
-    if not verify_signature(pub, sig, _signed_part(rkey, pub, pid, value_bytes, expires_at, seq)):
-        return DropReason.BAD_SIGNATURE
+    digest = hashlib.sha256(blob).digest() if verified is not None else b""
+    if verified is None or not verified.seen(digest):
+        if PeerId.from_public_key(pub).digest != pid:
+            return DropReason.SUBKEY_MISMATCH
+        signed = _signed_part(rkey, pub, pid, value_bytes, expires_at, seq)
+        if not verify_signature(pub, sig, signed):
+            return DropReason.BAD_SIGNATURE
+        if verified is not None:
+            verified.add(digest)
     if expires_at <= now:
         return DropReason.EXPIRED
     if expires_at > now + max_ttl + clock_skew:

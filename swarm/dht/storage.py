@@ -36,7 +36,7 @@ from kademlia.storage import IStorage
 
 from swarm.dht.config import DHTConfig
 from swarm.dht.proofs import ProofCache
-from swarm.dht.records import DropReason, Record, check_record
+from swarm.dht.records import DropReason, Record, VerifiedRecords, check_record
 from swarm.dht.sources import RateLimiter, super_group
 from swarm.dht.stats import StatsCounter
 
@@ -67,9 +67,14 @@ class RecordStorage(IStorage):  # type: ignore[misc]
     """
 
     def __init__(
-        self, config: DHTConfig, stats: StatsCounter, proofs: ProofCache | None = None
+        self,
+        config: DHTConfig,
+        stats: StatsCounter,
+        proofs: ProofCache | None = None,
+        verified: VerifiedRecords | None = None,
     ) -> None:
         self._config = config
+        self._verified = verified
         self._stats = stats
         self._proofs = proofs
         self._by_claim: dict[Hashable, set[tuple[bytes, bytes]]] = {}
@@ -114,6 +119,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             max_bytes=cfg.storage.max_record_bytes,
             max_ttl=cfg.storage.max_ttl,
             clock_skew=cfg.storage.clock_skew,
+            verified=self._verified,
         )
         if isinstance(result, DropReason):
             self._stats.drop(result)

@@ -11,17 +11,20 @@ contacts pointing at nothing or at themselves, malformed contacts, tampered, re-
 unsigned records under the real block keys); the report counts forged records that any
 lookup or read accepted (none should be).
 
-Modelled: a server is one of the DHT nodes plus a layer range and a throughput; it
-announces and rebalances for real, but serves no RPC (a move costs ``load_seconds``). A
-client plans a route over what it read from the DHT (Dijkstra over block boundaries, cost =
-one-way link delays + blocks / throughput) and "generates" by sleeping the route's per-token
-cost, with the product client's failure policy (`swarm.client.config.FailureConfig`'s
-defaults and its `BanList`): it waits up to ``client_wait`` for a route before it starts
-(``swarm generate --wait``); a hop that died meanwhile is banned and costs a re-plan from a
-fresh read (a recovery, waiting up to ``route_wait_s`` for a route, at most
-``max_recoveries`` of them); one that moved is passed over for the range it left. Each
-failed generation is counted under its cause (`SimReport.failures`). An oracle plans the
-same way over the live servers as they really are, for the route-cost ratio.
+Modelled: a server is one of the DHT nodes plus a layer range and a throughput; it announces
+and rebalances for real, but serves no RPC (a move costs ``load_seconds``). Its rebalancer
+watches its neighbours with the product's `swarm.server.liveness.PeerWatch`; only the
+``info`` ping itself is modelled (a live server answers after the round trip, a dead one
+never: the ping fails after ``ping_timeout``). A client plans a route over what it read from
+the DHT (Dijkstra over block boundaries, cost = one-way link delays + blocks / throughput)
+and "generates" by sleeping the route's per-token cost, with the product client's failure
+policy (`swarm.client.config.FailureConfig`'s defaults and its `BanList`): it waits up to
+``client_wait`` for a route before it starts (``swarm generate --wait``); a hop that died
+meanwhile is banned and costs a re-plan from a fresh read (a recovery, waiting up to
+``route_wait_s`` for a route, at most ``max_recoveries`` of them); one that moved is passed
+over for the range it left. Each failed generation is counted under its cause
+(`SimReport.failures`). An oracle plans the same way over the live servers as they really
+are, for the route-cost ratio.
 
 Churn: departures (abrupt: the node's socket closes, its records stay until they expire) and
 arrivals (a new server takes the weakest window, as ``--layers auto`` does) at a rate per

@@ -14,7 +14,7 @@ from swarm.dht import (
     StorageConfig,
 )
 from swarm.dht.datagrams import DatagramSeal
-from swarm.dht.records import DropReason, Record, check_record, make_record
+from swarm.dht.records import DropReason, Record, VerifiedRecords, check_record, make_record
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
 from swarm.errors import ConfigError, RecordError
@@ -72,6 +72,42 @@ def test_each_forgery_is_named() -> None:
     assert check(refield(record, 4, msgpack.packb([1, 2]))) is DropReason.MALFORMED
     assert check("not bytes") is DropReason.MALFORMED
     assert check(b"\x00" * 5000) is DropReason.TOO_LARGE
+
+
+def test_verified_bytes_are_not_verified_again_and_no_forgery_passes_for_them() -> None:
+    verified = VerifiedRecords(capacity=4)
+    record = sign()
+
+    def cached(blob: object, key: str | None = KEY, now: float | None = None) -> object:
+        now = time.time() if now is None else now
+        return check_record(blob, key, now=now, verified=verified, **LIMITS)  # type: ignore[arg-type]
+
+    assert isinstance(cached(record.encoded), Record)
+    assert isinstance(cached(record.encoded), Record)
+    assert (verified.verified, verified.hits) == (1, 1)
+    # every byte the signature covers, and the signature itself, keys the cache: a forgery
+    # of the record just verified is verified afresh and dropped
+    other = sign(MALLORY)
+    assert isinstance(cached(other.encoded), Record)
+    assert cached(refield(record, 7, bytes(64))) is DropReason.BAD_SIGNATURE
+    assert (
+        cached(refield(record, 4, msgpack.packb({"addr": "6.6.6.6:6"}))) is DropReason.BAD_SIGNATURE
+    )
+    assert cached(refield(record, 5, record.expires_at + 3000.0)) is DropReason.BAD_SIGNATURE
+    assert cached(refield(record, 6, 99)) is DropReason.BAD_SIGNATURE
+    assert cached(refield(other, 3, ALICE.peer_id.digest)) is DropReason.SUBKEY_MISMATCH
+    assert cached(refield(record, 7, bytes(64))) is DropReason.BAD_SIGNATURE  # not remembered
+    assert len(verified) == 2
+    # what depends on the moment or on the key asked for is checked every time
+    assert cached(record.encoded, "other/key") is DropReason.WRONG_KEY
+    assert cached(record.encoded, now=record.expires_at + 1) is DropReason.EXPIRED
+    # bounded: the least recently seen digests go
+    for seq in range(2, 8):
+        assert isinstance(cached(sign(seq=seq).encoded), Record)
+    assert len(verified) == 4
+    before = verified.verified
+    assert isinstance(cached(record.encoded), Record)
+    assert verified.verified == before + 1
 
 
 def test_a_record_too_large_is_refused_with_a_clear_error() -> None:
