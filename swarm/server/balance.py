@@ -74,7 +74,8 @@ class BalanceConfig:
       ``[0.5, 1.5] × period``, so servers that started together do not check together.
     - ``quality`` (0.75): move when the bottleneck throughput now is below ``quality`` × the
       bottleneck after the move (Petals' ``balance_quality``); lower asks for a larger gain.
-    - ``cooldown`` (None: 2 × ``period``): no second move within this many seconds of a move.
+    - ``cooldown`` (None: 2 × ``period``): no second move within this many seconds of a move,
+      unless it covers a block nobody serves (`MoveReason.UNCOVERED`).
     - ``recheck`` (0.2): after deciding to move, wait a random ``[0, recheck] × period`` and
       decide again from fresh announcements (another server may have taken the gap).
     - ``settle`` (5 s): after announcing the intent to move (``moving_to``), wait this long

@@ -15,7 +15,10 @@ one block do not both leave it:
 3. move (``move``: the server loads the new range, drains the old one, switches), or
    withdraw the intent (``intend(None)``).
 
-No move within ``cooldown`` of the last one.
+No move within ``cooldown`` of the last one, except a move that covers a block nobody
+serves (`MoveReason.UNCOVERED`): those cannot flap (a move never uncovers a block, so each
+leaves fewer blocks uncovered in the mover's view), and a server that moved a moment ago
+may be the one that sees a gap first.
 
 With a `swarm.server.liveness.PeerWatch` (``watch``), the loop also pings the servers of
 the blocks on either side of this server's range every ``BalanceConfig.watch × period``
@@ -39,7 +42,7 @@ from swarm.directory import ServerView
 from swarm.errors import SwarmError
 from swarm.server.balance import BalanceConfig, Decision, Stay, decide, yielding
 from swarm.server.liveness import PeerWatch
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange, MoveReason, PeerId
 
 __all__ = ["EARLY_JITTER", "Rebalancer", "RebalancerStatistics"]
 
@@ -144,7 +147,7 @@ class Rebalancer:
         decision = await self.check()
         if decision is None or not decision.move:
             return decision
-        if self._cooling():
+        if self._cooling() and decision.reason is not MoveReason.UNCOVERED:
             log.info("rebalancing: would move %s, but moved recently", decision.describe())
             return Decision(
                 decision.current, decision.target, decision.before, decision.after,
@@ -189,14 +192,20 @@ class Rebalancer:
             await nursery.start(watch.run, interval, self._current)
             task_status.started()
             while True:
-                await self._wait_turn(watch)
-                await self.step()
+                early = await self._wait_turn(watch)
+                decision = await self.step()
+                if early and decision is not None:
+                    log.info("rebalancing: early check: %s", decision.describe())
 
-    async def _wait_turn(self, watch: PeerWatch) -> None:
-        """Until the next periodic check, or an early one when the watch found a gap."""
+    async def _wait_turn(self, watch: PeerWatch) -> bool:
+        """Until the next periodic check, or an early one (returns True) when the watch found
+        a gap."""
+        early = False
         with trio.move_on_after(self.next_wait()):
             self._news_seen = await watch.wait_news(self._news_seen)
             self._early += 1
-            log.info("rebalancing: a neighbour did not answer and left a gap; checking early")
+            early = True
+            log.info("rebalancing: a server we watch did not answer and left a gap; checking early")
             await trio.sleep(self.config.period * EARLY_JITTER * self._rng.random())
         self._news_seen = watch.news  # a check reads everything the news was about
+        return early

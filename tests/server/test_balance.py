@@ -250,13 +250,19 @@ async def test_cooldown_holds_a_second_move(autojump_clock: trio.testing.MockClo
     a = directory.rebalancer(peer("a"), config, seed=1, load=0.0)
     moved = await a.step()
     assert moved is not None and moved.move
-    # b leaves: a is now alone on 2:4 and 0:2 is empty, but a may not leave its block anyway;
-    # make 0:2 clearly better by giving it a double gap elsewhere
-    directory.views[peer("b")] = view("b", L(2, 4), 1.0)
+    # two more servers join a on 2:4: going back to 0:2 would double the bottleneck, but a
+    # moved a moment ago
     directory.views[peer("c")] = view("c", L(2, 4), 1.0)
+    directory.views[peer("d")] = view("d", L(2, 4), 1.0)
     held = await a.step()
     assert held is not None and held.stay is Stay.COOLDOWN
     assert a.statistics().moves == 1
+    # b dies and 0:2 has nobody: covering a gap is not held (it cannot flap: a move never
+    # uncovers a block, so each such move leaves fewer blocks uncovered)
+    del directory.views[peer("b")]
+    moved = await a.step()
+    assert moved is not None and moved.reason is MoveReason.UNCOVERED
+    assert a.statistics().moves == 2
 
 
 async def test_checks_come_at_randomised_periods(autojump_clock: trio.testing.MockClock) -> None:
@@ -355,22 +361,27 @@ def test_a_measured_relayed_server_counts_what_it_delivered_not_the_share() -> N
 
 
 def test_the_watch_pings_the_blocks_on_either_side_so_block_0_is_watched_too() -> None:
-    # 0:2 | 2:4 | 4:6 on a 6-block model: the servers of 2:4 ping block 1 (0:2's) and block
-    # 4; those of 4:6 ping block 3 only; those of 0:2 ping block 2 only
-    views = [view("a", L(0, 2)), view("b", L(2, 4)), view("c", L(4, 6))]
+    # 0:2 | 2:4 | 4:6 on a 6-block model, three servers each (no block is thin): the servers
+    # of 2:4 ping block 1 (0:2's) and block 4; those of 4:6 block 3; those of 0:2 block 2
+    names = [f"{r}{i}" for r in range(3) for i in range(3)]
+    views = [view(n, L(2 * int(n[0]), 2 * int(n[0]) + 2)) for n in names]
     views.append(view("d", L(3, 5), state=ServerState.DRAINING))  # not online: not pinged
+    range_of = {peer(n): n[0] for n in names}
 
     async def never(server: ServerView) -> bool:
         raise AssertionError
 
-    def targets(name: str, layers: LayerRange) -> set[PeerId]:
+    def targets(name: str, layers: LayerRange) -> set[str]:
         watch = PeerWatch(peer(name), 6, never)
         watch.saw(views)
-        return {v.peer_id for v in watch.targets(layers)}
+        return {range_of[v.peer_id] for v in watch.targets(layers)}
 
-    assert targets("b", L(2, 4)) == {peer("a"), peer("c")}
-    assert targets("c", L(4, 6)) == {peer("b")}
-    assert targets("a", L(0, 2)) == {peer("b")}
+    assert targets("10", L(2, 4)) == {"0", "2"}
+    assert targets("20", L(4, 6)) == {"1"}
+    assert targets("00", L(0, 2)) == {"1"}
+    # a thin block (at most THIN online servers) is watched by everyone
+    del views[7:9]  # 4:6 keeps one server
+    assert targets("00", L(0, 2)) == {"1", "2"}
 
 
 def test_the_watch_pings_at_most_per_block_and_those_that_answered_first() -> None:
