@@ -26,6 +26,7 @@ def main() -> None:
     defaults = SimConfig()
     for name in (
         "dht_nodes", "servers", "blocks", "span", "clients", "tokens", "seed", "processes",
+        "verified_cache",
     ):  # fmt: skip
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=int, default=getattr(defaults, name))

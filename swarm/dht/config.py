@@ -127,6 +127,9 @@ class StorageConfig:
     - ``handoff_keys`` (16) / ``handoff_rate`` (20/s): when a contact is verified, the keys
       near its id that we examine for records it should hold (at most this many), and the
       stores per second all such hand-offs may send together.
+    - ``verified_cache`` (4,096): how many recently verified records (SHA-256 digests of
+      their exact bytes) a node remembers, so that it does not verify the same signature
+      again (`swarm.dht.records.VerifiedRecords`); 0 verifies every time.
     """
 
     max_records_per_key: int = 40
@@ -137,8 +140,11 @@ class StorageConfig:
     max_stored_bytes: int = 32 * 1024 * 1024
     handoff_keys: int = 16
     handoff_rate: float = 20.0
+    verified_cache: int = 4_096
 
     def __post_init__(self) -> None:
+        if self.verified_cache < 0:
+            raise ConfigError(f"verified_cache must be >= 0, got {self.verified_cache}")
         if not 0 < self.max_record_bytes <= _MAX_REQUEST_RECORD_BYTES:
             raise ConfigError(f"max_record_bytes must be in 1..{_MAX_REQUEST_RECORD_BYTES}")
         _at_least_one(

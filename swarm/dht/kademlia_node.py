@@ -49,7 +49,8 @@ class KademliaNode(Server):  # type: ignore[misc]
         links: DatagramLinks | None = None,
     ) -> None:
         # signatures this node verified, shared by its storage (stores) and its reads
-        self.verified = VerifiedRecords()
+        cache = config.storage.verified_cache
+        self.verified = VerifiedRecords(cache) if cache > 0 else None
         storage = RecordStorage(config, stats, proofs, self.verified)
         super().__init__(ksize=config.kademlia.ksize, alpha=config.kademlia.alpha, storage=storage)
         self.config = config

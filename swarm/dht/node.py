@@ -256,11 +256,11 @@ class DHTNode:
     def statistics(self) -> DHTStatistics:
         """Counters of this node: records dropped by reason, records held, routing table,
         signatures verified and checks spared by the node's `VerifiedRecords`."""
-        verified = self._kad.verified
+        verified, snapshot = self._kad.verified, self._stats.snapshot()
+        if verified is None:
+            return snapshot
         return dataclasses.replace(
-            self._stats.snapshot(),
-            signatures_verified=verified.verified,
-            signatures_cached=verified.hits,
+            snapshot, signatures_verified=verified.verified, signatures_cached=verified.hits
         )
 
     async def routing_addresses(self) -> list[tuple[str, int]]:

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 RECORD_VERSION = 1
-VERIFIED_CAPACITY = 4096  # digests a node remembers (32 bytes each, plus the dict's overhead)
+VERIFIED_CAPACITY = 4096  # digests remembered (32 bytes each, plus the dict's overhead)
 _SIGNING_TAG = b"swarm-dht-record-v1\0"
 
 

@@ -50,7 +50,7 @@ import trio
 
 from swarm.client.bans import BanList
 from swarm.client.config import FailureConfig
-from swarm.dht import DHTNode, Record
+from swarm.dht import DHTNode, Record, StorageConfig
 from swarm.directory import (
     ServerView,
     block_key,
@@ -150,6 +150,8 @@ class SimConfig:
     # a ping to a dead server fails after this long (the product's default `ping_timeout`:
     # a machine that vanished answers nothing, it does not refuse)
     ping_timeout: float = 2.0
+    # every DHT node's `StorageConfig.verified_cache` (0: each signature verified every time)
+    verified_cache: int = StorageConfig.verified_cache
 
 
 @dataclass
@@ -266,6 +268,7 @@ class _Sim:
         self.plane = DHTSlice(
             seed=config.seed, name="", intra=config.intra, inter=config.inter,
             loss=config.loss, ttl=config.ttl, blocks=config.blocks,
+            verified_cache=config.verified_cache,
         )  # fmt: skip
         self.links = self.plane.links
         self.delay = self.plane.delay
@@ -302,6 +305,7 @@ class _Sim:
                     loss=cfg.loss,
                     ttl=cfg.ttl,
                     blocks=cfg.blocks,
+                    verified_cache=cfg.verified_cache,
                 )
             )
         return specs

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from swarm.dht import DHTConfig, DHTNode, TimingConfig
+from swarm.dht import DHTConfig, DHTNode, StorageConfig, TimingConfig
 from swarm.directory import block_keys
 from swarm.identity import Identity
 from swarm.testing.links import DatagramLinkEmulator, LinkSpec
@@ -78,8 +78,10 @@ class DHTSlice:
         loss: float,
         ttl: float,
         blocks: int,
+        verified_cache: int = StorageConfig.verified_cache,
     ) -> None:
         self.name = name
+        self.storage = StorageConfig(verified_cache=verified_cache)
         self.seed = seed
         self.loss = loss
         self.ttl = ttl
@@ -111,7 +113,8 @@ class DHTSlice:
             stack = AsyncExitStack()  # a node without a prover may be closed from any task
             node = await stack.enter_async_context(
                 DHTNode.open(
-                    self.identity(index), DHTConfig(initial_peers=peers, timing=timing),
+                    self.identity(index),
+                    DHTConfig(initial_peers=peers, timing=timing, storage=self.storage),
                     links=self.links,
                 )
             )  # fmt: skip

@@ -55,6 +55,7 @@ class WorkerSpec:
     loss: float
     ttl: float
     blocks: int
+    verified_cache: int
 
 
 class _Lines:
@@ -133,7 +134,7 @@ async def open_workers(specs: Sequence[WorkerSpec]) -> AsyncIterator[list[Worker
 async def _serve(spec: WorkerSpec) -> None:
     plane = DHTSlice(
         seed=spec.seed, name=spec.name, intra=spec.intra, inter=spec.inter, loss=spec.loss,
-        ttl=spec.ttl, blocks=spec.blocks,
+        ttl=spec.ttl, blocks=spec.blocks, verified_cache=spec.verified_cache,
     )  # fmt: skip
     try:
         await plane.open(spec.nodes, (spec.bootstrap,))

@@ -169,3 +169,17 @@ async def test_a_record_too_large_for_a_datagram_is_refused() -> None:
             await cluster.nodes[1].announce("k", {"blob": b"x" * 5000}, 10.0)
         with pytest.raises(RecordError, match="ttl"):
             await cluster.nodes[1].announce("k", {}, 10**9)
+
+
+async def test_a_reader_verifies_a_record_it_saw_before_only_once() -> None:
+    with trio.fail_after(30):
+        async with open_dht_cluster(4, STEADY) as cluster:
+            writer, reader = cluster.nodes[0], cluster.nodes[3]
+            await writer.announce(KEYS[0], {"addr": writer.address}, 30.0)
+            assert set(await reader.get(KEYS[0])) == {writer.peer_id}
+            first = reader.statistics()
+            assert first.signatures_verified >= 1
+            assert set(await reader.get(KEYS[0])) == {writer.peer_id}
+            again = reader.statistics()
+            assert again.signatures_verified == first.signatures_verified
+            assert again.signatures_cached > first.signatures_cached
