@@ -177,6 +177,8 @@ class SimReport:
     lost_datagrams: int = 0
     junk_replies: int = 0  # find_node / find_value replies the junk-answering sybils sent
     forged_sent: int = 0  # forged or junk records among them
+    signatures_verified: int = 0  # record signatures all honest nodes verified
+    signatures_cached: int = 0  # record checks spared by their `VerifiedRecords`
     forged_accepted: int = 0  # records or server views from a forgery that a read accepted
     slices: list[SliceStatistics] = field(default_factory=list)  # per process, this one first
     seconds: float = 0.0  # how long it ran: ``duration``, plus any ``heal_grace`` used
@@ -225,6 +227,8 @@ class SimReport:
             "moves": self.moves,
             "junk_replies": self.junk_replies,
             "forged_records_sent": self.forged_sent,
+            "dht_signatures_verified": self.signatures_verified,
+            "dht_signature_checks_spared": self.signatures_cached,
             "forged_records_accepted": self.forged_accepted,
             "processes": len(self.slices),
             "dht_nodes_per_process": [s.honest for s in self.slices],
@@ -783,6 +787,8 @@ def _windowed(after: SliceStatistics, before: SliceStatistics) -> SliceStatistic
         lost=after.lost - before.lost,
         junk_replies=after.junk_replies - before.junk_replies,
         forged_sent=after.forged_sent - before.forged_sent,
+        signatures_verified=after.signatures_verified - before.signatures_verified,
+        signatures_cached=after.signatures_cached - before.signatures_cached,
     )
 
 
@@ -825,3 +831,5 @@ async def _run(sim: _Sim, workers: list[Worker]) -> None:
     report.lost_datagrams = sum(s.lost for s in slices)
     report.junk_replies = sum(s.junk_replies for s in slices)
     report.forged_sent = sum(s.forged_sent for s in slices)
+    report.signatures_verified = sum(s.signatures_verified for s in slices)
+    report.signatures_cached = sum(s.signatures_cached for s in slices)
