@@ -7,7 +7,8 @@ steps, so that two servers that saw the same gap do not both take it, and two se
 one block do not both leave it:
 
 1. re-check: wait a random ``[0, recheck] × period`` and decide again from fresh
-   announcements (a server that moved first is counted where it went);
+   announcements (a server that moved first is counted where it went); the move goes on
+   to the range this decision picks, which may differ from the first one's;
 2. intent: announce ``moving_to`` (``intend``), wait ``settle`` seconds for intents
    announced at the same time to land, and decide again reading them with
    `swarm.server.balance.yielding` (of two servers that both intend to move, the one whose
@@ -155,7 +156,11 @@ class Rebalancer:
             )  # fmt: skip
         await trio.sleep(self.config.period * self.config.recheck * self._rng.random())
         again = await self.check()
-        if again is None or not again.move or again.target != decision.target:
+        # the re-check may pick another target (fresh reads shift ties between windows, or
+        # show a gap that appeared meanwhile); the intent below announces the one it picked
+        if again is None or not again.move or (
+            self._cooling() and again.reason is not MoveReason.UNCOVERED
+        ):
             log.info("rebalancing: the re-check no longer moves %s", decision.describe())
             return again
         await self._intend(again.target)

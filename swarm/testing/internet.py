@@ -446,16 +446,20 @@ class _Sim:
             current=lambda: s.layers, throughput=lambda: s.throughput, intend=intend, move=move,
             rng=random.Random(self.rng.random()), watch=PeerWatch(s.peer_id, cfg.blocks, ping),
         )  # fmt: skip
+        started = False
         with s.scope:
             await self.announce(s)
             s.since = trio.current_time()
             task_status.started()
+            started = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(rebalancer.run)
                 while True:
                     await trio.sleep(cfg.ttl / 2)
                     if not s.moving:
                         await self.announce(s)
+        if not started:  # killed (the mass departure) while announcing itself
+            task_status.started()
 
     async def add_server(self, nursery: trio.Nursery, layers: LayerRange | None = None) -> None:
         if not self.free_nodes:
