@@ -21,7 +21,7 @@ from swarm.shards.blocks import RMSNorm
 from swarm.shards.checkpoint import checkpoint_names, read_tensors
 from swarm.shards.config import ModelConfig
 from swarm.shards.gguf_header import is_gguf
-from swarm.shards.quant import QuantLinear, Quantization, quantize_linear
+from swarm.shards.quant import Quantization, QuantLinear, quantize_linear
 
 __all__ = ["Head", "load_head"]
 
