@@ -2,43 +2,61 @@
 one thread each (issue 24), and where our time per token goes.
 
     pip install llama-cpp-python     # builds llama.cpp from source (minutes); not a dependency
-    python benchmarks/vs_llama_cpp.py [--tokens 32] [--rounds 3]
+    python benchmarks/vs_llama_cpp.py [--tokens 32] [--rounds 3] [--llama-python PATH]
 
 Both decode the same greedy chat answer: the same prompt token ids (our chat template,
 rendered once), the same file (SmolLM2-135M-Instruct, Q4_1 layers, Q8_0 embeddings),
 ``--tokens`` new tokens, one thread. Per token = median over decode steps after the first.
+With ``--llama-python`` llama.cpp runs in that interpreter (one where llama-cpp-python is
+installed, e.g. a venv of its own: `benchmarks/llama_cpp_decode.py`), else in this process.
 
-Ours runs the whole model as one span (`load_span(quant=None)`: the file's Q4_1 kept int4)
-and the client's float32 head, as `swarm.lab.reference.LocalModel` does. The breakdown times,
-per token: the 30 layers, the head (final norm and the 49,152 x 576 lm_head), and within the
-layers the quantized matmuls alone (each layer's kernels called on their own with one row)
-and attention alone (SDPA over the same cache length); the rest of the layers' time is
-everything else a layer does in Python and small ops (norms, RoPE, casts, the cache).
+Ours runs the whole model as one span (`load_span(quant=None)`: the file's Q4_1 kept int4),
+once with the client's float32 head (as `swarm.lab.reference.LocalModel` does by default) and
+once with the head kept in int8 (``head_quant="int8"``), alternating with llama.cpp in every
+round. The breakdown (float head) times, per token: the 30 layers, the head (final norm and
+the 49,152 x 576 lm_head), and within the layers the quantized matmuls alone (each layer's
+kernels called on their own with one row) and attention alone (SDPA over the same cache
+length); the rest of the layers' time is everything else a layer does in Python and small ops
+(norms, RoPE, casts, the cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from swarm.shards import KVCache, load_chat_template, load_head, load_span, load_tokenizer
+from swarm.shards import (
+    Head,
+    KVCache,
+    Quantization,
+    load_chat_template,
+    load_head,
+    load_span,
+    load_tokenizer,
+)
 from swarm.shards.bundled import default_model_path
 from swarm.shards.quant import QuantLinear
 from swarm.shards.span import Span
 from swarm.types import LayerRange
 
+sys.path.insert(0, str(Path(__file__).parent))
+from llama_cpp_decode import decode as llama_cpp_in_process
+
 QUESTION = "Explain in two sentences why the sky is blue."
 
 
 def ours(
-    path: str, prompt: list[int], tokens: int
+    span: Span, head: Head, prompt: list[int], tokens: int
 ) -> tuple[list[int], list[float], dict[str, float]]:
-    head = load_head(path)
-    span = load_span(path, LayerRange(0, head.config.num_hidden_layers), quant=None)
     cache = KVCache.allocate(span.config, span.layers, 1, len(prompt) + tokens + 1)
     ids, timings = torch.tensor([prompt]), []
     out: list[int] = []
@@ -63,7 +81,6 @@ def ours(
             "layers": statistics.median(layer_times[1:]),
             "head": statistics.median(head_times[1:]),
         }
-        parts.update(_kernels_and_attention(span, position))
     return out, timings, parts
 
 
@@ -98,28 +115,35 @@ def _median_seconds(fn: object, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
-def llama_cpp(path: str, prompt: list[int], tokens: int) -> tuple[list[int], list[float]]:
-    from llama_cpp import Llama  # type: ignore[import-not-found]
-
-    llm = Llama(model_path=path, n_threads=1, n_threads_batch=1, n_ctx=1024, verbose=False)
-    llm.reset()
-    out, timings = [], []
-    began = time.perf_counter()
-    llm.eval(prompt)
-    for _ in range(tokens):
-        token = int(llm.sample(temp=0.0))
-        out.append(token)
-        llm.eval([token])
-        end = time.perf_counter()
-        timings.append(end - began)
-        began = end
-    return out, timings
+def llama_cpp(
+    path: str, prompt: list[int], tokens: int, python: str | None
+) -> tuple[list[int], list[float]]:
+    """llama.cpp's greedy tokens and per-step seconds: in this process, or with ``python``
+    in that interpreter (`benchmarks/llama_cpp_decode.py`)."""
+    if python is None:
+        return llama_cpp_in_process(path, prompt, tokens)
+    script = Path(__file__).with_name("llama_cpp_decode.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [python, str(script), path, str(tokens)],
+        input=json.dumps(prompt),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env=env,
+    )
+    result = json.loads(done.stdout)
+    return [int(i) for i in result["ids"]], [float(t) for t in result["timings"]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--llama-python", help="an interpreter with llama-cpp-python (default: this one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = str(default_model_path())
@@ -130,22 +154,40 @@ def main() -> None:
     prompt = list(tokenizer.encode(text, add_special_tokens=False).ids)
     print(f"SmolLM2-135M-Instruct Q4_1 GGUF, 1 thread, prompt {len(prompt)} tokens, "
           f"{args.tokens} new, {args.rounds} rounds (median per token after the 1st)")  # fmt: skip
-    mine, theirs, parts_all = [], [], []
+    heads = {"float32": load_head(path), "int8": load_head(path, quant=Quantization.INT8)}
+    span = load_span(path, LayerRange(0, heads["float32"].config.num_hidden_layers), quant=None)
+    mine: dict[str, list[float]] = {name: [] for name in heads}
+    head_ms: dict[str, list[float]] = {name: [] for name in heads}
+    ids_ours: dict[str, list[int]] = {}
+    theirs, parts_all = [], []
     for _ in range(args.rounds):
-        ids_ours, t_ours, parts = ours(path, prompt, args.tokens)
-        ids_theirs, t_theirs = llama_cpp(path, prompt, args.tokens)
-        mine.append(statistics.median(t_ours[1:]))
+        for name, head in heads.items():
+            ids_ours[name], t_ours, parts = ours(span, head, prompt, args.tokens)
+            mine[name].append(statistics.median(t_ours[1:]))
+            head_ms[name].append(parts["head"] * 1e3)
+            if name == "float32":
+                parts_all.append(parts)
+        ids_theirs, t_theirs = llama_cpp(path, prompt, args.tokens, args.llama_python)
         theirs.append(statistics.median(t_theirs[1:]))
-        parts_all.append(parts)
-    same = sum(a == b for a, b in zip(ids_ours, ids_theirs, strict=True))
-    a, b = statistics.median(mine), statistics.median(theirs)
-    print(f"ours (int4 layers, float32 head): {a * 1e3:.1f} ms/token; llama.cpp: {b * 1e3:.1f} "
-          f"ms/token; ratio {a / b:.2f}x; greedy tokens equal at {same} of {args.tokens} "
-          f"positions (first difference at {_first_difference(ids_ours, ids_theirs)})")  # fmt: skip
+    b = statistics.median(theirs)
+    print(f"llama.cpp: {b * 1e3:.1f} ms/token")
+    for name in heads:
+        a = statistics.median(mine[name])
+        same = sum(x == y for x, y in zip(ids_ours[name], ids_theirs, strict=True))
+        first = _first_difference(ids_ours[name], ids_theirs)
+        h = statistics.median(head_ms[name])
+        print(f"ours (int4 layers, {name} head): {a * 1e3:.1f} ms/token (head {h:.1f} ms); "
+              f"ratio {a / b:.2f}x; "
+              f"greedy tokens equal to llama.cpp's at {same} of {args.tokens} positions "
+              f"(first difference at {first})")  # fmt: skip
+    first = _first_difference(ids_ours["float32"], ids_ours["int8"])
+    print(f"int8 head against float32 head: first different greedy token at {first}")
     names = list(parts_all[0])
     medians = {n: statistics.median(p[n] for p in parts_all) for n in names}
+    medians.update(_kernels_and_attention(span, len(prompt) + args.tokens))
     other = medians["layers"] - medians["int4 matmuls"] - medians["attention"]
-    print("ours per token: " + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in medians.items())
+    print("ours per token (float32 head): "
+          + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in medians.items())
           + f"; the layers' other ops and Python {other * 1e3:.1f} ms")  # fmt: skip
 
 

@@ -18,11 +18,13 @@ import typer
 from .options import (
     DefaultModelArgument,
     DirectOption,
+    HeadQuantOption,
     PeersOption,
     QuantRequirement,
     SpeculativeOption,
     VerboseOption,
     model_path,
+    parse_head_quant,
     parse_quantization,
 )
 from .output import EventWriter
@@ -54,6 +56,7 @@ def chat(
         str, typer.Option(help="Verification: none, spot-check:P, redundant:K or optimistic.")
     ] = "none",
     quant: QuantRequirement = None,
+    head_quant: HeadQuantOption = "none",
     speculative: SpeculativeOption = "auto",
     direct: DirectOption = True,
     verbose: VerboseOption = False,
@@ -78,6 +81,7 @@ def chat(
         swarm_key=load_swarm_key(swarm_key) if swarm_key else None,
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
+        head_quant=parse_head_quant(head_quant),
         speculation=SpeculationConfig(mode=speculative),
         direct=DEFAULT_PUNCH_CONFIG if direct else None,
     )

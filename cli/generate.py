@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .coverage import fill_hint
-from .options import QuantRequirement, SpeculativeOption, VerboseOption, parse_quantization
+from .options import (
+    HeadQuantOption,
+    QuantRequirement,
+    SpeculativeOption,
+    VerboseOption,
+    parse_head_quant,
+    parse_quantization,
+)
 from .output import EventWriter, warn
 
 if TYPE_CHECKING:
@@ -86,6 +93,7 @@ def generate(
         Path | None, typer.Option(help="Reputation file (default ~/.cache/swarm/reputation.json).")
     ] = None,
     quant: QuantRequirement = None,
+    head_quant: HeadQuantOption = "none",
     speculative: SpeculativeOption = "auto",
     direct: Annotated[
         bool,
@@ -120,6 +128,7 @@ def generate(
         step_timeout=step_timeout,
         verify=verify,
         quant=None if quant is None else parse_quantization(quant).value,
+        head_quant=parse_head_quant(head_quant),
         pipeline=PipelineConfig(use_push=not no_push),
         speculation=SpeculationConfig(mode=speculative),
         direct=DEFAULT_PUNCH_CONFIG if direct else None,

@@ -16,6 +16,7 @@ from swarm.errors import ConfigError
 
 if TYPE_CHECKING:
     from swarm.shards import Quantization
+    from swarm.types import QuantName
 
 __all__ = [
     "IDENTITY_DIR",
@@ -144,6 +145,24 @@ QuantRequirement = Annotated[
         help="Route only through servers keeping their weights as none (float), int8 or int4.",
     ),
 ]
+
+
+HeadQuantOption = Annotated[
+    str,
+    typer.Option(
+        "--head-quant",
+        help="Keep the client's lm_head as none (float32, the default: the model's own "
+        "logits) or int8 (faster per token; logits within ~0.4, a greedy answer can differ).",
+    ),
+]
+
+
+def parse_head_quant(text: str) -> QuantName:
+    """``--head-quant`` checked: ``"none"`` or ``"int8"``."""
+    choices: dict[str, QuantName] = {"none": "none", "int8": "int8"}
+    if text.lower() not in choices:
+        raise ConfigError(f"--head-quant {text}: expected none or int8")
+    return choices[text.lower()]
 
 
 def parse_quantization(text: str) -> Quantization:

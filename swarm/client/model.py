@@ -23,6 +23,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,7 +54,7 @@ from swarm.errors import ConfigError, unwrap_group
 from swarm.net.messages import Evidence
 from swarm.net.pool import ConnectionPool
 from swarm.net.transport import Transport
-from swarm.shards import Head, ModelConfig, load_head, model_id
+from swarm.shards import Head, ModelConfig, Quantization, load_head, model_id
 from swarm.verify import EvidenceSink, Reputation, Verifier, parse_policy
 
 __all__ = [
@@ -202,7 +203,8 @@ class AsyncRemoteModel:
         folder = Path(path)
         try:
             model_config = ModelConfig.from_pretrained(folder)
-            head = await trio.to_thread.run_sync(load_head, folder)
+            head_quant = Quantization(config.head_quant)
+            head = await trio.to_thread.run_sync(partial(load_head, folder, quant=head_quant))
             tokenizer = load_tokenizer(folder)
             mid = model_id(folder)
             draft = None

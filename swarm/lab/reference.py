@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from swarm.client.sampling import Sampler, SamplingConfig
-from swarm.shards import KVCache, ModelConfig, load_head, load_span
+from swarm.shards import KVCache, ModelConfig, Quantization, load_head, load_span
 from swarm.types import LayerRange
 
 __all__ = ["LocalGeneration", "LocalModel", "generate_locally"]
@@ -28,12 +28,13 @@ class LocalGeneration:
 
 
 class LocalModel:
-    """The whole model loaded in this process (float32, CPU), for repeated generations."""
+    """The whole model loaded in this process (float32, CPU), for repeated generations.
+    ``head_quant`` int8 keeps lm_head in int8 (see `swarm.shards.head`; float by default)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, head_quant: Quantization = Quantization.NONE) -> None:
         self.path = Path(path)
         self.config = ModelConfig.from_pretrained(self.path)
-        self.head = load_head(self.path)
+        self.head = load_head(self.path, quant=head_quant)
         self.span = load_span(self.path, LayerRange(0, self.config.num_hidden_layers))
 
     def generate(

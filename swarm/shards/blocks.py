@@ -90,7 +90,8 @@ class AttentionMask:
 @dataclass(frozen=True)
 class RaggedPart:
     """One group of a ragged batch: ``batch`` rows of ``seq`` new tokens, their RoPE angles
-    ``cos``/``sin`` (batch, 1, seq, head_dim), attention pattern and cache (or None)."""
+    ``cos``/``sin`` (batch, seq, 1, head_dim; the signed sin of `rope_cos_sin`), attention
+    pattern and cache (or None). Built once per forward and passed to every layer."""
 
     batch: int
     seq: int
@@ -103,7 +104,8 @@ class RaggedPart:
 @dataclass(frozen=True)
 class RaggedBatch:
     """Groups laid end to end (`Span.forward_batch`): their parts, in order, and every
-    token's RoPE angles ``cos``/``sin`` (tokens, 1, head_dim), built once for all layers."""
+    token's RoPE angles ``cos``/``sin`` (tokens, 1, head_dim; the sin signed as in
+    `rope_cos_sin`), built once for all layers."""
 
     parts: tuple[RaggedPart, ...]
     cos: torch.Tensor
@@ -111,9 +113,11 @@ class RaggedBatch:
 
     @classmethod
     def of(cls, parts: Sequence[RaggedPart]) -> RaggedBatch:
-        def token_major(t: torch.Tensor) -> torch.Tensor:  # (batch, 1, seq, d) -> (b*s, 1, d)
-            return t.squeeze(1).reshape(-1, 1, t.shape[-1])
+        def token_major(t: torch.Tensor) -> torch.Tensor:  # (batch, seq, 1, d) -> (b*s, 1, d)
+            return t.reshape(-1, 1, t.shape[-1])
 
+        if len(parts) == 1:  # views, no copy
+            return cls(tuple(parts), token_major(parts[0].cos), token_major(parts[0].sin))
         cos = torch.cat([token_major(p.cos) for p in parts])  # (tokens, 1, head_dim)
         sin = torch.cat([token_major(p.sin) for p in parts])  # (tokens, 1, head_dim)
         return cls(tuple(parts), cos, sin)
@@ -188,23 +192,6 @@ class Attention(nn.Module):
         q, k = torch.split(apply_rope(qk, cos, sin), [self.heads, self.kv_heads], dim=-2)
         return q, k, qkv[..., q_out + kv_out :]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: AttentionMask,
-        cache: KVCache | None,
-        index: int,
-    ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        part = RaggedPart(batch, seq, cos, sin, mask, cache)
-        q, k, v = self.project(x, cos.transpose(1, 2), sin.transpose(1, 2))
-        # q: (batch, seq, heads, head_dim) -> (batch, heads, seq, head_dim); k likewise
-        out = self._attend_rotated(q.transpose(1, 2), k.transpose(1, 2), v, part, index)
-        projected: torch.Tensor = self.o(out.view(batch, seq, -1))  # (batch, seq, hidden)
-        return projected
-
     def _attend_rotated(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: RaggedPart, index: int
     ) -> torch.Tensor:
@@ -253,27 +240,28 @@ class Attention(nn.Module):
             enable_gqa=self.kv_heads != self.heads,
         )
 
-    def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
-        """Attention over tokens of several independent groups laid end to end: ``x``
+    def forward(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
+        """Attention over tokens of one or several independent groups laid end to end: ``x``
         (tokens, hidden) with ``sum(p.batch * p.seq)`` rows, in the order of
         ``ragged.parts``. The projections and RoPE run over all tokens at once; attention
-        runs per group against that group's own cache, mask and positions. Returns
-        (tokens, hidden)."""
+        runs per group against that group's own cache (layer ``index`` of it), mask and
+        positions. Returns (tokens, hidden)."""
         dim = self.head_dim
         q, k, v = self.project(x, ragged.cos, ragged.sin)  # (tokens, heads, head_dim), ...
-        sizes = [p.batch * p.seq for p in ragged.parts]
+        parts = ragged.parts
+        if len(parts) == 1:  # one group (`Span.forward`): no split, no concatenation
+            groups = [(q, k, v, parts[0])]
+        else:
+            sizes = [p.batch * p.seq for p in parts]
+            splits = (torch.split(q, sizes), torch.split(k, sizes), torch.split(v, sizes))
+            groups = list(zip(*splits, parts, strict=True))
         outs = []
-        for qi, ki, vi, part in zip(
-            torch.split(q, sizes),
-            torch.split(k, sizes),
-            torch.split(v, sizes),
-            ragged.parts,
-            strict=True,
-        ):
+        for qi, ki, vi, part in groups:
             qi = qi.view(part.batch, part.seq, self.heads, dim).transpose(1, 2)
             ki = ki.view(part.batch, part.seq, self.kv_heads, dim).transpose(1, 2)
             outs.append(self._attend_rotated(qi, ki, vi, part, index))  # (batch*seq, q_out)
-        projected: torch.Tensor = self.o(torch.cat(outs))  # (tokens, hidden)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (tokens, q_out)
+        projected: torch.Tensor = self.o(out)  # (tokens, hidden)
         return projected
 
 
@@ -300,7 +288,7 @@ class MLP(nn.Module):
             gate, up = self.gate(x), self.up(x)
         else:
             gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., inner) each
-        out: torch.Tensor = self.down(F.silu(gate) * up)  # (batch, seq, hidden)
+        out: torch.Tensor = self.down(F.silu(gate) * up)  # (..., hidden)
         return out
 
 
@@ -319,22 +307,9 @@ class Block(nn.Module):
         self.attn.fuse_projections()
         self.mlp.fuse_projections()
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: AttentionMask,
-        cache: KVCache | None,
-        index: int,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, index)  # (batch, seq, hidden)
-        out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (batch, seq, hidden)
-        return out
-
-    def forward_ragged(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
-        """The block over a ragged batch ``x`` (tokens, hidden) (see
-        `Attention.forward_ragged`); same shape out."""
-        x = x + self.attn.forward_ragged(self.attn_norm(x), ragged, index)  # (tokens, hidden)
+    def forward(self, x: torch.Tensor, ragged: RaggedBatch, index: int) -> torch.Tensor:
+        """The block over the tokens ``x`` (tokens, hidden) of one or several groups (see
+        `Attention.forward`); same shape out."""
+        x = x + self.attn(self.attn_norm(x), ragged, index)  # (tokens, hidden)
         out: torch.Tensor = x + self.mlp(self.mlp_norm(x))  # (tokens, hidden)
         return out

@@ -148,10 +148,11 @@ class KVCache:
 
         Does not advance :attr:`length`; the span calls :meth:`advance` after its last layer.
         """
-        end = self.length + key.shape[2]
-        self.keys[index][:, :, self.length : end] = key
-        self.values[index][:, :, self.length : end] = value
-        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+        seq, keys, values = key.shape[2], self.keys[index], self.values[index]
+        keys.narrow(2, self.length, seq).copy_(key)  # (batch, kv_heads, seq, head_dim)
+        values.narrow(2, self.length, seq).copy_(value)
+        end = self.length + seq
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, seq: int) -> None:
         """Mark ``seq`` more tokens as stored."""

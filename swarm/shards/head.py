@@ -1,4 +1,13 @@
-"""`Head`: what a client keeps locally: token embeddings, the final norm, and lm_head."""
+"""`Head`: what a client keeps locally: token embeddings, the final norm, and lm_head.
+
+lm_head can be kept in int8 (`load_head(..., quant=Quantization.INT8)`): a 49,152 x 576
+head read in float32 is 113 MB per token, in int8 28 MB, through PyTorch's weight-only int8
+kernel (`swarm.shards.quant.Int8Linear`). That kernel has one scale per output row, where a
+GGUF's own Q8_0 head has one per block of 32, so the int8 head is a requantization and its
+logits differ from the float head's (SmolLM2: up to ~0.4 logits, and the greedy chat answer
+changes after some tokens; see `benchmarks/vs_llama_cpp.py`). The float head stays the
+default.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ from swarm.shards.blocks import RMSNorm
 from swarm.shards.checkpoint import checkpoint_names, read_tensors
 from swarm.shards.config import ModelConfig
 from swarm.shards.gguf_header import is_gguf
+from swarm.shards.quant import Quantization, QuantLinear, quantize_linear
 
 __all__ = ["Head", "load_head"]
 
@@ -27,9 +37,33 @@ class Head(nn.Module):
         weight = torch.empty(config.vocab_size, config.hidden_size)  # (vocab, hidden)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Linear | QuantLinear = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False
+        )
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
+        self.quantization = Quantization.NONE  # how lm_head is kept (`quantize_lm_head`)
+
+    def quantize_lm_head(self) -> None:
+        """Keep lm_head in int8, one scale per output row (the embeddings stay as they are).
+
+        Each input column is first divided by its largest weight, and the final norm's
+        weight multiplied by it (the same logits in exact arithmetic; measured on SmolLM2,
+        it halves the requantization's error against plain per-row scales). Logits then
+        differ from the float head's by the int8 rounding of the weights and the bfloat16
+        rounding of the normed hidden state (the kernel's input)."""
+        if not isinstance(self.lm_head, nn.Linear):
+            return  # already quantized
+        weight = self.lm_head.weight.to(torch.float32)  # (vocab, hidden)
+        columns = weight.abs().amax(dim=0).clamp(min=1e-12)  # (hidden,)
+        norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps).to(self.device)
+        norm.weight = nn.Parameter(
+            (self.norm.weight.to(torch.float32) * columns).to(self.norm.weight.dtype),
+            requires_grad=False,
+        )
+        self.norm = norm
+        self.lm_head = quantize_linear(weight / columns, None, Quantization.INT8, self.dtype)
+        self.quantization = Quantization.INT8
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,14 +107,23 @@ class Head(nn.Module):
 
 
 def load_head(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quant: Quantization = Quantization.NONE,
 ) -> Head:
     """Load only the embeddings, the final norm and (unless tied) lm_head of the checkpoint at
-    ``path`` (a Hugging Face folder or a GGUF file, dequantized to ``dtype``).
+    ``path`` (a Hugging Face folder or a GGUF file, dequantized to ``dtype``). With ``quant``
+    int8 on the CPU, lm_head is kept in int8 (`Head.quantize_lm_head`; elsewhere there is no
+    kernel for it and it stays in ``dtype``).
 
     Raises:
-        ShardError: unsupported config, missing files or tensors, or wrong shapes.
+        ShardError: unsupported config, missing files or tensors, or wrong shapes; ``quant``
+            int4 (the head is kept in float or int8).
     """
+    if quant is Quantization.INT4:
+        raise ShardError("the head can be kept in float (none) or int8, not int4")
     config = ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         head = Head(config)
@@ -97,4 +140,6 @@ def load_head(
     if config.tie_word_embeddings:
         head.lm_head.weight = head.embeddings.weight
     head.requires_grad_(False)
+    if quant is Quantization.INT8 and head.device.type == "cpu":
+        head.quantize_lm_head()
     return head.eval()

@@ -109,11 +109,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()  # (tokens, in)
-        out = self.matmul(flat).to(x.dtype)  # (tokens, out)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (tokens, in)
+        out = self.matmul(flat.to(COMPUTE_DTYPE).contiguous()).to(x.dtype)  # (tokens, out)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -53,16 +53,23 @@ def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for ``positions`` (batch, seq) int64; each (batch, 1, seq, head_dim)."""
+    """cos and the signed sin for ``positions`` (batch, seq) int64; each (batch, seq, 1,
+    head_dim), the layout `apply_rope` takes. The signed sin is sin with its first half
+    negated (``rotate_half``'s minus sign moved onto the angles, once per step instead of
+    once per layer)."""
     angles = positions.to(torch.float32)[..., None] * inv_freq  # (batch, seq, head_dim/2)
     emb = torch.cat((angles, angles), dim=-1)  # (batch, seq, head_dim)
-    cos = emb.cos().to(dtype)[:, None]  # (batch, 1, seq, head_dim)
-    sin = emb.sin().to(dtype)[:, None]  # (batch, 1, seq, head_dim)
-    return cos, sin
+    cos = emb.cos().to(dtype)[:, :, None]  # (batch, seq, 1, head_dim)
+    sin = emb.sin().to(dtype)  # (batch, seq, head_dim)
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+    return cos, signed_sin  # (batch, seq, 1, head_dim) each
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (batch, heads, seq, head_dim) by the angles in ``cos``/``sin``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (batch, heads, seq, head_dim)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., heads, head_dim) by the angles in ``cos``/``signed_sin``
+    (..., 1, head_dim) from `rope_cos_sin`: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = cat(-x2, x1)``, computed as ``x * cos + cat(x2, x1) * signed_sin``
+    (bit for bit the same products: only where the sign sits moves), in four kernels."""
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)  # cat(x2, x1): (..., heads, head_dim)
+    return x * cos + rolled * signed_sin

@@ -120,13 +120,13 @@ class Span(nn.Module):
         """
         self._check_inputs(hidden, positions, cache, attention_mask)
         part = self._prepare(hidden, positions, cache, attention_mask)
+        ragged = RaggedBatch.of([part])
+        x = hidden.reshape(-1, self.config.hidden_size)  # (batch*seq, hidden)
         for index, block in enumerate(self.blocks):
-            hidden = block(
-                hidden, part.cos, part.sin, part.mask, cache, index
-            )  # (batch, seq, hidden)
+            x = block(x, ragged, index)  # (batch*seq, hidden)
         if cache is not None:
             cache.advance(part.seq)
-        return hidden
+        return x.view(hidden.shape)
 
     def forward_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
         """Run several independent inputs through the layers as one ragged batch.
@@ -155,7 +155,7 @@ class Span(nn.Module):
         x = torch.cat([it.hidden.reshape(-1, size) for it in items])  # (tokens, hidden)
         for index in range(len(self.blocks)):
             block: Block = self.blocks[index]  # type: ignore[assignment]
-            x = block.forward_ragged(x, ragged, index)  # (tokens, hidden)
+            x = block(x, ragged, index)  # (tokens, hidden)
         outs = torch.split(x, [p.batch * p.seq for p in parts])
         for item, part in zip(items, parts, strict=True):
             if item.cache is not None:
@@ -183,7 +183,7 @@ class Span(nn.Module):
             key_valid = attention_mask.to(torch.bool)  # (batch, seq)
         mask = build_attention_mask(seq, start, key_valid, hidden.device)
         inv_freq = self.inv_freq.to(hidden.device)
-        cos, sin = rope_cos_sin(inv_freq, positions, hidden.dtype)  # (batch, 1, seq, head_dim)
+        cos, sin = rope_cos_sin(inv_freq, positions, hidden.dtype)  # (batch, seq, 1, head_dim)
         return RaggedPart(batch, seq, cos, sin, mask, cache)
 
     def _check_inputs(
