@@ -11,7 +11,9 @@ best window of the same length (Petals' rule: the window whose throughputs, sort
 least), and says to move when that makes the bottleneck clearly better: fewer uncovered
 blocks, or a least block throughput that rises so that ``before < quality × after``
 (``quality`` 0.75 as in Petals' ``balance_quality``). It never moves a server off a block
-that no other online, staying server covers, whatever the gain.
+that no other online, staying server covers, whatever the gain; with the rebalancer's
+watch (`swarm.server.liveness`), a block left to one other server only if that server
+answered our latest ping (a dead server's record outlives it).
 
 Servers count with the throughput they deliver, not only what they announce
 (`delivered_throughput`): a server announces what its own compute measured, but the servers
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from swarm.directory import PROBE_SLACK, ServerView, counted_throughput, delivered_by_peers
@@ -252,15 +254,30 @@ def _with(per_block: Sequence[float], layers: LayerRange, throughput: float) -> 
     return out
 
 
-def _sole_blocks(views: Iterable[ServerView], me: PeerId, leaving: Iterable[int]) -> list[int]:
+def _sole_blocks(
+    views: Iterable[ServerView],
+    me: PeerId,
+    leaving: Iterable[int],
+    answered: Collection[PeerId] | None = None,
+) -> list[int]:
     """Blocks in ``leaving`` that no other *online, staying* server serves (a joining one
-    may never come online; a moving one is about to leave)."""
-    safe: set[int] = set()
+    may never come online; a moving one is about to leave). With ``answered`` (the peers
+    whose latest ping from us answered), a block that exactly one such server serves counts
+    as served only if that server is among them: its record may outlive it."""
+    servers: dict[int, list[PeerId]] = {}
     for view in views:
         if view.peer_id == me or view.state != ServerState.ONLINE or view.moving_to is not None:
             continue
-        safe.update(view.layers)
-    return [block for block in leaving if block not in safe]
+        for block in view.layers:
+            servers.setdefault(block, []).append(view.peer_id)
+
+    def served(block: int) -> bool:
+        others = servers.get(block, [])
+        if answered is None or len(others) != 1:
+            return bool(others)
+        return others[0] in answered
+
+    return [block for block in leaving if not served(block)]
 
 
 def yielding(views: Iterable[ServerView], me: PeerId) -> list[ServerView]:
@@ -286,13 +303,16 @@ def decide(
     *,
     quality: float = 0.75,
     relayed_share: float = RELAYED_SHARE,
+    answered: Collection[PeerId] | None = None,
 ) -> Decision:
     """Whether this server (``me``, serving ``current`` at ``throughput`` tokens/s) should
     move, and where, given the other servers' announcements ``views`` (our own, if among
     them, counts only for whether we are `relayed`: we count ourselves at ``current``).
     Every server, ourselves included, counts with what it delivers
     (`delivered_throughput`: what peers measured, else a relayed one at
-    ``relayed_share`` of its throughput)."""
+    ``relayed_share`` of its throughput). With ``answered`` (the peers whose latest ping
+    from us answered: `swarm.server.liveness.PeerWatch.answered`), a block this server
+    would leave to a single other server is left only if that server answered."""
     others = block_throughputs(views, num_layers, without=me, relayed_share=relayed_share)
     own = next((view for view in views if view.peer_id == me), None)
     if own is not None:
@@ -314,6 +334,6 @@ def decide(
     if reason is None:
         return Decision(current, target, before, after, stay=Stay.BALANCED)
     leaving = [block for block in current if block not in target]
-    if _sole_blocks(views, me, leaving):
+    if _sole_blocks(views, me, leaving, answered):
         return Decision(current, target, before, after, stay=Stay.SOLE_SERVER)
     return Decision(current, target, before, after, reason=reason)

@@ -137,6 +137,11 @@ class PeerWatch:
         return self._news
 
     @property
+    def answered(self) -> frozenset[PeerId]:
+        """The peers whose latest ping from us answered (and that are still announced)."""
+        return frozenset(self._answered)
+
+    @property
     def gone(self) -> frozenset[PeerId]:
         """The peers whose latest ping from us failed (and that are still announced)."""
         return frozenset(self._gone)

@@ -129,6 +129,7 @@ class Rebalancer:
         decision = decide(
             views, self.me, self._current(), self._throughput(), self.num_layers,
             quality=self.config.quality, relayed_share=self.config.relayed_share,
+            answered=self.watch.answered if self.watch is not None else None,
         )  # fmt: skip
         self._checks += 1
         self._last = decision
@@ -158,8 +159,10 @@ class Rebalancer:
         again = await self.check()
         # the re-check may pick another target (fresh reads shift ties between windows, or
         # show a gap that appeared meanwhile); the intent below announces the one it picked
-        if again is None or not again.move or (
-            self._cooling() and again.reason is not MoveReason.UNCOVERED
+        if (
+            again is None
+            or not again.move
+            or (self._cooling() and again.reason is not MoveReason.UNCOVERED)
         ):
             log.info("rebalancing: the re-check no longer moves %s", decision.describe())
             return again

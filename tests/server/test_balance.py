@@ -464,3 +464,14 @@ async def test_many_identities_that_drop_pings_cannot_make_servers_herd(
         nursery.cancel_scope.cancel()
     assert len(directory.moves) == 1
     assert directory.coverage(without=[v.peer_id for v in sybils]) == [1, 1, 3 - 1, 3 - 1]
+
+
+def test_a_block_left_to_one_other_server_needs_that_server_to_answer_our_ping() -> None:
+    views = [view("a", L(0, 2)), view("b", L(0, 2))]  # 2:4 has nobody
+    unproven = decide(views, peer("a"), L(0, 2), 1.0, 4, answered=frozenset())
+    assert unproven.stay is Stay.SOLE_SERVER
+    proven = decide(views, peer("a"), L(0, 2), 1.0, 4, answered={peer("b")})
+    assert proven.move and proven.target == L(2, 4)
+    # two other servers: no ping needed (both records would have to outlive their servers)
+    views.append(view("c", L(0, 2)))
+    assert decide(views, peer("a"), L(0, 2), 1.0, 4, answered=frozenset()).move
