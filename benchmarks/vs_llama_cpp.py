@@ -39,7 +39,6 @@ from swarm.shards import (
     Head,
     KVCache,
     Quantization,
-    blocks,
     load_chat_template,
     load_head,
     load_span,
@@ -112,7 +111,7 @@ def _in_loop_costs(
 
     stubs: list[tuple[str, object, str, object]] = [
         ("int4 matmuls", Int4Linear, "matmul", no_matmul),
-        ("attention", blocks.F, "scaled_dot_product_attention", no_attention),
+        ("attention", torch.nn.functional, "scaled_dot_product_attention", no_attention),
         ("RMS norms", RMSNorm, "forward", no_norm),
     ]
     cpu: dict[str, list[float]] = {name: [] for name in ["step", *(s[0] for s in stubs)]}
@@ -129,6 +128,36 @@ def _in_loop_costs(
     costs = {"step": step}
     costs.update({name: step - statistics.median(cpu[name]) for name, *_ in stubs})
     return costs
+
+
+def _head_error(
+    span: Span, float_head: Head, int8_head: Head, prompt: list[int], tokens: int
+) -> str:
+    """The int8 head against the float head along the float head's greedy answer: the
+    largest logit difference, the first step whose greedy token differs, and the smallest
+    gap between the float head's two best tokens (a difference larger than that gap can
+    flip a greedy choice)."""
+    cache = KVCache.allocate(span.config, span.layers, 1, len(prompt) + tokens + 1)
+    ids, position = torch.tensor([prompt]), 0
+    diffs, gaps, first = [], [], None
+    with torch.inference_mode():
+        for step in range(tokens):
+            n = ids.shape[1]
+            hidden = span(float_head.embed(ids), torch.arange(position, position + n)[None], cache)
+            exact = float_head.logits(hidden[:, -1:])[0, -1]  # (vocab,)
+            approx = int8_head.logits(hidden[:, -1:])[0, -1]
+            diffs.append(float((approx - exact).abs().max()))
+            top = exact.topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            token = int(exact.argmax())
+            if first is None and int(approx.argmax()) != token:
+                first = step
+            position += n
+            ids = torch.tensor([[token]])
+    return (f"int8 head against float32 head over {tokens} greedy steps: logits differ by "
+            f"{statistics.median(diffs):.3f} (median of the steps' largest) up to "
+            f"{max(diffs):.3f}; the float head's top-2 gap is as small as {min(gaps):.3f}; "
+            f"first step whose greedy token differs: {first}")  # fmt: skip
 
 
 def llama_cpp(
@@ -160,6 +189,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--llama-python", help="an interpreter with llama-cpp-python (default: this one)"
+    )
+    parser.add_argument(
+        "--head-check-tokens", type=int, default=64, help="greedy steps of the head check"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -201,8 +233,7 @@ def main() -> None:
               f"{a_cpu / b_cpu:.2f}x); "
               f"greedy tokens equal to llama.cpp's at {same} of {args.tokens} positions "
               f"(first difference at {first})")  # fmt: skip
-    first = _first_difference(ids_ours["float32"], ids_ours["int8"])
-    print(f"int8 head against float32 head: first different greedy token at {first}")
+    print(_head_error(span, heads["float32"], heads["int8"], prompt, args.head_check_tokens))
     names = list(parts_all[0])
     medians = {n: statistics.median(p[n] for p in parts_all) for n in names}
     print("ours per token (float32 head, wall): "
