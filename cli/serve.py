@@ -154,6 +154,14 @@ def serve(
             "one keeps the relay). --no-direct: never."
         ),
     ] = True,
+    timings_cache: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the throughput measured once online in ~/.cache/swarm/timings; a later "
+            "start of the same model, range, weights, dtype and device announces it at once and "
+            "measures again online (--no-timings-cache: time a few steps before going online)."
+        ),
+    ] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a layer range of MODEL and announce it in the DHT until Ctrl-C / SIGTERM.
@@ -220,6 +228,7 @@ def serve(
             direct=DEFAULT_PUNCH_CONFIG if direct else None,
         ),
         balance=BalanceConfig(enabled=rebalance, period=balance_period, quality=balance_quality),
+        timings_dir=Path("~/.cache/swarm/timings").expanduser() if timings_cache else None,
     )
     trio.run(_run, config, WRAP_HANDLERS.get())
 

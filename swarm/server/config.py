@@ -41,6 +41,11 @@ class ServerConfig:
     (`ReachabilityConfig`).
     ``balance`` is when and how the server moves to the range the swarm needs most
     (`BalanceConfig`; by default only a server started with ``layers`` None moves).
+    ``timings_dir``: where the throughput measured once online is kept between starts
+    (`swarm.server.timings_store`; None: not kept). A start that finds one stored for the
+    same model, range, weights, dtype, device and software announces it as its first
+    estimate and goes online without measuring first; `swarm serve` keeps them in
+    ``~/.cache/swarm/timings``.
     """
 
     model: Path
@@ -69,6 +74,7 @@ class ServerConfig:
     cache_tokens_from_memory: bool = False
     reachability: ReachabilityConfig = field(default_factory=ReachabilityConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    timings_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -7,9 +7,12 @@
         server.request_stop()                       # announce draining, finish steps, exit
 
 Start-up order: load the layer range (in a worker thread; only those layers are read), join
-the DHT, listen for RPC, announce ``joining``, measure throughput, announce ``online`` and
-report ready. Stop: announce ``draining`` (clients stop routing here), refuse new
-sessions, wait (up to ``drain_timeout``) for running steps, then close everything.
+the DHT, listen for RPC, announce ``joining``, take a first throughput estimate (the
+timings kept from the last start with the same key, `swarm.server.timings_store`, or a
+few timed steps), announce ``online`` and report ready; then measure the span fully
+between sessions' steps, announce the result at once and keep it for the next start.
+Stop: announce ``draining`` (clients stop routing here), refuse new sessions, wait (up to
+``drain_timeout``) for running steps, then close everything.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from swarm.server.moving import RangeMover
 from swarm.server.reachability import ReachabilityKeeper
 from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
+from swarm.server.timings_store import TimingsKey, TimingsStore, device_description
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
@@ -404,15 +408,9 @@ class Server:
                 f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"
                 + (f", through relays {_relay_list(keeper)}" if keeper.relays else "")
             )
+            store = _timings_store(cfg, span, the_model_id)
             if cfg.measure_throughput:
-                # a first estimate (two decode steps of one session, two 16-token chunks) before
-                # going online; the whole measurement runs once online, between sessions
-                self._progress("measuring throughput (a first estimate)")
-                first = await queue.submit(
-                    lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
-                    Priority.FORWARD,
-                )
-                self._apply_timings(first, state, queue, final=False)
+                await self._first_estimate(span, state, queue, store)
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
@@ -423,7 +421,7 @@ class Server:
                 self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
                 await nursery.start(self.rebalancer.run)
             if cfg.measure_throughput:
-                nursery.start_soon(self._measure_online, span, state, queue)
+                nursery.start_soon(self._measure_online, span, state, queue, announcer, store)
             task_status.started(
                 ServerReady(
                     self.identity.peer_id,
@@ -498,14 +496,49 @@ class Server:
         queue.prefill_chunk = compute.prefill_chunk or timings.prefill_chunk()
         queue.shared_batch = timings.batch_within(compute.max_slowdown)
 
-    async def _measure_online(self, span: Span, state: ServingState, queue: ComputeQueue) -> None:
+    async def _first_estimate(
+        self,
+        span: Span,
+        state: ServingState,
+        queue: ComputeQueue,
+        store: tuple[TimingsStore, TimingsKey] | None,
+    ) -> None:
+        """Serve by a first estimate until the online measurement: the timings kept from the
+        last start with the same key, or else two decode steps of one session and two
+        16-token chunks timed now."""
+        kept = None if store is None else store[0].load(store[1])
+        if kept is not None:
+            self._progress("throughput: the last start's measurement (measuring again online)")
+            self._apply_timings(kept, state, queue, final=False)
+            return
+        self._progress("measuring throughput (a first estimate)")
+        first = await queue.submit(
+            lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
+            Priority.FORWARD,
+        )
+        self._apply_timings(first, state, queue, final=False)
+
+    async def _measure_online(
+        self,
+        span: Span,
+        state: ServingState,
+        queue: ComputeQueue,
+        announcer: Announcer,
+        store: tuple[TimingsStore, TimingsKey] | None,
+    ) -> None:
         """The whole measurement (`SpanMeasurement`), job by job at forward priority, so
-        sessions' steps run between its pieces; the next announcement carries the result."""
+        sessions' steps run between its pieces; announced at once (the first estimate is
+        rough: a cold one measured 0.6x what the full measurement found on the heavy
+        model) and kept for the next start."""
         measurement = SpanMeasurement(span)
         for job in measurement.jobs():
             await queue.submit(job, Priority.FORWARD)
-        self._apply_timings(measurement.result(), state, queue, final=True)
+        timings = measurement.result()
+        self._apply_timings(timings, state, queue, final=True)
         log.info("throughput measured online: %.1f tokens/s", state.throughput)
+        if store is not None:
+            await trio.to_thread.run_sync(store[0].save, store[1], timings)
+        await announcer.announce()
 
     async def _drain(
         self,
@@ -527,6 +560,23 @@ class Server:
         if sessions.close_all(going):
             with trio.move_on_after(1.0, shield=True):
                 await trio.sleep(0.05)  # the handlers send their clients the reason
+
+
+def _timings_store(
+    cfg: ServerConfig, span: Span, the_model_id: str
+) -> tuple[TimingsStore, TimingsKey] | None:
+    """Where ``span``'s timings are kept between starts, and their key (None: not kept)."""
+    if cfg.timings_dir is None:
+        return None
+    key = TimingsKey(
+        model_id=the_model_id,
+        layers=span.layers,
+        dtype=str(span.dtype).removeprefix("torch."),
+        quantization=span.quantization.value,
+        device=device_description(span.device),
+        num_threads=cfg.num_threads,
+    )
+    return TimingsStore(cfg.timings_dir), key
 
 
 def _relay_list(keeper: ReachabilityKeeper) -> tuple[str, ...]:
