@@ -46,7 +46,7 @@ class LocalModel:
         sampler = Sampler(sampling or SamplingConfig())
         ids = torch.tensor([list(prompt)])  # (1, prompt_len)
         out, position = LocalGeneration(), 0
-        with torch.no_grad():
+        with torch.inference_mode():  # cheaper than no_grad: no version counters
             for _ in range(new_tokens):
                 started = time.perf_counter()
                 n = ids.shape[1]

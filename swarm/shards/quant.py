@@ -18,8 +18,9 @@ per row, so it is requantized per channel (relative error ~0.3 % of the weights)
 float weights are quantized from their float values (int8: ~0.4 %, int4 group-32
 asymmetric: ~8 % on random normal weights; see ``benchmarks/quant.py`` for the logits).
 
-Embeddings, norms and the head stay as they are. These kernels exist for the CPU; on other
-devices :func:`serving_quantization` keeps the weights in float (dequantized as before).
+Embeddings and norms stay as they are; a client's head can keep lm_head in int8 on request
+(`swarm.shards.head`). These kernels exist for the CPU; on other devices
+:func:`serving_quantization` keeps the weights in float (dequantized as before).
 """
 
 from __future__ import annotations
