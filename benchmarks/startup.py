@@ -16,9 +16,11 @@ The servers run with HOME in the work folder: ``--timings kept`` (the default) l
 start find the timings the previous one measured (``~/.cache/swarm/timings``, as a user's
 restarts do: the first start of a run measures, the others do not), ``--timings cold``
 empties that folder before every start. Each code tree's modules are compiled to bytecode
-first (in the work folder, ``PYTHONPYCACHEPREFIX``), as an installed package has them;
+first (``__pycache__`` beside them, ignored by git), as an installed package has them;
 ``--no-bytecode`` leaves that out (where ``PYTHONDONTWRITEBYTECODE`` is set, every start
-then compiles ~110 modules from source: 0.3-0.4 s measured here).
+then compiles ~110 modules from source: 0.3-0.4 s measured here). Not with
+``PYTHONPYCACHEPREFIX``: that hides the site-packages' own bytecode (torch compiled from
+source at every start: 8 CPU seconds to ready).
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ def source_dirs(tree: str) -> list[Path]:
     return [root / "swarm", root / "cli"]
 
 
-def compile_tree(tree: str, prefix: Path) -> None:
-    """Bytecode for the tree's modules under ``prefix`` (where its servers look for it)."""
+def compile_tree(tree: str) -> None:
+    """Bytecode for the tree's modules, where its servers look for it."""
     dirs = [str(d) for d in source_dirs(tree)]
-    env = {"PYTHONPYCACHEPREFIX": str(prefix), "PATH": ""}
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True)
+
+
+def keeps_timings(tree: str) -> bool:
+    """Whether the tree's servers keep their timings (code before that keeps none)."""
+    return (source_dirs(tree)[0] / "server" / "timings_store.py").exists()
 
 
 def wait_for_timings(folder: Path, after: float, timeout: float) -> bool:
@@ -96,14 +102,12 @@ def main() -> None:
         if tree:
             env["PYTHONPATH"] = tree
         if not args.no_bytecode:
-            prefix = args.workdir / "pycache" / name
-            compile_tree(tree, prefix)
-            env["PYTHONPYCACHEPREFIX"] = str(prefix)
+            compile_tree(tree)
         envs[name] = env
         shutil.rmtree(home / name / ".cache" / "swarm" / "timings", ignore_errors=True)
     times: dict[str, list[float]] = {name: [] for name, _ in trees}
     cpu_times: dict[str, list[float]] = {name: [] for name, _ in trees}
-    keeps = {name: args.timings == "kept" for name, _ in trees}  # False: the tree keeps none
+    keeps = {name: args.timings == "kept" and keeps_timings(tree) for name, tree in trees}
     for i in range(args.starts):
         for name, _ in trees:
             # a DHT of its own per start: a DHT that still lists the previous start's (dead)

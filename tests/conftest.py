@@ -19,6 +19,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit
+import shutil
+import tempfile
+
+# The servers and tools a test runs keep identities, reputations and measured timings under
+# HOME (~/.swarm, ~/.cache/swarm): a home of the run's own keeps them out of the user's, and
+# keeps one run from starting on what an earlier run left there. Processes inherit it.
+if "SWARM_TEST_HOME" not in os.environ:
+    _home = tempfile.mkdtemp(prefix="swarm-test-home-")
+    os.environ["SWARM_TEST_HOME"] = os.environ["HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+
 import subprocess
 import sys
 import time
