@@ -35,6 +35,7 @@ from swarm.directory import (
     block_keys,
     mismatch_hint,
     other_model_ids,
+    ping_server,
     relay_key,
     relays_from_records,
     servers_from_records,
@@ -42,7 +43,6 @@ from swarm.directory import (
 )
 from swarm.errors import ConfigError, DHTError, SwarmError
 from swarm.net.pool import ConnectionPool, open_connection_pool
-from swarm.net.surface import call_info
 from swarm.net.transport import Transport
 from swarm.types import PeerId, ServerState, parse_address
 
@@ -213,19 +213,6 @@ class PingSchedule:
             for key in [k for k in table if k not in keep]:
                 del table[key]
         self._reached &= keep
-
-
-async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) -> float:
-    """RTT of one ``info`` call (the channel is dialed first, outside the measurement).
-
-    Raises `SwarmError` subclasses: what dialing or the call raise, `DeadlineExceeded`.
-    """
-    host, port = parse_address(server.address)
-    with trio.fail_after(timeout):
-        conn = await pool.get(host, port, server.peer_id)
-    start = trio.current_time()
-    await call_info(conn, timeout=timeout)
-    return trio.current_time() - start
 
 
 class Discovery:

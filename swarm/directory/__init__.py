@@ -27,6 +27,7 @@ from swarm.directory.servers import (
     decode_announcement,
     delivered_by_peers,
     dial_address,
+    ping_server,
     servers_from_records,
     with_relay_loads,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "missing_ranges",
     "model_family",
     "other_model_ids",
+    "ping_server",
     "relay_key",
     "relays_from_records",
     "servers_from_records",

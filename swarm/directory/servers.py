@@ -14,13 +14,27 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import trio
 
 from swarm.dht.records import Record
 from swarm.directory.keys import block_key
 from swarm.directory.relays import RelayView
 from swarm.errors import ProtocolError
 from swarm.net.messages import RangeMove, RelayHop, ServerAnnouncement, message_from_wire
-from swarm.types import LayerRange, PeerId, Reachability, ServerState, format_address
+from swarm.net.surface import call_info
+from swarm.types import (
+    LayerRange,
+    PeerId,
+    Reachability,
+    ServerState,
+    format_address,
+    parse_address,
+)
+
+if TYPE_CHECKING:
+    from swarm.net.pool import ConnectionPool
 
 __all__ = [
     "MAX_CACHE_TOKENS",
@@ -240,3 +254,17 @@ def counted_throughput(view: ServerView, measured: float | None) -> float:
     if measured is None:
         return view.throughput
     return min(view.throughput, PROBE_SLACK * measured)
+
+
+async def ping_server(pool: ConnectionPool, server: ServerView, timeout: float) -> float:
+    """RTT of one ``info`` call (the channel is dialed first, outside the measurement).
+
+    Raises `SwarmError` subclasses: what dialing or the call raise, `DeadlineExceeded`;
+    `trio.TooSlowError` if dialing takes over ``timeout``.
+    """
+    host, port = parse_address(server.address)
+    with trio.fail_after(timeout):
+        conn = await pool.get(host, port, server.peer_id)
+    start = trio.current_time()
+    await call_info(conn, timeout=timeout)
+    return trio.current_time() - start

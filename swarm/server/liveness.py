@@ -56,12 +56,11 @@ from dataclasses import dataclass
 
 import trio
 
-from swarm.directory import ServerView
+from swarm.directory import ServerView, ping_server
 from swarm.errors import SwarmError
 from swarm.net.pool import ConnectionPool
-from swarm.net.surface import call_info
 from swarm.server.balance import block_throughputs
-from swarm.types import LayerRange, PeerId, ServerState, parse_address
+from swarm.types import LayerRange, PeerId, ServerState
 
 __all__ = ["PER_BLOCK", "PeerWatch", "WatchStatistics", "info_ping"]
 
@@ -73,14 +72,13 @@ MAX_TARGETS = 24  # servers pinged per round at most (neighbours first)
 
 
 def info_ping(pool: ConnectionPool, timeout: float) -> Callable[[ServerView], Awaitable[bool]]:
-    """A ``ping`` for `PeerWatch`: dial the server through ``pool`` (as the `PeerId` its
-    record names) and make one ``info`` call, all within ``timeout`` seconds."""
+    """A ``ping`` for `PeerWatch`: `ping_server` (dial the server through ``pool`` as the
+    `PeerId` its record names, one ``info`` call), all within ``timeout`` seconds."""
 
     async def ping(server: ServerView) -> bool:
         with trio.move_on_after(timeout):
             try:
-                conn = await pool.get(*parse_address(server.address), server.peer_id)
-                await call_info(conn, timeout=timeout)
+                await ping_server(pool, server, timeout)
             except SwarmError:
                 return False
             return True

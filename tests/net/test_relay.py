@@ -14,8 +14,7 @@ import pytest
 import torch
 import trio
 
-from swarm.client.discovery import ping_server
-from swarm.directory import ServerView
+from swarm.directory import ServerView, ping_server
 from swarm.errors import (
     LimitExceeded,
     PeerIdMismatch,
