@@ -10,6 +10,7 @@ no thread or other process runs while the clock jumps, and no real second passes
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ import trio
 import trio.testing
 
 from swarm.client.bans import BanList, Penalties
-from swarm.client.chain import Chain, HedgeWinner, usual_seconds
+from swarm.client.chain import Chain, HedgeWinner, hedge_deadline, usual_seconds
+from swarm.client.chain.hedging import alternative_counts
+from swarm.client.chain.hop import HopHistory, HopState, StepAnswer
 from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
@@ -245,6 +248,33 @@ def test_usual_seconds_scales_multi_token_steps() -> None:
     assert usual_seconds([(50, 0.05)], 1) == pytest.approx(0.001)  # only a prefill so far
     old = [(1, 5.0)] * 20
     assert usual_seconds(old + [(1, 0.010)] * 16, 1) == pytest.approx(0.010)  # a window of 16
+
+
+def _timed_history(seconds: float, steps: int = 4) -> HopState:
+    history = HopHistory()
+    for _ in range(steps):
+        x = torch.zeros(1, 1, 8)
+        history.record(x, torch.zeros(1, 1, dtype=torch.long), StepAnswer(x, None, seconds))
+    return SimpleNamespace(history=history)  # type: ignore[return-value]  # all they read
+
+
+@pytest.mark.parametrize("usual", [0.001, 0.1, 0.2, 0.4, 2.0])
+@pytest.mark.parametrize("alternative", [None, 0.0001, 0.01, 0.1, 5.0])
+def test_the_alternative_is_read_only_where_it_can_move_the_deadline(
+    usual: float, alternative: float | None
+) -> None:
+    """A step asks the directory for the best other server only where its answer can change
+    the hedge deadline; elsewhere the deadline is the one it would have given."""
+    config = ClientConfig(hedging=HedgeConfig(after=3.0, floor=0.5))
+    state = _timed_history(usual)
+    with_it = hedge_deadline(state, 1, config, alternative)
+    if not alternative_counts(state, 1, config):
+        assert with_it == hedge_deadline(state, 1, config, None) == 0.5  # the floor
+    else:
+        assert usual * 3.0 > 0.5
+    assert not alternative_counts(_timed_history(usual, steps=0), 1, config)  # no history
+    off = ClientConfig(hedging=HedgeConfig(after=None))
+    assert not alternative_counts(state, 1, off)
 
 
 def test_hedge_config_is_checked() -> None:

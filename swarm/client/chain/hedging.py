@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HedgeRecord",
     "HedgeWinner",
+    "alternative_counts",
     "alternative_seconds",
     "hedge_deadline",
     "step_hop",
@@ -100,7 +101,7 @@ def hedge_deadline(
     """
     if config.hedging.after is None:
         return None
-    usual = usual_seconds(state.history.step_times(), tokens)
+    usual = usual_seconds(state.history.step_times(WINDOW), tokens)
     if usual is None:
         return None  # a hop's first step (a prompt) is judged by the step timeout alone
     # the alternative counts at twice its estimate: it was announced, not seen, and a loaded
@@ -108,6 +109,19 @@ def hedge_deadline(
     yardstick = usual if alternative is None else min(usual, 2 * alternative)
     deadline = max(config.hedging.floor, config.hedging.after * yardstick)
     return deadline if deadline < config.step_timeout else None
+
+
+def alternative_counts(state: HopState, tokens: int, config: ClientConfig) -> bool:
+    """Whether the best other server's time (`alternative_seconds`) can move hop
+    ``state``'s `hedge_deadline` for a step of ``tokens`` tokens: only where the hop's own
+    usual time puts the deadline above ``hedging.floor``. Below, the yardstick (at most the
+    usual time) leaves it at the floor whatever the alternative, so the step reads no
+    records for it (on a fast chain that was a listing of the directory per hop per token)."""
+    after = config.hedging.after
+    if after is None:
+        return False
+    usual = usual_seconds(state.history.step_times(WINDOW), tokens)
+    return usual is not None and after * usual > config.hedging.floor
 
 
 def alternative_seconds(
@@ -177,7 +191,10 @@ async def step_hop(
         moved = await _move(chain, k, step, x, positions)
         if moved:
             return moved
-    deadline = hedge_deadline(state, x.shape[1], config, await chain.alternative(k, x.shape[1]))
+    tokens = x.shape[1]
+    counts = alternative_counts(state, tokens, config)
+    alternative = await chain.alternative(k, tokens) if counts else None
+    deadline = hedge_deadline(state, tokens, config, alternative)
     if deadline is None:
         answer = await run_step(
             state,

@@ -165,9 +165,11 @@ class HopHistory:
         tokens = sum(self.inputs[i][0].shape[1] for i in range(entries))
         return x[:, :tokens], pos[:, :tokens], out[:, :tokens]
 
-    def step_times(self) -> list[tuple[int, float]]:
-        """``(tokens, seconds)`` of every entry, oldest first."""
-        return [(x.shape[1], s) for (x, _), s in zip(self.inputs, self.seconds, strict=True)]
+    def step_times(self, last: int | None = None) -> list[tuple[int, float]]:
+        """``(tokens, seconds)`` of every entry (or of the ``last`` ones), oldest first."""
+        start = 0 if last is None else max(0, len(self.inputs) - last)
+        entries = zip(self.inputs[start:], self.seconds[start:], strict=True)
+        return [(x.shape[1], s) for (x, _), s in entries]
 
 
 @dataclass
