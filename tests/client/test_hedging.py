@@ -20,7 +20,7 @@ import trio.testing
 from swarm.client.bans import BanList, Penalties
 from swarm.client.chain import Chain, HedgeWinner, hedge_deadline, usual_seconds
 from swarm.client.chain.hedging import alternative_counts
-from swarm.client.chain.hop import HopHistory, HopState, StepAnswer
+from swarm.client.chain.hop import HopHistory, HopState, StepAnswer, StepCall
 from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
@@ -359,3 +359,25 @@ async def test_a_hop_raced_and_late_once_keeps_its_place(
         assert s.route[1].server.peer_id == slow.identity.peer_id
     assert_same(got, reference_outputs(full_span, steps))
     assert [h.winner for h in stats.hedges] == [HedgeWinner.ORIGINAL]
+
+
+@pytest.mark.parametrize("send_now", [True, False])
+async def test_a_step_late_within_its_deadline_is_waited_for_on_without_resending(
+    checkpoint: Path, send_now: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hedged step first waits for its hop within the deadline (`StepCall.answer` with
+    ``within``): a late hop gives None there, its input sent by then (after the push's
+    grace where a push was awaited), and waiting on gets its answer, sent once."""
+    servers = make_servers(checkpoint, [(0, 6)])
+    config = ClientConfig(pipeline=PipelineConfig(push_grace=0.2))
+    (x, positions), *_ = make_inputs()
+    async with run_servers(servers), open_session(servers, config) as session:
+        state, server = session.hop(0), servers[0]
+        server.step_delay = 5.0
+        call = StepCall(state, config, 0, x, positions)
+        assert await call.answer(send_now, grace=0.2, within=1.0) is None
+        assert call.sent and trio.current_time() - call.started == pytest.approx(1.0)
+        answer = await call.answer(send_now, grace=0.2)
+        assert answer is not None and answer.out.shape == x.shape
+        assert answer.seconds == pytest.approx(5.0, abs=0.5)  # counted from the call's start
+        assert server.steps_from_client == 1
