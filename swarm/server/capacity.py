@@ -252,11 +252,13 @@ def measure_span(
 ESTIMATE_MARGIN = 2.0  # a first estimate announces 1/this of what one layer scales to
 
 
-def estimate_span(span: Span, *, margin: float = ESTIMATE_MARGIN) -> SpanTimings:
-    """A first estimate of ``span``'s timings (worker thread), at about one layer's share of
-    `measure_span`'s cost: its first layer alone (`Span.narrow`, the same weights) timed as
-    ``measure_span(batch_sizes=(1,), chunks=(16,), repeats=1)`` would time the span, every
-    time scaled by the span's layer count and by ``margin``.
+def estimate_span(span: Span, *, margin: float = ESTIMATE_MARGIN, repeats: int = 5) -> SpanTimings:
+    """A first estimate of ``span``'s timings (worker thread): its first layer alone
+    (`Span.narrow`, the same weights) timed as ``measure_span(batch_sizes=(1,),
+    chunks=(16,), repeats=repeats)`` would time the span (the fastest of ``repeats`` after a
+    warm-up: a scaled time multiplies whatever a busy machine added to it, so one sample is
+    not enough), every time scaled by the span's layer count and by ``margin``. Costs about
+    a 32-token prefill and 2 × ``repeats`` single steps of one layer.
 
     It errs slow on purpose: an announced throughput above what the server delivers would
     draw clients' routes (their cost is blocks / throughput) to it until the full
@@ -270,7 +272,7 @@ def estimate_span(span: Span, *, margin: float = ESTIMATE_MARGIN) -> SpanTimings
         raise ValueError(f"an estimate's margin must be at least 1, got {margin}")
     first = span.layers.start
     one = measure_span(
-        span.narrow(LayerRange(first, first + 1)), batch_sizes=(1,), chunks=(16,), repeats=1
+        span.narrow(LayerRange(first, first + 1)), batch_sizes=(1,), chunks=(16,), repeats=repeats
     )
     layers = len(span.layers)
     scale = margin * layers
