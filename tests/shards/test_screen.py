@@ -31,19 +31,27 @@ def _check(screen: GreedyScreen, x: torch.Tensor) -> int:
     return candidates
 
 
-def test_random_heads_pick_the_float_token() -> None:
+@pytest.fixture(params=[True, False], ids=["fbgemm", "int8pack"])
+def fbgemm(request: pytest.FixtureRequest) -> bool:
+    """Both int8 passes: FBGEMM's exact int8 x int8 sums and PyTorch's weight-only kernel."""
+    return bool(request.param)
+
+
+def test_random_heads_pick_the_float_token(fbgemm: bool) -> None:
     g = torch.Generator().manual_seed(0)
     for vocab, hidden in [(3000, 64), (5000, 576), (257, 96)]:
         weight = torch.randn(vocab, hidden, generator=g) * 0.05
         weight[:, 3] *= 40  # an outlier column, as real heads have
-        screen = GreedyScreen.build(weight)
+        screen = GreedyScreen.build(weight, fbgemm=fbgemm)
+        if not fbgemm:
+            assert screen.kernel == "int8pack"
         for scale in (0.1, 1.0, 30.0):
             x = torch.randn(4, hidden, generator=g) * scale
             x[:, 7] *= 20  # and an outlier in the hidden state
             assert _check(screen, x) < 4 * vocab
 
 
-def test_near_ties_the_int8_copy_cannot_see() -> None:
+def test_near_ties_the_int8_copy_cannot_see(fbgemm: bool) -> None:
     """Rows that round to the same int8 row but differ by an ulp or so in float32, exact
     duplicates (the first index wins), and rows built so that int8 ranks them the other way
     round: the float head's token every time."""
@@ -62,20 +70,20 @@ def test_near_ties_the_int8_copy_cannot_see() -> None:
         weight[(best + 1 + j) % vocab] = row
     weight[(best + 40) % vocab] = w  # an exact duplicate after it: the first one wins
     weight[(best - 40) % vocab] = w  # and one before it: that one wins
-    screen = GreedyScreen.build(weight)
+    screen = GreedyScreen.build(weight, fbgemm=fbgemm)
     assert _check(screen, x) >= 10
     # int8 ranking the other way round: a row within a fraction of its quantization step
-    margins = torch.linspace(-1e-3, 1e-3, 21)
+    margins = torch.linspace(-1e-3, 1e-3, 7)
     for m in margins:
         weight2 = weight.clone()
         rival = (best + 500) % vocab
         weight2[rival] = w + m * x[0] / x[0].norm() ** 2  # logit of best + m, exactly-ish
-        _check(GreedyScreen.build(weight2), x)
+        _check(GreedyScreen.build(weight2, fbgemm=fbgemm), x)
 
 
-def test_rows_that_are_not_finite_fall_back_to_float() -> None:
+def test_rows_that_are_not_finite_fall_back_to_float(fbgemm: bool) -> None:
     weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
-    screen = GreedyScreen.build(weight)
+    screen = GreedyScreen.build(weight, fbgemm=fbgemm)
     x = torch.randn(2, 64)
     x[1, 5] = float("inf")
     got = screen.logits(x)
