@@ -15,8 +15,10 @@ one block do not both leave it:
    time to land (the settle), and decide again reading them with
    `swarm.server.balance.yielding` (of two servers that both intend to move, the one whose
    `PeerId` sorts first goes on, the other backs off), asking whether the announced move
-   still pays (``decide(target=...)``), not whether it is still the best one: a fresh read
-   that ranks the windows differently does not undo a move that still fills its gap;
+   still pays for the reason it was announced (``decide(target=...)``), not whether it is
+   still the best one: a fresh read that ranks the windows differently does not undo a
+   move that still fills its gap (a move that pays now only for another reason goes on
+   only if it is still the best one);
 3. move (``move``: the server loads the new range, drains the old one, switches), or
    withdraw the intent (``intend(None)``).
 
@@ -128,11 +130,16 @@ class Rebalancer:
         return self.config.period * self._rng.uniform(0.5, 1.5)
 
     async def check(
-        self, *, confirming: bool = False, target: LayerRange | None = None
+        self,
+        *,
+        confirming: bool = False,
+        target: LayerRange | None = None,
+        reason: MoveReason | None = None,
     ) -> Decision | None:
         """Read the announcements and decide (None when they could not be read);
         ``confirming``: our own intent is announced, read others' with `yielding`;
-        ``target``: whether moving there pays (`decide`'s ``target``)."""
+        ``target``: whether moving there still pays for ``reason`` (`decide`'s
+        ``target``); where it pays for another reason, or not at all, the best move."""
         started = trio.current_time()
         try:
             views = await self._read()
@@ -149,11 +156,12 @@ class Rebalancer:
             log.debug("rebalancing: the announcements read miss our own")
         if confirming:
             views = yielding(views, self.me)
-        decision = decide(
-            views, self.me, self._current(), self._throughput(), self.num_layers,
-            quality=self.config.quality, relayed_share=self.config.relayed_share,
-            answered=self.watch.answered if self.watch is not None else None, target=target,
-        )  # fmt: skip
+        decision = self._decide(views, target)
+        if target is not None and decision.reason is not reason:
+            # e.g. the gap it meant to fill was taken by a server whose PeerId sorts first,
+            # and the move pays now only as a bottleneck move: as at any other check, that
+            # goes on only to the best window (so two that saw one gap do not both go)
+            decision = self._decide(views, None)
         self._checks += 1
         self._last = decision
         log.debug(
@@ -161,6 +169,13 @@ class Rebalancer:
             len(views), trio.current_time() - started, decision.describe(),
         )  # fmt: skip
         return decision
+
+    def _decide(self, views: Sequence[ServerView], target: LayerRange | None) -> Decision:
+        return decide(
+            views, self.me, self._current(), self._throughput(), self.num_layers,
+            quality=self.config.quality, relayed_share=self.config.relayed_share,
+            answered=self.watch.answered if self.watch is not None else None, target=target,
+        )  # fmt: skip
 
     def _cooling(self) -> bool:
         last = self._last_move_at
@@ -199,8 +214,8 @@ class Rebalancer:
         self._settle = settle
         log.debug("rebalancing: intent %s announced; settling %.2f s", decision.target, settle)
         await trio.sleep(settle)
-        final = await self.check(confirming=True, target=decision.target)
-        if final is None or not final.move:
+        final = await self.check(confirming=True, target=decision.target, reason=decision.reason)
+        if final is None or not final.move or final.target != decision.target:
             log.info("rebalancing: withdrawing the move %s", decision.describe())
             await self._intend(None)
             return final

@@ -25,6 +25,7 @@ from swarm.server.balance import (
     choose_start,
     decide,
     delivered_throughput,
+    yielding,
 )
 from swarm.server.liveness import PeerWatch
 from swarm.server.rebalancer import SETTLE_MARGIN, Rebalancer
@@ -153,6 +154,7 @@ class Directory:
         self.views = {v.peer_id: v for v in views}
         self.latency = latency  # seconds a read or an announcement takes
         self.reads = 0
+        self.layers = 4
         self.moves: list[tuple[float, str, LayerRange, LayerRange]] = []
         self.names = {v.peer_id: f"s{i}" for i, v in enumerate(views)}
         self.unreachable: set[PeerId] = set()  # their pings fail (their records stay)
@@ -192,7 +194,7 @@ class Directory:
             self.moves.append((trio.current_time(), self.names[me], v.layers, decision.target))
 
         return Rebalancer(
-            config, me, 4, read=read, current=lambda: self.views[me].layers,
+            config, me, self.layers, read=read, current=lambda: self.views[me].layers,
             throughput=lambda: self.views[me].throughput, intend=intend, move=move,
             rng=random.Random(seed), watch=watch,
         )  # fmt: skip
@@ -581,3 +583,35 @@ async def test_two_simultaneous_movers_resolve_to_one_with_the_measured_settle(
             else:
                 herds += len(directory.moves) > 1
     assert herds > 0
+
+
+async def test_a_gap_taken_by_a_server_that_sorts_first_leaves_only_the_best_move(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 8 blocks: b (on 6:8) sees 3:5 half uncovered and announces a move there; meanwhile a,
+    # whose PeerId sorts first, announces a move to 3:5 too. b's confirming read counts a
+    # there: 3:5 would still raise the bottleneck (4 -> 6 tokens/s), but it was announced
+    # to fill a gap, and the best window is 2:4 now, so b withdraws instead of following a
+    # (the next check moves it where it is best)
+    assert peer("a").digest < peer("b").digest
+    throughputs = [("0:2", 1), ("0:2", 8), ("6:8", 4), ("1:3", 8), ("5:7", 1), ("1:3", 4)]
+    throughputs += [("4:6", 8), ("6:8", 2)]
+    others = [view(f"o{i}", L.parse(r), t) for i, (r, t) in enumerate(throughputs)]
+    directory = Directory([*others, view("a", L(5, 7), 4.0), view("b", L(6, 8), 8.0)])
+    directory.layers = 8
+    b = directory.rebalancer(peer("b"), BalanceConfig(enabled=True, period=10.0), seed=1)
+    intend = b._intend
+
+    async def intend_as_a_does(target: LayerRange | None) -> None:
+        await intend(target)
+        if target is not None:
+            directory.views[peer("a")] = view("a", L(5, 7), 4.0, moving_to=target)
+
+    b._intend = intend_as_a_does
+    done = await b.step()
+    assert done is not None and done.target == L(2, 4) and done.reason is MoveReason.BOTTLENECK
+    assert directory.moves == [] and directory.views[peer("b")].moving_to is None
+    assert decide(
+        yielding(list(directory.views.values()), peer("b")), peer("b"), L(6, 8), 8.0, 8,
+        target=L(3, 5),
+    ).reason is MoveReason.BOTTLENECK  # fmt: skip
