@@ -153,6 +153,37 @@ def attack_slowloris(url: str) -> str:
     )
 
 
+def attack_slowloris_hosts(url: str, hosts: int = 8, per_host: int = 64) -> str:
+    """Half-sent bodies from ``hosts`` loopback addresses, ``per_host`` each (by default the
+    gateway's whole 512), then a completion from another host, retried until it is 200."""
+    socks = []
+    for index in range(hosts):
+        for _ in range(per_host):
+            try:
+                socks.append(half_sent_request(url, source=f"127.0.0.{40 + index}"))
+            except OSError:
+                break
+    time.sleep(2)
+    started, tries, status = time.monotonic(), 0, 0
+    transport = httpx.HTTPTransport(local_address="127.0.0.60")
+    with httpx.Client(transport=transport, timeout=60) as client:
+        while status != 200 and time.monotonic() - started < 60:
+            tries += 1
+            try:
+                body = {"model": NAME, "prompt": "The list", "max_tokens": 4}
+                status = client.post(url + "/v1/completions", json=body).status_code
+            except httpx.HTTPError:
+                time.sleep(0.5)
+    took = time.monotonic() - started
+    still_open = sum(not is_closed(s, 0.01) for s in socks)
+    for sock in socks:
+        sock.close()
+    return (
+        f"5 slowloris from {hosts} hosts x{len(socks)}: another host's completion {status} "
+        f"after {took:.1f} s ({tries} tries); attackers' sockets open then {still_open}"
+    )
+
+
 def hostile_fields(url: str) -> str:
     bodies = {
         "seed 2^64": '{"model": "swarm-demo", "prompt": "x", "seed": 18446744073709551616}',
@@ -176,6 +207,9 @@ def hostile_fields(url: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", type=Path, help="run the gateway of this checkout")
+    parser.add_argument(
+        "--only", choices=["fields", "tokenizing", "non-readers", "slowloris", "hosts"]
+    )
     args = parser.parse_args()
     env = {"HOME": tempfile.mkdtemp(), "OMP_NUM_THREADS": "1"}
     if args.tree is not None:  # its swarm/ and cli/ (as swarm_cli) first on the path
@@ -208,10 +242,16 @@ def main() -> None:
         )
         url = gateway.wait_for_line(r"ready: swarm api at (http://\S+) ", 120).group(1)
         completion(url)  # warm up
-        print(hostile_fields(url), flush=True)
-        print(attack_tokenizing(url, {**os.environ, "HOME": env["HOME"]}), flush=True)
-        print(attack_non_readers(url), flush=True)
-        print(attack_slowloris(url), flush=True)
+        attacks = {
+            "fields": lambda: hostile_fields(url),
+            "tokenizing": lambda: attack_tokenizing(url, {**os.environ, "HOME": env["HOME"]}),
+            "non-readers": lambda: attack_non_readers(url),
+            "slowloris": lambda: attack_slowloris(url),
+            "hosts": lambda: attack_slowloris_hosts(url),
+        }
+        for name, attack in attacks.items():
+            if args.only in (None, name):
+                print(attack(), flush=True)
         print(json.dumps({"tree": str(args.tree or "this")}))
 
 

@@ -13,9 +13,10 @@ With ``--llama-python`` llama.cpp runs in that interpreter (one where llama-cpp-
 installed, e.g. a venv of its own: `benchmarks/llama_cpp_decode.py`), else in this process.
 
 Ours runs the whole model as one span (`load_span(quant=None)`: the file's Q4_1 kept int4),
-once with the client's float32 head (as `swarm.lab.reference.LocalModel` does by default) and
-once with the head kept in int8 (``head_quant="int8"``), alternating with llama.cpp in every
-round. The breakdown (float head) times, per token: the 30 layers and the head (final norm
+once with the float32 head, once with the float32 head's greedy screen (the client's and
+`swarm.lab.reference.LocalModel`'s default: the float head's tokens, `swarm.shards.screen`)
+and once with the head kept in int8 (``head_quant="int8"``), alternating with llama.cpp in
+every round. The breakdown (float head) times, per token: the 30 layers and the head (final norm
 and the 49,152 x 576 lm_head) in wall time, and in CPU time inside the decoding loop what the
 int4 matmuls, attention and the RMS norms cost (each replaced by a stub in turn: see
 `_in_loop_costs`); the rest is the head and everything else a layer does in Python and small
@@ -74,7 +75,7 @@ def ours(
             positions = torch.arange(position, position + n)[None]
             hidden = span(head.embed(ids), positions, cache)
             mid = time.perf_counter()
-            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+            token = int(head.greedy_logits(hidden[:, -1:])[0, -1].argmax())
             end = time.perf_counter()
             timings.append(end - began)
             cpu.append(time.thread_time() - cpu_began)
@@ -203,7 +204,11 @@ def main() -> None:
     prompt = list(tokenizer.encode(text, add_special_tokens=False).ids)
     print(f"SmolLM2-135M-Instruct Q4_1 GGUF, 1 thread, prompt {len(prompt)} tokens, "
           f"{args.tokens} new, {args.rounds} rounds (median per token after the 1st)")  # fmt: skip
-    heads = {"float32": load_head(path), "int8": load_head(path, quant=Quantization.INT8)}
+    heads = {
+        "float32": load_head(path),
+        "float32 screened": load_head(path, screen=True),
+        "int8": load_head(path, quant=Quantization.INT8),
+    }
     span = load_span(path, LayerRange(0, heads["float32"].config.num_hidden_layers), quant=None)
     mine: dict[str, list[float]] = {name: [] for name in heads}
     mine_cpu: dict[str, list[float]] = {name: [] for name in heads}
@@ -233,6 +238,8 @@ def main() -> None:
               f"{a_cpu / b_cpu:.2f}x); "
               f"greedy tokens equal to llama.cpp's at {same} of {args.tokens} positions "
               f"(first difference at {first})")  # fmt: skip
+    same = ids_ours["float32 screened"] == ids_ours["float32"]
+    print(f"screened head's tokens equal the float32 head's: {same}")
     print(_head_error(span, heads["float32"], heads["int8"], prompt, args.head_check_tokens))
     names = list(parts_all[0])
     medians = {n: statistics.median(p[n] for p in parts_all) for n in names}

@@ -118,7 +118,13 @@ def api(
     max_redundancy: Annotated[
         int, typer.Option(help="Largest K of redundant:K a request may ask.")
     ] = 3,
-    max_connections: Annotated[int, typer.Option(help="Open HTTP connections at most.")] = 512,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            help="Open HTTP connections at most (when full, a host holding fewer takes the "
+            "place of an idle one of the host holding the most)."
+        ),
+    ] = 512,
     max_connections_per_host: Annotated[
         int, typer.Option(help="Open HTTP connections from one address at most.")
     ] = 64,

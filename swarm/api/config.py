@@ -33,8 +33,10 @@ class GatewayConfig:
     Connections (per connection: an untrusted peer holds nothing for long):
 
     - ``max_connections`` (512): open HTTP connections at most, ``max_connections_per_host``
-      (64) from one address (a public IPv6 /64 is one host); past either a new connection is
-      closed at once.
+      (64) from one address (a public IPv6 /64 is one host). Past the host's cap a new
+      connection is closed at once; past the total it takes the place of the oldest
+      connection answering nothing of the host holding the most (at least two more than its
+      own host), or is closed at once if there is none.
     - ``body_timeout_s`` (30): the whole request body must arrive within it (408).
     - ``send_timeout_s`` (30): a send to a client that does not read for that long ends the
       connection; its generation is cancelled, its swarm sessions closed, its slot freed.

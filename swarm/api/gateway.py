@@ -90,6 +90,11 @@ class Gateway:
             "Connections closed: request head too slow",
             lambda: connections().header_timeouts,
         )
+        self.metrics.gauge(
+            "swarm_api_connections_evicted",
+            "Connections closed to make room for a host holding fewer",
+            lambda: connections().evicted,
+        )
         self.servers: list[ServerView] = []
         self.refreshed_at: float | None = None  # time.time() of the last good refresh
         self.refresh_error: str | None = None

@@ -6,8 +6,13 @@ and with it the generation and its admission slot, for as long as the connection
 1,100 half-sent requests filled the process's file table. This module serves the same
 protocol code (`hypercorn.protocol`) through its own connection handler:
 
-- a connection cap, in all and per host (`ConnectionGate`): a connection past either is
-  closed as soon as it is accepted, so one host cannot take the file table;
+- a connection cap, in all and per host (`ConnectionGate`): a connection past its host's
+  cap is closed as soon as it is accepted, so one host cannot take the file table. When the
+  total is full, a newcomer takes the place of the oldest connection that is not being
+  answered (idle, or its head or body still arriving) of the host holding the most, if that
+  host holds at least two more than the newcomer's; otherwise it is closed. So a few hosts'
+  half-sent requests cannot shut out everyone else until their deadlines pass, and hosts
+  with one connection each are never closed for another's sake (max-min fair shares);
 - a send deadline: a write that cannot complete within ``send_timeout_s`` (the client's
   receive window stayed shut) closes the connection. The application then sees
   ``http.disconnect``, so a generation in flight is cancelled and its slot freed;
@@ -33,10 +38,12 @@ Built on Hypercorn's `TCPServer`, `Lifespan` and `WorkerContext` (checked with 0
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +58,14 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from swarm.net.transport import host_key
 
-__all__ = ["ConnectionGate", "ConnectionStatistics", "HttpLimits", "serve_http"]
+__all__ = [
+    "ConnectionGate",
+    "ConnectionStatistics",
+    "HttpLimits",
+    "OpenConnection",
+    "answering_request",
+    "serve_http",
+]
 
 SEND_SLACK_S = 0.05  # a write's wait up to this long is scheduling, not a slow client
 
@@ -71,41 +85,104 @@ class HttpLimits:
 class ConnectionStatistics:
     open: int
     hosts: int
-    refused: int  # connections closed at once: over the total or the host's cap
+    refused: int  # connections closed at once: over the host's cap, or no room to be made
     send_timeouts: int  # connections closed because the client did not read (fast enough)
     header_timeouts: int  # connections closed because a request head took too long
+    evicted: int  # connections closed to make room for a host holding fewer
+
+
+class OpenConnection:
+    """What the gate knows of one connection: its host, and how many of its requests are
+    being answered (body read whole, answer not finished). Only a connection answering
+    nothing may be closed to make room; ``close`` asks its handler to close it."""
+
+    def __init__(self, host: str, close: Callable[[], None]) -> None:
+        self.host = host
+        self.answering = 0
+        self.close = close
+
+
+_CURRENT: ContextVar[OpenConnection | None] = ContextVar("swarm_api_connection", default=None)
+
+
+@contextlib.contextmanager
+def answering_request() -> Iterator[None]:
+    """Mark the current connection (if served by `serve_http`) as answering a request for
+    the duration: the gate then does not close it to make room for others."""
+    connection = _CURRENT.get()
+    if connection is not None:
+        connection.answering += 1
+    try:
+        yield
+    finally:
+        if connection is not None:
+            connection.answering -= 1
 
 
 class ConnectionGate:
-    """Counts open connections in all and per host; refuses past ``total`` or ``per_host``."""
+    """Counts open connections in all and per host: refuses past ``per_host``, and past
+    ``total`` makes room by closing another host's idle connection where that is fair (see
+    the module docstring)."""
 
     def __init__(self, total: int, per_host: int) -> None:
         self.total = total
         self.per_host = per_host
         self._open: Counter[str] = Counter()
+        self._held: dict[str, list[OpenConnection]] = {}  # per host, oldest first
         self._count = 0
         self._refused = 0
+        self._evicted = 0
         self.send_timeouts = 0
         self.header_timeouts = 0
 
-    def enter(self, host: str) -> bool:
-        """Count a connection from ``host`` in; False (and nothing counted) past a cap."""
-        if self._count >= self.total or self._open[host] >= self.per_host:
+    def enter(self, connection: OpenConnection) -> bool:
+        """Count ``connection`` in; False (and nothing counted) past a cap with no room to
+        be made."""
+        host = connection.host
+        if self._open[host] >= self.per_host or (
+            self._count >= self.total and not self._make_room(host)
+        ):
             self._refused += 1
             return False
         self._count += 1
         self._open[host] += 1
+        self._held.setdefault(host, []).append(connection)
         return True
 
-    def leave(self, host: str) -> None:
-        self._count -= 1
-        self._open[host] -= 1
-        if self._open[host] <= 0:
-            del self._open[host]
+    def leave(self, connection: OpenConnection) -> None:
+        """Count ``connection`` out (nothing if it was already closed to make room)."""
+        held = self._held.get(connection.host, [])
+        if connection in held:
+            held.remove(connection)
+            self._count -= 1
+            self._open[connection.host] -= 1
+            if self._open[connection.host] <= 0:
+                del self._open[connection.host]
+                del self._held[connection.host]
+
+    def _make_room(self, newcomer: str) -> bool:
+        """Close the oldest connection answering nothing of the host holding the most (at
+        least two more than ``newcomer``); False if there is none."""
+        mine = self._open[newcomer]
+        for host, count in self._open.most_common():
+            if count < mine + 2:
+                return False
+            victim = next((c for c in self._held[host] if c.answering == 0), None)
+            if victim is not None:
+                self.leave(victim)
+                self._evicted += 1
+                victim.close()
+                return True
+        return False
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(
-            self._count, len(self._open), self._refused, self.send_timeouts, self.header_timeouts
+            self._count,
+            len(self._open),
+            self._refused,
+            self.send_timeouts,
+            self.header_timeouts,
+            self._evicted,
         )
 
 
@@ -128,23 +205,33 @@ class _GuardedTCPServer(TCPServer):
         self._send_waited = 0.0  # seconds the writes of this request waited (beyond slack)
         self._awaiting_head = True  # no request in progress: the next bytes start a head
         self._head_timer = trio.CancelScope(deadline=math.inf)  # armed by a head's first byte
+        self._evict = trio.Event()  # set by the gate to make room for another host
 
     async def run(self) -> None:
         try:
             host = host_key(str(self.stream.socket.getpeername()[0]))
         except (OSError, AttributeError, IndexError):
             host = "?"
-        if not self._gate.enter(host):
+        connection = OpenConnection(host, self._evict.set)
+        if not self._gate.enter(connection):
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             return
+        _CURRENT.set(connection)  # this task's context, copied into the app's tasks
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_head)
+                nursery.start_soon(self._watch_eviction)
                 await super().run()
                 nursery.cancel_scope.cancel()
         finally:
-            self._gate.leave(host)
+            self._gate.leave(connection)
+
+    async def _watch_eviction(self) -> None:
+        """Close the connection when the gate closes it to make room."""
+        await self._evict.wait()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()  # ends the read loop, and with it the connection
 
     async def _watch_head(self) -> None:
         """Close the connection when ``_head_timer``'s deadline passes (a head begun but not

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 import trio
 
 from swarm.api.errors import ApiError
+from swarm.api.http import answering_request
 from swarm.api.metrics import GatewayMetrics
 
 __all__ = ["GuardMiddleware", "endpoint_label", "host_allowed", "key_fingerprint"]
@@ -135,7 +136,8 @@ class GuardMiddleware:
             if error is not None:
                 await _send_error(counting_send, error)
                 return
-            await self.app(scope, _replay(body, receive), counting_send)
+            with answering_request():  # the body is whole: not to be closed for others
+                await self.app(scope, _replay(body, receive), counting_send)
         finally:
             self.metrics.answered(endpoint_label(scope["path"]), status)
 

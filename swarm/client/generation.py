@@ -286,7 +286,8 @@ class TokenLoop:
                 yield rollback
                 return
             rows = stepped.output[0, len(ids) - 1 :]  # (1 + guesses, hidden)
-            logits = await self.heads.logits(rows)  # (1 + guesses, vocab)
+            greedy = self.sampler.config.temperature == 0.0  # an argmax: screened logits do
+            logits = await self.heads.logits(rows, greedy=greedy)  # (1 + guesses, vocab)
             verdict = accept(self.sampler, logits, draft, len(result.ids))  # by answer index
             if self.speculator is not None:
                 decode = len(ids) == 1  # a prompt's step times the prompt, not the guesses

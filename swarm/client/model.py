@@ -204,7 +204,8 @@ class AsyncRemoteModel:
         try:
             model_config = ModelConfig.from_pretrained(folder)
             head_quant = Quantization(config.head_quant)
-            head = await trio.to_thread.run_sync(partial(load_head, folder, quant=head_quant))
+            load = partial(load_head, folder, quant=head_quant, screen=config.head_screen)
+            head = await trio.to_thread.run_sync(load)
             tokenizer = load_tokenizer(folder)
             mid = model_id(folder)
             draft = None

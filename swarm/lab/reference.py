@@ -29,12 +29,20 @@ class LocalGeneration:
 
 class LocalModel:
     """The whole model loaded in this process (float32, CPU), for repeated generations.
-    ``head_quant`` int8 keeps lm_head in int8 (see `swarm.shards.head`; float by default)."""
+    ``head_quant`` int8 keeps lm_head in int8 (see `swarm.shards.head`; float by default);
+    ``head_screen`` finds greedy tokens through the float head's screen (the same tokens,
+    `swarm.shards.screen`), as a client does by default."""
 
-    def __init__(self, path: str | Path, *, head_quant: Quantization = Quantization.NONE) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        head_quant: Quantization = Quantization.NONE,
+        head_screen: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.config = ModelConfig.from_pretrained(self.path)
-        self.head = load_head(self.path, quant=head_quant)
+        self.head = load_head(self.path, quant=head_quant, screen=head_screen)
         self.span = load_span(self.path, LayerRange(0, self.config.num_hidden_layers))
 
     def generate(
@@ -44,6 +52,8 @@ class LocalModel:
         token, like a swarm session. Does not stop at EOS."""
         cache = KVCache.allocate(self.config, self.span.layers, 1, len(prompt) + new_tokens)
         sampler = Sampler(sampling or SamplingConfig())
+        greedy = sampler.config.temperature == 0.0
+        head = self.head.greedy_logits if greedy else self.head.logits
         ids = torch.tensor([list(prompt)])  # (1, prompt_len)
         out, position = LocalGeneration(), 0
         with torch.inference_mode():  # cheaper than no_grad: no version counters
@@ -52,7 +62,7 @@ class LocalModel:
                 n = ids.shape[1]
                 positions = torch.arange(position, position + n).view(1, n)  # (1, n)
                 hidden = self.span(self.head.embed(ids), positions, cache)  # (1, n, hidden)
-                token = int(sampler(self.head.logits(hidden[:, -1:])[:, -1])[0])
+                token = int(sampler(head(hidden[:, -1:])[:, -1])[0])
                 position += n
                 ids = torch.tensor([[token]])
                 out.ids.append(token)

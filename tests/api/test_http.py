@@ -1,6 +1,7 @@
 """The gateway's HTTP layer (`swarm.api.http.serve_http`) on a real loopback socket, port 0,
 under trio's virtual clock (no process, no real wait): the header deadline, the connection
-cap, and the send budget that a trickling reader spends."""
+cap and the room a full gate makes for a host holding fewer, and the send budget that a
+trickling reader spends."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 from hypercorn.config import Config as HypercornConfig
 
-from swarm.api.http import ConnectionGate, HttpLimits, serve_http
+from swarm.api.http import ConnectionGate, HttpLimits, OpenConnection, answering_request, serve_http
 
 HEADER_TIMEOUT_S = 2.0
 KEEP_ALIVE_S = 75.0
@@ -130,6 +131,94 @@ async def test_connections_past_the_cap_are_closed_at_once(
         for stream in held:
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+class _HoldingApp(_App):
+    """Also ``GET /hold``: an answer begun and held open, marked as answering (as the
+    gateway's middleware marks every request whose body is whole), until the client leaves;
+    a POST's body is read whole before it is answered."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":  # the body first, whole
+            while (await receive()).get("more_body"):
+                pass
+        if scope["type"] != "http" or scope["path"] != "/hold":
+            await super().__call__(scope, receive, send)
+            return
+        with answering_request():
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"h", "more_body": True})
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+
+async def _get_ok(stream: trio.SocketStream) -> bool:
+    """Whether ``GET /`` on ``stream`` is answered "ok"."""
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = b""
+    with trio.move_on_after(5):
+        while not data.endswith(b"ok"):
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
+
+
+async def test_a_full_gate_makes_room_for_a_host_holding_fewer(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0.02
+    gate = ConnectionGate(total=4, per_host=4)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, gate, _HoldingApp())
+        held = await trio.open_tcp_stream("127.0.0.1", port)  # oldest, but being answered
+        await held.send_all(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert await held.receive_some(4096)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        assert await _get_ok(idle[1])  # a kept-alive connection between requests
+        await idle[2].send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n{")
+        await trio.sleep(0.5)
+        assert gate.statistics().open == 4
+        # the total is full: a newcomer from another host takes the oldest idle one's place
+        newcomer = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        assert await _get_ok(newcomer)
+        assert await _closed_within(idle[0], 1.0)
+        assert not any([await _closed_within(s, 1.0) for s in (held, idle[1], idle[2])])
+        # 127.0.0.1 holds 3: another from 127.0.0.2 (holding 1) makes room again, then the
+        # shares are 2 and 2 and a third from 127.0.0.2 is refused, as is one from 127.0.0.1
+        second = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        assert await _get_ok(second)
+        assert await _closed_within(idle[1], 1.0)  # the next oldest not being answered
+        third = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        assert await _closed_within(third, 1.0)
+        again = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await _closed_within(again, 1.0)
+        assert not await _closed_within(held, 1.0)  # an answer in progress is never closed
+        statistics = gate.statistics()
+        assert (statistics.open, statistics.evicted, statistics.refused) == (4, 2, 2)
+        for stream in (held, idle[2], newcomer, second):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_hosts_with_equal_shares_are_never_closed_for_a_newcomer() -> None:
+    closed: list[str] = []
+    gate = ConnectionGate(total=3, per_host=8)
+    for host in ("a", "b", "c"):
+        assert gate.enter(OpenConnection(host, lambda h=host: closed.append(h)))
+    assert not gate.enter(OpenConnection("d", lambda: closed.append("d")))
+    assert gate.enter(OpenConnection("c", lambda: closed.append("c2"))) is False
+    assert closed == [] and gate.statistics().refused == 2
+    # one host holding two more than the newcomer gives up its oldest connection
+    gate = ConnectionGate(total=4, per_host=8)
+    connections = [OpenConnection(h, lambda h=h: closed.append(h)) for h in "aaab"]
+    for connection in connections:
+        assert gate.enter(connection)
+    assert gate.enter(OpenConnection("b", lambda: closed.append("b2")))
+    assert closed == ["a"]
+    gate.leave(connections[0])  # its handler counts it out later: nothing more happens
+    assert gate.statistics().open == 4 and gate.statistics().evicted == 1
 
 
 async def test_a_trickling_reader_spends_its_send_budget_and_loses_the_stream(

@@ -43,3 +43,34 @@ async def test_concurrent_rows_share_passes_and_equal_their_lone_logits(tmp_path
             # so the last bits may differ; the tokens chosen from them do not
             torch.testing.assert_close(logits, alone[i], rtol=1e-5, atol=1e-5)
             assert torch.equal(logits.argmax(-1), alone[i].argmax(-1))
+
+
+async def test_greedy_rows_take_the_screen_and_keep_the_float_token(tmp_path: Path) -> None:
+    """Greedy and sampling requests in one service: greedy rows through the head's screen
+    (each row's argmax the float head's on that row alone), the others the float logits."""
+    path = write_random_llama(tmp_path / "m", num_layers=1, hidden=64, vocab=3000)
+    head = load_head(path, screen=True)
+    assert head.screen is not None
+    batcher = HeadBatcher(head)
+    inputs = [torch.randn(2, 64, generator=torch.Generator().manual_seed(i)) * 4 for i in range(6)]
+    got: dict[int, torch.Tensor] = {}
+
+    async def generation(i: int) -> None:
+        got[i] = await batcher.logits(inputs[i], greedy=i % 2 == 0)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            async with trio.open_nursery() as generations:
+                for i in range(6):
+                    generations.start_soon(generation, i)
+            nursery.cancel_scope.cancel()
+    for i, x in enumerate(inputs):
+        alone = torch.cat([head.logits(row[None, None])[0] for row in x])  # (2, vocab)
+        assert torch.equal(got[i].argmax(-1), alone.argmax(-1))
+        if i % 2:  # sampling rows: the float logits (batched: last bits may differ)
+            torch.testing.assert_close(got[i], alone, rtol=1e-5, atol=1e-5)
+        else:  # greedy rows: the candidates' float logits, -inf elsewhere
+            kept = torch.isfinite(got[i])
+            assert torch.equal(got[i][kept], alone[kept])
+            assert int(kept.sum()) < 2 * 3000

@@ -18,7 +18,7 @@ from swarm.testing.dht import open_dht_cluster
 
 
 async def main(index: int, initial: str) -> None:
-    config = DHTConfig(timing=TimingConfig(rpc_timeout=0.5, bootstrap_timeout=10))
+    config = DHTConfig(timing=TimingConfig(rpc_timeout=2.0, bootstrap_timeout=10))
     peers = (initial,) if initial else ()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_dht_cluster(10, config, seed=f"proc{index}", initial_peers=peers) as c:

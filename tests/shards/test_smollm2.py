@@ -58,10 +58,14 @@ def transformers_answer(smollm2: Path, prompt_ids: list[int]) -> list[int]:
     return [int(t) for t in out[0, len(prompt_ids) :]]
 
 
-def _greedy_until_eos(path: Path, prompt: list[int], ranges: list[LayerRange]) -> list[int]:
-    """Greedy decoding through ``ranges`` (one span and cache each), like a 3-hop swarm."""
+def _greedy_until_eos(
+    path: Path, prompt: list[int], ranges: list[LayerRange], *, screen: bool = False
+) -> list[int]:
+    """Greedy decoding through ``ranges`` (one span and cache each), like a 3-hop swarm;
+    with ``screen``, through the head's greedy screen."""
     config = ModelConfig.from_pretrained(path)
-    head = load_head(path)
+    head = load_head(path, screen=screen)
+    logits = head.greedy_logits if screen else head.logits
     spans = [load_span(path, r) for r in ranges]
     caches = [KVCache.allocate(config, s.layers, 1, len(prompt) + MAX_NEW) for s in spans]
     ids, out, position = torch.tensor([prompt]), [], 0
@@ -71,7 +75,7 @@ def _greedy_until_eos(path: Path, prompt: list[int], ranges: list[LayerRange]) -
             hidden = head.embed(ids)  # (1, n, hidden)
             for span, cache in zip(spans, caches, strict=True):
                 hidden = span(hidden, positions, cache)
-            token = int(head.logits(hidden[:, -1:])[0, -1].argmax())
+            token = int(logits(hidden[:, -1:])[0, -1].argmax())
             out.append(token)
             position += ids.shape[1]
             ids = torch.tensor([[token]])
@@ -94,6 +98,18 @@ def test_greedy_chat_answer_equals_transformers(
     tokenizer = load_tokenizer(smollm2)
     assert tokenizer is not None
     assert "Paris" in tokenizer.decode(ours, skip_special_tokens=True)
+
+
+@pytest.mark.slow  # the real 135M model and transformers
+def test_the_screened_head_gives_the_same_answer(
+    smollm2: Path, prompt_ids: list[int], transformers_answer: list[int]
+) -> None:
+    """The client's default greedy head (int8 screen, float32 candidates) over the file's
+    int4 layers: the float head's answer, and transformers', to end of turn."""
+    ranges = [LayerRange(0, 30)]
+    screened = _greedy_until_eos(smollm2, prompt_ids, ranges, screen=True)
+    assert screened == _greedy_until_eos(smollm2, prompt_ids, ranges)
+    assert screened == transformers_answer[: len(screened)]
 
 
 def test_model_id_is_readable_and_cheap(smollm2: Path) -> None:
