@@ -7,7 +7,9 @@ machine skews them alike:
 - ``load s``: ``load_span`` of layers 0:10;
 - ``span ms``: one decode step (1 token, KV cache of ``--context`` tokens) through 0:10;
 - ``chain ms``: one decode step through the whole model as three spans 0:10 / 10:20 / 20:30
-  plus the head (what a 3-hop swarm computes per token, without the network);
+  plus the float32 head (what a 3-hop swarm computes per token, without the network);
+- ``greedy ms``: the same with the head a client decodes greedily with by default (the float
+  head's greedy screen, `swarm.shards.screen`: the same token);
 - ``batch8 ms``: one decode step of 8 sessions batched (`Span.forward_batch`) through 0:10;
 - ``prefill ms``: a 128-token stateless forward through 0:10;
 - ``MiB``: resident anonymous memory (RssAnon) the 0:10 range added, after ``malloc_trim``;
@@ -64,9 +66,12 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     return (time.perf_counter() - began) / repeat * 1e3
 
 
-def time_step(head: Head, chain: list[Span], x: torch.Tensor, context: int) -> dict[str, float]:
+def time_step(
+    head: Head, screened: Head, chain: list[Span], x: torch.Tensor, context: int
+) -> dict[str, float]:
     """Milliseconds of one decode step through the first span and the chain (the same step
-    again each time, the cache kept at ``context`` tokens), 8 batched sessions, a prefill."""
+    again each time, the cache kept at ``context`` tokens; with the float head, then with
+    the ``screened`` one's greedy logits), 8 batched sessions, a prefill."""
     dtype = chain[0].dtype
     caches = [KVCache.allocate(s.config, s.layers, 1, context + 8, dtype) for s in chain]
     positions = torch.arange(context)[None]
@@ -78,19 +83,20 @@ def time_step(head: Head, chain: list[Span], x: torch.Tensor, context: int) -> d
         chain[0](step, where, caches[0])
         caches[0].length -= 1
 
-    def whole() -> None:
+    def whole(logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
         h = step
         for span, cache in zip(chain, caches, strict=True):
             h = span(h, where, cache)
             cache.length -= 1
-        head.logits(h.float())
+        logits(h.float())
 
     items = [BatchItem(step, where) for _ in range(8)]
     prefill = x[:, :1].expand(1, 128, -1).to(dtype).contiguous()
     long = torch.arange(128)[None]
     return {
         "span ms": timed(one_span, 5),
-        "chain ms": timed(whole, 3),
+        "chain ms": timed(lambda: whole(head.logits), 3),
+        "greedy ms": timed(lambda: whole(screened.greedy_logits), 3),
         "batch8 ms": timed(lambda: chain[0].forward_batch(items), 3),
         "prefill ms": timed(lambda: chain[0](prefill, long), 1),
     }
@@ -104,6 +110,7 @@ def main() -> None:
     torch.set_num_threads(1)
     path = default_model_path()
     head = load_head(path)
+    screened = load_head(path, screen=True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (1, args.context), generator=gen)
     spans: dict[str, list[Span]] = {}
@@ -126,12 +133,12 @@ def main() -> None:
             logits[mode] = head.logits(h[:, -1:].float())[0, -1]
         for _ in range(args.rounds):
             for mode, chain in spans.items():
-                for name, ms in time_step(head, chain, x, args.context).items():
+                for name, ms in time_step(head, screened, chain, x, args.context).items():
                     figures[mode].setdefault(name, []).append(ms)
     base = logits["float32"]
     print(f"SmolLM2-135M Q4_1 GGUF, 1 thread, context {args.context}, {args.rounds} rounds "
           "(median)")  # fmt: skip
-    columns = ["load s", "MiB", "span ms", "chain ms", "batch8 ms", "prefill ms"]
+    columns = ["load s", "MiB", "span ms", "chain ms", "greedy ms", "batch8 ms", "prefill ms"]
     print(f"{'mode':9}" + "".join(f"{c:>12}" for c in columns) + f"{'logits err':>12} same")
     for mode in MODES:
         row = [statistics.median(figures[mode][c]) for c in columns]
@@ -140,10 +147,14 @@ def main() -> None:
         print(f"{mode:9}" + "".join(f"{v:12.2f}" for v in row) + f"{err:12.2e} {same}")
     f32 = {c: statistics.median(figures["float32"][c]) for c in columns}
     for mode in ("int8", "int4"):
-        ratios = {c: statistics.median(figures[mode][c]) / f32[c] for c in ("MiB", "chain ms")}
-        print(
-            f"{mode} / float32: memory {ratios['MiB']:.2f}x, chain step {ratios['chain ms']:.2f}x"
-        )
+        ratios = {
+            c: statistics.median(figures[mode][c]) / f32[c]
+            for c in ("MiB", "chain ms", "greedy ms")
+        }
+        print(f"{mode} / float32: memory {ratios['MiB']:.2f}x, chain step "
+              f"{ratios['chain ms']:.2f}x (greedy head {ratios['greedy ms']:.2f}x)")  # fmt: skip
+    g = statistics.median(figures["float32"]["greedy ms"]) / f32["chain ms"]
+    print(f"float32, greedy head / float head: chain step {g:.2f}x")
 
 
 if __name__ == "__main__":
