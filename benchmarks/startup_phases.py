@@ -1,6 +1,7 @@
 """Where a server's start-up goes, phase by phase, code trees alternated (issue 21).
 
     python benchmarks/startup_phases.py --code old=/tmp/old --code new=/tmp/new --starts 6
+    python benchmarks/startup_phases.py --code old=/tmp/old --code new=. --timings cold
 
 Like `benchmarks/startup.py` (heavy model, 0:8, a fresh `swarm dht` per start, HOME in the
 work folder, DIR holding ``swarm`` and ``swarm_cli`` links to a checkout), but timing the
@@ -8,7 +9,8 @@ moment each progress line of ``swarm serve`` appears: until loading starts (inte
 imports, joining the DHT), until the reachability verdict, and from it to ready (the
 first throughput estimate). The trees take turns, their order flipping each round. After a
 start, a tree that keeps timings is given 8 s to measure online and keep them, as a
-longer-running server would. Not a test.
+longer-running server would; ``--timings cold`` instead empties the kept timings before
+every start (a first start on this machine). Not a test.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,8 +32,10 @@ from startup import compile_tree, keeps_timings, model_path
 PHASES = ("loading", "reachability:", "ready")
 
 
-def start(tree: str, home: Path, model: Path, layers: str) -> dict[str, float]:
+def start(tree: str, home: Path, model: Path, layers: str, cold: bool) -> dict[str, float]:
     """One start: seconds from the command to each phase's line (deadline 60 s)."""
+    if cold:
+        shutil.rmtree(home / ".cache" / "swarm" / "timings", ignore_errors=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(home), OMP_NUM_THREADS="1")
     if tree:
         env["PYTHONPATH"] = tree
@@ -58,7 +63,7 @@ def start(tree: str, home: Path, model: Path, layers: str) -> dict[str, float]:
             for phase in PHASES:
                 if phase in line:
                     marks.setdefault(phase, time.perf_counter() - began)
-        if keeps_timings(tree):
+        if keeps_timings(tree) and not cold:
             time.sleep(8)  # let it measure online and keep the result
         return marks
     finally:
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=6)
     parser.add_argument("--layers", default="0:8")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "swarm-bench")
+    parser.add_argument("--timings", choices=["kept", "cold"], default="kept")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = model_path("heavy", args.workdir)
@@ -83,7 +89,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     for i in range(args.starts):
         for name, tree in trees if i % 2 == 0 else trees[::-1]:
-            marks = start(tree, args.workdir / "home" / name, model, args.layers)
+            home = args.workdir / "home" / name
+            marks = start(tree, home, model, args.layers, args.timings == "cold")
             runs[name].append(marks)
             print(name, {k: round(v, 2) for k, v in marks.items()}, flush=True)
     print(f"load average {os.getloadavg()}")

@@ -159,7 +159,7 @@ def serve(
         typer.Option(
             help="Keep the throughput measured once online in ~/.cache/swarm/timings; a later "
             "start of the same model, range, weights, dtype and device announces it at once and "
-            "measures again online (--no-timings-cache: time a few steps before going online)."
+            "measures again online (--no-timings-cache: go online on one layer timed and scaled)."
         ),
     ] = True,
     verbose: VerboseOption = False,

@@ -229,6 +229,7 @@ class TokenLoop:
         self.text = StopText(tokenizer, stop) if tokenizer is not None else None
         self._done = False
         self._last: StepResult | None = None
+        self._route: tuple[list[Hop], list[dict[str, Any]]] | None = None  # route_dicts'
 
     async def events(self, attempts: Attempts) -> AsyncIterator[Event]:
         """Run to the end, yielding `Token`, `RolledBack` and finally `Done`."""
@@ -320,7 +321,7 @@ class TokenLoop:
         if len(result.ids) == 1:
             result.ttft = seconds
         piece, stopped = text.push(token) if text is not None else ("", False)
-        result.route = route_dicts(stepped.route)
+        result.route = self._route_dicts(stepped.route)
         result.recoveries = max(result.recoveries, stepped.recoveries)
         if stopped:
             result.stop_reason, self._done = StopReason.STOP, True
@@ -332,6 +333,18 @@ class TokenLoop:
         if text is not None:
             result.text = text.text
         return Token(token, piece, seconds)
+
+    def _route_dicts(self, route: list[Hop]) -> list[dict[str, Any]]:
+        """`route_dicts` of ``route``, made again only when the route changed (hops are
+        frozen; a replaced one is another object): every token reports it."""
+        kept = self._route
+        if (
+            kept is None
+            or len(kept[0]) != len(route)
+            or any(a is not b for a, b in zip(kept[0], route, strict=True))
+        ):
+            kept = self._route = (route, route_dicts(route))
+        return kept[1]
 
     def _roll_back(self, keep: int) -> RolledBack:
         """Drop every token computed from the lie (answer tokens from ``keep`` on)."""

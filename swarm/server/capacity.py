@@ -5,6 +5,8 @@ available RAM on the CPU) into how many blocks to serve and how many cache token
 `measure_span` times the span at the batch sizes the compute worker runs (decode steps of
 1..16 sessions batched, prompt chunks of 16..1024 tokens); the announcement's throughput,
 the default prefill chunk and the estimate of a forward's time come from it.
+`estimate_span` is the cheap first estimate a server goes online on before that: one layer
+timed and scaled, erring slow.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from swarm.shards.cache import KVCache
 from swarm.shards.config import ModelConfig
 from swarm.shards.quant import GROUP, Quantization
 from swarm.shards.span import BatchItem, Span
+from swarm.types import LayerRange
 
 __all__ = [
     "Capacity",
@@ -36,6 +39,7 @@ __all__ = [
     "available_memory",
     "block_bytes",
     "cpu_has_native_bfloat16",
+    "estimate_span",
     "kv_bytes_per_token",
     "measure_span",
     "plan_capacity",
@@ -243,6 +247,42 @@ def measure_span(
     for job in measurement.jobs():
         job()
     return measurement.result()
+
+
+ESTIMATE_MARGIN = 2.0  # a first estimate announces 1/this of what one layer scales to
+
+
+def estimate_span(span: Span, *, margin: float = ESTIMATE_MARGIN, repeats: int = 5) -> SpanTimings:
+    """A first estimate of ``span``'s timings (worker thread): its first layer alone
+    (`Span.narrow`, the same weights) timed as ``measure_span(batch_sizes=(1,),
+    chunks=(16,), repeats=repeats)`` would time the span (the fastest of ``repeats`` after a
+    warm-up: a scaled time multiplies whatever a busy machine added to it, so one sample is
+    not enough), every time scaled by the span's layer count and by ``margin``. Costs about
+    a 32-token prefill and 2 × ``repeats`` single steps of one layer.
+
+    It errs slow on purpose: an announced throughput above what the server delivers would
+    draw clients' routes (their cost is blocks / throughput) to it until the full
+    measurement replaces it; one below only leaves it less used meanwhile. The layers are
+    alike, so the scaled layer is close to the span (it also counts the per-step work once
+    per layer, not once per span); ``margin`` 2 announces about half of that, as the cold
+    timing of the whole span that came before this did (0.58x of the full measurement on
+    the heavy model).
+    """
+    if margin < 1:
+        raise ValueError(f"an estimate's margin must be at least 1, got {margin}")
+    first = span.layers.start
+    one = measure_span(
+        span.narrow(LayerRange(first, first + 1)), batch_sizes=(1,), chunks=(16,), repeats=repeats
+    )
+    layers = len(span.layers)
+    scale = margin * layers
+    return replace(
+        one,
+        decode=tuple((batch, seconds * scale) for batch, seconds in one.decode),
+        chunks=tuple((tokens, seconds * scale) for tokens, seconds in one.chunks),
+        flops_per_token=one.flops_per_token * layers,
+        flops_per_pair=one.flops_per_pair * layers,
+    )
 
 
 class SpanMeasurement:

@@ -8,9 +8,9 @@
 
 Start-up order: load the layer range (in a worker thread; only those layers are read), join
 the DHT, listen for RPC, announce ``joining``, take a first throughput estimate (the
-timings kept from the last start with the same key, `swarm.server.timings_store`, or a
-few timed steps), announce ``online`` and report ready; then measure the span fully
-between sessions' steps, announce the result at once and keep it for the next start.
+timings kept from the last start with the same key, `swarm.server.timings_store`, or one
+layer timed and scaled, erring slow), announce ``online`` and report ready; then measure
+the span fully between sessions' steps, announce the result at once and keep it for the next start.
 Stop: announce ``draining`` (clients stop routing here), refuse new sessions, wait (up to
 ``drain_timeout``) for running steps, then close everything.
 """
@@ -62,7 +62,7 @@ from swarm.server.capacity import (
     available_memory,
     block_bytes,
     cpu_has_native_bfloat16,
-    measure_span,
+    estimate_span,
     size_server,
 )
 from swarm.server.compute import ComputeQueue, Priority
@@ -508,18 +508,15 @@ class Server:
         store: tuple[TimingsStore, TimingsKey] | None,
     ) -> None:
         """Serve by a first estimate until the online measurement: the timings kept from the
-        last start with the same key, or else two decode steps of one session and two
-        16-token chunks timed now."""
+        last start with the same key, or else one layer timed and scaled (`estimate_span`,
+        erring slow)."""
         kept = None if store is None else store[0].load(store[1])
         if kept is not None:
             self._progress("throughput: the last start's measurement (measuring again online)")
             self._apply_timings(kept, state, queue, final=False)
             return
-        self._progress("measuring throughput (a first estimate)")
-        first = await queue.submit(
-            lambda: measure_span(span, batch_sizes=(1,), chunks=(16,), repeats=1),
-            Priority.FORWARD,
-        )
+        self._progress("estimating throughput from one layer (measuring fully online)")
+        first = await queue.submit(lambda: estimate_span(span), Priority.FORWARD)
         self._apply_timings(first, state, queue, final=False)
 
     async def _measure_online(

@@ -5,9 +5,10 @@ the result here, one small JSON file per `TimingsKey`: the checkpoint (its model
 digest of its contents), the layer range, the weights' format, the dtype, the device (its
 model name), the torch thread count and the versions of torch and swarm. The next start with
 the same key announces the stored timings as its first estimate at once, instead of timing
-a few steps before going online, and measures again once online (re-announcing the result);
-anything else (another key, a file that is not ours, unreadable, or with values out of
-range) is a miss, and the server measures a first estimate as without a store.
+one layer before going online (`swarm.server.capacity.estimate_span`), and measures again
+once online (re-announcing the result); anything else (another key, a file that is not
+ours, unreadable, or with values out of range) is a miss, and the server estimates from one
+layer as without a store.
 
 The stored figure is an estimate like any first one: it never refuses work
 (`swarm.server.handlers.ServingState.timings_final`), the server replaces it within seconds,

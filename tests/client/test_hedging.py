@@ -10,6 +10,7 @@ no thread or other process runs while the clock jumps, and no real second passes
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ import trio
 import trio.testing
 
 from swarm.client.bans import BanList, Penalties
-from swarm.client.chain import Chain, HedgeWinner, usual_seconds
+from swarm.client.chain import Chain, HedgeWinner, hedge_deadline, usual_seconds
+from swarm.client.chain.hedging import alternative_counts
+from swarm.client.chain.hop import HopHistory, HopState, StepAnswer, StepCall
 from swarm.client.config import ClientConfig, FailureConfig, HedgeConfig, PipelineConfig
 from swarm.errors import ConfigError, RoutingError
 from swarm.identity import Identity
@@ -247,6 +250,33 @@ def test_usual_seconds_scales_multi_token_steps() -> None:
     assert usual_seconds(old + [(1, 0.010)] * 16, 1) == pytest.approx(0.010)  # a window of 16
 
 
+def _timed_history(seconds: float, steps: int = 4) -> HopState:
+    history = HopHistory()
+    for _ in range(steps):
+        x = torch.zeros(1, 1, 8)
+        history.record(x, torch.zeros(1, 1, dtype=torch.long), StepAnswer(x, None, seconds))
+    return SimpleNamespace(history=history)  # type: ignore[return-value]  # all they read
+
+
+@pytest.mark.parametrize("usual", [0.001, 0.1, 0.2, 0.4, 2.0])
+@pytest.mark.parametrize("alternative", [None, 0.0001, 0.01, 0.1, 5.0])
+def test_the_alternative_is_read_only_where_it_can_move_the_deadline(
+    usual: float, alternative: float | None
+) -> None:
+    """A step asks the directory for the best other server only where its answer can change
+    the hedge deadline; elsewhere the deadline is the one it would have given."""
+    config = ClientConfig(hedging=HedgeConfig(after=3.0, floor=0.5))
+    state = _timed_history(usual)
+    with_it = hedge_deadline(state, 1, config, alternative)
+    if not alternative_counts(state, 1, config):
+        assert with_it == hedge_deadline(state, 1, config, None) == 0.5  # the floor
+    else:
+        assert usual * 3.0 > 0.5
+    assert not alternative_counts(_timed_history(usual, steps=0), 1, config)  # no history
+    off = ClientConfig(hedging=HedgeConfig(after=None))
+    assert not alternative_counts(state, 1, off)
+
+
 def test_hedge_config_is_checked() -> None:
     with pytest.raises(ConfigError):
         ClientConfig(hedging=HedgeConfig(after=0.5))
@@ -329,3 +359,25 @@ async def test_a_hop_raced_and_late_once_keeps_its_place(
         assert s.route[1].server.peer_id == slow.identity.peer_id
     assert_same(got, reference_outputs(full_span, steps))
     assert [h.winner for h in stats.hedges] == [HedgeWinner.ORIGINAL]
+
+
+@pytest.mark.parametrize("send_now", [True, False])
+async def test_a_step_late_within_its_deadline_is_waited_for_on_without_resending(
+    checkpoint: Path, send_now: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hedged step first waits for its hop within the deadline (`StepCall.answer` with
+    ``within``): a late hop gives None there, its input sent by then (after the push's
+    grace where a push was awaited), and waiting on gets its answer, sent once."""
+    servers = make_servers(checkpoint, [(0, 6)])
+    config = ClientConfig(pipeline=PipelineConfig(push_grace=0.2))
+    (x, positions), *_ = make_inputs()
+    async with run_servers(servers), open_session(servers, config) as session:
+        state, server = session.hop(0), servers[0]
+        server.step_delay = 5.0
+        call = StepCall(state, config, 0, x, positions)
+        assert await call.answer(send_now, grace=0.2, within=1.0) is None
+        assert call.sent and trio.current_time() - call.started == pytest.approx(1.0)
+        answer = await call.answer(send_now, grace=0.2)
+        assert answer is not None and answer.out.shape == x.shape
+        assert answer.seconds == pytest.approx(5.0, abs=0.5)  # counted from the call's start
+        assert server.steps_from_client == 1

@@ -10,8 +10,10 @@ import pytest
 import trio
 
 from swarm.directory import block_keys, servers_from_records
-from swarm.server.capacity import SpanTimings
+from swarm.server import capacity
+from swarm.server.capacity import SpanTimings, estimate_span
 from swarm.server.timings_store import TimingsKey, TimingsStore
+from swarm.shards.span import Span, load_span
 from swarm.testing.checkpoints import write_random_llama
 from swarm.testing.swarm import LocalServer, open_local_swarm
 from swarm.types import LayerRange
@@ -133,3 +135,33 @@ async def test_the_full_measurement_is_announced_as_soon_as_it_is_done(model_pat
             assert final != pytest.approx(server.ready.throughput)  # the first estimate
             while await announced_throughput(local, server) != pytest.approx(final):
                 await trio.sleep(0.05)
+
+
+def test_the_first_estimate_times_one_layer_and_scales_it_slow(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without kept timings a server goes online on one layer's timings, scaled to its span
+    and by the margin (erring slow: an overestimate would draw routes to it); the other
+    layers are not run."""
+    span = load_span(model_path, WHOLE)
+    ran = [0] * len(span.blocks)
+    for i, block in enumerate(span.blocks):
+        block.register_forward_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1))
+    estimate = estimate_span(span)
+    assert ran[0] > 0 and ran[1:] == [0] * (len(span.blocks) - 1)
+    assert estimate.flops_per_token == 2.0 * sum(p.numel() for p in span.blocks.parameters())
+    # the scaling, exactly: one layer's timings as `measure_span` would give them
+    one = SpanTimings(((1, 0.01),), ((16, 0.02),), 1000.0, 8.0)
+    timed: list[LayerRange] = []
+
+    def fake(narrow: Span, **_: object) -> SpanTimings:
+        timed.append(narrow.layers)
+        return one
+
+    monkeypatch.setattr(capacity, "measure_span", fake)
+    scaled = estimate_span(span.narrow(LayerRange(1, 4)), margin=2.0)
+    assert timed == [LayerRange(1, 2)]
+    assert scaled == SpanTimings(((1, 0.06),), ((16, 0.12),), 3000.0, 24.0)
+    assert scaled.throughput(1) == pytest.approx(one.throughput(1) / 6)
+    with pytest.raises(ValueError):
+        estimate_span(span, margin=0.5)  # never announces faster than the layer scales to

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from swarm.client.chain.hop import HopFailure, HopState, StepAnswer, close_hop, run_step
+from swarm.client.chain.hop import (
+    HopFailure,
+    HopState,
+    StepAnswer,
+    StepCall,
+    close_hop,
+    run_step,
+)
 from swarm.client.config import ClientConfig
 from swarm.directory import ServerView
 from swarm.errors import DeadlineExceeded, SessionError, SwarmError
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HedgeRecord",
     "HedgeWinner",
+    "alternative_counts",
     "alternative_seconds",
     "hedge_deadline",
     "step_hop",
@@ -100,7 +108,7 @@ def hedge_deadline(
     """
     if config.hedging.after is None:
         return None
-    usual = usual_seconds(state.history.step_times(), tokens)
+    usual = usual_seconds(state.history.step_times(WINDOW), tokens)
     if usual is None:
         return None  # a hop's first step (a prompt) is judged by the step timeout alone
     # the alternative counts at twice its estimate: it was announced, not seen, and a loaded
@@ -108,6 +116,19 @@ def hedge_deadline(
     yardstick = usual if alternative is None else min(usual, 2 * alternative)
     deadline = max(config.hedging.floor, config.hedging.after * yardstick)
     return deadline if deadline < config.step_timeout else None
+
+
+def alternative_counts(state: HopState, tokens: int, config: ClientConfig) -> bool:
+    """Whether the best other server's time (`alternative_seconds`) can move hop
+    ``state``'s `hedge_deadline` for a step of ``tokens`` tokens: only where the hop's own
+    usual time puts the deadline above ``hedging.floor``. Below, the yardstick (at most the
+    usual time) leaves it at the floor whatever the alternative, so the step reads no
+    records for it (on a fast chain that was a listing of the directory per hop per token)."""
+    after = config.hedging.after
+    if after is None:
+        return False
+    usual = usual_seconds(state.history.step_times(WINDOW), tokens)
+    return usual is not None and after * usual > config.hedging.floor
 
 
 def alternative_seconds(
@@ -177,7 +198,10 @@ async def step_hop(
         moved = await _move(chain, k, step, x, positions)
         if moved:
             return moved
-    deadline = hedge_deadline(state, x.shape[1], config, await chain.alternative(k, x.shape[1]))
+    tokens = x.shape[1]
+    counts = alternative_counts(state, tokens, config)
+    alternative = await chain.alternative(k, tokens) if counts else None
+    deadline = hedge_deadline(state, tokens, config, alternative)
     if deadline is None:
         answer = await run_step(
             state,
@@ -259,9 +283,9 @@ class _Race:
         self.chain, self.k, self.step = chain, k, step
         self.x, self.positions, self.keep = x, positions, keep
         self.state = chain.hop(k)
-        self.started = trio.current_time()
+        self.call = StepCall(self.state, chain.config, step, x, positions, keep)
+        self.started = self.call.started
         self.scope = trio.CancelScope()
-        self.original_done = trio.Event()
         self.hedged = False
         self.winner = HedgeWinner.NONE
         self.answer: StepAnswer | None = None
@@ -271,23 +295,35 @@ class _Race:
         self.refused: SessionError | None = None  # our input refused: no one will take it
 
     async def run(self, deadline: float, send_now: bool) -> None:
-        """Race until one answer is kept, both gave up, or ``step_timeout`` passed."""
+        """Race until one answer is kept, both gave up, or ``step_timeout`` passed.
+
+        Most steps answer before the deadline: they are waited for in this task (a nursery
+        and a task per hop and step cost a fast chain's client ~0.1 ms of CPU each); only a
+        late one goes on in a nursery beside its replacement."""
         config = self.chain.config
         grace = min(config.pipeline.push_grace, deadline)  # late at the deadline: push or not, send
-        with trio.move_on_after(config.step_timeout), self.scope:
+        try:
+            answer = await self.call.answer(send_now, grace, within=deadline)
+        except HopFailure as failure:
+            self.failure = failure  # before the deadline: no replacement is running
+            return
+        except SessionError as exc:
+            self.refused = exc
+            return
+        if answer is not None:
+            self._win(HedgeWinner.ORIGINAL, answer, [])
+            return
+        with trio.move_on_at(self.started + config.step_timeout), self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._original, send_now, grace)
-                with trio.move_on_after(deadline):
-                    await self.original_done.wait()
-                if not self.original_done.is_set():
-                    self.hedged = True
-                    log.info(
-                        "%s has not answered step %d in %.2f s: starting a replacement",
-                        self.state.hop.server.peer_id,
-                        self.step,
-                        deadline,
-                    )
-                    nursery.start_soon(self._replacement)
+                self.hedged = True
+                log.info(
+                    "%s has not answered step %d in %.2f s: starting a replacement",
+                    self.state.hop.server.peer_id,
+                    self.step,
+                    deadline,
+                )
+                nursery.start_soon(self._replacement)
 
     def _win(self, winner: HedgeWinner, answer: StepAnswer, new: list[HopState]) -> bool:
         if self.winner is not HedgeWinner.NONE:
@@ -298,17 +334,9 @@ class _Race:
         return True
 
     async def _original(self, send_now: bool, grace: float) -> None:
+        """The late hop's answer, waited for on (its input went out by the deadline)."""
         try:
-            answer = await run_step(
-                self.state,
-                self.chain.config,
-                self.step,
-                self.x,
-                self.positions,
-                send_now=send_now,
-                grace=grace,
-                keep=self.keep,
-            )
+            answer = await self.call.answer(send_now, grace)
         except HopFailure as failure:
             self.failure = failure  # a replacement already running may still answer
             return
@@ -316,8 +344,7 @@ class _Race:
             self.refused = exc
             self.scope.cancel()
             return
-        finally:
-            self.original_done.set()
+        assert answer is not None  # no ``within``: an answer or an error
         self._win(HedgeWinner.ORIGINAL, answer, [])
 
     async def _replacement(self) -> None:

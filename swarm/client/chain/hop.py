@@ -44,6 +44,7 @@ __all__ = [
     "HopHistory",
     "HopState",
     "StepAnswer",
+    "StepCall",
     "close_hop",
     "push_target",
     "rewire",
@@ -165,9 +166,11 @@ class HopHistory:
         tokens = sum(self.inputs[i][0].shape[1] for i in range(entries))
         return x[:, :tokens], pos[:, :tokens], out[:, :tokens]
 
-    def step_times(self) -> list[tuple[int, float]]:
-        """``(tokens, seconds)`` of every entry, oldest first."""
-        return [(x.shape[1], s) for (x, _), s in zip(self.inputs, self.seconds, strict=True)]
+    def step_times(self, last: int | None = None) -> list[tuple[int, float]]:
+        """``(tokens, seconds)`` of every entry (or of the ``last`` ones), oldest first."""
+        start = 0 if last is None else max(0, len(self.inputs) - last)
+        entries = zip(self.inputs[start:], self.seconds[start:], strict=True)
+        return [(x.shape[1], s) for (x, _), s in entries]
 
 
 @dataclass
@@ -212,30 +215,76 @@ async def run_step(
     to ``config.step_timeout`` after sending. Raises `HopFailure`, or `SessionError` when
     the server refused our input as malformed (another server would refuse it too).
     """
-    started = trio.current_time()
-    try:
-        if not send_now:
+    answer = await StepCall(state, config, step, x, positions, keep).answer(send_now, grace)
+    assert answer is not None  # no ``within``: an answer or an error
+    return answer
+
+
+class StepCall:
+    """One step on one hop (`run_step`), waited for in pieces: a hedged step first waits
+    here for an answer within its deadline, and only a late one goes on in a race beside a
+    replacement (`swarm.client.chain.hedging`), its input already sent."""
+
+    def __init__(
+        self,
+        state: HopState,
+        config: ClientConfig,
+        step: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        keep: int | None = None,
+    ) -> None:
+        self.state, self.config, self.step = state, config, step
+        self.x, self.positions, self.keep = x, positions, keep
+        self.started = trio.current_time()  # an answer's seconds count from here
+        self.sent = False  # whether our input went out (then a push is no longer awaited)
+
+    async def answer(
+        self, send_now: bool, grace: float, within: float | None = None
+    ) -> StepAnswer | None:
+        """The hop's answer (as `run_step`); with ``within``, None when none came within
+        that many seconds of the call's start (the input is sent by then if ``grace`` ends
+        first; a later `answer` goes on waiting). Raises what `run_step` raises."""
+        state = self.state
+        try:
+            if not self.sent and not send_now:
+                try:
+                    return self._check(await self._receive(grace, within))
+                except DeadlineExceeded:
+                    if within is not None and grace > within:
+                        return None  # late before the push's grace ended: nothing sent
+                    log.info(
+                        "no pushed result from %s in %.3f s; sending the input",
+                        state.hop.server.peer_id,
+                        grace,
+                    )
+            if not self.sent:
+                message = InferenceInput(self.step, self.x, self.positions, self.keep)
+                await state.stream.send(message)
+                self.sent = True
             try:
-                result = await state.stream.receive(InferenceStepResult, timeout=grace)
-                return _check(state, config, step, x, result, started)
+                return self._check(await self._receive(self.config.step_timeout, within))
             except DeadlineExceeded:
-                log.info(
-                    "no pushed result from %s in %.3f s; sending the input",
-                    state.hop.server.peer_id,
-                    grace,
-                )
-        await state.stream.send(InferenceInput(step, x, positions, keep))
-        result = await state.stream.receive(InferenceStepResult, timeout=config.step_timeout)
-        return _check(state, config, step, x, result, started)
-    except trio.EndOfChannel as exc:
-        raise HopFailure(state.hop, ProtocolError("the server ended the stream")) from exc
-    except RemoteError as exc:
-        if exc.code is ErrorCode.BAD_REQUEST:
-            address = state.hop.server.address
-            raise SessionError(f"{address} refused step {step}: {exc}") from exc
-        raise HopFailure(state.hop, exc) from exc
-    except (TransportError, ProtocolError) as exc:
-        raise HopFailure(state.hop, exc) from exc
+                if within is None:
+                    raise
+                return None
+        except trio.EndOfChannel as exc:
+            raise HopFailure(state.hop, ProtocolError("the server ended the stream")) from exc
+        except RemoteError as exc:
+            if exc.code is ErrorCode.BAD_REQUEST:
+                address = state.hop.server.address
+                raise SessionError(f"{address} refused step {self.step}: {exc}") from exc
+            raise HopFailure(state.hop, exc) from exc
+        except (TransportError, ProtocolError) as exc:
+            raise HopFailure(state.hop, exc) from exc
+
+    async def _receive(self, timeout: float, within: float | None) -> InferenceStepResult:
+        if within is not None:
+            timeout = max(0.0, min(timeout, self.started + within - trio.current_time()))
+        return await self.state.stream.receive(InferenceStepResult, timeout=timeout)
+
+    def _check(self, result: InferenceStepResult) -> StepAnswer:
+        return _check(self.state, self.config, self.step, self.x, result, self.started)
 
 
 def _check(
