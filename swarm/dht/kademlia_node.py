@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from collections.abc import Callable
 
@@ -30,11 +31,13 @@ from swarm.dht.records import DropReason, Record, VerifiedRecords
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
 
-__all__ = ["KademliaNode"]
+__all__ = ["STORE_ANSWERED", "STORE_TAIL_S", "KademliaNode", "stored"]
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+STORE_ANSWERED = 0.8  # a store waits for this share of its nodes' answers ...
+STORE_TAIL_S = 0.5  # ... then for the rest as long again as that took, at least this long
 _CHECKS_PER_INTERVAL = 8  # stale contacts pinged per contact_check_interval
 
 
@@ -139,7 +142,8 @@ class KademliaNode(Server):  # type: ignore[misc]
 
     async def store(self, dkey: bytes, blob: bytes) -> int:
         """Store one record on the k nodes closest to ``dkey`` (and here, if we are one of
-        them or know fewer than k); returns how many remote nodes took it."""
+        them or know fewer than k); returns how many remote nodes took it by the time it
+        returns (`stored`: it does not wait out the RPC timeouts of the last few)."""
         proto = self._proto()
         target = Node(dkey)
         nearest = proto.router.find_neighbors(target)
@@ -151,8 +155,7 @@ class KademliaNode(Server):  # type: ignore[misc]
         )
         if closest and not self.config.client_only:
             self.storage.merge(dkey, [blob])
-        results = await asyncio.gather(*(proto.store_records(n, dkey, [blob]) for n in nodes))
-        return sum(results)
+        return await stored([proto.spawn(proto.store_records(n, dkey, [blob])) for n in nodes])
 
     async def fetch(
         self, dkey: bytes, check: Callable[[bytes], Record | DropReason]
@@ -182,3 +185,26 @@ class KademliaNode(Server):  # type: ignore[misc]
             self.transport.close()
         if self.protocol is not None:
             await self.protocol.aclose()
+
+
+async def stored(stores: list[asyncio.Future[bool]]) -> int:
+    """How many of ``stores`` (one per node, already sent) took the record: once every
+    node answered, or once `STORE_ANSWERED` of them did and the rest had as long again
+    (at least `STORE_TAIL_S`). A node that left answers nothing, and among the k closest
+    nodes of a key of a swarm with churn one nearly always has: waiting for every answer
+    made nearly every announce last the RPC timeout (2 s), though the record lay on the
+    other nodes long before (the rebalancer's announced intents waited on it, twice per
+    move). The stores not answered by then go on as the protocol's background tasks
+    (cancelled when the node closes); their acknowledgements are not counted. Raises what
+    a counted store raised."""
+    if not stores:
+        return 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    need = math.ceil(STORE_ANSWERED * len(stores))
+    pending: set[asyncio.Future[bool]] = set(stores)
+    while len(stores) - len(pending) < need:
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    if pending:
+        await asyncio.wait(pending, timeout=max(loop.time() - started, STORE_TAIL_S))
+    return sum(1 for store in stores if store.done() and store.result())

@@ -80,8 +80,11 @@ class BalanceConfig:
       unless it covers a block nobody serves (`MoveReason.UNCOVERED`).
     - ``recheck`` (0.2): after deciding to move, wait a random ``[0, recheck] × period`` and
       decide again from fresh announcements (another server may have taken the gap).
-    - ``settle`` (5 s): after announcing the intent to move (``moving_to``), wait this long
-      for other servers' intents to land in the DHT, then confirm (see `yielding`).
+    - ``settle`` (5 s): after announcing the intent to move (``moving_to``), wait for other
+      servers' intents to land in the DHT, then confirm (see `yielding`): at most this
+      long, and `swarm.server.rebalancer.SETTLE_MARGIN` times the seconds this server took
+      from the read it decided on to its intent announced (another server's intent takes
+      about as long to land; a swarm whose DHT is fast settles in less).
     - ``drain_timeout`` (30 s): how long a move lets the old range's sessions finish before
       handing them back to their clients (``unavailable``: they move on without a ban).
     - ``relayed_share`` (0.2): the share of its announced throughput that a server reachable
@@ -304,6 +307,7 @@ def decide(
     quality: float = 0.75,
     relayed_share: float = RELAYED_SHARE,
     answered: Collection[PeerId] | None = None,
+    target: LayerRange | None = None,
 ) -> Decision:
     """Whether this server (``me``, serving ``current`` at ``throughput`` tokens/s) should
     move, and where, given the other servers' announcements ``views`` (our own, if among
@@ -312,7 +316,14 @@ def decide(
     (`delivered_throughput`: what peers measured, else a relayed one at
     ``relayed_share`` of its throughput). With ``answered`` (the peers whose latest ping
     from us answered: `swarm.server.liveness.PeerWatch.answered`), a block this server
-    would leave to a single other server is left only if that server answered."""
+    would leave to a single other server is left only if that server answered.
+
+    With ``target`` (a range as long as ``current``, inside the model), whether moving
+    *there* pays, by the same rules, instead of choosing the best window: the rebalancer
+    confirms a move it announced this way, so that a fresh read that ranks the windows
+    differently (lookups miss records now and then) does not undo a move that still
+    fills a gap or clears the margin. Raises `ValueError` for a ``target`` of another
+    length or outside the model."""
     others = block_throughputs(views, num_layers, without=me, relayed_share=relayed_share)
     own = next((view for view in views if view.peer_id == me), None)
     if own is not None:
@@ -321,8 +332,11 @@ def decide(
     before = bottleneck(_with(others, current, throughput))
     if len(current) >= num_layers:
         return Decision(current, current, before, before, stay=Stay.WHOLE_MODEL)
-    start = choose_start(others, len(current))
-    target = LayerRange(start, start + len(current))
+    if target is None:
+        start = choose_start(others, len(current))
+        target = LayerRange(start, start + len(current))
+    elif len(target) != len(current) or target.stop > num_layers:
+        raise ValueError(f"cannot move {current} to {target} in a {num_layers}-block model")
     after = bottleneck(_with(others, target, throughput))
     if target == current:
         return Decision(current, target, before, after, stay=Stay.BALANCED)

@@ -8,13 +8,29 @@ one block do not both leave it:
 
 1. re-check: wait a random ``[0, recheck] × period`` and decide again from fresh
    announcements (a server that moved first is counted where it went); the move goes on
-   to the range this decision picks, which may differ from the first one's;
-2. intent: announce ``moving_to`` (``intend``), wait ``settle`` seconds for intents
-   announced at the same time to land, and decide again reading them with
+   to the range this decision picks, which may differ from the first one's. An early
+   check (below) that finds a block nobody serves skips this step: it read after a random
+   wait of its own, so its read is already the fresh one;
+2. intent: announce ``moving_to`` (``intend``), wait for intents announced at the same
+   time to land (the settle), and decide again reading them with
    `swarm.server.balance.yielding` (of two servers that both intend to move, the one whose
-   `PeerId` sorts first goes on, the other backs off);
+   `PeerId` sorts first goes on, the other backs off), asking whether the announced move
+   still pays for the reason it was announced (``decide(target=...)``), not whether it is
+   still the best one: a fresh read that ranks the windows differently does not undo a
+   move that still fills its gap (a move that pays now only for another reason goes on
+   only if it is still the best one);
 3. move (``move``: the server loads the new range, drains the old one, switches), or
    withdraw the intent (``intend(None)``).
+
+The settle is sized from what this server measured: `SETTLE_MARGIN` × the seconds from
+the start of the read it decided on to its intent announced, at most
+``BalanceConfig.settle``. Why that is enough: of two servers A (whose `PeerId` sorts
+first) and B that intend the same move, A ignores B's intent and goes on, so B must see
+A's. If A's deciding read missed B's intent (it began before B's intent landed), A's
+intent lands at most A's read-to-intent time later, and B reads only its own
+read-to-intent time × `SETTLE_MARGIN` after its intent landed: B sees A's intent unless
+A's DHT calls took more than twice as long as B's, or longer than the cap allows. (A
+fixed settle shorter than the DHT's read and announce times leaves the same window.)
 
 No move within ``cooldown`` of the last one, except a move that covers a block nobody
 serves (`MoveReason.UNCOVERED`): those cannot flap (a move never uncovers a block, so each
@@ -25,9 +41,10 @@ With a `swarm.server.liveness.PeerWatch` (``watch``), the loop also pings the se
 the blocks on either side of this server's range every ``BalanceConfig.watch × period``
 seconds; a check counts the peers that failed our own pings as gone (whatever their
 records still say), and a ping round that finds a block's last servers gone starts an
-early check, after a random ``[0, EARLY_JITTER] × period`` (and the re-check, intent and
-settle above, as for any move). So a gap left by servers that died is seen within a watch
-interval instead of when their records expire.
+early check, after a random ``[0, EARLY_JITTER] × period`` (then the intent and settle
+above; the re-check too unless the early check found a block nobody serves). So a gap
+left by servers that died is seen within a watch interval instead of when their records
+expire.
 """
 
 from __future__ import annotations
@@ -45,11 +62,12 @@ from swarm.server.balance import BalanceConfig, Decision, Stay, decide, yielding
 from swarm.server.liveness import PeerWatch
 from swarm.types import LayerRange, MoveReason, PeerId
 
-__all__ = ["EARLY_JITTER", "Rebalancer", "RebalancerStatistics"]
+__all__ = ["EARLY_JITTER", "SETTLE_MARGIN", "Rebalancer", "RebalancerStatistics"]
 
 log = logging.getLogger(__name__)
 
 EARLY_JITTER = 0.1  # an early check waits a random [0, this] x period first
+SETTLE_MARGIN = 2.0  # the settle: this x (the deciding read's start -> our intent announced)
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class RebalancerStatistics:
     moves: int
     last: Decision | None  # the latest check's decision (None before the first)
     early_checks: int = 0  # checks started by the watch's news (a gap seen early)
+    settle: float | None = None  # the latest settle's seconds (None before the first intent)
 
 
 class Rebalancer:
@@ -99,17 +118,28 @@ class Rebalancer:
         self.watch = watch
         self._early = 0
         self._news_seen = 0
+        self._settle: float | None = None
 
     def statistics(self) -> RebalancerStatistics:
-        return RebalancerStatistics(self._checks, self._moves, self._last, self._early)
+        return RebalancerStatistics(
+            self._checks, self._moves, self._last, self._early, self._settle
+        )
 
     def next_wait(self) -> float:
         """Seconds until the next check: uniform in ``[0.5, 1.5] × period``."""
         return self.config.period * self._rng.uniform(0.5, 1.5)
 
-    async def check(self, *, confirming: bool = False) -> Decision | None:
+    async def check(
+        self,
+        *,
+        confirming: bool = False,
+        target: LayerRange | None = None,
+        reason: MoveReason | None = None,
+    ) -> Decision | None:
         """Read the announcements and decide (None when they could not be read);
-        ``confirming``: our own intent is announced, read others' with `yielding`."""
+        ``confirming``: our own intent is announced, read others' with `yielding`;
+        ``target``: whether moving there still pays for ``reason`` (`decide`'s
+        ``target``); where it pays for another reason, or not at all, the best move."""
         started = trio.current_time()
         try:
             views = await self._read()
@@ -126,11 +156,12 @@ class Rebalancer:
             log.debug("rebalancing: the announcements read miss our own")
         if confirming:
             views = yielding(views, self.me)
-        decision = decide(
-            views, self.me, self._current(), self._throughput(), self.num_layers,
-            quality=self.config.quality, relayed_share=self.config.relayed_share,
-            answered=self.watch.answered if self.watch is not None else None,
-        )  # fmt: skip
+        decision = self._decide(views, target)
+        if target is not None and decision.reason is not reason:
+            # e.g. the gap it meant to fill was taken by a server whose PeerId sorts first,
+            # and the move pays now only as a bottleneck move: as at any other check, that
+            # goes on only to the best window (so two that saw one gap do not both go)
+            decision = self._decide(views, None)
         self._checks += 1
         self._last = decision
         log.debug(
@@ -139,13 +170,22 @@ class Rebalancer:
         )  # fmt: skip
         return decision
 
+    def _decide(self, views: Sequence[ServerView], target: LayerRange | None) -> Decision:
+        return decide(
+            views, self.me, self._current(), self._throughput(), self.num_layers,
+            quality=self.config.quality, relayed_share=self.config.relayed_share,
+            answered=self.watch.answered if self.watch is not None else None, target=target,
+        )  # fmt: skip
+
     def _cooling(self) -> bool:
         last = self._last_move_at
         return last is not None and trio.current_time() - last < self.config.cooldown_seconds
 
-    async def step(self) -> Decision | None:
-        """One check, and the move when it pays and survives the re-check. Returns the
+    async def step(self, *, early: bool = False) -> Decision | None:
+        """One check, and the move when it pays and survives the re-check (skipped for an
+        ``early`` check that finds a block nobody serves) and the confirmation. Returns the
         decision acted on (a move) or the last one made (a stay; None: nothing read)."""
+        read_at = trio.current_time()
         decision = await self.check()
         if decision is None or not decision.move:
             return decision
@@ -155,22 +195,28 @@ class Rebalancer:
                 decision.current, decision.target, decision.before, decision.after,
                 stay=Stay.COOLDOWN,
             )  # fmt: skip
-        await trio.sleep(self.config.period * self.config.recheck * self._rng.random())
-        again = await self.check()
-        # the re-check may pick another target (fresh reads shift ties between windows, or
-        # show a gap that appeared meanwhile); the intent below announces the one it picked
-        if (
-            again is None
-            or not again.move
-            or (self._cooling() and again.reason is not MoveReason.UNCOVERED)
-        ):
-            log.info("rebalancing: the re-check no longer moves %s", decision.describe())
-            return again
-        await self._intend(again.target)
-        await trio.sleep(self.config.settle)
-        final = await self.check(confirming=True)
-        if final is None or not final.move or final.target != again.target:
-            log.info("rebalancing: withdrawing the move %s", again.describe())
+        if not (early and decision.reason is MoveReason.UNCOVERED):
+            first = decision
+            await trio.sleep(self.config.period * self.config.recheck * self._rng.random())
+            read_at = trio.current_time()
+            decision = await self.check()
+            # the re-check may pick another target (fresh reads shift ties between windows,
+            # or show a gap that appeared meanwhile); the intent announces the one it picked
+            if (
+                decision is None
+                or not decision.move
+                or (self._cooling() and decision.reason is not MoveReason.UNCOVERED)
+            ):
+                log.info("rebalancing: the re-check no longer moves %s", first.describe())
+                return decision
+        await self._intend(decision.target)
+        settle = min(self.config.settle, SETTLE_MARGIN * (trio.current_time() - read_at))
+        self._settle = settle
+        log.debug("rebalancing: intent %s announced; settling %.2f s", decision.target, settle)
+        await trio.sleep(settle)
+        final = await self.check(confirming=True, target=decision.target, reason=decision.reason)
+        if final is None or not final.move or final.target != decision.target:
+            log.info("rebalancing: withdrawing the move %s", decision.describe())
             await self._intend(None)
             return final
         log.warning("rebalancing: moving %s", final.describe())
@@ -201,7 +247,7 @@ class Rebalancer:
             task_status.started()
             while True:
                 early = await self._wait_turn(watch)
-                decision = await self.step()
+                decision = await self.step(early=early)
                 if early and decision is not None:
                     log.info("rebalancing: early check: %s", decision.describe())
 

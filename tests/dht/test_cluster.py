@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgpack
@@ -12,6 +13,7 @@ from swarm.dht import (
     DHTConfig,
     TimingConfig,
 )
+from swarm.dht.kademlia_node import stored
 from swarm.dht.protocol import key_digest
 from swarm.dht.records import Record, make_record
 from swarm.errors import RecordError
@@ -183,3 +185,24 @@ async def test_a_reader_verifies_a_record_it_saw_before_only_once() -> None:
             again = reader.statistics()
             assert again.signatures_verified == first.signatures_verified
             assert again.signatures_cached > first.signatures_cached
+
+
+def test_a_store_does_not_wait_out_nodes_that_never_answer() -> None:
+    # ten nodes were sent the record: seven took it, one refused it, two (gone) never
+    # answer. The store returns without their RPC timeouts, counting what answered; stores
+    # answered within the tail still count
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[bool]] = [loop.create_future() for _ in range(10)]
+        for answer in answers[:7]:
+            answer.set_result(True)
+        answers[7].set_result(False)
+        silent = await asyncio.wait_for(stored(answers), timeout=30)
+        late: list[asyncio.Future[bool]] = [loop.create_future() for _ in range(10)]
+        for answer in late[:8]:
+            answer.set_result(True)
+        for answer in late[8:]:
+            loop.call_later(0.05, answer.set_result, True)
+        return silent, await asyncio.wait_for(stored(late), timeout=30)
+
+    assert asyncio.run(main()) == (7, 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -25,9 +25,10 @@ from swarm.server.balance import (
     choose_start,
     decide,
     delivered_throughput,
+    yielding,
 )
 from swarm.server.liveness import PeerWatch
-from swarm.server.rebalancer import Rebalancer
+from swarm.server.rebalancer import SETTLE_MARGIN, Rebalancer
 from swarm.types import LayerRange, MoveReason, PeerId, Reachability, ServerState
 
 L = LayerRange
@@ -147,8 +148,13 @@ def test_config_is_checked() -> None:
 class Directory:
     """Announcements every fake server reads and writes at once (the DHT, instantly)."""
 
-    def __init__(self, views: Sequence[ServerView]) -> None:
+    def __init__(
+        self, views: Sequence[ServerView], latency: Callable[[], float] = lambda: 0.05
+    ) -> None:
         self.views = {v.peer_id: v for v in views}
+        self.latency = latency  # seconds a read or an announcement takes
+        self.reads = 0
+        self.layers = 4
         self.moves: list[tuple[float, str, LayerRange, LayerRange]] = []
         self.names = {v.peer_id: f"s{i}" for i, v in enumerate(views)}
         self.unreachable: set[PeerId] = set()  # their pings fail (their records stay)
@@ -169,13 +175,14 @@ class Directory:
         watch: PeerWatch | None = None,
     ) -> Rebalancer:
         async def read() -> list[ServerView]:
+            self.reads += 1
             seen = list(self.views.values())  # what the DHT held when asked
-            await trio.sleep(0.05)  # a lookup takes a while
+            await trio.sleep(self.latency())  # a lookup takes a while
             return seen
 
         async def intend(target: LayerRange | None) -> None:
             v = self.views[me]
-            await trio.sleep(0.05)  # the moving_to announcement lands a while later
+            await trio.sleep(self.latency())  # the moving_to announcement lands a while later
             self.views[me] = ServerView(
                 me, v.address, v.layers, v.throughput, 1000, moving_to=target
             )
@@ -187,7 +194,7 @@ class Directory:
             self.moves.append((trio.current_time(), self.names[me], v.layers, decision.target))
 
         return Rebalancer(
-            config, me, 4, read=read, current=lambda: self.views[me].layers,
+            config, me, self.layers, read=read, current=lambda: self.views[me].layers,
             throughput=lambda: self.views[me].throughput, intend=intend, move=move,
             rng=random.Random(seed), watch=watch,
         )  # fmt: skip
@@ -475,3 +482,136 @@ def test_a_block_left_to_one_other_server_needs_that_server_to_answer_our_ping()
     # two other servers: no ping needed (both records would have to outlive their servers)
     views.append(view("c", L(0, 2)))
     assert decide(views, peer("a"), L(0, 2), 1.0, 4, answered=frozenset()).move
+
+
+def test_decide_with_a_target_says_whether_moving_there_pays() -> None:
+    # 2:3 and 3:4 have nobody: the best window for a is 2:3 (the earliest of equals), but
+    # moving to 3:4 pays as well (one block fewer uncovered); 1:2 (c's) would not
+    views = [view("a", L(0, 1)), view("b", L(0, 1)), view("c", L(1, 2))]
+    assert decide(views, peer("a"), L(0, 1), 1.0, 4).target == L(2, 3)
+    there = decide(views, peer("a"), L(0, 1), 1.0, 4, target=L(3, 4))
+    assert there.move and there.target == L(3, 4) and there.reason is MoveReason.UNCOVERED
+    assert not decide(views, peer("a"), L(0, 1), 1.0, 4, target=L(1, 2)).move
+    # the rule against leaving a block uncovered holds for a given target too
+    views = [view("a", L(0, 2)), view("b", L(0, 1))]  # 2:4 would gain two, lose block 1
+    assert decide(views, peer("a"), L(0, 2), 1.0, 4, target=L(2, 4)).stay is Stay.SOLE_SERVER
+    with pytest.raises(ValueError):
+        decide(views, peer("a"), L(0, 2), 1.0, 4, target=L(3, 4))
+
+
+async def test_a_confirmation_that_ranks_the_windows_differently_still_moves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a announces a move to 3:4 (nobody serves it); its confirming read misses d's record
+    # (lookups miss records now and then), so 2:3 looks uncovered too and ranks first. The
+    # announced move still fills a gap, so a goes on instead of withdrawing and starting over
+    directory = Directory(
+        [view("a", L(0, 1)), view("b", L(0, 1)), view("c", L(1, 2)), view("d", L(2, 3))]
+    )
+    a = directory.rebalancer(peer("a"), BalanceConfig(enabled=True, period=10.0), seed=1)
+    intend = a._intend
+
+    async def intend_then_miss_d(target: LayerRange | None) -> None:
+        await intend(target)
+        if target is not None:
+            del directory.views[peer("d")]
+
+    a._intend = intend_then_miss_d
+    moved = await a.step()
+    assert moved is not None and moved.move and moved.target == L(3, 4)
+    assert [(m[2], m[3]) for m in directory.moves] == [(L(0, 1), L(3, 4))]
+
+
+@pytest.mark.parametrize("early", [True, False])
+async def test_an_early_check_that_finds_a_gap_skips_the_recheck(
+    autojump_clock: trio.testing.MockClock, early: bool
+) -> None:
+    # an early check waited a random jitter before its read, so that read is the fresh one:
+    # it goes straight to the intent, then the confirming read (two reads, not three)
+    directory = Directory([view("a", L(0, 2)), view("b", L(0, 2)), view("c", L(0, 2))])
+    a = directory.rebalancer(peer("a"), BalanceConfig(enabled=True, period=10.0), seed=1)
+    moved = await a.step(early=early)
+    assert moved is not None and moved.reason is MoveReason.UNCOVERED
+    assert directory.reads == (2 if early else 3)
+    # a bottleneck move found early still gets its re-check (it is no emergency)
+    directory = Directory([view("a", L(0, 2), 4.0), view("b", L(0, 2), 4.0), view("c", L(2, 4))])
+    a = directory.rebalancer(peer("a"), BalanceConfig(enabled=True, period=10.0), seed=1)
+    moved = await a.step(early=early)
+    assert moved is not None and moved.reason is MoveReason.BOTTLENECK
+    assert directory.reads == 3
+
+
+@pytest.mark.parametrize("latency", [0.05, 2.0])
+async def test_the_settle_is_sized_by_the_measured_read_and_intent(
+    autojump_clock: trio.testing.MockClock, latency: float
+) -> None:
+    # the settle lasts SETTLE_MARGIN x (the deciding read's start -> the intent announced),
+    # at most BalanceConfig.settle: short where the DHT answers fast, the cap where it is slow
+    directory = Directory([view("a", L(0, 2)), view("b", L(0, 2))], latency=lambda: latency)
+    config = BalanceConfig(enabled=True, period=10.0, recheck=0.0, settle=3.0)
+    a = directory.rebalancer(peer("a"), config, seed=1)
+    await a.step()
+    settle = a.statistics().settle
+    assert settle == pytest.approx(min(3.0, SETTLE_MARGIN * 2 * latency))
+
+
+async def test_two_simultaneous_movers_resolve_to_one_with_the_measured_settle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a, b and c serve 0:2, nobody 2:4; a and b check at the same moment, with no re-check
+    # wait to spread them, and every read and announcement takes 0.5-1 s (drawn per call):
+    # the intents land at different times, in either order. With the settle sized from
+    # what each measured, one of them moves every time; with no settle at all the pair
+    # herds in some draws (so the draws do test the settle)
+    herds = 0
+    for seed in range(20):
+        for settle in (10.0, 0.0):
+            rng = random.Random(seed)
+            directory = Directory(
+                [view("a", L(0, 2)), view("b", L(0, 2)), view("c", L(0, 2))],
+                latency=lambda: rng.uniform(0.5, 1.0),  # noqa: B023 (used within the loop)
+            )
+            config = BalanceConfig(enabled=True, period=10.0, recheck=0.0, settle=settle)
+            a, b = (directory.rebalancer(peer(n), config, seed=seed) for n in "ab")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.step)
+                nursery.start_soon(b.step)
+            if settle:
+                assert len(directory.moves) == 1, seed
+                assert directory.coverage() == [2, 2, 1, 1]
+                assert a.statistics().settle or b.statistics().settle
+            else:
+                herds += len(directory.moves) > 1
+    assert herds > 0
+
+
+async def test_a_gap_taken_by_a_server_that_sorts_first_leaves_only_the_best_move(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 8 blocks: b (on 6:8) sees 3:5 half uncovered and announces a move there; meanwhile a,
+    # whose PeerId sorts first, announces a move to 3:5 too. b's confirming read counts a
+    # there: 3:5 would still raise the bottleneck (4 -> 6 tokens/s), but it was announced
+    # to fill a gap, and the best window is 2:4 now, so b withdraws instead of following a
+    # (the next check moves it where it is best)
+    assert peer("a").digest < peer("b").digest
+    throughputs = [("0:2", 1), ("0:2", 8), ("6:8", 4), ("1:3", 8), ("5:7", 1), ("1:3", 4)]
+    throughputs += [("4:6", 8), ("6:8", 2)]
+    others = [view(f"o{i}", L.parse(r), t) for i, (r, t) in enumerate(throughputs)]
+    directory = Directory([*others, view("a", L(5, 7), 4.0), view("b", L(6, 8), 8.0)])
+    directory.layers = 8
+    b = directory.rebalancer(peer("b"), BalanceConfig(enabled=True, period=10.0), seed=1)
+    intend = b._intend
+
+    async def intend_as_a_does(target: LayerRange | None) -> None:
+        await intend(target)
+        if target is not None:
+            directory.views[peer("a")] = view("a", L(5, 7), 4.0, moving_to=target)
+
+    b._intend = intend_as_a_does
+    done = await b.step()
+    assert done is not None and done.target == L(2, 4) and done.reason is MoveReason.BOTTLENECK
+    assert directory.moves == [] and directory.views[peer("b")].moving_to is None
+    assert decide(
+        yielding(list(directory.views.values()), peer("b")), peer("b"), L(6, 8), 8.0, 8,
+        target=L(3, 5),
+    ).reason is MoveReason.BOTTLENECK  # fmt: skip
