@@ -1,7 +1,7 @@
 """CPU, wake-ups and Python calls per token of every process of the tiny 3-hop chain (issue 21).
 
     python benchmarks/chain_cpu.py --rounds 4
-    PYTHONPATH=/tmp/old python benchmarks/chain_cpu.py --rounds 2 --profile --out /tmp/p_old
+    PYTHONPATH=/tmp/old PYTHONSAFEPATH=1 python benchmarks/chain_cpu.py --profile --out /tmp/p
 
 One `swarm dht` and three `swarm serve` processes of the tiny model (0:2, 2:5, 5:8; one torch
 thread each) and a client in this process (`generate.py`'s chain, 32 greedy tokens after a
@@ -13,8 +13,9 @@ for the measured rounds only (CPU clock, all threads) and the profiles are saved
 files ``OUT.client`` and ``OUT.s0``..``OUT.s2``; it prints the Python calls per token of
 each, a count that the machine's load does not move (the CPU figures it does, a lot, and
 the profiler slows everything ~2-3x). A code tree is compared by putting it first on
-PYTHONPATH (DIR holding ``swarm`` and ``swarm_cli`` links, as in `startup.py`): the
-servers inherit it. Not a test.
+PYTHONPATH (DIR holding ``swarm`` and ``swarm_cli`` links, as in `startup.py`) with
+``PYTHONSAFEPATH=1`` (the servers inherit both; without it their `python -m` puts the
+current folder first, and from a checkout they import its ``swarm``). Not a test.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def main() -> None:
     groups, dhts = [], {}
     try:
         for name, tree in trees.items():
-            env = {"PYTHONPATH": tree} if tree not in ("", ".") else None
+            # PYTHONSAFEPATH: `python -m` would put the current folder (a checkout?) first
+            env = {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"} if tree not in ("", ".") else None
             group = ProcessGroup(env=env)
             groups.append(group)
             _, dhts[name] = group.start_dht()

@@ -10,7 +10,9 @@ thread), timing the command's start to its "ready" line (wall and the process's 
 seconds, which a loaded machine inflates less), and stopping it each time. With
 ``--code NAME=DIR`` (repeatable) the starts alternate between code trees: DIR holds
 ``swarm`` and ``swarm_cli`` (symlinks to a checkout's ``swarm`` and ``cli``), put first on
-PYTHONPATH, so two commits are compared on the same machine in one run. Not a test.
+PYTHONPATH, so two commits are compared on the same machine in one run (with
+``PYTHONSAFEPATH=1``: `python -m` would otherwise put the current folder first, and run
+from a checkout every tree would import that checkout's ``swarm``). Not a test.
 
 The servers run with HOME in the work folder: ``--timings kept`` (the default) lets each
 start find the timings the previous one measured (``~/.cache/swarm/timings``, as a user's
@@ -101,6 +103,7 @@ def main() -> None:
         env = {"HOME": str(home / name)}
         if tree:
             env["PYTHONPATH"] = tree
+            env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the current folder first
         if not args.no_bytecode:
             compile_tree(tree)
         envs[name] = env

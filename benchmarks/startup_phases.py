@@ -39,6 +39,7 @@ def start(tree: str, home: Path, model: Path, layers: str, cold: bool) -> dict[s
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(home), OMP_NUM_THREADS="1")
     if tree:
         env["PYTHONPATH"] = tree
+        env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the current folder first
     cmd = [sys.executable, "-m", "swarm_cli.main"]
     out = subprocess.PIPE
     dht = subprocess.Popen([*cmd, "dht"], stdout=out, stderr=subprocess.STDOUT, text=True, env=env)

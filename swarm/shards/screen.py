@@ -124,6 +124,9 @@ class GreedyScreen:
                 packed = torch.ops.quantized.linear_prepack(weight, None)
         except (AttributeError, RuntimeError):
             return False
+        used = self.q.ne(0).any(dim=1)  # rows of zeros give 0 whatever their scale
+        if bool(used.any()) and float(self.scales[used].float().min()) < 2.0**-60:
+            return False  # S s_i could fall below float32's normal range
         heavy = int(self.q.abs().sum(dim=1).argmax())  # the largest sums: saturation first
         some = torch.cat(
             [torch.tensor([heavy]), torch.randint(0, vocab, (255,), generator=generator)]
@@ -233,6 +236,11 @@ class GreedyScreen:
         approx = torch.empty(rows, self.weight.shape[0])
         abs_error, input_error = [], []
         for r in range(rows):  # one static scale per call
+            if not 2.0**-40 <= float(step[r]) <= 2.0**40:  # S s_i could leave float32's range
+                approx[r] = float("nan")  # so `logits` computes this row in float32
+                input_error.append(0.0)
+                abs_error.append(0.0)
+                continue
             grid = torch.stack([n1[r], n2[r]]) * step[r]  # (2, hidden), exact
             out = self._fbgemm_op(grid, float(step[r]), 64, self._packed)  # (2, vocab)
             torch.add(out[0], out[1], alpha=1 / 64, out=approx[r])

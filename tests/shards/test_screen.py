@@ -145,3 +145,13 @@ def test_the_real_head_over_many_hidden_states() -> None:
             x = (w[a] + w[b])[None] * 8
             _check(head.screen, x)
     assert total < 48 * 2000  # the screen screens
+
+
+def test_states_far_from_unit_scale(fbgemm: bool) -> None:
+    """Tiny and huge hidden states (FBGEMM's grid step would leave float32's comfortable
+    range: those rows are computed in float32): still the float head's token."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(500, 64, generator=g) * 0.05
+    screen = GreedyScreen.build(weight, fbgemm=fbgemm)
+    for scale in (1e-20, 1e-6, 1e6, 1e15):
+        _check(screen, torch.randn(2, 64, generator=g) * scale)
