@@ -8,9 +8,10 @@
 
 Start-up order: load the layer range (in a worker thread; only those layers are read), join
 the DHT, listen for RPC, announce ``joining``, take a first throughput estimate (the
-timings kept from the last start with the same key, `swarm.server.timings_store`, or one
-layer timed and scaled, erring slow), announce ``online`` and report ready; then measure
-the span fully between sessions' steps, announce the result at once and keep it for the next start.
+timings kept from the last start with the same key, or one layer timed and scaled, erring
+slow: `swarm.server.throughput`), announce ``online`` and report ready; then measure the
+span fully between sessions' steps, announce the result at once and keep it for the next
+start.
 Stop: announce ``draining`` (clients stop routing here), refuse new sessions, wait (up to
 ``drain_timeout``) for running steps, then close everything.
 """
@@ -57,15 +58,12 @@ from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
 from swarm.server.announcer import Announcer, choose_layers
 from swarm.server.capacity import (
-    SpanMeasurement,
-    SpanTimings,
     available_memory,
     block_bytes,
     cpu_has_native_bfloat16,
-    estimate_span,
     size_server,
 )
-from swarm.server.compute import ComputeQueue, Priority
+from swarm.server.compute import ComputeQueue
 from swarm.server.config import ServerConfig
 from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.liveness import PeerWatch, info_ping
@@ -73,7 +71,7 @@ from swarm.server.moving import RangeMover
 from swarm.server.reachability import ReachabilityKeeper
 from swarm.server.rebalancer import Rebalancer
 from swarm.server.sessions import SessionTable
-from swarm.server.timings_store import TimingsKey, TimingsStore, device_description
+from swarm.server.throughput import ThroughputKeeper
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
     FLOAT_DTYPES,
@@ -409,9 +407,11 @@ class Server:
                 f"{keeper.report.reachable + keeper.report.unreachable} votes reachable)"
                 + (f", through relays {_relay_list(keeper)}" if keeper.relays else "")
             )
-            store = _timings_store(cfg, span, the_model_id)
+            throughput = ThroughputKeeper(
+                cfg, span, state, queue, the_model_id, progress=self._progress
+            )
             if cfg.measure_throughput:
-                await self._first_estimate(span, state, queue, store)
+                await throughput.first_estimate()
             else:
                 state.throughput = 1.0
             await announcer.measure_next_pings()
@@ -422,7 +422,7 @@ class Server:
                 self.rebalancer = self._rebalancer(dht, the_model_id, handlers, sessions, queue)
                 await nursery.start(self.rebalancer.run)
             if cfg.measure_throughput:
-                nursery.start_soon(self._measure_online, span, state, queue, announcer, store)
+                nursery.start_soon(throughput.measure_online, announcer.announce)
             task_status.started(
                 ServerReady(
                     self.identity.peer_id,
@@ -489,58 +489,6 @@ class Server:
             watch=watch,
         )  # fmt: skip
 
-    def _apply_timings(
-        self, timings: SpanTimings, state: ServingState, queue: ComputeQueue, *, final: bool
-    ) -> None:
-        """Serve by ``timings``: the announced throughput, the prefill chunk, the shared batch
-        (and, once ``final``, the refusal of forwards it predicts too slow)."""
-        compute = self.config.compute
-        state.timings, state.throughput = timings, timings.throughput(1)
-        state.timings_final = final
-        queue.prefill_chunk = compute.prefill_chunk or timings.prefill_chunk()
-        queue.shared_batch = timings.batch_within(compute.max_slowdown)
-
-    async def _first_estimate(
-        self,
-        span: Span,
-        state: ServingState,
-        queue: ComputeQueue,
-        store: tuple[TimingsStore, TimingsKey] | None,
-    ) -> None:
-        """Serve by a first estimate until the online measurement: the timings kept from the
-        last start with the same key, or else one layer timed and scaled (`estimate_span`,
-        erring slow)."""
-        kept = None if store is None else store[0].load(store[1])
-        if kept is not None:
-            self._progress("throughput: the last start's measurement (measuring again online)")
-            self._apply_timings(kept, state, queue, final=False)
-            return
-        self._progress("estimating throughput from one layer (measuring fully online)")
-        first = await queue.submit(lambda: estimate_span(span), Priority.FORWARD)
-        self._apply_timings(first, state, queue, final=False)
-
-    async def _measure_online(
-        self,
-        span: Span,
-        state: ServingState,
-        queue: ComputeQueue,
-        announcer: Announcer,
-        store: tuple[TimingsStore, TimingsKey] | None,
-    ) -> None:
-        """The whole measurement (`SpanMeasurement`), job by job at forward priority, so
-        sessions' steps run between its pieces; announced at once (the first estimate is
-        rough: a cold one measured 0.6x what the full measurement found on the heavy
-        model) and kept for the next start."""
-        measurement = SpanMeasurement(span)
-        for job in measurement.jobs():
-            await queue.submit(job, Priority.FORWARD)
-        timings = measurement.result()
-        self._apply_timings(timings, state, queue, final=True)
-        log.info("throughput measured online: %.1f tokens/s", state.throughput)
-        if store is not None:
-            await trio.to_thread.run_sync(store[0].save, store[1], timings)
-        await announcer.announce()
-
     async def _drain(
         self,
         state: ServingState,
@@ -561,23 +509,6 @@ class Server:
         if sessions.close_all(going):
             with trio.move_on_after(1.0, shield=True):
                 await trio.sleep(0.05)  # the handlers send their clients the reason
-
-
-def _timings_store(
-    cfg: ServerConfig, span: Span, the_model_id: str
-) -> tuple[TimingsStore, TimingsKey] | None:
-    """Where ``span``'s timings are kept between starts, and their key (None: not kept)."""
-    if cfg.timings_dir is None:
-        return None
-    key = TimingsKey(
-        model_id=the_model_id,
-        layers=span.layers,
-        dtype=str(span.dtype).removeprefix("torch."),
-        quantization=span.quantization.value,
-        device=device_description(span.device),
-        num_threads=cfg.num_threads,
-    )
-    return TimingsStore(cfg.timings_dir), key
 
 
 def _relay_list(keeper: ReachabilityKeeper) -> tuple[str, ...]:
