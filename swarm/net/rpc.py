@@ -208,7 +208,13 @@ class RpcConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await self._read_loop()
+                try:
+                    await self._read_loop()
+                finally:
+                    # nothing new starts here from now on: the nursery closes once its
+                    # tasks end, and a call cancelled after that must not try to tell the
+                    # peer from it (trio refuses, and the channel is going anyway)
+                    self._nursery = None
                 nursery.cancel_scope.cancel()
         finally:
             self._shutdown(ConnectionClosed(f"channel to {self.remote_peer_id} closed"))

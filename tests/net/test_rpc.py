@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -403,3 +404,29 @@ async def test_transport_seam_is_used_by_server_and_pool() -> None:
                 assert info == INFO
             assert (transport.connects, transport.accepted) == (1, 1)
             nursery.cancel_scope.cancel()
+
+
+async def test_calls_cancelled_as_their_channel_closes_end_quietly() -> None:
+    # a server stopping: its calls (pings) are cancelled while their channels close; a call
+    # whose cancellation came after the connection's nursery closed tried to tell the peer
+    # from that nursery and raised "Nursery is closed to new arrivals" (seen in a full run).
+    # Trio runs woken tasks in a random order, so many rounds meet the window.
+    async def call(client: RpcConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the channel went first: a fair answer
+            await client.call("hang", InfoRequest(), InfoResponse)
+
+    for _ in range(200):
+        handlers = Handlers()
+        a, b = await channel_pair()
+        client, server = RpcConnection(a), RpcConnection(b, handlers.registry())
+        with trio.fail_after(10):
+            async with trio.open_nursery() as outer:
+                await outer.start(server.run)
+                async with trio.open_nursery() as inner:
+                    await inner.start(client.run)
+                    for _ in range(3):
+                        inner.start_soon(call, client)
+                    await trio.sleep(0)
+                    await trio.sleep(0)
+                    inner.cancel_scope.cancel()  # the run and its calls, together
+                outer.cancel_scope.cancel()
