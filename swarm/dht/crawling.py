@@ -12,14 +12,8 @@ Stock crawls also wait, every round, for the slowest of its alpha queries, so on
 contact stalls a lookup for a whole RPC timeout. Ours wait for the first reply and then at
 most `GRACE_FACTOR` × its round-trip time (at least `MIN_GRACE` s) for the others. A
 straggler stays in the lookup as contacted: its reply is used in a later round if it has come
-by then, and before concluding that everyone was asked a record lookup waits for the
-stragglers left, so skipping them never loses records; their timeouts still evict dead
-contacts. A node lookup (where to store) waits for them only `GRACE_FACTOR` × the slowest
-reply it has had (at least `MIN_GRACE` s): among the k closest nodes of a key in a swarm with
-churn one has nearly always left, and waiting out its RPC timeout made every announcement
-last that long, while a sybil that never answers could hold every store of a key as long.
-A straggler that missed the end is still stored to (a slow node takes the record; a dead
-one costs the store one unanswered datagram).
+by then, and before concluding that everyone was asked the lookup waits for the stragglers
+left, so skipping them never loses records; their timeouts still evict dead contacts.
 
 Both crawls also keep the provenance of each contact they learned (`_Provenance`), because a
 liar's reply can otherwise steer a lookup for ever: twenty made-up ids closer to the key than
@@ -34,7 +28,6 @@ and its later replies are ignored.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -182,9 +175,7 @@ class _GraceRounds(_Provenance):
         self.last_ids_crawled = self.nearest.get_ids()
         tasks = {}
         for peer in self.nearest.get_uncontacted()[:count]:
-            loop = asyncio.get_running_loop()
-            tasks[peer.id] = task = self.protocol.spawn(rpcmethod(peer, self.node))
-            task.add_done_callback(functools.partial(self._timed, loop, loop.time()))
+            tasks[peer.id] = self.protocol.spawn(rpcmethod(peer, self.node))
             self.nearest.mark_contacted(peer)
         replies, pending = await _gather_with_grace(tasks)
         late = self._late()
@@ -194,23 +185,12 @@ class _GraceRounds(_Provenance):
         late.update(pending)
         return await self._nodes_found({**arrived, **replies})
 
-    def _timed(self, loop: asyncio.AbstractEventLoop, sent: float, task: Any) -> None:
-        """Note how long a request of this lookup took to be answered (`slowest_reply`)."""
-        if not task.cancelled() and task.exception() is None and task.result()[0]:
-            self.__dict__["_slowest"] = max(self.slowest_reply, loop.time() - sent)
-
-    @property
-    def slowest_reply(self) -> float:
-        """The longest round trip of an answered request of this lookup so far (seconds)."""
-        return float(self.__dict__.get("_slowest", 0.0))
-
-    async def _last_stragglers(self, wait: float | None = None) -> dict[bytes, Any] | None:
-        """Before concluding: wait for the stragglers (each ends by its RPC timeout), or
-        at most ``wait`` seconds; those that did not answer by then are left out of it."""
+    async def _last_stragglers(self) -> dict[bytes, Any] | None:
+        """Before concluding: wait for the stragglers (each ends by its RPC timeout)."""
         late = self._late()
         if not late:
             return None
-        await asyncio.wait(late.values(), timeout=wait)
+        await asyncio.wait(late.values())
         replies, _ = _split(late)
         late.clear()
         return replies
@@ -232,8 +212,8 @@ class NodeCrawl(_GraceRounds, NodeSpiderCrawl):  # type: ignore[misc]
                 self._learn(peer_id, parse_node_list(reply))
         self._forget(toremove)
         if self.nearest.have_contacted_all():
-            late = await self._last_stragglers(max(MIN_GRACE, GRACE_FACTOR * self.slowest_reply))
-            if late:
+            late = await self._last_stragglers()
+            if late is not None:
                 return await self._nodes_found(late)
             return list(self.nearest)
         return await self.find()  # type: ignore[no-any-return]

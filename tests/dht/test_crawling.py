@@ -1,14 +1,10 @@
 """Lookups keep the provenance of contacts (`swarm.dht.crawling`): a replier whose contacts
-point at nothing is distrusted for the rest of the lookup, and one address holds one id; a
-node lookup does not wait out a contact that never answers. Pure logic on the lookup's heap
-and a fake protocol: no sockets."""
+point at nothing is distrusted for the rest of the lookup, and one address holds one id.
+Pure logic on the lookup's heap: no sockets, no clock."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Coroutine
-from typing import Any
 
 from kademlia.node import Node
 
@@ -59,44 +55,3 @@ def test_an_honest_replier_with_one_dead_contact_keeps_its_others() -> None:
     crawl._forget([os.urandom(20)])  # and an id nobody gave us
     held = {n.id for _, n in crawl.nearest.heap}
     assert held == {honest.id} | {n.id for n in contacts[1:]}
-
-
-class _Replies:
-    """A protocol whose find_node requests answer at once with no contacts, except those to
-    ``silent`` nodes, which answer nothing until ``rpc_timeout`` (a node that left)."""
-
-    def __init__(self, silent: set[bytes], rpc_timeout: float) -> None:
-        self.silent = silent
-        self.rpc_timeout = rpc_timeout
-        self.unanswered: list[asyncio.Future[object]] = []
-
-    def spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Future[object]:
-        task = asyncio.ensure_future(coro)
-        return task
-
-    async def call_find_node(self, peer: Node, target: Node) -> tuple[bool, object]:
-        if peer.id in self.silent:
-            await asyncio.sleep(self.rpc_timeout)
-            return False, None
-        await asyncio.sleep(0.01)
-        return True, []
-
-
-def test_a_node_lookup_does_not_wait_out_a_contact_that_left() -> None:
-    # where to store a record: among the k closest nodes of a key one has nearly always left
-    # (or is a sybil that never answers); the lookup ends on the answers it has, well inside
-    # that contact's RPC timeout, and still lists it (a store to it costs one datagram)
-    async def lookup() -> tuple[list[Node], bool, float]:
-        target = Node(os.urandom(20))
-        peers = [Node(os.urandom(20), "127.0.0.1", 10 + i) for i in range(6)]
-        protocol = _Replies({peers[0].id}, rpc_timeout=30.0)
-        crawl = NodeCrawl(protocol, target, peers, 20, 3)
-        found = await asyncio.wait_for(crawl.find(), timeout=60)
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in pending:
-            task.cancel()
-        return found, bool(pending), crawl.slowest_reply
-
-    found, silent_still_waiting, slowest = asyncio.run(lookup())
-    assert silent_still_waiting  # it ended before the silent contact's timeout
-    assert len(found) == 6 and 0 < slowest < 30
