@@ -453,7 +453,8 @@ async def _run(sim: Simulation, workers: list[Worker]) -> None:
         await trio.sleep(config.duration)
         if config.mass_leave_at > 0:
             with trio.move_on_after(config.heal_grace):
-                while sim.report.heal_seconds is None:
+                uncovered = sim.report.uncovered
+                while sim.report.heal_seconds is None or (uncovered and uncovered[-1][1] > 0):
                     await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     slices = [_windowed(sim.plane.statistics(), before)]

@@ -72,7 +72,9 @@ class SimConfig:
     seed: int = 0
     processes: int = 1  # DHT nodes split over this many processes (`internet_workers`)
     # after ``duration``, run on up to this many seconds while the mass departure's gap is
-    # not healed yet (a busy machine slows the DHT; tests give it room, figures do not)
+    # not healed yet, or a block is uncovered (churn goes on: a death near the end leaves a
+    # gap the run did not give time to heal; a busy machine slows the DHT; tests give it
+    # room, figures do not)
     heal_grace: float = 0.0
     # a client waits this long for a route before it starts a generation, as `swarm
     # generate --wait` does (0: a generation without a route fails at once)
