@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swarm.server import capacity, server
-from swarm.server.server import resolve_dtype
+from swarm.server.device import resolve_dtype
 from swarm.shards import ModelConfig
 from swarm.testing.checkpoints import write_random_llama
 
