@@ -89,8 +89,8 @@ class Span(nn.Module):
         weight: norms are never quantized), in a few attribute reads instead of a walk of
         the module tree (~12 us, several times per step)."""
         if len(self.blocks):
-            weight: torch.Tensor = self.blocks[0].attn_norm.weight
-            return weight
+            first: Block = self.blocks[0]  # type: ignore[assignment]
+            return first.attn_norm.weight
         return next(iter(self.parameters()))
 
     def narrow(self, layers: LayerRange) -> Span:
