@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import torch
+import trio
 
 from swarm.client.bans import BanList
 from swarm.client.chain import Chain, HopStep, StepResult
@@ -47,6 +49,11 @@ from swarm.verify import (
 __all__ = ["CheckedChain", "VerifiedSessions", "load_reputation", "make_verifier"]
 
 log = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 30.0
+"""How often at most `VerifiedSessions.candidates` reads the directory again for layers that
+only one server seemed to serve. The read runs in the audit, so in the token loop: a range
+that really has no replica costs one lookup per period (about 1 % of a period on a WAN)."""
 
 
 def make_verifier(
@@ -109,6 +116,7 @@ class VerifiedSessions:
         self._reputation = reputation
         self._dtypes: dict[PeerId, str] = {}
         self._views: dict[PeerId, ServerView] = {}
+        self._rechecked = -math.inf  # when `candidates` last read the directory again
 
     @property
     def published_evidence(self) -> list[Evidence]:
@@ -138,10 +146,26 @@ class VerifiedSessions:
         return self._dtypes[view.peer_id]
 
     async def candidates(self, layers: LayerRange) -> list[Candidate]:
-        """Online, unbanned servers whose span holds ``layers``."""
+        """Online, unbanned servers whose span holds ``layers``.
+
+        With fewer than two (nobody to check the one that served them), the directory is
+        read again first, at most every `RECHECK_SECONDS`: the list a generation opened
+        with may predate a replica's announcement, or a lookup may have missed its record,
+        and a hop that nobody can check is a hop whose lies go unseen."""
+        out = await self._inside(await self.directory.servers(), layers)
+        now = trio.current_time()
+        if len(out) < 2 and now - self._rechecked >= RECHECK_SECONDS:
+            self._rechecked = now
+            try:
+                out = await self._inside(await self.directory.servers(refresh=True), layers)
+            except SwarmError as exc:  # the list we had stands
+                log.info("reading the directory again for layers %s failed: %s", layers, exc)
+        return out
+
+    async def _inside(self, views: Sequence[ServerView], layers: LayerRange) -> list[Candidate]:
         banned = self.bans.banned()
         out = []
-        for view in await self.directory.servers():
+        for view in views:
             self._views[view.peer_id] = view
             inside = view.layers.start <= layers.start and layers.stop <= view.layers.stop
             if inside and view.state == ServerState.ONLINE and view.peer_id not in banned:
