@@ -7,16 +7,20 @@
 Runs `internet.py` with the flags after ``--`` (keep ``--processes 1``, the default: the
 count and the CPU are this process's) and prints, after its JSON report, one ``COST`` line:
 the process's CPU seconds (user + sys, every thread), the datagrams its DHT nodes received
-and sent (counted on `SwarmProtocol`), and the CPU microseconds per datagram received.
-``--yappi N`` profiles every thread (from ``--yappi-after`` seconds on) (the DHT's asyncio thread included) with yappi's CPU
-clock and prints the N functions with the most own time and the N with the most time
-inclusive (yappi is not a dependency: ``pip install yappi``; it slows the run about 2x,
-so read its shares, not its seconds).
+and sent (counted on `SwarmProtocol`), and the CPU microseconds per datagram received; then
+the same over the run proper (``run:``, from the log line that the servers are up to the
+end: no nodes opening, no imports).
+``--yappi N`` profiles every thread (the DHT's asyncio thread included) from ``--yappi-after``
+seconds on (yappi's overhead makes joins time out) with yappi's CPU clock, and prints the N
+functions with the most own time and the N with the most time inclusive (yappi is not a
+dependency: ``pip install yappi``; it slows the run several times, and pure-Python calls
+most: read its shares as upper bounds for them).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import runpy
 import sys
@@ -28,6 +32,21 @@ from typing import Any
 from swarm.dht import protocol
 
 COUNTS = {"received": 0, "sent": 0}
+MARK: dict[str, float] = {}  # CPU and datagrams when the servers were up (the run's window)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _WindowStart(logging.Handler):
+    """Marks the CPU and the datagrams counted when internet.py logs that its servers are up
+    (what follows is the run proper: no more nodes opening, no imports)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not MARK and "servers up" in record.getMessage():
+            MARK.update(cpu=cpu_seconds(), received=COUNTS["received"], at=time.monotonic())
 
 
 def count_datagrams() -> None:
@@ -74,6 +93,7 @@ def main() -> None:
     if rest and rest[0] == "--":
         rest = rest[1:]
     count_datagrams()
+    logging.getLogger("swarm.testing.internet").addHandler(_WindowStart())
     if args.yappi:
         import yappi
 
@@ -92,16 +112,16 @@ def main() -> None:
 
         yappi.stop()
         print_profile(args.yappi)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = usage.ru_utime + usage.ru_stime
+    cpu = cpu_seconds()
     received = COUNTS["received"]
     per = 1e6 * cpu / received if received else float("nan")
+    run_cpu = cpu - MARK.get("cpu", 0.0)
+    run_received = received - int(MARK.get("received", 0))
+    run_per = 1e6 * run_cpu / run_received if run_received else float("nan")
     print(
         f"COST cpu_s={cpu:.1f} wall_s={wall:.1f} received={received} sent={COUNTS['sent']}"
-        f" cpu_us_per_received={per:.0f}",
+        f" cpu_us_per_received={per:.0f} run: cpu_s={run_cpu:.1f}"
+        f" wall_s={time.monotonic() - MARK.get('at', started):.1f} received={run_received}"
+        f" cpu_us_per_received={run_per:.0f} swarm={Path(protocol.__file__).parents[2]}",
         file=sys.stderr,
     )
-
-
-if __name__ == "__main__":
-    main()
