@@ -125,3 +125,7 @@ def main() -> None:
         f" cpu_us_per_received={run_per:.0f} swarm={Path(protocol.__file__).parents[2]}",
         file=sys.stderr,
     )
+
+
+if __name__ == "__main__":
+    main()
