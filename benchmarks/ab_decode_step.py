@@ -1,8 +1,11 @@
-"""A/B of one decode step of the default model (30 int4 layers, one thread) between another
-commit's swarm and this tree's, both loaded in this process and alternated (issue 24):
+"""A/B of one decode step (one thread) between another commit's swarm and this tree's, both
+loaded in this process and alternated (issue 24): by default the default model's 30 layers
+in the file's own int4; ``--model tiny`` is benchmarks/generate.py's tiny model (8 layers,
+hidden 256, written once under ``--workdir``), ``--quant`` none|int8|int4 requantizes:
 
-    git archive COMMIT | tar -x -C /tmp/base        # the other commit's source tree
-    python benchmarks/ab_decode_step.py --base /tmp/base [--rounds 15]
+    git archive COMMIT swarm | tar -x -C /tmp/base   # the other commit's source tree
+    python benchmarks/ab_decode_step.py --base /tmp/base [--rounds 15] [--model tiny]
+        [--quant none]
 
 Each round runs 8 steps of each (one new token after a 40-token prompt, with the float head
 between steps as in decoding, untimed) and records wall and CPU time (this thread's: on a
@@ -26,8 +29,12 @@ import torch
 HERE = Path(__file__).resolve().parent.parent
 
 
-def _load(root: Path) -> tuple[ModuleType, Any, Any]:
-    """Import ``swarm`` from ``root`` afresh; return swarm.shards, the head and the span."""
+TINY = {"num_layers": 8, "hidden": 256, "heads": 8, "kv_heads": 8, "intermediate": 688}
+
+
+def _load(root: Path, model: Path | None, quant: str | None) -> tuple[ModuleType, Any, Any]:
+    """Import ``swarm`` from ``root`` afresh; return swarm.shards, the head and the span of
+    ``model`` (None: the default model) in ``quant`` (None: the file's own)."""
     for name in [n for n in sys.modules if n == "swarm" or n.startswith("swarm.")]:
         del sys.modules[name]
     sys.path.insert(0, str(root))
@@ -37,9 +44,11 @@ def _load(root: Path) -> tuple[ModuleType, Any, Any]:
         types = importlib.import_module("swarm.types")
     finally:
         sys.path.remove(str(root))
-    path = str(bundled.default_model_path())
+    path = str(bundled.default_model_path() if model is None else model)
     head = shards.load_head(path)
-    span = shards.load_span(path, types.LayerRange(0, 30), quant=None)
+    layers = types.LayerRange(0, head.config.num_hidden_layers)
+    kind = None if quant is None else shards.Quantization(quant)
+    span = shards.load_span(path, layers, quant=kind)
     return shards, head, span
 
 
@@ -47,9 +56,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="the other commit's tree")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--model", choices=["default", "tiny"], default="default")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/swarm-ab-decode"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    trees = {"base": _load(args.base), "this": _load(HERE)}
+    model = None
+    if args.model == "tiny":
+        model = args.workdir / "tiny"
+        if not (model / "config.json").exists():
+            from swarm.lab.checkpoints import write_random_llama
+
+            write_random_llama(model, seed=0, std=0.02, vocab=32000, **TINY)
+    trees = {"base": _load(args.base, model, args.quant), "this": _load(HERE, model, args.quant)}
     wall: dict[str, list[float]] = {n: [] for n in trees}
     cpu: dict[str, list[float]] = {n: [] for n in trees}
     outs: dict[str, torch.Tensor] = {}

@@ -238,7 +238,7 @@ def _check_model_and_device(model: Path, device: str) -> int:
     import torch
 
     from swarm.errors import ConfigError
-    from swarm.server.server import resolve_device
+    from swarm.server.device import resolve_device
     from swarm.shards import ModelConfig
     from swarm.shards.gguf_header import is_gguf
 

@@ -22,8 +22,8 @@ in the `TokenLoop` and the `GenerationResult` it fills; only bans and reputation
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -234,6 +234,13 @@ class TokenLoop:
     async def events(self, attempts: Attempts) -> AsyncIterator[Event]:
         """Run to the end, yielding `Token`, `RolledBack` and finally `Done`."""
         started = trio.current_time()
+        with self.heads.user():
+            async with aclosing(self._attempts(attempts, started)) as events:
+                async for event in events:
+                    yield event
+        yield Done(self.result.stop_reason)
+
+    async def _attempts(self, attempts: Attempts, started: float) -> AsyncGenerator[Event]:
         while True:
             async with attempts.open(list(self.result.ids)) as attempt:
                 rollback = None
@@ -255,7 +262,6 @@ class TokenLoop:
             rolled = self._roll_back(keep)
             if keep < shown:  # a lie on a rejected guess, or before any token, voids none
                 yield rolled
-        yield Done(self.result.stop_reason)
 
     async def _steps(self, attempt: Attempt, started: float) -> AsyncIterator[Token | int]:
         """Tokens until done; a proven lie ends it with the token position it began at.

@@ -22,6 +22,7 @@ from enum import IntEnum
 import torch
 import trio
 
+from swarm.errors import ConfigError
 from swarm.shards.cache import KVCache
 from swarm.shards.span import BatchItem, Span
 from swarm.types import LayerRange
@@ -29,6 +30,7 @@ from swarm.types import LayerRange
 __all__ = [
     "Batch",
     "BatchRecord",
+    "ComputeConfig",
     "Priority",
     "Requester",
     "SpanJob",
@@ -36,6 +38,84 @@ __all__ = [
     "plan_batch",
     "run_batch",
 ]
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the compute worker batches.
+
+    - ``max_batch_tokens`` (1024): decode tokens in one batch.
+    - ``prefill_chunk`` (None: measured at start-up, see
+      `swarm.server.capacity.choose_prefill_chunk`; 128 when nothing is measured): bulk
+      tokens (prompt or forward) in one batch.
+    - ``max_queued`` (1024) jobs waiting in all, ``max_queued_per_client`` (256) for one
+      peer, ``max_queued_per_host`` (512) for all peers at one address: past them
+      `LimitExceeded`.
+    - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
+      go first.
+    - ``max_slowdown`` (1.25): while several clients have decode steps ready, a batch
+      holds at most as many as the measured timings run within this factor of one step's
+      time (`ComputeQueue.shared_batch`), or a step per waiting client if that is more
+      (the peers at one address count as one while other addresses wait), taken round
+      robin over hosts and each host's peers: a client with one session is in every
+      batch, one with many sessions, or many identities at one address, shares what is
+      left. A single client's steps are all batched (that is fastest for each of them).
+      The factor is below the 2x a client may see: the timings are the quiet best of a
+      few runs, and live batches, among other clients' network work, ran 1.1-1.5x slower
+      than them (`tests/server/test_flood.py`).
+    - ``gather_fraction`` (1.0) and ``gather_max`` (60 ms): the wait window, this fraction
+      of the last batch's time, at most ``gather_max`` seconds. A session whose next decode
+      step is expected (from its past returns) within the window is waited for, and no
+      longer than a window past when it was expected, so sessions that stepped together
+      stay in one batch instead of splitting into a batch of one and the rest. Where a
+      step's cost hardly grows with the batch (reading the weights bounds it), a batch
+      the late session would run on its own later costs as much as the one it missed:
+      with a window of a whole batch (not half, at most 20 ms, as before) 8 sessions
+      through a two-server chain got 4.3-4.4x one session's tokens/s instead of 3.4x
+      (`benchmarks/batching.py`, bfloat16).
+    - ``batching`` (True): False runs every job alone, one chunk at a time (for
+      comparison).
+    - ``max_wait`` (120 s): the longest a caller waits for its work (queued and running);
+      past it the work leaves the queue and the caller gets `LimitExceeded`, so a queue
+      cannot hold work forever (a client gives up on a step after 30 s by default).
+    - ``report_interval`` (60 s; None: never): how often the worker logs (INFO) what it
+      ran since the last report: batches, decode steps per batch, bulk tokens, busy time.
+    - ``inline_max`` (10 ms; 0: never): a batch of one decode step runs on the event loop
+      instead of the worker thread when the last such batch took at most this long. The
+      hand-off to the thread and back wakes two threads per step: 0.4-1.1 ms of a 3-hop
+      tiny chain's ~3.5 ms per hop on a 2-core machine (`benchmarks/hops.py`), more than
+      holding the loop for so short a step costs anything else (other sessions' work
+      would wait for the same compute anyway). Larger batches, prompt chunks and slow
+      steps keep the loop free.
+    """
+
+    max_batch_tokens: int = 1024
+    prefill_chunk: int | None = None
+    max_queued: int = 1024
+    max_queued_per_client: int = 256
+    max_queued_per_host: int = 512
+    forward_patience: int = 4
+    max_slowdown: float = 1.25
+    gather_fraction: float = 1.0
+    gather_max: float = 0.06
+    batching: bool = True
+    max_wait: float = 120.0
+    report_interval: float | None = 60.0
+    inline_max: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if min(self.max_queued, self.max_queued_per_client, self.max_queued_per_host) < 1:
+            raise ConfigError("max_queued, max_queued_per_client and _per_host must be >= 1")
+        if not self.max_wait > 0:
+            raise ConfigError(f"max_wait must be > 0, got {self.max_wait}")
+        if not self.inline_max >= 0:
+            raise ConfigError(f"inline_max must be >= 0, got {self.inline_max}")
+        if self.report_interval is not None and self.report_interval <= 0:
+            raise ConfigError(f"report_interval must be > 0, got {self.report_interval}")
 
 
 class Priority(IntEnum):

@@ -2,7 +2,8 @@
 
 Handlers never call the model directly. Span work (a session's step, a stateless forward)
 goes in with `ComputeQueue.run_span`; one worker task drains the queue through
-``trio.to_thread.run_sync`` so the trio loop stays responsive while torch computes. Only one
+``trio.to_thread.run_sync`` so the trio loop stays responsive while torch computes (a
+short lone decode step runs on the loop itself: `ComputeConfig.inline_max`). Only one
 batch runs at a time on a device: concurrent matmuls on the same cores only slow each other.
 
 Each time the worker is free it forms one batch (see `swarm.server.batching`):
@@ -48,10 +49,11 @@ from typing import Any, Generic, TypeVar
 import torch
 import trio
 
-from swarm.errors import ConfigError, LimitExceeded, ShardError
+from swarm.errors import LimitExceeded, ShardError
 from swarm.server.batching import (
     Batch,
     BatchRecord,
+    ComputeConfig,
     Priority,
     Requester,
     SpanJob,
@@ -87,74 +89,6 @@ CLIENT: contextvars.ContextVar[Requester] = contextvars.ContextVar(
 `PeerId` and address; the default groups anonymous work together)."""
 
 DEFAULT_PREFILL_CHUNK = 128
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """How the compute worker batches.
-
-    - ``max_batch_tokens`` (1024): decode tokens in one batch.
-    - ``prefill_chunk`` (None: measured at start-up, see
-      `swarm.server.capacity.choose_prefill_chunk`; 128 when nothing is measured): bulk
-      tokens (prompt or forward) in one batch.
-    - ``max_queued`` (1024) jobs waiting in all, ``max_queued_per_client`` (256) for one
-      peer, ``max_queued_per_host`` (512) for all peers at one address: past them
-      `LimitExceeded`.
-    - ``forward_patience`` (4): batches a waiting stateless forward lets inference bulk work
-      go first.
-    - ``max_slowdown`` (1.25): while several clients have decode steps ready, a batch
-      holds at most as many as the measured timings run within this factor of one step's
-      time (`ComputeQueue.shared_batch`), or a step per waiting client if that is more
-      (the peers at one address count as one while other addresses wait), taken round
-      robin over hosts and each host's peers: a client with one session is in every
-      batch, one with many sessions, or many identities at one address, shares what is
-      left. A single client's steps are all batched (that is fastest for each of them).
-      The factor is below the 2x a client may see: the timings are the quiet best of a
-      few runs, and live batches, among other clients' network work, ran 1.1-1.5x slower
-      than them (`tests/server/test_flood.py`).
-    - ``gather_fraction`` (1.0) and ``gather_max`` (60 ms): the wait window, this fraction
-      of the last batch's time, at most ``gather_max`` seconds. A session whose next decode
-      step is expected (from its past returns) within the window is waited for, and no
-      longer than a window past when it was expected, so sessions that stepped together
-      stay in one batch instead of splitting into a batch of one and the rest. Where a
-      step's cost hardly grows with the batch (reading the weights bounds it), a batch
-      the late session would run on its own later costs as much as the one it missed:
-      with a window of a whole batch (not half, at most 20 ms, as before) 8 sessions
-      through a two-server chain got 4.3-4.4x one session's tokens/s instead of 3.4x
-      (`benchmarks/batching.py`, bfloat16).
-    - ``batching`` (True): False runs every job alone, one chunk at a time (for
-      comparison).
-    - ``max_wait`` (120 s): the longest a caller waits for its work (queued and running);
-      past it the work leaves the queue and the caller gets `LimitExceeded`, so a queue
-      cannot hold work forever (a client gives up on a step after 30 s by default).
-    - ``report_interval`` (60 s; None: never): how often the worker logs (INFO) what it
-      ran since the last report: batches, decode steps per batch, bulk tokens, busy time.
-    """
-
-    max_batch_tokens: int = 1024
-    prefill_chunk: int | None = None
-    max_queued: int = 1024
-    max_queued_per_client: int = 256
-    max_queued_per_host: int = 512
-    forward_patience: int = 4
-    max_slowdown: float = 1.25
-    gather_fraction: float = 1.0
-    gather_max: float = 0.06
-    batching: bool = True
-    max_wait: float = 120.0
-    report_interval: float | None = 60.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
-            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-        if min(self.max_queued, self.max_queued_per_client, self.max_queued_per_host) < 1:
-            raise ConfigError("max_queued, max_queued_per_client and _per_host must be >= 1")
-        if not self.max_wait > 0:
-            raise ConfigError(f"max_wait must be > 0, got {self.max_wait}")
-        if self.report_interval is not None and self.report_interval <= 0:
-            raise ConfigError(f"report_interval must be > 0, got {self.report_interval}")
 
 
 @dataclass(frozen=True)
@@ -250,19 +184,23 @@ class ComputeQueue:
     Use as ``async with trio.open_nursery() as n: await n.start(queue.run)``, then
     ``await queue.run_span(...)`` or ``await queue.submit(fn, priority)`` from any handler.
 
-    ``run_sync`` is where the work runs: ``trio.to_thread.run_sync`` (a worker thread) by
-    default. Tests pass one that runs it in the event loop and lets trio's virtual clock
-    stand for its cost, so the queue's timers (the gather window, the report) run under
-    ``autojump_clock``. Batch times are read from trio's clock (in production the same
-    ``perf_counter`` differences as before).
+    ``run_sync`` is where the work runs: by default a worker thread
+    (``trio.to_thread.run_sync``), except a short lone decode step, which runs on the event
+    loop (`ComputeConfig.inline_max`). Tests pass one that runs everything in the event
+    loop and lets trio's virtual clock stand for its cost, so the queue's timers (the gather
+    window, the report) run under ``autojump_clock``. Batch times are read from trio's
+    clock (in production the same ``perf_counter`` differences as before).
     """
 
     def __init__(
-        self, config: ComputeConfig | None = None, *, run_sync: RunSync = trio.to_thread.run_sync
+        self, config: ComputeConfig | None = None, *, run_sync: RunSync | None = None
     ) -> None:
         config = config or ComputeConfig()
         self.config = config
-        self._run_sync = run_sync
+        self._run_sync: RunSync = run_sync or trio.to_thread.run_sync
+        self._may_inline = run_sync is None  # a given run_sync runs everything
+        self._lone_seconds: float | None = None  # the last batch of one decode step's time
+        self.inlined = 0  # batches run on the event loop
         # set at start-up from the measured timings (`swarm.server.capacity.SpanTimings`):
         self.prefill_chunk = config.prefill_chunk or DEFAULT_PREFILL_CHUNK  # bulk tokens/batch
         self.shared_batch: int | None = None  # decode steps per batch among clients (None: all)
@@ -496,11 +434,19 @@ class ComputeQueue:
     async def _run_batch(self, batch: Batch) -> None:
         started = trio.current_time()
         self.running = True
+        lone = len(batch.slices) == 1 and batch.slices[0].job.is_decode
         try:
-            await self._run_sync(run_batch, batch)
+            if lone and self._inline_now():
+                self.inlined += 1
+                run_batch(batch)  # on the event loop: cheaper than the thread's two wake-ups
+                await trio.lowlevel.checkpoint()
+            else:
+                await self._run_sync(run_batch, batch)
         finally:
             self.running = False
             seconds = trio.current_time() - started
+            if lone:
+                self._lone_seconds = seconds
             self._busy_seconds += seconds
             self._last_seconds = seconds
             ended = self._last_end = trio.current_time()
@@ -523,6 +469,13 @@ class ComputeQueue:
                 self._jobs.remove(job)
                 self._done += 1
                 job.done.set()
+
+    def _inline_now(self) -> bool:
+        """Whether a batch of one decode step runs on the event loop (see
+        `ComputeConfig.inline_max`): only once such a batch was timed, and only as long as
+        the last one was that short."""
+        last, most = self._lone_seconds, self.config.inline_max
+        return self._may_inline and last is not None and last <= most
 
     def statistics(self) -> ComputeStatistics:
         """Queue length, work done, the fraction of time spent computing, recent batches."""

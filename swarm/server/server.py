@@ -57,14 +57,10 @@ from swarm.net.rpc_server import RpcServer
 from swarm.net.swarm_key import load_swarm_key
 from swarm.net.transport import TCPTransport, Transport
 from swarm.server.announcer import Announcer, choose_layers
-from swarm.server.capacity import (
-    available_memory,
-    block_bytes,
-    cpu_has_native_bfloat16,
-    size_server,
-)
+from swarm.server.capacity import available_memory, block_bytes, size_server
 from swarm.server.compute import ComputeQueue
 from swarm.server.config import ServerConfig
+from swarm.server.device import resolve_device, resolve_dtype
 from swarm.server.handlers import ServingHandlers, ServingState
 from swarm.server.liveness import PeerWatch, info_ping
 from swarm.server.moving import RangeMover
@@ -74,17 +70,15 @@ from swarm.server.sessions import SessionTable
 from swarm.server.throughput import ThroughputKeeper
 from swarm.shards import KVCache, ModelConfig, Span, load_span, model_id, resolve_quantization
 from swarm.types import (
-    FLOAT_DTYPES,
     LayerRange,
     PeerId,
     Reachability,
     ServerState,
     format_address,
     parse_address,
-    torch_dtype,
 )
 
-__all__ = ["Server", "ServerReady", "resolve_device", "resolve_dtype"]
+__all__ = ["Server", "ServerReady"]
 
 log = logging.getLogger(__name__)
 
@@ -102,33 +96,6 @@ class ServerReady:
     throughput: float
     reachability: Reachability = Reachability.UNKNOWN
     relays: tuple[str, ...] = ()  # "host:port" of the relays it is dialed through
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:n]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
-def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
-    """``auto``: the checkpoint's dtype on a GPU; on the CPU bfloat16 for a checkpoint
-    stored in bfloat16 where the CPU has bfloat16 dot-product instructions (there a batched
-    step of 8 sessions costs about 1.1-1.3x one step in the matmuls, against 2-3x in float32; see
-    benchmarks/README.md), float32 otherwise (emulated half precision is slow)."""
-    if name != "auto":
-        return torch_dtype(name)
-    if device.type == "cpu":
-        if model.torch_dtype == "bfloat16" and cpu_has_native_bfloat16():
-            return torch.bfloat16
-        return torch.float32
-    return torch_dtype(model.torch_dtype) if model.torch_dtype in FLOAT_DTYPES else torch.float16
 
 
 class Server:

@@ -110,11 +110,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (tokens, in)
-        out = self.matmul(flat.to(COMPUTE_DTYPE).contiguous()).to(x.dtype)  # (tokens, out)
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, self.in_features)  # (tokens, in)
+        if rows.dtype != COMPUTE_DTYPE or not rows.is_contiguous():
+            rows = rows.to(COMPUTE_DTYPE, memory_format=torch.contiguous_format)
+        out = self.matmul(rows).to(x.dtype)  # (tokens, out)
         if self.bias is not None:
             out = out + self.bias
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+        return out if flat else out.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

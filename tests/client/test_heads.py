@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -74,3 +76,47 @@ async def test_greedy_rows_take_the_screen_and_keep_the_float_token(tmp_path: Pa
             kept = torch.isfinite(got[i])
             assert torch.equal(got[i][kept], alone[kept])
             assert int(kept.sum()) < 2 * 3000
+
+
+async def test_a_lone_generations_short_passes_run_on_the_event_loop(tmp_path: Path) -> None:
+    """One generation alone (`HeadBatcher.user`): after a first pass in the worker thread
+    (which times it), its passes run on the event loop while they take at most
+    ``inline_max``; with two generations, or ``inline_max=0``, every pass goes to the
+    thread. The logits are the same either way."""
+    path = write_random_llama(tmp_path / "m", num_layers=1, hidden=64, vocab=3000)
+    head = load_head(path)
+    loop = threading.get_ident()
+    threads: list[bool] = []  # per pass: on the event loop
+    real = head.logits
+
+    def spy(hidden: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.get_ident() == loop)
+        return real(hidden)
+
+    head.logits = spy  # type: ignore[method-assign]
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    want = real(x[None])[0]
+
+    async def passes(batcher: HeadBatcher, users: int, n: int) -> list[torch.Tensor]:
+        with contextlib.ExitStack() as stack:
+            for _ in range(users):
+                stack.enter_context(batcher.user())
+            return [await batcher.logits(x) for _ in range(n)]
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            lone = HeadBatcher(head, inline_max=0.5)
+            await nursery.start(lone.run)
+            for got in await passes(lone, 1, 4):
+                assert torch.equal(got, want)
+            assert threads == [False, True, True, True]
+            assert lone.statistics().inlined == 3
+            threads.clear()
+            await passes(lone, 2, 3)
+            assert threads == [False, False, False]
+            threads.clear()
+            never = HeadBatcher(head, inline_max=0.0)
+            await nursery.start(never.run)
+            await passes(never, 1, 3)
+            assert threads == [False, False, False] and never.statistics().inlined == 0
+            nursery.cancel_scope.cancel()

@@ -11,7 +11,9 @@ which batch slots, never by seconds (the latency ratios are `benchmarks/flood.py
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -122,6 +124,84 @@ async def test_batched_sessions_equal_alone(span: Span, queue_factory: object) -
     assert recent[0].decode_steps == 3 and recent[0].bulk_tokens == 64
     assert sum(r.bulk_tokens for r in recent) == 320  # 300 prompt + 20 forward, in chunks
     assert max(r.bulk_tokens for r in recent) <= 64
+
+
+async def test_short_lone_decode_steps_run_on_the_event_loop(
+    span: Span, queue_factory: object
+) -> None:
+    """A batch of one decode step runs on the event loop (no hand-off to the worker thread
+    and back) once such a step was timed and as long as the last one took at most
+    ``inline_max``; a slower one sends the next to the thread, batches of several steps
+    and prompts always go there, ``inline_max=0`` never inlines; outputs equal alone.
+    (A step "slower than inline_max" is made by lowering the queue's ``inline_max`` for
+    one step, not by sleeping: no wall-clock time decides anything here.)"""
+    loop = threading.get_ident()
+    ran: list[tuple[str, bool]] = []  # (what, on the event loop)
+    forward, forward_batch = span.forward, span.forward_batch
+
+    def timed_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        ran.append(("one", threading.get_ident() == loop))
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    def timed_batch(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        ran.append(("batch", threading.get_ident() == loop))
+        return forward_batch(*args, **kwargs)  # type: ignore[arg-type]
+
+    span.forward, span.forward_batch = timed_forward, timed_batch  # type: ignore[method-assign]
+    try:
+        config = ComputeConfig(inline_max=0.25)
+        queue: ComputeQueue = await queue_factory(config)  # type: ignore[operator]
+        gen = torch.Generator().manual_seed(5)
+        prompt = torch.randn(1, 6, HIDDEN, generator=gen)
+        cache, alone = _cache(span), _cache(span)
+        with torch.no_grad():
+            forward(prompt, _pos(0, 6), alone)
+        await queue.run_span(span, prompt, _pos(0, 6), cache, Priority.INFERENCE)
+        outs = []
+        for i, most in enumerate((0.25, 0.25, 0.25, 1e-9, 0.25, 0.25)):
+            queue.config = replace(config, inline_max=most)
+            x = torch.randn(1, 1, HIDDEN, generator=gen)
+            out = await queue.run_span(span, x, _pos(6 + i, 1), cache, Priority.INFERENCE)
+            with torch.no_grad():
+                outs.append((out, forward(x, _pos(6 + i, 1), alone)))
+        # the prompt and the first step (untimed) on the thread; then on the loop, but for
+        # the step after which the last one counted as too slow
+        assert [on_loop for _, on_loop in ran] == [False, False, True, True, False, True, True]
+        assert queue.inlined == 4
+        for got, want in outs:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        ran.clear()
+        second, second_alone = _cache(span), _cache(span)
+        with torch.no_grad():
+            forward(prompt, _pos(0, 6), second_alone)
+        await queue.run_span(span, prompt, _pos(0, 6), second, Priority.INFERENCE)
+        xs = [torch.randn(1, 1, HIDDEN, generator=gen) for _ in range(2)]
+        got: dict[int, torch.Tensor] = {}
+
+        async def step(i: int, c: KVCache, at: int) -> None:
+            got[i] = await queue.run_span(span, xs[i], _pos(at, 1), c, Priority.INFERENCE)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, 0, cache, 12)
+            nursery.start_soon(step, 1, second, 6)
+        assert ("batch", False) in ran and ("batch", True) not in ran
+        with torch.no_grad():
+            torch.testing.assert_close(
+                got[0], forward(xs[0], _pos(12, 1), alone), rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(
+                got[1], forward(xs[1], _pos(6, 1), second_alone), rtol=1e-4, atol=1e-5
+            )
+        ran.clear()
+        never: ComputeQueue = await queue_factory(ComputeConfig(inline_max=0))  # type: ignore[operator]
+        third = _cache(span)
+        await never.run_span(span, prompt, _pos(0, 6), third, Priority.INFERENCE)
+        for i in range(3):
+            x = torch.randn(1, 1, HIDDEN, generator=gen)
+            await never.run_span(span, x, _pos(6 + i, 1), third, Priority.INFERENCE)
+        assert ran and not any(on_loop for _, on_loop in ran) and never.inlined == 0
+    finally:
+        del span.forward, span.forward_batch
 
 
 async def test_a_long_prompt_is_chunked_between_decode_steps(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.server import capacity, server
-from swarm.server.server import resolve_dtype
+from swarm.server import capacity, device
+from swarm.server.device import resolve_dtype
 from swarm.shards import ModelConfig
 from swarm.testing.checkpoints import write_random_llama
 
@@ -52,11 +52,11 @@ def test_auto_on_the_cpu(
     native: bool,
     want: torch.dtype,
 ) -> None:
-    monkeypatch.setattr(server, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr(device, "cpu_has_native_bfloat16", lambda: native)
     assert resolve_dtype("auto", replace(config, torch_dtype=stored), CPU) == want
 
 
 def test_an_explicit_dtype_is_kept(config: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bfloat16", lambda: True)
     assert resolve_dtype("float32", replace(config, torch_dtype="bfloat16"), CPU) == torch.float32
     assert resolve_dtype("bfloat16", config, CPU) == torch.bfloat16

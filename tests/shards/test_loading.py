@@ -242,3 +242,18 @@ def test_loading_imports_no_compiler(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_dtype_and_device_are_its_first_parameters(
+    checkpoints: dict[str, Path], dtype: torch.dtype
+) -> None:
+    """`Span.dtype`/`device` read the first block's norm weight instead of walking the
+    module tree: the same answer as the walk, after a cast of the whole span too."""
+    span = load_span(checkpoints["llama"], LayerRange(1, 3), dtype=dtype)
+    first = next(iter(span.parameters()))
+    assert first is span.blocks[0].attn_norm.weight  # type: ignore[union-attr]
+    assert (span.dtype, span.device) == (first.dtype, first.device) == (dtype, torch.device("cpu"))
+    span.to(torch.float16)
+    assert span.dtype == next(iter(span.parameters())).dtype == torch.float16
+    assert span.narrow(LayerRange(2, 3)).dtype == torch.float16

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from swarm.errors import ShardError
 from swarm.shards import KVCache, load_span
@@ -266,6 +267,25 @@ def test_float32_rms_norm_is_the_reference_formula_bit_for_bit() -> None:
             h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
             with torch.inference_mode():
                 assert torch.equal(norm(x), norm.weight * h)
+                assert torch.equal(norm(x), F.rms_norm(x, norm.weight.shape, norm.weight, 1e-5))
+
+
+def test_half_rms_norm_is_the_reference_formula_bit_for_bit() -> None:
+    """bfloat16 and float16 states: normed in float32, cast back, then the weight (Llama's
+    order), the same bits as the formula written out with `mean` and a Python eps."""
+    from swarm.shards.blocks import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape in [(1, 1, 576), (2, 9, 64), (7, 1024)]:
+            for scale in (1e-2, 1.0, 1e2):
+                norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+                norm.weight.data = torch.randn(shape[-1], generator=gen).to(dtype)
+                x = (torch.randn(shape, generator=gen) * scale).to(dtype)
+                h = x.float()
+                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+                with torch.inference_mode():
+                    assert torch.equal(norm(x), norm.weight * h.to(dtype))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
