@@ -23,8 +23,10 @@ Differences from stock ``KademliaProtocol`` (each guards a flaw of kademlia 2.2.
   one carrying the token, and the requester asks again echoing it (once per responder and
   token lifetime; a request without a token is padded so the usual find_node reply fits), so
   a forged source address cannot turn our replies into a reflected flood;
-- the RPC timeout is ``DHTConfig.timing.rpc_timeout``; a reply too large for one datagram is counted
-  and not sent; the background tasks it starts are tracked and cancelled by `aclose`.
+- the RPC timeout is ``DHTConfig.timing.rpc_timeout`` (one queue of deadlines per node, and
+  the datagrams emulated links hold in one heap per loop: `swarm.dht.timers`); a reply too
+  large for one datagram is counted and not sent; the background tasks it starts are
+  tracked and cancelled by `aclose`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from swarm.dht.routing import ContactTable
 from swarm.dht.sources import AddressTokens, RateLimiter, SourceGroups
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
+from swarm.dht.timers import Deadlines, LateSends
 from swarm.dht.wire import (
     AMPLIFICATION,
     Request,
@@ -79,7 +82,6 @@ class _Waiting(NamedTuple):
     """A request of ours awaiting its reply (by message id)."""
 
     future: asyncio.Future[Answer]
-    timeout: asyncio.TimerHandle
     where: tuple[str, int]
     name: str
     args: tuple[Any, ...]
@@ -118,13 +120,11 @@ class _DatagramTransport:
             if delay is None:
                 return  # lost on the (emulated) way
             if delay > 0:
-                asyncio.get_running_loop().call_later(delay, self._send_late, payload, addr)
+                LateSends.for_loop(asyncio.get_running_loop()).hold(
+                    delay, self.inner, payload, addr
+                )
                 return
         self.inner.sendto(payload, addr)
-
-    def _send_late(self, payload: bytes, addr: Any) -> None:
-        if not self.inner.is_closing():
-            self.inner.sendto(payload, addr)
 
     def close(self) -> None:
         self.inner.close()
@@ -140,7 +140,7 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         self, source_node: Node, storage: RecordStorage, config: DHTConfig, stats: StatsCounter
     ) -> None:
         super().__init__(source_node, storage, config.kademlia.ksize)
-        self._wait_timeout = config.timing.rpc_timeout
+        self._deadlines = Deadlines(config.timing.rpc_timeout, self._timeout)
         self._config = config
         self._stats = stats
         self._seal = DatagramSeal(config.swarm_key) if config.swarm_key else None
@@ -216,7 +216,6 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         if entry is None or entry.where != (address[0], address[1]):
             return  # not awaited, or not from where the request went
         del self._waiting[msg_id]
-        entry.timeout.cancel()
         if response.token is not None:
             self._tokens_from.pop(entry.where, None)
             self._tokens_from[entry.where] = response.token
@@ -288,8 +287,8 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
         data = encode_request(
             msg_id, name, args, client_only=client_only, token=token, pad=token is None
         )
-        timeout = asyncio.get_running_loop().call_later(self._wait_timeout, self._timeout, msg_id)
-        self._waiting[msg_id] = _Waiting(future, timeout, where, name, args, retried)
+        self._deadlines.add(msg_id)
+        self._waiting[msg_id] = _Waiting(future, where, name, args, retried)
         self.transport.sendto(data, where)
 
     def ping(self, address: Any, nodeid: bytes) -> asyncio.Future[Answer]:
@@ -417,9 +416,9 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]
     async def aclose(self) -> None:
         """Cancel background tasks (waiting up to a second for them to unwind) and pending
         calls (their callers see a timeout)."""
+        self._deadlines.close()
         for msg_id in list(self._waiting):
             entry = self._waiting.pop(msg_id)
-            entry.timeout.cancel()
             if not entry.future.done():
                 entry.future.set_result(Answer(False, None))
         tasks = list(self._tasks)

@@ -7,10 +7,16 @@ of the bucket it falls in (`AdmissionConfig.max_contacts_per_*`; groups as in
 `swarm.dht.sources`).
 A contact promoted from a bucket's replacement cache is held to the same caps. The stock
 table's fire-and-forget ping of a full bucket's head goes through the protocol's tracked tasks.
+
+`get_bucket_for` and `find_neighbors` give stock's answers (a node asks them for nearly every
+datagram) without its linear scan of the buckets and its per-contact heap and iterator
+objects: a bisection over the buckets' upper bounds, and the same walk out from the target's
+bucket as stock's ``TableTraverser`` (tests/dht/test_routing.py compares them).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
         groups: SourceGroups,
         spawn: Callable[[Coroutine[Any, Any, Any]], Any],
     ) -> None:
+        self._uppers: list[int] | None = None  # each bucket's range[1] (None: rebuild)
         super().__init__(protocol, config.kademlia.ksize, node)
         self._config = config
         self._groups = groups
@@ -135,7 +142,53 @@ class ContactTable(RoutingTable):  # type: ignore[misc]
 
     def split_bucket(self, index: int) -> None:
         self._index = None  # replacements may move up into the new buckets
+        self._uppers = None
         super().split_bucket(index)
+
+    def flush(self) -> None:
+        self._uppers = None
+        super().flush()
+
+    def get_bucket_for(self, node: Node) -> int:
+        """The index of the first bucket whose ``range[1]`` exceeds the node's id (stock's
+        rule, by bisection). Raises ValueError for an id beyond 160 bits (stock: None)."""
+        uppers = self._uppers
+        if uppers is None:
+            uppers = self._uppers = [bucket.range[1] for bucket in self.buckets]
+        index = bisect.bisect_right(uppers, node.long_id)
+        if index == len(uppers):
+            raise ValueError("a node id beyond the 160-bit id space")
+        return index
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        """Stock's neighbours: the first ``k`` contacts (not ``node`` itself, nor any at
+        ``exclude``'s address) met walking out from ``node``'s bucket as ``TableTraverser``
+        does (that bucket from its newest contact, then one bucket to the left, one to the
+        right, and so on; it stops when the right side runs out on its turn), closest first."""
+        k = k or self.ksize
+        buckets = self.buckets
+        index = self.get_bucket_for(node)
+        buckets[index].touch_last_updated()
+        left, right = buckets[:index], buckets[index + 1 :]
+        bucket, turn_left = buckets[index], True
+        picked: list[Node] = []
+        own, home = node.id, None if exclude is None else (exclude.ip, exclude.port)
+        while True:
+            for held in reversed(bucket.nodes.values()):
+                if held.id != own and (home is None or (held.ip, held.port) != home):
+                    picked.append(held)
+                    if len(picked) == k:
+                        target = node.long_id
+                        return sorted(picked, key=lambda n: n.long_id ^ target)
+            if turn_left and left:
+                bucket, turn_left = left.pop(), False
+            elif right:
+                bucket, turn_left = right.pop(0), True
+            else:
+                target = node.long_id
+                return sorted(picked, key=lambda n: n.long_id ^ target)
 
     def remove_contact(self, node: Node) -> None:
         bucket: KBucket = self.buckets[self.get_bucket_for(node)]

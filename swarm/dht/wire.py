@@ -19,6 +19,16 @@ Amplification (RFC 9000 §8.1): a node never sends an address that has not echoe
 more than `AMPLIFICATION` times the bytes it received from it in the request being answered.
 
 `decode_datagram` is the one decoder of peer datagrams: anything else is None, never an error.
+
+Bodies are packed and parsed by `msgpack`'s C extension. Its encoding is byte for byte the
+one of ``umsgpack`` (rpcudp's pure-Python msgpack, used here before: the smallest form of
+each integer, string and byte string; floats as float64), so nodes of either version read
+each other. Parsing is as strict or stricter: str or bytes map keys only, no extension types
+(but msgpack's timestamp, which becomes a ``msgpack.Timestamp`` that no field takes, as
+``umsgpack``'s ``datetime`` did), no bytes after the body (``umsgpack`` ignored them); a
+map's duplicate key keeps its last value (``umsgpack`` refused the datagram). Packing and
+parsing in pure Python was the largest share of a node's CPU per datagram
+(benchmarks/README.md, "Where a datagram's CPU goes").
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import umsgpack  # type: ignore[import-untyped]
+import msgpack
 
 __all__ = [
     "AMPLIFICATION",
@@ -81,13 +91,13 @@ def encode_request(
     meta: dict[str, Any] = {"c": client_only}
     if token is not None:
         meta["t"] = token
-    body: bytes = umsgpack.packb([name, list(args), meta])
+    body: bytes = msgpack.packb([name, list(args), meta], use_bin_type=True)
     if len(body) > MAX_REQUEST_BYTES:
         raise ValueError(f"a DHT {name} request of {len(body)} bytes exceeds {MAX_REQUEST_BYTES}")
     short = PADDED_REQUEST_BYTES - 21 - len(body) - 5  # "p" and a bin header cost 5 bytes
     if pad and short > 0:
         meta["p"] = bytes(short)
-        body = umsgpack.packb([name, list(args), meta])
+        body = msgpack.packb([name, list(args), meta], use_bin_type=True)
     return _REQUEST + msg_id + body
 
 
@@ -105,7 +115,7 @@ def encode_response(
         meta["t"] = token
     if retry:
         meta["r"] = True
-    body: bytes = umsgpack.packb([value, meta])
+    body: bytes = msgpack.packb([value, meta], use_bin_type=True)
     return _RESPONSE + msg_id + body
 
 
@@ -122,6 +132,10 @@ def _meta(value: object, allowed: frozenset[str]) -> dict[str, Any] | None:
     return value
 
 
+def _no_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
 _REQUEST_META = frozenset({"c", "t", "p"})
 _RESPONSE_META = frozenset({"id", "c", "t", "r"})
 
@@ -132,8 +146,10 @@ def decode_datagram(datagram: bytes) -> tuple[bytes, Request | Response] | None:
         return None
     kind, msg_id = datagram[:1], datagram[1:21]
     try:
-        body = umsgpack.unpackb(datagram[21:])
-    except Exception:  # umsgpack raises many types on bad input; all mean "malformed"
+        body = msgpack.unpackb(
+            datagram[21:], raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext
+        )
+    except Exception:  # msgpack raises many types on bad input; all mean "malformed"
         return None
     if kind == _REQUEST:
         ok = isinstance(body, list) and len(body) == 3 and isinstance(body[0], str)

@@ -28,6 +28,8 @@ from swarm.net.transport import StreamHandler, TCPTransport, Transport
 
 __all__ = ["DatagramLinkEmulator", "DelayedStream", "LinkEmulator", "LinkSpec"]
 
+_SPECS_REMEMBERED = 1 << 20  # (source, target) pairs whose spec a datagram emulator keeps
+
 
 @dataclass(frozen=True)
 class LinkSpec:
@@ -213,9 +215,12 @@ class DatagramLinkEmulator:
         self._links: dict[tuple[tuple[str, int], tuple[str, int]], LinkSpec] = {}
         self._regions: dict[tuple[str, int], str] = {}
         # where an address not `place`d is (the same function in every process of a swarm
-        # split across processes places every node alike without telling each other)
+        # split across processes places every node alike without telling each other); it
+        # must answer the same for an address every time: links' specs are remembered
         self._region_of = region_of
         self._between: dict[tuple[str, str], LinkSpec] = {}
+        # each (source, target)'s spec as last worked out (cleared by set, place, set_between)
+        self._specs: dict[tuple[tuple[str, int], tuple[str, int]], LinkSpec] = {}
         self._rng = random.Random(seed)
         self.sent: dict[tuple[str, int], list[int]] = {}  # source -> [datagrams, bytes]
         self.lost = 0
@@ -228,10 +233,12 @@ class DatagramLinkEmulator:
     def set(self, source: tuple[str, int], target: tuple[str, int], spec: LinkSpec) -> None:
         """The behaviour of datagrams from ``source`` to ``target`` (one direction)."""
         self._links[(source, target)] = spec
+        self._specs.clear()
 
     def place(self, address: tuple[str, int], region: str) -> None:
         """Put the node at ``address`` in ``region``."""
         self._regions[address] = region
+        self._specs.clear()
 
     def _region(self, address: tuple[str, int]) -> str | None:
         region = self._regions.get(address)
@@ -243,8 +250,18 @@ class DatagramLinkEmulator:
         """The behaviour of datagrams between regions ``a`` and ``b`` (both directions;
         ``a == b`` is the inside of a region)."""
         self._between[(a, b)] = self._between[(b, a)] = spec
+        self._specs.clear()
 
     def spec(self, source: tuple[str, int], target: tuple[str, int]) -> LinkSpec:
+        pair = (source, target)
+        spec = self._specs.get(pair)
+        if spec is None:
+            if len(self._specs) >= _SPECS_REMEMBERED:
+                self._specs.clear()
+            spec = self._specs[pair] = self._work_out(source, target)
+        return spec
+
+    def _work_out(self, source: tuple[str, int], target: tuple[str, int]) -> LinkSpec:
         spec = self._links.get((source, target))
         if spec is not None:
             return spec

@@ -21,7 +21,7 @@ from swarm.dht.routing import ContactTable
 from swarm.dht.sources import AddressTokens, RateLimiter, SourceGroups
 from swarm.dht.stats import StatsCounter
 from swarm.dht.storage import RecordStorage
-from swarm.dht.wire import Request, Response, decode_datagram, encode_request
+from swarm.dht.wire import Request, Response, decode_datagram, encode_request, encode_response
 from swarm.identity import Identity
 
 WRITER = Identity.from_seed(b"writer")
@@ -224,3 +224,35 @@ def test_wire_decoder_is_strict() -> None:
     ):
         assert decode_datagram(b"\x00" + bytes(20) + umsgpack.packb(body)) is None, body
     assert decode_datagram(b"\x01" + bytes(20) + umsgpack.packb([1, {"id": b"short"}])) is None
+
+
+def test_wire_bytes_are_those_of_umsgpack_and_its_leftovers_are_refused() -> None:
+    """The C msgpack packs every datagram exactly as rpcudp's umsgpack did (nodes of either
+    version read each other); what umsgpack let through (a body with bytes after it, an
+    extension type) is malformed now."""
+    import msgpack
+    import umsgpack  # type: ignore[import-untyped]
+
+    node_id, token, msg_id = os.urandom(20), os.urandom(16), os.urandom(20)
+    contacts = [(os.urandom(20), "127.0.0.1", 40_000 + i) for i in range(20)]
+    records = [os.urandom(300), os.urandom(700)]
+    for name, args in (
+        ("ping", (node_id,)),
+        ("find_node", (node_id, os.urandom(20))),
+        ("store", (node_id, os.urandom(20), records)),
+    ):
+        ours = encode_request(msg_id, name, args, client_only=False, token=token)
+        theirs = umsgpack.packb([name, list(args), {"c": False, "t": token}])
+        assert ours == b"\x00" + msg_id + theirs, name
+        assert decode_datagram(ours) is not None
+    for value in (contacts, {"value": records}, None, node_id, True, 2**40, -3, 1.5, "x" * 300):
+        ours = encode_response(msg_id, value, node_id=node_id, client_only=True, token=token)
+        meta = {"id": node_id, "c": True, "t": token}
+        assert ours == b"\x01" + msg_id + umsgpack.packb([value, meta]), value
+    good = umsgpack.packb(["ping", [node_id], {"c": False}])
+    assert decode_datagram(b"\x00" + msg_id + good) is not None
+    assert decode_datagram(b"\x00" + msg_id + good + b"\x00") is None  # bytes after the body
+    ext = umsgpack.packb(["ping", [node_id, umsgpack.Ext(5, b"x")], {"c": False}])
+    assert decode_datagram(b"\x00" + msg_id + ext) is None
+    int_key = msgpack.packb(["ping", [node_id], {1: False}])
+    assert decode_datagram(b"\x00" + msg_id + int_key) is None
