@@ -92,7 +92,7 @@ class HeadBatcher:
             await trio.lowlevel.checkpoint()
             return out
         if not self._running:
-            return await self._pass(hidden, greedy, inline=False)
+            return await self._pass(hidden, greedy)
         request = _Request(hidden, greedy)
         self._pending.append(request)
         self._wakeup.set()
@@ -130,9 +130,11 @@ class HeadBatcher:
         alone = self._users == 1 and not self._pending
         return alone and last is not None and last <= self.inline_max
 
-    async def _pass(self, rows: torch.Tensor, greedy: bool, *, inline: bool) -> torch.Tensor:
-        """One head pass over ``rows`` (one request's when ``inline``: on the event loop;
-        else in the worker thread), counted and, for one request's rows, timed."""
+    async def _pass(
+        self, rows: torch.Tensor, greedy: bool, *, inline: bool = False, lone: bool = True
+    ) -> torch.Tensor:
+        """One head pass over ``rows``: on the event loop when ``inline``, else in the worker
+        thread; counted, and timed when ``lone`` (one request's rows)."""
         self._calls += 1
         self._rows += rows.shape[0]
         started = trio.current_time()
@@ -140,18 +142,14 @@ class HeadBatcher:
             out = self._forward(rows, greedy)
         else:
             out = await trio.to_thread.run_sync(self._forward, rows, greedy)
-        self._lone_seconds = trio.current_time() - started
+        if lone:
+            self._lone_seconds = trio.current_time() - started
         return out
 
     async def _serve_part(self, batch: list[_Request], greedy: bool) -> None:
         rows = torch.cat([r.hidden for r in batch])  # (total rows, hidden)
         try:
-            if len(batch) == 1:
-                out = await self._pass(rows, greedy, inline=False)
-            else:
-                self._calls += 1
-                self._rows += rows.shape[0]
-                out = await trio.to_thread.run_sync(self._forward, rows, greedy)
+            out = await self._pass(rows, greedy, lone=len(batch) == 1)
         except Exception as exc:
             for request in batch:
                 request.error = exc

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 RECHECK_SECONDS = 30.0
 """How often at most `VerifiedSessions.candidates` reads the directory again for layers that
 only one server seemed to serve. The read runs in the audit, so in the token loop: a range
-that really has no replica costs one lookup per period (about 1 % of a period on a WAN)."""
+that really has no replica costs one directory read (a DHT lookup and pings) per period."""
 
 
 def make_verifier(

@@ -82,8 +82,8 @@ class ComputeConfig:
       ran since the last report: batches, decode steps per batch, bulk tokens, busy time.
     - ``inline_max`` (10 ms; 0: never): a batch of one decode step runs on the event loop
       instead of the worker thread when the last such batch took at most this long. The
-      hand-off to the thread and back wakes two threads per step: 0.4-1.1 ms of a 3-hop
-      tiny chain's ~3.5 ms per hop on a 2-core machine (`benchmarks/hops.py`), more than
+      hand-off to the thread and back wakes two threads per step: 0.35-1.14 ms of a 3-hop
+      tiny chain's 3.3-6.2 ms per hop on a 2-core machine (`benchmarks/hops.py`), more than
       holding the loop for so short a step costs anything else (other sessions' work
       would wait for the same compute anyway). Larger batches, prompt chunks and slow
       steps keep the loop free.

@@ -13,10 +13,11 @@ import trio.testing
 
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
+from swarm.client.discovery import StaticDirectory
 from swarm.client.verifying import RECHECK_SECONDS, VerifiedSessions
 from swarm.directory import ServerView
 from swarm.identity import Identity
-from swarm.types import LayerRange, PeerId
+from swarm.types import LayerRange
 from swarm.verify import HopObservation, HopRecord, Verifier, parse_policy
 
 
@@ -44,28 +45,19 @@ async def test_no_second_server_is_said_once_and_not_counted(
     assert caplog.text.count("cannot check layers 0:4") == 1
 
 
-class _Directory:
+class _Directory(StaticDirectory):
     """A directory whose first read misses a replica that a fresh read finds."""
 
     def __init__(self, first: list[ServerView], fresh: list[ServerView]) -> None:
-        self.current, self.fresh = first, fresh
+        super().__init__(first)
+        self.fresh = fresh
         self.refreshed = 0
-        self.pings: dict[PeerId, float] = {}
 
     async def servers(self, *, refresh: bool = False) -> list[ServerView]:
         if refresh:
             self.refreshed += 1
-            self.current = self.fresh
-        return list(self.current)
-
-    def absence_hint(self) -> str:
-        return ""
-
-    def reached(self, server: ServerView) -> bool:
-        return True
-
-    def unreachable(self, server: ServerView) -> bool:
-        return False
+            self._servers = list(self.fresh)
+        return list(self._servers)
 
 
 async def test_a_range_with_one_server_reads_the_directory_again_before_going_unchecked(
