@@ -7,7 +7,10 @@ One `swarm dht` and three `swarm serve` processes of the tiny model (0:2, 2:5, 5
 thread each) and a client in this process (`generate.py`'s chain, 32 greedy tokens after a
 16-token prompt per round). Prints, per token, the CPU seconds of the client and of each
 server, and the voluntary context switches of each process's main thread (its event loop:
-a switch is a wait for the network or the worker thread, so about one wake-up). With
+a switch is a wait for the network or the worker thread, so about one wake-up) and the time
+it spent runnable but waiting for a core (``run_delay`` of Linux's
+``/proc/PID/task/PID/schedstat``: on 2 cores shared by 5 processes, a woken process often
+waits behind another; 0 where the file is missing). With
 ``--profile`` (needs ``pip install yappi``, not a dependency) every process is profiled
 for the measured rounds only (CPU clock, all threads) and the profiles are saved as pstats
 files ``OUT.client`` and ``OUT.s0``..``OUT.s2``; it prints the Python calls per token of
@@ -60,6 +63,15 @@ runpy.run_module("swarm_cli.main", run_name="__main__")
 """
 
 
+def _run_delay(pid: int) -> float:
+    """Seconds the main thread of ``pid`` spent runnable, waiting for a core (0: unknown)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 async def measure(
     path: Path, dht: str, servers: list[psutil.Process], args: argparse.Namespace
 ) -> None:
@@ -76,6 +88,7 @@ async def measure(
             yappi.set_clock_type("cpu")
             yappi.start(builtins=False)
         switches = [p.num_ctx_switches().voluntary for p in [me, *servers]]
+        delays = [_run_delay(p.pid) for p in [me, *servers]]
         cpu = [p.cpu_times() for p in servers]
         mine, wall = time.process_time(), time.perf_counter()
         tokens, steps = 0, []
@@ -84,6 +97,7 @@ async def measure(
             tokens += len(result.ids)
             steps += result.timings[1:]
         wall, mine = time.perf_counter() - wall, time.process_time() - mine
+        delays = [_run_delay(p.pid) - d for p, d in zip([me, *servers], delays, strict=True)]
         cpu = [
             (b.user + b.system) - (a.user + a.system)
             for a, b in zip(cpu, [p.cpu_times() for p in servers], strict=True)
@@ -110,7 +124,8 @@ async def measure(
     for i, name in enumerate(names):
         line = (
             f"[chain cpu] {name}: CPU {cpus[i] / tokens * 1e3:.2f} ms a token, main-thread "
-            f"voluntary switches {switches[i] / tokens:.1f} a token"
+            f"voluntary switches {switches[i] / tokens:.1f} a token, waited for a core "
+            f"{delays[i] / tokens * 1e3:.2f} ms a token"
         )
         if args.profile:
             import pstats
