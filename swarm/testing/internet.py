@@ -1,5 +1,5 @@
-"""An internet-sized swarm, simulated in one process: the DHT plane real, the compute plane
-modelled (for `benchmarks/internet.py` and a small run in the test suite).
+"""An internet-sized swarm, simulated in one or a few processes: the DHT plane real, the
+compute plane modelled (for `benchmarks/internet.py` and a small run in the test suite).
 
 Real: N `DHTNode`s on loopback whose datagrams cross emulated links
 (`DatagramLinkEmulator`: 3 regions, a one-way delay per region pair, loss), signed
@@ -31,6 +31,15 @@ arrivals (a new server takes the weakest window, as ``--layers auto`` does) at a
 minute, and once a mass departure of a share of the servers (with ``mass_leave_gap``, also
 every server of one block), whose healing is timed: from the departure until every block
 has an online server again (0 when no block lost its last server).
+
+Processes (``processes`` > 1): this process, the coordinator, hosts a share of the DHT
+nodes (half a worker's) and keeps every server's, client's and probe's logic, the truth and
+the figures; worker processes (`swarm.testing.internet_workers`) host the rest. The servers,
+clients and probes act through honest nodes of every process, taken in proportion to the
+nodes each hosts, and a DHT operation through a worker's node runs in that worker
+(`swarm.testing.internet_ops`: there the node checks each record's signature as any reader
+does; here the values go through the real strict decoder and forgeries are counted, as for
+this process's own nodes).
 
 This module runs the swarm (`Simulation`: its DHT plane, servers, churn and probes);
 `swarm.testing.internet_model` holds what a run is asked and reports, and
