@@ -9,6 +9,12 @@
   and batching pays; where they cost twice, compute bounds it.
 - ``attention``: one query (16 heads of 64) against 40...2,000 keys in bfloat16: PyTorch's
   SDPA against `swarm.shards.blocks.decode_attention`, median us.
+- ``quant``: one row through the default model's 30 layers' linears (SmolLM2-135M shapes:
+  qkv 576 x 960, o 576 x 576, gate+up 576 x 3072, down 1536 x 576; 120 matrices, more than
+  any cache) as float32 ``F.linear`` and as our `QuantLinear` in int8 and int4 (random
+  weights, the kernels `swarm.shards.quant` calls), median ms per pass and multiply-adds per
+  second; the same with one layer's four matrices in a loop (cache-resident), to tell the
+  kernels' compute from reading the weights.
 - ``span``: the heavy model's 8-layer span in bfloat16, median decode step at context 32
   and 2,000, 1 and 8 sessions (``forward_batch``). Runs on older commits too (with
   ``PYTHONPATH`` at a worktree of them) for before/after figures.
@@ -75,6 +81,36 @@ def linear() -> None:
         print(f"  {str(dtype).removeprefix('torch.'):<9}", "  ".join(cells), flush=True)
 
 
+SMOL_LINEARS = ((576, 960), (576, 576), (576, 3072), (1536, 576))  # (in, out) of one layer
+
+
+def quant() -> None:
+    from swarm.shards.quant import Quantization, quantize_linear  # newer than `span`'s code
+
+    print("one row through SmolLM2's linears, median ms per pass (G multiply-adds / s)")
+    macs = sum(i * o for i, o in SMOL_LINEARS)
+    for layers in (30, 1):
+        shapes = SMOL_LINEARS * layers
+        floats = [torch.randn(o, i) / i**0.5 for i, o in shapes]
+        cells = []
+        for kind in ("float32", "int8", "int4"):
+            if kind == "float32":
+                run = [lambda x, w=w: F.linear(x, w) for w in floats]
+            else:
+                q = Quantization(kind)
+                run = [quantize_linear(w, None, q, torch.float32) for w in floats]
+            inputs = [torch.randn(1, i) for i, _ in shapes]
+            seconds = median_seconds(20, _each, run, inputs)
+            cells.append(f"{kind} {1e3 * seconds:6.2f} ({macs * layers / seconds / 1e9:4.1f})")
+        print(f"  {layers:>2} layers ", "  ".join(cells), flush=True)
+
+
+def _each(layers: list[Callable[[torch.Tensor], torch.Tensor]], inputs: list[torch.Tensor]) -> None:
+    with torch.inference_mode():
+        for layer, x in zip(layers, inputs, strict=True):
+            layer(x)
+
+
 def attention() -> None:
     from swarm.shards.blocks import decode_attention  # here: `--only span` runs on old code
 
@@ -113,11 +149,13 @@ def span(workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("linear", "attention", "span"), default=None)
+    parser.add_argument("--only", choices=("linear", "quant", "attention", "span"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.only in (None, "linear"):
         linear()
+    if args.only in (None, "quant"):
+        quant()
     if args.only in (None, "attention"):
         attention()
     if args.only in (None, "span"):

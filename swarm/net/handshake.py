@@ -1,4 +1,5 @@
-"""The channel handshake: hello, Noise XX / XXpsk3 with identity proofs, confirmation.
+"""The channel handshake: hello (`swarm.net.hello`), Noise XX / XXpsk3 with identity proofs,
+confirmation.
 
 Setting a channel up (both sides, under ``NetConfig.handshake_timeout``):
 
@@ -39,23 +40,18 @@ Frames after the handshake are `swarm.net.channel.SecureChannel`'s.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum
 
 import trio
 
 from swarm.errors import (
     ConnectError,
-    ConnectionClosed,
     DeadlineExceeded,
     HandshakeError,
     LimitExceeded,
     PeerIdMismatch,
-    ProtocolError,
     SwarmError,
     SwarmKeyMismatch,
     map_exceptions,
@@ -63,34 +59,21 @@ from swarm.errors import (
 from swarm.identity import Identity, verify_signature
 from swarm.net.channel import FRAME_HEADER, ExactReader, ReceiveBudget, SecureChannel
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
+from swarm.net.hello import (
+    HELLO_LEN,
+    Hello,
+    check_mode,
+    check_responder_hello,
+    make_hello,
+    read_handshake_bytes,
+    read_hello,
+)
 from swarm.net.noise import DHLEN, TAGLEN, CipherState, HandshakeState, KeyPair
 from swarm.net.transport import Transport
 from swarm.types import PeerId
 
-__all__ = [
-    "PROTOCOL_VERSION",
-    "TOKEN_LEN",
-    "Admission",
-    "Hello",
-    "Refusal",
-    "RelayRefusal",
-    "connect_back_hello",
-    "open_channel",
-    "read_hello",
-    "refuse_hello",
-    "secure_inbound",
-    "secure_outbound",
-]
+__all__ = ["Admission", "Refusal", "open_channel", "secure_inbound", "secure_outbound"]
 
-# 2: the confirmation carries a status byte (refusals under connection limits); in private
-# swarms the responder's identity proof moved from message 2 to the confirmation.
-# 3: routed hellos (the dialed PeerId, for relays), relay refusals, connect-back hellos.
-PROTOCOL_VERSION = 3
-_MAGIC = b"SWRM"
-_HELLO_LEN = 6
-_PRIVATE, _ROUTED, _CONNECT_BACK, _REFUSED = 0x01, 0x02, 0x04, 0x80
-_ROUTE_CONTEXT = b"swarm-relay-route:"
-TOKEN_LEN = 32
 _PROOF_CONTEXT = b"swarm-noise-static-key:"
 _PROOF_LEN = 32 + 64  # Ed25519 public key + signature
 _LOST_IN_HANDSHAKE: dict[type[BaseException], type[SwarmError]] = {
@@ -119,123 +102,6 @@ class Refusal(IntEnum):
 Admission = Callable[[PeerId], Refusal | None]
 """Decides, once the initiator's `PeerId` is proven, whether the responder keeps the channel:
 ``None`` to accept, a `Refusal` to refuse it. Runs synchronously inside the handshake."""
-
-
-class RelayRefusal(IntEnum):
-    """Why a relay did not splice a routed dial (the low bits of its hello's mode byte)."""
-
-    LIMIT = 1  # a quota of the relay: circuits or bytes/s per dialer address or relayed peer
-    UNAVAILABLE = 2  # the relayed peer did not connect back in time
-    NOT_MEMBER = 3  # private swarm: the dialer did not prove the swarm key
-
-    @property
-    def message(self) -> str:
-        if self is RelayRefusal.LIMIT:
-            return "the relay refused the circuit: a relay quota is exhausted"
-        if self is RelayRefusal.UNAVAILABLE:
-            return "the relay could not reach the relayed peer"
-        return "the relay relays only members of its private swarm"
-
-
-@dataclass(frozen=True)
-class Hello:
-    """An initiator's hello as the responder read it. ``raw`` is its exact bytes (the Noise
-    prologue); ``target`` the `PeerId` it dials (routed), ``route_mac`` the private-swarm
-    HMAC over it; ``token`` set only for a relay's connect-back."""
-
-    raw: bytes
-    private: bool
-    target: PeerId | None = None
-    route_mac: bytes = b""
-    token: bytes | None = None
-
-    def route_mac_ok(self, swarm_key: bytes | None) -> bool:
-        """Whether a private swarm's routed hello proves the swarm key (always True in an
-        open swarm). Replaying one only opens a circuit whose end-to-end handshake fails."""
-        if swarm_key is None:
-            return True
-        if self.target is None:
-            return False
-        return hmac.compare_digest(self.route_mac, _route_mac(swarm_key, self.target))
-
-
-def _route_mac(swarm_key: bytes, target: PeerId) -> bytes:
-    return hmac.new(swarm_key, _ROUTE_CONTEXT + target.digest, hashlib.sha256).digest()
-
-
-def _hello(private: bool, target: PeerId | None = None, swarm_key: bytes | None = None) -> bytes:
-    mode = (_PRIVATE if private else 0) | (_ROUTED if target is not None else 0)
-    out = _MAGIC + bytes([PROTOCOL_VERSION, mode])
-    if target is not None:
-        out += target.digest
-        if swarm_key is not None:
-            out += _route_mac(swarm_key, target)
-    return out
-
-
-def connect_back_hello(token: bytes) -> bytes:
-    """What a relayed peer sends first on a connection that carries one circuit."""
-    return _MAGIC + bytes([PROTOCOL_VERSION, _CONNECT_BACK]) + token
-
-
-def refuse_hello(reason: RelayRefusal) -> bytes:
-    """A relay's answer to a routed dial it will not splice."""
-    return _MAGIC + bytes([PROTOCOL_VERSION, _REFUSED | reason])
-
-
-def _check_version(hello: bytes) -> None:
-    if hello[:4] != _MAGIC:
-        raise HandshakeError("the remote end is not a swarm peer (bad hello)")
-    if hello[4] != PROTOCOL_VERSION:
-        raise HandshakeError(
-            f"the peer speaks protocol version {hello[4]}, we speak {PROTOCOL_VERSION}"
-        )
-
-
-async def read_hello(reader: ExactReader) -> Hello:
-    """Read an initiator's hello (with its routed target or connect-back token). Raises
-    `HandshakeError` for a hello that is not ours or has an unknown mode."""
-    head = await _read_hs(reader, _HELLO_LEN, "hello")
-    _check_version(head)
-    mode = head[5]
-    if mode & ~(_PRIVATE | _ROUTED | _CONNECT_BACK) or (mode & _ROUTED and mode & _CONNECT_BACK):
-        raise HandshakeError("the peer's hello has an unknown swarm mode")
-    private = bool(mode & _PRIVATE)
-    if mode & _CONNECT_BACK:
-        token = await _read_hs(reader, TOKEN_LEN, "hello")
-        return Hello(head + token, private, token=token)
-    if not mode & _ROUTED:
-        return Hello(head, private)
-    target = await _read_hs(reader, 32, "hello")
-    mac = await _read_hs(reader, 32, "hello") if private else b""
-    return Hello(head + target + mac, private, PeerId(target), mac)
-
-
-def _check_hello(hello: bytes, private: bool) -> None:
-    """Check the responder's hello: ours, the same swarm mode, or a relay's refusal."""
-    _check_version(hello)
-    mode = hello[5]
-    if mode & _REFUSED:
-        try:
-            reason = RelayRefusal(mode & ~_REFUSED)
-        except ValueError as exc:
-            raise HandshakeError("the relay refused the circuit (unknown code)") from exc
-        if reason is RelayRefusal.LIMIT:
-            raise LimitExceeded(reason.message)
-        if reason is RelayRefusal.NOT_MEMBER:
-            raise SwarmKeyMismatch(reason.message)
-        raise ConnectError(reason.message)
-    if mode not in (0, 1):
-        raise HandshakeError("the peer's hello has an unknown swarm mode")
-    _check_mode(bool(mode), private)
-
-
-def _check_mode(theirs_private: bool, private: bool) -> None:
-    if theirs_private != private:
-        ours, theirs = ("a", "no") if private else ("no", "a")
-        raise SwarmKeyMismatch(
-            f"swarm key differs: we have {ours} swarm key, the peer has {theirs} swarm key"
-        )
 
 
 def _expected_length(index: int, psk: bool) -> int:
@@ -267,29 +133,14 @@ async def _send_hs(stream: trio.abc.Stream, message: bytes, prefix: bytes = b"")
         await stream.send_all(prefix + struct.pack(">H", len(message)) + message)
 
 
-async def _read_hs(reader: ExactReader, n: int, what: str) -> bytes:
-    try:
-        data = await reader.read(n)
-    except (ConnectionClosed, ProtocolError) as exc:
-        raise HandshakeError(f"connection lost during the handshake ({what})") from exc
-    if data is None:
-        if what == "hello":
-            raise HandshakeError(
-                "the peer closed the connection before the handshake began "
-                "(it may be at a connection limit)"
-            )
-        raise HandshakeError(f"the peer closed the connection during the handshake ({what})")
-    return bytes(data)
-
-
 async def _read_hs_message(reader: ExactReader, index: int, psk: bool) -> bytes:
-    (length,) = struct.unpack(">H", await _read_hs(reader, 2, f"message {index + 1}"))
+    (length,) = struct.unpack(">H", await read_handshake_bytes(reader, 2, f"message {index + 1}"))
     expected = _expected_length(index, psk)
     if length != expected:
         raise HandshakeError(
             f"handshake message {index + 1} is {length} bytes; expected {expected}"
         )
-    return await _read_hs(reader, length, f"message {index + 1}")
+    return await read_handshake_bytes(reader, length, f"message {index + 1}")
 
 
 async def secure_outbound(
@@ -334,12 +185,12 @@ async def _outbound(
     receive_budget: ReceiveBudget | None,
 ) -> SecureChannel:
     private = swarm_key is not None
-    hello = _hello(private, expected_peer, swarm_key)
+    hello = make_hello(private, expected_peer, swarm_key)
     static = KeyPair.generate()
     state = HandshakeState(initiator=True, static=static, prologue=hello, psk=swarm_key)
     reader = ExactReader(stream)
     await _send_hs(stream, state.write_message(), prefix=hello)
-    _check_hello(await _read_hs(reader, _HELLO_LEN, "hello"), private)
+    check_responder_hello(await read_handshake_bytes(reader, HELLO_LEN, "hello"), private)
     payload = state.read_message(await _read_hs_message(reader, 1, private))
     if not private:  # open swarm: we know who answered before we reveal ourselves
         peer_id = _check_proof(payload, state.remote_static)
@@ -373,10 +224,12 @@ async def _read_confirmation(reader: ExactReader, recv: CipherState, private: bo
     `LimitExceeded` if the responder refused the channel."""
     expected = FRAME_HEADER.pack(1 + (_PROOF_LEN if private else 0) + TAGLEN)
     try:
-        header = await _read_hs(reader, FRAME_HEADER.size, "confirmation")
+        header = await read_handshake_bytes(reader, FRAME_HEADER.size, "confirmation")
         if header != expected:
             raise HandshakeError("the peer's handshake confirmation is malformed")
-        sealed = await _read_hs(reader, FRAME_HEADER.unpack(expected)[0], "confirmation")
+        sealed = await read_handshake_bytes(
+            reader, FRAME_HEADER.unpack(expected)[0], "confirmation"
+        )
         payload = recv.decrypt_with_ad(header, sealed)
     except HandshakeError as exc:
         if private:
@@ -443,10 +296,10 @@ async def _inbound(
         reader = ExactReader(stream)
         their_hello = await read_hello(reader)
     with map_exceptions(_LOST_IN_HANDSHAKE, "connection lost during the handshake"):
-        await stream.send_all(_hello(private))
+        await stream.send_all(make_hello(private))
     if their_hello.token is not None:
         raise HandshakeError("a connect-back hello reached a peer that relays nothing for it")
-    _check_mode(their_hello.private, private)
+    check_mode(their_hello.private, private)
     static = KeyPair.generate()
     proof = _proof(identity, static.public)
     state = HandshakeState(initiator=False, static=static, prologue=their_hello.raw, psk=swarm_key)

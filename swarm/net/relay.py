@@ -45,13 +45,7 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.net.channel import ExactReader
-from swarm.net.handshake import (
-    TOKEN_LEN,
-    Hello,
-    RelayRefusal,
-    connect_back_hello,
-    refuse_hello,
-)
+from swarm.net.hello import TOKEN_LEN, Hello, RelayRefusal, connect_back_hello, refuse_hello
 from swarm.net.messages import RelayCircuit, RelayReady, RelayReserve
 from swarm.net.methods import Binding, TypedStream
 from swarm.net.quota import TokenBuckets

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -404,6 +404,11 @@ class RpcConnection:
             else:
                 self._reply_error(call_id, error or ProtocolError("no method"))
             return
+        self.calls_served += 1
+        ctx = CallContext(self.remote_peer_id, method, self.remote_host, self.via_relay)
+        if binding.now is not None:
+            self._run_now(binding.now, binding.request, body, ctx)
+            return
         scope = trio.CancelScope()
         stream = (
             RpcStream(self, call_id, False, math.inf, self._config.stream_buffer)
@@ -411,11 +416,23 @@ class RpcConnection:
             else None
         )
         self._serving[call_id] = (scope, stream)
-        self.calls_served += 1
-        ctx = CallContext(self.remote_peer_id, method, self.remote_host, self.via_relay)
         self._nursery.start_soon(
             self._run_handler, binding, call_id, scope, stream, body, ctx, one_way
         )
+
+    @staticmethod
+    def _run_now(
+        handler: Callable[..., None], request: type[Message] | None, body: Any, ctx: CallContext
+    ) -> None:
+        """A one-way handler that never waits (`OneWay.bind_now`), run here in the reader
+        task; its errors are logged and dropped, as a notify's are in `_run_handler`."""
+        try:
+            handler(message_from_wire(body, "request", expect=request), ctx)
+        except Exception as exc:
+            if error_code(exc) is ErrorCode.INTERNAL:
+                log.exception("handler of %s failed", ctx.method)
+            else:
+                log.info("notify %s from %s failed: %s", ctx.method, ctx.peer_id, exc)
 
     def _reply_error(self, call_id: int, exc: SwarmError) -> None:
         if self._nursery is not None:

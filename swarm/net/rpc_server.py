@@ -31,7 +31,8 @@ from swarm.errors import LimitExceeded, SwarmError
 from swarm.identity import Identity
 from swarm.net.channel import ExactReader, ReceiveBudget
 from swarm.net.config import DEFAULT_NET_CONFIG, NetConfig
-from swarm.net.handshake import Hello, Refusal, read_hello, secure_inbound
+from swarm.net.handshake import Refusal, secure_inbound
+from swarm.net.hello import Hello, read_hello
 from swarm.net.methods import HandlerRegistry
 from swarm.net.relay import RelayService
 from swarm.net.rpc import RpcConnection

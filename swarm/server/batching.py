@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import torch
@@ -30,6 +30,7 @@ from swarm.types import LayerRange
 __all__ = [
     "Batch",
     "BatchRecord",
+    "BatchTotals",
     "ComputeConfig",
     "Priority",
     "Requester",
@@ -190,6 +191,42 @@ class BatchRecord:
     bulk_tokens: int  # tokens of prompt/forward chunks
     bulk_priorities: tuple[Priority, ...]  # one entry per chunk
     seconds: float
+
+
+@dataclass
+class BatchTotals:
+    """Batches run since start (cumulative), and the largest decode batch since the last
+    snapshot."""
+
+    batches: int = 0
+    decode_steps: int = 0
+    bulk_tokens: int = 0
+    seconds: float = 0.0
+    largest: int = 0
+
+    def add(self, record: BatchRecord) -> None:
+        self.batches += 1
+        self.decode_steps += record.decode_steps
+        self.bulk_tokens += record.bulk_tokens
+        self.seconds += record.seconds
+        self.largest = max(self.largest, record.decode_steps)
+
+    def snapshot(self) -> BatchTotals:
+        copy = replace(self)
+        self.largest = 0
+        return copy
+
+    def since(self, earlier: BatchTotals, interval: float) -> str:
+        """What ran between ``earlier`` and this snapshot, ``interval`` seconds apart."""
+        batches = self.batches - earlier.batches
+        steps = self.decode_steps - earlier.decode_steps
+        busy = (self.seconds - earlier.seconds) / interval
+        return (
+            f"{batches} batches in the last {interval:g} s, "
+            f"{steps / batches:.1f} decode steps per batch (largest {self.largest}), "
+            f"{self.bulk_tokens - earlier.bulk_tokens} prompt/forward tokens, "
+            f"busy {min(busy, 1.0):.0%} of the time"
+        )
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -53,6 +53,7 @@ from swarm.errors import LimitExceeded, ShardError
 from swarm.server.batching import (
     Batch,
     BatchRecord,
+    BatchTotals,
     ComputeConfig,
     Priority,
     Requester,
@@ -108,42 +109,6 @@ class _Task(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     cancelled: bool = False
-
-
-@dataclass
-class _Totals:
-    """Batches run since start (cumulative), and the largest decode batch since the last
-    snapshot."""
-
-    batches: int = 0
-    decode_steps: int = 0
-    bulk_tokens: int = 0
-    seconds: float = 0.0
-    largest: int = 0
-
-    def add(self, record: BatchRecord) -> None:
-        self.batches += 1
-        self.decode_steps += record.decode_steps
-        self.bulk_tokens += record.bulk_tokens
-        self.seconds += record.seconds
-        self.largest = max(self.largest, record.decode_steps)
-
-    def snapshot(self) -> _Totals:
-        copy = replace(self)
-        self.largest = 0
-        return copy
-
-    def since(self, earlier: _Totals, interval: float) -> str:
-        """What ran between ``earlier`` and this snapshot, ``interval`` seconds apart."""
-        batches = self.batches - earlier.batches
-        steps = self.decode_steps - earlier.decode_steps
-        busy = (self.seconds - earlier.seconds) / interval
-        return (
-            f"{batches} batches in the last {interval:g} s, "
-            f"{steps / batches:.1f} decode steps per batch (largest {self.largest}), "
-            f"{self.bulk_tokens - earlier.bulk_tokens} prompt/forward tokens, "
-            f"busy {min(busy, 1.0):.0%} of the time"
-        )
 
 
 @dataclass
@@ -210,7 +175,7 @@ class ComputeQueue:
         self._wakeup = trio.Event()
         self._busy_seconds = 0.0
         self._done = 0
-        self._totals = _Totals()  # what ran since start, for the periodic report
+        self._totals = BatchTotals()  # what ran since start, for the periodic report
         self._turn = 0  # rotates the client that goes first
         self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
         self._last_seconds = 0.0  # the last batch's compute time
@@ -245,11 +210,36 @@ class ComputeQueue:
         if job.is_decode and cache is not None and cache in self._returns:
             self._returns[cache].came_back(job.arrived)
         self._jobs.append(job)
-        self._wakeup.set()
-        await self._wait(job)
+        if job.is_decode and self._inline_now():
+            await self._run_alone(job)
+        if not job.done.is_set():
+            self._wakeup.set()
+            await self._wait(job)
         if job.error is not None:
             raise job.error
         return job.result()
+
+    async def _run_alone(self, job: SpanJob) -> None:
+        """Run a decode step in its caller's task when the worker would run it alone and
+        on the event loop anyway: what the worker does, without waking it and being woken
+        by it (two scheduling rounds per step). One checkpoint first lets steps arriving
+        in the same round join the queue, which then batches them as before; a caller
+        cancelled there leaves its step to be dropped, as in `_wait`."""
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            self._forget(job)
+            raise
+        if self.running or self._heap or self._jobs != [job] or not self._inline_now():
+            return
+        window = min(self.config.gather_max, self.config.gather_fraction * self._last_seconds)
+        if self.config.batching and window > 0:
+            if self._due_deadline(trio.current_time(), window) is not None:
+                return  # another session is due: the worker waits for it
+        batch = self._plan()
+        if batch is None:  # pragma: no cover - the job is live and alone
+            return
+        self._run_inline(batch)
 
     async def submit(self, fn: Callable[[], T], priority: Priority) -> T:
         """Run `fn` alone on the worker thread when its turn comes; return or raise its
@@ -432,43 +422,56 @@ class ComputeQueue:
         return batch
 
     async def _run_batch(self, batch: Batch) -> None:
+        lone = len(batch.slices) == 1 and batch.slices[0].job.is_decode
+        if lone and self._inline_now():
+            self._run_inline(batch)  # on the event loop: cheaper than the thread's wake-ups
+            await trio.lowlevel.checkpoint()
+            return
         started = trio.current_time()
         self.running = True
-        lone = len(batch.slices) == 1 and batch.slices[0].job.is_decode
         try:
-            if lone and self._inline_now():
-                self.inlined += 1
-                run_batch(batch)  # on the event loop: cheaper than the thread's two wake-ups
-                await trio.lowlevel.checkpoint()
-            else:
-                await self._run_sync(run_batch, batch)
+            await self._run_sync(run_batch, batch)
         finally:
-            self.running = False
-            seconds = trio.current_time() - started
-            if lone:
-                self._lone_seconds = seconds
-            self._busy_seconds += seconds
-            self._last_seconds = seconds
-            ended = self._last_end = trio.current_time()
-            finished = batch.finished()
-            for job in finished:
-                if job.is_decode and job.cache is not None:
-                    self._returns.setdefault(job.cache, _Return(job.client)).left(ended)
-            if self._heap:
-                self._functions_waited += 1
-            record = batch.record(seconds)
-            self._recent.append(record)
-            self._totals.add(record)
-            log.debug(
-                "batch: %d decode steps, %d bulk tokens, %.1f ms",
-                record.decode_steps,
-                record.bulk_tokens,
-                seconds * 1e3,
-            )
-            for job in finished:
-                self._jobs.remove(job)
-                self._done += 1
-                job.done.set()
+            self._finish(batch, started, lone)
+
+    def _run_inline(self, batch: Batch) -> None:
+        """Run a batch of one decode step on the event loop, and finish it."""
+        started = trio.current_time()
+        self.running = True
+        self.inlined += 1
+        try:
+            run_batch(batch)
+        finally:
+            self._finish(batch, started, lone=True)
+
+    def _finish(self, batch: Batch, started: float, lone: bool) -> None:
+        """A batch ran: time it, record it, hand its finished jobs their results."""
+        self.running = False
+        seconds = trio.current_time() - started
+        if lone:
+            self._lone_seconds = seconds
+        self._busy_seconds += seconds
+        self._last_seconds = seconds
+        ended = self._last_end = trio.current_time()
+        finished = batch.finished()
+        for job in finished:
+            if job.is_decode and job.cache is not None:
+                self._returns.setdefault(job.cache, _Return(job.client)).left(ended)
+        if self._heap:
+            self._functions_waited += 1
+        record = batch.record(seconds)
+        self._recent.append(record)
+        self._totals.add(record)
+        log.debug(
+            "batch: %d decode steps, %d bulk tokens, %.1f ms",
+            record.decode_steps,
+            record.bulk_tokens,
+            seconds * 1e3,
+        )
+        for job in finished:
+            self._jobs.remove(job)
+            self._done += 1
+            job.done.set()
 
     def _inline_now(self) -> bool:
         """Whether a batch of one decode step runs on the event loop (see

@@ -135,7 +135,7 @@ class ServingHandlers:
                 INFO.bind(self.rpc_info),
                 FORWARD.bind(self.rpc_forward),
                 INFERENCE.bind(self.rpc_inference),
-                PUSH.bind(self.rpc_push),
+                PUSH.bind_now(self.rpc_push),
             ]
         )
 
@@ -311,8 +311,9 @@ class ServingHandlers:
                 return
         log.info("push of step %d to %s timed out", step, target.peer_id)
 
-    async def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
-        """The previous server's output for one step of a session of ours (one-way)."""
+    def rpc_push(self, request: PushRequest, ctx: CallContext) -> None:
+        """The previous server's output for one step of a session of ours (one-way; it
+        never waits, so it runs as the push arrives: `OneWay.bind_now`)."""
         self.take_push(request, ctx)
 
     def take_push(self, request: PushRequest, ctx: CallContext) -> bool:

@@ -17,7 +17,8 @@ import trio
 
 from swarm.errors import PeerIdMismatch, SwarmKeyMismatch
 from swarm.identity import Identity
-from swarm.net.handshake import PROTOCOL_VERSION, open_channel
+from swarm.net.handshake import open_channel
+from swarm.net.hello import PROTOCOL_VERSION
 from swarm.net.noise import HandshakeState, KeyPair
 from swarm.net.rpc_server import RpcServer
 from swarm.net.transport import TCPTransport

@@ -28,8 +28,9 @@ from swarm.net.messages import (
     InfoRequest,
     InfoResponse,
     Message,
+    PushRequest,
 )
-from swarm.net.methods import Binding, HandlerRegistry, Streaming, TypedStream, Unary
+from swarm.net.methods import Binding, HandlerRegistry, OneWay, Streaming, TypedStream, Unary
 from swarm.net.pool import ConnectionPool, PoolStatistics, open_connection_pool
 from swarm.net.rpc import CallContext, RpcConnection
 from swarm.net.rpc_server import RpcServer
@@ -163,6 +164,37 @@ async def test_notify_runs_the_handler_and_nothing_answers(
         assert await client.call("info", InfoRequest(), InfoResponse) == INFO
     assert handlers.noted == 1
     assert client.statistics().pending_calls == 0
+
+
+async def test_a_one_way_handler_that_never_waits_runs_in_the_reader_task() -> None:
+    """`OneWay.bind_now`: each notify's handler runs as it arrives, in the connection's
+    reader task (no task of its own), in arrival order; one that fails is logged and
+    dropped, and the channel stays usable."""
+    seen: list[tuple[int, str]] = []
+
+    def rpc_note(request: PushRequest, ctx: CallContext) -> None:
+        seen.append((request.step, trio.lowlevel.current_task().name))
+        if request.step == 1:
+            raise ShardError("step 1 is refused")
+
+    handlers = Handlers()
+    registry = handlers.registry().with_bindings(
+        [OneWay("note_now", PushRequest).bind_now(rpc_note)]
+    )
+    a, b = await channel_pair()
+    client, server = RpcConnection(a), RpcConnection(b, registry)
+    hidden, positions = torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.int64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await nursery.start(server.run)
+        with trio.fail_after(5):
+            for step in range(3):
+                await client.notify("note_now", PushRequest(b"s", step, hidden, positions))
+            assert await client.call("info", InfoRequest(), InfoResponse) == INFO
+        nursery.cancel_scope.cancel()
+    assert [step for step, _ in seen] == [0, 1, 2]
+    assert {name for _, name in seen} == {"swarm.net.rpc.RpcConnection.run"}
+    assert server.statistics().calls_served == 4
 
 
 async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers]) -> None:

@@ -204,6 +204,45 @@ async def test_short_lone_decode_steps_run_on_the_event_loop(
         del span.forward, span.forward_batch
 
 
+async def test_a_lone_short_step_runs_in_the_task_that_submitted_it(
+    span: Span, queue_factory: object
+) -> None:
+    """A short decode step that the worker would run alone on the event loop runs in its
+    caller's task (the worker is neither woken for it nor wakes the caller), and counts
+    in the statistics as the worker's batches do; steps submitted together still go to
+    the worker as one batch."""
+    tasks: list[str] = []
+    forward = span.forward
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        on_loop = threading.get_ident() == loop
+        tasks.append(trio.lowlevel.current_task().name if on_loop else "thread")
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    loop = threading.get_ident()
+    span.forward = spy  # type: ignore[method-assign]
+    try:
+        queue: ComputeQueue = await queue_factory(ComputeConfig(inline_max=0.25))  # type: ignore[operator]
+        cache, alone = _cache(span), _cache(span)
+        prompt = torch.randn(1, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            forward(prompt, _pos(0, 6), alone)
+        await queue.run_span(span, prompt, _pos(0, 6), cache, Priority.INFERENCE)
+        for i in range(3):
+            x = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(i))
+            out = await queue.run_span(span, x, _pos(6 + i, 1), cache, Priority.INFERENCE)
+            with torch.no_grad():
+                torch.testing.assert_close(out, forward(x, _pos(6 + i, 1), alone))
+    finally:
+        del span.forward
+    me = trio.lowlevel.current_task().name
+    assert tasks == ["thread", "thread", me, me]  # the prompt, the untimed first step
+    assert queue.inlined == 2
+    stats = queue.statistics()
+    assert stats.batches == 4 and stats.queued == 0
+    assert [r.decode_steps for r in stats.recent] == [0, 1, 1, 1]
+
+
 async def test_a_long_prompt_is_chunked_between_decode_steps(
     span: Span, queue_factory: object, autojump_clock: trio.testing.MockClock
 ) -> None:

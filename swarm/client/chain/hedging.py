@@ -330,7 +330,8 @@ class _Race:
             return False
         self.winner, self.answer, self.new = winner, answer, new
         self.won_at = trio.current_time() - self.started
-        self.scope.cancel()
+        if self.hedged:  # the other side runs: stop it (a step answered in time has none)
+            self.scope.cancel()
         return True
 
     async def _original(self, send_now: bool, grace: float) -> None:
