@@ -122,14 +122,18 @@ class RpcStream:
 
     async def receive(self, expect: type[M] | None = None, timeout: float | None = None) -> Any:
         """The next message from the other side (checked against ``expect`` if given)."""
-        with trio.move_on_after(self.timeout if timeout is None else timeout) as scope:
-            try:
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            if seconds == math.inf:  # a handler's stream: no deadline, no cancel scope
                 what, body = await self._inbox.receive()
-            except trio.EndOfChannel:
-                self.finished = True
-                raise
-        if scope.cancelled_caught:
-            raise DeadlineExceeded(f"stream {self.call_id}: no message within the deadline")
+            else:
+                with trio.move_on_after(seconds) as scope:
+                    what, body = await self._inbox.receive()
+                if scope.cancelled_caught:
+                    raise DeadlineExceeded(f"stream {self.call_id}: no message within the deadline")
+        except trio.EndOfChannel:
+            self.finished = True
+            raise
         if what == "error":
             self.finished = True
             raise body

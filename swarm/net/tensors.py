@@ -27,6 +27,7 @@ __all__ = ["DTYPES", "MAX_DIM", "MAX_NDIM", "decode_tensor", "encode_tensor", "t
 
 DTYPES: dict[str, torch.dtype] = {name: torch_dtype(name) for name in (*FLOAT_DTYPES, "int64")}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 MAX_NDIM = 8
 MAX_DIM = 2**31 - 1
 _KEYS = frozenset({"dtype", "shape", "data"})
@@ -69,15 +70,15 @@ def decode_tensor(obj: object, field: str = "tensor", max_bytes: int | None = No
     if obj.keys() != _KEYS:
         extra = sorted(map(str, obj.keys() - _KEYS)) or sorted(_KEYS - obj.keys())
         raise ProtocolError(f"{field}: tensor map keys must be dtype, shape, data (bad: {extra})")
-    dtype = DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+    name = obj["dtype"]
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise ProtocolError(f"{field}.dtype: {obj['dtype']!r} is not one of {', '.join(DTYPES)}")
+        raise ProtocolError(f"{field}.dtype: {name!r} is not one of {', '.join(DTYPES)}")
     shape = _check_shape(obj["shape"], field)
     data = obj["data"]
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"{field}.data: expected bytes, got {type(data).__name__}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * _ITEMSIZE[name]
     if expected != len(data):
         raise ProtocolError(
             f"{field}.data: {len(data)} bytes, but shape {shape} of {obj['dtype']} needs {expected}"

@@ -84,7 +84,7 @@ def make_receipt(
     outputs: torch.Tensor,
 ) -> Receipt:
     """Sign a receipt for one computation (server side)."""
-    unsigned = Receipt(
+    fields = (
         model_id,
         layers,
         session_id,
@@ -92,9 +92,9 @@ def make_receipt(
         tensor_digest(inputs),
         tensor_digest(outputs),
         identity.public_key,
-        b"",
     )
-    return Receipt(**{**unsigned.__dict__, "signature": identity.sign(_receipt_bytes(unsigned))})
+    signature = identity.sign(_receipt_bytes(Receipt(*fields, b"")))
+    return Receipt(*fields, signature)
 
 
 def check_receipt(
