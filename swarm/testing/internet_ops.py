@@ -218,7 +218,7 @@ class OpChannel:
                 return result
             raise DHTError(f"{op} through a worker's node: no answer in {OP_TIMEOUT} s")
         finally:
-            del self._waiting[call_id]
+            self._waiting.pop(call_id, None)  # (gone already when answered)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -226,13 +226,14 @@ class OpChannel:
             try:
                 while True:
                     call_id, error, result = await self._frames.receive()
-                    waiting = self._waiting.get(call_id)
+                    waiting = self._waiting.pop(call_id, None)
                     if waiting is not None:  # else its caller gave up
                         waiting.send_nowait((error, result))
             except DHTError as exc:
                 self._closed = str(exc)
-                for waiting in self._waiting.values():
+                for waiting in self._waiting.values():  # the calls still unanswered
                     waiting.send_nowait((self._closed, None))
+                self._waiting.clear()
             nursery.cancel_scope.cancel()
 
 
@@ -303,7 +304,11 @@ async def serve_ops(
                 closed.add(index)
                 for scope in running.pop(index, set()):
                     scope.cancel()
-                await stacks[index].aclose()
+                try:
+                    await stacks[index].aclose()
+                except SwarmError as exc:
+                    frames.send([call_id, f"closing: {type(exc).__name__}: {exc}", None])
+                    return
             frames.send([call_id, None, None])
             return
         if index in closed:

@@ -1,6 +1,6 @@
 """DHT operations through another process's nodes (`swarm.testing.internet_ops`), both ends
-in one process over an in-memory stream: what comes back is what the node itself read, and
-a closed node answers nothing more."""
+in one process over an in-memory stream: what comes back is what the node itself read, a
+close cancels what was under way through the node, and a closed node answers nothing more."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ async def test_operations_through_a_workers_node_are_the_nodes_own_and_end_when_
                 with pytest.raises(DHTError, match="closed"):
                     await announcer.get(keys[0])
                 assert await reader.get(keys[1])  # the others still answer
+            for node in plane.nodes:  # every datagram lost: a lookup waits out its timeouts
+                plane.links.silence(("127.0.0.1", node.port))
+
+            async def look() -> None:
+                with pytest.raises(DHTError, match="closed meanwhile"):
+                    await reader.get(keys[0])
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as looking:
+                    looking.start_soon(look)
+                    await trio.testing.wait_all_tasks_blocked()  # the lookup is under way
+                    await reader.aclose()  # ... and cancelled by the close, as a local one
             nursery.cancel_scope.cancel()
     finally:
         await plane.aclose()
