@@ -1,8 +1,13 @@
-"""An internet-sized swarm in one process: DHT lookups, routes, coverage under churn.
+"""An internet-sized swarm in one or a few processes: DHT lookups, routes, coverage under churn.
 
     python benchmarks/internet.py                       # the small run (60 nodes, 12 servers)
-    python benchmarks/internet.py --dht-nodes 1000 --servers 100 --blocks 32 --clients 20 \\
-        --sybil-share 0.1 --churn-per-minute 0.5 --duration 120
+    python benchmarks/internet.py --dht-nodes 1000 --servers 100 --blocks 32 --span 4 \\
+        --clients 20 --sybil-share 0.1 --junk-sybils 0.5 --churn-per-minute 0.5 \\
+        --duration 100 --period 10 --ttl 20 --mass-leave-at 40 --mass-leave-gap --processes 2
+
+``--processes N`` splits the DHT nodes over N processes, and the servers', clients' and
+probes' DHT operations with them (`swarm.testing.internet_workers`,
+`swarm.testing.internet_ops`).
 
 The DHT plane is real (datagrams through emulated links: 3 regions, one-way delays 5-15 ms
 inside, 40-120 ms across, loss), the compute plane is modelled; see

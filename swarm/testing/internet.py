@@ -1,5 +1,5 @@
-"""An internet-sized swarm, simulated in one process: the DHT plane real, the compute plane
-modelled (for `benchmarks/internet.py` and a small run in the test suite).
+"""An internet-sized swarm, simulated in one or a few processes: the DHT plane real, the
+compute plane modelled (for `benchmarks/internet.py` and a small run in the test suite).
 
 Real: N `DHTNode`s on loopback whose datagrams cross emulated links
 (`DatagramLinkEmulator`: 3 regions, a one-way delay per region pair, loss), signed
@@ -32,6 +32,15 @@ minute, and once a mass departure of a share of the servers (with ``mass_leave_g
 every server of one block), whose healing is timed: from the departure until every block
 has an online server again (0 when no block lost its last server).
 
+Processes (``processes`` > 1): this process, the coordinator, hosts a share of the DHT
+nodes (half a worker's) and keeps every server's, client's and probe's logic, the truth and
+the figures; worker processes (`swarm.testing.internet_workers`) host the rest. The servers,
+clients and probes act through honest nodes of every process, taken in proportion to the
+nodes each hosts, and a DHT operation through a worker's node runs in that worker
+(`swarm.testing.internet_ops`: there the node checks each record's signature as any reader
+does; here the values go through the real strict decoder and forgeries are counted, as for
+this process's own nodes).
+
 This module runs the swarm (`Simulation`: its DHT plane, servers, churn and probes);
 `swarm.testing.internet_model` holds what a run is asked and reports, and
 `swarm.testing.internet_clients` the clients.
@@ -40,15 +49,14 @@ This module runs the swarm (`Simulation`: its DHT plane, servers, churn and prob
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import trio
 
 from swarm.client.config import FailureConfig
-from swarm.dht import DHTNode, Record
+from swarm.dht import Record
 from swarm.directory import (
     ServerView,
     block_key,
@@ -70,7 +78,8 @@ from swarm.server.liveness import PeerWatch
 from swarm.server.rebalancer import Rebalancer
 from swarm.testing.internet_clients import SimClient
 from swarm.testing.internet_model import Failure, ServerKind, SimConfig, SimReport, SimServer
-from swarm.testing.internet_plane import MODEL, DHTSlice, SliceStatistics, region_of
+from swarm.testing.internet_ops import LocalNode, SimNode
+from swarm.testing.internet_plane import MODEL, DHTSlice, region_of
 from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
 from swarm.testing.sybils import FORGED_MARK
 from swarm.types import LayerRange, PeerId, Reachability, ServerState
@@ -97,11 +106,11 @@ class Simulation:
         self.nodes = self.plane.nodes
         self.liars = self.plane.liars
         self.report = SimReport(config)
-        self.region: dict[int, str] = {}
         self.sybils: set[int] = set()
         self.servers: list[SimServer] = []
         self.by_peer: dict[PeerId, SimServer] = {}
-        self.free_nodes: list[int] = []
+        # honest nodes of every process that no server uses yet; `add_server` pops the last
+        self.free_nodes: list[SimNode] = []
         self.started = 0.0
         self.failure_config = FailureConfig()  # the product client's defaults
 
@@ -134,13 +143,13 @@ class Simulation:
 
     def local_nodes(self) -> int:
         """How many DHT nodes the coordinator hosts: all of them in one process; else half
-        a worker's share (it also runs every server, client and probe), but enough for the
-        servers, the arrivals churn brings and the clients' nodes."""
+        a worker's share (it also runs the logic of every server, client and probe, and
+        decodes what they read; their DHT operations go through nodes of every process, in
+        proportion to the nodes each hosts)."""
         cfg = self.cfg
         if cfg.processes <= 1:
             return cfg.dht_nodes
-        needed = math.ceil((cfg.servers * 1.5 + cfg.clients + 2) / (1 - cfg.sybil_share))
-        return min(cfg.dht_nodes, max(cfg.dht_nodes // (2 * cfg.processes - 1), needed))
+        return max(1, cfg.dht_nodes // (2 * cfg.processes - 1))
 
     async def open_nodes(self) -> None:
         """Open this process's nodes (workers' join through the first; see `run_simulation`)."""
@@ -150,8 +159,6 @@ class Simulation:
         cfg = self.cfg
         local = self.local_nodes()
         await self.plane.open(local - 1)
-        for i, node in enumerate(self.nodes):
-            self.region[i] = region_of(("127.0.0.1", node.port))
         log.info("%d DHT nodes up in this process", local)
         self.plane.joined()
         candidates = list(range(1, local))
@@ -159,16 +166,28 @@ class Simulation:
         n_sybils = int(cfg.sybil_share * local)
         await self.plane.turn_sybils(candidates, n_sybils, cfg.junk_sybils)
         self.sybils = set(self.plane.sybils)
-        self.free_nodes = candidates[n_sybils:]
+        self.free_nodes = [self.local_node(i) for i in candidates[n_sybils:]]
 
-    async def close_node(self, index: int) -> None:
-        await self.plane.stacks[index].aclose()
+    def local_node(self, index: int) -> LocalNode:
+        return LocalNode(self.nodes[index], self.plane.stacks[index])
 
-    def honest_node(self) -> DHTNode:
-        """A random live node that is not a sybil (clients and probes ask through it)."""
-        servers = {s.index for s in self.servers}
-        choices = [i for i in self.free_nodes if i not in servers] or [0]
-        return self.nodes[self.rng.choice(choices)]
+    def add_workers(self, workers: Sequence[Worker]) -> None:
+        """Pool the workers' honest nodes with ours, in an order that takes from each
+        process in proportion to the nodes it offers (servers pop from the end)."""
+        ranked: list[tuple[float, SimNode]] = []
+        groups: list[Sequence[SimNode]] = [self.free_nodes, *(w.nodes for w in workers)]
+        for group in groups:
+            nodes = list(group)
+            self.rng.shuffle(nodes)
+            ranked += [((k + self.rng.random()) / len(nodes), n) for k, n in enumerate(nodes)]
+        ranked.sort(key=lambda kn: kn[0], reverse=True)
+        self.free_nodes = [node for _, node in ranked]
+        log.info("%d honest nodes free for servers, clients and probes", len(self.free_nodes))
+
+    def honest_node(self) -> SimNode:
+        """A random live node that is not a sybil nor a server's (clients and probes ask
+        through it), in any process."""
+        return self.rng.choice(self.free_nodes) if self.free_nodes else self.local_node(0)
 
     # ---- servers ----
     def truth(self) -> list[SimServer]:
@@ -205,12 +224,27 @@ class Simulation:
             reachability=Reachability.UNREACHABLE if relayed else Reachability.UNKNOWN,
             relays=(RelayHop(self.nodes[0].peer_id, "127.0.0.1", 1),) if relayed else (),
         ).to_wire()  # fmt: skip
-        async with trio.open_nursery() as nursery:
-            for b in s.layers:
-                nursery.start_soon(s.node.announce, block_key(MODEL, b), value, self.cfg.ttl)
+        keys = [block_key(MODEL, b) for b in s.layers]
+        try:
+            await s.node.announce_many(keys, value, self.cfg.ttl)
+        except SwarmError as exc:  # as lost stores: readers miss it until the next announce
+            log.info("announcing %s failed: %s", s.layers, exc)
+            self.count(s.node, failed=True)
+        else:
+            self.count(s.node)
 
-    async def read(self, node: DHTNode) -> list[ServerView]:
-        found = await node.get_many(block_keys(MODEL, self.cfg.blocks))
+    def count(self, node: SimNode, *, failed: bool = False) -> None:
+        """Count a DHT operation through ``node`` (`SimReport.operations`)."""
+        self.report.operations[node.process] = self.report.operations.get(node.process, 0) + 1
+        self.report.operations_failed += failed
+
+    async def read(self, node: SimNode) -> list[ServerView]:
+        try:
+            found = await node.get_many(block_keys(MODEL, self.cfg.blocks))
+        except SwarmError:
+            self.count(node, failed=True)
+            raise
+        self.count(node)
         for records in found.values():
             self.count_forged(records.values())
         views = servers_from_records(found, MODEL, self.cfg.blocks)
@@ -282,8 +316,7 @@ class Simulation:
     async def add_server(self, nursery: trio.Nursery, layers: LayerRange | None = None) -> None:
         if not self.free_nodes:
             return
-        index = self.free_nodes.pop()
-        node = self.nodes[index]
+        node = self.free_nodes.pop()
         if layers is None:  # --layers auto: the weakest window as read from the DHT
             views = await self.read(node)
             start = choose_start(block_throughputs(views, self.cfg.blocks), self.cfg.span)
@@ -298,8 +331,8 @@ class Simulation:
         else:
             kind, delivers = ServerKind.FAST, 1.0
         s = SimServer(
-            index, node, self.region[index], announced, layers, kind=kind,
-            delivered=announced * delivers, port=20000 + index,
+            node, region_of(("127.0.0.1", node.port)), announced, layers, kind=kind,
+            delivered=announced * delivers, port=node.port,
         )  # fmt: skip
         self.servers.append(s)
         self.by_peer[s.peer_id] = s
@@ -308,7 +341,7 @@ class Simulation:
     async def kill(self, s: SimServer) -> None:
         s.alive = False
         s.scope.cancel()
-        await self.close_node(s.index)  # its socket closes; its records stay until expiry
+        await s.node.aclose()  # its socket closes; its records stay until expiry
 
     # ---- clients ----
     async def watch_throughput(self) -> None:
@@ -350,7 +383,9 @@ class Simulation:
             try:
                 found = await node.get(block_key(MODEL, block))
             except SwarmError:
+                self.count(node, failed=True)
                 continue
+            self.count(node)
             self.report.lookup_seconds.append(trio.current_time() - started)
             self.count_forged(found.values())
             if settled:
@@ -410,24 +445,12 @@ async def run_simulation(config: SimConfig) -> SimReport:
             await sim.open_rest()  # while the workers open theirs
             for worker in workers:
                 await worker.wait_ready()
+            sim.add_workers(workers)
             await _run(sim, workers)
     finally:
         log.info("run over; closing %d DHT nodes", len(sim.nodes))
         await sim.plane.aclose()
     return sim.report
-
-
-def _windowed(after: SliceStatistics, before: SliceStatistics) -> SliceStatistics:
-    return SliceStatistics(
-        honest=after.honest,
-        datagrams=after.datagrams - before.datagrams,
-        bytes=after.bytes - before.bytes,
-        lost=after.lost - before.lost,
-        junk_replies=after.junk_replies - before.junk_replies,
-        forged_sent=after.forged_sent - before.forged_sent,
-        signatures_verified=after.signatures_verified - before.signatures_verified,
-        signatures_cached=after.signatures_cached - before.signatures_cached,
-    )
 
 
 async def _run(sim: Simulation, workers: list[Worker]) -> None:
@@ -457,7 +480,7 @@ async def _run(sim: Simulation, workers: list[Worker]) -> None:
                 while sim.report.heal_seconds is None or (uncovered and uncovered[-1][1] > 0):
                     await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
-    slices = [_windowed(sim.plane.statistics(), before)]
+    slices = [sim.plane.statistics().since(before)]
     for worker in workers:
         slices.append(await worker.stop())
     sim.report.seconds = trio.current_time() - sim.started

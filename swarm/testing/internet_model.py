@@ -14,9 +14,10 @@ from itertools import pairwise
 
 import trio
 
-from swarm.dht import DHTNode, StorageConfig
+from swarm.dht import StorageConfig
 from swarm.directory import ServerView
 from swarm.net.messages import RangeMove
+from swarm.testing.internet_ops import SimNode
 from swarm.testing.internet_plane import SliceStatistics
 from swarm.types import LayerRange, PeerId
 
@@ -70,7 +71,9 @@ class SimConfig:
     mass_leave_gap: bool = False  # also every server of one block leaves (a certain gap)
     load_seconds: float = 0.5  # a move's load and drain
     seed: int = 0
-    processes: int = 1  # DHT nodes split over this many processes (`internet_workers`)
+    # DHT nodes split over this many processes (`internet_workers`), and the servers',
+    # clients' and probes' DHT operations with them (`internet_ops`)
+    processes: int = 1
     # after ``duration``, run on up to this many seconds while the mass departure's gap is
     # not healed yet, or a block is uncovered (churn goes on: a death near the end leaves a
     # gap the run did not give time to heal; a busy machine slows the DHT; tests give it
@@ -125,6 +128,11 @@ class SimReport:
     signatures_cached: int = 0  # record checks spared by their `VerifiedRecords`
     forged_accepted: int = 0  # records or server views from a forgery that a read accepted
     slices: list[SliceStatistics] = field(default_factory=list)  # per process, this one first
+    # DHT operations (announcements, reads, probe lookups) the servers, clients and probes
+    # made through the nodes of each process (0: the coordinator), start-up included; and
+    # how many of them failed (a lookup's or store's error, or a worker's deadline)
+    operations: dict[int, int] = field(default_factory=dict)
+    operations_failed: int = 0
     seconds: float = 0.0  # how long it ran: ``duration``, plus any ``heal_grace`` used
     # per kind of server, as the balance counted them at the last look: servers, announced,
     # delivered and counted tokens/s (sums over live servers), and how many peers measured
@@ -176,14 +184,17 @@ class SimReport:
             "forged_records_accepted": self.forged_accepted,
             "processes": len(self.slices),
             "dht_nodes_per_process": [s.honest for s in self.slices],
+            "dht_operations_per_process": [
+                self.operations.get(p, 0) for p in range(max(1, len(self.slices)))
+            ],
+            "dht_operations_failed": self.operations_failed,
             "throughput_by_kind": {str(k): v for k, v in self.throughput.items()},
         }
 
 
 @dataclass
 class SimServer:
-    index: int
-    node: DHTNode
+    node: SimNode  # in this process or a worker (`swarm.testing.internet_ops`)
     region: str
     throughput: float  # announced
     layers: LayerRange

@@ -12,6 +12,7 @@ the slices agree on the distances without telling each other.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 from collections.abc import Sequence
@@ -65,6 +66,14 @@ class SliceStatistics:
     forged_sent: int
     signatures_verified: int = 0  # record signatures this slice's nodes verified (Ed25519)
     signatures_cached: int = 0  # record checks their `VerifiedRecords` spared
+
+    def since(self, before: SliceStatistics) -> SliceStatistics:
+        """What was counted after ``before`` (the nodes' count is this one's)."""
+        counts = {
+            f.name: getattr(self, f.name) - getattr(before, f.name)
+            for f in dataclasses.fields(self)
+        }
+        return SliceStatistics(**{**counts, "honest": self.honest})
 
 
 class DHTSlice:

@@ -1,7 +1,8 @@
 """Junk-answering sybil DHT nodes in the internet simulation (`swarm.testing.sybils`): the
 real records are still found, and no forged one is ever accepted; the swarm is split over
-two processes (`swarm.testing.internet_workers`), so lookups cross them. Logical outcomes
-only."""
+two processes (`swarm.testing.internet_workers`), so lookups cross them, and servers,
+clients and probes act through the nodes of both (`swarm.testing.internet_ops`). Logical
+outcomes only."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ async def test_records_are_found_and_forgeries_refused_among_junk_answering_sybi
     # half of the nodes (and of the sybils) lived in the worker, and took part
     assert len(report.slices) == 2 and report.slices[1].datagrams > 0
     assert report.slices[1].junk_replies > 0
+    # servers, the client and the probes announced and read through nodes of both processes
+    # (`swarm.testing.internet_ops`): the worker's nodes' records went through the strict
+    # decoder here, and none forged got through (above)
+    operations = summary["dht_operations_per_process"]
+    assert isinstance(operations, list) and len(operations) == 2, operations
+    assert operations[0] > 0 and operations[1] > 0, operations
