@@ -15,6 +15,7 @@ import trio
 from swarm.client.bans import BanList
 from swarm.directory import ServerView, counted_throughput, delivered_by_peers
 from swarm.errors import SwarmError
+from swarm.net.config import DEFAULT_NET_CONFIG
 from swarm.testing.internet_model import Failure, SimServer
 from swarm.testing.internet_plane import REGIONS
 from swarm.types import LayerRange, PeerId, ServerState
@@ -167,7 +168,9 @@ class SimClient:
         )
 
     async def generate(self, route: list[ServerView], region: str, bans: BanList) -> Failure | None:
-        """Sleep each token's modelled cost; a hop whose server died meanwhile is banned, one
+        """Open ``route`` (`open`: servers gone since their records were read fail there, as
+        in the product, not as recoveries), then sleep each token's modelled cost; a hop
+        whose server died meanwhile is banned, one
         that moved or is moving is not (it answers ``unavailable``: blameless; its records
         for the range it left are passed over), and the chain is re-planned from a fresh
         read (a recovery; the replay of the tokens so far is not modelled). Returns None, or
@@ -176,6 +179,10 @@ class SimClient:
         recoveries = 0
         gone: set[tuple[PeerId, LayerRange]] = set()
         max_recoveries = self.sim.failure_config.max_recoveries
+        opened = await self.open(route, region, bans, gone, 0.0)
+        if isinstance(opened, Failure):
+            return opened
+        route = opened
         while done < self.sim.cfg.tokens:
             cost, _ = self._route_cost(route, region)
             started = trio.current_time()
@@ -192,17 +199,58 @@ class SimClient:
                 recoveries += 1
                 if recoveries > max_recoveries:
                     return Failure.GAVE_UP
-                views, route, waited = await self.find_route(
-                    region, bans, gone, self.sim.failure_config.route_wait_s
-                )
+                wait = self.sim.failure_config.route_wait_s
+                views, route, waited = await self.find_route(region, bans, gone, wait)
                 self.sim.report.recovery_waits.append(waited)
                 if not route:
                     return self.no_route_cause(views, recovering=True)
+                opened = await self.open(route, region, bans, gone, wait)
+                if isinstance(opened, Failure):
+                    return opened
+                route = opened
                 self.sim.report.recoveries += 1
                 continue
             done += 1
             self.sim.report.token_seconds.append(trio.current_time() - started)
         return None
+
+    async def open(
+        self,
+        route: list[ServerView],
+        region: str,
+        bans: BanList,
+        gone: set[tuple[PeerId, LayerRange]],
+        wait: float,
+    ) -> list[ServerView] | Failure:
+        """Open ``route`` as the product's `HopOpener.open` does: all hops at once; a hop
+        whose server is gone since its record was read fails to open (after
+        ``connect_timeout``: a vanished machine answers nothing) and is banned (one that
+        moved is passed over, blameless), and the route is planned again, up to
+        ``max_open_retries`` failures. Returns the opened route or why it failed."""
+        failures = 0
+        while True:
+            alive = {s.peer_id: s for s in self.sim.servers}
+            broken = [v for v in route if not self._serves(alive.get(v.peer_id), v.layers)]
+            if not broken:
+                return route
+            dead = [v.peer_id for v in broken if not self._alive(alive.get(v.peer_id))]
+            if dead:  # the dials time out together; each ban starts then
+                await trio.sleep(DEFAULT_NET_CONFIG.connect_timeout)
+            for peer_id in dead:
+                bans.ban(peer_id)
+            # moving or moved: it answers ``unavailable`` at once, and is passed over
+            gone.update((v.peer_id, v.layers) for v in broken if v.peer_id not in dead)
+            failures += len(broken)
+            self.sim.report.open_failures += len(broken)
+            if failures > self.sim.failure_config.max_open_retries:
+                return Failure.OPEN_GAVE_UP
+            views, route, _ = await self.find_route(region, bans, gone, wait)
+            if not route:
+                return self.no_route_cause(views, recovering=wait > 0)
+
+    @staticmethod
+    def _alive(s: SimServer | None) -> bool:
+        return s is not None and s.alive
 
     @staticmethod
     def _serves(s: SimServer | None, layers: LayerRange) -> bool:

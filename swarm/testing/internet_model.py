@@ -37,6 +37,9 @@ class Failure(enum.StrEnum):
     RECOVERY_MISSED = "no route to recover: lookups missed live records"
     RECOVERY_OTHER = "no route to recover: other"
     GAVE_UP = "more hop failures than max_recoveries"
+    # more servers of a route failed to open (gone since their records were read) than
+    # ``max_open_retries``, at the start or in one recovery
+    OPEN_GAVE_UP = "more servers failed to open than max_open_retries"
 
 
 class ServerKind(enum.StrEnum):
@@ -113,6 +116,7 @@ class SimReport:
     started: int = 0  # started: those not finished when the run ended were still going
     succeeded: int = 0
     recoveries: int = 0
+    open_failures: int = 0  # hops of planned routes that failed to open (server gone)
     failures: dict[Failure, int] = field(default_factory=dict)  # failed generations, by cause
     stale_picks: int = 0  # hops planned onto a server already gone or moved (stale record)
     start_waits: list[float] = field(default_factory=list)  # seconds a client waited to start
@@ -164,6 +168,7 @@ class SimReport:
             "success_rate": self.succeeded / self.generations if self.generations else math.nan,
             "generations_unfinished_at_the_end": self.started - self.generations,
             "recoveries": self.recoveries,
+            "open_failures": self.open_failures,
             "failures": {str(k): v for k, v in sorted(self.failures.items())},
             "stale_picks": self.stale_picks,
             "generations_that_waited_to_start": sum(1 for w in self.start_waits if w > 0),
