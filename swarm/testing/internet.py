@@ -340,6 +340,7 @@ class Simulation:
 
     async def kill(self, s: SimServer) -> None:
         s.alive = False
+        s.died_at = trio.current_time()
         s.scope.cancel()
         await s.node.aclose()  # its socket closes; its records stay until expiry
 

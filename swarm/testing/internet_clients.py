@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from swarm.client.bans import BanList
+from swarm.client.config import PingConfig
+from swarm.client.routing import RouteCosts
 from swarm.directory import ServerView, counted_throughput, delivered_by_peers
 from swarm.errors import SwarmError
 from swarm.net.config import DEFAULT_NET_CONFIG
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["SimClient"]
 
 log = logging.getLogger(__name__)
+
+PINGS = PingConfig()  # the product client's defaults
+ROUTE_COSTS = RouteCosts()
 
 
 class SimClient:
@@ -44,7 +49,8 @@ class SimClient:
         Like `swarm.client.routing.plan_route`: online servers only, ``banned`` ones left
         out, a server that announced a move (``moving_to``) still used (it serves its old
         range until it drains), and each at the throughput its peers measured it
-        delivering where that is less than it announces (`counted_throughput`)."""
+        delivering where that is less than it announces (`counted_throughput`), and a dead
+        server the client's pings found gone ranked lower, as unproven (`_unproven`)."""
         blocks = self.sim.cfg.blocks
         region_of = {s.peer_id: s.region for s in self.sim.servers}
         usable = [
@@ -53,6 +59,7 @@ class SimClient:
         ]  # fmt: skip
         measured = delivered_by_peers(views)  # as `plan_route`: what peers measured counts
         speed = {v.peer_id: counted_throughput(v, measured.get(v.peer_id)) for v in usable}
+        unproven = self._unproven()
         best: dict[tuple[int, str], float] = {(0, client_region): 0.0}
         back: dict[tuple[int, str], tuple[tuple[int, str], ServerView]] = {}
         queue: list[tuple[float, int, str]] = [(0.0, 0, client_region)]
@@ -66,6 +73,8 @@ class SimClient:
                 r = region_of[v.peer_id]
                 used = (v.layers.stop - at) / len(v.layers)  # throughput is the whole span's
                 step = self.sim.delay[(region, r)] + used / speed[v.peer_id]
+                if v.peer_id in unproven:
+                    step *= 1 + ROUTE_COSTS.unproven
                 key = (v.layers.stop, r)
                 if cost + step < best.get(key, math.inf):
                     best[key] = cost + step
@@ -247,6 +256,18 @@ class SimClient:
             views, route, _ = await self.find_route(region, bans, gone, wait)
             if not route:
                 return self.no_route_cause(views, recovering=wait > 0)
+
+    def _unproven(self) -> set[PeerId]:
+        """Servers whose record the product's client would hold unproven: it pings the
+        servers it reached every ``PingConfig.interval_s``, and one whose ping failed ranks
+        lower in `plan_route` (``RouteCosts.unproven``); so a dead server counts as unproven
+        from one ping interval and timeout after its death."""
+        now = trio.current_time()
+        known = PINGS.interval_s + PINGS.timeout
+        return {
+            s.peer_id for s in self.sim.servers
+            if s.died_at is not None and now - s.died_at >= known
+        }  # fmt: skip
 
     @staticmethod
     def _alive(s: SimServer | None) -> bool:

@@ -212,6 +212,7 @@ class SimServer:
     last_move: RangeMove | None = None
     port: int = 0
     since: float = 0.0  # when its current range was first announced (trio time)
+    died_at: float | None = None  # trio time of its death (None: alive, or left by moving)
 
     @property
     def peer_id(self) -> PeerId:

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from swarm.client.bans import BanList
-from swarm.client.config import FailureConfig
+from swarm.client.config import FailureConfig, PingConfig
 from swarm.directory import ServerView
 from swarm.testing.internet_clients import SimClient
 from swarm.testing.internet_model import Failure, SimConfig, SimReport, SimServer
@@ -82,3 +82,18 @@ async def test_more_dead_servers_than_open_retries_fail_the_generation(
     assert cause is Failure.OPEN_GAVE_UP
     assert sim.report.open_failures == retries + 1
     assert sim.report.recoveries == 0
+
+
+async def test_a_server_dead_for_a_ping_interval_ranks_lower_as_unproven(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    dead, live = server(11.0, alive=False), server(10.0)  # the dead one a little faster
+    sim = FakeSim([dead, live])
+    client = SimClient(sim, 0)  # type: ignore[arg-type]
+    views = [dead.view(), live.view()]
+    dead.died_at = trio.current_time()
+    _, route = client.plan(views, REGIONS[0])
+    assert route == [views[0]]  # no ping has failed yet: its record still looks proven
+    await trio.sleep(PingConfig().interval_s + PingConfig().timeout)
+    _, route = client.plan(views, REGIONS[0])
+    assert route == [views[1]]
