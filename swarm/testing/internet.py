@@ -19,7 +19,11 @@ never: the ping fails after ``ping_timeout``). A client plans a route over what 
 the DHT (Dijkstra over block boundaries, cost = one-way link delays + blocks / throughput)
 and "generates" by sleeping the route's per-token cost, with the product client's failure
 policy (`swarm.client.config.FailureConfig`'s defaults and its `BanList`): it waits up to
-``client_wait`` for a route before it starts (``swarm generate --wait``); a hop that died
+``client_wait`` for a route before it starts (``swarm generate --wait``); it opens the
+route first, as `HopOpener.open` does (a server gone since its record was read fails there
+after ``connect_timeout``, is banned and its range re-planned, at most
+``max_open_retries`` times); a server dead for one of its ping intervals ranks lower, as
+unproven (`PingConfig.interval_s`, `RouteCosts.unproven`); a hop that died
 meanwhile is banned and costs a re-plan from a fresh read (a recovery, waiting up to
 ``route_wait_s`` for a route, at most ``max_recoveries`` of them); one that moved is passed
 over for the range it left. Each failed generation is counted under its cause
