@@ -72,6 +72,10 @@ class RouteCosts:
     jitter: float = 0.05  # relative random noise added to each edge for tie-breaking
     relay_busy: float = 0.02  # added through a relay with all its circuits in use
     unproven: float = 0.5  # relative extra cost of a server whose record is not proven
+    # relative extra cost of a server whose last ping from this client failed: a crashed
+    # server's record outlives it by up to its TTL, and opening a hop on it costs a
+    # ``connect_timeout``; still used where nothing else covers its layers
+    unreachable: float = 10.0
 
 
 def _rtt(
@@ -120,6 +124,7 @@ def plan_route(
     banned: Collection[PeerId] = (),
     penalties: Mapping[PeerId, float] | None = None,
     unproven: Collection[PeerId] = (),
+    unreachable: Collection[PeerId] = (),
     costs: RouteCosts | None = None,
     rng: random.Random | None = None,
 ) -> list[Hop]:
@@ -127,8 +132,9 @@ def plan_route(
 
     ``banned`` servers are never used; a server with a ``penalties`` entry p costs 1 + p
     times as much, an ``unproven`` one (its record not yet proven by a ping)
-    1 + ``costs.unproven`` times as much; both are still used when nothing cheaper covers
-    their layers.
+    1 + ``costs.unproven`` times as much, an ``unreachable`` one (the client's last ping to
+    it failed) 1 + ``costs.unreachable`` times as much more; all are still used when nothing
+    cheaper covers their layers.
 
     Raises `RoutingError` naming the first block no usable server covers.
     Cost: O(E log E) with E the number of (boundary, server) pairs; a few hundred
@@ -175,6 +181,8 @@ def plan_route(
             step *= (1.0 + rng.uniform(0.0, costs.jitter)) * (1.0 + penalty.get(server.peer_id, 0))
             if server.peer_id in unproven:
                 step *= 1.0 + costs.unproven
+            if server.peer_id in unreachable:
+                step *= 1.0 + costs.unreachable
             state = (end, i)
             if cost + step < best.get(state, float("inf")):
                 best[state] = cost + step

@@ -22,8 +22,8 @@ policy (`swarm.client.config.FailureConfig`'s defaults and its `BanList`): it wa
 ``client_wait`` for a route before it starts (``swarm generate --wait``); it opens the
 route first, as `HopOpener.open` does (a server gone since its record was read fails there
 after ``connect_timeout``, is banned and its range re-planned, at most
-``max_open_retries`` times); a server dead for one of its ping intervals ranks lower, as
-unproven (`PingConfig.interval_s`, `RouteCosts.unproven`); a hop that died
+``max_open_retries`` times); a server dead for one of its ping intervals ranks far lower,
+as unreachable (`PingConfig.interval_s`, `RouteCosts.unreachable`); a hop that died
 meanwhile is banned and costs a re-plan from a fresh read (a recovery, waiting up to
 ``route_wait_s`` for a route, at most ``max_recoveries`` of them); one that moved is passed
 over for the range it left. Each failed generation is counted under its cause

@@ -50,7 +50,7 @@ class SimClient:
         out, a server that announced a move (``moving_to``) still used (it serves its old
         range until it drains), and each at the throughput its peers measured it
         delivering where that is less than it announces (`counted_throughput`), and a dead
-        server the client's pings found gone ranked lower, as unproven (`_unproven`)."""
+        server the client's pings found gone ranked far lower, as unreachable (`_unreachable`)."""
         blocks = self.sim.cfg.blocks
         region_of = {s.peer_id: s.region for s in self.sim.servers}
         usable = [
@@ -59,7 +59,7 @@ class SimClient:
         ]  # fmt: skip
         measured = delivered_by_peers(views)  # as `plan_route`: what peers measured counts
         speed = {v.peer_id: counted_throughput(v, measured.get(v.peer_id)) for v in usable}
-        unproven = self._unproven()
+        unreachable = self._unreachable()
         best: dict[tuple[int, str], float] = {(0, client_region): 0.0}
         back: dict[tuple[int, str], tuple[tuple[int, str], ServerView]] = {}
         queue: list[tuple[float, int, str]] = [(0.0, 0, client_region)]
@@ -73,8 +73,8 @@ class SimClient:
                 r = region_of[v.peer_id]
                 used = (v.layers.stop - at) / len(v.layers)  # throughput is the whole span's
                 step = self.sim.delay[(region, r)] + used / speed[v.peer_id]
-                if v.peer_id in unproven:
-                    step *= 1 + ROUTE_COSTS.unproven
+                if v.peer_id in unreachable:  # as `plan_route`: unproven, and its ping failed
+                    step *= (1 + ROUTE_COSTS.unproven) * (1 + ROUTE_COSTS.unreachable)
                 key = (v.layers.stop, r)
                 if cost + step < best.get(key, math.inf):
                     best[key] = cost + step
@@ -257,11 +257,11 @@ class SimClient:
             if not route:
                 return self.no_route_cause(views, recovering=wait > 0)
 
-    def _unproven(self) -> set[PeerId]:
-        """Servers whose record the product's client would hold unproven: it pings the
-        servers it reached every ``PingConfig.interval_s``, and one whose ping failed ranks
-        lower in `plan_route` (``RouteCosts.unproven``); so a dead server counts as unproven
-        from one ping interval and timeout after its death."""
+    def _unreachable(self) -> set[PeerId]:
+        """Servers the product's client would know gone: it pings the servers it reached
+        every ``PingConfig.interval_s``, and one whose ping failed is unproven and
+        unreachable in `plan_route` (``RouteCosts.unproven``, ``RouteCosts.unreachable``);
+        so a dead server counts as such from one ping interval and timeout after its death."""
         now = trio.current_time()
         known = PINGS.interval_s + PINGS.timeout
         return {

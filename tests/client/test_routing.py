@@ -196,6 +196,62 @@ def test_an_unproven_record_ranks_lower_but_still_covers() -> None:
     assert spans(route) == [("a", 0, 4), ("only", 4, 8), ("b", 8, 12)]
 
 
+def test_a_server_whose_ping_failed_ranks_far_lower_but_still_covers() -> None:
+    # a crashed server's record outlives it: 100 times as fast on paper, it is still passed
+    # over for a live one once the client's ping to it failed
+    dead = server("dead", 0, 12, throughput=1000.0)
+    live = server("live", 0, 12, throughput=10.0)
+    rng = random.Random(0)
+    gone = {dead.peer_id}
+    for _ in range(50):
+        route = plan_route([dead, live], LayerRange(0, 12), unproven=gone, rng=rng)
+        assert spans(route) == [("dead", 0, 12)]  # unproven alone: its claim still wins
+        route = plan_route(
+            [dead, live], LayerRange(0, 12), unproven=gone, unreachable=gone, rng=rng
+        )
+        assert spans(route) == [("live", 0, 12)]
+    # the only cover of 4:8: still tried there (a ping can fail for a live server too)
+    halves = [server("a", 0, 4), server("b", 8, 12), server("only", 4, 8)]
+    route = plan_route(halves, LayerRange(0, 12), unreachable={halves[2].peer_id}, rng=rng)
+    assert spans(route) == [("a", 0, 4), ("only", 4, 8), ("b", 8, 12)]
+
+
+def test_the_opener_ranks_a_server_whose_ping_failed_far_lower() -> None:
+    import trio
+
+    from swarm.client.bans import BanList
+    from swarm.client.chain.failures import FailurePolicy
+    from swarm.client.chain.opening import HopOpener
+    from swarm.client.config import ClientConfig
+    from swarm.client.discovery import StaticDirectory
+
+    dead = server("dead", 0, 12, throughput=1000.0)
+    live = server("live", 0, 12, throughput=10.0)
+
+    class OneGone(StaticDirectory):
+        def reached(self, view: ServerView) -> bool:
+            return view.peer_id == live.peer_id
+
+        def unreachable(self, view: ServerView) -> bool:
+            return view.peer_id == dead.peer_id
+
+    config = ClientConfig()
+    opener = HopOpener(
+        None,  # type: ignore[arg-type]  # planning dials nobody
+        OneGone([dead, live]),
+        config,
+        max_length=16,
+        batch_size=1,
+        failures=FailurePolicy(config, BanList(1.0, 2.0, 10.0)),
+        rng=random.Random(0),
+    )
+
+    async def picks() -> list[str]:
+        return [spans(await opener.plan(LayerRange(0, 12)))[0][0] for _ in range(30)]
+
+    assert set(trio.run(picks)) == {"live"}
+
+
 def test_the_opener_ranks_servers_the_directory_has_not_reached_lower() -> None:
     import trio
 

@@ -84,7 +84,7 @@ async def test_more_dead_servers_than_open_retries_fail_the_generation(
     assert sim.report.recoveries == 0
 
 
-async def test_a_server_dead_for_a_ping_interval_ranks_lower_as_unproven(
+async def test_a_server_dead_for_a_ping_interval_ranks_far_lower_as_unreachable(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     dead, live = server(11.0, alive=False), server(10.0)  # the dead one a little faster

@@ -67,7 +67,8 @@ class HopOpener:
     ) -> list[Hop]:
         """A route for ``layers`` without banned, excluded or ``avoid`` servers, penalised
         ones and those whose records the directory has not proven (`ServerDirectory.reached`)
-        costing more (asks the directory again once; with ``route_wait`` > 0, on asking
+        costing more, and those whose last ping failed (`ServerDirectory.unreachable`) much
+        more (asks the directory again once; with ``route_wait`` > 0, on asking
         for that many seconds, after 1 s and then doubling up to 4 s between looks, while
         no route exists). Raises `RoutingError`."""
         deadline = trio.current_time() + route_wait
@@ -100,6 +101,7 @@ class HopOpener:
                     banned=self.bans.banned() | self.excluded | set(avoid),
                     penalties=self.bans.penalties.current(),
                     unproven={s.peer_id for s in servers if not self.directory.reached(s)},
+                    unreachable={s.peer_id for s in servers if self.directory.unreachable(s)},
                     rng=self.rng,
                 )
             except RoutingError as exc:
