@@ -233,24 +233,27 @@ class SimClient:
     ) -> list[ServerView] | Failure:
         """Open ``route`` as the product's `HopOpener.open` does: all hops at once; a hop
         whose server is gone since its record was read fails to open (after
-        ``connect_timeout``: a vanished machine answers nothing) and is banned (one that
-        moved is passed over, blameless), and the route is planned again, up to
-        ``max_open_retries`` failures. Returns the opened route or why it failed."""
+        ``connect_timeout``: a vanished machine answers nothing); the first failed hop is
+        banned (one that moved is passed over, blameless) and the route planned again, up
+        to ``max_open_retries`` failures. Returns the opened route or why it failed."""
         failures = 0
         while True:
             alive = {s.peer_id: s for s in self.sim.servers}
             broken = [v for v in route if not self._serves(alive.get(v.peer_id), v.layers)]
             if not broken:
                 return route
-            dead = [v.peer_id for v in broken if not self._alive(alive.get(v.peer_id))]
-            if dead:  # the dials time out together; each ban starts then
-                await trio.sleep(DEFAULT_NET_CONFIG.connect_timeout)
-            for peer_id in dead:
-                bans.ban(peer_id)
-            # moving or moved: it answers ``unavailable`` at once, and is passed over
-            gone.update((v.peer_id, v.layers) for v in broken if v.peer_id not in dead)
-            failures += len(broken)
-            self.sim.report.open_failures += len(broken)
+            if any(not self._alive(alive.get(v.peer_id)) for v in broken):
+                await trio.sleep(DEFAULT_NET_CONFIG.connect_timeout)  # the dials end together
+            # as `HopOpener.open`: the first failure in the route's order is counted and
+            # banned (a server moving or moved answers ``unavailable``: passed over), the
+            # rest of the range planned again (a later dead hop may be picked again)
+            first = broken[0]
+            if self._alive(alive.get(first.peer_id)):
+                gone.add((first.peer_id, first.layers))
+            else:
+                bans.ban(first.peer_id)
+            failures += 1
+            self.sim.report.open_failures += 1
             if failures > self.sim.failure_config.max_open_retries:
                 return Failure.OPEN_GAVE_UP
             views, route, _ = await self.find_route(region, bans, gone, wait)
