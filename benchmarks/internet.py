@@ -5,6 +5,15 @@
         --clients 20 --sybil-share 0.1 --junk-sybils 0.5 --churn-per-minute 0.5 \\
         --duration 100 --period 10 --ttl 20 --mass-leave-at 40 --mass-leave-gap --processes 2
 
+The last is issue 23's target at compressed timings (every server reads every block key
+each 10 s): it starves a 2-core machine. At the product's own timings (balance period
+120 s, TTL 60 s) the same target fits in about 1.6 cores:
+
+    python benchmarks/internet.py --dht-nodes 1000 --servers 100 --blocks 32 --span 4 \\
+        --clients 20 --sybil-share 0.1 --junk-sybils 0.5 --churn-per-minute 0.5 \\
+        --duration 480 --period 120 --ttl 60 --mass-leave-at 120 --mass-leave-gap \\
+        --processes 3
+
 ``--processes N`` splits the DHT nodes over N processes, and the servers', clients' and
 probes' DHT operations with them (`swarm.testing.internet_workers`,
 `swarm.testing.internet_ops`).
