@@ -177,6 +177,7 @@ class ComputeQueue:
         self._done = 0
         self._totals = BatchTotals()  # what ran since start, for the periodic report
         self._turn = 0  # rotates the client that goes first
+        # every live cache that ran work here; a session's decode steps time its returns
         self._returns: weakref.WeakKeyDictionary[KVCache, _Return] = weakref.WeakKeyDictionary()
         self._last_seconds = 0.0  # the last batch's compute time
         self._last_end = 0.0  # when it ended (trio clock)
@@ -222,11 +223,16 @@ class ComputeQueue:
     async def _run_alone(self, job: SpanJob) -> None:
         """Run a decode step in its caller's task when the worker would run it alone and
         on the event loop anyway: what the worker does, without waking it and being woken
-        by it (two scheduling rounds per step). One checkpoint first lets steps arriving
-        in the same round join the queue, which then batches them as before; a caller
-        cancelled there leaves its step to be dropped, as in `_wait`."""
+        by it (two scheduling rounds per step). Where another session has run work here
+        (`_sessions_besides`), one checkpoint first lets its steps arriving in the same
+        round join the queue, which then batches them as before; a lone session's step
+        runs at once (a round less). A caller cancelled there leaves its step to be
+        dropped, as in `_wait`."""
         try:
-            await trio.lowlevel.checkpoint()
+            if self._sessions_besides(job.cache):
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             self._forget(job)
             raise
@@ -240,6 +246,11 @@ class ComputeQueue:
         if batch is None:  # pragma: no cover - the job is live and alone
             return
         self._run_inline(batch)
+
+    def _sessions_besides(self, cache: KVCache | None) -> bool:
+        """Whether a cache other than ``cache`` that ran work here is still alive: another
+        session (or a stateless forward's temporary cache) whose step could arrive now."""
+        return len(self._returns) > (cache is not None and cache in self._returns)
 
     async def submit(self, fn: Callable[[], T], priority: Priority) -> T:
         """Run `fn` alone on the worker thread when its turn comes; return or raise its
@@ -455,8 +466,10 @@ class ComputeQueue:
         ended = self._last_end = trio.current_time()
         finished = batch.finished()
         for job in finished:
-            if job.is_decode and job.cache is not None:
-                self._returns.setdefault(job.cache, _Return(job.client)).left(ended)
+            if job.cache is not None:  # a prompt's cache too: `_sessions_besides` counts it
+                back = self._returns.setdefault(job.cache, _Return(job.client))
+                if job.is_decode:
+                    back.left(ended)
         if self._heap:
             self._functions_waited += 1
         record = batch.record(seconds)

@@ -243,6 +243,45 @@ async def test_a_lone_short_step_runs_in_the_task_that_submitted_it(
     assert [r.decode_steps for r in stats.recent] == [0, 1, 1, 1]
 
 
+async def test_a_lone_sessions_step_takes_no_scheduling_round(
+    span: Span, queue_factory: object
+) -> None:
+    """While no other session ran work here, a short lone step runs at once in its caller's
+    task, which does not yield to the scheduler (a scheduling round less per step); once
+    another session has, its caller checkpoints first, so that steps arriving in the same
+    round are batched (`test_short_lone_decode_steps_run_on_the_event_loop`)."""
+
+    class Yields(trio.abc.Instrument):
+        """How often ``task`` gave the scheduler back control."""
+
+        def __init__(self, task: trio.lowlevel.Task) -> None:
+            self.task, self.count = task, 0
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.count += task is self.task
+
+    async def step_yields(x: torch.Tensor, at: int) -> int:
+        yields = Yields(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(yields)
+        try:
+            await queue.run_span(span, x, _pos(at, 1), cache, Priority.INFERENCE)
+        finally:
+            trio.lowlevel.remove_instrument(yields)
+        return yields.count
+
+    queue: ComputeQueue = await queue_factory(ComputeConfig(inline_max=0.25))  # type: ignore[operator]
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randn(1, 6, HIDDEN, generator=gen)
+    xs = torch.randn(3, 1, 1, HIDDEN, generator=gen)  # three steps of one token
+    cache = _cache(span)
+    await queue.run_span(span, prompt, _pos(0, 6), cache, Priority.INFERENCE)
+    await queue.run_span(span, xs[0], _pos(6, 1), cache, Priority.INFERENCE)  # untimed: thread
+    assert await step_yields(xs[1], 7) == 0 and queue.inlined == 1
+    second = _cache(span)  # another session's (alive while it is open)
+    await queue.run_span(span, prompt, _pos(0, 6), second, Priority.INFERENCE)
+    assert await step_yields(xs[2], 8) == 1 and queue.inlined == 2
+
+
 async def test_a_long_prompt_is_chunked_between_decode_steps(
     span: Span, queue_factory: object, autojump_clock: trio.testing.MockClock
 ) -> None:
