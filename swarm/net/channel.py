@@ -12,7 +12,9 @@ A `SecureChannel` is made by the handshake in `swarm.net.handshake`. Channels th
 
 from __future__ import annotations
 
+import select
 import struct
+import sys
 from dataclasses import dataclass
 
 import trio
@@ -30,6 +32,7 @@ from swarm.net.transport import STREAM_LOST
 from swarm.types import PeerId
 
 __all__ = [
+    "AT_ONCE_MAX",
     "FRAME_HEADER",
     "ExactReader",
     "ReceiveBudget",
@@ -41,6 +44,13 @@ _MORE = 0x8000_0000
 _LEN_MASK = 0x7FFF_FFFF
 FRAME_HEADER = struct.Struct(">I")
 _RECV_CHUNK = 256 * 1024
+# The most a message (frame header and tag included) may hold to be sent "at once" on a TCP
+# socket that polls writable (`SecureChannel.can_send_at_once`). Linux reports a TCP socket
+# writable only while its unsent bytes are under half of TCP_NOTSENT_LOWAT (which trio sets
+# to 16 KiB on its streams) and at least a third of its send buffer (16 KiB at the least by
+# default) is free, so 4 KiB fit without the send waiting for the peer.
+AT_ONCE_MAX = 4096
+_AT_ONCE_POLL = sys.platform.startswith("linux") and hasattr(select, "poll")
 
 
 @dataclass(frozen=True)
@@ -218,6 +228,27 @@ class SecureChannel:
             raise
         finally:
             self._send_lock.release()
+
+    def can_send_at_once(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes would leave now without waiting for the peer
+        or for another sender: no send is in progress on the channel, the message is at
+        most `AT_ONCE_MAX` bytes with its framing, and the channel runs over a TCP socket
+        (Linux) that is writable now. False for any other stream (a relayed or emulated
+        one): its sends may wait. Costs one ``poll`` system call."""
+        if (
+            size + FRAME_HEADER.size + TAGLEN > AT_ONCE_MAX
+            or self._send_lock.locked()
+            or self._broken is not None
+            or not _AT_ONCE_POLL
+            or not isinstance(self._stream, trio.SocketStream)
+        ):
+            return False
+        fd = self._stream.socket.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLOUT for _, events in poller.poll(0))
 
     async def _send_frames(self, view: memoryview) -> None:
         step = self._config.max_frame_size

@@ -137,6 +137,10 @@ class OneWay(Generic[Req]):
         """See `RpcConnection.notify` for what is raised."""
         await conn.notify(self.name, request)
 
+    async def notify_at_once(self, conn: RpcConnection, request: Req, *, timeout: float) -> bool:
+        """`notify` only if it need not wait; see `RpcConnection.notify_at_once`."""
+        return await conn.notify_at_once(self.name, request, timeout=timeout)
+
 
 @dataclass(frozen=True)
 class Streaming(Generic[Out, In]):

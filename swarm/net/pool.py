@@ -76,6 +76,12 @@ class ConnectionPool:
         self._backoff: PunchBackoff | None = None
         self.dials = 0
 
+    def get_live(
+        self, host: str, port: int, expected_peer: PeerId | None = None
+    ) -> RpcConnection | None:
+        """The live connection `get` would return without dialing, or None (never waits)."""
+        return self._live(expected_peer if expected_peer is not None else (host, port))
+
     async def get(self, host: str, port: int, expected_peer: PeerId | None = None) -> RpcConnection:
         """A live connection to the peer, dialing it if needed.
 

@@ -277,6 +277,24 @@ class RpcConnection:
         self.calls_made += 1
         await self._send([Kind.NOTIFY, self._new_id(), method, request.to_wire()])
 
+    async def notify_at_once(self, method: str, request: Message, *, timeout: float) -> bool:
+        """`notify` if the channel can take the message without waiting
+        (`SecureChannel.can_send_at_once`: no other send in progress, a small message, a
+        writable TCP socket); False, and nothing sent, otherwise. For a sender that must not
+        be held up by a slow peer: it sends from its own task only when the kernel takes
+        the message at once, and otherwise hands it to a task of its own. Should the send
+        still stall, ``timeout`` seconds close the channel (`ConnectionClosed`), as
+        ``send_timeout`` does for other sends. Raises `ConnectionClosed` if the channel is
+        gone."""
+        self._check_open()
+        envelope = [Kind.NOTIFY, self._new_id(), method, request.to_wire()]
+        data = msgpack.packb(envelope, use_bin_type=True)
+        if not self.channel.can_send_at_once(len(data)):
+            return False  # (an id left unused: ids need only be unique)
+        self.calls_made += 1
+        await self._send_packed(data, timeout)
+        return True
+
     @asynccontextmanager
     async def open_stream(
         self, method: str, *, timeout: float | None = None
@@ -313,13 +331,17 @@ class RpcConnection:
     async def _send(self, envelope: list[Any]) -> None:
         """Send one envelope whole: shielded from cancellation, bounded by send_timeout."""
         self._check_open()
-        data = msgpack.packb(envelope, use_bin_type=True)
-        deadline = trio.current_time() + self._config.send_timeout
-        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+        await self._send_packed(msgpack.packb(envelope, use_bin_type=True))
+
+    async def _send_packed(self, data: bytes, timeout: float | None = None) -> None:
+        """Send one packed envelope whole: shielded from cancellation, bounded by
+        ``timeout`` (default send_timeout), after which the channel is closed."""
+        seconds = self._config.send_timeout if timeout is None else timeout
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds) as scope:
             await self.channel.send(data)
         if scope.cancelled_caught:
             await self.aclose()
-            raise ConnectionClosed(f"send to {self.remote_peer_id} exceeded send_timeout")
+            raise ConnectionClosed(f"send to {self.remote_peer_id} took over {seconds:g} s")
 
     def _check_open(self) -> None:
         if self.is_closed:

@@ -11,8 +11,9 @@ method         shape      caller sends                                callee ans
 =============  =========  ==========================================  ========================
 
 Callers use the stubs below (``call_info``, ``call_forward``, ``open_inference``,
-``notify_push``); the server binds one handler per row (`SERVER_METHODS`), and a registry
-missing a row or holding another is refused (`server_registry`).
+``notify_push``, ``notify_push_at_once``); the server binds one handler per row
+(`SERVER_METHODS`), and a registry missing a row or holding another is refused
+(`server_registry`).
 
 What reachable peers (servers and ``swarm dht`` nodes) offer others, `HELPER_METHODS`:
 
@@ -78,6 +79,7 @@ __all__ = [
     "call_forward",
     "call_info",
     "notify_push",
+    "notify_push_at_once",
     "open_hole_punch",
     "open_inference",
     "open_relay_reserve",
@@ -143,6 +145,12 @@ def open_inference(
 async def notify_push(conn: RpcConnection, request: PushRequest) -> None:
     """A hop's output delivered to the next hop's session, without an answer."""
     await PUSH.notify(conn, request)
+
+
+async def notify_push_at_once(conn: RpcConnection, request: PushRequest, *, timeout: float) -> bool:
+    """`notify_push` if the channel takes it without waiting; False (nothing sent) if it
+    would wait (`RpcConnection.notify_at_once`)."""
+    return await PUSH.notify_at_once(conn, request, timeout=timeout)
 
 
 async def call_dial_back(

@@ -5,8 +5,10 @@ chunks long prompts and forwards, fairly over clients (`CLIENT` is set to the ca
 ``inference`` stream owns one session: a reader task takes the client's step messages
 (inputs and push-target changes) while the processor runs steps strictly in order, each as
 soon as its input arrived from the client or from the previous server's ``push``. After a
-step, its output goes back on the stream and, concurrently, to the next server (best
-effort: a failed push is logged, and the client sends that input itself).
+step, its output goes to the next server, then back on the stream (best effort: a failed
+push is logged, and the client sends that input itself). The push leaves from the step's
+task when the channel takes it at once, and from a task of its own otherwise, so a slow
+next server never holds up the answer to the client.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from swarm.net.surface import (
     InferenceDown,
     InferenceUp,
     notify_push,
+    notify_push_at_once,
     server_registry,
 )
 from swarm.server.capacity import SpanTimings
@@ -289,11 +292,30 @@ class ServingHandlers:
             out = await self.compute(
                 session.span, item.hidden, item.positions, session.cache, Priority.INFERENCE
             )
-            if session.push_to is not None:
-                nursery.start_soon(self._push, session.push_to, step, out, item)
+            target = session.push_to
+            if target is not None and not await self._push_at_once(target, step, out, item):
+                nursery.start_soon(self._push, target, step, out, item)
                 await trio.sleep(0)  # the push leaves first: it is on the critical path
             receipt = self._receipt(session.layers, session.session_id, step, item.hidden, out)
             await stream.send(InferenceStepResult(step, out, receipt))
+
+    async def _push_at_once(
+        self, target: PushTarget, step: int, hidden: torch.Tensor, item: StepInput
+    ) -> bool:
+        """Push from the step's own task where that cannot wait: over a live connection
+        whose channel takes the message at once (`notify_push_at_once`), so that a slow
+        next hop never holds up our answer to the client. False: `_push` must do it in a
+        task of its own (no live connection, a large message, a busy or full channel, or
+        a failed attempt, which it dials again for)."""
+        conn = self.pool.get_live(target.host, target.port, target.peer_id)
+        if conn is None:
+            return False
+        request = PushRequest(target.session_id, step, hidden, item.positions, item.keep)
+        try:
+            return await notify_push_at_once(conn, request, timeout=self.config.push_timeout)
+        except SwarmError as exc:
+            log.info("push of step %d to %s failed at once: %s", step, target.peer_id, exc)
+            return False
 
     async def _push(
         self, target: PushTarget, step: int, hidden: torch.Tensor, item: StepInput

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -18,6 +19,7 @@ from swarm.errors import (
     RemoteError,
     ShardError,
 )
+from swarm.net.channel import AT_ONCE_MAX
 from swarm.net.config import NetConfig
 from swarm.net.messages import (
     ErrorResponse,
@@ -195,6 +197,72 @@ async def test_a_one_way_handler_that_never_waits_runs_in_the_reader_task() -> N
     assert [step for step, _ in seen] == [0, 1, 2]
     assert {name for _, name in seen} == {"swarm.net.rpc.RpcConnection.run"}
     assert server.statistics().calls_served == 4
+
+
+async def _tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listeners[0].accept())
+
+        nursery.start_soon(accept)
+        dialed = await trio.open_tcp_stream("127.0.0.1", port)
+    await listeners[0].aclose()
+    return dialed, accepted[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="poll rules of Linux TCP")
+async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
+    """`RpcConnection.notify_at_once` sends a small notify over a writable TCP channel
+    from the caller's task, and returns False without sending (and without waiting) for
+    a message over `AT_ONCE_MAX`, while another send waits on a full socket, and over a
+    stream that is not a TCP socket."""
+    seen: list[int] = []
+
+    def rpc_note(request: PushRequest, ctx: CallContext) -> None:
+        seen.append(request.step)
+
+    registry = HandlerRegistry([OneWay("note_now", PushRequest).bind_now(rpc_note)])
+    a, b = await channel_pair(*await _tcp_stream_pair())
+    client, server = RpcConnection(a), RpcConnection(b, registry)
+    positions = torch.zeros(1, 1, dtype=torch.int64)
+    small = PushRequest(b"s", 0, torch.zeros(1, 1, 8), positions)
+    big = PushRequest(b"s", 1, torch.zeros(1, 1, AT_ONCE_MAX // 4), positions)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with trio.fail_after(10):
+            assert await client.notify_at_once("note_now", small, timeout=5)
+            assert not await client.notify_at_once("note_now", big, timeout=5)
+            # the peer reads nothing yet: 16 MiB fill the kernel's buffers, a send waits
+            sent, flooded = [0], trio.Event()
+
+            async def flood() -> None:
+                filler = PushRequest(b"s", 2, torch.zeros(1, 16, 256), torch.zeros(1, 16).long())
+                for _ in range(1024):  # 16 KiB each
+                    await client.notify("note_now", filler)
+                    sent[0] += 1
+                flooded.set()
+
+            nursery.start_soon(flood)
+            while True:  # until the flood stopped moving: its send waits for the peer
+                before = sent[0]
+                await trio.sleep(0.2)
+                if sent[0] == before:
+                    break
+            assert 0 < sent[0] < 1024
+            # (were it to wait, it would wait for the peer that reads nothing: fail_after)
+            assert not await client.notify_at_once("note_now", small, timeout=5)
+            await nursery.start(server.run)  # the peer reads: everything drains
+            await flooded.wait()
+            while len(seen) < 1025:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert seen[0] == 0 and 1 not in seen
+    a2, b2 = await channel_pair()  # in-memory streams: never "at once"
+    assert not a2.can_send_at_once(16) and not b2.can_send_at_once(16)
 
 
 async def test_remote_errors_are_typed(rpc_pair: tuple[RpcConnection, Handlers]) -> None:

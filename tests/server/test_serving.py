@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,6 +91,17 @@ async def test_info_and_forward(swarm2: LocalSwarm, pool: ConnectionPool, model_
 async def test_inference_with_push_matches_one_pass(
     swarm2: LocalSwarm, pool: ConnectionPool, model_path: Path
 ) -> None:
+    """Pushes carry hop 0's outputs to hop 1; after the first (which dials the channel
+    between the servers), each leaves from the step's own task, not one spawned for it."""
+
+    class PushTasks(trio.abc.Instrument):
+        spawned = 0
+
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            self.spawned += task.name.endswith("._push")
+
+    spy = PushTasks()
+    trio.lowlevel.add_instrument(spy)
     s0, s1 = swarm2.servers
     tokens = torch.randn(1, 9, HIDDEN)
     sid0, sid1 = os.urandom(16), os.urandom(16)
@@ -115,7 +127,10 @@ async def test_inference_with_push_matches_one_pass(
                 outputs.append(second.hidden_states)
             await h0.send_end()
             await h1.send_end()
+    trio.lowlevel.remove_instrument(spy)
     torch.testing.assert_close(torch.cat(outputs, dim=1), reference(model_path, tokens))
+    if sys.platform.startswith("linux"):  # `SecureChannel.can_send_at_once` polls as Linux does
+        assert spy.spawned == 1
 
 
 async def test_limits_and_bad_input_are_clear_errors(
