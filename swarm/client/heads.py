@@ -89,7 +89,9 @@ class HeadBatcher:
         if self._inline_now():
             self._inlined += 1
             out = await self._pass(hidden, greedy, inline=True)
-            await trio.lowlevel.checkpoint()
+            # a cancellation point without a scheduling round: the caller's next step
+            # sends (and yields) anyway, and a round here is one more per token
+            await trio.lowlevel.checkpoint_if_cancelled()
             return out
         if not self._running:
             return await self._pass(hidden, greedy)
