@@ -41,7 +41,8 @@ class FailureConfig:
 
     - ``ban_base_s`` (5), ``ban_backoff`` (2), ``ban_max_s`` (300): a failed server is left out
       of routes for ``min(base * backoff ** (failures - 1), max)`` seconds.
-    - ``max_open_retries`` (4): servers that may fail while a chain's route is opened.
+    - ``max_open_retries`` (4): attempts to open a chain's route that may fail (every
+      server that failed in one attempt is banned, and the range planned again).
     - ``max_recoveries`` (8): hop failures one chain survives; beyond, `SessionError`.
     - ``route_wait_s`` (60): when a failed hop's layers have no other usable server, its
       recovery keeps asking the directory (after 1 s, then doubling up to 4 s between

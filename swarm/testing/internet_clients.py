@@ -233,9 +233,9 @@ class SimClient:
     ) -> list[ServerView] | Failure:
         """Open ``route`` as the product's `HopOpener.open` does: all hops at once; a hop
         whose server is gone since its record was read fails to open (after
-        ``connect_timeout``: a vanished machine answers nothing); the first failed hop is
+        ``connect_timeout``: a vanished machine answers nothing); every failed hop is
         banned (one that moved is passed over, blameless) and the route planned again, up
-        to ``max_open_retries`` failures. Returns the opened route or why it failed."""
+        to ``max_open_retries`` failed attempts. Returns the opened route or why it failed."""
         failures = 0
         while True:
             alive = {s.peer_id: s for s in self.sim.servers}
@@ -244,16 +244,16 @@ class SimClient:
                 return route
             if any(not self._alive(alive.get(v.peer_id)) for v in broken):
                 await trio.sleep(DEFAULT_NET_CONFIG.connect_timeout)  # the dials end together
-            # as `HopOpener.open`: the first failure in the route's order is counted and
-            # banned (a server moving or moved answers ``unavailable``: passed over), the
-            # rest of the range planned again (a later dead hop may be picked again)
-            first = broken[0]
-            if self._alive(alive.get(first.peer_id)):
-                gone.add((first.peer_id, first.layers))
-            else:
-                bans.ban(first.peer_id)
+            # as `HopOpener.open`: every failed hop is banned (a server moving or moved
+            # answers ``unavailable``: passed over), the attempt counts once, and the rest
+            # of the range is planned again
+            for view in broken:
+                if self._alive(alive.get(view.peer_id)):
+                    gone.add((view.peer_id, view.layers))
+                else:
+                    bans.ban(view.peer_id)
             failures += 1
-            self.sim.report.open_failures += 1
+            self.sim.report.open_failures += len(broken)
             if failures > self.sim.failure_config.max_open_retries:
                 return Failure.OPEN_GAVE_UP
             views, route, _ = await self.find_route(region, bans, gone, wait)

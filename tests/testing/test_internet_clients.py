@@ -84,6 +84,28 @@ async def test_more_dead_servers_than_open_retries_fail_the_generation(
     assert sim.report.recoveries == 0
 
 
+async def test_every_dead_hop_of_a_route_is_banned_after_one_attempt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # both hops of the planned route died together: one failed attempt bans both, and the
+    # next opens (one re-plan per dead hop would exceed the one retry allowed)
+    def half(i: int, throughput: float, alive: bool) -> SimServer:
+        node: Any = SimpleNamespace(peer_id=PeerId(os.urandom(32)))
+        layers = LayerRange(i, i + 1)
+        return SimServer(node, REGIONS[0], throughput, layers, delivered=throughput, alive=alive)
+
+    dead = [half(0, 100.0, False), half(1, 100.0, False)]
+    sim = FakeSim(
+        [*dead, half(0, 10.0, True), half(1, 10.0, True)], FailureConfig(max_open_retries=1)
+    )
+    client = SimClient(sim, 0)  # type: ignore[arg-type]
+    bans = BanList(5.0, 2.0, 300.0)
+    assert await client.generate([d.view() for d in dead], REGIONS[0], bans) is None
+    assert sim.report.open_failures == 2
+    assert bans.banned() == {d.peer_id for d in dead}
+    assert len(sim.report.token_seconds) == sim.cfg.tokens
+
+
 async def test_a_server_dead_for_a_ping_interval_ranks_far_lower_as_unreachable(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -125,9 +125,12 @@ class HopOpener:
         takes pushes from ``push_from`` only (the server before ``layers``; None: none).
         While no route exists, look again for up to ``route_wait`` seconds (`plan`).
 
-        A server that fails to open is banned (one that is only full or draining is avoided
-        instead, see `blameless`) and the rest of the range re-planned, up to
-        ``max_open_retries`` times. Raises `RoutingError` or `SessionError`.
+        Every server that fails to open is banned (one that is only full or draining is
+        avoided instead, see `blameless`) and the rest of the range re-planned, up to
+        ``max_open_retries`` times: the servers of a route fail together (a third of a
+        swarm leaving at once leaves that share of stale records in every route), so all
+        of one attempt's failures are banned at once and count as one retry, instead of
+        finding them one re-plan at a time. Raises `RoutingError` or `SessionError`.
         """
         opened: list[HopState] = []
         start, failures = layers.start, 0
@@ -136,18 +139,19 @@ class HopOpener:
             while start < layers.stop:
                 plan = await self.plan(LayerRange(start, layers.stop), avoid, route_wait=route_wait)
                 before = opened[-1].hop.server.peer_id if opened else push_from
-                states, failure = await self._open_plan(plan, first_step, next_target, before)
+                states, failed = await self._open_plan(plan, first_step, next_target, before)
                 opened += states
                 start = states[-1].hop.layers.stop if states else start
-                if failure is not None:
+                if failed:
                     failures += 1
-                    if not self.failures.ban(failure):
-                        avoid.add(failure.hop.server.peer_id)
+                    for failure in failed:
+                        if not self.failures.ban(failure):
+                            avoid.add(failure.hop.server.peer_id)
                     if failures > self.config.failures.max_open_retries:
                         raise SessionError(
-                            f"{failures} servers failed while opening layers {layers}; "
-                            f"last: {failure}"
-                        ) from failure.cause
+                            f"opening layers {layers} failed {failures} times; "
+                            f"last: {', '.join(map(str, failed))}"
+                        ) from failed[0].cause
             if self.config.pipeline.use_push:
                 await rewire(opened, next_target)
         except BaseException:
@@ -163,11 +167,12 @@ class HopOpener:
         first_step: int,
         next_target: PushTarget | None,
         push_from: PeerId | None,
-    ) -> tuple[list[HopState], HopFailure | None]:
+    ) -> tuple[list[HopState], list[HopFailure]]:
         """Open every hop of ``plan`` at once (one round trip, not one per hop).
 
-        Returns the opened prefix of the plan and the first failure, if any; hops opened
-        after a failed one are closed again (the rest of the range is planned anew).
+        Returns the opened prefix of the plan and every hop's failure, in the plan's order;
+        hops opened after a failed one are closed again (the rest of the range is planned
+        anew).
         """
         ids = [os.urandom(16) for _ in plan]
         results: list[HopState | HopFailure | None] = [None] * len(plan)
@@ -191,16 +196,17 @@ class HopOpener:
                         await close_hop(result)
             raise
         opened: list[HopState] = []
-        failure: HopFailure | None = None
+        failed = [result for result in results if isinstance(result, HopFailure)]
         for result in results:
-            if failure is None and isinstance(result, HopState):
+            if isinstance(result, HopFailure):
+                break
+            if isinstance(result, HopState):
                 opened.append(result)
-            elif failure is None and isinstance(result, HopFailure):
-                failure = result
-            elif isinstance(result, HopState):
+        for result in results[len(opened) :]:
+            if isinstance(result, HopState):
                 with trio.CancelScope(shield=True):
                     await close_hop(result)
-        return opened, failure
+        return opened, failed
 
     async def _open_hop(
         self,
