@@ -83,7 +83,7 @@ from swarm.server.rebalancer import Rebalancer
 from swarm.testing.internet_clients import SimClient
 from swarm.testing.internet_model import Failure, ServerKind, SimConfig, SimReport, SimServer
 from swarm.testing.internet_ops import LocalNode, SimNode
-from swarm.testing.internet_plane import MODEL, DHTSlice, region_of
+from swarm.testing.internet_plane import MODEL, DHTSlice, freeze_heap, region_of
 from swarm.testing.internet_workers import Worker, WorkerSpec, open_workers
 from swarm.testing.sybils import FORGED_MARK
 from swarm.types import LayerRange, PeerId, Reachability, ServerState
@@ -466,6 +466,7 @@ async def _run(sim: Simulation, workers: list[Worker]) -> None:
                 start = (i * config.span) % (config.blocks - config.span + 1)
                 starting.start_soon(sim.add_server, nursery, LayerRange(start, start + config.span))
         log.info("%d servers up; running for %.0f s", config.servers, config.duration)
+        freeze_heap()
         sim.started = trio.current_time()
         before = sim.plane.statistics()
         for worker in workers:

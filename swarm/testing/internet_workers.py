@@ -39,7 +39,7 @@ import trio
 
 from swarm.errors import SwarmError
 from swarm.testing.internet_ops import Frames, OpChannel, RemoteNode, serve_ops
-from swarm.testing.internet_plane import DHTSlice, SliceStatistics
+from swarm.testing.internet_plane import DHTSlice, SliceStatistics, freeze_heap
 from swarm.types import PeerId
 
 __all__ = ["Worker", "WorkerSpec", "open_workers"]
@@ -191,6 +191,7 @@ async def _until_stopped(plane: DHTSlice) -> SliceStatistics:
         except SwarmError:
             command = "stop"
         if command == "go":
+            freeze_heap()
             before = plane.statistics()
         elif command == "stop":
             return before
