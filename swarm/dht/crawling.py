@@ -10,10 +10,15 @@ cannot end a lookup with nothing.
 
 Stock crawls also wait, every round, for the slowest of its alpha queries, so one dead
 contact stalls a lookup for a whole RPC timeout. Ours wait for the first reply and then at
-most `GRACE_FACTOR` × its round-trip time (at least `MIN_GRACE` s) for the others. A
-straggler stays in the lookup as contacted: its reply is used in a later round if it has come
-by then, and before concluding that everyone was asked the lookup waits for the stragglers
-left, so skipping them never loses records; their timeouts still evict dead contacts.
+most `GRACE_FACTOR` × its round-trip time (at least `MIN_GRACE` s) for the others; and when
+no query of a round has answered after `STALL_FACTOR` × the slowest first reply of the
+lookup so far (at least `MIN_STALL` s), the round ends there and the next alpha contacts are
+asked: a round of contacts that all left, or all made up by a liar, no longer costs the
+lookup a whole RPC timeout (in the 1,000-node simulation 3.6 % of rounds did, ~8 % of its
+lookups). A straggler stays in the lookup as contacted: its reply is used in a later round
+if it has come by then, and before concluding that everyone was asked the lookup waits for
+the stragglers left, so skipping them never loses records; their timeouts still evict dead
+contacts.
 
 Both crawls also keep the provenance of each contact they learned (`_Provenance`), because a
 liar's reply can otherwise steer a lookup for ever: twenty made-up ids closer to the key than
@@ -41,6 +46,8 @@ __all__ = [
     "DISTRUST_AFTER",
     "GRACE_FACTOR",
     "MIN_GRACE",
+    "MIN_STALL",
+    "STALL_FACTOR",
     "NodeCrawl",
     "RecordCrawl",
     "parse_node_list",
@@ -49,6 +56,8 @@ __all__ = [
 DISTRUST_AFTER = 2  # failed contacts from one replier before its contacts are dropped
 GRACE_FACTOR = 4.0
 MIN_GRACE = 0.05  # seconds; a live node that misses it is waited for before the lookup ends
+STALL_FACTOR = 2.0
+MIN_STALL = 0.5  # seconds without any reply in a round before its contacts count as stalled
 
 
 def parse_node_list(reply: object) -> list[Node]:
@@ -73,18 +82,24 @@ def parse_node_list(reply: object) -> list[Node]:
 
 
 async def _gather_with_grace(
-    tasks: dict[bytes, asyncio.Future[Any]],
-) -> tuple[dict[bytes, Any], dict[bytes, asyncio.Future[Any]]]:
-    """(replies by node id, the stragglers still running after the grace)."""
+    tasks: dict[bytes, asyncio.Future[Any]], stall: float
+) -> tuple[dict[bytes, Any], dict[bytes, asyncio.Future[Any]], float | None]:
+    """(replies by node id, the stragglers still running after the grace, the seconds to
+    the first reply; None when none came within ``stall`` seconds: every task a straggler)."""
     if not tasks:
-        return {}, {}
+        return {}, {}, None
     loop = asyncio.get_running_loop()
     started = loop.time()
-    _done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    done, pending = await asyncio.wait(
+        tasks.values(), timeout=stall, return_when=asyncio.FIRST_COMPLETED
+    )
+    if not done:
+        return {}, dict(tasks), None
+    first = loop.time() - started
     if pending:
-        grace = max(MIN_GRACE, GRACE_FACTOR * (loop.time() - started))
-        await asyncio.wait(pending, timeout=grace)
-    return _split(tasks)
+        await asyncio.wait(pending, timeout=max(MIN_GRACE, GRACE_FACTOR * first))
+    replies, stragglers = _split(tasks)
+    return replies, stragglers, first
 
 
 def _split(
@@ -177,13 +192,22 @@ class _GraceRounds(_Provenance):
         for peer in self.nearest.get_uncontacted()[:count]:
             tasks[peer.id] = self.protocol.spawn(rpcmethod(peer, self.node))
             self.nearest.mark_contacted(peer)
-        replies, pending = await _gather_with_grace(tasks)
+        replies, pending, first = await _gather_with_grace(tasks, self._stall())
+        if first is None:  # stalled: ask the next alpha, not (as if converged) everyone left
+            self.last_ids_crawled = []
+        else:
+            self.__dict__["_slowest_first"] = max(first, self.__dict__.get("_slowest_first", 0.0))
         late = self._late()
         arrived, still = _split(late)
         late.clear()
         late.update(still)
         late.update(pending)
         return await self._nodes_found({**arrived, **replies})
+
+    def _stall(self) -> float:
+        """Seconds a round waits for its first reply (see the module docstring)."""
+        slowest: float = self.__dict__.get("_slowest_first", 0.0)
+        return max(MIN_STALL, STALL_FACTOR * slowest)
 
     async def _last_stragglers(self) -> dict[bytes, Any] | None:
         """Before concluding: wait for the stragglers (each ends by its RPC timeout)."""

@@ -8,7 +8,7 @@ import os
 
 from kademlia.node import Node
 
-from swarm.dht.crawling import DISTRUST_AFTER, NodeCrawl
+from swarm.dht.crawling import DISTRUST_AFTER, MIN_STALL, NodeCrawl
 
 
 def _close_to(target: bytes, low_bits: int = 16) -> bytes:
@@ -55,3 +55,42 @@ def test_an_honest_replier_with_one_dead_contact_keeps_its_others() -> None:
     crawl._forget([os.urandom(20)])  # and an id nobody gave us
     held = {n.id for _, n in crawl.nearest.heap}
     assert held == {honest.id} | {n.id for n in contacts[1:]}
+
+
+def test_a_round_whose_contacts_all_stay_silent_does_not_stall_the_lookup() -> None:
+    # the three closest contacts left the network (or a liar made them up): they answer
+    # nothing until the RPC timeout. The lookup asks the next contacts once the round has
+    # stalled, long before that timeout, and still waits the silent ones out at its end.
+    import asyncio
+
+    target = Node(os.urandom(20))
+    silent = [Node(_close_to(target.id, 8), "127.0.0.1", 10 + i) for i in range(3)]
+    live = [Node(_close_to(target.id, 60), "127.0.0.1", 20 + i) for i in range(3)]
+    rpc_timeout = MIN_STALL * 3
+    asked: dict[bytes, float] = {}
+    answered: dict[bytes, float] = {}
+
+    class FakeProtocol:
+        def spawn(self, coro: object) -> asyncio.Future[object]:
+            return asyncio.ensure_future(coro)  # type: ignore[arg-type]
+
+        async def call_find_node(self, peer: Node, node: Node) -> tuple[bool, object]:
+            loop = asyncio.get_running_loop()
+            asked[peer.id] = loop.time()
+            if peer in silent:
+                await asyncio.sleep(rpc_timeout)
+                answered[peer.id] = loop.time()
+                return False, None
+            await asyncio.sleep(0.01)
+            answered[peer.id] = loop.time()
+            return True, []
+
+    async def lookup() -> list[Node]:
+        crawl = NodeCrawl(FakeProtocol(), target, silent + live, 20, 3)
+        return await crawl.find()  # type: ignore[no-any-return]
+
+    found = asyncio.run(lookup())
+    assert {n.id for n in found} == {n.id for n in live}  # the silent ones were evicted
+    first_silent_timeout = min(answered[n.id] for n in silent)
+    assert all(asked[n.id] < first_silent_timeout for n in live)
+    assert max(answered.values()) == max(answered[n.id] for n in silent)  # waited out at the end
