@@ -467,6 +467,7 @@ async def _run(sim: Simulation, workers: list[Worker]) -> None:
                 starting.start_soon(sim.add_server, nursery, LayerRange(start, start + config.span))
         log.info("%d servers up; running for %.0f s", config.servers, config.duration)
         freeze_heap()
+        await sim.plane.watch_lag()
         sim.started = trio.current_time()
         before = sim.plane.statistics()
         for worker in workers:

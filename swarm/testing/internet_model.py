@@ -189,6 +189,9 @@ class SimReport:
             "forged_records_accepted": self.forged_accepted,
             "processes": len(self.slices),
             "dht_nodes_per_process": [s.honest for s in self.slices],
+            "dht_loop_lag_ms_p50_p99_per_process": [
+                (round(s.loop_lag_p50_ms, 1), round(s.loop_lag_p99_ms, 1)) for s in self.slices
+            ],
             "dht_operations_per_process": [
                 self.operations.get(p, 0) for p in range(max(1, len(self.slices)))
             ],

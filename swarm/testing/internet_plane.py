@@ -12,6 +12,8 @@ the slices agree on the distances without telling each other.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import gc
 import random
@@ -32,6 +34,7 @@ __all__ = [
     "MODEL",
     "REGIONS",
     "DHTSlice",
+    "LoopLag",
     "SliceStatistics",
     "freeze_heap",
     "region_delays",
@@ -85,14 +88,53 @@ class SliceStatistics:
     forged_sent: int
     signatures_verified: int = 0  # record signatures this slice's nodes verified (Ed25519)
     signatures_cached: int = 0  # record checks their `VerifiedRecords` spared
+    # how late the slice's DHT event loop ran a timer (`LoopLag`), p50 and p99, ms: how
+    # long each datagram these nodes received waited for a busy loop or a core
+    loop_lag_p50_ms: float = 0.0
+    loop_lag_p99_ms: float = 0.0
 
     def since(self, before: SliceStatistics) -> SliceStatistics:
-        """What was counted after ``before`` (the nodes' count is this one's)."""
+        """What was counted after ``before`` (the nodes' count and the loop's lag are this
+        one's)."""
+        kept = ("honest", "loop_lag_p50_ms", "loop_lag_p99_ms")
         counts = {
             f.name: getattr(self, f.name) - getattr(before, f.name)
             for f in dataclasses.fields(self)
+            if f.name not in kept
         }
-        return SliceStatistics(**{**counts, "honest": self.honest})
+        return SliceStatistics(**counts, **{name: getattr(self, name) for name in kept})
+
+
+class LoopLag:
+    """Samples how late an event loop runs a timer set ``interval`` s ahead, from the moment
+    `install` runs on that loop's thread (until the loop closes). A simulation puts hundreds
+    of nodes on one loop: its lookups' latency is the links' delays plus this lag at every
+    hop, which a real node, alone on its machine, does not have."""
+
+    def __init__(self, interval: float = 0.1, keep: int = 20_000) -> None:
+        self.interval = interval
+        self.samples: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def install(self, _kad: object = None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick(due: float) -> None:
+            self.samples.append(loop.time() - due)
+            nxt = loop.time() + self.interval
+            loop.call_at(nxt, tick, nxt)
+
+        first = loop.time() + self.interval
+        loop.call_at(first, tick, first)
+
+    def percentiles_ms(self) -> tuple[float, float]:
+        """(p50, p99) of the samples so far, in ms (0 without samples)."""
+        values = sorted(self.samples)
+        if not values:
+            return 0.0, 0.0
+        return (
+            1000 * values[len(values) // 2],
+            1000 * values[min(len(values) - 1, int(0.99 * len(values)))],
+        )
 
 
 class DHTSlice:
@@ -111,6 +153,8 @@ class DHTSlice:
         verified_cache: int = StorageConfig.verified_cache,
     ) -> None:
         self.name = name
+        self.lag = LoopLag()
+        self.lag_installed = False
         self.storage = StorageConfig(verified_cache=verified_cache)
         self.seed = seed
         self.loss = loss
@@ -193,9 +237,18 @@ class DHTSlice:
             else:
                 self.links.silence(("127.0.0.1", node.port))
 
+    async def watch_lag(self) -> None:
+        """Start sampling the lag of this slice's DHT loop (the one all its nodes share),
+        dropping what was sampled before."""
+        self.lag.samples.clear()
+        if not self.lag_installed and self.nodes:
+            await self.nodes[0].run_on_loop(self.lag.install)
+            self.lag_installed = True
+
     def statistics(self) -> SliceStatistics:
         sent = self.links.sent.values()
         stats = [node.statistics() for node in self.nodes]
+        lag_p50, lag_p99 = self.lag.percentiles_ms()
         return SliceStatistics(
             honest=len(self.nodes) - len(self.sybils),
             datagrams=sum(n for n, _ in sent),
@@ -205,6 +258,8 @@ class DHTSlice:
             forged_sent=sum(liar.forged for liar in self.liars),
             signatures_verified=sum(s.signatures_verified for s in stats),
             signatures_cached=sum(s.signatures_cached for s in stats),
+            loop_lag_p50_ms=lag_p50,
+            loop_lag_p99_ms=lag_p99,
         )
 
     async def aclose(self) -> None:

@@ -192,6 +192,7 @@ async def _until_stopped(plane: DHTSlice) -> SliceStatistics:
             command = "stop"
         if command == "go":
             freeze_heap()
+            await plane.watch_lag()
             before = plane.statistics()
         elif command == "stop":
             return before

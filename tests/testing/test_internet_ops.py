@@ -72,3 +72,26 @@ async def test_operations_through_a_workers_node_are_the_nodes_own_and_end_when_
             nursery.cancel_scope.cancel()
     finally:
         await plane.aclose()
+
+
+def test_the_loop_lag_counts_how_long_a_busy_loop_kept_its_timers_waiting() -> None:
+    import asyncio
+    import time
+
+    from swarm.testing.internet_plane import LoopLag
+
+    lag = LoopLag(interval=0.01)
+
+    async def busy() -> None:
+        lag.install()
+        await asyncio.sleep(0.05)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # busy: the loop runs nothing else meanwhile
+            pass
+        await asyncio.sleep(0.05)
+
+    asyncio.run(busy())
+    assert lag.samples, "no timer ran"
+    assert max(lag.samples) >= 0.25  # the tick due during the block ran that late
+    p50, p99 = lag.percentiles_ms()
+    assert p99 >= 250 > p50

@@ -31,6 +31,8 @@ async def test_records_are_found_and_forgeries_refused_among_junk_answering_sybi
     # half of the nodes (and of the sybils) lived in the worker, and took part
     assert len(report.slices) == 2 and report.slices[1].datagrams > 0
     assert report.slices[1].junk_replies > 0
+    # each process sampled how late its DHT loop ran (`LoopLag`): the figure beside latency
+    assert all(s.loop_lag_p99_ms != 0.0 for s in report.slices), report.slices
     # servers, the client and the probes announced and read through nodes of both processes
     # (`swarm.testing.internet_ops`): the worker's nodes' records went through the strict
     # decoder here, and none forged got through (above)
