@@ -3,10 +3,13 @@
 Stock ``ValueSpiderCrawl`` stops at the first round that finds a value and returns the most
 common value among that round's replies (a dict value crashes it: unhashable); its node lists
 are turned into ``Node`` objects without checks. `RecordCrawl` keeps asking until
-``quorum`` nodes returned valid records (or every one of the k closest was asked) and returns
-all the record blobs it saw, for the reader to merge by subkey. A reply with no records, or
-with none that checks out, is not a replica: a few nodes answering "nothing here" (or junk)
-cannot end a lookup with nothing.
+``quorum`` nodes returned valid records and the last of them held no announcer the others
+lacked (or every one of the k closest was asked), and returns all the record blobs it saw,
+for the reader to merge by subkey. A reply with no records, or with none that checks out, is
+not a replica: a few nodes answering "nothing here" (or junk) cannot end a lookup with
+nothing. Replicas that disagree (a record that reached only some of the k closest, a node
+that joined since) keep the lookup reading until one more adds nothing: stopping at the
+first ``quorum`` replicas whatever they held missed records that the next replica had.
 
 Stock crawls also wait, every round, for the slowest of its alpha queries, so one dead
 contact stalls a lookup for a whole RPC timeout. Ours wait for the first reply and then at
@@ -41,6 +44,7 @@ from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.node import Node
 
 from swarm.dht.records import DropReason, Record
+from swarm.types import PeerId
 
 __all__ = [
     "DISTRUST_AFTER",
@@ -261,10 +265,26 @@ class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
         self._check = check
         self.blobs: list[bytes] = []
         self.replicas = 0
+        self._announcers: set[PeerId] = set()  # peer ids of the valid records seen so far
+        self._settled = False  # the last replica read held no announcer the others lacked
 
     async def find(self) -> list[bytes]:
         """All record blobs the replicas returned (unverified)."""
         return await self._find(self.protocol.call_find_value)  # type: ignore[no-any-return]
+
+    def _count_replica(self, blobs: list[bytes]) -> None:
+        """A reply with at least one valid record is a replica; it settles the lookup when
+        it holds no announcer that the replicas before it lacked."""
+        held: set[PeerId] = set()
+        for blob in blobs:
+            checked = self._check(blob)  # the reader's check: once per blob and lookup
+            if isinstance(checked, Record):
+                held.add(checked.peer_id)
+        if not held:
+            return
+        self.replicas += 1
+        self._settled = held <= self._announcers
+        self._announcers |= held
 
     async def _nodes_found(self, responses: dict[bytes, Any]) -> list[bytes]:
         toremove = []
@@ -278,12 +298,11 @@ class RecordCrawl(_GraceRounds, SpiderCrawl):  # type: ignore[misc]
                 blobs = [b for b in listed if isinstance(b, bytes)]
                 self.blobs.extend(blobs)
                 self._learn(peer_id, [])  # counts the answer for whoever gave us this peer
-                if any(isinstance(self._check(b), Record) for b in blobs):
-                    self.replicas += 1
+                self._count_replica(blobs)
             else:
                 self._learn(peer_id, parse_node_list(reply))
         self._forget(toremove)
-        if self.replicas >= self.quorum:
+        if self.replicas >= self.quorum and self._settled:
             return self.blobs
         if self.nearest.have_contacted_all():
             late = await self._last_stragglers()

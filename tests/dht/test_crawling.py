@@ -94,3 +94,56 @@ def test_a_round_whose_contacts_all_stay_silent_does_not_stall_the_lookup() -> N
     first_silent_timeout = min(answered[n.id] for n in silent)
     assert all(asked[n.id] < first_silent_timeout for n in live)
     assert max(answered.values()) == max(answered[n.id] for n in silent)  # waited out at the end
+
+
+def test_a_record_lookup_reads_on_until_a_replica_adds_no_announcer() -> None:
+    # the first three replicas each hold a different part of the key's records (a record
+    # that reached only some of the k closest); the fourth holds one none of them had. A
+    # lookup that stopped at the first three replicas missed it; it stops once a replica
+    # adds nothing, and a junk reply never counts as a replica.
+    import asyncio
+    import time
+
+    from swarm.dht.crawling import RecordCrawl
+    from swarm.dht.records import DropReason, Record, check_record, make_record
+    from swarm.identity import Identity
+
+    key = "model/block/0"
+    signers = {name: Identity.from_seed(name.encode()) for name in "ABCD"}
+    blob = {
+        name: make_record(ident, key, {"n": name}, time.time() + 60, 1, 4096).encoded
+        for name, ident in signers.items()
+    }
+
+    def check(b: bytes) -> Record | DropReason:
+        return check_record(b, key, now=time.time(), max_bytes=4096, max_ttl=3600, clock_skew=30)
+
+    class NoNetwork(RecordCrawl):
+        rounds = 0
+
+        async def find(self) -> list[bytes]:  # the next round: none here, the test feeds it
+            self.rounds += 1
+            return []
+
+    target = Node(os.urandom(20))
+    replicas = [Node(os.urandom(20), "127.0.0.1", 10 + i) for i in range(6)]
+    crawl = NoNetwork(None, target, replicas, 20, 3, 3, check)  # type: ignore[arg-type]
+    holds = [["A"], ["A", "B"], ["C"], ["D", "A"], ["A", "C"]]
+
+    async def reply(i: int) -> list[bytes]:
+        return await crawl._nodes_found(
+            {replicas[i].id: (True, {"value": [blob[n] for n in holds[i]]})}
+        )
+
+    async def read() -> list[bytes]:
+        for i in range(3):
+            assert await reply(i) == []  # each added an announcer: read on
+        junk = {replicas[5].id: (True, {"value": [os.urandom(40)]})}
+        assert await crawl._nodes_found(junk) == []  # not a replica
+        assert await reply(3) == []  # D is new
+        return await reply(4)  # nothing new: done
+
+    found = asyncio.run(read())
+    assert crawl.replicas == 5
+    records = [check(b) for b in found]
+    assert {r.value["n"] for r in records if isinstance(r, Record) and r.value} == set("ABCD")
