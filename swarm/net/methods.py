@@ -201,7 +201,18 @@ class TypedStream(Generic[Out, In]):
 
     async def receive_any(self, timeout: float | None = None) -> In:
         """The next message, of any type the other side may send."""
-        msg = await self.raw.receive(None, timeout)
+        return self._check(await self.raw.receive(None, timeout))
+
+    def receive_any_nowait(self) -> In:
+        """The next message if one has arrived (as `receive_any`); `trio.WouldBlock` if
+        none has (`RpcStream.receive_nowait`)."""
+        return self._check(self.raw.receive_nowait(None))
+
+    def on_arrival(self, wake: Callable[[], None] | None) -> None:
+        """See `RpcStream.on_arrival`."""
+        self.raw.on_arrival(wake)
+
+    def _check(self, msg: Message) -> In:
         if not isinstance(msg, self._receives):
             raise ProtocolError(f"stream.body.t: {msg.TAG!r} is not sent on this stream")
         return cast(In, msg)

@@ -109,6 +109,7 @@ class RpcStream:
         self.timeout = timeout
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, Any]](buffer)
         self.finished = False  # the remote side ended, failed, or we cancelled
+        self._wake: Callable[[], None] | None = None  # `on_arrival`
 
     async def send(self, msg: Message) -> None:
         """Send one message. Raises `ConnectionClosed` if the channel is gone."""
@@ -134,6 +135,25 @@ class RpcStream:
         except trio.EndOfChannel:
             self.finished = True
             raise
+        return self._open(what, body, expect)
+
+    def receive_nowait(self, expect: type[M] | None = None) -> Any:
+        """The next message if one has arrived, as `receive` gives it (and raises what it
+        raises); `trio.WouldBlock` if none has. Never waits."""
+        try:
+            what, body = self._inbox.receive_nowait()
+        except trio.EndOfChannel:
+            self.finished = True
+            raise
+        return self._open(what, body, expect)
+
+    def on_arrival(self, wake: Callable[[], None] | None) -> None:
+        """Call ``wake`` whenever a message, the end or an error arrives (None: stop): for
+        a receiver that waits on more than this stream and takes what arrived with
+        `receive_nowait`. It runs in the connection's reader task and must not wait."""
+        self._wake = wake
+
+    def _open(self, what: str, body: Any, expect: type[M] | None) -> Any:
         if what == "error":
             self.finished = True
             raise body
@@ -154,11 +174,15 @@ class RpcStream:
         except trio.WouldBlock:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            return True
+        if self._wake is not None:
+            self._wake()
         return True
 
     def _end(self) -> None:
         self._inbox_send.close()
+        if self._wake is not None:
+            self._wake()
 
 
 class RpcConnection:

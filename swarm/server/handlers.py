@@ -2,13 +2,14 @@
 
 Model work goes through the `ComputeQueue`, which batches concurrent sessions' steps and
 chunks long prompts and forwards, fairly over clients (`CLIENT` is set to the caller). An
-``inference`` stream owns one session: a reader task takes the client's step messages
-(inputs and push-target changes) while the processor runs steps strictly in order, each as
-soon as its input arrived from the client or from the previous server's ``push``. After a
-step, its output goes to the next server, then back on the stream (best effort: a failed
-push is logged, and the client sends that input itself). The push leaves from the step's
-task when the channel takes it at once, and from a task of its own otherwise, so a slow
-next server never holds up the answer to the client.
+``inference`` stream owns one session: its task runs steps strictly in order, each as soon
+as its input arrived from the client or from the previous server's ``push``, and takes the
+client's step messages (inputs and push-target changes) as they arrive: the stream and the
+pushes wake it (`Session.wake`), with no reader task in between. After a step, its output
+goes to the next server, then back on the stream (best effort: a failed push is logged, and
+the client sends that input itself). The push leaves from the step's task when the channel
+takes it at once, and from a task of its own otherwise, so a slow next server never holds
+up the answer to the client.
 """
 
 from __future__ import annotations
@@ -242,8 +243,9 @@ class ServingHandlers:
             try:
                 async with trio.open_nursery() as nursery:
                     session.scope = nursery.cancel_scope
-                    nursery.start_soon(self._read_steps, stream, session, nursery.cancel_scope)
+                    stream.on_arrival(session.wake)
                     await self._process_steps(stream, session, nursery)
+                    nursery.cancel_scope.cancel()  # the client ended the stream
             except BaseExceptionGroup as group:
                 inner = unwrap_group(group)  # the session's real error, not its siblings'
                 raise inner if isinstance(inner, Exception) else group from None
@@ -255,17 +257,17 @@ class ServingHandlers:
         finally:
             self.sessions.close(session.session_id)
 
-    async def _read_steps(
-        self, stream: ServerStream, session: Session, done: trio.CancelScope
-    ) -> None:
-        """Take the client's step messages until it ends the stream (which ends the session)."""
+    def _take_messages(self, stream: ServerStream, session: Session) -> bool:
+        """Act on the client's step messages that have arrived, without waiting; False once
+        the client ended the stream (which ends the session)."""
         limit = self.sessions.limits.max_pending_steps
         while True:
             try:
-                msg = await stream.receive_any()
+                msg = stream.receive_any_nowait()
+            except trio.WouldBlock:
+                return True
             except trio.EndOfChannel:
-                done.cancel()
-                return
+                return False
             if isinstance(msg, NewPushTarget):
                 session.push_to = msg.push_to
             elif isinstance(msg, NewPusher):
@@ -280,12 +282,35 @@ class ServingHandlers:
             else:
                 raise ProtocolError(f"inference: {msg.TAG!r} after the session opened")
 
+    async def _next_input(self, stream: ServerStream, session: Session) -> StepInput | None:
+        """The input of the session's next step, from the client or a push, waiting up to
+        ``step_timeout``; None once the client ended the stream. The client's messages are
+        taken here as they arrive (the stream wakes the session: `Session.wake`), so an
+        input from the client reaches its step without a task in between.
+
+        Raises `SessionError` when the input does not arrive in time, and what
+        `_take_messages` raises for a bad message.
+        """
+        step, timeout = session.next_step, self.config.step_timeout
+        deadline = trio.current_time() + timeout
+        while True:
+            if not self._take_messages(stream, session):
+                return None
+            item = session.take_input(step)
+            if item is not None:
+                return item
+            if not await session.wait_arrival(deadline):
+                raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
+
     async def _process_steps(
         self, stream: ServerStream, session: Session, nursery: trio.Nursery
     ) -> None:
+        """Run the session's steps in order until the client ends the stream."""
         while True:
             step = session.next_step
-            item = await session.wait_input(step, self.config.step_timeout)
+            item = await self._next_input(stream, session)
+            if item is None:
+                return
             if item.keep is not None:
                 session.roll_back(item.keep)
             session.begin_step(step)

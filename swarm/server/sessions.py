@@ -103,7 +103,7 @@ class Session:
     committed: int = 0  # cache tokens before the last step: a rollback never goes below
     last_active: float = field(default_factory=trio.current_time)  # trio's clock: tests mock it
     _inputs: dict[int, StepInput] = field(default_factory=dict)
-    _arrived: dict[int, trio.Event] = field(default_factory=dict)
+    _arrival: trio.Event = field(default_factory=trio.Event)  # set by each arrival (`wake`)
 
     @property
     def tokens(self) -> int:
@@ -131,21 +131,28 @@ class Session:
         if len(self._inputs) >= limit:
             raise LimitExceeded(f"session holds {limit} pending inputs already")
         self._inputs[step] = item
-        self._arrived.setdefault(step, trio.Event()).set()
+        self._arrival.set()
         return True
 
-    async def wait_input(self, step: int, timeout: float) -> StepInput:
-        """The input of `step`, from the client or a push, waiting up to `timeout` s.
+    def take_input(self, step: int) -> StepInput | None:
+        """The input of ``step`` if it arrived (from the client or a push), else None."""
+        return self._inputs.pop(step, None)
 
-        Raises `SessionError` if it does not arrive in time.
-        """
-        event = self._arrived.setdefault(step, trio.Event())
-        with trio.move_on_after(timeout):
-            await event.wait()
-        self._arrived.pop(step, None)
-        if step not in self._inputs:
-            raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
-        return self._inputs.pop(step)
+    def wake(self) -> None:
+        """Something the session's processor waits for arrived (an input is `deliver`ed; a
+        message on its stream calls this): end its `wait_arrival`."""
+        self._arrival.set()
+
+    async def wait_arrival(self, deadline: float) -> bool:
+        """Wait for the next arrival (`wake`) until ``deadline`` (trio's clock); False if
+        none came by then. What arrived before the call does not count: the caller took
+        it, without waiting since."""
+        if self._arrival.is_set():
+            self._arrival = trio.Event()
+        with trio.move_on_at(deadline):
+            await self._arrival.wait()
+            return True
+        return False
 
     def roll_back(self, keep: int) -> None:
         """Keep only the cache's first ``keep`` tokens: drafted tokens of the last step that

@@ -133,6 +133,30 @@ async def test_inference_with_push_matches_one_pass(
         assert spy.spawned == 1
 
 
+async def test_a_session_steps_as_inputs_arrive_and_times_out_waiting(
+    model_path: Path, pool: ConnectionPool
+) -> None:
+    """The session's task takes the client's messages as they arrive (no reader task in
+    between): each step runs once its input is there, and an input that does not come
+    within ``step_timeout`` fails the session with a clear error."""
+    async with open_local_swarm(model_path) as local:
+        s = await local.add_server(LayerRange(0, 6), step_timeout=0.5)
+        conn = await pool.get(s.ready.host, s.ready.port, s.ready.peer_id)
+        tokens = torch.randn(1, 4, HIDDEN)
+        outputs = []
+        with trio.fail_after(20):
+            async with conn.open_stream("inference", timeout=10) as h:
+                await h.send(InferenceOpen(os.urandom(16), 16, 1, "float32", LayerRange(0, 6)))
+                await h.receive(InferenceReady)
+                for step, (a, b) in enumerate([(0, 2), (2, 3), (3, 4)]):
+                    positions = torch.arange(a, b).view(1, -1)
+                    await h.send(InferenceInput(step, tokens[:, a:b], positions))
+                    outputs.append((await h.receive(InferenceStepResult)).hidden_states)
+                with pytest.raises(RemoteError, match="input of step 3 did not arrive"):
+                    await h.receive(InferenceStepResult)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), reference(model_path, tokens))
+
+
 async def test_limits_and_bad_input_are_clear_errors(
     model_path: Path, pool: ConnectionPool
 ) -> None:
