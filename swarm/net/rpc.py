@@ -14,7 +14,8 @@ handler reach the caller as `RemoteError` (an `ErrorCode` and a safe message;
 
 Every call has a deadline (``NetConfig.call_timeout`` unless given): `DeadlineExceeded`. A
 caller that is cancelled or times out sends a cancel to the callee and leaves the channel
-usable: sends are shielded, so a message is never cut in half.
+usable: a message is never cut in half (a send that may wait is shielded; one that leaves
+at once is not begun by a caller cancelled already).
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class RpcConnection:
         if not self.channel.can_send_at_once(len(data)):
             return False  # (an id left unused: ids need only be unique)
         self.calls_made += 1
-        await self._send_packed(data, timeout)
+        await self._send_packed(data, timeout, at_once=True)
         return True
 
     @asynccontextmanager
@@ -357,9 +358,22 @@ class RpcConnection:
         self._check_open()
         await self._send_packed(msgpack.packb(envelope, use_bin_type=True))
 
-    async def _send_packed(self, data: bytes, timeout: float | None = None) -> None:
+    async def _send_packed(
+        self, data: bytes, timeout: float | None = None, *, at_once: bool = False
+    ) -> None:
         """Send one packed envelope whole: shielded from cancellation, bounded by
-        ``timeout`` (default send_timeout), after which the channel is closed."""
+        ``timeout`` (default send_timeout), after which the channel is closed.
+
+        A message that leaves at once (``at_once``: the caller just found that
+        `SecureChannel.can_send_at_once`, or it does now) needs neither: it waits for
+        nothing, and a caller cancelled already is told so here (`trio.Cancelled`) before
+        the message is begun, which leaves the channel usable; trio's send checks for
+        cancellation only before it writes (its post-send yield is shielded). That spares
+        a cancel scope, most of a small send's cost."""
+        if at_once or self.channel.can_send_at_once(len(data)):
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self.channel.send(data)
+            return
         seconds = self._config.send_timeout if timeout is None else timeout
         with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds) as scope:
             await self.channel.send(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -219,7 +220,8 @@ async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
     """`RpcConnection.notify_at_once` sends a small notify over a writable TCP channel
     from the caller's task, and returns False without sending (and without waiting) for
     a message over `AT_ONCE_MAX`, while another send waits on a full socket, and over a
-    stream that is not a TCP socket."""
+    stream that is not a TCP socket. A caller cancelled already does not begin a message
+    that would leave at once (no cancel scope shields it), and the channel stays usable."""
     seen: list[int] = []
 
     def rpc_note(request: PushRequest, ctx: CallContext) -> None:
@@ -236,6 +238,10 @@ async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
         with trio.fail_after(10):
             assert await client.notify_at_once("note_now", small, timeout=5)
             assert not await client.notify_at_once("note_now", big, timeout=5)
+            with trio.CancelScope() as cancelled:  # a cancelled caller's send is not begun
+                cancelled.cancel()
+                await client.notify("note_now", replace(small, step=3))
+            assert cancelled.cancelled_caught and not a.is_closed
             # the peer reads nothing yet: 16 MiB fill the kernel's buffers, a send waits
             sent, flooded = [0], trio.Event()
 
@@ -260,7 +266,7 @@ async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
             while len(seen) < 1025:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    assert seen[0] == 0 and 1 not in seen
+    assert seen[0] == 0 and 1 not in seen and 3 not in seen
     a2, b2 = await channel_pair()  # in-memory streams: never "at once"
     assert not a2.can_send_at_once(16) and not b2.can_send_at_once(16)
 
