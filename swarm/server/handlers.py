@@ -292,15 +292,18 @@ class ServingHandlers:
         `_take_messages` raises for a bad message.
         """
         step, timeout = session.next_step, self.config.step_timeout
-        deadline = trio.current_time() + timeout
+        deadline, waited = trio.current_time() + timeout, False
         while True:
             if not self._take_messages(stream, session):
                 return None
             item = session.take_input(step)
             if item is not None:
+                if not waited:  # one schedule point per step (its sends may make none)
+                    await trio.lowlevel.checkpoint()
                 return item
             if not await session.wait_arrival(deadline):
                 raise SessionError(f"input of step {step} did not arrive within {timeout:.1f}s")
+            waited = True
 
     async def _process_steps(
         self, stream: ServerStream, session: Session, nursery: trio.Nursery

@@ -38,3 +38,19 @@ async def channel_pair(
             nursery.start_soon(inbound)
             result["a"] = await secure_outbound(a_stream, ALICE, config=config)
     return result["a"], result["b"]
+
+
+async def tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """(a dialed TCP stream, the one accepted for it) over loopback."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            accepted.append(await listeners[0].accept())
+
+        nursery.start_soon(accept)
+        dialed = await trio.open_tcp_stream("127.0.0.1", port)
+    await listeners[0].aclose()
+    return dialed, accepted[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -24,7 +25,7 @@ from swarm.net.config import NetConfig
 from swarm.net.handshake import open_channel, secure_inbound, secure_outbound
 from swarm.net.transport import TCPTransport
 
-from .conftest import ALICE, BOB, channel_pair
+from .conftest import ALICE, BOB, channel_pair, tcp_stream_pair
 
 KEY_A = b"A" * 32
 KEY_B = b"B" * 32
@@ -67,6 +68,51 @@ async def test_large_frames_over_tcp(size: int) -> None:
             assert await channel.receive() == payload
             await channel.aclose()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="poll rules of Linux TCP")
+async def test_a_send_at_once_writes_without_yielding_and_its_rest_waits() -> None:
+    """`SecureChannel.send` with ``at_once`` over TCP writes its frame straight to the
+    socket: the message arrives whole and the sender does not yield to the scheduler.
+    When the kernel takes only part of a frame or none (the peer stopped reading), the
+    rest goes through trio's send and waits; every message arrives whole and in order
+    once the peer reads."""
+
+    class Yields(trio.abc.Instrument):
+        def __init__(self, task: trio.lowlevel.Task) -> None:
+            self.task, self.count = task, 0
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            self.count += task is self.task
+
+    a, b = await channel_pair(*await tcp_stream_pair())
+    with trio.fail_after(20):
+        assert a.can_send_at_once(5)
+        yields = Yields(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(yields)
+        await a.send(b"hello", at_once=True)
+        trio.lowlevel.remove_instrument(yields)
+        assert yields.count == 0
+        assert await b.receive() == b"hello"
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            for i in range(4096):  # 4000 bytes each, 16 MB in all: the kernel takes less
+                await a.send(i.to_bytes(4, "big") * 1000, at_once=True)
+                sent += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            while True:  # until a send waits for the peer: the rest of its frame is left
+                before = sent
+                await trio.sleep(0.1)
+                if sent == before:
+                    break
+            assert 0 < sent < 4096
+            for i in range(4096):
+                assert await b.receive() == i.to_bytes(4, "big") * 1000
+    assert sent == 4096 and not a.is_closed
 
 
 async def test_clean_close_both_directions() -> None:

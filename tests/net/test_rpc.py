@@ -41,7 +41,7 @@ from swarm.net.surface import call_info
 from swarm.net.transport import TCPTransport
 from swarm.types import LayerRange
 
-from .conftest import ALICE, BOB, channel_pair
+from .conftest import ALICE, BOB, channel_pair, tcp_stream_pair
 
 INFO = InfoResponse(LayerRange(0, 4), "online", 0.0, 100, "test", 1.0)
 
@@ -200,21 +200,6 @@ async def test_a_one_way_handler_that_never_waits_runs_in_the_reader_task() -> N
     assert server.statistics().calls_served == 4
 
 
-async def _tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        accepted: list[trio.SocketStream] = []
-
-        async def accept() -> None:
-            accepted.append(await listeners[0].accept())
-
-        nursery.start_soon(accept)
-        dialed = await trio.open_tcp_stream("127.0.0.1", port)
-    await listeners[0].aclose()
-    return dialed, accepted[0]
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="poll rules of Linux TCP")
 async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
     """`RpcConnection.notify_at_once` sends a small notify over a writable TCP channel
@@ -228,7 +213,7 @@ async def test_notify_at_once_sends_only_what_cannot_wait() -> None:
         seen.append(request.step)
 
     registry = HandlerRegistry([OneWay("note_now", PushRequest).bind_now(rpc_note)])
-    a, b = await channel_pair(*await _tcp_stream_pair())
+    a, b = await channel_pair(*await tcp_stream_pair())
     client, server = RpcConnection(a), RpcConnection(b, registry)
     positions = torch.zeros(1, 1, dtype=torch.int64)
     small = PushRequest(b"s", 0, torch.zeros(1, 1, 8), positions)
