@@ -260,7 +260,8 @@ class SecureChannel:
             return False
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
-        return any(events & select.POLLOUT for _, events in poller.poll(0))
+        ready = poller.poll(0)  # [(fd, events)] or []
+        return bool(ready) and bool(ready[0][1] & select.POLLOUT)
 
     async def _send_frames(self, view: memoryview) -> None:
         step = self._config.max_frame_size

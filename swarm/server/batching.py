@@ -157,19 +157,14 @@ class SpanJob:
     cancelled: bool = False
     passed_over: int = 0  # batches run without this job since it last advanced
     arrived: float = field(default_factory=trio.current_time)  # trio clock
+    # read from ``hidden`` once (planning a batch asks for them dozens of times a step):
+    rows: int = field(init=False)
+    seq: int = field(init=False)
+    is_decode: bool = field(init=False)  # one new token a row: batched with all such steps
 
-    @property
-    def rows(self) -> int:
-        return int(self.hidden.shape[0])
-
-    @property
-    def seq(self) -> int:
-        return int(self.hidden.shape[1])
-
-    @property
-    def is_decode(self) -> bool:
-        """One new token per row: batched with every other decode step."""
-        return self.seq == 1
+    def __post_init__(self) -> None:
+        self.rows, self.seq = int(self.hidden.shape[0]), int(self.hidden.shape[1])
+        self.is_decode = self.seq == 1
 
     @property
     def finished(self) -> bool:

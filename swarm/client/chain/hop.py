@@ -102,6 +102,7 @@ class HopHistory:
         self.outputs: list[torch.Tensor] = []  # what the hop returned, per entry
         self.receipts: list[Receipt | None] = []  # the hop's signed receipts
         self.seconds: list[float] = []
+        self._ends: list[int] = []  # positions held after each entry (no sum per step)
         self._built: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._built_entries = 0
 
@@ -111,7 +112,7 @@ class HopHistory:
     @property
     def tokens(self) -> int:
         """Positions the hop's cache holds."""
-        return sum(x.shape[1] for x, _ in self.inputs)
+        return self._ends[-1] if self._ends else 0
 
     def record(self, x: torch.Tensor, positions: torch.Tensor, answer: StepAnswer) -> None:
         """Append one answered entry (input ``(batch, n, hidden)``, positions ``(batch, n)``)."""
@@ -119,6 +120,7 @@ class HopHistory:
         self.outputs.append(answer.out)
         self.receipts.append(answer.receipt)
         self.seconds.append(answer.seconds)
+        self._ends.append(self.tokens + x.shape[1])
 
     def truncate(self, tokens: int) -> None:
         """Keep only the first ``tokens`` positions, cutting the tail of the last entry (its
@@ -138,12 +140,13 @@ class HopHistory:
             )
         keep = tokens - (total - last)
         if keep == 0:
-            for kept in (self.inputs, self.outputs, self.receipts, self.seconds):
+            for kept in (self.inputs, self.outputs, self.receipts, self.seconds, self._ends):
                 kept.pop()
         else:
             x, positions = self.inputs[-1]
             self.inputs[-1] = (x[:, :keep], positions[:, :keep])
             self.outputs[-1] = self.outputs[-1][:, :keep]
+            self._ends[-1] = tokens
         if self._built_entries >= len(self.inputs):
             self._built, self._built_entries = None, 0  # it holds the cut tail
 
@@ -163,7 +166,7 @@ class HopHistory:
             out = torch.cat([p[2] for p in parts] + [self.outputs[i].float() for i in new], 1)
             self._built, self._built_entries = (x, pos, out), len(self)
         x, pos, out = self._built
-        tokens = sum(self.inputs[i][0].shape[1] for i in range(entries))
+        tokens = self._ends[entries - 1]
         return x[:, :tokens], pos[:, :tokens], out[:, :tokens]
 
     def step_times(self, last: int | None = None) -> list[tuple[int, float]]:
