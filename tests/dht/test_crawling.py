@@ -118,32 +118,59 @@ def test_a_record_lookup_reads_on_until_a_replica_adds_no_announcer() -> None:
     def check(b: bytes) -> Record | DropReason:
         return check_record(b, key, now=time.time(), max_bytes=4096, max_ttl=3600, clock_skew=30)
 
-    class NoNetwork(RecordCrawl):
-        rounds = 0
-
-        async def find(self) -> list[bytes]:  # the next round: none here, the test feeds it
-            self.rounds += 1
-            return []
-
     target = Node(os.urandom(20))
     replicas = [Node(os.urandom(20), "127.0.0.1", 10 + i) for i in range(6)]
-    crawl = NoNetwork(None, target, replicas, 20, 3, 3, check)  # type: ignore[arg-type]
+    crawl = RecordCrawl(None, target, replicas, 20, 3, 3, check)  # type: ignore[arg-type]
     holds = [["A"], ["A", "B"], ["C"], ["D", "A"], ["A", "C"]]
 
-    async def reply(i: int) -> list[bytes]:
+    async def reply(i: int) -> list[bytes] | None:  # None: the lookup asks on
         return await crawl._nodes_found(
             {replicas[i].id: (True, {"value": [blob[n] for n in holds[i]]})}
         )
 
     async def read() -> list[bytes]:
         for i in range(3):
-            assert await reply(i) == []  # each added an announcer: read on
+            assert await reply(i) is None  # each added an announcer: read on
         junk = {replicas[5].id: (True, {"value": [os.urandom(40)]})}
-        assert await crawl._nodes_found(junk) == []  # not a replica
-        assert await reply(3) == []  # D is new
-        return await reply(4)  # nothing new: done
+        assert await crawl._nodes_found(junk) is None  # not a replica
+        assert await reply(3) is None  # D is new
+        found = await reply(4)  # nothing new: done
+        assert found is not None
+        return found
 
     found = asyncio.run(read())
     assert crawl.replicas == 5
     records = [check(b) for b in found]
     assert {r.value["n"] for r in records if isinstance(r, Record) and r.value} == set("ABCD")
+
+
+def test_a_reply_is_used_as_it_comes_not_after_the_slowest_of_its_round() -> None:
+    # one contact answers at 0.2 s naming a closer one; another is slow (0.9 s). The closer
+    # contact is asked as soon as the first reply came, long before the slow one answers
+    # (rounds asked it only once the round's grace, 4x the first reply, was over: at 1 s)
+    import asyncio
+
+    target = Node(os.urandom(20))
+    fast = Node(_close_to(target.id, 100), "127.0.0.1", 10)
+    slow = Node(_close_to(target.id, 101), "127.0.0.1", 11)
+    closer = Node(_close_to(target.id, 8), "127.0.0.1", 12)
+    asked: dict[bytes, float] = {}
+    answered: dict[bytes, float] = {}
+
+    class FakeProtocol:
+        def spawn(self, coro: object) -> asyncio.Future[object]:
+            return asyncio.ensure_future(coro)  # type: ignore[arg-type]
+
+        async def call_find_node(self, peer: Node, node: Node) -> tuple[bool, object]:
+            loop = asyncio.get_running_loop()
+            asked[peer.id] = loop.time()
+            await asyncio.sleep({fast.id: 0.2, slow.id: 0.9}.get(peer.id, 0.01))
+            answered[peer.id] = loop.time()
+            return True, [[closer.id, closer.ip, closer.port]] if peer is fast else []
+
+    async def lookup() -> list[Node]:
+        return await NodeCrawl(FakeProtocol(), target, [fast, slow], 20, 2).find()  # type: ignore[no-any-return]
+
+    found = asyncio.run(lookup())
+    assert closer.id in {n.id for n in found}
+    assert asked[closer.id] < answered[slow.id]
