@@ -20,8 +20,8 @@ the DHT (Dijkstra over block boundaries, cost = one-way link delays + blocks / t
 and "generates" by sleeping the route's per-token cost, with the product client's failure
 policy (`swarm.client.config.FailureConfig`'s defaults and its `BanList`): it waits up to
 ``client_wait`` for a route before it starts (``swarm generate --wait``); it opens the
-route first, as `HopOpener.open` does (a server gone since its record was read fails there
-after ``connect_timeout``, is banned and its range re-planned, at most
+route first, as `HopOpener.open` does (servers gone since their records were read fail
+there together after ``connect_timeout``, are all banned and the range re-planned, at most
 ``max_open_retries`` times); a server dead for one of its ping intervals ranks far lower,
 as unreachable (`PingConfig.interval_s`, `RouteCosts.unreachable`); a hop that died
 meanwhile is banned and costs a re-plan from a fresh read (a recovery, waiting up to
@@ -43,7 +43,8 @@ clients and probes act through honest nodes of every process, taken in proportio
 nodes each hosts, and a DHT operation through a worker's node runs in that worker
 (`swarm.testing.internet_ops`: there the node checks each record's signature as any reader
 does; here the values go through the real strict decoder and forgeries are counted, as for
-this process's own nodes).
+this process's own nodes). Each process's nodes share one DHT loop, whose lag
+(`LoopLag`) the report gives beside the lookups' latency.
 
 This module runs the swarm (`Simulation`: its DHT plane, servers, churn and probes);
 `swarm.testing.internet_model` holds what a run is asked and reports, and
