@@ -201,8 +201,18 @@ class Int4Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         """The stored weights, through the kernel with the float32 scales: each identity row
         picks one input's weights exactly (``fma(q - 8, scale, zero)`` per weight)."""
+        return self._through_kernel(self.scales_zeros)
+
+    def integers(self) -> torch.Tensor:
+        """The stored integers ``q`` (out, in), 0..15, read back through the kernel with
+        scale 1 and zero 0 (the packed layout is the kernel's own and differs by CPU)."""
+        unit = torch.zeros_like(self.scales_zeros)
+        unit[..., 0] = 1.0
+        return (self._through_kernel(unit) + 8).round().to(torch.int32)
+
+    def _through_kernel(self, scales_zeros: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(self.in_features)  # (in, in) float32
-        out = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros)
+        out = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, scales_zeros)
         return out.t()  # (out, in)
 
 
@@ -229,7 +239,11 @@ def fuse_linears(layers: Sequence[nn.Module]) -> QuantLinear | None:
         int4 = [x for x in quantized if isinstance(x, Int4Linear)]
         if any(x.group != first.group for x in int4):
             return None
-        packed = torch.cat([x.packed for x in int4])  # (sum of outs, in/2): rows apart
+        # packed anew: the kernel's layout interleaves blocks of output rows (64 on an
+        # AVX-512 CPU), so the packed tensors of layers whose outputs are not multiples of
+        # the block cannot be put side by side
+        q = torch.cat([x.integers() for x in int4])  # (sum of outs, in)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         scales_zeros = torch.cat([x.scales_zeros for x in int4], dim=1)  # (groups, outs, 2)
         fused = Int4Linear(packed, scales_zeros, first.in_features, bias, first.group)
     else:
