@@ -26,6 +26,7 @@ Embeddings and norms stay as they are; a client's head can keep lm_head in int8 
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,15 +206,32 @@ class Int4Linear(QuantLinear):
 
     def integers(self) -> torch.Tensor:
         """The stored integers ``q`` (out, in), 0..15, read back through the kernel with
-        scale 1 and zero 0 (the packed layout is the kernel's own and differs by CPU)."""
-        unit = torch.zeros_like(self.scales_zeros)
+        scale 1 and zero 0 (the packed layout is the kernel's own and differs by CPU), in
+        bfloat16, where the kernel is fast and -8..7 exact."""
+        unit = torch.zeros_like(self.scales_zeros, dtype=torch.bfloat16)
         unit[..., 0] = 1.0
-        return (self._through_kernel(unit) + 8).round().to(torch.int32)
+        return (self._through_kernel(unit) + 8).to(torch.int32)
 
     def _through_kernel(self, scales_zeros: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(self.in_features)  # (in, in) float32
+        eye = torch.eye(self.in_features, dtype=scales_zeros.dtype)  # (in, in)
         out = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, scales_zeros)
         return out.t()  # (out, in)
+
+
+_PACK_ROWS = 64
+
+
+@functools.cache
+def _packs_stack() -> bool:
+    """Whether int4 packed tensors of ``_PACK_ROWS``-row multiples can be stacked as they
+    are on this CPU (one probe per process). The kernel's layout interleaves blocks of
+    output rows, 64 on an AVX-512 CPU: stacking the packed k and v projections of 32 rows
+    each beside q gave wrong outputs there (cosine 0.15 against float32)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 16, (_PACK_ROWS, 64), generator=gen, dtype=torch.int32) for _ in "ab")
+    pack = torch._convert_weight_to_int4pack_for_cpu
+    stacked = torch.cat([pack(a, _INNER_K_TILES), pack(b, _INNER_K_TILES)])
+    return torch.equal(stacked, pack(torch.cat([a, b]), _INNER_K_TILES))
 
 
 def fuse_linears(layers: Sequence[nn.Module]) -> QuantLinear | None:
@@ -239,11 +257,11 @@ def fuse_linears(layers: Sequence[nn.Module]) -> QuantLinear | None:
         int4 = [x for x in quantized if isinstance(x, Int4Linear)]
         if any(x.group != first.group for x in int4):
             return None
-        # packed anew: the kernel's layout interleaves blocks of output rows (64 on an
-        # AVX-512 CPU), so the packed tensors of layers whose outputs are not multiples of
-        # the block cannot be put side by side
-        q = torch.cat([x.integers() for x in int4])  # (sum of outs, in)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
+        if all(x.out_features % _PACK_ROWS == 0 for x in int4) and _packs_stack():
+            packed = torch.cat([x.packed for x in int4])  # (sum of outs, in/2)
+        else:  # the kernel's layout interleaves blocks of output rows: pack anew
+            q = torch.cat([x.integers() for x in int4])  # (sum of outs, in)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         scales_zeros = torch.cat([x.scales_zeros for x in int4], dim=1)  # (groups, outs, 2)
         fused = Int4Linear(packed, scales_zeros, first.in_features, bias, first.group)
     else:

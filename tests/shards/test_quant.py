@@ -218,21 +218,22 @@ def _positions(seq: int, start: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", [Quantization.INT8, Quantization.INT4])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 128])
+@pytest.mark.parametrize("outs", [(64, 32, 32), (128, 64, 64)])  # packed anew; stacked as is
 def test_fused_projections_give_each_layer_its_own_outputs_bit_for_bit(
-    kind: Quantization, rows: int
+    kind: Quantization, rows: int, outs: tuple[int, int, int]
 ) -> None:
     from swarm.shards.quant import fuse_linears
 
     gen = torch.Generator().manual_seed(rows)
     layers = [
         quantize_linear(torch.randn(out, 96, generator=gen), None, kind, torch.float32)
-        for out in (64, 32, 32)
+        for out in outs
     ]
     fused = fuse_linears(layers)
     assert fused is not None and type(fused) is type(layers[0])
     x = torch.randn(rows, 96, generator=gen)
     with torch.inference_mode():
-        pieces = fused(x).split([64, 32, 32], dim=-1)
+        pieces = fused(x).split(list(outs), dim=-1)
         for layer, piece in zip(layers, pieces, strict=True):
             assert torch.equal(layer(x), piece)
     with_bias = quantize_linear(torch.randn(32, 96), torch.ones(32), kind, torch.float32)
