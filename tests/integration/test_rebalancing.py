@@ -18,7 +18,7 @@ from swarm.dht import (
     DHTConfig,
     TimingConfig,
 )
-from swarm.directory import ServerView, block_keys, servers_from_records
+from swarm.directory import ServerView, block_keys, missing_ranges, servers_from_records
 from swarm.lab.processes import ProcessGroup, swarm_command
 from swarm.lab.reference import generate_locally
 from swarm.server.balance import BalanceConfig
@@ -195,6 +195,11 @@ async def test_coverage_returns_after_the_only_servers_of_a_range_die(model4: Pa
                 initial_peers=(local.dht_address,), hedging=HedgeConfig(after=None)
             )
             async with AsyncRemoteModel.open(model4, config) as model:
+                # as `swarm generate --wait` does: the DHT's view may trail the servers by a
+                # re-announcement (a record of a starved server expired for a moment at the
+                # test's 6 s TTL: seen once in a full run, "no usable server covers block 0")
+                while missing_ranges(await model.directory.servers(refresh=True), 4):
+                    await trio.sleep(0.5)
                 assert await model.generate(PROMPT, 8) == want
 
 
