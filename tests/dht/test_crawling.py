@@ -4,6 +4,7 @@ Pure logic on the lookup's heap: no sockets, no clock."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from kademlia.node import Node
@@ -14,6 +15,44 @@ from swarm.dht.crawling import DISTRUST_AFTER, MIN_STALL, NodeCrawl
 def _close_to(target: bytes, low_bits: int = 16) -> bytes:
     noise = int.from_bytes(os.urandom(4), "big") & ((1 << low_bits) - 1)
     return (int.from_bytes(target, "big") ^ noise).to_bytes(20, "big")
+
+
+class _ScriptedPeers:
+    """A lookup's protocol without a network: each peer answers ``find_node`` after its
+    ``delays`` entry (0.01 s otherwise) with the contacts ``names`` gives it, or, if
+    ``silent``, times out after ``rpc_timeout``; when each was asked and answered is kept."""
+
+    def __init__(
+        self,
+        delays: dict[bytes, float] | None = None,
+        names: dict[bytes, list[Node]] | None = None,
+        silent: set[bytes] | None = None,
+        rpc_timeout: float = 0.0,
+    ) -> None:
+        self.delays, self.names = delays or {}, names or {}
+        self.silent, self.rpc_timeout = silent or set(), rpc_timeout
+        self.asked: dict[bytes, float] = {}
+        self.answered: dict[bytes, float] = {}
+
+    def spawn(self, coro: object) -> asyncio.Future[object]:
+        return asyncio.ensure_future(coro)  # type: ignore[arg-type]
+
+    async def call_find_node(self, peer: Node, node: Node) -> tuple[bool, object]:
+        loop = asyncio.get_running_loop()
+        self.asked[peer.id] = loop.time()
+        if peer.id in self.silent:
+            await asyncio.sleep(self.rpc_timeout)
+            self.answered[peer.id] = loop.time()
+            return False, None
+        await asyncio.sleep(self.delays.get(peer.id, 0.01))
+        self.answered[peer.id] = loop.time()
+        return True, [[n.id, n.ip, n.port] for n in self.names.get(peer.id, [])]
+
+    def find_nodes(self, target: Node, peers: list[Node], alpha: int) -> list[Node]:
+        async def lookup() -> list[Node]:
+            return await NodeCrawl(self, target, peers, 20, alpha).find()  # type: ignore[no-any-return]
+
+        return asyncio.run(lookup())
 
 
 def test_a_replier_whose_contacts_are_dead_is_distrusted_and_its_contacts_dropped() -> None:
@@ -59,41 +98,18 @@ def test_an_honest_replier_with_one_dead_contact_keeps_its_others() -> None:
 
 def test_a_round_whose_contacts_all_stay_silent_does_not_stall_the_lookup() -> None:
     # the three closest contacts left the network (or a liar made them up): they answer
-    # nothing until the RPC timeout. The lookup asks the next contacts once the round has
-    # stalled, long before that timeout, and still waits the silent ones out at its end.
-    import asyncio
-
+    # nothing until the RPC timeout. The lookup asks the next contacts once they stalled,
+    # long before that timeout, and still waits the silent ones out at its end.
     target = Node(os.urandom(20))
     silent = [Node(_close_to(target.id, 8), "127.0.0.1", 10 + i) for i in range(3)]
     live = [Node(_close_to(target.id, 60), "127.0.0.1", 20 + i) for i in range(3)]
-    rpc_timeout = MIN_STALL * 3
-    asked: dict[bytes, float] = {}
-    answered: dict[bytes, float] = {}
-
-    class FakeProtocol:
-        def spawn(self, coro: object) -> asyncio.Future[object]:
-            return asyncio.ensure_future(coro)  # type: ignore[arg-type]
-
-        async def call_find_node(self, peer: Node, node: Node) -> tuple[bool, object]:
-            loop = asyncio.get_running_loop()
-            asked[peer.id] = loop.time()
-            if peer in silent:
-                await asyncio.sleep(rpc_timeout)
-                answered[peer.id] = loop.time()
-                return False, None
-            await asyncio.sleep(0.01)
-            answered[peer.id] = loop.time()
-            return True, []
-
-    async def lookup() -> list[Node]:
-        crawl = NodeCrawl(FakeProtocol(), target, silent + live, 20, 3)
-        return await crawl.find()  # type: ignore[no-any-return]
-
-    found = asyncio.run(lookup())
+    peers = _ScriptedPeers(silent={n.id for n in silent}, rpc_timeout=MIN_STALL * 3)
+    found = peers.find_nodes(target, silent + live, 3)
     assert {n.id for n in found} == {n.id for n in live}  # the silent ones were evicted
-    first_silent_timeout = min(answered[n.id] for n in silent)
-    assert all(asked[n.id] < first_silent_timeout for n in live)
-    assert max(answered.values()) == max(answered[n.id] for n in silent)  # waited out at the end
+    first_silent_timeout = min(peers.answered[n.id] for n in silent)
+    assert all(peers.asked[n.id] < first_silent_timeout for n in live)
+    last = max(peers.answered.values())
+    assert last == max(peers.answered[n.id] for n in silent)  # waited out at the end
 
 
 def test_a_record_lookup_reads_on_until_a_replica_adds_no_announcer() -> None:
@@ -101,7 +117,6 @@ def test_a_record_lookup_reads_on_until_a_replica_adds_no_announcer() -> None:
     # that reached only some of the k closest); the fourth holds one none of them had. A
     # lookup that stopped at the first three replicas missed it; it stops once a replica
     # adds nothing, and a junk reply never counts as a replica.
-    import asyncio
     import time
 
     from swarm.dht.crawling import RecordCrawl
@@ -148,29 +163,11 @@ def test_a_reply_is_used_as_it_comes_not_after_the_slowest_of_its_round() -> Non
     # one contact answers at 0.2 s naming a closer one; another is slow (0.9 s). The closer
     # contact is asked as soon as the first reply came, long before the slow one answers
     # (rounds asked it only once the round's grace, 4x the first reply, was over: at 1 s)
-    import asyncio
-
     target = Node(os.urandom(20))
     fast = Node(_close_to(target.id, 100), "127.0.0.1", 10)
     slow = Node(_close_to(target.id, 101), "127.0.0.1", 11)
     closer = Node(_close_to(target.id, 8), "127.0.0.1", 12)
-    asked: dict[bytes, float] = {}
-    answered: dict[bytes, float] = {}
-
-    class FakeProtocol:
-        def spawn(self, coro: object) -> asyncio.Future[object]:
-            return asyncio.ensure_future(coro)  # type: ignore[arg-type]
-
-        async def call_find_node(self, peer: Node, node: Node) -> tuple[bool, object]:
-            loop = asyncio.get_running_loop()
-            asked[peer.id] = loop.time()
-            await asyncio.sleep({fast.id: 0.2, slow.id: 0.9}.get(peer.id, 0.01))
-            answered[peer.id] = loop.time()
-            return True, [[closer.id, closer.ip, closer.port]] if peer is fast else []
-
-    async def lookup() -> list[Node]:
-        return await NodeCrawl(FakeProtocol(), target, [fast, slow], 20, 2).find()  # type: ignore[no-any-return]
-
-    found = asyncio.run(lookup())
+    peers = _ScriptedPeers(delays={fast.id: 0.2, slow.id: 0.9}, names={fast.id: [closer]})
+    found = peers.find_nodes(target, [fast, slow], 2)
     assert closer.id in {n.id for n in found}
-    assert asked[closer.id] < answered[slow.id]
+    assert peers.asked[closer.id] < peers.answered[slow.id]
