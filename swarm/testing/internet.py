@@ -36,19 +36,14 @@ minute, and once a mass departure of a share of the servers (with ``mass_leave_g
 every server of one block), whose healing is timed: from the departure until every block
 has an online server again (0 when no block lost its last server).
 
-Processes (``processes`` > 1): this process, the coordinator, hosts a share of the DHT
-nodes (half a worker's) and keeps every server's, client's and probe's logic, the truth and
-the figures; worker processes (`swarm.testing.internet_workers`) host the rest. The servers,
-clients and probes act through honest nodes of every process, taken in proportion to the
-nodes each hosts, and a DHT operation through a worker's node runs in that worker
-(`swarm.testing.internet_ops`: there the node checks each record's signature as any reader
-does; here the values go through the real strict decoder and forgeries are counted, as for
-this process's own nodes). Each process's nodes share one DHT loop, whose lag
-(`LoopLag`) the report gives beside the lookups' latency.
-
-This module runs the swarm (`Simulation`: its DHT plane, servers, churn and probes);
-`swarm.testing.internet_model` holds what a run is asked and reports, and
-`swarm.testing.internet_clients` the clients.
+Processes (``processes`` > 1): this process, the coordinator, hosts half a worker's share
+of the DHT nodes and all the logic, truth and figures; workers
+(`swarm.testing.internet_workers`) host the rest. Servers, clients and probes act through
+honest nodes of every process, in proportion, and an operation through a worker's node runs
+there (`swarm.testing.internet_ops`); values come back through the strict decoder and
+forgeries are counted. Each process's DHT loop lag (`LoopLag`) is reported beside the
+lookups' latency. Run parameters and figures: `swarm.testing.internet_model`; clients:
+`swarm.testing.internet_clients`.
 """
 
 from __future__ import annotations
